@@ -1,0 +1,1 @@
+//! Ember CUDA layer: the device memory pool, kernel sources and their NVRTC compilation.

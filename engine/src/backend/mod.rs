@@ -1,0 +1,230 @@
+//! The backend interface: every numeric operation a training step needs, on buffers that live
+//! wherever the backend keeps them (host memory for `cpu`, device memory for `cuda`).
+//!
+//! Embedding operations work on *shards* (a table, a row range, a column range), so the 2D
+//! scheduler hands each backend only its local pieces. The CPU backend is the reference every
+//! other backend is tested against.
+use crate::config::{DenseOptimizer, EmbOptimizer, WeightDecay};
+use crate::Result;
+
+pub mod cpu;
+// pub use cpu::Cpu;
+
+/// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.
+/// `A` is stored (m×k), or (k×m) when `trans_a`; `B` is (k×n), or (n×k) when `trans_b`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// Which columns of a wider row-major matrix an embedding output (or its gradient) occupies:
+/// row `i` of the `cols`-wide block starts at element `i · stride + col`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub stride: usize,
+    pub col: usize,
+}
+
+/// A shard of one embedding table: global rows `rows`, columns `cols` of a `table_rows × dim` table.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardSpec {
+    pub table: usize,
+    pub table_rows: u64,
+    pub dim: usize,
+    pub rows: std::ops::Range<u64>,
+    pub cols: std::ops::Range<usize>,
+}
+
+impl ShardSpec {
+    /// The whole table as one shard.
+    pub fn whole(table: usize, table_rows: u64, dim: usize) -> Self {
+        ShardSpec { table, table_rows, dim, rows: 0..table_rows, cols: 0..dim }
+    }
+    pub fn num_rows(&self) -> usize {
+        (self.rows.end - self.rows.start) as usize
+    }
+    pub fn num_cols(&self) -> usize {
+        self.cols.end - self.cols.start
+    }
+}
+
+/// A shard's weights (num_rows × num_cols) and optimizer state
+/// (row-wise AdaGrad: num_rows; element-wise AdaGrad: num_rows × num_cols; SGD: empty).
+pub struct Shard<B: Backend + ?Sized> {
+    pub spec: ShardSpec,
+    pub weights: B::Buf,
+    pub state: B::Buf,
+}
+
+/// Bags to pool on one shard: ids are *local* rows of the shard; bag `i` is
+/// `ids[offsets[i]..offsets[i+1]]` and its pooled vector is `scale[i] · Σ rows` (scale 1 when None;
+/// mean pooling passes 1/len of the whole bag, which for row-wise shards spans several ranks).
+pub struct Bags<B: Backend + ?Sized> {
+    pub num_bags: usize,
+    pub offsets: B::Ids,
+    pub ids: B::Ids,
+    pub scale: Option<B::Buf>,
+}
+
+/// Embedding optimizer with everything resolved (the momentum-scaling constant included).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EmbUpdate {
+    pub kind: EmbKind,
+    pub lr: f32,
+    pub eps: f32,
+    /// Momentum-scaling constant c: the accumulator is read as v / c.
+    pub c: f32,
+    /// lr / sqrt(v/c + eps) instead of lr / (sqrt(v/c) + eps).
+    pub eps_inside: bool,
+    /// L2 weight decay: adds `l2 · w` to the summed row gradient.
+    pub l2: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbKind {
+    Sgd,
+    RowWiseAdagrad,
+    Adagrad,
+}
+
+impl EmbUpdate {
+    /// Resolve a config optimizer; `default_c` applies when the config leaves c unset.
+    pub fn new(opt: &EmbOptimizer, wd: &WeightDecay, default_c: f32) -> Self {
+        let l2 = match wd {
+            WeightDecay::None => 0.0,
+            WeightDecay::L2 { wd } => *wd,
+        };
+        match *opt {
+            EmbOptimizer::Sgd { lr } => EmbUpdate { kind: EmbKind::Sgd, lr, eps: 0.0, c: 1.0, eps_inside: false, l2 },
+            EmbOptimizer::RowWiseAdagrad { lr, eps, c, eps_inside } => {
+                EmbUpdate { kind: EmbKind::RowWiseAdagrad, lr, eps, c: c.unwrap_or(default_c), eps_inside, l2 }
+            }
+            EmbOptimizer::Adagrad { lr, eps, c, eps_inside } => {
+                EmbUpdate { kind: EmbKind::Adagrad, lr, eps, c: c.unwrap_or(default_c), eps_inside, l2 }
+            }
+        }
+    }
+    /// The step multiplier lr / (sqrt(v/c) + eps) (or the eps-inside form) for accumulator `v`.
+    #[inline]
+    pub fn rate(&self, v: f32) -> f32 {
+        if self.eps_inside {
+            self.lr / (v / self.c + self.eps).sqrt()
+        } else {
+            self.lr / ((v / self.c).sqrt() + self.eps)
+        }
+    }
+    pub fn state_per_row(&self, cols: usize) -> usize {
+        match self.kind {
+            EmbKind::Sgd => 0,
+            EmbKind::RowWiseAdagrad => 1,
+            EmbKind::Adagrad => cols,
+        }
+    }
+}
+
+/// Dense optimizer with weight decay resolved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DenseUpdate {
+    pub opt: DenseOptimizer,
+    pub l2: f32,
+}
+
+/// Per-unique-row gradients of one shard: the first half of the fused update, used where a row's
+/// columns live on several ranks (column-wise shards combine `sq` before `embedding_apply`).
+pub struct RowGrads<B: Backend + ?Sized> {
+    /// Unique local rows, ascending.
+    pub rows: B::Ids,
+    pub num_rows: usize,
+    /// (num_rows × shard cols): the summed gradient of each unique row.
+    pub grads: B::Buf,
+    /// (num_rows): Σ_d g_d² over this shard's columns, L2 term included.
+    pub sq: B::Buf,
+}
+
+/// Activation applied after a bias add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+}
+
+/// The backend interface. Buffers are flat f32 (`Buf`) or u64 (`Ids`) arrays.
+pub trait Backend: Send + Sync + 'static {
+    type Buf: Send + Sync;
+    type Ids: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn upload_ids(&self, host: &[u64]) -> Result<Self::Ids>;
+    fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u64>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Host view of a buffer where the backend keeps it in host memory (zero-copy transports).
+    fn host(&self, _buf: &Self::Buf) -> Option<&[f32]> {
+        None
+    }
+    fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {
+        None
+    }
+    /// Wait for all queued work (no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    // ---- dense ----
+    fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
+    /// x (rows × cols) += bias (cols), then the activation, in place.
+    fn bias_act(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize, act: Act) -> Result<()>;
+    /// dy *= act'(y) where y is the activation's output.
+    fn act_backward(&self, y: &Self::Buf, dy: &mut Self::Buf, act: Act) -> Result<()>;
+    /// out (cols) = beta · out + Σ_rows x (rows × cols): bias gradients.
+    fn col_sum(&self, x: &Self::Buf, rows: usize, cols: usize, beta: f32, out: &mut Self::Buf) -> Result<()>;
+    /// Copy a (rows × cols) block into columns `dst.col..dst.col+cols` of a wider matrix,
+    /// or back out of it (`to_wide == false`).
+    fn copy_block(&self, narrow: &mut Self::Buf, wide: &mut Self::Buf, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()>;
+    /// y += a · x
+    fn axpy(&self, a: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    fn scale(&self, x: &mut Self::Buf, a: f32) -> Result<()>;
+
+    /// DLRM dot interaction. `x` is (batch × (f+1) × d): the dense vector then `f` pooled
+    /// embeddings per sample. out (batch × (d + (f+1)f/2)) = [dense, lower-triangle dots].
+    fn dot_interaction(&self, x: &Self::Buf, batch: usize, f: usize, d: usize, out: &mut Self::Buf) -> Result<()>;
+    /// Gradient of `dot_interaction`: dx from dout.
+    fn dot_interaction_backward(&self, x: &Self::Buf, dout: &Self::Buf, batch: usize, f: usize, d: usize, dx: &mut Self::Buf) -> Result<()>;
+    /// DCNv2 cross combine: out = x0 ⊙ (uv + bias) + xl, all (rows × cols), bias (cols).
+    fn cross_combine(&self, x0: &Self::Buf, uv: &Self::Buf, bias: &Self::Buf, xl: &Self::Buf, rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
+    /// Backward of `cross_combine` given dout: duv = dout ⊙ x0; dx0 += dout ⊙ (uv + bias).
+    fn cross_combine_backward(&self, x0: &Self::Buf, uv: &Self::Buf, bias: &Self::Buf, dout: &Self::Buf, rows: usize, cols: usize, duv: &mut Self::Buf, dx0: &mut Self::Buf) -> Result<()>;
+    /// Binary cross-entropy with logits: writes dlogits = scale · (σ(x) − y), returns Σ loss (f64).
+    fn bce_with_logits(&self, logits: &Self::Buf, labels: &Self::Buf, scale: f32, dlogits: &mut Self::Buf) -> Result<f64>;
+    /// One dense optimizer step on a parameter tensor.
+    fn dense_update(&self, param: &mut Self::Buf, grad: &Self::Buf, state: &mut Self::Buf, upd: &DenseUpdate) -> Result<()>;
+
+    // ---- embeddings ----
+    /// New shard: weights from `init` (row-major local rows × cols), zeroed optimizer state.
+    fn shard(&self, spec: ShardSpec, init: &[f32], upd: &EmbUpdate) -> Result<Shard<Self>> {
+        let state = self.zeros(spec.num_rows() * upd.state_per_row(spec.num_cols()))?;
+        Ok(Shard { weights: self.upload(init)?, state, spec })
+    }
+    /// Pooled embedding bags: `out[i, layout.col..+cols] (=|+=) scale_i · Σ_j W[ids_j]`.
+    /// With `accumulate` the result is added (row-wise shards of one table into one output).
+    fn embedding_forward(&self, shard: &Shard<Self>, bags: &Bags<Self>, out: &mut Self::Buf, layout: Layout, accumulate: bool) -> Result<()>;
+    /// Fused backward + optimizer: gradients of the pooled outputs (`grad`, laid out as the
+    /// forward output) are summed per unique row and each touched row is updated once.
+    /// No gradient tensor of table size is ever built.
+    fn embedding_backward_update(&self, shard: &mut Shard<Self>, bags: &Bags<Self>, grad: &Self::Buf, layout: Layout, upd: &EmbUpdate) -> Result<()>;
+    /// First half of the fused update (for column-wise shards): per-unique-row gradients.
+    fn embedding_row_grads(&self, shard: &Shard<Self>, bags: &Bags<Self>, grad: &Self::Buf, layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Self>>;
+    /// Second half: apply `rg`; `row_sq` (num_rows), if given, replaces `rg.sq` as the whole-row
+    /// Σ g² (the column shards' partial sums combined).
+    fn embedding_apply(&self, shard: &mut Shard<Self>, rg: &RowGrads<Self>, row_sq: Option<&Self::Buf>, upd: &EmbUpdate) -> Result<()>;
+}

@@ -1,0 +1,1 @@
+//! Synthetic data with a planted ground-truth model.

@@ -1,0 +1,14 @@
+//! Ember engine: DLRM training with two-dimensional sparse parallelism.
+//!
+//! Layout: `config` (what to train), `data` (batches and sources), `backend` (the numeric
+//! interface and its CPU implementation), `embedding` (shards), `model` (the DLRM and one
+//! training step), `metrics`, `train` (the loop behind `ember train`), `bench`.
+pub mod backend;
+pub mod config;
+pub mod data;
+pub mod embedding;
+pub mod error;
+pub mod metrics;
+pub mod rng;
+
+pub use error::{Error, Result};

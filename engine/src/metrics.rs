@@ -1,0 +1,1 @@
+//! Quality metrics: log loss, normalized entropy, exact AUC.

@@ -1,0 +1,58 @@
+//! `ember`: train, benchmark, plan, launch, checkpoint and self-test (docs/cli.md is the contract).
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod comm_bench;
+mod common;
+mod launch;
+mod selftest;
+mod train;
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "DLRM training with two-dimensional sparse parallelism")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a DLRM (built-in synthetic data by default, or Criteo files with --data).
+    Train(train::TrainArgs),
+    /// Benchmarks: embedding, dlrm, mem, a2a, allreduce.
+    Bench(bench::BenchArgs),
+    /// Print the sharding plan for a model and grid (not yet implemented).
+    Plan(common::Shared),
+    /// Start N local processes with the launcher variables set.
+    Launch(launch::LaunchArgs),
+    /// Inspect or export checkpoints (not yet implemented).
+    Checkpoint(CheckpointArgs),
+    /// Check a backend against the CPU reference from this binary alone.
+    Selftest(selftest::SelftestArgs),
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    #[arg(trailing_var_arg = true)]
+    rest: Vec<String>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Train(a) => train::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Launch(a) => launch::run(a),
+        Cmd::Selftest(a) => selftest::run(a),
+        Cmd::Plan(_) => Err("ember plan: not implemented yet (2D-training issue)".into()),
+        Cmd::Checkpoint(_) => Err("ember checkpoint: not implemented yet (checkpoint issue)".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("ember: error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,1 @@
+//! Ember transport: communicators, sub-communicators and collectives.
