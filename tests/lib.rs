@@ -5,3 +5,4 @@ pub fn shared_data(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data").join(name)
 }
 
+pub mod oracle;

@@ -4,11 +4,15 @@
 //! interface and its CPU implementation), `embedding` (shards), `model` (the DLRM and one
 //! training step), `metrics`, `train` (the loop behind `ember train`), `bench`.
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod embedding;
+pub mod dense;
 pub mod error;
 pub mod metrics;
+pub mod model;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,6 +1,8 @@
-//! `ember bench embedding|dlrm|mem` (and dispatch of the transport benchmarks).
+//! `ember bench embedding|dlrm|mem` (and dispatch of the transport benchmarks `a2a|allreduce`).
 use crate::common::CliResult;
 use clap::{Args, Subcommand};
+use ember::backend::{Backend, Cpu};
+use ember::bench::{self, EmbeddingBench};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -8,8 +10,66 @@ pub struct BenchArgs {
     pub which: Which,
 }
 
+#[derive(Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct EmbArgs {
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+    #[arg(long, default_value_t = 8)]
+    pub tables: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    /// Global batch size.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_size: usize,
+    /// Ids per bag.
+    #[arg(long, default_value_t = 20)]
+    pub bag: usize,
+    /// Power-law ids with this Zipf exponent (default 1.05 when given without a value).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1.05")]
+    pub zipf: Option<f64>,
+    /// Timed steps (after warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DlrmArgs {
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+    #[arg(long, default_value_t = 4096)]
+    pub batch_size: usize,
+    #[arg(long, num_args = 0..=1, default_missing_value = "1.05")]
+    pub zipf: Option<f64>,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+}
+
 #[derive(Subcommand)]
 pub enum Which {
+    /// Embedding forward + fused backward + row-wise AdaGrad (8 x 1M x 64, B 4096, L 20).
+    Embedding(EmbArgs),
+    /// Full DLRM training steps of the `bench` model.
+    Dlrm(DlrmArgs),
+    /// Host (or device) memory bandwidth: sequential copy and random row gather.
+    Mem(crate::bench_mem::MemArgs),
     /// All-to-all microbenchmark (nccl-tests columns).
     A2a(crate::comm_bench::CommBenchArgs),
     /// All-reduce microbenchmark (nccl-tests columns).
@@ -18,7 +78,80 @@ pub enum Which {
 
 pub fn run(a: BenchArgs) -> CliResult {
     match a.which {
+        Which::Embedding(x) => with_device(&x.dev.device.clone(), |be| embedding(be, &x)),
+        Which::Dlrm(x) => with_device(&x.dev.device.clone(), |be| dlrm(be, &x)),
+        Which::Mem(x) => crate::bench_mem::run(x),
         Which::A2a(x) => crate::comm_bench::run("a2a", x),
         Which::Allreduce(x) => crate::comm_bench::run("allreduce", x),
     }
+}
+
+/// Run `f` on the backend named by `device`.
+pub fn with_device(device: &str, f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
+    match device {
+        "cpu" => f(&Cpu::new()),
+        "cuda" => cuda_backend(f),
+        other => Err(format!("--device '{other}': expected cpu or cuda").into()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(_f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
+    Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)".into())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend(f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
+    let be = ember::backend::cuda::Cuda::new(0)?;
+    f(&be)
+}
+
+/// The benchmarks, object-safe so one dispatch serves every backend.
+pub trait DynBench {
+    fn embedding(&self, cfg: &EmbeddingBench) -> ember::Result<bench::EmbeddingResult>;
+    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember::Result<bench::DlrmResult>;
+}
+
+impl<B: Backend> DynBench for B {
+    fn embedding(&self, cfg: &EmbeddingBench) -> ember::Result<bench::EmbeddingResult> {
+        bench::embedding(self, cfg)
+    }
+    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember::Result<bench::DlrmResult> {
+        bench::dlrm(self, batch, steps, warmup, zipf, seed)
+    }
+}
+
+fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
+    let cfg = EmbeddingBench {
+        tables: a.tables,
+        rows: a.rows,
+        dim: a.dim,
+        batch: a.batch_size,
+        bag: a.bag,
+        zipf: a.zipf,
+        steps: a.steps,
+        warmup: a.warmup,
+        seed: a.dev.seed,
+    };
+    let r = be.embedding(&cfg)?;
+    println!("# ember bench embedding: {} tables x {} rows x dim {}, batch {}, {} ids/bag, {} ids, row-wise AdaGrad, backend {}",
+        cfg.tables, cfg.rows, cfg.dim, cfg.batch, cfg.bag, if cfg.zipf.is_some() { "zipf" } else { "uniform" }, r.backend);
+    println!("# median of {} steps after {} warm-up; GB/s = 2 x (B*sumD*4 + B*sumD*L*4) / time (BRIEF.md section 5)", cfg.steps, cfg.warmup);
+    println!("{:>12} {:>12} {:>12} {:>12} {:>10}", "ms/step", "fwd ms", "bwd+opt ms", "steps/s", "GB/s");
+    println!("{:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}", r.ms_per_step, r.forward_ms, r.backward_ms, r.steps_per_s, r.gb_per_s);
+    if a.dev.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn dlrm(be: &dyn DynBench, a: &DlrmArgs) -> CliResult {
+    let r = be.dlrm(a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?;
+    println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);
+    println!("{:>12} {:>14}", "ms/step", "samples/s");
+    println!("{:>12.2} {:>14.0}", r.ms_per_step, r.samples_per_s);
+    if a.dev.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
 }

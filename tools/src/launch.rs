@@ -1,12 +1,120 @@
-//! `ember launch -n N -- CMD...`: local multi-process launcher. Owned by the transport work.
+//! `ember launch -n N -- CMD...`: starts N local processes with the launcher variables (RANK,
+//! WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, EMBER_RENDEZVOUS, a fresh EMBER_JOB_TOKEN), pins
+//! each to a core (round-robin over the cores this process may use), forwards their output
+//! prefixed with the rank, and exits with the first failure's status.
 use crate::common::CliResult;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct LaunchArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Number of processes.
+    #[arg(short = 'n', long = "nproc", default_value_t = 2)]
+    pub n: usize,
+    /// Transport the ranks use (sets EMBER_TRANSPORT): auto, shm, tcp.
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// Collective timeout in milliseconds (sets EMBER_TIMEOUT_MS).
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// After one rank fails, how long the others may run before they are killed (seconds).
+    #[arg(long, default_value_t = 70)]
+    pub grace: u64,
+    /// Do not pin processes to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// The command (after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub cmd: Vec<String>,
 }
 
-pub fn run(_a: LaunchArgs) -> CliResult {
-    Err("ember launch: not implemented yet".into())
+fn forward(rank: usize, r: impl std::io::Read + Send + 'static, err: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if err {
+                let _ = writeln!(std::io::stderr().lock(), "[{rank}] {line}");
+            } else {
+                let _ = writeln!(std::io::stdout().lock(), "[{rank}] {line}");
+            }
+        }
+    })
+}
+
+pub fn run(a: LaunchArgs) -> CliResult {
+    if a.n == 0 {
+        return Err("ember launch: -n must be at least 1".into());
+    }
+    let port = ember_transport::bootstrap::free_port()?;
+    let token = ember_transport::bootstrap::new_token();
+    let cores = if a.no_pin { vec![] } else { ember_transport::bootstrap::allowed_cores() };
+    let mut children: Vec<Option<Child>> = Vec::new();
+    let mut pumps = Vec::new();
+    for rank in 0..a.n {
+        let mut c = Command::new(&a.cmd[0]);
+        c.args(&a.cmd[1..])
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", a.n.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", a.n.to_string())
+            .env("EMBER_RENDEZVOUS", format!("127.0.0.1:{port}"))
+            .env("EMBER_JOB_TOKEN", &token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(t) = &a.transport {
+            c.env("EMBER_TRANSPORT", t);
+        }
+        if let Some(t) = a.timeout_ms {
+            c.env("EMBER_TIMEOUT_MS", t.to_string());
+        }
+        if !cores.is_empty() {
+            let core = cores[rank % cores.len()];
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                c.pre_exec(move || {
+                    ember_transport::bootstrap::pin_to_core(core);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = c.spawn().map_err(|e| format!("ember launch: cannot start {:?}: {e}", a.cmd[0]))?;
+        pumps.push(forward(rank, child.stdout.take().unwrap(), false));
+        pumps.push(forward(rank, child.stderr.take().unwrap(), true));
+        children.push(Some(child));
+    }
+    let mut failure: Option<(usize, String, i32)> = None;
+    let mut failed_at: Option<Instant> = None;
+    let mut running = a.n;
+    while running > 0 {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(ch) = slot.as_mut() else { continue };
+            if let Ok(Some(st)) = ch.try_wait() {
+                running -= 1;
+                *slot = None;
+                if !st.success() && failure.is_none() {
+                    let code = st.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0));
+                    failure = Some((rank, st.to_string(), code));
+                    failed_at = Some(Instant::now());
+                }
+            }
+        }
+        if failed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(a.grace)) {
+            for ch in children.iter_mut().flatten() {
+                let _ = ch.kill();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for p in pumps {
+        let _ = p.join();
+    }
+    match failure {
+        None => Ok(()),
+        Some((rank, st, code)) => {
+            eprintln!("ember launch: rank {rank} failed ({st})");
+            std::process::exit(code.clamp(1, 255));
+        }
+    }
 }

@@ -2,6 +2,7 @@
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_mem;
 mod comm_bench;
 mod common;
 mod launch;

@@ -1,12 +1,124 @@
-//! `ember train`.
+//! `ember train`: one process, CPU (or CUDA) backend, synthetic data or Criteo files.
 use crate::common::{CliResult, Shared};
+use ember::backend::{Backend, Cpu};
+use ember::config::TrainConfig;
+use ember::data::criteo::{BadLinePolicy, CriteoReader};
+use ember::data::synthetic::SyntheticData;
+use ember::data::{Batch, DataSource};
+use ember::metrics::EvalResult;
+use ember::train::{train, TrainReport};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub shared: Shared,
+    /// Evaluate on the held-out set every this many steps (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// With --data: skip malformed lines (counted and printed) instead of failing.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
-pub fn run(_a: TrainArgs) -> CliResult {
-    Err("not yet".into())
+pub fn run(a: TrainArgs) -> CliResult {
+    let s = &a.shared;
+    let mut cfg = s.train_config("tiny")?;
+    if let Some(e) = a.eval_every {
+        cfg.eval_every = e;
+    }
+    let (m, n) = s.grid()?;
+    if (m, n) != (1, 1) {
+        return Err(format!("--grid {m}x{n}: multi-rank training comes with the 2D-training issue; this build trains on one rank (1x1)").into());
+    }
+    if s.transport != "auto" && s.transport != "local" {
+        return Err(format!("--transport {}: a single-rank run uses no transport", s.transport).into());
+    }
+    if s.data.is_some() && s.steps.is_none() && s.config.is_none() {
+        cfg.steps = None; // one epoch of the file
+    }
+    let mut skipped = None;
+    let mut oracle = None;
+    let (mut data, eval): (Box<dyn DataSource>, Batch) = match &s.data {
+        Some(path) => {
+            let policy = if a.skip_bad_lines { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
+            let mut r = CriteoReader::open(path, &cfg.model, policy)?;
+            let eval = r.eval_set()?;
+            skipped = Some(r.skipped());
+            (Box::new(r), eval)
+        }
+        None => {
+            let mut d = SyntheticData::new(&cfg)?;
+            let eval = d.eval_set()?;
+            oracle = Some(d.oracle_eval());
+            (Box::new(d), eval)
+        }
+    };
+    match s.device.as_str() {
+        "cpu" => run_on(&Cpu::new(), &cfg, data.as_mut(), &eval, &a, skipped, oracle),
+        "cuda" => run_cuda(&cfg, data.as_mut(), &eval, &a, skipped, oracle),
+        other => Err(format!("--device '{other}': expected cpu or cuda").into()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
+    let be = ember::backend::cuda::Cuda::new(0)?;
+    run_on(&be, cfg, data, eval, a, skipped, oracle)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &TrainConfig, _: &mut dyn DataSource, _: &Batch, _: &TrainArgs, _: Option<u64>, _: Option<EvalResult>) -> CliResult {
+    Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)".into())
+}
+
+fn run_on<B: Backend>(be: &B, cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
+    let s = &a.shared;
+    let total = cfg.steps.map(|x| x as u64).or(data.len().map(|n| n / cfg.batch_size as u64)).unwrap_or(0);
+    let bar = ProgressBar::new(total);
+    if a.quiet || s.json {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]").expect("valid template"),
+    );
+    let (_model, report) = train(be, cfg, data, eval, |p| {
+        bar.set_position(p.step as u64);
+        if p.step % 10 == 0 || p.step == p.total {
+            bar.set_message(format!("{:.0} samples/s  loss {:.4}  ne {:.4}", p.samples_per_s, p.loss, p.ne));
+        }
+    })?;
+    bar.finish_and_clear();
+    print_summary(&report, skipped, oracle);
+    if s.json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(k) = skipped {
+            v["skipped_lines"] = k.into();
+        }
+        if let Some(o) = oracle {
+            v["oracle_auc"] = o.auc.into();
+            v["oracle_ne"] = o.ne.into();
+        }
+        println!("{}", serde_json::to_string(&v)?);
+    }
+    Ok(())
+}
+
+fn print_summary(r: &TrainReport, skipped: Option<u64>, oracle: Option<EvalResult>) {
+    println!("ember train: {} steps x batch {} on {} in {:.2} s", r.steps, r.batch_size, r.backend, r.wall_s);
+    println!("  throughput      {:>12.0} samples/s", r.samples_per_s);
+    println!("  train loss      {:>12.5}  (mean of the last 10 % of steps)", r.loss);
+    for e in &r.evals {
+        println!("  eval @ {:>6}   loss {:.5}  ne {:.5}  auc {:.5}", e.step, e.loss, e.ne, e.auc);
+    }
+    println!("  eval            ne {:.5}  auc {:.5}  ({} held-out samples)", r.ne, r.auc, r.eval_samples);
+    if let Some(o) = oracle {
+        println!("  planted oracle  ne {:.5}  auc {:.5}  (the model that generated the labels)", o.ne, o.auc);
+    }
+    if let Some(k) = skipped {
+        println!("  skipped lines   {k}");
+    }
 }

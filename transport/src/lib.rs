@@ -1,1 +1,24 @@
 //! Ember transport: communicators, sub-communicators and collectives.
+//!
+//! * [`Comm`]: one per rank; `rank`, `size`, `split(color, key)`; blocking collectives
+//!   (`all_to_all_v`, `all_reduce`, `reduce_scatter_v`, `all_gather_v`, `broadcast`, `barrier`)
+//!   and non-blocking `start_*` forms returning a [`Request`].
+//! * Constructors: [`local_world`] (threads), [`Comm::connect`] / [`Comm::from_env`] (processes,
+//!   shared memory on one host or TCP across hosts).
+//! * The algorithms (`coll`) are written once over the [`fabric::Fabric`] primitives that the
+//!   backends (`local`, `shm`, `tcp`) implement. See docs/transport.md.
+pub mod bootstrap;
+mod coll;
+mod comm;
+mod error;
+pub mod fabric;
+mod local;
+mod mailbox;
+mod reduce;
+mod shm;
+mod tcp;
+
+pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Request, DEFAULT_TIMEOUT};
+pub use bootstrap::{JoinConfig, Rendezvous, Transport};
+pub use error::{Error, Result};
+pub use reduce::{ReduceOp, Reducible};

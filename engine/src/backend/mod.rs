@@ -8,7 +8,7 @@ use crate::config::{DenseOptimizer, EmbOptimizer, WeightDecay};
 use crate::Result;
 
 pub mod cpu;
-// pub use cpu::Cpu;
+pub use cpu::Cpu;
 
 /// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.
 /// `A` is stored (m×k), or (k×m) when `trans_a`; `B` is (k×n), or (n×k) when `trans_b`.
@@ -169,7 +169,7 @@ pub trait Backend: Send + Sync + 'static {
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u64>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     /// Host view of a buffer where the backend keeps it in host memory (zero-copy transports).
-    fn host(&self, _buf: &Self::Buf) -> Option<&[f32]> {
+    fn host<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [f32]> {
         None
     }
     fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {

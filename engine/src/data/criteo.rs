@@ -1,1 +1,496 @@
-//! Streaming reader of the Criteo formats.
+//! Streaming reader of the Criteo formats: this module owns parsing, preprocessing and the
+//! train/eval split of Criteo files (`ember train --data`).
+//!
+//! Formats (detected from the first line):
+//! - raw Criteo: tab-separated, no header: `label, I1..I13, C1..C26`;
+//! - comma-separated, with a header line `label,I1,...,C26` (or without one: a header is
+//!   recognised by its first field not being a number), as in `shared/data/criteo-sample-200.csv`.
+//!
+//! Any field but the label may be empty. Preprocessing (BRIEF.md §6): integer x →
+//! `ln(1 + max(x, 0))`, parsed as a number so "260.0" and "-1" are read (missing → 0); categorical
+//! hex string (1–16 hex digits) → its value modulo the table's rows (missing → an empty bag).
+//! The layout must match the model: 1 label + `num_dense` integers + one categorical per table.
+//!
+//! A bad line (wrong field count, non-numeric integer, bad hex, bad label) is an
+//! [`Error::Data`] naming the file and its 1-based line number (the header is line 1), or, with
+//! [`BadLinePolicy::Skip`], is skipped and counted ([`CriteoReader::skipped`]). Blank lines are
+//! ignored.
+//!
+//! Split: the file's data lines are counted once at open (a fast newline scan, which also
+//! records a seek point every 65536 lines); the last `floor(lines / 10)` are the eval set, the
+//! rest the training stream (one epoch). Positions count data lines of the training part
+//! (a skipped bad line consumes a position but yields no sample), so `skip` needs no parsing.
+use crate::config::ModelConfig;
+use crate::data::{Batch, DataSource};
+use crate::{Error, Result};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// What to do with a malformed line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BadLinePolicy {
+    /// Stop with an error naming the file and line.
+    #[default]
+    Fail,
+    /// Skip the line and count it.
+    Skip,
+}
+
+/// The detected file layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CriteoFormat {
+    /// b'\t' for raw Criteo, b',' for the CSV form.
+    pub delimiter: u8,
+    /// Whether line 1 is a header.
+    pub header: bool,
+}
+
+/// Integers below this use a precomputed `ln(1 + x)` table.
+const LN_TABLE: usize = 4096;
+/// A seek point every this many data lines.
+const CHECKPOINT: u64 = 1 << 16;
+const IO_BUF: usize = 1 << 20;
+
+/// Parses one line into a batch (the preprocessing of the module doc). Reusable across lines.
+#[derive(Clone, Debug)]
+pub struct LineParser {
+    delim: u8,
+    num_dense: usize,
+    rows: Vec<u64>,
+    /// Lemire fastmod constants for rows < 2^32 (0 otherwise).
+    fastmod: Vec<u64>,
+    ln_table: Vec<f32>,
+    dense: Vec<f32>,
+    ids: Vec<Option<u64>>,
+}
+
+/// `ln(1 + max(x, 0))` as f32 (computed in f64).
+#[inline]
+pub fn log_transform(x: f64) -> f32 {
+    x.max(0.0).ln_1p() as f32
+}
+
+#[inline]
+fn fastmod_u32(a: u32, m: u64, d: u64) -> u64 {
+    let low = m.wrapping_mul(a as u64);
+    ((low as u128 * d as u128) >> 64) as u64
+}
+
+fn show(field: &[u8]) -> String {
+    let s = String::from_utf8_lossy(field);
+    if s.len() > 40 {
+        format!("{:?}...", &s[..s.char_indices().nth(40).map(|c| c.0).unwrap_or(s.len())])
+    } else {
+        format!("{s:?}")
+    }
+}
+
+#[inline]
+fn parse_number(f: &[u8]) -> Option<f64> {
+    // Fast path: optional '-', 1..=18 digits.
+    let (neg, digits) = match f.first() {
+        Some(b'-') => (true, &f[1..]),
+        _ => (false, f),
+    };
+    if !digits.is_empty() && digits.len() <= 18 && digits.iter().all(|c| c.is_ascii_digit()) {
+        let v = digits.iter().fold(0i64, |acc, &c| acc * 10 + (c - b'0') as i64);
+        return Some(if neg { -v as f64 } else { v as f64 });
+    }
+    let v: f64 = std::str::from_utf8(f).ok()?.trim().parse().ok()?;
+    v.is_finite().then_some(v)
+}
+
+#[inline]
+fn parse_hex(f: &[u8]) -> Option<u64> {
+    if f.is_empty() || f.len() > 16 {
+        return None;
+    }
+    let mut v = 0u64;
+    for &c in f {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | d as u64;
+    }
+    Some(v)
+}
+
+impl LineParser {
+    pub fn new(model: &ModelConfig, delimiter: u8) -> Self {
+        let rows: Vec<u64> = model.tables.iter().map(|t| t.rows.max(1)).collect();
+        let fastmod = rows.iter().map(|&d| if d < 1 << 32 { (u64::MAX / d).wrapping_add(1) } else { 0 }).collect();
+        LineParser {
+            delim: delimiter,
+            num_dense: model.num_dense,
+            fastmod,
+            ln_table: (0..LN_TABLE).map(|x| log_transform(x as f64)).collect(),
+            dense: vec![0.0; model.num_dense],
+            ids: vec![None; rows.len()],
+            rows,
+        }
+    }
+
+    /// Fields per line: label + integers + categoricals.
+    pub fn fields(&self) -> usize {
+        1 + self.num_dense + self.rows.len()
+    }
+
+    /// Parses `line` (without its newline) and appends the sample to `out`; on error `out` is
+    /// unchanged and the message says which field is bad.
+    pub fn parse_into(&mut self, line: &[u8], out: &mut Batch) -> std::result::Result<(), String> {
+        let expected = self.fields();
+        let got = line.iter().filter(|&&c| c == self.delim).count() + 1;
+        if got != expected {
+            return Err(format!(
+                "{got} fields, expected {expected} (label + {} integer + {} categorical)",
+                self.num_dense,
+                self.rows.len()
+            ));
+        }
+        let mut fields = line.split(|&c| c == self.delim);
+        let lf = fields.next().unwrap_or(&[]);
+        let label = match lf {
+            b"0" => 0.0,
+            b"1" => 1.0,
+            _ => match parse_number(lf) {
+                Some(v) if v == 0.0 || v == 1.0 => v as f32,
+                _ => return Err(format!("label {} is not 0 or 1", show(lf))),
+            },
+        };
+        for j in 0..self.num_dense {
+            let f = fields.next().unwrap_or(&[]);
+            self.dense[j] = if f.is_empty() {
+                0.0
+            } else {
+                let x = parse_number(f).ok_or_else(|| format!("integer feature I{} = {} is not a number", j + 1, show(f)))?;
+                if x >= 0.0 && x < LN_TABLE as f64 && x.fract() == 0.0 {
+                    self.ln_table[x as usize]
+                } else {
+                    log_transform(x)
+                }
+            };
+        }
+        for t in 0..self.rows.len() {
+            let f = fields.next().unwrap_or(&[]);
+            self.ids[t] = if f.is_empty() {
+                None
+            } else {
+                let v = parse_hex(f).ok_or_else(|| format!("categorical feature C{} = {} is not a hex id", t + 1, show(f)))?;
+                let m = self.fastmod[t];
+                Some(if m != 0 && v < 1 << 32 { fastmod_u32(v as u32, m, self.rows[t]) } else { v % self.rows[t] })
+            };
+        }
+        out.labels.push(label);
+        out.dense.extend_from_slice(&self.dense);
+        for (j, id) in out.sparse.iter_mut().zip(&self.ids) {
+            match id {
+                Some(v) => {
+                    j.lengths.push(1);
+                    j.values.push(*v);
+                }
+                None => j.lengths.push(0),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Strips the trailing "\n" / "\r\n".
+#[inline]
+fn trim_eol(mut l: &[u8]) -> &[u8] {
+    if l.last() == Some(&b'\n') {
+        l = &l[..l.len() - 1];
+    }
+    if l.last() == Some(&b'\r') {
+        l = &l[..l.len() - 1];
+    }
+    l
+}
+
+/// Skips `k` lines of `r`; returns how many were skipped (fewer at end of input).
+fn skip_lines<R: BufRead>(r: &mut R, mut k: u64) -> std::io::Result<u64> {
+    let want = k;
+    while k > 0 {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let mut used = buf.len();
+        for (i, &c) in buf.iter().enumerate() {
+            if c == b'\n' {
+                k -= 1;
+                if k == 0 {
+                    used = i + 1;
+                    break;
+                }
+            }
+        }
+        let ended_partial = used == buf.len() && buf.last() != Some(&b'\n');
+        r.consume(used);
+        if ended_partial && r.fill_buf()?.is_empty() {
+            // A last line without a newline.
+            k -= 1;
+            break;
+        }
+    }
+    Ok(want - k)
+}
+
+/// A Criteo file as a [`DataSource`]: the first 90 % of its lines are the training stream
+/// (one epoch), the last 10 % the eval set. See the module doc.
+pub struct CriteoReader {
+    path: PathBuf,
+    format: CriteoFormat,
+    policy: BadLinePolicy,
+    parser: LineParser,
+    num_dense: usize,
+    num_tables: usize,
+    reader: BufReader<File>,
+    /// 1-based file line number of data line 0.
+    first_line: u64,
+    data_lines: u64,
+    train_lines: u64,
+    /// Byte offset of data line `k · CHECKPOINT`.
+    checkpoints: Vec<u64>,
+    /// Training data lines consumed.
+    pos: u64,
+    skipped_train: u64,
+    skipped_eval: u64,
+    buf: Vec<u8>,
+}
+
+impl CriteoReader {
+    /// Opens `path`, detects the format, checks the layout against `model` and counts the lines.
+    pub fn open(path: impl AsRef<Path>, model: &ModelConfig, policy: BadLinePolicy) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io = |e| Error::io(&path, e);
+        let mut file = BufReader::with_capacity(IO_BUF, File::open(&path).map_err(io)?);
+        let mut first = Vec::new();
+        let first_len = file.read_until(b'\n', &mut first).map_err(io)? as u64;
+        let line1 = trim_eol(&first);
+        let cfg_err = |m: String| Error::Config(format!("{}: {m}", path.display()));
+        if line1.is_empty() {
+            return Err(cfg_err("empty first line: not a Criteo file".into()));
+        }
+        let delimiter = if line1.contains(&b'\t') {
+            b'\t'
+        } else if line1.contains(&b',') {
+            b','
+        } else {
+            return Err(cfg_err("the first line has neither tabs nor commas: not a Criteo file".into()));
+        };
+        let names: Vec<&[u8]> = line1.split(|&c| c == delimiter).collect();
+        let header = parse_number(names[0]).is_none();
+        let (nd, nt) = (model.num_dense, model.tables.len());
+        if header {
+            let ints = names.iter().filter(|n| n.first() == Some(&b'I')).count();
+            let cats = names.iter().filter(|n| n.first() == Some(&b'C')).count();
+            if ints + cats + 1 == names.len() && (ints != nd || cats != nt) {
+                return Err(cfg_err(format!(
+                    "the header names {ints} integer and {cats} categorical features, but the model has num_dense = {nd} and {nt} tables"
+                )));
+            }
+        }
+        if names.len() != 1 + nd + nt {
+            return Err(cfg_err(format!(
+                "line 1 has {} fields, but the model expects 1 label + {nd} integer (num_dense) + {nt} categorical (tables) = {} \
+                 (Criteo: 13 integer and 26 categorical)",
+                names.len(),
+                1 + nd + nt
+            )));
+        }
+        let header_bytes = if header { first_len } else { 0 };
+        // Count data lines and record seek points.
+        let mut f = File::open(&path).map_err(io)?;
+        f.seek(SeekFrom::Start(header_bytes)).map_err(io)?;
+        let mut checkpoints = vec![header_bytes];
+        let mut lines = 0u64;
+        let mut offset = header_bytes;
+        let mut last = b'\n';
+        let mut chunk = vec![0u8; 4 << 20];
+        loop {
+            let n = f.read(&mut chunk).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            let c = &chunk[..n];
+            let nl = c.iter().filter(|&&b| b == b'\n').count() as u64;
+            let next_ck = checkpoints.len() as u64 * CHECKPOINT;
+            if lines + nl >= next_ck {
+                let mut l = lines;
+                for (i, &b) in c.iter().enumerate() {
+                    if b == b'\n' {
+                        l += 1;
+                        if l % CHECKPOINT == 0 {
+                            checkpoints.push(offset + i as u64 + 1);
+                        }
+                    }
+                }
+            }
+            lines += nl;
+            offset += n as u64;
+            last = c[n - 1];
+        }
+        if last != b'\n' {
+            lines += 1;
+        }
+        let eval = lines / 10;
+        let mut reader = BufReader::with_capacity(IO_BUF, File::open(&path).map_err(io)?);
+        reader.seek(SeekFrom::Start(header_bytes)).map_err(io)?;
+        Ok(CriteoReader {
+            parser: LineParser::new(model, delimiter),
+            format: CriteoFormat { delimiter, header },
+            policy,
+            num_dense: nd,
+            num_tables: nt,
+            reader,
+            first_line: if header { 2 } else { 1 },
+            data_lines: lines,
+            train_lines: lines - eval,
+            checkpoints,
+            pos: 0,
+            skipped_train: 0,
+            skipped_eval: 0,
+            buf: Vec::with_capacity(1024),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn format(&self) -> CriteoFormat {
+        self.format
+    }
+    /// Data lines in the file (header excluded).
+    pub fn data_lines(&self) -> u64 {
+        self.data_lines
+    }
+    /// Lines of the training part (the epoch length; bad lines included).
+    pub fn train_lines(&self) -> u64 {
+        self.train_lines
+    }
+    /// Lines of the eval part.
+    pub fn eval_lines(&self) -> u64 {
+        self.data_lines - self.train_lines
+    }
+    /// Bad lines skipped so far (training lines read plus the last eval-set read).
+    pub fn skipped(&self) -> u64 {
+        self.skipped_train + self.skipped_eval
+    }
+
+    /// A fresh reader positioned at data line `k` (via the nearest seek point).
+    fn reader_at(&self, k: u64) -> Result<BufReader<File>> {
+        let io = |e| Error::io(&self.path, e);
+        let ci = ((k / CHECKPOINT) as usize).min(self.checkpoints.len() - 1);
+        let mut r = BufReader::with_capacity(IO_BUF, File::open(&self.path).map_err(io)?);
+        r.seek(SeekFrom::Start(self.checkpoints[ci])).map_err(io)?;
+        skip_lines(&mut r, k - ci as u64 * CHECKPOINT).map_err(io)?;
+        Ok(r)
+    }
+
+    /// Reads data lines until `n` samples or data line `end`; `pos` counts lines consumed.
+    fn read_into(
+        r: &mut BufReader<File>,
+        parser: &mut LineParser,
+        buf: &mut Vec<u8>,
+        ctx: (&Path, u64, BadLinePolicy),
+        pos: &mut u64,
+        end: u64,
+        n: usize,
+        out: &mut Batch,
+        skipped: &mut u64,
+    ) -> Result<()> {
+        let (path, first_line, policy) = ctx;
+        while out.size() < n && *pos < end {
+            buf.clear();
+            let got = r.read_until(b'\n', buf).map_err(|e| Error::io(path, e))?;
+            if got == 0 {
+                return Err(Error::Data {
+                    path: path.to_path_buf(),
+                    line: first_line + *pos,
+                    msg: "unexpected end of file (did the file change after it was opened?)".into(),
+                });
+            }
+            let line_no = first_line + *pos;
+            *pos += 1;
+            let line = trim_eol(buf);
+            if line.is_empty() {
+                continue;
+            }
+            if let Err(msg) = parser.parse_into(line, out) {
+                match policy {
+                    BadLinePolicy::Fail => return Err(Error::Data { path: path.to_path_buf(), line: line_no, msg }),
+                    BadLinePolicy::Skip => *skipped += 1,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DataSource for CriteoReader {
+    fn next_batch(&mut self, n: usize) -> Result<Option<Batch>> {
+        if self.pos >= self.train_lines && n > 0 {
+            return Ok(None);
+        }
+        let mut b = Batch::new(self.num_dense, self.num_tables);
+        b.dense.reserve(n * self.num_dense);
+        b.labels.reserve(n);
+        for j in &mut b.sparse {
+            j.lengths.reserve(n);
+            j.values.reserve(n);
+        }
+        let ctx = (self.path.as_path(), self.first_line, self.policy);
+        Self::read_into(
+            &mut self.reader,
+            &mut self.parser,
+            &mut self.buf,
+            ctx,
+            &mut self.pos,
+            self.train_lines,
+            n,
+            &mut b,
+            &mut self.skipped_train,
+        )?;
+        if b.size() == 0 && n > 0 {
+            return Ok(None);
+        }
+        Ok(Some(b))
+    }
+
+    fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn skip(&mut self, n: u64) -> Result<()> {
+        let target = (self.pos + n).min(self.train_lines);
+        if target / CHECKPOINT > self.pos / CHECKPOINT {
+            self.reader = self.reader_at(target)?;
+        } else {
+            skip_lines(&mut self.reader, target - self.pos).map_err(|e| Error::io(&self.path, e))?;
+        }
+        self.pos = target;
+        Ok(())
+    }
+
+    fn eval_set(&mut self) -> Result<Batch> {
+        let mut r = self.reader_at(self.train_lines)?;
+        let mut b = Batch::new(self.num_dense, self.num_tables);
+        let mut pos = self.train_lines;
+        let mut skipped = 0;
+        let mut buf = Vec::with_capacity(1024);
+        let ctx = (self.path.as_path(), self.first_line, self.policy);
+        Self::read_into(&mut r, &mut self.parser, &mut buf, ctx, &mut pos, self.data_lines, usize::MAX, &mut b, &mut skipped)?;
+        self.skipped_eval = skipped;
+        Ok(b)
+    }
+
+    fn len(&self) -> Option<u64> {
+        Some(self.train_lines)
+    }
+}

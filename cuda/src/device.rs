@@ -1,0 +1,312 @@
+//! The device: driver context and stream, compiled kernels (cached per device), cuBLAS, the pool.
+//!
+//! Everything is loaded at run time. [`probe`] checks, without panicking, that the driver library
+//! loads and a device exists; [`Gpu::open`] then compiles the kernels for the device's
+//! architecture with NVRTC (once per device per process) and reserves the pool.
+use crate::kernels::MODULES;
+use crate::nvrtc;
+use crate::pool::{Block, Pool, PoolConfig, PoolError, PoolStats, RawAllocator};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{result as dr, sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Errors of the device layer, as text (the engine wraps them in `Error::Device`).
+pub type DevResult<T> = Result<T, String>;
+
+fn de<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e:?}")
+}
+
+/// Check that the CUDA driver library loads, initializes, and has device `ordinal`.
+/// Returns the number of devices. Never panics.
+pub fn probe(ordinal: usize) -> DevResult<usize> {
+    // SAFETY: only dlopens candidate names.
+    let present = std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err("no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine, or it is not on the library path)".into());
+    }
+    std::panic::catch_unwind(|| -> DevResult<usize> {
+        dr::init().map_err(de("cuInit failed"))?;
+        let n = dr::device::get_count().map_err(de("cuDeviceGetCount failed"))? as usize;
+        if n == 0 {
+            return Err("the CUDA driver loaded but reports no device".into());
+        }
+        if ordinal >= n {
+            return Err(format!("CUDA device {ordinal} asked for, but only {n} present"));
+        }
+        Ok(n)
+    })
+    .unwrap_or_else(|_| Err("the CUDA driver panicked while being probed".into()))
+}
+
+/// Device memory from the driver, for the pool.
+pub struct DeviceAllocator {
+    ctx: Arc<CudaContext>,
+    /// Driver allocations made (counts every `cuMemAlloc`).
+    pub allocs: usize,
+}
+
+impl RawAllocator for DeviceAllocator {
+    fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
+        self.ctx.bind_to_thread().map_err(de("bind context"))?;
+        // SAFETY: plain allocation; the pool frees it with the same size.
+        let p = unsafe { dr::malloc_sync(bytes) }.map_err(de("cuMemAlloc"))?;
+        self.allocs += 1;
+        Ok(p)
+    }
+    fn free(&mut self, addr: u64, _bytes: usize) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `addr` came from `alloc`; the pool frees each chunk once, after the stream is idle.
+        let _ = unsafe { dr::free_sync(addr) };
+    }
+}
+
+/// A typed device buffer: a pool block that returns to the pool when dropped.
+pub struct DevBuf<T> {
+    ptr: u64,
+    len: usize,
+    block: Option<Block>,
+    pool: Arc<Mutex<Pool<DeviceAllocator>>>,
+    _t: PhantomData<T>,
+}
+
+impl<T> DevBuf<T> {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+}
+
+impl<T> Drop for DevBuf<T> {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            // Every user of the buffer ran on the home stream, so the block is reusable at once.
+            if let Ok(mut p) = self.pool.lock() {
+                p.free(b);
+            }
+        }
+    }
+}
+
+/// Compiled PTX per architecture, shared by every device of that architecture in the process.
+fn ptx_cache() -> &'static Mutex<HashMap<&'static str, Arc<Vec<cudarc::nvrtc::Ptx>>>> {
+    static C: OnceLock<Mutex<HashMap<&'static str, Arc<Vec<cudarc::nvrtc::Ptx>>>>> = OnceLock::new();
+    C.get_or_init(Default::default)
+}
+
+fn compiled(arch: &'static str) -> DevResult<Arc<Vec<cudarc::nvrtc::Ptx>>> {
+    let mut c = ptx_cache().lock().map_err(|_| "ptx cache poisoned".to_string())?;
+    if let Some(p) = c.get(arch) {
+        return Ok(p.clone());
+    }
+    let mut v = Vec::new();
+    for m in MODULES {
+        v.push(nvrtc::compile(m, arch)?);
+    }
+    let v = Arc::new(v);
+    c.insert(arch, v.clone());
+    Ok(v)
+}
+
+/// One open device.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pub pool: Arc<Mutex<Pool<DeviceAllocator>>>,
+    pub name: String,
+    pub arch: &'static str,
+    pub sm_count: u32,
+    pub total_mem: usize,
+    pub ordinal: usize,
+}
+
+/// Devices opened so far in this process (kernels compiled and loaded once per device).
+fn gpus() -> &'static Mutex<HashMap<usize, Arc<Gpu>>> {
+    static G: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    G.get_or_init(Default::default)
+}
+
+impl Gpu {
+    /// Open device `ordinal` (cached: a second call returns the same device).
+    pub fn open(ordinal: usize, cfg: PoolConfig) -> DevResult<Arc<Gpu>> {
+        let mut g = gpus().lock().map_err(|_| "device cache poisoned".to_string())?;
+        if let Some(d) = g.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        probe(ordinal)?;
+        let d = std::panic::catch_unwind(|| Gpu::open_uncached(ordinal, cfg))
+            .unwrap_or_else(|_| Err("CUDA initialisation panicked (a library failed to load?)".into()))?;
+        let d = Arc::new(d);
+        g.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    fn open_uncached(ordinal: usize, cfg: PoolConfig) -> DevResult<Gpu> {
+        let ctx = CudaContext::new(ordinal).map_err(de("creating the CUDA context"))?;
+        // We order all work on one stream and manage reuse ourselves.
+        // SAFETY: no CudaSlice is used with this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (maj, min) = ctx.compute_capability().map_err(de("compute capability"))?;
+        let arch = nvrtc::arch_name(maj, min);
+        let name = ctx.name().unwrap_or_else(|_| "?".into());
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(de("SM count"))? as u32;
+        let total_mem = ctx.total_mem().unwrap_or(0);
+        // SAFETY: only dlopens candidate names.
+        if !std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false) {
+            return Err("libcublas not found: put the CUDA 13 cuBLAS library (libcublas.so.13) on LD_LIBRARY_PATH".into());
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(de("creating the cuBLAS handle"))?;
+        let mut funcs = HashMap::new();
+        for (m, ptx) in MODULES.iter().zip(compiled(arch)?.iter()) {
+            let module = ctx.load_module(ptx.clone()).map_err(de("loading a compiled module"))?;
+            for k in m.kernels {
+                let f = module.load_function(k).map_err(|e| format!("kernel {k}: {e:?}"))?;
+                funcs.insert(*k, f);
+            }
+        }
+        let pool = Pool::new(DeviceAllocator { ctx: ctx.clone(), allocs: 0 }, cfg).map_err(|e| e.to_string())?;
+        Ok(Gpu { ctx, stream, blas, funcs, pool: Arc::new(Mutex::new(pool)), name, arch, sm_count, total_mem, ordinal })
+    }
+
+    pub fn func(&self, name: &str) -> DevResult<&CudaFunction> {
+        self.funcs.get(name).ok_or_else(|| format!("no kernel named {name}"))
+    }
+
+    pub fn bind(&self) -> DevResult<()> {
+        self.ctx.bind_to_thread().map_err(de("binding the CUDA context"))
+    }
+
+    /// A long-lived buffer of `len` elements (contents undefined).
+    pub fn alloc<T>(&self, len: usize) -> DevResult<DevBuf<T>> {
+        let bytes = (len * std::mem::size_of::<T>()).max(1);
+        let block = self.pool.lock().map_err(|_| "pool poisoned".to_string())?.alloc(bytes).map_err(|e: PoolError| e.to_string())?;
+        Ok(DevBuf { ptr: block.addr, len, block: Some(block), pool: self.pool.clone(), _t: PhantomData })
+    }
+
+    /// Scratch from the per-step arena: valid until [`arena_reset`](Self::arena_reset).
+    pub fn scratch(&self, bytes: usize) -> DevResult<u64> {
+        let b = self.pool.lock().map_err(|_| "pool poisoned".to_string())?.arena_alloc(bytes.max(1)).map_err(|e| e.to_string())?;
+        Ok(b.addr)
+    }
+
+    pub fn arena_reset(&self) -> DevResult<()> {
+        self.pool.lock().map_err(|_| "pool poisoned".to_string())?.arena_reset().map_err(|e| e.to_string())
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.lock().map(|p| p.stats()).unwrap_or_default()
+    }
+
+    pub fn driver_allocs(&self) -> usize {
+        self.pool.lock().map(|p| p.allocator().allocs).unwrap_or(0)
+    }
+
+    pub fn htod<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> DevResult<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst holds at least src.len() elements; pageable sources are staged before return.
+        unsafe { dr::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(de("host-to-device copy"))
+    }
+
+    pub fn dtoh<T: DeviceRepr>(&self, dst: &mut [T], src: u64) -> DevResult<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: src holds at least dst.len() elements; we wait for the copy before returning.
+        unsafe { dr::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(de("device-to-host copy"))?;
+        self.sync()
+    }
+
+    pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> DevResult<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges are valid for `bytes`.
+        unsafe { dr::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(de("device copy"))
+    }
+
+    pub fn memset0(&self, dst: u64, bytes: usize) -> DevResult<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst valid for `bytes`.
+        unsafe { dr::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }.map_err(de("memset"))
+    }
+
+    pub fn sync(&self) -> DevResult<()> {
+        self.stream.synchronize().map_err(de("stream synchronize (a kernel failed?)"))
+    }
+
+    /// Start a launch: `gpu.launch("k", grid, block)?.arg(&x)...; unsafe { l.go() }`.
+    pub fn launch<'a>(&'a self, name: &str, grid: u32, block: u32) -> DevResult<Launch<'a>> {
+        let f = self.func(name)?;
+        Ok(Launch {
+            args: self.stream.launch_builder(f),
+            cfg: LaunchConfig { grid_dim: (grid.max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 },
+            name: name.to_string(),
+        })
+    }
+
+    /// A grid of `block`-thread blocks covering `n` threads, capped for grid-stride kernels.
+    pub fn grid_for(&self, n: usize, block: u32) -> u32 {
+        let want = n.div_ceil(block as usize).max(1);
+        want.min(self.sm_count as usize * 32).min(u32::MAX as usize) as u32
+    }
+
+    /// Device-event timing of `f` repeated `iters` times (milliseconds per iteration).
+    pub fn time_ms(&self, iters: usize, mut f: impl FnMut() -> DevResult<()>) -> DevResult<f64> {
+        self.bind()?;
+        let a = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(de("event"))?;
+        let b = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(de("event"))?;
+        a.record(&self.stream).map_err(de("event record"))?;
+        for _ in 0..iters {
+            f()?;
+        }
+        b.record(&self.stream).map_err(de("event record"))?;
+        b.synchronize().map_err(de("event sync"))?;
+        Ok(a.elapsed_ms(&b).map_err(de("elapsed"))? as f64 / iters.max(1) as f64)
+    }
+}
+
+/// A kernel launch being built.
+pub struct Launch<'a> {
+    args: cudarc::driver::LaunchArgs<'a>,
+    cfg: LaunchConfig,
+    name: String,
+}
+
+impl<'a> Launch<'a> {
+    pub fn arg<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.args.arg(v);
+        self
+    }
+    pub fn block(&mut self, threads: u32) -> &mut Self {
+        self.cfg.block_dim = (threads, 1, 1);
+        self
+    }
+    /// # Safety
+    /// The arguments must match the kernel's signature and every pointer must be valid.
+    pub unsafe fn go(&mut self) -> DevResult<()> {
+        self.args.launch(self.cfg).map(|_| ()).map_err(|e| format!("launching {}: {e:?}", self.name))
+    }
+}

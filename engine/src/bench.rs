@@ -1,0 +1,275 @@
+//! Benchmarks behind `ember bench embedding|dlrm|mem`: workloads, timing (median of timed
+//! steps after warm-up) and the byte accounting of BRIEF.md §5. Printing is the CLI's job.
+use crate::backend::{Backend, EmbUpdate, Layout, ShardSpec};
+use crate::config::{preset, EmbOptimizer, Pooling, WeightDecay};
+use crate::data::{Batch, Jagged};
+use crate::embedding::{new_shard, upload_bags};
+use crate::model::Dlrm;
+use crate::rng::{mix64, Rng};
+use crate::Result;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The embedding workload: `tables` × `rows` × `dim`, global batch `batch`, `bag` ids per bag.
+#[derive(Clone, Debug, Serialize)]
+pub struct EmbeddingBench {
+    pub tables: usize,
+    pub rows: u64,
+    pub dim: usize,
+    pub batch: usize,
+    pub bag: usize,
+    /// Zipf exponent of id popularity (None: uniform).
+    pub zipf: Option<f64>,
+    pub steps: usize,
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+impl Default for EmbeddingBench {
+    fn default() -> Self {
+        EmbeddingBench { tables: 8, rows: 1_000_000, dim: 64, batch: 4096, bag: 20, zipf: None, steps: 20, warmup: 3, seed: 1 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EmbeddingResult {
+    pub ms_per_step: f64,
+    pub steps_per_s: f64,
+    /// Bytes by the formula of BRIEF.md §5 (outputs + rows read, ×2 for forward+backward) per second, 1e9.
+    pub gb_per_s: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub bytes_per_step: f64,
+    pub config: EmbeddingBench,
+    pub backend: String,
+}
+
+/// Median of a sample (sorted copy).
+pub fn median(x: &[f64]) -> f64 {
+    if x.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = x.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Id sampler: uniform, or Zipf(s) by inverse CDF over ranks, ranks scattered over rows by a hash.
+pub struct IdSampler {
+    rows: u64,
+    cdf: Option<Vec<f64>>,
+    salt: u64,
+}
+
+impl IdSampler {
+    pub fn new(rows: u64, zipf: Option<f64>, salt: u64) -> Self {
+        let cdf = zipf.filter(|&s| s > 0.0).map(|s| {
+            let n = rows.min(1 << 22) as usize;
+            let mut c = Vec::with_capacity(n);
+            let mut acc = 0.0;
+            for k in 1..=n {
+                acc += (k as f64).powf(-s);
+                c.push(acc);
+            }
+            c.iter_mut().for_each(|x| *x /= acc);
+            c
+        });
+        IdSampler { rows, cdf, salt }
+    }
+    pub fn sample(&self, rng: &mut Rng) -> u64 {
+        match &self.cdf {
+            None => rng.below(self.rows),
+            Some(c) => {
+                let u = rng.f64();
+                let rank = c.partition_point(|&p| p < u) as u64;
+                mix64(rank ^ self.salt) % self.rows
+            }
+        }
+    }
+}
+
+/// Fixed-length bags of sampled ids for `tables` features.
+pub fn sample_jagged(samplers: &[IdSampler], batch: usize, bag: usize, rng: &mut Rng) -> Vec<Jagged> {
+    samplers
+        .iter()
+        .map(|s| {
+            let mut j = Jagged::with_capacity(batch, batch * bag);
+            for _ in 0..batch {
+                j.lengths.push(bag as u32);
+                for _ in 0..bag {
+                    j.values.push(s.sample(rng));
+                }
+            }
+            j
+        })
+        .collect()
+}
+
+/// Forward + fused backward with row-wise AdaGrad over `cfg.tables` tables, timed per step.
+pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingResult> {
+    let upd = EmbUpdate::new(&EmbOptimizer::RowWiseAdagrad { lr: 0.01, eps: 1e-8, c: None, eps_inside: false }, &WeightDecay::None, 1.0);
+    let mut shards = (0..cfg.tables)
+        .map(|t| new_shard(be, cfg.seed, ShardSpec::whole(t, cfg.rows, cfg.dim), &upd))
+        .collect::<Result<Vec<_>>>()?;
+    let samplers: Vec<IdSampler> = (0..cfg.tables).map(|t| IdSampler::new(cfg.rows, cfg.zipf, t as u64)).collect();
+    let mut rng = Rng::new(cfg.seed);
+    // A few id sets, rotated, so the ids are not all cached from the last step.
+    let sets: Vec<Vec<_>> = (0..4)
+        .map(|_| sample_jagged(&samplers, cfg.batch, cfg.bag, &mut rng).iter().map(|j| upload_bags(be, j, Pooling::Sum)).collect::<Result<Vec<_>>>())
+        .collect::<Result<_>>()?;
+    let stride = cfg.tables * cfg.dim;
+    let mut out = be.zeros(cfg.batch * stride)?;
+    let grad_host: Vec<f32> = (0..cfg.batch * stride).map(|_| (rng.f32() - 0.5) * 1e-3).collect();
+    let grad = be.upload(&grad_host)?;
+    let (mut fwd, mut bwd, mut tot) = (Vec::new(), Vec::new(), Vec::new());
+    for it in 0..cfg.warmup + cfg.steps {
+        let bags = &sets[it % sets.len()];
+        let t0 = Instant::now();
+        for (t, (s, b)) in shards.iter().zip(bags).enumerate() {
+            be.embedding_forward(s, b, &mut out, Layout { stride, col: t * cfg.dim }, false)?;
+        }
+        be.synchronize()?;
+        let t1 = Instant::now();
+        shards
+            .par_iter_mut()
+            .zip(bags)
+            .enumerate()
+            .try_for_each(|(t, (s, b))| be.embedding_backward_update(s, b, &grad, Layout { stride, col: t * cfg.dim }, &upd))?;
+        be.synchronize()?;
+        let t2 = Instant::now();
+        if it >= cfg.warmup {
+            fwd.push((t1 - t0).as_secs_f64() * 1e3);
+            bwd.push((t2 - t1).as_secs_f64() * 1e3);
+            tot.push((t2 - t0).as_secs_f64() * 1e3);
+        }
+    }
+    let sum_d = (cfg.tables * cfg.dim) as f64;
+    let bytes = 2.0 * (cfg.batch as f64 * sum_d * 4.0 + cfg.batch as f64 * sum_d * cfg.bag as f64 * 4.0);
+    let ms = median(&tot);
+    Ok(EmbeddingResult {
+        ms_per_step: ms,
+        steps_per_s: 1e3 / ms,
+        gb_per_s: bytes / (ms * 1e-3) / 1e9,
+        forward_ms: median(&fwd),
+        backward_ms: median(&bwd),
+        bytes_per_step: bytes,
+        config: cfg.clone(),
+        backend: be.name().into(),
+    })
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DlrmResult {
+    pub samples_per_s: f64,
+    pub ms_per_step: f64,
+    pub batch: usize,
+    pub steps: usize,
+    pub zipf: Option<f64>,
+    pub backend: String,
+}
+
+/// Full training steps of the `bench` preset model (the embedding workload + bottom MLP
+/// 13-512-256-64, dot interaction, top MLP 512-256-1, BCE).
+pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> Result<DlrmResult> {
+    let mut cfg = preset("bench", None)?;
+    cfg.batch_size = batch;
+    cfg.seed = seed;
+    let mut model = Dlrm::new(be, &cfg)?;
+    let samplers: Vec<IdSampler> = cfg.model.tables.iter().enumerate().map(|(t, tc)| IdSampler::new(tc.rows, zipf, t as u64)).collect();
+    let mut rng = Rng::new(seed);
+    let batches: Vec<Batch> = (0..4)
+        .map(|_| Batch {
+            num_dense: cfg.model.num_dense,
+            dense: (0..batch * cfg.model.num_dense).map(|_| rng.f32() * 4.0).collect(),
+            labels: (0..batch).map(|_| (rng.f32() < 0.25) as u8 as f32).collect(),
+            sparse: sample_jagged(&samplers, batch, cfg.model.tables[0].bag_size, &mut rng),
+        })
+        .collect();
+    let mut times = Vec::new();
+    for it in 0..warmup + steps {
+        let t0 = Instant::now();
+        model.train_step(be, &batches[it % batches.len()])?;
+        be.synchronize()?;
+        if it >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms = median(&times);
+    Ok(DlrmResult { samples_per_s: batch as f64 / (ms * 1e-3), ms_per_step: ms, batch, steps, zipf, backend: be.name().into() })
+}
+
+/// One row of `ember bench mem`.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemRow {
+    /// "copy" (sequential) or "gather" (random rows).
+    pub op: String,
+    /// Bytes per row gathered (the whole buffer for copy).
+    pub row_bytes: usize,
+    pub threads: usize,
+    /// Bytes read plus bytes written per second, 1e9.
+    pub gb_per_s: f64,
+    pub ms: f64,
+}
+
+/// Host memory bandwidth: sequential copy of `copy_mib` MiB, and random gathers of
+/// rows of 64..512 B from a `table_mib` MiB table, on 1 and all threads (median of `reps`).
+pub fn host_mem(copy_mib: usize, table_mib: usize, reps: usize) -> Vec<MemRow> {
+    let threads_all = rayon::current_num_threads();
+    let mut rows = Vec::new();
+    let n = copy_mib << 18; // f32 count
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    for threads in [1, threads_all] {
+        let mut t = Vec::new();
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            if threads == 1 {
+                dst.copy_from_slice(&src);
+            } else {
+                let chunk = n.div_ceil(threads);
+                dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+            }
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(&dst);
+        let s = median(&t);
+        rows.push(MemRow { op: "copy".into(), row_bytes: n * 4, threads, gb_per_s: 2.0 * (n * 4) as f64 / s / 1e9, ms: s * 1e3 });
+    }
+    drop(dst);
+    let table_len = table_mib << 18;
+    let table: Vec<f32> = if table_len <= n { src[..table_len].to_vec() } else { (0..table_len).map(|i| i as f32).collect() };
+    drop(src);
+    for row_bytes in [64usize, 128, 256, 512] {
+        let cols = row_bytes / 4;
+        let nrows = table_len / cols;
+        let gathers = (64usize << 20) / row_bytes; // 64 MiB gathered per rep
+        let mut rng = Rng::new(row_bytes as u64);
+        let idx: Vec<u32> = (0..gathers).map(|_| rng.below(nrows as u64) as u32).collect();
+        let mut out = vec![0.0f32; gathers * cols];
+        for threads in [1, threads_all] {
+            let mut t = Vec::new();
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                let per = if threads == 1 { gathers } else { gathers.div_ceil(threads) };
+                out.par_chunks_mut(per * cols).zip(idx.par_chunks(per)).for_each(|(o, ix)| {
+                    for (k, &r) in ix.iter().enumerate() {
+                        let r = r as usize * cols;
+                        o[k * cols..(k + 1) * cols].copy_from_slice(&table[r..r + cols]);
+                    }
+                });
+                t.push(t0.elapsed().as_secs_f64());
+            }
+            std::hint::black_box(&out);
+            let s = median(&t);
+            let bytes = 2.0 * (gathers * row_bytes) as f64;
+            rows.push(MemRow { op: "gather".into(), row_bytes, threads, gb_per_s: bytes / s / 1e9, ms: s * 1e3 });
+        }
+    }
+    rows
+}

@@ -1,0 +1,446 @@
+//! Joining a multi-process job: rank and size from the launcher's variables, the rendezvous
+//! point, the job token, and the choice of backend (shm on one host, TCP across hosts).
+//!
+//! Rendezvous protocol: rank 0 listens; every other rank connects and sends its token, rank,
+//! size and a small description (host, pid, TCP address, shm inbox). A wrong token, rank or size
+//! is refused with a message. Once all have joined, rank 0 sends everyone the full table.
+use crate::comm::{Comm, DEFAULT_TIMEOUT};
+use crate::error::{Error, Result};
+use crate::fabric::Fabric;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Which backend a job uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// shm when every rank is on one host, else tcp (in-process when size is 1).
+    Auto,
+    /// Ranks are threads of one process (`local_world`).
+    Local,
+    Shm,
+    Tcp,
+    /// Not built yet (later issue): requesting them is a clear error.
+    Rdma,
+    Nccl,
+}
+
+impl FromStr for Transport {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Transport::Auto,
+            "local" => Transport::Local,
+            "shm" => Transport::Shm,
+            "tcp" => Transport::Tcp,
+            "rdma" => Transport::Rdma,
+            "nccl" => Transport::Nccl,
+            o => return Err(Error::Bootstrap(format!("unknown transport '{o}' (auto, local, shm, tcp, rdma, nccl)"))),
+        })
+    }
+}
+
+/// Where rank 0 listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// host:port
+    Addr(String),
+    /// A file on a shared filesystem into which rank 0 writes its host:port.
+    File(PathBuf),
+}
+
+/// Everything a process needs to join a job.
+#[derive(Clone, Debug)]
+pub struct JoinConfig {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pub rendezvous: Rendezvous,
+    pub token: String,
+    pub transport: Transport,
+    /// Collective timeout (also bounds the rendezvous).
+    pub timeout: Duration,
+}
+
+fn parse<T: FromStr>(name: &str, v: &str) -> Result<T> {
+    v.trim().parse().map_err(|_| Error::Bootstrap(format!("{name}={v:?} is not a number")))
+}
+
+/// First host of a Slurm node list: "node[03-05,7],gpu1" -> "node03".
+pub fn slurm_first_host(list: &str) -> Option<String> {
+    let first = list.split(',').next()?.trim();
+    match first.find('[') {
+        None => (!first.is_empty()).then(|| first.to_string()),
+        Some(i) => {
+            let inner = &list[list.find('[')? + 1..];
+            let range = inner.split([',', ']']).next()?;
+            let lo = range.split('-').next()?;
+            Some(format!("{}{}", &first[..i], lo))
+        }
+    }
+}
+
+impl JoinConfig {
+    /// From this process's environment (see `from_vars`).
+    pub fn from_env() -> Result<JoinConfig> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// From launcher variables: rank/size from OMPI_COMM_WORLD_*, SLURM_*, PMI_*, or torchrun's
+    /// RANK/WORLD_SIZE/LOCAL_RANK (first found); rendezvous from EMBER_RENDEZVOUS,
+    /// MASTER_ADDR+MASTER_PORT, the first Slurm node (port 20000 + job id mod 20000), or
+    /// EMBER_RENDEZVOUS_FILE; token from EMBER_JOB_TOKEN; EMBER_TRANSPORT, EMBER_TIMEOUT_MS.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<JoinConfig> {
+        let sources = [
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ];
+        let (mut rank, mut size, mut local_rank) = (0, 1, 0);
+        for (r, s, l) in sources {
+            if let (Some(rv), Some(sv)) = (get(r), get(s)) {
+                rank = parse(r, &rv)?;
+                size = parse(s, &sv)?;
+                local_rank = get(l).map(|v| parse(l, &v)).transpose()?.unwrap_or(0);
+                break;
+            }
+        }
+        if size == 0 || rank >= size {
+            return Err(Error::Bootstrap(format!("rank {rank} out of range for size {size}")));
+        }
+        let rendezvous = if let Some(a) = get("EMBER_RENDEZVOUS") {
+            Rendezvous::Addr(a)
+        } else if let (Some(h), Some(p)) = (get("MASTER_ADDR"), get("MASTER_PORT")) {
+            Rendezvous::Addr(format!("{h}:{p}"))
+        } else if let (Some(list), Some(job)) = (get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST")), get("SLURM_JOB_ID")) {
+            let host = slurm_first_host(&list).ok_or_else(|| Error::Bootstrap(format!("cannot parse SLURM_JOB_NODELIST={list:?}")))?;
+            let job: u64 = parse("SLURM_JOB_ID", &job)?;
+            Rendezvous::Addr(format!("{host}:{}", 20000 + job % 20000))
+        } else if let Some(f) = get("EMBER_RENDEZVOUS_FILE") {
+            Rendezvous::File(PathBuf::from(f))
+        } else if size == 1 {
+            Rendezvous::Addr("127.0.0.1:0".into())
+        } else {
+            return Err(Error::Bootstrap(
+                "no rendezvous: set EMBER_RENDEZVOUS=host:port, MASTER_ADDR/MASTER_PORT or EMBER_RENDEZVOUS_FILE".into(),
+            ));
+        };
+        let token = get("EMBER_JOB_TOKEN").unwrap_or_default();
+        if token.is_empty() && size > 1 {
+            return Err(Error::Refused("EMBER_JOB_TOKEN is not set (ember launch sets it; export the same value to every rank)".into()));
+        }
+        let transport = get("EMBER_TRANSPORT").map(|t| t.parse()).transpose()?.unwrap_or(Transport::Auto);
+        let timeout = match get("EMBER_TIMEOUT_MS") {
+            Some(v) => Duration::from_millis(parse("EMBER_TIMEOUT_MS", &v)?),
+            None => DEFAULT_TIMEOUT,
+        };
+        Ok(JoinConfig { rank, size, local_rank, rendezvous, token, transport, timeout })
+    }
+}
+
+// ------------------------------------------------------------------ wire helpers
+
+const MAX_FIELD: usize = 1 << 16;
+
+fn put(w: &mut impl Write, b: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(b.len() as u32).to_le_bytes())?;
+    w.write_all(b)
+}
+
+fn get_field(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut l = [0u8; 4];
+    r.read_exact(&mut l)?;
+    let l = u32::from_le_bytes(l) as usize;
+    if l > MAX_FIELD {
+        return Err(std::io::Error::other(format!("field of {l} bytes exceeds the limit")));
+    }
+    let mut v = vec![0u8; l];
+    r.read_exact(&mut v)?;
+    Ok(v)
+}
+
+fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: gethostname writes at most b.len() bytes.
+    unsafe { libc::gethostname(b.as_mut_ptr() as *mut libc::c_char, b.len()) };
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// One rank's entry in the table: host, pid, TCP address, shm inbox path.
+#[derive(Clone, Debug, Default)]
+struct Entry {
+    host: String,
+    pid: u32,
+    tcp: String,
+    shm: String,
+}
+
+impl Entry {
+    fn encode(&self) -> Vec<u8> {
+        format!("{}\n{}\n{}\n{}", self.host, self.pid, self.tcp, self.shm).into_bytes()
+    }
+    fn decode(b: &[u8]) -> Result<Entry> {
+        let s = String::from_utf8_lossy(b);
+        let f: Vec<&str> = s.split('\n').collect();
+        if f.len() != 4 {
+            return Err(Error::Bootstrap("malformed rendezvous entry".into()));
+        }
+        Ok(Entry { host: f[0].into(), pid: parse("pid", f[1])?, tcp: f[2].into(), shm: f[3].into() })
+    }
+}
+
+fn resolve_rendezvous(rv: &Rendezvous) -> Option<String> {
+    match rv {
+        Rendezvous::Addr(a) => Some(a.clone()),
+        Rendezvous::File(p) => std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()),
+    }
+}
+
+/// Rank 0: accept every other rank, check its token, answer with the table.
+fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String>) -> Result<Vec<Entry>> {
+    let bind = match &cfg.rendezvous {
+        Rendezvous::Addr(a) => {
+            let port = a.rsplit(':').next().unwrap_or("0");
+            format!("0.0.0.0:{port}")
+        }
+        Rendezvous::File(_) => "0.0.0.0:0".to_string(),
+    };
+    let l = TcpListener::bind(&bind).map_err(|e| Error::Bootstrap(format!("rendezvous: bind {bind}: {e}")))?;
+    if let Rendezvous::File(p) = &cfg.rendezvous {
+        let port = l.local_addr().map_err(|e| Error::Bootstrap(e.to_string()))?.port();
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}:{port}\n", hostname()))
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .map_err(|e| Error::Bootstrap(format!("rendezvous file {}: {e}", p.display())))?;
+    }
+    l.set_nonblocking(true).map_err(|e| Error::Bootstrap(e.to_string()))?;
+    let deadline = Instant::now() + cfg.timeout;
+    let mut joined: Vec<Option<(TcpStream, Entry)>> = (0..cfg.size).map(|_| None).collect();
+    let mut missing = cfg.size - 1;
+    while missing > 0 {
+        let (mut s, _) = match l.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    let who: Vec<usize> = (1..cfg.size).filter(|&r| joined[r].is_none()).collect();
+                    return Err(Error::Bootstrap(format!("rendezvous: ranks {who:?} never joined within {:?}", cfg.timeout)));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            Err(e) => return Err(Error::Bootstrap(format!("rendezvous accept: {e}"))),
+        };
+        s.set_nonblocking(false).ok();
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let hello = (|| -> std::io::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> { Ok((get_field(&mut s)?, get_field(&mut s)?, get_field(&mut s)?)) })();
+        let Ok((token, ids, entry)) = hello else { continue };
+        let refuse = |s: &mut TcpStream, why: String| {
+            tracing::warn!("rendezvous refused a process: {why}");
+            let _ = s.write_all(&[1]).and_then(|_| put(s, why.as_bytes()));
+        };
+        if token != cfg.token.as_bytes() {
+            refuse(&mut s, "wrong job token".into());
+            continue;
+        }
+        if ids.len() != 8 {
+            refuse(&mut s, "malformed hello".into());
+            continue;
+        }
+        let r = u32::from_le_bytes(ids[0..4].try_into().unwrap()) as usize;
+        let n = u32::from_le_bytes(ids[4..8].try_into().unwrap()) as usize;
+        if n != cfg.size || r == 0 || r >= n || joined[r].is_some() {
+            refuse(&mut s, format!("rank {r} of {n} does not fit this job of {} ranks", cfg.size));
+            continue;
+        }
+        let Ok(e) = Entry::decode(&entry) else {
+            refuse(&mut s, "malformed entry".into());
+            continue;
+        };
+        if adv_ip.is_none() {
+            *adv_ip = s.local_addr().ok().map(|a| a.ip().to_string());
+        }
+        joined[r] = Some((s, e));
+        missing -= 1;
+    }
+    if let Some(ip) = adv_ip.as_ref() {
+        me.tcp = me.tcp.replace("0.0.0.0", ip);
+    }
+    let mut table = vec![me.clone()];
+    table.extend(joined.iter().skip(1).map(|j| j.as_ref().unwrap().1.clone()));
+    for (s, _) in joined.iter_mut().skip(1).flatten() {
+        let r = s.write_all(&[0]).and_then(|_| table.iter().try_for_each(|e| put(s, &e.encode())));
+        r.map_err(|e| Error::Bootstrap(format!("rendezvous reply: {e}")))?;
+    }
+    if let Rendezvous::File(p) = &cfg.rendezvous {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(table)
+}
+
+/// Ranks > 0: connect (retrying until the deadline), introduce ourselves, read the table.
+fn join(cfg: &JoinConfig, me: &mut Entry) -> Result<Vec<Entry>> {
+    let deadline = Instant::now() + cfg.timeout;
+    let mut s = loop {
+        let addr = resolve_rendezvous(&cfg.rendezvous);
+        let conn = addr.as_ref().and_then(|a| a.to_socket_addrs().ok()).and_then(|mut it| it.find_map(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(1)).ok()));
+        if let Some(s) = conn {
+            break s;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Bootstrap(format!("rendezvous {:?} unreachable within {:?}", cfg.rendezvous, cfg.timeout)));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Ok(a) = s.local_addr() {
+        me.tcp = me.tcp.replace("0.0.0.0", &a.ip().to_string());
+    }
+    let io = |e: std::io::Error| Error::Bootstrap(format!("rendezvous: {e}"));
+    let mut ids = (cfg.rank as u32).to_le_bytes().to_vec();
+    ids.extend_from_slice(&(cfg.size as u32).to_le_bytes());
+    put(&mut s, cfg.token.as_bytes()).and_then(|_| put(&mut s, &ids)).and_then(|_| put(&mut s, &me.encode())).map_err(io)?;
+    s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)))).ok();
+    let mut status = [0u8; 1];
+    s.read_exact(&mut status).map_err(io)?;
+    if status[0] != 0 {
+        let why = get_field(&mut s).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+        return Err(Error::Refused(why));
+    }
+    (0..cfg.size).map(|_| get_field(&mut s).map_err(io).and_then(|b| Entry::decode(&b))).collect()
+}
+
+impl Comm {
+    /// Join the job described by the launcher's environment (`JoinConfig::from_env`).
+    pub fn from_env() -> Result<Comm> {
+        Comm::connect(&JoinConfig::from_env()?)
+    }
+
+    /// Join a multi-process job: rendezvous, then build the chosen backend.
+    pub fn connect(cfg: &JoinConfig) -> Result<Comm> {
+        match cfg.transport {
+            Transport::Rdma => return Err(Error::NotBuilt("rdma".into())),
+            Transport::Nccl => return Err(Error::NotBuilt("nccl".into())),
+            Transport::Local if cfg.size > 1 => {
+                return Err(Error::Bootstrap("transport 'local' runs ranks as threads of one process: use local_world, or shm/tcp across processes".into()))
+            }
+            _ => {}
+        }
+        if cfg.size == 1 {
+            return Ok(crate::comm::local_world_with_timeout(1, cfg.timeout).pop().unwrap());
+        }
+        let want_tcp = matches!(cfg.transport, Transport::Tcp | Transport::Auto);
+        let want_shm = matches!(cfg.transport, Transport::Shm | Transport::Auto);
+        let listener = if want_tcp {
+            Some(TcpListener::bind("0.0.0.0:0").map_err(|e| Error::Bootstrap(format!("tcp listen: {e}")))?)
+        } else {
+            None
+        };
+        let inbox = if want_shm { Some(crate::shm::Inbox::create(cfg.size, cfg.rank, &cfg.token)?) } else { None };
+        let mut me = Entry {
+            host: hostname(),
+            pid: std::process::id(),
+            tcp: listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+            shm: inbox.as_ref().map(|i| i.path.display().to_string()).unwrap_or_default(),
+        };
+        let table = if cfg.rank == 0 { serve(cfg, &mut me, &mut None) } else { join(cfg, &mut me) };
+        let table = match table {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(i) = &inbox {
+                    i.unlink();
+                }
+                return Err(e);
+            }
+        };
+        let one_host = table.iter().all(|e| e.host == table[0].host);
+        let use_shm = cfg.transport == Transport::Shm || (cfg.transport == Transport::Auto && one_host);
+        if cfg.transport == Transport::Shm && !one_host {
+            return Err(Error::Bootstrap("transport 'shm' needs every rank on one host".into()));
+        }
+        let fabric: Arc<dyn Fabric> = if use_shm {
+            let inbox = inbox.expect("created for shm");
+            let paths: Vec<String> = table.iter().map(|e| e.shm.clone()).collect();
+            let pids = table.iter().map(|e| e.pid).collect();
+            let f = Arc::new(crate::shm::ShmFabric::new(cfg.rank, inbox, &paths, pids)?);
+            let c = Comm::from_fabric(f.clone(), cfg.timeout);
+            c.barrier()?; // everyone has mapped every inbox: the names can go
+            f.unlink_inbox();
+            return Ok(c);
+        } else {
+            if let Some(i) = &inbox {
+                i.unlink();
+            }
+            let addrs: Vec<String> = table.iter().map(|e| e.tcp.clone()).collect();
+            Arc::new(crate::tcp::TcpFabric::new(cfg.rank, listener.expect("bound for tcp"), &addrs, &cfg.token, cfg.timeout)?)
+        };
+        Ok(Comm::from_fabric(fabric, cfg.timeout))
+    }
+}
+
+/// A random job token (for launchers and tests): 128 bits from the OS.
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        b.copy_from_slice(&(t ^ std::process::id() as u128).to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A free TCP port on loopback (for launchers and tests; racy by nature, but only briefly).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Bootstrap(e.to_string()))?;
+    Ok(l.local_addr().map_err(|e| Error::Bootstrap(e.to_string()))?.port())
+}
+
+/// `n` ranks of a shm or tcp world as threads of this process, joined through a real
+/// rendezvous on loopback (tests and in-process benchmarks of the multi-process backends).
+pub fn threads_world(n: usize, transport: Transport, timeout: Duration) -> Result<Vec<Comm>> {
+    if transport == Transport::Local {
+        return Ok(crate::comm::local_world_with_timeout(n, timeout));
+    }
+    let port = free_port()?;
+    let token = new_token();
+    let hs: Vec<_> = (0..n)
+        .map(|rank| {
+            let cfg = JoinConfig {
+                rank,
+                size: n,
+                local_rank: rank,
+                rendezvous: Rendezvous::Addr(format!("127.0.0.1:{port}")),
+                token: token.clone(),
+                transport,
+                timeout,
+            };
+            std::thread::spawn(move || Comm::connect(&cfg))
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().map_err(|_| Error::Bootstrap("join thread panicked".into()))?).collect()
+}
+
+/// Cores this process may run on (for launchers that pin ranks round-robin).
+pub fn allowed_cores() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![];
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Pin the calling thread (or, between fork and exec, the new process) to one core.
+/// Async-signal-safe: usable in `CommandExt::pre_exec`.
+pub fn pin_to_core(core: usize) -> bool {
+    // SAFETY: plain syscalls on a set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}

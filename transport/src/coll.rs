@@ -1,0 +1,277 @@
+//! The collective algorithms, written once over the `Fabric` primitives (post, send, wait).
+//!
+//! All-to-all: post every receive, copy the own block, send to peers in a rank-dependent order
+//! (rank r starts with r+1: no incast), wait. All-reduce = reduce-scatter + all-gather with one
+//! owner per chunk that sums the contributions in rank order (bitwise identical everywhere).
+use crate::error::{Error, Result};
+use crate::fabric::{Fabric, Tag, Wait};
+use crate::reduce::{add_into, ReduceOp, Reducible};
+use bytemuck::Pod;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A communicator's view of the fabric: its members (world ranks), own index and context.
+pub(crate) struct Group {
+    pub fabric: Arc<dyn Fabric>,
+    pub members: Vec<usize>,
+    pub me: usize,
+    pub ctx: u64,
+    pub timeout: Duration,
+}
+
+impl Group {
+    pub fn n(&self) -> usize {
+        self.members.len()
+    }
+}
+
+/// One round of one collective: posted receives and started sends, cancelled on early return.
+struct Round<'a> {
+    g: &'a Group,
+    tag: Tag,
+    w: Wait,
+    /// (member, expected bytes, completed)
+    recvs: Vec<(usize, usize, bool)>,
+    sends: Vec<usize>,
+}
+
+impl<'a> Round<'a> {
+    fn new(g: &'a Group, seq: u64, round: u32, op: &'static str) -> Self {
+        Round { g, tag: Tag { ctx: g.ctx, seq, round }, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new() }
+    }
+
+    /// Post the landing buffer for `from`'s message, which must be exactly `buf.len()` bytes.
+    ///
+    /// # Safety
+    /// `buf` must stay alive and untouched until this round is finished or dropped.
+    unsafe fn post(&mut self, from: usize, buf: *mut u8, len: usize) -> Result<()> {
+        self.g.fabric.post_recv(self.g.members[from], self.tag, buf, len, &self.w)?;
+        self.recvs.push((from, len, false));
+        Ok(())
+    }
+
+    /// # Safety
+    /// `data` must stay alive until `finish` returned.
+    unsafe fn send(&mut self, to: usize, data: *const u8, len: usize) -> Result<()> {
+        self.g.fabric.send(self.g.members[to], self.tag, data, len, &self.w)?;
+        self.sends.push(to);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        let f = &self.g.fabric;
+        for &to in &self.sends {
+            f.wait_send(self.g.members[to], self.tag, &self.w)?;
+        }
+        for i in 0..self.recvs.len() {
+            let (from, want, _) = self.recvs[i];
+            let peer = self.g.members[from];
+            let got = f.wait_recv(peer, self.tag, &self.w)?;
+            self.recvs[i].2 = true;
+            if got != want {
+                return Err(Error::Protocol {
+                    op: self.w.op,
+                    peer,
+                    detail: format!("expected {want} bytes, got {got} (send and receive counts disagree)"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        for &(from, _, done) in &self.recvs {
+            if !done {
+                self.g.fabric.cancel_recv(self.g.members[from], self.tag);
+            }
+        }
+    }
+}
+
+/// Prefix offsets of `counts` (n + 1 entries).
+pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
+    let mut o = Vec::with_capacity(counts.len() + 1);
+    o.push(0);
+    for c in counts {
+        o.push(o.last().unwrap() + c);
+    }
+    o
+}
+
+/// Split `len` elements into `n` contiguous chunks, the first `len % n` one longer.
+pub(crate) fn even_counts(len: usize, n: usize) -> Vec<usize> {
+    (0..n).map(|i| len / n + usize::from(i < len % n)).collect()
+}
+
+fn check_counts(op: &'static str, what: &str, counts: &[usize], n: usize, total: usize) -> Result<Vec<usize>> {
+    if counts.len() != n {
+        return Err(Error::usage(op, format!("{what}: {} counts for {n} ranks", counts.len())));
+    }
+    let o = offsets(counts);
+    if o[n] != total {
+        return Err(Error::usage(op, format!("{what}: counts sum to {} but the buffer holds {total}", o[n])));
+    }
+    Ok(o)
+}
+
+pub(crate) fn all_to_all_v<T: Pod>(
+    g: &Group,
+    seq: u64,
+    send: &[T],
+    send_counts: &[usize],
+    recv: &mut [T],
+    recv_counts: &[usize],
+) -> Result<()> {
+    const OP: &str = "all_to_all_v";
+    let (n, me) = (g.n(), g.me);
+    let so = check_counts(OP, "send", send_counts, n, send.len())?;
+    let ro = check_counts(OP, "receive", recv_counts, n, recv.len())?;
+    if send_counts[me] != recv_counts[me] {
+        return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[me], recv_counts[me])));
+    }
+    let sz = std::mem::size_of::<T>();
+    let rbase = recv.as_mut_ptr() as *mut u8;
+    let sbase = send.as_ptr() as *const u8;
+    let mut r = Round::new(g, seq, 0, OP);
+    // SAFETY: every range lies inside `recv`/`send` (offsets checked above); both outlive `r`.
+    unsafe {
+        for i in 1..n {
+            let p = (me + n - i) % n;
+            r.post(p, rbase.add(ro[p] * sz), recv_counts[p] * sz)?;
+        }
+        std::ptr::copy_nonoverlapping(sbase.add(so[me] * sz), rbase.add(ro[me] * sz), send_counts[me] * sz);
+        for i in 1..n {
+            let p = (me + i) % n;
+            r.send(p, sbase.add(so[p] * sz), send_counts[p] * sz)?;
+        }
+    }
+    r.finish()
+}
+
+/// Reduce-scatter: `data` holds every rank's chunk (offsets `o`); `out` receives this rank's
+/// chunk, summed over ranks in rank order.
+fn reduce_scatter_into<T: Reducible>(
+    g: &Group,
+    seq: u64,
+    round: u32,
+    op_name: &'static str,
+    data: &[T],
+    o: &[usize],
+    out: &mut [T],
+    op: ReduceOp,
+) -> Result<()> {
+    let (n, me) = (g.n(), g.me);
+    let mine = o[me + 1] - o[me];
+    debug_assert_eq!(out.len(), mine);
+    let sz = std::mem::size_of::<T>();
+    let mut scratch: Vec<T> = vec![T::zeroed(); mine * n];
+    {
+        let mut r = Round::new(g, seq, round, op_name);
+        let sb = scratch.as_mut_ptr() as *mut u8;
+        let db = data.as_ptr() as *const u8;
+        // SAFETY: ranges inside `scratch` / `data`, which outlive `r`.
+        unsafe {
+            for i in 1..n {
+                let p = (me + n - i) % n;
+                r.post(p, sb.add(p * mine * sz), mine * sz)?;
+            }
+            for i in 1..n {
+                let p = (me + i) % n;
+                r.send(p, db.add(o[p] * sz), (o[p + 1] - o[p]) * sz)?;
+            }
+        }
+        r.finish()?;
+    }
+    scratch[me * mine..(me + 1) * mine].copy_from_slice(&data[o[me]..o[me + 1]]);
+    out.copy_from_slice(&scratch[..mine]);
+    for p in 1..n {
+        add_into(out, &scratch[p * mine..(p + 1) * mine]);
+    }
+    if op == ReduceOp::Mean {
+        for x in out.iter_mut() {
+            *x = x.div_n(n);
+        }
+    }
+    Ok(())
+}
+
+/// All-gather: `mine` goes to `recv[o[me]..o[me+1]]` on every rank.
+fn all_gather_into<T: Pod>(g: &Group, seq: u64, round: u32, op_name: &'static str, mine: &[T], o: &[usize], recv: &mut [T]) -> Result<()> {
+    let (n, me) = (g.n(), g.me);
+    let sz = std::mem::size_of::<T>();
+    recv[o[me]..o[me + 1]].copy_from_slice(mine);
+    let rb = recv.as_mut_ptr() as *mut u8;
+    let mut r = Round::new(g, seq, round, op_name);
+    // SAFETY: ranges inside `recv` (offsets from checked counts) and `mine`, which outlive `r`;
+    // the own range, already written, is never posted.
+    unsafe {
+        for i in 1..n {
+            let p = (me + n - i) % n;
+            r.post(p, rb.add(o[p] * sz), (o[p + 1] - o[p]) * sz)?;
+        }
+        for i in 1..n {
+            let p = (me + i) % n;
+            r.send(p, mine.as_ptr() as *const u8, mine.len() * sz)?;
+        }
+    }
+    r.finish()
+}
+
+pub(crate) fn all_reduce<T: Reducible>(g: &Group, seq: u64, buf: &mut [T], op: ReduceOp) -> Result<()> {
+    const OP: &str = "all_reduce";
+    let n = g.n();
+    if n == 1 {
+        return Ok(()); // Mean over one rank is the identity too.
+    }
+    let o = offsets(&even_counts(buf.len(), n));
+    let mut mine = vec![T::zeroed(); o[g.me + 1] - o[g.me]];
+    reduce_scatter_into(g, seq, 0, OP, buf, &o, &mut mine, op)?;
+    all_gather_into(g, seq, 1, OP, &mine, &o, buf)
+}
+
+pub(crate) fn reduce_scatter_v<T: Reducible>(g: &Group, seq: u64, send: &[T], counts: &[usize], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    const OP: &str = "reduce_scatter";
+    let o = check_counts(OP, "send", counts, g.n(), send.len())?;
+    if recv.len() != counts[g.me] {
+        return Err(Error::usage(OP, format!("receive buffer holds {} but this rank's count is {}", recv.len(), counts[g.me])));
+    }
+    reduce_scatter_into(g, seq, 0, OP, send, &o, recv, op)
+}
+
+pub(crate) fn all_gather_v<T: Pod>(g: &Group, seq: u64, send: &[T], counts: &[usize], recv: &mut [T]) -> Result<()> {
+    const OP: &str = "all_gather";
+    let o = check_counts(OP, "receive", counts, g.n(), recv.len())?;
+    if send.len() != counts[g.me] {
+        return Err(Error::usage(OP, format!("send buffer holds {} but this rank's count is {}", send.len(), counts[g.me])));
+    }
+    all_gather_into(g, seq, 0, OP, send, &o, recv)
+}
+
+pub(crate) fn broadcast<T: Pod>(g: &Group, seq: u64, buf: &mut [T], root: usize) -> Result<()> {
+    const OP: &str = "broadcast";
+    let (n, me) = (g.n(), g.me);
+    if root >= n {
+        return Err(Error::usage(OP, format!("root {root} out of range for {n} ranks")));
+    }
+    let bytes = std::mem::size_of_val(buf);
+    let mut r = Round::new(g, seq, 0, OP);
+    // SAFETY: `buf` outlives `r`.
+    unsafe {
+        if me == root {
+            for i in 1..n {
+                r.send((me + i) % n, buf.as_ptr() as *const u8, bytes)?;
+            }
+        } else {
+            r.post(root, buf.as_mut_ptr() as *mut u8, bytes)?;
+        }
+    }
+    r.finish()
+}
+
+pub(crate) fn barrier(g: &Group, seq: u64) -> Result<()> {
+    let n = g.n();
+    let zeros = vec![0usize; n];
+    all_to_all_v::<u8>(g, seq, &[], &zeros, &mut [], &zeros).map_err(|e| e.with_op("barrier"))
+}

@@ -1,0 +1,281 @@
+//! `Comm`: one rank's communicator (rank, size, split) and the public collective API, blocking
+//! and non-blocking.
+use crate::coll::{self, even_counts, offsets, Group};
+use crate::error::{Error, Result};
+use crate::fabric::Fabric;
+use crate::reduce::{ReduceOp, Reducible};
+use bytemuck::Pod;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Default time any collective waits for a peer before failing (issue 3: at most 60 s).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Inner {
+    g: Group,
+    /// Sequence number of the next collective issued on this communicator.
+    seq: AtomicU64,
+}
+
+/// One rank's communicator. Collectives on one `Comm` must be issued in the same order on every
+/// member (as in MPI); collectives on different communicators are independent and may be in
+/// flight at the same time (use the `start_*` forms, or several threads).
+pub struct Comm {
+    inner: Arc<Inner>,
+}
+
+/// A collective started with a `start_*` method; it progresses on its own thread.
+/// `wait` returns the buffers handed in (now filled).
+#[must_use = "a started collective must be waited for"]
+pub struct Request<R> {
+    handle: JoinHandle<Result<R>>,
+}
+
+impl<R> Request<R> {
+    /// Block until the collective finished.
+    pub fn wait(self) -> Result<R> {
+        match self.handle.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Bootstrap("collective thread panicked".into())),
+        }
+    }
+    /// Whether `wait` would return at once.
+    pub fn is_done(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser: derives sub-communicator context ids.
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+impl Comm {
+    pub(crate) fn from_fabric(fabric: Arc<dyn Fabric>, timeout: Duration) -> Comm {
+        let n = fabric.size();
+        let me = fabric.rank();
+        Comm { inner: Arc::new(Inner { g: Group { fabric, members: (0..n).collect(), me, ctx: 1, timeout }, seq: AtomicU64::new(0) }) }
+    }
+
+    /// This rank's index in the communicator.
+    pub fn rank(&self) -> usize {
+        self.inner.g.me
+    }
+    /// Number of ranks in the communicator.
+    pub fn size(&self) -> usize {
+        self.inner.g.n()
+    }
+    /// The world rank (rank in the job) of member `i`.
+    pub fn world_rank_of(&self, i: usize) -> usize {
+        self.inner.g.members[i]
+    }
+    /// World ranks of all members, in communicator rank order.
+    pub fn world_ranks(&self) -> &[usize] {
+        &self.inner.g.members
+    }
+    /// "local", "shm" or "tcp".
+    pub fn transport(&self) -> &'static str {
+        self.inner.g.fabric.name()
+    }
+    /// How long each collective waits for a peer.
+    pub fn timeout(&self) -> Duration {
+        self.inner.g.timeout
+    }
+
+    /// The same members with another timeout (a new communicator: collective over this one,
+    /// like `split`, so call it on every member in the same order).
+    pub fn with_timeout(&self, timeout: Duration) -> Result<Comm> {
+        let c = self.split(0, self.rank() as i64)?;
+        let inner = Arc::try_unwrap(c.inner).map_err(|_| Error::usage("with_timeout", "unexpected sharing"))?;
+        let mut g = inner.g;
+        g.timeout = timeout;
+        Ok(Comm { inner: Arc::new(Inner { g, seq: AtomicU64::new(0) }) })
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.inner.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// MPI_Comm_split: members with equal `color` form a new communicator, ordered by `key`
+    /// (ties by parent rank). Collective over this communicator.
+    pub fn split(&self, color: u32, key: i64) -> Result<Comm> {
+        let seq = self.next_seq();
+        let g = &self.inner.g;
+        let n = g.n();
+        let mine = [color as u64, key as u64];
+        let mut all = vec![0u64; 2 * n];
+        coll::all_gather_v(g, seq, &mine, &vec![2; n], &mut all).map_err(|e| e.with_op("split"))?;
+        let mut group: Vec<(i64, usize)> =
+            (0..n).filter(|&i| all[2 * i] == color as u64).map(|i| (all[2 * i + 1] as i64, i)).collect();
+        group.sort();
+        let me = group.iter().position(|&(_, i)| i == g.me).expect("own rank is in its color");
+        let members = group.iter().map(|&(_, i)| g.members[i]).collect();
+        let ctx = mix(g.ctx ^ mix(seq) ^ mix(mix(color as u64)));
+        Ok(Comm {
+            inner: Arc::new(Inner {
+                g: Group { fabric: g.fabric.clone(), members, me, ctx, timeout: g.timeout },
+                seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    // ---------------------------------------------------------------- blocking collectives
+
+    /// All-to-all with a different count per peer: `send` holds `send_counts[p]` elements for
+    /// each peer p in rank order; `recv` receives `recv_counts[p]` from each. Counts must agree
+    /// pairwise (a mismatch is an error naming the peer).
+    pub fn all_to_all_v<T: Pod>(&self, send: &[T], send_counts: &[usize], recv: &mut [T], recv_counts: &[usize]) -> Result<()> {
+        coll::all_to_all_v(&self.inner.g, self.next_seq(), send, send_counts, recv, recv_counts)
+    }
+
+    /// All-to-all with equal blocks: `send.len() == recv.len() == size * block`.
+    pub fn all_to_all<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let n = self.size();
+        if send.len() % n != 0 || recv.len() != send.len() {
+            return Err(Error::usage("all_to_all", format!("buffers of {} and {} elements for {n} ranks", send.len(), recv.len())));
+        }
+        let c = vec![send.len() / n; n];
+        self.all_to_all_v(send, &c, recv, &c)
+    }
+
+    /// All-to-all where receive counts are not known: exchanges the counts first, then the data.
+    /// Returns `(received elements, receive counts)`.
+    pub fn all_to_all_v_alloc<T: Pod>(&self, send: &[T], send_counts: &[usize]) -> Result<(Vec<T>, Vec<usize>)> {
+        let n = self.size();
+        let sc: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
+        let mut rc = vec![0u64; n];
+        if sc.len() != n {
+            return Err(Error::usage("all_to_all_v", format!("{} send counts for {n} ranks", sc.len())));
+        }
+        self.all_to_all(&sc, &mut rc).map_err(|e| e.with_op("all_to_all_v (counts)"))?;
+        let rc: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
+        let mut recv = vec![T::zeroed(); rc.iter().sum()];
+        self.all_to_all_v(send, send_counts, &mut recv, &rc)?;
+        Ok((recv, rc))
+    }
+
+    /// In-place all-reduce. Every rank gets bitwise the same result (sum in rank order).
+    pub fn all_reduce<T: Reducible>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        coll::all_reduce(&self.inner.g, self.next_seq(), buf, op)
+    }
+
+    /// Reduce-scatter with equal chunks: `send.len() == size * recv.len()`.
+    pub fn reduce_scatter<T: Reducible>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        let c = vec![recv.len(); self.size()];
+        self.reduce_scatter_v(send, &c, recv, op)
+    }
+
+    /// Reduce-scatter with `counts[p]` elements for rank p; `recv.len() == counts[rank]`.
+    pub fn reduce_scatter_v<T: Reducible>(&self, send: &[T], counts: &[usize], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        coll::reduce_scatter_v(&self.inner.g, self.next_seq(), send, counts, recv, op)
+    }
+
+    /// All-gather with equal contributions: `recv.len() == size * send.len()`.
+    pub fn all_gather<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let c = vec![send.len(); self.size()];
+        self.all_gather_v(send, recv, &c)
+    }
+
+    /// All-gather where rank p contributes `counts[p]` elements.
+    pub fn all_gather_v<T: Pod>(&self, send: &[T], recv: &mut [T], counts: &[usize]) -> Result<()> {
+        coll::all_gather_v(&self.inner.g, self.next_seq(), send, counts, recv)
+    }
+
+    /// All-gather of variable contributions whose sizes are not known: exchanges them first.
+    pub fn all_gather_alloc<T: Pod>(&self, send: &[T]) -> Result<(Vec<T>, Vec<usize>)> {
+        let n = self.size();
+        let mut c = vec![0u64; n];
+        self.all_gather(&[send.len() as u64], &mut c).map_err(|e| e.with_op("all_gather (counts)"))?;
+        let c: Vec<usize> = c.into_iter().map(|x| x as usize).collect();
+        let mut recv = vec![T::zeroed(); c.iter().sum()];
+        self.all_gather_v(send, &mut recv, &c)?;
+        Ok((recv, c))
+    }
+
+    /// `buf` on `root` is copied to every rank (all pass buffers of the same length).
+    pub fn broadcast<T: Pod>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        coll::broadcast(&self.inner.g, self.next_seq(), buf, root)
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        coll::barrier(&self.inner.g, self.next_seq())
+    }
+
+    // ------------------------------------------------------------ non-blocking collectives
+
+    fn start<R: Send + 'static>(&self, name: &str, f: impl FnOnce(&Group, u64) -> Result<R> + Send + 'static) -> Request<R> {
+        let seq = self.next_seq(); // issue order, not execution order, fixes the tag
+        let inner = self.inner.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("ember-{name}"))
+            .spawn(move || f(&inner.g, seq))
+            .expect("spawn collective thread");
+        Request { handle }
+    }
+
+    /// Non-blocking `all_to_all_v`; `wait` returns the filled receive buffer.
+    pub fn start_all_to_all_v<T: Pod + Send>(&self, send: Vec<T>, send_counts: Vec<usize>, recv_counts: Vec<usize>) -> Request<Vec<T>> {
+        self.start("a2a", move |g, seq| {
+            let mut recv = vec![T::zeroed(); recv_counts.iter().sum()];
+            coll::all_to_all_v(g, seq, &send, &send_counts, &mut recv, &recv_counts)?;
+            Ok(recv)
+        })
+    }
+
+    /// Non-blocking in-place `all_reduce`; `wait` returns the reduced buffer.
+    pub fn start_all_reduce<T: Reducible>(&self, mut buf: Vec<T>, op: ReduceOp) -> Request<Vec<T>> {
+        self.start("allreduce", move |g, seq| coll::all_reduce(g, seq, &mut buf, op).map(|_| buf))
+    }
+
+    /// Non-blocking `reduce_scatter_v`; `wait` returns this rank's reduced chunk.
+    pub fn start_reduce_scatter_v<T: Reducible>(&self, send: Vec<T>, counts: Vec<usize>, op: ReduceOp) -> Request<Vec<T>> {
+        self.start("reducescatter", move |g, seq| {
+            let mut recv = vec![T::zeroed(); counts.get(g.me).copied().unwrap_or(0)];
+            coll::reduce_scatter_v(g, seq, &send, &counts, &mut recv, op).map(|_| recv)
+        })
+    }
+
+    /// Non-blocking `all_gather_v`; `wait` returns the gathered buffer.
+    pub fn start_all_gather_v<T: Pod + Send>(&self, send: Vec<T>, counts: Vec<usize>) -> Request<Vec<T>> {
+        self.start("allgather", move |g, seq| {
+            let mut recv = vec![T::zeroed(); counts.iter().sum()];
+            coll::all_gather_v(g, seq, &send, &counts, &mut recv).map(|_| recv)
+        })
+    }
+
+    /// Non-blocking `broadcast`; `wait` returns the buffer (root's contents on every rank).
+    pub fn start_broadcast<T: Pod + Send>(&self, mut buf: Vec<T>, root: usize) -> Request<Vec<T>> {
+        self.start("bcast", move |g, seq| coll::broadcast(g, seq, &mut buf, root).map(|_| buf))
+    }
+
+    pub fn start_barrier(&self) -> Request<()> {
+        self.start("barrier", coll::barrier)
+    }
+}
+
+/// `n` in-process ranks (threads of this process): the embedded default. Move each `Comm` to
+/// its own thread (collectives block until all members take part).
+pub fn local_world(n: usize) -> Vec<Comm> {
+    local_world_with_timeout(n, DEFAULT_TIMEOUT)
+}
+
+/// `local_world` with a collective timeout other than the default.
+pub fn local_world_with_timeout(n: usize, timeout: Duration) -> Vec<Comm> {
+    crate::local::world(n).into_iter().map(|f| Comm::from_fabric(Arc::new(f), timeout)).collect()
+}
+
+/// Counts that split `len` elements over `n` ranks as evenly as possible (first ones longer):
+/// the chunking `all_reduce` uses internally, exposed for reduce-scatter callers.
+pub fn split_evenly(len: usize, n: usize) -> Vec<usize> {
+    even_counts(len, n)
+}
+
+#[allow(dead_code)]
+pub(crate) fn prefix(counts: &[usize]) -> Vec<usize> {
+    offsets(counts)
+}

@@ -1,0 +1,66 @@
+//! The primitive layer every backend implements, and that the collectives are written over.
+//!
+//! The shape follows RDMA: a receiver *registers* a landing buffer for one message (`post_recv`:
+//! on verbs, register the region and advertise its rkey), a sender *writes* into the peer's
+//! registered buffer and notifies (`send`: on verbs, RDMA WRITE_WITH_IMM with the tag in the
+//! immediate), and both sides *wait for completion* (`wait_recv`, `wait_send`: an imm-count
+//! completion). Messages are matched by `(peer, Tag)`, never by arrival order, so several
+//! collectives (on several communicators) can be in flight from one rank at once.
+use crate::error::Result;
+use std::time::{Duration, Instant};
+
+/// Identifies one message between two ranks: communicator context, collective sequence number
+/// on that communicator, and round inside the collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tag {
+    pub ctx: u64,
+    pub seq: u64,
+    pub round: u32,
+}
+
+/// Deadline and name of the operation on whose behalf a primitive waits.
+#[derive(Clone, Copy, Debug)]
+pub struct Wait {
+    pub op: &'static str,
+    pub deadline: Instant,
+    pub timeout: Duration,
+}
+
+impl Wait {
+    pub fn new(op: &'static str, timeout: Duration) -> Self {
+        Wait { op, deadline: Instant::now() + timeout, timeout }
+    }
+}
+
+/// One rank's endpoint into a world of `size()` ranks. Ranks here are world ranks.
+///
+/// Contract used by the collectives (and required of a new backend):
+/// * every message has exactly one `post_recv` on the receiver and one `send` on the sender,
+///   in either order; the receiver's posted length is an upper bound, checked before any byte lands;
+/// * a collective posts all receives of a round before sending in it, so a backend may make
+///   `send` wait until the peer has posted (rendezvous);
+/// * nothing is ever sent to oneself.
+pub trait Fabric: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// "local", "shm" or "tcp".
+    fn name(&self) -> &'static str;
+    /// Register `len` bytes at `buf` as the landing zone of message `(src, tag)`.
+    ///
+    /// # Safety
+    /// `buf..buf+len` must stay valid for writes, and untouched by the caller, until
+    /// `wait_recv(src, tag)` returned `Ok` or `cancel_recv(src, tag)` returned.
+    unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()>;
+    /// Write `len` bytes at `data` into the buffer `dst` posted for `tag`, then notify.
+    ///
+    /// # Safety
+    /// `data..data+len` must stay valid for reads until `wait_send(dst, tag)` returned
+    /// (or until either call returned an error; a backend reading it later only reads).
+    unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()>;
+    /// Wait until the send buffer of `(dst, tag)` may be reused.
+    fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()>;
+    /// Wait until message `(src, tag)` has landed; returns its length in bytes.
+    fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize>;
+    /// Withdraw a posted buffer (on an error path). Returns once no writer can touch it any more.
+    fn cancel_recv(&self, src: usize, tag: Tag);
+}

@@ -1,0 +1,262 @@
+//! Per-rank matching table shared by the backends: posted buffers, early arrivals, completions,
+//! failed peers, and the one place where threads wait (spin, then yield, then sleep on a condvar).
+use crate::error::{Error, Result};
+use crate::fabric::{Tag, Wait};
+use crossbeam_utils::Backoff;
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Receive-side or send-side entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Dir {
+    Recv,
+    Send,
+}
+
+pub(crate) type Key = (usize, Tag, Dir);
+
+/// A raw pointer that may cross threads (its validity is the caller's contract, see `Fabric`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawBuf(pub *mut u8);
+unsafe impl Send for RawBuf {}
+
+#[derive(Debug)]
+pub(crate) enum Slot {
+    /// The receiver's registered buffer.
+    Posted { buf: RawBuf, cap: usize },
+    /// A writer owns the posted buffer right now.
+    Writing,
+    /// The message landed (receive), or the peer released our buffer (send).
+    Done(usize),
+    /// The message arrived before its buffer was posted.
+    Early(Vec<u8>),
+    /// (shm) the sender's announcement: `len` bytes at `addr` in its address space.
+    Remote { addr: u64, len: usize },
+    /// This message failed.
+    Failed(Error),
+}
+
+/// What `post` found.
+pub(crate) enum Posted {
+    /// Registered; a writer will fill it later.
+    Waiting,
+    /// An early message was copied in: complete.
+    Landed,
+    /// (shm) the sender announced `len` bytes at `addr`: the caller must fetch them, then `complete`.
+    Fetch { addr: u64, len: usize },
+}
+
+pub(crate) struct Mailbox {
+    slots: Mutex<Table>,
+    cv: Condvar,
+}
+
+pub(crate) struct Table {
+    pub map: HashMap<Key, Slot>,
+    /// Why a peer is gone, by world rank.
+    pub dead: HashMap<usize, String>,
+}
+
+/// How long a waiter spins/yields before sleeping, and the longest single sleep.
+const YIELD_FOR: Duration = Duration::from_micros(200);
+const MAX_SLEEP: Duration = Duration::from_millis(1);
+
+impl Mailbox {
+    pub fn new() -> Self {
+        Mailbox { slots: Mutex::new(Table { map: HashMap::new(), dead: HashMap::new() }), cv: Condvar::new() }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Table> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn notify(&self) {
+        self.cv.notify_all();
+    }
+
+    /// Register a receive buffer, consuming an early arrival if there is one.
+    pub fn post(&self, src: usize, tag: Tag, buf: *mut u8, cap: usize, op: &'static str) -> Result<Posted> {
+        let mut t = self.lock();
+        let key = (src, tag, Dir::Recv);
+        match t.map.remove(&key) {
+            None => {
+                t.map.insert(key, Slot::Posted { buf: RawBuf(buf), cap });
+                Ok(Posted::Waiting)
+            }
+            Some(Slot::Early(v)) => {
+                if v.len() > cap {
+                    let e = too_long(op, src, v.len(), cap);
+                    t.map.insert(key, Slot::Failed(e.clone()));
+                    return Err(e);
+                }
+                // SAFETY: the caller guarantees buf..buf+cap is writable (Fabric::post_recv).
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), buf, v.len()) };
+                t.map.insert(key, Slot::Done(v.len()));
+                Ok(Posted::Landed)
+            }
+            Some(Slot::Remote { addr, len }) => {
+                if len > cap {
+                    let e = too_long(op, src, len, cap);
+                    t.map.insert(key, Slot::Failed(e.clone()));
+                    return Err(e);
+                }
+                t.map.insert(key, Slot::Writing);
+                Ok(Posted::Fetch { addr, len })
+            }
+            Some(Slot::Failed(e)) => Err(e),
+            Some(other) => {
+                t.map.insert(key, other);
+                Err(Error::usage(op, format!("receive from rank {src} posted twice for {tag:?}")))
+            }
+        }
+    }
+
+    /// A writer claims the posted buffer for `len` bytes. `Ok(None)`: not posted yet.
+    pub fn claim(t: &mut Table, src: usize, tag: Tag, len: usize, op: &'static str) -> Result<Option<RawBuf>> {
+        let key = (src, tag, Dir::Recv);
+        match t.map.get(&key) {
+            None => Ok(None),
+            Some(Slot::Posted { buf, cap }) => {
+                let (buf, cap) = (*buf, *cap);
+                if len > cap {
+                    let e = too_long(op, src, len, cap);
+                    t.map.insert(key, Slot::Failed(e.clone()));
+                    return Err(e);
+                }
+                t.map.insert(key, Slot::Writing);
+                Ok(Some(buf))
+            }
+            Some(_) => {
+                let e = Error::Protocol { op, peer: src, detail: format!("duplicate message for {tag:?}") };
+                t.map.insert(key, Slot::Failed(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Deliver a whole message that arrived as bytes: copy it into the posted buffer if there is
+    /// one, else keep it until `post`.
+    pub fn deliver(&self, src: usize, tag: Tag, data: Vec<u8>, op: &'static str) -> Result<()> {
+        let mut t = self.lock();
+        let r = Self::deliver_locked(&mut t, src, tag, data, op);
+        drop(t);
+        self.notify();
+        r
+    }
+
+    pub fn deliver_locked(t: &mut Table, src: usize, tag: Tag, data: Vec<u8>, op: &'static str) -> Result<()> {
+        match Self::claim(t, src, tag, data.len(), op)? {
+            Some(buf) => {
+                // SAFETY: claim checked the length against the posted capacity.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.0, data.len()) };
+                t.map.insert((src, tag, Dir::Recv), Slot::Done(data.len()));
+            }
+            None => {
+                t.map.insert((src, tag, Dir::Recv), Slot::Early(data));
+            }
+        }
+        Ok(())
+    }
+
+    /// (shm) The sender announced `len` bytes at `addr`; returns the posted buffer to fetch into,
+    /// or keeps the announcement until `post`.
+    pub fn announce(&self, src: usize, tag: Tag, addr: u64, len: usize, op: &'static str) -> Result<Option<RawBuf>> {
+        let mut t = self.lock();
+        match Self::claim(&mut t, src, tag, len, op)? {
+            Some(b) => Ok(Some(b)),
+            None => {
+                t.map.insert((src, tag, Dir::Recv), Slot::Remote { addr, len });
+                Ok(None)
+            }
+        }
+    }
+
+    /// Mark `(peer, tag, dir)` complete with `len` bytes and wake waiters.
+    pub fn complete(&self, peer: usize, tag: Tag, dir: Dir, len: usize) {
+        self.lock().map.insert((peer, tag, dir), Slot::Done(len));
+        self.notify();
+    }
+
+    pub fn fail(&self, peer: usize, tag: Tag, dir: Dir, e: Error) {
+        self.lock().map.insert((peer, tag, dir), Slot::Failed(e));
+        self.notify();
+    }
+
+    /// Record that `peer` is gone; every wait on it fails from now on.
+    pub fn peer_died(&self, peer: usize, reason: String) {
+        self.lock().dead.entry(peer).or_insert(reason);
+        self.notify();
+    }
+
+    /// Wait for `(peer, tag, dir)` to be `Done`, calling `poll` between checks (shm progress).
+    pub fn wait_done(&self, peer: usize, tag: Tag, dir: Dir, w: &Wait, poll: &dyn Fn() -> Result<()>) -> Result<usize> {
+        self.wait_until(peer, w, poll, |t| match t.map.get(&(peer, tag, dir)) {
+            Some(Slot::Done(n)) => {
+                let n = *n;
+                t.map.remove(&(peer, tag, dir));
+                Some(Ok(n))
+            }
+            Some(Slot::Failed(e)) => {
+                let e = e.clone();
+                t.map.remove(&(peer, tag, dir));
+                Some(Err(e))
+            }
+            _ => None,
+        })
+    }
+
+    /// The one waiting loop: check under the lock; spin, then yield, then sleep on the condvar
+    /// (bounded, so cross-process progress via `poll` still happens); fail on a dead peer or
+    /// at the deadline.
+    pub fn wait_until<T>(
+        &self,
+        peer: usize,
+        w: &Wait,
+        poll: &dyn Fn() -> Result<()>,
+        mut check: impl FnMut(&mut Table) -> Option<Result<T>>,
+    ) -> Result<T> {
+        let backoff = Backoff::new();
+        let start = Instant::now();
+        let mut sleep = Duration::from_micros(20);
+        loop {
+            poll()?;
+            let mut t = self.lock();
+            if let Some(r) = check(&mut t) {
+                return r;
+            }
+            if let Some(reason) = t.dead.get(&peer) {
+                return Err(Error::PeerFailed { op: w.op, peer, reason: reason.clone() });
+            }
+            let now = Instant::now();
+            if now >= w.deadline {
+                return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
+            }
+            if !backoff.is_completed() {
+                drop(t);
+                backoff.snooze();
+            } else if now - start < YIELD_FOR {
+                drop(t);
+                std::thread::yield_now();
+            } else {
+                let d = sleep.min(w.deadline - now);
+                let _ = self.cv.wait_timeout(t, d).unwrap_or_else(|e| e.into_inner());
+                sleep = (sleep * 2).min(MAX_SLEEP);
+            }
+        }
+    }
+
+    /// Withdraw a posted receive; waits while a writer is copying into it.
+    pub fn cancel(&self, src: usize, tag: Tag) {
+        let key = (src, tag, Dir::Recv);
+        let mut t = self.lock();
+        while matches!(t.map.get(&key), Some(Slot::Writing)) {
+            t = self.cv.wait_timeout(t, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        t.map.remove(&key);
+    }
+}
+
+pub(crate) fn too_long(op: &'static str, peer: usize, len: usize, cap: usize) -> Error {
+    Error::Protocol { op, peer, detail: format!("message of {len} bytes exceeds the {cap}-byte buffer posted for it") }
+}
