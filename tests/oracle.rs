@@ -95,11 +95,19 @@ pub fn gemm_ref(m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f64, a:
     }
 }
 
-/// Numerically stable f64 BCE-with-logits of one sample.
+/// log(1 + e^z) without overflow or cancellation.
+pub fn softplus(z: f64) -> f64 {
+    if z > 0.0 {
+        z + (-z).exp().ln_1p()
+    } else {
+        z.exp().ln_1p()
+    }
+}
+
+/// Numerically stable f64 BCE-with-logits of one sample: −y·log σ(x) − (1−y)·log(1−σ(x))
+/// = y·softplus(−x) + (1−y)·softplus(x) (no cancellation for y ∈ {0, 1}).
 pub fn bce_ref(x: f64, y: f64) -> f64 {
-    // log(1 + e^x) − x·y, written stably.
-    let softplus = if x > 0.0 { x + (-x).exp().ln_1p() } else { x.exp().ln_1p() };
-    softplus - x * y
+    y * softplus(-x) + (1.0 - y) * softplus(x)
 }
 
 pub fn sigmoid(x: f64) -> f64 {
@@ -375,3 +383,26 @@ impl RefNet {
         scale * logits.iter().zip(labels).map(|(&x, &y)| bce_ref(x, y as f64)).sum::<f64>()
     }
 }
+
+// ---------------------------------------------------------------- model inputs
+
+/// Random batches for a model (empty bags, duplicates, repeated ids).
+pub fn random_batches(model: &ember::config::ModelConfig, n: usize, count: usize, seed: u64) -> Vec<ember::data::Batch> {
+    let mut rng = TestRng::new(seed);
+    (0..count)
+        .map(|_| {
+            let mut b = ember::data::Batch::new(model.num_dense, model.tables.len());
+            b.dense = rng.vec_f32(n * model.num_dense, -1.0, 1.0);
+            b.labels = (0..n).map(|_| rng.below(2) as f32).collect();
+            for (j, t) in b.sparse.iter_mut().zip(&model.tables) {
+                *j = ember::data::Jagged::default();
+                for _ in 0..n {
+                    let ids: Vec<u64> = (0..rng.usize_in(0, 3)).map(|_| rng.below(t.rows)).collect();
+                    j.push_bag(&ids);
+                }
+            }
+            b
+        })
+        .collect()
+}
+

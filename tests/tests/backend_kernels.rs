@@ -257,7 +257,8 @@ fn bce_with_logits_including_extreme_logits() {
         let want: f64 = logits.iter().zip(&labels).map(|(&x, &y)| bce_ref(x as f64, y as f64)).sum();
         assert!((loss - want).abs() <= 1e-5 * want, "bce sum {loss} vs {want}");
         let wg: Vec<f64> = logits.iter().zip(&labels).map(|(&x, &y)| scale as f64 * (sigmoid(x as f64) - y as f64)).collect();
-        assert_close(&dl, &wg, 1e-5, 1e-9, "bce dlogits");
+        // σ(x) − y near |σ − y| ≪ 1 cancels in f32: allow a few f32 ulps of 1, times the scale.
+        assert_close(&dl, &wg, 1e-5, 2.5e-7 * scale as f64, "bce dlogits");
     }
 }
 

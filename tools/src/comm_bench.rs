@@ -129,7 +129,7 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
         let (send_len, recv_len) = if which == "a2a" { (count * n, count * n) } else { (count, count) };
         let mut send = vec![0f32; send_len];
         let mut recv = vec![0f32; recv_len];
-        let mut iter = |send: &[f32], recv: &mut [f32]| -> Result<(), String> {
+        let iter = |send: &[f32], recv: &mut [f32]| -> Result<(), String> {
             if which == "a2a" {
                 c.all_to_all(send, recv).map_err(e)
             } else {

@@ -26,7 +26,7 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> CliResult {
     let s = &a.shared;
-    let mut cfg = s.train_config("tiny")?;
+    let mut cfg = s.train_config(if s.data.is_some() { "kaggle" } else { "tiny" })?;
     if let Some(e) = a.eval_every {
         cfg.eval_every = e;
     }

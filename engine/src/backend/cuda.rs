@@ -9,7 +9,7 @@ use crate::{Error, Result};
 use ember_cuda::cudarc;
 use ember_cuda::device::{DevBuf, Gpu};
 use ember_cuda::kernels::{CHUNK, MAX_BWD_COLS, RADIX_TILE, SCAN_BLOCK, SHORT_RUN};
-use ember_cuda::pool::{PoolConfig, PoolStats};
+pub use ember_cuda::pool::{dlrm_step_trace, PoolConfig, PoolStats, TraceOp};
 use std::sync::{Arc, Mutex};
 
 fn dev(e: String) -> Error {

@@ -197,9 +197,11 @@ impl TableGen {
         };
         // Expected occurrences of a rank of probability p in REF_SAMPLES samples: occ · p.
         let occ = REF_SAMPLES * bag as f64 * 0.95;
+        let kappa: f64 = std::env::var("EMBER_KAPPA").ok().and_then(|v| v.parse().ok()).unwrap_or(KAPPA);
+        let pw: i32 = std::env::var("EMBER_PW").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
         let weight = |p: f64| {
-            let n = occ * p;
-            n / (n + KAPPA)
+            let n = (occ * p / kappa).powi(pw);
+            n / (n + 1.0)
         };
         let mut g = TableGen {
             rows,
@@ -312,7 +314,7 @@ impl TableGen {
             let r = mulhi(h, self.rows);
             return (r, r, self.uniform_w);
         }
-        let i = mulhi(h & 0xFFFF_FFFF, self.alias.len() as u64) as usize;
+        let i = (((h & 0xFFFF_FFFF) * self.alias.len() as u64) >> 32) as usize;
         let (th, al) = self.alias[i];
         let e = if ((h >> 32) as u32) < th { i } else { al as usize };
         let w = self.ent_w[e] as f64;

@@ -1,0 +1,89 @@
+//! Multi-process transport tests through the CLI: `ember launch` (shm and tcp), `ember bench`
+//! in-process with --json, a peer killed mid-job, and Open MPI's mpirun when it is installed.
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const EMBER: &str = env!("CARGO_BIN_EXE_ember");
+
+fn ember(args: &[&str]) -> Output {
+    Command::new(EMBER).args(args).output().expect("run ember")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn launch_runs_checked_benchmarks_over_shm_and_tcp() {
+    for t in ["shm", "tcp"] {
+        for which in ["a2a", "allreduce"] {
+            let o = ember(&["launch", "-n", "3", "--transport", t, "--", EMBER, "bench", which, "-b", "100", "-e", "200K", "-f", "7", "-n", "3", "-w", "1", "-c", "2"]);
+            let (out, err) = text(&o);
+            assert!(o.status.success(), "{t} {which}: {out}\n{err}");
+            assert!(out.contains(&format!("[0] # ember bench {which}: 3 ranks, transport {t}")), "{out}");
+            assert!(out.contains("[0] # Out of bounds values : 0 OK"), "{out}");
+            assert_eq!(out.lines().filter(|l| l.starts_with("[0]  ")).count(), 3, "{out}"); // 100, 700, 4900 .. 200K rows
+        }
+    }
+}
+
+#[test]
+fn in_process_json_rows() {
+    let o = ember(&["bench", "a2a", "--ranks", "4", "-b", "1K", "-e", "64K", "-f", "8", "-n", "2", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON row")).collect();
+    assert_eq!(rows.len(), 3);
+    for (r, size) in rows.iter().zip([1024, 8192, 65536]) {
+        assert_eq!(r["size"], size);
+        assert_eq!(r["count"], size / 4);
+        assert_eq!(r["type"], "float");
+        assert_eq!(r["wrong"], 0);
+        let (t, alg, bus) = (r["time_us"].as_f64().unwrap(), r["algbw"].as_f64().unwrap(), r["busbw"].as_f64().unwrap());
+        assert!(t > 0.0);
+        assert!((alg - 4.0 * size as f64 / t / 1e3).abs() < 1e-9 * alg.max(1.0));
+        assert!((bus - alg * 3.0 / 4.0).abs() < 1e-9 * alg.max(1.0));
+    }
+}
+
+#[test]
+fn a_killed_rank_fails_the_others_within_the_timeout() {
+    for t in ["shm", "tcp"] {
+        let start = Instant::now();
+        let o = ember(&["launch", "-n", "3", "--transport", t, "--timeout-ms", "1500", "--", EMBER, "bench", "a2a", "-b", "1M", "-e", "1M", "--fault-rank", "1"]);
+        let (out, err) = text(&o);
+        assert!(!o.status.success(), "{t}: {out}");
+        assert!(start.elapsed() < Duration::from_secs(15), "{t}: took {:?}", start.elapsed());
+        // Both survivors report an error naming a peer, at least one of them rank 1.
+        for r in [0, 2] {
+            assert!(err.lines().any(|l| l.starts_with(&format!("[{r}]")) && l.contains("rank ")), "{t} rank {r}: {err}");
+        }
+        assert!(err.contains("rank 1"), "{t}: {err}");
+    }
+}
+
+#[test]
+fn unbuilt_transport_is_a_clear_error() {
+    let o = ember(&["bench", "a2a", "--ranks", "2", "--transport", "rdma"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("not built"), "{err}");
+}
+
+#[test]
+fn runs_under_open_mpi_mpirun() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("mpirun not installed: skipped (CI installs openmpi-bin)");
+        return;
+    }
+    let port = ember_transport::bootstrap::free_port().unwrap();
+    let rdv = format!("EMBER_RENDEZVOUS=127.0.0.1:{port}");
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3", "-x", "EMBER_JOB_TOKEN=mpirun-test", "-x", &rdv, EMBER, "bench", "allreduce", "-b", "1K", "-e", "256K", "-f", "16", "-n", "3"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("# ember bench allreduce: 3 ranks, transport shm"), "{out}");
+    assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
+}
