@@ -28,3 +28,9 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 }
+
+impl From<ember_transport::Error> for Error {
+    fn from(e: ember_transport::Error) -> Self {
+        Error::Transport(e.to_string())
+    }
+}

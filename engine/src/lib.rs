@@ -10,9 +10,13 @@ pub mod data;
 pub mod embedding;
 pub mod dense;
 pub mod error;
+pub mod grid;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
+pub mod plan;
 pub mod rng;
+pub mod selftest;
 pub mod train;
 
 pub use error::{Error, Result};

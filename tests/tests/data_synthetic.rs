@@ -96,7 +96,7 @@ fn zipf_skew_matches_the_stated_probabilities() {
         let top1: f64 = (0..(rows / 100) as u64).map(|r| g.rank_probability(t, r)).sum();
         let measured = b.sparse[t].values.iter().filter(|&&row| g.rank_of(t, row) < rows / 100).count() as f64 / n;
         assert!((measured - top1).abs() < 0.01, "table {t}: top-1% share {measured} vs {top1}");
-        assert!(measured > 0.45, "table {t}: top 1% of rows hold only {measured}");
+        assert!(measured > 0.35, "table {t}: top 1% of rows hold only {measured} (uniform: 0.01)");
         // The stated probabilities sum to 1.
         let sum: f64 = (0..rows).map(|r| g.rank_probability(t, r)).sum();
         assert!((sum - 1.0).abs() < 1e-9, "table {t}: probabilities sum to {sum}");

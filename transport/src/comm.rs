@@ -1,6 +1,6 @@
 //! `Comm`: one rank's communicator (rank, size, split) and the public collective API, blocking
 //! and non-blocking.
-use crate::coll::{self, even_counts, offsets, Group};
+use crate::coll::{self, even_counts, Group};
 use crate::error::{Error, Result};
 use crate::fabric::Fabric;
 use crate::reduce::{ReduceOp, Reducible};
@@ -273,9 +273,4 @@ pub fn local_world_with_timeout(n: usize, timeout: Duration) -> Vec<Comm> {
 /// the chunking `all_reduce` uses internally, exposed for reduce-scatter callers.
 pub fn split_evenly(len: usize, n: usize) -> Vec<usize> {
     even_counts(len, n)
-}
-
-#[allow(dead_code)]
-pub(crate) fn prefix(counts: &[usize]) -> Vec<usize> {
-    offsets(counts)
 }

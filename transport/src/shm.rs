@@ -81,7 +81,9 @@ impl Inbox {
         let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(err)?;
         file.set_len((size * REGION) as u64).map_err(err)?;
         // SAFETY: a fresh file of ours; other processes only touch it through the ring protocol.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
+        let mut map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(err)?;
+        // Touch every page now, so the rings never page-fault on the data path.
+        map.fill(0);
         Ok(Inbox { path, file, map })
     }
     pub fn unlink(&self) {
@@ -146,7 +148,7 @@ impl ShmFabric {
                 return Err(Error::Bootstrap(format!("rank {d}'s inbox {p} has the wrong size")));
             }
             // SAFETY: shared mapping of a peer's inbox; accessed only through the ring protocol.
-            let mut m = unsafe { MmapMut::map_mut(&f) }.map_err(err)?;
+            let mut m = unsafe { memmap2::MmapOptions::new().populate().map_mut(&f) }.map_err(err)?;
             let ring = Ring(unsafe { m.as_mut_ptr().add(rank * REGION) });
             tx.push(Some(Mutex::new(Producer { ring, head: 0 })));
             maps.push(Some(m));

@@ -219,20 +219,39 @@ impl Cpu {
         let spr = upd.state_per_row(cols);
         let w = SendPtr(shard.weights.as_mut_ptr());
         let s = SendPtr(shard.state.as_mut_ptr());
-        rows.par_iter().enumerate().with_min_len(64).for_each_init(
+        const CHUNK: usize = 256;
+        const AHEAD: usize = 6;
+        rows.par_chunks(CHUNK).enumerate().for_each_init(
             || vec![0.0f32; cols],
-            |g, (u, &row)| {
-                let row = row as usize;
-                // SAFETY: rows are unique (deduplicated) and < num_rows (checked), so every
-                // iteration touches a disjoint row of weights and state.
-                let (wr, sr) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(w.get().add(row * cols), cols),
-                        std::slice::from_raw_parts_mut(s.get().add(row * spr), spr),
-                    )
-                };
-                let sq = grad_of(u, g, wr);
-                apply_row(wr, sr, g, sq, dim, upd);
+            |g, (ci, chunk)| {
+                for (k, &row) in chunk.iter().enumerate() {
+                    // Rows are scattered over the table: fetch a few ahead (weights and state).
+                    if let Some(&next) = chunk.get(k + AHEAD) {
+                        let next = next as usize;
+                        // SAFETY: prefetch never faults; the offsets stay inside the allocations.
+                        unsafe {
+                            let mut off = 0;
+                            while off < cols {
+                                prefetch(w.get().add(next * cols + off));
+                                off += 16;
+                            }
+                            if spr > 0 {
+                                prefetch(s.get().add(next * spr));
+                            }
+                        }
+                    }
+                    let row = row as usize;
+                    // SAFETY: rows are unique (deduplicated) and < num_rows (checked), so every
+                    // iteration touches a disjoint row of weights and state.
+                    let (wr, sr) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(w.get().add(row * cols), cols),
+                            std::slice::from_raw_parts_mut(s.get().add(row * spr), spr),
+                        )
+                    };
+                    let sq = grad_of(ci * CHUNK + k, g, wr);
+                    apply_row(wr, sr, g, sq, dim, upd);
+                }
             },
         );
     }

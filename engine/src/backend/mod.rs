@@ -8,6 +8,8 @@ use crate::config::{DenseOptimizer, EmbOptimizer, WeightDecay};
 use crate::Result;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub use cpu::Cpu;
 
 /// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.

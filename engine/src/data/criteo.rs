@@ -89,10 +89,18 @@ fn show(field: &[u8]) -> String {
 #[inline]
 fn parse_number(f: &[u8]) -> Option<f64> {
     // Fast path: optional '-', 1..=18 digits.
-    let (neg, digits) = match f.first() {
+    let (neg, mut digits) = match f.first() {
         Some(b'-') => (true, &f[1..]),
         _ => (false, f),
     };
+    // "260.0": integral values written as floats.
+    if let Some(dot) = digits.iter().position(|&c| c == b'.') {
+        if dot > 0 && digits[dot + 1..].iter().all(|&c| c == b'0') {
+            digits = &digits[..dot];
+        } else {
+            digits = &[];
+        }
+    }
     if !digits.is_empty() && digits.len() <= 18 && digits.iter().all(|c| c.is_ascii_digit()) {
         let v = digits.iter().fold(0i64, |acc, &c| acc * 10 + (c - b'0') as i64);
         return Some(if neg { -v as f64 } else { v as f64 });
@@ -101,22 +109,36 @@ fn parse_number(f: &[u8]) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
+/// Hex digit values; 0x80 marks a non-hex byte.
+const HEX: [u8; 256] = {
+    let mut t = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 #[inline]
 fn parse_hex(f: &[u8]) -> Option<u64> {
     if f.is_empty() || f.len() > 16 {
         return None;
     }
-    let mut v = 0u64;
+    // Branch-free over the digits: accumulate the invalid marks and test once.
+    let (mut v, mut bad) = (0u64, 0u8);
     for &c in f {
-        let d = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return None,
-        };
-        v = (v << 4) | d as u64;
+        let d = HEX[c as usize];
+        bad |= d;
+        v = (v << 4) | (d & 0x0F) as u64;
     }
-    Some(v)
+    (bad & 0x80 == 0).then_some(v)
 }
 
 impl LineParser {
@@ -143,16 +165,31 @@ impl LineParser {
     /// unchanged and the message says which field is bad.
     pub fn parse_into(&mut self, line: &[u8], out: &mut Batch) -> std::result::Result<(), String> {
         let expected = self.fields();
-        let got = line.iter().filter(|&&c| c == self.delim).count() + 1;
-        if got != expected {
-            return Err(format!(
-                "{got} fields, expected {expected} (label + {} integer + {} categorical)",
-                self.num_dense,
-                self.rows.len()
-            ));
-        }
-        let mut fields = line.split(|&c| c == self.delim);
-        let lf = fields.next().unwrap_or(&[]);
+        let delim = self.delim;
+        let count_err = || {
+            let got = line.iter().filter(|&&c| c == delim).count() + 1;
+            format!("{got} fields, expected {expected} (label + {} integer + {} categorical)", self.num_dense, self.rows.len())
+        };
+        // Field cursor: `next()` returns the next field, None past the end of the line.
+        let mut at = 0usize;
+        let mut done = false;
+        let mut next = || -> Option<&[u8]> {
+            if done {
+                return None;
+            }
+            let rest = &line[at..];
+            match rest.iter().position(|&c| c == delim) {
+                Some(i) => {
+                    at += i + 1;
+                    Some(&rest[..i])
+                }
+                None => {
+                    done = true;
+                    Some(rest)
+                }
+            }
+        };
+        let lf = next().ok_or_else(count_err)?;
         let label = match lf {
             b"0" => 0.0,
             b"1" => 1.0,
@@ -162,7 +199,7 @@ impl LineParser {
             },
         };
         for j in 0..self.num_dense {
-            let f = fields.next().unwrap_or(&[]);
+            let f = next().ok_or_else(count_err)?;
             self.dense[j] = if f.is_empty() {
                 0.0
             } else {
@@ -175,7 +212,7 @@ impl LineParser {
             };
         }
         for t in 0..self.rows.len() {
-            let f = fields.next().unwrap_or(&[]);
+            let f = next().ok_or_else(count_err)?;
             self.ids[t] = if f.is_empty() {
                 None
             } else {
@@ -183,6 +220,9 @@ impl LineParser {
                 let m = self.fastmod[t];
                 Some(if m != 0 && v < 1 << 32 { fastmod_u32(v as u32, m, self.rows[t]) } else { v % self.rows[t] })
             };
+        }
+        if next().is_some() {
+            return Err(count_err());
         }
         out.labels.push(label);
         out.dense.extend_from_slice(&self.dense);
@@ -242,6 +282,7 @@ fn skip_lines<R: BufRead>(r: &mut R, mut k: u64) -> std::io::Result<u64> {
 
 /// A Criteo file as a [`DataSource`]: the first 90 % of its lines are the training stream
 /// (one epoch), the last 10 % the eval set. See the module doc.
+#[derive(Debug)]
 pub struct CriteoReader {
     path: PathBuf,
     format: CriteoFormat,

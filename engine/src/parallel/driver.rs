@@ -1,0 +1,167 @@
+//! In-process 2D training: T ranks as threads of this process (the embedded default), each with
+//! its own communicators, reading its own samples of every global batch from the synthetic
+//! stream. Returns rank 0's report and every rank's final state (for tests and checkpoints).
+use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes};
+use crate::backend::{Backend, ShardSpec};
+use crate::config::TrainConfig;
+use crate::data::synthetic::SyntheticData;
+use crate::data::Batch;
+use crate::grid::{Grid, GridComms};
+use crate::metrics::evaluate;
+use crate::plan::Plan;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+/// A rank's final state.
+pub struct RankState {
+    pub world_rank: usize,
+    pub coords: (usize, usize),
+    /// (spec, weights, optimizer state) of each local shard.
+    pub shards: Vec<(ShardSpec, Vec<f32>, Vec<f32>)>,
+    /// Dense parameter values in `DenseNet::params_mut` order.
+    pub dense: Vec<Vec<f32>>,
+    pub times: StageTimes,
+    pub bytes: ByteCounts,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report2D {
+    pub grid: String,
+    pub samples_per_s: f64,
+    /// Mean training loss over the last 10 % of steps.
+    pub loss: f64,
+    pub ne: f64,
+    pub auc: f64,
+    pub steps: usize,
+    pub wall_s: f64,
+    /// Rank 0's mean milliseconds per step per stage.
+    pub stages: StageTimes,
+    /// Rank 0's all-to-all (and reduce-scatter / all-gather) bytes sent per step, all stages.
+    pub a2a_bytes_per_rank: f64,
+    /// Rank 0's replica-sync bytes per step (indices + values).
+    pub sync_bytes_per_rank: f64,
+    pub losses: Vec<f64>,
+}
+
+/// Run `steps` steps of 2D training on `grid` with `plan`, ranks as threads.
+pub fn train_in_process<B: Backend + Clone>(be: &B, cfg: &TrainConfig, grid: Grid, plan: &Plan, opts: &ParallelOptions, steps: usize) -> Result<(Report2D, Vec<RankState>)> {
+    let t = grid.world();
+    if cfg.batch_size % t != 0 {
+        return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
+    }
+    let comms = ember_transport::local_world(t);
+    let data = SyntheticData::new(cfg)?;
+    let eval = data.eval_batch();
+    let start = Instant::now();
+    let results: Vec<Result<(RankState, Vec<f64>, Option<(f64, f64)>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|world| {
+                let (be, data, eval, plan, opts) = (be.clone(), &data, &eval, plan.clone(), opts.clone());
+                s.spawn(move || -> Result<_> {
+                    let w = world.rank();
+                    let gc = GridComms::new(grid, world)?;
+                    if w == 0 {
+                        tracing::info!("{}", grid.describe());
+                    }
+                    let mut rank = Rank2D::new(&be, cfg, gc, plan, opts)?;
+                    let range = grid.sample_range(w, cfg.batch_size);
+                    let mut losses = Vec::with_capacity(steps);
+                    for step in 0..steps {
+                        let batch = data.samples((step * cfg.batch_size + range.start) as u64, range.len());
+                        losses.push(rank.train_step(&be, &batch)?);
+                    }
+                    let metrics = eval_2d(&be, &mut rank, eval, cfg.batch_size)?;
+                    let mut shards = Vec::new();
+                    for sh in &rank.shards {
+                        shards.push((sh.spec.clone(), be.download(&sh.weights)?, be.download(&sh.state)?));
+                    }
+                    let mut dense = Vec::new();
+                    for p in rank.dense.params_mut() {
+                        dense.push(be.download(&p.w)?);
+                    }
+                    let coords = rank.comms.coords();
+                    let st = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
+                    Ok((st, losses, if w == 0 { Some(metrics) } else { None }))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
+    });
+    let wall = start.elapsed().as_secs_f64();
+    let mut states = Vec::new();
+    let mut losses = Vec::new();
+    let mut metrics = (f64::NAN, f64::NAN);
+    for r in results {
+        let (st, l, m) = r?;
+        if st.world_rank == 0 {
+            losses = l;
+            metrics = m.expect("rank 0 evaluates");
+        }
+        states.push(st);
+    }
+    states.sort_by_key(|s| s.world_rank);
+    let s0 = &states[0];
+    let k = steps.max(1) as f64;
+    let per = |x: f64| x / k;
+    let st = &s0.times;
+    let stages = StageTimes {
+        input_dist: per(st.input_dist),
+        lookup: per(st.lookup),
+        output_dist: per(st.output_dist),
+        dense: per(st.dense),
+        backward: per(st.backward),
+        sync: per(st.sync),
+    };
+    let b = &s0.bytes;
+    let tail = (losses.len() / 10).max(1).min(losses.len());
+    let report = Report2D {
+        grid: format!("{}x{}", grid.m, grid.n),
+        samples_per_s: (steps * cfg.batch_size) as f64 / wall,
+        loss: losses[losses.len() - tail..].iter().sum::<f64>() / tail.max(1) as f64,
+        ne: metrics.0,
+        auc: metrics.1,
+        steps,
+        wall_s: wall,
+        stages,
+        a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
+        sync_bytes_per_rank: per((b.sync_index + b.sync_values) as f64),
+        losses,
+    };
+    Ok((report, states))
+}
+
+/// Evaluate on `eval` in global chunks of `gb` samples; every rank gets (NE, AUC).
+fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &Batch, gb: usize) -> Result<(f64, f64)> {
+    let grid = rank.comms.grid;
+    let w = rank.comms.world.rank();
+    let total = eval.size();
+    let mut logits = Vec::new();
+    let mut labels = Vec::new();
+    let mut s = 0;
+    while s < total {
+        let r = grid.sample_range(w, gb);
+        // Indices past the end wrap around (padding); their logits are dropped below.
+        let idx: Vec<usize> = r.clone().map(|i| (s + i) % total).collect();
+        let mut part = eval.slice(idx[0]..idx[0] + 1);
+        for &i in &idx[1..] {
+            part.extend(&eval.slice(i..i + 1));
+        }
+        let l = rank.predict(be, &part)?;
+        let (all, _) = rank.comms.world.all_gather_alloc(&l)?;
+        // Reorder: world rank order → sample order of the global chunk.
+        let mut chunk = vec![0.0f32; gb];
+        let per = gb / grid.world();
+        for wr in 0..grid.world() {
+            let rr = grid.sample_range(wr, gb);
+            chunk[rr].copy_from_slice(&all[wr * per..(wr + 1) * per]);
+        }
+        let keep = gb.min(total - s);
+        logits.extend_from_slice(&chunk[..keep]);
+        labels.extend_from_slice(&eval.labels[s..s + keep]);
+        s += gb;
+    }
+    let r = evaluate(&logits, &labels);
+    Ok((r.ne, r.auc))
+}

@@ -1,0 +1,457 @@
+//! One rank of 2D sparse-parallel training, the brief's seven steps top to bottom:
+//!
+//! 1. input distribution — all-to-all of ids inside the sharding group;
+//! 2. local lookup — pooled bags on the local shards;
+//! 3. output distribution — all-to-all of pooled vectors (reduce-scatter of partial sums for
+//!    row-split tables);
+//! 4. dense forward and backward; dense gradients all-reduced over all T ranks (started here,
+//!    overlapping step 5);
+//! 5. embedding backward — the reverse all-to-all (all-gather for row-split tables) and the
+//!    fused backward+optimizer on the local shards;
+//! 6. every K steps, replica sync of shard weights and optimizer state;
+//! 7. dense optimizer step.
+//!
+//! Gradient convention (BRIEF.md §2): the loss is the mean over the global batch B; dense
+//! gradients are summed over all ranks (each computed with 1/B); each sharding group applies
+//! M/B × its samples' embedding gradient sum, so that the replica average gives back the
+//! global mean (exactly, for SGD). Mean pooling is applied by the sample's owner (it knows the
+//! whole bag's length), so shards always pool sums.
+pub mod driver;
+pub mod route;
+pub mod sync;
+
+use crate::backend::{Backend, Bags, DenseUpdate, EmbKind, EmbUpdate, Shard, ShardSpec};
+use crate::config::{ModelConfig, Pooling, TrainConfig, WeightDecay};
+use crate::data::Batch;
+use crate::dense::DenseNet;
+use crate::embedding::{new_shard, upload_bags};
+use crate::grid::GridComms;
+use crate::plan::{Plan, ShardingType};
+use crate::{Error, Result};
+use ember_transport::ReduceOp;
+use route::{decode_input, encode_input, slots_of, LocalSlot, Touched};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+pub use sync::SyncMode;
+
+/// Options of 2D training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParallelOptions {
+    /// Replica sync every K steps.
+    pub sync_every: usize,
+    pub sync: SyncMode,
+}
+
+impl Default for ParallelOptions {
+    fn default() -> Self {
+        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse }
+    }
+}
+
+/// Milliseconds spent per stage, summed over steps.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageTimes {
+    pub input_dist: f64,
+    pub lookup: f64,
+    pub output_dist: f64,
+    pub dense: f64,
+    pub backward: f64,
+    pub sync: f64,
+}
+
+/// Bytes this rank sent, summed over steps.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ByteCounts {
+    pub input_a2a: u64,
+    pub output_a2a: u64,
+    pub output_reduce_scatter: u64,
+    pub grad_a2a: u64,
+    pub grad_all_gather: u64,
+    pub dense_all_reduce: u64,
+    pub sync_index: u64,
+    pub sync_values: u64,
+}
+
+/// The forward state a step keeps for its backward pass.
+struct Forward<B: Backend> {
+    bags: Vec<Bags<B>>,
+    ids: Vec<Vec<u64>>,
+    dense_x: B::Buf,
+}
+
+/// One rank of a 2D grid.
+pub struct Rank2D<B: Backend> {
+    pub comms: GridComms,
+    pub model: ModelConfig,
+    pub plan: Plan,
+    pub dense: DenseNet<B>,
+    /// This rank's shards, in plan order, with their slot descriptions.
+    pub slots: Vec<LocalSlot>,
+    pub shards: Vec<Shard<B>>,
+    pub touched: Vec<Touched>,
+    pub emb_upd: EmbUpdate,
+    pub dense_upd: DenseUpdate,
+    pub global_batch: usize,
+    pub opts: ParallelOptions,
+    pub steps_done: usize,
+    pub times: StageTimes,
+    pub bytes: ByteCounts,
+    /// Every group rank's slots (for message layouts).
+    peer_slots: Vec<Vec<LocalSlot>>,
+    /// Tables whose shards split rows, in table order.
+    row_tables: Vec<usize>,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl<B: Backend> Rank2D<B> {
+    /// Build this rank's part of the model. Weights are seeded by (table, global row), so every
+    /// replica and every grid starts from the same model.
+    pub fn new(be: &B, cfg: &TrainConfig, comms: GridComms, plan: Plan, opts: ParallelOptions) -> Result<Self> {
+        cfg.validate()?;
+        plan.validate(&cfg.model)?;
+        let grid = comms.grid;
+        if plan.n != grid.n {
+            return Err(Error::Config(format!("plan is for {} ranks per sharding group, grid has {}", plan.n, grid.n)));
+        }
+        if cfg.batch_size % grid.world() != 0 {
+            return Err(Error::Config(format!("global batch {} is not divisible by the {} ranks", cfg.batch_size, grid.world())));
+        }
+        if opts.sync_every == 0 {
+            return Err(Error::Config("sync_every (K) must be >= 1".into()));
+        }
+        let (_, r) = comms.coords();
+        // Momentum scaling: c = M by default under 2D.
+        let emb_upd = EmbUpdate::new(&cfg.optim.embedding, &cfg.optim.weight_decay, grid.m as f32);
+        let l2 = match cfg.optim.weight_decay {
+            WeightDecay::None => 0.0,
+            WeightDecay::L2 { wd } => wd,
+        };
+        let slots = slots_of(&plan, r);
+        let shards = slots
+            .iter()
+            .map(|s| {
+                let t = &cfg.model.tables[s.table];
+                new_shard(be, cfg.seed, ShardSpec { table: s.table, table_rows: t.rows, dim: t.dim, rows: s.rows.clone(), cols: s.cols.clone() }, &emb_upd)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let touched = slots.iter().map(|s| Touched::new((s.rows.end - s.rows.start) as usize)).collect();
+        let peer_slots = (0..plan.n).map(|p| slots_of(&plan, p)).collect();
+        let row_tables = plan.tables.iter().filter(|t| t.kind.splits_rows()).map(|t| t.table).collect();
+        Ok(Rank2D {
+            dense: DenseNet::new(be, &cfg.model, cfg.seed)?,
+            model: cfg.model.clone(),
+            comms,
+            plan,
+            slots,
+            shards,
+            touched,
+            emb_upd,
+            dense_upd: DenseUpdate { opt: cfg.optim.dense, l2 },
+            global_batch: cfg.batch_size,
+            opts,
+            steps_done: 0,
+            times: StageTimes::default(),
+            bytes: ByteCounts::default(),
+            peer_slots,
+            row_tables,
+        })
+    }
+
+    /// Steps 1–4a: distribute ids, look up, distribute pooled vectors, dense forward.
+    fn forward(&mut self, be: &B, batch: &Batch) -> Result<Forward<B>> {
+        batch.validate(&self.model)?;
+        let b = batch.size();
+        if b * self.comms.grid.world() != self.global_batch {
+            return Err(Error::Input(format!("local batch of {b} samples; expected {}", self.global_batch / self.comms.grid.world())));
+        }
+        let (n, d, f) = (self.plan.n, self.model.dim(), self.model.num_tables());
+        let bg = n * b;
+        // 1. Input distribution.
+        let t0 = Instant::now();
+        let (send, counts) = encode_input(&self.plan, &batch.sparse);
+        self.bytes.input_a2a += send.len() as u64 * 8;
+        let (recv, rcounts) = self.comms.shard.all_to_all_v_alloc(&send, &counts)?;
+        let jag = decode_input(&recv, &rcounts, &self.slots, b)?;
+        self.times.input_dist += ms(t0);
+        // 2. Local lookup: sums over the group's N·b samples.
+        let t0 = Instant::now();
+        let bags = jag.iter().map(|j| upload_bags(be, j, Pooling::Sum)).collect::<Result<Vec<_>>>()?;
+        let mut outs = Vec::with_capacity(self.shards.len());
+        for (s, bg_) in self.shards.iter().zip(&bags) {
+            let cols = s.spec.num_cols();
+            let mut out = be.zeros(bg * cols)?;
+            be.embedding_forward(s, bg_, &mut out, crate::backend::Layout { stride: cols, col: 0 }, false)?;
+            outs.push(be.download(&out)?);
+        }
+        self.times.lookup += ms(t0);
+        // 3. Output distribution.
+        let t0 = Instant::now();
+        let mut wide = vec![0.0f32; b * (f + 1) * d];
+        let stride = (f + 1) * d;
+        // a) table- and column-wise shards: all-to-all of each peer's b rows.
+        let mut send = Vec::new();
+        let mut scounts = Vec::with_capacity(n);
+        for p in 0..n {
+            let start = send.len();
+            for (slot, out) in self.slots.iter().zip(&outs) {
+                if !slot.kind.splits_rows() {
+                    let cols = slot.cols.len();
+                    send.extend_from_slice(&out[p * b * cols..(p + 1) * b * cols]);
+                }
+            }
+            scounts.push(send.len() - start);
+        }
+        let rcounts: Vec<usize> =
+            self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
+        let mut recv = vec![0.0f32; rcounts.iter().sum()];
+        self.bytes.output_a2a += send.len() as u64 * 4;
+        self.comms.shard.all_to_all_v(&send, &scounts, &mut recv, &rcounts)?;
+        let mut pos = 0;
+        for ps in &self.peer_slots {
+            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
+                let cols = s.cols.len();
+                for i in 0..b {
+                    let dst = i * stride + (s.table + 1) * d + s.cols.start;
+                    wide[dst..dst + cols].copy_from_slice(&recv[pos + i * cols..pos + (i + 1) * cols]);
+                }
+                pos += b * cols;
+            }
+        }
+        // b) row-split tables: reduce-scatter of partial sums, [peer][table][b × d].
+        if !self.row_tables.is_empty() {
+            let rt = self.row_tables.len();
+            let mut send = vec![0.0f32; n * rt * b * d];
+            for (slot, out) in self.slots.iter().zip(&outs) {
+                if slot.kind.splits_rows() {
+                    let k = self.row_tables.iter().position(|&t| t == slot.table).expect("row table listed");
+                    for p in 0..n {
+                        let dst = (p * rt + k) * b * d;
+                        send[dst..dst + b * d].copy_from_slice(&out[p * b * d..(p + 1) * b * d]);
+                    }
+                }
+            }
+            let mut mine = vec![0.0f32; rt * b * d];
+            self.bytes.output_reduce_scatter += send.len() as u64 * 4;
+            self.comms.shard.reduce_scatter(&send, &mut mine, ReduceOp::Sum)?;
+            for (k, &t) in self.row_tables.iter().enumerate() {
+                for i in 0..b {
+                    let dst = i * stride + (t + 1) * d;
+                    wide[dst..dst + d].copy_from_slice(&mine[(k * b + i) * d..(k * b + i + 1) * d]);
+                }
+            }
+        }
+        // Mean pooling, by the owner of the sample (it knows the whole bag's length).
+        for (t, tc) in self.model.tables.iter().enumerate() {
+            if tc.pooling == Pooling::Mean {
+                for (i, &l) in batch.sparse[t].lengths.iter().enumerate() {
+                    let s = if l == 0 { 0.0 } else { 1.0 / l as f32 };
+                    wide[i * stride + (t + 1) * d..i * stride + (t + 2) * d].iter_mut().for_each(|x| *x *= s);
+                }
+            }
+        }
+        self.times.output_dist += ms(t0);
+        // 4a. Dense forward.
+        let t0 = Instant::now();
+        self.dense.ensure_batch(be, b)?;
+        *self.dense.wide_mut() = be.upload(&wide)?;
+        let dense_x = be.upload(&batch.dense)?;
+        self.dense.forward_bottom(be, &dense_x)?;
+        self.dense.forward_top(be)?;
+        self.times.dense += ms(t0);
+        Ok(Forward { bags, ids: jag.into_iter().map(|j| j.values).collect(), dense_x })
+    }
+
+    /// One training step on this rank's `b = B/T` samples. Returns the global mean loss.
+    pub fn train_step(&mut self, be: &B, batch: &Batch) -> Result<f64> {
+        let fwd = self.forward(be, batch)?;
+        let (n, d, f, m) = (self.plan.n, self.model.dim(), self.model.num_tables(), self.comms.grid.m);
+        let b = batch.size();
+        let stride = (f + 1) * d;
+        // 4b. Dense backward; dense gradients summed over all T ranks, started now.
+        let t0 = Instant::now();
+        let loss = self.dense.backward(be, &fwd.dense_x, &batch.labels, 1.0 / self.global_batch as f32)?;
+        let mut grads = Vec::new();
+        for p in self.dense.params_mut() {
+            grads.extend(be.download(&p.g)?);
+        }
+        self.bytes.dense_all_reduce += grads.len() as u64 * 4;
+        let dense_req = self.comms.world.start_all_reduce(grads, ReduceOp::Sum);
+        let dwide = be.download(self.dense.dwide())?;
+        self.times.dense += ms(t0);
+        // 5. Embedding backward: pooled gradients back to the shards, fused update.
+        let t0 = Instant::now();
+        // Per-table gradient blocks (b × d): × M (the group applies M/B · Σ), × 1/len for mean.
+        let block = |t: usize, i: usize| -> Vec<f32> {
+            let l = batch.sparse[t].lengths[i];
+            let s = m as f32 * if self.model.tables[t].pooling == Pooling::Mean { if l == 0 { 0.0 } else { 1.0 / l as f32 } } else { 1.0 };
+            dwide[i * stride + (t + 1) * d..i * stride + (t + 2) * d].iter().map(|x| x * s).collect()
+        };
+        let mut gmats: Vec<Vec<f32>> = self.slots.iter().map(|s| vec![0.0f32; n * b * s.cols.len()]).collect();
+        // a) table- and column-wise shards: the reverse all-to-all.
+        let mut send = Vec::new();
+        let mut scounts = Vec::with_capacity(n);
+        for ps in &self.peer_slots {
+            let start = send.len();
+            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
+                for i in 0..b {
+                    send.extend_from_slice(&block(s.table, i)[s.cols.clone()]);
+                }
+            }
+            scounts.push(send.len() - start);
+        }
+        let rcounts: Vec<usize> = (0..n)
+            .map(|_| self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum())
+            .collect();
+        let mut recv = vec![0.0f32; rcounts.iter().sum()];
+        self.bytes.grad_a2a += send.len() as u64 * 4;
+        self.comms.shard.all_to_all_v(&send, &scounts, &mut recv, &rcounts)?;
+        let mut pos = 0;
+        for p in 0..n {
+            for (s, g) in self.slots.iter().zip(gmats.iter_mut()) {
+                if !s.kind.splits_rows() {
+                    let len = b * s.cols.len();
+                    g[p * len..(p + 1) * len].copy_from_slice(&recv[pos..pos + len]);
+                    pos += len;
+                }
+            }
+        }
+        // b) row-split tables: all-gather of every rank's [table][b × d] blocks.
+        if !self.row_tables.is_empty() {
+            let rt = self.row_tables.len();
+            let mut mine = Vec::with_capacity(rt * b * d);
+            for &t in &self.row_tables {
+                for i in 0..b {
+                    mine.extend(block(t, i));
+                }
+            }
+            let mut all = vec![0.0f32; n * rt * b * d];
+            self.bytes.grad_all_gather += mine.len() as u64 * 4;
+            self.comms.shard.all_gather(&mine, &mut all)?;
+            for (s, g) in self.slots.iter().zip(gmats.iter_mut()) {
+                if s.kind.splits_rows() {
+                    let k = self.row_tables.iter().position(|&t| t == s.table).expect("row table listed");
+                    for p in 0..n {
+                        let src = (p * rt + k) * b * d;
+                        g[p * b * d..(p + 1) * b * d].copy_from_slice(&all[src..src + b * d]);
+                    }
+                }
+            }
+        }
+        self.apply_embedding_grads(be, &fwd, gmats)?;
+        self.times.backward += ms(t0);
+        // 6. Replica sync every K steps.
+        self.steps_done += 1;
+        if self.steps_done % self.opts.sync_every == 0 {
+            self.sync(be)?;
+        }
+        // 7. Dense optimizer step.
+        let t0 = Instant::now();
+        let summed = dense_req.wait()?;
+        let mut pos = 0;
+        for p in self.dense.params_mut() {
+            let len = be.len(&p.g);
+            p.g = be.upload(&summed[pos..pos + len])?;
+            pos += len;
+        }
+        self.dense.update(be, &self.dense_upd)?;
+        let mut l = [loss];
+        self.comms.world.all_reduce(&mut l, ReduceOp::Sum)?;
+        self.times.dense += ms(t0);
+        let mean = l[0] / self.global_batch as f64;
+        if !mean.is_finite() {
+            return Err(Error::Numeric(format!("training loss is {mean}: diverged (lower the learning rate)")));
+        }
+        Ok(mean)
+    }
+
+    /// The fused update on every local shard; column-wise shards with row-wise AdaGrad first
+    /// combine their partial Σg² so the whole row's accumulator is used.
+    fn apply_embedding_grads(&mut self, be: &B, fwd: &Forward<B>, gmats: Vec<Vec<f32>>) -> Result<()> {
+        let combine = self.emb_upd.kind == EmbKind::RowWiseAdagrad && self.plan.tables.iter().any(|t| t.kind == ShardingType::ColumnWise);
+        let mut partial = Vec::new();
+        for (i, g) in gmats.into_iter().enumerate() {
+            let cols = self.slots[i].cols.len();
+            let grad = be.upload(&g)?;
+            let layout = crate::backend::Layout { stride: cols, col: 0 };
+            if combine && self.slots[i].kind == ShardingType::ColumnWise {
+                partial.push((i, be.embedding_row_grads(&self.shards[i], &fwd.bags[i], &grad, layout, &self.emb_upd)?));
+            } else {
+                be.embedding_backward_update(&mut self.shards[i], &fwd.bags[i], &grad, layout, &self.emb_upd)?;
+            }
+            self.touched[i].mark(&fwd.ids[i]);
+        }
+        if !combine {
+            return Ok(());
+        }
+        // Σg² of each unique row, per column shard, gathered over the group; the shards of one
+        // table see the same ids, hence the same unique rows in the same order.
+        let mut mine = Vec::new();
+        for (_, rg) in &partial {
+            mine.extend(be.download(&rg.sq)?);
+        }
+        let my_counts: Vec<u64> = partial.iter().map(|(_, rg)| rg.num_rows as u64).collect();
+        let (ucounts, ucc) = self.comms.shard.all_gather_alloc(&my_counts)?;
+        let (all, counts) = self.comms.shard.all_gather_alloc(&mine)?;
+        // For each group rank: (table, offset, length) of its column-shard blocks.
+        let mut blocks: Vec<Vec<(usize, usize, usize)>> = Vec::with_capacity(counts.len());
+        let (mut upos, mut vpos) = (0usize, 0usize);
+        for (p, (&uc, &vc)) in ucc.iter().zip(&counts).enumerate() {
+            let tables: Vec<usize> = self.peer_slots[p].iter().filter(|s| s.kind == ShardingType::ColumnWise).map(|s| s.table).collect();
+            if tables.len() != uc {
+                return Err(Error::Transport(format!("group rank {p} sent {uc} column-shard counts, its plan has {}", tables.len())));
+            }
+            let mut off = vpos;
+            let mut v = Vec::new();
+            for (k, &t) in tables.iter().enumerate() {
+                let len = ucounts[upos + k] as usize;
+                v.push((t, off, len));
+                off += len;
+            }
+            if off != vpos + vc {
+                return Err(Error::Transport(format!("group rank {p}: column-shard sums of {vc} floats, counts say {}", off - vpos)));
+            }
+            blocks.push(v);
+            upos += uc;
+            vpos += vc;
+        }
+        for (i, rg) in &partial {
+            let table = self.slots[*i].table;
+            let tp = &self.plan.tables[table];
+            let mut total = vec![0.0f32; rg.num_rows];
+            for sh in &tp.shards {
+                let &(_, off, len) = blocks[sh.rank].iter().find(|b| b.0 == table).expect("column shard listed");
+                if len != rg.num_rows {
+                    return Err(Error::Transport(format!(
+                        "column shards of table {table} disagree on unique rows: {len} on group rank {} vs {} here",
+                        sh.rank, rg.num_rows
+                    )));
+                }
+                total.iter_mut().zip(&all[off..off + len]).for_each(|(a, &x)| *a += x);
+            }
+            let total = be.upload(&total)?;
+            be.embedding_apply(&mut self.shards[*i], rg, Some(&total), &self.emb_upd)?;
+        }
+        Ok(())
+    }
+
+    /// Step 6: replica sync (also callable at the end of training).
+    pub fn sync(&mut self, be: &B) -> Result<()> {
+        let t0 = Instant::now();
+        let s = sync::replica_sync(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync)?;
+        self.bytes.sync_index += s.index_bytes;
+        self.bytes.sync_values += s.value_bytes;
+        self.times.sync += ms(t0);
+        Ok(())
+    }
+
+    /// Logits of this rank's samples (forward only).
+    pub fn predict(&mut self, be: &B, batch: &Batch) -> Result<Vec<f32>> {
+        self.forward(be, batch)?;
+        let mut l = be.download(self.dense.logits())?;
+        l.truncate(batch.size());
+        Ok(l)
+    }
+}

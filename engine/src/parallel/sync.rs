@@ -1,0 +1,126 @@
+//! Replica sync: every K steps each replica group (the M ranks holding the same shards)
+//! averages its shards' weights and optimizer state.
+//!
+//! Sparse (default): only rows that some replica touched since the last sync are averaged —
+//! exact, since untouched rows are still identical on every replica. Full: every row.
+//! The mean is taken in f64 (the f32 values are exact in f64, summed in rank order, divided,
+//! rounded once), so every replica ends bitwise identical and within 1 ulp of the f64 mean,
+//! and identical values stay identical.
+use super::route::Touched;
+use crate::backend::{Backend, Shard};
+use crate::{Error, Result};
+use ember_transport::{Comm, ReduceOp};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    #[default]
+    Sparse,
+    Full,
+}
+
+/// Bytes one sync moved (this rank's contribution to each collective).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SyncBytes {
+    pub index_bytes: u64,
+    pub value_bytes: u64,
+}
+
+fn host<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> Result<&'a mut [f32]> {
+    be.host_mut(buf).ok_or_else(|| Error::Device(format!("replica sync needs host-resident shards; backend {} keeps them on the device", be.name())))
+}
+
+/// Union of the replicas' touched rows for each shard (identical on every replica).
+fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Result<(Vec<Vec<u64>>, u64)> {
+    let mut msg = Vec::new();
+    for t in touched {
+        let rows = t.rows();
+        msg.push(rows.len() as u64);
+        msg.extend_from_slice(&rows);
+    }
+    let bytes = msg.len() as u64 * 8;
+    let (all, counts) = comm.all_gather_alloc(&msg)?;
+    let mut union: Vec<Vec<u64>> = vec![Vec::new(); touched.len()];
+    let mut pos = 0usize;
+    for (src, &c) in counts.iter().enumerate() {
+        let end = pos + c;
+        for (s, u) in union.iter_mut().enumerate() {
+            let bad = |m: &str| Error::Transport(format!("replica sync from replica {src}: {m} (shard {s})"));
+            let n = *all.get(pos).ok_or_else(|| bad("message too short"))? as usize;
+            pos += 1;
+            if n > end - pos {
+                return Err(bad("row count beyond the message"));
+            }
+            let rows = &all[pos..pos + n];
+            if rows.iter().any(|&r| r as usize >= shards_rows[s]) {
+                return Err(bad("row out of range"));
+            }
+            u.extend_from_slice(rows);
+            pos += n;
+        }
+        if pos != end {
+            return Err(Error::Transport(format!("replica sync from replica {src}: {} words left over", end - pos)));
+        }
+    }
+    for u in union.iter_mut() {
+        u.sort_unstable();
+        u.dedup();
+    }
+    Ok((union, bytes))
+}
+
+/// Average the shards over the replica group `comm`. `touched` is cleared.
+pub fn replica_sync<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
+    if comm.size() == 1 {
+        touched.iter_mut().for_each(Touched::clear);
+        return Ok(SyncBytes::default());
+    }
+    let mut stats = SyncBytes::default();
+    let rows_of: Vec<Vec<u64>> = match mode {
+        SyncMode::Full => shards.iter().map(|s| (0..s.spec.num_rows() as u64).collect()).collect(),
+        SyncMode::Sparse => {
+            let n: Vec<usize> = shards.iter().map(|s| s.spec.num_rows()).collect();
+            let (u, b) = touched_union(comm, &n, touched)?;
+            stats.index_bytes = b;
+            u
+        }
+    };
+    // Pack weights and state of the rows, in f64.
+    let mut vals: Vec<f64> = Vec::new();
+    for (s, rows) in shards.iter_mut().zip(&rows_of) {
+        let cols = s.spec.num_cols();
+        let spr = if s.spec.num_rows() == 0 { 0 } else { be.len(&s.state) / s.spec.num_rows() };
+        let w = host(be, &mut s.weights)?;
+        for &r in rows {
+            vals.extend(w[r as usize * cols..(r as usize + 1) * cols].iter().map(|&x| x as f64));
+        }
+        let st = host(be, &mut s.state)?;
+        for &r in rows {
+            vals.extend(st[r as usize * spr..(r as usize + 1) * spr].iter().map(|&x| x as f64));
+        }
+    }
+    stats.value_bytes = vals.len() as u64 * 8;
+    comm.all_reduce(&mut vals, ReduceOp::Mean)?;
+    let mut pos = 0usize;
+    for (s, rows) in shards.iter_mut().zip(&rows_of) {
+        let cols = s.spec.num_cols();
+        let spr = if s.spec.num_rows() == 0 { 0 } else { be.len(&s.state) / s.spec.num_rows() };
+        let w = host(be, &mut s.weights)?;
+        for &r in rows {
+            for (x, &v) in w[r as usize * cols..(r as usize + 1) * cols].iter_mut().zip(&vals[pos..pos + cols]) {
+                *x = v as f32;
+            }
+            pos += cols;
+        }
+        let st = host(be, &mut s.state)?;
+        for &r in rows {
+            for (x, &v) in st[r as usize * spr..(r as usize + 1) * spr].iter_mut().zip(&vals[pos..pos + spr]) {
+                *x = v as f32;
+            }
+            pos += spr;
+        }
+    }
+    touched.iter_mut().for_each(Touched::clear);
+    Ok(stats)
+}

@@ -1,0 +1,159 @@
+//! The exact relations of BRIEF.md §3 for 2D training over in-process ranks:
+//! with SGD and K = 1, one process == full sharding == 2D grids == pure data parallel, for every
+//! sharding type; after a sync all replicas are bitwise identical.
+use ember::backend::Cpu;
+use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
+use ember::data::synthetic::SyntheticData;
+use ember::grid::{Grid, Placement};
+use ember::model::Dlrm;
+use ember::parallel::driver::{train_in_process, RankState};
+use ember::parallel::{ParallelOptions, SyncMode};
+use ember::plan::{Plan, ShardingType, TablePlan};
+
+fn sgd_config(batch: usize) -> TrainConfig {
+    let mut cfg = preset("tiny", Some(3000)).unwrap();
+    cfg.batch_size = batch;
+    cfg.optim.embedding = EmbOptimizer::Sgd { lr: 0.5 };
+    cfg.optim.dense = DenseOptimizer::Sgd { lr: 0.1 };
+    cfg.synthetic.eval_samples = 256;
+    cfg
+}
+
+/// A plan using every sharding type: table t gets kind t % 4.
+fn mixed_plan(cfg: &TrainConfig, n: usize) -> Plan {
+    let all: Vec<usize> = (0..n).collect();
+    let half: Vec<usize> = (0..n.div_ceil(2)).collect();
+    let tables = cfg
+        .model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, tc)| match t % 4 {
+            0 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableWise, &[t % n]),
+            1 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::RowWise, &all),
+            2 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::ColumnWise, &all),
+            _ => TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableRowWise, &half),
+        })
+        .collect();
+    let p = Plan { n, tables };
+    p.validate(&cfg.model).unwrap();
+    p
+}
+
+/// Whole tables assembled from the shards of replica 0.
+fn assemble(cfg: &TrainConfig, states: &[RankState]) -> Vec<Vec<f32>> {
+    let mut tables: Vec<Vec<f32>> = cfg.model.tables.iter().map(|t| vec![f32::NAN; t.rows as usize * t.dim]).collect();
+    for st in states.iter().filter(|s| s.coords.0 == 0) {
+        for (spec, w, _) in &st.shards {
+            let cols = spec.num_cols();
+            for (i, r) in (spec.rows.start..spec.rows.end).enumerate() {
+                let dst = r as usize * spec.dim + spec.cols.start;
+                tables[spec.table][dst..dst + cols].copy_from_slice(&w[i * cols..(i + 1) * cols]);
+            }
+        }
+    }
+    tables
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn single_process(cfg: &TrainConfig, steps: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let be = Cpu::new();
+    let data = SyntheticData::new(cfg).unwrap();
+    let mut m = Dlrm::new(&be, cfg).unwrap();
+    for s in 0..steps {
+        m.train_step(&be, &data.samples((s * cfg.batch_size) as u64, cfg.batch_size)).unwrap();
+    }
+    let tables = m.tables.iter().map(|t| t.weights.clone()).collect();
+    let dense = m.dense.params_mut().into_iter().map(|p| p.w.clone()).collect();
+    (tables, dense)
+}
+
+fn check_grid(m: usize, n: usize, placement: Placement) {
+    let steps = 4;
+    let cfg = sgd_config(16 * m * n);
+    let (ref_tables, ref_dense) = single_process(&cfg, steps);
+    let grid = Grid::new(m, n, placement).unwrap();
+    let plan = mixed_plan(&cfg, n);
+    let (report, states) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &ParallelOptions::default(), steps).unwrap();
+    assert!(report.loss.is_finite());
+    let tables = assemble(&cfg, &states);
+    for (t, (a, b)) in tables.iter().zip(&ref_tables).enumerate() {
+        let e = rel_err(a, b);
+        assert!(e <= 1e-5, "grid {m}x{n}: table {t} ({:?}) differs from one process by {e:e}", plan.tables[t].kind);
+    }
+    for st in &states {
+        for (i, (a, b)) in st.dense.iter().zip(&ref_dense).enumerate() {
+            let e = rel_err(a, b);
+            assert!(e <= 1e-5, "grid {m}x{n}: dense param {i} on rank {} differs by {e:e}", st.world_rank);
+        }
+    }
+    // After the sync every replica holds bitwise the same shards.
+    for st in &states {
+        let twin = states.iter().find(|o| o.coords == (0, st.coords.1)).unwrap();
+        for ((sa, wa, va), (sb, wb, vb)) in st.shards.iter().zip(&twin.shards) {
+            assert_eq!(sa, sb);
+            assert!(wa.iter().zip(wb).all(|(x, y)| x.to_bits() == y.to_bits()), "replica {:?} differs from replica 0", st.coords);
+            assert!(va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+}
+
+#[test]
+fn sgd_full_sharding_equals_one_process() {
+    check_grid(1, 4, Placement::ReplicasInNode);
+}
+
+#[test]
+fn sgd_2d_2x2_equals_one_process() {
+    check_grid(2, 2, Placement::ReplicasInNode);
+}
+
+#[test]
+fn sgd_2d_2x2_replicas_across_nodes_equals_one_process() {
+    check_grid(2, 2, Placement::ReplicasAcrossNodes);
+}
+
+#[test]
+fn sgd_data_parallel_equals_one_process() {
+    check_grid(4, 1, Placement::ReplicasInNode);
+}
+
+#[test]
+fn sgd_2d_2x3_equals_one_process() {
+    check_grid(2, 3, Placement::ReplicasInNode);
+}
+
+#[test]
+fn sparse_sync_equals_full_sync() {
+    let cfg = sgd_config(64);
+    let grid = Grid::new(2, 2, Placement::ReplicasInNode).unwrap();
+    let plan = mixed_plan(&cfg, 2);
+    let run = |mode| {
+        let opts = ParallelOptions { sync_every: 1, sync: mode };
+        assemble(&cfg, &train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 3).unwrap().1)
+    };
+    let (a, b) = (run(SyncMode::Sparse), run(SyncMode::Full));
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "sparse and full sync differ");
+    }
+}
+
+#[test]
+fn grid_size_must_match_world() {
+    let cfg = sgd_config(64);
+    let grid = Grid::new(2, 2, Placement::ReplicasInNode).unwrap();
+    let world = ember_transport::local_world(3);
+    let err = std::thread::scope(|s| {
+        let hs: Vec<_> = world.into_iter().map(|c| s.spawn(move || ember::grid::GridComms::new(grid, c).err())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    let msg = err[0].as_ref().expect("an error").to_string();
+    assert!(msg.contains("needs 4 ranks") && msg.contains("has 3"), "{msg}");
+    let _ = cfg;
+}

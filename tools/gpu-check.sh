@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One prepared GPU check for the CUDA backend (issue 5).
+#
+#   tools/gpu-check.sh            here: build the release binary with --features cuda, stage it
+#                                 with the torch reference in .gpu/ (git-ignored), print the call.
+#   bash .gpu/gpu-check.sh device on the GPU machine: find libnvrtc/libcublas, run the selftest
+#                                 with benchmarks, `ember bench embedding`, the torch reference,
+#                                 and write a markdown results table to $OUT/gpu-results.md.
+set -uo pipefail
+mode=${1:-host}
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+if [ "$mode" = host ]; then
+    set -e
+    cd "$here"
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
+    cargo build --release -p ember-tools --features cuda
+    mkdir -p .gpu
+    cp "$CARGO_TARGET_DIR/release/ember" .gpu/ember
+    strip .gpu/ember 2>/dev/null || true
+    cp tools/torch_ref.py tools/gpu-check.sh .gpu/
+    du -sh .gpu
+    cat <<'CALL'
+Device-tool call (one call, ~5 minutes on an H100/H200):
+  run(command="bash .gpu/gpu-check.sh device", carry=[".gpu"], timeout_s=420)
+Then copy $OUT/gpu-results.md (files_at) into docs/gpu-results.md.
+CALL
+    exit 0
+fi
+
+# ---------------------------------------------------------------- device side
+cd "$here"
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+log="$OUT/gpu-check.log"
+exec > >(tee "$log") 2>&1
+echo "== gpu-check $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+
+# Libraries: libcuda comes with the driver; libnvrtc and libcublas from a toolkit or wheels.
+libdirs=""
+for pat in libnvrtc.so.13 libcublas.so.13; do
+    d=$( { ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
+              /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib \
+              /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+              /usr/lib/x86_64-linux-gnu 2>/dev/null; } | while read -r x; do
+              [ -e "$x/$pat" ] && { echo "$x"; break; }; done)
+    if [ -z "$d" ]; then
+        d=$(find / -xdev -name "$pat*" -not -path '*/proc/*' 2>/dev/null | head -1 | xargs -r dirname)
+    fi
+    echo "$pat: ${d:-NOT FOUND}"
+    [ -n "$d" ] && libdirs="$libdirs:$d"
+done
+export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+PY=/opt/torch/.venv/bin/python3
+[ -x "$PY" ] || PY=python3
+
+echo "== ember selftest --device cuda --bench"
+timeout 240 .gpu/ember selftest --device cuda --bench --markdown "$OUT/selftest.md"
+st=$?
+echo "selftest exit: $st"
+
+echo "== ember bench embedding --device cuda (the lead's benchmark)"
+: > "$OUT/bench.txt"
+for d in 64 128; do
+    for z in "" "--zipf 1.05"; do
+        echo "-- D=$d ${z:-uniform}" | tee -a "$OUT/bench.txt"
+        timeout 40 .gpu/ember bench embedding --device cuda --tables 1 --rows 4000000 --dim $d --batch-size 65536 --bag 20 $z 2>&1 | tee -a "$OUT/bench.txt" || true
+    done
+done
+
+echo "== torch reference"
+PYTHONUNBUFFERED=1 timeout 120 $PY .gpu/torch_ref.py --md "$OUT/torch.md" || echo "torch reference failed"
+
+{
+    echo "# GPU results (issue 5)"
+    echo
+    echo "Produced by \`tools/gpu-check.sh\` on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null), $(date -u +%F)."
+    echo
+    echo "## Self-test, pool and embedding kernels (\`ember selftest --device cuda --bench\`)"
+    echo
+    cat "$OUT/selftest.md" 2>/dev/null || echo "(selftest produced no table; exit $st)"
+    echo
+    echo "## \`ember bench embedding --device cuda\`"
+    echo
+    echo '```'
+    cat "$OUT/bench.txt"
+    echo '```'
+    echo
+    echo "## Torch reference (same GPU)"
+    echo
+    cat "$OUT/torch.md" 2>/dev/null || echo "(torch reference failed)"
+} > "$OUT/gpu-results.md"
+echo "== done; results in $OUT/gpu-results.md"
