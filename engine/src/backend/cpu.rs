@@ -52,6 +52,7 @@ fn prefetch_row(w: &[f32], row: usize, cols: usize) {
 /// local row of the shard, the output/gradient matrix large enough.
 fn check_bags(shard_rows: usize, cols: usize, bags: &Bags<Cpu>, buf_len: usize, layout: Layout, what: &str) -> Result<()> {
     let n = bags.num_bags;
+    check(cols > 0, || format!("{what}: a shard needs at least one column"))?;
     check(bags.offsets.len() == n + 1, || format!("{what}: {} offsets for {n} bags", bags.offsets.len()))?;
     check(bags.offsets[0] == 0 && bags.offsets[n] as usize == bags.ids.len(), || {
         format!("{what}: offsets span 0..{} but {} ids given", bags.offsets[n], bags.ids.len())
@@ -321,6 +322,9 @@ impl Backend for Cpu {
 
     fn bias_act(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize, act: Act) -> Result<()> {
         check(x.len() >= rows * cols && bias.len() == cols, || format!("bias_act: {rows}x{cols} with bias {}", bias.len()))?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
         x[..rows * cols].par_chunks_mut(cols).with_min_len(16).for_each(|r| {
             for (v, &b) in r.iter_mut().zip(bias.iter()) {
                 let y = *v + b;
@@ -394,6 +398,7 @@ impl Backend for Cpu {
     }
 
     fn dot_interaction(&self, x: &Vec<f32>, batch: usize, f: usize, d: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(d > 0, || "dot_interaction: d must be > 0".into())?;
         let w = d + (f + 1) * f / 2;
         let v = (f + 1) * d;
         check(x.len() >= batch * v && out.len() >= batch * w, || format!("dot_interaction: batch {batch}, f {f}, d {d}: buffers too small"))?;
@@ -413,6 +418,7 @@ impl Backend for Cpu {
     }
 
     fn dot_interaction_backward(&self, x: &Vec<f32>, dout: &Vec<f32>, batch: usize, f: usize, d: usize, dx: &mut Vec<f32>) -> Result<()> {
+        check(d > 0, || "dot_interaction_backward: d must be > 0".into())?;
         let w = d + (f + 1) * f / 2;
         let v = (f + 1) * d;
         check(x.len() >= batch * v && dout.len() >= batch * w && dx.len() >= batch * v, || {
@@ -444,6 +450,9 @@ impl Backend for Cpu {
     fn cross_combine(&self, x0: &Vec<f32>, uv: &Vec<f32>, bias: &Vec<f32>, xl: &Vec<f32>, rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
         let n = rows * cols;
         check(x0.len() >= n && uv.len() >= n && xl.len() >= n && out.len() >= n && bias.len() == cols, || format!("cross_combine: {rows}x{cols}"))?;
+        if n == 0 {
+            return Ok(());
+        }
         out[..n].par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
             let base = r * cols;
             for c in 0..cols {
@@ -458,6 +467,9 @@ impl Backend for Cpu {
         check(x0.len() >= n && uv.len() >= n && dout.len() >= n && duv.len() >= n && dx0.len() >= n && bias.len() == cols, || {
             format!("cross_combine_backward: {rows}x{cols}")
         })?;
+        if n == 0 {
+            return Ok(());
+        }
         duv[..n].par_chunks_mut(cols).zip(dx0[..n].par_chunks_mut(cols)).enumerate().for_each(|(r, (du, dx))| {
             let base = r * cols;
             for c in 0..cols {

@@ -44,21 +44,40 @@ pub struct Report2D {
     pub losses: Vec<f64>,
 }
 
-/// Run `steps` steps of 2D training on `grid` with `plan`, ranks as threads.
+/// Run `steps` steps of 2D training on `grid` with `plan`, ranks as threads, on the synthetic
+/// stream: world rank w reads its `Grid::sample_range` of every global batch.
 pub fn train_in_process<B: Backend + Clone>(be: &B, cfg: &TrainConfig, grid: Grid, plan: &Plan, opts: &ParallelOptions, steps: usize) -> Result<(Report2D, Vec<RankState>)> {
+    let data = SyntheticData::new(cfg)?;
+    let feed = |step: usize, w: usize| {
+        let range = grid.sample_range(w, cfg.batch_size);
+        data.samples((step * cfg.batch_size + range.start) as u64, range.len())
+    };
+    train_in_process_with(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch())
+}
+
+/// `train_in_process` with the local batches given by `feed(step, world_rank)`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_in_process_with<B: Backend + Clone>(
+    be: &B,
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    opts: &ParallelOptions,
+    steps: usize,
+    feed: &(dyn Fn(usize, usize) -> Batch + Sync),
+    eval: &Batch,
+) -> Result<(Report2D, Vec<RankState>)> {
     let t = grid.world();
     if cfg.batch_size % t != 0 {
         return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
     }
     let comms = ember_transport::local_world(t);
-    let data = SyntheticData::new(cfg)?;
-    let eval = data.eval_batch();
     let start = Instant::now();
     let results: Vec<Result<(RankState, Vec<f64>, Option<(f64, f64)>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|world| {
-                let (be, data, eval, plan, opts) = (be.clone(), &data, &eval, plan.clone(), opts.clone());
+                let (be, plan, opts) = (be.clone(), plan.clone(), opts.clone());
                 s.spawn(move || -> Result<_> {
                     let w = world.rank();
                     let gc = GridComms::new(grid, world)?;
@@ -66,11 +85,9 @@ pub fn train_in_process<B: Backend + Clone>(be: &B, cfg: &TrainConfig, grid: Gri
                         tracing::info!("{}", grid.describe());
                     }
                     let mut rank = Rank2D::new(&be, cfg, gc, plan, opts)?;
-                    let range = grid.sample_range(w, cfg.batch_size);
                     let mut losses = Vec::with_capacity(steps);
                     for step in 0..steps {
-                        let batch = data.samples((step * cfg.batch_size + range.start) as u64, range.len());
-                        losses.push(rank.train_step(&be, &batch)?);
+                        losses.push(rank.train_step(&be, &feed(step, w))?);
                     }
                     let metrics = eval_2d(&be, &mut rank, eval, cfg.batch_size)?;
                     let mut shards = Vec::new();

@@ -1,0 +1,190 @@
+//! AdaGrad relations of BRIEF.md §3 under 2D, and the replica sync's numerics.
+use ember::backend::{Backend, Cpu, EmbUpdate, ShardSpec};
+use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig, WeightDecay};
+use ember::data::synthetic::SyntheticData;
+use ember::embedding::new_shard;
+use ember::grid::{Grid, Placement};
+use ember::model::Dlrm;
+use ember::parallel::driver::{train_in_process, train_in_process_with, RankState};
+use ember::parallel::route::Touched;
+use ember::parallel::sync::replica_sync;
+use ember::parallel::{ParallelOptions, SyncMode};
+use ember::plan::{Plan, ShardingType, TablePlan};
+
+fn cfg(emb: EmbOptimizer, batch: usize) -> TrainConfig {
+    let mut c = preset("tiny", Some(3000)).unwrap();
+    c.batch_size = batch;
+    c.optim.embedding = emb;
+    c.optim.dense = DenseOptimizer::Sgd { lr: 0.05 };
+    c.synthetic.eval_samples = 128;
+    c
+}
+
+fn mixed_plan(c: &TrainConfig, n: usize) -> Plan {
+    let all: Vec<usize> = (0..n).collect();
+    let tables = c
+        .model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, tc)| match t % 3 {
+            0 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableWise, &[t % n]),
+            1 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::RowWise, &all),
+            _ => TablePlan::new(t, tc.rows, tc.dim, ShardingType::ColumnWise, &all),
+        })
+        .collect();
+    Plan { n, tables }
+}
+
+fn tables_of(c: &TrainConfig, states: &[RankState], replica: usize) -> Vec<Vec<f32>> {
+    let mut tables: Vec<Vec<f32>> = c.model.tables.iter().map(|t| vec![f32::NAN; t.rows as usize * t.dim]).collect();
+    for st in states.iter().filter(|s| s.coords.0 == replica) {
+        for (spec, w, _) in &st.shards {
+            let cols = spec.num_cols();
+            for (i, r) in (spec.rows.start..spec.rows.end).enumerate() {
+                let dst = r as usize * spec.dim + spec.cols.start;
+                tables[spec.table][dst..dst + cols].copy_from_slice(&w[i * cols..(i + 1) * cols]);
+            }
+        }
+    }
+    tables
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn rowwise(lr: f32, eps: f32, c: Option<f32>) -> EmbOptimizer {
+    EmbOptimizer::RowWiseAdagrad { lr, eps, c, eps_inside: false }
+}
+
+#[test]
+fn full_sharding_with_column_shards_equals_one_process_for_rowwise_adagrad() {
+    // M = 1: no replicas, so any optimizer must match one process; column-wise shards must
+    // combine their partial sums of squares so v is the whole row's.
+    let c = cfg(rowwise(0.1, 1e-8, None), 64);
+    let steps = 5;
+    let be = Cpu::new();
+    let data = SyntheticData::new(&c).unwrap();
+    let mut m = Dlrm::new(&be, &c).unwrap();
+    for s in 0..steps {
+        m.train_step(&be, &data.samples((s * c.batch_size) as u64, c.batch_size)).unwrap();
+    }
+    let grid = Grid::new(1, 4, Placement::ReplicasInNode).unwrap();
+    let (_, states) = train_in_process(&be, &c, grid, &mixed_plan(&c, 4), &ParallelOptions::default(), steps).unwrap();
+    for (t, (a, b)) in tables_of(&c, &states, 0).iter().zip(&m.tables).enumerate() {
+        let e = rel_err(a, &b.weights);
+        assert!(e <= 1e-5, "table {t}: {e:e}");
+    }
+}
+
+#[test]
+fn rowwise_adagrad_c1_identical_group_batches_equals_full_sharding() {
+    // Every sharding group gets the same B/M samples: 2D (M = 2, c = 1) equals full sharding
+    // on that batch.
+    let m = 2;
+    let n = 2;
+    let bx = 32; // samples per group
+    let c2d = cfg(rowwise(0.1, 1e-8, Some(1.0)), bx * m);
+    let cfs = cfg(rowwise(0.1, 1e-8, Some(1.0)), bx);
+    let data = SyntheticData::new(&cfs).unwrap();
+    let b = bx / n;
+    let steps = 4;
+    let eval = data.eval_batch();
+    let g2 = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
+    let feed2 = |step: usize, w: usize| {
+        let (_, r) = g2.coords(w);
+        data.samples((step * bx + r * b) as u64, b)
+    };
+    let plan = mixed_plan(&c2d, n);
+    let (_, s2d) = train_in_process_with(&Cpu::new(), &c2d, g2, &plan, &ParallelOptions::default(), steps, &feed2, &eval).unwrap();
+    let g1 = Grid::new(1, n, Placement::ReplicasInNode).unwrap();
+    let feed1 = |step: usize, w: usize| data.samples((step * bx + w * b) as u64, b);
+    let (_, s1) = train_in_process_with(&Cpu::new(), &cfs, g1, &plan, &ParallelOptions::default(), steps, &feed1, &eval).unwrap();
+    for (t, (a, b)) in tables_of(&c2d, &s2d, 1).iter().zip(&tables_of(&cfs, &s1, 0)).enumerate() {
+        let e = rel_err(a, b);
+        assert!(e <= 1e-5, "table {t}: {e:e}");
+    }
+}
+
+#[test]
+fn momentum_scaling_c_equals_scaled_lr_and_eps() {
+    // c = M equals c = 1 with lr·√M and eps·√M (eps outside the sqrt), step for step.
+    let m = 4usize;
+    let grid = Grid::new(m, 1, Placement::ReplicasInNode).unwrap();
+    for emb in [
+        (rowwise(0.1, 1e-3, None), rowwise(0.1 * 2.0, 1e-3 * 2.0, Some(1.0))),
+        (
+            EmbOptimizer::Adagrad { lr: 0.1, eps: 1e-3, c: None, eps_inside: false },
+            EmbOptimizer::Adagrad { lr: 0.2, eps: 2e-3, c: Some(1.0), eps_inside: false },
+        ),
+    ] {
+        let (ca, cb) = (cfg(emb.0, 64), cfg(emb.1, 64));
+        let plan = mixed_plan(&ca, 1);
+        let (ra, sa) = train_in_process(&Cpu::new(), &ca, grid, &plan, &ParallelOptions::default(), 5).unwrap();
+        let (rb, sb) = train_in_process(&Cpu::new(), &cb, grid, &plan, &ParallelOptions::default(), 5).unwrap();
+        for (la, lb) in ra.losses.iter().zip(&rb.losses) {
+            assert!((la - lb).abs() <= 1e-5 * la.abs(), "losses {la} vs {lb}");
+        }
+        for (t, (a, b)) in tables_of(&ca, &sa, 0).iter().zip(&tables_of(&cb, &sb, 0)).enumerate() {
+            let e = rel_err(a, b);
+            assert!(e <= 1e-5, "{:?} table {t}: {e:e}", emb.0);
+        }
+    }
+}
+
+#[test]
+fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
+    for mode in [SyncMode::Sparse, SyncMode::Full] {
+        let m = 3;
+        let upd = EmbUpdate::new(&rowwise(0.1, 1e-8, None), &WeightDecay::None, m as f32);
+        let spec = ShardSpec { table: 0, table_rows: 50, dim: 8, rows: 10..50, cols: 0..8 };
+        let world = ember_transport::local_world(m);
+        let out: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = world
+                .into_iter()
+                .map(|comm| {
+                    let spec = spec.clone();
+                    s.spawn(move || {
+                        let be = Cpu::new();
+                        let r = comm.rank();
+                        let mut shard = new_shard(&be, 3, spec.clone(), &upd).unwrap();
+                        let mut touched = vec![Touched::new(spec.num_rows())];
+                        // Each replica perturbs its own rows (odd rows by all, some by one).
+                        let rows: Vec<u64> = (0..40u64).filter(|i| i % 2 == 1 || i % 7 == r as u64).collect();
+                        for &i in &rows {
+                            for j in 0..8 {
+                                shard.weights[i as usize * 8 + j] += (r as f32 + 1.0) * 0.1234567 * (j as f32 - 3.3);
+                            }
+                            shard.state[i as usize] += 0.37 * (r as f32 + 1.0);
+                        }
+                        touched[0].mark(&rows);
+                        let (pre_w, pre_s) = (shard.weights.clone(), shard.state.clone());
+                        replica_sync(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, mode).unwrap();
+                        (pre_w, pre_s, be.download(&shard.weights).unwrap(), be.download(&shard.state).unwrap())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for k in 0..out[0].2.len() {
+            let mean: f64 = out.iter().map(|o| o.0[k] as f64).sum::<f64>() / m as f64;
+            let got = out[0].2[k];
+            for o in &out {
+                assert_eq!(o.2[k].to_bits(), got.to_bits(), "replicas differ at {k}");
+            }
+            let ulp = (got.abs() * f32::EPSILON).max(f32::MIN_POSITIVE);
+            assert!(((got as f64) - mean).abs() <= ulp as f64, "{mode:?}: element {k}: {got} vs f64 mean {mean}");
+            if out.iter().all(|o| o.0[k] == out[0].0[k]) {
+                assert_eq!(got.to_bits(), out[0].0[k].to_bits(), "identical values must stay identical");
+            }
+        }
+        for k in 0..out[0].3.len() {
+            let mean: f64 = out.iter().map(|o| o.1[k] as f64).sum::<f64>() / m as f64;
+            let got = out[0].3[k];
+            assert!(((got as f64) - mean).abs() <= (got.abs() * f32::EPSILON) as f64 + 1e-30, "state {k}");
+        }
+    }
+}
