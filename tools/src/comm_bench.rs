@@ -40,6 +40,10 @@ pub struct CommBenchArgs {
     /// or tcp (one loopback TCP stream).
     #[arg(long)]
     pub baseline: Option<String>,
+    /// Plain 4 KiB-page buffers instead of huge-page-advised ones (for the collective and the
+    /// memcpy ceiling alike; see docs/transport.md).
+    #[arg(long)]
+    pub no_huge: bool,
     /// One JSON object per row.
     #[arg(long)]
     pub json: bool,
@@ -49,6 +53,15 @@ pub struct CommBenchArgs {
     /// (testing) this rank aborts right after joining, to exercise failure handling.
     #[arg(long, hide = true)]
     pub fault_rank: Option<usize>,
+}
+
+/// Benchmark buffers (and the memcpy ceiling's): huge-page advised unless `plain`.
+fn alloc(n: usize, plain: bool) -> Vec<f32> {
+    if plain {
+        vec![0f32; n]
+    } else {
+        ember_transport::huge_vec(n)
+    }
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -127,8 +140,8 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
     while size <= max {
         let count = (size / 4).max(1);
         let (send_len, recv_len) = if which == "a2a" { (count * n, count * n) } else { (count, count) };
-        let mut send = vec![0f32; send_len];
-        let mut recv = vec![0f32; recv_len];
+        let mut send = alloc(send_len, a.no_huge);
+        let mut recv = alloc(recv_len, a.no_huge);
         let iter = |send: &[f32], recv: &mut [f32]| -> Result<(), String> {
             if which == "a2a" {
                 c.all_to_all(send, recv).map_err(e)
@@ -153,8 +166,10 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
         let base_us = match a.baseline.as_deref() {
             Some("memcpy") => {
                 // Each rank copies the bytes it must move once (all n blocks for a2a, its buffer for allreduce), all ranks at once.
-                let src = vec![1f32; send_len];
-                let mut dst = vec![0f32; send_len];
+                let mut src = alloc(send_len, a.no_huge);
+                src.fill(1.0);
+                let mut dst = alloc(send_len, a.no_huge);
+                dst.fill(0.0);
                 c.barrier().map_err(e)?;
                 let t = Instant::now();
                 for _ in 0..a.iters {

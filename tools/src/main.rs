@@ -8,6 +8,7 @@ mod common;
 mod launch;
 mod selftest;
 mod train;
+mod train2d;
 
 #[derive(Parser)]
 #[command(name = "ember", version, about = "DLRM training with two-dimensional sparse parallelism")]

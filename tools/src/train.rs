@@ -22,6 +22,21 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Replica sync every K steps (grids with M > 1).
+    #[arg(long, default_value_t = 1)]
+    pub sync_every: usize,
+    /// Replica sync: sparse (rows touched since the last sync) or full (whole tables).
+    #[arg(long, default_value = "sparse")]
+    pub sync: String,
+    /// Rank placement: in-node (replica groups contiguous; default) or across-nodes.
+    #[arg(long, default_value = "in-node")]
+    pub placement: String,
+    /// Ranks per node (for the planner's table-row-wise choice).
+    #[arg(long, default_value_t = 8)]
+    pub ranks_per_node: usize,
+    /// Write a Chrome/Perfetto trace of every rank's stages to this file.
+    #[arg(long)]
+    pub trace: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> CliResult {
@@ -31,8 +46,9 @@ pub fn run(a: TrainArgs) -> CliResult {
         cfg.eval_every = e;
     }
     let (m, n) = s.grid()?;
-    if (m, n) != (1, 1) {
-        return Err(format!("--grid {m}x{n}: multi-rank training comes with the 2D-training issue; this build trains on one rank (1x1)").into());
+    let launched = ember_transport::JoinConfig::from_env().map(|j| j.size > 1).unwrap_or(false);
+    if (m, n) != (1, 1) || launched {
+        return crate::train2d::run(&a, cfg, m, n);
     }
     if s.transport != "auto" && s.transport != "local" {
         return Err(format!("--transport {}: a single-rank run uses no transport", s.transport).into());

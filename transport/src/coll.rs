@@ -1,7 +1,7 @@
 //! The collective algorithms, written once over the `Fabric` primitives (post, send, wait).
 //!
-//! All-to-all: post every receive, copy the own block, send to peers in a rank-dependent order
-//! (rank r starts with r+1: no incast), wait. All-reduce = reduce-scatter + all-gather with one
+//! All-to-all: post every receive, send to peers in a rank-dependent order (rank r starts with
+//! r+1: no incast), copy the own block, wait. All-reduce = reduce-scatter + all-gather with one
 //! owner per chunk that sums the contributions in rank order (bitwise identical everywhere).
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
@@ -141,11 +141,13 @@ pub(crate) fn all_to_all_v<T: Pod>(
             let p = (me + n - i) % n;
             r.post(p, rbase.add(ro[p] * sz), recv_counts[p] * sz)?;
         }
-        std::ptr::copy_nonoverlapping(sbase.add(so[me] * sz), rbase.add(ro[me] * sz), send_counts[me] * sz);
         for i in 1..n {
             let p = (me + i) % n;
             r.send(p, sbase.add(so[p] * sz), send_counts[p] * sz)?;
         }
+        // The own block last: peers (shm: reading our buffer; tcp: receiving) start at once
+        // instead of waiting for this copy.
+        std::ptr::copy_nonoverlapping(sbase.add(so[me] * sz), rbase.add(ro[me] * sz), send_counts[me] * sz);
     }
     r.finish()
 }

@@ -154,7 +154,7 @@ impl Comm {
         }
         self.all_to_all(&sc, &mut rc).map_err(|e| e.with_op("all_to_all_v (counts)"))?;
         let rc: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
-        let mut recv = vec![T::zeroed(); rc.iter().sum()];
+        let mut recv = crate::mem::huge_vec(rc.iter().sum());
         self.all_to_all_v(send, send_counts, &mut recv, &rc)?;
         Ok((recv, rc))
     }
@@ -221,7 +221,7 @@ impl Comm {
     /// Non-blocking `all_to_all_v`; `wait` returns the filled receive buffer.
     pub fn start_all_to_all_v<T: Pod + Send>(&self, send: Vec<T>, send_counts: Vec<usize>, recv_counts: Vec<usize>) -> Request<Vec<T>> {
         self.start("a2a", move |g, seq| {
-            let mut recv = vec![T::zeroed(); recv_counts.iter().sum()];
+            let mut recv = crate::mem::huge_vec(recv_counts.iter().sum());
             coll::all_to_all_v(g, seq, &send, &send_counts, &mut recv, &recv_counts)?;
             Ok(recv)
         })

@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
 use crossbeam_utils::Backoff;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,11 @@ pub(crate) enum Posted {
 pub(crate) struct Mailbox {
     slots: Mutex<Table>,
     cv: Condvar,
+    /// Threads asleep on `cv` (or about to be): `notify` skips the futex syscall when zero.
+    sleepers: AtomicUsize,
+    /// Yield for a while before sleeping (false: a progress thread of this process notifies every
+    /// completion, so waiters sleep after a short spin and leave it the core).
+    yield_phase: bool,
 }
 
 pub(crate) struct Table {
@@ -64,15 +70,33 @@ const MAX_SLEEP: Duration = Duration::from_millis(1);
 
 impl Mailbox {
     pub fn new() -> Self {
-        Mailbox { slots: Mutex::new(Table { map: HashMap::new(), dead: HashMap::new() }), cv: Condvar::new() }
+        Mailbox { slots: Mutex::new(Table { map: HashMap::new(), dead: HashMap::new() }), cv: Condvar::new(), sleepers: AtomicUsize::new(0), yield_phase: true }
+    }
+
+    /// For backends whose completions come from a thread of this process (tcp).
+    pub fn new_blocking() -> Self {
+        Mailbox { yield_phase: false, ..Self::new() }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Table> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wake sleeping waiters. A sleeper registers (under the table lock) before it sleeps and
+    /// re-checks its condition under the same lock, so a state change made under the lock and
+    /// followed by `notify` is never missed; without sleepers this costs no syscall.
     pub fn notify(&self) {
-        self.cv.notify_all();
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Sleep on the condvar for at most `d` (the caller holds the table lock `t`).
+    pub fn sleep<'a>(&'a self, t: MutexGuard<'a, Table>, d: Duration) -> MutexGuard<'a, Table> {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let t = self.cv.wait_timeout(t, d).unwrap_or_else(|e| e.into_inner()).0;
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        t
     }
 
     /// Register a receive buffer, consuming an early arrival if there is one.
@@ -82,6 +106,8 @@ impl Mailbox {
         match t.map.remove(&key) {
             None => {
                 t.map.insert(key, Slot::Posted { buf: RawBuf(buf), cap });
+                drop(t);
+                self.notify(); // a sender may be waiting for this buffer (local rendezvous)
                 Ok(Posted::Waiting)
             }
             Some(Slot::Early(v)) => {
@@ -235,12 +261,12 @@ impl Mailbox {
             if !backoff.is_completed() {
                 drop(t);
                 backoff.snooze();
-            } else if now - start < YIELD_FOR {
+            } else if self.yield_phase && now - start < YIELD_FOR {
                 drop(t);
                 std::thread::yield_now();
             } else {
                 let d = sleep.min(w.deadline - now);
-                let _ = self.cv.wait_timeout(t, d).unwrap_or_else(|e| e.into_inner());
+                drop(self.sleep(t, d));
                 sleep = (sleep * 2).min(MAX_SLEEP);
             }
         }
@@ -251,7 +277,7 @@ impl Mailbox {
         let key = (src, tag, Dir::Recv);
         let mut t = self.lock();
         while matches!(t.map.get(&key), Some(Slot::Writing)) {
-            t = self.cv.wait_timeout(t, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+            t = self.sleep(t, Duration::from_millis(1));
         }
         t.map.remove(&key);
     }

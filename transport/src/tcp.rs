@@ -101,13 +101,13 @@ impl TcpFabric {
                 Err(e) => return Err(Error::Bootstrap(format!("accept: {e}"))),
             }
         }
-        let mb = Arc::new(Mailbox::new());
+        let mb = Arc::new(Mailbox::new_blocking());
         let mut writers = Vec::with_capacity(size);
         for (p, s) in streams.into_iter().enumerate() {
             match s {
                 None => writers.push(None),
                 Some(s) => {
-                    s.set_nodelay(true).ok();
+                    tune(&s);
                     let r = s.try_clone().map_err(|e| Error::Bootstrap(e.to_string()))?;
                     let mb = mb.clone();
                     std::thread::Builder::new()
@@ -122,13 +122,49 @@ impl TcpFabric {
     }
 }
 
+/// Staging buffer of a reader: small frames (header and payload) arrive many per `read`.
+const STAGE: usize = 256 << 10;
+/// Payload remainders at least this long are read straight into their destination.
+const DIRECT: usize = 32 << 10;
+
+/// Fill `dst` from the staged bytes `st[*lo..*hi]` first, then from the socket (large
+/// remainders straight into `dst`, small ones through the staging buffer).
+fn fill(s: &mut TcpStream, st: &mut [u8], lo: &mut usize, hi: &mut usize, dst: &mut [u8]) -> std::io::Result<()> {
+    let mut got = (*hi - *lo).min(dst.len());
+    dst[..got].copy_from_slice(&st[*lo..*lo + got]);
+    *lo += got;
+    while got < dst.len() {
+        let rem = dst.len() - got;
+        let n = if rem >= DIRECT {
+            let n = s.read(&mut dst[got..])?;
+            got += n;
+            n
+        } else {
+            let n = s.read(st)?;
+            let take = n.min(rem);
+            dst[got..got + take].copy_from_slice(&st[..take]);
+            got += take;
+            (*lo, *hi) = (take, n);
+            n
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 /// Per-peer receive loop; ends when the connection closes or sends a malformed frame.
 fn reader(peer: usize, mut s: TcpStream, mb: Arc<Mailbox>) {
+    let mut st = vec![0u8; STAGE];
+    let (mut lo, mut hi) = (0usize, 0usize);
+    let hdr = std::mem::size_of::<Frame>();
     let why = loop {
         let mut f = Frame::zeroed();
-        if let Err(e) = s.read_exact(bytemuck::bytes_of_mut(&mut f)) {
+        if let Err(e) = fill(&mut s, &mut st, &mut lo, &mut hi, bytemuck::bytes_of_mut(&mut f)) {
             break format!("connection lost ({e})");
         }
+        debug_assert!(hdr == 32);
         if f.magic != MAGIC {
             break format!("malformed frame (bad magic {:#x})", f.magic);
         }
@@ -142,7 +178,7 @@ fn reader(peer: usize, mut s: TcpStream, mb: Arc<Mailbox>) {
                 // SAFETY: claim checked len <= the posted capacity; the slot stays `Writing`
                 // (so the buffer stays alive) until we complete or fail it.
                 let dst = unsafe { std::slice::from_raw_parts_mut(buf.0, f.len as usize) };
-                if let Err(e) = s.read_exact(dst) {
+                if let Err(e) = fill(&mut s, &mut st, &mut lo, &mut hi, dst) {
                     let reason = format!("connection lost mid-message ({e})");
                     mb.fail(peer, tag, Dir::Recv, Error::PeerFailed { op: "tcp receive", peer, reason: reason.clone() });
                     break reason;
@@ -151,7 +187,7 @@ fn reader(peer: usize, mut s: TcpStream, mb: Arc<Mailbox>) {
             }
             Ok(None) if f.len <= MAX_EARLY => {
                 let mut v = vec![0u8; f.len as usize];
-                if let Err(e) = s.read_exact(&mut v) {
+                if let Err(e) = fill(&mut s, &mut st, &mut lo, &mut hi, &mut v) {
                     break format!("connection lost mid-message ({e})");
                 }
                 let _ = mb.deliver(peer, tag, v, "tcp receive");
@@ -166,6 +202,53 @@ fn reader(peer: usize, mut s: TcpStream, mb: Arc<Mailbox>) {
     };
     let _ = s.shutdown(Shutdown::Both);
     mb.peer_died(peer, why);
+}
+
+/// Socket buffer size asked for on every mesh connection (loopback and LAN alike).
+const SOCK_BUF: libc::c_int = 4 << 20;
+
+fn tune(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    s.set_nodelay(true).ok();
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt with a c_int value on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &SOCK_BUF as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Header and payload in one `writev` (one segment for small messages), looping on short writes.
+fn write_frame(s: &mut TcpStream, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (mut h, mut d) = (head, data);
+    while !h.is_empty() || !d.is_empty() {
+        let iov = [
+            libc::iovec { iov_base: h.as_ptr() as *mut libc::c_void, iov_len: h.len() },
+            libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() },
+        ];
+        // SAFETY: both iovecs describe live slices.
+        let n = unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut n = n as usize;
+        let a = n.min(h.len());
+        h = &h[a..];
+        n -= a;
+        d = &d[n..];
+    }
+    Ok(())
 }
 
 impl Fabric for TcpFabric {
@@ -191,8 +274,7 @@ impl Fabric for TcpFabric {
         let mut s = self.writers[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
         s.set_write_timeout(Some(w.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).ok();
         let io = |e: std::io::Error| Error::Io { op: w.op, peer: dst, detail: e.to_string() };
-        s.write_all(bytemuck::bytes_of(&f)).map_err(io)?;
-        s.write_all(std::slice::from_raw_parts(data, len)).map_err(io)?;
+        write_frame(&mut s, bytemuck::bytes_of(&f), std::slice::from_raw_parts(data, len)).map_err(io)?;
         Ok(())
     }
 

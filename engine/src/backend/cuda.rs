@@ -737,7 +737,7 @@ impl Backend for Cuda {
             let (r, g, s) = (self.gpu.alloc(0).map_err(dev)?, self.gpu.alloc(0).map_err(dev)?, self.gpu.alloc(0).map_err(dev)?);
             return Ok(RowGrads { rows: r, num_rows: 0, grads: g, sq: s });
         }
-        let result = (|| {
+        let result: Result<RowGrads<Cuda>> = (|| {
             let p = self.prepare(bags, rows)?;
             let mut cnt = [0u32; 1];
             self.gpu.dtoh(&mut cnt, p.counters).map_err(dev)?;

@@ -1,7 +1,7 @@
 //! In-process 2D training: T ranks as threads of this process (the embedded default), each with
 //! its own communicators, reading its own samples of every global batch from the synthetic
 //! stream. Returns rank 0's report and every rank's final state (for tests and checkpoints).
-use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes};
+use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes, TraceEvent};
 use crate::backend::{Backend, ShardSpec};
 use crate::config::TrainConfig;
 use crate::data::synthetic::SyntheticData;
@@ -47,12 +47,26 @@ pub struct Report2D {
 /// Run `steps` steps of 2D training on `grid` with `plan`, ranks as threads, on the synthetic
 /// stream: world rank w reads its `Grid::sample_range` of every global batch.
 pub fn train_in_process<B: Backend + Clone>(be: &B, cfg: &TrainConfig, grid: Grid, plan: &Plan, opts: &ParallelOptions, steps: usize) -> Result<(Report2D, Vec<RankState>)> {
+    let (r, s, _) = train_in_process_traced(be, cfg, grid, plan, opts, steps, false)?;
+    Ok((r, s))
+}
+
+/// `train_in_process`, also returning every rank's stage spans when `trace`.
+pub fn train_in_process_traced<B: Backend + Clone>(
+    be: &B,
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    opts: &ParallelOptions,
+    steps: usize,
+    trace: bool,
+) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let data = SyntheticData::new(cfg)?;
     let feed = |step: usize, w: usize| {
         let range = grid.sample_range(w, cfg.batch_size);
         data.samples((step * cfg.batch_size + range.start) as u64, range.len())
     };
-    train_in_process_with(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch())
+    run_threads(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
 }
 
 /// `train_in_process` with the local batches given by `feed(step, world_rank)`.
@@ -67,59 +81,102 @@ pub fn train_in_process_with<B: Backend + Clone>(
     feed: &(dyn Fn(usize, usize) -> Batch + Sync),
     eval: &Batch,
 ) -> Result<(Report2D, Vec<RankState>)> {
+    let (r, s, _) = run_threads(be, cfg, grid, plan, opts, steps, feed, eval, false)?;
+    Ok((r, s))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_threads<B: Backend + Clone>(
+    be: &B,
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    opts: &ParallelOptions,
+    steps: usize,
+    feed: &(dyn Fn(usize, usize) -> Batch + Sync),
+    eval: &Batch,
+    trace: bool,
+) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let t = grid.world();
     if cfg.batch_size % t != 0 {
         return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
     }
     let comms = ember_transport::local_world(t);
     let start = Instant::now();
-    let results: Vec<Result<(RankState, Vec<f64>, Option<(f64, f64)>)>> = std::thread::scope(|s| {
+    let results: Vec<Result<RankOutcome>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|world| {
                 let (be, plan, opts) = (be.clone(), plan.clone(), opts.clone());
-                s.spawn(move || -> Result<_> {
-                    let w = world.rank();
-                    let gc = GridComms::new(grid, world)?;
-                    if w == 0 {
-                        tracing::info!("{}", grid.describe());
-                    }
-                    let mut rank = Rank2D::new(&be, cfg, gc, plan, opts)?;
-                    let mut losses = Vec::with_capacity(steps);
-                    for step in 0..steps {
-                        losses.push(rank.train_step(&be, &feed(step, w))?);
-                    }
-                    let metrics = eval_2d(&be, &mut rank, eval, cfg.batch_size)?;
-                    let mut shards = Vec::new();
-                    for sh in &rank.shards {
-                        shards.push((sh.spec.clone(), be.download(&sh.weights)?, be.download(&sh.state)?));
-                    }
-                    let mut dense = Vec::new();
-                    for p in rank.dense.params_mut() {
-                        dense.push(be.download(&p.w)?);
-                    }
-                    let coords = rank.comms.coords();
-                    let st = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-                    Ok((st, losses, if w == 0 { Some(metrics) } else { None }))
-                })
+                s.spawn(move || run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
     });
-    let wall = start.elapsed().as_secs_f64();
-    let mut states = Vec::new();
-    let mut losses = Vec::new();
-    let mut metrics = (f64::NAN, f64::NAN);
-    for r in results {
-        let (st, l, m) = r?;
-        if st.world_rank == 0 {
-            losses = l;
-            metrics = m.expect("rank 0 evaluates");
-        }
-        states.push(st);
+    let mut outcomes = results.into_iter().collect::<Result<Vec<_>>>()?;
+    outcomes.sort_by_key(|o| o.state.world_rank);
+    let report = report(grid, steps, cfg.batch_size, start.elapsed().as_secs_f64(), &outcomes[0]);
+    let events = outcomes.iter_mut().flat_map(|o| std::mem::take(&mut o.trace)).collect();
+    Ok((report, outcomes.into_iter().map(|o| o.state).collect(), events))
+}
+
+/// What one rank returns.
+pub struct RankOutcome {
+    pub state: RankState,
+    pub losses: Vec<f64>,
+    /// (NE, AUC) on the eval set (every rank computes the same).
+    pub metrics: (f64, f64),
+    pub trace: Vec<TraceEvent>,
+}
+
+/// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
+/// final evaluation and state. Used by the in-process driver (one thread per rank) and by
+/// multi-process runs (one process per rank).
+#[allow(clippy::too_many_arguments)]
+pub fn run_rank<B: Backend>(
+    be: &B,
+    cfg: &TrainConfig,
+    grid: Grid,
+    world: ember_transport::Comm,
+    plan: Plan,
+    opts: ParallelOptions,
+    steps: usize,
+    feed: &(dyn Fn(usize, usize) -> Batch + Sync),
+    eval: &Batch,
+    trace: bool,
+) -> Result<RankOutcome> {
+    let w = world.rank();
+    let gc = GridComms::new(grid, world)?;
+    if w == 0 {
+        tracing::info!("{}", grid.describe());
     }
-    states.sort_by_key(|s| s.world_rank);
-    let s0 = &states[0];
+    let mut rank = Rank2D::new(be, cfg, gc, plan, opts)?;
+    if trace {
+        rank.trace = Some(Vec::new());
+    }
+    let mut losses = Vec::with_capacity(steps);
+    for step in 0..steps {
+        losses.push(rank.train_step(be, &feed(step, w))?);
+    }
+    let metrics = eval_2d(be, &mut rank, eval, cfg.batch_size)?;
+    let mut shards = Vec::new();
+    for sh in &rank.shards {
+        shards.push((sh.spec.clone(), be.download(&sh.weights)?, be.download(&sh.state)?));
+    }
+    let mut dense = Vec::new();
+    for p in rank.dense.params_mut() {
+        dense.push(be.download(&p.w)?);
+    }
+    let coords = rank.comms.coords();
+    let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default() })
+}
+
+/// The run's report from rank 0's outcome.
+pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOutcome) -> Report2D {
+    let s0 = &o.state;
+    let losses = o.losses.clone();
+    let metrics = o.metrics;
     let k = steps.max(1) as f64;
     let per = |x: f64| x / k;
     let st = &s0.times;
@@ -133,9 +190,9 @@ pub fn train_in_process_with<B: Backend + Clone>(
     };
     let b = &s0.bytes;
     let tail = (losses.len() / 10).max(1).min(losses.len());
-    let report = Report2D {
+    Report2D {
         grid: format!("{}x{}", grid.m, grid.n),
-        samples_per_s: (steps * cfg.batch_size) as f64 / wall,
+        samples_per_s: (steps * batch_size) as f64 / wall,
         loss: losses[losses.len() - tail..].iter().sum::<f64>() / tail.max(1) as f64,
         ne: metrics.0,
         auc: metrics.1,
@@ -145,8 +202,17 @@ pub fn train_in_process_with<B: Backend + Clone>(
         a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
         sync_bytes_per_rank: per((b.sync_index + b.sync_values) as f64),
         losses,
-    };
-    Ok((report, states))
+    }
+}
+
+/// Write a Chrome/Perfetto trace (JSON object format) of the stage spans of every rank.
+pub fn write_trace(path: &std::path::Path, events: &[TraceEvent]) -> Result<()> {
+    let ev: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| serde_json::json!({"name": e.name, "ph": "X", "ts": e.ts, "dur": e.dur, "pid": 0, "tid": e.rank}))
+        .collect();
+    let text = serde_json::json!({ "traceEvents": ev, "displayTimeUnit": "ms" }).to_string();
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 /// Evaluate on `eval` in global chunks of `gb` samples; every rank gets (NE, AUC).

@@ -72,6 +72,16 @@ pub struct ByteCounts {
     pub sync_values: u64,
 }
 
+/// One timed span of one rank (Chrome/Perfetto trace "X" event).
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceEvent {
+    pub name: &'static str,
+    /// Microseconds since the rank started.
+    pub ts: f64,
+    pub dur: f64,
+    pub rank: usize,
+}
+
 /// The forward state a step keeps for its backward pass.
 struct Forward<B: Backend> {
     bags: Vec<Bags<B>>,
@@ -100,11 +110,11 @@ pub struct Rank2D<B: Backend> {
     peer_slots: Vec<Vec<LocalSlot>>,
     /// Tables whose shards split rows, in table order.
     row_tables: Vec<usize>,
+    /// Recorded stage spans when tracing.
+    pub trace: Option<Vec<TraceEvent>>,
+    epoch: Instant,
 }
 
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
 
 impl<B: Backend> Rank2D<B> {
     /// Build this rank's part of the model. Weights are seeded by (table, global row), so every
@@ -157,7 +167,20 @@ impl<B: Backend> Rank2D<B> {
             bytes: ByteCounts::default(),
             peer_slots,
             row_tables,
+            trace: None,
+            epoch: Instant::now(),
         })
+    }
+
+    /// Close a stage that began at `t0`: milliseconds (added to the stage's total by the
+    /// caller) and a trace span when tracing.
+    fn stage(&mut self, name: &'static str, t0: Instant) -> f64 {
+        let now = Instant::now();
+        if let Some(tr) = self.trace.as_mut() {
+            let ts = (t0 - self.epoch).as_secs_f64() * 1e6;
+            tr.push(TraceEvent { name, ts, dur: (now - t0).as_secs_f64() * 1e6, rank: self.comms.world.rank() });
+        }
+        (now - t0).as_secs_f64() * 1e3
     }
 
     /// Steps 1–4a: distribute ids, look up, distribute pooled vectors, dense forward.
@@ -175,7 +198,7 @@ impl<B: Backend> Rank2D<B> {
         self.bytes.input_a2a += send.len() as u64 * 8;
         let (recv, rcounts) = self.comms.shard.all_to_all_v_alloc(&send, &counts)?;
         let jag = decode_input(&recv, &rcounts, &self.slots, b)?;
-        self.times.input_dist += ms(t0);
+        self.times.input_dist += self.stage("input_dist", t0);
         // 2. Local lookup: sums over the group's N·b samples.
         let t0 = Instant::now();
         let bags = jag.iter().map(|j| upload_bags(be, j, Pooling::Sum)).collect::<Result<Vec<_>>>()?;
@@ -186,7 +209,7 @@ impl<B: Backend> Rank2D<B> {
             be.embedding_forward(s, bg_, &mut out, crate::backend::Layout { stride: cols, col: 0 }, false)?;
             outs.push(be.download(&out)?);
         }
-        self.times.lookup += ms(t0);
+        self.times.lookup += self.stage("lookup", t0);
         // 3. Output distribution.
         let t0 = Instant::now();
         let mut wide = vec![0.0f32; b * (f + 1) * d];
@@ -252,7 +275,7 @@ impl<B: Backend> Rank2D<B> {
                 }
             }
         }
-        self.times.output_dist += ms(t0);
+        self.times.output_dist += self.stage("output_dist", t0);
         // 4a. Dense forward.
         let t0 = Instant::now();
         self.dense.ensure_batch(be, b)?;
@@ -260,7 +283,7 @@ impl<B: Backend> Rank2D<B> {
         let dense_x = be.upload(&batch.dense)?;
         self.dense.forward_bottom(be, &dense_x)?;
         self.dense.forward_top(be)?;
-        self.times.dense += ms(t0);
+        self.times.dense += self.stage("dense", t0);
         Ok(Forward { bags, ids: jag.into_iter().map(|j| j.values).collect(), dense_x })
     }
 
@@ -279,8 +302,9 @@ impl<B: Backend> Rank2D<B> {
         }
         self.bytes.dense_all_reduce += grads.len() as u64 * 4;
         let dense_req = self.comms.world.start_all_reduce(grads, ReduceOp::Sum);
+        let ar_start = Instant::now();
         let dwide = be.download(self.dense.dwide())?;
-        self.times.dense += ms(t0);
+        self.times.dense += self.stage("dense", t0);
         // 5. Embedding backward: pooled gradients back to the shards, fused update.
         let t0 = Instant::now();
         // Per-table gradient blocks (b × d): × M (the group applies M/B · Σ), × 1/len for mean.
@@ -341,7 +365,7 @@ impl<B: Backend> Rank2D<B> {
             }
         }
         self.apply_embedding_grads(be, &fwd, gmats)?;
-        self.times.backward += ms(t0);
+        self.times.backward += self.stage("backward", t0);
         // 6. Replica sync every K steps.
         self.steps_done += 1;
         if self.steps_done % self.opts.sync_every == 0 {
@@ -350,6 +374,7 @@ impl<B: Backend> Rank2D<B> {
         // 7. Dense optimizer step.
         let t0 = Instant::now();
         let summed = dense_req.wait()?;
+        self.stage("dense_all_reduce (overlapped)", ar_start);
         let mut pos = 0;
         for p in self.dense.params_mut() {
             let len = be.len(&p.g);
@@ -359,7 +384,7 @@ impl<B: Backend> Rank2D<B> {
         self.dense.update(be, &self.dense_upd)?;
         let mut l = [loss];
         self.comms.world.all_reduce(&mut l, ReduceOp::Sum)?;
-        self.times.dense += ms(t0);
+        self.times.dense += self.stage("dense", t0);
         let mean = l[0] / self.global_batch as f64;
         if !mean.is_finite() {
             return Err(Error::Numeric(format!("training loss is {mean}: diverged (lower the learning rate)")));
@@ -443,7 +468,7 @@ impl<B: Backend> Rank2D<B> {
         let s = sync::replica_sync(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync)?;
         self.bytes.sync_index += s.index_bytes;
         self.bytes.sync_values += s.value_bytes;
-        self.times.sync += ms(t0);
+        self.times.sync += self.stage("sync", t0);
         Ok(())
     }
 

@@ -21,8 +21,8 @@
 //!
 //! The greedy balancer: tables whose bytes exceed a share of the mean per-rank table bytes are
 //! split by rows (table-row-wise over one node when that brings them under the share, else
-//! row-wise over all N); tables whose compute cost exceeds the mean per-rank cost are split by
-//! columns over just enough ranks; the rest go whole, largest first, to the rank whose normalised
+//! row-wise over all N); tables whose compute cost exceeds the mean per-rank cost of the tables still to place are split by
+//! columns (shards at least MIN_COL_WIDTH wide) over just enough ranks; the rest go whole, largest first, to the rank whose normalised
 //! load max(cost / mean cost, bytes / mean bytes) stays lowest (LPT). With a memory budget the
 //! split share is lowered step by step until the plan fits, else the plan is refused.
 use super::{split_range, PlacedShard, Plan, ShardingType, TablePlan};
@@ -40,6 +40,8 @@ const ID_BYTES: f64 = 8.0;
 const LEN_BYTES: f64 = 4.0;
 const F32: f64 = 4.0;
 const GIB: f64 = (1u64 << 30) as f64;
+/// Narrowest column shard the planner makes (the forced column-wise split goes down to 4).
+pub const MIN_COL_WIDTH: usize = 16;
 
 /// Id-frequency statistics of one table, per sample.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -520,12 +522,16 @@ fn greedy(ctx: &Ctx, share: f64) -> Plan {
         k: usize,
         key: f64,
     }
+    // A table is hot when its cost exceeds the mean per-rank cost of the tables still to place
+    // (the row splits already load every rank about evenly): split it over just enough ranks.
+    let rest_avg = ((0..nt).filter(|&t| plans[t].is_none()).map(|t| ctx.table_cost(t)).sum::<f64>() / n as f64).max(1e-9);
     let mut items: Vec<Item> = (0..nt)
         .filter(|&t| plans[t].is_none())
         .map(|t| {
             let dim = ctx.model.tables[t].dim;
             let c = ctx.table_cost(t);
-            let k = if n > 1 && dim >= 8 && c > loads.cost_avg { ((c / loads.cost_avg).ceil() as usize).clamp(2, (dim / 4).min(n)) } else { 1 };
+            let kmax = (dim / MIN_COL_WIDTH).min(n);
+            let k = if kmax >= 2 && c > rest_avg { ((c / rest_avg).ceil() as usize).clamp(2, kmax) } else { 1 };
             let key = (c / k as f64 / loads.cost_avg).max(ctx.table_bytes(t) / k as f64 / loads.mem_avg);
             Item { t, k, key }
         })

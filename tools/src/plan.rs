@@ -1,0 +1,209 @@
+//! `ember plan`: the sharding plan of one sharding group, with predicted per-rank memory,
+//! lookups, all-to-all bytes and imbalance (docs/plan.md). Allocates no tables and trains nothing.
+use crate::common::{CliResult, Shared};
+use clap::Args;
+use ember::config::TrainConfig;
+use ember::data::synthetic::SyntheticData;
+use ember::grid::Placement;
+use ember::plan::planner::{plan, stats_from_batches, PlanOptions, PlanReport};
+use ember::plan::ShardingType;
+
+#[derive(Args, Clone, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub shared: Shared,
+    /// Ranks per node (world ranks); table-row-wise shards span one node.
+    #[arg(long, default_value_t = 8)]
+    pub ranks_per_node: usize,
+    /// Per-rank memory budget in GiB; a plan that does not fit is refused.
+    #[arg(long)]
+    pub memory_budget_gib: Option<f64>,
+    /// Rank placement: in-node (replicas inside a node, default) or across-nodes.
+    #[arg(long, default_value = "in-node")]
+    pub placement: String,
+    /// Use one sharding type for every table: table_wise, row_wise, column_wise, table_row_wise.
+    #[arg(long)]
+    pub force: Option<String>,
+    /// Measure id statistics on this many synthetic samples instead of assuming bag_size
+    /// lookups spread uniformly over the rows.
+    #[arg(long)]
+    pub stats_samples: Option<usize>,
+    /// Print every rank (default: all when N <= 16, else the 8 heaviest).
+    #[arg(long)]
+    pub all_ranks: bool,
+}
+
+fn parse_kind(s: &str) -> Result<ShardingType, String> {
+    ShardingType::ALL
+        .into_iter()
+        .find(|k| k.name() == s.replace('-', "_"))
+        .ok_or_else(|| format!("--force '{s}': expected table_wise, row_wise, column_wise or table_row_wise"))
+}
+
+/// The options `ember plan` passes to the planner.
+pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn std::error::Error>> {
+    let placement = match a.placement.as_str() {
+        "in-node" | "in_node" | "inside" => Placement::ReplicasInNode,
+        "across-nodes" | "across_nodes" | "across" => Placement::ReplicasAcrossNodes,
+        p => return Err(format!("--placement '{p}': expected in-node or across-nodes").into()),
+    };
+    if a.ranks_per_node == 0 {
+        return Err("--ranks-per-node must be >= 1".into());
+    }
+    let budget = match a.memory_budget_gib {
+        Some(g) if !(g.is_finite() && g > 0.0) => return Err(format!("--memory-budget-gib {g}: must be > 0").into()),
+        Some(g) => Some((g * (1u64 << 30) as f64) as u64),
+        None => None,
+    };
+    let stats = match a.stats_samples {
+        Some(s) if s > 0 => {
+            let data = SyntheticData::new(cfg)?;
+            Some(stats_from_batches(&cfg.model, &[data.samples(0, s)]))
+        }
+        _ => None,
+    };
+    Ok(PlanOptions {
+        ranks_per_node: a.ranks_per_node,
+        placement,
+        memory_budget_bytes: budget,
+        stats,
+        force: a.force.as_deref().map(parse_kind).transpose()?,
+        ..PlanOptions::from_config(cfg)
+    })
+}
+
+fn gib(x: f64) -> String {
+    format!("{:.3}", x / (1u64 << 30) as f64)
+}
+
+fn mib(x: f64) -> String {
+    format!("{:.2}", x / (1u64 << 20) as f64)
+}
+
+fn group_ranks(ranks: &[usize]) -> String {
+    if ranks.len() <= 4 {
+        return format!("{ranks:?}");
+    }
+    let contiguous = ranks.windows(2).all(|w| w[1] == w[0] + 1);
+    if contiguous {
+        format!("{}..={} ({})", ranks[0], ranks[ranks.len() - 1], ranks.len())
+    } else {
+        format!("{} ranks: {}, {}, ... {}", ranks.len(), ranks[0], ranks[1], ranks[ranks.len() - 1])
+    }
+}
+
+/// The human-readable report.
+pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
+    let mut s = String::new();
+    let push = |s: &mut String, l: String| {
+        s.push_str(&l);
+        s.push('\n');
+    };
+    push(
+        &mut s,
+        format!(
+            "plan: grid {}x{} (T = {}), global batch {} ({} per sharding group, {} per rank), {:?}, {} ranks per node ({} of a group)",
+            rep.m, rep.n, rep.world, rep.batch_size, rep.samples_per_group, rep.samples_per_rank, rep.placement, rep.ranks_per_node, rep.group_ranks_per_node
+        ),
+    );
+    push(
+        &mut s,
+        format!(
+            "tables: {} GiB with optimizer state ({} state floats per row); by type: {}",
+            gib(rep.table_bytes as f64),
+            rep.optimizer_state_floats_per_row,
+            rep.tables_by_type.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        ),
+    );
+    push(
+        &mut s,
+        format!(
+            "imbalance (max/mean of lookups x dim): {:.3}; memory max/mean: {:.3}; max rank memory {} GiB{}",
+            rep.imbalance,
+            rep.memory_imbalance,
+            gib(rep.max_rank_bytes as f64),
+            rep.memory_budget_bytes.map(|b| format!(" (budget {} GiB)", gib(b as f64))).unwrap_or_default()
+        ),
+    );
+    push(&mut s, "all-to-all MiB sent per rank per forward step (mean over ranks; backward sends the output volume again):".into());
+    for (k, v) in &rep.a2a_mean_bytes_per_rank {
+        if rep.tables_by_type.contains_key(k) {
+            push(&mut s, format!("  {k:<15} ids {:>12}  outputs {:>12}", mib(v.ids), mib(v.outputs)));
+        }
+    }
+    push(&mut s, format!("  {:<15} mean {:>11}  max {:>16}", "total", mib(rep.a2a_mean_total_bytes_per_rank), mib(rep.a2a_max_total_bytes_per_rank)));
+    push(&mut s, String::new());
+    push(
+        &mut s,
+        format!(
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>10} {:>10} {:>8}",
+            "rank", "mem GiB", "weights", "optim", "activ", "comm", "dense", "shards", "lookups", "a2a MiB", "inter MiB", "cost/avg"
+        ),
+    );
+    let mean_cost = rep.ranks.iter().map(|r| r.cost).sum::<f64>() / rep.ranks.len().max(1) as f64;
+    let mut order: Vec<usize> = (0..rep.ranks.len()).collect();
+    let show_all = all_ranks || rep.ranks.len() <= 16;
+    if !show_all {
+        order.sort_by(|&a, &b| rep.ranks[b].total_bytes.cmp(&rep.ranks[a].total_bytes).then(rep.ranks[b].cost.total_cmp(&rep.ranks[a].cost)));
+        order.truncate(8);
+    }
+    for i in order {
+        let r = &rep.ranks[i];
+        push(
+            &mut s,
+            format!(
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12.0} {:>10} {:>10} {:>8.3}",
+                r.rank,
+                gib(r.total_bytes as f64),
+                gib(r.weights_bytes as f64),
+                gib(r.optimizer_bytes as f64),
+                gib(r.activation_bytes as f64),
+                gib(r.comm_buffer_bytes as f64),
+                gib(r.dense_bytes as f64),
+                r.shards,
+                r.lookups,
+                mib(r.a2a_total_bytes),
+                mib(r.a2a_inter_node_bytes),
+                if mean_cost > 0.0 { r.cost / mean_cost } else { 0.0 }
+            ),
+        );
+    }
+    if !show_all {
+        push(&mut s, format!("  ({} ranks; the 8 with the most memory shown; --all-ranks prints every rank)", rep.ranks.len()));
+    }
+    push(&mut s, String::new());
+    push(&mut s, format!("{:>5} {:>10} {:>5} {:>15} {:>8} {:>10} {}", "table", "rows", "dim", "kind", "ids/smp", "GiB", "ranks"));
+    for t in &rep.tables {
+        push(
+            &mut s,
+            format!(
+                "{:>5} {:>10} {:>5} {:>15} {:>8.2} {:>10} {}",
+                t.table,
+                t.rows,
+                t.dim,
+                t.kind.name(),
+                t.lookups_per_sample,
+                gib(t.bytes as f64),
+                group_ranks(&t.ranks)
+            ),
+        );
+    }
+    s
+}
+
+pub fn run(a: PlanArgs) -> CliResult {
+    let mut shared = a.shared.clone();
+    // Nothing is allocated: plan the real shapes unless --max-rows caps them.
+    if shared.max_rows.is_none() {
+        shared.max_rows = Some(u64::MAX);
+    }
+    let cfg = shared.train_config("tiny")?;
+    let (m, n) = shared.grid()?;
+    let opts = options(&a, &cfg)?;
+    let (_plan, rep) = plan(&cfg.model, m, n, &opts)?;
+    print!("{}", render(&rep, a.all_ranks));
+    if shared.json {
+        println!("{}", serde_json::to_string(&rep)?);
+    }
+    Ok(())
+}

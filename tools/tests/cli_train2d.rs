@@ -1,0 +1,67 @@
+//! `ember train --grid MxN`: in-process ranks, and one rank per process under `ember launch`
+//! and Open MPI's mpirun — all three must give bitwise the same run.
+use std::process::Command;
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "stdout: {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().filter(|l| l.contains("{\"")).last().expect("a JSON line");
+    let line = &line[line.find('{').unwrap()..]; // strip a launcher's "[0] " prefix
+    serde_json::from_str(line).unwrap()
+}
+
+const ARGS: [&str; 7] = ["train", "--grid", "2x2", "--steps", "20", "--json", "--quiet"];
+
+#[test]
+fn grid_training_reports_stages_and_bytes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(ARGS).output().unwrap();
+    let v = json_of(&out);
+    assert_eq!(v["grid"], "2x2");
+    for k in ["input_dist", "lookup", "output_dist", "dense", "backward", "sync"] {
+        assert!(v["stages"][k].as_f64().unwrap() >= 0.0, "stage {k}");
+    }
+    assert!(v["a2a_bytes_per_rank"].as_f64().unwrap() > 0.0);
+    assert!(v["sync_bytes_per_rank"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn multi_process_under_ember_launch_equals_in_process() {
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let local = json_of(&Command::new(bin).args(ARGS).output().unwrap());
+    let mut launch = vec!["launch", "-n", "4", "--timeout-ms", "20000", "--", bin];
+    launch.extend(ARGS);
+    let multi = json_of(&Command::new(bin).args(&launch).output().unwrap());
+    assert_eq!(local["loss"], multi["loss"], "training loss differs between in-process and multi-process runs");
+    assert_eq!(local["auc"], multi["auc"]);
+    assert_eq!(local["a2a_bytes_per_rank"], multi["a2a_bytes_per_rank"]);
+}
+
+#[test]
+fn multi_process_under_mpirun_equals_in_process() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: mpirun not installed (apt-get install openmpi-bin)");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let local = json_of(&Command::new(bin).args(ARGS).output().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let rv = format!("EMBER_RENDEZVOUS=127.0.0.1:{port}");
+    let mut args = vec!["--allow-run-as-root", "--oversubscribe", "-np", "4", "-x", &rv, "-x", "EMBER_JOB_TOKEN=cli-test-token", bin];
+    args.extend(ARGS);
+    let out = Command::new("mpirun").args(&args).env("OMPI_MCA_plm_rsh_agent", "").output().unwrap();
+    let multi = json_of(&out);
+    assert_eq!(local["loss"], multi["loss"]);
+    assert_eq!(local["auc"], multi["auc"]);
+}
+
+#[test]
+fn wrong_world_size_is_a_clear_error() {
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let out = Command::new(bin)
+        .args(["launch", "-n", "2", "--timeout-ms", "5000", "--", bin, "train", "--grid", "2x2", "--steps", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("needs 4 ranks") && all.contains("started 2"), "{all}");
+}
