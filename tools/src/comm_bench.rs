@@ -50,6 +50,12 @@ pub struct CommBenchArgs {
     /// Collective timeout in milliseconds.
     #[arg(long)]
     pub timeout_ms: Option<u64>,
+    /// MxN: split the world (M·N ranks) into the 2D grid's sharding groups (N ranks each) and
+    /// replica groups (M ranks each), placement "replicas in node" (sharding group g = world
+    /// ranks g, M+g, 2M+g, ...), and run the collective on both sub-communicators at the same
+    /// time (like NCCL_TESTS_SPLIT); world rank 0 prints the rows of its two groups.
+    #[arg(long)]
+    pub split: Option<String>,
     /// (testing) this rank aborts right after joining, to exercise failure handling.
     #[arg(long, hide = true)]
     pub fault_rank: Option<usize>,
@@ -216,7 +222,7 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
     Ok(rows)
 }
 
-fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row]) {
+fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&str>) {
     let base = a.baseline.as_deref();
     if a.json {
         for r in rows {
@@ -225,6 +231,10 @@ fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row]) {
                 "algbw": r.algbw, "busbw": r.busbw, "wrong": r.wrong,
                 "collective": which, "ranks": c.size(), "transport": c.transport(),
             });
+            if let Some(g) = group {
+                o["group"] = g.into();
+                o["members"] = serde_json::json!(c.world_ranks());
+            }
             if let (Some(b), Some(us)) = (base, r.base_us) {
                 o["baseline"] = b.into();
                 o["base_us"] = us.into();
@@ -234,7 +244,8 @@ fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row]) {
         return;
     }
     let what = if which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
-    println!("# ember bench {which}: {} ranks, transport {}, -n {} -w {} -c {} ({what})", c.size(), c.transport(), a.iters, a.warmup, a.check);
+    let grp = group.map(|g| format!(" ({g} group {:?}, run concurrently with the other group)", c.world_ranks())).unwrap_or_default();
+    println!("# ember bench {which}: {} ranks{grp}, transport {}, -n {} -w {} -c {} ({what})", c.size(), c.transport(), a.iters, a.warmup, a.check);
     let extra = match base {
         Some("memcpy") => "  memcpy(us)  %ceiling",
         Some(_) => "  stream(GB/s)  %stream",
@@ -285,19 +296,62 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
             vec![c]
         }
     };
+    let split = match &a.split {
+        None => None,
+        Some(g) => {
+            let bad = || format!("--split '{g}': expected MxN with M, N >= 1 (e.g. 2x4)");
+            let (m, n) = g.split_once(['x', 'X']).ok_or_else(bad)?;
+            let (m, n): (usize, usize) = (m.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+            let world = comms.first().map(|c| c.size()).unwrap_or(0);
+            if m == 0 || n == 0 || m * n != world {
+                return Err(format!("--split {m}x{n} needs {} ranks but the world has {world}", m * n).into());
+            }
+            Some((m, n))
+        }
+    };
     let hs: Vec<_> = comms
         .into_iter()
         .map(|c| {
             let a = a.clone();
             let which = which.to_string();
             std::thread::spawn(move || {
-                let rows = bench_rank(&which, &c, &a);
-                if c.rank() == 0 {
-                    if let Ok(r) = &rows {
-                        print(&which, &a, &c, r);
+                let wr = c.world_rank_of(c.rank());
+                let Some((m, nn)) = split else {
+                    let rows = bench_rank(&which, &c, &a);
+                    if c.rank() == 0 {
+                        if let Ok(r) = &rows {
+                            print(&which, &a, &c, r, None);
+                        }
                     }
+                    return rows.map(|r| r.iter().map(|x| x.wrong).sum::<u64>()).map_err(|e| format!("rank {wr}: {e}"));
+                };
+                // 2D grid, replicas in node: (sharding group g, rank in group r) = (w % M, w / M).
+                let w = c.rank();
+                let (g, r) = (w % m, w / m);
+                debug_assert!(r < nn);
+                let err = |e: ember_transport::Error| format!("rank {wr}: split: {e}");
+                let shard = c.split(g as u32, r as i64).map_err(err)?;
+                let replica = c.split(r as u32, g as i64).map_err(err)?;
+                c.barrier().map_err(err)?;
+                let mut wrong = 0;
+                let results: Vec<_> = std::thread::scope(|s| {
+                    let hs: Vec<_> = [("shard", &shard), ("replica", &replica)]
+                        .into_iter()
+                        .map(|(name, sub)| {
+                            let (a, which) = (&a, &which);
+                            s.spawn(move || (name, sub, bench_rank(which, sub, a)))
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().expect("bench thread")).collect()
+                });
+                for (name, sub, rows) in results {
+                    let rows = rows.map_err(|e| format!("rank {wr} ({name} group): {e}"))?;
+                    if w == 0 {
+                        print(&which, &a, sub, &rows, Some(name));
+                    }
+                    wrong += rows.iter().map(|x| x.wrong).sum::<u64>();
                 }
-                rows.map(|r| r.iter().map(|x| x.wrong).sum::<u64>()).map_err(|e| format!("rank {}: {e}", c.world_rank_of(c.rank())))
+                Ok(wrong)
             })
         })
         .collect();

@@ -34,6 +34,12 @@ pub struct TrainArgs {
     /// Ranks per node (for the planner's table-row-wise choice).
     #[arg(long, default_value_t = 8)]
     pub ranks_per_node: usize,
+    /// Momentum-scaling constant c of the AdaGrad optimizers (default: M under 2D, 1 on one replica).
+    #[arg(long)]
+    pub momentum_c: Option<f32>,
+    /// Force one sharding type for every table: table, row, column, table-row (default: the planner chooses).
+    #[arg(long)]
+    pub sharding: Option<String>,
     /// Write a Chrome/Perfetto trace of every rank's stages to this file.
     #[arg(long)]
     pub trace: Option<std::path::PathBuf>,
@@ -44,6 +50,13 @@ pub fn run(a: TrainArgs) -> CliResult {
     let mut cfg = s.train_config(if s.data.is_some() { "kaggle" } else { "tiny" })?;
     if let Some(e) = a.eval_every {
         cfg.eval_every = e;
+    }
+    if let Some(c) = a.momentum_c {
+        use ember::config::EmbOptimizer::*;
+        match &mut cfg.optim.embedding {
+            RowWiseAdagrad { c: cc, .. } | Adagrad { c: cc, .. } => *cc = Some(c),
+            Sgd { .. } => return Err("--momentum-c applies to the AdaGrad optimizers only".into()),
+        }
     }
     let (m, n) = s.grid()?;
     let launched = ember_transport::JoinConfig::from_env().map(|j| j.size > 1).unwrap_or(false);

@@ -9,6 +9,7 @@ use ember::grid::{Grid, Placement};
 use ember::parallel::driver::{report, run_rank, train_in_process_traced, write_trace, Report2D};
 use ember::parallel::{ParallelOptions, SyncMode};
 use ember::plan::planner::{plan, PlanOptions};
+use ember::plan::ShardingType;
 use std::time::Instant;
 
 pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
@@ -34,6 +35,14 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     let mut popts = PlanOptions::from_config(&cfg);
     popts.ranks_per_node = a.ranks_per_node;
     popts.placement = placement;
+    popts.force = match a.sharding.as_deref() {
+        None => None,
+        Some("table") => Some(ShardingType::TableWise),
+        Some("row") => Some(ShardingType::RowWise),
+        Some("column") => Some(ShardingType::ColumnWise),
+        Some("table-row") => Some(ShardingType::TableRowWise),
+        Some(o) => return Err(format!("--sharding '{o}': expected table, row, column or table-row").into()),
+    };
     let (plan, _) = plan(&cfg.model, m, n, &popts)?;
     let opts = ParallelOptions { sync_every: a.sync_every, sync };
     let data = SyntheticData::new(&cfg)?;
