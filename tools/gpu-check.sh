@@ -71,6 +71,27 @@ for d in 64 128; do
     done
 done
 
+if [ "$st" != 0 ]; then
+    echo "== selftest failed: rerun with the first-version backward (EMBER_CUDA_BWD=legacy) to isolate"
+    EMBER_CUDA_BWD=legacy timeout 120 .gpu/ember selftest --device cuda --markdown "$OUT/selftest-legacy.md" | tail -5
+fi
+
+echo "== CLI runs on the device"
+: > "$OUT/cli.txt"
+cli() {  # cli TIMEOUT ARGS...: run .gpu/ember ARGS, log the exact command and its output
+    local t=$1; shift
+    echo "\$ ember $*" | tee -a "$OUT/cli.txt"
+    timeout "$t" .gpu/ember "$@" 2>&1 | grep -v '^\s*$' | tee -a "$OUT/cli.txt"
+    echo "(exit ${PIPESTATUS[0]})" | tee -a "$OUT/cli.txt"
+}
+cli 60 bench embedding --device cuda
+cli 60 bench embedding --device cuda --batch-size 65536
+cli 90 bench dlrm --device cuda --batch-size 4096
+cli 120 bench dlrm --device cuda --batch-size 65536
+cli 60 bench mem --device cuda
+cli 90 train --device cuda --steps 200
+cli 150 train --device cuda --preset kaggle --steps 100
+
 echo "== torch reference"
 PYTHONUNBUFFERED=1 timeout 120 $PY .gpu/torch_ref.py --md "$OUT/torch.md" || echo "torch reference failed"
 
@@ -87,6 +108,12 @@ PYTHONUNBUFFERED=1 timeout 120 $PY .gpu/torch_ref.py --md "$OUT/torch.md" || ech
     echo
     echo '```'
     cat "$OUT/bench.txt"
+    echo '```'
+    echo
+    echo "## CLI runs (\`ember train|bench --device cuda\`)"
+    echo
+    echo '```'
+    cat "$OUT/cli.txt"
     echo '```'
     echo
     echo "## Torch reference (same GPU)"

@@ -374,3 +374,251 @@ extern "C" __global__ void widen_u32(const u32* __restrict__ in, const u32* __re
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < counters[0]) out[i] = in[i];
 }
+
+// =============================================================================================
+// Fast fused backward (issue 5, second version). Host sequence, no host round trip:
+//   emb_keys_bags        keys = local row (u32), vals = bag (u32); zeroes the long-run counters
+//   radix sort           ceil(log2(rows)/8) passes; stable, so within a row bags stay ascending
+//   emb_bwd_fused{1,4}   one group of T = next_pow2(cols/4) (<= 32) lanes per sorted position;
+//                        only run starts work: the run end is found with one coalesced probe of
+//                        the next keys (ballot), the run's gradient rows are summed with float4
+//                        loads, and the optimizer is applied in place. Runs > SHORT_RUN are
+//                        registered (start, end, row) and their acc rows zeroed.
+//   emb_bwd_long_accum2  one block per CHUNK of a long run, atomics into acc (only runs > CHUNK
+//                        have several writers)
+//   emb_bwd_long_apply2  one warp per long run: optimizer from acc
+// No run-length-encoding pass, no scan, no unique-row count: the grid is an upper bound and
+// positions that are not run starts exit after one comparison.
+// =============================================================================================
+extern "C" __global__ void emb_keys_bags(const u64* __restrict__ offsets, const u64* __restrict__ ids, i64 num_bags,
+                                         u32* __restrict__ keys, u32* __restrict__ vals, u32* __restrict__ long_counters) {
+    i64 gt = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (gt < 4) long_counters[gt] = 0u;
+    i64 b = gt >> 5;
+    int lane = threadIdx.x & 31;
+    if (b >= num_bags) return;
+    u64 s = offsets[b], e = offsets[b + 1];
+    for (u64 j = s + lane; j < e; j += 32) { keys[j] = (u32)ids[j]; vals[j] = (u32)b; }
+}
+
+__device__ __forceinline__ void f4_fma(float4& a, float s, const float4& x) {
+    a.x += s * x.x; a.y += s * x.y; a.z += s * x.z; a.w += s * x.w;
+}
+
+template <int KV>
+__device__ __forceinline__ void emb_bwd_fused_impl(float* __restrict__ W, float* __restrict__ state, i64 cols,
+                                                   const u32* __restrict__ keys, const u32* __restrict__ vals, i64 n,
+                                                   const float* __restrict__ grad, i64 stride, i64 col,
+                                                   const float* __restrict__ scale, Opt o, int tlog,
+                                                   u32* __restrict__ long_counters, u32* __restrict__ long_info,
+                                                   u64* __restrict__ items, float* __restrict__ acc) {
+    const int T = 1 << tlog;
+    const int lane = threadIdx.x & 31;
+    const int gl = lane & (T - 1);
+    const int gbase = lane & ~(T - 1);
+    const u32 gmask = (T == 32) ? FULL : (((1u << T) - 1u) << gbase);
+    const int nv = (int)(cols >> 2);
+    i64 g = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> tlog;
+    i64 ng = ((i64)gridDim.x * blockDim.x) >> tlog;
+    for (i64 i = g; i < n; i += ng) {
+        u32 key = keys[i];
+        if (i > 0 && keys[i - 1] == key) continue;           // not a run start (uniform in the group)
+        // Prefetch the row (weights, row-wise state) while the run is being found and summed.
+        float4* w4 = reinterpret_cast<float4*>(W + (u64)key * (u64)cols);
+        float4 wv[KV];
+        #pragma unroll
+        for (int k = 0; k < KV; ++k) { int c = gl + T * k; wv[k] = c < nv ? w4[c] : make_float4(0.f, 0.f, 0.f, 0.f); }
+        float st_row = (o.kind == 1) ? state[key] : 0.f;
+        // Run end: probe SHORT_RUN positions after i, T at a time.
+        i64 e = -1;
+        for (int r = 0; r < SHORT_RUN; r += T) {
+            i64 p = i + 1 + r + gl;
+            bool stop = (p >= n) || (keys[p] != key);
+            u32 bal = (__ballot_sync(gmask, stop) >> gbase) & (T == 32 ? FULL : ((1u << T) - 1u));
+            if (bal) { e = i + 1 + r + (__ffs(bal) - 1); break; }
+        }
+        if (e < 0) {
+            // Long run (> SHORT_RUN occurrences): gallop then bisect for its end, register it.
+            u32 li = 0;
+            if (gl == 0) {
+                i64 lo = i + SHORT_RUN, step = SHORT_RUN, hi = lo + step;   // keys[lo] == key
+                while (hi < n && keys[hi] == key) { lo = hi; step <<= 1; hi = lo + step; }
+                if (hi > n) hi = n;                                          // answer in (lo, hi]
+                while (hi - lo > 1) { i64 m = lo + ((hi - lo) >> 1); if (keys[m] == key) lo = m; else hi = m; }
+                e = hi;
+                li = atomicAdd(&long_counters[0], 1u);
+                long_info[3 * (u64)li] = (u32)i;
+                long_info[3 * (u64)li + 1] = (u32)e;
+                long_info[3 * (u64)li + 2] = key;
+                u32 nch = (u32)((e - i + CHUNK - 1) / CHUNK);
+                u32 b0 = atomicAdd(&long_counters[1], nch);
+                for (u32 k = 0; k < nch; ++k) items[b0 + k] = ((u64)li << 32) | k;
+            }
+            li = __shfl_sync(gmask, li, gbase);
+            for (i64 c = gl; c < cols; c += T) acc[(u64)li * cols + c] = 0.f;
+            continue;
+        }
+        // Sum the run's scaled gradient rows (CPU order: bags ascending).
+        float4 gv[KV];
+        #pragma unroll
+        for (int k = 0; k < KV; ++k) gv[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        const int len = (int)(e - i);
+        u32 bpre = vals[min(i + gl, n - 1)];     // issued before len is known (one latency level less)
+        const float4* g4 = reinterpret_cast<const float4*>(grad + col);
+        const i64 s4 = stride >> 2;
+        #pragma unroll 4
+        for (int j = 0; j < len; ++j) {
+            u32 b = (j < T) ? __shfl_sync(gmask, bpre, gbase + j) : vals[i + j];
+            float sc = scale ? scale[b] : 1.f;
+            const float4* gp = g4 + (u64)b * s4;
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) { int c = gl + T * k; if (c < nv) f4_fma(gv[k], sc, __ldg(gp + c)); }
+        }
+        if (o.l2 != 0.f) {
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) f4_fma(gv[k], o.l2, wv[k]);
+        }
+        if (o.kind == 0) {
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) { int c = gl + T * k; if (c < nv) { float4 w = wv[k]; f4_fma(w, -o.lr, gv[k]); w4[c] = w; } }
+        } else if (o.kind == 1) {
+            float s = 0.f;
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) s += gv[k].x * gv[k].x + gv[k].y * gv[k].y + gv[k].z * gv[k].z + gv[k].w * gv[k].w;
+            for (int off = T >> 1; off > 0; off >>= 1) s += __shfl_xor_sync(gmask, s, off);
+            float v = st_row + s / o.dim;
+            if (gl == 0) state[key] = v;
+            float rt = rate(o, v);
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) { int c = gl + T * k; if (c < nv) { float4 w = wv[k]; f4_fma(w, -rt, gv[k]); w4[c] = w; } }
+        } else {
+            float4* st4 = reinterpret_cast<float4*>(state + (u64)key * (u64)cols);
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) {
+                int c = gl + T * k;
+                if (c < nv) {
+                    float4 st = st4[c], w = wv[k], gg = gv[k];
+                    st.x += gg.x * gg.x; st.y += gg.y * gg.y; st.z += gg.z * gg.z; st.w += gg.w * gg.w;
+                    w.x -= rate(o, st.x) * gg.x; w.y -= rate(o, st.y) * gg.y; w.z -= rate(o, st.z) * gg.z; w.w -= rate(o, st.w) * gg.w;
+                    st4[c] = st; w4[c] = w;
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) emb_bwd_fused1(float* W, float* state, i64 cols, const u32* __restrict__ keys, const u32* __restrict__ vals, i64 n,
+                                      const float* __restrict__ grad, i64 stride, i64 col, const float* __restrict__ scale, Opt o, int tlog,
+                                      u32* long_counters, u32* long_info, u64* items, float* acc) {
+    emb_bwd_fused_impl<1>(W, state, cols, keys, vals, n, grad, stride, col, scale, o, tlog, long_counters, long_info, items, acc);
+}
+
+extern "C" __global__ void __launch_bounds__(256) emb_bwd_fused4(float* W, float* state, i64 cols, const u32* __restrict__ keys, const u32* __restrict__ vals, i64 n,
+                                      const float* __restrict__ grad, i64 stride, i64 col, const float* __restrict__ scale, Opt o, int tlog,
+                                      u32* long_counters, u32* long_info, u64* items, float* acc) {
+    emb_bwd_fused_impl<4>(W, state, cols, keys, vals, n, grad, stride, col, scale, o, tlog, long_counters, long_info, items, acc);
+}
+
+// Long runs registered by emb_bwd_fused*: long_info[3 li] = (start, end, row); vals are bags.
+extern "C" __global__ void __launch_bounds__(256) emb_bwd_long_accum2(i64 cols, const u32* __restrict__ vals, const float* __restrict__ grad, i64 stride, i64 col,
+                                               const float* __restrict__ scale, const u32* __restrict__ long_counters,
+                                               const u32* __restrict__ long_info, const u64* __restrict__ items, float* acc) {
+    __shared__ float part[8][MAXC * 32];
+    int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+    u32 nitems = long_counters[1];
+    for (u64 it = blockIdx.x; it < nitems; it += gridDim.x) {
+        u64 item = items[it];
+        u32 li = (u32)(item >> 32), k0 = (u32)item;
+        u32 s = long_info[3 * (u64)li] + k0 * CHUNK, e = min(long_info[3 * (u64)li + 1], s + CHUNK);
+        float g[MAXC];
+        #pragma unroll
+        for (int k = 0; k < MAXC; ++k) g[k] = 0.f;
+        for (u32 j = s + warp; j < e; j += 8) {
+            u32 b = vals[j];
+            float sc = scale ? scale[b] : 1.f;
+            const float* gp = grad + (u64)b * stride + col;
+            #pragma unroll
+            for (int k = 0; k < MAXC; ++k) { i64 c = lane + 32 * k; if (c < cols) g[k] += sc * gp[c]; }
+        }
+        #pragma unroll
+        for (int k = 0; k < MAXC; ++k) part[warp][lane + 32 * k] = g[k];
+        __syncthreads();
+        for (i64 c = t; c < cols; c += 256) {
+            float x = 0.f;
+            #pragma unroll
+            for (int w = 0; w < 8; ++w) x += part[w][c];
+            atomicAdd(&acc[(u64)li * cols + c], x);
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void emb_bwd_long_apply2(float* W, float* state, i64 cols, const u32* __restrict__ long_counters,
+                                               const u32* __restrict__ long_info, const float* __restrict__ acc, Opt o) {
+    u32 nl = long_counters[0];
+    int lane = threadIdx.x & 31;
+    i64 warp = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    i64 nwarps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 li = warp; li < nl; li += nwarps) {
+        float g[MAXC];
+        #pragma unroll
+        for (int k = 0; k < MAXC; ++k) { i64 c = lane + 32 * k; g[k] = c < cols ? acc[(u64)li * cols + c] : 0.f; }
+        finish_row(lane, (u32)li, (u64)long_info[3 * (u64)li + 2], g, cols, W, state, o, 0, 0, 0, 0);
+    }
+}
+
+// Long runs, float4 version for the fast path: a block of 256 threads = 256/T groups of T lanes;
+// group q sums occurrences s+q, s+q+G, ... of one CHUNK (4 in flight), shared-memory reduction
+// over the groups, one atomicAdd per column into acc.
+template <int KV>
+__device__ __forceinline__ void long_accum_v4_impl(i64 cols, const u32* __restrict__ vals, const float* __restrict__ grad, i64 stride, i64 col,
+                                                   const float* __restrict__ scale, const u32* __restrict__ long_counters,
+                                                   const u32* __restrict__ long_info, const u64* __restrict__ items, float* acc, int tlog) {
+    __shared__ float4 part[256 * KV];
+    const int T = 1 << tlog;
+    const int t = threadIdx.x, gl = t & (T - 1), q = t >> tlog, G = 256 >> tlog;
+    const int nv = (int)(cols >> 2);
+    const float4* g4 = reinterpret_cast<const float4*>(grad + col);
+    const i64 s4 = stride >> 2;
+    u32 nitems = long_counters[1];
+    for (u64 it = blockIdx.x; it < nitems; it += gridDim.x) {
+        u64 item = items[it];
+        u32 li = (u32)(item >> 32), k0 = (u32)item;
+        u32 s = long_info[3 * (u64)li] + k0 * CHUNK, e = min(long_info[3 * (u64)li + 1], s + CHUNK);
+        float4 gv[KV];
+        #pragma unroll
+        for (int k = 0; k < KV; ++k) gv[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        #pragma unroll 4
+        for (u32 j = s + q; j < e; j += G) {
+            u32 b = vals[j];
+            float sc = scale ? scale[b] : 1.f;
+            const float4* gp = g4 + (u64)b * s4;
+            #pragma unroll
+            for (int k = 0; k < KV; ++k) { int c = gl + T * k; if (c < nv) f4_fma(gv[k], sc, __ldg(gp + c)); }
+        }
+        #pragma unroll
+        for (int k = 0; k < KV; ++k) part[q * (T * KV) + gl + T * k] = gv[k];
+        __syncthreads();
+        float* pf = reinterpret_cast<float*>(part);
+        for (int c = t; c < (int)cols; c += 256) {
+            int c4 = c >> 2, lane4 = c & 3;
+            int k = c4 / T, glc = c4 % T;
+            float x = 0.f;
+            for (int g = 0; g < G; ++g) x += pf[(g * (T * KV) + glc + T * k) * 4 + lane4];
+            atomicAdd(&acc[(u64)li * cols + c], x);
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) emb_bwd_long_accum_v4_1(i64 cols, const u32* __restrict__ vals, const float* __restrict__ grad, i64 stride, i64 col,
+                                                   const float* __restrict__ scale, const u32* __restrict__ long_counters,
+                                                   const u32* __restrict__ long_info, const u64* __restrict__ items, float* acc, int tlog) {
+    long_accum_v4_impl<1>(cols, vals, grad, stride, col, scale, long_counters, long_info, items, acc, tlog);
+}
+
+extern "C" __global__ void __launch_bounds__(256) emb_bwd_long_accum_v4_4(i64 cols, const u32* __restrict__ vals, const float* __restrict__ grad, i64 stride, i64 col,
+                                                   const float* __restrict__ scale, const u32* __restrict__ long_counters,
+                                                   const u32* __restrict__ long_info, const u64* __restrict__ items, float* acc, int tlog) {
+    long_accum_v4_impl<4>(cols, vals, grad, stride, col, scale, long_counters, long_info, items, acc, tlog);
+}

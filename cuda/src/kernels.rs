@@ -27,6 +27,13 @@ pub const EMBEDDING: Module = Module {
         "emb_bwd_long_apply",
         "emb_apply_rowgrads",
         "widen_u32",
+        "emb_keys_bags",
+        "emb_bwd_fused1",
+        "emb_bwd_fused4",
+        "emb_bwd_long_accum2",
+        "emb_bwd_long_apply2",
+        "emb_bwd_long_accum_v4_1",
+        "emb_bwd_long_accum_v4_4",
     ],
 };
 

@@ -268,7 +268,7 @@ fn embedding_ops<B: Backend>(b: &B, c: &Cpu, r: &mut Rng, rep: &mut SelftestRepo
         ("adagrad eps-inside l2", emb_update(EmbKind::Adagrad, 1.0, true, 0.01)),
     ];
     for (name, upd) in cases {
-        for (rows, cols, nb, ml, hot) in [(2000usize, 64usize, 4096usize, 20usize, 0.1f32), (50_000, 16, 300, 5, 0.0), (100, 12, 500, 8, 0.3)] {
+        for (rows, cols, nb, ml, hot) in [(2000usize, 64usize, 4096usize, 20usize, 0.1f32), (50_000, 16, 300, 5, 0.0), (100, 12, 500, 8, 0.3), (3000, 128, 1024, 20, 0.05), (500, 256, 512, 10, 0.2), (700, 10, 600, 6, 0.2)] {
             let spec = ShardSpec::whole(0, rows as u64, cols);
             let w = randv(r, rows * cols);
             let mut gs = b.shard(spec.clone(), &w, &upd)?;

@@ -188,3 +188,50 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
         }
     }
 }
+
+#[test]
+fn delayed_state_sync_applies_the_previous_average_plus_local_increments() {
+    use ember::parallel::sync::{apply_pending, replica_sync_with};
+    let m = 2;
+    let upd = EmbUpdate::new(&rowwise(0.1, 1e-8, None), &WeightDecay::None, m as f32);
+    let spec = ShardSpec { table: 0, table_rows: 6, dim: 4, rows: 0..6, cols: 0..4 };
+    let world = ember_transport::local_world(m);
+    let out: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = world
+            .into_iter()
+            .map(|comm| {
+                let spec = spec.clone();
+                s.spawn(move || {
+                    let be = Cpu::new();
+                    let r = comm.rank() as f32;
+                    let mut shard = new_shard(&be, 3, spec.clone(), &upd).unwrap();
+                    let mut touched = vec![Touched::new(6)];
+                    let mut pending = None;
+                    // Before sync 1: v = 1 + r on every row.
+                    shard.state.iter_mut().for_each(|v| *v = 1.0 + r);
+                    shard.weights.iter_mut().for_each(|w| *w += r);
+                    touched[0].mark(&[0, 1, 2, 3, 4, 5]);
+                    replica_sync_with(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, SyncMode::Full, Some(&mut pending)).unwrap();
+                    let after1 = (shard.state.clone(), shard.weights.clone());
+                    // Local increments during the interval: +10·(r+1) on row 2 only.
+                    shard.state[2] += 10.0 * (r + 1.0);
+                    touched[0].mark(&[2]);
+                    replica_sync_with(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, SyncMode::Full, Some(&mut pending)).unwrap();
+                    apply_pending(&be, std::slice::from_mut(&mut shard), pending.take().unwrap()).unwrap();
+                    (after1.0, after1.1, shard.state.clone(), shard.weights.clone())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, o) in out.iter().enumerate() {
+        // Sync 1 averaged the weights at once but left the state for later.
+        assert!(o.0.iter().all(|&v| v == 1.0 + r as f32), "state must not change at the sync that starts its average");
+        assert_eq!(o.1, out[0].1, "weights are averaged at every sync");
+        // Sync 2 applied sync 1's average (1.5) plus the local increment; then the pending
+        // average of sync 2 (taken after the first was applied: 1.5 + increments) replaced it.
+        let mean2 = 1.5 + (10.0 + 20.0) / 2.0;
+        assert_eq!(o.2[2], mean2, "row 2 after both averages");
+        assert_eq!(o.2[0], 1.5, "row 0 after both averages");
+    }
+}

@@ -135,7 +135,7 @@ fn sparse_sync_equals_full_sync() {
     let grid = Grid::new(2, 2, Placement::ReplicasInNode).unwrap();
     let plan = mixed_plan(&cfg, 2);
     let run = |mode| {
-        let opts = ParallelOptions { sync_every: 1, sync: mode };
+        let opts = ParallelOptions { sync: mode, ..Default::default() };
         assemble(&cfg, &train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 3).unwrap().1)
     };
     let (a, b) = (run(SyncMode::Sparse), run(SyncMode::Full));

@@ -6,6 +6,7 @@ mod bench_mem;
 mod comm_bench;
 mod common;
 mod launch;
+mod plan;
 mod selftest;
 mod train;
 mod train2d;
@@ -23,8 +24,8 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Benchmarks: embedding, dlrm, mem, a2a, allreduce.
     Bench(bench::BenchArgs),
-    /// Print the sharding plan for a model and grid (not yet implemented).
-    Plan(common::Shared),
+    /// Print the sharding plan for a model and grid: per-rank memory, lookups, a2a bytes, imbalance.
+    Plan(plan::PlanArgs),
     /// Start N local processes with the launcher variables set.
     Launch(launch::LaunchArgs),
     /// Inspect or export checkpoints (not yet implemented).
@@ -50,7 +51,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Launch(a) => launch::run(a),
         Cmd::Selftest(a) => selftest::run(a),
-        Cmd::Plan(_) => Err("ember plan: not implemented yet (2D-training issue)".into()),
+        Cmd::Plan(a) => plan::run(a),
         Cmd::Checkpoint(_) => Err("ember checkpoint: not implemented yet (checkpoint issue)".into()),
     };
     if let Err(e) = result {

@@ -132,7 +132,7 @@ fn bench(be: &ember::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> 
     let line = format!("Device-to-device copy (1 GiB, bytes read + written): {:.0} GB/s\n", copy / 1e9);
     println!("{line}");
     let _ = writeln!(md, "{line}");
-    let mut table = String::from("| D | ids | forward ms | forward GB/s | % of copy | fused bwd + row-wise AdaGrad ms | bwd GB/s | % of copy | unique rows |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut table = String::from("| D | ids | forward ms | forward GB/s | % of copy | fused bwd + row-wise AdaGrad ms | bwd GB/s | % of copy | of which keys + sort ms | first-version bwd ms | unique rows |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     let (b, l, rows) = (a.batch, a.pooling, a.rows);
     for d in [64usize, 128] {
         let upd = EmbUpdate { kind: EmbKind::RowWiseAdagrad, lr: 0.01, eps: 1e-8, c: 1.0, eps_inside: false, l2: 0.0 };
@@ -166,10 +166,15 @@ fn bench(be: &ember::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> 
             }
             let fwd = be.gpu().time_ms(20, || be.embedding_forward(&shard, &bags, &mut out, lay, false).map_err(|e| e.to_string()))?;
             let bwd = be.gpu().time_ms(20, || be.embedding_backward_update(&mut shard, &bags, &grad, lay, &upd).map_err(|e| e.to_string()))?;
+            be.set_legacy_backward(true);
+            let old = be.gpu().time_ms(5, || be.embedding_backward_update(&mut shard, &bags, &grad, lay, &upd).map_err(|e| e.to_string()));
+            be.set_legacy_backward(false);
+            let old = old?;
+            let sort = be.time_backward_sort(&bags, rows, 10)?;
             let (fg, bg) = (bytes / (fwd * 1e-3), bytes / (bwd * 1e-3));
             let _ = writeln!(
                 table,
-                "| {d} | {dist} | {fwd:.3} | {:.0} | {:.0} % | {bwd:.3} | {:.0} | {:.0} % | {} |",
+                "| {d} | {dist} | {fwd:.3} | {:.0} | {:.0} % | {bwd:.3} | {:.0} | {:.0} % | {sort:.3} | {old:.3} | {} |",
                 fg / 1e9,
                 100.0 * fg / copy,
                 bg / 1e9,

@@ -40,6 +40,13 @@ pub struct TrainArgs {
     /// Force one sharding type for every table: table, row, column, table-row (default: the planner chooses).
     #[arg(long)]
     pub sharding: Option<String>,
+    /// Sync the optimizer state one sync behind (weights still every sync).
+    #[arg(long)]
+    pub delayed_state_sync: bool,
+    /// Fully-sharded 2D: weights reduce-scattered over the replica group after the lookup,
+    /// all-gathered before the embedding backward (optimizer state not averaged).
+    #[arg(long)]
+    pub fully_sharded: bool,
     /// Write a Chrome/Perfetto trace of every rank's stages to this file.
     #[arg(long)]
     pub trace: Option<std::path::PathBuf>,

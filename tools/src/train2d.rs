@@ -44,7 +44,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         Some(o) => return Err(format!("--sharding '{o}': expected table, row, column or table-row").into()),
     };
     let (plan, _) = plan(&cfg.model, m, n, &popts)?;
-    let opts = ParallelOptions { sync_every: a.sync_every, sync };
+    let opts = ParallelOptions { sync_every: a.sync_every, sync, delayed_state_sync: a.delayed_state_sync, fully_sharded: a.fully_sharded };
     let data = SyntheticData::new(&cfg)?;
     let oracle = data.oracle_eval();
 
@@ -110,4 +110,5 @@ fn print_summary(r: &Report2D, oracle: &ember::metrics::EvalResult) {
         st.input_dist, st.lookup, st.output_dist, st.dense, st.backward, st.sync
     );
     println!("  bytes/step (rank 0): sparse collectives {:.0}  replica sync {:.0}", r.a2a_bytes_per_rank, r.sync_bytes_per_rank);
+    println!("  embedding weights resident during the dense phase (rank 0): {:.2} MiB", r.emb_weight_bytes_resident as f64 / (1 << 20) as f64);
 }

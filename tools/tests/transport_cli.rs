@@ -87,3 +87,49 @@ fn runs_under_open_mpi_mpirun() {
     assert!(out.contains("# ember bench allreduce: 3 ranks, transport shm"), "{out}");
     assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
 }
+
+#[test]
+fn bare_mpirun_needs_no_variables() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("mpirun not installed: skipped (CI installs openmpi-bin)");
+        return;
+    }
+    // No EMBER_JOB_TOKEN, no rendezvous: rank 0 writes a 0600 job file keyed by the job id.
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", EMBER, "bench", "a2a", "-b", "1K", "-e", "64K", "-f", "64", "-n", "3"])
+        .env_remove("EMBER_JOB_TOKEN")
+        .env_remove("EMBER_RENDEZVOUS")
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("# ember bench a2a: 2 ranks, transport shm"), "{out}");
+    assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
+}
+
+#[test]
+fn split_runs_both_grid_groups_at_once() {
+    // 2x3 grid in-process: sharding groups of 3, replica groups of 2, both checked.
+    let o = ember(&["bench", "a2a", "--ranks", "6", "--split", "2x3", "-b", "1K", "-e", "64K", "-f", "64", "-n", "2", "-c", "2", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON row")).collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    for r in &rows {
+        assert_eq!(r["wrong"], 0);
+        match r["group"].as_str().unwrap() {
+            "shard" => assert_eq!((r["ranks"].as_u64(), r["members"].clone()), (Some(3), serde_json::json!([0, 2, 4]))),
+            "replica" => assert_eq!((r["ranks"].as_u64(), r["members"].clone()), (Some(2), serde_json::json!([0, 1]))),
+            g => panic!("group {g}"),
+        }
+    }
+    // Across processes (shm), allreduce on a 2x2 grid.
+    let o = ember(&["launch", "-n", "4", "--", EMBER, "bench", "allreduce", "--split", "2x2", "-b", "1K", "-e", "256K", "-f", "16", "-n", "2", "-c", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(out.matches("[0] # Out of bounds values : 0 OK").count(), 2, "{out}");
+    // A grid that does not match the world is a clear error.
+    let o = ember(&["bench", "a2a", "--ranks", "3", "--split", "2x2"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("needs 4 ranks"), "{:?}", text(&o));
+}

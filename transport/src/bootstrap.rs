@@ -50,6 +50,10 @@ pub enum Rendezvous {
     Addr(String),
     /// A file on a shared filesystem into which rank 0 writes its host:port.
     File(PathBuf),
+    /// Like `File`, and the file (mode 0600, owned by this user) also carries the job token,
+    /// which rank 0 creates when EMBER_JOB_TOKEN is not set: the default under a bare `mpirun`
+    /// (`<EMBER_RENDEZVOUS_DIR or TMPDIR or /tmp>/ember-<Open MPI job id>.rdv`).
+    JobFile(PathBuf),
 }
 
 /// Everything a process needs to join a job.
@@ -122,6 +126,11 @@ impl JoinConfig {
             Rendezvous::Addr(format!("{host}:{}", 20000 + job % 20000))
         } else if let Some(f) = get("EMBER_RENDEZVOUS_FILE") {
             Rendezvous::File(PathBuf::from(f))
+        } else if let Some(job) = get("OMPI_COMM_WORLD_RANK").and(get("OMPI_MCA_ess_base_jobid").or_else(|| get("PMIX_NAMESPACE"))) {
+            // Bare mpirun: a per-job file in a directory every rank sees (one host: /tmp).
+            let dir = get("EMBER_RENDEZVOUS_DIR").or_else(|| get("TMPDIR")).filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp".into());
+            let job: String = job.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+            Rendezvous::JobFile(PathBuf::from(dir).join(format!("ember-{job}.rdv")))
         } else if size == 1 {
             Rendezvous::Addr("127.0.0.1:0".into())
         } else {
@@ -130,7 +139,7 @@ impl JoinConfig {
             ));
         };
         let token = get("EMBER_JOB_TOKEN").unwrap_or_default();
-        if token.is_empty() && size > 1 {
+        if token.is_empty() && size > 1 && !matches!(rendezvous, Rendezvous::JobFile(_)) {
             return Err(Error::Refused("EMBER_JOB_TOKEN is not set (ember launch sets it; export the same value to every rank)".into()));
         }
         let transport = get("EMBER_TRANSPORT").map(|t| t.parse()).transpose()?.unwrap_or(Transport::Auto);
@@ -194,10 +203,24 @@ impl Entry {
     }
 }
 
-fn resolve_rendezvous(rv: &Rendezvous) -> Option<String> {
+/// The rendezvous address, and (job file) the token rank 0 wrote next to it.
+fn resolve_rendezvous(rv: &Rendezvous) -> Option<(String, Option<String>)> {
     match rv {
-        Rendezvous::Addr(a) => Some(a.clone()),
-        Rendezvous::File(p) => std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()),
+        Rendezvous::Addr(a) => Some((a.clone(), None)),
+        Rendezvous::File(p) => std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).map(|a| (a, None)),
+        Rendezvous::JobFile(p) => {
+            use std::os::unix::fs::MetadataExt;
+            // Only a file of ours, readable by us alone, is trusted to carry the token.
+            let m = std::fs::metadata(p).ok()?;
+            // SAFETY: geteuid has no preconditions.
+            if m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o077 != 0 {
+                return None;
+            }
+            let s = std::fs::read_to_string(p).ok()?;
+            let mut l = s.lines();
+            let (a, t) = (l.next()?.trim().to_string(), l.next()?.trim().to_string());
+            (!a.is_empty() && !t.is_empty()).then_some((a, Some(t)))
+        }
     }
 }
 
@@ -208,13 +231,25 @@ fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String>) -> Resul
             let port = a.rsplit(':').next().unwrap_or("0");
             format!("0.0.0.0:{port}")
         }
-        Rendezvous::File(_) => "0.0.0.0:0".to_string(),
+        Rendezvous::File(_) | Rendezvous::JobFile(_) => "0.0.0.0:0".to_string(),
     };
     let l = TcpListener::bind(&bind).map_err(|e| Error::Bootstrap(format!("rendezvous: bind {bind}: {e}")))?;
-    if let Rendezvous::File(p) = &cfg.rendezvous {
+    if let Rendezvous::File(p) | Rendezvous::JobFile(p) = &cfg.rendezvous {
+        use std::os::unix::fs::OpenOptionsExt;
         let port = l.local_addr().map_err(|e| Error::Bootstrap(e.to_string()))?.port();
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, format!("{}:{port}\n", hostname()))
+        let mut text = format!("{}:{port}\n", hostname());
+        if matches!(cfg.rendezvous, Rendezvous::JobFile(_)) {
+            text += &cfg.token;
+            text += "\n";
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|_| std::fs::rename(&tmp, p))
             .map_err(|e| Error::Bootstrap(format!("rendezvous file {}: {e}", p.display())))?;
     }
@@ -276,19 +311,23 @@ fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String>) -> Resul
         let r = s.write_all(&[0]).and_then(|_| table.iter().try_for_each(|e| put(s, &e.encode())));
         r.map_err(|e| Error::Bootstrap(format!("rendezvous reply: {e}")))?;
     }
-    if let Rendezvous::File(p) = &cfg.rendezvous {
+    if let Rendezvous::File(p) | Rendezvous::JobFile(p) = &cfg.rendezvous {
         let _ = std::fs::remove_file(p);
     }
     Ok(table)
 }
 
 /// Ranks > 0: connect (retrying until the deadline), introduce ourselves, read the table.
-fn join(cfg: &JoinConfig, me: &mut Entry) -> Result<Vec<Entry>> {
+fn join(cfg: &mut JoinConfig, me: &mut Entry) -> Result<Vec<Entry>> {
     let deadline = Instant::now() + cfg.timeout;
+    let mut token = cfg.token.clone();
     let mut s = loop {
         let addr = resolve_rendezvous(&cfg.rendezvous);
-        let conn = addr.as_ref().and_then(|a| a.to_socket_addrs().ok()).and_then(|mut it| it.find_map(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(1)).ok()));
+        let conn = addr.as_ref().and_then(|(a, _)| a.to_socket_addrs().ok()).and_then(|mut it| it.find_map(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(1)).ok()));
         if let Some(s) = conn {
+            if token.is_empty() {
+                token = addr.and_then(|(_, t)| t).unwrap_or_default();
+            }
             break s;
         }
         if Instant::now() > deadline {
@@ -302,6 +341,7 @@ fn join(cfg: &JoinConfig, me: &mut Entry) -> Result<Vec<Entry>> {
     let io = |e: std::io::Error| Error::Bootstrap(format!("rendezvous: {e}"));
     let mut ids = (cfg.rank as u32).to_le_bytes().to_vec();
     ids.extend_from_slice(&(cfg.size as u32).to_le_bytes());
+    cfg.token = token;
     put(&mut s, cfg.token.as_bytes()).and_then(|_| put(&mut s, &ids)).and_then(|_| put(&mut s, &me.encode())).map_err(io)?;
     s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)))).ok();
     let mut status = [0u8; 1];
@@ -332,6 +372,15 @@ impl Comm {
         if cfg.size == 1 {
             return Ok(crate::comm::local_world_with_timeout(1, cfg.timeout).pop().unwrap());
         }
+        let mut cfg = cfg.clone();
+        if cfg.token.is_empty() {
+            if !matches!(cfg.rendezvous, Rendezvous::JobFile(_)) {
+                return Err(Error::Refused("EMBER_JOB_TOKEN is not set (ember launch sets it; export the same value to every rank)".into()));
+            }
+            if cfg.rank == 0 {
+                cfg.token = new_token(); // handed to the others through the 0600 job file
+            }
+        }
         let want_tcp = matches!(cfg.transport, Transport::Tcp | Transport::Auto);
         let want_shm = matches!(cfg.transport, Transport::Shm | Transport::Auto);
         let listener = if want_tcp {
@@ -346,7 +395,7 @@ impl Comm {
             tcp: listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
             shm: inbox.as_ref().map(|i| i.path.display().to_string()).unwrap_or_default(),
         };
-        let table = if cfg.rank == 0 { serve(cfg, &mut me, &mut None) } else { join(cfg, &mut me) };
+        let table = if cfg.rank == 0 { serve(&cfg, &mut me, &mut None) } else { join(&mut cfg, &mut me) };
         let table = match table {
             Ok(t) => t,
             Err(e) => {

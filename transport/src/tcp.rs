@@ -101,7 +101,7 @@ impl TcpFabric {
                 Err(e) => return Err(Error::Bootstrap(format!("accept: {e}"))),
             }
         }
-        let mb = Arc::new(Mailbox::new_blocking());
+        let mb = Arc::new(Mailbox::new());
         let mut writers = Vec::with_capacity(size);
         for (p, s) in streams.into_iter().enumerate() {
             match s {

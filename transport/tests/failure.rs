@@ -180,3 +180,47 @@ fn large_messages_take_the_one_copy_path_on_every_backend() {
         }
     }
 }
+
+#[test]
+fn bare_mpirun_defaults_to_a_job_file_that_carries_the_token() {
+    let get = |kv: &'static [(&'static str, &'static str)]| move |k: &str| kv.iter().find(|(a, _)| *a == k).map(|(_, v)| v.to_string());
+    let c = JoinConfig::from_vars(get(&[
+        ("OMPI_COMM_WORLD_RANK", "1"),
+        ("OMPI_COMM_WORLD_SIZE", "2"),
+        ("OMPI_MCA_ess_base_jobid", "6160385"),
+        ("EMBER_RENDEZVOUS_DIR", "/shared/x"),
+    ]))
+    .unwrap();
+    assert_eq!(c.rendezvous, Rendezvous::JobFile("/shared/x/ember-6160385.rdv".into()));
+    assert!(c.token.is_empty());
+    // Without a job id (not mpirun) a missing token is still refused.
+    assert!(matches!(JoinConfig::from_vars(get(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("EMBER_RENDEZVOUS_FILE", "/f")])), Err(Error::Refused(_))));
+    // A real job through a job file, no token given: rank 0 creates one, the others read it.
+    let dir = std::env::temp_dir().join(format!("ember-jobfile-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ember-job.rdv");
+    let hs: Vec<_> = (0..3)
+        .map(|rank| {
+            let cfg = JoinConfig {
+                rank,
+                size: 3,
+                local_rank: rank,
+                rendezvous: Rendezvous::JobFile(path.clone()),
+                token: String::new(),
+                transport: Transport::Tcp,
+                timeout: Duration::from_secs(5),
+            };
+            std::thread::spawn(move || {
+                let c = Comm::connect(&cfg)?;
+                let mut x = [c.rank() as u64 + 1];
+                c.all_reduce(&mut x, ember_transport::ReduceOp::Sum)?;
+                Ok::<u64, Error>(x[0])
+            })
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap().unwrap(), 6);
+    }
+    assert!(!path.exists(), "the job file is removed once everyone joined");
+    let _ = std::fs::remove_dir_all(&dir);
+}

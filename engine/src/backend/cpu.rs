@@ -24,6 +24,25 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// An empty host buffer with room for `n` floats. Large ones ask the kernel for transparent huge
+/// pages before their first touch: random row lookups over a big table otherwise miss the TLB
+/// on nearly every access.
+fn alloc_host(n: usize) -> Vec<f32> {
+    const HUGE: usize = 2 << 20;
+    let v: Vec<f32> = Vec::with_capacity(n);
+    let bytes = n * 4;
+    if bytes >= 4 * HUGE {
+        let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside this vector's allocation; MADV_HUGEPAGE is advice
+            // only (its failure, e.g. THP disabled, changes nothing).
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v
+}
+
 #[inline(always)]
 fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
@@ -266,10 +285,14 @@ impl Backend for Cpu {
         "cpu"
     }
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
+        let mut v = alloc_host(n);
+        v.resize(n, 0.0);
+        Ok(v)
     }
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
-        Ok(host.to_vec())
+        let mut v = alloc_host(host.len());
+        v.extend_from_slice(host);
+        Ok(v)
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())

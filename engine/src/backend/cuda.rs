@@ -62,6 +62,9 @@ pub struct Cuda {
     gpu: Arc<Gpu>,
     /// Serialises operations that use the arena (Backend is Sync).
     op: Mutex<()>,
+    /// Use the first-version backward (sort + RLE + warp per row) for every shard; set from
+    /// `EMBER_CUDA_BWD=legacy` at open, or by `set_legacy_backward` (benchmarks compare both).
+    legacy_bwd: std::sync::atomic::AtomicBool,
 }
 
 /// Sorted and run-length encoded occurrences of one backward call (arena scratch).
@@ -85,12 +88,18 @@ impl Cuda {
     /// Open device `ordinal`; `cfg` sizes the pool (the first call for a device decides).
     pub fn with_pool(ordinal: usize, cfg: PoolConfig) -> Result<Cuda> {
         let gpu = Gpu::open(ordinal, cfg).map_err(dev)?;
-        Ok(Cuda { gpu, op: Mutex::new(()) })
+        let legacy = std::env::var("EMBER_CUDA_BWD").is_ok_and(|v| v == "legacy");
+        Ok(Cuda { gpu, op: Mutex::new(()), legacy_bwd: std::sync::atomic::AtomicBool::new(legacy) })
     }
 
     /// Whether a CUDA device can be opened here (never panics). Err says why not.
     pub fn probe() -> Result<usize> {
         ember_cuda::device::probe(0).map_err(dev)
+    }
+
+    /// Select the first-version fused backward (true) or the fast one (false, the default).
+    pub fn set_legacy_backward(&self, on: bool) {
+        self.legacy_bwd.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -179,6 +188,29 @@ impl Cuda {
         let ids = bags.ids.ptr();
         unsafe { self.gpu.launch("emb_bag_of", Self::blocks(bags.num_bags, 256)?, 256).map_err(dev)?.arg(&offs).arg(&nb).arg(&bag_of).go() }.map_err(dev)?;
         unsafe { self.gpu.launch("emb_keys", Self::blocks(n, 256)?, 256).map_err(dev)?.arg(&ids).arg(&ni).arg(&k0).arg(&v0).go() }.map_err(dev)?;
+        let (k, v, k_alt, v_alt) = self.sort_pairs(k0, v0, k1, v1, n, rows)?;
+        (k0, v0, k1, v1) = (k, v, k_alt, v_alt);
+        // Run-length encode (reuse k1/v1 as flags and their scan).
+        let (flags, idx) = (k1, v1);
+        let uniq = self.scratch(n * 4)?;
+        let seg = self.scratch((n + 1) * 4)?;
+        let counters = self.scratch(16)?;
+        let g = Self::blocks(n, 256)?;
+        unsafe { self.gpu.launch("rle_flags", g, 256).map_err(dev)?.arg(&k0).arg(&ni).arg(&flags).go() }.map_err(dev)?;
+        self.gpu.dtod(idx, flags, n * 4).map_err(dev)?;
+        self.scan(idx, n)?;
+        unsafe {
+            self.gpu.launch("rle_compact", g, 256).map_err(dev)?.arg(&k0).arg(&flags).arg(&idx).arg(&ni).arg(&uniq).arg(&seg).arg(&counters).go()
+        }
+        .map_err(dev)?;
+        Ok(Prep { n, vals: v0, bag_of, uniq, seg, counters })
+    }
+
+    /// Stable LSD radix sort of `n` (u32 key, u32 value) pairs in (k0, v0), keys < `rows`:
+    /// ceil(log2(rows)/8) passes of 8 bits. Returns (keys, values, spare keys, spare values).
+    #[allow(clippy::too_many_arguments)]
+    fn sort_pairs(&self, mut k0: u64, mut v0: u64, mut k1: u64, mut v1: u64, n: usize, rows: usize) -> Result<(u64, u64, u64, u64)> {
+        let ni = n as i64;
         let bits = if rows <= 1 { 0 } else { 64 - ((rows - 1) as u64).leading_zeros() };
         let tiles = n.div_ceil(RADIX_TILE).max(1);
         let ti = tiles as i32;
@@ -206,20 +238,108 @@ impl Cuda {
             std::mem::swap(&mut v0, &mut v1);
             shift += 8;
         }
-        // Run-length encode (reuse k1/v1 as flags and their scan).
-        let (flags, idx) = (k1, v1);
-        let uniq = self.scratch(n * 4)?;
-        let seg = self.scratch((n + 1) * 4)?;
-        let counters = self.scratch(16)?;
-        let g = Self::blocks(n, 256)?;
-        unsafe { self.gpu.launch("rle_flags", g, 256).map_err(dev)?.arg(&k0).arg(&ni).arg(&flags).go() }.map_err(dev)?;
-        self.gpu.dtod(idx, flags, n * 4).map_err(dev)?;
-        self.scan(idx, n)?;
+        Ok((k0, v0, k1, v1))
+    }
+
+    /// Whether the fast fused backward applies (float4 rows and gradient columns).
+    fn fast_bwd_ok(&self, cols: usize, layout: Layout) -> bool {
+        cols % 4 == 0 && cols <= MAX_BWD_COLS && layout.stride % 4 == 0 && layout.col % 4 == 0 && !self.legacy_bwd.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The fast fused backward + optimizer (see embedding.cu): keys/bags, radix sort, one
+    /// fused kernel over sorted positions, two kernels for runs > SHORT_RUN. No host sync.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_fast(&self, bags: &Bags<Cuda>, rows: usize, w: u64, state: u64, cols: usize, grad: u64, layout: Layout, scale: u64, o: Opt) -> Result<()> {
+        let n = bags.ids.len();
+        let ni = n as i64;
+        let nb = bags.num_bags as i64;
+        let (k0, v0) = (self.scratch(n * 4)?, self.scratch(n * 4)?);
+        let (k1, v1) = (self.scratch(n * 4)?, self.scratch(n * 4)?);
+        let long_counters = self.scratch(16)?;
+        let max_long = n / (SHORT_RUN + 1) + 1;
+        let max_items = n / CHUNK + max_long + 1;
+        let long_info = self.scratch(max_long * 12)?;
+        let items = self.scratch(max_items * 8)?;
+        let acc = self.scratch(max_long * cols * 4)?;
+        let (offs, ids) = (bags.offsets.ptr(), bags.ids.ptr());
         unsafe {
-            self.gpu.launch("rle_compact", g, 256).map_err(dev)?.arg(&k0).arg(&flags).arg(&idx).arg(&ni).arg(&uniq).arg(&seg).arg(&counters).go()
+            self.gpu
+                .launch("emb_keys_bags", Self::blocks(bags.num_bags.max(1) * 32, 256)?, 256)
+                .map_err(dev)?
+                .arg(&offs)
+                .arg(&ids)
+                .arg(&nb)
+                .arg(&k0)
+                .arg(&v0)
+                .arg(&long_counters)
+                .go()
         }
         .map_err(dev)?;
-        Ok(Prep { n, vals: v0, bag_of, uniq, seg, counters })
+        let (keys, vals, _, _) = self.sort_pairs(k0, v0, k1, v1, n, rows)?;
+        let nv = cols / 4;
+        let (kernel, t) = if nv <= 32 { ("emb_bwd_fused1", nv.next_power_of_two().max(1)) } else { ("emb_bwd_fused4", 32) };
+        let tlog = t.trailing_zeros() as i32;
+        let (ci, stride, col) = (cols as i64, layout.stride as i64, layout.col as i64);
+        let threads = n * t;
+        let grid = Self::blocks(threads, 256)?.min(self.gpu.sm_count * 64).max(1);
+        unsafe {
+            self.gpu
+                .launch(kernel, grid, 256)
+                .map_err(dev)?
+                .arg(&w)
+                .arg(&state)
+                .arg(&ci)
+                .arg(&keys)
+                .arg(&vals)
+                .arg(&ni)
+                .arg(&grad)
+                .arg(&stride)
+                .arg(&col)
+                .arg(&scale)
+                .arg(&o)
+                .arg(&tlog)
+                .arg(&long_counters)
+                .arg(&long_info)
+                .arg(&items)
+                .arg(&acc)
+                .go()
+        }
+        .map_err(dev)?;
+        let g = (max_items as u32).min(self.gpu.sm_count * 8).max(1);
+        let accum = if nv <= 32 { "emb_bwd_long_accum_v4_1" } else { "emb_bwd_long_accum_v4_4" };
+        unsafe {
+            self.gpu
+                .launch(accum, g, 256)
+                .map_err(dev)?
+                .arg(&ci)
+                .arg(&vals)
+                .arg(&grad)
+                .arg(&stride)
+                .arg(&col)
+                .arg(&scale)
+                .arg(&long_counters)
+                .arg(&long_info)
+                .arg(&items)
+                .arg(&acc)
+                .arg(&tlog)
+                .go()
+        }
+        .map_err(dev)?;
+        let g = Self::blocks(max_long * 32, 256)?.min(self.gpu.sm_count * 8).max(1);
+        unsafe {
+            self.gpu
+                .launch("emb_bwd_long_apply2", g, 256)
+                .map_err(dev)?
+                .arg(&w)
+                .arg(&state)
+                .arg(&ci)
+                .arg(&long_counters)
+                .arg(&long_info)
+                .arg(&acc)
+                .arg(&o)
+                .go()
+        }
+        .map_err(dev)
     }
 
     /// The three update kernels (short runs, long-run chunks, long-run finish).
@@ -299,6 +419,34 @@ impl Cuda {
                 .go()
         }
         .map_err(dev)
+    }
+
+    /// Milliseconds per call of the fast backward's first phase alone (keys/bags + radix sort
+    /// of `bags` for a shard of `rows` rows), CUDA-event mean of `iters`: the per-phase breakdown
+    /// of `embedding_backward_update` for benchmarks.
+    pub fn time_backward_sort(&self, bags: &Bags<Cuda>, rows: usize, iters: usize) -> Result<f64> {
+        let _g = self.lock()?;
+        let n = bags.ids.len();
+        let nb = bags.num_bags as i64;
+        let (offs, ids) = (bags.offsets.ptr(), bags.ids.ptr());
+        let r = self.gpu.time_ms(iters, || {
+            let f = || -> Result<()> {
+                let (k0, v0) = (self.scratch(n * 4)?, self.scratch(n * 4)?);
+                let (k1, v1) = (self.scratch(n * 4)?, self.scratch(n * 4)?);
+                let lc = self.scratch(16)?;
+                unsafe {
+                    self.gpu.launch("emb_keys_bags", Self::blocks(bags.num_bags.max(1) * 32, 256)?, 256).map_err(dev)?.arg(&offs).arg(&ids).arg(&nb).arg(&k0).arg(&v0).arg(&lc).go()
+                }
+                .map_err(dev)?;
+                self.sort_pairs(k0, v0, k1, v1, n, rows)?;
+                self.done()
+            };
+            f().map_err(|e| e.to_string())
+        });
+        let d = self.done();
+        let r = r.map_err(dev)?;
+        d?;
+        Ok(r)
     }
 
     /// Device copy bandwidth (bytes read + written per second) over `bytes`-sized buffers.
@@ -720,9 +868,13 @@ impl Backend for Cuda {
             return Ok(());
         }
         let _g = self.lock()?;
-        let p = self.prepare(bags, rows)?;
         let sc = bags.scale.as_ref().map_or(NULL, |s| s.ptr());
-        let r = self.run_update(&p, shard.weights.ptr(), shard.state.ptr(), cols, grad.ptr(), layout, sc, Opt::new(upd, shard.spec.dim), 0, NULL, NULL);
+        let o = Opt::new(upd, shard.spec.dim);
+        let r = if self.fast_bwd_ok(cols, layout) {
+            self.backward_fast(bags, rows, shard.weights.ptr(), shard.state.ptr(), cols, grad.ptr(), layout, sc, o)
+        } else {
+            self.prepare(bags, rows).and_then(|p| self.run_update(&p, shard.weights.ptr(), shard.state.ptr(), cols, grad.ptr(), layout, sc, o, 0, NULL, NULL))
+        };
         let d = self.done();
         r.and(d)
     }

@@ -39,8 +39,11 @@ pub struct Report2D {
     pub stages: StageTimes,
     /// Rank 0's all-to-all (and reduce-scatter / all-gather) bytes sent per step, all stages.
     pub a2a_bytes_per_rank: f64,
-    /// Rank 0's replica-sync bytes per step (indices + values).
+    /// Rank 0's replica-sync bytes per step (indices + values; fully-sharded: its weight
+    /// reduce-scatter and all-gather).
     pub sync_bytes_per_rank: f64,
+    /// Rank 0's largest embedding-weight bytes resident during the dense phase.
+    pub emb_weight_bytes_resident: u64,
     pub losses: Vec<f64>,
 }
 
@@ -158,6 +161,10 @@ pub fn run_rank<B: Backend>(
     for step in 0..steps {
         losses.push(rank.train_step(be, &feed(step, w))?);
     }
+    rank.finish_pending(be)?;
+    if rank.opts.fully_sharded {
+        rank.average_weights(be)?;
+    }
     let metrics = eval_2d(be, &mut rank, eval, cfg.batch_size)?;
     let mut shards = Vec::new();
     for sh in &rank.shards {
@@ -200,7 +207,8 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         wall_s: wall,
         stages,
         a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
-        sync_bytes_per_rank: per((b.sync_index + b.sync_values) as f64),
+        sync_bytes_per_rank: per((b.sync_index + b.sync_values + b.fs_weights) as f64),
+        emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
         losses,
     }
 }

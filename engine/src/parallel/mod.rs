@@ -40,11 +40,19 @@ pub struct ParallelOptions {
     /// Replica sync every K steps.
     pub sync_every: usize,
     pub sync: SyncMode,
+    /// Sync the optimizer state one sync behind (BRIEF.md §3); weights are still averaged at every sync.
+    #[serde(default)]
+    pub delayed_state_sync: bool,
+    /// Fully-sharded 2D (BRIEF.md §2 variant): weights reduce-scattered (mean) over the replica
+    /// group right after the lookup, all-gathered before the embedding backward; optimizer state
+    /// is not averaged and K does not apply.
+    #[serde(default)]
+    pub fully_sharded: bool,
 }
 
 impl Default for ParallelOptions {
     fn default() -> Self {
-        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse }
+        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false }
     }
 }
 
@@ -70,6 +78,10 @@ pub struct ByteCounts {
     pub dense_all_reduce: u64,
     pub sync_index: u64,
     pub sync_values: u64,
+    /// Fully-sharded 2D: the reduce-scatter and all-gather of shard weights.
+    pub fs_weights: u64,
+    /// Largest number of embedding-weight bytes resident during the dense phase of a step.
+    pub emb_weight_bytes_resident_dense: u64,
 }
 
 /// One timed span of one rank (Chrome/Perfetto trace "X" event).
@@ -113,6 +125,11 @@ pub struct Rank2D<B: Backend> {
     /// Recorded stage spans when tracing.
     pub trace: Option<Vec<TraceEvent>>,
     epoch: Instant,
+    /// Delayed state sync: the state average in flight.
+    pending: Option<sync::PendingState>,
+    /// Fully-sharded 2D: this replica's averaged part of the concatenated shard weights, and
+    /// the split of that concatenation over the replica group.
+    fs_part: Option<(Vec<f32>, Vec<usize>)>,
 }
 
 
@@ -169,6 +186,8 @@ impl<B: Backend> Rank2D<B> {
             row_tables,
             trace: None,
             epoch: Instant::now(),
+            pending: None,
+            fs_part: None,
         })
     }
 
@@ -184,7 +203,7 @@ impl<B: Backend> Rank2D<B> {
     }
 
     /// Steps 1–4a: distribute ids, look up, distribute pooled vectors, dense forward.
-    fn forward(&mut self, be: &B, batch: &Batch) -> Result<Forward<B>> {
+    fn forward(&mut self, be: &B, batch: &Batch, fully_sharded: bool) -> Result<Forward<B>> {
         batch.validate(&self.model)?;
         let b = batch.size();
         if b * self.comms.grid.world() != self.global_batch {
@@ -208,6 +227,9 @@ impl<B: Backend> Rank2D<B> {
             let mut out = be.zeros(bg * cols)?;
             be.embedding_forward(s, bg_, &mut out, crate::backend::Layout { stride: cols, col: 0 }, false)?;
             outs.push(be.download(&out)?);
+        }
+        if fully_sharded {
+            self.fs_scatter(be)?;
         }
         self.times.lookup += self.stage("lookup", t0);
         // 3. Output distribution.
@@ -289,7 +311,10 @@ impl<B: Backend> Rank2D<B> {
 
     /// One training step on this rank's `b = B/T` samples. Returns the global mean loss.
     pub fn train_step(&mut self, be: &B, batch: &Batch) -> Result<f64> {
-        let fwd = self.forward(be, batch)?;
+        let fs = self.opts.fully_sharded && self.comms.grid.m > 1;
+        let fwd = self.forward(be, batch, fs)?;
+        let resident: usize = self.shards.iter().map(|s| be.len(&s.weights) * 4).sum::<usize>() + self.fs_part.as_ref().map_or(0, |p| p.0.len() * 4);
+        self.bytes.emb_weight_bytes_resident_dense = self.bytes.emb_weight_bytes_resident_dense.max(resident as u64);
         let (n, d, f, m) = (self.plan.n, self.model.dim(), self.model.num_tables(), self.comms.grid.m);
         let b = batch.size();
         let stride = (f + 1) * d;
@@ -364,11 +389,14 @@ impl<B: Backend> Rank2D<B> {
                 }
             }
         }
+        if fs {
+            self.fs_gather(be)?;
+        }
         self.apply_embedding_grads(be, &fwd, gmats)?;
         self.times.backward += self.stage("backward", t0);
         // 6. Replica sync every K steps.
         self.steps_done += 1;
-        if self.steps_done % self.opts.sync_every == 0 {
+        if !fs && self.steps_done % self.opts.sync_every == 0 {
             self.sync(be)?;
         }
         // 7. Dense optimizer step.
@@ -465,16 +493,66 @@ impl<B: Backend> Rank2D<B> {
     /// Step 6: replica sync (also callable at the end of training).
     pub fn sync(&mut self, be: &B) -> Result<()> {
         let t0 = Instant::now();
-        let s = sync::replica_sync(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync)?;
+        let delayed = if self.opts.delayed_state_sync { Some(&mut self.pending) } else { None };
+        let s = sync::replica_sync_with(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync, delayed)?;
         self.bytes.sync_index += s.index_bytes;
         self.bytes.sync_values += s.value_bytes;
         self.times.sync += self.stage("sync", t0);
         Ok(())
     }
 
+    /// Fully-sharded 2D, after the lookup: reduce-scatter (mean) the concatenated shard weights
+    /// over the replica group and keep only this replica's part resident.
+    fn fs_scatter(&mut self, be: &B) -> Result<()> {
+        let mut flat = Vec::new();
+        for s in &mut self.shards {
+            flat.extend(be.download(&s.weights)?);
+            s.weights = be.zeros(0)?;
+        }
+        let counts = ember_transport::split_evenly(flat.len(), self.comms.grid.m);
+        let mut part = vec![0.0f32; counts[self.comms.replica.rank()]];
+        self.bytes.fs_weights += flat.len() as u64 * 4;
+        self.comms.replica.reduce_scatter_v(&flat, &counts, &mut part, ReduceOp::Mean)?;
+        self.fs_part = Some((part, counts));
+        Ok(())
+    }
+
+    /// Fully-sharded 2D, before the embedding backward: all-gather the averaged weights.
+    fn fs_gather(&mut self, be: &B) -> Result<()> {
+        let (part, counts) = self.fs_part.take().ok_or_else(|| Error::Config("fully-sharded gather without a scatter".into()))?;
+        let mut flat = vec![0.0f32; counts.iter().sum()];
+        self.bytes.fs_weights += part.len() as u64 * 4;
+        self.comms.replica.all_gather_v(&part, &mut flat, &counts)?;
+        let mut pos = 0;
+        for s in &mut self.shards {
+            let n = s.spec.num_rows() * s.spec.num_cols();
+            s.weights = be.upload(&flat[pos..pos + n])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Average the weights over the replica group now (fully-sharded 2D keeps replicas apart
+    /// between steps; evaluation and checkpoints use the average).
+    pub fn average_weights(&mut self, be: &B) -> Result<()> {
+        if self.comms.grid.m > 1 {
+            self.fs_scatter(be)?;
+            self.fs_gather(be)?;
+        }
+        Ok(())
+    }
+
+    /// Finish any delayed state average still in flight (before evaluation or checkpoints).
+    pub fn finish_pending(&mut self, be: &B) -> Result<()> {
+        if let Some(p) = self.pending.take() {
+            sync::apply_pending(be, &mut self.shards, p)?;
+        }
+        Ok(())
+    }
+
     /// Logits of this rank's samples (forward only).
     pub fn predict(&mut self, be: &B, batch: &Batch) -> Result<Vec<f32>> {
-        self.forward(be, batch)?;
+        self.forward(be, batch, false)?;
         let mut l = be.download(self.dense.logits())?;
         l.truncate(batch.size());
         Ok(l)

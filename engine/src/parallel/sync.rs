@@ -9,7 +9,7 @@
 use super::route::Touched;
 use crate::backend::{Backend, Shard};
 use crate::{Error, Result};
-use ember_transport::{Comm, ReduceOp};
+use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,8 +70,38 @@ fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Res
     Ok((union, bytes))
 }
 
+/// An optimizer-state average started at one sync and applied at the next (delayed state sync).
+pub struct PendingState {
+    rows: Vec<Vec<u64>>,
+    /// The state values of `rows` when the average started.
+    snapshot: Vec<f64>,
+    mean: Request<Vec<f64>>,
+}
+
 /// Average the shards over the replica group `comm`. `touched` is cleared.
 pub fn replica_sync<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
+    replica_sync_with(be, comm, shards, touched, mode, None)
+}
+
+fn spr_of<B: Backend>(be: &B, s: &Shard<B>) -> usize {
+    if s.spec.num_rows() == 0 {
+        0
+    } else {
+        be.len(&s.state) / s.spec.num_rows()
+    }
+}
+
+/// `replica_sync`; with `delayed`, the optimizer state is synced one sync behind (BRIEF.md §3):
+/// the average started now is applied at the next sync as v ← mean(v then) + (v now − v then),
+/// while weights are averaged now.
+pub fn replica_sync_with<B: Backend>(
+    be: &B,
+    comm: &Comm,
+    shards: &mut [Shard<B>],
+    touched: &mut [Touched],
+    mode: SyncMode,
+    delayed: Option<&mut Option<PendingState>>,
+) -> Result<SyncBytes> {
     if comm.size() == 1 {
         touched.iter_mut().for_each(Touched::clear);
         return Ok(SyncBytes::default());
@@ -86,11 +116,29 @@ pub fn replica_sync<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], to
             u
         }
     };
-    // Pack weights and state of the rows, in f64.
+    let with_state = delayed.is_none();
+    if let Some(pending) = delayed {
+        if let Some(p) = pending.take() {
+            apply_pending(be, shards, p)?;
+        }
+        // Start the next state average; it completes during the coming interval.
+        let mut snapshot = Vec::new();
+        for (s, rows) in shards.iter_mut().zip(&rows_of) {
+            let spr = spr_of(be, s);
+            let st = host(be, &mut s.state)?;
+            for &r in rows {
+                snapshot.extend(st[r as usize * spr..(r as usize + 1) * spr].iter().map(|&x| x as f64));
+            }
+        }
+        stats.value_bytes += snapshot.len() as u64 * 8;
+        let mean = comm.start_all_reduce(snapshot.clone(), ReduceOp::Mean);
+        *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
+    }
+    // Pack weights (and, unless delayed, state) of the rows, in f64.
     let mut vals: Vec<f64> = Vec::new();
     for (s, rows) in shards.iter_mut().zip(&rows_of) {
         let cols = s.spec.num_cols();
-        let spr = if s.spec.num_rows() == 0 { 0 } else { be.len(&s.state) / s.spec.num_rows() };
+        let spr = if with_state { spr_of(be, s) } else { 0 };
         let w = host(be, &mut s.weights)?;
         for &r in rows {
             vals.extend(w[r as usize * cols..(r as usize + 1) * cols].iter().map(|&x| x as f64));
@@ -100,12 +148,12 @@ pub fn replica_sync<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], to
             vals.extend(st[r as usize * spr..(r as usize + 1) * spr].iter().map(|&x| x as f64));
         }
     }
-    stats.value_bytes = vals.len() as u64 * 8;
+    stats.value_bytes += vals.len() as u64 * 8;
     comm.all_reduce(&mut vals, ReduceOp::Mean)?;
     let mut pos = 0usize;
     for (s, rows) in shards.iter_mut().zip(&rows_of) {
         let cols = s.spec.num_cols();
-        let spr = if s.spec.num_rows() == 0 { 0 } else { be.len(&s.state) / s.spec.num_rows() };
+        let spr = if with_state { spr_of(be, s) } else { 0 };
         let w = host(be, &mut s.weights)?;
         for &r in rows {
             for (x, &v) in w[r as usize * cols..(r as usize + 1) * cols].iter_mut().zip(&vals[pos..pos + cols]) {
@@ -123,4 +171,21 @@ pub fn replica_sync<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], to
     }
     touched.iter_mut().for_each(Touched::clear);
     Ok(stats)
+}
+
+/// Finish a delayed state average: v ← mean(v then) + (v now − v then), rows of that sync.
+pub fn apply_pending<B: Backend>(be: &B, shards: &mut [Shard<B>], p: PendingState) -> Result<()> {
+    let mean = p.mean.wait()?;
+    let mut pos = 0;
+    for (s, rows) in shards.iter_mut().zip(&p.rows) {
+        let spr = spr_of(be, s);
+        let st = host(be, &mut s.state)?;
+        for &r in rows {
+            for x in st[r as usize * spr..(r as usize + 1) * spr].iter_mut() {
+                *x = (mean[pos] + (*x as f64 - p.snapshot[pos])) as f32;
+                pos += 1;
+            }
+        }
+    }
+    Ok(())
 }

@@ -21,10 +21,11 @@
 //!
 //! The greedy balancer: tables whose bytes exceed a share of the mean per-rank table bytes are
 //! split by rows (table-row-wise over one node when that brings them under the share, else
-//! row-wise over all N); tables whose compute cost exceeds the mean per-rank cost of the tables still to place are split by
-//! columns (shards at least MIN_COL_WIDTH wide) over just enough ranks; the rest go whole, largest first, to the rank whose normalised
-//! load max(cost / mean cost, bytes / mean bytes) stays lowest (LPT). With a memory budget the
-//! split share is lowered step by step until the plan fits, else the plan is refused.
+//! row-wise over all N); tables whose compute cost exceeds the mean per-rank cost of the tables
+//! still to place are split by columns (shards at least MIN_COL_WIDTH wide) over just enough
+//! ranks; the rest go whole, largest first, to the rank whose normalised load
+//! max(cost / mean cost, bytes / mean bytes) stays lowest (LPT). With a memory budget the split
+//! share is lowered step by step until the plan fits, else the plan is refused.
 use super::{split_range, PlacedShard, Plan, ShardingType, TablePlan};
 use crate::config::{DenseOptimizer, EmbOptimizer, Interaction, ModelConfig, TableConfig, TrainConfig};
 use crate::data::Batch;

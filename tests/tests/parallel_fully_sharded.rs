@@ -1,0 +1,111 @@
+//! Fully-sharded 2D against a direct simulation of its schedule (BRIEF.md §2): replicas look up
+//! with their local weights, the update is applied to the replica average, optimizer state is not
+//! averaged. The simulation runs each replica as a single-process model and does the schedule's
+//! averaging in f64. Also: the mode differs from full sharding, and its memory saving.
+use ember::backend::Cpu;
+use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
+use ember::data::synthetic::SyntheticData;
+use ember::grid::{Grid, Placement};
+use ember::model::Dlrm;
+use ember::parallel::driver::train_in_process;
+use ember::parallel::ParallelOptions;
+use ember::plan::{Plan, ShardingType, TablePlan};
+
+fn cfg(batch: usize) -> TrainConfig {
+    let mut c = preset("tiny", Some(2000)).unwrap();
+    c.batch_size = batch;
+    c.optim.embedding = EmbOptimizer::Sgd { lr: 0.5 };
+    c.optim.dense = DenseOptimizer::Sgd { lr: 0.1 };
+    c.synthetic.eval_samples = 64;
+    c
+}
+
+fn whole_plan(c: &TrainConfig) -> Plan {
+    Plan { n: 1, tables: c.model.tables.iter().enumerate().map(|(t, tc)| TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableWise, &[0])).collect() }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn mean64(xs: &[&Vec<f32>]) -> Vec<f64> {
+    let mut m = vec![0.0f64; xs[0].len()];
+    for x in xs {
+        m.iter_mut().zip(x.iter()).for_each(|(a, &b)| *a += b as f64);
+    }
+    m.iter_mut().for_each(|a| *a /= xs.len() as f64);
+    m
+}
+
+/// The schedule of fully-sharded 2D on grid M×1, simulated with M single-process models.
+fn simulate(c: &TrainConfig, m: usize, steps: usize) -> Vec<Dlrm<Cpu>> {
+    let be = Cpu::new();
+    let data = SyntheticData::new(c).unwrap();
+    let per = c.batch_size / m;
+    let mut sub = c.clone();
+    sub.batch_size = per;
+    let mut reps: Vec<Dlrm<Cpu>> = (0..m).map(|_| Dlrm::new(&be, &sub).unwrap()).collect();
+    for s in 0..steps {
+        // The average the lookup-time weights reduce to (the reduce-scatter + all-gather).
+        let avg: Vec<Vec<f64>> = (0..c.model.tables.len()).map(|t| mean64(&reps.iter().map(|r| &r.tables[t].weights).collect::<Vec<_>>())).collect();
+        for (g, r) in reps.iter_mut().enumerate() {
+            let before: Vec<Vec<f32>> = r.tables.iter().map(|t| t.weights.clone()).collect();
+            // Lookup and gradients at the local weights; SGD's step is linear, so the update
+            // applied to the average is average + (local after − local before).
+            r.train_step(&be, &data.samples((s * c.batch_size + g * per) as u64, per)).unwrap();
+            for (t, tab) in r.tables.iter_mut().enumerate() {
+                for (k, w) in tab.weights.iter_mut().enumerate() {
+                    *w = (avg[t][k] + (*w as f64 - before[t][k] as f64)) as f32;
+                }
+            }
+        }
+        // Dense parameters: data parallel over all ranks = mean of the replicas' SGD steps.
+        let np = reps[0].dense.params_mut().len();
+        for p in 0..np {
+            let vals: Vec<Vec<f32>> = reps.iter_mut().map(|r| r.dense.params_mut()[p].w.clone()).collect();
+            let mean = mean64(&vals.iter().collect::<Vec<_>>());
+            for r in reps.iter_mut() {
+                r.dense.params_mut()[p].w.iter_mut().zip(&mean).for_each(|(w, &x)| *w = x as f32);
+            }
+        }
+    }
+    reps
+}
+
+#[test]
+fn fully_sharded_2d_follows_its_schedule() {
+    let (m, steps) = (3, 4);
+    let c = cfg(48);
+    let sim = simulate(&c, m, steps);
+    let grid = Grid::new(m, 1, Placement::ReplicasInNode).unwrap();
+    let opts = ParallelOptions { fully_sharded: true, ..Default::default() };
+    // The driver averages the replicas once more before evaluating, so its final weights are
+    // compared with the average of the simulated replicas.
+    let (_, states) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &opts, steps).unwrap();
+    for st in &states {
+        for (spec, w, _) in &st.shards {
+            let avg = mean64(&sim.iter().map(|r| &r.tables[spec.table].weights).collect::<Vec<_>>());
+            let avg: Vec<f32> = avg.iter().map(|&x| x as f32).collect();
+            let e = rel_err(w, &avg);
+            assert!(e <= 1e-5, "replica {:?} table {}: {e:e} from the simulated schedule", st.coords, spec.table);
+        }
+    }
+    // And it is not full sharding: plain 2D with K = 1 (equal to one process for SGD) differs.
+    let (_, plain) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), steps).unwrap();
+    let d: f64 = states[0].shards.iter().zip(&plain[0].shards).map(|(a, b)| rel_err(&a.1, &b.1)).fold(0.0, f64::max);
+    assert!(d > 1e-4, "fully-sharded 2D should differ from full sharding, differs by {d:e}");
+}
+
+#[test]
+fn fully_sharded_2d_keeps_one_mth_of_the_weights_resident() {
+    let m = 4;
+    let c = cfg(64);
+    let grid = Grid::new(m, 1, Placement::ReplicasInNode).unwrap();
+    let full = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), 2).unwrap().0;
+    let fs = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions { fully_sharded: true, ..Default::default() }, 2).unwrap().0;
+    let table_bytes: u64 = c.model.tables.iter().map(|t| t.rows * t.dim as u64 * 4).sum();
+    assert_eq!(full.emb_weight_bytes_resident, table_bytes);
+    assert!(fs.emb_weight_bytes_resident <= table_bytes.div_ceil(m as u64) + 4, "{} of {table_bytes}", fs.emb_weight_bytes_resident);
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Markdown tables of docs/2d.md from the JSON lines that tools/experiments/2d.sh writes."""
+import json, os, statistics, sys
+from collections import OrderedDict
+
+out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/ember-2d"
+
+
+def load(name):
+    p = os.path.join(out, name)
+    if not os.path.exists(p):
+        return []
+    return [json.loads(l) for l in open(p) if l.strip()]
+
+
+def groups(rows):
+    g = OrderedDict()
+    for r in rows:
+        g.setdefault(r["tag"], []).append(r)
+    return g
+
+
+q = groups(load("quality.jsonl"))
+if q:
+    print("### Model quality (tiny preset, B = 256, 600 steps, seeds 1-3)\n")
+    ref = q.get("1x8 full sharding")
+    refm = statistics.mean(r["ne"] for r in ref) if ref else None
+    print("| configuration | NE seed 1 | seed 2 | seed 3 | mean | min | max | mean vs full sharding | AUC mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tag, rs in q.items():
+        ne = [r["ne"] for r in sorted(rs, key=lambda r: r["args"])]
+        by_seed = {int(r["args"].split("--seed ")[1].split()[0]): r["ne"] for r in rs}
+        m = statistics.mean(ne)
+        rel = f"{(m / refm - 1) * 100:+.3f} %" if refm else ""
+        auc = statistics.mean(r["auc"] for r in rs)
+        print(f"| {tag} | " + " | ".join(f"{by_seed.get(s, float('nan')):.5f}" for s in (1, 2, 3))
+              + f" | {m:.5f} | {min(ne):.5f} | {max(ne):.5f} | {rel} | {auc:.5f} |")
+    o = next(iter(q.values()))
+    print(f"\nplanted oracle NE (seeds 1-3): " + ", ".join(f"{r['oracle_ne']:.5f}" for r in o))
+    if ref:
+        lo, hi = min(r["ne"] for r in ref), max(r["ne"] for r in ref)
+        print("\nverdict per configuration (mean NE inside [min, max] of full sharding; |mean diff| <= 0.2 %; per-seed diff):")
+        for tag, rs in q.items():
+            m = statistics.mean(r["ne"] for r in rs)
+            paired = []
+            for r in rs:
+                s = r["args"].split("--seed ")[1].split()[0]
+                f = [x for x in ref if x["args"].split("--seed ")[1].split()[0] == s][0]
+                paired.append((r["ne"] / f["ne"] - 1) * 100)
+            print(f"- {tag}: inside spread {lo <= m <= hi}; within 0.2 % {abs(m / refm - 1) <= 0.002}; "
+                  f"per-seed diff vs full sharding " + ", ".join(f"{p:+.3f} %" for p in paired))
+    print()
+
+s = groups(load("speed.jsonl"))
+if s:
+    print("### Speed (bench preset, max-rows 100000, B = 4096, 20 steps, T = 8 in-process)\n")
+    print("| grid | samples/s (median) | runs | step samples/s (median) | input_dist | lookup | output_dist | dense | backward | sync | a2a B/step | sync B/step | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for tag, rs in s.items():
+        sps = [r["samples_per_s"] for r in rs]
+        med = sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
+        def step_sps(r):
+            st = r["stages"]
+            return 4096 / (sum(st.values()) / 1e3)
+        st = med["stages"]
+        print(f"| {tag} | {statistics.median(sps):.0f} | " + " / ".join(f"{x:.0f}" for x in sps)
+              + f" | {statistics.median(step_sps(r) for r in rs):.0f}"
+              + "".join(f" | {st[k]:.1f}" for k in ("input_dist", "lookup", "output_dist", "dense", "backward", "sync"))
+              + f" | {med['a2a_bytes_per_rank']:.0f} | {med['sync_bytes_per_rank']:.0f} | "
+              + " / ".join(f"{r['load1']:.1f}" for r in rs) + " |")
+    print()
+
+b = groups(load("bytes.jsonl"))
+p = {r["tag"]: r for r in load("plan.jsonl")}
+if b:
+    print("### Sparse-collective bytes per rank per step (bench, max-rows 100000, B = 4096)\n")
+    print("| sharding | grid | measured a2a_bytes_per_rank | plan: ids | plan: outputs (fwd) | plan: ids + 2 x outputs |")
+    print("|---|---|---|---|---|---|")
+    for tag, rs in b.items():
+        sh, g = tag.split()
+        pr = p.get(tag)
+        if pr:
+            k = sh.replace("-", "_") + "_wise" if sh != "table-row" else "table_row_wise"
+            k = {"table": "table_wise", "row": "row_wise", "column": "column_wise"}.get(sh, k)
+            v = pr["a2a_mean_bytes_per_rank"].get(k, {"ids": 0, "outputs": 0})
+            pc = f"{v['ids']:.0f} | {v['outputs']:.0f} | {v['ids'] + 2 * v['outputs']:.0f}"
+        else:
+            pc = "(ember plan n/a) | | "
+        print(f"| {sh} | {g} | {rs[0]['a2a_bytes_per_rank']:.0f} | {pc} |")
+    print()
+
+y = groups(load("sync.jsonl"))
+if y:
+    print("### Replica-sync bytes per rank per step (grid 4x2)\n")
+    print("| run | sync_bytes_per_rank | sync ms/step (rank 0) | NE |")
+    print("|---|---|---|---|")
+    for tag, rs in y.items():
+        r = rs[0]
+        print(f"| {tag} | {r['sync_bytes_per_rank']:.0f} | {r['stages']['sync']:.2f} | {r['ne']:.5f} |")
