@@ -2,7 +2,7 @@
 # Reproduces every number in docs/2d.md (2D sparse parallelism: model quality and speed).
 #
 #   CARGO_TARGET_DIR=/work/target-exp cargo build --release -p ember-tools
-#   tools/experiments/2d.sh [quality|speed|bytes|sync|summary|all]   (default: all)
+#   tools/experiments/2d.sh [quality|lr|speed|bytes|sync|summary|all]   (default: all)
 #
 # Raw results go to $OUT (default /tmp/ember-2d) as JSON lines, one per run; `summary` prints
 # the markdown tables of docs/2d.md from them. Quality numbers are deterministic (fixed seeds);
@@ -21,7 +21,7 @@ run() {
   load=$(cut -d' ' -f1 /proc/loadavg)
   line=$("$E" train --json --quiet "$@" | tail -1)
   jq -c --arg tag "$tag" --arg load "$load" --arg args "$*" '. + {tag: $tag, load1: ($load|tonumber), args: $args}' <<<"$line" >>"$file"
-  echo "  $tag: $(jq -r '"ne \(.ne)  samples/s \(.samples_per_s|floor)  a2a \(.a2a_bytes_per_rank|floor)  sync \(.sync_bytes_per_rank|floor)"' <<<"$line")" >&2
+  echo "  $tag: $(jq -r '"ne \(.ne)  samples/s \(.samples_per_s|floor)  a2a \((.a2a_bytes_per_rank // 0)|floor)  sync \((.sync_bytes_per_rank // 0)|floor)"' <<<"$line")" >&2
 }
 
 quality() {
@@ -57,13 +57,18 @@ speed() {
 }
 
 bytes() {
-  # Measured sparse-collective bytes per rank per step, one sharding type forced on every table;
-  # bytes do not depend on the step count, so 3 steps suffice. Predictions from `ember plan`.
+  # Measured sparse-collective bytes per rank per step, one sharding type forced on every table.
+  # a2a_bytes_per_rank also counts the final evaluation's forward passes (16384 eval samples =
+  # 4 global batches), divided by the step count; the summary therefore takes the difference of
+  # a 2-step and a 4-step run: per step = (4·a(4) − 2·a(2)) / 2. Predictions from `ember plan`
+  # when it is wired (it prints "not implemented yet" before the 2D issue's plan command lands).
   local f=$OUT/bytes.jsonl p=$OUT/plan.jsonl; : >"$f"; : >"$p"
   for s in table row column table-row; do
     for g in 1x8 4x2; do
-      run "$s $g" "$f" --preset bench --max-rows 100000 --batch-size 4096 --steps 3 --grid $g --sharding $s
-      if "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_} --json >"$OUT/plan.tmp" 2>/dev/null; then
+      for n in 2 4; do
+        run "$s $g steps=$n" "$f" --preset bench --max-rows 100000 --batch-size 4096 --steps $n --grid $g --sharding $s
+      done
+      if "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_}_wise --json >"$OUT/plan.tmp" 2>/dev/null; then
         tail -1 "$OUT/plan.tmp" | jq -c --arg tag "$s $g" '{tag: $tag, a2a_mean_bytes_per_rank, a2a_mean_total_bytes_per_rank}' >>"$p"
       fi
     done
@@ -71,14 +76,42 @@ bytes() {
 }
 
 sync_bytes() {
-  # Replica-sync bytes per rank per step, sparse vs whole-table, K = 1 and 4.
+  # Replica-sync bytes per rank per step, sparse vs whole-table, K = 1 and 4, on the bench
+  # model (the tiny-preset sync bytes come from the quality runs).
   local f=$OUT/sync.jsonl; : >"$f"
   for mode in sparse full; do
     for k in 1 4; do
-      run "tiny 4x2 $mode K=$k"  "$f" --preset tiny --steps 600 --batch-size 256 --grid 4x2 --sync $mode --sync-every $k
       run "bench 4x2 $mode K=$k" "$f" --preset bench --max-rows 100000 --batch-size 4096 --steps 8 --grid 4x2 --sync $mode --sync-every $k
     done
   done
+}
+
+lr_control() {
+  # Control: is the 2D-vs-full-sharding NE gap an embedding learning-rate effect? The tiny preset
+  # written as a config file with the embedding lr as a parameter (lr 0.05 = the preset itself).
+  local f=$OUT/lr.jsonl; : >"$f"
+  for lr in 0.05 0.025 0.0125; do
+    tiny_config "$lr" >"$OUT/tiny-lr$lr.toml"
+    for seed in 1 2 3; do
+      run "1x8 full sharding, emb lr $lr" "$f" --config "$OUT/tiny-lr$lr.toml" --seed $seed --grid 1x8
+      run "4x2 c=M K=1, emb lr $lr"       "$f" --config "$OUT/tiny-lr$lr.toml" --seed $seed --grid 4x2
+    done
+  done
+}
+
+# The `tiny` preset (engine/src/config.rs) as TOML, embedding lr $1.
+tiny_config() {
+  printf 'batch_size = 256\nsteps = 600\nseed = 1\neval_every = 0\n\n[model]\nnum_dense = 13\n'
+  printf 'bottom_mlp = [64, 32, 16]\ntop_mlp = [64, 32, 1]\ninteraction = { kind = "dot" }\n'
+  local i=0
+  for rows in 1000 5000 20000 300 100000 50 7000 40000; do
+    local pool=sum; [ $((i % 3)) -eq 2 ] && pool=mean
+    printf '\n[[model.tables]]\nrows = %d\ndim = 16\npooling = "%s"\nbag_size = %d\n' $rows $pool $((1 + i % 3))
+    i=$((i + 1))
+  done
+  printf '\n[optim]\nembedding = { kind = "row_wise_adagrad", lr = %s, eps = 1e-8 }\n' "$1"
+  printf 'dense = { kind = "adagrad", lr = 0.02, eps = 1e-8 }\nweight_decay = { kind = "none" }\n'
+  printf '\n[synthetic]\nzipf = 1.05\nsignal = 1.0\neval_samples = 16384\n'
 }
 
 summary() { python3 "$(dirname "$0")/2d_summary.py" "$OUT"; }
@@ -88,7 +121,8 @@ case $what in
   speed) speed ;;
   bytes) bytes ;;
   sync) sync_bytes ;;
+  lr) lr_control ;;
   summary) summary ;;
-  all) quality; speed; bytes; sync_bytes; summary ;;
-  *) echo "usage: $0 [quality|speed|bytes|sync|summary|all]" >&2; exit 2 ;;
+  all) quality; lr_control; speed; bytes; sync_bytes; summary ;;
+  *) echo "usage: $0 [quality|lr|speed|bytes|sync|summary|all]" >&2; exit 2 ;;
 esac

@@ -73,20 +73,29 @@ if s:
 b = groups(load("bytes.jsonl"))
 p = {r["tag"]: r for r in load("plan.jsonl")}
 if b:
-    print("### Sparse-collective bytes per rank per step (bench, max-rows 100000, B = 4096)\n")
-    print("| sharding | grid | measured a2a_bytes_per_rank | plan: ids | plan: outputs (fwd) | plan: ids + 2 x outputs |")
+    print("### Sparse-collective bytes per rank per step (bench, max-rows 100000, B = 4096; rank 0)\n")
+    print("| sharding | grid | a2a_bytes_per_rank, 2 steps | 4 steps | per training step (4·a4 − 2·a2)/2 | plan: ids + 2 x outputs |")
     print("|---|---|---|---|---|---|")
-    for tag, rs in b.items():
-        sh, g = tag.split()
-        pr = p.get(tag)
+    keys = sorted({t.rsplit(" steps=", 1)[0] for t in b}, key=lambda t: list(b).index(t + " steps=2"))
+    for k in keys:
+        a2, a4 = b[k + " steps=2"][0]["a2a_bytes_per_rank"], b[k + " steps=4"][0]["a2a_bytes_per_rank"]
+        sh = k.split()[0]
+        pr = p.get(k)
+        pc = "ember plan not wired"
         if pr:
-            k = sh.replace("-", "_") + "_wise" if sh != "table-row" else "table_row_wise"
-            k = {"table": "table_wise", "row": "row_wise", "column": "column_wise"}.get(sh, k)
-            v = pr["a2a_mean_bytes_per_rank"].get(k, {"ids": 0, "outputs": 0})
-            pc = f"{v['ids']:.0f} | {v['outputs']:.0f} | {v['ids'] + 2 * v['outputs']:.0f}"
-        else:
-            pc = "(ember plan n/a) | | "
-        print(f"| {sh} | {g} | {rs[0]['a2a_bytes_per_rank']:.0f} | {pc} |")
+            v = pr["a2a_mean_bytes_per_rank"].get(sh.replace("-", "_") + "_wise", {"ids": 0, "outputs": 0})
+            pc = f"{v['ids'] + 2 * v['outputs']:.0f}"
+        print(f"| {sh} | {k.split()[1]} | {a2:.0f} | {a4:.0f} | {(4 * a4 - 2 * a2) / 2:.0f} | {pc} |")
+    print()
+
+lr = groups(load("lr.jsonl"))
+if lr:
+    print("### Control: embedding learning rate (tiny as a config file; lr 0.05 = the preset)\n")
+    print("| run | NE seed 1 | seed 2 | seed 3 | mean |")
+    print("|---|---|---|---|---|")
+    for tag, rs in lr.items():
+        ne = [r["ne"] for r in rs]
+        print(f"| {tag} | " + " | ".join(f"{x:.5f}" for x in ne) + f" | {statistics.mean(ne):.5f} |")
     print()
 
 y = groups(load("sync.jsonl"))

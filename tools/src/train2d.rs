@@ -111,4 +111,5 @@ fn print_summary(r: &Report2D, oracle: &ember::metrics::EvalResult) {
     );
     println!("  bytes/step (rank 0): sparse collectives {:.0}  replica sync {:.0}", r.a2a_bytes_per_rank, r.sync_bytes_per_rank);
     println!("  embedding weights resident during the dense phase (rank 0): {:.2} MiB", r.emb_weight_bytes_resident as f64 / (1 << 20) as f64);
+    println!("  lookup imbalance (max/mean over ranks) {:.3}; peak RSS of this process {:.1} MiB", r.imbalance, r.peak_rss_bytes as f64 / (1 << 20) as f64);
 }

@@ -44,6 +44,10 @@ pub struct Report2D {
     pub sync_bytes_per_rank: f64,
     /// Rank 0's largest embedding-weight bytes resident during the dense phase.
     pub emb_weight_bytes_resident: u64,
+    /// Load imbalance over all ranks: max / mean of lookup work (ids × columns).
+    pub imbalance: f64,
+    /// Peak resident memory of this process (VmHWM; all in-process ranks together), bytes.
+    pub peak_rss_bytes: u64,
     pub losses: Vec<f64>,
 }
 
@@ -130,6 +134,8 @@ pub struct RankOutcome {
     /// (NE, AUC) on the eval set (every rank computes the same).
     pub metrics: (f64, f64),
     pub trace: Vec<TraceEvent>,
+    /// max / mean over all ranks of the lookup work.
+    pub imbalance: f64,
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
@@ -174,9 +180,12 @@ pub fn run_rank<B: Backend>(
     for p in rank.dense.params_mut() {
         dense.push(be.download(&p.w)?);
     }
+    let (costs, _) = rank.comms.world.all_gather_alloc(&[rank.bytes.lookup_cost])?;
+    let mean = costs.iter().sum::<u64>() as f64 / costs.len() as f64;
+    let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms.coords();
     let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default() })
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance })
 }
 
 /// The run's report from rank 0's outcome.
@@ -209,6 +218,8 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
         sync_bytes_per_rank: per((b.sync_index + b.sync_values + b.fs_weights) as f64),
         emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
+        imbalance: o.imbalance,
+        peak_rss_bytes: peak_rss(),
         losses,
     }
 }
@@ -255,4 +266,12 @@ fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &Batch, gb: usize) ->
     }
     let r = evaluate(&logits, &labels);
     Ok((r.ne, r.auc))
+}
+
+/// Peak resident set of this process (VmHWM), bytes; 0 where /proc is not available.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
 }

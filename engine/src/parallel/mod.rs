@@ -82,6 +82,8 @@ pub struct ByteCounts {
     pub fs_weights: u64,
     /// Largest number of embedding-weight bytes resident during the dense phase of a step.
     pub emb_weight_bytes_resident_dense: u64,
+    /// Lookup work done on this rank's shards: Σ ids × shard columns, summed over steps.
+    pub lookup_cost: u64,
 }
 
 /// One timed span of one rank (Chrome/Perfetto trace "X" event).
@@ -217,6 +219,7 @@ impl<B: Backend> Rank2D<B> {
         self.bytes.input_a2a += send.len() as u64 * 8;
         let (recv, rcounts) = self.comms.shard.all_to_all_v_alloc(&send, &counts)?;
         let jag = decode_input(&recv, &rcounts, &self.slots, b)?;
+        self.bytes.lookup_cost += jag.iter().zip(&self.slots).map(|(j, s)| (j.values.len() * s.cols.len()) as u64).sum::<u64>();
         self.times.input_dist += self.stage("input_dist", t0);
         // 2. Local lookup: sums over the group's N·b samples.
         let t0 = Instant::now();
