@@ -110,7 +110,9 @@ fn dedup(offsets: &[u64], ids: &[u64], shard_rows: usize) -> Dedup {
                 keys.push((id << bag_bits) | b as u64);
             }
         }
-        radix_sort(&mut keys, bag_bits + row_bits);
+        // Keys were pushed in bag order, so a stable sort on the row bits alone keeps each
+        // row's occurrences in bag order.
+        radix_sort(&mut keys, bag_bits, row_bits);
         let mask = (1u64 << bag_bits) - 1;
         let mut d = Dedup { rows: Vec::new(), starts: Vec::new(), bags: Vec::with_capacity(keys.len()) };
         let mut prev = u64::MAX;
@@ -148,14 +150,17 @@ fn dedup(offsets: &[u64], ids: &[u64], shard_rows: usize) -> Dedup {
     }
 }
 
-/// LSD radix sort of `keys` on their low `bits` bits, 11 bits per pass.
-fn radix_sort(keys: &mut Vec<u64>, bits: u32) {
-    const RADIX: u32 = 11;
+/// Stable LSD radix sort of `keys` on bits `lo..lo + bits`, in as few passes of at most 11 bits
+/// as the width needs.
+fn radix_sort(keys: &mut Vec<u64>, lo: u32, bits: u32) {
+    let passes = bits.div_ceil(11).max(1);
+    let width = bits.div_ceil(passes);
     let mut tmp = vec![0u64; keys.len()];
-    let mut shift = 0;
-    while shift < bits {
-        let mut counts = vec![0usize; 1 << RADIX];
-        let mask = (1u64 << RADIX) - 1;
+    let mask = (1u64 << width) - 1;
+    let mut counts = vec![0usize; 1 << width];
+    for p in 0..passes {
+        let shift = lo + p * width;
+        counts.fill(0);
         for &k in keys.iter() {
             counts[((k >> shift) & mask) as usize] += 1;
         }
@@ -171,7 +176,6 @@ fn radix_sort(keys: &mut Vec<u64>, bits: u32) {
             *slot += 1;
         }
         std::mem::swap(keys, &mut tmp);
-        shift += RADIX;
     }
 }
 
