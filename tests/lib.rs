@@ -6,3 +6,4 @@ pub fn shared_data(name: &str) -> std::path::PathBuf {
 }
 
 pub mod oracle;
+pub mod two_d;

@@ -5,11 +5,12 @@ use ember::data::synthetic::SyntheticData;
 use ember::embedding::new_shard;
 use ember::grid::{Grid, Placement};
 use ember::model::Dlrm;
-use ember::parallel::driver::{train_in_process, train_in_process_with, RankState};
+use ember::parallel::driver::{train_in_process, train_threads};
 use ember::parallel::route::Touched;
 use ember::parallel::sync::replica_sync;
 use ember::parallel::{ParallelOptions, SyncMode};
-use ember::plan::{Plan, ShardingType, TablePlan};
+use ember::plan::{Plan, ShardingType};
+use ember_tests::two_d::{assemble, cycling_plan, rel_err};
 
 fn cfg(emb: EmbOptimizer, batch: usize) -> TrainConfig {
     let mut c = preset("tiny", Some(3000)).unwrap();
@@ -21,39 +22,7 @@ fn cfg(emb: EmbOptimizer, batch: usize) -> TrainConfig {
 }
 
 fn mixed_plan(c: &TrainConfig, n: usize) -> Plan {
-    let all: Vec<usize> = (0..n).collect();
-    let tables = c
-        .model
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(t, tc)| match t % 3 {
-            0 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableWise, &[t % n]),
-            1 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::RowWise, &all),
-            _ => TablePlan::new(t, tc.rows, tc.dim, ShardingType::ColumnWise, &all),
-        })
-        .collect();
-    Plan { n, tables }
-}
-
-fn tables_of(c: &TrainConfig, states: &[RankState], replica: usize) -> Vec<Vec<f32>> {
-    let mut tables: Vec<Vec<f32>> = c.model.tables.iter().map(|t| vec![f32::NAN; t.rows as usize * t.dim]).collect();
-    for st in states.iter().filter(|s| s.coords.0 == replica) {
-        for (spec, w, _) in &st.shards {
-            let cols = spec.num_cols();
-            for (i, r) in (spec.rows.start..spec.rows.end).enumerate() {
-                let dst = r as usize * spec.dim + spec.cols.start;
-                tables[spec.table][dst..dst + cols].copy_from_slice(&w[i * cols..(i + 1) * cols]);
-            }
-        }
-    }
-    tables
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
+    cycling_plan(c, n, &[ShardingType::TableWise, ShardingType::RowWise, ShardingType::ColumnWise])
 }
 
 fn rowwise(lr: f32, eps: f32, c: Option<f32>) -> EmbOptimizer {
@@ -73,8 +42,8 @@ fn full_sharding_with_column_shards_equals_one_process_for_rowwise_adagrad() {
         m.train_step(&be, &data.samples((s * c.batch_size) as u64, c.batch_size)).unwrap();
     }
     let grid = Grid::new(1, 4, Placement::ReplicasInNode).unwrap();
-    let (_, states) = train_in_process(&be, &c, grid, &mixed_plan(&c, 4), &ParallelOptions::default(), steps).unwrap();
-    for (t, (a, b)) in tables_of(&c, &states, 0).iter().zip(&m.tables).enumerate() {
+    let (_, states, _) = train_in_process(&be, &c, grid, &mixed_plan(&c, 4), &ParallelOptions::default(), steps, false).unwrap();
+    for (t, (a, b)) in assemble(&c, &states, 0).iter().zip(&m.tables).enumerate() {
         let e = rel_err(a, &b.weights);
         assert!(e <= 1e-5, "table {t}: {e:e}");
     }
@@ -99,11 +68,11 @@ fn rowwise_adagrad_c1_identical_group_batches_equals_full_sharding() {
         data.samples((step * bx + r * b) as u64, b)
     };
     let plan = mixed_plan(&c2d, n);
-    let (_, s2d) = train_in_process_with(&Cpu::new(), &c2d, g2, &plan, &ParallelOptions::default(), steps, &feed2, &eval).unwrap();
+    let (_, s2d, _) = train_threads(&Cpu::new(), &c2d, g2, &plan, &ParallelOptions::default(), steps, &feed2, &eval, false).unwrap();
     let g1 = Grid::new(1, n, Placement::ReplicasInNode).unwrap();
     let feed1 = |step: usize, w: usize| data.samples((step * bx + w * b) as u64, b);
-    let (_, s1) = train_in_process_with(&Cpu::new(), &cfs, g1, &plan, &ParallelOptions::default(), steps, &feed1, &eval).unwrap();
-    for (t, (a, b)) in tables_of(&c2d, &s2d, 1).iter().zip(&tables_of(&cfs, &s1, 0)).enumerate() {
+    let (_, s1, _) = train_threads(&Cpu::new(), &cfs, g1, &plan, &ParallelOptions::default(), steps, &feed1, &eval, false).unwrap();
+    for (t, (a, b)) in assemble(&c2d, &s2d, 1).iter().zip(&assemble(&cfs, &s1, 0)).enumerate() {
         let e = rel_err(a, b);
         assert!(e <= 1e-5, "table {t}: {e:e}");
     }
@@ -123,12 +92,12 @@ fn momentum_scaling_c_equals_scaled_lr_and_eps() {
     ] {
         let (ca, cb) = (cfg(emb.0, 64), cfg(emb.1, 64));
         let plan = mixed_plan(&ca, 1);
-        let (ra, sa) = train_in_process(&Cpu::new(), &ca, grid, &plan, &ParallelOptions::default(), 5).unwrap();
-        let (rb, sb) = train_in_process(&Cpu::new(), &cb, grid, &plan, &ParallelOptions::default(), 5).unwrap();
+        let (ra, sa, _) = train_in_process(&Cpu::new(), &ca, grid, &plan, &ParallelOptions::default(), 5, false).unwrap();
+        let (rb, sb, _) = train_in_process(&Cpu::new(), &cb, grid, &plan, &ParallelOptions::default(), 5, false).unwrap();
         for (la, lb) in ra.losses.iter().zip(&rb.losses) {
             assert!((la - lb).abs() <= 1e-5 * la.abs(), "losses {la} vs {lb}");
         }
-        for (t, (a, b)) in tables_of(&ca, &sa, 0).iter().zip(&tables_of(&cb, &sb, 0)).enumerate() {
+        for (t, (a, b)) in assemble(&ca, &sa, 0).iter().zip(&assemble(&cb, &sb, 0)).enumerate() {
             let e = rel_err(a, b);
             assert!(e <= 1e-5, "{:?} table {t}: {e:e}", emb.0);
         }

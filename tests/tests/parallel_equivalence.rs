@@ -6,9 +6,10 @@ use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
 use ember::data::synthetic::SyntheticData;
 use ember::grid::{Grid, Placement};
 use ember::model::Dlrm;
-use ember::parallel::driver::{train_in_process, RankState};
+use ember::parallel::driver::train_in_process;
 use ember::parallel::{ParallelOptions, SyncMode};
-use ember::plan::{Plan, ShardingType, TablePlan};
+use ember::plan::{Plan, ShardingType};
+use ember_tests::two_d::{assemble, cycling_plan, rel_err};
 
 fn sgd_config(batch: usize) -> TrainConfig {
     let mut cfg = preset("tiny", Some(3000)).unwrap();
@@ -21,45 +22,7 @@ fn sgd_config(batch: usize) -> TrainConfig {
 
 /// A plan using every sharding type: table t gets kind t % 4.
 fn mixed_plan(cfg: &TrainConfig, n: usize) -> Plan {
-    let all: Vec<usize> = (0..n).collect();
-    let half: Vec<usize> = (0..n.div_ceil(2)).collect();
-    let tables = cfg
-        .model
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(t, tc)| match t % 4 {
-            0 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableWise, &[t % n]),
-            1 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::RowWise, &all),
-            2 => TablePlan::new(t, tc.rows, tc.dim, ShardingType::ColumnWise, &all),
-            _ => TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableRowWise, &half),
-        })
-        .collect();
-    let p = Plan { n, tables };
-    p.validate(&cfg.model).unwrap();
-    p
-}
-
-/// Whole tables assembled from the shards of replica 0.
-fn assemble(cfg: &TrainConfig, states: &[RankState]) -> Vec<Vec<f32>> {
-    let mut tables: Vec<Vec<f32>> = cfg.model.tables.iter().map(|t| vec![f32::NAN; t.rows as usize * t.dim]).collect();
-    for st in states.iter().filter(|s| s.coords.0 == 0) {
-        for (spec, w, _) in &st.shards {
-            let cols = spec.num_cols();
-            for (i, r) in (spec.rows.start..spec.rows.end).enumerate() {
-                let dst = r as usize * spec.dim + spec.cols.start;
-                tables[spec.table][dst..dst + cols].copy_from_slice(&w[i * cols..(i + 1) * cols]);
-            }
-        }
-    }
-    tables
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
+    cycling_plan(cfg, n, &ShardingType::ALL)
 }
 
 fn single_process(cfg: &TrainConfig, steps: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
@@ -80,9 +43,9 @@ fn check_grid(m: usize, n: usize, placement: Placement) {
     let (ref_tables, ref_dense) = single_process(&cfg, steps);
     let grid = Grid::new(m, n, placement).unwrap();
     let plan = mixed_plan(&cfg, n);
-    let (report, states) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &ParallelOptions::default(), steps).unwrap();
+    let (report, states, _) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &ParallelOptions::default(), steps, false).unwrap();
     assert!(report.loss.is_finite());
-    let tables = assemble(&cfg, &states);
+    let tables = assemble(&cfg, &states, 0);
     for (t, (a, b)) in tables.iter().zip(&ref_tables).enumerate() {
         let e = rel_err(a, b);
         assert!(e <= 1e-5, "grid {m}x{n}: table {t} ({:?}) differs from one process by {e:e}", plan.tables[t].kind);
@@ -136,7 +99,7 @@ fn sparse_sync_equals_full_sync() {
     let plan = mixed_plan(&cfg, 2);
     let run = |mode| {
         let opts = ParallelOptions { sync: mode, ..Default::default() };
-        assemble(&cfg, &train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 3).unwrap().1)
+        assemble(&cfg, &train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 3, false).unwrap().1, 0)
     };
     let (a, b) = (run(SyncMode::Sparse), run(SyncMode::Full));
     for (x, y) in a.iter().zip(&b) {

@@ -9,7 +9,8 @@ use ember::grid::{Grid, Placement};
 use ember::model::Dlrm;
 use ember::parallel::driver::train_in_process;
 use ember::parallel::ParallelOptions;
-use ember::plan::{Plan, ShardingType, TablePlan};
+use ember::plan::{Plan, ShardingType};
+use ember_tests::two_d::{cycling_plan, rel_err};
 
 fn cfg(batch: usize) -> TrainConfig {
     let mut c = preset("tiny", Some(2000)).unwrap();
@@ -21,13 +22,7 @@ fn cfg(batch: usize) -> TrainConfig {
 }
 
 fn whole_plan(c: &TrainConfig) -> Plan {
-    Plan { n: 1, tables: c.model.tables.iter().enumerate().map(|(t, tc)| TablePlan::new(t, tc.rows, tc.dim, ShardingType::TableWise, &[0])).collect() }
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
+    cycling_plan(c, 1, &[ShardingType::TableWise])
 }
 
 fn mean64(xs: &[&Vec<f32>]) -> Vec<f64> {
@@ -83,7 +78,7 @@ fn fully_sharded_2d_follows_its_schedule() {
     let opts = ParallelOptions { fully_sharded: true, ..Default::default() };
     // The driver averages the replicas once more before evaluating, so its final weights are
     // compared with the average of the simulated replicas.
-    let (_, states) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &opts, steps).unwrap();
+    let (_, states, _) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &opts, steps, false).unwrap();
     for st in &states {
         for (spec, w, _) in &st.shards {
             let avg = mean64(&sim.iter().map(|r| &r.tables[spec.table].weights).collect::<Vec<_>>());
@@ -93,7 +88,7 @@ fn fully_sharded_2d_follows_its_schedule() {
         }
     }
     // And it is not full sharding: plain 2D with K = 1 (equal to one process for SGD) differs.
-    let (_, plain) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), steps).unwrap();
+    let (_, plain, _) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), steps, false).unwrap();
     let d: f64 = states[0].shards.iter().zip(&plain[0].shards).map(|(a, b)| rel_err(&a.1, &b.1)).fold(0.0, f64::max);
     assert!(d > 1e-4, "fully-sharded 2D should differ from full sharding, differs by {d:e}");
 }
@@ -103,8 +98,8 @@ fn fully_sharded_2d_keeps_one_mth_of_the_weights_resident() {
     let m = 4;
     let c = cfg(64);
     let grid = Grid::new(m, 1, Placement::ReplicasInNode).unwrap();
-    let full = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), 2).unwrap().0;
-    let fs = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions { fully_sharded: true, ..Default::default() }, 2).unwrap().0;
+    let full = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), 2, false).unwrap().0;
+    let fs = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions { fully_sharded: true, ..Default::default() }, 2, false).unwrap().0;
     let table_bytes: u64 = c.model.tables.iter().map(|t| t.rows * t.dim as u64 * 4).sum();
     assert_eq!(full.emb_weight_bytes_resident, table_bytes);
     assert!(fs.emb_weight_bytes_resident <= table_bytes.div_ceil(m as u64) + 4, "{} of {table_bytes}", fs.emb_weight_bytes_resident);

@@ -2,7 +2,7 @@
 # Reproduces every number in docs/2d.md (2D sparse parallelism: model quality and speed).
 #
 #   CARGO_TARGET_DIR=/work/target-exp cargo build --release -p ember-tools
-#   tools/experiments/2d.sh [quality|lr|speed|bytes|sync|summary|all]   (default: all)
+#   tools/experiments/2d.sh [quality|lr|fully-sharded|speed|bytes|plan|sync|summary|all]   (default: all)
 #
 # Raw results go to $OUT (default /tmp/ember-2d) as JSON lines, one per run; `summary` prints
 # the markdown tables of docs/2d.md from them. Quality numbers are deterministic (fixed seeds);
@@ -114,6 +114,23 @@ tiny_config() {
   printf '\n[synthetic]\nzipf = 1.05\nsignal = 1.0\neval_samples = 16384\n'
 }
 
+fully_sharded() {
+  # Only the fully-sharded 2D rows, appended to quality.jsonl (the quality section runs them too).
+  for seed in 1 2 3; do
+    run "4x2 c=M fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded
+  done
+}
+
+plan_only() {
+  local p=$OUT/plan.jsonl; : >"$p"
+  for s in table row column table-row; do
+    for g in 1x8 4x2; do
+      "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_}_wise --json | tail -1 \
+        | jq -c --arg tag "$s $g" '{tag: $tag, a2a_mean_bytes_per_rank, a2a_mean_total_bytes_per_rank}' >>"$p"
+    done
+  done
+}
+
 summary() { python3 "$(dirname "$0")/2d_summary.py" "$OUT"; }
 
 case $what in
@@ -122,7 +139,9 @@ case $what in
   bytes) bytes ;;
   sync) sync_bytes ;;
   lr) lr_control ;;
+  fully-sharded) fully_sharded ;;
+  plan) plan_only ;;
   summary) summary ;;
   all) quality; lr_control; speed; bytes; sync_bytes; summary ;;
-  *) echo "usage: $0 [quality|lr|speed|bytes|sync|summary|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quality|lr|fully-sharded|speed|bytes|plan|sync|summary|all]" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 //! -n/-w/-c iterations, columns size, count, type, time, algbw, busbw, #wrong, and a footer.
 //! Runs with in-process ranks (`--ranks N`) or one rank per process (under `ember launch`,
 //! mpirun, srun, torchrun). Data are seeded per (rank, repetition); the expected output is
-//! computed separately from the same seeds. `--baseline memcpy|tcp` adds the ceiling measured
+//! computed separately from the same seeds. `--baseline memcpy|tcp|tcp1` adds the ceiling measured
 //! in the same run (docs/transport.md derives it).
 use crate::common::CliResult;
 use ember_transport::bootstrap::threads_world;
@@ -36,8 +36,9 @@ pub struct CommBenchArgs {
     /// Run N ranks as threads of this process instead of joining a multi-process job.
     #[arg(long)]
     pub ranks: Option<usize>,
-    /// Add the ceiling measured in the same run: memcpy (the copies the collective must make)
-    /// or tcp (one loopback TCP stream).
+    /// Add the ceiling measured in the same run: memcpy (the copies the collective must make),
+    /// tcp (one loopback TCP stream from rank 0's process to rank 1's, with the ranks' own
+    /// pinning) or tcp1 (one stream with both ends in rank 0's process).
     #[arg(long)]
     pub baseline: Option<String>,
     /// Plain 4 KiB-page buffers instead of huge-page-advised ones (for the collective and the
@@ -103,24 +104,24 @@ fn max_over(c: &Comm, x: f64) -> ember_transport::Result<f64> {
     Ok(all.into_iter().fold(0.0, f64::max))
 }
 
-fn tcp_stream_us(bytes: usize, iters: usize) -> std::io::Result<f64> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let total = bytes * iters;
-    let rx = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; bytes.clamp(1, 4 << 20)];
-        let mut got = 0;
-        while got < total {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            got += n;
+/// Receiving end of a baseline stream: `total` bytes into a buffer of `chunk` bytes (the size
+/// of what the collective lands per iteration, so both write the same memory footprint).
+fn stream_sink(s: &mut std::net::TcpStream, chunk: usize, total: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; chunk.max(1)];
+    let mut got = 0;
+    while got < total {
+        let off = got % buf.len();
+        let n = s.read(&mut buf[off..])?;
+        if n == 0 {
+            break;
         }
-        s.write_all(&[1])
-    });
-    let mut s = std::net::TcpStream::connect(addr)?;
+        got += n;
+    }
+    s.write_all(&[1])
+}
+
+/// Sending end: `iters` writes of `bytes`, then wait for the receiver's acknowledgement.
+fn stream_source(s: &mut std::net::TcpStream, bytes: usize, iters: usize) -> std::io::Result<f64> {
     s.set_nodelay(true)?;
     let data = vec![1u8; bytes];
     let t = Instant::now();
@@ -129,9 +130,44 @@ fn tcp_stream_us(bytes: usize, iters: usize) -> std::io::Result<f64> {
     }
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
-    let us = t.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
+}
+
+/// One loopback stream with both ends in this process (`--baseline tcp1`).
+fn tcp_stream_us(bytes: usize, iters: usize) -> std::io::Result<f64> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        stream_sink(&mut s, bytes, bytes * iters)
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    let us = stream_source(&mut s, bytes, iters)?;
     rx.join().map_err(|_| std::io::Error::other("reader panicked"))??;
     Ok(us)
+}
+
+/// One loopback stream from rank 0's process to rank 1's (`--baseline tcp`): the two ends run
+/// where the ranks run, with their pinning. Returns the time per iteration on rank 0 (0 elsewhere).
+fn tcp_pair_stream_us(c: &Comm, bytes: usize, iters: usize) -> Result<f64, String> {
+    let e = |e: ember_transport::Error| e.to_string();
+    let io = |e: std::io::Error| format!("tcp baseline: {e}");
+    let me = c.rank();
+    let l = if me == 1 { Some(std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?) } else { None };
+    let mut port = [l.as_ref().map(|l| l.local_addr().map(|a| a.port() as u64)).transpose().map_err(io)?.unwrap_or(0)];
+    c.broadcast(&mut port, 1).map_err(e)?;
+    match me {
+        0 => {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port[0] as u16)).map_err(io)?;
+            stream_source(&mut s, bytes, iters).map_err(io)
+        }
+        1 => {
+            let (mut s, _) = l.unwrap().accept().map_err(io)?;
+            stream_sink(&mut s, bytes, bytes * iters).map_err(io)?;
+            Ok(0.0)
+        }
+        _ => Ok(0.0),
+    }
 }
 
 fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, String> {
@@ -184,15 +220,22 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
                 }
                 Some(max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64).map_err(e)?)
             }
-            Some("tcp") => {
-                // One loopback stream carrying the bytes one rank sends to its peers.
+            Some("tcp") if n >= 2 => {
+                // One loopback stream, rank 0 -> rank 1, carrying the bytes one rank sends to its peers.
+                c.barrier().map_err(e)?;
+                let us = tcp_pair_stream_us(c, size * (n - 1), a.iters.max(1))?;
+                c.barrier().map_err(e)?;
+                Some(max_over(c, us).map_err(e)?)
+            }
+            Some("tcp") | Some("tcp1") => {
+                // Both ends in rank 0's process (on its core when pinned).
                 c.barrier().map_err(e)?;
                 let us = if me == 0 { tcp_stream_us(size * (n - 1).max(1), a.iters.max(1)).map_err(|x| x.to_string())? } else { 0.0 };
                 c.barrier().map_err(e)?;
                 Some(max_over(c, us).map_err(e)?)
             }
             None => None,
-            Some(o) => return Err(format!("unknown --baseline '{o}' (memcpy, tcp)")),
+            Some(o) => return Err(format!("unknown --baseline '{o}' (memcpy, tcp, tcp1)")),
         };
         // Check: fresh seeds per repetition, expectations computed from the seeds directly.
         let mut wrong = 0u64;

@@ -6,7 +6,7 @@ use ember::backend::Cpu;
 use ember::config::TrainConfig;
 use ember::data::synthetic::SyntheticData;
 use ember::grid::{Grid, Placement};
-use ember::parallel::driver::{report, run_rank, train_in_process_traced, write_trace, Report2D};
+use ember::parallel::driver::{report, run_rank, train_in_process, write_trace, Report2D};
 use ember::parallel::{ParallelOptions, SyncMode};
 use ember::plan::planner::{plan, PlanOptions};
 use ember::plan::ShardingType;
@@ -52,7 +52,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     let multi = join.is_some();
     let (rep, events, is_root) = match join {
         None => {
-            let (rep, _, events) = train_in_process_traced(&Cpu::new(), &cfg, grid, &plan, &opts, steps, a.trace.is_some())?;
+            let (rep, _, events) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, steps, a.trace.is_some())?;
             (rep, events, true)
         }
         Some(mut j) => {

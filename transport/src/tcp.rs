@@ -1,12 +1,15 @@
-//! TCP backend for ranks on several hosts: a full mesh of connections, one reader thread per
-//! peer that lands each frame straight into the posted buffer (or keeps it until posted).
-//! Frames are length-checked against the posted buffer before any byte is read into it.
+//! TCP backend for ranks on several hosts: a full mesh of non-blocking connections and one
+//! progress thread per rank that `poll`s all of them, lands each frame straight into the posted
+//! buffer (or keeps it until posted) and finishes sends that did not fit into the socket at
+//! once. Frames are length-checked against the posted buffer before any byte is read into it.
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use crate::mailbox::{Dir, Mailbox};
 use bytemuck::{Pod, Zeroable};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +30,8 @@ struct Frame {
 pub(crate) struct TcpFabric {
     rank: usize,
     size: usize,
-    mb: Arc<Mailbox>,
-    writers: Vec<Option<Mutex<TcpStream>>>,
+    sh: Arc<Shared>,
+    progress: Option<std::thread::JoinHandle<()>>,
 }
 
 fn hello(token: &str, rank: usize) -> Vec<u8> {
@@ -102,106 +105,320 @@ impl TcpFabric {
             }
         }
         let mb = Arc::new(Mailbox::new());
-        let mut writers = Vec::with_capacity(size);
-        for (p, s) in streams.into_iter().enumerate() {
-            match s {
-                None => writers.push(None),
-                Some(s) => {
-                    tune(&s);
-                    let r = s.try_clone().map_err(|e| Error::Bootstrap(e.to_string()))?;
-                    let mb = mb.clone();
-                    std::thread::Builder::new()
-                        .name(format!("ember-tcp-rx{p}"))
-                        .spawn(move || reader(p, r, mb))
-                        .map_err(|e| Error::Bootstrap(e.to_string()))?;
-                    writers.push(Some(Mutex::new(s)));
-                }
-            }
+        // SAFETY: plain eventfd creation; the fd is owned by `Shared` and closed on drop.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Error::Bootstrap(format!("eventfd: {}", std::io::Error::last_os_error())));
         }
-        Ok(TcpFabric { rank, size, mb, writers })
+        let mut tx = Vec::with_capacity(size);
+        for s in &streams {
+            if let Some(s) = s {
+                tune(s);
+                s.set_nonblocking(true).map_err(|e| Error::Bootstrap(e.to_string()))?;
+            }
+            tx.push(s.as_ref().map(|_| Mutex::new(VecDeque::new())));
+        }
+        let sh = Arc::new(Shared { mb, streams, tx, efd, stop: AtomicBool::new(false) });
+        let sh2 = sh.clone();
+        let progress = std::thread::Builder::new()
+            .name(format!("ember-tcp-progress{rank}"))
+            .spawn(move || progress(sh2))
+            .map_err(|e| Error::Bootstrap(e.to_string()))?;
+        Ok(TcpFabric { rank, size, sh, progress: Some(progress) })
     }
 }
 
-/// Staging buffer of a reader: small frames (header and payload) arrive many per `read`.
+/// State shared by the callers and the progress thread.
+struct Shared {
+    mb: Arc<Mailbox>,
+    /// Non-blocking sockets, one per peer (`None` for self).
+    streams: Vec<Option<TcpStream>>,
+    /// Sends that did not fit into the socket at once, in stream order; the progress thread
+    /// finishes them when the socket is writable. A job is removed once fully written.
+    tx: Vec<Option<Mutex<VecDeque<Job>>>>,
+    /// Wakes the progress thread (a send was queued, or shutdown).
+    efd: libc::c_int,
+    stop: AtomicBool,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: our eventfd, closed once.
+        unsafe { libc::close(self.efd) };
+    }
+}
+
+impl Shared {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: 8-byte write to our eventfd.
+        unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+    fn queue(&self, p: usize) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.tx[p].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A send in flight: the frame header (ours) and the caller's payload (valid until `wait_send`).
+struct Job {
+    tag: Tag,
+    hdr: [u8; 32],
+    hoff: usize,
+    data: *const u8,
+    len: usize,
+    doff: usize,
+}
+// SAFETY: `data` is only read, and only while the job is queued (the `Fabric::send` contract).
+unsafe impl Send for Job {}
+
+impl Job {
+    /// Write as much as the socket takes now; `Ok(true)` when the whole frame is out.
+    fn push(&mut self, fd: libc::c_int) -> std::io::Result<bool> {
+        while self.hoff < self.hdr.len() || self.doff < self.len {
+            let iov = [
+                libc::iovec { iov_base: self.hdr[self.hoff..].as_ptr() as *mut libc::c_void, iov_len: self.hdr.len() - self.hoff },
+                // SAFETY: doff <= len, inside the caller's buffer.
+                libc::iovec { iov_base: unsafe { self.data.add(self.doff) } as *mut libc::c_void, iov_len: self.len - self.doff },
+            ];
+            // SAFETY: a msghdr over the two live iovecs; MSG_NOSIGNAL: EPIPE instead of SIGPIPE.
+            let n = unsafe {
+                let mut m: libc::msghdr = std::mem::zeroed();
+                m.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                m.msg_iovlen = 2;
+                libc::sendmsg(fd, &m, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => return Ok(false),
+                    _ => return Err(e),
+                }
+            }
+            let mut n = n as usize;
+            let a = n.min(self.hdr.len() - self.hoff);
+            self.hoff += a;
+            n -= a;
+            self.doff += n;
+        }
+        Ok(true)
+    }
+}
+
+/// Staging buffer of a connection: small frames (header and payload) arrive many per `read`.
 const STAGE: usize = 256 << 10;
 /// Payload remainders at least this long are read straight into their destination.
 const DIRECT: usize = 32 << 10;
 
-/// Fill `dst` from the staged bytes `st[*lo..*hi]` first, then from the socket (large
-/// remainders straight into `dst`, small ones through the staging buffer).
-fn fill(s: &mut TcpStream, st: &mut [u8], lo: &mut usize, hi: &mut usize, dst: &mut [u8]) -> std::io::Result<()> {
-    let mut got = (*hi - *lo).min(dst.len());
-    dst[..got].copy_from_slice(&st[*lo..*lo + got]);
-    *lo += got;
-    while got < dst.len() {
-        let rem = dst.len() - got;
-        let n = if rem >= DIRECT {
-            let n = s.read(&mut dst[got..])?;
-            got += n;
-            n
-        } else {
-            let n = s.read(st)?;
-            let take = n.min(rem);
-            dst[got..got + take].copy_from_slice(&st[..take]);
-            got += take;
-            (*lo, *hi) = (take, n);
-            n
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(())
+enum Dst {
+    /// The posted buffer (claimed: its slot is `Writing` until we complete or fail it).
+    Posted(*mut u8),
+    /// Not posted yet: kept until `post`.
+    Early(Vec<u8>),
 }
 
-/// Per-peer receive loop; ends when the connection closes or sends a malformed frame.
-fn reader(peer: usize, mut s: TcpStream, mb: Arc<Mailbox>) {
-    let mut st = vec![0u8; STAGE];
-    let (mut lo, mut hi) = (0usize, 0usize);
-    let hdr = std::mem::size_of::<Frame>();
-    let why = loop {
-        let mut f = Frame::zeroed();
-        if let Err(e) = fill(&mut s, &mut st, &mut lo, &mut hi, bytemuck::bytes_of_mut(&mut f)) {
-            break format!("connection lost ({e})");
+struct Body {
+    tag: Tag,
+    len: usize,
+    got: usize,
+    dst: Dst,
+}
+
+/// Receive state of one connection.
+struct Rx {
+    st: Vec<u8>,
+    lo: usize,
+    hi: usize,
+    body: Option<Body>,
+}
+
+enum Got {
+    Data(usize),
+    Later,
+}
+
+fn read_some(s: &TcpStream, buf: &mut [u8]) -> std::result::Result<Got, String> {
+    loop {
+        match (&*s).read(buf) {
+            Ok(0) => return Err("connection lost (end of stream)".into()),
+            Ok(n) => return Ok(Got::Data(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Got::Later),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("connection lost ({e})")),
         }
-        debug_assert!(hdr == 32);
-        if f.magic != MAGIC {
-            break format!("malformed frame (bad magic {:#x})", f.magic);
-        }
-        let tag = Tag { ctx: f.ctx, seq: f.seq, round: f.round };
-        let claimed = {
-            let mut t = mb.lock();
-            Mailbox::claim(&mut t, peer, tag, f.len as usize, "tcp receive")
-        };
-        match claimed {
-            Ok(Some(buf)) => {
-                // SAFETY: claim checked len <= the posted capacity; the slot stays `Writing`
-                // (so the buffer stays alive) until we complete or fail it.
-                let dst = unsafe { std::slice::from_raw_parts_mut(buf.0, f.len as usize) };
-                if let Err(e) = fill(&mut s, &mut st, &mut lo, &mut hi, dst) {
-                    let reason = format!("connection lost mid-message ({e})");
-                    mb.fail(peer, tag, Dir::Recv, Error::PeerFailed { op: "tcp receive", peer, reason: reason.clone() });
-                    break reason;
+    }
+}
+
+impl Rx {
+    /// Consume everything readable on `s` now. `Err`: the connection is lost or malformed.
+    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> std::result::Result<(), String> {
+        const HDR: usize = std::mem::size_of::<Frame>();
+        loop {
+            if let Some(b) = &mut self.body {
+                let dst: &mut [u8] = match &mut b.dst {
+                    // SAFETY: claim checked len <= the posted capacity; the slot stays `Writing`.
+                    Dst::Posted(p) => unsafe { std::slice::from_raw_parts_mut(*p, b.len) },
+                    Dst::Early(v) => v,
+                };
+                let take = (self.hi - self.lo).min(b.len - b.got);
+                dst[b.got..b.got + take].copy_from_slice(&self.st[self.lo..self.lo + take]);
+                self.lo += take;
+                b.got += take;
+                if b.got == b.len {
+                    let b = self.body.take().unwrap();
+                    match b.dst {
+                        Dst::Posted(_) => mb.complete(peer, b.tag, Dir::Recv, b.len),
+                        Dst::Early(v) => {
+                            let _ = mb.deliver(peer, b.tag, v, "tcp receive");
+                        }
+                    }
+                    continue;
                 }
-                mb.complete(peer, tag, Dir::Recv, f.len as usize);
-            }
-            Ok(None) if f.len <= MAX_EARLY => {
-                let mut v = vec![0u8; f.len as usize];
-                if let Err(e) = fill(&mut s, &mut st, &mut lo, &mut hi, &mut v) {
-                    break format!("connection lost mid-message ({e})");
+                if b.len - b.got >= DIRECT {
+                    match read_some(s, &mut dst[b.got..])? {
+                        Got::Data(n) => b.got += n,
+                        Got::Later => return Ok(()),
+                    }
+                } else {
+                    (self.lo, self.hi) = (0, 0);
+                    match read_some(s, &mut self.st)? {
+                        Got::Data(n) => self.hi = n,
+                        Got::Later => return Ok(()),
+                    }
                 }
-                let _ = mb.deliver(peer, tag, v, "tcp receive");
+                continue;
             }
-            Ok(None) => break format!("malformed frame: length {} exceeds the limit", f.len),
-            Err(e) => {
-                // The slot holds the error; the stream can no longer be trusted.
-                mb.notify();
-                break e.to_string();
+            if self.hi - self.lo < HDR {
+                self.st.copy_within(self.lo..self.hi, 0);
+                (self.lo, self.hi) = (0, self.hi - self.lo);
+                match read_some(s, &mut self.st[self.hi..])? {
+                    Got::Data(n) => self.hi += n,
+                    Got::Later => return Ok(()),
+                }
+                continue;
             }
+            let mut f = Frame::zeroed();
+            bytemuck::bytes_of_mut(&mut f).copy_from_slice(&self.st[self.lo..self.lo + HDR]);
+            self.lo += HDR;
+            if f.magic != MAGIC {
+                return Err(format!("malformed frame (bad magic {:#x})", f.magic));
+            }
+            let tag = Tag { ctx: f.ctx, seq: f.seq, round: f.round };
+            let claimed = {
+                let mut t = mb.lock();
+                Mailbox::claim(&mut t, peer, tag, f.len as usize, "tcp receive")
+            };
+            let dst = match claimed {
+                Ok(Some(buf)) => Dst::Posted(buf.0),
+                Ok(None) if f.len <= MAX_EARLY => Dst::Early(vec![0u8; f.len as usize]),
+                Ok(None) => return Err(format!("malformed frame: length {} exceeds the limit", f.len)),
+                Err(e) => {
+                    // The slot holds the error; the stream can no longer be trusted.
+                    mb.notify();
+                    return Err(e.to_string());
+                }
+            };
+            self.body = Some(Body { tag, len: f.len as usize, got: 0, dst });
         }
+    }
+
+    /// The connection ended: a claimed posted buffer is released with an error.
+    fn abandon(&mut self, peer: usize, mb: &Mailbox, why: &str) {
+        if let Some(Body { tag, dst: Dst::Posted(_), .. }) = self.body.take() {
+            mb.fail(peer, tag, Dir::Recv, Error::PeerFailed { op: "tcp receive", peer, reason: format!("{why} (mid-message)") });
+        }
+    }
+}
+
+/// The progress thread of a rank: one `poll` over every peer connection (and the wake-up
+/// eventfd); reads land frames in posted buffers, writes finish the sends that did not fit
+/// into the socket at once.
+fn progress(sh: Arc<Shared>) {
+    use std::os::fd::AsRawFd;
+    let n = sh.streams.len();
+    let mut rx: Vec<Option<Rx>> =
+        sh.streams.iter().map(|s| s.as_ref().map(|_| Rx { st: vec![0u8; STAGE], lo: 0, hi: 0, body: None })).collect();
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
+    let mut who: Vec<usize> = Vec::with_capacity(n);
+    let kill = |p: usize, rx: &mut Vec<Option<Rx>>, why: String| {
+        if let Some(mut r) = rx[p].take() {
+            r.abandon(p, &sh.mb, &why);
+        }
+        if let Some(s) = &sh.streams[p] {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        sh.queue(p).clear();
+        sh.mb.peer_died(p, why);
     };
-    let _ = s.shutdown(Shutdown::Both);
-    mb.peer_died(peer, why);
+    while !sh.stop.load(Ordering::Acquire) {
+        fds.clear();
+        who.clear();
+        fds.push(libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 });
+        for p in 0..n {
+            if rx[p].is_some() {
+                let s = sh.streams[p].as_ref().unwrap();
+                let out = if sh.queue(p).is_empty() { 0 } else { libc::POLLOUT };
+                fds.push(libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN | out, revents: 0 });
+                who.push(p);
+            }
+        }
+        // SAFETY: `fds` is a live array of pollfd.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if r <= 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: 8-byte read from our eventfd (non-blocking).
+            unsafe { libc::read(sh.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        }
+        let mut sent = false;
+        for (i, &p) in who.iter().enumerate() {
+            let ev = fds[i + 1].revents;
+            if ev == 0 {
+                continue;
+            }
+            let s = sh.streams[p].as_ref().unwrap();
+            if ev & libc::POLLOUT != 0 {
+                let mut q = sh.queue(p);
+                let mut err = None;
+                while let Some(j) = q.front_mut() {
+                    match j.push(s.as_raw_fd()) {
+                        Ok(true) => {
+                            q.pop_front();
+                            sent = true;
+                        }
+                        Ok(false) => break,
+                        Err(e) => {
+                            err = Some(format!("connection lost while sending ({e})"));
+                            break;
+                        }
+                    }
+                }
+                drop(q);
+                if let Some(why) = err {
+                    kill(p, &mut rx, why);
+                    continue;
+                }
+            }
+            if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                let r = rx[p].as_mut().unwrap().drain(p, s, &sh.mb);
+                if let Err(why) = r {
+                    kill(p, &mut rx, why);
+                }
+            }
+        }
+        if sent {
+            // Under the table lock, so a waiter between its check and its sleep is not missed.
+            drop(sh.mb.lock());
+            sh.mb.notify();
+        }
+    }
+    for (p, r) in rx.iter_mut().enumerate() {
+        if let Some(r) = r {
+            r.abandon(p, &sh.mb, "communicator closed");
+        }
+    }
 }
 
 /// Socket buffer size asked for on every mesh connection (loopback and LAN alike).
@@ -224,33 +441,6 @@ fn tune(s: &TcpStream) {
     }
 }
 
-/// Header and payload in one `writev` (one segment for small messages), looping on short writes.
-fn write_frame(s: &mut TcpStream, head: &[u8], data: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (mut h, mut d) = (head, data);
-    while !h.is_empty() || !d.is_empty() {
-        let iov = [
-            libc::iovec { iov_base: h.as_ptr() as *mut libc::c_void, iov_len: h.len() },
-            libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() },
-        ];
-        // SAFETY: both iovecs describe live slices.
-        let n = unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), 2) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let mut n = n as usize;
-        let a = n.min(h.len());
-        h = &h[a..];
-        n -= a;
-        d = &d[n..];
-    }
-    Ok(())
-}
-
 impl Fabric for TcpFabric {
     fn rank(&self) -> usize {
         self.rank
@@ -263,38 +453,76 @@ impl Fabric for TcpFabric {
     }
 
     unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
-        self.mb.post(src, tag, buf, len, w.op).map(|_| ())
+        self.sh.mb.post(src, tag, buf, len, w.op).map(|_| ())
     }
 
+    /// Writes the frame from the caller's thread as far as the socket takes it (header and
+    /// payload in one `sendmsg`); the rest is queued for the progress thread.
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
-        if let Some(r) = self.mb.lock().dead.get(&dst) {
+        use std::os::fd::AsRawFd;
+        if let Some(r) = self.sh.mb.lock().dead.get(&dst) {
             return Err(Error::PeerFailed { op: w.op, peer: dst, reason: r.clone() });
         }
         let f = Frame { magic: MAGIC, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64 };
-        let mut s = self.writers[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
-        s.set_write_timeout(Some(w.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).ok();
-        let io = |e: std::io::Error| Error::Io { op: w.op, peer: dst, detail: e.to_string() };
-        write_frame(&mut s, bytemuck::bytes_of(&f), std::slice::from_raw_parts(data, len)).map_err(io)?;
+        let mut hdr = [0u8; 32];
+        hdr.copy_from_slice(bytemuck::bytes_of(&f));
+        let mut job = Job { tag, hdr, hoff: 0, data, len, doff: 0 };
+        let mut q = self.sh.queue(dst);
+        if q.is_empty() {
+            let fd = self.sh.streams[dst].as_ref().unwrap().as_raw_fd();
+            match job.push(fd) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(Error::Io { op: w.op, peer: dst, detail: e.to_string() }),
+            }
+        }
+        q.push_back(job);
+        drop(q);
+        self.sh.wake();
         Ok(())
     }
 
-    fn wait_send(&self, _dst: usize, _tag: Tag, _w: &Wait) -> Result<()> {
-        Ok(()) // the bytes are in the kernel once `send` returned
+    fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()> {
+        let queued = |q: &VecDeque<Job>| q.iter().any(|j| j.tag == tag);
+        if !queued(&self.sh.queue(dst)) {
+            return Ok(());
+        }
+        let r = self.sh.mb.wait_until(dst, w, &|| Ok(()), |_| if queued(&self.sh.queue(dst)) { None } else { Some(Ok(())) });
+        if r.is_err() {
+            // The caller may free the buffer now: withdraw the job; a half-written frame
+            // leaves the stream unusable, so that connection is closed.
+            let mut q = self.sh.queue(dst);
+            if let Some(i) = q.iter().position(|j| j.tag == tag) {
+                let started = q[i].hoff > 0;
+                q.remove(i);
+                if started {
+                    if let Some(s) = &self.sh.streams[dst] {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+        r
     }
 
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize> {
-        self.mb.wait_done(src, tag, Dir::Recv, w, &|| Ok(()))
+        self.sh.mb.wait_done(src, tag, Dir::Recv, w, &|| Ok(()))
     }
 
     fn cancel_recv(&self, src: usize, tag: Tag) {
-        self.mb.cancel(src, tag)
+        self.sh.mb.cancel(src, tag)
     }
 }
 
 impl Drop for TcpFabric {
     fn drop(&mut self) {
-        for s in self.writers.iter().flatten() {
-            let _ = s.lock().unwrap_or_else(|e| e.into_inner()).shutdown(Shutdown::Both);
+        self.sh.stop.store(true, Ordering::Release);
+        self.sh.wake();
+        if let Some(h) = self.progress.take() {
+            let _ = h.join();
+        }
+        for s in self.sh.streams.iter().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 }

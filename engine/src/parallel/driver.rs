@@ -52,14 +52,9 @@ pub struct Report2D {
 }
 
 /// Run `steps` steps of 2D training on `grid` with `plan`, ranks as threads, on the synthetic
-/// stream: world rank w reads its `Grid::sample_range` of every global batch.
-pub fn train_in_process<B: Backend + Clone>(be: &B, cfg: &TrainConfig, grid: Grid, plan: &Plan, opts: &ParallelOptions, steps: usize) -> Result<(Report2D, Vec<RankState>)> {
-    let (r, s, _) = train_in_process_traced(be, cfg, grid, plan, opts, steps, false)?;
-    Ok((r, s))
-}
-
-/// `train_in_process`, also returning every rank's stage spans when `trace`.
-pub fn train_in_process_traced<B: Backend + Clone>(
+/// stream: world rank w reads its `Grid::sample_range` of every global batch. Returns rank 0's
+/// report, every rank's final state and, when `trace`, every rank's stage spans.
+pub fn train_in_process<B: Backend + Clone>(
     be: &B,
     cfg: &TrainConfig,
     grid: Grid,
@@ -73,27 +68,12 @@ pub fn train_in_process_traced<B: Backend + Clone>(
         let range = grid.sample_range(w, cfg.batch_size);
         data.samples((step * cfg.batch_size + range.start) as u64, range.len())
     };
-    run_threads(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
+    train_threads(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
 }
 
 /// `train_in_process` with the local batches given by `feed(step, world_rank)`.
 #[allow(clippy::too_many_arguments)]
-pub fn train_in_process_with<B: Backend + Clone>(
-    be: &B,
-    cfg: &TrainConfig,
-    grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
-    steps: usize,
-    feed: &(dyn Fn(usize, usize) -> Batch + Sync),
-    eval: &Batch,
-) -> Result<(Report2D, Vec<RankState>)> {
-    let (r, s, _) = run_threads(be, cfg, grid, plan, opts, steps, feed, eval, false)?;
-    Ok((r, s))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_threads<B: Backend + Clone>(
+pub fn train_threads<B: Backend + Clone>(
     be: &B,
     cfg: &TrainConfig,
     grid: Grid,

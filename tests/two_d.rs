@@ -1,0 +1,53 @@
+//! Helpers of the 2D tests: plans using every sharding type, whole tables reassembled from the
+//! ranks' shards, and the relative error the equivalence tests bound.
+use ember::config::TrainConfig;
+use ember::parallel::driver::RankState;
+use ember::plan::{Plan, ShardingType, TablePlan};
+
+/// A plan that cycles table t through `kinds[t % kinds.len()]` on `n` ranks: table-wise on
+/// rank t % n, row- and column-wise over all ranks, table-row-wise over the first half.
+pub fn cycling_plan(cfg: &TrainConfig, n: usize, kinds: &[ShardingType]) -> Plan {
+    let all: Vec<usize> = (0..n).collect();
+    let half: Vec<usize> = (0..n.div_ceil(2)).collect();
+    let tables = cfg
+        .model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, tc)| {
+            let kind = kinds[t % kinds.len()];
+            let ranks: &[usize] = match kind {
+                ShardingType::TableWise => &all[t % n..t % n + 1],
+                ShardingType::TableRowWise => &half,
+                _ => &all,
+            };
+            TablePlan::new(t, tc.rows, tc.dim, kind, ranks)
+        })
+        .collect();
+    let p = Plan { n, tables };
+    p.validate(&cfg.model).expect("a valid plan");
+    p
+}
+
+/// Whole tables assembled from the shards of replica `replica`.
+pub fn assemble(cfg: &TrainConfig, states: &[RankState], replica: usize) -> Vec<Vec<f32>> {
+    let mut tables: Vec<Vec<f32>> = cfg.model.tables.iter().map(|t| vec![f32::NAN; t.rows as usize * t.dim]).collect();
+    for st in states.iter().filter(|s| s.coords.0 == replica) {
+        for (spec, w, _) in &st.shards {
+            let cols = spec.num_cols();
+            for (i, r) in (spec.rows.start..spec.rows.end).enumerate() {
+                let dst = r as usize * spec.dim + spec.cols.start;
+                tables[spec.table][dst..dst + cols].copy_from_slice(&w[i * cols..(i + 1) * cols]);
+            }
+        }
+    }
+    tables
+}
+
+/// ‖a − b‖ / ‖b‖ in f64.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x as f64) - (*y as f64)).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
