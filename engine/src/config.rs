@@ -338,7 +338,7 @@ pub fn preset(name: &str, row_cap: Option<u64>) -> Result<TrainConfig> {
             },
             4096,
             Some(20),
-            OptimConfig { embedding: rowwise(0.05), dense: DenseOptimizer::Sgd { lr: 0.05 }, weight_decay: WeightDecay::None },
+            OptimConfig { embedding: rowwise(0.02), dense: DenseOptimizer::Adagrad { lr: 0.005, eps: 1e-8 }, weight_decay: WeightDecay::None },
         ),
         other => {
             return Err(Error::Config(format!("unknown preset '{other}'; known: {}", PRESETS.join(", "))))

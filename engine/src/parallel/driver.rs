@@ -35,7 +35,7 @@ pub struct Report2D {
     pub auc: f64,
     pub steps: usize,
     pub wall_s: f64,
-    /// Rank 0's mean milliseconds per step per stage.
+    /// Rank 0's mean milliseconds per step per stage (training steps only).
     pub stages: StageTimes,
     /// Rank 0's all-to-all (and reduce-scatter / all-gather) bytes sent per step, all stages.
     pub a2a_bytes_per_rank: f64,
@@ -116,6 +116,8 @@ pub struct RankOutcome {
     pub trace: Vec<TraceEvent>,
     /// max / mean over all ranks of the lookup work.
     pub imbalance: f64,
+    /// Seconds of this rank's training steps (construction and evaluation excluded).
+    pub train_s: f64,
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
@@ -144,14 +146,20 @@ pub fn run_rank<B: Backend>(
         rank.trace = Some(Vec::new());
     }
     let mut losses = Vec::with_capacity(steps);
+    let t0 = Instant::now();
     for step in 0..steps {
         losses.push(rank.train_step(be, &feed(step, w))?);
     }
+    let train_s = t0.elapsed().as_secs_f64();
     rank.finish_pending(be)?;
     if rank.opts.fully_sharded {
         rank.average_weights(be)?;
     }
+    // The evaluation's forward passes are not part of the training counters.
+    let (times, bytes) = (rank.times.clone(), rank.bytes.clone());
     let metrics = eval_2d(be, &mut rank, eval, cfg.batch_size)?;
+    rank.times = times;
+    rank.bytes = bytes;
     let mut shards = Vec::new();
     for sh in &rank.shards {
         shards.push((sh.spec.clone(), be.download(&sh.weights)?, be.download(&sh.state)?));
@@ -165,10 +173,10 @@ pub fn run_rank<B: Backend>(
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms.coords();
     let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance })
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s })
 }
 
-/// The run's report from rank 0's outcome.
+/// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
 pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOutcome) -> Report2D {
     let s0 = &o.state;
     let losses = o.losses.clone();
@@ -188,7 +196,7 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
     let tail = (losses.len() / 10).max(1).min(losses.len());
     Report2D {
         grid: format!("{}x{}", grid.m, grid.n),
-        samples_per_s: (steps * batch_size) as f64 / wall,
+        samples_per_s: (steps * batch_size) as f64 / o.train_s.max(1e-9),
         loss: losses[losses.len() - tail..].iter().sum::<f64>() / tail.max(1) as f64,
         ne: metrics.0,
         auc: metrics.1,
