@@ -39,6 +39,9 @@ pub struct Report2D {
     pub stages: StageTimes,
     /// Rank 0's all-to-all (and reduce-scatter / all-gather) bytes sent per step, all stages.
     pub a2a_bytes_per_rank: f64,
+    /// Rank 0's bytes per step handed to each collective (its send buffers; an all-gather
+    /// counts this rank's own block), training steps only.
+    pub bytes_per_step: ByteCounts,
     /// Rank 0's replica-sync bytes per step (indices + values; fully-sharded: its weight
     /// reduce-scatter and all-gather).
     pub sync_bytes_per_rank: f64,
@@ -206,6 +209,19 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
         sync_bytes_per_rank: per((b.sync_index + b.sync_values + b.fs_weights) as f64),
         emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
+        bytes_per_step: ByteCounts {
+            input_a2a: b.input_a2a / steps.max(1) as u64,
+            output_a2a: b.output_a2a / steps.max(1) as u64,
+            output_reduce_scatter: b.output_reduce_scatter / steps.max(1) as u64,
+            grad_a2a: b.grad_a2a / steps.max(1) as u64,
+            grad_all_gather: b.grad_all_gather / steps.max(1) as u64,
+            dense_all_reduce: b.dense_all_reduce / steps.max(1) as u64,
+            sync_index: b.sync_index / steps.max(1) as u64,
+            sync_values: b.sync_values / steps.max(1) as u64,
+            fs_weights: b.fs_weights / steps.max(1) as u64,
+            emb_weight_bytes_resident_dense: b.emb_weight_bytes_resident_dense,
+            lookup_cost: b.lookup_cost / steps.max(1) as u64,
+        },
         imbalance: o.imbalance,
         peak_rss_bytes: peak_rss(),
         losses,
