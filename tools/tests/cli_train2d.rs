@@ -65,3 +65,33 @@ fn wrong_world_size_is_a_clear_error() {
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(all.contains("needs 4 ranks") && all.contains("started 2"), "{all}");
 }
+
+#[test]
+fn the_trace_shows_communication_overlapping_compute() {
+    let dir = std::env::temp_dir().join(format!("ember-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["train", "--grid", "2x2", "--steps", "6", "--quiet", "--trace", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ev = v["traceEvents"].as_array().unwrap();
+    let spans = |name: &str, rank: u64| -> Vec<(f64, f64)> {
+        ev.iter()
+            .filter(|e| e["name"] == name && e["tid"] == rank)
+            .map(|e| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap()))
+            .collect()
+    };
+    for rank in 0..4 {
+        for stage in ["input_dist", "lookup", "output_dist", "dense", "backward", "sync"] {
+            assert!(!spans(stage, rank).is_empty(), "rank {rank} has no {stage} span");
+        }
+        // The dense all-reduce is in flight while the embedding backward runs.
+        let ar = spans("dense_all_reduce (overlapped)", rank);
+        let bw = spans("backward", rank);
+        assert_eq!(ar.len(), 6);
+        assert!(ar.iter().all(|a| bw.iter().any(|b| a.0 <= b.0 && b.1 <= a.1)), "rank {rank}: all-reduce does not cover a backward");
+    }
+}

@@ -150,8 +150,12 @@ pub fn run_rank<B: Backend>(
     }
     let mut losses = Vec::with_capacity(steps);
     let t0 = Instant::now();
+    // Each step starts the next step's input all-to-all during its dense work.
+    let mut batch = if steps > 0 { Some(feed(0, w)) } else { None };
     for step in 0..steps {
-        losses.push(rank.train_step(be, &feed(step, w))?);
+        let next = if step + 1 < steps { Some(feed(step + 1, w)) } else { None };
+        losses.push(rank.train_step_prefetch(be, batch.as_ref().expect("a batch"), next.as_ref())?);
+        batch = next;
     }
     let train_s = t0.elapsed().as_secs_f64();
     rank.finish_pending(be)?;

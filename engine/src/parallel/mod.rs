@@ -96,6 +96,18 @@ pub struct TraceEvent {
     pub rank: usize,
 }
 
+/// An input all-to-all in flight (started for the next batch during this step's dense work).
+struct InputInFlight {
+    recv: ember_transport::Request<Vec<u64>>,
+    counts: Vec<usize>,
+}
+
+impl InputInFlight {
+    fn finish(self) -> Result<(Vec<u64>, Vec<usize>)> {
+        Ok((self.recv.wait()?, self.counts))
+    }
+}
+
 /// The forward state a step keeps for its backward pass.
 struct Forward<B: Backend> {
     bags: Vec<Bags<B>>,
@@ -129,6 +141,8 @@ pub struct Rank2D<B: Backend> {
     epoch: Instant,
     /// Delayed state sync: the state average in flight.
     pending: Option<sync::PendingState>,
+    /// The next batch's input all-to-all, started during this step's dense work.
+    prefetch: Option<InputInFlight>,
     /// Fully-sharded 2D: this replica's averaged part of the concatenated shard weights, and
     /// the split of that concatenation over the replica group.
     fs_part: Option<(Vec<f32>, Vec<usize>)>,
@@ -189,6 +203,7 @@ impl<B: Backend> Rank2D<B> {
             trace: None,
             epoch: Instant::now(),
             pending: None,
+            prefetch: None,
             fs_part: None,
         })
     }
@@ -205,7 +220,19 @@ impl<B: Backend> Rank2D<B> {
     }
 
     /// Steps 1–4a: distribute ids, look up, distribute pooled vectors, dense forward.
-    fn forward(&mut self, be: &B, batch: &Batch, fully_sharded: bool) -> Result<Forward<B>> {
+    /// Step 1 begun: the receive counts exchanged, the ids' all-to-all started.
+    fn start_input(&mut self, batch: &Batch) -> Result<InputInFlight> {
+        let (send, counts) = encode_input(&self.plan, &batch.sparse);
+        self.bytes.input_a2a += send.len() as u64 * 8;
+        let sc: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
+        let mut rc = vec![0u64; sc.len()];
+        self.comms.shard.all_to_all(&sc, &mut rc)?;
+        let rcounts: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
+        Ok(InputInFlight { recv: self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone()), counts: rcounts })
+    }
+
+    /// `prefetched`: take step 1's result from the previous step's prefetch of this batch.
+    fn forward(&mut self, be: &B, batch: &Batch, fully_sharded: bool, prefetched: bool) -> Result<Forward<B>> {
         batch.validate(&self.model)?;
         let b = batch.size();
         if b * self.comms.grid.world() != self.global_batch {
@@ -213,11 +240,12 @@ impl<B: Backend> Rank2D<B> {
         }
         let (n, d, f) = (self.plan.n, self.model.dim(), self.model.num_tables());
         let bg = n * b;
-        // 1. Input distribution.
+        // 1. Input distribution (already in flight when the previous step prefetched it).
         let t0 = Instant::now();
-        let (send, counts) = encode_input(&self.plan, &batch.sparse);
-        self.bytes.input_a2a += send.len() as u64 * 8;
-        let (recv, rcounts) = self.comms.shard.all_to_all_v_alloc(&send, &counts)?;
+        let (recv, rcounts) = match (prefetched, self.prefetch.take()) {
+            (true, Some(p)) => (p.recv.wait()?, p.counts),
+            _ => self.start_input(batch)?.finish()?,
+        };
         let jag = decode_input(&recv, &rcounts, &self.slots, b)?;
         self.bytes.lookup_cost += jag.iter().zip(&self.slots).map(|(j, s)| (j.values.len() * s.cols.len()) as u64).sum::<u64>();
         self.times.input_dist += self.stage("input_dist", t0);
@@ -314,8 +342,22 @@ impl<B: Backend> Rank2D<B> {
 
     /// One training step on this rank's `b = B/T` samples. Returns the global mean loss.
     pub fn train_step(&mut self, be: &B, batch: &Batch) -> Result<f64> {
+        self.train_step_prefetch(be, batch, None)
+    }
+
+    /// A training step that also starts the input distribution of `next` (the following step's
+    /// local batch) so that its all-to-all overlaps this step's dense work. The following call
+    /// must then be for `next`.
+    pub fn train_step_prefetch(&mut self, be: &B, batch: &Batch, next: Option<&Batch>) -> Result<f64> {
         let fs = self.opts.fully_sharded && self.comms.grid.m > 1;
-        let fwd = self.forward(be, batch, fs)?;
+        let prefetched = self.prefetch.is_some();
+        let fwd = self.forward(be, batch, fs, prefetched)?;
+        if let Some(nb) = next {
+            nb.validate(&self.model)?;
+            let t0 = Instant::now();
+            self.prefetch = Some(self.start_input(nb)?);
+            self.times.input_dist += self.stage("input_dist (next batch, started)", t0);
+        }
         let resident: usize = self.shards.iter().map(|s| be.len(&s.weights) * 4).sum::<usize>() + self.fs_part.as_ref().map_or(0, |p| p.0.len() * 4);
         self.bytes.emb_weight_bytes_resident_dense = self.bytes.emb_weight_bytes_resident_dense.max(resident as u64);
         let (n, d, f, m) = (self.plan.n, self.model.dim(), self.model.num_tables(), self.comms.grid.m);
@@ -555,7 +597,10 @@ impl<B: Backend> Rank2D<B> {
 
     /// Logits of this rank's samples (forward only).
     pub fn predict(&mut self, be: &B, batch: &Batch) -> Result<Vec<f32>> {
-        self.forward(be, batch, false)?;
+        if self.prefetch.is_some() {
+            return Err(Error::Input("predict while a prefetched training batch is in flight".into()));
+        }
+        self.forward(be, batch, false, false)?;
         let mut l = be.download(self.dense.logits())?;
         l.truncate(batch.size());
         Ok(l)
