@@ -2,7 +2,7 @@
 //! -n/-w/-c iterations, columns size, count, type, time, algbw, busbw, #wrong, and a footer.
 //! Runs with in-process ranks (`--ranks N`) or one rank per process (under `ember launch`,
 //! mpirun, srun, torchrun). Data are seeded per (rank, repetition); the expected output is
-//! computed separately from the same seeds. `--baseline memcpy|tcp|tcp1` adds the ceiling measured
+//! computed separately from the same seeds. `--baseline memcpy|tcp|tcp1|tcp2` adds the ceiling measured
 //! in the same run (docs/transport.md derives it).
 use crate::common::CliResult;
 use ember_transport::bootstrap::threads_world;
@@ -38,7 +38,8 @@ pub struct CommBenchArgs {
     pub ranks: Option<usize>,
     /// Add the ceiling measured in the same run: memcpy (the copies the collective must make),
     /// tcp (one loopback TCP stream from rank 0's process to rank 1's, with the ranks' own
-    /// pinning) or tcp1 (one stream with both ends in rank 0's process).
+    /// pinning), tcp1 (one stream with both ends in rank 0's process) or tcp2 (rank 0 and rank 1
+    /// stream to each other at once: the 2-rank all-to-all's traffic without a protocol).
     #[arg(long)]
     pub baseline: Option<String>,
     /// Plain 4 KiB-page buffers instead of huge-page-advised ones (for the collective and the
@@ -170,6 +171,28 @@ fn tcp_pair_stream_us(c: &Comm, bytes: usize, iters: usize) -> Result<f64, Strin
     }
 }
 
+/// Both directions at once between rank 0 and rank 1 (`--baseline tcp2`): each sends `bytes`
+/// per iteration to the other over its own loopback connection, as the 2-rank all-to-all does,
+/// with no protocol. Returns the slower rank's time per iteration (0 on other ranks).
+fn tcp_bidir_us(c: &Comm, bytes: usize, iters: usize) -> Result<f64, String> {
+    let e = |e: ember_transport::Error| e.to_string();
+    let io = |e: std::io::Error| format!("tcp baseline: {e}");
+    let me = c.rank();
+    let l = if me <= 1 { Some(std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?) } else { None };
+    let mine = [l.as_ref().map(|l| l.local_addr().map(|a| a.port() as u64)).transpose().map_err(io)?.unwrap_or(0)];
+    let mut ports = vec![0u64; c.size()];
+    c.all_gather(&mine, &mut ports).map_err(e)?;
+    let Some(l) = l else { return Ok(0.0) };
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        stream_sink(&mut s, bytes, bytes * iters)
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", ports[1 - me] as u16)).map_err(io)?;
+    let us = stream_source(&mut s, bytes, iters).map_err(io)?;
+    sink.join().map_err(|_| "tcp baseline: reader panicked".to_string())?.map_err(io)?;
+    Ok(us)
+}
+
 fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, String> {
     let (n, me) = (c.size(), c.rank());
     let e = |e: ember_transport::Error| e.to_string();
@@ -227,7 +250,13 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
                 c.barrier().map_err(e)?;
                 Some(max_over(c, us).map_err(e)?)
             }
-            Some("tcp") | Some("tcp1") => {
+            Some("tcp2") if n >= 2 => {
+                c.barrier().map_err(e)?;
+                let us = tcp_bidir_us(c, size * (n - 1), a.iters.max(1))?;
+                c.barrier().map_err(e)?;
+                Some(max_over(c, us).map_err(e)?)
+            }
+            Some("tcp") | Some("tcp1") | Some("tcp2") => {
                 // Both ends in rank 0's process (on its core when pinned).
                 c.barrier().map_err(e)?;
                 let us = if me == 0 { tcp_stream_us(size * (n - 1).max(1), a.iters.max(1)).map_err(|x| x.to_string())? } else { 0.0 };
@@ -235,7 +264,7 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
                 Some(max_over(c, us).map_err(e)?)
             }
             None => None,
-            Some(o) => return Err(format!("unknown --baseline '{o}' (memcpy, tcp, tcp1)")),
+            Some(o) => return Err(format!("unknown --baseline '{o}' (memcpy, tcp, tcp1, tcp2)")),
         };
         // Check: fresh seeds per repetition, expectations computed from the seeds directly.
         let mut wrong = 0u64;

@@ -56,6 +56,9 @@ pub(crate) struct Mailbox {
     /// Yield for a while before sleeping (false: a progress thread of this process notifies every
     /// completion, so waiters sleep after a short spin and leave it the core).
     yield_phase: bool,
+    /// Busy-poll this long before backing off (shm: the waiter itself drives progress, and on a
+    /// loaded host a yield hands the core to another process for a whole time slice).
+    spin_for: Duration,
 }
 
 pub(crate) struct Table {
@@ -70,7 +73,21 @@ const MAX_SLEEP: Duration = Duration::from_millis(1);
 
 impl Mailbox {
     pub fn new() -> Self {
-        Mailbox { slots: Mutex::new(Table { map: HashMap::new(), dead: HashMap::new() }), cv: Condvar::new(), sleepers: AtomicUsize::new(0), yield_phase: true }
+        Mailbox {
+            slots: Mutex::new(Table { map: HashMap::new(), dead: HashMap::new() }),
+            cv: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
+            yield_phase: true,
+            spin_for: Duration::ZERO,
+        }
+    }
+
+    /// For backends whose waiters drive progress themselves (shm): busy-poll for
+    /// `EMBER_SPIN_US` (default 50 µs) before the spin/yield/sleep back-off.
+    pub fn new_polling() -> Self {
+        static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let us = *US.get_or_init(|| std::env::var("EMBER_SPIN_US").ok().and_then(|s| s.parse().ok()).unwrap_or(50));
+        Mailbox { spin_for: Duration::from_micros(us), ..Self::new() }
     }
 
     /// For backends whose completions come from a thread of this process: sleep right after
@@ -260,7 +277,10 @@ impl Mailbox {
             if now >= w.deadline {
                 return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
             }
-            if !backoff.is_completed() {
+            if now - start < self.spin_for {
+                drop(t);
+                std::hint::spin_loop();
+            } else if !backoff.is_completed() {
                 drop(t);
                 backoff.snooze();
             } else if self.yield_phase && now - start < YIELD_FOR {

@@ -28,7 +28,7 @@ const REGION: usize = CTL + RING_CAP;
 fn eager_max() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
-        std::env::var("EMBER_SHM_EAGER").ok().and_then(|s| s.parse().ok()).unwrap_or(32 << 10).min(RING_CAP / 4)
+        std::env::var("EMBER_SHM_EAGER").ok().and_then(|s| s.parse().ok()).unwrap_or(8 << 10).min(RING_CAP / 4)
     })
 }
 
@@ -159,7 +159,7 @@ impl ShmFabric {
         Ok(ShmFabric {
             rank,
             pids,
-            mb: Mailbox::new(),
+            mb: Mailbox::new_polling(),
             inbox,
             _peer_maps: maps,
             rx,

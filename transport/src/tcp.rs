@@ -6,9 +6,9 @@ use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use crate::mailbox::{Dir, Mailbox};
 use bytemuck::{Pod, Zeroable};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -354,8 +354,8 @@ fn progress(sh: Arc<Shared>) {
         fds.clear();
         who.clear();
         fds.push(libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 });
-        for p in 0..n {
-            if rx[p].is_some() {
+        for (p, _) in rx.iter().enumerate().filter(|(_, r)| r.is_some()) {
+            {
                 let s = sh.streams[p].as_ref().unwrap();
                 let out = if sh.queue(p).is_empty() { 0 } else { libc::POLLOUT };
                 fds.push(libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN | out, revents: 0 });
@@ -421,12 +421,20 @@ fn progress(sh: Arc<Shared>) {
     }
 }
 
-/// Socket buffer size asked for on every mesh connection (loopback and LAN alike).
-const SOCK_BUF: libc::c_int = 4 << 20;
+/// Socket buffer size asked for on every mesh connection (loopback and LAN alike):
+/// `EMBER_TCP_SOCKBUF` bytes, 0 = leave it to the kernel's autotuning. Default 4 MiB.
+fn sock_buf() -> libc::c_int {
+    static V: std::sync::OnceLock<libc::c_int> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("EMBER_TCP_SOCKBUF").ok().and_then(|s| s.parse().ok()).unwrap_or(4 << 20))
+}
 
 fn tune(s: &TcpStream) {
     use std::os::fd::AsRawFd;
     s.set_nodelay(true).ok();
+    let v = sock_buf();
+    if v <= 0 {
+        return;
+    }
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         // SAFETY: setsockopt with a c_int value on a socket we own.
         unsafe {
@@ -434,7 +442,7 @@ fn tune(s: &TcpStream) {
                 s.as_raw_fd(),
                 libc::SOL_SOCKET,
                 opt,
-                &SOCK_BUF as *const libc::c_int as *const libc::c_void,
+                &v as *const libc::c_int as *const libc::c_void,
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
         }

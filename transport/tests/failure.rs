@@ -224,3 +224,30 @@ fn bare_mpirun_defaults_to_a_job_file_that_carries_the_token() {
     assert!(!path.exists(), "the job file is removed once everyone joined");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tcp_sends_beyond_the_socket_buffers_complete_and_fail_cleanly() {
+    // 24 MiB each way (more than the socket buffers hold), the receivers posting late: the
+    // caller's write stops short and the progress thread finishes the queued rest.
+    let out = run("tcp", 2, |c| {
+        let (r, blk) = (c.rank(), 3 << 20); // u64s per peer
+        let send: Vec<u64> = (0..2 * blk).map(|i| (r * 100_000_000 + i) as u64).collect();
+        let mut recv = vec![0u64; 2 * blk];
+        if r == 1 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c.all_to_all(&send, &mut recv).unwrap();
+        (r, recv[(1 - r) * blk..(2 - r) * blk].iter().enumerate().all(|(i, &x)| x == ((1 - r) * 100_000_000 + r * blk + i) as u64))
+    });
+    assert!(out.iter().all(|&(_, ok)| ok));
+    // A send to a peer whose connection closed fails at once, naming it (the receiving side
+    // keeps unposted messages, so a live peer always drains a send: no queued send can hang).
+    let mut w = world("tcp", 2, T);
+    drop(w.pop().unwrap());
+    let c0 = w.pop().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let e = c0.broadcast(&mut vec![7u64; 4 << 20], 0).unwrap_err();
+    assert_eq!(e.peer(), Some(1), "{e}");
+    assert!(t0.elapsed() < T, "{:?}", t0.elapsed());
+}
