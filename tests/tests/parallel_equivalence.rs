@@ -25,26 +25,30 @@ fn mixed_plan(cfg: &TrainConfig, n: usize) -> Plan {
     cycling_plan(cfg, n, &ShardingType::ALL)
 }
 
-fn single_process(cfg: &TrainConfig, steps: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+/// Tables, dense parameters and the eval AUC of one process trained on the same global batches.
+fn single_process(cfg: &TrainConfig, steps: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, f64) {
     let be = Cpu::new();
     let data = SyntheticData::new(cfg).unwrap();
     let mut m = Dlrm::new(&be, cfg).unwrap();
     for s in 0..steps {
         m.train_step(&be, &data.samples((s * cfg.batch_size) as u64, cfg.batch_size)).unwrap();
     }
+    let auc = ember::train::evaluate_model(&be, &mut m, &data.eval_batch(), cfg.batch_size).unwrap().auc;
     let tables = m.tables.iter().map(|t| t.weights.clone()).collect();
     let dense = m.dense.params_mut().into_iter().map(|p| p.w.clone()).collect();
-    (tables, dense)
+    (tables, dense, auc)
 }
 
 fn check_grid(m: usize, n: usize, placement: Placement) {
     let steps = 4;
     let cfg = sgd_config(16 * m * n);
-    let (ref_tables, ref_dense) = single_process(&cfg, steps);
+    let (ref_tables, ref_dense, ref_auc) = single_process(&cfg, steps);
     let grid = Grid::new(m, n, placement).unwrap();
     let plan = mixed_plan(&cfg, n);
     let (report, states, _) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &ParallelOptions::default(), steps, false).unwrap();
     assert!(report.loss.is_finite());
+    // The distributed evaluation (global chunks of B, the last one padded) sees the same model.
+    assert!((report.auc - ref_auc).abs() < 1e-4, "grid {m}x{n}: eval AUC {} vs one process {ref_auc}", report.auc);
     let tables = assemble(&cfg, &states, 0);
     for (t, (a, b)) in tables.iter().zip(&ref_tables).enumerate() {
         let e = rel_err(a, b);

@@ -253,10 +253,14 @@ fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &Batch, gb: usize) ->
     while s < total {
         let r = grid.sample_range(w, gb);
         // Indices past the end wrap around (padding); their logits are dropped below.
-        let idx: Vec<usize> = r.clone().map(|i| (s + i) % total).collect();
-        let mut part = eval.slice(idx[0]..idx[0] + 1);
-        for &i in &idx[1..] {
-            part.extend(&eval.slice(i..i + 1));
+        let (lo, hi) = (s + r.start, s + r.end);
+        let mut part = eval.slice(0..0);
+        let mut i = lo;
+        while i < hi {
+            let start = i % total;
+            let end = (start + (hi - i)).min(total);
+            part.extend(&eval.slice(start..end));
+            i += end - start;
         }
         let l = rank.predict(be, &part)?;
         let (all, _) = rank.comms.world.all_gather_alloc(&l)?;

@@ -378,11 +378,17 @@ impl<B: Backend> Rank2D<B> {
         // 5. Embedding backward: pooled gradients back to the shards, fused update.
         let t0 = Instant::now();
         // Per-table gradient blocks (b × d): × M (the group applies M/B · Σ), × 1/len for mean.
-        let block = |t: usize, i: usize| -> Vec<f32> {
-            let l = batch.sparse[t].lengths[i];
-            let s = m as f32 * if self.model.tables[t].pooling == Pooling::Mean { if l == 0 { 0.0 } else { 1.0 / l as f32 } } else { 1.0 };
-            dwide[i * stride + (t + 1) * d..i * stride + (t + 2) * d].iter().map(|x| x * s).collect()
-        };
+        let scaled: Vec<Vec<f32>> = (0..f)
+            .map(|t| {
+                let mean = self.model.tables[t].pooling == Pooling::Mean;
+                let mut g = Vec::with_capacity(b * d);
+                for (i, &l) in batch.sparse[t].lengths.iter().enumerate() {
+                    let s = m as f32 * if mean { if l == 0 { 0.0 } else { 1.0 / l as f32 } } else { 1.0 };
+                    g.extend(dwide[i * stride + (t + 1) * d..i * stride + (t + 2) * d].iter().map(|x| x * s));
+                }
+                g
+            })
+            .collect();
         let mut gmats: Vec<Vec<f32>> = self.slots.iter().map(|s| vec![0.0f32; n * b * s.cols.len()]).collect();
         // a) table- and column-wise shards: the reverse all-to-all.
         let mut send = Vec::new();
@@ -390,8 +396,8 @@ impl<B: Backend> Rank2D<B> {
         for ps in &self.peer_slots {
             let start = send.len();
             for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
-                for i in 0..b {
-                    send.extend_from_slice(&block(s.table, i)[s.cols.clone()]);
+                for row in scaled[s.table].chunks(d) {
+                    send.extend_from_slice(&row[s.cols.clone()]);
                 }
             }
             scounts.push(send.len() - start);
@@ -417,9 +423,7 @@ impl<B: Backend> Rank2D<B> {
             let rt = self.row_tables.len();
             let mut mine = Vec::with_capacity(rt * b * d);
             for &t in &self.row_tables {
-                for i in 0..b {
-                    mine.extend(block(t, i));
-                }
+                mine.extend_from_slice(&scaled[t]);
             }
             let mut all = vec![0.0f32; n * rt * b * d];
             self.bytes.grad_all_gather += mine.len() as u64 * 4;
