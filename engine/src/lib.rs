@@ -5,6 +5,7 @@
 //! training step), `metrics`, `train` (the loop behind `ember train`), `bench`.
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod embedding;

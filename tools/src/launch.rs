@@ -69,15 +69,17 @@ pub fn run(a: LaunchArgs) -> CliResult {
         if let Some(t) = a.timeout_ms {
             c.env("EMBER_TIMEOUT_MS", t.to_string());
         }
-        if !cores.is_empty() {
-            let core = cores[rank % cores.len()];
-            // SAFETY: only async-signal-safe calls between fork and exec.
-            unsafe {
-                c.pre_exec(move || {
+        let core = (!cores.is_empty()).then(|| cores[rank % cores.len()]);
+        // SAFETY: only async-signal-safe calls (prctl, sched_setaffinity) between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                // A rank never outlives its launcher (e.g. one killed with SIGKILL).
+                ember_transport::bootstrap::die_with_parent();
+                if let Some(core) = core {
                     ember_transport::bootstrap::pin_to_core(core);
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let mut child = c.spawn().map_err(|e| format!("ember launch: cannot start {:?}: {e}", a.cmd[0]))?;
         pumps.push(forward(rank, child.stdout.take().unwrap(), false));

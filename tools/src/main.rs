@@ -1,8 +1,9 @@
 //! `ember`: train, benchmark, plan, launch, checkpoint and self-test (docs/cli.md is the contract).
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_mem;
+mod checkpoint;
 mod comm_bench;
 mod common;
 mod launch;
@@ -28,16 +29,10 @@ enum Cmd {
     Plan(plan::PlanArgs),
     /// Start N local processes with the launcher variables set.
     Launch(launch::LaunchArgs),
-    /// Inspect or export checkpoints (not yet implemented).
-    Checkpoint(CheckpointArgs),
+    /// Inspect (verify) or export checkpoints.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Check a backend against the CPU reference from this binary alone.
     Selftest(selftest::SelftestArgs),
-}
-
-#[derive(Args)]
-struct CheckpointArgs {
-    #[arg(trailing_var_arg = true)]
-    rest: Vec<String>,
 }
 
 fn main() {
@@ -52,7 +47,7 @@ fn main() {
         Cmd::Launch(a) => launch::run(a),
         Cmd::Selftest(a) => selftest::run(a),
         Cmd::Plan(a) => plan::run(a),
-        Cmd::Checkpoint(_) => Err("ember checkpoint: not implemented yet (checkpoint issue)".into()),
+        Cmd::Checkpoint(a) => checkpoint::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: error: {e}");

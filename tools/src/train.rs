@@ -47,6 +47,18 @@ pub struct TrainArgs {
     /// all-gathered before the embedding backward (optimizer state not averaged).
     #[arg(long)]
     pub fully_sharded: bool,
+    /// Checkpoint folder (DIR/step-S/); checkpointed runs go through the grid engine (also 1x1).
+    #[arg(long)]
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Save a checkpoint every S steps (a multiple of --sync-every).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Keep the last K complete checkpoints.
+    #[arg(long, default_value_t = 2)]
+    pub keep: usize,
+    /// Resume from the latest complete checkpoint in --checkpoint-dir.
+    #[arg(long)]
+    pub resume: bool,
     /// Write a Chrome/Perfetto trace of every rank's stages to this file.
     #[arg(long)]
     pub trace: Option<std::path::PathBuf>,
@@ -67,7 +79,7 @@ pub fn run(a: TrainArgs) -> CliResult {
     }
     let (m, n) = s.grid()?;
     let launched = ember_transport::JoinConfig::from_env().map(|j| j.size > 1).unwrap_or(false);
-    if (m, n) != (1, 1) || launched {
+    if (m, n) != (1, 1) || launched || a.checkpoint_dir.is_some() {
         return crate::train2d::run(&a, cfg, m, n);
     }
     if s.transport != "auto" && s.transport != "local" {

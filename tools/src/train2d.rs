@@ -7,7 +7,7 @@ use ember::config::TrainConfig;
 use ember::data::synthetic::SyntheticData;
 use ember::grid::{Grid, Placement};
 use ember::parallel::driver::{report, run_rank, train_in_process, write_trace, Report2D};
-use ember::parallel::{ParallelOptions, SyncMode};
+use ember::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
 use ember::plan::planner::{plan, PlanOptions};
 use ember::plan::ShardingType;
 use std::time::Instant;
@@ -44,7 +44,20 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         Some(o) => return Err(format!("--sharding '{o}': expected table, row, column or table-row").into()),
     };
     let (plan, _) = plan(&cfg.model, m, n, &popts)?;
-    let opts = ParallelOptions { sync_every: a.sync_every, sync, delayed_state_sync: a.delayed_state_sync, fully_sharded: a.fully_sharded };
+    if (a.resume || a.checkpoint_every > 0) && a.checkpoint_dir.is_none() {
+        return Err("--resume and --checkpoint-every need --checkpoint-dir".into());
+    }
+    if a.checkpoint_every % a.sync_every.max(1) != 0 {
+        return Err(format!("--checkpoint-every {} must be a multiple of --sync-every {}", a.checkpoint_every, a.sync_every).into());
+    }
+    let checkpoint = a.checkpoint_dir.as_ref().map(|dir| CheckpointOptions { dir: dir.clone(), every: a.checkpoint_every, keep: a.keep.max(1), resume: a.resume });
+    let opts = ParallelOptions {
+        sync_every: a.sync_every,
+        sync,
+        delayed_state_sync: a.delayed_state_sync,
+        fully_sharded: a.fully_sharded,
+        checkpoint,
+    };
     let data = SyntheticData::new(&cfg)?;
     let oracle = data.oracle_eval();
 

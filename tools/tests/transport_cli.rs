@@ -133,3 +133,31 @@ fn split_runs_both_grid_groups_at_once() {
     assert!(!o.status.success());
     assert!(text(&o).1.contains("needs 4 ranks"), "{:?}", text(&o));
 }
+
+#[test]
+fn ranks_die_with_a_killed_launcher() {
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let tag = format!("--seed {}", 1000 + std::process::id() % 1000);
+    let seed = tag.split(' ').nth(1).unwrap().to_string();
+    let mut child = std::process::Command::new(bin)
+        .args(["launch", "-n", "2", "--", bin, "train", "--grid", "1x2", "--steps", "1000000", "--quiet", "--seed", &seed])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let alive = || {
+        std::process::Command::new("pgrep").args(["-f", "--", &format!("--steps 1000000 --quiet {tag}")]).output().map(|o| o.stdout.len()).unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while alive() == 0 && t0.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(alive() > 0, "ranks did not start");
+    child.kill().unwrap(); // SIGKILL the launcher only
+    let _ = child.wait();
+    let t1 = std::time::Instant::now();
+    while alive() > 0 {
+        assert!(t1.elapsed().as_secs() < 10, "ranks outlived their killed launcher");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

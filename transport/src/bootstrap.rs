@@ -485,6 +485,18 @@ pub fn allowed_cores() -> Vec<usize> {
 
 /// Pin the calling thread (or, between fork and exec, the new process) to one core.
 /// Async-signal-safe: usable in `CommandExt::pre_exec`.
+/// Ask the kernel to SIGKILL this process when its parent dies (Linux), so the ranks of a
+/// launcher that is itself killed do not run on. Async-signal-safe: callable between fork and exec.
+pub fn die_with_parent() -> bool {
+    #[cfg(target_os = "linux")]
+    // SAFETY: a plain prctl on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 pub fn pin_to_core(core: usize) -> bool {
     // SAFETY: plain syscalls on a set we own.
     unsafe {

@@ -148,14 +148,31 @@ pub fn run_rank<B: Backend>(
     if trace {
         rank.trace = Some(Vec::new());
     }
+    let ckpt = rank.opts.checkpoint.clone();
+    let mut first = 0;
+    if let Some(ck) = ckpt.as_ref().filter(|c| c.resume) {
+        if let Some(dir) = crate::checkpoint::latest(&ck.dir)? {
+            let c = crate::checkpoint::Checkpoint::open(&dir)?;
+            crate::checkpoint::rank2d::restore_rank2d(be, &mut rank, &c, cfg)?;
+            first = rank.steps_done;
+            if w == 0 {
+                tracing::info!("resumed from {} at step {first}", dir.display());
+            }
+        }
+    }
     let mut losses = Vec::with_capacity(steps);
     let t0 = Instant::now();
     // Each step starts the next step's input all-to-all during its dense work.
-    let mut batch = if steps > 0 { Some(feed(0, w)) } else { None };
-    for step in 0..steps {
+    let mut batch = if first < steps { Some(feed(first, w)) } else { None };
+    for step in first..steps {
         let next = if step + 1 < steps { Some(feed(step + 1, w)) } else { None };
         losses.push(rank.train_step_prefetch(be, batch.as_ref().expect("a batch"), next.as_ref())?);
         batch = next;
+        if let Some(ck) = ckpt.as_ref().filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
+            let r = grid.sample_range(w, cfg.batch_size);
+            let position = crate::checkpoint::DataPosition { next_sample: ((step + 1) * cfg.batch_size + r.start) as u64, reader_offsets: vec![] };
+            crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep)?;
+        }
     }
     let train_s = t0.elapsed().as_secs_f64();
     rank.finish_pending(be)?;
@@ -185,6 +202,8 @@ pub fn run_rank<B: Backend>(
 
 /// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
 pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOutcome) -> Report2D {
+    // Steps this run executed (fewer than `steps` after a resume).
+    let steps = o.losses.len().min(steps);
     let s0 = &o.state;
     let losses = o.losses.clone();
     let metrics = o.metrics;

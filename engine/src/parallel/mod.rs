@@ -48,11 +48,25 @@ pub struct ParallelOptions {
     /// is not averaged and K does not apply.
     #[serde(default)]
     pub fully_sharded: bool,
+    /// Periodic checkpoints and resume (not part of a saved config).
+    #[serde(skip)]
+    pub checkpoint: Option<CheckpointOptions>,
+}
+
+/// Where and how often a run checkpoints, and whether it resumes from the latest checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointOptions {
+    pub dir: std::path::PathBuf,
+    /// Save after every this many steps (a multiple of the sync interval K); 0: never.
+    pub every: usize,
+    /// Complete checkpoints kept.
+    pub keep: usize,
+    pub resume: bool,
 }
 
 impl Default for ParallelOptions {
     fn default() -> Self {
-        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false }
+        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, checkpoint: None }
     }
 }
 

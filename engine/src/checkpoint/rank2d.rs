@@ -1,0 +1,225 @@
+//! Checkpoints of the engine's two models: a 2D rank (`Rank2D`, collective over the world) and
+//! the single-process `Dlrm` (a 1×1 grid with every table whole on rank 0).
+//!
+//! Saving a 2D run: every rank calls [`save_rank2d`] after the same step. World rank 0 prepares
+//! the folder; replica g = 0 of every replica group writes its shards (after a sync the M
+//! replicas are identical); world rank 0 writes the dense file; every rank's data position and
+//! file list are gathered to rank 0, which commits the manifest. Any rank's failure makes every
+//! rank return an error and no manifest is written.
+use super::{write, Checkpoint, DataPosition, FileEntry, RankPosition, RunInfo};
+use crate::backend::Backend;
+use crate::config::TrainConfig;
+use crate::grid::Grid;
+use crate::model::Dlrm;
+use crate::parallel::Rank2D;
+use crate::plan::{Plan, PlacedShard, ShardingType, TablePlan};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+/// Host view of a backend buffer (zero-copy on the CPU backend).
+fn host<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> Result<Cow<'a, [f32]>> {
+    Ok(match be.host(buf) {
+        Some(h) => Cow::Borrowed(h),
+        None => Cow::Owned(be.download(buf)?),
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct RankReport {
+    ok: Option<String>,
+    position: RankPosition,
+    files: Vec<FileEntry>,
+}
+
+/// Save a checkpoint of step `rank.steps_done` under `root` (collective: every rank of the
+/// world calls it after the same step). Finishes a delayed state average and, for fully-sharded
+/// 2D, averages the weights first (as evaluation does). Under M > 1 without fully-sharded 2D the
+/// step must end on a replica sync (steps_done % sync_every == 0) so that replica 0 holds the
+/// model. Keeps the newest `keep` complete checkpoints. Returns the step folder.
+pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, root: &Path, position: DataPosition, keep: usize) -> Result<PathBuf> {
+    let grid = rank.comms.grid;
+    if grid.m > 1 && !rank.opts.fully_sharded && rank.steps_done % rank.opts.sync_every != 0 {
+        return Err(Error::Config(format!(
+            "checkpoint at step {}: not a replica-sync step (sync every {}); checkpoint steps must be multiples of K",
+            rank.steps_done, rank.opts.sync_every
+        )));
+    }
+    rank.finish_pending(be)?;
+    if rank.opts.fully_sharded {
+        rank.average_weights(be)?;
+    }
+    let step = rank.steps_done as u64;
+    let world = &rank.comms.world;
+    let w = world.rank();
+    let (g, _) = rank.comms.coords();
+    // 1. Rank 0 prepares the folder; everyone learns whether it could.
+    let dir = root.join(super::step_dir_name(step));
+    let mut st = [0u8];
+    let prep = if w == 0 { write::prepare(root, step).map(|_| ()) } else { Ok(()) };
+    if prep.is_err() {
+        st[0] = 1;
+    }
+    world.broadcast(&mut st, 0)?;
+    prep?;
+    if st[0] != 0 {
+        return Err(Error::Input(format!("checkpoint {}: rank 0 could not prepare the folder", dir.display())));
+    }
+    // 2. Every rank writes its files.
+    let mut files = Vec::new();
+    let mut write_mine = || -> Result<()> {
+        if g == 0 {
+            for sh in &rank.shards {
+                files.push(write::write_shard(&dir, &sh.spec, &host(be, &sh.weights)?, &host(be, &sh.state)?)?);
+            }
+        }
+        if w == 0 {
+            let mut ps = Vec::new();
+            for p in rank.dense.params_mut() {
+                ps.push((be.download(&p.w)?, be.download(&p.s)?));
+            }
+            let views: Vec<(&[f32], &[f32])> = ps.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+            files.push(write::write_dense(&dir, &views)?);
+        }
+        if !files.is_empty() {
+            write::sync_dir(&dir)?;
+        }
+        Ok(())
+    };
+    let mine = write_mine();
+    let report = RankReport {
+        ok: mine.as_ref().err().map(|e| e.to_string()),
+        position: RankPosition { world_rank: w, coords: rank.comms.coords(), data: position },
+        files,
+    };
+    // 3. Gather to everyone (so that every rank returns the same verdict); rank 0 commits.
+    let bytes = serde_json::to_vec(&report).map_err(|e| Error::Input(format!("checkpoint: {e}")))?;
+    let (all, counts) = world.all_gather_alloc(&bytes)?;
+    let mut reports = Vec::new();
+    let mut pos = 0;
+    for c in counts {
+        let r: RankReport = serde_json::from_slice(&all[pos..pos + c]).map_err(|e| Error::Input(format!("checkpoint: rank report: {e}")))?;
+        pos += c;
+        reports.push(r);
+    }
+    mine?;
+    if let Some((r, e)) = reports.iter().find_map(|r| r.ok.as_ref().map(|e| (r.position.world_rank, e))) {
+        return Err(Error::Input(format!("checkpoint {}: rank {r} failed: {e}", dir.display())));
+    }
+    let mut st = [0u8];
+    let done = if w == 0 {
+        let positions = reports.iter().map(|r| r.position.clone()).collect();
+        let files = reports.into_iter().flat_map(|r| r.files).collect();
+        let run = RunInfo::new(cfg, grid, rank.plan.clone(), rank.emb_upd.c);
+        write::commit(&dir, step, run, positions, files, keep).map(|_| ())
+    } else {
+        Ok(())
+    };
+    if done.is_err() {
+        st[0] = 1;
+    }
+    world.broadcast(&mut st, 0)?;
+    done?;
+    if st[0] != 0 {
+        return Err(Error::Input(format!("checkpoint {}: rank 0 could not write the manifest", dir.display())));
+    }
+    Ok(dir)
+}
+
+/// Load a checkpoint into a freshly built rank (any grid and plan: every local shard is
+/// assembled from whichever saved shards cover it; the optimizer state is rescaled to this
+/// rank's momentum-scaling constant). Everything is read and verified into host memory before
+/// the rank is touched: on any error the rank is unchanged. Sets `steps_done` to the saved step
+/// and returns this rank's saved data position when the grid is the same (None otherwise: the
+/// caller derives it from the step).
+pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint, cfg: &TrainConfig) -> Result<Option<DataPosition>> {
+    ck.check_compatible(cfg)?;
+    let c = rank.emb_upd.c;
+    let shards = rank.shards.iter().map(|sh| ck.read_shard(&sh.spec, Some(c))).collect::<Result<Vec<_>>>()?;
+    let dense = ck.read_dense()?;
+    let params = rank.dense.params_mut();
+    check_dense(ck, &dense, params.iter().map(|p| (be.len(&p.w), be.len(&p.s))))?;
+    for ((w, s), sh) in shards.iter().zip(&rank.shards) {
+        if w.len() != be.len(&sh.weights) || s.len() != be.len(&sh.state) {
+            return Err(Error::Input(format!("checkpoint {}: table {} shard has another state layout", ck.dir.display(), sh.spec.table)));
+        }
+    }
+    // Upload everything first, then swap in (an upload failure leaves the rank unchanged).
+    let up_sh = shards.iter().map(|(w, s)| Ok((be.upload(w)?, be.upload(s)?))).collect::<Result<Vec<_>>>()?;
+    let up_dn = dense.iter().map(|(w, s)| Ok((be.upload(w)?, be.upload(s)?))).collect::<Result<Vec<_>>>()?;
+    for (sh, (w, s)) in rank.shards.iter_mut().zip(up_sh) {
+        sh.weights = w;
+        sh.state = s;
+    }
+    for (p, (w, s)) in rank.dense.params_mut().into_iter().zip(up_dn) {
+        p.w = w;
+        p.s = s;
+    }
+    rank.steps_done = ck.step() as usize;
+    let same_grid = ck.manifest.run.grid == rank.comms.grid;
+    Ok(if same_grid { ck.position(rank.comms.world.rank()).map(|p| p.data.clone()) } else { None })
+}
+
+fn check_dense(ck: &Checkpoint, saved: &[(Vec<f32>, Vec<f32>)], want: impl Iterator<Item = (usize, usize)>) -> Result<()> {
+    let want: Vec<_> = want.collect();
+    let got: Vec<_> = saved.iter().map(|(w, s)| (w.len(), s.len())).collect();
+    if want != got {
+        return Err(Error::Input(format!("checkpoint {}: dense parameters of shapes {got:?}, this model has {want:?}", ck.dir.join(super::DENSE_FILE).display())));
+    }
+    Ok(())
+}
+
+/// The plan of a single-process model: every table whole on rank 0 of a 1×1 grid.
+pub fn single_plan(cfg: &TrainConfig) -> Plan {
+    let tables = cfg
+        .model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, tc)| TablePlan { table: t, kind: ShardingType::TableWise, shards: vec![PlacedShard { rank: 0, rows: 0..tc.rows, cols: 0..tc.dim }] })
+        .collect();
+    Plan { n: 1, tables }
+}
+
+/// Save the single-process model after `step` steps (a 1×1 checkpoint; loads into any grid).
+pub fn save_dlrm<B: Backend>(be: &B, model: &mut Dlrm<B>, cfg: &TrainConfig, root: &Path, step: u64, position: DataPosition, keep: usize) -> Result<PathBuf> {
+    let dir = write::prepare(root, step)?;
+    let mut files = Vec::new();
+    for sh in &model.tables {
+        files.push(write::write_shard(&dir, &sh.spec, &host(be, &sh.weights)?, &host(be, &sh.state)?)?);
+    }
+    let mut ps = Vec::new();
+    for p in model.dense.params_mut() {
+        ps.push((be.download(&p.w)?, be.download(&p.s)?));
+    }
+    let views: Vec<(&[f32], &[f32])> = ps.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    files.push(write::write_dense(&dir, &views)?);
+    let grid = Grid::new(1, 1, Default::default())?;
+    let run = RunInfo::new(cfg, grid, single_plan(cfg), model.emb_upd.c);
+    let positions = vec![RankPosition { world_rank: 0, coords: (0, 0), data: position }];
+    write::commit(&dir, step, run, positions, files, keep)
+}
+
+/// Load a checkpoint (of any grid) into a single-process model; returns (step, rank 0's
+/// position when the checkpoint is 1×1). On any error the model is unchanged.
+pub fn restore_dlrm<B: Backend>(be: &B, model: &mut Dlrm<B>, ck: &Checkpoint, cfg: &TrainConfig) -> Result<(u64, Option<DataPosition>)> {
+    ck.check_compatible(cfg)?;
+    let c = model.emb_upd.c;
+    let tables = model.tables.iter().map(|sh| ck.read_shard(&sh.spec, Some(c))).collect::<Result<Vec<_>>>()?;
+    let dense = ck.read_dense()?;
+    let params = model.dense.params_mut();
+    check_dense(ck, &dense, params.iter().map(|p| (be.len(&p.w), be.len(&p.s))))?;
+    let up_t = tables.iter().map(|(w, s)| Ok((be.upload(w)?, be.upload(s)?))).collect::<Result<Vec<_>>>()?;
+    let up_d = dense.iter().map(|(w, s)| Ok((be.upload(w)?, be.upload(s)?))).collect::<Result<Vec<_>>>()?;
+    for (sh, (w, s)) in model.tables.iter_mut().zip(up_t) {
+        sh.weights = w;
+        sh.state = s;
+    }
+    for (p, (w, s)) in model.dense.params_mut().into_iter().zip(up_d) {
+        p.w = w;
+        p.s = s;
+    }
+    let one = ck.manifest.run.grid.world() == 1;
+    Ok((ck.step(), if one { ck.position(0).map(|p| p.data.clone()) } else { None }))
+}
