@@ -30,7 +30,8 @@ pub struct CommBenchArgs {
     /// Checked iterations per size (after timing).
     #[arg(short = 'c', long = "check", default_value_t = 1)]
     pub check: usize,
-    /// auto, local, shm, tcp (rdma, nccl: not built yet).
+    /// auto, local, shm, tcp; rdma-emu (with --ranks: the RDMA protocol over emulated verbs)
+    /// (rdma, nccl: not built yet).
     #[arg(long, default_value = "auto")]
     pub transport: String,
     /// Run N ranks as threads of this process instead of joining a multi-process job.
@@ -342,9 +343,19 @@ fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&
 }
 
 pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
-    let transport: Transport = a.transport.parse()?;
     let timeout = a.timeout_ms.map(Duration::from_millis).unwrap_or(ember_transport::DEFAULT_TIMEOUT);
+    let rdma_emu = a.transport == "rdma-emu";
+    let transport: Transport = if rdma_emu { Transport::Local } else { a.transport.parse()? };
     let comms: Vec<Comm> = match a.ranks {
+        // The RDMA protocol over emulated verbs (threads): the protocol's own cost.
+        Some(n) if rdma_emu => {
+            use ember_transport::rdma::{emu_world, EmuConfig, RdmaConfig};
+            let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+            let d = RdmaConfig::default();
+            let cfg = RdmaConfig { slots: env("EMBER_RDMA_SLOTS", d.slots), chunk: env("EMBER_RDMA_CHUNK", d.chunk) };
+            emu_world(n, EmuConfig::fast(), cfg, timeout)?
+        }
+        None if rdma_emu => return Err("--transport rdma-emu needs --ranks N (in-process emulation)".into()),
         Some(n) => {
             let t = if transport == Transport::Auto { Transport::Local } else { transport };
             if matches!(t, Transport::Rdma | Transport::Nccl) {

@@ -15,6 +15,7 @@ pub mod fabric;
 mod local;
 mod mailbox;
 mod mem;
+pub mod rdma;
 mod reduce;
 mod shm;
 mod tcp;

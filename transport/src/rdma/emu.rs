@@ -1,0 +1,383 @@
+//! An adversarial emulation of [`Verbs`] between threads of one process.
+//!
+//! * Writes are bounds-checked against the registered regions (lkey for every sge, rkey for the
+//!   target range); a bad one completes with an error, never touches memory outside a region.
+//! * `adversarial`: a posted write is not executed at once; a later `poll` of either end places it in
+//!   shuffled pieces over several calls (its bytes land in any order, partly before other
+//!   writes), and the receive completion is queued only after the last byte. Completions of
+//!   different QPs are handed out in a random interleaving (per-QP order is kept, as verbs
+//!   guarantee); `poll` returns a random number of them.
+//! * Faults: a lost rank (after its n-th data write it stops; writes to it fail with a retry
+//!   error, its own posts fail), a short write (n-th data write of a rank places half its bytes
+//!   and reports that length), a corrupted write (a header byte flipped), a full queue (small
+//!   send-queue depth and random `QueueFull` refusals).
+//! * Otherwise (`EmuConfig::fast()`) a write is one `memcpy` at post time: the wire for the
+//!   benchmark of the protocol's own cost.
+use super::verbs::{Mr, PostError, Sge, Verbs, Wc};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `rank` is lost after executing `after` data writes.
+    Lose { rank: usize, after: u64 },
+    /// The `nth` (0-based) data write of `rank` is cut to half its bytes.
+    Short { rank: usize, nth: u64 },
+    /// The `nth` data write of `rank` arrives with a flipped byte at offset `at`.
+    Corrupt { rank: usize, nth: u64, at: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct EmuConfig {
+    pub adversarial: bool,
+    pub seed: u64,
+    /// Outstanding writes per QP before `QueueFull`.
+    pub sq_depth: usize,
+    /// Probability (per mille) that a post is refused with `QueueFull` anyway.
+    pub queue_full_permille: u32,
+    pub faults: Vec<Fault>,
+}
+
+impl EmuConfig {
+    pub fn fast() -> Self {
+        EmuConfig { adversarial: false, seed: 1, sq_depth: 64, queue_full_permille: 0, faults: vec![] }
+    }
+    pub fn adversarial(seed: u64) -> Self {
+        EmuConfig { adversarial: true, seed, sq_depth: 4, queue_full_permille: 100, faults: vec![] }
+    }
+}
+
+struct Pending {
+    wr_id: u64,
+    sges: Vec<(usize, usize)>,
+    raddr: u64,
+    rkey: u32,
+    imm: u32,
+    len: usize,
+    /// Flat byte ranges still to place, in placement order.
+    pieces: Vec<(usize, usize)>,
+    short: bool,
+    corrupt: Option<usize>,
+}
+
+/// A rank's registered memory: read-locked while a peer's write is placed into it, so a copy
+/// never blocks that rank's queues, and deregistration/loss waits for copies in flight.
+struct Mem {
+    regions: HashMap<u32, (usize, usize)>,
+    dead: Option<String>,
+}
+
+struct Node {
+    cq: VecDeque<Wc>,
+    wire: Vec<VecDeque<Pending>>,
+    sq_out: Vec<usize>,
+    busy: Vec<bool>,
+    dead: Option<String>,
+    data_writes: u64,
+    rng: u64,
+}
+
+struct World {
+    nodes: Vec<Mutex<Node>>,
+    mems: Vec<RwLock<Mem>>,
+    cfg: EmuConfig,
+    keys: AtomicU32,
+}
+
+/// One rank's emulated endpoint.
+pub struct EmuVerbs {
+    w: Arc<World>,
+    rank: usize,
+}
+
+fn rnd(s: &mut u64) -> u64 {
+    // xorshift64*
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    s.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// An emulated world of `n` endpoints.
+pub fn world(n: usize, cfg: EmuConfig) -> Vec<EmuVerbs> {
+    let nodes = (0..n)
+        .map(|r| {
+            Mutex::new(Node {
+                cq: VecDeque::new(),
+                wire: (0..n).map(|_| VecDeque::new()).collect(),
+                sq_out: vec![0; n],
+                busy: vec![false; n],
+                dead: None,
+                data_writes: 0,
+                rng: cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (r as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1,
+            })
+        })
+        .collect();
+    let mems = (0..n).map(|_| RwLock::new(Mem { regions: HashMap::new(), dead: None })).collect();
+    let w = Arc::new(World { nodes, mems, cfg, keys: AtomicU32::new(1) });
+    (0..n).map(|rank| EmuVerbs { w: w.clone(), rank }).collect()
+}
+
+impl EmuVerbs {
+    /// Mark this endpoint lost (as if its host went away).
+    pub fn kill(&self, why: &str) {
+        {
+            let mut me = self.w.nodes[self.rank].lock().unwrap();
+            me.dead.get_or_insert_with(|| why.to_string());
+            for q in me.wire.iter_mut() {
+                q.clear();
+            }
+        }
+        let mut m = self.w.mems[self.rank].write().unwrap();
+        m.dead.get_or_insert_with(|| why.to_string());
+        m.regions.clear();
+    }
+
+    /// Copy flat range [a, a+l) of the write into the target; false if the target is gone or
+    /// the range is outside its region.
+    fn place(&self, dst: usize, p: &Pending, a: usize, l: usize) -> Result<(), String> {
+        let t = self.w.mems[dst].read().unwrap();
+        if let Some(why) = &t.dead {
+            return Err(format!("transport retry counter exceeded (rank {dst} unreachable: {why})"));
+        }
+        let Some(&(base, rlen)) = t.regions.get(&p.rkey) else {
+            return Err(format!("remote access error: rkey {:#x} not registered at rank {dst}", p.rkey));
+        };
+        let ra = p.raddr as usize;
+        if ra < base || ra.checked_add(p.len).is_none_or(|e| e > base + rlen) {
+            return Err(format!("remote access error: [{ra:#x}, +{}) outside rank {dst}'s region", p.len));
+        }
+        // Walk the sges for the flat range.
+        let (mut flat, mut done) = (0usize, 0usize);
+        for &(sa, sl) in &p.sges {
+            let (s0, s1) = (flat, flat + sl);
+            let (c0, c1) = (a.max(s0), (a + l).min(s1));
+            if c0 < c1 {
+                // SAFETY: source inside a registered local region (checked at post, kept valid by
+                // the Verbs contract until the send completion); target inside a registered
+                // remote region (checked above, under the target's lock so it cannot go away).
+                unsafe { std::ptr::copy_nonoverlapping((sa + (c0 - s0)) as *const u8, (ra + c0) as *mut u8, c1 - c0) };
+                done += c1 - c0;
+            }
+            flat = s1;
+        }
+        debug_assert_eq!(done, l);
+        if let Some(at) = p.corrupt {
+            if at >= a && at < a + l {
+                // SAFETY: at < p.len, inside the checked target range.
+                unsafe { *((ra + at) as *mut u8) ^= 0x5a };
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish or fail the write at the head of QP `src` → `dst`.
+    fn complete(&self, src: usize, dst: usize, p: Pending, res: Result<(), String>) {
+        if res.is_ok() {
+            let byte_len = if p.short { p.len / 2 } else { p.len } as u32;
+            let mut t = self.w.nodes[dst].lock().unwrap();
+            if t.dead.is_none() {
+                t.cq.push_back(Wc::Recv { peer: src, imm: p.imm, byte_len });
+            }
+        }
+        let mut me = self.w.nodes[src].lock().unwrap();
+        me.sq_out[dst] -= 1;
+        me.busy[dst] = false;
+        if me.dead.is_none() {
+            me.cq.push_back(Wc::Send { peer: dst, wr_id: p.wr_id, status: res });
+        }
+    }
+
+    /// Execute (part of) the queued writes of this rank's QPs and of the QPs into it, as a NIC
+    /// would without the poster's help: adversarial mode only. One driver per QP at a time
+    /// (`busy`), so each QP's writes complete in order.
+    fn drive(&self) {
+        let n = self.w.nodes.len();
+        let start = {
+            let mut me = self.w.nodes[self.rank].lock().unwrap();
+            rnd(&mut me.rng) as usize
+        };
+        for i in 0..2 * n {
+            let other = (start + i) % n;
+            if other == self.rank {
+                continue;
+            }
+            let (src, dst) = if i < n { (self.rank, other) } else { (other, self.rank) };
+            // Take a random number of pieces of the head write (maybe all, maybe a few).
+            let (mut p, k) = {
+                let mut sn = self.w.nodes[src].lock().unwrap();
+                if sn.dead.is_some() || sn.busy[dst] {
+                    continue;
+                }
+                let r = rnd(&mut sn.rng);
+                let Some(p) = sn.wire[dst].pop_front() else { continue };
+                sn.busy[dst] = true;
+                let np = p.pieces.len();
+                let k = if r.is_multiple_of(4) { np } else { 1 + (r as usize >> 8) % np.max(1) };
+                (p, k.min(np))
+            };
+            let mut res = Ok(());
+            for _ in 0..k {
+                let (a, l) = p.pieces.pop().unwrap();
+                if let Err(e) = self.place(dst, &p, a, l) {
+                    res = Err(e);
+                    break;
+                }
+            }
+            if res.is_err() || p.pieces.is_empty() {
+                self.complete(src, dst, p, res);
+            } else {
+                let mut sn = self.w.nodes[src].lock().unwrap();
+                sn.busy[dst] = false;
+                if sn.dead.is_none() {
+                    sn.wire[dst].push_front(p);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EmuVerbs {
+    fn drop(&mut self) {
+        self.kill("its endpoint was closed");
+    }
+}
+
+impl Verbs for EmuVerbs {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.w.nodes.len()
+    }
+
+    unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<Mr, String> {
+        let mut me = self.w.mems[self.rank].write().unwrap();
+        if me.dead.is_some() {
+            return Err("device lost".into());
+        }
+        let key = self.w.keys.fetch_add(1, Ordering::Relaxed);
+        me.regions.insert(key, (addr as usize, len));
+        Ok(Mr { addr: addr as u64, len, lkey: key, rkey: key })
+    }
+
+    fn deregister(&self, mr: &Mr) {
+        self.w.mems[self.rank].write().unwrap().regions.remove(&mr.lkey);
+    }
+
+    unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError> {
+        let cfg = &self.w.cfg;
+        if peer >= self.w.nodes.len() || peer == self.rank {
+            return Err(PostError::Fatal(format!("no queue pair to rank {peer}")));
+        }
+        if sges.len() > self.max_sge() {
+            return Err(PostError::Fatal(format!("{} sges > max {}", sges.len(), self.max_sge())));
+        }
+        let mut me = self.w.nodes[self.rank].lock().unwrap();
+        if let Some(why) = &me.dead {
+            return Err(PostError::Fatal(format!("local queue pair in error state: {why}")));
+        }
+        if me.sq_out[peer] >= cfg.sq_depth {
+            return Err(PostError::QueueFull);
+        }
+        if cfg.queue_full_permille > 0 && (rnd(&mut me.rng) % 1000) < cfg.queue_full_permille as u64 {
+            return Err(PostError::QueueFull);
+        }
+        let mut v = Vec::with_capacity(sges.len());
+        let mut len = 0usize;
+        let mem = self.w.mems[self.rank].read().unwrap();
+        for s in sges {
+            let Some(&(b, l)) = mem.regions.get(&s.lkey) else {
+                return Err(PostError::Fatal(format!("local protection error: lkey {:#x}", s.lkey)));
+            };
+            let a = s.addr as usize;
+            if a < b || a + s.len as usize > b + l {
+                return Err(PostError::Fatal(format!("local length error: sge [{a:#x}, +{}) outside its region", s.len)));
+            }
+            v.push((a, s.len as usize));
+            len += s.len as usize;
+        }
+        drop(mem);
+        let mut p = Pending { wr_id, sges: v, raddr, rkey, imm, len, pieces: vec![], short: false, corrupt: None };
+        if len > 0 {
+            let nth = me.data_writes;
+            me.data_writes += 1;
+            for f in &cfg.faults {
+                match *f {
+                    Fault::Lose { rank, after } if rank == self.rank && nth >= after => {
+                        drop(me);
+                        self.kill("lost (injected fault)");
+                        return Err(PostError::Fatal("local queue pair in error state: lost (injected fault)".into()));
+                    }
+                    Fault::Short { rank, nth: k } if rank == self.rank && k == nth => p.short = true,
+                    Fault::Corrupt { rank, nth: k, at } if rank == self.rank && k == nth => p.corrupt = Some(at % len),
+                    _ => {}
+                }
+            }
+        }
+        let placed = if p.short { len / 2 } else { len };
+        me.sq_out[peer] += 1;
+        if cfg.adversarial {
+            // Shuffled pieces of 1..=len/4+1 bytes, placed back to front of this list.
+            let mut a = 0;
+            while a < placed {
+                let l = (1 + rnd(&mut me.rng) as usize % (placed / 4 + 1)).min(placed - a);
+                p.pieces.push((a, l));
+                a += l;
+            }
+            for i in (1..p.pieces.len()).rev() {
+                let j = rnd(&mut me.rng) as usize % (i + 1);
+                p.pieces.swap(i, j);
+            }
+            me.wire[peer].push_back(p);
+            return Ok(());
+        }
+        drop(me);
+        let res = self.place(peer, &p, 0, placed);
+        self.complete(self.rank, peer, p, res);
+        Ok(())
+    }
+
+    fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize {
+        if self.w.cfg.adversarial {
+            self.drive();
+        }
+        let mut me = self.w.nodes[self.rank].lock().unwrap();
+        if !self.w.cfg.adversarial {
+            let k = me.cq.len().min(max);
+            out.extend(me.cq.drain(..k));
+            return k;
+        }
+        // Random interleaving across (kind, QP), keeping each QP's order; a random count.
+        let mut want = 1 + rnd(&mut me.rng) as usize % max.max(1);
+        let mut buckets: Vec<VecDeque<Wc>> = Vec::new();
+        let mut idx: HashMap<(bool, usize), usize> = HashMap::new();
+        for wc in me.cq.drain(..) {
+            let key = match &wc {
+                Wc::Send { peer, .. } => (false, *peer),
+                Wc::Recv { peer, .. } => (true, *peer),
+            };
+            let i = *idx.entry(key).or_insert_with(|| {
+                buckets.push(VecDeque::new());
+                buckets.len() - 1
+            });
+            buckets[i].push_back(wc);
+        }
+        let mut k = 0;
+        while want > 0 && !buckets.is_empty() {
+            let b = rnd(&mut me.rng) as usize % buckets.len();
+            out.push(buckets[b].pop_front().unwrap());
+            k += 1;
+            want -= 1;
+            if buckets[b].is_empty() {
+                buckets.swap_remove(b);
+            }
+        }
+        // Put the rest back (each QP's order kept).
+        for b in buckets {
+            me.cq.extend(b);
+        }
+        k
+    }
+}

@@ -1,0 +1,30 @@
+//! RDMA transport (issue 6), protocol half: the all-to-all protocol written once against a small
+//! verbs-like interface ([`verbs::Verbs`]), and an adversarial in-process emulation of that
+//! interface ([`emu`]) on which it is tested. The `ibverbs` binding is a later, thin layer.
+//! See docs/transport.md, section "RDMA".
+pub mod emu;
+pub mod proto;
+pub mod verbs;
+
+pub use emu::{EmuConfig, EmuVerbs, Fault};
+pub use proto::{RdmaConfig, RdmaFabric, RemoteSlots};
+
+use crate::comm::Comm;
+use crate::error::Result;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `n` ranks (threads of this process) running the RDMA protocol over emulated verbs.
+/// Transport name: "rdma-emu".
+pub fn emu_world(n: usize, emu: EmuConfig, cfg: RdmaConfig, timeout: Duration) -> Result<Vec<Comm>> {
+    let fabs = emu::world(n, emu)
+        .into_iter()
+        .map(|v| RdmaFabric::new(v, cfg, "rdma-emu"))
+        .collect::<Result<Vec<_>>>()?;
+    // The "bootstrap": every rank learns the slots each peer reserved for it.
+    for (r, f) in fabs.iter().enumerate() {
+        let remote: Vec<Option<RemoteSlots>> = (0..n).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
+        f.connect(&remote)?;
+    }
+    Ok(fabs.into_iter().map(|f| Comm::from_fabric(Arc::new(f), timeout)).collect())
+}
