@@ -65,12 +65,12 @@ fn rowwise_adagrad_c1_identical_group_batches_equals_full_sharding() {
     let g2 = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
     let feed2 = |step: usize, w: usize| {
         let (_, r) = g2.coords(w);
-        data.samples((step * bx + r * b) as u64, b)
+        Ok(data.samples((step * bx + r * b) as u64, b))
     };
     let plan = mixed_plan(&c2d, n);
     let (_, s2d, _) = train_threads(&Cpu::new(), &c2d, g2, &plan, &ParallelOptions::default(), steps, &feed2, &eval, false).unwrap();
     let g1 = Grid::new(1, n, Placement::ReplicasInNode).unwrap();
-    let feed1 = |step: usize, w: usize| data.samples((step * bx + w * b) as u64, b);
+    let feed1 = |step: usize, w: usize| Ok(data.samples((step * bx + w * b) as u64, b));
     let (_, s1, _) = train_threads(&Cpu::new(), &cfs, g1, &plan, &ParallelOptions::default(), steps, &feed1, &eval, false).unwrap();
     for (t, (a, b)) in assemble(&c2d, &s2d, 1).iter().zip(&assemble(&cfs, &s1, 0)).enumerate() {
         let e = rel_err(a, b);

@@ -77,6 +77,9 @@ pub fn run(a: TrainArgs) -> CliResult {
             Sgd { .. } => return Err("--momentum-c applies to the AdaGrad optimizers only".into()),
         }
     }
+    if s.data.is_some() && s.steps.is_none() && s.config.is_none() {
+        cfg.steps = None; // one epoch of the file
+    }
     let (m, n) = s.grid()?;
     let launched = ember_transport::JoinConfig::from_env().map(|j| j.size > 1).unwrap_or(false);
     if (m, n) != (1, 1) || launched || a.checkpoint_dir.is_some() {
@@ -84,9 +87,6 @@ pub fn run(a: TrainArgs) -> CliResult {
     }
     if s.transport != "auto" && s.transport != "local" {
         return Err(format!("--transport {}: a single-rank run uses no transport", s.transport).into());
-    }
-    if s.data.is_some() && s.steps.is_none() && s.config.is_none() {
-        cfg.steps = None; // one epoch of the file
     }
     let mut skipped = None;
     let mut oracle = None;

@@ -6,7 +6,10 @@ use ember::backend::Cpu;
 use ember::config::TrainConfig;
 use ember::data::synthetic::SyntheticData;
 use ember::grid::{Grid, Placement};
-use ember::parallel::driver::{report, run_rank, train_in_process, write_trace, Report2D};
+use ember::data::criteo::{BadLinePolicy, CriteoReader};
+use ember::data::{Batch, DataSource};
+use ember::parallel::driver::{report, run_rank, train_threads, write_trace, Report2D};
+use std::sync::Mutex;
 use ember::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
 use ember::plan::planner::{plan, PlanOptions};
 use ember::plan::ShardingType;
@@ -17,8 +20,8 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     if s.device != "cpu" {
         return Err(format!("--device {} with a grid: 2D training on GPUs comes with the GPU-2D issue", s.device).into());
     }
-    if s.data.is_some() {
-        return Err("--data with a grid: 2D training reads the built-in synthetic data for now".into());
+    if s.data.is_some() && a.skip_bad_lines {
+        return Err("--skip-bad-lines with a grid: every rank must agree on sample boundaries; fix or filter the file first".into());
     }
     let placement = match a.placement.as_str() {
         "in-node" => Placement::ReplicasInNode,
@@ -31,7 +34,6 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         other => return Err(format!("--sync '{other}': expected sparse or full").into()),
     };
     let grid = Grid::new(m, n, placement)?;
-    let steps = cfg.steps.ok_or("--steps is required for 2D training")?;
     let mut popts = PlanOptions::from_config(&cfg);
     popts.ranks_per_node = a.ranks_per_node;
     popts.placement = placement;
@@ -58,14 +60,50 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         fully_sharded: a.fully_sharded,
         checkpoint,
     };
-    let data = SyntheticData::new(&cfg)?;
-    let oracle = data.oracle_eval();
-
     let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
     let multi = join.is_some();
+    // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
+    // rank reads exactly its samples of each global batch (BRIEF.md §2).
+    let source = match &s.data {
+        None => Source::Synthetic(SyntheticData::new(&cfg)?),
+        Some(path) => {
+            let readers = (0..if multi { 1 } else { grid.world() })
+                .map(|_| CriteoReader::open(path, &cfg.model, BadLinePolicy::Fail).map(Mutex::new))
+                .collect::<ember::Result<Vec<_>>>()?;
+            Source::Files(readers)
+        }
+    };
+    let (eval, oracle) = match &source {
+        Source::Synthetic(d) => (d.eval_batch(), Some(d.oracle_eval())),
+        Source::Files(r) => (r[0].lock().map_err(|_| "reader lock")?.eval_set()?, None),
+    };
+    let steps = match (cfg.steps, &source) {
+        (Some(st), _) => st,
+        (None, Source::Files(r)) => (r[0].lock().map_err(|_| "reader lock")?.train_lines() as usize / cfg.batch_size).max(1),
+        (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
+    };
+    let feed = |step: usize, w: usize| -> ember::Result<Batch> {
+        let r = grid.sample_range(w, cfg.batch_size);
+        let start = (step * cfg.batch_size + r.start) as u64;
+        match &source {
+            Source::Synthetic(d) => Ok(d.samples(start, r.len())),
+            Source::Files(readers) => {
+                let mut rd = readers[if multi { 0 } else { w }].lock().map_err(|_| ember::Error::Input("reader lock poisoned".into()))?;
+                let pos = rd.position();
+                if pos > start {
+                    return Err(ember::Error::Input(format!("reader at sample {pos} cannot go back to {start}")));
+                }
+                rd.skip(start - pos)?;
+                match rd.next_batch(r.len())? {
+                    Some(b) if b.size() == r.len() => Ok(b),
+                    _ => Err(ember::Error::Input(format!("the data file ends before sample {} (step {step})", start + r.len() as u64))),
+                }
+            }
+        }
+    };
     let (rep, events, is_root) = match join {
         None => {
-            let (rep, _, events) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, steps, a.trace.is_some())?;
+            let (rep, _, events) = train_threads(&Cpu::new(), &cfg, grid, &plan, &opts, steps, &feed, &eval, a.trace.is_some())?;
             (rep, events, true)
         }
         Some(mut j) => {
@@ -77,12 +115,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
             }
             let world = ember_transport::Comm::connect(&j)?;
             let w = world.rank();
-            let feed = |step: usize, w: usize| {
-                let r = grid.sample_range(w, cfg.batch_size);
-                data.samples((step * cfg.batch_size + r.start) as u64, r.len())
-            };
             let t0 = Instant::now();
-            let eval = data.eval_batch();
             let out = run_rank(&Cpu::new(), &cfg, grid, world, plan, opts, steps, &feed, &eval, a.trace.is_some())?;
             let rep = report(grid, steps, cfg.batch_size, t0.elapsed().as_secs_f64(), &out);
             (rep, out.trace, w == 0)
@@ -96,11 +129,13 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     if !is_root {
         return Ok(());
     }
-    print_summary(&rep, &oracle);
+    print_summary(&rep, oracle.as_ref());
     if s.json {
         let mut v = serde_json::to_value(&rep)?;
-        v["oracle_auc"] = oracle.auc.into();
-        v["oracle_ne"] = oracle.ne.into();
+        if let Some(o) = &oracle {
+            v["oracle_auc"] = o.auc.into();
+            v["oracle_ne"] = o.ne.into();
+        }
         v.as_object_mut().map(|o| o.remove("losses"));
         println!("{}", serde_json::to_string(&v)?);
     }
@@ -111,12 +146,20 @@ fn first_rank(events: &[ember::parallel::TraceEvent]) -> usize {
     events.first().map(|e| e.rank).unwrap_or(0)
 }
 
-fn print_summary(r: &Report2D, oracle: &ember::metrics::EvalResult) {
+/// Where the samples come from.
+enum Source {
+    Synthetic(SyntheticData),
+    Files(Vec<Mutex<CriteoReader>>),
+}
+
+fn print_summary(r: &Report2D, oracle: Option<&ember::metrics::EvalResult>) {
     println!("ember train: grid {}, {} steps in {:.2} s", r.grid, r.steps, r.wall_s);
     println!("  throughput      {:>12.0} samples/s", r.samples_per_s);
     println!("  train loss      {:>12.5}  (mean of the last 10 % of steps)", r.loss);
     println!("  eval            ne {:.5}  auc {:.5}", r.ne, r.auc);
-    println!("  planted oracle  ne {:.5}  auc {:.5}", oracle.ne, oracle.auc);
+    if let Some(o) = oracle {
+        println!("  planted oracle  ne {:.5}  auc {:.5}", o.ne, o.auc);
+    }
     let st = &r.stages;
     println!(
         "  stages (ms/step, rank 0): input_dist {:.2}  lookup {:.2}  output_dist {:.2}  dense {:.2}  backward {:.2}  sync {:.2}",

@@ -95,3 +95,30 @@ fn the_trace_shows_communication_overlapping_compute() {
         assert!(ar.iter().all(|a| bw.iter().any(|b| a.0 <= b.0 && b.1 <= a.1)), "rank {rank}: all-reduce does not cover a backward");
     }
 }
+
+#[test]
+fn grid_training_reads_criteo_files_like_one_process() {
+    // SGD, K = 1: the 2D run on the shared Criteo sample ends at the one-process model, so the
+    // held-out AUC agrees; multi-process reads its samples from its own reader, bitwise the same.
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/criteo-sample-200.csv");
+    let data = data.to_str().unwrap();
+    let mut c = ember::config::preset("kaggle", Some(5000)).unwrap();
+    c.batch_size = 16;
+    c.steps = None;
+    c.optim.embedding = ember::config::EmbOptimizer::Sgd { lr: 0.5 };
+    c.optim.dense = ember::config::DenseOptimizer::Sgd { lr: 0.05 };
+    let cfg = std::env::temp_dir().join(format!("ember-criteo2d-{}.toml", std::process::id()));
+    std::fs::write(&cfg, c.to_toml()).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let base = ["train", "--config", cfg, "--data", data, "--json", "--quiet"];
+    let one = json_of(&Command::new(bin).args(base).args(["--steps", "11"]).output().unwrap());
+    let grid = json_of(&Command::new(bin).args(base).args(["--steps", "11", "--grid", "2x2"]).output().unwrap());
+    assert!((one["auc"].as_f64().unwrap() - grid["auc"].as_f64().unwrap()).abs() < 1e-6, "{} vs {}", one["auc"], grid["auc"]);
+    let mut launch = vec!["launch", "-n", "4", "--timeout-ms", "20000", "--", bin];
+    launch.extend(base);
+    launch.extend(["--steps", "11", "--grid", "2x2"]);
+    let multi = json_of(&Command::new(bin).args(&launch).output().unwrap());
+    assert_eq!(grid["loss"], multi["loss"]);
+    assert_eq!(grid["auc"], multi["auc"]);
+}

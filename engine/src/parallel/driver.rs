@@ -69,7 +69,7 @@ pub fn train_in_process<B: Backend + Clone>(
     let data = SyntheticData::new(cfg)?;
     let feed = |step: usize, w: usize| {
         let range = grid.sample_range(w, cfg.batch_size);
-        data.samples((step * cfg.batch_size + range.start) as u64, range.len())
+        Ok(data.samples((step * cfg.batch_size + range.start) as u64, range.len()))
     };
     train_threads(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
 }
@@ -83,7 +83,7 @@ pub fn train_threads<B: Backend + Clone>(
     plan: &Plan,
     opts: &ParallelOptions,
     steps: usize,
-    feed: &(dyn Fn(usize, usize) -> Batch + Sync),
+    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
     eval: &Batch,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
@@ -135,7 +135,7 @@ pub fn run_rank<B: Backend>(
     plan: Plan,
     opts: ParallelOptions,
     steps: usize,
-    feed: &(dyn Fn(usize, usize) -> Batch + Sync),
+    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
     eval: &Batch,
     trace: bool,
 ) -> Result<RankOutcome> {
@@ -163,9 +163,9 @@ pub fn run_rank<B: Backend>(
     let mut losses = Vec::with_capacity(steps);
     let t0 = Instant::now();
     // Each step starts the next step's input all-to-all during its dense work.
-    let mut batch = if first < steps { Some(feed(first, w)) } else { None };
+    let mut batch = if first < steps { Some(feed(first, w)?) } else { None };
     for step in first..steps {
-        let next = if step + 1 < steps { Some(feed(step + 1, w)) } else { None };
+        let next = if step + 1 < steps { Some(feed(step + 1, w)?) } else { None };
         losses.push(rank.train_step_prefetch(be, batch.as_ref().expect("a batch"), next.as_ref())?);
         batch = next;
         if let Some(ck) = ckpt.as_ref().filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
