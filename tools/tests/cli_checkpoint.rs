@@ -87,6 +87,13 @@ fn sigkill_during_a_checkpointed_run_resumes_from_the_last_complete_checkpoint()
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    struct Reap(String);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-9", "-f", "--", &self.0]).status();
+        }
+    }
+    let _reap = Reap(format!("--checkpoint-dir {d} "));
     // Wait until a few checkpoints exist, then kill the whole job mid-run.
     let t0 = std::time::Instant::now();
     while ember::checkpoint::list(&dir).map(|l| l.len()).unwrap_or(0) < 2 && t0.elapsed().as_secs() < 60 {

@@ -145,9 +145,16 @@ fn ranks_die_with_a_killed_launcher() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let alive = || {
-        std::process::Command::new("pgrep").args(["-f", "--", &format!("--steps 1000000 --quiet {tag}")]).output().map(|o| o.stdout.len()).unwrap_or(0)
-    };
+    let pattern = format!("--steps 1000000 --quiet {tag}");
+    let alive = || std::process::Command::new("pgrep").args(["-f", "--", &pattern]).output().map(|o| o.stdout.len()).unwrap_or(0);
+    // Whatever happens below, no rank of this test outlives it.
+    struct Reap(String);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("pkill").args(["-9", "-f", "--", &self.0]).status();
+        }
+    }
+    let _reap = Reap(pattern.clone());
     let t0 = std::time::Instant::now();
     while alive() == 0 && t0.elapsed().as_secs() < 20 {
         std::thread::sleep(std::time::Duration::from_millis(50));
