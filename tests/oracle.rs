@@ -2,7 +2,7 @@
 //! implementations written from BRIEF.md §3 and the backend contract (never by calling the code
 //! under test), and comparison helpers that name the first mismatch.
 
-/// SplitMix64: a small seeded generator of test inputs (independent of `ember::rng`).
+/// SplitMix64: a small seeded generator of test inputs (independent of `ember_engine::rng`).
 #[derive(Clone, Debug)]
 pub struct TestRng(u64);
 
@@ -387,15 +387,15 @@ impl RefNet {
 // ---------------------------------------------------------------- model inputs
 
 /// Random batches for a model (empty bags, duplicates, repeated ids).
-pub fn random_batches(model: &ember::config::ModelConfig, n: usize, count: usize, seed: u64) -> Vec<ember::data::Batch> {
+pub fn random_batches(model: &ember_engine::config::ModelConfig, n: usize, count: usize, seed: u64) -> Vec<ember_engine::data::Batch> {
     let mut rng = TestRng::new(seed);
     (0..count)
         .map(|_| {
-            let mut b = ember::data::Batch::new(model.num_dense, model.tables.len());
+            let mut b = ember_engine::data::Batch::new(model.num_dense, model.tables.len());
             b.dense = rng.vec_f32(n * model.num_dense, -1.0, 1.0);
             b.labels = (0..n).map(|_| rng.below(2) as f32).collect();
             for (j, t) in b.sparse.iter_mut().zip(&model.tables) {
-                *j = ember::data::Jagged::default();
+                *j = ember_engine::data::Jagged::default();
                 for _ in 0..n {
                     let ids: Vec<u64> = (0..rng.usize_in(0, 3)).map(|_| rng.below(t.rows)).collect();
                     j.push_bag(&ids);

@@ -1,8 +1,8 @@
 //! Helpers of the 2D tests: plans using every sharding type, whole tables reassembled from the
 //! ranks' shards, and the relative error the equivalence tests bound.
-use ember::config::TrainConfig;
-use ember::parallel::driver::RankState;
-use ember::plan::{Plan, ShardingType, TablePlan};
+use ember_engine::config::TrainConfig;
+use ember_engine::parallel::driver::RankState;
+use ember_engine::plan::{Plan, ShardingType, TablePlan};
 
 /// A plan that cycles table t through `kinds[t % kinds.len()]` on `n` ranks: table-wise on
 /// rank t % n, row- and column-wise over all ranks, table-row-wise over the first half.

@@ -1,12 +1,12 @@
 //! Bad input to the CPU backend gives `Err` naming the problem, never a panic: ids out of
 //! range, offsets not covering the ids, wrong buffer sizes, inconsistent row gradients.
-use ember::backend::{Act, Backend, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, RowGrads, Shard, ShardSpec};
-use ember::config::DenseOptimizer;
+use ember_engine::backend::{Act, Backend, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, RowGrads, Shard, ShardSpec};
+use ember_engine::config::DenseOptimizer;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Run `f`; it must return `Err` (not panic, not Ok) whose message contains every `needle`.
 #[track_caller]
-fn expect_err<T>(what: &str, needles: &[&str], f: impl FnOnce() -> ember::Result<T>) {
+fn expect_err<T>(what: &str, needles: &[&str], f: impl FnOnce() -> ember_engine::Result<T>) {
     match catch_unwind(AssertUnwindSafe(f)) {
         Err(_) => panic!("{what}: panicked instead of returning Err"),
         Ok(Ok(_)) => panic!("{what}: accepted bad input"),
@@ -133,7 +133,7 @@ fn degenerate_zero_widths_do_not_panic() {
     // do) or Err are both acceptable.
     let be = Cpu;
     let mut panicked = Vec::new();
-    let mut ok_or_err = |what: &'static str, r: std::thread::Result<ember::Result<()>>| {
+    let mut ok_or_err = |what: &'static str, r: std::thread::Result<ember_engine::Result<()>>| {
         if r.is_err() {
             panicked.push(what);
         }

@@ -1,14 +1,14 @@
 //! Checkpoints (issue 8): bitwise save→load round trips (single process and 2D), resharding
 //! across grids and plans with the accumulator rescaled by c_new / c_old, crash injection at
 //! every failpoint of the writer, corruption of every file kind, pruning to K, and .npy export.
-use ember::backend::{Backend, Cpu};
-use ember::checkpoint::{self, failpoint, rank2d, Checkpoint, DataPosition};
-use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
-use ember::data::synthetic::SyntheticData;
-use ember::grid::{Grid, GridComms, Placement};
-use ember::model::Dlrm;
-use ember::parallel::{ParallelOptions, Rank2D};
-use ember::plan::{Plan, ShardingType};
+use ember_engine::backend::{Backend, Cpu};
+use ember_engine::checkpoint::{self, failpoint, rank2d, Checkpoint, DataPosition};
+use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::grid::{Grid, GridComms, Placement};
+use ember_engine::model::Dlrm;
+use ember_engine::parallel::{ParallelOptions, Rank2D};
+use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::cycling_plan;
 use std::path::{Path, PathBuf};
 

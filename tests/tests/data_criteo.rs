@@ -1,10 +1,10 @@
 //! The Criteo reader on the shared 200-line sample (values checked by hand), the same data as raw
 //! tab-separated text, each malformation kind with its line number, both bad-line policies,
 //! layout mismatches, and resuming by position/skip.
-use ember::config::{preset, ModelConfig, Pooling, TableConfig};
-use ember::data::criteo::{BadLinePolicy, CriteoReader};
-use ember::data::{Batch, DataSource};
-use ember::Error;
+use ember_engine::config::{preset, ModelConfig, Pooling, TableConfig};
+use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::{Batch, DataSource};
+use ember_engine::Error;
 use ember_tests::shared_data;
 use std::path::PathBuf;
 
@@ -139,7 +139,7 @@ fn small_model() -> ModelConfig {
             .collect(),
         bottom_mlp: vec![8],
         top_mlp: vec![1],
-        interaction: ember::config::Interaction::Dot,
+        interaction: ember_engine::config::Interaction::Dot,
     }
 }
 

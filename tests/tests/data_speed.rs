@@ -1,9 +1,9 @@
 //! Throughput of the data sources (ignored by default: a measurement, not a check).
 //! Run: `cargo test -p ember-tests --test data_speed -- --ignored --nocapture`.
-use ember::config::preset;
-use ember::data::criteo::{BadLinePolicy, CriteoReader};
-use ember::data::synthetic::SyntheticData;
-use ember::data::DataSource;
+use ember_engine::config::preset;
+use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::data::DataSource;
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -1,9 +1,9 @@
 //! The synthetic generator: determinism by index, Zipf skew against the stated probabilities,
 //! bag shapes, the oracle's AUC and the positive rate.
-use ember::config::{preset, TrainConfig};
-use ember::data::synthetic::{SyntheticData, EVAL_START};
-use ember::data::{Batch, DataSource};
-use ember::metrics::{auc, evaluate};
+use ember_engine::config::{preset, TrainConfig};
+use ember_engine::data::synthetic::{SyntheticData, EVAL_START};
+use ember_engine::data::{Batch, DataSource};
+use ember_engine::metrics::{auc, evaluate};
 
 fn tiny() -> TrainConfig {
     preset("tiny", None).unwrap()

@@ -2,9 +2,9 @@
 //! (`oracle::RefNet`, written from the DLRM / DCNv2 definitions): logits and loss match, and
 //! every parameter's gradient (sampled entries) and `dwide` (embeddings and bottom output)
 //! match f64 central differences of the reference loss. Dot and DCNv2 interactions.
-use ember::backend::Cpu;
-use ember::config::{Interaction, ModelConfig, Pooling, TableConfig};
-use ember::dense::DenseNet;
+use ember_engine::backend::Cpu;
+use ember_engine::config::{Interaction, ModelConfig, Pooling, TableConfig};
+use ember_engine::dense::DenseNet;
 use ember_tests::oracle::*;
 
 struct Case {

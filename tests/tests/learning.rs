@@ -1,10 +1,10 @@
 //! The learning test: on planted synthetic data the single-process DLRM reaches at least 90 % of
 //! the planted model's (the oracle's) margin above chance, AUC − 0.5, on the held-out set.
-use ember::backend::Cpu;
-use ember::config::preset;
-use ember::data::synthetic::SyntheticData;
-use ember::data::DataSource;
-use ember::train::train;
+use ember_engine::backend::Cpu;
+use ember_engine::config::preset;
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::data::DataSource;
+use ember_engine::train::train;
 
 fn learns(preset_name: &str, steps: usize, seed: u64) {
     let mut cfg = preset(preset_name, Some(20_000)).unwrap();

@@ -1,7 +1,7 @@
 //! Metrics against independent oracles: AUC against a brute-force pair count, log loss against
 //! the f64 formula (extreme logits included), NE against hand-computed values.
-use ember::metrics::{auc, bce_with_logits, entropy, evaluate, log_loss, normalized_entropy, EvalResult};
-use ember::rng::Rng;
+use ember_engine::metrics::{auc, bce_with_logits, entropy, evaluate, log_loss, normalized_entropy, EvalResult};
+use ember_engine::rng::Rng;
 
 /// O(n²): P(score of a positive > score of a negative) + ½ P(tie).
 fn brute_auc(s: &[f32], y: &[f32]) -> f64 {

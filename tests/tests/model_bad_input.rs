@@ -1,9 +1,9 @@
 //! Bad batches given to the single-process Dlrm: `Err` naming the problem, never a panic, and
 //! the model is left unchanged.
-use ember::backend::Cpu;
-use ember::config::*;
-use ember::data::Batch;
-use ember::model::Dlrm;
+use ember_engine::backend::Cpu;
+use ember_engine::config::*;
+use ember_engine::data::Batch;
+use ember_engine::model::Dlrm;
 use ember_tests::oracle::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

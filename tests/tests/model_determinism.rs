@@ -1,10 +1,10 @@
 //! Determinism of the single-process Dlrm: same seed ⇒ bitwise identical weights after N steps
 //! (also across rayon thread counts); weight init is a function of (seed, table, row, col) only,
 //! so any row-range / column-range shard regenerates exactly its slice of the whole table.
-use ember::backend::{Backend, Cpu, ShardSpec};
-use ember::config::*;
-use ember::embedding::init_shard_weights;
-use ember::model::Dlrm;
+use ember_engine::backend::{Backend, Cpu, ShardSpec};
+use ember_engine::config::*;
+use ember_engine::embedding::init_shard_weights;
+use ember_engine::model::Dlrm;
 use ember_tests::oracle::*;
 
 fn config(seed: u64, embedding: EmbOptimizer, bottom: Vec<usize>, num_dense: usize) -> TrainConfig {

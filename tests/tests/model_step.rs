@@ -3,10 +3,10 @@
 //! loss w.r.t. every table entry and every dense parameter by f64 central differences, then the
 //! optimizers of BRIEF.md §3 applied in f64. After 1 and after 3 steps every weight and every
 //! optimizer state matches; untouched embedding rows stay bitwise unchanged.
-use ember::backend::Cpu;
-use ember::config::*;
-use ember::data::Batch;
-use ember::model::Dlrm;
+use ember_engine::backend::Cpu;
+use ember_engine::config::*;
+use ember_engine::data::Batch;
+use ember_engine::model::Dlrm;
 use ember_tests::oracle::*;
 
 struct RefModel {

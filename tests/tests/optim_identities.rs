@@ -1,9 +1,9 @@
 //! Optimizer semantics (BRIEF.md §3): hand-computed values over three steps, the identity
 //! "c = M equals c = 1 run with lr·√M and eps·√M" on whole Dlrm trajectories, SGD keeping no state.
-use ember::backend::{Backend, Bags, Cpu, EmbKind, EmbUpdate, Layout, ShardSpec};
-use ember::config::*;
-use ember::data::Batch;
-use ember::model::Dlrm;
+use ember_engine::backend::{Backend, Bags, Cpu, EmbKind, EmbUpdate, Layout, ShardSpec};
+use ember_engine::config::*;
+use ember_engine::data::Batch;
+use ember_engine::model::Dlrm;
 use ember_tests::oracle::*;
 
 /// The 1-row, 2-dim table of the hand computations: w0 = [1, −0.5], three steps whose summed

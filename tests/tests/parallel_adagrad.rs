@@ -1,15 +1,15 @@
 //! AdaGrad relations of BRIEF.md §3 under 2D, and the replica sync's numerics.
-use ember::backend::{Backend, Cpu, EmbUpdate, ShardSpec};
-use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig, WeightDecay};
-use ember::data::synthetic::SyntheticData;
-use ember::embedding::new_shard;
-use ember::grid::{Grid, Placement};
-use ember::model::Dlrm;
-use ember::parallel::driver::{train_in_process, train_threads};
-use ember::parallel::route::Touched;
-use ember::parallel::sync::replica_sync;
-use ember::parallel::{ParallelOptions, SyncMode};
-use ember::plan::{Plan, ShardingType};
+use ember_engine::backend::{Backend, Cpu, EmbUpdate, ShardSpec};
+use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig, WeightDecay};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::embedding::new_shard;
+use ember_engine::grid::{Grid, Placement};
+use ember_engine::model::Dlrm;
+use ember_engine::parallel::driver::{train_in_process, train_threads};
+use ember_engine::parallel::route::Touched;
+use ember_engine::parallel::sync::replica_sync;
+use ember_engine::parallel::{ParallelOptions, SyncMode};
+use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::{assemble, cycling_plan, rel_err};
 
 fn cfg(emb: EmbOptimizer, batch: usize) -> TrainConfig {
@@ -160,7 +160,7 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
 
 #[test]
 fn delayed_state_sync_applies_the_previous_average_plus_local_increments() {
-    use ember::parallel::sync::{apply_pending, replica_sync_with};
+    use ember_engine::parallel::sync::{apply_pending, replica_sync_with};
     let m = 2;
     let upd = EmbUpdate::new(&rowwise(0.1, 1e-8, None), &WeightDecay::None, m as f32);
     let spec = ShardSpec { table: 0, table_rows: 6, dim: 4, rows: 0..6, cols: 0..4 };

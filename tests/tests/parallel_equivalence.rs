@@ -1,14 +1,14 @@
 //! The exact relations of BRIEF.md §3 for 2D training over in-process ranks:
 //! with SGD and K = 1, one process == full sharding == 2D grids == pure data parallel, for every
 //! sharding type; after a sync all replicas are bitwise identical.
-use ember::backend::Cpu;
-use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
-use ember::data::synthetic::SyntheticData;
-use ember::grid::{Grid, Placement};
-use ember::model::Dlrm;
-use ember::parallel::driver::train_in_process;
-use ember::parallel::{ParallelOptions, SyncMode};
-use ember::plan::{Plan, ShardingType};
+use ember_engine::backend::Cpu;
+use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::grid::{Grid, Placement};
+use ember_engine::model::Dlrm;
+use ember_engine::parallel::driver::train_in_process;
+use ember_engine::parallel::{ParallelOptions, SyncMode};
+use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::{assemble, cycling_plan, rel_err};
 
 fn sgd_config(batch: usize) -> TrainConfig {
@@ -33,7 +33,7 @@ fn single_process(cfg: &TrainConfig, steps: usize) -> (Vec<Vec<f32>>, Vec<Vec<f3
     for s in 0..steps {
         m.train_step(&be, &data.samples((s * cfg.batch_size) as u64, cfg.batch_size)).unwrap();
     }
-    let auc = ember::train::evaluate_model(&be, &mut m, &data.eval_batch(), cfg.batch_size).unwrap().auc;
+    let auc = ember_engine::train::evaluate_model(&be, &mut m, &data.eval_batch(), cfg.batch_size).unwrap().auc;
     let tables = m.tables.iter().map(|t| t.weights.clone()).collect();
     let dense = m.dense.params_mut().into_iter().map(|p| p.w.clone()).collect();
     (tables, dense, auc)
@@ -117,7 +117,7 @@ fn grid_size_must_match_world() {
     let grid = Grid::new(2, 2, Placement::ReplicasInNode).unwrap();
     let world = ember_transport::local_world(3);
     let err = std::thread::scope(|s| {
-        let hs: Vec<_> = world.into_iter().map(|c| s.spawn(move || ember::grid::GridComms::new(grid, c).err())).collect();
+        let hs: Vec<_> = world.into_iter().map(|c| s.spawn(move || ember_engine::grid::GridComms::new(grid, c).err())).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
     });
     let msg = err[0].as_ref().expect("an error").to_string();

@@ -2,14 +2,14 @@
 //! with their local weights, the update is applied to the replica average, optimizer state is not
 //! averaged. The simulation runs each replica as a single-process model and does the schedule's
 //! averaging in f64. Also: the mode differs from full sharding, and its memory saving.
-use ember::backend::Cpu;
-use ember::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
-use ember::data::synthetic::SyntheticData;
-use ember::grid::{Grid, Placement};
-use ember::model::Dlrm;
-use ember::parallel::driver::train_in_process;
-use ember::parallel::ParallelOptions;
-use ember::plan::{Plan, ShardingType};
+use ember_engine::backend::Cpu;
+use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::grid::{Grid, Placement};
+use ember_engine::model::Dlrm;
+use ember_engine::parallel::driver::train_in_process;
+use ember_engine::parallel::ParallelOptions;
+use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::{cycling_plan, rel_err};
 
 fn cfg(batch: usize) -> TrainConfig {

@@ -1,11 +1,11 @@
 //! The planner (engine/src/plan/planner.rs): every plan is valid, balances better than naive
 //! round-robin, refuses what does not fit, and predicts the all-to-all volumes of BRIEF.md §2.
-use ember::config::{preset, DenseOptimizer, EmbOptimizer, Interaction, ModelConfig, Pooling, TableConfig};
-use ember::data::synthetic::SyntheticData;
-use ember::grid::Placement;
-use ember::plan::planner::{plan, predict, stats_from_batches, PlanOptions, TableStats};
-use ember::plan::{Plan, ShardingType, TablePlan};
-use ember::Error;
+use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, Interaction, ModelConfig, Pooling, TableConfig};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::grid::Placement;
+use ember_engine::plan::planner::{plan, predict, stats_from_batches, PlanOptions, TableStats};
+use ember_engine::plan::{Plan, ShardingType, TablePlan};
+use ember_engine::Error;
 use std::time::Instant;
 
 /// splitmix64: a small deterministic generator for random models.

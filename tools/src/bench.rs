@@ -1,8 +1,8 @@
 //! `ember bench embedding|dlrm|mem` (and dispatch of the transport benchmarks `a2a|allreduce`).
 use crate::common::CliResult;
 use clap::{Args, Subcommand};
-use ember::backend::{Backend, Cpu};
-use ember::bench::{self, EmbeddingBench};
+use ember_engine::backend::{Backend, Cpu};
+use ember_engine::bench::{self, EmbeddingBench};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -102,21 +102,21 @@ fn cuda_backend(_f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
 
 #[cfg(feature = "cuda")]
 fn cuda_backend(f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
-    let be = ember::backend::cuda::Cuda::new(0)?;
+    let be = ember_engine::backend::cuda::Cuda::new(0)?;
     f(&be)
 }
 
 /// The benchmarks, object-safe so one dispatch serves every backend.
 pub trait DynBench {
-    fn embedding(&self, cfg: &EmbeddingBench) -> ember::Result<bench::EmbeddingResult>;
-    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember::Result<bench::DlrmResult>;
+    fn embedding(&self, cfg: &EmbeddingBench) -> ember_engine::Result<bench::EmbeddingResult>;
+    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult>;
 }
 
 impl<B: Backend> DynBench for B {
-    fn embedding(&self, cfg: &EmbeddingBench) -> ember::Result<bench::EmbeddingResult> {
+    fn embedding(&self, cfg: &EmbeddingBench) -> ember_engine::Result<bench::EmbeddingResult> {
         bench::embedding(self, cfg)
     }
-    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember::Result<bench::DlrmResult> {
+    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult> {
         bench::dlrm(self, batch, steps, warmup, zipf, seed)
     }
 }

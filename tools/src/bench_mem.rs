@@ -24,7 +24,7 @@ pub fn run(a: MemArgs) -> CliResult {
     if a.device != "cpu" {
         return device_mem(&a);
     }
-    let rows = ember::bench::host_mem(a.copy_mib, a.table_mib, a.reps.max(1));
+    let rows = ember_engine::bench::host_mem(a.copy_mib, a.table_mib, a.reps.max(1));
     println!("# ember bench mem: host memory; GB/s counts bytes read plus bytes written; median of {} reps", a.reps);
     println!("{:>8} {:>12} {:>8} {:>10} {:>10}", "op", "row bytes", "threads", "ms", "GB/s");
     for r in &rows {
@@ -45,7 +45,7 @@ fn device_mem(a: &MemArgs) -> CliResult {
 
 #[cfg(feature = "cuda")]
 fn device_mem(a: &MemArgs) -> CliResult {
-    use ember::backend::cuda::{dlrm_step_trace, Cuda};
+    use ember_engine::backend::cuda::{dlrm_step_trace, Cuda};
     if a.device != "cuda" {
         return Err(format!("--device '{}': expected cpu or cuda", a.device).into());
     }

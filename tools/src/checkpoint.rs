@@ -22,7 +22,7 @@ enum CheckpointCmd {
 pub fn run(a: CheckpointArgs) -> CliResult {
     match a.cmd {
         CheckpointCmd::Inspect { dir } => {
-            let (report, ok) = ember::checkpoint::export::inspect(&dir)?;
+            let (report, ok) = ember_engine::checkpoint::export::inspect(&dir)?;
             print!("{report}");
             if !ok {
                 return Err(format!("{}: verification failed", dir.display()).into());
@@ -30,8 +30,8 @@ pub fn run(a: CheckpointArgs) -> CliResult {
             Ok(())
         }
         CheckpointCmd::Export { dir, out } => {
-            let ck = ember::checkpoint::Checkpoint::open(&dir)?;
-            let files = ember::checkpoint::export::export(&ck, &out)?;
+            let ck = ember_engine::checkpoint::Checkpoint::open(&dir)?;
+            let files = ember_engine::checkpoint::export::export(&ck, &out)?;
             println!("exported step {} from {} to {}: {} files", ck.step(), ck.dir.display(), out.display(), files.len());
             Ok(())
         }

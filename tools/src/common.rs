@@ -1,6 +1,6 @@
 //! Flags shared by every subcommand, and turning them into a `TrainConfig`.
 use clap::Args;
-use ember::config::{preset, TrainConfig};
+use ember_engine::config::{preset, TrainConfig};
 
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 

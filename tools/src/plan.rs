@@ -2,11 +2,11 @@
 //! lookups, all-to-all bytes and imbalance (docs/plan.md). Allocates no tables and trains nothing.
 use crate::common::{CliResult, Shared};
 use clap::Args;
-use ember::config::TrainConfig;
-use ember::data::synthetic::SyntheticData;
-use ember::grid::Placement;
-use ember::plan::planner::{plan, stats_from_batches, PlanOptions, PlanReport};
-use ember::plan::ShardingType;
+use ember_engine::config::TrainConfig;
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::grid::Placement;
+use ember_engine::plan::planner::{plan, stats_from_batches, PlanOptions, PlanReport};
+use ember_engine::plan::ShardingType;
 
 #[derive(Args, Clone, Debug)]
 pub struct PlanArgs {

@@ -8,7 +8,7 @@
 //! tables.
 use crate::common::CliResult;
 #[allow(unused_imports)] // Backend is used only with the `cuda` feature
-use ember::backend::{Backend, Cpu};
+use ember_engine::backend::{Backend, Cpu};
 use std::fmt::Write as _;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -37,7 +37,7 @@ pub fn run(a: SelftestArgs) -> CliResult {
     let mut md = String::new();
     let ok = match a.device.as_str() {
         "cpu" => {
-            let rep = ember::selftest::selftest_seeded(&Cpu::new(), a.seed)?;
+            let rep = ember_engine::selftest::selftest_seeded(&Cpu::new(), a.seed)?;
             println!("{rep}");
             let _ = writeln!(md, "{rep}");
             rep.passed()
@@ -62,19 +62,19 @@ fn cuda(_a: &SelftestArgs, _md: &mut String) -> Result<bool, Box<dyn std::error:
 
 #[cfg(feature = "cuda")]
 fn cuda(a: &SelftestArgs, md: &mut String) -> Result<bool, Box<dyn std::error::Error>> {
-    use ember::backend::cuda::Cuda;
+    use ember_engine::backend::cuda::Cuda;
     let t0 = std::time::Instant::now();
     let be = Cuda::new(0)?;
     println!("device: {} (opened and kernels compiled in {:.2} s)", be.device_name(), t0.elapsed().as_secs_f64());
     let _ = writeln!(md, "Device: {}\n", be.device_name());
-    let rep = ember::selftest::selftest_seeded(&be, a.seed)?;
+    let rep = ember_engine::selftest::selftest_seeded(&be, a.seed)?;
     println!("{rep}");
     let _ = writeln!(md, "{rep}\n");
     let mut ok = rep.passed();
     // Pool: repeat the same work; a steady state makes no driver allocation.
     let before = be.driver_allocs();
     be.reset_peak();
-    let rep2 = ember::selftest::selftest_seeded(&be, a.seed)?;
+    let rep2 = ember_engine::selftest::selftest_seeded(&be, a.seed)?;
     let after = be.driver_allocs();
     let s = be.pool_stats();
     let steady = after == before;
@@ -118,19 +118,19 @@ pub fn zipf_ids(n: usize, rows: usize, s: f64, seed: u64) -> Vec<u64> {
         acc += 1.0 / ((r + 1) as f64).powf(s);
         cdf.push(acc);
     }
-    let mut rng = ember::rng::Rng::new(seed);
+    let mut rng = ember_engine::rng::Rng::new(seed);
     (0..n)
         .map(|_| {
             let u = rng.f64() * acc;
             let rank = cdf.partition_point(|&c| c < u).min(rows - 1) as u64;
-            ember::rng::mix64(rank ^ 0x9e37_79b9_7f4a_7c15) % rows as u64
+            ember_engine::rng::mix64(rank ^ 0x9e37_79b9_7f4a_7c15) % rows as u64
         })
         .collect()
 }
 
 #[cfg(feature = "cuda")]
-fn bench(be: &ember::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> Result<(), Box<dyn std::error::Error>> {
-    use ember::backend::{Bags, EmbKind, EmbUpdate, Layout, ShardSpec};
+fn bench(be: &ember_engine::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+    use ember_engine::backend::{Bags, EmbKind, EmbUpdate, Layout, ShardSpec};
     let copy = be.copy_bandwidth(1 << 30, 20)?;
     let line = format!("Device-to-device copy (1 GiB, bytes read + written): {:.0} GB/s\n", copy / 1e9);
     println!("{line}");
@@ -140,14 +140,14 @@ fn bench(be: &ember::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> 
     for d in [64usize, 128] {
         let upd = EmbUpdate { kind: EmbKind::RowWiseAdagrad, lr: 0.01, eps: 1e-8, c: 1.0, eps_inside: false, l2: 0.0 };
         let spec = ShardSpec::whole(0, rows as u64, d);
-        let init: Vec<f32> = (0..rows * d).map(|i| ember::rng::unit_f32(ember::rng::mix64(i as u64)) - 0.5).collect();
+        let init: Vec<f32> = (0..rows * d).map(|i| ember_engine::rng::unit_f32(ember_engine::rng::mix64(i as u64)) - 0.5).collect();
         let mut shard = be.shard(spec, &init, &upd)?;
         drop(init);
         for (dist, zipf) in [("uniform", None), ("zipf 1.05", Some(1.05))] {
             let n = b * l;
             let ids: Vec<u64> = match zipf {
                 None => {
-                    let mut r = ember::rng::Rng::new(7);
+                    let mut r = ember_engine::rng::Rng::new(7);
                     (0..n).map(|_| r.below(rows as u64)).collect()
                 }
                 Some(s) => zipf_ids(n, rows, s, 7),
@@ -158,7 +158,7 @@ fn bench(be: &ember::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> 
             let offsets: Vec<u64> = (0..=b as u64).map(|i| i * l as u64).collect();
             let bags = Bags { num_bags: b, offsets: be.upload_ids(&offsets)?, ids: be.upload_ids(&ids)?, scale: None };
             let mut out = be.zeros(b * d)?;
-            let grad: Vec<f32> = (0..b * d).map(|i| (ember::rng::unit_f32(ember::rng::mix64(i as u64 + 99)) - 0.5) * 1e-3).collect();
+            let grad: Vec<f32> = (0..b * d).map(|i| (ember_engine::rng::unit_f32(ember_engine::rng::mix64(i as u64 + 99)) - 0.5) * 1e-3).collect();
             let grad = be.upload(&grad)?;
             let lay = Layout { stride: d, col: 0 };
             let bytes = (b * d * 4 + b * d * l * 4) as f64;
@@ -206,6 +206,6 @@ fn bench(be: &ember::backend::cuda::Cuda, a: &SelftestArgs, md: &mut String) -> 
 }
 
 #[cfg(feature = "cuda")]
-fn ember_cuda_trace() -> Vec<ember::backend::cuda::TraceOp> {
-    ember::backend::cuda::dlrm_step_trace(2048, 1, 26, 64, &[512, 256, 64, 512, 256, 1])
+fn ember_cuda_trace() -> Vec<ember_engine::backend::cuda::TraceOp> {
+    ember_engine::backend::cuda::dlrm_step_trace(2048, 1, 26, 64, &[512, 256, 64, 512, 256, 1])
 }

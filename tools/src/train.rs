@@ -1,12 +1,12 @@
 //! `ember train`: one process, CPU (or CUDA) backend, synthetic data or Criteo files.
 use crate::common::{CliResult, Shared};
-use ember::backend::{Backend, Cpu};
-use ember::config::TrainConfig;
-use ember::data::criteo::{BadLinePolicy, CriteoReader};
-use ember::data::synthetic::SyntheticData;
-use ember::data::{Batch, DataSource};
-use ember::metrics::EvalResult;
-use ember::train::{train, TrainReport};
+use ember_engine::backend::{Backend, Cpu};
+use ember_engine::config::TrainConfig;
+use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::data::{Batch, DataSource};
+use ember_engine::metrics::EvalResult;
+use ember_engine::train::{train, TrainReport};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(clap::Args)]
@@ -71,7 +71,7 @@ pub fn run(a: TrainArgs) -> CliResult {
         cfg.eval_every = e;
     }
     if let Some(c) = a.momentum_c {
-        use ember::config::EmbOptimizer::*;
+        use ember_engine::config::EmbOptimizer::*;
         match &mut cfg.optim.embedding {
             RowWiseAdagrad { c: cc, .. } | Adagrad { c: cc, .. } => *cc = Some(c),
             Sgd { .. } => return Err("--momentum-c applies to the AdaGrad optimizers only".into()),
@@ -114,7 +114,7 @@ pub fn run(a: TrainArgs) -> CliResult {
 
 #[cfg(feature = "cuda")]
 fn run_cuda(cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
-    let be = ember::backend::cuda::Cuda::new(0)?;
+    let be = ember_engine::backend::cuda::Cuda::new(0)?;
     run_on(&be, cfg, data, eval, a, skipped, oracle)
 }
 

@@ -2,17 +2,17 @@
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
 use crate::common::CliResult;
 use crate::train::TrainArgs;
-use ember::backend::Cpu;
-use ember::config::TrainConfig;
-use ember::data::synthetic::SyntheticData;
-use ember::grid::{Grid, Placement};
-use ember::data::criteo::{BadLinePolicy, CriteoReader};
-use ember::data::{Batch, DataSource};
-use ember::parallel::driver::{report, run_rank, train_threads, write_trace, Report2D};
+use ember_engine::backend::Cpu;
+use ember_engine::config::TrainConfig;
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::grid::{Grid, Placement};
+use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::{Batch, DataSource};
+use ember_engine::parallel::driver::{report, run_rank, train_threads, write_trace, Report2D};
 use std::sync::Mutex;
-use ember::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
-use ember::plan::planner::{plan, PlanOptions};
-use ember::plan::ShardingType;
+use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
+use ember_engine::plan::planner::{plan, PlanOptions};
+use ember_engine::plan::ShardingType;
 use std::time::Instant;
 
 pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
@@ -69,7 +69,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         Some(path) => {
             let readers = (0..if multi { 1 } else { grid.world() })
                 .map(|_| CriteoReader::open(path, &cfg.model, BadLinePolicy::Fail).map(Mutex::new))
-                .collect::<ember::Result<Vec<_>>>()?;
+                .collect::<ember_engine::Result<Vec<_>>>()?;
             Source::Files(readers)
         }
     };
@@ -82,21 +82,21 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         (None, Source::Files(r)) => (r[0].lock().map_err(|_| "reader lock")?.train_lines() as usize / cfg.batch_size).max(1),
         (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
     };
-    let feed = |step: usize, w: usize| -> ember::Result<Batch> {
+    let feed = |step: usize, w: usize| -> ember_engine::Result<Batch> {
         let r = grid.sample_range(w, cfg.batch_size);
         let start = (step * cfg.batch_size + r.start) as u64;
         match &source {
             Source::Synthetic(d) => Ok(d.samples(start, r.len())),
             Source::Files(readers) => {
-                let mut rd = readers[if multi { 0 } else { w }].lock().map_err(|_| ember::Error::Input("reader lock poisoned".into()))?;
+                let mut rd = readers[if multi { 0 } else { w }].lock().map_err(|_| ember_engine::Error::Input("reader lock poisoned".into()))?;
                 let pos = rd.position();
                 if pos > start {
-                    return Err(ember::Error::Input(format!("reader at sample {pos} cannot go back to {start}")));
+                    return Err(ember_engine::Error::Input(format!("reader at sample {pos} cannot go back to {start}")));
                 }
                 rd.skip(start - pos)?;
                 match rd.next_batch(r.len())? {
                     Some(b) if b.size() == r.len() => Ok(b),
-                    _ => Err(ember::Error::Input(format!("the data file ends before sample {} (step {step})", start + r.len() as u64))),
+                    _ => Err(ember_engine::Error::Input(format!("the data file ends before sample {} (step {step})", start + r.len() as u64))),
                 }
             }
         }
@@ -142,7 +142,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     Ok(())
 }
 
-fn first_rank(events: &[ember::parallel::TraceEvent]) -> usize {
+fn first_rank(events: &[ember_engine::parallel::TraceEvent]) -> usize {
     events.first().map(|e| e.rank).unwrap_or(0)
 }
 
@@ -152,7 +152,7 @@ enum Source {
     Files(Vec<Mutex<CriteoReader>>),
 }
 
-fn print_summary(r: &Report2D, oracle: Option<&ember::metrics::EvalResult>) {
+fn print_summary(r: &Report2D, oracle: Option<&ember_engine::metrics::EvalResult>) {
     println!("ember train: grid {}, {} steps in {:.2} s", r.grid, r.steps, r.wall_s);
     println!("  throughput      {:>12.0} samples/s", r.samples_per_s);
     println!("  train loss      {:>12.5}  (mean of the last 10 % of steps)", r.loss);

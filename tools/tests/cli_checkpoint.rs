@@ -43,10 +43,10 @@ fn resharding_then_continuing_with_sgd_matches_a_run_never_resharded() {
     // SGD, K = 1: 2D equals full sharding, so a run moved 2x4 → 4x2 → 1x8 must end where a
     // 1x8 run that was never resharded ends (up to reduction-order rounding: compared via export).
     let cfg = tmp("cfg.toml");
-    let mut c = ember::config::preset("tiny", Some(3000)).unwrap();
+    let mut c = ember_engine::config::preset("tiny", Some(3000)).unwrap();
     c.batch_size = 64;
-    c.optim.embedding = ember::config::EmbOptimizer::Sgd { lr: 0.5 };
-    c.optim.dense = ember::config::DenseOptimizer::Sgd { lr: 0.1 };
+    c.optim.embedding = ember_engine::config::EmbOptimizer::Sgd { lr: 0.5 };
+    c.optim.dense = ember_engine::config::DenseOptimizer::Sgd { lr: 0.1 };
     std::fs::write(&cfg, c.to_toml()).unwrap();
     let cfg = cfg.to_str().unwrap();
     let (moved, direct) = (tmp("moved"), tmp("direct"));
@@ -96,7 +96,7 @@ fn sigkill_during_a_checkpointed_run_resumes_from_the_last_complete_checkpoint()
     let _reap = Reap(format!("--checkpoint-dir {d} "));
     // Wait until a few checkpoints exist, then kill the whole job mid-run.
     let t0 = std::time::Instant::now();
-    while ember::checkpoint::list(&dir).map(|l| l.len()).unwrap_or(0) < 2 && t0.elapsed().as_secs() < 60 {
+    while ember_engine::checkpoint::list(&dir).map(|l| l.len()).unwrap_or(0) < 2 && t0.elapsed().as_secs() < 60 {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     std::thread::sleep(std::time::Duration::from_millis(137));
@@ -109,8 +109,8 @@ fn sigkill_during_a_checkpointed_run_resumes_from_the_last_complete_checkpoint()
         assert!(t1.elapsed().as_secs() < 10, "ranks survived SIGKILL");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let latest = ember::checkpoint::latest(&dir).unwrap().expect("a complete checkpoint survives");
-    ember::checkpoint::Checkpoint::open(&latest).expect("the latest complete checkpoint verifies");
+    let latest = ember_engine::checkpoint::latest(&dir).unwrap().expect("a complete checkpoint survives");
+    ember_engine::checkpoint::Checkpoint::open(&latest).expect("the latest complete checkpoint verifies");
     let step: usize = latest.file_name().unwrap().to_str().unwrap()["step-".len()..].parse().unwrap();
     let out = ember().args(["train", "--grid", "2x2", "--steps", &(step + 2).to_string(), "--checkpoint-dir", d, "--checkpoint-every", "1", "--resume", "--quiet", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -63,7 +63,7 @@ fn bad_flags_and_configs_are_clear_errors() {
 fn a_toml_config_round_trips() {
     let dir = std::env::temp_dir().join(format!("ember-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cfg = ember::config::preset("tiny", None).unwrap();
+    let mut cfg = ember_engine::config::preset("tiny", None).unwrap();
     cfg.steps = Some(20);
     let path = dir.join("tiny.toml");
     std::fs::write(&path, cfg.to_toml()).unwrap();

@@ -102,11 +102,11 @@ fn grid_training_reads_criteo_files_like_one_process() {
     // held-out AUC agrees; multi-process reads its samples from its own reader, bitwise the same.
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/criteo-sample-200.csv");
     let data = data.to_str().unwrap();
-    let mut c = ember::config::preset("kaggle", Some(5000)).unwrap();
+    let mut c = ember_engine::config::preset("kaggle", Some(5000)).unwrap();
     c.batch_size = 16;
     c.steps = None;
-    c.optim.embedding = ember::config::EmbOptimizer::Sgd { lr: 0.5 };
-    c.optim.dense = ember::config::DenseOptimizer::Sgd { lr: 0.05 };
+    c.optim.embedding = ember_engine::config::EmbOptimizer::Sgd { lr: 0.5 };
+    c.optim.dense = ember_engine::config::DenseOptimizer::Sgd { lr: 0.05 };
     let cfg = std::env::temp_dir().join(format!("ember-criteo2d-{}.toml", std::process::id()));
     std::fs::write(&cfg, c.to_toml()).unwrap();
     let cfg = cfg.to_str().unwrap();

@@ -6,9 +6,11 @@ use std::process::Command;
 
 /// The cargo profile folder holding libember.so (target/<profile>).
 fn lib_dir() -> PathBuf {
-    // Integration tests live in <target>/<profile>/deps; the cdylib is uplifted to <profile>.
+    // Integration tests live in <target>/<profile>/deps, where `cargo test` leaves the cdylib;
+    // `cargo build` uplifts it to <profile>.
     let exe = std::env::current_exe().expect("test path");
-    let from_exe = exe.parent().and_then(Path::parent).map(Path::to_path_buf);
+    let deps = exe.parent().map(Path::to_path_buf);
+    let from_exe = deps.iter().cloned().chain(deps.as_deref().and_then(Path::parent).map(Path::to_path_buf)).collect::<Vec<_>>();
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../../target"));
     let candidates = from_exe.into_iter().chain(["debug", "release"].iter().map(|p| target.join(p)));
