@@ -24,10 +24,10 @@ fn learns(preset_name: &str, steps: usize, seed: u64) {
 
 #[test]
 fn tiny_reaches_90_percent_of_oracle_margin() {
-    learns("tiny", 600, 1);
+    learns("tiny", 1500, 1);
 }
 
 #[test]
 fn tiny_learns_with_another_seed() {
-    learns("tiny", 600, 7);
+    learns("tiny", 1500, 7);
 }
