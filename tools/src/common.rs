@@ -65,13 +65,10 @@ impl Shared {
 
     /// (M, N) from --grid.
     pub fn grid(&self) -> Result<(usize, usize), String> {
-        let bad = || format!("--grid '{}': expected MxN with M, N >= 1 (e.g. 2x4)", self.grid);
-        let (m, n) = self.grid.split_once(['x', 'X']).ok_or_else(bad)?;
-        let m: usize = m.trim().parse().map_err(|_| bad())?;
-        let n: usize = n.trim().parse().map_err(|_| bad())?;
-        if m == 0 || n == 0 {
-            return Err(bad());
-        }
-        Ok((m, n))
+        let g = ember_engine::grid::Grid::parse(&self.grid, ember_engine::grid::Placement::default()).map_err(|e| match e {
+            ember_engine::Error::Config(m) => format!("--{m}"),
+            other => other.to_string(),
+        })?;
+        Ok((g.m, g.n))
     }
 }
