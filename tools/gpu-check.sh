@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the CUDA backend (issue 5).
+# One prepared GPU check for the CUDA backend (issue 5) and 2D training on one GPU (issue 7).
 #
 #   tools/gpu-check.sh            here: build the release binary with --features cuda, stage it
 #                                 with the torch reference in .gpu/ (git-ignored), print the call.
@@ -89,6 +89,11 @@ cli 60 bench embedding --device cuda --batch-size 65536
 cli 90 bench dlrm --device cuda --batch-size 4096
 cli 120 bench dlrm --device cuda --batch-size 65536
 cli 60 bench mem --device cuda
+# Issue 7: 2D on one GPU (4 in-process ranks, own streams and pool arenas); target: grid 2x2
+# >= 3x the torch reference of the same model and >= 20x the 2-core CPU backend.
+cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
+cli 150 bench dlrm --device cuda --grid 2x2 --batch-size 65536
+cli 120 train --device cuda --grid 2x2 --steps 200
 cli 90 train --device cuda --steps 200
 cli 150 train --device cuda --preset kaggle --steps 100
 

@@ -54,6 +54,22 @@ extern "C" __global__ void copy_block(float* narrow, float* wide, i64 rows, i64 
     }
 }
 
+// dst[dst_off + r * dst_stride + c] = src[src_off + r * src_stride + c]: the 2D step's packing.
+extern "C" __global__ void copy_2d(const float* __restrict__ src, i64 src_off, i64 src_stride, float* __restrict__ dst, i64 dst_off, i64 dst_stride, i64 rows, i64 cols) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols, c = i % cols;
+        dst[dst_off + r * dst_stride + c] = src[src_off + r * src_stride + c];
+    }
+}
+
+// x[off + r * stride + c] *= s[r]: per-sample gradient scaling.
+extern "C" __global__ void scale_rows(float* x, i64 off, i64 stride, i64 rows, i64 cols, const float* __restrict__ s) {
+    GRID_STRIDE(i, rows * cols) {
+        i64 r = i / cols, c = i % cols;
+        x[off + r * stride + c] *= s[r];
+    }
+}
+
 // Dot interaction. x: (batch, f+1, d). out: (batch, d + (f+1)f/2): the dense vector, then for
 // i in 1..=f, j in 0..i: <x_i, x_j> (row-major lower triangle without the diagonal).
 extern "C" __global__ void dot_interaction(const float* __restrict__ x, i64 batch, i64 f, i64 d, float* __restrict__ out) {

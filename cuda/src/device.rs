@@ -153,12 +153,26 @@ impl Gpu {
         Ok(d)
     }
 
+    /// A private handle on device `ordinal` for one of several in-process ranks that share it:
+    /// the same (primary) CUDA context, so device addresses are valid in every rank, but its own
+    /// stream, cuBLAS handle and pool (with its own per-step arena). Not cached.
+    pub fn open_private(ordinal: usize, cfg: PoolConfig) -> DevResult<Arc<Gpu>> {
+        probe(ordinal)?;
+        std::panic::catch_unwind(|| Gpu::open_uncached_on(ordinal, cfg, true))
+            .unwrap_or_else(|_| Err("CUDA initialisation panicked (a library failed to load?)".into()))
+            .map(Arc::new)
+    }
+
     fn open_uncached(ordinal: usize, cfg: PoolConfig) -> DevResult<Gpu> {
+        Self::open_uncached_on(ordinal, cfg, false)
+    }
+
+    fn open_uncached_on(ordinal: usize, cfg: PoolConfig, own_stream: bool) -> DevResult<Gpu> {
         let ctx = CudaContext::new(ordinal).map_err(de("creating the CUDA context"))?;
         // We order all work on one stream and manage reuse ourselves.
         // SAFETY: no CudaSlice is used with this context.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = if own_stream { ctx.new_stream().map_err(de("creating a stream"))? } else { ctx.default_stream() };
         let (maj, min) = ctx.compute_capability().map_err(de("compute capability"))?;
         let arch = nvrtc::arch_name(maj, min);
         let name = ctx.name().unwrap_or_else(|_| "?".into());

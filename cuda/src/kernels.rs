@@ -48,6 +48,8 @@ pub const DENSE: Module = Module {
         "act_backward",
         "col_sum",
         "copy_block",
+        "copy_2d",
+        "scale_rows",
         "dot_interaction",
         "dot_interaction_backward",
         "cross_combine",

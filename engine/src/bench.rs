@@ -204,6 +204,52 @@ pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf:
     Ok(DlrmResult { samples_per_s: batch as f64 / (ms * 1e-3), ms_per_step: ms, batch, steps, zipf, backend: be.name().into() })
 }
 
+/// `dlrm` on a 2D grid of in-process ranks (one backend per rank from `new_be(world_rank)`):
+/// the same model and global batches, planned by the planner for `m × n`. Returns the result
+/// (median step of rank 0 after `warmup` steps) and the run's report (per-stage times).
+#[allow(clippy::too_many_arguments)]
+pub fn dlrm_2d<B: Backend>(
+    name: &str,
+    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
+    m: usize,
+    n: usize,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    zipf: Option<f64>,
+    seed: u64,
+) -> Result<(DlrmResult, crate::parallel::driver::Report2D)> {
+    use crate::grid::{Grid, Placement};
+    let mut cfg = preset("bench", None)?;
+    cfg.batch_size = batch;
+    cfg.seed = seed;
+    let grid = Grid::new(m, n, Placement::ReplicasInNode)?;
+    let (plan, _) = crate::plan::planner::plan(&cfg.model, m, n, &crate::plan::planner::PlanOptions::from_config(&cfg))?;
+    let samplers: Vec<IdSampler> = cfg.model.tables.iter().enumerate().map(|(t, tc)| IdSampler::new(tc.rows, zipf, t as u64)).collect();
+    let mut rng = Rng::new(seed);
+    let batches: Vec<Batch> = (0..4)
+        .map(|_| Batch {
+            num_dense: cfg.model.num_dense,
+            dense: (0..batch * cfg.model.num_dense).map(|_| rng.f32() * 4.0).collect(),
+            labels: (0..batch).map(|_| (rng.f32() < 0.25) as u8 as f32).collect(),
+            sparse: sample_jagged(&samplers, batch, cfg.model.tables[0].bag_size, &mut rng),
+        })
+        .collect();
+    let feed = |step: usize, w: usize| Ok(batches[step % batches.len()].slice(grid.sample_range(w, batch)));
+    let opts = crate::parallel::ParallelOptions::default();
+    let total = warmup.max(1) + steps;
+    let (rep, _, _) = crate::parallel::driver::train_threads_with(new_be, &cfg, grid, &plan, &opts, total, &feed, &batches[0], false)?;
+    let mut t = rep_steps(&rep, warmup.max(1));
+    t.sort_by(f64::total_cmp);
+    let ms = t.get(t.len() / 2).copied().unwrap_or(f64::NAN);
+    let r = DlrmResult { samples_per_s: batch as f64 / (ms * 1e-3), ms_per_step: ms, batch, steps, zipf, backend: format!("{name}, grid {m}x{n}") };
+    Ok((r, rep))
+}
+
+fn rep_steps(rep: &crate::parallel::driver::Report2D, skip: usize) -> Vec<f64> {
+    rep.step_ms.iter().skip(skip).copied().collect()
+}
+
 /// One row of `ember bench mem`.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemRow {

@@ -18,6 +18,7 @@ pub mod parallel;
 pub mod plan;
 pub mod rng;
 pub mod selftest;
+pub mod selftest_2d;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -32,7 +32,7 @@ impl SelftestReport {
     pub fn passed(&self) -> bool {
         self.failures() == 0
     }
-    fn push(&mut self, name: impl Into<String>, got: &[f32], want: &[f32], tol: f64) {
+    pub(crate) fn push(&mut self, name: impl Into<String>, got: &[f32], want: &[f32], tol: f64) {
         let e = rel_err(got, want);
         self.checks.push(Check { name: name.into(), rel_err: e, tol, ok: e <= tol });
     }

@@ -60,6 +60,10 @@ pub struct DlrmArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Train on an MxN grid of in-process ranks (on cuda: all sharing device 0, each with its
+    /// own stream and pool arena).
+    #[arg(long)]
+    pub grid: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +83,7 @@ pub enum Which {
 pub fn run(a: BenchArgs) -> CliResult {
     match a.which {
         Which::Embedding(x) => with_device(&x.dev.device.clone(), |be| embedding(be, &x)),
+        Which::Dlrm(x) if x.grid.is_some() => dlrm_2d(&x),
         Which::Dlrm(x) => with_device(&x.dev.device.clone(), |be| dlrm(be, &x)),
         Which::Mem(x) => crate::bench_mem::run(x),
         Which::A2a(x) => crate::comm_bench::run("a2a", x),
@@ -143,6 +148,40 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
+}
+
+/// `bench dlrm --grid MxN`: in-process ranks, one backend each.
+fn dlrm_2d(a: &DlrmArgs) -> CliResult {
+    let g = ember_engine::grid::Grid::parse(a.grid.as_deref().unwrap_or("1x1"), ember_engine::grid::Placement::ReplicasInNode)?;
+    let (m, n) = (g.m, g.n);
+    let (r, rep) = match a.dev.device.as_str() {
+        "cpu" => bench::dlrm_2d("cpu", &|_| Ok(Cpu::new()), m, n, a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?,
+        "cuda" => cuda_dlrm_2d(a, m, n)?,
+        other => return Err(format!("--device '{other}': expected cpu or cuda").into()),
+    };
+    let st = &rep.stages;
+    println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);
+    println!("# stages, ms/step averaged over all steps (rank 0): input_dist {:.2}  lookup {:.2}  output_dist {:.2}  dense {:.2}  backward {:.2}  sync {:.2}",
+        st.input_dist, st.lookup, st.output_dist, st.dense, st.backward, st.sync);
+    println!("{:>12} {:>14}", "ms/step", "samples/s");
+    println!("{:>12.2} {:>14.0}", r.ms_per_step, r.samples_per_s);
+    if a.dev.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["stages"] = serde_json::to_value(st)?;
+        println!("{}", serde_json::to_string(&v)?);
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_dlrm_2d(a: &DlrmArgs, m: usize, n: usize) -> ember_engine::Result<(bench::DlrmResult, ember_engine::parallel::driver::Report2D)> {
+    use ember_engine::backend::cuda::{Cuda, PoolConfig};
+    bench::dlrm_2d("cuda", &|_| Cuda::for_rank(0, PoolConfig::default()), m, n, a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_dlrm_2d(_: &DlrmArgs, _: usize, _: usize) -> Result<(bench::DlrmResult, ember_engine::parallel::driver::Report2D), Box<dyn std::error::Error>> {
+    Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)".into())
 }
 
 fn dlrm(be: &dyn DynBench, a: &DlrmArgs) -> CliResult {

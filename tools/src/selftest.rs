@@ -2,13 +2,16 @@
 //!
 //! `--device cuda` runs every GPU check from this binary alone: each operation and optimizer on
 //! random shapes, the fused backward on short/long/very long runs, column-shard updates, several
-//! DLRM training steps, and the pool statistics (including zero driver allocations when the same
-//! work is repeated). `--bench` adds the embedding kernels' bandwidth at B=65536, L=20,
+//! DLRM training steps, the pool statistics (including zero driver allocations when the same
+//! work is repeated), and 2D training of 4 in-process ranks sharing the GPU on grids 1x4, 2x2
+//! and 4x1 against the CPU backend (`engine::selftest_2d`). `--bench` adds the embedding kernels' bandwidth at B=65536, L=20,
 //! D=64/128, uniform and Zipf ids, and the device copy bandwidth; `--markdown FILE` writes the
 //! tables.
 use crate::common::CliResult;
 #[allow(unused_imports)] // Backend is used only with the `cuda` feature
 use ember_engine::backend::{Backend, Cpu};
+use ember_engine::parallel::XferKind;
+use ember_engine::selftest_2d::selftest_2d;
 use std::fmt::Write as _;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -40,7 +43,12 @@ pub fn run(a: SelftestArgs) -> CliResult {
             let rep = ember_engine::selftest::selftest_seeded(&Cpu::new(), a.seed)?;
             println!("{rep}");
             let _ = writeln!(md, "{rep}");
-            rep.passed()
+            // 2D on the CPU: peer-to-peer buffer copies between in-process ranks against the
+            // host transport, grids 1x4, 2x2, 4x1.
+            let (rep2, _) = selftest_2d("cpu (peers)", &|_| Ok(Cpu::new()), XferKind::Peers)?;
+            println!("{rep2}");
+            let _ = writeln!(md, "{rep2}");
+            rep.passed() && rep2.passed()
         }
         "cuda" => cuda(&a, &mut md)?,
         other => return Err(format!("--device '{other}': expected cpu or cuda").into()),
@@ -97,6 +105,16 @@ fn cuda(a: &SelftestArgs, md: &mut String) -> Result<bool, Box<dyn std::error::E
     );
     println!("{pool}");
     let _ = writeln!(md, "{pool}");
+    // 2D: T = 4 in-process ranks sharing this GPU (own streams and pool arenas), grids 1x4,
+    // 2x2 and 4x1, against the CPU backend on the same grid and data.
+    use ember_engine::backend::cuda::PoolConfig;
+    let t0 = std::time::Instant::now();
+    let (rep2, runs) = selftest_2d("cuda 2D, 4 ranks on one GPU", &|_| Cuda::for_rank(0, PoolConfig::default()), XferKind::Auto)?;
+    println!("{rep2}");
+    let table = ember_engine::selftest_2d::timing_table(&runs);
+    println!("2D runs on the GPU (row-wise AdaGrad, 50 steps, tiny model; {:.1} s for all 2D checks):\n{table}", t0.elapsed().as_secs_f64());
+    let _ = writeln!(md, "{rep2}\n\n{table}");
+    ok &= rep2.passed();
     if a.bench {
         bench(&be, a, md)?;
     }

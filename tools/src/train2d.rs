@@ -8,7 +8,10 @@ use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::{Batch, DataSource};
-use ember_engine::parallel::driver::{report, run_rank, train_threads, write_trace, Report2D};
+use ember_engine::backend::Backend;
+use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
+use ember_engine::parallel::TraceEvent;
+use ember_engine::plan::Plan;
 use std::sync::Mutex;
 use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
 use ember_engine::plan::planner::{plan, PlanOptions};
@@ -17,8 +20,8 @@ use std::time::Instant;
 
 pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     let s = &a.shared;
-    if s.device != "cpu" {
-        return Err(format!("--device {} with a grid: 2D training on GPUs comes with the GPU-2D issue", s.device).into());
+    if s.device != "cpu" && s.device != "cuda" {
+        return Err(format!("--device '{}': expected cpu or cuda", s.device).into());
     }
     if s.data.is_some() && a.skip_bad_lines {
         return Err("--skip-bad-lines with a grid: every rank must agree on sample boundaries; fix or filter the file first".into());
@@ -58,6 +61,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         sync,
         delayed_state_sync: a.delayed_state_sync,
         fully_sharded: a.fully_sharded,
+        xfer: a.xfer.parse()?,
         checkpoint,
     };
     let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
@@ -101,25 +105,11 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
             }
         }
     };
-    let (rep, events, is_root) = match join {
-        None => {
-            let (rep, _, events) = train_threads(&Cpu::new(), &cfg, grid, &plan, &opts, steps, &feed, &eval, a.trace.is_some())?;
-            (rep, events, true)
-        }
-        Some(mut j) => {
-            if s.transport != "auto" {
-                j.transport = s.transport.parse()?;
-            }
-            if j.size != grid.world() {
-                return Err(format!("--grid {m}x{n} needs {} ranks but the launcher started {}", grid.world(), j.size).into());
-            }
-            let world = ember_transport::Comm::connect(&j)?;
-            let w = world.rank();
-            let t0 = Instant::now();
-            let out = run_rank(&Cpu::new(), &cfg, grid, world, plan, opts, steps, &feed, &eval, a.trace.is_some())?;
-            let rep = report(grid, steps, cfg.batch_size, t0.elapsed().as_secs_f64(), &out);
-            (rep, out.trace, w == 0)
-        }
+    let trace = a.trace.is_some();
+    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: &eval, trace };
+    let (rep, events, is_root) = match s.device.as_str() {
+        "cuda" => run_cuda(job, join, &s.transport)?,
+        _ => job.run(&|_| Ok(Cpu::new()), join, &s.transport)?,
     };
     if let Some(path) = &a.trace {
         // One file for in-process ranks; one per process otherwise (FILE.rankN.json).
@@ -140,6 +130,66 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
+}
+
+/// Everything a run needs but the backend.
+struct Job<'a> {
+    cfg: &'a TrainConfig,
+    grid: Grid,
+    plan: Plan,
+    opts: ParallelOptions,
+    steps: usize,
+    feed: &'a (dyn Fn(usize, usize) -> ember_engine::Result<Batch> + Sync),
+    eval: &'a Batch,
+    trace: bool,
+}
+
+impl Job<'_> {
+    /// In-process ranks (one backend each, made on its thread by `new_be(world_rank)`), or this
+    /// process's rank of a launched job (`new_be(local_rank)`). Returns (report, trace, is_root).
+    fn run<B: Backend>(
+        self,
+        new_be: &(dyn Fn(usize) -> ember_engine::Result<B> + Sync),
+        join: Option<ember_transport::JoinConfig>,
+        transport: &str,
+    ) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
+        let Job { cfg, grid, plan, opts, steps, feed, eval, trace } = self;
+        let Some(mut j) = join else {
+            let (rep, _, events) = train_threads_with(new_be, cfg, grid, &plan, &opts, steps, feed, eval, trace)?;
+            return Ok((rep, events, true));
+        };
+        if transport != "auto" {
+            j.transport = transport.parse()?;
+        }
+        if j.size != grid.world() {
+            return Err(format!("--grid {}x{} needs {} ranks but the launcher started {}", grid.m, grid.n, grid.world(), j.size).into());
+        }
+        let be = new_be(j.local_rank)?;
+        let world = ember_transport::Comm::connect(&j)?;
+        let w = world.rank();
+        let t0 = Instant::now();
+        let out = run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace)?;
+        let rep = report(grid, steps, cfg.batch_size, t0.elapsed().as_secs_f64(), &out);
+        Ok((rep, out.trace, w == 0))
+    }
+}
+
+/// On GPUs: in-process ranks share device 0, each with its own stream and pool arena; a
+/// launched rank takes device `local_rank mod devices`.
+#[cfg(feature = "cuda")]
+fn run_cuda(job: Job, join: Option<ember_transport::JoinConfig>, transport: &str) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
+    use ember_engine::backend::cuda::{Cuda, PoolConfig};
+    let devices = Cuda::probe()?;
+    if join.is_some() {
+        job.run(&|local| Cuda::new(local % devices), join, transport)
+    } else {
+        job.run(&|_| Cuda::for_rank(0, PoolConfig::default()), join, transport)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: Job, _: Option<ember_transport::JoinConfig>, _: &str) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
+    Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release -p ember-tools --features cuda)".into())
 }
 
 fn first_rank(events: &[ember_engine::parallel::TraceEvent]) -> usize {

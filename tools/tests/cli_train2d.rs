@@ -122,3 +122,35 @@ fn grid_training_reads_criteo_files_like_one_process() {
     assert_eq!(grid["loss"], multi["loss"]);
     assert_eq!(grid["auc"], multi["auc"]);
 }
+
+#[test]
+fn buffer_transports_give_the_same_run_and_bad_choices_are_refused() {
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let host = json_of(&Command::new(bin).args(ARGS).args(["--xfer", "host"]).output().unwrap());
+    for x in ["peers", "staged", "auto"] {
+        let v = json_of(&Command::new(bin).args(ARGS).args(["--xfer", x]).output().unwrap());
+        assert_eq!(v["loss"], host["loss"], "--xfer {x}: training loss differs from --xfer host");
+        assert_eq!(v["auc"], host["auc"], "--xfer {x}");
+    }
+    let out = Command::new(bin).args(ARGS).args(["--xfer", "bogus"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown buffer transport 'bogus'"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Peer copies need ranks in one address space: refused under a launcher's processes.
+    let mut launch = vec!["launch", "-n", "4", "--timeout-ms", "20000", "--", bin];
+    launch.extend(ARGS);
+    launch.extend(["--xfer", "peers"]);
+    let out = Command::new(bin).args(&launch).output().unwrap();
+    assert!(!out.status.success());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("needs in-process ranks"), "{text}");
+}
+
+#[test]
+fn cuda_grid_without_the_feature_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(ARGS).args(["--device", "cuda"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built without the `cuda` feature"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -413,6 +413,53 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn copy_2d(&self, src: &Vec<f32>, src_off: usize, src_stride: usize, dst: &mut Vec<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let end = |off: usize, stride: usize| off.checked_add((rows - 1).checked_mul(stride)?)?.checked_add(cols);
+        check(
+            src_stride >= cols && dst_stride >= cols && end(src_off, src_stride).is_some_and(|e| e <= src.len()) && end(dst_off, dst_stride).is_some_and(|e| e <= dst.len()),
+            || format!("copy_2d: {rows}x{cols} from {src_off} (stride {src_stride}) of {} into {dst_off} (stride {dst_stride}) of {}", src.len(), dst.len()),
+        )?;
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            dst[dst_off..dst_off + rows * cols].copy_from_slice(&src[src_off..src_off + rows * cols]);
+        } else {
+            for i in 0..rows {
+                let (s, d) = (src_off + i * src_stride, dst_off + i * dst_stride);
+                dst[d..d + cols].copy_from_slice(&src[s..s + cols]);
+            }
+        }
+        Ok(())
+    }
+
+    fn scale_rows(&self, x: &mut Vec<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &Vec<f32>) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let end = off.checked_add((rows - 1).saturating_mul(stride)).and_then(|e| e.checked_add(cols));
+        check(stride >= cols && s.len() >= rows && end.is_some_and(|e| e <= x.len()), || {
+            format!("scale_rows: {rows}x{cols} at {off} (stride {stride}) of {} with {} scales", x.len(), s.len())
+        })?;
+        for (i, &f) in s[..rows].iter().enumerate() {
+            x[off + i * stride..off + i * stride + cols].iter_mut().for_each(|v| *v *= f);
+        }
+        Ok(())
+    }
+
+    fn addr(&self, buf: &Vec<f32>) -> u64 {
+        buf.as_ptr() as u64
+    }
+
+    unsafe fn copy_from_addr(&self, src: u64, dst: &mut Vec<f32>, dst_off: usize, len: usize) -> Result<()> {
+        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
+        if len > 0 {
+            // SAFETY: the caller guarantees the source range; the destination was checked.
+            std::ptr::copy_nonoverlapping(src as *const f32, dst.as_mut_ptr().add(dst_off), len);
+        }
+        Ok(())
+    }
+
     fn axpy(&self, a: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
         check(x.len() == y.len(), || format!("axpy: {} vs {}", x.len(), y.len()))?;
         y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x));

@@ -92,6 +92,15 @@ impl Cuda {
         Ok(Cuda { gpu, op: Mutex::new(()), legacy_bwd: std::sync::atomic::AtomicBool::new(legacy) })
     }
 
+    /// A backend for one of several in-process ranks sharing device `ordinal`: its own stream,
+    /// cuBLAS handle and pool arena in the device's one context (so peer-to-peer buffer
+    /// transports can copy between ranks' buffers).
+    pub fn for_rank(ordinal: usize, cfg: PoolConfig) -> Result<Cuda> {
+        let gpu = Gpu::open_private(ordinal, cfg).map_err(dev)?;
+        let legacy = std::env::var("EMBER_CUDA_BWD").is_ok_and(|v| v == "legacy");
+        Ok(Cuda { gpu, op: Mutex::new(()), legacy_bwd: std::sync::atomic::AtomicBool::new(legacy) })
+    }
+
     /// Whether a CUDA device can be opened here (never panics). Err says why not.
     pub fn probe() -> Result<usize> {
         ember_cuda::device::probe(0).map_err(dev)
@@ -679,6 +688,54 @@ impl Backend for Cuda {
             self.gpu.launch("copy_block", self.grid(rows * cols), 256).map_err(dev)?.arg(&np).arg(&wp).arg(&r).arg(&c).arg(&s).arg(&col).arg(&t).go()
         }
         .map_err(dev)
+    }
+
+    fn copy_2d(&self, src: &DevBuf<f32>, src_off: usize, src_stride: usize, dst: &mut DevBuf<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let end = |off: usize, stride: usize| off.checked_add((rows - 1).checked_mul(stride)?)?.checked_add(cols);
+        check(
+            src_stride >= cols && dst_stride >= cols && end(src_off, src_stride).is_some_and(|e| e <= src.len()) && end(dst_off, dst_stride).is_some_and(|e| e <= dst.len()),
+            || format!("copy_2d: {rows}x{cols} from {src_off} (stride {src_stride}) of {} into {dst_off} (stride {dst_stride}) of {}", src.len(), dst.len()),
+        )?;
+        let _g = self.lock()?;
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            return self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src.ptr() + src_off as u64 * 4, rows * cols * 4).map_err(dev);
+        }
+        let (sp, so, ss, dp, doff, ds, r, c) =
+            (src.ptr(), src_off as i64, src_stride as i64, dst.ptr(), dst_off as i64, dst_stride as i64, rows as i64, cols as i64);
+        unsafe {
+            self.gpu.launch("copy_2d", self.grid(rows * cols), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
+        }
+        .map_err(dev)
+    }
+
+    fn scale_rows(&self, x: &mut DevBuf<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &DevBuf<f32>) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let end = off.checked_add((rows - 1).saturating_mul(stride)).and_then(|e| e.checked_add(cols));
+        check(stride >= cols && s.len() >= rows && end.is_some_and(|e| e <= x.len()), || {
+            format!("scale_rows: {rows}x{cols} at {off} (stride {stride}) of {} with {} scales", x.len(), s.len())
+        })?;
+        let _g = self.lock()?;
+        let (xp, o, st, r, c, sp) = (x.ptr(), off as i64, stride as i64, rows as i64, cols as i64, s.ptr());
+        unsafe { self.gpu.launch("scale_rows", self.grid(rows * cols), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }
+            .map_err(dev)
+    }
+
+    fn addr(&self, buf: &DevBuf<f32>) -> u64 {
+        buf.ptr()
+    }
+
+    unsafe fn copy_from_addr(&self, src: u64, dst: &mut DevBuf<f32>, dst_off: usize, len: usize) -> Result<()> {
+        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
+        let _g = self.lock()?;
+        // Same context (in-process ranks share the device's primary context): a device copy on
+        // this rank's stream, complete before returning so the peer may reuse its buffer.
+        self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src, len * 4).map_err(dev)?;
+        self.gpu.sync().map_err(dev)
     }
 
     fn axpy(&self, a: f32, x: &DevBuf<f32>, y: &mut DevBuf<f32>) -> Result<()> {

@@ -193,6 +193,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Copy a (rows × cols) block into columns `dst.col..dst.col+cols` of a wider matrix,
     /// or back out of it (`to_wide == false`).
     fn copy_block(&self, narrow: &mut Self::Buf, wide: &mut Self::Buf, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()>;
+    /// Strided block copy: for `i < rows`,
+    /// `dst[dst_off + i·dst_stride ..][..cols] = src[src_off + i·src_stride ..][..cols]`
+    /// (a contiguous range is one row). The 2D step packs and unpacks its messages with it.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_2d(&self, src: &Self::Buf, src_off: usize, src_stride: usize, dst: &mut Self::Buf, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()>;
+    /// `x[off + i·stride + j] *= s[i]` for `i < rows`, `j < cols` (per-sample gradient scaling).
+    fn scale_rows(&self, x: &mut Self::Buf, off: usize, stride: usize, rows: usize, cols: usize, s: &Self::Buf) -> Result<()>;
+    /// Address of a buffer's first element in the memory every rank of this process shares
+    /// (host address, or device address in the one CUDA context): in-process transports
+    /// exchange these so a rank can copy straight out of a peer's buffer.
+    fn addr(&self, buf: &Self::Buf) -> u64;
+    /// Copy `len` floats from address `src` (a peer's buffer, see [`addr`](Self::addr)) into
+    /// `dst[dst_off..]`; the copy is complete when this returns.
+    ///
+    /// # Safety
+    /// `src..src + 4·len` must be a live buffer of this address space, unchanged during the call.
+    unsafe fn copy_from_addr(&self, src: u64, dst: &mut Self::Buf, dst_off: usize, len: usize) -> Result<()>;
     /// y += a · x
     fn axpy(&self, a: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     fn scale(&self, x: &mut Self::Buf, a: f32) -> Result<()>;

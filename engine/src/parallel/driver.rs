@@ -51,6 +51,11 @@ pub struct Report2D {
     pub imbalance: f64,
     /// Peak resident memory of this process (VmHWM; all in-process ranks together), bytes.
     pub peak_rss_bytes: u64,
+    /// Median wall-clock milliseconds of rank 0's steps after the first (warm-up) step.
+    pub step_ms_median: f64,
+    /// Rank 0's wall-clock milliseconds per step.
+    #[serde(skip)]
+    pub step_ms: Vec<f64>,
     pub losses: Vec<f64>,
 }
 
@@ -87,6 +92,23 @@ pub fn train_threads<B: Backend + Clone>(
     eval: &Batch,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
+    train_threads_with(&|_| Ok(be.clone()), cfg, grid, plan, opts, steps, feed, eval, trace)
+}
+
+/// `train_threads` with one backend per rank, made by `new_be(world_rank)` on the rank's own
+/// thread (several in-process ranks sharing one GPU each get their own stream and pool).
+#[allow(clippy::too_many_arguments)]
+pub fn train_threads_with<B: Backend>(
+    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    opts: &ParallelOptions,
+    steps: usize,
+    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
+    eval: &Batch,
+    trace: bool,
+) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let t = grid.world();
     if cfg.batch_size % t != 0 {
         return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
@@ -97,8 +119,11 @@ pub fn train_threads<B: Backend + Clone>(
         let handles: Vec<_> = comms
             .into_iter()
             .map(|world| {
-                let (be, plan, opts) = (be.clone(), plan.clone(), opts.clone());
-                s.spawn(move || run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace))
+                let (plan, opts) = (plan.clone(), opts.clone());
+                s.spawn(move || {
+                    let be = new_be(world.rank())?;
+                    run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace)
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
@@ -121,6 +146,8 @@ pub struct RankOutcome {
     pub imbalance: f64,
     /// Seconds of this rank's training steps (construction and evaluation excluded).
     pub train_s: f64,
+    /// Wall-clock milliseconds of each training step on this rank.
+    pub step_ms: Vec<f64>,
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
@@ -161,12 +188,16 @@ pub fn run_rank<B: Backend>(
         }
     }
     let mut losses = Vec::with_capacity(steps);
+    let mut step_ms = Vec::with_capacity(steps);
     let t0 = Instant::now();
     // Each step starts the next step's input all-to-all during its dense work.
     let mut batch = if first < steps { Some(feed(first, w)?) } else { None };
     for step in first..steps {
         let next = if step + 1 < steps { Some(feed(step + 1, w)?) } else { None };
+        let ts = Instant::now();
         losses.push(rank.train_step_prefetch(be, batch.as_ref().expect("a batch"), next.as_ref())?);
+        be.synchronize()?;
+        step_ms.push(ts.elapsed().as_secs_f64() * 1e3);
         batch = next;
         if let Some(ck) = ckpt.as_ref().filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
             let r = grid.sample_range(w, cfg.batch_size);
@@ -197,7 +228,7 @@ pub fn run_rank<B: Backend>(
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms.coords();
     let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s })
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms })
 }
 
 /// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
@@ -247,6 +278,12 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         },
         imbalance: o.imbalance,
         peak_rss_bytes: peak_rss(),
+        step_ms_median: {
+            let mut t: Vec<f64> = o.step_ms.iter().skip(1.min(o.step_ms.len().saturating_sub(1))).copied().collect();
+            t.sort_by(f64::total_cmp);
+            t.get(t.len() / 2).copied().unwrap_or(0.0)
+        },
+        step_ms: o.step_ms.clone(),
         losses,
     }
 }

@@ -19,8 +19,9 @@
 pub mod driver;
 pub mod route;
 pub mod sync;
+pub mod xfer;
 
-use crate::backend::{Backend, Bags, DenseUpdate, EmbKind, EmbUpdate, Shard, ShardSpec};
+use crate::backend::{Backend, Bags, DenseUpdate, EmbKind, EmbUpdate, Layout, Shard, ShardSpec};
 use crate::config::{ModelConfig, Pooling, TrainConfig, WeightDecay};
 use crate::data::Batch;
 use crate::dense::DenseNet;
@@ -33,6 +34,7 @@ use route::{decode_input, encode_input, slots_of, LocalSlot, Touched};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 pub use sync::SyncMode;
+pub use xfer::{Xfer, XferKind};
 
 /// Options of 2D training.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +50,9 @@ pub struct ParallelOptions {
     /// is not averaged and K does not apply.
     #[serde(default)]
     pub fully_sharded: bool,
+    /// How the step's buffers travel between ranks (see `xfer`).
+    #[serde(default)]
+    pub xfer: XferKind,
     /// Periodic checkpoints and resume (not part of a saved config).
     #[serde(skip)]
     pub checkpoint: Option<CheckpointOptions>,
@@ -66,7 +71,7 @@ pub struct CheckpointOptions {
 
 impl Default for ParallelOptions {
     fn default() -> Self {
-        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, checkpoint: None }
+        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, xfer: XferKind::Auto, checkpoint: None }
     }
 }
 
@@ -129,6 +134,13 @@ struct Forward<B: Backend> {
     dense_x: B::Buf,
 }
 
+/// The dense-gradient all-reduce of a step: in flight on the host transport, or (peer-to-peer
+/// buffers) the flat gradient to reduce when the step needs it.
+enum DenseReduce<B: Backend> {
+    Host(ember_transport::Request<Vec<f32>>),
+    Peers(B::Buf),
+}
+
 /// One rank of a 2D grid.
 pub struct Rank2D<B: Backend> {
     pub comms: GridComms,
@@ -143,6 +155,8 @@ pub struct Rank2D<B: Backend> {
     pub dense_upd: DenseUpdate,
     pub global_batch: usize,
     pub opts: ParallelOptions,
+    /// The resolved buffer transport of the sharding-group and world collectives.
+    pub xfer: Xfer,
     pub steps_done: usize,
     pub times: StageTimes,
     pub bytes: ByteCounts,
@@ -197,7 +211,9 @@ impl<B: Backend> Rank2D<B> {
         let touched = slots.iter().map(|s| Touched::new((s.rows.end - s.rows.start) as usize)).collect();
         let peer_slots = (0..plan.n).map(|p| slots_of(&plan, p)).collect();
         let row_tables = plan.tables.iter().filter(|t| t.kind.splits_rows()).map(|t| t.table).collect();
+        let xfer = Xfer::resolve(opts.xfer, be, &comms.world)?;
         Ok(Rank2D {
+            xfer,
             dense: DenseNet::new(be, &cfg.model, cfg.seed)?,
             model: cfg.model.clone(),
             comms,
@@ -270,83 +286,71 @@ impl<B: Backend> Rank2D<B> {
         for (s, bg_) in self.shards.iter().zip(&bags) {
             let cols = s.spec.num_cols();
             let mut out = be.zeros(bg * cols)?;
-            be.embedding_forward(s, bg_, &mut out, crate::backend::Layout { stride: cols, col: 0 }, false)?;
-            outs.push(be.download(&out)?);
+            be.embedding_forward(s, bg_, &mut out, Layout { stride: cols, col: 0 }, false)?;
+            outs.push(out);
         }
         if fully_sharded {
             self.fs_scatter(be)?;
         }
         self.times.lookup += self.stage("lookup", t0);
-        // 3. Output distribution.
+        // 3. Output distribution, straight into the dense network's input (b × (f+1)·d).
         let t0 = Instant::now();
-        let mut wide = vec![0.0f32; b * (f + 1) * d];
         let stride = (f + 1) * d;
+        let mut wide = be.zeros(b * stride)?;
         // a) table- and column-wise shards: all-to-all of each peer's b rows.
-        let mut send = Vec::new();
-        let mut scounts = Vec::with_capacity(n);
+        let per: usize = self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum();
+        let scounts = vec![per; n];
+        let mut send = be.zeros(per * n)?;
+        let mut pos = 0;
         for p in 0..n {
-            let start = send.len();
-            for (slot, out) in self.slots.iter().zip(&outs) {
-                if !slot.kind.splits_rows() {
-                    let cols = slot.cols.len();
-                    send.extend_from_slice(&out[p * b * cols..(p + 1) * b * cols]);
-                }
+            for (slot, out) in self.slots.iter().zip(&outs).filter(|(s, _)| !s.kind.splits_rows()) {
+                let len = b * slot.cols.len();
+                be.copy_2d(out, p * len, len, &mut send, pos, len, 1, len)?;
+                pos += len;
             }
-            scounts.push(send.len() - start);
         }
         let rcounts: Vec<usize> =
             self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
-        let mut recv = vec![0.0f32; rcounts.iter().sum()];
-        self.bytes.output_a2a += send.len() as u64 * 4;
-        self.comms.shard.all_to_all_v(&send, &scounts, &mut recv, &rcounts)?;
+        let mut recv = be.zeros(rcounts.iter().sum())?;
+        self.bytes.output_a2a += (per * n) as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &scounts, &mut recv, &rcounts)?;
         let mut pos = 0;
         for ps in &self.peer_slots {
             for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
                 let cols = s.cols.len();
-                for i in 0..b {
-                    let dst = i * stride + (s.table + 1) * d + s.cols.start;
-                    wide[dst..dst + cols].copy_from_slice(&recv[pos + i * cols..pos + (i + 1) * cols]);
-                }
+                be.copy_2d(&recv, pos, cols, &mut wide, (s.table + 1) * d + s.cols.start, stride, b, cols)?;
                 pos += b * cols;
             }
         }
         // b) row-split tables: reduce-scatter of partial sums, [peer][table][b × d].
         if !self.row_tables.is_empty() {
             let rt = self.row_tables.len();
-            let mut send = vec![0.0f32; n * rt * b * d];
-            for (slot, out) in self.slots.iter().zip(&outs) {
-                if slot.kind.splits_rows() {
-                    let k = self.row_tables.iter().position(|&t| t == slot.table).expect("row table listed");
-                    for p in 0..n {
-                        let dst = (p * rt + k) * b * d;
-                        send[dst..dst + b * d].copy_from_slice(&out[p * b * d..(p + 1) * b * d]);
-                    }
+            let mut send = be.zeros(n * rt * b * d)?;
+            for (slot, out) in self.slots.iter().zip(&outs).filter(|(s, _)| s.kind.splits_rows()) {
+                let k = self.row_tables.iter().position(|&t| t == slot.table).expect("row table listed");
+                for p in 0..n {
+                    be.copy_2d(out, p * b * d, b * d, &mut send, (p * rt + k) * b * d, b * d, 1, b * d)?;
                 }
             }
-            let mut mine = vec![0.0f32; rt * b * d];
-            self.bytes.output_reduce_scatter += send.len() as u64 * 4;
-            self.comms.shard.reduce_scatter(&send, &mut mine, ReduceOp::Sum)?;
+            let mut mine = be.zeros(rt * b * d)?;
+            self.bytes.output_reduce_scatter += (n * rt * b * d) as u64 * 4;
+            self.xfer.reduce_scatter_sum(be, &self.comms.shard, &send, &mut mine)?;
             for (k, &t) in self.row_tables.iter().enumerate() {
-                for i in 0..b {
-                    let dst = i * stride + (t + 1) * d;
-                    wide[dst..dst + d].copy_from_slice(&mine[(k * b + i) * d..(k * b + i + 1) * d]);
-                }
+                be.copy_2d(&mine, k * b * d, d, &mut wide, (t + 1) * d, stride, b, d)?;
             }
         }
         // Mean pooling, by the owner of the sample (it knows the whole bag's length).
         for (t, tc) in self.model.tables.iter().enumerate() {
             if tc.pooling == Pooling::Mean {
-                for (i, &l) in batch.sparse[t].lengths.iter().enumerate() {
-                    let s = if l == 0 { 0.0 } else { 1.0 / l as f32 };
-                    wide[i * stride + (t + 1) * d..i * stride + (t + 2) * d].iter_mut().for_each(|x| *x *= s);
-                }
+                let s: Vec<f32> = batch.sparse[t].lengths.iter().map(|&l| if l == 0 { 0.0 } else { 1.0 / l as f32 }).collect();
+                be.scale_rows(&mut wide, (t + 1) * d, stride, b, d, &be.upload(&s)?)?;
             }
         }
         self.times.output_dist += self.stage("output_dist", t0);
         // 4a. Dense forward.
         let t0 = Instant::now();
         self.dense.ensure_batch(be, b)?;
-        *self.dense.wide_mut() = be.upload(&wide)?;
+        *self.dense.wide_mut() = wide;
         let dense_x = be.upload(&batch.dense)?;
         self.dense.forward_bottom(be, &dense_x)?;
         self.dense.forward_top(be)?;
@@ -380,75 +384,74 @@ impl<B: Backend> Rank2D<B> {
         // 4b. Dense backward; dense gradients summed over all T ranks, started now.
         let t0 = Instant::now();
         let loss = self.dense.backward(be, &fwd.dense_x, &batch.labels, 1.0 / self.global_batch as f32)?;
-        let mut grads = Vec::new();
+        let total: usize = self.dense.params_mut().iter().map(|p| be.len(&p.g)).sum();
+        let mut grads = be.zeros(total)?;
+        let mut pos = 0;
         for p in self.dense.params_mut() {
-            grads.extend(be.download(&p.g)?);
+            let len = be.len(&p.g);
+            be.copy_2d(&p.g, 0, len, &mut grads, pos, len, 1, len)?;
+            pos += len;
         }
-        self.bytes.dense_all_reduce += grads.len() as u64 * 4;
-        let dense_req = self.comms.world.start_all_reduce(grads, ReduceOp::Sum);
+        self.bytes.dense_all_reduce += total as u64 * 4;
+        let dense_req = match self.xfer {
+            Xfer::Host { .. } => DenseReduce::<B>::Host(self.comms.world.start_all_reduce(be.download(&grads)?, ReduceOp::Sum)),
+            Xfer::Peers => DenseReduce::Peers(grads),
+        };
         let ar_start = Instant::now();
-        let dwide = be.download(self.dense.dwide())?;
         self.times.dense += self.stage("dense", t0);
         // 5. Embedding backward: pooled gradients back to the shards, fused update.
         let t0 = Instant::now();
         // Per-table gradient blocks (b × d): × M (the group applies M/B · Σ), × 1/len for mean.
-        let scaled: Vec<Vec<f32>> = (0..f)
-            .map(|t| {
-                let mean = self.model.tables[t].pooling == Pooling::Mean;
-                let mut g = Vec::with_capacity(b * d);
-                for (i, &l) in batch.sparse[t].lengths.iter().enumerate() {
-                    let s = m as f32 * if mean { if l == 0 { 0.0 } else { 1.0 / l as f32 } } else { 1.0 };
-                    g.extend(dwide[i * stride + (t + 1) * d..i * stride + (t + 2) * d].iter().map(|x| x * s));
-                }
-                g
-            })
-            .collect();
-        let mut gmats: Vec<Vec<f32>> = self.slots.iter().map(|s| vec![0.0f32; n * b * s.cols.len()]).collect();
-        // a) table- and column-wise shards: the reverse all-to-all.
-        let mut send = Vec::new();
-        let mut scounts = Vec::with_capacity(n);
-        for ps in &self.peer_slots {
-            let start = send.len();
-            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
-                for row in scaled[s.table].chunks(d) {
-                    send.extend_from_slice(&row[s.cols.clone()]);
-                }
-            }
-            scounts.push(send.len() - start);
+        let dwide = self.dense.dwide();
+        let mut scaled = Vec::with_capacity(f);
+        for t in 0..f {
+            let mean = self.model.tables[t].pooling == Pooling::Mean;
+            let s: Vec<f32> =
+                batch.sparse[t].lengths.iter().map(|&l| m as f32 * if mean { if l == 0 { 0.0 } else { 1.0 / l as f32 } } else { 1.0 }).collect();
+            let mut g = be.zeros(b * d)?;
+            be.copy_2d(dwide, (t + 1) * d, stride, &mut g, 0, d, b, d)?;
+            be.scale_rows(&mut g, 0, d, b, d, &be.upload(&s)?)?;
+            scaled.push(g);
         }
-        let rcounts: Vec<usize> = (0..n)
-            .map(|_| self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum())
-            .collect();
-        let mut recv = vec![0.0f32; rcounts.iter().sum()];
-        self.bytes.grad_a2a += send.len() as u64 * 4;
-        self.comms.shard.all_to_all_v(&send, &scounts, &mut recv, &rcounts)?;
+        let mut gmats: Vec<B::Buf> = self.slots.iter().map(|s| be.zeros(n * b * s.cols.len())).collect::<Result<_>>()?;
+        // a) table- and column-wise shards: the reverse all-to-all.
+        let scounts: Vec<usize> =
+            self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
+        let mut send = be.zeros(scounts.iter().sum())?;
+        let mut pos = 0;
+        for ps in &self.peer_slots {
+            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
+                let cols = s.cols.len();
+                be.copy_2d(&scaled[s.table], s.cols.start, d, &mut send, pos, cols, b, cols)?;
+                pos += b * cols;
+            }
+        }
+        let per: usize = self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum();
+        let mut recv = be.zeros(per * n)?;
+        self.bytes.grad_a2a += pos as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &scounts, &mut recv, &vec![per; n])?;
         let mut pos = 0;
         for p in 0..n {
-            for (s, g) in self.slots.iter().zip(gmats.iter_mut()) {
-                if !s.kind.splits_rows() {
-                    let len = b * s.cols.len();
-                    g[p * len..(p + 1) * len].copy_from_slice(&recv[pos..pos + len]);
-                    pos += len;
-                }
+            for (s, g) in self.slots.iter().zip(gmats.iter_mut()).filter(|(s, _)| !s.kind.splits_rows()) {
+                let len = b * s.cols.len();
+                be.copy_2d(&recv, pos, len, g, p * len, len, 1, len)?;
+                pos += len;
             }
         }
         // b) row-split tables: all-gather of every rank's [table][b × d] blocks.
         if !self.row_tables.is_empty() {
             let rt = self.row_tables.len();
-            let mut mine = Vec::with_capacity(rt * b * d);
-            for &t in &self.row_tables {
-                mine.extend_from_slice(&scaled[t]);
+            let mut mine = be.zeros(rt * b * d)?;
+            for (k, &t) in self.row_tables.iter().enumerate() {
+                be.copy_2d(&scaled[t], 0, b * d, &mut mine, k * b * d, b * d, 1, b * d)?;
             }
-            let mut all = vec![0.0f32; n * rt * b * d];
-            self.bytes.grad_all_gather += mine.len() as u64 * 4;
-            self.comms.shard.all_gather(&mine, &mut all)?;
-            for (s, g) in self.slots.iter().zip(gmats.iter_mut()) {
-                if s.kind.splits_rows() {
-                    let k = self.row_tables.iter().position(|&t| t == s.table).expect("row table listed");
-                    for p in 0..n {
-                        let src = (p * rt + k) * b * d;
-                        g[p * b * d..(p + 1) * b * d].copy_from_slice(&all[src..src + b * d]);
-                    }
+            let mut all = be.zeros(n * rt * b * d)?;
+            self.bytes.grad_all_gather += (rt * b * d) as u64 * 4;
+            self.xfer.all_gather(be, &self.comms.shard, &mine, &mut all)?;
+            for (s, g) in self.slots.iter().zip(gmats.iter_mut()).filter(|(s, _)| s.kind.splits_rows()) {
+                let k = self.row_tables.iter().position(|&t| t == s.table).expect("row table listed");
+                for p in 0..n {
+                    be.copy_2d(&all, (p * rt + k) * b * d, b * d, g, p * b * d, b * d, 1, b * d)?;
                 }
             }
         }
@@ -464,12 +467,18 @@ impl<B: Backend> Rank2D<B> {
         }
         // 7. Dense optimizer step.
         let t0 = Instant::now();
-        let summed = dense_req.wait()?;
+        let summed = match dense_req {
+            DenseReduce::Host(r) => be.upload(&r.wait()?)?,
+            DenseReduce::Peers(mut g) => {
+                self.xfer.all_reduce_sum(be, &self.comms.world, &mut g)?;
+                g
+            }
+        };
         self.stage("dense_all_reduce (overlapped)", ar_start);
         let mut pos = 0;
         for p in self.dense.params_mut() {
             let len = be.len(&p.g);
-            p.g = be.upload(&summed[pos..pos + len])?;
+            be.copy_2d(&summed, pos, len, &mut p.g, 0, len, 1, len)?;
             pos += len;
         }
         self.dense.update(be, &self.dense_upd)?;
@@ -485,13 +494,12 @@ impl<B: Backend> Rank2D<B> {
 
     /// The fused update on every local shard; column-wise shards with row-wise AdaGrad first
     /// combine their partial Σg² so the whole row's accumulator is used.
-    fn apply_embedding_grads(&mut self, be: &B, fwd: &Forward<B>, gmats: Vec<Vec<f32>>) -> Result<()> {
+    fn apply_embedding_grads(&mut self, be: &B, fwd: &Forward<B>, gmats: Vec<B::Buf>) -> Result<()> {
         let combine = self.emb_upd.kind == EmbKind::RowWiseAdagrad && self.plan.tables.iter().any(|t| t.kind == ShardingType::ColumnWise);
         let mut partial = Vec::new();
-        for (i, g) in gmats.into_iter().enumerate() {
+        for (i, grad) in gmats.into_iter().enumerate() {
             let cols = self.slots[i].cols.len();
-            let grad = be.upload(&g)?;
-            let layout = crate::backend::Layout { stride: cols, col: 0 };
+            let layout = Layout { stride: cols, col: 0 };
             if combine && self.slots[i].kind == ShardingType::ColumnWise {
                 partial.push((i, be.embedding_row_grads(&self.shards[i], &fwd.bags[i], &grad, layout, &self.emb_upd)?));
             } else {

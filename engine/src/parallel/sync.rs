@@ -7,7 +7,7 @@
 //! rounded once), so every replica ends bitwise identical and within 1 ulp of the f64 mean,
 //! and identical values stay identical.
 use super::route::Touched;
-use crate::backend::{Backend, Shard};
+use crate::backend::{Backend, Cpu, Shard};
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,37 @@ pub fn replica_sync_with<B: Backend>(
         touched.iter_mut().for_each(Touched::clear);
         return Ok(SyncBytes::default());
     }
+    if shards.iter_mut().all(|s| be.host_mut(&mut s.weights).is_some()) {
+        return replica_sync_host(be, comm, shards, touched, mode, delayed);
+    }
+    // Device-resident shards: staged through host copies.
+    staged(be, shards, |cpu, hs| replica_sync_host(cpu, comm, hs, touched, mode, delayed))
+}
+
+/// Run `f` on host copies of device-resident shards (downloaded, then uploaded back): the
+/// staging path of replica sync for backends that keep shards on a device.
+fn staged<B: Backend, R>(be: &B, shards: &mut [Shard<B>], f: impl FnOnce(&Cpu, &mut [Shard<Cpu>]) -> Result<R>) -> Result<R> {
+    let mut hs = Vec::with_capacity(shards.len());
+    for s in shards.iter() {
+        hs.push(Shard { spec: s.spec.clone(), weights: be.download(&s.weights)?, state: be.download(&s.state)? });
+    }
+    let r = f(&Cpu::new(), &mut hs)?;
+    for (s, h) in shards.iter_mut().zip(hs) {
+        s.weights = be.upload(&h.weights)?;
+        s.state = be.upload(&h.state)?;
+    }
+    Ok(r)
+}
+
+/// `replica_sync_with` on host-resident shards.
+fn replica_sync_host<B: Backend>(
+    be: &B,
+    comm: &Comm,
+    shards: &mut [Shard<B>],
+    touched: &mut [Touched],
+    mode: SyncMode,
+    delayed: Option<&mut Option<PendingState>>,
+) -> Result<SyncBytes> {
     let mut stats = SyncBytes::default();
     let rows_of: Vec<Vec<u64>> = match mode {
         SyncMode::Full => shards.iter().map(|s| (0..s.spec.num_rows() as u64).collect()).collect(),
@@ -175,6 +206,14 @@ pub fn replica_sync_with<B: Backend>(
 
 /// Finish a delayed state average: v ← mean(v then) + (v now − v then), rows of that sync.
 pub fn apply_pending<B: Backend>(be: &B, shards: &mut [Shard<B>], p: PendingState) -> Result<()> {
+    if shards.iter_mut().all(|s| be.host_mut(&mut s.weights).is_some()) {
+        apply_pending_host(be, shards, p)
+    } else {
+        staged(be, shards, |cpu, hs| apply_pending_host(cpu, hs, p))
+    }
+}
+
+fn apply_pending_host<B: Backend>(be: &B, shards: &mut [Shard<B>], p: PendingState) -> Result<()> {
     let mean = p.mean.wait()?;
     let mut pos = 0;
     for (s, rows) in shards.iter_mut().zip(&p.rows) {

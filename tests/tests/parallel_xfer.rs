@@ -1,0 +1,86 @@
+//! The 2D step's buffer transports (engine/src/parallel/xfer.rs) against each other on the CPU
+//! backend: through the host transport zero-copy, staged through host copies (the path device
+//! buffers take), and peer to peer (ranks copy out of each other's buffers, the path in-process
+//! ranks sharing a GPU take). Same grid, plan and data: the runs must agree bitwise, for every
+//! sharding type, mean pooling, row-wise AdaGrad with sync every 2 steps, and fully-sharded 2D.
+use ember_engine::backend::Cpu;
+use ember_engine::config::{preset, EmbOptimizer, Pooling, TrainConfig};
+use ember_engine::grid::{Grid, Placement};
+use ember_engine::parallel::driver::{train_in_process, RankState};
+use ember_engine::parallel::{ParallelOptions, Xfer, XferKind};
+use ember_engine::plan::ShardingType;
+use ember_tests::two_d::cycling_plan;
+
+fn config(batch: usize) -> TrainConfig {
+    let mut cfg = preset("tiny", Some(2000)).unwrap();
+    cfg.batch_size = batch;
+    cfg.optim.embedding = EmbOptimizer::RowWiseAdagrad { lr: 0.05, eps: 1e-8, c: None, eps_inside: false };
+    cfg.synthetic.eval_samples = 128;
+    // Mean pooling on every other table exercises the per-sample scaling on both sides.
+    for (t, tc) in cfg.model.tables.iter_mut().enumerate() {
+        if t % 2 == 1 {
+            tc.pooling = Pooling::Mean;
+        }
+    }
+    cfg
+}
+
+fn run(m: usize, n: usize, xfer: XferKind, fully_sharded: bool) -> (Vec<f64>, Vec<RankState>) {
+    let cfg = config(8 * m * n);
+    let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
+    let plan = cycling_plan(&cfg, n, &ShardingType::ALL);
+    let opts = ParallelOptions { sync_every: 2, xfer, fully_sharded, ..ParallelOptions::default() };
+    let (report, states, _) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 5, false).unwrap();
+    (report.losses, states)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn assert_same(what: &str, a: &(Vec<f64>, Vec<RankState>), b: &(Vec<f64>, Vec<RankState>)) {
+    assert_eq!(a.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{what}: losses {:?} vs {:?}", a.0, b.0);
+    for (x, y) in a.1.iter().zip(&b.1) {
+        for (i, ((sa, wa, va), (sb, wb, vb))) in x.shards.iter().zip(&y.shards).enumerate() {
+            assert_eq!(sa, sb);
+            assert!(bits(wa) == bits(wb), "{what}: rank {} shard {i} weights differ", x.world_rank);
+            assert!(bits(va) == bits(vb), "{what}: rank {} shard {i} optimizer state differs", x.world_rank);
+        }
+        for (i, (pa, pb)) in x.dense.iter().zip(&y.dense).enumerate() {
+            assert!(bits(pa) == bits(pb), "{what}: rank {} dense param {i} differs", x.world_rank);
+        }
+    }
+}
+
+#[test]
+fn host_staged_and_peer_transports_agree_bitwise() {
+    for (m, n) in [(1, 4), (2, 2), (4, 1), (2, 3)] {
+        let host = run(m, n, XferKind::Host, false);
+        assert!(host.0.iter().all(|l| l.is_finite()));
+        assert_same(&format!("{m}x{n} staged vs host"), &run(m, n, XferKind::Staged, false), &host);
+        assert_same(&format!("{m}x{n} peers vs host"), &run(m, n, XferKind::Peers, false), &host);
+    }
+}
+
+#[test]
+fn fully_sharded_2d_agrees_across_transports() {
+    let host = run(2, 2, XferKind::Host, true);
+    assert_same("fully-sharded peers vs host", &run(2, 2, XferKind::Peers, true), &host);
+    assert_same("fully-sharded staged vs host", &run(2, 2, XferKind::Staged, true), &host);
+}
+
+#[test]
+fn auto_resolution_and_refusals() {
+    let cpu = Cpu::new();
+    let local = ember_transport::local_world(1).pop().unwrap();
+    // Host buffers need no peer copies: Auto goes through the host transport, zero-copy.
+    assert_eq!(Xfer::resolve(XferKind::Auto, &cpu, &local).unwrap(), Xfer::Host { stage: false });
+    assert_eq!(Xfer::resolve(XferKind::Peers, &cpu, &local).unwrap(), Xfer::Peers);
+    // Peer copies need one address space: refused over a process transport.
+    let tcp = ember_transport::bootstrap::threads_world(2, ember_transport::Transport::Tcp, std::time::Duration::from_secs(5)).unwrap().pop().unwrap();
+    assert_eq!(tcp.transport(), "tcp");
+    let e = Xfer::resolve(XferKind::Peers, &cpu, &tcp).unwrap_err().to_string();
+    assert!(e.contains("in-process"), "{e}");
+    assert_eq!(Xfer::resolve(XferKind::Auto, &cpu, &tcp).unwrap(), Xfer::Host { stage: false });
+    assert!("bogus".parse::<XferKind>().is_err());
+}
