@@ -10,6 +10,9 @@ pub mod pool;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+/// The NCCL fallback: collectives on device buffers through libnccl (feature `nccl`).
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 #[cfg(feature = "cuda")]
 pub use cudarc;

@@ -1,12 +1,22 @@
 //! Joining a multi-process job: rank and size from the launcher's variables, the rendezvous
-//! point, the job token, and the choice of backend (shm on one host, TCP across hosts).
+//! point, the job token, and the choice of backend (`auto`: RDMA where every rank has a usable
+//! port and the binary has the `rdma` feature, else shm on one host, TCP across hosts).
 //!
 //! Rendezvous protocol: rank 0 listens; every other rank connects and sends its token, rank,
 //! size and a small description (host, pid, TCP address, shm inbox). A wrong token, rank or size
 //! is refused with a message. Once all have joined, rank 0 sends everyone the full table.
+//!
+//! RDMA (feature `rdma`) is set up over that shm/TCP communicator: each rank opens its port,
+//! creates one RC queue pair per peer and registers its receive slots; the ranks agree that every
+//! one of them succeeded (an all-gather of error texts), swap per-peer connection data
+//! ([`RdmaPeerInfo`]: QP number, PSN, LID, GID, MTU, slot address/rkey/geometry) with one
+//! all-to-all, connect their QPs (INIT -> RTR -> RTS), agree again, and run a first barrier over
+//! RDMA before the shm/TCP communicator is dropped. See docs/rdma.md.
 use crate::comm::{Comm, DEFAULT_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::fabric::Fabric;
+use crate::rdma::verbs::{MAX_RANKS, MAX_SLOTS};
+use crate::rdma::{RdmaConfig, RemoteSlots};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -17,14 +27,17 @@ use std::time::{Duration, Instant};
 /// Which backend a job uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
-    /// shm when every rank is on one host, else tcp (in-process when size is 1).
+    /// rdma when the binary has the `rdma` feature and every rank has a usable (active) port,
+    /// else shm when every rank is on one host, else tcp (in-process when size is 1).
     Auto,
     /// Ranks are threads of one process (`local_world`).
     Local,
     Shm,
     Tcp,
-    /// Not built yet (later issue): requesting them is a clear error.
+    /// RDMA verbs (cargo feature `rdma`; without it, requesting it is a clear error).
     Rdma,
+    /// NCCL on device buffers: `ember bench a2a|allreduce --transport nccl` (feature `nccl` of
+    /// ember-tools, ember_cuda::nccl); host communicators refuse it.
     Nccl,
 }
 
@@ -359,20 +372,61 @@ impl Comm {
         Comm::connect(&JoinConfig::from_env()?)
     }
 
-    /// Join a multi-process job: rendezvous, then build the chosen backend.
+    /// Join a multi-process job: rendezvous, then build the chosen backend (see [`Transport`]).
     pub fn connect(cfg: &JoinConfig) -> Result<Comm> {
         match cfg.transport {
-            Transport::Rdma => return Err(Error::NotBuilt("rdma".into())),
+            Transport::Rdma if !cfg!(feature = "rdma") => return Err(Error::NotBuilt("rdma".into())),
             Transport::Nccl => return Err(Error::NotBuilt("nccl".into())),
             Transport::Local if cfg.size > 1 => {
                 return Err(Error::Bootstrap("transport 'local' runs ranks as threads of one process: use local_world, or shm/tcp across processes".into()))
             }
             _ => {}
         }
+        if cfg.transport == Transport::Rdma {
+            // Fail before the rendezvous when this process has nothing to run RDMA on.
+            let port = rdma_port(cfg.local_rank).map_err(|why| Error::Bootstrap(format!("transport 'rdma': {why}")))?;
+            tracing::debug!(rank = cfg.rank, "rdma: will use {port}");
+        }
         if cfg.size == 1 {
+            if cfg.transport == Transport::Auto {
+                tracing::info!("transport auto: local (1 rank)");
+            }
             return Ok(crate::comm::local_world_with_timeout(1, cfg.timeout).pop().unwrap());
         }
+        let host = Self::connect_host(cfg)?;
+        match cfg.transport {
+            #[cfg(feature = "rdma")]
+            Transport::Rdma => match rdma_over(&host, cfg)? {
+                Ok(c) => Ok(c),
+                Err(why) => Err(Error::Bootstrap(format!("transport 'rdma': {why}"))),
+            },
+            Transport::Auto => {
+                #[cfg(feature = "rdma")]
+                {
+                    let here = rdma_port(cfg.local_rank).map(|_| ());
+                    let why = match agree(&host, here)? {
+                        Ok(()) => match rdma_over(&host, cfg)? {
+                            Ok(c) => return Ok(c),
+                            Err(why) => format!("RDMA setup failed ({why})"),
+                        },
+                        Err(why) => format!("no usable RDMA port on {why}"),
+                    };
+                    log_auto(cfg.rank, &format!("{} ({why})", describe_host(&host)));
+                }
+                #[cfg(not(feature = "rdma"))]
+                log_auto(cfg.rank, &format!("{} (RDMA: not built into this binary)", describe_host(&host)));
+                Ok(host)
+            }
+            _ => Ok(host),
+        }
+    }
+
+    /// The shm or TCP communicator (`Auto` and `Rdma`: shm on one host, else TCP).
+    fn connect_host(cfg: &JoinConfig) -> Result<Comm> {
         let mut cfg = cfg.clone();
+        if !matches!(cfg.transport, Transport::Shm | Transport::Tcp) {
+            cfg.transport = Transport::Auto;
+        }
         if cfg.token.is_empty() {
             if !matches!(cfg.rendezvous, Rendezvous::JobFile(_)) {
                 return Err(Error::Refused("EMBER_JOB_TOKEN is not set (ember launch sets it; export the same value to every rank)".into()));
@@ -430,6 +484,278 @@ impl Comm {
     }
 }
 
+fn describe_host(c: &Comm) -> String {
+    match c.transport() {
+        "shm" => format!("shm: all {} ranks on one host", c.size()),
+        t => format!("{t}: {} ranks across hosts", c.size()),
+    }
+}
+
+/// Log the choice `auto` made (rank 0 at info level, the others at debug level).
+fn log_auto(rank: usize, what: &str) {
+    if rank == 0 {
+        tracing::info!("transport auto: {what}");
+    } else {
+        tracing::debug!(rank, "transport auto: {what}");
+    }
+}
+
+// ------------------------------------------------------------------ RDMA
+
+/// Whether this process can run RDMA: `Ok(the port it would use)` or `Err(why not)` (not
+/// built, no device, no active port, bad `EMBER_IB_*` variable). Opens and closes the device.
+pub fn rdma_available() -> std::result::Result<String, String> {
+    rdma_port(0)
+}
+
+/// [`rdma_available`] for the process with this local rank (`EMBER_IB_DEVICE` may list one
+/// device per local rank).
+pub fn rdma_port(local_rank: usize) -> std::result::Result<String, String> {
+    #[cfg(feature = "rdma")]
+    {
+        let c = crate::rdma::ib::IbConfig::from_env(local_rank)?;
+        crate::rdma::ib::probe(&c).map(|p| p.to_string())
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = local_rank;
+        Err("not built into this binary (rebuild with --features rdma; see docs/rdma.md)".into())
+    }
+}
+
+/// Protocol geometry from `EMBER_RDMA_SLOTS` and `EMBER_RDMA_CHUNK` (bytes), else the defaults.
+/// Every rank must use the same values (checked when connecting).
+pub fn rdma_config_from_vars(get: impl Fn(&str) -> Option<String>) -> std::result::Result<RdmaConfig, String> {
+    let d = RdmaConfig::default();
+    let num = |k: &str, dflt: usize| -> std::result::Result<usize, String> {
+        match get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+            None => Ok(dflt),
+            Some(v) => v.parse().map_err(|_| format!("{k}={v:?} is not a number")),
+        }
+    };
+    let c = RdmaConfig { slots: num("EMBER_RDMA_SLOTS", d.slots)?, chunk: num("EMBER_RDMA_CHUNK", d.chunk)? };
+    if c.slots == 0 || c.slots > MAX_SLOTS || c.chunk == 0 || c.chunk > 1 << 30 {
+        return Err(format!("EMBER_RDMA_SLOTS={} (1..={MAX_SLOTS}), EMBER_RDMA_CHUNK={} (1..=2^30)", c.slots, c.chunk));
+    }
+    Ok(c)
+}
+
+/// What the peer of one reliable-connected queue pair needs to connect to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QpInfo {
+    /// Queue pair number (24 bits).
+    pub qpn: u32,
+    /// Initial packet sequence number (24 bits).
+    pub psn: u32,
+    /// Port LID (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// Port GID at the chosen GID index (RoCE, or InfiniBand with a GRH).
+    pub gid: [u8; 16],
+    /// Active MTU as the `ibv_mtu` enum (1 = 256 B ... 5 = 4096 B).
+    pub mtu: u8,
+}
+
+/// One rank's connection data for one peer, sent through the bootstrap: the QP that rank `src`
+/// created for `dst`, and the receive slots `src` reserved for messages from `dst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RdmaPeerInfo {
+    pub src: usize,
+    pub dst: usize,
+    pub qp: QpInfo,
+    pub slots: RemoteSlots,
+}
+
+/// Encoded size of one [`RdmaPeerInfo`].
+pub const RDMA_INFO_LEN: usize = 72;
+const RDMA_MAGIC: u32 = 0x4d52_4245; // "EBRM"
+const RDMA_VERSION: u16 = 1;
+
+fn fnv32(b: &[u8]) -> u32 {
+    b.iter().fold(0x811c_9dc5u32, |h, &x| (h ^ x as u32).wrapping_mul(0x0100_0193))
+}
+
+impl RdmaPeerInfo {
+    /// Fixed little-endian layout: magic, version, src, dst, lid, qpn, psn, mtu, gid, slot
+    /// address, rkey, slot count, slot size, checksum.
+    pub fn encode(&self) -> [u8; RDMA_INFO_LEN] {
+        let mut b = [0u8; RDMA_INFO_LEN];
+        b[0..4].copy_from_slice(&RDMA_MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&RDMA_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.src as u16).to_le_bytes());
+        b[8..10].copy_from_slice(&(self.dst as u16).to_le_bytes());
+        b[10..12].copy_from_slice(&self.qp.lid.to_le_bytes());
+        b[12..16].copy_from_slice(&self.qp.qpn.to_le_bytes());
+        b[16..20].copy_from_slice(&self.qp.psn.to_le_bytes());
+        b[20] = self.qp.mtu;
+        b[24..40].copy_from_slice(&self.qp.gid);
+        b[40..48].copy_from_slice(&self.slots.addr.to_le_bytes());
+        b[48..52].copy_from_slice(&self.slots.rkey.to_le_bytes());
+        b[52..56].copy_from_slice(&(self.slots.slots as u32).to_le_bytes());
+        b[56..64].copy_from_slice(&(self.slots.slot_size as u64).to_le_bytes());
+        let c = fnv32(&b[0..64]);
+        b[64..68].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    /// Bounds-checked decode: a truncated, corrupted or out-of-range entry is an error.
+    pub fn decode(b: &[u8]) -> std::result::Result<RdmaPeerInfo, String> {
+        if b.len() != RDMA_INFO_LEN {
+            return Err(format!("RDMA connection entry of {} bytes (expected {RDMA_INFO_LEN})", b.len()));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+        if u32_at(0) != RDMA_MAGIC {
+            return Err(format!("RDMA connection entry: bad magic {:#x}", u32_at(0)));
+        }
+        if u16_at(4) != RDMA_VERSION {
+            return Err(format!("RDMA connection entry version {} (this binary speaks {RDMA_VERSION})", u16_at(4)));
+        }
+        if u32_at(64) != fnv32(&b[0..64]) {
+            return Err("RDMA connection entry: checksum mismatch".into());
+        }
+        if b[21..24].iter().chain(&b[68..72]).any(|&x| x != 0) {
+            return Err("RDMA connection entry: reserved bytes set".into());
+        }
+        let (src, dst) = (u16_at(6) as usize, u16_at(8) as usize);
+        let (qpn, psn, mtu) = (u32_at(12), u32_at(16), b[20]);
+        let (slots, slot_size) = (u32_at(52) as usize, u64_at(56));
+        let addr = u64_at(40);
+        if src >= MAX_RANKS || dst >= MAX_RANKS {
+            return Err(format!("RDMA connection entry for ranks {src} -> {dst} (at most {MAX_RANKS} ranks)"));
+        }
+        if qpn >= 1 << 24 || psn >= 1 << 24 {
+            return Err(format!("RDMA connection entry: QPN {qpn:#x} / PSN {psn:#x} exceed 24 bits"));
+        }
+        if !(1..=5).contains(&mtu) {
+            return Err(format!("RDMA connection entry: MTU code {mtu} (1..=5)"));
+        }
+        if slots == 0 || slots > MAX_SLOTS || slot_size <= crate::rdma::proto::HDR as u64 || slot_size > (1 << 30) + crate::rdma::proto::HDR as u64 {
+            return Err(format!("RDMA connection entry: {slots} slots of {slot_size} bytes"));
+        }
+        if (slots as u64).checked_mul(slot_size).and_then(|l| addr.checked_add(l)).is_none() {
+            return Err(format!("RDMA connection entry: slot region at {addr:#x} wraps the address space"));
+        }
+        let mut gid = [0u8; 16];
+        gid.copy_from_slice(&b[24..40]);
+        Ok(RdmaPeerInfo {
+            src,
+            dst,
+            qp: QpInfo { qpn, psn, lid: u16_at(10), gid, mtu },
+            slots: RemoteSlots { addr, rkey: u32_at(48), slots, slot_size: slot_size as usize },
+        })
+    }
+}
+
+/// Decode what rank `me` of `n` received from every peer in the all-to-all of connection
+/// entries (`n * RDMA_INFO_LEN` bytes; entry `p` from rank `p`, its own entry ignored).
+pub fn decode_rdma_table(b: &[u8], me: usize, n: usize) -> Result<Vec<Option<RdmaPeerInfo>>> {
+    const OP: &str = "rdma connect";
+    if n.checked_mul(RDMA_INFO_LEN) != Some(b.len()) || me >= n {
+        return Err(Error::usage(OP, format!("{} bytes of connection data for rank {me} of {n}", b.len())));
+    }
+    (0..n)
+        .map(|p| {
+            if p == me {
+                return Ok(None);
+            }
+            let e = RdmaPeerInfo::decode(&b[p * RDMA_INFO_LEN..(p + 1) * RDMA_INFO_LEN]).map_err(|detail| Error::Protocol { op: OP, peer: p, detail })?;
+            if e.src != p || e.dst != me {
+                return Err(Error::Protocol { op: OP, peer: p, detail: format!("entry for {} -> {} where {p} -> {me} was expected", e.src, e.dst) });
+            }
+            Ok(Some(e))
+        })
+        .collect()
+}
+
+/// Every rank reports whether its step succeeded; the answer is the same on every rank:
+/// `Ok(())`, or `Err("rank r: why")` naming the first rank that failed. (The outer error: the
+/// shm/TCP communicator itself failed.)
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+fn agree(host: &Comm, mine: std::result::Result<(), String>) -> Result<std::result::Result<(), String>> {
+    let text = match &mine {
+        Ok(()) => Vec::new(),
+        Err(e) => {
+            let mut b = if e.is_empty() { b"failed".to_vec() } else { e.as_bytes().to_vec() };
+            b.truncate(1000);
+            b
+        }
+    };
+    let (all, counts) = host.all_gather_alloc(&text)?;
+    let mut fails = Vec::new();
+    let mut off = 0;
+    for (r, &c) in counts.iter().enumerate() {
+        if c > 0 {
+            fails.push(format!("rank {r}: {}", String::from_utf8_lossy(&all[off..off + c])));
+        }
+        off += c;
+    }
+    Ok(match fails.len() {
+        0 => Ok(()),
+        1 => Err(fails.remove(0)),
+        k => Err(format!("{} (and {} more rank(s))", fails[0], k - 1)),
+    })
+}
+
+/// Build the RDMA communicator over the shm/TCP one (`Err(why)`: the same on every rank, nothing
+/// left half-connected; the outer error: the shm/TCP communicator failed).
+#[cfg(feature = "rdma")]
+fn rdma_over(host: &Comm, cfg: &JoinConfig) -> Result<std::result::Result<Comm, String>> {
+    use crate::rdma::ib::{IbConfig, IbVerbs, Queues};
+    use crate::rdma::RdmaFabric;
+    let (me, n) = (host.rank(), host.size());
+    let setup = (|| -> std::result::Result<(RdmaFabric<IbVerbs>, RdmaConfig), String> {
+        let rcfg = rdma_config_from_vars(|k| std::env::var(k).ok())?;
+        if n > MAX_RANKS {
+            return Err(format!("{n} ranks: the RDMA protocol supports at most {MAX_RANKS}"));
+        }
+        let ib = IbConfig::from_env(cfg.local_rank)?;
+        let v = IbVerbs::open(me, n, &ib, Queues::for_slots(rcfg.slots))?;
+        Ok((RdmaFabric::new(v, rcfg, "rdma").map_err(|e| e.to_string())?, rcfg))
+    })();
+    if let Err(why) = agree(host, setup.as_ref().map(|_| ()).map_err(|e| e.clone()))? {
+        return Ok(Err(why));
+    }
+    let (fab, rcfg) = setup.expect("checked by agree");
+    let mut send = vec![0u8; n * RDMA_INFO_LEN];
+    for p in (0..n).filter(|&p| p != me) {
+        let qp = fab.verbs().local_info(p).expect("one QP per peer");
+        let e = RdmaPeerInfo { src: me, dst: p, qp, slots: fab.slots_for(p) };
+        send[p * RDMA_INFO_LEN..(p + 1) * RDMA_INFO_LEN].copy_from_slice(&e.encode());
+    }
+    let mut recv = vec![0u8; n * RDMA_INFO_LEN];
+    host.all_to_all(&send, &mut recv)?;
+    let connected = (|| -> std::result::Result<(), String> {
+        let table = decode_rdma_table(&recv, me, n).map_err(|e| e.to_string())?;
+        let mut remote = vec![None; n];
+        for (p, e) in table.iter().enumerate() {
+            if let Some(e) = e {
+                fab.verbs().connect_peer(p, &e.qp)?;
+                remote[p] = Some(e.slots);
+            }
+        }
+        fab.connect(&remote).map_err(|e| e.to_string())
+    })();
+    // Every QP of every rank is ready to receive before anyone writes.
+    if let Err(why) = agree(host, connected)? {
+        return Ok(Err(why));
+    }
+    let port = fab.verbs().port().to_string();
+    let ro = if fab.verbs().relaxed_ordering() { "relaxed-ordering MRs" } else { "MRs without relaxed ordering (library refused the flag)" };
+    let comm = Comm::from_fabric(Arc::new(fab), cfg.timeout);
+    let first = comm.barrier().map_err(|e| format!("first barrier over RDMA failed: {e}"));
+    if let Err(why) = agree(host, first)? {
+        return Ok(Err(why));
+    }
+    let what = format!("rdma on {port}, {n} ranks, {} slots x {} B per peer, {ro}", rcfg.slots, rcfg.chunk);
+    if me == 0 {
+        tracing::info!("transport: {what}");
+    } else {
+        tracing::debug!(rank = me, "transport: {what}");
+    }
+    Ok(Ok(comm))
+}
+
 /// A random job token (for launchers and tests): 128 bits from the OS.
 pub fn new_token() -> String {
     let mut b = [0u8; 16];
@@ -446,7 +772,7 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr().map_err(|e| Error::Bootstrap(e.to_string()))?.port())
 }
 
-/// `n` ranks of a shm or tcp world as threads of this process, joined through a real
+/// `n` ranks of a shm, tcp or rdma world as threads of this process, joined through a real
 /// rendezvous on loopback (tests and in-process benchmarks of the multi-process backends).
 pub fn threads_world(n: usize, transport: Transport, timeout: Duration) -> Result<Vec<Comm>> {
     if transport == Transport::Local {

@@ -22,7 +22,7 @@ pub enum Error {
     Bootstrap(String),
     #[error("bootstrap: refused by the rendezvous: {0}")]
     Refused(String),
-    #[error("transport '{0}' is not built into this binary (RDMA/NCCL come with a later issue); use auto, local, shm or tcp")]
+    #[error("transport '{0}' is not built into this binary: rebuild with `--features {0}` (docs/rdma.md, docs/cuda.md), or use auto, local, shm or tcp")]
     NotBuilt(String),
 }
 

@@ -1,12 +1,16 @@
 //! RDMA transport (issue 6), protocol half: the all-to-all protocol written once against a small
 //! verbs-like interface ([`verbs::Verbs`]), and an adversarial in-process emulation of that
-//! interface ([`emu`]) on which it is tested. The `ibverbs` binding is a later, thin layer.
-//! See docs/transport.md, section "RDMA".
+//! interface ([`emu`]) on which it is tested. The libibverbs binding is [`ib`] (cargo feature
+//! `rdma`). See docs/transport.md, section "RDMA", and docs/rdma.md.
 pub mod emu;
+#[cfg(feature = "rdma")]
+pub mod ib;
 pub mod proto;
 pub mod verbs;
 
 pub use emu::{EmuConfig, EmuVerbs, Fault};
+#[cfg(feature = "rdma")]
+pub use ib::{IbConfig, IbVerbs, PortInfo};
 pub use proto::{RdmaConfig, RdmaFabric, RemoteSlots};
 
 use crate::comm::Comm;

@@ -1,0 +1,806 @@
+//! The real verbs binding (cargo feature `rdma`): [`IbVerbs`] implements [`Verbs`] on libibverbs.
+//!
+//! Three layers, like cudarc's sys / result / safe split:
+//! * `ibverbs_sys` (the raw bindgen layer of the `ibverbs` project). The fast-path functions of
+//!   `verbs.h` (`ibv_post_send`, `ibv_post_recv`, `ibv_poll_cq`) are `static inline` there, so
+//!   they are called as `verbs.h` does: through the device context's ops table.
+//! * [`sys`]: one thin unsafe wrapper per call, returning `Result<_, String>` with the errno text.
+//! * [`IbVerbs`]: owns the device context, one protection domain, a send and a receive
+//!   completion queue (two, so that a failed completion can be told apart: the opcode of an
+//!   error completion is undefined), and one reliable-connected queue pair per peer; implements
+//!   [`Verbs`].
+//!
+//! Nothing here panics on a missing device or a failing call: every failure is a `String`
+//! naming the call and the device, which the bootstrap turns into an [`crate::Error`].
+//!
+//! Receive side: an RDMA WRITE WITH IMMEDIATE consumes one posted receive on the target QP. Each
+//! QP starts with `rq_depth` zero-length receives and gets one back per receive completion (in
+//! `poll`). The protocol bounds what can be outstanding on one QP (`slots` data chunks plus at
+//! most `slots` credit returns plus one abort), so `rq_depth = 2 * slots + 16` never runs dry;
+//! if it ever did, the QP's RNR retry (set to "infinite") makes the writer wait, not fail.
+use super::verbs::{Mr, PostError, Sge, Verbs, Wc};
+use crate::bootstrap::QpInfo;
+use ibverbs_sys as ffi;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// `wr_id` of the synthetic failed `Wc::Send` that reports a failure seen on a QP's receive side
+/// (not a posted request: the protocol only uses it to fail that peer).
+pub const RECV_SIDE_FAILURE: u64 = u64::MAX;
+
+/// Which device, port and GID index to use, and the queue geometry.
+#[derive(Clone, Debug, Default)]
+pub struct IbConfig {
+    /// `EMBER_IB_DEVICE`: a device name (`mlx5_0`), or a comma-separated list of which this
+    /// process takes entry `local_rank % len` (one NIC per GPU). Default: the first device with
+    /// an active port.
+    pub device: Option<String>,
+    /// `EMBER_IB_PORT` (default: the first active port of the device, usually 1).
+    pub port: Option<u8>,
+    /// `EMBER_IB_GID_INDEX`: GID table index (RoCE; on InfiniBand only used with a GRH).
+    /// Default on RoCE: the first RoCE v2 entry holding an IPv4 address, else the first RoCE v2
+    /// entry, else 0.
+    pub gid_index: Option<u32>,
+    /// This process's rank on its host (selects from a device list).
+    pub local_rank: usize,
+}
+
+impl IbConfig {
+    /// From `EMBER_IB_DEVICE`, `EMBER_IB_PORT`, `EMBER_IB_GID_INDEX`.
+    pub fn from_env(local_rank: usize) -> Result<IbConfig, String> {
+        Self::from_vars(|k| std::env::var(k).ok(), local_rank)
+    }
+
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>, local_rank: usize) -> Result<IbConfig, String> {
+        let num = |k: &str| -> Result<Option<u32>, String> {
+            match get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                Some(v) => v.parse().map(Some).map_err(|_| format!("{k}={v:?} is not a number")),
+            }
+        };
+        let port = match num("EMBER_IB_PORT")? {
+            None => None,
+            Some(p) if (1..=255).contains(&p) => Some(p as u8),
+            Some(p) => return Err(format!("EMBER_IB_PORT={p}: ports are numbered 1..=255")),
+        };
+        let device = get("EMBER_IB_DEVICE").map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        Ok(IbConfig { device, port, gid_index: num("EMBER_IB_GID_INDEX")?, local_rank })
+    }
+
+    /// The device name this process asks for, if any.
+    pub fn wanted_device(&self) -> Option<String> {
+        let list: Vec<&str> = self.device.as_deref()?.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        (!list.is_empty()).then(|| list[self.local_rank % list.len()].to_string())
+    }
+}
+
+/// The port a process would use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    pub device: String,
+    pub port: u8,
+    /// RoCE (Ethernet link layer) rather than InfiniBand.
+    pub roce: bool,
+    pub lid: u16,
+    /// `ibv_mtu` enum value of the active MTU (1 = 256 B ... 5 = 4096 B).
+    pub mtu: u8,
+    pub gid_index: u32,
+    pub gid: [u8; 16],
+    /// Active width x speed, as the kernel reports it (e.g. "4X HDR"), when known.
+    pub rate: String,
+}
+
+impl std::fmt::Display for PortInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mtu = 128u32 << self.mtu.min(5);
+        if self.roce {
+            write!(f, "{} port {} (RoCE, GID index {} {}, MTU {mtu}", self.device, self.port, self.gid_index, fmt_gid(&self.gid))?;
+        } else {
+            write!(f, "{} port {} (InfiniBand, LID {}, MTU {mtu}", self.device, self.port, self.lid)?;
+        }
+        if !self.rate.is_empty() {
+            write!(f, ", {}", self.rate)?;
+        }
+        write!(f, ")")
+    }
+}
+
+fn fmt_gid(g: &[u8; 16]) -> String {
+    if g[..10].iter().all(|&b| b == 0) && g[10] == 0xff && g[11] == 0xff {
+        return format!("::ffff:{}.{}.{}.{}", g[12], g[13], g[14], g[15]);
+    }
+    g.chunks(2).map(|c| format!("{:x}", u16::from_be_bytes([c[0], c[1]]))).collect::<Vec<_>>().join(":")
+}
+
+/// The thin unsafe layer: one function per verbs call, errors as text.
+pub mod sys {
+    use super::ffi;
+    use std::ffi::CStr;
+
+    pub fn errno_text(rc: i32) -> String {
+        let e = if rc < 0 { -rc } else { rc };
+        format!("{} (errno {e})", std::io::Error::from_raw_os_error(e))
+    }
+
+    fn last_errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    /// The raw device list (freed with `free_devices`) and its (name, device) entries.
+    pub type DeviceList = (*mut *mut ffi::ibv_device, Vec<(String, *mut ffi::ibv_device)>);
+
+    /// The device list (name, device pointer). The list must be freed with `free_devices`.
+    ///
+    /// # Safety
+    /// Plain library call; the pointers are valid until `free_devices(list)`.
+    pub unsafe fn devices() -> Result<DeviceList, String> {
+        let mut num: i32 = 0;
+        let list = ffi::ibv_get_device_list(&mut num);
+        if list.is_null() {
+            let e = last_errno();
+            return Err(match e {
+                libc::ENOSYS => "no RDMA device: the kernel has no RDMA support (ibv_get_device_list: ENOSYS)".to_string(),
+                _ => format!("no RDMA device: ibv_get_device_list failed: {}", errno_text(e)),
+            });
+        }
+        let mut out = Vec::new();
+        for i in 0..num.max(0) as usize {
+            let d = *list.add(i);
+            if d.is_null() {
+                break;
+            }
+            let name = ffi::ibv_get_device_name(d);
+            let name = if name.is_null() { format!("device{i}") } else { CStr::from_ptr(name).to_string_lossy().into_owned() };
+            out.push((name, d));
+        }
+        Ok((list, out))
+    }
+
+    /// # Safety
+    /// `list` from `devices`, freed once.
+    pub unsafe fn free_devices(list: *mut *mut ffi::ibv_device) {
+        ffi::ibv_free_device_list(list);
+    }
+
+    /// # Safety
+    /// `d` from a live device list.
+    pub unsafe fn open(d: *mut ffi::ibv_device, name: &str) -> Result<*mut ffi::ibv_context, String> {
+        let c = ffi::ibv_open_device(d);
+        if c.is_null() {
+            return Err(format!("ibv_open_device({name}): {}", errno_text(last_errno())));
+        }
+        Ok(c)
+    }
+
+    /// # Safety
+    /// `ctx` open.
+    pub unsafe fn query_device(ctx: *mut ffi::ibv_context) -> Result<ffi::ibv_device_attr, String> {
+        let mut a: ffi::ibv_device_attr = std::mem::zeroed();
+        let rc = ffi::ibv_query_device(ctx, &mut a);
+        if rc != 0 {
+            return Err(format!("ibv_query_device: {}", errno_text(rc)));
+        }
+        Ok(a)
+    }
+
+    /// # Safety
+    /// `ctx` open.
+    pub unsafe fn query_port(ctx: *mut ffi::ibv_context, port: u8) -> Result<ffi::ibv_port_attr, String> {
+        // The exported symbol fills the compat layout, a prefix of `ibv_port_attr` (what verbs.h's
+        // inline wrapper falls back to as well).
+        let mut a: ffi::ibv_port_attr = std::mem::zeroed();
+        let rc = ffi::ibv_query_port(ctx, port, &mut a as *mut ffi::ibv_port_attr as *mut ffi::_compat_ibv_port_attr);
+        if rc != 0 {
+            return Err(format!("ibv_query_port(port {port}): {}", errno_text(rc)));
+        }
+        Ok(a)
+    }
+
+    /// # Safety
+    /// `ctx` open.
+    pub unsafe fn query_gid(ctx: *mut ffi::ibv_context, port: u8, index: u32) -> Result<[u8; 16], String> {
+        let mut g: ffi::ibv_gid = std::mem::zeroed();
+        let rc = ffi::ibv_query_gid(ctx, port, index as i32, &mut g);
+        if rc != 0 {
+            return Err(format!("ibv_query_gid(port {port}, index {index}): {}", errno_text(if rc == -1 { last_errno() } else { rc })));
+        }
+        Ok(g.raw)
+    }
+
+    /// # Safety
+    /// `ctx` open.
+    pub unsafe fn close(ctx: *mut ffi::ibv_context) {
+        if ffi::ibv_close_device(ctx) != 0 {
+            tracing::warn!("rdma: ibv_close_device failed");
+        }
+    }
+
+    /// `ibv_post_send` (inline in verbs.h: through the ops table).
+    ///
+    /// # Safety
+    /// `qp` live; `wr` well formed, its sges registered.
+    pub unsafe fn post_send(qp: *mut ffi::ibv_qp, wr: *mut ffi::ibv_send_wr) -> i32 {
+        let mut bad: *mut ffi::ibv_send_wr = std::ptr::null_mut();
+        let ctx = (*qp).context;
+        match (*ctx).ops.post_send {
+            Some(f) => f(qp, wr, &mut bad),
+            None => libc::ENOSYS,
+        }
+    }
+
+    /// `ibv_post_recv` (inline in verbs.h).
+    ///
+    /// # Safety
+    /// `qp` live; `wr` well formed.
+    pub unsafe fn post_recv(qp: *mut ffi::ibv_qp, wr: *mut ffi::ibv_recv_wr) -> i32 {
+        let mut bad: *mut ffi::ibv_recv_wr = std::ptr::null_mut();
+        let ctx = (*qp).context;
+        match (*ctx).ops.post_recv {
+            Some(f) => f(qp, wr, &mut bad),
+            None => libc::ENOSYS,
+        }
+    }
+
+    /// `ibv_poll_cq` (inline in verbs.h). Returns the number of completions, or < 0.
+    ///
+    /// # Safety
+    /// `cq` live; `wc` has room for `n`.
+    pub unsafe fn poll_cq(cq: *mut ffi::ibv_cq, n: i32, wc: *mut ffi::ibv_wc) -> i32 {
+        let ctx = (*cq).context;
+        match (*ctx).ops.poll_cq {
+            Some(f) => f(cq, n, wc),
+            None => -libc::ENOSYS,
+        }
+    }
+
+    pub fn wc_status_text(status: ffi::ibv_wc_status::Type) -> String {
+        // SAFETY: returns a static string for any value.
+        let s = unsafe { ffi::ibv_wc_status_str(status) };
+        if s.is_null() {
+            format!("status {status}")
+        } else {
+            // SAFETY: static NUL-terminated string.
+            unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// GID type from sysfs ("RoCE v2", "IB/RoCE v1"), if the kernel tells.
+fn gid_type(dev: &str, port: u8, index: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/class/infiniband/{dev}/ports/{port}/gid_attrs/types/{index}")).ok().map(|s| s.trim().to_string())
+}
+
+fn port_rate(dev: &str, port: u8) -> String {
+    std::fs::read_to_string(format!("/sys/class/infiniband/{dev}/ports/{port}/rate")).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Pick the GID index (RoCE default: first RoCE v2 entry with an IPv4-mapped address, else the
+/// first RoCE v2 entry, else 0; InfiniBand default 0).
+unsafe fn pick_gid(ctx: *mut ffi::ibv_context, dev: &str, port: u8, roce: bool, table_len: i32, want: Option<u32>) -> Result<(u32, [u8; 16]), String> {
+    if let Some(i) = want {
+        if table_len > 0 && i as i64 >= table_len as i64 {
+            return Err(format!("EMBER_IB_GID_INDEX={i}: {dev} port {port} has {table_len} GID entries"));
+        }
+        return Ok((i, sys::query_gid(ctx, port, i)?));
+    }
+    if roce {
+        let mut first_v2 = None;
+        for i in 0..table_len.clamp(0, 256) as u32 {
+            let Ok(g) = sys::query_gid(ctx, port, i) else { continue };
+            if g.iter().all(|&b| b == 0) {
+                continue;
+            }
+            if gid_type(dev, port, i).is_some_and(|t| t.contains("v2")) {
+                if g[..10].iter().all(|&b| b == 0) && g[10] == 0xff && g[11] == 0xff {
+                    return Ok((i, g));
+                }
+                first_v2.get_or_insert((i, g));
+            }
+        }
+        if let Some(x) = first_v2 {
+            return Ok(x);
+        }
+    }
+    Ok((0, sys::query_gid(ctx, port, 0).unwrap_or([0; 16])))
+}
+
+/// Open the device and port this process should use. Returns the context (caller closes it).
+fn open_port(cfg: &IbConfig) -> Result<(*mut ffi::ibv_context, PortInfo, ffi::ibv_device_attr), String> {
+    // SAFETY: plain library calls on pointers the library handed us; the list is freed on
+    // every path after the chosen device is opened (an open context outlives the list).
+    unsafe {
+        let (list, devs) = sys::devices()?;
+        let res = (|| {
+            if devs.is_empty() {
+                return Err("no RDMA device found (ibv_get_device_list returned none: no InfiniBand/RoCE adapter, or its driver/provider is not loaded)".to_string());
+            }
+            let want = cfg.wanted_device();
+            if let Some(w) = &want {
+                if !devs.iter().any(|(n, _)| n == w) {
+                    let names: Vec<&str> = devs.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(format!("EMBER_IB_DEVICE: no RDMA device named {w:?} (found: {})", names.join(", ")));
+                }
+            }
+            let mut why = Vec::new();
+            for (name, d) in &devs {
+                if want.as_ref().is_some_and(|w| w != name) {
+                    continue;
+                }
+                let ctx = match sys::open(*d, name) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        why.push(e);
+                        continue;
+                    }
+                };
+                let found = (|| -> Result<Option<(PortInfo, ffi::ibv_device_attr)>, String> {
+                    let da = sys::query_device(ctx)?;
+                    let ports: Vec<u8> = match cfg.port {
+                        Some(p) => vec![p],
+                        None => (1..=da.phys_port_cnt.max(1)).collect(),
+                    };
+                    for p in ports {
+                        let pa = match sys::query_port(ctx, p) {
+                            Ok(a) => a,
+                            Err(e) => {
+                                why.push(format!("{name}: {e}"));
+                                continue;
+                            }
+                        };
+                        if pa.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
+                            why.push(format!("{name} port {p} is not active (state {})", pa.state));
+                            continue;
+                        }
+                        let roce = pa.link_layer as u32 == ffi::IBV_LINK_LAYER_ETHERNET;
+                        let (gid_index, gid) = pick_gid(ctx, name, p, roce, pa.gid_tbl_len, cfg.gid_index)?;
+                        if roce && gid.iter().all(|&b| b == 0) {
+                            why.push(format!("{name} port {p} (RoCE) has no usable GID (set EMBER_IB_GID_INDEX)"));
+                            continue;
+                        }
+                        let info = PortInfo { device: name.clone(), port: p, roce, lid: pa.lid, mtu: pa.active_mtu as u8, gid_index, gid, rate: port_rate(name, p) };
+                        return Ok(Some((info, da)));
+                    }
+                    Ok(None)
+                })();
+                match found {
+                    Ok(Some((info, da))) => return Ok((ctx, info, da)),
+                    Ok(None) => sys::close(ctx),
+                    Err(e) => {
+                        sys::close(ctx);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(format!("no active RDMA port: {}", why.join("; ")))
+        })();
+        sys::free_devices(list);
+        res
+    }
+}
+
+/// The port this process would use, or why there is none. Opens and closes the device.
+pub fn probe(cfg: &IbConfig) -> Result<PortInfo, String> {
+    let (ctx, info, _) = open_port(cfg)?;
+    // SAFETY: opened above, not used after.
+    unsafe { sys::close(ctx) };
+    Ok(info)
+}
+
+/// Queue geometry of an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Queues {
+    /// Send work requests per QP (a full queue is back-pressure).
+    pub sq_depth: u32,
+    /// Zero-length receives kept posted per QP.
+    pub rq_depth: u32,
+}
+
+impl Queues {
+    /// What the protocol with `slots` receive slots per peer needs.
+    pub fn for_slots(slots: usize) -> Queues {
+        let d = (2 * slots + 16).min(1 << 14) as u32;
+        Queues { sq_depth: d, rq_depth: d }
+    }
+}
+
+struct Qp {
+    qp: *mut ffi::ibv_qp,
+    psn: u32,
+}
+
+/// One rank's verbs endpoint on a real device.
+pub struct IbVerbs {
+    rank: usize,
+    n: usize,
+    ctx: *mut ffi::ibv_context,
+    pd: *mut ffi::ibv_pd,
+    scq: *mut ffi::ibv_cq,
+    rcq: *mut ffi::ibv_cq,
+    qps: Vec<Option<Qp>>,
+    peer_of_qpn: HashMap<u32, usize>,
+    port: PortInfo,
+    max_sge: usize,
+    queues: Queues,
+    relaxed: std::sync::atomic::AtomicBool,
+    /// Registered regions by lkey.
+    mrs: Mutex<HashMap<u32, usize>>,
+    /// Completion scratch (and the poll lock).
+    wcs: Mutex<Vec<ffi::ibv_wc>>,
+}
+
+// SAFETY: libibverbs objects may be used from any thread (the library and providers lock
+// internally); the Rust-side state is behind mutexes.
+unsafe impl Send for IbVerbs {}
+unsafe impl Sync for IbVerbs {}
+
+fn random_psn(salt: u64) -> u32 {
+    let mut b = [0u8; 4];
+    use std::io::Read;
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        b = ((t ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) as u32).to_le_bytes();
+    }
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}
+
+impl IbVerbs {
+    /// Open the device, create the PD, CQs and one RC QP per peer (in INIT, receives posted).
+    /// Then exchange [`Self::local_info`] with every peer and call [`Self::connect_peer`].
+    pub fn open(rank: usize, n: usize, cfg: &IbConfig, q: Queues) -> Result<IbVerbs, String> {
+        if rank >= n {
+            return Err(format!("rank {rank} of {n}"));
+        }
+        let (ctx, port, da) = open_port(cfg)?;
+        let mut v = IbVerbs {
+            rank,
+            n,
+            ctx,
+            pd: std::ptr::null_mut(),
+            scq: std::ptr::null_mut(),
+            rcq: std::ptr::null_mut(),
+            qps: (0..n).map(|_| None).collect(),
+            peer_of_qpn: HashMap::new(),
+            port,
+            max_sge: (da.max_sge.max(1) as usize).min(2),
+            queues: Queues { sq_depth: q.sq_depth.clamp(1, da.max_qp_wr.max(1) as u32), rq_depth: q.rq_depth.clamp(1, da.max_qp_wr.max(1) as u32) },
+            relaxed: std::sync::atomic::AtomicBool::new(true),
+            mrs: Mutex::new(HashMap::new()),
+            wcs: Mutex::new(vec![ffi::ibv_wc::default(); 64]),
+        };
+        let dev = v.port.device.clone();
+        // SAFETY: every pointer is checked before use and owned by `v`, whose Drop releases
+        // whatever was created if a later step fails.
+        unsafe {
+            v.pd = ffi::ibv_alloc_pd(ctx);
+            if v.pd.is_null() {
+                return Err(format!("ibv_alloc_pd({dev}): {}", sys::errno_text(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))));
+            }
+            let peers = (n - 1).max(1) as i64;
+            let max_cqe = da.max_cqe.max(1) as i64;
+            let scq_n = (peers * v.queues.sq_depth as i64 + 16).min(max_cqe);
+            let rcq_n = (peers * v.queues.rq_depth as i64 + 16).min(max_cqe);
+            if scq_n < peers * v.queues.sq_depth as i64 || rcq_n < peers * v.queues.rq_depth as i64 {
+                // A CQ that can overflow is fatal on verbs: shrink the queues instead.
+                let per = ((max_cqe - 16) / peers).max(1) as u32;
+                v.queues.sq_depth = v.queues.sq_depth.min(per);
+                v.queues.rq_depth = v.queues.rq_depth.min(per);
+            }
+            for (cq, len, what) in [(&mut v.scq, scq_n, "send"), (&mut v.rcq, rcq_n, "receive")] {
+                *cq = ffi::ibv_create_cq(ctx, len as i32, std::ptr::null_mut(), std::ptr::null_mut(), 0);
+                if cq.is_null() {
+                    return Err(format!("ibv_create_cq({dev}, {what}, {len} entries): {}", sys::errno_text(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))));
+                }
+            }
+            for p in 0..n {
+                if p == rank {
+                    continue;
+                }
+                let mut ia: ffi::ibv_qp_init_attr = std::mem::zeroed();
+                ia.send_cq = v.scq;
+                ia.recv_cq = v.rcq;
+                ia.qp_type = ffi::ibv_qp_type::IBV_QPT_RC;
+                ia.sq_sig_all = 0;
+                ia.cap.max_send_wr = v.queues.sq_depth;
+                ia.cap.max_recv_wr = v.queues.rq_depth;
+                ia.cap.max_send_sge = v.max_sge as u32;
+                ia.cap.max_recv_sge = 1;
+                let qp = ffi::ibv_create_qp(v.pd, &mut ia);
+                if qp.is_null() {
+                    return Err(format!("ibv_create_qp({dev}, RC, for rank {p}): {}", sys::errno_text(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))));
+                }
+                v.qps[p] = Some(Qp { qp, psn: random_psn((rank * n + p) as u64) });
+                v.peer_of_qpn.insert((*qp).qp_num, p);
+                let mut a: ffi::ibv_qp_attr = std::mem::zeroed();
+                a.qp_state = ffi::ibv_qp_state::IBV_QPS_INIT;
+                a.pkey_index = 0;
+                a.port_num = v.port.port;
+                a.qp_access_flags = (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
+                let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE
+                    | ffi::ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+                    | ffi::ibv_qp_attr_mask::IBV_QP_PORT
+                    | ffi::ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+                let rc = ffi::ibv_modify_qp(qp, &mut a, mask.0 as i32);
+                if rc != 0 {
+                    return Err(format!("ibv_modify_qp({dev}, QP for rank {p} -> INIT): {}", sys::errno_text(rc)));
+                }
+                for _ in 0..v.queues.rq_depth {
+                    v.post_one_recv(p).map_err(|e| format!("{dev}: {e}"))?;
+                }
+            }
+        }
+        tracing::debug!(rank, "rdma: opened {} with {} QPs (send queue {}, receive queue {})", v.port, n - 1, v.queues.sq_depth, v.queues.rq_depth);
+        Ok(v)
+    }
+
+    /// The port in use.
+    pub fn port(&self) -> &PortInfo {
+        &self.port
+    }
+
+    pub fn queues(&self) -> Queues {
+        self.queues
+    }
+
+    /// Whether registrations still ask for relaxed ordering (false once the library refused
+    /// the flag; the library silently drops it on devices without it).
+    pub fn relaxed_ordering(&self) -> bool {
+        self.relaxed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What `peer` needs to connect its QP to ours.
+    pub fn local_info(&self, peer: usize) -> Option<QpInfo> {
+        let q = self.qps.get(peer)?.as_ref()?;
+        // SAFETY: the QP is live while self is.
+        let qpn = unsafe { (*q.qp).qp_num };
+        Some(QpInfo { qpn, psn: q.psn, lid: self.port.lid, gid: self.port.gid, mtu: self.port.mtu })
+    }
+
+    /// Move our QP for `peer` to RTR then RTS, connected to the peer's QP `remote`.
+    pub fn connect_peer(&self, peer: usize, remote: &QpInfo) -> Result<(), String> {
+        let q = self.qps.get(peer).and_then(|q| q.as_ref()).ok_or_else(|| format!("no QP for rank {peer}"))?;
+        let dev = &self.port.device;
+        // A GRH is needed on RoCE, and on InfiniBand across subnets (no LID) or when asked for.
+        let global = self.port.roce || remote.lid == 0 || self.port.lid == 0;
+        if global && remote.gid.iter().all(|&b| b == 0) {
+            return Err(format!("rank {peer} sent no GID, but this port ({}) needs one", self.port));
+        }
+        // SAFETY: the QP is live; the attrs are plain data.
+        unsafe {
+            let mut a: ffi::ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ffi::ibv_qp_state::IBV_QPS_RTR;
+            a.path_mtu = self.port.mtu.min(remote.mtu).max(1) as _;
+            a.dest_qp_num = remote.qpn;
+            a.rq_psn = remote.psn;
+            a.max_dest_rd_atomic = 1;
+            a.min_rnr_timer = 12; // 0.64 ms
+            a.ah_attr.dlid = remote.lid;
+            a.ah_attr.sl = 0;
+            a.ah_attr.src_path_bits = 0;
+            a.ah_attr.port_num = self.port.port;
+            if global {
+                a.ah_attr.is_global = 1;
+                a.ah_attr.grh.dgid.raw = remote.gid;
+                a.ah_attr.grh.sgid_index = self.port.gid_index as u8;
+                a.ah_attr.grh.hop_limit = 64;
+                a.ah_attr.grh.traffic_class = 0;
+                a.ah_attr.grh.flow_label = 0;
+            }
+            let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE
+                | ffi::ibv_qp_attr_mask::IBV_QP_AV
+                | ffi::ibv_qp_attr_mask::IBV_QP_PATH_MTU
+                | ffi::ibv_qp_attr_mask::IBV_QP_DEST_QPN
+                | ffi::ibv_qp_attr_mask::IBV_QP_RQ_PSN
+                | ffi::ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
+                | ffi::ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
+            let rc = ffi::ibv_modify_qp(q.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(format!("ibv_modify_qp({dev}, QP for rank {peer} -> RTR, remote QPN {:#x} LID {}): {}", remote.qpn, remote.lid, sys::errno_text(rc)));
+            }
+            let mut a: ffi::ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ffi::ibv_qp_state::IBV_QPS_RTS;
+            a.timeout = 14; // 4.096 us * 2^14 = 67 ms per try
+            a.retry_cnt = 7;
+            a.rnr_retry = 7; // infinite: a receive queue that ran dry only delays
+            a.sq_psn = q.psn;
+            a.max_rd_atomic = 1;
+            let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE
+                | ffi::ibv_qp_attr_mask::IBV_QP_TIMEOUT
+                | ffi::ibv_qp_attr_mask::IBV_QP_RETRY_CNT
+                | ffi::ibv_qp_attr_mask::IBV_QP_RNR_RETRY
+                | ffi::ibv_qp_attr_mask::IBV_QP_SQ_PSN
+                | ffi::ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
+            let rc = ffi::ibv_modify_qp(q.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(format!("ibv_modify_qp({dev}, QP for rank {peer} -> RTS): {}", sys::errno_text(rc)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Post one zero-length receive on the QP of `peer` (consumed by one incoming write-with-imm).
+    fn post_one_recv(&self, peer: usize) -> Result<(), String> {
+        let q = self.qps.get(peer).and_then(|q| q.as_ref()).ok_or_else(|| format!("no QP for rank {peer}"))?;
+        // SAFETY: zero-sge receive on a live QP.
+        unsafe {
+            let mut wr: ffi::ibv_recv_wr = std::mem::zeroed();
+            wr.wr_id = peer as u64;
+            wr.sg_list = std::ptr::null_mut();
+            wr.num_sge = 0;
+            let rc = sys::post_recv(q.qp, &mut wr);
+            if rc != 0 {
+                return Err(format!("ibv_post_recv (QP for rank {peer}): {}", sys::errno_text(rc)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for IbVerbs {
+    fn drop(&mut self) {
+        // SAFETY: every object was created by us and is destroyed once, children first.
+        unsafe {
+            for q in self.qps.iter_mut().filter_map(Option::take) {
+                let rc = ffi::ibv_destroy_qp(q.qp);
+                if rc != 0 {
+                    tracing::warn!("rdma: ibv_destroy_qp: {}", sys::errno_text(rc));
+                }
+            }
+            for (_, mr) in self.mrs.get_mut().map(std::mem::take).unwrap_or_default() {
+                ffi::ibv_dereg_mr(mr as *mut ffi::ibv_mr);
+            }
+            for cq in [self.scq, self.rcq] {
+                if !cq.is_null() {
+                    let rc = ffi::ibv_destroy_cq(cq);
+                    if rc != 0 {
+                        tracing::warn!("rdma: ibv_destroy_cq: {}", sys::errno_text(rc));
+                    }
+                }
+            }
+            if !self.pd.is_null() {
+                let rc = ffi::ibv_dealloc_pd(self.pd);
+                if rc != 0 {
+                    tracing::warn!("rdma: ibv_dealloc_pd: {}", sys::errno_text(rc));
+                }
+            }
+            sys::close(self.ctx);
+        }
+    }
+}
+
+impl Verbs for IbVerbs {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.n
+    }
+    fn max_sge(&self) -> usize {
+        self.max_sge
+    }
+
+    unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<Mr, String> {
+        use std::sync::atomic::Ordering;
+        let base = (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
+        let len = len.max(1); // a zero-length region cannot be registered; nothing reads the byte
+        let mut mr: *mut ffi::ibv_mr = std::ptr::null_mut();
+        if self.relaxed.load(Ordering::Relaxed) {
+            // Relaxed ordering is an "optional" access flag: the library drops it where the
+            // device lacks it; a library too old to know it fails the call, and we stop asking.
+            let ro = base | ffi::ibv_access_flags::IBV_ACCESS_RELAXED_ORDERING.0;
+            mr = ffi::ibv_reg_mr_iova2(self.pd, addr as *mut _, len, addr as u64, ro);
+            if mr.is_null() {
+                self.relaxed.store(false, Ordering::Relaxed);
+            }
+        }
+        if mr.is_null() {
+            mr = ffi::ibv_reg_mr(self.pd, addr as *mut _, len, base as i32);
+        }
+        if mr.is_null() {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            let hint = if e == libc::ENOMEM || e == libc::EPERM { " (locked-memory limit? raise `ulimit -l` to unlimited)" } else { "" };
+            return Err(format!("ibv_reg_mr({} bytes at {addr:p} on {}): {}{hint}", len, self.port.device, sys::errno_text(e)));
+        }
+        let (lkey, rkey) = ((*mr).lkey, (*mr).rkey);
+        self.mrs.lock().unwrap_or_else(|e| e.into_inner()).insert(lkey, mr as usize);
+        Ok(Mr { addr: addr as u64, len, lkey, rkey })
+    }
+
+    fn deregister(&self, mr: &Mr) {
+        let Some(p) = self.mrs.lock().unwrap_or_else(|e| e.into_inner()).remove(&mr.lkey) else { return };
+        // SAFETY: registered by us, removed from the table: deregistered once.
+        let rc = unsafe { ffi::ibv_dereg_mr(p as *mut ffi::ibv_mr) };
+        if rc != 0 {
+            tracing::warn!("rdma: ibv_dereg_mr: {}", sys::errno_text(rc));
+        }
+    }
+
+    unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError> {
+        let Some(q) = self.qps.get(peer).and_then(|q| q.as_ref()) else {
+            return Err(PostError::Fatal(format!("no queue pair to rank {peer}")));
+        };
+        if sges.len() > self.max_sge {
+            return Err(PostError::Fatal(format!("{} scatter/gather entries (device allows {})", sges.len(), self.max_sge)));
+        }
+        let mut sg = [ffi::ibv_sge { addr: 0, length: 0, lkey: 0 }; 2];
+        for (d, s) in sg.iter_mut().zip(sges) {
+            *d = ffi::ibv_sge { addr: s.addr, length: s.len, lkey: s.lkey };
+        }
+        let mut wr: ffi::ibv_send_wr = std::mem::zeroed();
+        wr.wr_id = wr_id;
+        wr.next = std::ptr::null_mut();
+        wr.sg_list = if sges.is_empty() { std::ptr::null_mut() } else { sg.as_mut_ptr() };
+        wr.num_sge = sges.len() as i32;
+        wr.opcode = ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.__bindgen_anon_1.imm_data = imm.to_be();
+        wr.wr.rdma.remote_addr = raddr;
+        wr.wr.rdma.rkey = rkey;
+        match sys::post_send(q.qp, &mut wr) {
+            0 => Ok(()),
+            rc if rc == libc::ENOMEM || rc == -libc::ENOMEM => Err(PostError::QueueFull),
+            rc => Err(PostError::Fatal(format!("ibv_post_send to rank {peer}: {}", sys::errno_text(rc)))),
+        }
+    }
+
+    fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize {
+        let mut wcs = self.wcs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut got = 0;
+        // Half the budget to arrivals first (they return credits and complete receives), the
+        // rest to send completions: neither queue starves the other.
+        for (i, (cq, send)) in [(self.rcq, false), (self.scq, true)].into_iter().enumerate() {
+            let budget = if i == 0 { max.div_ceil(2) } else { max.saturating_sub(got) };
+            let want = budget.min(wcs.len());
+            if want == 0 {
+                break;
+            }
+            // SAFETY: live CQ, buffer of at least `want` entries.
+            let k = unsafe { sys::poll_cq(cq, want as i32, wcs.as_mut_ptr()) };
+            if k < 0 {
+                // A CQ error breaks every QP on it: report it against every peer.
+                let why = format!("ibv_poll_cq ({} queue) on {}: {}", if send { "send" } else { "receive" }, self.port.device, sys::errno_text(k));
+                for p in (0..self.n).filter(|&p| p != self.rank) {
+                    out.push(Wc::Send { peer: p, wr_id: RECV_SIDE_FAILURE, status: Err(why.clone()) });
+                    got += 1;
+                }
+                return got;
+            }
+            for wc in &wcs[..k as usize] {
+                let peer = self.peer_of_qpn.get(&wc.qp_num).copied().unwrap_or(usize::MAX);
+                if send {
+                    let status = match wc.error() {
+                        None => Ok(()),
+                        Some((s, vendor)) => Err(format!("{} (vendor error {vendor:#x})", sys::wc_status_text(s))),
+                    };
+                    out.push(Wc::Send { peer, wr_id: wc.wr_id(), status });
+                    got += 1;
+                    continue;
+                }
+                if peer == usize::MAX {
+                    continue;
+                }
+                match (wc.error(), wc.imm_data()) {
+                    (None, Some(imm)) if wc.opcode() == ffi::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => {
+                        let refill = self.post_one_recv(peer);
+                        out.push(Wc::Recv { peer, imm: u32::from_be(imm), byte_len: wc.len() as u32 });
+                        got += 1;
+                        if let Err(e) = refill {
+                            out.push(Wc::Send { peer, wr_id: RECV_SIDE_FAILURE, status: Err(e) });
+                            got += 1;
+                        }
+                    }
+                    // Flushed receives: the QP went to error, which its send side reports too.
+                    (Some((s, _)), _) if s == ffi::ibv_wc_status::IBV_WC_WR_FLUSH_ERR => {}
+                    (Some((s, vendor)), _) => {
+                        out.push(Wc::Send { peer, wr_id: RECV_SIDE_FAILURE, status: Err(format!("receive completion: {} (vendor error {vendor:#x})", sys::wc_status_text(s))) });
+                        got += 1;
+                    }
+                    (None, _) => {
+                        out.push(Wc::Send { peer, wr_id: RECV_SIDE_FAILURE, status: Err(format!("unexpected receive completion (opcode {}, no immediate)", wc.opcode())) });
+                        got += 1;
+                    }
+                }
+            }
+        }
+        got
+    }
+}
