@@ -14,9 +14,16 @@ if [ "$mode" = host ]; then
     set -e
     cd "$here"
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
-    cargo build --release -p ember-tools --features cuda
+    cargo build --release -p ember-tools --features cuda,nccl
     mkdir -p .gpu
     cp "$CARGO_TARGET_DIR/release/ember" .gpu/ember
+    # The NCCL 1-rank smoke test (cuda/tests/nccl.rs), as a prebuilt test binary.
+    t=$(cargo test --release -p ember-cuda --features nccl --test nccl --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "nccl": print(m["executable"])' | tail -1)
+    cp "$t" .gpu/nccl-test
     strip .gpu/ember 2>/dev/null || true
     cp tools/torch_ref.py tools/gpu-check.sh .gpu/
     du -sh .gpu
@@ -57,6 +64,14 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 PY=/opt/torch/.venv/bin/python3
 [ -x "$PY" ] || PY=python3
 
+# NCCL: the wheel's libnccl.so.2, linked as the libnccl.so cudarc opens (docs/cuda.md).
+nccl=$(find / -xdev -name 'libnccl.so.2*' -not -path '/proc/*' 2>/dev/null | head -1)
+if [ -n "$nccl" ]; then
+    mkdir -p /tmp/nccl-link && ln -sf "$nccl" /tmp/nccl-link/libnccl.so
+    export LD_LIBRARY_PATH="/tmp/nccl-link:$LD_LIBRARY_PATH"
+fi
+echo "libnccl: ${nccl:-NOT FOUND}"
+
 echo "== ember selftest --device cuda --bench"
 timeout 240 .gpu/ember selftest --device cuda --bench --markdown "$OUT/selftest.md"
 st=$?
@@ -95,6 +110,10 @@ cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
 cli 150 bench dlrm --device cuda --grid 2x2 --batch-size 65536
 cli 120 train --device cuda --grid 2x2 --steps 200
 cli 90 train --device cuda --steps 200
+echo "== NCCL 1-rank smoke test and bench (issue 6)"
+EMBER_REQUIRE_NCCL=1 timeout 120 .gpu/nccl-test --nocapture 2>&1 | tail -30 | tee -a "$OUT/cli.txt"
+cli 60 bench a2a --transport nccl --ranks 1 -b 1K -e 64M -f 4
+cli 60 bench allreduce --transport nccl --ranks 1 -b 1K -e 64M -f 4
 cli 150 train --device cuda --preset kaggle --steps 100
 
 echo "== torch reference"

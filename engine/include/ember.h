@@ -13,7 +13,22 @@
  * Version of the C ABI described by this header. It changes whenever a function's signature or
  * a struct's layout changes incompatibly.
  */
-#define EMBER_ABI_VERSION 1
+#define EMBER_ABI_VERSION 2
+
+/**
+ * `ember_bench_collective`: all-to-all, `size` bytes to every peer.
+ */
+#define EMBER_BENCH_ALL_TO_ALL 0
+
+/**
+ * `ember_bench_collective`: all-reduce (sum) of a `size`-byte buffer.
+ */
+#define EMBER_BENCH_ALL_REDUCE 1
+
+/**
+ * Largest `max_bytes` `ember_bench_collective` accepts (256 MiB).
+ */
+#define EMBER_BENCH_MAX_BYTES (256 << 20)
 
 /**
  * What every fallible function returns. `EMBER_STATUS_OK` (0) is success; on any other value
@@ -34,7 +49,8 @@ typedef enum {
    */
   EMBER_STATUS_ERR_INVALID_ARGUMENT = 2,
   /**
-   * The configuration (TOML text, file or preset name) was rejected.
+   * The configuration (TOML text, file or preset name) was rejected, or it does not fit the
+   * job (grid size against the launcher's world size).
    */
   EMBER_STATUS_ERR_CONFIG = 3,
   /**
@@ -59,20 +75,26 @@ typedef enum {
    */
   EMBER_STATUS_ERR_PANIC = 8,
   /**
-   * Any other engine failure (device, out of memory, transport).
+   * Any other engine failure (device, out of memory, transport: a peer died or a collective
+   * timed out). A rank whose collective failed midway is unusable afterwards; destroy it.
    */
   EMBER_STATUS_ERR_INTERNAL = 9,
+  /**
+   * Multi-rank engines: another rank rejected its part of this collective call (its own
+   * call returned the reason); no rank changed its state.
+   */
+  EMBER_STATUS_ERR_PEER = 10,
 } ember_status;
 
 /**
- * An engine: one DLRM model with its optimizer state, on the CPU backend. Opaque; created by
- * `ember_engine_create_*`, released by `ember_engine_destroy`. A handle may be used from any
- * thread; calls on one handle are serialized by the library.
+ * An engine: a DLRM model (or one rank's part of it) with its optimizer state, on the CPU
+ * backend. Opaque; created by `ember_engine_create_*`, released by `ember_engine_destroy`. A
+ * handle may be used from any thread; calls on one handle are serialized by the library.
  */
 typedef struct ember_engine ember_engine;
 
 /**
- * Shape of an engine's model and its progress (filled by `ember_engine_info`).
+ * Shape of an engine's model, its place in the job and its progress (`ember_engine_info`).
  */
 typedef struct {
   /**
@@ -84,21 +106,49 @@ typedef struct {
    */
   size_t num_tables;
   /**
-   * The config's batch size (a suggestion: train steps accept any batch size > 0).
+   * The config's (global) batch size B. Single-process engines: a suggestion (train steps
+   * accept any batch size > 0). Multi-rank engines: every train step is one global batch.
    */
   size_t batch_size;
+  /**
+   * Samples this rank feeds to each `ember_train_step`: B / world_size for a multi-rank
+   * engine; B for a single-process one (which accepts other sizes too).
+   */
+  size_t local_batch_size;
+  /**
+   * Index, within each global batch, of this rank's first sample: the rank feeds samples
+   * [sample_start, sample_start + local_batch_size) of every global batch (0 single-process).
+   */
+  size_t sample_start;
+  /**
+   * This engine's rank in its job (0 single-process).
+   */
+  size_t rank;
+  /**
+   * Ranks in the job (1 single-process).
+   */
+  size_t world_size;
+  /**
+   * Grid replicas M (sharding groups); 1 single-process.
+   */
+  size_t grid_m;
+  /**
+   * Ranks per sharding group N; 1 single-process.
+   */
+  size_t grid_n;
   /**
    * Training steps done (counted by this engine; set by `ember_load_checkpoint`).
    */
   uint64_t steps_done;
   /**
-   * Training samples seen by this engine since creation or the last checkpoint load.
+   * Training samples this rank was fed since creation or the last checkpoint load.
    */
   uint64_t samples_seen;
 } ember_info;
 
 /**
- * Quality metrics of an evaluation batch (filled by `ember_eval`).
+ * Quality metrics of an evaluation (filled by `ember_eval`). For multi-rank engines they cover
+ * every rank's samples and are identical on every rank.
  */
 typedef struct {
   /**
@@ -106,18 +156,50 @@ typedef struct {
    */
   double loss;
   /**
-   * Normalized entropy: loss over the entropy of the batch's positive rate.
+   * Normalized entropy: loss over the entropy of the evaluated samples' positive rate.
    */
   double ne;
   /**
-   * Exact ROC AUC (0.5 when the batch has one class only).
+   * Exact ROC AUC (0.5 when the samples have one class only).
    */
   double auc;
   /**
-   * Samples evaluated.
+   * Samples evaluated (all ranks together).
    */
   uint64_t samples;
 } ember_metrics;
+
+/**
+ * One size of a transport microbenchmark (`ember_bench_collective`), in the columns of
+ * nccl-tests. Identical on every rank.
+ */
+typedef struct {
+  /**
+   * Bytes per peer (all-to-all) or buffer bytes (all-reduce).
+   */
+  size_t size;
+  /**
+   * f32 elements per peer (all-to-all) or in the buffer (all-reduce): size / 4, at least 1.
+   */
+  size_t count;
+  /**
+   * Mean time per iteration in microseconds (the slowest rank's).
+   */
+  double time_us;
+  /**
+   * Algorithm bandwidth, GB/s: bytes moved per rank (all-to-all: size x ranks) / time.
+   */
+  double algbw;
+  /**
+   * Bus bandwidth, GB/s: algbw x (n-1)/n (all-to-all) or x 2(n-1)/n (all-reduce).
+   */
+  double busbw;
+  /**
+   * Values that differed from the independently computed expectation, over all ranks (a
+   * correct transport gives 0).
+   */
+  uint64_t wrong;
+} ember_bench_row;
 
 #ifdef __cplusplus
 extern "C" {
@@ -151,47 +233,83 @@ const char *ember_status_name(int32_t status);
 const char *ember_last_error(void);
 
 /**
- * Create an engine from the text of a TOML config (the format of `ember train --config`; see
- * docs/cli.md). `toml` is a NUL-terminated UTF-8 string owned by the caller (only read during
- * the call). On success `*out` receives a new handle that the caller owns and must release
- * with `ember_engine_destroy`; on failure `*out` is left unchanged.
+ * Create an engine from the text of a TOML config: the format of `ember train --config` (model,
+ * optimizer, batch_size, seed; docs/cli.md) plus, optionally, a top-level `grid = "MxN"` and a
+ * `[parallel]` table (`sync_every`, `sync` = "sparse"|"full", `delayed_state_sync`,
+ * `fully_sharded`, `placement` = "in-node"|"across-nodes", `sharding` =
+ * "table"|"row"|"column"|"table-row"); docs/capi.md.
+ *
+ * Which engine: when the process was started by a launcher as one of T > 1 ranks (`ember
+ * launch`, mpirun, srun, torchrun: rank, size and rendezvous from the environment), this call
+ * is collective: every rank calls it with the same config, joins the job, and gets a handle
+ * driving its rank of a grid of T ranks (the config's grid, which must have T ranks, or 1xT).
+ * Create one such engine per launched process. Otherwise the engine is the whole model in this
+ * process; a config whose grid has more than one rank is then `EMBER_STATUS_ERR_CONFIG` (use
+ * `ember_engine_create_local_ranks`).
+ *
+ * `toml` is a NUL-terminated UTF-8 string owned by the caller (only read during the call). On
+ * success `*out` receives a new handle that the caller owns and must release with
+ * `ember_engine_destroy`; on failure `*out` is left unchanged.
  * Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out` is NULL, `EMBER_STATUS_ERR_CONFIG`
- * if the config does not parse or validate.
+ * if the config does not parse, validate or fit the job, `EMBER_STATUS_ERR_INTERNAL` if joining
+ * the job fails (rendezvous, token, peers, timeout).
  */
 ember_status ember_engine_create_from_toml(const char *toml, ember_engine **out);
 
 /**
- * Create an engine from a TOML config file at `path` (NUL-terminated, caller-owned). Ownership
- * of `*out` as for `ember_engine_create_from_toml`. Returns `EMBER_STATUS_ERR_IO` if the file
- * cannot be read, `EMBER_STATUS_ERR_CONFIG` if its text is rejected.
+ * Create an engine from a TOML config file at `path` (NUL-terminated, caller-owned): as
+ * `ember_engine_create_from_toml` with the file's text (also collective under a launcher).
+ * Returns `EMBER_STATUS_ERR_IO` if the file cannot be read, `EMBER_STATUS_ERR_CONFIG` if its
+ * text is rejected.
  */
 ember_status ember_engine_create_from_file(const char *path, ember_engine **out);
 
 /**
  * Create an engine from a built-in preset ("tiny", "kaggle", "terabyte", "dlrmv2", "bench";
  * see `ember presets`). `row_cap` caps every table's rows (0: the preset's own default cap).
- * Ownership of `*out` as for `ember_engine_create_from_toml`. Returns
+ * Under a launcher the engine is this process's rank of a 1xT grid (collective), as for
+ * `ember_engine_create_from_toml`. Ownership of `*out` as there. Returns
  * `EMBER_STATUS_ERR_CONFIG` for an unknown name.
  */
 ember_status ember_engine_create_from_preset(const char *name, uint64_t row_cap, ember_engine **out);
 
 /**
+ * Create `n` in-process ranks of one 2D job from the text of a TOML config (format as for
+ * `ember_engine_create_from_toml`; its grid must have `n` ranks, default 1 x n), one handle per
+ * rank: `out_handles` is a caller-owned array of `n` handle slots; slot w receives world rank
+ * w's handle. The ranks talk through this process's memory (collective timeout:
+ * EMBER_TIMEOUT_MS, default 60 s). Calls that communicate (`ember_train_step`, `ember_eval`,
+ * `ember_save_checkpoint`, `ember_load_checkpoint`, `ember_bench_collective`) are collective:
+ * drive each handle from its own thread, every rank making the same sequence of calls; they
+ * block until all ranks have called. The caller owns every handle and destroys each with
+ * `ember_engine_destroy`. On failure no slot is written and no handle exists.
+ * Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out_handles` is NULL,
+ * `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `n` is 0 or above 4096, `EMBER_STATUS_ERR_CONFIG` if
+ * the config is rejected or its grid or batch size does not fit `n` ranks.
+ */
+ember_status ember_engine_create_local_ranks(const char *toml, size_t n, ember_engine **out_handles);
+
+/**
  * Release an engine and everything it owns. `engine` may be NULL (a no-op returning
  * `EMBER_STATUS_OK`). The handle is invalid afterwards; using it again (or destroying it twice)
  * returns `EMBER_STATUS_ERR_INVALID_HANDLE` unless its address was reused by a newer engine.
+ * Not collective: the ranks of a job may be destroyed in any order (a rank still waiting in a
+ * collective for a destroyed peer fails with a transport error after the timeout).
  */
 ember_status ember_engine_destroy(ember_engine *engine);
 
 /**
- * Fill `*out` (caller-owned) with the model's shape and the engine's progress.
- * Returns `EMBER_STATUS_ERR_NULL_POINTER` / `EMBER_STATUS_ERR_INVALID_HANDLE` for a bad
- * argument.
+ * Fill `*out` (caller-owned) with the model's shape, the engine's place in its job (rank,
+ * world size, grid, the local batch size and the first sample of this rank's slice) and its
+ * progress. Not collective. Returns `EMBER_STATUS_ERR_NULL_POINTER` /
+ * `EMBER_STATUS_ERR_INVALID_HANDLE` for a bad argument.
  */
 ember_status ember_engine_info(const ember_engine *engine, ember_info *out);
 
 /**
  * Number of rows of table `table` into `*rows_out` (caller-owned): ids of feature `table` must
- * be below it. Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `table >= num_tables`.
+ * be below it. Not collective. Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` if
+ * `table >= num_tables`.
  */
 ember_status ember_engine_table_rows(const ember_engine *engine, size_t table, uint64_t *rows_out);
 
@@ -207,9 +325,16 @@ ember_status ember_engine_table_rows(const ember_engine *engine, size_t table, u
  *
  * A pointer may be NULL only if its element count is 0. The loss is the mean over the batch.
  * `loss_out` (caller-owned) receives the mean training loss (nats) and may be NULL.
- * Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0, ids
- * count), `EMBER_STATUS_ERR_INPUT` for bad contents (the model is unchanged in both cases),
- * `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
+ *
+ * Multi-rank engines: collective. Each rank passes its slice of the global batch: exactly
+ * `local_batch_size` = B / world_size samples, samples [sample_start, sample_start +
+ * local_batch_size) of the global batch (`ember_engine_info`). `*loss_out` is the mean loss
+ * over the whole global batch, identical on every rank. If any rank's arguments are rejected,
+ * no rank trains: that rank gets the reason, the others `EMBER_STATUS_ERR_PEER`.
+ *
+ * Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0 or not
+ * the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
+ * model is unchanged in both cases), `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
  */
 ember_status ember_train_step(ember_engine *engine, size_t batch_size, const float *dense, const float *labels, const uint32_t *lengths, const uint64_t *ids, size_t num_ids, double *loss_out);
 
@@ -221,16 +346,26 @@ ember_status ember_train_step(ember_engine *engine, size_t batch_size, const flo
  *   `EMBER_STATUS_ERR_INVALID_ARGUMENT`.
  * - `metrics_out`: caller-owned, receives log loss, NE and AUC of the batch; may be NULL.
  *
- * Large batches are processed in chunks of the config's batch size (at most 8192).
+ * Single-process engines process large batches in chunks of the config's batch size (at most
+ * 8192). Multi-rank engines: collective; each rank passes any number of its own samples (> 0;
+ * ranks may pass different numbers), processed in chunks of the local batch size; the logits
+ * are this rank's, the metrics cover every rank's samples and are identical on every rank
+ * (a rank asking for metrics gets `EMBER_STATUS_ERR_INVALID_ARGUMENT` if some rank passed no
+ * labels).
  */
 ember_status ember_eval(ember_engine *engine, size_t batch_size, const float *dense, const float *labels, const uint32_t *lengths, const uint64_t *ids, size_t num_ids, float *logits_out, size_t logits_len, ember_metrics *metrics_out);
 
 /**
  * Save a checkpoint of the engine as training step `step` under the folder `dir`
  * (NUL-terminated, caller-owned; created if missing): the checkpoint is `dir/step-<step>`
- * (docs/checkpoint.md; a 1x1-grid checkpoint that loads into any grid). It is complete once
- * this returns `EMBER_STATUS_OK`; older checkpoints in `dir` are kept.
- * Returns `EMBER_STATUS_ERR_IO` if it cannot be written.
+ * (docs/checkpoint.md). It is complete once this returns `EMBER_STATUS_OK`; older checkpoints
+ * in `dir` are kept. A single-process engine writes a 1x1-grid checkpoint under any `step`.
+ * Multi-rank engines: collective, every rank passes the same `dir` (on a filesystem every rank
+ * sees) and `step`, which must be the engine's `steps_done` (and, with M > 1 replicas without
+ * fully-sharded training, a multiple of `sync_every`); checkpoints of any grid load into any
+ * other grid or into a single-process engine of the same model.
+ * Returns `EMBER_STATUS_ERR_IO` / `EMBER_STATUS_ERR_INPUT` if it cannot be written,
+ * `EMBER_STATUS_ERR_INVALID_ARGUMENT` for a multi-rank `step` that is not `steps_done`.
  */
 ember_status ember_save_checkpoint(ember_engine *engine, const char *dir, uint64_t step);
 
@@ -239,11 +374,32 @@ ember_status ember_save_checkpoint(ember_engine *engine, const char *dir, uint64
  * folder (`.../step-<S>`) or a checkpoint root, whose newest complete checkpoint is loaded.
  * Checkpoints of any grid load as long as the model and optimizer match the engine's config.
  * Sets the engine's step count to the checkpoint's step and writes it to `*step_out`
- * (caller-owned; may be NULL). On any error the engine is unchanged.
+ * (caller-owned; may be NULL). On any error a single-process engine is unchanged.
+ * Multi-rank engines: collective, every rank passes the same `dir`; if some ranks load and
+ * others fail, every rank returns an error and the engines are unusable (destroy them); if
+ * every rank fails (e.g. no checkpoint), every engine is unchanged.
  * Returns `EMBER_STATUS_ERR_IO` / `EMBER_STATUS_ERR_INPUT` for a missing or corrupt checkpoint,
  * `EMBER_STATUS_ERR_CONFIG` for one of another model.
  */
 ember_status ember_load_checkpoint(ember_engine *engine, const char *dir, uint64_t *step_out);
+
+/**
+ * Run a transport microbenchmark (nccl-tests style) over the engine's job: every rank of a
+ * multi-rank engine (collective: every rank calls it with the same arguments), or a one-rank
+ * world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL` or
+ * `EMBER_BENCH_ALL_REDUCE`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
+ * `factor` (>= 2); a rank's buffers (`max_bytes`, times the number of ranks for all-to-all)
+ * may not exceed `EMBER_BENCH_MAX_BYTES` each. Each size runs `warmup` untimed and
+ * `iters` (>= 1) timed iterations, then one checked iteration with fresh seeded data compared
+ * with expectations computed independently from the seeds. One row per size is written to
+ * `rows_out`, a caller-owned array of `rows_cap` rows; `*nrows_out` (caller-owned) receives
+ * the number of rows, also when `rows_cap` is too small (then nothing is measured and
+ * `EMBER_STATUS_ERR_INVALID_ARGUMENT` is returned: call again with that many rows).
+ * Returns `EMBER_STATUS_ERR_NULL_POINTER` for a NULL `rows_out` (with `rows_cap` > 0) or
+ * `nrows_out`, `EMBER_STATUS_ERR_INVALID_ARGUMENT` for a value out of range,
+ * `EMBER_STATUS_ERR_INTERNAL` for a transport failure.
+ */
+ember_status ember_bench_collective(ember_engine *engine, uint32_t collective, size_t min_bytes, size_t max_bytes, size_t factor, size_t iters, size_t warmup, ember_bench_row *rows_out, size_t rows_cap, size_t *nrows_out);
 
 /**
  * Test-only: panics inside the library, to show that the panic is caught. Always returns

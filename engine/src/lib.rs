@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod comm_bench;
 pub mod config;
 pub mod data;
 pub mod embedding;

@@ -7,6 +7,8 @@ mod checkpoint;
 mod comm_bench;
 mod common;
 mod launch;
+#[cfg(feature = "nccl")]
+mod nccl_bench;
 mod plan;
 mod selftest;
 mod train;

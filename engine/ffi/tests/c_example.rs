@@ -1,8 +1,15 @@
-//! Builds docs/examples/train.c with gcc against the built libember (shared library) and runs
-//! it: it trains, checkpoints, and checks every error path from C. Skipped, with a message, when
-//! gcc is not installed.
+//! Builds docs/examples/train.c with gcc against the built libember and runs it: one process;
+//! 4 ranks as processes under `ember launch -n 4`; 4 in-process ranks on threads; under valgrind;
+//! installed with tools/install-capi.sh and built through pkg-config; linked statically. The
+//! program checks every error path from C itself; here the runs are compared with each other:
+//! every rank prints the same global loss at every step (bitwise), the process-per-rank and
+//! thread-per-rank runs agree bitwise (the engine is deterministic across transports), and both
+//! agree with the one-process run to 1e-6 (the same model and data; the 2D ranks sum embedding
+//! lookups in another order). Each part is skipped, with a message, when its tool (gcc, the
+//! `ember` binary, valgrind, pkg-config) is missing.
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 /// The cargo profile folder holding libember.so (target/<profile>).
 fn lib_dir() -> PathBuf {
@@ -11,8 +18,7 @@ fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test path");
     let deps = exe.parent().map(Path::to_path_buf);
     let from_exe = deps.iter().cloned().chain(deps.as_deref().and_then(Path::parent).map(Path::to_path_buf)).collect::<Vec<_>>();
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../../target"));
+    let target = target_dir();
     let candidates = from_exe.into_iter().chain(["debug", "release"].iter().map(|p| target.join(p)));
     for dir in candidates {
         if dir.join("libember.so").exists() || dir.join("libember.dylib").exists() {
@@ -22,38 +28,222 @@ fn lib_dir() -> PathBuf {
     panic!("libember shared library not found near {} or in {}", exe.display(), target.display());
 }
 
-#[test]
-fn c_example_builds_and_runs() {
-    if Command::new("gcc").arg("--version").output().is_err() {
-        eprintln!("SKIPPED c_example_builds_and_runs: gcc not found on PATH");
-        return;
-    }
+fn target_dir() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let root = manifest.join("../..");
-    let lib = lib_dir();
-    let work = std::env::temp_dir().join(format!("ember-c-example-{}", std::process::id()));
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../../target"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let work = std::env::temp_dir().join(format!("ember-c-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
-    let exe = work.join("train");
+    work
+}
+
+/// gcc the example with `extra` link arguments into `exe`.
+fn gcc(exe: &Path, include: &Path, extra: &[String]) {
     let out = Command::new("gcc")
-        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1", "-g", "-pthread"])
         .arg("-I")
-        .arg(root.join("engine/include"))
-        .arg(root.join("docs/examples/train.c"))
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lember")
+        .arg(include)
+        .arg(root().join("docs/examples/train.c"))
+        .args(extra)
         .arg("-o")
-        .arg(&exe)
+        .arg(exe)
         .output()
         .expect("run gcc");
     assert!(out.status.success(), "gcc failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let run = Command::new(&exe).arg(work.join("ckpt")).output().expect("run the example");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    println!("{stdout}");
-    assert!(run.status.success(), "C example failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}", run.status);
-    assert!(stdout.contains("all checks passed"), "{stdout}");
-    assert!(work.join("ckpt/step-30").is_dir(), "checkpoint folder missing");
+}
+
+/// The example linked against the shared library in the cargo target folder.
+fn build(work: &Path) -> PathBuf {
+    let lib = lib_dir();
+    let exe = work.join("train");
+    gcc(&exe, &root().join("engine/include"), &[format!("-L{}", lib.display()), format!("-Wl,-rpath,{}", lib.display()), "-lember".into()]);
+    exe
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    // Launcher variables of an enclosing job would make the example join it.
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "SLURM_NTASKS", "SLURM_PROCID", "PMI_SIZE", "PMI_RANK"] {
+        cmd.env_remove(v);
+    }
+    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{what} failed ({}):\nstdout:\n{out}\nstderr:\n{err}", o.status);
+    out
+}
+
+/// Per rank: the loss printed at every step (as printed, 17 significant digits) and the eval line.
+struct Run {
+    losses: BTreeMap<usize, Vec<String>>,
+    evals: BTreeMap<usize, String>,
+}
+
+/// Parse "rank W step S loss X" and "rank W eval ..." lines (with or without the launcher's
+/// "[w] " prefix).
+fn parse(out: &str) -> Run {
+    let mut run = Run { losses: BTreeMap::new(), evals: BTreeMap::new() };
+    for line in out.lines() {
+        let line = if line.starts_with('[') { line.split_once("] ").map_or(line, |x| x.1) } else { line };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["rank", w, "step", s, "loss", x] => {
+                let v = run.losses.entry(w.parse().unwrap()).or_default();
+                assert_eq!(v.len() + 1, s.parse::<usize>().unwrap(), "steps out of order: {line}");
+                v.push(x.to_string());
+            }
+            ["rank", w, "eval", rest @ ..] => {
+                run.evals.insert(w.parse().unwrap(), rest.join(" "));
+            }
+            _ => {}
+        }
+    }
+    run
+}
+
+/// Every rank printed `steps` losses, the same at every step, and the same metrics.
+fn ranks_agree(r: &Run, ranks: usize, steps: usize, what: &str) -> Vec<String> {
+    assert_eq!(r.losses.len(), ranks, "{what}: ranks that printed losses");
+    assert_eq!(r.evals.len(), ranks, "{what}: ranks that printed metrics");
+    let first = &r.losses[&0];
+    assert_eq!(first.len(), steps, "{what}");
+    for (w, l) in &r.losses {
+        assert_eq!(l, first, "{what}: rank {w}'s global losses differ from rank 0's");
+        assert_eq!(r.evals[w], r.evals[&0], "{what}: rank {w}'s metrics differ from rank 0's");
+    }
+    first.clone()
+}
+
+#[test]
+fn c_example_one_process_four_processes_and_four_threads() {
+    if !have("gcc") {
+        eprintln!("SKIPPED c_example_one_process_four_processes_and_four_threads: gcc not found on PATH");
+        return;
+    }
+    let work = scratch("example");
+    let exe = build(&work);
+    // One process.
+    let out = run_ok(Command::new(&exe).arg(work.join("ckpt1")), "one process");
+    println!("{out}");
+    assert!(out.contains("all checks passed"), "{out}");
+    assert!(work.join("ckpt1/step-30/manifest.json").is_file(), "checkpoint missing");
+    let single = ranks_agree(&parse(&out), 1, 30, "one process");
+    // Four ranks on threads of one process.
+    let out = run_ok(Command::new(&exe).args(["--ranks", "4"]).arg(work.join("ckpt4t")), "4 in-process ranks");
+    assert!(out.contains("all checks passed"), "{out}");
+    assert!(out.contains("grid 1x4"), "{out}");
+    let threads = parse(&out);
+    let threaded = ranks_agree(&threads, 4, 30, "4 in-process ranks");
+    assert!(work.join("ckpt4t/step-30/manifest.json").is_file(), "checkpoint missing");
+    for (s, (a, b)) in single.iter().zip(&threaded).enumerate() {
+        let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "step {}: one process {a} vs 4 ranks {b}", s + 1);
+    }
+    // Four processes under `ember launch`.
+    let lib = lib_dir();
+    let ember = std::env::var_os("EMBER_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let near = [lib.join("ember"), lib.parent().map_or_else(|| lib.join("ember"), |p| p.join("ember"))];
+        near.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| target_dir().join("debug/ember"))
+    });
+    if !ember.exists() {
+        eprintln!("SKIPPED the 4-process part: {} not found (build it with `cargo build -p ember-tools`, or set EMBER_BIN)", ember.display());
+    } else {
+        let out = run_ok(Command::new(&ember).args(["launch", "-n", "4", "--"]).arg(&exe).arg(work.join("ckpt4p")), "ember launch -n 4");
+        assert_eq!(out.matches("all checks passed").count(), 4, "{out}");
+        let procs = parse(&out);
+        let launched = ranks_agree(&procs, 4, 30, "ember launch -n 4");
+        assert_eq!(launched, threaded, "processes and threads give different losses");
+        assert_eq!(procs.evals, threads.evals, "processes and threads give different metrics");
+        assert!(work.join("ckpt4p/step-30/manifest.json").is_file(), "checkpoint missing");
+        println!("ember launch -n 4: every rank's loss at step 30 is {}", launched[29]);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn c_example_is_clean_under_valgrind() {
+    if !have("gcc") || !have("valgrind") {
+        eprintln!("SKIPPED c_example_is_clean_under_valgrind: gcc or valgrind not found on PATH");
+        return;
+    }
+    let work = scratch("valgrind");
+    let exe = build(&work);
+    let supp = root().join("docs/examples/valgrind.supp");
+    for (args, what) in [(&["--steps", "4"][..], "one process"), (&["--ranks", "4", "--steps", "3"][..], "4 in-process ranks")] {
+        let mut cmd = Command::new("valgrind");
+        cmd.args(["--error-exitcode=1", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect,possible"])
+            .arg(format!("--suppressions={}", supp.display()))
+            .arg(&exe)
+            .args(args)
+            .arg(work.join(format!("ckpt-{}", args.len())))
+            .env("RUST_BACKTRACE", "0");
+        for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK"] {
+            cmd.env_remove(v);
+        }
+        let o = cmd.output().expect("run valgrind");
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "valgrind ({what}) failed ({}):\nstdout:\n{out}\nstderr:\n{err}", o.status);
+        assert!(out.contains("all checks passed"), "{out}");
+        assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
+        assert!(err.contains("definitely lost: 0 bytes") || err.contains("All heap blocks were freed"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn installed_library_is_found_by_pkg_config_and_links_statically() {
+    if !have("gcc") || !have("pkg-config") {
+        eprintln!("SKIPPED installed_library_is_found_by_pkg_config_and_links_statically: gcc or pkg-config not found on PATH (apt-get install pkg-config)");
+        return;
+    }
+    let work = scratch("pkgconfig");
+    let prefix = work.join("prefix");
+    let out = run_ok(Command::new("sh").arg(root().join("tools/install-capi.sh")).arg(&prefix).arg(lib_dir()), "tools/install-capi.sh");
+    assert!(out.contains("installed libember"), "{out}");
+    let pc = std::fs::read_to_string(prefix.join("lib/pkgconfig/ember.pc")).unwrap();
+    assert!(!pc.contains('@'), "unsubstituted placeholder in ember.pc:\n{pc}");
+    let pkg = |args: &[&str]| {
+        let o = Command::new("pkg-config").args(args).arg("ember").env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig")).output().unwrap();
+        assert!(o.status.success(), "pkg-config {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().split_whitespace().map(String::from).collect::<Vec<_>>()
+    };
+    assert_eq!(pkg(&["--modversion"]), vec![env!("CARGO_PKG_VERSION").to_string()]);
+    let cflags = pkg(&["--cflags"]);
+    let libs = pkg(&["--libs"]);
+    assert_eq!(cflags, vec![format!("-I{}", prefix.join("include").display())]);
+    assert_eq!(libs, vec![format!("-L{}", prefix.join("lib").display()), "-lember".to_string()]);
+    // Built with nothing but what pkg-config says (plus an rpath to find the .so at run time).
+    let exe = work.join("train-pc");
+    let include = prefix.join("include");
+    let mut extra = libs.clone();
+    extra.push(format!("-Wl,-rpath,{}", prefix.join("lib").display()));
+    gcc(&exe, &include, &extra);
+    let out = run_ok(Command::new(&exe).args(["--steps", "3"]).arg(work.join("ckpt-pc")), "example built with pkg-config");
+    assert!(out.contains("all checks passed"), "{out}");
+    // Statically linked: libember.a and the private libraries pkg-config lists.
+    let statics: Vec<String> = pkg(&["--static", "--libs"]).into_iter().filter(|a| a != "-lember" && !a.starts_with("-L")).collect();
+    assert!(statics.contains(&"-lpthread".to_string()), "{statics:?}");
+    let exe = work.join("train-static");
+    let mut extra = vec![prefix.join("lib/libember.a").display().to_string()];
+    extra.extend(statics);
+    gcc(&exe, &include, &extra);
+    let ldd = Command::new("ldd").arg(&exe).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(!ldd.contains("libember"), "the static build still loads libember.so:\n{ldd}");
+    let out = run_ok(Command::new(&exe).args(["--steps", "3"]).arg(work.join("ckpt-static")), "statically linked example");
+    assert!(out.contains("all checks passed"), "{out}");
     let _ = std::fs::remove_dir_all(&work);
 }
