@@ -159,13 +159,18 @@ extern "C" __global__ void dense_update(float* p, const float* __restrict__ g, f
     }
 }
 
-// Replica-sync average of selected rows: dst[r] = (1/m) sum_k src_k[r] for rows listed in rows
-// (sparse sync); srcs is an array of m device pointers.
-extern "C" __global__ void average_rows(float* dst, const u64* __restrict__ srcs, int m, const u64* __restrict__ rows, i64 nrows, i64 cols) {
+// Replica sync between in-process ranks sharing the device: out[i, c] = mean over the m
+// replicas' buffers srcs[k] of row rows[i], summed in f64 in replica order and rounded once
+// (the host path's exact arithmetic). put_rows writes such compacted rows back.
+extern "C" __global__ void mean_rows_from(float* __restrict__ out, const u64* __restrict__ srcs, int m, const u64* __restrict__ rows, i64 nrows, i64 cols) {
     GRID_STRIDE(t, nrows * cols) {
         i64 r = (i64)rows[t / cols], c = t % cols;
         double s = 0.0;
         for (int k = 0; k < m; ++k) s += (double)((const float*)srcs[k])[r * cols + c];
-        dst[r * cols + c] = (float)(s / m);
+        out[t] = (float)(s / (double)m);
     }
+}
+
+extern "C" __global__ void put_rows(float* dst, const u64* __restrict__ rows, const float* __restrict__ src, i64 nrows, i64 cols) {
+    GRID_STRIDE(t, nrows * cols) dst[(i64)rows[t / cols] * cols + t % cols] = src[t];
 }

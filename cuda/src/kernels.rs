@@ -56,7 +56,8 @@ pub const DENSE: Module = Module {
         "cross_combine_backward",
         "bce_with_logits",
         "dense_update",
-        "average_rows",
+        "mean_rows_from",
+        "put_rows",
     ],
 };
 

@@ -7,7 +7,7 @@ use ember_engine::backend::Cpu;
 use ember_engine::config::{preset, EmbOptimizer, Pooling, TrainConfig};
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::parallel::driver::{train_in_process, RankState};
-use ember_engine::parallel::{ParallelOptions, Xfer, XferKind};
+use ember_engine::parallel::{ParallelOptions, SyncMode, Xfer, XferKind};
 use ember_engine::plan::ShardingType;
 use ember_tests::two_d::cycling_plan;
 
@@ -26,10 +26,13 @@ fn config(batch: usize) -> TrainConfig {
 }
 
 fn run(m: usize, n: usize, xfer: XferKind, fully_sharded: bool) -> (Vec<f64>, Vec<RankState>) {
+    run_with(m, n, ParallelOptions { sync_every: 2, xfer, fully_sharded, ..ParallelOptions::default() })
+}
+
+fn run_with(m: usize, n: usize, opts: ParallelOptions) -> (Vec<f64>, Vec<RankState>) {
     let cfg = config(8 * m * n);
     let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
     let plan = cycling_plan(&cfg, n, &ShardingType::ALL);
-    let opts = ParallelOptions { sync_every: 2, xfer, fully_sharded, ..ParallelOptions::default() };
     let (report, states, _) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 5, false).unwrap();
     (report.losses, states)
 }
@@ -59,6 +62,17 @@ fn host_staged_and_peer_transports_agree_bitwise() {
         assert!(host.0.iter().all(|l| l.is_finite()));
         assert_same(&format!("{m}x{n} staged vs host"), &run(m, n, XferKind::Staged, false), &host);
         assert_same(&format!("{m}x{n} peers vs host"), &run(m, n, XferKind::Peers, false), &host);
+    }
+}
+
+#[test]
+fn peer_replica_sync_agrees_in_full_mode_and_with_delayed_state() {
+    // Peer sync (every replica averages straight out of the others' buffers) in full mode, and
+    // delayed state sync (which stages through the host path) with peer step collectives.
+    for (sync, delayed) in [(SyncMode::Full, false), (SyncMode::Sparse, true)] {
+        let opts = |xfer| ParallelOptions { sync_every: 2, sync, delayed_state_sync: delayed, xfer, ..ParallelOptions::default() };
+        let host = run_with(4, 1, opts(XferKind::Host));
+        assert_same(&format!("{sync:?} delayed={delayed}: peers vs host"), &run_with(4, 1, opts(XferKind::Peers)), &host);
     }
 }
 

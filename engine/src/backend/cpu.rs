@@ -460,6 +460,34 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, num_rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty(), || {
+            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
+        })?;
+        let m = srcs.len() as f64;
+        for (o, &r) in out.chunks_mut(cols.max(1)).zip(rows) {
+            for (c, x) in o.iter_mut().enumerate() {
+                let mut s = 0.0f64;
+                for &src in srcs {
+                    // SAFETY: the caller guarantees every listed row of every source.
+                    s += *(src as *const f32).add(r as usize * cols + c) as f64;
+                }
+                *x = (s / m) as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, num_rows: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
+        check(rows.len() == num_rows && src.len() == num_rows * cols && rows.iter().all(|&r| (r as usize + 1) * cols <= dst.len()), || {
+            format!("put_rows: {} rows of {cols} ({} floats) into a buffer of {}", rows.len(), src.len(), dst.len())
+        })?;
+        for (s, &r) in src.chunks(cols.max(1)).zip(rows) {
+            dst[r as usize * cols..(r as usize + 1) * cols].copy_from_slice(s);
+        }
+        Ok(())
+    }
+
     fn axpy(&self, a: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
         check(x.len() == y.len(), || format!("axpy: {} vs {}", x.len(), y.len()))?;
         y.par_chunks_mut(8192).zip(x.par_chunks(8192)).for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x));

@@ -738,6 +738,32 @@ impl Backend for Cuda {
         self.gpu.sync().map_err(dev)
     }
 
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
+        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
+            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
+        })?;
+        if num_rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let table = self.upload_ids(srcs)?;
+        let _g = self.lock()?;
+        let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
+        self.gpu.launch("mean_rows_from", self.grid(num_rows * cols), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go().map_err(dev)?;
+        // `table` returns to the pool when dropped; the kernel must have read it by then.
+        self.gpu.sync().map_err(dev)
+    }
+
+    fn put_rows(&self, dst: &mut DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, src: &DevBuf<f32>, cols: usize) -> Result<()> {
+        // Row indices were range-checked on the host before upload (replica sync's union).
+        check(rows.len() == num_rows && src.len() == num_rows * cols, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
+        if num_rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let _g = self.lock()?;
+        let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
+        unsafe { self.gpu.launch("put_rows", self.grid(num_rows * cols), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
+    }
+
     fn axpy(&self, a: f32, x: &DevBuf<f32>, y: &mut DevBuf<f32>) -> Result<()> {
         check(x.len() == y.len(), || format!("axpy: {} vs {}", x.len(), y.len()))?;
         let _g = self.lock()?;

@@ -210,6 +210,15 @@ pub trait Backend: Send + Sync + 'static {
     /// # Safety
     /// `src..src + 4·len` must be a live buffer of this address space, unchanged during the call.
     unsafe fn copy_from_addr(&self, src: u64, dst: &mut Self::Buf, dst_off: usize, len: usize) -> Result<()>;
+    /// Replica sync between in-process ranks: `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]`
+    /// where `srcs` are the addresses (see [`addr`](Self::addr)) of the m replicas' row-major
+    /// buffers of `cols` columns; summed in f64 in replica order, rounded once to f32.
+    ///
+    /// # Safety
+    /// Every `srcs[k]` must be a live buffer holding every listed row, unchanged during the call.
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Self::Ids, num_rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `dst[rows[i], ..cols] = src[i, ..cols]`: compacted rows written back.
+    fn put_rows(&self, dst: &mut Self::Buf, rows: &Self::Ids, num_rows: usize, src: &Self::Buf, cols: usize) -> Result<()>;
     /// y += a · x
     fn axpy(&self, a: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     fn scale(&self, x: &mut Self::Buf, a: f32) -> Result<()>;

@@ -113,6 +113,69 @@ pub fn replica_sync_with<B: Backend>(
     staged(be, shards, |cpu, hs| replica_sync_host(cpu, comm, hs, touched, mode, delayed))
 }
 
+/// Replica sync between replicas that are threads of one process sharing one address space
+/// (host memory, or one GPU's context): every replica reads the rows to average straight out of
+/// all replicas' shard buffers (their addresses swapped over `comm`), averages them on its own
+/// backend — in f64, in replica order, rounded once: bitwise the host path's result — and, after
+/// a barrier (nobody reads any more), writes them back. Nothing is staged through the host but
+/// the row indices. `value_bytes` counts the bytes read from the other replicas.
+pub fn replica_sync_peers<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
+    let m = comm.size();
+    if m == 1 {
+        touched.iter_mut().for_each(Touched::clear);
+        return Ok(SyncBytes::default());
+    }
+    let mut stats = SyncBytes::default();
+    let rows_of: Vec<Vec<u64>> = match mode {
+        SyncMode::Full => shards.iter().map(|s| (0..s.spec.num_rows() as u64).collect()).collect(),
+        SyncMode::Sparse => {
+            let n: Vec<usize> = shards.iter().map(|s| s.spec.num_rows()).collect();
+            let (u, b) = touched_union(comm, &n, touched)?;
+            stats.index_bytes = b;
+            u
+        }
+    };
+    be.synchronize()?;
+    let mut msg = Vec::with_capacity(2 * shards.len());
+    for s in shards.iter() {
+        msg.push(be.addr(&s.weights));
+        msg.push(be.addr(&s.state));
+    }
+    let mut all = vec![0u64; msg.len() * m];
+    comm.all_gather(&msg, &mut all)?;
+    let k = msg.len();
+    let mut averaged = Vec::with_capacity(shards.len());
+    for (i, (s, rows)) in shards.iter().zip(&rows_of).enumerate() {
+        let (cols, spr, nr) = (s.spec.num_cols(), spr_of(be, s), rows.len());
+        let ids = be.upload_ids(rows)?;
+        let src = |j: usize| (0..m).map(|r| all[r * k + 2 * i + j]).collect::<Vec<u64>>();
+        let mut w = be.zeros(nr * cols)?;
+        let mut st = be.zeros(nr * spr)?;
+        // SAFETY: every replica holds the same shard (same plan), so every listed row is inside
+        // each buffer (rows were range-checked by the union); no replica writes its shards
+        // before the barrier below.
+        unsafe {
+            be.mean_rows_from(&src(0), &ids, nr, cols, &mut w)?;
+            if spr > 0 {
+                be.mean_rows_from(&src(1), &ids, nr, spr, &mut st)?;
+            }
+        }
+        stats.value_bytes += ((m - 1) * nr * (cols + spr) * 4) as u64;
+        averaged.push((ids, nr, w, st));
+    }
+    be.synchronize()?;
+    comm.barrier()?;
+    for (s, (ids, nr, w, st)) in shards.iter_mut().zip(averaged) {
+        let (cols, spr) = (s.spec.num_cols(), spr_of(be, s));
+        be.put_rows(&mut s.weights, &ids, nr, &w, cols)?;
+        if spr > 0 {
+            be.put_rows(&mut s.state, &ids, nr, &st, spr)?;
+        }
+    }
+    touched.iter_mut().for_each(Touched::clear);
+    Ok(stats)
+}
+
 /// Run `f` on host copies of device-resident shards (downloaded, then uploaded back): the
 /// staging path of replica sync for backends that keep shards on a device.
 fn staged<B: Backend, R>(be: &B, shards: &mut [Shard<B>], f: impl FnOnce(&Cpu, &mut [Shard<Cpu>]) -> Result<R>) -> Result<R> {
