@@ -2,31 +2,11 @@
 //! ranks' shards, and the relative error the equivalence tests bound.
 use ember_engine::config::TrainConfig;
 use ember_engine::parallel::driver::RankState;
-use ember_engine::plan::{Plan, ShardingType, TablePlan};
+use ember_engine::plan::{Plan, ShardingType};
 
-/// A plan that cycles table t through `kinds[t % kinds.len()]` on `n` ranks: table-wise on
-/// rank t % n, row- and column-wise over all ranks, table-row-wise over the first half.
+/// `Plan::cycling` (table t as `kinds[t % kinds.len()]`), which must succeed.
 pub fn cycling_plan(cfg: &TrainConfig, n: usize, kinds: &[ShardingType]) -> Plan {
-    let all: Vec<usize> = (0..n).collect();
-    let half: Vec<usize> = (0..n.div_ceil(2)).collect();
-    let tables = cfg
-        .model
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(t, tc)| {
-            let kind = kinds[t % kinds.len()];
-            let ranks: &[usize] = match kind {
-                ShardingType::TableWise => &all[t % n..t % n + 1],
-                ShardingType::TableRowWise => &half,
-                _ => &all,
-            };
-            TablePlan::new(t, tc.rows, tc.dim, kind, ranks)
-        })
-        .collect();
-    let p = Plan { n, tables };
-    p.validate(&cfg.model).expect("a valid plan");
-    p
+    Plan::cycling(&cfg.model, n, kinds).expect("a valid plan")
 }
 
 /// Whole tables assembled from the shards of replica `replica`.

@@ -174,6 +174,21 @@ pub struct DlrmResult {
     pub backend: String,
 }
 
+/// Four global batches of `batch` samples for the `bench` model: dense features, 25 % positive
+/// labels, ids drawn uniformly or by Zipf popularity.
+fn bench_batches(cfg: &crate::config::TrainConfig, batch: usize, zipf: Option<f64>, seed: u64) -> Vec<Batch> {
+    let samplers: Vec<IdSampler> = cfg.model.tables.iter().enumerate().map(|(t, tc)| IdSampler::new(tc.rows, zipf, t as u64)).collect();
+    let mut rng = Rng::new(seed);
+    (0..4)
+        .map(|_| Batch {
+            num_dense: cfg.model.num_dense,
+            dense: (0..batch * cfg.model.num_dense).map(|_| rng.f32() * 4.0).collect(),
+            labels: (0..batch).map(|_| (rng.f32() < 0.25) as u8 as f32).collect(),
+            sparse: sample_jagged(&samplers, batch, cfg.model.tables[0].bag_size, &mut rng),
+        })
+        .collect()
+}
+
 /// Full training steps of the `bench` preset model (the embedding workload + bottom MLP
 /// 13-512-256-64, dot interaction, top MLP 512-256-1, BCE).
 pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> Result<DlrmResult> {
@@ -181,16 +196,7 @@ pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf:
     cfg.batch_size = batch;
     cfg.seed = seed;
     let mut model = Dlrm::new(be, &cfg)?;
-    let samplers: Vec<IdSampler> = cfg.model.tables.iter().enumerate().map(|(t, tc)| IdSampler::new(tc.rows, zipf, t as u64)).collect();
-    let mut rng = Rng::new(seed);
-    let batches: Vec<Batch> = (0..4)
-        .map(|_| Batch {
-            num_dense: cfg.model.num_dense,
-            dense: (0..batch * cfg.model.num_dense).map(|_| rng.f32() * 4.0).collect(),
-            labels: (0..batch).map(|_| (rng.f32() < 0.25) as u8 as f32).collect(),
-            sparse: sample_jagged(&samplers, batch, cfg.model.tables[0].bag_size, &mut rng),
-        })
-        .collect();
+    let batches = bench_batches(&cfg, batch, zipf, seed);
     let mut times = Vec::new();
     for it in 0..warmup + steps {
         let t0 = Instant::now();
@@ -225,16 +231,7 @@ pub fn dlrm_2d<B: Backend>(
     cfg.seed = seed;
     let grid = Grid::new(m, n, Placement::ReplicasInNode)?;
     let (plan, _) = crate::plan::planner::plan(&cfg.model, m, n, &crate::plan::planner::PlanOptions::from_config(&cfg))?;
-    let samplers: Vec<IdSampler> = cfg.model.tables.iter().enumerate().map(|(t, tc)| IdSampler::new(tc.rows, zipf, t as u64)).collect();
-    let mut rng = Rng::new(seed);
-    let batches: Vec<Batch> = (0..4)
-        .map(|_| Batch {
-            num_dense: cfg.model.num_dense,
-            dense: (0..batch * cfg.model.num_dense).map(|_| rng.f32() * 4.0).collect(),
-            labels: (0..batch).map(|_| (rng.f32() < 0.25) as u8 as f32).collect(),
-            sparse: sample_jagged(&samplers, batch, cfg.model.tables[0].bag_size, &mut rng),
-        })
-        .collect();
+    let batches = bench_batches(&cfg, batch, zipf, seed);
     let feed = |step: usize, w: usize| Ok(batches[step % batches.len()].slice(grid.sample_range(w, batch)));
     let opts = crate::parallel::ParallelOptions::default();
     let total = warmup.max(1) + steps;

@@ -5,11 +5,10 @@
 //! (table t is table-, row-, column- or table-row-wise by t mod 4) and odd tables mean-pool.
 use crate::backend::{Backend, Cpu};
 use crate::config::{preset, DenseOptimizer, EmbOptimizer, Pooling, TrainConfig};
-use crate::data::synthetic::SyntheticData;
 use crate::grid::{Grid, Placement};
-use crate::parallel::driver::{train_threads_with, RankState, Report2D};
+use crate::parallel::driver::{train_in_process_with, RankState, Report2D};
 use crate::parallel::{ParallelOptions, XferKind};
-use crate::plan::{Plan, ShardingType, TablePlan};
+use crate::plan::{Plan, ShardingType};
 use crate::selftest::{Check, SelftestReport};
 use crate::Result;
 
@@ -46,26 +45,7 @@ fn config(batch: usize, sgd: bool) -> Result<TrainConfig> {
 
 /// Table t sharded as `ShardingType::ALL[t % 4]` over the group's `n` ranks.
 pub fn mixed_plan(cfg: &TrainConfig, n: usize) -> Result<Plan> {
-    let all: Vec<usize> = (0..n).collect();
-    let half: Vec<usize> = (0..n.div_ceil(2)).collect();
-    let tables = cfg
-        .model
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(t, tc)| {
-            let kind = ShardingType::ALL[t % ShardingType::ALL.len()];
-            let ranks: &[usize] = match kind {
-                ShardingType::TableWise => &all[t % n..t % n + 1],
-                ShardingType::TableRowWise => &half,
-                _ => &all,
-            };
-            TablePlan::new(t, tc.rows, tc.dim, kind, ranks)
-        })
-        .collect();
-    let p = Plan { n, tables };
-    p.validate(&cfg.model)?;
-    Ok(p)
+    Plan::cycling(&cfg.model, n, &ShardingType::ALL)
 }
 
 fn train<B: Backend>(
@@ -76,12 +56,7 @@ fn train<B: Backend>(
     opts: &ParallelOptions,
     steps: usize,
 ) -> Result<(Report2D, Vec<RankState>)> {
-    let data = SyntheticData::new(cfg)?;
-    let feed = |step: usize, w: usize| {
-        let range = grid.sample_range(w, cfg.batch_size);
-        Ok(data.samples((step * cfg.batch_size + range.start) as u64, range.len()))
-    };
-    let (rep, states, _) = train_threads_with(new_be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), false)?;
+    let (rep, states, _) = train_in_process_with(new_be, cfg, grid, plan, opts, steps, false)?;
     Ok((rep, states))
 }
 

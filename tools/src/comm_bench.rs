@@ -232,6 +232,11 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
             })
         })
         .collect();
+    join_ranks(&format!("ember bench {which}"), hs)
+}
+
+/// Wait for the rank threads of a benchmark; the first error, or the wrong-value count, fails it.
+pub(crate) fn join_ranks(what: &str, hs: Vec<std::thread::JoinHandle<Result<u64, String>>>) -> CliResult {
     let mut first_err = None;
     let mut wrong = 0;
     for h in hs {
@@ -243,10 +248,10 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
         }
     }
     if let Some(e) = first_err {
-        return Err(format!("ember bench {which}: {e}").into());
+        return Err(format!("{what}: {e}").into());
     }
     if wrong > 0 {
-        return Err(format!("ember bench {which}: {wrong} wrong values").into());
+        return Err(format!("{what}: {wrong} wrong values").into());
     }
     Ok(())
 }

@@ -249,21 +249,5 @@ pub fn run(which: &str, a: &CommBenchArgs) -> CliResult {
             })
         })
         .collect();
-    let mut first_err = None;
-    let mut wrong = 0;
-    for h in hs {
-        match h.join().map_err(|_| "bench thread panicked".to_string()).and_then(|r| r) {
-            Ok(w) => wrong = wrong.max(w),
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(format!("ember bench {which} --transport nccl: {e}").into());
-    }
-    if wrong > 0 {
-        return Err(format!("ember bench {which} --transport nccl: {wrong} wrong values").into());
-    }
-    Ok(())
+    crate::comm_bench::join_ranks(&format!("ember bench {which} --transport nccl"), hs)
 }

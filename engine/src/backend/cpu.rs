@@ -417,11 +417,7 @@ impl Backend for Cpu {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let end = |off: usize, stride: usize| off.checked_add((rows - 1).checked_mul(stride)?)?.checked_add(cols);
-        check(
-            src_stride >= cols && dst_stride >= cols && end(src_off, src_stride).is_some_and(|e| e <= src.len()) && end(dst_off, dst_stride).is_some_and(|e| e <= dst.len()),
-            || format!("copy_2d: {rows}x{cols} from {src_off} (stride {src_stride}) of {} into {dst_off} (stride {dst_stride}) of {}", src.len(), dst.len()),
-        )?;
+        super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
         if rows == 1 || (src_stride == cols && dst_stride == cols) {
             dst[dst_off..dst_off + rows * cols].copy_from_slice(&src[src_off..src_off + rows * cols]);
         } else {

@@ -33,6 +33,17 @@ pub struct Layout {
     pub col: usize,
 }
 
+/// Bounds of a `copy_2d` (shared by the backends): every row of both blocks inside its buffer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_copy_2d(src_len: usize, src_off: usize, src_stride: usize, dst_len: usize, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
+    let end = |off: usize, stride: usize| off.checked_add(rows.checked_sub(1)?.checked_mul(stride)?)?.checked_add(cols);
+    if src_stride >= cols && dst_stride >= cols && end(src_off, src_stride).is_some_and(|e| e <= src_len) && end(dst_off, dst_stride).is_some_and(|e| e <= dst_len) {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!("copy_2d: {rows}x{cols} from {src_off} (stride {src_stride}) of {src_len} into {dst_off} (stride {dst_stride}) of {dst_len}")))
+    }
+}
+
 /// A shard of one embedding table: global rows `rows`, columns `cols` of a `table_rows × dim` table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardSpec {

@@ -71,12 +71,25 @@ pub fn train_in_process<B: Backend + Clone>(
     steps: usize,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
+    train_in_process_with(&|_| Ok(be.clone()), cfg, grid, plan, opts, steps, trace)
+}
+
+/// `train_in_process` with one backend per rank, made by `new_be(world_rank)`.
+pub fn train_in_process_with<B: Backend>(
+    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    opts: &ParallelOptions,
+    steps: usize,
+    trace: bool,
+) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let data = SyntheticData::new(cfg)?;
     let feed = |step: usize, w: usize| {
         let range = grid.sample_range(w, cfg.batch_size);
         Ok(data.samples((step * cfg.batch_size + range.start) as u64, range.len()))
     };
-    train_threads(be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
+    train_threads_with(new_be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
 }
 
 /// `train_in_process` with the local batches given by `feed(step, world_rank)`.

@@ -70,6 +70,18 @@ fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Res
     Ok((union, bytes))
 }
 
+/// The local rows each shard averages: all of them (full), or the union of the replicas'
+/// touched rows (sparse; also returns the index bytes this rank sent).
+fn rows_to_sync<B: Backend>(comm: &Comm, shards: &[Shard<B>], touched: &[Touched], mode: SyncMode) -> Result<(Vec<Vec<u64>>, u64)> {
+    match mode {
+        SyncMode::Full => Ok((shards.iter().map(|s| (0..s.spec.num_rows() as u64).collect()).collect(), 0)),
+        SyncMode::Sparse => {
+            let n: Vec<usize> = shards.iter().map(|s| s.spec.num_rows()).collect();
+            touched_union(comm, &n, touched)
+        }
+    }
+}
+
 /// An optimizer-state average started at one sync and applied at the next (delayed state sync).
 pub struct PendingState {
     rows: Vec<Vec<u64>>,
@@ -126,15 +138,8 @@ pub fn replica_sync_peers<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B
         return Ok(SyncBytes::default());
     }
     let mut stats = SyncBytes::default();
-    let rows_of: Vec<Vec<u64>> = match mode {
-        SyncMode::Full => shards.iter().map(|s| (0..s.spec.num_rows() as u64).collect()).collect(),
-        SyncMode::Sparse => {
-            let n: Vec<usize> = shards.iter().map(|s| s.spec.num_rows()).collect();
-            let (u, b) = touched_union(comm, &n, touched)?;
-            stats.index_bytes = b;
-            u
-        }
-    };
+    let (rows_of, index_bytes) = rows_to_sync(comm, shards, touched, mode)?;
+    stats.index_bytes = index_bytes;
     be.synchronize()?;
     let mut msg = Vec::with_capacity(2 * shards.len());
     for s in shards.iter() {
@@ -201,15 +206,8 @@ fn replica_sync_host<B: Backend>(
     delayed: Option<&mut Option<PendingState>>,
 ) -> Result<SyncBytes> {
     let mut stats = SyncBytes::default();
-    let rows_of: Vec<Vec<u64>> = match mode {
-        SyncMode::Full => shards.iter().map(|s| (0..s.spec.num_rows() as u64).collect()).collect(),
-        SyncMode::Sparse => {
-            let n: Vec<usize> = shards.iter().map(|s| s.spec.num_rows()).collect();
-            let (u, b) = touched_union(comm, &n, touched)?;
-            stats.index_bytes = b;
-            u
-        }
-    };
+    let (rows_of, index_bytes) = rows_to_sync(comm, shards, touched, mode)?;
+    stats.index_bytes = index_bytes;
     let with_state = delayed.is_none();
     if let Some(pending) = delayed {
         if let Some(p) = pending.take() {

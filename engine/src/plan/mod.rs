@@ -100,6 +100,34 @@ impl TablePlan {
 }
 
 impl Plan {
+    /// A plan that cycles table t through `kinds[t % kinds.len()]` on `n` ranks: table-wise on
+    /// rank t mod n, row- and column-wise over all ranks, table-row-wise over the first half
+    /// (every sharding type in one model, for tests and the 2D self-test).
+    pub fn cycling(model: &ModelConfig, n: usize, kinds: &[ShardingType]) -> Result<Plan> {
+        if n == 0 || kinds.is_empty() {
+            return Err(Error::Config("a cycling plan needs n >= 1 ranks and at least one sharding type".into()));
+        }
+        let all: Vec<usize> = (0..n).collect();
+        let half: Vec<usize> = (0..n.div_ceil(2)).collect();
+        let tables = model
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(t, tc)| {
+                let kind = kinds[t % kinds.len()];
+                let ranks: &[usize] = match kind {
+                    ShardingType::TableWise => &all[t % n..t % n + 1],
+                    ShardingType::TableRowWise => &half,
+                    _ => &all,
+                };
+                TablePlan::new(t, tc.rows, tc.dim, kind, ranks)
+            })
+            .collect();
+        let p = Plan { n, tables };
+        p.validate(model)?;
+        Ok(p)
+    }
+
     /// The shards rank `rank` of a sharding group holds, as backend shard specs.
     pub fn shards_of(&self, model: &ModelConfig, rank: usize) -> Vec<(usize, ShardSpec)> {
         let mut v = Vec::new();
