@@ -97,4 +97,7 @@ fn auto_resolution_and_refusals() {
     assert!(e.contains("in-process"), "{e}");
     assert_eq!(Xfer::resolve(XferKind::Auto, &cpu, &tcp).unwrap(), Xfer::Host { stage: false });
     assert!("bogus".parse::<XferKind>().is_err());
+    // The CPU backend has no native (NCCL) collectives: asking for them is a clear error.
+    let e = Xfer::resolve("nccl".parse().unwrap(), &cpu, &tcp).unwrap_err().to_string();
+    assert!(e.contains("--features nccl"), "{e}");
 }

@@ -65,6 +65,9 @@ pub struct Cuda {
     /// Use the first-version backward (sort + RLE + warp per row) for every shard; set from
     /// `EMBER_CUDA_BWD=legacy` at open, or by `set_legacy_backward` (benchmarks compare both).
     legacy_bwd: std::sync::atomic::AtomicBool,
+    /// NCCL communicators of this rank (created on first use).
+    #[cfg(feature = "nccl")]
+    nccl: super::nccl::Nccl,
 }
 
 /// Sorted and run-length encoded occurrences of one backward call (arena scratch).
@@ -89,7 +92,7 @@ impl Cuda {
     pub fn with_pool(ordinal: usize, cfg: PoolConfig) -> Result<Cuda> {
         let gpu = Gpu::open(ordinal, cfg).map_err(dev)?;
         let legacy = std::env::var("EMBER_CUDA_BWD").is_ok_and(|v| v == "legacy");
-        Ok(Cuda { gpu, op: Mutex::new(()), legacy_bwd: std::sync::atomic::AtomicBool::new(legacy) })
+        Ok(Self::from_gpu(gpu, legacy))
     }
 
     /// A backend for one of several in-process ranks sharing device `ordinal`: its own stream,
@@ -98,7 +101,17 @@ impl Cuda {
     pub fn for_rank(ordinal: usize, cfg: PoolConfig) -> Result<Cuda> {
         let gpu = Gpu::open_private(ordinal, cfg).map_err(dev)?;
         let legacy = std::env::var("EMBER_CUDA_BWD").is_ok_and(|v| v == "legacy");
-        Ok(Cuda { gpu, op: Mutex::new(()), legacy_bwd: std::sync::atomic::AtomicBool::new(legacy) })
+        Ok(Self::from_gpu(gpu, legacy))
+    }
+
+    fn from_gpu(gpu: Arc<Gpu>, legacy: bool) -> Cuda {
+        Cuda {
+            #[cfg(feature = "nccl")]
+            nccl: super::nccl::Nccl::new(gpu.stream.clone()),
+            gpu,
+            op: Mutex::new(()),
+            legacy_bwd: std::sync::atomic::AtomicBool::new(legacy),
+        }
     }
 
     /// Whether a CUDA device can be opened here (never panics). Err says why not.
@@ -607,6 +620,13 @@ impl Backend for Cuda {
     }
     fn len(&self, buf: &DevBuf<f32>) -> usize {
         buf.len()
+    }
+    fn native(&self) -> Option<&dyn NativeColl<Cuda>> {
+        #[cfg(feature = "nccl")]
+        if ember_cuda::nccl::probe().is_ok() {
+            return Some(&self.nccl);
+        }
+        None
     }
     fn synchronize(&self) -> Result<()> {
         self.gpu.bind().map_err(dev)?;

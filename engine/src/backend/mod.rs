@@ -10,6 +10,8 @@ use crate::Result;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub use cpu::Cpu;
 
 /// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.
@@ -167,6 +169,17 @@ pub enum Act {
     Relu,
 }
 
+/// Collectives a backend runs natively on its own buffers (NCCL on CUDA), over the ranks of a
+/// host communicator (which names the group and carries the setup, e.g. NCCL's unique id).
+/// Counts are in floats, as in `parallel::xfer`.
+pub trait NativeColl<B: Backend + ?Sized>: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn all_to_all_v(&self, comm: &ember_transport::Comm, send: &B::Buf, scounts: &[usize], recv: &mut B::Buf, rcounts: &[usize]) -> Result<()>;
+    fn all_gather(&self, comm: &ember_transport::Comm, send: &B::Buf, recv: &mut B::Buf) -> Result<()>;
+    fn reduce_scatter_sum(&self, comm: &ember_transport::Comm, send: &B::Buf, recv: &mut B::Buf) -> Result<()>;
+    fn all_reduce_sum(&self, comm: &ember_transport::Comm, buf: &mut B::Buf) -> Result<()>;
+}
+
 /// The backend interface. Buffers are flat f32 (`Buf`) or u64 (`Ids`) arrays.
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
@@ -186,6 +199,10 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
     fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {
+        None
+    }
+    /// The backend's native collectives (NCCL on CUDA when built and loadable), if any.
+    fn native(&self) -> Option<&dyn NativeColl<Self>> {
         None
     }
     /// Wait for all queued work (no-op on the CPU).

@@ -135,10 +135,10 @@ struct Forward<B: Backend> {
 }
 
 /// The dense-gradient all-reduce of a step: in flight on the host transport, or (peer-to-peer
-/// buffers) the flat gradient to reduce when the step needs it.
+/// and native buffer transports) the flat gradient to reduce when the step needs it.
 enum DenseReduce<B: Backend> {
     Host(ember_transport::Request<Vec<f32>>),
-    Peers(B::Buf),
+    Device(B::Buf),
 }
 
 /// One rank of a 2D grid.
@@ -395,7 +395,7 @@ impl<B: Backend> Rank2D<B> {
         self.bytes.dense_all_reduce += total as u64 * 4;
         let dense_req = match self.xfer {
             Xfer::Host { .. } => DenseReduce::<B>::Host(self.comms.world.start_all_reduce(be.download(&grads)?, ReduceOp::Sum)),
-            Xfer::Peers => DenseReduce::Peers(grads),
+            Xfer::Peers | Xfer::Native => DenseReduce::Device(grads),
         };
         let ar_start = Instant::now();
         self.times.dense += self.stage("dense", t0);
@@ -469,7 +469,7 @@ impl<B: Backend> Rank2D<B> {
         let t0 = Instant::now();
         let summed = match dense_req {
             DenseReduce::Host(r) => be.upload(&r.wait()?)?,
-            DenseReduce::Peers(mut g) => {
+            DenseReduce::Device(mut g) => {
                 self.xfer.all_reduce_sum(be, &self.comms.world, &mut g)?;
                 g
             }

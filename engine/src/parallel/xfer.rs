@@ -11,6 +11,8 @@
 //!   of the peers' buffers (device to device on a GPU); a barrier closes each collective so no
 //!   buffer is reused while a peer may still read it. Reductions add the ranks' blocks in rank
 //!   order, as the host transport does, so both paths give bitwise the same result.
+//! * [`Xfer::Native`] — the backend's own collectives on its buffers (NCCL on CUDA, one rank
+//!   per GPU, across processes), ordered on the rank's stream; NCCL's reduction order is its own.
 use crate::backend::Backend;
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp};
@@ -20,7 +22,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum XferKind {
-    /// Peers for device buffers of in-process ranks, else Host.
+    /// Peers for device buffers of in-process ranks; the backend's native collectives (NCCL)
+    /// for device buffers of ranks in separate processes; else Host.
     #[default]
     Auto,
     Host,
@@ -28,6 +31,8 @@ pub enum XferKind {
     /// the staging path is exercised, and measured, on the CPU backend too).
     Staged,
     Peers,
+    /// The backend's native collectives (NCCL).
+    Nccl,
 }
 
 impl std::str::FromStr for XferKind {
@@ -38,7 +43,8 @@ impl std::str::FromStr for XferKind {
             "host" => Ok(XferKind::Host),
             "staged" => Ok(XferKind::Staged),
             "peers" => Ok(XferKind::Peers),
-            o => Err(Error::Config(format!("unknown buffer transport '{o}' (auto, host, staged, peers)"))),
+            "nccl" => Ok(XferKind::Nccl),
+            o => Err(Error::Config(format!("unknown buffer transport '{o}' (auto, host, staged, peers, nccl)"))),
         }
     }
 }
@@ -49,6 +55,7 @@ pub enum Xfer {
     /// Through `Comm`; `stage` forces the download/upload path even for host buffers (tests).
     Host { stage: bool },
     Peers,
+    Native,
 }
 
 impl Xfer {
@@ -64,7 +71,13 @@ impl Xfer {
                 Err(Error::Config(format!("peer-to-peer buffer transport needs in-process ranks; this job's transport is {}", comm.transport())))
             }
             XferKind::Peers => Ok(Xfer::Peers),
+            XferKind::Nccl if be.native().is_none() => Err(Error::Config(
+                "the NCCL buffer transport needs a CUDA build with `--features nccl` and libnccl.so loadable (docs/cuda.md)".into(),
+            )),
+            XferKind::Nccl if in_process => Err(Error::Config("NCCL takes one rank per GPU, one per process; in-process ranks use peers".into())),
+            XferKind::Nccl => Ok(Xfer::Native),
             XferKind::Auto if in_process && !on_host => Ok(Xfer::Peers),
+            XferKind::Auto if !on_host && be.native().is_some() => Ok(Xfer::Native),
             XferKind::Auto => Ok(Xfer::Host { stage: false }),
         }
     }
@@ -73,6 +86,7 @@ impl Xfer {
         match self {
             Xfer::Host { .. } => "host",
             Xfer::Peers => "peers",
+            Xfer::Native => "native",
         }
     }
 
@@ -118,6 +132,7 @@ impl Xfer {
                 comm.barrier()?;
                 Ok(())
             }
+            Xfer::Native => native(be)?.all_to_all_v(comm, send, scounts, recv, rcounts),
         }
     }
 
@@ -152,6 +167,7 @@ impl Xfer {
                 comm.barrier()?;
                 Ok(())
             }
+            Xfer::Native => native(be)?.all_gather(comm, send, recv),
         }
     }
 
@@ -191,6 +207,7 @@ impl Xfer {
                 comm.barrier()?;
                 Ok(())
             }
+            Xfer::Native => native(be)?.reduce_scatter_sum(comm, send, recv),
         }
     }
 
@@ -229,8 +246,13 @@ impl Xfer {
                 *buf = acc;
                 Ok(())
             }
+            Xfer::Native => native(be)?.all_reduce_sum(comm, buf),
         }
     }
+}
+
+fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B>> {
+    be.native().ok_or_else(|| Error::Device(format!("backend {} has no native collectives", be.name())))
 }
 
 fn host_mut_of<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> Option<&'a mut [f32]> {
