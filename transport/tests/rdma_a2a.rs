@@ -1,10 +1,19 @@
 //! The RDMA protocol over emulated verbs: all-to-all(v) against a reference for 2..=8 ranks,
-//! many sizes (zero included) and skewed size matrices, under the adversarial emulation (bytes
-//! placed in shuffled pieces, completions reordered across QPs, random full queues), and each
-//! injected fault (lost peer, short write, corrupted write): a clear error naming the peer,
-//! within the timeout, never a hang.
-use ember_transport::rdma::{emu_world, EmuConfig, Fault, RdmaConfig};
+//! many sizes (zero included, on both sides of the zero-copy threshold) and skewed size
+//! matrices, under the adversarial emulation (bytes placed in shuffled pieces, completions
+//! reordered across QPs, random full queues), and each injected fault (lost peer, short write,
+//! corrupted write) through the slots and zero-copy: a clear error naming the peer, within the
+//! timeout, never a hang. Zero-copy specifics at the fabric level: registration cache hits, a
+//! cancelled (revoked) buffer rejects late writes, a hostile zero-copy write, more outstanding
+//! receives than advertisement indices, send before post, upper-bound posts.
+//!
+//! Thresholds (RdmaFabric defaults): zero-copy from min(256 KiB, 4 × chunk) bytes, in writes of
+//! 4 × chunk bytes.
+use ember_transport::fabric::{Fabric, Tag, Wait};
+use ember_transport::rdma::emu::{self, EmuVerbs};
+use ember_transport::rdma::{emu_world, EmuConfig, Fault, RdmaConfig, RdmaFabric, RemoteSlots};
 use ember_transport::{Comm, Error};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn run<R: Send + 'static>(comms: Vec<Comm>, f: impl Fn(&Comm) -> R + Send + Sync + Clone + 'static) -> Vec<R> {
@@ -64,9 +73,10 @@ const T: Duration = Duration::from_secs(30);
 
 #[test]
 fn fast_emulation_all_sizes() {
+    // Zero-copy from 16 KiB = 4096 elements.
     let cfg = RdmaConfig { slots: 4, chunk: 4096 };
     for n in 2..=8 {
-        for base in [0usize, 1, 3, 255, 1024, 1025, 20_000] {
+        for base in [0usize, 1, 3, 255, 1024, 1025, 4095, 4096, 4097, 20_000] {
             for kind in 0..5 {
                 a2a_check(emu_world(n, EmuConfig::fast(), cfg, T).unwrap(), kind, base, 2);
             }
@@ -80,7 +90,8 @@ fn adversarial_emulation_all_sizes() {
         for (i, base) in [0usize, 1, 17, 1000, 5000].into_iter().enumerate() {
             for kind in 0..5 {
                 let seed = (n * 100 + i * 10 + kind as usize) as u64;
-                // Tiny slots (many chunks, constant credit starvation) and odd chunk sizes.
+                // Tiny slots (many chunks, constant credit starvation) and odd chunk sizes; the
+                // zero-copy threshold (244..8244 bytes) falls between the sizes.
                 let cfg = RdmaConfig { slots: 1 + seed as usize % 3, chunk: 61 + (seed as usize % 5) * 500 };
                 a2a_check(emu_world(n, EmuConfig::adversarial(seed), cfg, T).unwrap(), kind, base, 2);
             }
@@ -133,16 +144,21 @@ fn mismatched_counts_are_a_protocol_error_naming_the_sender() {
     assert!(matches!(e1, Error::Protocol { peer: 0, .. }), "{e1}");
 }
 
+/// The two delivery paths the fault tests run on, for 700-element (2800-byte) messages:
+/// through the slots (3 chunks of 1 KiB; zero-copy would start at 4 KiB), and zero-copy (threshold
+/// 2 KiB: an advertisement, an announcement and two zero-copy writes of 2048 + 752 bytes).
+const EAGER: RdmaConfig = RdmaConfig { slots: 2, chunk: 1024 };
+const ZCOPY: RdmaConfig = RdmaConfig { slots: 2, chunk: 512 };
+
 /// Run one a2a (several iterations) with `fault`; every rank must finish within the timeout
 /// plus slack; each error names a real peer; `blamed` must be named by at least one rank.
-fn fault_case(n: usize, fault: Fault, blamed: usize, want_protocol: bool) -> Vec<Option<Error>> {
+fn fault_case(n: usize, cfg: RdmaConfig, fault: Fault, blamed: usize, want_protocol: bool) -> Vec<Option<Error>> {
     let t = Duration::from_millis(1500);
     let mut e = EmuConfig::adversarial(42 + n as u64);
     e.faults = vec![fault];
-    let comms = emu_world(n, e, RdmaConfig { slots: 2, chunk: 512 }, t).unwrap();
+    let comms = emu_world(n, e, cfg, t).unwrap();
     let t0 = Instant::now();
     let out = run(comms, move |c| {
-        let r = c.rank();
         let sc = vec![700usize; n];
         let send: Vec<u32> = (0..n * 700).map(|i| i as u32).collect();
         let mut recv = vec![0u32; n * 700];
@@ -151,22 +167,22 @@ fn fault_case(n: usize, fault: Fault, blamed: usize, want_protocol: bool) -> Vec
                 return Some(e);
             }
         }
-        let _ = r;
         None
     });
-    assert!(t0.elapsed() < t * 4 + Duration::from_secs(5), "{fault:?}: took {:?}", t0.elapsed());
+    let what = format!("{fault:?} chunk {}", cfg.chunk);
+    assert!(t0.elapsed() < t * 4 + Duration::from_secs(5), "{what}: took {:?}", t0.elapsed());
     let errs: Vec<&Error> = out.iter().flatten().collect();
-    assert!(!errs.is_empty(), "{fault:?}: no rank noticed");
+    assert!(!errs.is_empty(), "{what}: no rank noticed");
     for e in &errs {
-        assert!(e.peer().is_some_and(|p| p < n), "{fault:?}: error without a peer: {e}");
+        assert!(e.peer().is_some_and(|p| p < n), "{what}: error without a peer: {e}");
     }
-    assert!(errs.iter().any(|e| e.peer() == Some(blamed)), "{fault:?}: nobody blames rank {blamed}: {errs:?}");
+    assert!(errs.iter().any(|e| e.peer() == Some(blamed)), "{what}: nobody blames rank {blamed}: {errs:?}");
     if want_protocol {
-        assert!(errs.iter().any(|e| matches!(e, Error::Protocol { peer, .. } if *peer == blamed)), "{fault:?}: {errs:?}");
+        assert!(errs.iter().any(|e| matches!(e, Error::Protocol { peer, .. } if *peer == blamed)), "{what}: {errs:?}");
         if n == 2 {
             // The receiver's abort reaches the writer: no timeout there.
             let w = out[blamed].as_ref().expect("the writer fails too");
-            assert!(matches!(w, Error::PeerFailed { peer, .. } if *peer == 1 - blamed), "{fault:?}: writer got {w}");
+            assert!(matches!(w, Error::PeerFailed { peer, .. } if *peer == 1 - blamed), "{what}: writer got {w}");
         }
     }
     out
@@ -174,14 +190,17 @@ fn fault_case(n: usize, fault: Fault, blamed: usize, want_protocol: bool) -> Vec
 
 #[test]
 fn lost_peer_is_named() {
-    for n in [2, 3, 6] {
-        for after in [0u64, 3, 20] {
-            let blamed = n - 1;
-            let out = fault_case(n, Fault::Lose { rank: blamed, after }, blamed, false);
-            // Survivors that talked to the lost rank name it.
-            if n == 2 {
-                let e = out[0].as_ref().expect("survivor fails");
-                assert_eq!(e.peer(), Some(1), "{e}");
+    // Data writes per rank and a2a iteration with 2 ranks: 3 (slots) or 4 (zero-copy).
+    for cfg in [EAGER, ZCOPY] {
+        for n in [2, 3, 6] {
+            for after in [0u64, 3, 10] {
+                let blamed = n - 1;
+                let out = fault_case(n, cfg, Fault::Lose { rank: blamed, after }, blamed, false);
+                // Survivors that talked to the lost rank name it.
+                if n == 2 {
+                    let e = out[0].as_ref().expect("survivor fails");
+                    assert_eq!(e.peer(), Some(1), "{e}");
+                }
             }
         }
     }
@@ -189,9 +208,13 @@ fn lost_peer_is_named() {
 
 #[test]
 fn short_write_is_a_protocol_error_naming_the_writer() {
-    for n in [2, 4] {
-        for nth in [0u64, 5] {
-            fault_case(n, Fault::Short { rank: 1, nth }, 1, true);
+    // Zero-copy: the n-th write may be a control message (short header) or a zero-copy chunk
+    // (length checked against the announced message).
+    for cfg in [EAGER, ZCOPY] {
+        for n in [2, 4] {
+            for nth in [0u64, 2, 3, 5] {
+                fault_case(n, cfg, Fault::Short { rank: 1, nth }, 1, true);
+            }
         }
     }
 }
@@ -200,7 +223,14 @@ fn short_write_is_a_protocol_error_naming_the_writer() {
 fn corrupted_write_is_a_protocol_error_naming_the_writer() {
     for n in [2, 5] {
         for (nth, at) in [(0u64, 3usize), (2, 30), (7, 50)] {
-            fault_case(n, Fault::Corrupt { rank: 0, nth, at }, 0, true);
+            fault_case(n, EAGER, Fault::Corrupt { rank: 0, nth, at }, 0, true);
+        }
+        // Zero-copy: a rank's first write is a control message (an advertisement: receives are
+        // posted before sends), whose header is checked. A flipped payload byte of a zero-copy
+        // write is not detected, as in the payload of a slot write: payload integrity is the
+        // link's (ICRC), the protocol checks headers, immediates and lengths.
+        for at in [3usize, 30, 50] {
+            fault_case(n, ZCOPY, Fault::Corrupt { rank: 0, nth: 0, at }, 0, true);
         }
     }
 }
@@ -241,5 +271,258 @@ fn emulation_refuses_out_of_bounds_writes() {
         eps[1].poll(&mut wcs, 8);
         assert_eq!(wcs, vec![Wc::Recv { peer: 0, imm: 77, byte_len: 32 }]);
         assert!(dst.iter().all(|&b| b == 1));
+    }
+}
+
+#[test]
+fn mismatched_counts_across_the_zero_copy_threshold() {
+    // Zero-copy from 256 bytes (chunk 64). Rank 0 sends `s` elements to rank 1, which expects `r`.
+    for (s, r) in [(500usize, 10usize), (500, 100), (500, 499), (10, 500), (100, 500)] {
+        let comms = emu_world(2, EmuConfig::adversarial(5 + s as u64), RdmaConfig { slots: 2, chunk: 64 }, Duration::from_secs(5)).unwrap();
+        let out = run(comms, move |c| {
+            let me = c.rank();
+            let sc = if me == 0 { vec![1, s] } else { vec![1, 1] };
+            let rc = if me == 1 { vec![r, 1] } else { vec![1, 1] };
+            let send = vec![7u32; sc.iter().sum()];
+            let mut recv = vec![0u32; rc.iter().sum()];
+            c.all_to_all_v(&send, &sc, &mut recv, &rc).err()
+        });
+        let e1 = out[1].clone().unwrap_or_else(|| panic!("{s} -> {r}: rank 1 must fail"));
+        assert!(matches!(e1, Error::Protocol { peer: 0, .. }), "{s} -> {r}: {e1}");
+    }
+}
+
+#[test]
+fn zero_copy_large_messages_all_matrices() {
+    // Default geometry (zero-copy from 256 KiB in 1 MiB writes): sizes around the threshold and
+    // several writes per message; fast and adversarial.
+    let cfg = RdmaConfig::default();
+    for n in [2, 3, 4] {
+        for base in [65_535usize, 65_536, 65_537, 300_000] {
+            for kind in [0, 2, 4] {
+                a2a_check(emu_world(n, EmuConfig::fast(), cfg, T).unwrap(), kind, base, 2);
+            }
+        }
+    }
+    for n in [2, 5] {
+        a2a_check(emu_world(n, EmuConfig::adversarial(n as u64 + 70), RdmaConfig { slots: 3, chunk: 16 << 10 }, T).unwrap(), 4, 70_000, 2);
+    }
+}
+
+/// A world of fabrics without `Comm` on top (the zero-copy tests drive `Fabric` directly).
+fn fabrics(n: usize, e: EmuConfig, cfg: RdmaConfig) -> Vec<Arc<RdmaFabric<EmuVerbs>>> {
+    let fabs: Vec<_> = emu::world(n, e).into_iter().map(|v| RdmaFabric::new(v, cfg, "rdma-emu").unwrap()).collect();
+    for (r, f) in fabs.iter().enumerate() {
+        let remote: Vec<Option<RemoteSlots>> = (0..n).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
+        f.connect(&remote).unwrap();
+    }
+    fabs.into_iter().map(Arc::new).collect()
+}
+
+fn tag(seq: u64) -> Tag {
+    Tag { ctx: 9, seq, round: 0 }
+}
+
+#[test]
+fn registration_cache_registers_repeated_buffers_once() {
+    let e = EmuConfig::fast();
+    let stats = e.stats.clone();
+    let n = 4;
+    let per = 100_000usize; // 400 KB per peer: zero-copy with the default geometry
+    let comms = emu_world(n, e, RdmaConfig::default(), T).unwrap();
+    let st = stats.clone();
+    let out = run(comms, move |c| {
+        let r = c.rank();
+        let send: Vec<u32> = (0..n * per).map(|i| val(r, i / per, i % per)).collect();
+        let mut recv = vec![0u32; n * per];
+        let mut regs = Vec::new();
+        for _ in 0..10 {
+            recv.iter_mut().for_each(|x| *x = 0);
+            c.all_to_all(&send, &mut recv).unwrap();
+            c.barrier().unwrap();
+            regs.push(st.registrations(r));
+        }
+        let ok = (0..n * per).all(|i| recv[i] == val(i / per, r, i % per));
+        (regs, ok)
+    });
+    for (r, (regs, ok)) in out.into_iter().enumerate() {
+        assert!(ok, "rank {r}: wrong data");
+        // Slots + header ring at setup, then each peer's send and receive range once.
+        assert!(regs[0] >= 2 + 2 * (n as u64 - 1), "rank {r}: {regs:?}");
+        assert_eq!(regs[1], regs[9], "rank {r}: registrations keep growing: {regs:?}");
+    }
+}
+
+#[test]
+fn cancelled_zero_copy_buffer_rejects_late_writes() {
+    let e = EmuConfig::fast();
+    let stats = e.stats.clone();
+    let f = fabrics(2, e, RdmaConfig { slots: 4, chunk: 4096 }); // zero-copy from 16 KiB
+    let w = Wait::new("test", Duration::from_secs(5));
+    let len = 1 << 20;
+    let data = vec![0xabu8; len];
+    let mut buf = vec![0u8; len];
+    unsafe {
+        // Rank 1 advertises (the advertisement lands at once on the fast emulation), then its
+        // queue to rank 0 stalls: the revoke cannot get out, nobody acknowledges, and the
+        // cancel revokes the registration. Rank 0 writes into the revoked buffer.
+        f[1].post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap();
+        f[1].verbs().stall_queue(0, true);
+        let deregs = stats.deregistrations(1);
+        let t0 = Instant::now();
+        f[1].cancel_recv(0, tag(1));
+        assert!(t0.elapsed() >= Duration::from_millis(100), "revoked without waiting for the ack");
+        assert_eq!(stats.deregistrations(1), deregs + 1, "the cancelled buffer was not deregistered");
+        buf.fill(0x55); // ours again
+        f[0].send(1, tag(1), data.as_ptr(), len, &w).unwrap();
+    }
+    let err = f[0].wait_send(1, tag(1), &w).unwrap_err();
+    assert!(matches!(err, Error::PeerFailed { peer: 1, .. }), "{err}");
+    assert!(stats.rejected_writes(1) >= 1, "no write was rejected");
+    assert!(buf.iter().all(|&b| b == 0x55), "a late write landed in the cancelled buffer");
+}
+
+#[test]
+fn cancel_while_the_sender_progresses_is_acknowledged() {
+    // Rank 0 keeps progressing (waiting for a message that comes last); rank 1 cancels an
+    // advertised receive: rank 0 acknowledges the revoke, so nothing is deregistered, nothing
+    // rejected, and the connection carries on.
+    for e in [EmuConfig::fast(), EmuConfig::adversarial(21)] {
+        let stats = e.stats.clone();
+        let f = fabrics(2, e, RdmaConfig { slots: 4, chunk: 4096 });
+        let w = Wait::new("test", Duration::from_secs(5));
+        let len = 100_000;
+        let f0 = f[0].clone();
+        let h = std::thread::spawn(move || {
+            let mut last = vec![0u8; 10];
+            unsafe { f0.post_recv(1, tag(9), last.as_mut_ptr(), 10, &w).unwrap() };
+            f0.wait_recv(1, tag(9), &w).unwrap()
+        });
+        let mut buf = vec![0u8; len];
+        let deregs = stats.deregistrations(1);
+        unsafe { f[1].post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
+        f[1].cancel_recv(0, tag(1));
+        assert_eq!(stats.deregistrations(1), deregs, "revoked although the sender acknowledged");
+        let msg = [7u8; 10];
+        unsafe { f[1].send(0, tag(9), msg.as_ptr(), 10, &w).unwrap() };
+        f[1].wait_send(0, tag(9), &w).unwrap();
+        assert_eq!(h.join().unwrap(), 10);
+        assert_eq!(stats.rejected_writes(0) + stats.rejected_writes(1), 0);
+    }
+}
+
+#[test]
+fn cancel_before_the_send_keeps_the_connection() {
+    for e in [EmuConfig::fast(), EmuConfig::adversarial(11)] {
+        let stats = e.stats.clone();
+        let f = fabrics(2, e, RdmaConfig { slots: 4, chunk: 4096 });
+        let w = Wait::new("test", Duration::from_secs(5));
+        let len = 100_000;
+        let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let mut dead = vec![0u8; len];
+        let mut live = vec![0u8; len];
+        unsafe {
+            f[1].post_recv(0, tag(1), dead.as_mut_ptr(), len, &w).unwrap();
+            f[1].cancel_recv(0, tag(1));
+            dead.fill(0x55);
+            // The next post gets the revoke out before the advertisement of tag 2.
+            f[1].post_recv(0, tag(2), live.as_mut_ptr(), len, &w).unwrap();
+        }
+        let f0 = f[0].clone();
+        let d = data.clone();
+        let h = std::thread::spawn(move || unsafe {
+            // The cancelled message is still sent (the sender knows nothing yet): dropped unwritten.
+            f0.send(1, tag(1), d.as_ptr(), len, &w).unwrap();
+            f0.send(1, tag(2), d.as_ptr(), len, &w).unwrap();
+            f0.wait_send(1, tag(1), &w).unwrap();
+            f0.wait_send(1, tag(2), &w).unwrap();
+        });
+        assert_eq!(f[1].wait_recv(0, tag(2), &w).unwrap(), len);
+        h.join().unwrap();
+        assert!(live == data);
+        assert!(dead.iter().all(|&b| b == 0x55));
+        assert_eq!(stats.rejected_writes(1), 0);
+    }
+}
+
+#[test]
+fn hostile_zero_copy_write_is_a_protocol_error() {
+    use ember_transport::rdma::verbs::{Imm, Verbs};
+    let f = fabrics(2, EmuConfig::fast(), RdmaConfig { slots: 4, chunk: 4096 });
+    let w = Wait::new("test", Duration::from_secs(5));
+    let mut buf = vec![0u8; 100_000];
+    unsafe { f[1].post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
+    // Rank 0 writes a zero-copy immediate for an advertisement rank 1 never made, into its slots.
+    let slots = f[1].slots_for(0);
+    let imm = Imm::Zc { src: 0, adv: 77, seq16: 0 }.encode();
+    unsafe { f[0].verbs().post_write_imm(1, 5, &[], slots.addr, slots.rkey, imm).unwrap() };
+    let e = f[1].wait_recv(0, tag(1), &w).unwrap_err();
+    assert!(matches!(e, Error::Protocol { peer: 0, .. }), "{e}");
+}
+
+/// Many zero-copy messages between two ranks on threads: more than the 128 advertisement
+/// indices outstanding, sends before and after the posts, posts in reverse order.
+fn many_messages(e: EmuConfig, count: u64, len: usize, send_first: bool) {
+    let f = fabrics(2, e, RdmaConfig { slots: 3, chunk: 512 }); // zero-copy from 2 KiB
+    let w = Wait::new("test", Duration::from_secs(20));
+    let f0 = f[0].clone();
+    let h = std::thread::spawn(move || {
+        let data: Vec<Vec<u8>> = (0..count).map(|k| (0..len).map(|i| (i as u64 * 7 + k) as u8).collect()).collect();
+        if !send_first {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (k, d) in data.iter().enumerate() {
+            unsafe { f0.send(1, tag(k as u64), d.as_ptr(), len, &w).unwrap() };
+        }
+        for k in 0..count {
+            f0.wait_send(1, tag(k), &w).unwrap();
+        }
+    });
+    if send_first {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut bufs: Vec<Vec<u8>> = (0..count).map(|_| vec![0u8; len]).collect();
+    for k in (0..count).rev() {
+        unsafe { f[1].post_recv(0, tag(k), bufs[k as usize].as_mut_ptr(), len, &w).unwrap() };
+    }
+    for k in 0..count {
+        assert_eq!(f[1].wait_recv(0, tag(k), &w).unwrap(), len);
+    }
+    h.join().unwrap();
+    for (k, b) in bufs.iter().enumerate() {
+        assert!(b.iter().enumerate().all(|(i, &x)| x == (i as u64 * 7 + k as u64) as u8), "message {k}");
+    }
+}
+
+#[test]
+fn more_receives_than_advertisement_indices() {
+    many_messages(EmuConfig::fast(), 300, 3000, false);
+    many_messages(EmuConfig::fast(), 300, 3000, true);
+    many_messages(EmuConfig::adversarial(3), 200, 5000, false);
+    many_messages(EmuConfig::adversarial(4), 200, 5000, true);
+}
+
+#[test]
+fn upper_bound_posts_below_and_above_the_threshold() {
+    // Posted 10 KB (advertised), sent 1000 bytes (slots) or 6000 bytes (zero-copy): the length
+    // that arrived is reported; then the connection carries on.
+    for e in [EmuConfig::fast(), EmuConfig::adversarial(8)] {
+        let f = fabrics(2, e, RdmaConfig { slots: 2, chunk: 512 });
+        let w = Wait::new("test", Duration::from_secs(5));
+        for (k, sent) in [1000usize, 6000, 1000, 6000].into_iter().enumerate() {
+            let data: Vec<u8> = (0..sent).map(|i| (i * 3 + k) as u8).collect();
+            let mut buf = vec![0u8; 10_000];
+            let t = tag(k as u64);
+            let f0 = f[0].clone();
+            let d = data.clone();
+            let h = std::thread::spawn(move || unsafe {
+                f0.send(1, t, d.as_ptr(), d.len(), &w).unwrap();
+                f0.wait_send(1, t, &w).unwrap();
+            });
+            unsafe { f[1].post_recv(0, t, buf.as_mut_ptr(), buf.len(), &w).unwrap() };
+            assert_eq!(f[1].wait_recv(0, t, &w).unwrap(), sent);
+            h.join().unwrap();
+            assert!(buf[..sent] == data[..]);
+        }
     }
 }

@@ -13,9 +13,13 @@
 //!   send-queue depth and random `QueueFull` refusals).
 //! * Otherwise (`EmuConfig::fast()`) a write is one `memcpy` at post time: the wire for the
 //!   benchmark of the protocol's own cost.
+//! * Counters (`EmuConfig::stats`, shared by the world): registrations and deregistrations per
+//!   rank, and writes refused because their target region is not (any more) registered: a test
+//!   can assert that buffers are registered once, and that a write into a revoked buffer was
+//!   rejected rather than placed.
 use super::verbs::{Mr, PostError, Sge, Verbs, Wc};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,37 @@ pub enum Fault {
     Corrupt { rank: usize, nth: u64, at: usize },
 }
 
+/// Counters of an emulated world (per rank, up to 128 ranks).
+#[derive(Debug)]
+pub struct EmuStats {
+    regs: Vec<AtomicU64>,
+    deregs: Vec<AtomicU64>,
+    rejected: Vec<AtomicU64>,
+}
+
+impl Default for EmuStats {
+    fn default() -> Self {
+        let v = || (0..super::verbs::MAX_RANKS).map(|_| AtomicU64::new(0)).collect();
+        EmuStats { regs: v(), deregs: v(), rejected: v() }
+    }
+}
+
+impl EmuStats {
+    /// Successful `register` calls of `rank`.
+    pub fn registrations(&self, rank: usize) -> u64 {
+        self.regs[rank].load(Ordering::Relaxed)
+    }
+    /// `deregister` calls of `rank` that removed a region.
+    pub fn deregistrations(&self, rank: usize) -> u64 {
+        self.deregs[rank].load(Ordering::Relaxed)
+    }
+    /// Writes into `rank`'s memory refused because the rkey or range is not registered there
+    /// (e.g. a late write into a revoked buffer): completed with a remote access error.
+    pub fn rejected_writes(&self, rank: usize) -> u64 {
+        self.rejected[rank].load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct EmuConfig {
     pub adversarial: bool,
@@ -37,14 +72,16 @@ pub struct EmuConfig {
     /// Probability (per mille) that a post is refused with `QueueFull` anyway.
     pub queue_full_permille: u32,
     pub faults: Vec<Fault>,
+    /// Counters, shared by every endpoint of the world (clone the `Arc` before building it).
+    pub stats: Arc<EmuStats>,
 }
 
 impl EmuConfig {
     pub fn fast() -> Self {
-        EmuConfig { adversarial: false, seed: 1, sq_depth: 64, queue_full_permille: 0, faults: vec![] }
+        EmuConfig { adversarial: false, seed: 1, sq_depth: 64, queue_full_permille: 0, faults: vec![], stats: Arc::default() }
     }
     pub fn adversarial(seed: u64) -> Self {
-        EmuConfig { adversarial: true, seed, sq_depth: 4, queue_full_permille: 100, faults: vec![] }
+        EmuConfig { adversarial: true, seed, sq_depth: 4, queue_full_permille: 100, faults: vec![], stats: Arc::default() }
     }
 }
 
@@ -73,6 +110,8 @@ struct Node {
     wire: Vec<VecDeque<Pending>>,
     sq_out: Vec<usize>,
     busy: Vec<bool>,
+    /// Send queues that refuse work (`QueueFull`) until released: a test's congested QP.
+    stalled: Vec<bool>,
     dead: Option<String>,
     data_writes: u64,
     rng: u64,
@@ -108,6 +147,7 @@ pub fn world(n: usize, cfg: EmuConfig) -> Vec<EmuVerbs> {
                 wire: (0..n).map(|_| VecDeque::new()).collect(),
                 sq_out: vec![0; n],
                 busy: vec![false; n],
+                stalled: vec![false; n],
                 dead: None,
                 data_writes: 0,
                 rng: cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (r as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1,
@@ -120,6 +160,17 @@ pub fn world(n: usize, cfg: EmuConfig) -> Vec<EmuVerbs> {
 }
 
 impl EmuVerbs {
+    /// The world's counters.
+    pub fn stats(&self) -> &EmuStats {
+        &self.w.cfg.stats
+    }
+
+    /// Make every post to `peer` fail with `QueueFull` (`true`) until released (`false`): a
+    /// congested send queue, for tests that need a message held back.
+    pub fn stall_queue(&self, peer: usize, on: bool) {
+        self.w.nodes[self.rank].lock().unwrap().stalled[peer] = on;
+    }
+
     /// Mark this endpoint lost (as if its host went away).
     pub fn kill(&self, why: &str) {
         {
@@ -142,10 +193,12 @@ impl EmuVerbs {
             return Err(format!("transport retry counter exceeded (rank {dst} unreachable: {why})"));
         }
         let Some(&(base, rlen)) = t.regions.get(&p.rkey) else {
+            self.w.cfg.stats.rejected[dst].fetch_add(1, Ordering::Relaxed);
             return Err(format!("remote access error: rkey {:#x} not registered at rank {dst}", p.rkey));
         };
         let ra = p.raddr as usize;
         if ra < base || ra.checked_add(p.len).is_none_or(|e| e > base + rlen) {
+            self.w.cfg.stats.rejected[dst].fetch_add(1, Ordering::Relaxed);
             return Err(format!("remote access error: [{ra:#x}, +{}) outside rank {dst}'s region", p.len));
         }
         // Walk the sges for the flat range.
@@ -259,11 +312,20 @@ impl Verbs for EmuVerbs {
         }
         let key = self.w.keys.fetch_add(1, Ordering::Relaxed);
         me.regions.insert(key, (addr as usize, len));
+        self.w.cfg.stats.regs[self.rank].fetch_add(1, Ordering::Relaxed);
         Ok(Mr { addr: addr as u64, len, lkey: key, rkey: key })
     }
 
+    /// Takes the region lock for writing: returns only after every write being placed into the
+    /// region finished; later writes to it are refused (remote access error).
     fn deregister(&self, mr: &Mr) {
-        self.w.mems[self.rank].write().unwrap().regions.remove(&mr.lkey);
+        if self.w.mems[self.rank].write().unwrap().regions.remove(&mr.lkey).is_some() {
+            self.w.cfg.stats.deregs[self.rank].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn cache_registrations(&self) -> bool {
+        true
     }
 
     unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError> {
@@ -278,7 +340,7 @@ impl Verbs for EmuVerbs {
         if let Some(why) = &me.dead {
             return Err(PostError::Fatal(format!("local queue pair in error state: {why}")));
         }
-        if me.sq_out[peer] >= cfg.sq_depth {
+        if me.sq_out[peer] >= cfg.sq_depth || me.stalled[peer] {
             return Err(PostError::QueueFull);
         }
         if cfg.queue_full_permille > 0 && (rnd(&mut me.rng) % 1000) < cfg.queue_full_permille as u64 {

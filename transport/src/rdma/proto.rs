@@ -2,32 +2,99 @@
 //!
 //! * Each receiver preallocates and registers, once, `slots` receive slots of
 //!   `HDR + chunk` bytes per peer; the sender learns `{addr, rkey}` at connect time.
-//! * A message is cut into chunks of at most `chunk` bytes (at least one chunk, so an empty
-//!   message still arrives); each chunk is one RDMA WRITE WITH IMMEDIATE of `[header | payload]`
-//!   (two sges: a registered header ring and the caller's registered buffer) into the next slot.
-//!   The immediate (peer, slot, sequence) signals arrival; the header carries the tag, offset and
-//!   total length, and is checked (magic, checksum, sequence, bounds) before a byte is copied out.
-//! * Credits: a sender holds `slots` credits per peer and spends one per chunk; the receiver
-//!   returns them in batches with a zero-length write whose immediate carries the count.
+//! * Small messages (eager, below the zero-copy threshold): a message is cut into chunks of at
+//!   most `chunk` bytes (at least one chunk, so an empty message still arrives); each chunk is
+//!   one RDMA WRITE WITH IMMEDIATE of `[header | payload]` (two sges: a registered header ring
+//!   and the caller's registered buffer) into the next slot. The immediate (peer, slot,
+//!   sequence) signals arrival; the header carries the tag, offset and total length, and is
+//!   checked (magic, checksum, sequence, bounds) before a byte is copied out.
+//! * Large messages (zero-copy rendezvous, at least `zc_min` bytes): the receiver registers the
+//!   posted buffer (registration cache) and advertises `{addr, rkey, len, tag, index}` to the
+//!   sender in a header-only slot write; the sender announces the message length (another
+//!   header-only write) and RDMA-writes the payload straight into the advertised buffer in
+//!   chunks of `zc_chunk` bytes, each a WRITE WITH IMMEDIATE whose immediate names the
+//!   advertisement: the receiver knows every byte landed when the announced length has arrived,
+//!   each chunk's length checked. A cancelled receive is revoked (deregistered before
+//!   `cancel_recv` returns, so a late write fails at the NIC) and the sender told to stop.
+//! * Credits: a sender holds `slots` credits per peer and spends one per write that raises an
+//!   immediate (chunk, control message, zero-copy chunk); the receiver returns them in batches
+//!   with a zero-length write whose immediate carries the count.
 //! * Pipelining: pending chunks of all peers are posted round-robin (one per peer per pass,
 //!   starting at a rank-dependent peer) as credits and send-queue room allow; a full send queue
-//!   (`PostError::QueueFull`) only ends the pass.
+//!   (`PostError::QueueFull`) only ends the pass. Control messages to a peer go before its data.
 //! * Progress is driven by whichever thread waits (poll, process, post), with back-off.
-use super::verbs::{Imm, Mr, PostError, Sge, Verbs, Wc, MAX_RANKS, MAX_SLOTS};
+use super::verbs::{Imm, Mr, PostError, Sge, Verbs, Wc, MAX_ADVERTS, MAX_CREDIT, MAX_RANKS, MAX_SLOTS};
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// FxHash-style hasher for the state maps (keys are small integers and tags; SipHash was a
+/// tenth of the time of a small-message all-to-all).
+#[derive(Default)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, b: &[u8]) {
+        for &x in b {
+            self.write_u64(x as u64);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(x as u64)
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64)
+    }
+}
+
+type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<Fx>>;
+type HashSet<K> = StdHashSet<K, BuildHasherDefault<Fx>>;
 
 /// Bytes of the chunk header at the start of every slot.
 pub const HDR: usize = 64;
 const MAGIC: u32 = 0xE3B6_D7A1;
 const CREDIT_WR: u64 = 1 << 63;
 /// A credit return with this count tells the writer its stream was rejected (abort).
-const ABORT: u32 = 0x00ff_ffff;
+const ABORT: u32 = MAX_CREDIT;
 /// Largest message stashed for a receive not yet posted (per message).
 const STASH_MAX: usize = 1 << 31;
+/// Zero-copy threshold: messages of at least `min(ZC_MIN, ZC_CHUNK_MULT * chunk)` bytes go
+/// zero-copy (see [`RdmaFabric::with_zero_copy`]). Measured on the emulation: at 64 KiB the
+/// rendezvous (advertisement, announcement, one more hand-off when the receiver posts late)
+/// cost more than the copy it saves; at 256 KiB the two paths are even; above it zero-copy wins.
+pub const ZC_MIN: usize = 256 << 10;
+/// Zero-copy writes carry `ZC_CHUNK_MULT * chunk` bytes (at most 2^30).
+pub const ZC_CHUNK_MULT: usize = 4;
+/// How long `cancel_recv` of an advertised buffer waits for the sender's acknowledgement before
+/// it revokes the registration (error paths only).
+const CANCEL_WAIT: Duration = Duration::from_millis(100);
+/// Registrations kept by the cache (least recently used idle ones are dropped beyond this).
+const CACHE_MAX: usize = 256;
+
+// Header kinds: a data chunk, or a header-only control message.
+const K_DATA: u8 = 0;
+/// Receiver → sender: `{addr (offset field), rkey (aux), cap (total), index}` for `tag`.
+const K_ADVERT: u8 = 1;
+/// Sender → receiver: `tag` goes zero-copy; `total` is its length.
+const K_RTS: u8 = 2;
+/// Receiver → sender: do not write into the advertisement of `tag` (reason in aux).
+const K_REVOKE: u8 = 3;
+/// Sender → receiver: no write for advertisement `index` will follow.
+const K_ACK: u8 = 4;
+/// Revoke reasons: the receive was cancelled; use the slots; forget an unused advertisement.
+const R_CANCEL: u32 = 0;
+const R_EAGER: u32 = 1;
+const R_PURGE: u32 = 2;
+const NO_ADV: u8 = 0xff;
 
 /// Protocol geometry. Both sides of a connection must agree (checked at connect).
 #[derive(Clone, Copy, Debug)]
@@ -56,11 +123,14 @@ pub struct RemoteSlots {
 #[derive(Clone, Copy)]
 struct Header {
     src: u16,
+    kind: u8,
+    adv: u8,
     chunk_len: u32,
     tag: Tag,
     total: u64,
     offset: u64,
     chunk_seq: u32,
+    aux: u32,
 }
 
 fn checksum(b: &[u8]) -> u32 {
@@ -76,7 +146,8 @@ impl Header {
     fn write(&self, b: &mut [u8; HDR]) {
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&self.src.to_le_bytes());
-        b[6..8].copy_from_slice(&0u16.to_le_bytes());
+        b[6] = self.kind;
+        b[7] = self.adv;
         b[8..16].copy_from_slice(&self.tag.ctx.to_le_bytes());
         b[16..24].copy_from_slice(&self.tag.seq.to_le_bytes());
         b[24..28].copy_from_slice(&self.tag.round.to_le_bytes());
@@ -84,7 +155,7 @@ impl Header {
         b[32..40].copy_from_slice(&self.total.to_le_bytes());
         b[40..48].copy_from_slice(&self.offset.to_le_bytes());
         b[48..52].copy_from_slice(&self.chunk_seq.to_le_bytes());
-        b[52..56].copy_from_slice(&0u32.to_le_bytes());
+        b[52..56].copy_from_slice(&self.aux.to_le_bytes());
         let c = checksum(&b[0..56]);
         b[56..60].copy_from_slice(&c.to_le_bytes());
         b[60..64].copy_from_slice(&0u32.to_le_bytes());
@@ -100,12 +171,120 @@ impl Header {
         }
         Ok(Header {
             src: u16::from_le_bytes([b[4], b[5]]),
+            kind: b[6],
+            adv: b[7],
             tag: Tag { ctx: u64_at(8), seq: u64_at(16), round: u32_at(24) },
             chunk_len: u32_at(28),
             total: u64_at(32),
             offset: u64_at(40),
             chunk_seq: u32_at(48),
+            aux: u32_at(52),
         })
+    }
+}
+
+/// A header-only control message, queued per peer and posted before that peer's data.
+#[derive(Clone, Copy, Debug)]
+enum Ctl {
+    Advert { tag: Tag, adv: u8, addr: u64, rkey: u32, cap: u64 },
+    Rts { tag: Tag, len: u64 },
+    Revoke { tag: Tag, adv: u8, why: u32 },
+    Ack { adv: u8 },
+}
+
+impl Ctl {
+    fn header(self, src: u16, seq: u32) -> Header {
+        let z = Tag { ctx: 0, seq: 0, round: 0 };
+        let h = |kind, adv, tag, total, offset, aux| Header { src, kind, adv, chunk_len: 0, tag, total, offset, chunk_seq: seq, aux };
+        match self {
+            Ctl::Advert { tag, adv, addr, rkey, cap } => h(K_ADVERT, adv, tag, cap, addr, rkey),
+            Ctl::Rts { tag, len } => h(K_RTS, NO_ADV, tag, len, 0, 0),
+            Ctl::Revoke { tag, adv, why } => h(K_REVOKE, adv, tag, 0, 0, why),
+            Ctl::Ack { adv } => h(K_ACK, adv, z, 0, 0, 0),
+        }
+    }
+}
+
+type MrKey = (u64, usize, bool);
+
+/// A registration in use: `key` names its cache entry (`None`: a private one, deregistered at release).
+#[derive(Clone, Copy, Debug)]
+struct MrRef {
+    mr: Mr,
+    key: Option<MrKey>,
+}
+
+struct CacheEnt {
+    mr: Mr,
+    users: u32,
+    last: u64,
+}
+
+/// Registration cache keyed by address range (and purpose: a receive buffer is registered for
+/// exactly its range and used by one receive at a time, so revoking it touches nothing else;
+/// a send may use any send registration containing its range).
+struct MrCache {
+    on: bool,
+    map: HashMap<MrKey, CacheEnt>,
+    clock: u64,
+}
+
+impl MrCache {
+    fn acquire<V: Verbs>(&mut self, v: &V, addr: usize, len: usize, recv: bool) -> std::result::Result<MrRef, String> {
+        // SAFETY (of the registrations below): the Fabric contract keeps the buffer valid while
+        // in use; a cached registration outliving it is harmless where caching is enabled
+        // (`Verbs::cache_registrations`: registrations follow the virtual range).
+        let reg = |v: &V| unsafe { v.register(addr as *mut u8, len) };
+        if !self.on {
+            return Ok(MrRef { mr: reg(v)?, key: None });
+        }
+        self.clock += 1;
+        let clock = self.clock;
+        let key = (addr as u64, len, recv);
+        if let Some(e) = self.map.get_mut(&key) {
+            if !recv || e.users == 0 {
+                e.users += 1;
+                e.last = clock;
+                return Ok(MrRef { mr: e.mr, key: Some(key) });
+            }
+            return Ok(MrRef { mr: reg(v)?, key: None }); // the range is posted twice at once
+        }
+        if !recv {
+            let (a, end) = (addr as u64, addr as u64 + len as u64);
+            if let Some((k, e)) = self.map.iter_mut().find(|(k, _)| !k.2 && k.0 <= a && k.0 + k.1 as u64 >= end) {
+                e.users += 1;
+                e.last = clock;
+                return Ok(MrRef { mr: e.mr, key: Some(*k) });
+            }
+        }
+        if self.map.len() >= CACHE_MAX {
+            let victim = self.map.iter().filter(|(_, e)| e.users == 0).min_by_key(|(_, e)| e.last).map(|(k, _)| *k);
+            match victim {
+                Some(k) => v.deregister(&self.map.remove(&k).unwrap().mr),
+                None => return Ok(MrRef { mr: reg(v)?, key: None }),
+            }
+        }
+        let mr = reg(v)?;
+        self.map.insert(key, CacheEnt { mr, users: 1, last: clock });
+        Ok(MrRef { mr, key: Some(key) })
+    }
+
+    /// Done with `r`. `revoke`: deregister it now (no peer may write into it, and no posted
+    /// read of it may happen, once this returns), and drop it from the cache.
+    fn release<V: Verbs>(&mut self, v: &V, r: &MrRef, revoke: bool) {
+        match r.key {
+            None => v.deregister(&r.mr),
+            Some(k) => {
+                let Some(e) = self.map.get_mut(&k) else { return }; // revoked already
+                if e.mr.lkey != r.mr.lkey {
+                    return;
+                }
+                e.users = e.users.saturating_sub(1);
+                if revoke {
+                    v.deregister(&self.map.remove(&k).unwrap().mr);
+                }
+            }
+        }
     }
 }
 
@@ -114,7 +293,7 @@ impl Header {
 struct RecvEntry {
     /// Posted landing buffer.
     posted: Option<(usize, usize)>,
-    /// Total length announced by the first chunk.
+    /// Total length announced by the first chunk (eager) or by the sender's announcement.
     total: Option<usize>,
     next_off: usize,
     /// Bytes that arrived before the buffer was posted.
@@ -123,6 +302,32 @@ struct RecvEntry {
     /// Remaining chunks are consumed and dropped (cancelled, or too long for the buffer).
     discard: bool,
     err: Option<Error>,
+    /// The sender announced this message as zero-copy (`total` is its length).
+    announced: bool,
+    /// The sender delivers it through the slots.
+    eager: bool,
+    /// Registration of the posted buffer (zero-copy receive).
+    mr: Option<MrRef>,
+    /// Advertisement index while the buffer is advertised.
+    adv: Option<u8>,
+    /// Posted for zero-copy, waiting for a free advertisement index.
+    adv_wait: bool,
+    /// Withdrawn (cancel_recv, or a failed wait_recv).
+    withdrawn: bool,
+    /// The sender was told (revoke) not to write this message zero-copy.
+    revoked: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Through the slots.
+    Eager,
+    /// Zero-copy, waiting for the receiver's advertisement.
+    Wait,
+    /// Zero-copy into the advertised buffer.
+    Zc { addr: u64, rkey: u32, adv: u8 },
+    /// The receiver withdrew it: nothing more is written.
+    Dropped,
 }
 
 struct SendJob {
@@ -130,12 +335,30 @@ struct SendJob {
     tag: Tag,
     data: usize,
     len: usize,
-    mr: Option<Mr>,
+    mr: Option<MrRef>,
+    mode: Mode,
     next_off: usize,
     chunks_total: usize,
     chunks_posted: usize,
     chunks_done: usize,
     err: Option<Error>,
+}
+
+/// An advertisement received from a peer.
+#[derive(Clone, Copy, Debug)]
+struct RemoteBuf {
+    addr: u64,
+    rkey: u32,
+    cap: u64,
+    adv: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AdvSlot {
+    Free,
+    Active(Tag),
+    /// Revoked; free again once the sender acknowledges.
+    Revoked,
 }
 
 struct Peer {
@@ -145,12 +368,23 @@ struct Peer {
     rx_seq: u32,
     /// Slots consumed and not yet returned.
     owed: u32,
-    /// Credit writes in flight (their completions).
+    /// Jobs with chunks to post, in order (eager ones at once, zero-copy ones once advertised).
     tx_queue: VecDeque<u64>,
     /// Why the peer is unusable (`true`: it sent something malformed).
     failed: Option<(bool, String)>,
     /// An abort for this peer's writer is still to be posted.
     abort: bool,
+    /// Control messages to post, in order, before any data.
+    ctl: VecDeque<Ctl>,
+    /// Advertisements from this peer whose send has not been issued yet.
+    adverts: HashMap<Tag, RemoteBuf>,
+    /// Messages whose advertisement the peer revoked before the send was issued.
+    revoked: HashSet<Tag>,
+    /// Our advertisements to this peer, by index.
+    advs: Vec<AdvSlot>,
+    adv_next: usize,
+    /// Receives waiting for a free advertisement index.
+    adv_wait: VecDeque<Tag>,
 }
 
 struct State {
@@ -163,6 +397,7 @@ struct State {
     hdrs: Vec<[u8; HDR]>,
     wcs: Vec<Wc>,
     rotate: usize,
+    cache: MrCache,
 }
 
 /// The RDMA protocol over any [`Verbs`] endpoint.
@@ -172,6 +407,10 @@ pub struct RdmaFabric<V: Verbs> {
     rank: usize,
     n: usize,
     slot_size: usize,
+    /// Messages of at least this many bytes go zero-copy.
+    zc_min: usize,
+    /// Bytes per zero-copy write.
+    zc_chunk: usize,
     /// Receive slots: peer p's slots at `p * slots * slot_size`.
     rx: Box<[u8]>,
     rx_mr: Mr,
@@ -215,20 +454,53 @@ impl<V: Verbs> RdmaFabric<V> {
         let io = |e: String| Error::Io { op: OP, peer: rank, detail: e };
         // SAFETY: both allocations live in `self` until Drop deregisters them (a Box/Vec never moves its heap buffer).
         let rx_mr = unsafe { v.register(rx.as_mut_ptr(), bytes) }.map_err(io)?;
+        let cache = MrCache { on: v.cache_registrations(), map: HashMap::default(), clock: 0 };
         let mut st = State {
             peers: (0..n)
-                .map(|_| Peer { remote: None, credits: 0, tx_seq: 0, rx_seq: 0, owed: 0, tx_queue: VecDeque::new(), failed: None, abort: false })
+                .map(|_| Peer {
+                    remote: None,
+                    credits: 0,
+                    tx_seq: 0,
+                    rx_seq: 0,
+                    owed: 0,
+                    tx_queue: VecDeque::new(),
+                    failed: None,
+                    abort: false,
+                    ctl: VecDeque::new(),
+                    adverts: HashMap::default(),
+                    revoked: HashSet::default(),
+                    advs: vec![AdvSlot::Free; MAX_ADVERTS],
+                    adv_next: 0,
+                    adv_wait: VecDeque::new(),
+                })
                 .collect(),
-            recvs: HashMap::new(),
-            jobs: HashMap::new(),
-            job_of: HashMap::new(),
+            recvs: HashMap::default(),
+            jobs: HashMap::default(),
+            job_of: HashMap::default(),
             next_job: 1,
             hdrs,
             wcs: Vec::with_capacity(64),
             rotate: 0,
+            cache,
         };
         let hdr_mr = unsafe { v.register(st.hdrs.as_mut_ptr() as *mut u8, n * cfg.slots * HDR) }.map_err(io)?;
-        Ok(RdmaFabric { v, cfg, rank, n, slot_size, rx, rx_mr, hdr_mr, st: Mutex::new(st), name })
+        let zc_chunk = cfg.chunk.saturating_mul(ZC_CHUNK_MULT).min(1 << 30);
+        let zc_min = ZC_MIN.min(zc_chunk);
+        Ok(RdmaFabric { v, cfg, rank, n, slot_size, zc_min, zc_chunk, rx, rx_mr, hdr_mr, st: Mutex::new(st), name })
+    }
+
+    /// Messages of at least `min` bytes go zero-copy (`usize::MAX`: never), in writes of
+    /// `chunk` bytes (1..=2^30). Both sides should agree (a disagreement only costs a fallback
+    /// to the slots). Defaults: `min(256 KiB, 4 × chunk)` and `4 × chunk`.
+    pub fn with_zero_copy(mut self, min: usize, chunk: usize) -> Self {
+        self.zc_min = min.max(1);
+        self.zc_chunk = chunk.clamp(1, 1 << 30);
+        self
+    }
+
+    /// The zero-copy threshold in bytes.
+    pub fn zero_copy_min(&self) -> usize {
+        self.zc_min
     }
 
     /// The slots this rank reserved for messages from `src` (sent to `src` through the bootstrap).
@@ -325,6 +597,83 @@ impl<V: Verbs> RdmaFabric<V> {
         }
     }
 
+    /// Decide how job `j` is delivered once it is known whether the receiver advertised a
+    /// buffer large enough for it.
+    fn start(&self, j: &mut SendJob, rb: Option<RemoteBuf>) {
+        match rb {
+            Some(rb) if j.len as u64 <= rb.cap && j.len > 0 => {
+                j.mode = Mode::Zc { addr: rb.addr, rkey: rb.rkey, adv: rb.adv };
+                j.chunks_total = j.len.div_ceil(self.zc_chunk);
+            }
+            _ => {
+                j.mode = Mode::Eager;
+                j.chunks_total = j.len.div_ceil(self.cfg.chunk).max(1);
+            }
+        }
+    }
+
+    /// Advertisement index `a` to peer `p` is free: hand it to a receive waiting for one.
+    fn free_adv(st: &mut State, p: usize, a: usize) {
+        st.peers[p].advs[a] = AdvSlot::Free;
+        while let Some(tag) = st.peers[p].adv_wait.pop_front() {
+            let Some(e) = st.recvs.get_mut(&(p, tag)) else { continue };
+            if !e.adv_wait {
+                continue;
+            }
+            let (Some((buf, cap)), Some(mr)) = (e.posted, e.mr) else { continue };
+            e.adv_wait = false;
+            e.adv = Some(a as u8);
+            st.peers[p].advs[a] = AdvSlot::Active(tag);
+            st.peers[p].ctl.push_back(Ctl::Advert { tag, adv: a as u8, addr: buf as u64, rkey: mr.mr.rkey, cap: cap as u64 });
+            break;
+        }
+    }
+
+    /// Register the posted buffer of `(p, tag)` and advertise it (or queue it for an index).
+    /// On a registration failure the message simply goes through the slots.
+    fn advertise(&self, st: &mut State, p: usize, tag: Tag, buf: usize, len: usize) {
+        let mr = match st.cache.acquire(&self.v, buf, len, true) {
+            Ok(mr) => mr,
+            Err(e) => {
+                tracing::debug!(peer = p, "rdma: registering a receive buffer failed ({e}); using the slots");
+                return;
+            }
+        };
+        let State { peers, recvs, .. } = st;
+        let peer = &mut peers[p];
+        let e = recvs.get_mut(&(p, tag)).expect("posted entry");
+        e.mr = Some(mr);
+        match (0..MAX_ADVERTS).map(|i| (peer.adv_next + i) % MAX_ADVERTS).find(|&i| peer.advs[i] == AdvSlot::Free) {
+            Some(a) => {
+                peer.adv_next = a + 1;
+                peer.advs[a] = AdvSlot::Active(tag);
+                e.adv = Some(a as u8);
+                peer.ctl.push_back(Ctl::Advert { tag, adv: a as u8, addr: buf as u64, rkey: mr.mr.rkey, cap: len as u64 });
+            }
+            None => {
+                e.adv_wait = true;
+                peer.adv_wait.push_back(tag);
+            }
+        }
+    }
+
+    /// The message `(p, tag)` will not be written zero-copy: release its registration and its
+    /// advertisement (or its place in the queue for one). Returns whether it was advertised.
+    fn unadvertise(&self, st: &mut State, p: usize, tag: Tag) -> bool {
+        let Some(e) = st.recvs.get_mut(&(p, tag)) else { return false };
+        let (mr, adv, waited) = (e.mr.take(), e.adv.take(), std::mem::take(&mut e.adv_wait));
+        if let Some(mr) = mr {
+            st.cache.release(&self.v, &mr, false);
+        }
+        if waited {
+            st.peers[p].adv_wait.retain(|t| *t != tag);
+        }
+        if let Some(a) = adv {
+            Self::free_adv(st, p, a as usize);
+        }
+        adv.is_some()
+    }
+
     fn on_recv(&self, st: &mut State, p: usize, imm: u32, byte_len: usize) -> std::result::Result<(), String> {
         let s = self.cfg.slots;
         match Imm::decode(imm) {
@@ -344,6 +693,40 @@ impl<V: Verbs> RdmaFabric<V> {
                     return Err(format!("returned {count} credits, which would make {c} > {s} slots"));
                 }
                 st.peers[p].credits = c;
+                Ok(())
+            }
+            Imm::Zc { src, adv, seq16 } => {
+                let want = st.peers[p].rx_seq;
+                if src != p {
+                    return Err(format!("zero-copy immediate names rank {src} on rank {p}'s queue pair"));
+                }
+                if seq16 != want as u16 {
+                    return Err(format!("zero-copy write out of sequence: seq {seq16}, expected {}", want as u16));
+                }
+                match st.peers[p].advs[adv] {
+                    AdvSlot::Free => return Err(format!("zero-copy write of {byte_len} bytes for advertisement {adv}, which is not outstanding")),
+                    AdvSlot::Revoked => {} // landed before the revocation; nobody waits for it
+                    AdvSlot::Active(tag) => {
+                        let e = st.recvs.get_mut(&(p, tag)).ok_or_else(|| format!("zero-copy write for {tag:?}, which is not posted"))?;
+                        let Some(total) = e.total.filter(|_| e.announced) else {
+                            return Err(format!("zero-copy write for {tag:?} before its announcement"));
+                        };
+                        let exp = (total - e.next_off).min(self.zc_chunk);
+                        if byte_len != exp {
+                            return Err(format!(
+                                "short write: zero-copy chunk at offset {} of a {total}-byte message carries {byte_len} bytes, expected {exp}",
+                                e.next_off
+                            ));
+                        }
+                        e.next_off += byte_len;
+                        if e.next_off == total {
+                            e.done = true;
+                            self.unadvertise(st, p, tag);
+                        }
+                    }
+                }
+                st.peers[p].rx_seq = want.wrapping_add(1);
+                st.peers[p].owed += 1;
                 Ok(())
             }
             Imm::Data { src, slot, seq16 } => {
@@ -367,6 +750,15 @@ impl<V: Verbs> RdmaFabric<V> {
                 if clen != byte_len - HDR {
                     return Err(format!("short write: header announces {clen} payload bytes, {} arrived", byte_len - HDR));
                 }
+                if h.kind != K_DATA {
+                    if clen != 0 {
+                        return Err(format!("control message of kind {} carries {clen} payload bytes", h.kind));
+                    }
+                    self.on_ctl(st, p, &h)?;
+                    st.peers[p].rx_seq = want.wrapping_add(1);
+                    st.peers[p].owed += 1;
+                    return Ok(());
+                }
                 if clen > self.cfg.chunk || h.offset.checked_add(clen as u64).is_none_or(|e| e > h.total) {
                     return Err(format!("chunk [{}, +{clen}) outside the message of {} bytes", h.offset, h.total));
                 }
@@ -376,6 +768,15 @@ impl<V: Verbs> RdmaFabric<V> {
                 if e.done || *e.total.get_or_insert(total) != total || off != e.next_off {
                     return Err(format!("chunk at offset {off} of {total} bytes does not continue message {:?} (at {}, done {})", h.tag, e.next_off, e.done));
                 }
+                if !e.eager {
+                    // The sender uses the slots: an advertisement for this message is unused.
+                    e.eager = true;
+                    let announced = e.announced;
+                    if self.unadvertise(st, p, h.tag) && !announced {
+                        st.peers[p].ctl.push_back(Ctl::Revoke { tag: h.tag, adv: NO_ADV, why: R_PURGE });
+                    }
+                }
+                let e = st.recvs.get_mut(&(p, h.tag)).unwrap();
                 let payload = &sl[HDR..HDR + clen];
                 if e.discard || e.err.is_some() {
                 } else if let Some((buf, cap)) = e.posted {
@@ -406,7 +807,124 @@ impl<V: Verbs> RdmaFabric<V> {
         }
     }
 
-    /// Return owed credits, then post chunks round-robin over peers. Returns whether anything was posted.
+    /// A header-only control message from `p` (already checked: magic, checksum, sequence).
+    fn on_ctl(&self, st: &mut State, p: usize, h: &Header) -> std::result::Result<(), String> {
+        let tag = h.tag;
+        match h.kind {
+            K_ADVERT => {
+                // We are the sender of `tag`.
+                if h.adv as usize >= MAX_ADVERTS || h.total == 0 {
+                    return Err(format!("advertisement {} of {} bytes for {tag:?}", h.adv, h.total));
+                }
+                let rb = RemoteBuf { addr: h.offset, rkey: h.aux, cap: h.total, adv: h.adv };
+                if let Some(&jid) = st.job_of.get(&(p, tag)) {
+                    let j = st.jobs.get_mut(&jid).unwrap();
+                    match j.mode {
+                        Mode::Wait => {
+                            self.start(j, Some(rb));
+                            st.peers[p].tx_queue.push_back(jid);
+                        }
+                        Mode::Eager => {} // below the threshold here: unused (the receiver sees the slots used)
+                        Mode::Zc { .. } | Mode::Dropped => return Err(format!("second advertisement for {tag:?}")),
+                    }
+                } else if st.peers[p].adverts.insert(tag, rb).is_some() {
+                    return Err(format!("second advertisement for {tag:?}"));
+                }
+            }
+            K_RTS => {
+                // We are the receiver of `tag`.
+                let total = usize::try_from(h.total).ok().filter(|&t| t > 0 && t <= isize::MAX as usize);
+                let Some(total) = total else { return Err(format!("announcement of a {}-byte message", h.total)) };
+                let e = st.recvs.entry((p, tag)).or_default();
+                if e.announced || e.total.is_some() || e.done {
+                    return Err(format!("announcement of {tag:?}, which is already under way"));
+                }
+                e.announced = true;
+                e.total = Some(total);
+                if e.withdrawn {
+                    // Cancelled here: the sender must not wait for an advertisement.
+                    let tell = !e.revoked;
+                    st.recvs.remove(&(p, tag));
+                    if tell {
+                        st.peers[p].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_CANCEL });
+                    }
+                    return Ok(());
+                }
+                let Some((_, cap)) = e.posted else { return Ok(()) }; // decided at post_recv
+                let too_long = total > cap;
+                if too_long {
+                    e.discard = true;
+                    e.err = Some(Error::Protocol { op: "rdma recv", peer: p, detail: format!("message of {total} bytes for a {cap}-byte buffer") });
+                }
+                if e.adv.is_some() {
+                    if too_long {
+                        // The sender sees the advertised length too and uses the slots (discarded here).
+                        e.eager = true;
+                        self.unadvertise(st, p, tag);
+                    }
+                } else if !e.adv_wait || too_long {
+                    // Not advertised (below our threshold, registration failed) or never will be.
+                    e.eager = true;
+                    self.unadvertise(st, p, tag);
+                    st.peers[p].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_EAGER });
+                }
+            }
+            K_REVOKE => {
+                // We are the sender of `tag`.
+                if h.adv != NO_ADV {
+                    if h.adv as usize >= MAX_ADVERTS {
+                        return Err(format!("revoke of advertisement {}", h.adv));
+                    }
+                    // Posted after every write already posted for it: the receiver frees the index on it.
+                    st.peers[p].ctl.push_back(Ctl::Ack { adv: h.adv });
+                }
+                let job = st.job_of.get(&(p, tag)).copied();
+                match h.aux {
+                    R_CANCEL => {
+                        if let Some(jid) = job {
+                            let j = st.jobs.get_mut(&jid).unwrap();
+                            if matches!(j.mode, Mode::Wait | Mode::Zc { .. }) {
+                                j.mode = Mode::Dropped;
+                                j.chunks_total = j.chunks_posted;
+                                st.peers[p].tx_queue.retain(|&x| x != jid);
+                            }
+                        } else if st.peers[p].adverts.remove(&tag).is_some() {
+                            st.peers[p].revoked.insert(tag);
+                        }
+                    }
+                    R_EAGER => {
+                        if let Some(jid) = job {
+                            let j = st.jobs.get_mut(&jid).unwrap();
+                            match j.mode {
+                                Mode::Wait => {
+                                    self.start(j, None);
+                                    st.peers[p].tx_queue.push_back(jid);
+                                }
+                                Mode::Zc { .. } => return Err(format!("told to use the slots for {tag:?}, advertised before")),
+                                Mode::Eager | Mode::Dropped => {}
+                            }
+                        }
+                    }
+                    R_PURGE => {
+                        st.peers[p].adverts.remove(&tag);
+                    }
+                    r => return Err(format!("revoke with unknown reason {r}")),
+                }
+            }
+            K_ACK => {
+                let a = h.adv as usize;
+                if a >= MAX_ADVERTS || st.peers[p].advs[a] != AdvSlot::Revoked {
+                    return Err(format!("acknowledgement of advertisement {a}, which is not revoked"));
+                }
+                Self::free_adv(st, p, a);
+            }
+            k => return Err(format!("unknown message kind {k}")),
+        }
+        Ok(())
+    }
+
+    /// Return owed credits, post control messages, then post chunks round-robin over peers.
+    /// Returns whether anything was posted.
     fn post_pending(&self, st: &mut State) -> bool {
         let (n, s) = (self.n, self.cfg.slots);
         let mut any = false;
@@ -423,22 +941,55 @@ impl<V: Verbs> RdmaFabric<V> {
                 _ => st.peers[p].abort = false,
             }
         }
-        // Credits: a batch as soon as any slot was freed (latency); a full queue keeps them owed.
         for p in 0..n {
-            let owed = st.peers[p].owed;
-            if owed == 0 || st.peers[p].failed.is_some() {
+            if st.peers[p].failed.is_some() {
+                st.peers[p].ctl.clear();
                 continue;
             }
             let Some(r) = st.peers[p].remote else { continue };
-            let imm = Imm::Credit { src: self.rank, count: owed }.encode();
-            // SAFETY: zero-length write, no local memory.
-            match unsafe { self.v.post_write_imm(p, CREDIT_WR | p as u64, &[], r.addr, r.rkey, imm) } {
-                Ok(()) => {
-                    st.peers[p].owed = 0;
-                    any = true;
+            // Credits: a batch as soon as any slot was freed (latency); a full queue keeps them owed.
+            let owed = st.peers[p].owed;
+            if owed > 0 {
+                let imm = Imm::Credit { src: self.rank, count: owed }.encode();
+                // SAFETY: zero-length write, no local memory.
+                match unsafe { self.v.post_write_imm(p, CREDIT_WR | p as u64, &[], r.addr, r.rkey, imm) } {
+                    Ok(()) => {
+                        st.peers[p].owed = 0;
+                        any = true;
+                    }
+                    Err(PostError::QueueFull) => {}
+                    Err(PostError::Fatal(e)) => {
+                        fail_peer(st, p, format!("posting a credit return: {e}"));
+                        continue;
+                    }
                 }
-                Err(PostError::QueueFull) => {}
-                Err(PostError::Fatal(e)) => fail_peer(st, p, format!("posting a credit return: {e}")),
+            }
+            // Control messages, in order, each a header-only write into the next slot.
+            while let Some(&c) = st.peers[p].ctl.front() {
+                if st.peers[p].credits == 0 {
+                    break;
+                }
+                let seq = st.peers[p].tx_seq;
+                let slot = seq as usize % s;
+                let hi = p * s + slot;
+                c.header(self.rank as u16, seq).write(&mut st.hdrs[hi]);
+                let sge = Sge { addr: self.hdr_mr.addr + (hi * HDR) as u64, len: HDR as u32, lkey: self.hdr_mr.lkey };
+                let imm = Imm::Data { src: self.rank, slot, seq16: seq as u16 }.encode();
+                // SAFETY: the header slot is not rewritten before this slot's credit returns.
+                match unsafe { self.v.post_write_imm(p, CREDIT_WR | p as u64, &[sge], r.addr + (slot * r.slot_size) as u64, r.rkey, imm) } {
+                    Ok(()) => {
+                        let peer = &mut st.peers[p];
+                        peer.ctl.pop_front();
+                        peer.credits -= 1;
+                        peer.tx_seq = seq.wrapping_add(1);
+                        any = true;
+                    }
+                    Err(PostError::QueueFull) => break,
+                    Err(PostError::Fatal(e)) => {
+                        fail_peer(st, p, format!("posting a control message: {e}"));
+                        break;
+                    }
+                }
             }
         }
         // Data: one chunk per peer per pass, starting at a rank-dependent peer (no incast).
@@ -451,7 +1002,7 @@ impl<V: Verbs> RdmaFabric<V> {
                     continue;
                 }
                 let peer = &st.peers[p];
-                if peer.credits == 0 || peer.failed.is_some() {
+                if peer.credits == 0 || peer.failed.is_some() || !peer.ctl.is_empty() {
                     continue;
                 }
                 let Some(&jid) = peer.tx_queue.front() else { continue };
@@ -460,24 +1011,40 @@ impl<V: Verbs> RdmaFabric<V> {
                 let slot = seq as usize % s;
                 let j = st.jobs.get(&jid).expect("queued job exists");
                 let off = j.next_off;
-                let clen = (j.len - off).min(self.cfg.chunk);
-                let h = Header { src: self.rank as u16, chunk_len: clen as u32, tag: j.tag, total: j.len as u64, offset: off as u64, chunk_seq: seq };
-                let hi = p * s + slot;
-                h.write(&mut st.hdrs[hi]);
-                let hdr_addr = self.hdr_mr.addr + (hi * HDR) as u64;
-                let mut sges = [Sge { addr: hdr_addr, len: HDR as u32, lkey: self.hdr_mr.lkey }, Sge { addr: 0, len: 0, lkey: 0 }];
-                let nsge = if clen > 0 {
-                    let mr = j.mr.expect("non-empty send is registered");
-                    sges[1] = Sge { addr: (j.data + off) as u64, len: clen as u32, lkey: mr.lkey };
-                    2
+                let mut sges = [Sge { addr: 0, len: 0, lkey: 0 }; 2];
+                let (clen, nsge, raddr, rkey, imm);
+                if let Mode::Zc { addr, rkey: rk, adv } = j.mode {
+                    // Straight into the advertised buffer: [addr + off, +clen) <= its length (checked at start).
+                    clen = (j.len - off).min(self.zc_chunk);
+                    let mr = j.mr.expect("non-empty send is registered").mr;
+                    sges[0] = Sge { addr: (j.data + off) as u64, len: clen as u32, lkey: mr.lkey };
+                    nsge = 1;
+                    raddr = addr + off as u64;
+                    rkey = rk;
+                    imm = Imm::Zc { src: self.rank, adv: adv as usize, seq16: seq as u16 }.encode();
                 } else {
-                    1
-                };
-                let raddr = r.addr + (slot * r.slot_size) as u64;
-                let imm = Imm::Data { src: self.rank, slot, seq16: seq as u16 }.encode();
+                    clen = (j.len - off).min(self.cfg.chunk);
+                    let h = Header { src: self.rank as u16, kind: K_DATA, adv: NO_ADV, chunk_len: clen as u32, tag: j.tag, total: j.len as u64, offset: off as u64, chunk_seq: seq, aux: 0 };
+                    let hi = p * s + slot;
+                    let hdr_addr = self.hdr_mr.addr + (hi * HDR) as u64;
+                    let data = j.data;
+                    let mr = j.mr;
+                    h.write(&mut st.hdrs[hi]);
+                    sges[0] = Sge { addr: hdr_addr, len: HDR as u32, lkey: self.hdr_mr.lkey };
+                    nsge = if clen > 0 {
+                        let mr = mr.expect("non-empty send is registered").mr;
+                        sges[1] = Sge { addr: (data + off) as u64, len: clen as u32, lkey: mr.lkey };
+                        2
+                    } else {
+                        1
+                    };
+                    raddr = r.addr + (slot * r.slot_size) as u64;
+                    rkey = r.rkey;
+                    imm = Imm::Data { src: self.rank, slot, seq16: seq as u16 }.encode();
+                }
                 // SAFETY: the header slot is not rewritten before the peer returns this slot's
                 // credit (it has then read the write); the data stays valid until wait_send.
-                match unsafe { self.v.post_write_imm(p, jid, &sges[..nsge], raddr, r.rkey, imm) } {
+                match unsafe { self.v.post_write_imm(p, jid, &sges[..nsge], raddr, rkey, imm) } {
                     Ok(()) => {
                         progressed = true;
                         let j = st.jobs.get_mut(&jid).unwrap();
@@ -505,40 +1072,136 @@ impl<V: Verbs> RdmaFabric<V> {
         any
     }
 
+    /// Failing: get pending aborts out before the caller stops progressing (a full send queue
+    /// kept them; the caller may never call in again).
+    fn flush_aborts(&self, st: &mut State) {
+        let mut tries = 0;
+        while tries < 1000 && st.peers.iter().any(|p| p.abort) {
+            self.progress(st);
+            tries += 1;
+        }
+    }
+
     /// Progress until `done` says so, with back-off; time out naming `peer`.
     fn wait_for<T>(&self, peer: usize, w: &Wait, mut done: impl FnMut(&Self, &mut State) -> Option<Result<T>>) -> Result<T> {
-        // Busy-poll 50 µs, yield until 250 µs, then sleep 20 µs doubling to 1 ms.
-        let mut idle_since = Instant::now();
+        // Busy-poll 50 µs, yield until 250 µs, then sleep 20 µs doubling to 1 ms. The clock is
+        // read every 32 passes while busy-polling (it was a tenth of the time spent waiting).
+        // (Yielding up to 2 ms instead measured no better on 2 shared cores, and starved the
+        // working threads when ranks outnumber cores: yielding threads stay runnable.)
+        let mut idle_since: Option<Instant> = None;
         let mut sleep = Duration::from_micros(20);
+        let (mut pass, mut spin) = (0u32, true);
         loop {
             {
                 let mut st = self.st.lock().unwrap();
                 let moved = self.progress(&mut st);
                 if let Some(r) = done(self, &mut st) {
-                    // Failing: get pending aborts out before the caller stops progressing.
-                    let mut tries = 0;
-                    while r.is_err() && tries < 1000 && st.peers.iter().any(|p| p.abort) {
-                        self.progress(&mut st);
-                        tries += 1;
+                    if r.is_err() {
+                        self.flush_aborts(&mut st);
                     }
                     return r;
                 }
                 if moved {
-                    idle_since = Instant::now();
+                    idle_since = None;
                     sleep = Duration::from_micros(20);
+                    spin = true;
                 }
             }
-            if Instant::now() >= w.deadline {
+            pass = pass.wrapping_add(1);
+            if spin && pass % 32 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= w.deadline {
                 return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
             }
-            let idle = idle_since.elapsed();
+            let idle = now - *idle_since.get_or_insert(now);
             if idle < Duration::from_micros(50) {
                 std::hint::spin_loop();
             } else if idle < Duration::from_micros(250) {
+                spin = false;
                 std::thread::yield_now();
             } else {
+                spin = false;
                 std::thread::sleep(sleep);
                 sleep = (sleep * 2).min(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Forget the posted buffer (cancel, or a failed wait). The sender of an advertised buffer
+    /// is told to stop; unless it acknowledges within [`CANCEL_WAIT`], the buffer is revoked:
+    /// deregistered before this returns, so a write still on its way fails at the (emulated)
+    /// NIC instead of landing. Chunks still to come through the slots are consumed and dropped.
+    fn withdraw(&self, st: &mut State, src: usize, tag: Tag) {
+        let Some(e) = st.recvs.get_mut(&(src, tag)) else { return };
+        if e.done {
+            let mr = e.mr.take();
+            st.recvs.remove(&(src, tag));
+            if let Some(mr) = mr {
+                st.cache.release(&self.v, &mr, false);
+            }
+            return;
+        }
+        e.posted = None;
+        e.discard = true;
+        e.stash = Vec::new();
+        e.withdrawn = true;
+        e.err.get_or_insert(Error::PeerFailed { op: "rdma recv", peer: src, reason: "receive cancelled".into() });
+        let (mr, mut adv, waited) = (e.mr.take(), e.adv.take(), std::mem::take(&mut e.adv_wait));
+        let (announced, eager) = (e.announced, e.eager);
+        if waited {
+            st.peers[src].adv_wait.retain(|t| *t != tag);
+        }
+        if let Some(a) = adv {
+            // Still queued here: the sender never saw it; nothing to revoke.
+            let ctl = &mut st.peers[src].ctl;
+            if let Some(i) = ctl.iter().position(|c| matches!(c, Ctl::Advert { tag: t, .. } if *t == tag)) {
+                ctl.remove(i);
+                Self::free_adv(st, src, a as usize);
+                adv = None;
+            }
+        }
+        let mut revoke = false;
+        let mut remove = false;
+        if let Some(a) = adv {
+            st.peers[src].advs[a as usize] = AdvSlot::Revoked;
+            st.peers[src].ctl.push_back(Ctl::Revoke { tag, adv: a, why: R_CANCEL });
+            st.recvs.get_mut(&(src, tag)).unwrap().revoked = true;
+            // Announced: the sender writes zero-copy or nothing, so nothing more comes for the entry.
+            remove = announced;
+            // A write already on its way would be rejected by the revoked registration, which
+            // fails the connection at the sender (on RC: the QP goes to error). So first give
+            // the sender a moment to acknowledge (every write it posted before lands first, into
+            // a buffer still ours until we return); revoke only if it does not.
+            revoke = !self.await_ack(st, src, a as usize);
+        } else if announced && !eager {
+            // The sender waits for an advertisement that will not come.
+            st.peers[src].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_CANCEL });
+            remove = true;
+        }
+        if let Some(mr) = mr {
+            st.cache.release(&self.v, &mr, revoke);
+        }
+        if remove {
+            st.recvs.remove(&(src, tag));
+        }
+    }
+
+    /// Progress until peer `p` acknowledged the revoke of advertisement `a` (true), for at most
+    /// [`CANCEL_WAIT`], or until the peer failed (false).
+    fn await_ack(&self, st: &mut State, p: usize, a: usize) -> bool {
+        let t0 = Instant::now();
+        loop {
+            if st.peers[p].advs[a] != AdvSlot::Revoked {
+                return true; // acknowledged (the index may be in use again already)
+            }
+            if st.peers[p].failed.is_some() || t0.elapsed() >= CANCEL_WAIT {
+                return false;
+            }
+            if !self.progress(st) {
+                std::thread::yield_now();
             }
         }
     }
@@ -547,10 +1210,12 @@ impl<V: Verbs> RdmaFabric<V> {
 impl<V: Verbs> Drop for RdmaFabric<V> {
     fn drop(&mut self) {
         let st = self.st.get_mut().unwrap();
-        for j in st.jobs.values() {
-            if let Some(mr) = &j.mr {
-                self.v.deregister(mr);
-            }
+        let private = st.jobs.values().filter_map(|j| j.mr).chain(st.recvs.values().filter_map(|e| e.mr)).filter(|r| r.key.is_none());
+        for r in private {
+            self.v.deregister(&r.mr);
+        }
+        for e in st.cache.map.values() {
+            self.v.deregister(&e.mr);
         }
         self.v.deregister(&self.hdr_mr);
         self.v.deregister(&self.rx_mr);
@@ -574,23 +1239,52 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         }
         let mut st = self.st.lock().unwrap();
         if let Some(e) = self.peer_err(&st, src, w.op) {
+            self.flush_aborts(&mut st);
             return Err(e);
         }
+        let zc_min = self.zc_min;
         let e = st.recvs.entry((src, tag)).or_default();
-        if e.posted.is_some() {
+        if e.posted.is_some() || e.withdrawn {
             return Err(Error::usage(w.op, format!("receive from rank {src} for {tag:?} posted twice")));
         }
         e.posted = Some((buf as usize, len));
-        if let Some(total) = e.total {
-            if total > len {
+        let (mut advertise, mut eager_please) = (false, false);
+        match e.total {
+            Some(total) if total > len => {
                 e.discard = true;
                 e.stash = Vec::new();
                 e.err = Some(Error::Protocol { op: w.op, peer: src, detail: format!("message of {total} bytes for a {len}-byte buffer") });
-            } else if !e.stash.is_empty() {
-                // SAFETY: stash.len() <= total <= len.
-                std::ptr::copy_nonoverlapping(e.stash.as_ptr(), buf, e.stash.len());
-                e.stash = Vec::new();
+                if e.announced {
+                    e.eager = true;
+                    eager_please = true;
+                }
             }
+            Some(_) if e.announced => {
+                // Announced zero-copy before we posted.
+                if len >= zc_min {
+                    advertise = true;
+                } else {
+                    e.eager = true;
+                    eager_please = true;
+                }
+            }
+            Some(_) => {
+                if !e.stash.is_empty() {
+                    // SAFETY: stash.len() <= total <= len.
+                    std::ptr::copy_nonoverlapping(e.stash.as_ptr(), buf, e.stash.len());
+                    e.stash = Vec::new();
+                }
+            }
+            None => advertise = len >= zc_min,
+        }
+        if eager_please {
+            st.peers[src].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_EAGER });
+        }
+        if advertise {
+            self.advertise(&mut st, src, tag, buf as usize, len);
+        }
+        if !st.peers[src].ctl.is_empty() {
+            self.post_pending(&mut st); // the advertisement goes out now
         }
         Ok(())
     }
@@ -601,22 +1295,39 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         }
         let mut st = self.st.lock().unwrap();
         if let Some(e) = self.peer_err(&st, dst, w.op) {
+            self.flush_aborts(&mut st);
             return Err(e);
         }
         if st.job_of.contains_key(&(dst, tag)) {
             return Err(Error::usage(w.op, format!("send to rank {dst} for {tag:?} issued twice")));
         }
         let mr = if len > 0 {
-            Some(self.v.register(data as *mut u8, len).map_err(|e| Error::Io { op: w.op, peer: dst, detail: format!("registering the send buffer: {e}") })?)
+            Some(st.cache.acquire(&self.v, data as usize, len, false).map_err(|e| Error::Io { op: w.op, peer: dst, detail: format!("registering the send buffer: {e}") })?)
         } else {
             None
         };
         let jid = st.next_job;
         st.next_job += 1;
-        let chunks_total = len.div_ceil(self.cfg.chunk).max(1);
-        st.jobs.insert(jid, SendJob { dst, tag, data: data as usize, len, mr, next_off: 0, chunks_total, chunks_posted: 0, chunks_done: 0, err: None });
+        let mut j = SendJob { dst, tag, data: data as usize, len, mr, mode: Mode::Wait, next_off: 0, chunks_total: usize::MAX, chunks_posted: 0, chunks_done: 0, err: None };
+        let peer = &mut st.peers[dst];
+        let stashed = peer.adverts.remove(&tag);
+        let revoked = peer.revoked.remove(&tag);
+        if len >= self.zc_min {
+            // Announce it (the receiver learns the length; if it did not advertise, it answers).
+            peer.ctl.push_back(Ctl::Rts { tag, len: len as u64 });
+            if revoked {
+                j.mode = Mode::Dropped;
+                j.chunks_total = 0;
+            } else if let Some(rb) = stashed {
+                self.start(&mut j, Some(rb));
+                peer.tx_queue.push_back(jid);
+            }
+        } else {
+            self.start(&mut j, None);
+            peer.tx_queue.push_back(jid);
+        }
+        st.jobs.insert(jid, j);
         st.job_of.insert((dst, tag), jid);
-        st.peers[dst].tx_queue.push_back(jid);
         self.progress(&mut st);
         Ok(())
     }
@@ -644,7 +1355,7 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
             if let Some(mr) = &j.mr {
                 // With chunks still in flight (error path) a real NIC could still read the buffer;
                 // deregistration makes such reads fail instead of touching freed memory.
-                self.v.deregister(mr);
+                st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted);
             }
         }
         r
@@ -666,31 +1377,17 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         let mut st = self.st.lock().unwrap();
         match &r {
             Ok(_) => {
-                st.recvs.remove(&(src, tag));
+                if let Some(mr) = st.recvs.remove(&(src, tag)).and_then(|e| e.mr) {
+                    st.cache.release(&self.v, &mr, false);
+                }
             }
-            Err(_) => Self::withdraw(&mut st, src, tag),
+            Err(_) => self.withdraw(&mut st, src, tag),
         }
         r
     }
 
     fn cancel_recv(&self, src: usize, tag: Tag) {
         let mut st = self.st.lock().unwrap();
-        Self::withdraw(&mut st, src, tag);
-    }
-}
-
-impl<V: Verbs> RdmaFabric<V> {
-    /// Forget the posted buffer; chunks still to come for it are consumed and dropped.
-    fn withdraw(st: &mut State, src: usize, tag: Tag) {
-        if let Some(e) = st.recvs.get_mut(&(src, tag)) {
-            if e.done {
-                st.recvs.remove(&(src, tag));
-            } else {
-                e.posted = None;
-                e.discard = true;
-                e.stash = Vec::new();
-                e.err.get_or_insert(Error::PeerFailed { op: "rdma recv", peer: src, reason: "receive cancelled".into() });
-            }
-        }
+        self.withdraw(&mut st, src, tag);
     }
 }

@@ -62,20 +62,37 @@ pub trait Verbs: Send + Sync {
     unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError>;
     /// Move up to `max` completions into `out`; returns how many.
     fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize;
+    /// Whether a registration stays valid for its virtual address range for as long as it is
+    /// kept (the emulation; on hardware: on-demand-paging MRs), so the protocol may cache
+    /// registrations across messages. `false` (the default): the protocol registers a buffer per
+    /// message and deregisters it when the message is done, since a cached pinned MR would keep
+    /// pointing at the old pages of a freed and re-mapped buffer.
+    fn cache_registrations(&self) -> bool {
+        false
+    }
 }
 
 /// Immediate data layout (32 bits, the only thing the receiver trusts for arrival):
-/// * data chunk: bit 31 = 0, bits 24..=30 source rank (< 128), bits 16..=23 slot index,
-///   bits 0..=15 the low 16 bits of the per-peer chunk sequence number;
-/// * credit return: bit 31 = 1, bits 24..=30 source rank, bits 0..=23 number of slots freed.
+/// * slot write (data chunk or control message): bit 31 = 0, bits 24..=30 source rank (< 128),
+///   bits 16..=23 slot index, bits 0..=15 the low 16 bits of the per-peer write sequence number;
+/// * credit return: bit 31 = 1, bit 23 = 0, bits 24..=30 source rank, bits 0..=22 number of
+///   slots freed;
+/// * zero-copy write (payload straight into a buffer the receiver advertised): bit 31 = 1,
+///   bit 23 = 1, bits 24..=30 source rank, bits 16..=22 advertisement index (< 128), bits
+///   0..=15 the low 16 bits of the per-peer write sequence number (shared with slot writes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Imm {
     Data { src: usize, slot: usize, seq16: u16 },
     Credit { src: usize, count: u32 },
+    Zc { src: usize, adv: usize, seq16: u16 },
 }
 
 pub const MAX_RANKS: usize = 128;
 pub const MAX_SLOTS: usize = 256;
+/// Advertisements (zero-copy receive buffers) outstanding per peer.
+pub const MAX_ADVERTS: usize = 128;
+/// Largest credit count an immediate can carry.
+pub const MAX_CREDIT: u32 = (1 << 23) - 1;
 
 impl Imm {
     pub fn encode(self) -> u32 {
@@ -85,17 +102,23 @@ impl Imm {
                 ((src as u32) << 24) | ((slot as u32) << 16) | seq16 as u32
             }
             Imm::Credit { src, count } => {
-                debug_assert!(src < MAX_RANKS && count < (1 << 24));
-                (1 << 31) | ((src as u32) << 24) | count
+                debug_assert!(src < MAX_RANKS && count <= MAX_CREDIT);
+                (1 << 31) | ((src as u32) << 24) | (count & MAX_CREDIT)
+            }
+            Imm::Zc { src, adv, seq16 } => {
+                debug_assert!(src < MAX_RANKS && adv < MAX_ADVERTS);
+                (1 << 31) | ((src as u32) << 24) | (1 << 23) | ((adv as u32) << 16) | seq16 as u32
             }
         }
     }
     pub fn decode(v: u32) -> Imm {
         let src = ((v >> 24) & 0x7f) as usize;
-        if v >> 31 == 1 {
-            Imm::Credit { src, count: v & 0x00ff_ffff }
-        } else {
+        if v >> 31 == 0 {
             Imm::Data { src, slot: ((v >> 16) & 0xff) as usize, seq16: v as u16 }
+        } else if v & (1 << 23) == 0 {
+            Imm::Credit { src, count: v & MAX_CREDIT }
+        } else {
+            Imm::Zc { src, adv: ((v >> 16) & 0x7f) as usize, seq16: v as u16 }
         }
     }
 }
@@ -103,6 +126,14 @@ impl Imm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn imm_kinds_are_distinct() {
+        let a = Imm::Data { src: 127, slot: 255, seq16: 0xffff }.encode();
+        let b = Imm::Credit { src: 127, count: MAX_CREDIT }.encode();
+        let c = Imm::Zc { src: 127, adv: MAX_ADVERTS - 1, seq16: 0xffff }.encode();
+        assert!(a != b && b != c && a != c);
+        assert!(matches!(Imm::decode(b), Imm::Credit { .. }) && matches!(Imm::decode(c), Imm::Zc { .. }));
+    }
     #[test]
     fn imm_roundtrip() {
         for src in [0, 1, 77, 127] {
@@ -112,9 +143,15 @@ mod tests {
                     assert_eq!(Imm::decode(i.encode()), i);
                 }
             }
-            for count in [0, 1, (1 << 24) - 1] {
+            for count in [0, 1, 256, MAX_CREDIT] {
                 let i = Imm::Credit { src, count };
                 assert_eq!(Imm::decode(i.encode()), i);
+            }
+            for adv in [0, 1, 64, MAX_ADVERTS - 1] {
+                for seq16 in [0u16, 1, 0x8000, 0xffff] {
+                    let i = Imm::Zc { src, adv, seq16 };
+                    assert_eq!(Imm::decode(i.encode()), i);
+                }
             }
         }
     }

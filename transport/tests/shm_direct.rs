@@ -1,0 +1,126 @@
+//! The shm backend's one-copy paths (advertised receives written by the sender, RTS fetched by
+//! the receiver, the eager ring) at sizes around each crossover, in threads and in processes.
+mod common;
+use common::run;
+use ember_transport::bootstrap::{allowed_cores, free_port, new_token, pin_to_core, Rendezvous};
+use ember_transport::{Comm, JoinConfig, ReduceOp, Transport};
+use std::time::{Duration, Instant};
+
+/// Bytes per peer around the eager limit (8 KiB), the ring record size and larger messages.
+const SIZES: [usize; 9] = [0, 1, 8191, 8192, 8193, 8256, 16 << 10, (64 << 10) + 4, (1 << 20) + 12];
+
+fn a2a_check(c: &Comm, bytes: usize, salt: usize) {
+    let (r, n) = (c.rank(), c.size());
+    let blk = bytes / 4;
+    let send: Vec<u32> = (0..n * blk).map(|i| (r * 1_000_003 + i * 7 + salt) as u32).collect();
+    let mut recv = vec![u32::MAX; n * blk];
+    c.all_to_all(&send, &mut recv).unwrap();
+    for p in 0..n {
+        for j in [0, blk / 2, blk.saturating_sub(1)] {
+            if blk > 0 {
+                assert_eq!(recv[p * blk + j], (p * 1_000_003 + (r * blk + j) * 7 + salt) as u32, "{bytes} B from {p}");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_to_all_around_every_crossover() {
+    for n in [2, 3, 5] {
+        run("shm", n, |c| {
+            for (i, &b) in SIZES.iter().enumerate() {
+                for rep in 0..3 {
+                    a2a_check(&c, b, i * 10 + rep);
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn overlapping_collectives_on_two_communicators() {
+    // Many advertised receives outstanding per peer at once (non-blocking all-to-alls on two
+    // communicators plus blocking ones), more than the advertisement slots: some go through RTS.
+    run("shm", 4, |c| {
+        let (r, n) = (c.rank(), c.size());
+        let sub = c.split((r % 2) as u32, r as i64).unwrap();
+        let blk = 5000;
+        let mut reqs = Vec::new();
+        for k in 0..24usize {
+            let send: Vec<u64> = (0..n * blk).map(|i| (k * 1_000_000 + r * 100_000 + i) as u64).collect();
+            reqs.push((k, c.start_all_to_all_v(send, vec![blk; n], vec![blk; n])));
+        }
+        for _ in 0..3 {
+            a2a_check(&sub, 40_000, 1);
+        }
+        for (k, q) in reqs {
+            let got = q.wait().unwrap();
+            for p in 0..n {
+                assert_eq!(got[p * blk + 3], (k * 1_000_000 + p * 100_000 + r * blk + 3) as u64);
+            }
+        }
+        let mut v: Vec<f32> = (0..100_001).map(|i| ((i + r) % 13) as f32).collect();
+        c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        assert!(v.iter().enumerate().all(|(i, &x)| x == (0..n).map(|q| ((i + q) % 13) as f32).sum::<f32>()));
+    });
+}
+
+const CHILD: &str = "EMBER_TEST_SHM_CHILD";
+
+/// Rank body of `many_processes_on_two_cores_make_progress` (in a child process).
+fn child_rank(spec: &str) {
+    let f: Vec<&str> = spec.split(',').collect();
+    let (rank, size, port, token) = (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse::<u16>().unwrap(), f[3].to_string());
+    let cores = allowed_cores();
+    if !cores.is_empty() {
+        pin_to_core(cores[rank % cores.len().min(2)]);
+    }
+    let cfg = JoinConfig {
+        rank,
+        size,
+        local_rank: rank,
+        rendezvous: Rendezvous::Addr(format!("127.0.0.1:{port}")),
+        token,
+        transport: Transport::Shm,
+        timeout: Duration::from_secs(30),
+    };
+    let c = Comm::connect(&cfg).unwrap();
+    assert_eq!(c.transport(), "shm");
+    for rep in 0..4 {
+        for (i, &b) in SIZES.iter().enumerate() {
+            a2a_check(&c, b, rep * 100 + i);
+        }
+    }
+    let mut v: Vec<f64> = (0..300_001).map(|i| (i % 11) as f64).collect();
+    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+    assert_eq!(v[300_000], (300_000 % 11) as f64 * size as f64);
+}
+
+#[test]
+fn many_processes_on_two_cores_make_progress() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        return child_rank(&spec);
+    }
+    // 8 rank processes pinned to (at most) 2 cores; every message size, including the
+    // advertised-write and RTS paths across real processes (process_vm_writev / _readv).
+    let n = 8;
+    let port = free_port().unwrap();
+    let token = new_token();
+    let exe = std::env::current_exe().unwrap();
+    let t = Instant::now();
+    let mut kids: Vec<_> = (0..n)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "many_processes_on_two_cores_make_progress", "--nocapture", "--test-threads=1"])
+                .env(CHILD, format!("{r},{n},{port},{token}"))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ok = true;
+    for k in kids.iter_mut() {
+        ok &= k.wait().unwrap().success();
+    }
+    assert!(ok, "a rank process failed");
+    assert!(t.elapsed() < Duration::from_secs(120), "took {:?}", t.elapsed());
+}
