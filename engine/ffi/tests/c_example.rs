@@ -76,11 +76,18 @@ fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> String {
-    // Launcher variables of an enclosing job would make the example join it.
-    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "SLURM_NTASKS", "SLURM_PROCID", "PMI_SIZE", "PMI_RANK"] {
+/// The example's environment: no launcher variables of an enclosing job (they would make the
+/// example join it), and no LD_LIBRARY_PATH — cargo's (target/<profile> among others) outranks
+/// the example's RUNPATH and could load an older libember.so left there by `cargo build`.
+fn isolate(cmd: &mut Command) -> &mut Command {
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "SLURM_NTASKS", "SLURM_PROCID", "PMI_SIZE", "PMI_RANK", "LD_LIBRARY_PATH"] {
         cmd.env_remove(v);
     }
+    cmd
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    isolate(cmd);
     let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     let (out, err) = text(&o);
     assert!(o.status.success(), "{what} failed ({}):\nstdout:\n{out}\nstderr:\n{err}", o.status);
@@ -191,10 +198,7 @@ fn c_example_is_clean_under_valgrind() {
             .args(args)
             .arg(work.join(format!("ckpt-{}", args.len())))
             .env("RUST_BACKTRACE", "0");
-        for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK"] {
-            cmd.env_remove(v);
-        }
-        let o = cmd.output().expect("run valgrind");
+        let o = isolate(&mut cmd).output().expect("run valgrind");
         let (out, err) = text(&o);
         assert!(o.status.success(), "valgrind ({what}) failed ({}):\nstdout:\n{out}\nstderr:\n{err}", o.status);
         assert!(out.contains("all checks passed"), "{out}");
