@@ -39,6 +39,15 @@ impl Collective {
             Collective::AllReduce => "allreduce",
         }
     }
+
+    /// What element `i` of rank `me`'s output must be after checked repetition `rep` on `n`
+    /// ranks (`count` floats per block), computed from the seeds alone.
+    pub fn expected(self, n: usize, me: usize, rep: usize, count: usize, i: usize) -> f32 {
+        match self {
+            Collective::AllToAll => seed(i / count, rep, me, i % count),
+            Collective::AllReduce => (0..n).map(|r| seed(r, rep, 0, i)).sum::<f32>(),
+        }
+    }
 }
 
 /// What one benchmark run measures.
@@ -108,8 +117,19 @@ pub struct Row {
     pub base_us: Option<f64>,
 }
 
+impl Row {
+    /// A row of `which` on `n` ranks, with algbw and busbw derived as nccl-tests does.
+    pub fn new(which: Collective, n: usize, size: usize, count: usize, time_us: f64, wrong: u64, base_us: Option<f64>) -> Row {
+        let bytes = if which == Collective::AllToAll { (size * n) as f64 } else { size as f64 };
+        let algbw = bytes / time_us / 1e3;
+        let factor = if which == Collective::AllToAll { (n - 1) as f64 / n as f64 } else { 2.0 * (n - 1) as f64 / n as f64 };
+        Row { size, count, time_us, algbw, busbw: algbw * factor, wrong, base_us }
+    }
+}
+
 /// Max of a value over ranks (all-gather, then max: identical on every rank).
-fn max_over(c: &Comm, x: f64) -> ember_transport::Result<f64> {
+/// The largest of every rank's `x` (the slowest rank's time).
+pub fn max_over(c: &Comm, x: f64) -> ember_transport::Result<f64> {
     let mut all = vec![0f64; c.size()];
     c.all_gather(&[x], &mut all)?;
     Ok(all.into_iter().fold(0.0, f64::max))
@@ -287,20 +307,12 @@ pub fn bench_rank(which: Collective, c: &Comm, a: &BenchOptions) -> Result<Vec<R
             recv.iter_mut().for_each(|x| *x = f32::NAN);
             iter(&send, &mut recv)?;
             for (i, &got) in recv.iter().enumerate() {
-                let want = if which == Collective::AllToAll {
-                    seed(i / count, rep, me, i % count)
-                } else {
-                    (0..n).map(|r| seed(r, rep, 0, i)).sum::<f32>()
-                };
-                wrong += u64::from(got.to_bits() != want.to_bits());
+                wrong += u64::from(got.to_bits() != which.expected(n, me, rep, count, i).to_bits());
             }
         }
         let mut w = [wrong];
         c.all_reduce(&mut w, ReduceOp::Sum).map_err(e)?;
-        let bytes = if which == Collective::AllToAll { (size * n) as f64 } else { size as f64 };
-        let algbw = bytes / time_us / 1e3;
-        let factor = if which == Collective::AllToAll { (n - 1) as f64 / n as f64 } else { 2.0 * (n - 1) as f64 / n as f64 };
-        rows.push(Row { size, count, time_us, algbw, busbw: algbw * factor, wrong: w[0], base_us });
+        rows.push(Row::new(which, n, size, count, time_us, w[0], base_us));
         match size.checked_mul(a.factor) {
             Some(s) => size = s,
             None => break,

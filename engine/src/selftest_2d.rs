@@ -6,7 +6,7 @@
 use crate::backend::{Backend, Cpu};
 use crate::config::{preset, DenseOptimizer, EmbOptimizer, Pooling, TrainConfig};
 use crate::grid::{Grid, Placement};
-use crate::parallel::driver::{train_in_process_with, RankState, Report2D};
+use crate::parallel::driver::{train_in_process_with, Report2D};
 use crate::parallel::{ParallelOptions, XferKind};
 use crate::plan::{Plan, ShardingType};
 use crate::selftest::{Check, SelftestReport};
@@ -48,18 +48,6 @@ pub fn mixed_plan(cfg: &TrainConfig, n: usize) -> Result<Plan> {
     Plan::cycling(&cfg.model, n, &ShardingType::ALL)
 }
 
-fn train<B: Backend>(
-    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
-    cfg: &TrainConfig,
-    grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
-    steps: usize,
-) -> Result<(Report2D, Vec<RankState>)> {
-    let (rep, states, _) = train_in_process_with(new_be, cfg, grid, plan, opts, steps, false)?;
-    Ok((rep, states))
-}
-
 /// Run the 2D checks with one backend (named `name`) per rank from `new_be(world_rank)`, buffers
 /// moved by `xfer`.
 pub fn selftest_2d<B: Backend>(name: &str, new_be: &(dyn Fn(usize) -> Result<B> + Sync), xfer: XferKind) -> Result<(SelftestReport, Vec<GridRun>)> {
@@ -73,8 +61,8 @@ pub fn selftest_2d<B: Backend>(name: &str, new_be: &(dyn Fn(usize) -> Result<B> 
         let cfg = config(32 * m * n, true)?;
         let plan = mixed_plan(&cfg, n)?;
         let opts = ParallelOptions { xfer, ..ParallelOptions::default() };
-        let (_, want) = train(&cpu, &cfg, grid, &plan, &opts, 4)?;
-        let (_, got) = train(new_be, &cfg, grid, &plan, &opts, 4)?;
+        let (_, want, _) = train_in_process_with(&cpu, &cfg, grid, &plan, &opts, 4, false)?;
+        let (_, got, _) = train_in_process_with(new_be, &cfg, grid, &plan, &opts, 4, false)?;
         for (a, b) in got.iter().zip(&want) {
             for (i, ((_, wa, _), (_, wb, _))) in a.shards.iter().zip(&b.shards).enumerate() {
                 rep.push(format!("2D {g} SGD: rank {} shard {i} weights", a.world_rank), wa, wb, SGD_TOL);
@@ -86,8 +74,8 @@ pub fn selftest_2d<B: Backend>(name: &str, new_be: &(dyn Fn(usize) -> Result<B> 
         let cfg = config(64 * m * n, false)?;
         let plan = mixed_plan(&cfg, n)?;
         let opts = ParallelOptions { sync_every: 2, xfer, ..ParallelOptions::default() };
-        let (want_rep, want) = train(&cpu, &cfg, grid, &plan, &opts, 50)?;
-        let (got_rep, got) = train(new_be, &cfg, grid, &plan, &opts, 50)?;
+        let (want_rep, want, _) = train_in_process_with(&cpu, &cfg, grid, &plan, &opts, 50, false)?;
+        let (got_rep, got, _) = train_in_process_with(new_be, &cfg, grid, &plan, &opts, 50, false)?;
         let worst = got_rep
             .losses
             .iter()

@@ -15,40 +15,9 @@
 use crate::comm_bench::CommBenchArgs;
 use crate::common::CliResult;
 use ember_cuda::nccl::{self, NcclBuf, NcclComm, NcclDevice, NcclInfo, NcclOp};
+use ember_engine::comm_bench::{max_over, parse_size, seed, Collective, Row};
 use ember_transport::{Comm, JoinConfig, ReduceOp, Transport};
 use std::time::{Duration, Instant};
-
-/// As in comm_bench: K/M/G suffixes.
-fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<usize>().map(|v| v * mul).map_err(|_| format!("bad size '{s}'"))
-}
-
-/// Seeded input (comm_bench's): small integers so every sum is exact in f32.
-fn seed(rank: usize, rep: usize, peer: usize, i: usize) -> f32 {
-    ((rank * 131 + rep * 31 + peer * 17 + i * 7) % 61) as f32 - 30.0
-}
-
-struct Row {
-    size: usize,
-    count: usize,
-    time_us: f64,
-    algbw: f64,
-    busbw: f64,
-    wrong: u64,
-}
-
-fn max_over(c: &Comm, x: f64) -> Result<f64, String> {
-    let mut all = vec![0f64; c.size()];
-    c.all_gather(&[x], &mut all).map_err(|e| e.to_string())?;
-    Ok(all.into_iter().fold(0.0, f64::max))
-}
 
 /// The device of a rank: LOCAL_RANK among the visible GPUs, or the only one.
 fn device_for(local_rank: usize) -> Result<usize, String> {
@@ -77,8 +46,8 @@ fn setup(c: &Comm, ordinal: Result<usize, String>) -> Result<(NcclDevice, NcclCo
     Ok((dev, comm))
 }
 
-fn step(which: &str, nc: &NcclComm, send: &NcclBuf<f32>, recv: &mut NcclBuf<f32>, count: usize) -> Result<(), String> {
-    if which == "a2a" {
+fn step(which: Collective, nc: &NcclComm, send: &NcclBuf<f32>, recv: &mut NcclBuf<f32>, count: usize) -> Result<(), String> {
+    if which == Collective::AllToAll {
         nc.all_to_all(send, recv, count)
     } else {
         nc.all_reduce(send, recv, NcclOp::Sum)
@@ -86,6 +55,7 @@ fn step(which: &str, nc: &NcclComm, send: &NcclBuf<f32>, recv: &mut NcclBuf<f32>
 }
 
 fn bench_rank(which: &str, c: &Comm, dev: &NcclDevice, nc: &NcclComm, a: &CommBenchArgs) -> Result<Vec<Row>, String> {
+    let which = Collective::parse(which).ok_or_else(|| format!("no NCCL version of '{which}'"))?;
     let (n, me) = (c.size(), c.rank());
     let e = |e: ember_transport::Error| e.to_string();
     let (min, max) = (parse_size(&a.min)?, parse_size(&a.max)?);
@@ -96,7 +66,7 @@ fn bench_rank(which: &str, c: &Comm, dev: &NcclDevice, nc: &NcclComm, a: &CommBe
     let mut size = min;
     while size <= max {
         let count = (size / 4).max(1);
-        let len = if which == "a2a" { count * n } else { count };
+        let len = if which == Collective::AllToAll { count * n } else { count };
         let mut send = dev.alloc::<f32>(len)?;
         let mut recv = dev.alloc::<f32>(len)?;
         let mut host: Vec<f32> = (0..len).map(|i| seed(me, 0, i / count, i % count)).collect();
@@ -111,7 +81,7 @@ fn bench_rank(which: &str, c: &Comm, dev: &NcclDevice, nc: &NcclComm, a: &CommBe
             step(which, nc, &send, &mut recv, count)?;
         }
         nc.sync()?;
-        let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64)?;
+        let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64).map_err(e)?;
         // Check: fresh seeds per repetition, poisoned output, expectations from the seeds.
         let mut wrong = 0u64;
         let poison = vec![f32::NAN; len];
@@ -122,31 +92,12 @@ fn bench_rank(which: &str, c: &Comm, dev: &NcclDevice, nc: &NcclComm, a: &CommBe
             step(which, nc, &send, &mut recv, count)?;
             dev.dtoh(&mut host, &recv)?;
             for (i, &got) in host.iter().enumerate() {
-                let want = if which == "a2a" {
-                    seed(i / count, rep, me, i % count)
-                } else {
-                    (0..n).map(|r| seed(r, rep, 0, i)).sum::<f32>()
-                };
-                wrong += u64::from(got.to_bits() != want.to_bits());
+                wrong += u64::from(got.to_bits() != which.expected(n, me, rep, count, i).to_bits());
             }
         }
         let mut w = [wrong];
         c.all_reduce(&mut w, ReduceOp::Sum).map_err(e)?;
-        let bytes = if which == "a2a" { (size * n) as f64 } else { size as f64 };
-        let algbw = bytes / time_us / 1e3;
-        let factor = if which == "a2a" {
-            (n - 1) as f64 / n as f64
-        } else {
-            2.0 * (n - 1) as f64 / n as f64
-        };
-        rows.push(Row {
-            size,
-            count,
-            time_us,
-            algbw,
-            busbw: algbw * factor,
-            wrong: w[0],
-        });
+        rows.push(Row::new(which, n, size, count, time_us, w[0], None));
         size *= a.factor;
     }
     Ok(rows)

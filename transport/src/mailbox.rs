@@ -17,7 +17,7 @@ pub(crate) enum Dir {
 
 pub(crate) type Key = (usize, Tag, Dir);
 
-/// Hasher for the matching table: keys come from this job's own ranks, so no SipHash (which
+/// Hasher for the matching table (and the RDMA protocol's state maps): keys come from this job's own ranks, so no SipHash (which
 /// costs ~50 ns per lookup, several lookups per message); a multiply-rotate mix of the words.
 #[derive(Default)]
 pub(crate) struct KeyHasher(u64);

@@ -367,7 +367,7 @@ impl ShmFabric {
             unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf, len) };
             Ok(())
         } else {
-            cma_read(pid, addr, buf, len)
+            cma(pid, buf, addr, len, false)
         };
         match r {
             Ok(()) => self.mb.complete(src, tag, Dir::Recv, len),
@@ -532,7 +532,7 @@ impl ShmFabric {
             if a.state.compare_exchange(w, (w & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).is_err() {
                 return Ok(false);
             }
-            let r = cma_write(self.pids[dst], data, addr, len);
+            let r = cma(self.pids[dst], data as *mut u8, addr, len, true);
             let flag = if after_rts { A_LEN_AFTER_RTS } else { 0 };
             a.len.store(if r.is_ok() { len as u64 | flag } else { A_LEN_FAILED }, Ordering::Relaxed);
             a.state.store((w & !3) | A_WRITTEN, Ordering::Release);
@@ -802,38 +802,31 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-fn cma_write(pid: u32, data: *const u8, addr: u64, len: usize) -> std::io::Result<()> {
+/// Copy `len` bytes between `local` in this process and `remote` in process `pid` with cross-memory
+/// attach: `process_vm_writev` (local → remote) when `write`, else `process_vm_readv`.
+///
+/// Safety (of the callers): `local` is valid for `len` bytes (reads when writing: the caller's
+/// send buffer, Fabric::send; writes when reading: inside the posted buffer, length checked);
+/// the kernel validates `remote` against the peer's address space (len <= what it advertised).
+fn cma(pid: u32, local: *mut u8, remote: u64, len: usize, write: bool) -> std::io::Result<()> {
     let mut done = 0usize;
     while done < len {
-        let local = libc::iovec { iov_base: unsafe { data.add(done) } as *mut libc::c_void, iov_len: len - done };
-        let remote = libc::iovec { iov_base: (addr as usize + done) as *mut libc::c_void, iov_len: len - done };
-        // SAFETY: `local` is the caller's send buffer (valid for reads, Fabric::send); the kernel
-        // validates `remote` against the receiver's address space; len <= the advertised capacity.
-        let n = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        let l = libc::iovec { iov_base: unsafe { local.add(done) } as *mut libc::c_void, iov_len: len - done };
+        let r = libc::iovec { iov_base: (remote as usize + done) as *mut libc::c_void, iov_len: len - done };
+        // SAFETY: see above.
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(pid as libc::pid_t, &l, 1, &r, 1, 0)
+            } else {
+                libc::process_vm_readv(pid as libc::pid_t, &l, 1, &r, 1, 0)
+            }
+        };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
         if n == 0 {
-            return Err(std::io::Error::other("process_vm_writev made no progress"));
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
-fn cma_read(pid: u32, addr: u64, buf: *mut u8, len: usize) -> std::io::Result<()> {
-    let mut done = 0usize;
-    while done < len {
-        let local = libc::iovec { iov_base: unsafe { buf.add(done) } as *mut libc::c_void, iov_len: len - done };
-        let remote = libc::iovec { iov_base: (addr as usize + done) as *mut libc::c_void, iov_len: len - done };
-        // SAFETY: `local` is inside the posted buffer (length checked by the caller); the kernel
-        // validates `remote` against the peer's address space.
-        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if n == 0 {
-            return Err(std::io::Error::other("process_vm_readv made no progress"));
+            let call = if write { "process_vm_writev" } else { "process_vm_readv" };
+            return Err(std::io::Error::other(format!("{call} made no progress")));
         }
         done += n as usize;
     }

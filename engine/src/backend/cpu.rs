@@ -433,10 +433,8 @@ impl Backend for Cpu {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let end = off.checked_add((rows - 1).saturating_mul(stride)).and_then(|e| e.checked_add(cols));
-        check(stride >= cols && s.len() >= rows && end.is_some_and(|e| e <= x.len()), || {
-            format!("scale_rows: {rows}x{cols} at {off} (stride {stride}) of {} with {} scales", x.len(), s.len())
-        })?;
+        super::check_scale_rows(x.len(), off, stride, rows, cols, s.len())?;
+
         for (i, &f) in s[..rows].iter().enumerate() {
             x[off + i * stride..off + i * stride + cols].iter_mut().for_each(|v| *v *= f);
         }

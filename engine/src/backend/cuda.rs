@@ -731,10 +731,8 @@ impl Backend for Cuda {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let end = off.checked_add((rows - 1).saturating_mul(stride)).and_then(|e| e.checked_add(cols));
-        check(stride >= cols && s.len() >= rows && end.is_some_and(|e| e <= x.len()), || {
-            format!("scale_rows: {rows}x{cols} at {off} (stride {stride}) of {} with {} scales", x.len(), s.len())
-        })?;
+        super::check_scale_rows(x.len(), off, stride, rows, cols, s.len())?;
+
         let _g = self.lock()?;
         let (xp, o, st, r, c, sp) = (x.ptr(), off as i64, stride as i64, rows as i64, cols as i64, s.ptr());
         unsafe { self.gpu.launch("scale_rows", self.grid(rows * cols), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }

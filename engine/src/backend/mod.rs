@@ -46,6 +46,17 @@ pub(crate) fn check_copy_2d(src_len: usize, src_off: usize, src_stride: usize, d
     }
 }
 
+/// Bounds of a `scale_rows` (shared by the backends): every row of the block inside `x`, one
+/// scale per row.
+pub(crate) fn check_scale_rows(x_len: usize, off: usize, stride: usize, rows: usize, cols: usize, s_len: usize) -> Result<()> {
+    let end = off.checked_add((rows - 1).saturating_mul(stride)).and_then(|e| e.checked_add(cols));
+    if stride >= cols && s_len >= rows && end.is_some_and(|e| e <= x_len) {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!("scale_rows: {rows}x{cols} at {off} (stride {stride}) of {x_len} with {s_len} scales")))
+    }
+}
+
 /// A shard of one embedding table: global rows `rows`, columns `cols` of a `table_rows × dim` table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardSpec {

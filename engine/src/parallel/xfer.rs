@@ -106,7 +106,7 @@ impl Xfer {
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
-                    if let (Some(s), Some(r)) = (be.host(send), host_mut_of(be, recv)) {
+                    if let (Some(s), Some(r)) = (be.host(send), be.host_mut(recv)) {
                         return Ok(comm.all_to_all_v(s, scounts, r, rcounts)?);
                     }
                 }
@@ -145,7 +145,7 @@ impl Xfer {
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
-                    if let (Some(s), Some(r)) = (be.host(send), host_mut_of(be, recv)) {
+                    if let (Some(s), Some(r)) = (be.host(send), be.host_mut(recv)) {
                         return Ok(comm.all_gather(s, r)?);
                     }
                 }
@@ -181,7 +181,7 @@ impl Xfer {
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
-                    if let (Some(s), Some(r)) = (be.host(send), host_mut_of(be, recv)) {
+                    if let (Some(s), Some(r)) = (be.host(send), be.host_mut(recv)) {
                         return Ok(comm.reduce_scatter(s, r, ReduceOp::Sum)?);
                     }
                 }
@@ -217,7 +217,7 @@ impl Xfer {
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
-                    if let Some(h) = host_mut_of(be, buf) {
+                    if let Some(h) = be.host_mut(buf) {
                         return Ok(comm.all_reduce(h, ReduceOp::Sum)?);
                     }
                 }
@@ -253,10 +253,6 @@ impl Xfer {
 
 fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B>> {
     be.native().ok_or_else(|| Error::Device(format!("backend {} has no native collectives", be.name())))
-}
-
-fn host_mut_of<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> Option<&'a mut [f32]> {
-    be.host_mut(buf)
 }
 
 /// Peers: wait for this rank's queued work, then swap (address, block offsets, block counts)

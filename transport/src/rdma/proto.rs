@@ -27,37 +27,15 @@ use super::verbs::{Imm, Mr, PostError, Sge, Verbs, Wc, MAX_ADVERTS, MAX_CREDIT, 
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use crate::mailbox::KeyHasher;
+use std::hash::BuildHasherDefault;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// FxHash-style hasher for the state maps (keys are small integers and tags; SipHash was a
-/// tenth of the time of a small-message all-to-all).
-#[derive(Default)]
-struct Fx(u64);
-
-impl Hasher for Fx {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, b: &[u8]) {
-        for &x in b {
-            self.write_u64(x as u64);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-    fn write_u32(&mut self, x: u32) {
-        self.write_u64(x as u64)
-    }
-    fn write_usize(&mut self, x: usize) {
-        self.write_u64(x as u64)
-    }
-}
-
-type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<Fx>>;
-type HashSet<K> = StdHashSet<K, BuildHasherDefault<Fx>>;
+/// The state maps hash with the matching table's cheap hasher (keys are small integers and
+/// tags; SipHash was a tenth of the time of a small-message all-to-all).
+type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<KeyHasher>>;
+type HashSet<K> = StdHashSet<K, BuildHasherDefault<KeyHasher>>;
 
 /// Bytes of the chunk header at the start of every slot.
 pub const HDR: usize = 64;
