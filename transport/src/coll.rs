@@ -33,11 +33,13 @@ struct Round<'a> {
     /// (member, expected bytes, completed)
     recvs: Vec<(usize, usize, bool)>,
     sends: Vec<usize>,
+    /// The buffers are memory the CPU must not touch (`post_recv_direct`, `send_direct`).
+    direct: bool,
 }
 
 impl<'a> Round<'a> {
     fn new(g: &'a Group, seq: u64, round: u32, op: &'static str) -> Self {
-        Round { g, tag: Tag { ctx: g.ctx, seq, round }, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new() }
+        Round { g, tag: Tag { ctx: g.ctx, seq, round }, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new(), direct: false }
     }
 
     /// Post the landing buffer for `from`'s message, which must be exactly `buf.len()` bytes.
@@ -45,7 +47,11 @@ impl<'a> Round<'a> {
     /// # Safety
     /// `buf` must stay alive and untouched until this round is finished or dropped.
     unsafe fn post(&mut self, from: usize, buf: *mut u8, len: usize) -> Result<()> {
-        self.g.fabric.post_recv(self.g.members[from], self.tag, buf, len, &self.w)?;
+        let (f, peer) = (&self.g.fabric, self.g.members[from]);
+        match self.direct {
+            false => f.post_recv(peer, self.tag, buf, len, &self.w)?,
+            true => f.post_recv_direct(peer, self.tag, buf, len, &self.w)?,
+        }
         self.recvs.push((from, len, false));
         Ok(())
     }
@@ -53,7 +59,11 @@ impl<'a> Round<'a> {
     /// # Safety
     /// `data` must stay alive until `finish` returned.
     unsafe fn send(&mut self, to: usize, data: *const u8, len: usize) -> Result<()> {
-        self.g.fabric.send(self.g.members[to], self.tag, data, len, &self.w)?;
+        let (f, peer) = (&self.g.fabric, self.g.members[to]);
+        match self.direct {
+            false => f.send(peer, self.tag, data, len, &self.w)?,
+            true => f.send_direct(peer, self.tag, data, len, &self.w)?,
+        }
         self.sends.push(to);
         Ok(())
     }
@@ -126,30 +136,101 @@ pub(crate) fn all_to_all_v<T: Pod>(
 ) -> Result<()> {
     const OP: &str = "all_to_all_v";
     let (n, me) = (g.n(), g.me);
-    let so = check_counts(OP, "send", send_counts, n, send.len())?;
-    let ro = check_counts(OP, "receive", recv_counts, n, recv.len())?;
+    check_counts(OP, "send", send_counts, n, send.len())?;
+    check_counts(OP, "receive", recv_counts, n, recv.len())?;
     if send_counts[me] != recv_counts[me] {
         return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[me], recv_counts[me])));
     }
     let sz = std::mem::size_of::<T>();
-    let rbase = recv.as_mut_ptr() as *mut u8;
-    let sbase = send.as_ptr() as *const u8;
-    let mut r = Round::new(g, seq, 0, OP);
-    // SAFETY: every range lies inside `recv`/`send` (offsets checked above); both outlive `r`.
-    unsafe {
-        for i in 1..n {
-            let p = (me + n - i) % n;
-            r.post(p, rbase.add(ro[p] * sz), recv_counts[p] * sz)?;
-        }
-        for i in 1..n {
-            let p = (me + i) % n;
-            r.send(p, sbase.add(so[p] * sz), send_counts[p] * sz)?;
-        }
-        // The own block last: peers (shm: reading our buffer; tcp: receiving) start at once
-        // instead of waiting for this copy.
-        std::ptr::copy_nonoverlapping(sbase.add(so[me] * sz), rbase.add(ro[me] * sz), send_counts[me] * sz);
+    let bytes = |c: &[usize]| c.iter().map(|x| x * sz).collect::<Vec<_>>();
+    let own = |s: *const u8, d: *mut u8, len: usize| {
+        // SAFETY: the own blocks, inside `send` and `recv` (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
+        Ok(())
+    };
+    // SAFETY: every range lies inside `recv`/`send` (offsets checked above); both outlive the call.
+    unsafe { a2a_bytes(g, seq, false, send.as_ptr() as *const u8, &bytes(send_counts), recv.as_mut_ptr() as *mut u8, &bytes(recv_counts), own) }
+}
+
+/// The all-to-all of byte blocks at raw addresses (offsets from the counts, already checked);
+/// `direct`: the memory is the CPU's to never touch, and `own(src, dst, len)` moves the own block.
+///
+/// # Safety
+/// Both buffers hold the counts' sums of bytes and stay valid until this returns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn a2a_bytes(
+    g: &Group,
+    seq: u64,
+    direct: bool,
+    sbase: *const u8,
+    scounts: &[usize],
+    rbase: *mut u8,
+    rcounts: &[usize],
+    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
+) -> Result<()> {
+    let (n, me) = (g.n(), g.me);
+    let (so, ro) = (offsets(scounts), offsets(rcounts));
+    let mut r = Round::new(g, seq, 0, "all_to_all_v");
+    r.direct = direct;
+    for i in 1..n {
+        let p = (me + n - i) % n;
+        r.post(p, rbase.add(ro[p]), rcounts[p])?;
     }
+    for i in 1..n {
+        let p = (me + i) % n;
+        r.send(p, sbase.add(so[p]), scounts[p])?;
+    }
+    // The own block last: peers (shm: reading our buffer; tcp: receiving) start at once
+    // instead of waiting for this copy.
+    own(sbase.add(so[me]), rbase.add(ro[me]), scounts[me])?;
     r.finish()
+}
+
+/// All-to-all-v on memory the CPU must not touch (device memory, GPUDirect RDMA); counts in
+/// bytes; `own(src, dst, len)` copies the own block (a device copy).
+///
+/// # Safety
+/// `send` and `recv` hold the counts' sums of bytes and stay valid (and, for `send`, unchanged)
+/// until this returns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn all_to_all_v_direct(
+    g: &Group,
+    seq: u64,
+    send: *const u8,
+    send_counts: &[usize],
+    recv: *mut u8,
+    recv_counts: &[usize],
+    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
+) -> Result<()> {
+    const OP: &str = "all_to_all_v";
+    let n = g.n();
+    if send_counts.len() != n || recv_counts.len() != n {
+        return Err(Error::usage(OP, format!("{} send and {} receive counts for {n} ranks", send_counts.len(), recv_counts.len())));
+    }
+    if send_counts[g.me] != recv_counts[g.me] {
+        return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[g.me], recv_counts[g.me])));
+    }
+    a2a_bytes(g, seq, true, send, send_counts, recv, recv_counts, own)
+}
+
+/// All-gather-v on memory the CPU must not touch: rank p's `counts[p]` bytes land at offset
+/// Σ counts[..p] of `recv`; `own(src, dst, len)` copies this rank's block.
+///
+/// # Safety
+/// `send` holds `counts[me]` bytes, `recv` their sum; both valid until this returns.
+pub(crate) unsafe fn all_gather_v_direct(
+    g: &Group,
+    seq: u64,
+    send: *const u8,
+    counts: &[usize],
+    recv: *mut u8,
+    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
+) -> Result<()> {
+    const OP: &str = "all_gather";
+    if counts.len() != g.n() {
+        return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
+    }
+    gather_bytes(g, seq, 0, OP, true, send, &offsets(counts), recv, own)
 }
 
 /// Reduce-scatter: `data` holds every rank's chunk (offsets `o`); `out` receives this rank's
@@ -201,22 +282,46 @@ fn reduce_scatter_into<T: Reducible>(
 
 /// All-gather: `mine` goes to `recv[o[me]..o[me+1]]` on every rank.
 fn all_gather_into<T: Pod>(g: &Group, seq: u64, round: u32, op_name: &'static str, mine: &[T], o: &[usize], recv: &mut [T]) -> Result<()> {
-    let (n, me) = (g.n(), g.me);
     let sz = std::mem::size_of::<T>();
-    recv[o[me]..o[me + 1]].copy_from_slice(mine);
-    let rb = recv.as_mut_ptr() as *mut u8;
+    let ob: Vec<usize> = o.iter().map(|x| x * sz).collect();
+    let own = |s: *const u8, d: *mut u8, len: usize| {
+        // SAFETY: `mine` into its own range of `recv` (offsets from checked counts).
+        unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
+        Ok(())
+    };
+    // SAFETY: ranges inside `recv` and `mine`, which outlive the call.
+    unsafe { gather_bytes(g, seq, round, op_name, false, mine.as_ptr() as *const u8, &ob, recv.as_mut_ptr() as *mut u8, own) }
+}
+
+/// All-gather of byte blocks: this rank's `o[me+1] - o[me]` bytes at `send` go to offset
+/// `o[p]` of every rank p's `recv`; `own` places this rank's block first (it is never posted).
+///
+/// # Safety
+/// `recv` holds `o[n]` bytes and `send` this rank's block; both valid until this returns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gather_bytes(
+    g: &Group,
+    seq: u64,
+    round: u32,
+    op_name: &'static str,
+    direct: bool,
+    send: *const u8,
+    o: &[usize],
+    recv: *mut u8,
+    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
+) -> Result<()> {
+    let (n, me) = (g.n(), g.me);
+    let mine = o[me + 1] - o[me];
+    own(send, recv.add(o[me]), mine)?;
     let mut r = Round::new(g, seq, round, op_name);
-    // SAFETY: ranges inside `recv` (offsets from checked counts) and `mine`, which outlive `r`;
-    // the own range, already written, is never posted.
-    unsafe {
-        for i in 1..n {
-            let p = (me + n - i) % n;
-            r.post(p, rb.add(o[p] * sz), (o[p + 1] - o[p]) * sz)?;
-        }
-        for i in 1..n {
-            let p = (me + i) % n;
-            r.send(p, mine.as_ptr() as *const u8, mine.len() * sz)?;
-        }
+    r.direct = direct;
+    for i in 1..n {
+        let p = (me + n - i) % n;
+        r.post(p, recv.add(o[p]), o[p + 1] - o[p])?;
+    }
+    for i in 1..n {
+        let p = (me + i) % n;
+        r.send(p, send, mine)?;
     }
     r.finish()
 }

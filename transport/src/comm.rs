@@ -206,6 +206,47 @@ impl Comm {
         coll::barrier(&self.inner.g, self.next_seq())
     }
 
+    // ------------------------------------------------ device memory (GPUDirect RDMA)
+
+    /// Whether this communicator moves memory the CPU must not touch (GPU memory the NIC
+    /// reaches with GPUDirect RDMA), probed by registering `len` bytes at `addr` on this rank
+    /// only (agree across ranks before relying on it). Only the RDMA transport can, and only
+    /// where the NIC's driver registers device memory (`nvidia-peermem`); `Err` says why not.
+    pub fn probe_direct(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
+        self.inner.g.fabric.probe_direct(addr, len)
+    }
+
+    /// All-to-all-v between buffers the CPU must not touch, by address, counts in **bytes**:
+    /// every byte is moved by the NIC, except this rank's own block, which `own(src, dst, len)`
+    /// copies (a device-to-device copy that is finished when it returns). Fails with a usage
+    /// error on a transport that cannot ([`Self::probe_direct`]).
+    ///
+    /// # Safety
+    /// `send` and `recv` point at the counts' sums of bytes, registrable by the NIC, valid (and
+    /// `send` unchanged, `recv` untouched by others) until this returns; all device work that
+    /// writes `send` has finished.
+    pub unsafe fn all_to_all_v_direct(
+        &self,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        own: impl FnOnce(u64, u64, usize) -> Result<()>,
+    ) -> Result<()> {
+        let own = |s: *const u8, d: *mut u8, len| own(s as u64, d as u64, len);
+        coll::all_to_all_v_direct(&self.inner.g, self.next_seq(), send as *const u8, send_counts, recv as *mut u8, recv_counts, own)
+    }
+
+    /// All-gather-v between buffers the CPU must not touch: rank p's `counts[p]` bytes land at
+    /// offset Σ counts[..p] of every `recv`; `own(src, dst, len)` copies this rank's block.
+    ///
+    /// # Safety
+    /// As [`Self::all_to_all_v_direct`]: `send` holds `counts[rank]` bytes, `recv` their sum.
+    pub unsafe fn all_gather_v_direct(&self, send: u64, counts: &[usize], recv: u64, own: impl FnOnce(u64, u64, usize) -> Result<()>) -> Result<()> {
+        let own = |s: *const u8, d: *mut u8, len| own(s as u64, d as u64, len);
+        coll::all_gather_v_direct(&self.inner.g, self.next_seq(), send as *const u8, counts, recv as *mut u8, own)
+    }
+
     // ------------------------------------------------------------ non-blocking collectives
 
     fn start<R: Send + 'static>(&self, name: &str, f: impl FnOnce(&Group, u64) -> Result<R> + Send + 'static) -> Request<R> {

@@ -63,4 +63,25 @@ pub trait Fabric: Send + Sync {
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize>;
     /// Withdraw a posted buffer (on an error path). Returns once no writer can touch it any more.
     fn cancel_recv(&self, src: usize, tag: Tag);
+
+    /// Whether this backend can move memory the CPU must not touch (GPU memory the NIC reaches
+    /// with GPUDirect RDMA): registers `len` bytes at `addr` for remote writes and releases them.
+    /// `Err` says why not. Only RDMA can; the others copy with the CPU.
+    fn probe_direct(&self, _addr: u64, _len: usize) -> std::result::Result<(), String> {
+        Err(format!("the {} transport moves bytes with the CPU", self.name()))
+    }
+    /// `post_recv` for memory the CPU must not touch: every byte is placed by the NIC.
+    ///
+    /// # Safety
+    /// As `post_recv`.
+    unsafe fn post_recv_direct(&self, _src: usize, _tag: Tag, _buf: *mut u8, _len: usize, w: &Wait) -> Result<()> {
+        Err(crate::Error::usage(w.op, format!("the {} transport cannot receive into device memory", self.name())))
+    }
+    /// `send` from memory the CPU must not touch: the NIC reads it.
+    ///
+    /// # Safety
+    /// As `send`.
+    unsafe fn send_direct(&self, _dst: usize, _tag: Tag, _data: *const u8, _len: usize, w: &Wait) -> Result<()> {
+        Err(crate::Error::usage(w.op, format!("the {} transport cannot send from device memory", self.name())))
+    }
 }

@@ -13,6 +13,9 @@
 //!   send-queue depth and random `QueueFull` refusals).
 //! * Otherwise (`EmuConfig::fast()`) a write is one `memcpy` at post time: the wire for the
 //!   benchmark of the protocol's own cost.
+//! * Device memory ([`DeviceMem`]): pages the CPU cannot touch (mapped without access: a read or
+//!   write by the protocol or a collective is a segmentation fault), which the emulated NIC reaches
+//!   through a second mapping of the same pages, as a NIC reaches GPU memory with GPUDirect RDMA.
 //! * Counters (`EmuConfig::stats`, shared by the world): registrations and deregistrations per
 //!   rank, and writes refused because their target region is not (any more) registered: a test
 //!   can assert that buffers are registered once, and that a write into a revoked buffer was
@@ -101,7 +104,8 @@ struct Pending {
 /// A rank's registered memory: read-locked while a peer's write is placed into it, so a copy
 /// never blocks that rank's queues, and deregistration/loss waits for copies in flight.
 struct Mem {
-    regions: HashMap<u32, (usize, usize)>,
+    /// rkey → (base, length, the NIC's address of `base`: `base` itself for host memory).
+    regions: HashMap<u32, (usize, usize, usize)>,
     dead: Option<String>,
 }
 
@@ -192,7 +196,7 @@ impl EmuVerbs {
         if let Some(why) = &t.dead {
             return Err(format!("transport retry counter exceeded (rank {dst} unreachable: {why})"));
         }
-        let Some(&(base, rlen)) = t.regions.get(&p.rkey) else {
+        let Some(&(base, rlen, nic)) = t.regions.get(&p.rkey) else {
             self.w.cfg.stats.rejected[dst].fetch_add(1, Ordering::Relaxed);
             return Err(format!("remote access error: rkey {:#x} not registered at rank {dst}", p.rkey));
         };
@@ -201,6 +205,7 @@ impl EmuVerbs {
             self.w.cfg.stats.rejected[dst].fetch_add(1, Ordering::Relaxed);
             return Err(format!("remote access error: [{ra:#x}, +{}) outside rank {dst}'s region", p.len));
         }
+        let ra = ra - base + nic; // where the NIC writes it
         // Walk the sges for the flat range.
         let (mut flat, mut done) = (0usize, 0usize);
         for &(sa, sl) in &p.sges {
@@ -310,8 +315,9 @@ impl Verbs for EmuVerbs {
         if me.dead.is_some() {
             return Err("device lost".into());
         }
+        let nic = nic_view(addr as usize, len)?;
         let key = self.w.keys.fetch_add(1, Ordering::Relaxed);
-        me.regions.insert(key, (addr as usize, len));
+        me.regions.insert(key, (addr as usize, len, nic));
         self.w.cfg.stats.regs[self.rank].fetch_add(1, Ordering::Relaxed);
         Ok(Mr { addr: addr as u64, len, lkey: key, rkey: key })
     }
@@ -350,14 +356,14 @@ impl Verbs for EmuVerbs {
         let mut len = 0usize;
         let mem = self.w.mems[self.rank].read().unwrap();
         for s in sges {
-            let Some(&(b, l)) = mem.regions.get(&s.lkey) else {
+            let Some(&(b, l, nic)) = mem.regions.get(&s.lkey) else {
                 return Err(PostError::Fatal(format!("local protection error: lkey {:#x}", s.lkey)));
             };
             let a = s.addr as usize;
             if a < b || a + s.len as usize > b + l {
                 return Err(PostError::Fatal(format!("local length error: sge [{a:#x}, +{}) outside its region", s.len)));
             }
-            v.push((a, s.len as usize));
+            v.push((a - b + nic, s.len as usize));
             len += s.len as usize;
         }
         drop(mem);
@@ -443,3 +449,126 @@ impl Verbs for EmuVerbs {
         k
     }
 }
+
+/// Emulated device memory: what a GPU allocation is to the CPU. [`DeviceMem::addr`] is the
+/// address the protocol and the collectives see; it is mapped without access rights, so any CPU
+/// read or write there is a segmentation fault. The emulated NIC reaches the same pages through
+/// a second, writable mapping (found by [`Verbs::register`]), as a NIC reaches GPU memory with
+/// GPUDirect RDMA. `write`, `read` and [`DeviceMem::copy`] are the test's `cudaMemcpy`s.
+pub struct DeviceMem {
+    dev: usize,
+    nic: usize,
+    len: usize,
+    map: usize,
+}
+
+/// Live device mappings: (device address, NIC address, mapped length).
+static DEVICE_MAPS: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+
+/// The NIC's address for `[addr, +len)`: the alias of device memory, or `addr` itself.
+fn nic_view(addr: usize, len: usize) -> Result<usize, String> {
+    let maps = DEVICE_MAPS.lock().unwrap();
+    for &(d, n, l) in maps.iter() {
+        let inside = addr >= d && addr.checked_add(len).is_some_and(|e| e <= d + l);
+        if inside {
+            return Ok(addr - d + n);
+        }
+        if addr < d + l && addr.saturating_add(len) > d {
+            return Err(format!("[{addr:#x}, +{len}) straddles device memory"));
+        }
+    }
+    Ok(addr)
+}
+
+impl DeviceMem {
+    /// `len` zeroed bytes of emulated device memory.
+    pub fn new(len: usize) -> std::io::Result<DeviceMem> {
+        let page = 4096;
+        let map = len.max(1).next_multiple_of(page);
+        // SAFETY: plain memfd and mmap calls; the mappings are owned by the result and unmapped
+        // in Drop.
+        unsafe {
+            let fd = libc::memfd_create(c"ember-emu-device".as_ptr(), libc::MFD_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut maps = [libc::MAP_FAILED; 2];
+            let mut err = None;
+            if libc::ftruncate(fd, map as libc::off_t) != 0 {
+                err = Some(std::io::Error::last_os_error());
+            } else {
+                for (i, prot) in [libc::PROT_NONE, libc::PROT_READ | libc::PROT_WRITE].into_iter().enumerate() {
+                    maps[i] = libc::mmap(std::ptr::null_mut(), map, prot, libc::MAP_SHARED, fd, 0);
+                    if maps[i] == libc::MAP_FAILED {
+                        err = Some(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            libc::close(fd);
+            if let Some(e) = err {
+                for m in maps.into_iter().filter(|&m| m != libc::MAP_FAILED) {
+                    libc::munmap(m, map);
+                }
+                return Err(e);
+            }
+            let (dev, nic) = (maps[0] as usize, maps[1] as usize);
+            DEVICE_MAPS.lock().unwrap().push((dev, nic, map));
+            Ok(DeviceMem { dev, nic, len, map })
+        }
+    }
+
+    /// The device address (not accessible to the CPU).
+    pub fn addr(&self) -> u64 {
+        self.dev as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Host to device: `data` at byte `off`.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        assert!(off.checked_add(data.len()).is_some_and(|e| e <= self.len), "device write out of range");
+        // SAFETY: inside the writable alias (checked).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (self.nic + off) as *mut u8, data.len()) };
+    }
+
+    /// Device to host: `out.len()` bytes from byte `off`.
+    pub fn read(&self, off: usize, out: &mut [u8]) {
+        assert!(off.checked_add(out.len()).is_some_and(|e| e <= self.len), "device read out of range");
+        // SAFETY: inside the alias (checked).
+        unsafe { std::ptr::copy_nonoverlapping((self.nic + off) as *const u8, out.as_mut_ptr(), out.len()) };
+    }
+
+    /// A device-side copy of `len` bytes between two device addresses (of any `DeviceMem`s), as
+    /// a copy kernel does: `Err` if either range is not inside emulated device memory.
+    pub fn copy(src: u64, dst: u64, len: usize) -> Result<(), String> {
+        let (s, d) = (src as usize, dst as usize);
+        let (ns, nd) = (nic_view(s, len)?, nic_view(d, len)?);
+        if len > 0 && (ns == s || nd == d) {
+            return Err(format!("device copy {s:#x} -> {d:#x} of {len} bytes outside device memory"));
+        }
+        // SAFETY: both ranges inside live device mappings' writable aliases (checked).
+        unsafe { std::ptr::copy(ns as *const u8, nd as *mut u8, len) };
+        Ok(())
+    }
+}
+
+impl Drop for DeviceMem {
+    fn drop(&mut self) {
+        DEVICE_MAPS.lock().unwrap().retain(|m| m.0 != self.dev);
+        // SAFETY: our own mappings, no longer registered as device memory.
+        unsafe {
+            libc::munmap(self.dev as *mut libc::c_void, self.map);
+            libc::munmap(self.nic as *mut libc::c_void, self.map);
+        }
+    }
+}
+
+// SAFETY: plain addresses of mappings owned by the value.
+unsafe impl Send for DeviceMem {}
+unsafe impl Sync for DeviceMem {}

@@ -8,7 +8,7 @@ pub mod ib;
 pub mod proto;
 pub mod verbs;
 
-pub use emu::{EmuConfig, EmuVerbs, Fault};
+pub use emu::{DeviceMem, EmuConfig, EmuVerbs, Fault};
 #[cfg(feature = "rdma")]
 pub use ib::{IbConfig, IbVerbs, PortInfo};
 pub use proto::{RdmaConfig, RdmaFabric, RemoteSlots};

@@ -294,6 +294,9 @@ struct RecvEntry {
     withdrawn: bool,
     /// The sender was told (revoke) not to write this message zero-copy.
     revoked: bool,
+    /// The posted buffer is memory the CPU must not touch (device memory): only the NIC writes
+    /// it, so the message must arrive zero-copy; one that comes through the slots is an error.
+    direct: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -613,7 +616,15 @@ impl<V: Verbs> RdmaFabric<V> {
         let mr = match st.cache.acquire(&self.v, buf, len, true) {
             Ok(mr) => mr,
             Err(e) => {
-                tracing::debug!(peer = p, "rdma: registering a receive buffer failed ({e}); using the slots");
+                let e2 = st.recvs.get_mut(&(p, tag)).expect("posted entry");
+                if e2.direct {
+                    // No slot fallback for device memory: the receive fails (the sender is told
+                    // when the receive is withdrawn).
+                    e2.discard = true;
+                    e2.err = Some(Error::Io { op: "rdma recv", peer: p, detail: format!("registering a {len}-byte device buffer for GPUDirect RDMA: {e}") });
+                } else {
+                    tracing::debug!(peer = p, "rdma: registering a receive buffer failed ({e}); using the slots");
+                }
                 return;
             }
         };
@@ -758,7 +769,10 @@ impl<V: Verbs> RdmaFabric<V> {
                 let payload = &sl[HDR..HDR + clen];
                 if e.discard || e.err.is_some() {
                 } else if let Some((buf, cap)) = e.posted {
-                    if total > cap {
+                    if e.direct && total > 0 {
+                        e.discard = true;
+                        e.err = Some(Error::Protocol { op: "rdma recv", peer: p, detail: format!("a {total}-byte message for a device buffer came through the receive slots (the sender did not send it from device memory)") });
+                    } else if total > cap {
                         e.discard = true;
                         e.err = Some(Error::Protocol { op: "rdma recv", peer: p, detail: format!("message of {total} bytes for a {cap}-byte buffer") });
                     } else {
@@ -1200,18 +1214,10 @@ impl<V: Verbs> Drop for RdmaFabric<V> {
     }
 }
 
-impl<V: Verbs> Fabric for RdmaFabric<V> {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.n
-    }
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+impl<V: Verbs> RdmaFabric<V> {
+    /// `post_recv`; `direct`: the buffer is device memory, every byte of it placed by the NIC
+    /// (any non-empty message is advertised, whatever the zero-copy threshold).
+    unsafe fn post_recv_as(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait, direct: bool) -> Result<()> {
         if src >= self.n || src == self.rank {
             return Err(Error::usage(w.op, format!("post_recv from rank {src} on rank {} of {}", self.rank, self.n)));
         }
@@ -1220,12 +1226,13 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
             self.flush_aborts(&mut st);
             return Err(e);
         }
-        let zc_min = self.zc_min;
+        let zc_min = if direct { 1 } else { self.zc_min };
         let e = st.recvs.entry((src, tag)).or_default();
         if e.posted.is_some() || e.withdrawn {
             return Err(Error::usage(w.op, format!("receive from rank {src} for {tag:?} posted twice")));
         }
         e.posted = Some((buf as usize, len));
+        e.direct = direct;
         let (mut advertise, mut eager_please) = (false, false);
         match e.total {
             Some(total) if total > len => {
@@ -1245,6 +1252,11 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
                     e.eager = true;
                     eager_please = true;
                 }
+            }
+            Some(total) if direct && total > 0 => {
+                e.discard = true;
+                e.stash = Vec::new();
+                e.err = Some(Error::Protocol { op: w.op, peer: src, detail: format!("a {total}-byte message for a device buffer came through the receive slots (the sender did not send it from device memory)") });
             }
             Some(_) => {
                 if !e.stash.is_empty() {
@@ -1267,7 +1279,9 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         Ok(())
     }
 
-    unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+    /// `send`; `direct`: the data is device memory, so a non-empty message waits for the
+    /// receiver's advertisement whatever its length (the NIC reads the data either way).
+    unsafe fn send_as(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait, direct: bool) -> Result<()> {
         if dst >= self.n || dst == self.rank {
             return Err(Error::usage(w.op, format!("send to rank {dst} on rank {} of {}", self.rank, self.n)));
         }
@@ -1290,7 +1304,7 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         let peer = &mut st.peers[dst];
         let stashed = peer.adverts.remove(&tag);
         let revoked = peer.revoked.remove(&tag);
-        if len >= self.zc_min {
+        if len >= if direct { 1 } else { self.zc_min } {
             // Announce it (the receiver learns the length; if it did not advertise, it answers).
             peer.ctl.push_back(Ctl::Rts { tag, len: len as u64 });
             if revoked {
@@ -1309,7 +1323,41 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         self.progress(&mut st);
         Ok(())
     }
+}
 
+impl<V: Verbs> Fabric for RdmaFabric<V> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.n
+    }
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+        self.post_recv_as(src, tag, buf, len, w, false)
+    }
+
+    unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+        self.send_as(dst, tag, data, len, w, false)
+    }
+
+    fn probe_direct(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
+        // SAFETY: registered and released at once; nothing is posted on it.
+        let mr = unsafe { self.v.register(addr as *mut u8, len) }?;
+        self.v.deregister(&mr);
+        Ok(())
+    }
+
+    unsafe fn post_recv_direct(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+        self.post_recv_as(src, tag, buf, len, w, true)
+    }
+
+    unsafe fn send_direct(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+        self.send_as(dst, tag, data, len, w, true)
+    }
     fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()> {
         let r = self.wait_for(dst, w, |me, st| {
             let Some(&jid) = st.job_of.get(&(dst, tag)) else {
