@@ -3,10 +3,13 @@
 //! buffers take), and peer to peer (ranks copy out of each other's buffers, the path in-process
 //! ranks sharing a GPU take). Same grid, plan and data: the runs must agree bitwise, for every
 //! sharding type, mean pooling, row-wise AdaGrad with sync every 2 steps, and fully-sharded 2D.
+//! The GPUDirect RDMA path (the RDMA protocol moving the buffers themselves, over the adversarial
+//! verbs emulation) must agree bitwise with the host path too.
 use ember_engine::backend::Cpu;
 use ember_engine::config::{preset, EmbOptimizer, Pooling, TrainConfig};
 use ember_engine::grid::{Grid, Placement};
-use ember_engine::parallel::driver::{train_in_process, RankState};
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::parallel::driver::{train_comms_with, train_in_process, RankState};
 use ember_engine::parallel::{ParallelOptions, SyncMode, Xfer, XferKind};
 use ember_engine::plan::ShardingType;
 use ember_tests::two_d::cycling_plan;
@@ -100,4 +103,43 @@ fn auto_resolution_and_refusals() {
     // The CPU backend has no native (NCCL) collectives: asking for them is a clear error.
     let e = Xfer::resolve("nccl".parse().unwrap(), &cpu, &tcp).unwrap_err().to_string();
     assert!(e.contains("--features nccl"), "{e}");
+}
+
+/// The run of `run_with`, over an emulated RDMA world (adversarial verbs) instead of in-process
+/// channels.
+fn run_rdma(m: usize, n: usize, opts: ParallelOptions, seed: u64) -> (Vec<f64>, Vec<RankState>) {
+    use ember_transport::rdma::{emu_world, EmuConfig, RdmaConfig};
+    let cfg = config(8 * m * n);
+    let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
+    let plan = cycling_plan(&cfg, n, &ShardingType::ALL);
+    let data = SyntheticData::new(&cfg).unwrap();
+    let feed = |step: usize, w: usize| {
+        let range = grid.sample_range(w, cfg.batch_size);
+        Ok(data.samples((step * cfg.batch_size + range.start) as u64, range.len()))
+    };
+    let comms = emu_world(m * n, EmuConfig::adversarial(seed), RdmaConfig { slots: 4, chunk: 4096 }, std::time::Duration::from_secs(60)).unwrap();
+    let (report, states, _) = train_comms_with(&|_| Ok(Cpu::new()), comms, &cfg, grid, &plan, &opts, 5, &feed, &data.eval_batch(), false).unwrap();
+    (report.losses, states)
+}
+
+#[test]
+fn gpudirect_rdma_path_agrees_bitwise_with_the_host_path() {
+    for (m, n) in [(1, 4), (2, 2), (2, 3)] {
+        let opts = |xfer| ParallelOptions { sync_every: 2, xfer, ..ParallelOptions::default() };
+        let host = run_with(m, n, opts(XferKind::Host));
+        let direct = run_rdma(m, n, opts(XferKind::Direct), (m * 10 + n) as u64);
+        assert_same(&format!("{m}x{n} direct over emulated RDMA"), &host, &direct);
+        // And the host path over the same emulated RDMA world.
+        let host_rdma = run_rdma(m, n, opts(XferKind::Host), 1);
+        assert_same(&format!("{m}x{n} host over emulated RDMA"), &host, &host_rdma);
+    }
+}
+
+#[test]
+fn gpudirect_is_refused_where_the_transport_copies_with_the_cpu() {
+    let cpu = Cpu::new();
+    let local = ember_transport::local_world(1).pop().unwrap();
+    let e = Xfer::resolve(XferKind::Direct, &cpu, &local).unwrap_err().to_string();
+    assert!(e.contains("GPUDirect") && e.contains("rank 0") && e.contains("local"), "{e}");
+    assert_eq!("direct".parse::<XferKind>().unwrap(), XferKind::Direct);
 }

@@ -48,9 +48,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub fully_sharded: bool,
     /// How the 2D step's buffers travel between ranks: auto (peer-to-peer device copies for
-    /// in-process ranks on a GPU, NCCL for GPU ranks in separate processes when built, else the
-    /// host transport), host, staged (host transport via host copies), peers (in-process ranks
-    /// copy out of each other's buffers), nccl.
+    /// in-process ranks on a GPU; for GPU ranks in separate processes GPUDirect RDMA when every
+    /// rank's NIC registers device memory, else NCCL when built, else the host transport),
+    /// host, staged (host transport via host copies), peers (in-process ranks copy out of each
+    /// other's buffers), nccl, direct (GPUDirect RDMA: the RDMA transport on the buffers).
     #[arg(long, default_value = "auto")]
     pub xfer: String,
     /// Checkpoint folder (DIR/step-S/); checkpointed runs go through the grid engine (also 1x1).

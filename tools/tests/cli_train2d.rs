@@ -143,6 +143,17 @@ fn buffer_transports_give_the_same_run_and_bad_choices_are_refused() {
     assert!(!out.status.success());
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("needs in-process ranks"), "{text}");
+    // GPUDirect RDMA needs the RDMA transport: refused in-process and over shared memory,
+    // naming the rank and the transport.
+    let out = Command::new(bin).args(ARGS).args(["--xfer", "direct"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("GPUDirect RDMA") && text.contains("local"), "{text}");
+    let mut launch = vec!["launch", "-n", "4", "--timeout-ms", "20000", "--", bin];
+    launch.extend(ARGS);
+    launch.extend(["--xfer", "direct"]);
+    let out = Command::new(bin).args(&launch).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("GPUDirect RDMA") && text.contains("shm"), "{text}");
 }
 
 #[test]

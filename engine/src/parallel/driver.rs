@@ -122,11 +122,31 @@ pub fn train_threads_with<B: Backend>(
     eval: &Batch,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
+    train_comms_with(new_be, ember_transport::local_world(grid.world()), cfg, grid, plan, opts, steps, feed, eval, trace)
+}
+
+/// `train_threads_with` over the given world communicators (one per rank, `grid.world()` of
+/// them, e.g. an emulated RDMA world), each rank on its own thread.
+#[allow(clippy::too_many_arguments)]
+pub fn train_comms_with<B: Backend>(
+    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
+    comms: Vec<ember_transport::Comm>,
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    opts: &ParallelOptions,
+    steps: usize,
+    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
+    eval: &Batch,
+    trace: bool,
+) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let t = grid.world();
     if cfg.batch_size % t != 0 {
         return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
     }
-    let comms = ember_transport::local_world(t);
+    if comms.len() != t {
+        return Err(Error::Config(format!("{} world communicators for a grid of {t} ranks", comms.len())));
+    }
     let start = Instant::now();
     let results: Vec<Result<RankOutcome>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms

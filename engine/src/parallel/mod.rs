@@ -395,7 +395,7 @@ impl<B: Backend> Rank2D<B> {
         self.bytes.dense_all_reduce += total as u64 * 4;
         let dense_req = match self.xfer {
             Xfer::Host { .. } => DenseReduce::<B>::Host(self.comms.world.start_all_reduce(be.download(&grads)?, ReduceOp::Sum)),
-            Xfer::Peers | Xfer::Native => DenseReduce::Device(grads),
+            Xfer::Peers | Xfer::Native | Xfer::Direct => DenseReduce::Device(grads),
         };
         let ar_start = Instant::now();
         self.times.dense += self.stage("dense", t0);

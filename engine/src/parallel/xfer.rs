@@ -11,8 +11,17 @@
 //!   of the peers' buffers (device to device on a GPU); a barrier closes each collective so no
 //!   buffer is reused while a peer may still read it. Reductions add the ranks' blocks in rank
 //!   order, as the host transport does, so both paths give bitwise the same result.
+//! * [`Xfer::Direct`] — GPUDirect RDMA: the RDMA transport moves the buffers themselves, the NIC
+//!   reading and writing device memory (registered with the NIC's driver), the CPU touching none
+//!   of it; the own block is a device copy, and reductions are an all-to-all into a scratch
+//!   buffer summed on the device in rank order, then an all-gather: bitwise the host path's
+//!   result. Needs RDMA and a NIC driver that registers device memory (`nvidia-peermem`).
 //! * [`Xfer::Native`] — the backend's own collectives on its buffers (NCCL on CUDA, one rank
 //!   per GPU, across processes), ordered on the rank's stream; NCCL's reduction order is its own.
+//!
+//! `auto` for device buffers: peers for in-process ranks; across processes GPUDirect RDMA when
+//! every rank registers device memory with its NIC, else NCCL, else staging through host memory.
+//! Rank 0 logs the choice and why (`EMBER_LOG=info`).
 use crate::backend::Backend;
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp};
@@ -33,6 +42,8 @@ pub enum XferKind {
     Peers,
     /// The backend's native collectives (NCCL).
     Nccl,
+    /// GPUDirect RDMA: the RDMA transport on the buffers themselves.
+    Direct,
 }
 
 impl std::str::FromStr for XferKind {
@@ -44,7 +55,8 @@ impl std::str::FromStr for XferKind {
             "staged" => Ok(XferKind::Staged),
             "peers" => Ok(XferKind::Peers),
             "nccl" => Ok(XferKind::Nccl),
-            o => Err(Error::Config(format!("unknown buffer transport '{o}' (auto, host, staged, peers, nccl)"))),
+            "direct" => Ok(XferKind::Direct),
+            o => Err(Error::Config(format!("unknown buffer transport '{o}' (auto, host, staged, peers, nccl, direct)"))),
         }
     }
 }
@@ -56,15 +68,26 @@ pub enum Xfer {
     Host { stage: bool },
     Peers,
     Native,
+    Direct,
 }
 
 impl Xfer {
-    /// `Auto`: device buffers of ranks that are threads of one process go peer to peer; all
-    /// else goes through the host transport. `Peers` across processes is refused.
+    /// Resolve `kind` on this world communicator (collective: every rank calls it; `Auto` and
+    /// `Direct` probe the NIC together). Rank 0 logs the path and why. `Peers` across processes,
+    /// `Nccl` without NCCL and `Direct` without GPUDirect RDMA are refused with the reason.
     pub fn resolve<B: Backend>(kind: XferKind, be: &B, comm: &Comm) -> Result<Xfer> {
+        let (x, why) = Self::choose(kind, be, comm)?;
+        if comm.rank() == 0 {
+            tracing::info!("buffer transport: {} ({why})", x.name());
+        }
+        Ok(x)
+    }
+
+    fn choose<B: Backend>(kind: XferKind, be: &B, comm: &Comm) -> Result<(Xfer, String)> {
         let in_process = comm.transport() == "local";
         let on_host = be.host(&be.zeros(0)?).is_some();
-        match kind {
+        let asked = |x| Ok((x, "asked for".to_string()));
+        let x = match kind {
             XferKind::Host => Ok(Xfer::Host { stage: false }),
             XferKind::Staged => Ok(Xfer::Host { stage: true }),
             XferKind::Peers if !in_process => {
@@ -76,10 +99,15 @@ impl Xfer {
             )),
             XferKind::Nccl if in_process => Err(Error::Config("NCCL takes one rank per GPU, one per process; in-process ranks use peers".into())),
             XferKind::Nccl => Ok(Xfer::Native),
-            XferKind::Auto if in_process && !on_host => Ok(Xfer::Peers),
-            XferKind::Auto if !on_host && be.native().is_some() => Ok(Xfer::Native),
-            XferKind::Auto => Ok(Xfer::Host { stage: false }),
-        }
+            XferKind::Direct => match direct_probe(be, comm)? {
+                Ok(()) => Ok(Xfer::Direct),
+                Err(why) => Err(Error::Config(format!("GPUDirect RDMA buffer transport: {why}"))),
+            },
+            XferKind::Auto if on_host => return Ok((Xfer::Host { stage: false }, "host buffers".into())),
+            XferKind::Auto if in_process => return Ok((Xfer::Peers, "device buffers of in-process ranks".into())),
+            XferKind::Auto => return Ok(device_auto(direct_probe(be, comm)?, be.native().is_some())),
+        };
+        x.and_then(asked)
     }
 
     pub fn name(&self) -> &'static str {
@@ -87,6 +115,7 @@ impl Xfer {
             Xfer::Host { .. } => "host",
             Xfer::Peers => "peers",
             Xfer::Native => "native",
+            Xfer::Direct => "direct",
         }
     }
 
@@ -133,6 +162,7 @@ impl Xfer {
                 Ok(())
             }
             Xfer::Native => native(be)?.all_to_all_v(comm, send, scounts, recv, rcounts),
+            Xfer::Direct => direct_a2a(be, comm, send, scounts, recv, rcounts),
         }
     }
 
@@ -168,6 +198,7 @@ impl Xfer {
                 Ok(())
             }
             Xfer::Native => native(be)?.all_gather(comm, send, recv),
+            Xfer::Direct => direct_gather(be, comm, send, &vec![len; n], recv),
         }
     }
 
@@ -208,6 +239,7 @@ impl Xfer {
                 Ok(())
             }
             Xfer::Native => native(be)?.reduce_scatter_sum(comm, send, recv),
+            Xfer::Direct => direct_reduce_scatter(be, comm, send, &vec![blk; n], recv),
         }
     }
 
@@ -247,8 +279,88 @@ impl Xfer {
                 Ok(())
             }
             Xfer::Native => native(be)?.all_reduce_sum(comm, buf),
+            Xfer::Direct => {
+                // As the host transport: reduce-scatter of even chunks, then all-gather.
+                if n == 1 {
+                    return Ok(());
+                }
+                let counts = ember_transport::split_evenly(be.len(buf), n);
+                let mut mine = be.zeros(counts[comm.rank()])?;
+                direct_reduce_scatter(be, comm, buf, &counts, &mut mine)?;
+                direct_gather(be, comm, &mine, &counts, buf)
+            }
         }
     }
+}
+
+/// `auto` for device buffers of ranks in separate processes, given whether GPUDirect RDMA is
+/// usable on every rank and whether the backend has native (NCCL) collectives.
+fn device_auto(direct: std::result::Result<(), String>, native: bool) -> (Xfer, String) {
+    match direct {
+        Ok(()) => (Xfer::Direct, "device buffers; every rank registers device memory with its NIC (GPUDirect RDMA)".into()),
+        Err(why) if native => (Xfer::Native, format!("device buffers; no GPUDirect RDMA: {why}")),
+        Err(why) => (Xfer::Host { stage: false }, format!("device buffers staged through host memory; no GPUDirect RDMA ({why}), no NCCL")),
+    }
+}
+
+/// Whether every rank of `comm` can hand its device memory to the NIC (GPUDirect RDMA): each
+/// registers a small buffer of this backend, then all agree. `Ok(Err(why))`: not usable, with
+/// the first failing rank's reason.
+fn direct_probe<B: Backend>(be: &B, comm: &Comm) -> Result<std::result::Result<(), String>> {
+    let b = be.zeros(1024)?;
+    let mine = comm.probe_direct(be.addr(&b), 4 * be.len(&b)).err().unwrap_or_default();
+    let (all, counts) = comm.all_gather_alloc(mine.as_bytes())?;
+    let mut off = 0;
+    for (r, &c) in counts.iter().enumerate() {
+        if c > 0 {
+            return Ok(Err(format!("rank {r}: {}", String::from_utf8_lossy(&all[off..off + c]))));
+        }
+        off += c;
+    }
+    Ok(Ok(()))
+}
+
+/// Direct all-to-all-v (float counts): the NIC moves the peers' blocks, the backend copies the
+/// own block. Queued device work that writes `send` finishes first.
+fn direct_a2a<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, scounts: &[usize], recv: &mut B::Buf, rcounts: &[usize]) -> Result<()> {
+    be.synchronize()?;
+    let (sb, rb): (Vec<usize>, Vec<usize>) = (scounts.iter().map(|c| 4 * c).collect(), rcounts.iter().map(|c| 4 * c).collect());
+    let raddr = be.addr(recv);
+    let own = |s: u64, d: u64, len: usize| unsafe { be.copy_from_addr(s, recv, ((d - raddr) / 4) as usize, len / 4) }.map_err(|e| ember_transport::Error::Bootstrap(e.to_string()));
+    // SAFETY: `send` and `recv` hold the counts (checked by the callers) and outlive the call;
+    // the own block is copied inside `recv` by the backend.
+    Ok(unsafe { comm.all_to_all_v_direct(be.addr(send), &sb, raddr, &rb, own) }?)
+}
+
+/// Direct all-gather-v: rank p's `counts[p]` floats (all of its `send`) at offset Σ counts[..p].
+fn direct_gather<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, counts: &[usize], recv: &mut B::Buf) -> Result<()> {
+    if be.len(send) != counts[comm.rank()] || be.len(recv) != counts.iter().sum::<usize>() {
+        return Err(Error::Config(format!("all_gather: {} floats here for counts {counts:?} into {}", be.len(send), be.len(recv))));
+    }
+    be.synchronize()?;
+    let cb: Vec<usize> = counts.iter().map(|c| 4 * c).collect();
+    let raddr = be.addr(recv);
+    let own = |s: u64, d: u64, len: usize| unsafe { be.copy_from_addr(s, recv, ((d - raddr) / 4) as usize, len / 4) }.map_err(|e| ember_transport::Error::Bootstrap(e.to_string()));
+    // SAFETY: as in direct_a2a (lengths checked above).
+    Ok(unsafe { comm.all_gather_v_direct(be.addr(send), &cb, raddr, own) }?)
+}
+
+/// Direct reduce-scatter of sums: chunk p (`counts[p]` floats of `send`) goes to rank p, which
+/// adds the n contributions in rank order on the device.
+fn direct_reduce_scatter<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, counts: &[usize], recv: &mut B::Buf) -> Result<()> {
+    let (n, mine) = (comm.size(), be.len(recv));
+    if counts[comm.rank()] != mine || counts.iter().sum::<usize>() != be.len(send) {
+        return Err(Error::Config(format!("reduce_scatter: counts {counts:?} for {} floats into {mine}", be.len(send))));
+    }
+    let mut parts = be.zeros(n * mine)?;
+    direct_a2a(be, comm, send, counts, &mut parts, &vec![mine; n])?;
+    be.copy_2d(&parts, 0, mine, recv, 0, mine, 1, mine)?;
+    let mut t = be.zeros(mine)?;
+    for p in 1..n {
+        be.copy_2d(&parts, p * mine, mine, &mut t, 0, mine, 1, mine)?;
+        be.axpy(1.0, &t, recv)?;
+    }
+    Ok(())
 }
 
 fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B>> {
@@ -277,4 +389,21 @@ fn publish<B: Backend>(be: &B, comm: &Comm, buf: &B::Buf, counts: &[usize]) -> R
         .chunks(msg.len())
         .map(|m| (m[0], m[1..1 + k].iter().map(|&x| x as usize).collect(), m[1 + k..].iter().map(|&x| x as usize).collect()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_for_device_buffers_prefers_gpudirect_then_nccl_then_staging() {
+        assert_eq!(device_auto(Ok(()), true).0, Xfer::Direct);
+        assert_eq!(device_auto(Ok(()), false).0, Xfer::Direct);
+        let (x, why) = device_auto(Err("rank 3: no RDMA device".into()), true);
+        assert_eq!(x, Xfer::Native);
+        assert!(why.contains("rank 3: no RDMA device"), "{why}");
+        let (x, why) = device_auto(Err("rank 1: ibv_reg_mr: EFAULT".into()), false);
+        assert_eq!(x, Xfer::Host { stage: false });
+        assert!(why.contains("staged") && why.contains("EFAULT"), "{why}");
+    }
 }
