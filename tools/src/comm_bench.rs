@@ -48,6 +48,10 @@ pub struct CommBenchArgs {
     /// memcpy ceiling alike; see docs/transport.md).
     #[arg(long)]
     pub no_huge: bool,
+    /// (rdma-emu, a2a) Buffers in emulated device memory that the CPU cannot touch, moved by
+    /// the GPUDirect path (`Comm::all_to_all_v_direct`: every non-empty message zero-copy).
+    #[arg(long)]
+    pub device_memory: bool,
     /// One JSON object per row.
     #[arg(long)]
     pub json: bool,
@@ -70,6 +74,9 @@ pub struct CommBenchArgs {
 fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, String> {
     let (min_bytes, max_bytes) = (parse_size(&a.min)?, parse_size(&a.max)?);
     let coll = Collective::parse(which).ok_or_else(|| format!("unknown collective '{which}'"))?;
+    if a.device_memory {
+        return bench_device_emu(c, a, min_bytes, max_bytes);
+    }
     let o = BenchOptions {
         min_bytes,
         max_bytes,
@@ -81,6 +88,62 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
         no_huge: a.no_huge,
     };
     bench_rank_core(coll, c, &o)
+}
+
+/// `--device-memory`: the all-to-all between emulated device buffers through the direct path,
+/// timed and checked as `bench_rank_core` does (seeded blocks, expectations from the seeds).
+fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Result<Vec<Row>, String> {
+    use ember_engine::comm_bench::{max_over, seed};
+    use ember_transport::rdma::DeviceMem;
+    let (n, me) = (c.size(), c.rank());
+    let e = |e: ember_transport::Error| e.to_string();
+    if a.factor < 2 || min == 0 || min > max {
+        return Err("need -b >= 1, -b <= -e and -f >= 2".into());
+    }
+    let (mut rows, mut size) = (Vec::new(), min);
+    while size <= max {
+        let count = (size / 4).max(1);
+        let fill = |d: &DeviceMem, rep: usize| {
+            let v: Vec<u8> = (0..count * n).flat_map(|i| seed(me, rep, i / count, i % count).to_le_bytes()).collect();
+            d.write(0, &v);
+        };
+        let (send, recv) = (DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?, DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?);
+        let counts = vec![4 * count; n];
+        let iter = || {
+            // SAFETY: both buffers hold n blocks of 4·count bytes and outlive the call.
+            unsafe { c.all_to_all_v_direct(send.addr(), &counts, recv.addr(), &counts, |s, d, l| DeviceMem::copy(s, d, l).map_err(ember_transport::Error::Bootstrap)) }.map_err(e)
+        };
+        fill(&send, 0);
+        for _ in 0..a.warmup {
+            iter()?;
+        }
+        c.barrier().map_err(e)?;
+        let t = std::time::Instant::now();
+        for _ in 0..a.iters {
+            iter()?;
+        }
+        let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64).map_err(e)?;
+        let mut wrong = 0u64;
+        for rep in 1..=a.check {
+            fill(&send, rep);
+            recv.write(0, &vec![0xff; recv.len()]);
+            iter()?;
+            let mut got = vec![0u8; recv.len()];
+            recv.read(0, &mut got);
+            for (i, b) in got.chunks_exact(4).enumerate() {
+                let x = f32::from_le_bytes(b.try_into().unwrap());
+                wrong += u64::from(x.to_bits() != Collective::AllToAll.expected(n, me, rep, count, i).to_bits());
+            }
+        }
+        let mut w = [wrong];
+        c.all_reduce(&mut w, ember_transport::ReduceOp::Sum).map_err(e)?;
+        rows.push(Row::new(Collective::AllToAll, n, size, count, time_us, w[0], None));
+        match size.checked_mul(a.factor) {
+            Some(s) => size = s,
+            None => break,
+        }
+    }
+    Ok(rows)
 }
 
 fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&str>) {
@@ -106,7 +169,8 @@ fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&
     }
     let what = if which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
     let grp = group.map(|g| format!(" ({g} group {:?}, run concurrently with the other group)", c.world_ranks())).unwrap_or_default();
-    println!("# ember bench {which}: {} ranks{grp}, transport {}, -n {} -w {} -c {} ({what})", c.size(), c.transport(), a.iters, a.warmup, a.check);
+    let mem = if a.device_memory { " (emulated device memory, direct path)" } else { "" };
+    println!("# ember bench {which}: {} ranks{grp}, transport {}{mem}, -n {} -w {} -c {} ({what})", c.size(), c.transport(), a.iters, a.warmup, a.check);
     let extra = match base {
         Some("memcpy") => "  memcpy(us)  %ceiling",
         Some(_) => "  stream(GB/s)  %stream",
@@ -139,6 +203,9 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
     }
     let timeout = a.timeout_ms.map(Duration::from_millis).unwrap_or(ember_transport::DEFAULT_TIMEOUT);
     let rdma_emu = a.transport == "rdma-emu";
+    if a.device_memory && !(rdma_emu && which == "a2a" && a.baseline.is_none()) {
+        return Err("--device-memory: only `bench a2a --transport rdma-emu --ranks N`, without --baseline".into());
+    }
     let transport: Transport = if rdma_emu { Transport::Local } else { a.transport.parse()? };
     let comms: Vec<Comm> = match a.ranks {
         // The RDMA protocol over emulated verbs (threads): the protocol's own cost.

@@ -168,3 +168,17 @@ fn ranks_die_with_a_killed_launcher() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn device_memory_bench_over_the_emulated_rdma_protocol() {
+    // 3 ranks, sizes 100 B .. 200 KB in emulated device memory (CPU access would kill the
+    // process), checked twice per size.
+    let o = ember(&["bench", "a2a", "--transport", "rdma-emu", "--ranks", "3", "--device-memory", "-b", "100", "-e", "200K", "-f", "7", "-n", "3", "-w", "1", "-c", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("transport rdma-emu (emulated device memory, direct path)"), "{out}");
+    assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("  ")).count(), 4, "{out}");
+    let o = ember(&["bench", "a2a", "--ranks", "2", "--device-memory"]);
+    assert!(!o.status.success() && text(&o).1.contains("--device-memory: only"), "{}", text(&o).1);
+}
