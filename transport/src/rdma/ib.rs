@@ -698,7 +698,21 @@ impl Verbs for IbVerbs {
         if mr.is_null() {
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             let hint = if e == libc::ENOMEM || e == libc::EPERM { " (locked-memory limit? raise `ulimit -l` to unlimited)" } else { "" };
-            return Err(format!("ibv_reg_mr({} bytes at {addr:p} on {}): {}{hint}", len, self.port.device, sys::errno_text(e)));
+            let why = format!("ibv_reg_mr({} bytes at {addr:p} on {}): {}{hint}", len, self.port.device, sys::errno_text(e));
+            // Device memory without nvidia-peermem: register it through a dma-buf of the GPU.
+            mr = match super::dmabuf_exporter().and_then(|f| f(addr as u64, len)) {
+                None => return Err(why),
+                Some(Err(x)) => return Err(format!("{why}; dma-buf export: {x}")),
+                Some(Ok((fd, off))) => {
+                    let m = ffi::ibv_reg_dmabuf_mr(self.pd, off, len, addr as u64, fd, base as i32);
+                    let e2 = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                    libc::close(fd);
+                    if m.is_null() {
+                        return Err(format!("{why}; ibv_reg_dmabuf_mr: {}", sys::errno_text(e2)));
+                    }
+                    m
+                }
+            };
         }
         let (lkey, rkey) = ((*mr).lkey, (*mr).rkey);
         self.mrs.lock().unwrap_or_else(|e| e.into_inner()).insert(lkey, mr as usize);

@@ -18,6 +18,24 @@ use crate::error::Result;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Exports device memory as a dma-buf, for NICs that register GPU memory through dma-buf
+/// (`ibv_reg_dmabuf_mr`) rather than `nvidia-peermem`: `Some(Ok((fd, offset)))` is a new file
+/// descriptor (the caller closes it) for a range that holds `[addr, +len)` at `offset`; `None`:
+/// `addr` is not device memory (or no GPU library is loaded). Set once by the CUDA backend.
+pub type DmabufExporter = fn(addr: u64, len: usize) -> Option<std::result::Result<(i32, u64), String>>;
+
+static DMABUF_EXPORTER: std::sync::OnceLock<DmabufExporter> = std::sync::OnceLock::new();
+
+/// Install the dma-buf exporter (the first call wins; later calls are ignored).
+pub fn set_dmabuf_exporter(f: DmabufExporter) {
+    let _ = DMABUF_EXPORTER.set(f);
+}
+
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) fn dmabuf_exporter() -> Option<DmabufExporter> {
+    DMABUF_EXPORTER.get().copied()
+}
+
 /// `n` ranks (threads of this process) running the RDMA protocol over emulated verbs.
 /// Transport name: "rdma-emu".
 pub fn emu_world(n: usize, emu: EmuConfig, cfg: RdmaConfig, timeout: Duration) -> Result<Vec<Comm>> {
