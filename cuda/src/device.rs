@@ -1,15 +1,18 @@
-//! The device: driver context and stream, compiled kernels (cached per device), cuBLAS, the pool.
+//! The device: driver context and stream, compiled kernels (cached per device), cuBLAS, the
+//! device pool and the pinned host pool.
 //!
 //! Everything is loaded at run time. [`probe`] checks, without panicking, that the driver library
 //! loads and a device exists; [`Gpu::open`] then compiles the kernels for the device's
 //! architecture with NVRTC (once per device per process) and reserves the pool.
 use crate::kernels::MODULES;
 use crate::nvrtc;
+use crate::pinned::{HostAllocator, PinnedBuf, PinnedPool, PinnedStats, DEFAULT_MAX_IDLE};
 use crate::pool::{Block, Pool, PoolConfig, PoolError, PoolStats, RawAllocator};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result as dr, sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Errors of the device layer, as text (the engine wraps them in `Error::Device`).
@@ -61,6 +64,35 @@ impl RawAllocator for DeviceAllocator {
         // SAFETY: `addr` came from `alloc`; the pool frees each chunk once, after the stream is idle.
         let _ = unsafe { dr::free_sync(addr) };
     }
+}
+
+/// Page-locked host memory from the driver, for the pinned pool.
+pub struct PinnedAllocator {
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: cuMemHostAlloc returns page-aligned host memory, valid until cuMemFreeHost.
+unsafe impl HostAllocator for PinnedAllocator {
+    fn alloc(&mut self, bytes: usize) -> Result<NonNull<u8>, String> {
+        self.ctx.bind_to_thread().map_err(de("bind context"))?;
+        // SAFETY: plain allocation (portable: pinned for every context); `free` releases it.
+        let p = unsafe { dr::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(de("cuMemHostAlloc"))?;
+        NonNull::new(p.cast()).ok_or_else(|| "cuMemHostAlloc returned null".into())
+    }
+    unsafe fn free(&mut self, p: NonNull<u8>, _bytes: usize) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = dr::free_host(p.as_ptr().cast());
+    }
+}
+
+/// Staging memory of one device: `len` page-locked floats from its pinned pool.
+pub type Pinned = PinnedBuf<PinnedAllocator>;
+
+/// Whether `p` lies in page-locked memory from `cuMemHostAlloc` (needs a bound context).
+pub fn page_locked<T>(p: *const T) -> bool {
+    let mut flags = 0;
+    // SAFETY: only looks the address up.
+    unsafe { sys::cuMemHostGetFlags(&mut flags, p as *mut _) == sys::CUresult::CUDA_SUCCESS }
 }
 
 /// A typed device buffer: a pool block that returns to the pool when dropped.
@@ -125,6 +157,8 @@ pub struct Gpu {
     pub blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
     pub pool: Arc<Mutex<Pool<DeviceAllocator>>>,
+    /// Staging memory for host transfers (see [`staging`](Self::staging)).
+    pub pinned: Arc<Mutex<PinnedPool<PinnedAllocator>>>,
     pub name: String,
     pub arch: &'static str,
     pub sm_count: u32,
@@ -155,7 +189,7 @@ impl Gpu {
 
     /// A private handle on device `ordinal` for one of several in-process ranks that share it:
     /// the same (primary) CUDA context, so device addresses are valid in every rank, but its own
-    /// stream, cuBLAS handle and pool (with its own per-step arena). Not cached.
+    /// stream, cuBLAS handle, pool (with its own per-step arena) and pinned pool. Not cached.
     pub fn open_private(ordinal: usize, cfg: PoolConfig) -> DevResult<Arc<Gpu>> {
         probe(ordinal)?;
         std::panic::catch_unwind(|| Gpu::open_uncached_on(ordinal, cfg, true))
@@ -194,7 +228,8 @@ impl Gpu {
             }
         }
         let pool = Pool::new(DeviceAllocator { ctx: ctx.clone(), allocs: 0 }, cfg).map_err(|e| e.to_string())?;
-        Ok(Gpu { ctx, stream, blas, funcs, pool: Arc::new(Mutex::new(pool)), name, arch, sm_count, total_mem, ordinal })
+        let pinned = PinnedPool::shared(PinnedAllocator { ctx: ctx.clone() }, DEFAULT_MAX_IDLE);
+        Ok(Gpu { ctx, stream, blas, funcs, pool: Arc::new(Mutex::new(pool)), pinned, name, arch, sm_count, total_mem, ordinal })
     }
 
     pub fn func(&self, name: &str) -> DevResult<&CudaFunction> {
@@ -230,12 +265,43 @@ impl Gpu {
         self.pool.lock().map(|p| p.allocator().allocs).unwrap_or(0)
     }
 
+    /// `len` floats of page-locked host memory from this device's pinned pool (contents
+    /// unspecified); the block returns to the pool when the buffer drops.
+    pub fn staging(&self, len: usize) -> DevResult<Pinned> {
+        PinnedBuf::new(&self.pinned, len)
+    }
+
+    pub fn pinned_stats(&self) -> PinnedStats {
+        self.pinned.lock().map(|p| p.stats()).unwrap_or_default()
+    }
+
+    /// Copy `src` to `dst` in stream order; returns once `src` may be reused. The driver stages
+    /// a pageable source before returning, but reads a page-locked one (e.g. [`Pinned`]) later,
+    /// so for those this waits for the copy.
     pub fn htod<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> DevResult<()> {
         if src.is_empty() {
             return Ok(());
         }
+        self.htod_async(dst, src)?;
+        if page_locked(src.as_ptr()) {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Copy `src` to `dst` and wait until the copy has finished.
+    pub fn htod_sync<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> DevResult<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.htod_async(dst, src)?;
+        self.sync()
+    }
+
+    fn htod_async<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> DevResult<()> {
         self.bind()?;
-        // SAFETY: dst holds at least src.len() elements; pageable sources are staged before return.
+        // SAFETY: dst holds at least src.len() elements; the callers keep src alive until the
+        // driver no longer reads it.
         unsafe { dr::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(de("host-to-device copy"))
     }
 

@@ -3,8 +3,9 @@
 //! `--device cuda` runs every GPU check from this binary alone: each operation and optimizer on
 //! random shapes, the fused backward on short/long/very long runs, column-shard updates, several
 //! DLRM training steps, the pool statistics (including zero driver allocations when the same
-//! work is repeated), and 2D training of 4 in-process ranks sharing the GPU on grids 1x4, 2x2
-//! and 4x1 against the CPU backend (`engine::selftest_2d`). `--bench` adds the embedding kernels' bandwidth at B=65536, L=20,
+//! work is repeated), a round trip through pinned staging memory (its block reused), and 2D
+//! training of 4 in-process ranks sharing the GPU on grids 1x4, 2x2 and 4x1 against the CPU
+//! backend (`engine::selftest_2d`). `--bench` adds the embedding kernels' bandwidth at B=65536, L=20,
 //! D=64/128, uniform and Zipf ids, and the device copy bandwidth; `--markdown FILE` writes the
 //! tables.
 use crate::common::CliResult;
@@ -105,6 +106,20 @@ fn cuda(a: &SelftestArgs, md: &mut String) -> Result<bool, Box<dyn std::error::E
     );
     println!("{pool}");
     let _ = writeln!(md, "{pool}");
+    // Staging through pinned memory: a round trip, and the same size class reuses its block.
+    let data: Vec<f32> = (0..300_000).map(|i| i as f32 - 1e5).collect();
+    let (mut st, mut buf) = (be.staging(data.len())?, be.zeros(data.len())?);
+    st.copy_from_slice(&data);
+    be.upload_into(&st, &mut buf)?;
+    drop(st);
+    let pins = be.pinned_stats().driver_allocs;
+    let mut st = be.staging(data.len())?;
+    be.download_into(&buf, &mut st)?;
+    let staged = st[..] == data[..] && be.pinned_stats().driver_allocs == pins;
+    ok &= staged;
+    let line = format!("pinned staging round trip, block reused: {}\n", if staged { "ok" } else { "FAIL" });
+    println!("{line}");
+    let _ = writeln!(md, "{line}");
     // 2D: T = 4 in-process ranks sharing this GPU (own streams and pool arenas), grids 1x4,
     // 2x2 and 4x1, against the CPU backend on the same grid and data.
     use ember_engine::backend::cuda::PoolConfig;

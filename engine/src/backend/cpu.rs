@@ -284,6 +284,7 @@ impl Cpu {
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<u64>;
+    type Staging = Vec<f32>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -309,6 +310,19 @@ impl Backend for Cpu {
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
+    }
+    fn staging(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn download_into(&self, buf: &Vec<f32>, out: &mut [f32]) -> Result<()> {
+        super::check_same_len("download_into", buf.len(), out.len())?;
+        out.copy_from_slice(buf);
+        Ok(())
+    }
+    fn upload_into(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
+        super::check_same_len("upload_into", buf.len(), src.len())?;
+        buf.copy_from_slice(src);
+        Ok(())
     }
     fn host<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
         Some(buf)
@@ -700,5 +714,33 @@ impl Backend for Cpu {
             sq[u]
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_round_trips_and_checks_lengths() {
+        let be = Cpu::new();
+        let data: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let mut st = be.staging(data.len()).unwrap();
+        assert_eq!(st.len(), data.len());
+        st.copy_from_slice(&data);
+        let mut buf = be.zeros(data.len()).unwrap();
+        be.upload_into(&st, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        st.fill(0.0);
+        be.download_into(&buf, &mut st).unwrap();
+        assert_eq!(st, data);
+        // Lengths must match exactly, both ways; a failed copy leaves both sides untouched.
+        let e = be.download_into(&buf, &mut st[..999]).unwrap_err().to_string();
+        assert!(e.contains("download_into") && e.contains("1000") && e.contains("999"), "{e}");
+        let e = be.upload_into(&[1.0; 1001], &mut buf).unwrap_err().to_string();
+        assert!(e.contains("upload_into") && e.contains("1000") && e.contains("1001"), "{e}");
+        assert_eq!(buf, data);
+        assert!(matches!(be.upload_into(&[], &mut buf), Err(Error::Input(_))));
+        assert!(be.staging(0).unwrap().is_empty());
     }
 }

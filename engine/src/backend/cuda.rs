@@ -2,13 +2,16 @@
 //!
 //! Everything runs in order on one stream. Per-operation scratch (sort keys, histograms, run
 //! boundaries) comes from the pool's arena, which is rewound after each operation: stream order
-//! makes the reuse safe, and a steady-state step makes no driver allocation. Semantics are those
-//! of the CPU reference (`backend::cpu`); the self-test (`crate::selftest`) checks them.
+//! makes the reuse safe, and a steady-state step makes no driver allocation. Host staging memory
+//! (`Backend::staging`) is page-locked, recycled by the device's pinned pool (`ember_cuda::pinned`).
+//! Semantics are those of the CPU reference (`backend::cpu`); the self-test (`crate::selftest`)
+//! checks them.
 use super::*;
 use crate::{Error, Result};
 use ember_cuda::cudarc;
-use ember_cuda::device::{DevBuf, Gpu};
+use ember_cuda::device::{DevBuf, Gpu, Pinned};
 use ember_cuda::kernels::{CHUNK, MAX_BWD_COLS, RADIX_TILE, SCAN_BLOCK, SHORT_RUN};
+pub use ember_cuda::pinned::PinnedStats;
 pub use ember_cuda::pool::{dlrm_step_trace, PoolConfig, PoolStats, TraceOp};
 use std::sync::{Arc, Mutex};
 
@@ -105,6 +108,8 @@ impl Cuda {
     }
 
     fn from_gpu(gpu: Arc<Gpu>, legacy: bool) -> Cuda {
+        // The RDMA transport may register this device's buffers through dma-buf (docs/rdma.md).
+        ember_transport::rdma::set_dmabuf_exporter(ember_cuda::dmabuf::export);
         Cuda {
             #[cfg(feature = "nccl")]
             nccl: super::nccl::Nccl::new(gpu.stream.clone()),
@@ -132,6 +137,10 @@ impl Cuda {
     }
     pub fn pool_stats(&self) -> PoolStats {
         self.gpu.pool_stats()
+    }
+    /// The pinned staging pool's statistics (driver allocations, bytes pinned).
+    pub fn pinned_stats(&self) -> PinnedStats {
+        self.gpu.pinned_stats()
     }
     /// Driver allocations (`cuMemAlloc`) made by the pool so far.
     pub fn driver_allocs(&self) -> usize {
@@ -583,6 +592,7 @@ impl ember_cuda::pool::RawAllocator for DriverAlloc {
 impl Backend for Cuda {
     type Buf = DevBuf<f32>;
     type Ids = DevBuf<u64>;
+    type Staging = Pinned;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -620,6 +630,20 @@ impl Backend for Cuda {
     }
     fn len(&self, buf: &DevBuf<f32>) -> usize {
         buf.len()
+    }
+    fn staging(&self, n: usize) -> Result<Pinned> {
+        self.gpu.staging(n).map_err(dev)
+    }
+    fn download_into(&self, buf: &DevBuf<f32>, out: &mut [f32]) -> Result<()> {
+        super::check_same_len("download_into", buf.len(), out.len())?;
+        let _g = self.lock()?;
+        self.gpu.dtoh(out, buf.ptr()).map_err(dev)
+    }
+    fn upload_into(&self, src: &[f32], buf: &mut DevBuf<f32>) -> Result<()> {
+        super::check_same_len("upload_into", buf.len(), src.len())?;
+        let _g = self.lock()?;
+        // Waits: the driver reads a pinned source during the copy, and the caller may reuse it.
+        self.gpu.htod_sync(buf.ptr(), src).map_err(dev)
     }
     fn native(&self) -> Option<&dyn NativeColl<Cuda>> {
         #[cfg(feature = "nccl")]
@@ -1044,5 +1068,41 @@ impl Backend for Cuda {
                 .go()
         }
         .map_err(dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs a GPU (otherwise it says SKIPPED and passes): data through pinned staging memory
+    /// to the device and back, and a second staging of the same size class reuses the block.
+    #[test]
+    fn staging_round_trips_through_pinned_memory() {
+        if let Err(e) = Cuda::probe() {
+            eprintln!("SKIPPED (no GPU): {e}");
+            return;
+        }
+        let be = Cuda::for_rank(0, PoolConfig::default()).expect("a probed device opens");
+        let n = 300_000; // 1.2 MB: the 2 MiB class
+        let data: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1e4).collect();
+        let mut st = be.staging(n).unwrap();
+        assert!(ember_cuda::device::page_locked(st.as_ptr()), "staging memory is page-locked");
+        st.copy_from_slice(&data);
+        let mut buf = be.zeros(n).unwrap();
+        be.upload_into(&st, &mut buf).unwrap();
+        let addr = st.as_ptr();
+        drop(st);
+        let s = be.pinned_stats();
+        assert_eq!((s.driver_allocs, s.pinned, s.idle, s.live), (1, 2 << 20, 2 << 20, 0));
+        let mut back = be.staging(n).unwrap();
+        assert_eq!(back.as_ptr(), addr, "the same class reuses the block");
+        assert_eq!(be.pinned_stats().driver_allocs, 1, "no new driver allocation");
+        back.fill(0.0);
+        be.download_into(&buf, &mut back).unwrap();
+        assert!(back[..] == data[..], "round trip through the device");
+        assert_eq!(be.download(&buf).unwrap(), data);
+        assert!(matches!(be.download_into(&buf, &mut back[1..]), Err(Error::Input(_))));
+        assert!(matches!(be.upload_into(&data[1..], &mut buf), Err(Error::Input(_))));
     }
 }

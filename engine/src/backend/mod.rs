@@ -57,6 +57,15 @@ pub(crate) fn check_scale_rows(x_len: usize, off: usize, stride: usize, rows: us
     }
 }
 
+/// Sizes of a `download_into`/`upload_into` (shared by the backends): host slice and buffer agree.
+pub(crate) fn check_same_len(what: &str, buf_len: usize, host_len: usize) -> Result<()> {
+    if buf_len == host_len {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!("{what}: buffer of {buf_len} floats, host slice of {host_len}")))
+    }
+}
+
 /// A shard of one embedding table: global rows `rows`, columns `cols` of a `table_rows × dim` table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardSpec {
@@ -195,6 +204,9 @@ pub trait NativeColl<B: Backend + ?Sized>: Send + Sync {
 pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     type Ids: Send + Sync;
+    /// Host memory for staging this backend's buffers through the host transport: page-locked
+    /// (pinned) on CUDA, recycled from a pool (pinning costs milliseconds); a plain vector on the CPU.
+    type Staging: std::ops::DerefMut<Target = [f32]> + Send;
 
     fn name(&self) -> &'static str;
 
@@ -205,6 +217,12 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_ids(&self, host: &[u64]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u64>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// `n` floats of staging memory (contents unspecified).
+    fn staging(&self, n: usize) -> Result<Self::Staging>;
+    /// Copy `buf` into `out` (exactly `len(buf)` floats), finished when this returns.
+    fn download_into(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
+    /// Copy `src` (exactly `len(buf)` floats) into `buf`; `src` may be reused when this returns.
+    fn upload_into(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()>;
     /// Host view of a buffer where the backend keeps it in host memory (zero-copy transports).
     fn host<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [f32]> {
         None

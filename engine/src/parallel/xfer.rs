@@ -3,8 +3,9 @@
 //! in host memory for the CPU backend and in device memory for CUDA.
 //!
 //! * [`Xfer::Host`] — through the host transport (`Comm`: in-process, shm, TCP, RDMA). Zero-copy
-//!   where the backend keeps buffers in host memory; otherwise staged through host memory
-//!   (download, collective, upload): the universal path for device buffers.
+//!   where the backend keeps buffers in host memory; otherwise staged through the backend's
+//!   staging memory (pinned host memory from a pool on CUDA: download, collective on it,
+//!   upload): the universal path for device buffers.
 //! * [`Xfer::Peers`] — ranks that are threads of one process and share one address space (host
 //!   memory, or one GPU's CUDA context when several in-process ranks share a device) publish
 //!   their send buffers' addresses over the host communicator and copy their blocks straight out
@@ -139,11 +140,9 @@ impl Xfer {
                         return Ok(comm.all_to_all_v(s, scounts, r, rcounts)?);
                     }
                 }
-                let s = be.download(send)?;
-                let mut r = vec![0.0f32; be.len(recv)];
+                let (s, mut r) = (stage_out(be, send)?, be.staging(be.len(recv))?);
                 comm.all_to_all_v(&s, scounts, &mut r, rcounts)?;
-                *recv = be.upload(&r)?;
-                Ok(())
+                be.upload_into(&r, recv)
             }
             Xfer::Peers => {
                 let me = comm.rank();
@@ -179,11 +178,9 @@ impl Xfer {
                         return Ok(comm.all_gather(s, r)?);
                     }
                 }
-                let s = be.download(send)?;
-                let mut r = vec![0.0f32; n * len];
+                let (s, mut r) = (stage_out(be, send)?, be.staging(n * len)?);
                 comm.all_gather(&s, &mut r)?;
-                *recv = be.upload(&r)?;
-                Ok(())
+                be.upload_into(&r, recv)
             }
             Xfer::Peers => {
                 let table = publish(be, comm, send, &[len])?;
@@ -216,11 +213,9 @@ impl Xfer {
                         return Ok(comm.reduce_scatter(s, r, ReduceOp::Sum)?);
                     }
                 }
-                let s = be.download(send)?;
-                let mut r = vec![0.0f32; blk];
+                let (s, mut r) = (stage_out(be, send)?, be.staging(blk)?);
                 comm.reduce_scatter(&s, &mut r, ReduceOp::Sum)?;
-                *recv = be.upload(&r)?;
-                Ok(())
+                be.upload_into(&r, recv)
             }
             Xfer::Peers => {
                 let me = comm.rank();
@@ -253,10 +248,9 @@ impl Xfer {
                         return Ok(comm.all_reduce(h, ReduceOp::Sum)?);
                     }
                 }
-                let mut h = be.download(buf)?;
+                let mut h = stage_out(be, buf)?;
                 comm.all_reduce(&mut h, ReduceOp::Sum)?;
-                *buf = be.upload(&h)?;
-                Ok(())
+                be.upload_into(&h, buf)
             }
             Xfer::Peers => {
                 let len = be.len(buf);
@@ -291,6 +285,13 @@ impl Xfer {
             }
         }
     }
+}
+
+/// `buf` copied into the backend's staging memory (pinned host memory on CUDA, from its pool).
+fn stage_out<B: Backend>(be: &B, buf: &B::Buf) -> Result<B::Staging> {
+    let mut s = be.staging(be.len(buf))?;
+    be.download_into(buf, &mut s)?;
+    Ok(s)
 }
 
 /// `auto` for device buffers of ranks in separate processes, given whether GPUDirect RDMA is

@@ -1,0 +1,309 @@
+//! A pool of page-locked (pinned) host memory for staging device buffers through the host.
+//!
+//! Pinning costs milliseconds (the driver maps and locks every page), so blocks are recycled:
+//! a request is rounded up to a power-of-two **size class** (at least [`MIN_CLASS`]), served from
+//! that class's free list when it holds a block, else taken from the allocator underneath. A
+//! [`PinnedBuf`] returns its block to the free list when dropped (it holds an `Arc` to the pool);
+//! past the pool's cap on idle bytes ([`DEFAULT_MAX_IDLE`] on a device), a returned block goes
+//! back to the allocator instead.
+//!
+//! The allocator is a [`HostAllocator`]: `cuMemHostAlloc` on a device (`device::PinnedAllocator`,
+//! feature `cuda`), plain heap memory in the host tests below.
+use std::collections::BTreeMap;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+/// Smallest size class (bytes).
+pub const MIN_CLASS: usize = 64 << 10;
+/// Default cap on the idle bytes a pool keeps (1 GiB).
+pub const DEFAULT_MAX_IDLE: usize = 1 << 30;
+
+/// The size class of a request of `bytes` bytes: the next power of two, at least [`MIN_CLASS`]
+/// (None when it would overflow).
+pub fn size_class(bytes: usize) -> Option<usize> {
+    bytes.max(MIN_CLASS).checked_next_power_of_two()
+}
+
+/// The memory under the pool (device: `cuMemHostAlloc`/`cuMemFreeHost`).
+///
+/// # Safety
+/// A block from `alloc` must be valid for reads and writes of `bytes` bytes, aligned to at least
+/// 4 bytes, and stay so until it is passed to `free`.
+pub unsafe trait HostAllocator: Send {
+    fn alloc(&mut self, bytes: usize) -> Result<NonNull<u8>, String>;
+    /// # Safety
+    /// `ptr` came from `alloc(bytes)` of this allocator and is not used afterwards.
+    unsafe fn free(&mut self, ptr: NonNull<u8>, bytes: usize);
+}
+
+/// Pool statistics (bytes unless named otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PinnedStats {
+    /// Blocks taken from the allocator (driver allocations).
+    pub driver_allocs: usize,
+    /// Blocks given back to it (idle cap exceeded).
+    pub driver_frees: usize,
+    /// Pinned now: live and idle blocks.
+    pub pinned: usize,
+    /// Largest `pinned` seen.
+    pub peak: usize,
+    /// In blocks on the free lists.
+    pub idle: usize,
+    /// Blocks handed out and not yet returned.
+    pub live: usize,
+    /// Requests served from a free list.
+    pub reuses: usize,
+}
+
+/// The pool: free lists per size class over a [`HostAllocator`].
+pub struct PinnedPool<A: HostAllocator> {
+    alloc: A,
+    max_idle: usize,
+    /// Size class → idle blocks of that class.
+    free: BTreeMap<usize, Vec<NonNull<u8>>>,
+    stats: PinnedStats,
+}
+
+// SAFETY: the pool owns its idle blocks exclusively; nothing else points into them.
+unsafe impl<A: HostAllocator> Send for PinnedPool<A> {}
+
+impl<A: HostAllocator> PinnedPool<A> {
+    /// A pool keeping at most `max_idle` bytes in idle blocks.
+    pub fn new(alloc: A, max_idle: usize) -> Self {
+        PinnedPool { alloc, max_idle, free: BTreeMap::new(), stats: PinnedStats::default() }
+    }
+
+    /// A pool shared by the buffers it hands out (see [`PinnedBuf::new`]).
+    pub fn shared(alloc: A, max_idle: usize) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self::new(alloc, max_idle)))
+    }
+
+    pub fn stats(&self) -> PinnedStats {
+        self.stats
+    }
+
+    /// A block of at least `bytes` bytes and its size class.
+    fn take(&mut self, bytes: usize) -> Result<(NonNull<u8>, usize), String> {
+        let class = size_class(bytes).ok_or_else(|| format!("pinned host memory: {bytes} bytes is too large"))?;
+        let s = &mut self.stats;
+        if let Some(p) = self.free.get_mut(&class).and_then(Vec::pop) {
+            s.idle -= class;
+            s.reuses += 1;
+            s.live += 1;
+            return Ok((p, class));
+        }
+        let p = self.alloc.alloc(class).map_err(|e| format!("pinning {class} bytes of host memory (for {bytes}) failed: {e}"))?;
+        // Zeroed once, so that every block on the free lists holds initialised floats.
+        // SAFETY: the allocator guarantees `class` writable bytes.
+        unsafe { p.as_ptr().write_bytes(0, class) };
+        s.driver_allocs += 1;
+        s.pinned += class;
+        s.peak = s.peak.max(s.pinned);
+        s.live += 1;
+        Ok((p, class))
+    }
+
+    /// Return a block from [`take`](Self::take): to its free list, or to the allocator when the
+    /// idle bytes would exceed the cap.
+    fn give(&mut self, p: NonNull<u8>, class: usize) {
+        let s = &mut self.stats;
+        s.live -= 1;
+        if s.idle + class <= self.max_idle {
+            s.idle += class;
+            self.free.entry(class).or_default().push(p);
+        } else {
+            s.pinned -= class;
+            s.driver_frees += 1;
+            // SAFETY: the block came from `alloc(class)` and its buffer is gone.
+            unsafe { self.alloc.free(p, class) };
+        }
+    }
+}
+
+impl<A: HostAllocator> Drop for PinnedPool<A> {
+    fn drop(&mut self) {
+        // Live buffers hold the pool alive, so only idle blocks are left.
+        for (class, blocks) in std::mem::take(&mut self.free) {
+            for p in blocks {
+                // SAFETY: idle blocks came from `alloc(class)` and nothing points into them.
+                unsafe { self.alloc.free(p, class) };
+            }
+        }
+    }
+}
+
+/// `len` floats of pooled host memory; the block returns to its pool when this drops.
+pub struct PinnedBuf<A: HostAllocator> {
+    ptr: NonNull<f32>,
+    len: usize,
+    class: usize,
+    pool: Arc<Mutex<PinnedPool<A>>>,
+}
+
+// SAFETY: the buffer owns its block exclusively; shared access is read-only through `Deref`.
+unsafe impl<A: HostAllocator> Send for PinnedBuf<A> {}
+unsafe impl<A: HostAllocator> Sync for PinnedBuf<A> {}
+
+impl<A: HostAllocator> PinnedBuf<A> {
+    /// `len` floats from `pool` (contents unspecified: a reused block keeps its old data).
+    pub fn new(pool: &Arc<Mutex<PinnedPool<A>>>, len: usize) -> Result<Self, String> {
+        let bytes = len.checked_mul(4).ok_or_else(|| format!("pinned host memory: {len} floats is too large"))?;
+        let (p, class) = pool.lock().map_err(|_| "pinned pool poisoned".to_string())?.take(bytes)?;
+        Ok(PinnedBuf { ptr: p.cast(), len, class, pool: pool.clone() })
+    }
+
+    /// Bytes of the block under this buffer (its size class).
+    pub fn class(&self) -> usize {
+        self.class
+    }
+}
+
+impl<A: HostAllocator> std::ops::Deref for PinnedBuf<A> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `len` floats of our block (`class >= 4 len` bytes, zeroed when first taken).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<A: HostAllocator> std::ops::DerefMut for PinnedBuf<A> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<A: HostAllocator> Drop for PinnedBuf<A> {
+    fn drop(&mut self) {
+        // A poisoned pool leaks the block rather than panicking in drop.
+        if let Ok(mut p) = self.pool.lock() {
+            p.give(self.ptr.cast(), self.class);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::Layout;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    const KB: usize = 1 << 10;
+
+    /// Page-aligned heap blocks; `out` counts those not yet freed; requests over `limit` fail.
+    struct Heap {
+        out: Arc<AtomicUsize>,
+        limit: usize,
+    }
+
+    // SAFETY: std::alloc blocks of `bytes` bytes at 4096-byte alignment, freed with the same layout.
+    unsafe impl HostAllocator for Heap {
+        fn alloc(&mut self, bytes: usize) -> Result<NonNull<u8>, String> {
+            if bytes > self.limit {
+                return Err(format!("{bytes} bytes is over the test limit"));
+            }
+            // SAFETY: the layout has a non-zero size (every class is at least MIN_CLASS).
+            let p = NonNull::new(unsafe { std::alloc::alloc(Layout::from_size_align(bytes, 4096).unwrap()) }).ok_or("heap full")?;
+            self.out.fetch_add(1, SeqCst);
+            Ok(p)
+        }
+        unsafe fn free(&mut self, p: NonNull<u8>, bytes: usize) {
+            self.out.fetch_sub(1, SeqCst);
+            std::alloc::dealloc(p.as_ptr(), Layout::from_size_align(bytes, 4096).unwrap());
+        }
+    }
+
+    fn pool(max_idle: usize) -> (Arc<Mutex<PinnedPool<Heap>>>, Arc<AtomicUsize>) {
+        let out = Arc::new(AtomicUsize::new(0));
+        (PinnedPool::shared(Heap { out: out.clone(), limit: 1 << 30 }, max_idle), out)
+    }
+
+    fn stats(p: &Arc<Mutex<PinnedPool<Heap>>>) -> PinnedStats {
+        p.lock().unwrap().stats()
+    }
+
+    #[test]
+    fn size_classes_are_powers_of_two_from_64_kib() {
+        assert_eq!(size_class(0), Some(64 * KB));
+        assert_eq!(size_class(1), Some(64 * KB));
+        assert_eq!(size_class(64 * KB), Some(64 * KB));
+        assert_eq!(size_class(64 * KB + 1), Some(128 * KB));
+        assert_eq!(size_class(3 << 20), Some(4 << 20));
+        assert_eq!(size_class(1 << 30), Some(1 << 30));
+        assert_eq!(size_class(usize::MAX), None);
+    }
+
+    #[test]
+    fn a_dropped_buffer_is_reused_by_its_class() {
+        let (p, _) = pool(DEFAULT_MAX_IDLE);
+        let mut a = PinnedBuf::new(&p, 1000).unwrap();
+        assert_eq!((a.len(), a.class()), (1000, 64 * KB));
+        assert!(a.iter().all(|&x| x == 0.0), "a fresh block is zeroed");
+        a.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+        assert_eq!(a[999], 999.0);
+        let addr = a.as_ptr();
+        drop(a);
+        let s = stats(&p);
+        assert_eq!((s.driver_allocs, s.live, s.idle, s.pinned), (1, 0, 64 * KB, 64 * KB));
+        // The whole class (16384 floats) fits the same block: no new allocation.
+        let b = PinnedBuf::new(&p, 16 * KB).unwrap();
+        assert_eq!(b.as_ptr(), addr);
+        assert_eq!(b[999], 999.0, "a reused block keeps its contents");
+        let s = stats(&p);
+        assert_eq!((s.driver_allocs, s.reuses, s.live, s.idle), (1, 1, 1, 0));
+        // While it is live, the same class takes a second block; one float more is the next class.
+        let c = PinnedBuf::new(&p, 10).unwrap();
+        assert_ne!(c.as_ptr(), b.as_ptr());
+        let d = PinnedBuf::new(&p, 16 * KB + 1).unwrap();
+        assert_eq!(d.class(), 128 * KB);
+        let s = stats(&p);
+        assert_eq!((s.driver_allocs, s.reuses, s.live, s.pinned), (3, 1, 3, 256 * KB));
+        drop((b, c, d));
+        // Each class's free list serves its own class only.
+        let e = PinnedBuf::new(&p, 20 * KB).unwrap();
+        assert_eq!(e.class(), 128 * KB);
+        assert_eq!(stats(&p).driver_allocs, 3);
+    }
+
+    #[test]
+    fn idle_bytes_are_capped() {
+        let (p, out) = pool(128 * KB);
+        let bufs: Vec<_> = (0..3).map(|_| PinnedBuf::new(&p, 1).unwrap()).collect();
+        assert_eq!(out.load(SeqCst), 3);
+        drop(bufs);
+        // Two blocks fit under the cap; the third goes back to the allocator.
+        let s = stats(&p);
+        assert_eq!((s.idle, s.pinned, s.peak, s.driver_frees), (128 * KB, 128 * KB, 192 * KB, 1));
+        assert_eq!(out.load(SeqCst), 2);
+        // A block larger than the cap is never kept.
+        drop(PinnedBuf::new(&p, 64 * KB).unwrap());
+        assert_eq!(stats(&p).driver_frees, 2);
+        assert_eq!(out.load(SeqCst), 2);
+    }
+
+    #[test]
+    fn the_pool_frees_its_blocks_when_the_last_user_goes() {
+        let (p, out) = pool(DEFAULT_MAX_IDLE);
+        drop(PinnedBuf::new(&p, 1).unwrap());
+        let live = PinnedBuf::new(&p, 100 * KB).unwrap();
+        assert_eq!(out.load(SeqCst), 2);
+        drop(p);
+        // The live buffer keeps the pool (and its block) alive.
+        assert_eq!(out.load(SeqCst), 2);
+        drop(live);
+        assert_eq!(out.load(SeqCst), 0);
+    }
+
+    #[test]
+    fn failed_pinning_is_an_error_naming_the_size() {
+        let out = Arc::new(AtomicUsize::new(0));
+        let p = PinnedPool::shared(Heap { out, limit: 1 << 20 }, DEFAULT_MAX_IDLE);
+        let e = PinnedBuf::new(&p, (1 << 20) / 4 + 1).err().unwrap();
+        assert!(e.contains("2097152 bytes") && e.contains("over the test limit"), "{e}");
+        let e = PinnedBuf::new(&p, usize::MAX / 2).err().unwrap();
+        assert!(e.contains("too large"), "{e}");
+        let s = stats(&p);
+        assert_eq!((s.driver_allocs, s.live, s.pinned), (0, 0, 0));
+        assert!(PinnedBuf::new(&p, 1).is_ok(), "the pool still works after a failure");
+    }
+}
