@@ -17,13 +17,18 @@ if [ "$mode" = host ]; then
     cargo build --release -p ember-tools --features cuda,nccl
     mkdir -p .gpu
     cp "$CARGO_TARGET_DIR/release/ember" .gpu/ember
-    # The NCCL 1-rank smoke test (cuda/tests/nccl.rs), as a prebuilt test binary.
-    t=$(cargo test --release -p ember-cuda --features nccl --test nccl --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import sys, json
+    testbin() {  # testbin TARGET-NAME CARGO-ARGS...: path of a prebuilt test binary
+        local name=$1; shift
+        cargo test --release "$@" --no-run --message-format=json 2>/dev/null | python3 -c 'import sys, json
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "nccl": print(m["executable"])' | tail -1)
-    cp "$t" .gpu/nccl-test
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]: print(m["executable"])' "$name" | tail -1
+    }
+    # The NCCL 1-rank smoke test (cuda/tests/nccl.rs), as a prebuilt test binary.
+    cp "$(testbin nccl -p ember-cuda --features nccl --test nccl)" .gpu/nccl-test
+    # GPU unit tests: pinned staging round trip (engine), dma-buf export of pool memory (cuda).
+    cp "$(testbin ember_engine -p ember-engine --features cuda --lib)" .gpu/engine-lib-test
+    cp "$(testbin ember_cuda -p ember-cuda --features cuda --lib)" .gpu/cuda-lib-test
     strip .gpu/ember 2>/dev/null || true
     cp tools/torch_ref.py tools/gpu-check.sh .gpu/
     du -sh .gpu
@@ -110,6 +115,12 @@ cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
 cli 150 bench dlrm --device cuda --grid 2x2 --batch-size 65536
 cli 120 train --device cuda --grid 2x2 --steps 200
 cli 90 train --device cuda --steps 200
+echo "== GPU unit tests: pinned staging, dma-buf export (issue 6)"
+for t in "engine-lib-test staging" "cuda-lib-test dmabuf"; do
+    set -- $t
+    echo "\$ $1 $2 --nocapture" | tee -a "$OUT/cli.txt"
+    timeout 60 .gpu/$1 $2 --nocapture 2>&1 | grep -E "^test |test result|SKIPPED|dma-buf|panicked" | tee -a "$OUT/cli.txt"
+done
 echo "== NCCL 1-rank smoke test and bench (issue 6)"
 EMBER_REQUIRE_NCCL=1 timeout 120 .gpu/nccl-test --nocapture 2>&1 | tail -30 | tee -a "$OUT/cli.txt"
 cli 60 bench a2a --transport nccl --ranks 1 -b 1K -e 64M -f 4
