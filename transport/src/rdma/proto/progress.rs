@@ -1,0 +1,83 @@
+//! Progress, driven by whichever thread waits: one pass (poll, handle completions, post),
+//! getting aborts out before a failing caller returns, and the waiting loop with its back-off
+//! and timeout.
+use super::state::State;
+use super::RdmaFabric;
+use crate::error::{Error, Result};
+use crate::fabric::Wait;
+use crate::rdma::verbs::Verbs;
+use std::time::{Duration, Instant};
+
+impl<V: Verbs> RdmaFabric<V> {
+    /// One progress pass: poll, handle completions, return credits, post pending chunks.
+    /// Returns whether anything happened.
+    pub(super) fn progress(&self, st: &mut State) -> bool {
+        let mut wcs = std::mem::take(&mut st.wcs);
+        wcs.clear();
+        let got = self.v.poll(&mut wcs, 64);
+        for wc in wcs.drain(..) {
+            self.on_wc(st, wc);
+        }
+        st.wcs = wcs;
+        let posted = self.post_pending(st);
+        got > 0 || posted
+    }
+
+    /// Failing: get pending aborts out before the caller stops progressing (a full send queue
+    /// kept them; the caller may never call in again).
+    pub(super) fn flush_aborts(&self, st: &mut State) {
+        let mut tries = 0;
+        while tries < 1000 && st.peers.iter().any(|p| p.abort) {
+            self.progress(st);
+            tries += 1;
+        }
+    }
+
+    /// Progress until `done` says so, with back-off; time out naming `peer`.
+    pub(super) fn wait_for<T>(&self, peer: usize, w: &Wait, mut done: impl FnMut(&Self, &mut State) -> Option<Result<T>>) -> Result<T> {
+        // Busy-poll 50 µs, yield until 250 µs, then sleep 20 µs doubling to 1 ms. The clock is
+        // read every 32 passes while busy-polling (it was a tenth of the time spent waiting).
+        // (Yielding up to 2 ms instead measured no better on 2 shared cores, and starved the
+        // working threads when ranks outnumber cores: yielding threads stay runnable.)
+        let mut idle_since: Option<Instant> = None;
+        let mut sleep = Duration::from_micros(20);
+        let (mut pass, mut spin) = (0u32, true);
+        loop {
+            {
+                let mut st = self.st.lock().unwrap();
+                let moved = self.progress(&mut st);
+                if let Some(r) = done(self, &mut st) {
+                    if r.is_err() {
+                        self.flush_aborts(&mut st);
+                    }
+                    return r;
+                }
+                if moved {
+                    idle_since = None;
+                    sleep = Duration::from_micros(20);
+                    spin = true;
+                }
+            }
+            pass = pass.wrapping_add(1);
+            if spin && pass % 32 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= w.deadline {
+                return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
+            }
+            let idle = now - *idle_since.get_or_insert(now);
+            if idle < Duration::from_micros(50) {
+                std::hint::spin_loop();
+            } else if idle < Duration::from_micros(250) {
+                spin = false;
+                std::thread::yield_now();
+            } else {
+                spin = false;
+                std::thread::sleep(sleep);
+                sleep = (sleep * 2).min(Duration::from_millis(1));
+            }
+        }
+    }
+}
