@@ -248,11 +248,33 @@ fn emulated_device_memory_faults_on_cpu_access() {
         let pid = libc::fork();
         assert!(pid >= 0);
         if pid == 0 {
-            let x = std::ptr::read_volatile(d.addr() as *const u8);
-            libc::_exit(x as i32 & 0);
+            std::hint::black_box(std::ptr::read_volatile(d.addr() as *const u8));
+            libc::_exit(0);
         }
         let mut status = 0;
         libc::waitpid(pid, &mut status, 0);
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV, "status {status:#x}");
     }
+}
+
+#[test]
+fn a_registration_keeps_freed_device_memory_mapped_as_pinning_does() {
+    // A late write into device memory freed while still registered (an error path) lands in
+    // the still-pinned pages, as on hardware, instead of faulting the emulated NIC.
+    use ember_transport::rdma::verbs::{Sge, Verbs, Wc};
+    let v = emu::world(2, EmuConfig::fast());
+    let dev = DeviceMem::new(4096).unwrap();
+    // SAFETY: registered below, deregistered at the end; the write targets it.
+    let mr = unsafe { v[1].register(dev.addr() as *mut u8, 4096) }.unwrap();
+    drop(dev);
+    let mut src = vec![7u8; 512];
+    // SAFETY: `src` outlives the write (fast emulation: placed at post).
+    let smr = unsafe { v[0].register(src.as_mut_ptr(), src.len()) }.unwrap();
+    let sge = Sge { addr: smr.addr, len: 512, lkey: smr.lkey };
+    unsafe { v[0].post_write_imm(1, 1, &[sge], mr.addr + 100, mr.rkey, 0) }.unwrap();
+    let mut wcs = Vec::new();
+    v[0].poll(&mut wcs, 8);
+    assert!(matches!(&wcs[..], [Wc::Send { status: Ok(()), .. }]), "{wcs:?}");
+    v[1].deregister(&mr); // the last registration: now unmapped
+    v[0].deregister(&smr);
 }

@@ -186,7 +186,11 @@ impl EmuVerbs {
         }
         let mut m = self.w.mems[self.rank].write().unwrap();
         m.dead.get_or_insert_with(|| why.to_string());
-        m.regions.clear();
+        for (_, (base, _, nic)) in m.regions.drain() {
+            if nic != base {
+                unpin(nic);
+            }
+        }
     }
 
     /// Copy flat range [a, a+l) of the write into the target; false if the target is gone or
@@ -315,7 +319,7 @@ impl Verbs for EmuVerbs {
         if me.dead.is_some() {
             return Err("device lost".into());
         }
-        let nic = nic_view(addr as usize, len)?;
+        let nic = nic_view(addr as usize, len, true)?;
         let key = self.w.keys.fetch_add(1, Ordering::Relaxed);
         me.regions.insert(key, (addr as usize, len, nic));
         self.w.cfg.stats.regs[self.rank].fetch_add(1, Ordering::Relaxed);
@@ -325,8 +329,11 @@ impl Verbs for EmuVerbs {
     /// Takes the region lock for writing: returns only after every write being placed into the
     /// region finished; later writes to it are refused (remote access error).
     fn deregister(&self, mr: &Mr) {
-        if self.w.mems[self.rank].write().unwrap().regions.remove(&mr.lkey).is_some() {
+        if let Some((base, _, nic)) = self.w.mems[self.rank].write().unwrap().regions.remove(&mr.lkey) {
             self.w.cfg.stats.deregs[self.rank].fetch_add(1, Ordering::Relaxed);
+            if nic != base {
+                unpin(nic);
+            }
         }
     }
 
@@ -459,25 +466,54 @@ pub struct DeviceMem {
     dev: usize,
     nic: usize,
     len: usize,
-    map: usize,
 }
 
-/// Live device mappings: (device address, NIC address, mapped length).
-static DEVICE_MAPS: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+/// A device mapping. Registrations pin it, as a registered MR pins its pages: a `DeviceMem`
+/// dropped while registered stays mapped until the last registration goes (a late write then
+/// lands in memory nobody uses, as on hardware, instead of faulting the emulated NIC).
+struct DevMap {
+    dev: usize,
+    nic: usize,
+    map: usize,
+    regs: usize,
+    dropped: bool,
+}
 
-/// The NIC's address for `[addr, +len)`: the alias of device memory, or `addr` itself.
-fn nic_view(addr: usize, len: usize) -> Result<usize, String> {
-    let maps = DEVICE_MAPS.lock().unwrap();
-    for &(d, n, l) in maps.iter() {
-        let inside = addr >= d && addr.checked_add(len).is_some_and(|e| e <= d + l);
+static DEVICE_MAPS: Mutex<Vec<DevMap>> = Mutex::new(Vec::new());
+
+/// The NIC's address for `[addr, +len)`: the alias of device memory, or `addr` itself. `pin`:
+/// count a registration of it.
+fn nic_view(addr: usize, len: usize, pin: bool) -> Result<usize, String> {
+    let mut maps = DEVICE_MAPS.lock().unwrap();
+    for m in maps.iter_mut().filter(|m| !m.dropped) {
+        let inside = addr >= m.dev && addr.checked_add(len).is_some_and(|e| e <= m.dev + m.map);
         if inside {
-            return Ok(addr - d + n);
+            m.regs += usize::from(pin);
+            return Ok(addr - m.dev + m.nic);
         }
-        if addr < d + l && addr.saturating_add(len) > d {
+        if addr < m.dev + m.map && addr.saturating_add(len) > m.dev {
             return Err(format!("[{addr:#x}, +{len}) straddles device memory"));
         }
     }
     Ok(addr)
+}
+
+/// A registration of device memory at NIC address `nic` went away.
+fn unpin(nic: usize) {
+    let mut maps = DEVICE_MAPS.lock().unwrap();
+    let Some(i) = maps.iter().position(|m| nic >= m.nic && nic < m.nic + m.map) else { return };
+    maps[i].regs -= 1;
+    if maps[i].dropped && maps[i].regs == 0 {
+        unmap(maps.swap_remove(i));
+    }
+}
+
+fn unmap(m: DevMap) {
+    // SAFETY: the mapping's last user is gone.
+    unsafe {
+        libc::munmap(m.dev as *mut libc::c_void, m.map);
+        libc::munmap(m.nic as *mut libc::c_void, m.map);
+    }
 }
 
 impl DeviceMem {
@@ -512,8 +548,8 @@ impl DeviceMem {
                 return Err(e);
             }
             let (dev, nic) = (maps[0] as usize, maps[1] as usize);
-            DEVICE_MAPS.lock().unwrap().push((dev, nic, map));
-            Ok(DeviceMem { dev, nic, len, map })
+            DEVICE_MAPS.lock().unwrap().push(DevMap { dev, nic, map, regs: 0, dropped: false });
+            Ok(DeviceMem { dev, nic, len })
         }
     }
 
@@ -548,7 +584,7 @@ impl DeviceMem {
     /// a copy kernel does: `Err` if either range is not inside emulated device memory.
     pub fn copy(src: u64, dst: u64, len: usize) -> Result<(), String> {
         let (s, d) = (src as usize, dst as usize);
-        let (ns, nd) = (nic_view(s, len)?, nic_view(d, len)?);
+        let (ns, nd) = (nic_view(s, len, false)?, nic_view(d, len, false)?);
         if len > 0 && (ns == s || nd == d) {
             return Err(format!("device copy {s:#x} -> {d:#x} of {len} bytes outside device memory"));
         }
@@ -560,11 +596,12 @@ impl DeviceMem {
 
 impl Drop for DeviceMem {
     fn drop(&mut self) {
-        DEVICE_MAPS.lock().unwrap().retain(|m| m.0 != self.dev);
-        // SAFETY: our own mappings, no longer registered as device memory.
-        unsafe {
-            libc::munmap(self.dev as *mut libc::c_void, self.map);
-            libc::munmap(self.nic as *mut libc::c_void, self.map);
+        let mut maps = DEVICE_MAPS.lock().unwrap();
+        let i = maps.iter().position(|m| m.dev == self.dev).expect("live mapping");
+        if maps[i].regs == 0 {
+            unmap(maps.swap_remove(i));
+        } else {
+            maps[i].dropped = true;
         }
     }
 }
