@@ -120,6 +120,7 @@ for t in "engine-lib-test staging" "cuda-lib-test dmabuf"; do
     set -- $t
     echo "\$ $1 $2 --nocapture" | tee -a "$OUT/cli.txt"
     timeout 60 .gpu/$1 $2 --nocapture 2>&1 | grep -E "^test |test result|SKIPPED|dma-buf|panicked" | tee -a "$OUT/cli.txt"
+    echo "(exit ${PIPESTATUS[0]})" | tee -a "$OUT/cli.txt"
 done
 echo "== NCCL 1-rank smoke test and bench (issue 6)"
 EMBER_REQUIRE_NCCL=1 timeout 120 .gpu/nccl-test --nocapture 2>&1 | tail -30 | tee -a "$OUT/cli.txt"

@@ -54,8 +54,10 @@ pub struct DeviceAllocator {
 impl RawAllocator for DeviceAllocator {
     fn alloc(&mut self, bytes: usize) -> Result<u64, String> {
         self.ctx.bind_to_thread().map_err(de("bind context"))?;
+        // Whole 2 MiB units (the driver's granularity anyway), so every page-aligned range inside
+        // a chunk lies inside its allocation (dma-buf export needs page-aligned ranges).
         // SAFETY: plain allocation; the pool frees it with the same size.
-        let p = unsafe { dr::malloc_sync(bytes) }.map_err(de("cuMemAlloc"))?;
+        let p = unsafe { dr::malloc_sync(bytes.next_multiple_of(2 << 20)) }.map_err(de("cuMemAlloc"))?;
         self.allocs += 1;
         Ok(p)
     }
@@ -263,6 +265,20 @@ impl Gpu {
 
     pub fn driver_allocs(&self) -> usize {
         self.pool.lock().map(|p| p.allocator().allocs).unwrap_or(0)
+    }
+
+    /// Order the writes a NIC made into this device's memory (GPUDirect RDMA) before work
+    /// launched afterwards (`cuFlushGPUDirectRDMAWrites` to the context's owner: without it a
+    /// kernel may read stale data where the device does not order such writes itself).
+    pub fn flush_remote_writes(&self) -> DevResult<()> {
+        use sys::{CUflushGPUDirectRDMAWritesScope as Scope, CUflushGPUDirectRDMAWritesTarget as Target};
+        self.bind()?;
+        // SAFETY: no arguments but the enums.
+        let rc = unsafe { sys::cuFlushGPUDirectRDMAWrites(Target::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX, Scope::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER) };
+        match rc {
+            sys::CUresult::CUDA_SUCCESS => Ok(()),
+            e => Err(format!("cuFlushGPUDirectRDMAWrites: {e:?}")),
+        }
     }
 
     /// `len` floats of page-locked host memory from this device's pinned pool (contents

@@ -3,7 +3,8 @@
 //! `rdma::DmabufExporter`, installed by the CUDA backend.
 use cudarc::driver::sys;
 
-/// The whole device allocation holding `[addr, +len)` as a dma-buf: `(fd, offset of addr)`.
+/// The page-aligned range around `[addr, +len)` (inside its device allocation) as a dma-buf:
+/// `(fd, offset of addr)`.
 /// `None` when no CUDA driver is loaded or `addr` is not device memory of the current context.
 pub fn export(addr: u64, len: usize) -> Option<Result<(i32, u64), String>> {
     // SAFETY: only dlopens candidate names.
@@ -26,21 +27,23 @@ pub fn export(addr: u64, len: usize) -> Option<Result<(i32, u64), String>> {
         if rc != sys::CUresult::CUDA_SUCCESS {
             return Some(Err(format!("cuMemGetAddressRange({addr:#x}): {rc:?}")));
         }
-        if addr + len as u64 > base + size as u64 {
-            return Some(Err(format!("[{addr:#x}, +{len}) runs past its allocation [{base:#x}, +{size})")));
+        const PAGE: u64 = 4096;
+        let (start, end) = ((addr / PAGE * PAGE).max(base), (addr + len.max(1) as u64).next_multiple_of(PAGE));
+        if end > base + size as u64 || start % PAGE != 0 {
+            return Some(Err(format!("[{addr:#x}, +{len}) has no page-aligned range inside its allocation [{base:#x}, +{size})")));
         }
         let mut fd: i32 = -1;
         let rc = sys::cuMemGetHandleForAddressRange(
             &mut fd as *mut i32 as *mut std::ffi::c_void,
-            base,
-            size,
+            start,
+            (end - start) as usize,
             sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
             0,
         );
         if rc != sys::CUresult::CUDA_SUCCESS {
-            return Some(Err(format!("cuMemGetHandleForAddressRange({size} bytes at {base:#x}, dma-buf): {rc:?}")));
+            return Some(Err(format!("cuMemGetHandleForAddressRange({} bytes at {start:#x}, dma-buf): {rc:?}", end - start)));
         }
-        Some(Ok((fd, addr - base)))
+        Some(Ok((fd, addr - start)))
     }
 }
 
@@ -68,7 +71,7 @@ mod tests {
                 eprintln!("dma-buf export unsupported on this driver/kernel: {e}");
             }
             Some(Ok((fd, off))) => {
-                assert!(fd >= 0 && off >= 4096, "fd {fd} offset {off}");
+                assert!(fd >= 0 && off < 4096, "fd {fd} offset {off}");
                 eprintln!("dma-buf export: fd {fd}, offset {off}");
                 // SAFETY: our descriptor, closed once.
                 drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });

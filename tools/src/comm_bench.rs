@@ -103,17 +103,19 @@ fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Resu
     let (mut rows, mut size) = (Vec::new(), min);
     while size <= max {
         let count = (size / 4).max(1);
-        let fill = |d: &DeviceMem, rep: usize| {
+        let fill = |d: &mut DeviceMem, rep: usize| {
             let v: Vec<u8> = (0..count * n).flat_map(|i| seed(me, rep, i / count, i % count).to_le_bytes()).collect();
             d.write(0, &v);
         };
-        let (send, recv) = (DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?, DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?);
+        let (mut send, mut recv) = (DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?, DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?);
         let counts = vec![4 * count; n];
+        let (sa, ra) = (send.addr(), recv.addr());
         let iter = || {
-            // SAFETY: both buffers hold n blocks of 4·count bytes and outlive the call.
-            unsafe { c.all_to_all_v_direct(send.addr(), &counts, recv.addr(), &counts, |s, d, l| DeviceMem::copy(s, d, l).map_err(ember_transport::Error::Bootstrap)) }.map_err(e)
+            // SAFETY: both buffers hold n blocks of 4·count bytes and outlive the loop; the own
+            // block is copied while nothing else touches `recv`.
+            unsafe { c.all_to_all_v_direct(sa, &counts, ra, &counts, |s, d, l| DeviceMem::copy(s, d, l).map_err(ember_transport::Error::Bootstrap)) }.map_err(e)
         };
-        fill(&send, 0);
+        fill(&mut send, 0);
         for _ in 0..a.warmup {
             iter()?;
         }
@@ -125,7 +127,7 @@ fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Resu
         let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64).map_err(e)?;
         let mut wrong = 0u64;
         for rep in 1..=a.check {
-            fill(&send, rep);
+            fill(&mut send, rep);
             recv.write(0, &vec![0xff; recv.len()]);
             iter()?;
             let mut got = vec![0u8; recv.len()];

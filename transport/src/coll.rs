@@ -73,6 +73,7 @@ impl<'a> Round<'a> {
         for &to in &self.sends {
             f.wait_send(self.g.members[to], self.tag, &self.w)?;
         }
+        self.sends.clear();
         for i in 0..self.recvs.len() {
             let (from, want, _) = self.recvs[i];
             let peer = self.g.members[from];
@@ -92,6 +93,10 @@ impl<'a> Round<'a> {
 
 impl Drop for Round<'_> {
     fn drop(&mut self) {
+        // Left early (an error): sends not waited for must not read their buffers later.
+        for &to in &self.sends {
+            self.g.fabric.cancel_send(self.g.members[to], self.tag);
+        }
         for &(from, _, done) in &self.recvs {
             if !done {
                 self.g.fabric.cancel_recv(self.g.members[from], self.tag);

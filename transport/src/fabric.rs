@@ -63,6 +63,10 @@ pub trait Fabric: Send + Sync {
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize>;
     /// Withdraw a posted buffer (on an error path). Returns once no writer can touch it any more.
     fn cancel_recv(&self, src: usize, tag: Tag);
+    /// Abandon a send whose `wait_send` will not be called (error path): once this returns, no
+    /// byte of its data is read any more. Backends that have read it all by the time `send`
+    /// returns (or that never read it later) need nothing.
+    fn cancel_send(&self, _dst: usize, _tag: Tag) {}
 
     /// Whether this backend can move memory the CPU must not touch (GPU memory the NIC reaches
     /// with GPUDirect RDMA): registers `len` bytes at `addr` for remote writes and releases them.

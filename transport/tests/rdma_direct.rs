@@ -53,9 +53,15 @@ fn words(b: &[u8]) -> Vec<u32> {
 
 /// Device memory holding `v`.
 fn device(v: &[u32]) -> DeviceMem {
-    let d = DeviceMem::new(v.len() * 4).unwrap();
+    let mut d = DeviceMem::new(v.len() * 4).unwrap();
     d.write(0, &bytes(v));
     d
+}
+
+/// The own block's device copy (the collective runs it while nothing else touches the range).
+fn own(s: u64, d: u64, l: usize) -> Result<(), Error> {
+    // SAFETY: see above.
+    unsafe { DeviceMem::copy(s, d, l) }.map_err(Error::Bootstrap)
 }
 
 fn read(d: &DeviceMem) -> Vec<u32> {
@@ -77,7 +83,7 @@ fn a2a_device(comms: Vec<Comm>, kind: u32, base: usize, iters: usize) -> Vec<Res
         let (sb, rb): (Vec<usize>, Vec<usize>) = (sc.iter().map(|x| x * 4).collect(), rc.iter().map(|x| x * 4).collect());
         for _ in 0..iters {
             // SAFETY: both buffers hold the counts' sums of bytes and outlive the call.
-            unsafe { c.all_to_all_v_direct(send.addr(), &sb, recv.addr(), &rb, |s, d, l| DeviceMem::copy(s, d, l).map_err(Error::Bootstrap)) }
+            unsafe { c.all_to_all_v_direct(send.addr(), &sb, recv.addr(), &rb, own) }
                 .map_err(|e| format!("rank {r}: {e}"))?;
         }
         let want: Vec<u32> = (0..n).flat_map(|s| (0..count(kind, s, r, base)).map(move |i| val(s, r, i))).collect();
@@ -118,7 +124,7 @@ fn device_all_gather_v_matches_the_reference() {
                     let recv = device(&vec![7; counts.iter().sum()]);
                     let cb: Vec<usize> = counts.iter().map(|x| x * 4).collect();
                     // SAFETY: as above.
-                    unsafe { c.all_gather_v_direct(send.addr(), &cb, recv.addr(), |s, d, l| DeviceMem::copy(s, d, l).map_err(Error::Bootstrap)) }.unwrap();
+                    unsafe { c.all_gather_v_direct(send.addr(), &cb, recv.addr(), own) }.unwrap();
                     read(&recv)
                 }
             });
@@ -141,7 +147,7 @@ fn device_collectives_on_sub_communicators() {
         let recv = device(&vec![0; 300 * n]);
         let cb = vec![1200usize; n];
         // SAFETY: as above.
-        unsafe { sub.all_to_all_v_direct(send.addr(), &cb, recv.addr(), &cb, |s, d, l| DeviceMem::copy(s, d, l).map_err(Error::Bootstrap)) }.unwrap();
+        unsafe { sub.all_to_all_v_direct(send.addr(), &cb, recv.addr(), &cb, own) }.unwrap();
         let want: Vec<u32> = (0..n).flat_map(|s| (0..300).map(move |i| val(s, r, i))).collect();
         read(&recv) == want
     });
@@ -161,7 +167,7 @@ fn device_faults_are_errors_naming_a_peer_never_hangs() {
             let recv = device(&vec![0; 2100]);
             for _ in 0..4 {
                 // SAFETY: as above.
-                if let Err(e) = unsafe { c.all_to_all_v_direct(send.addr(), &sb, recv.addr(), &sb, |s, d, l| DeviceMem::copy(s, d, l).map_err(Error::Bootstrap)) } {
+                if let Err(e) = unsafe { c.all_to_all_v_direct(send.addr(), &sb, recv.addr(), &sb, own) } {
                     return Some(e);
                 }
             }
@@ -277,4 +283,75 @@ fn a_registration_keeps_freed_device_memory_mapped_as_pinning_does() {
     assert!(matches!(&wcs[..], [Wc::Send { status: Ok(()), .. }]), "{wcs:?}");
     v[1].deregister(&mr); // the last registration: now unmapped
     v[0].deregister(&smr);
+}
+
+#[test]
+fn a_device_receive_that_cannot_register_fails_fast_on_both_sides() {
+    // The receive range straddles the end of a device mapping: the emulated NIC refuses to
+    // register it. The receiver gets an I/O error and the sender is told to drop the message,
+    // whether the sender's announcement arrives before or after the receive is posted; nobody
+    // waits for the timeout.
+    for send_first in [true, false] {
+        let f = fabrics(2, EmuConfig::adversarial(9));
+        let tag = Tag { ctx: 6, seq: 1, round: 0 };
+        let w = Wait::new("test", Duration::from_secs(10));
+        let src = device(&vec![5; 1000]);
+        let dst = DeviceMem::new(8192).unwrap();
+        let t0 = Instant::now();
+        let sender = {
+            let (f0, a) = (f[0].clone(), src.addr());
+            std::thread::spawn(move || {
+                // SAFETY: `src` outlives the thread (joined below).
+                unsafe { f0.send_direct(1, tag, a as *const u8, 4000, &w) }.unwrap();
+                f0.wait_send(1, tag, &w)
+            })
+        };
+        if send_first {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let bad = dst.addr() + 8192 - 100;
+        // SAFETY: the range is never written: its registration fails.
+        unsafe { f[1].post_recv_direct(0, tag, bad as *mut u8, 4000, &w) }.unwrap();
+        let e = f[1].wait_recv(0, tag, &w).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("straddles"), "{e}");
+        // The receiving rank goes on (progressing, as its next collective would) until the
+        // sender is released.
+        while !sender.is_finished() {
+            let _ = f[1].wait_recv(0, Tag { ctx: 99, seq: 0, round: 0 }, &Wait::new("pump", Duration::from_millis(5)));
+        }
+        sender.join().unwrap().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(3), "send_first {send_first}: took {:?}", t0.elapsed());
+    }
+}
+
+#[test]
+fn a_cancelled_send_is_never_written() {
+    // A direct send abandoned before the receiver advertised (an error path in a collective):
+    // once `cancel_send` returns its buffer is not read any more, so a receive posted later
+    // gets nothing (and times out) while the buffer may be reused.
+    let f = fabrics(2, EmuConfig::adversarial(4));
+    let tag = Tag { ctx: 7, seq: 1, round: 0 };
+    let w = Wait::new("test", Duration::from_secs(5));
+    let src = device(&vec![0x1234_5678; 2000]);
+    // SAFETY: `src` outlives the fabric's use of it (until cancel_send returns).
+    unsafe { f[0].send_direct(1, tag, src.addr() as *const u8, 8000, &w) }.unwrap();
+    f[0].cancel_send(1, tag);
+    let dst = DeviceMem::new(8000).unwrap();
+    // SAFETY: `dst` outlives the wait below.
+    unsafe { f[1].post_recv_direct(0, tag, dst.addr() as *mut u8, 8000, &w) }.unwrap();
+    // Keep the sender's side progressing while the receiver waits.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pump = {
+        let (f0, stop) = (f[0].clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = f0.wait_recv(1, Tag { ctx: 99, seq: 0, round: 0 }, &Wait::new("pump", Duration::from_millis(20)));
+            }
+        })
+    };
+    let e = f[1].wait_recv(0, tag, &Wait::new("test", Duration::from_millis(500))).unwrap_err();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pump.join().unwrap();
+    assert!(matches!(e, Error::Timeout { peer: 0, .. }), "{e}");
+    assert!(read(&dst).iter().all(|&x| x == 0), "a cancelled send wrote into the receiver");
 }

@@ -656,6 +656,9 @@ impl Backend for Cuda {
         self.gpu.bind().map_err(dev)?;
         self.gpu.sync().map_err(dev)
     }
+    fn flush_remote_writes(&self) -> Result<()> {
+        self.gpu.flush_remote_writes().map_err(dev)
+    }
 
     fn gemm(&self, g: Gemm, a: &DevBuf<f32>, b: &DevBuf<f32>, c: &mut DevBuf<f32>) -> Result<()> {
         use cudarc::cublas::{result as br, sys as bs};

@@ -238,6 +238,11 @@ pub trait Backend: Send + Sync + 'static {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    /// Make what a NIC wrote into this backend's memory (GPUDirect RDMA) visible to work queued
+    /// from now on; called after a collective whose data the NIC placed. No-op for host memory.
+    fn flush_remote_writes(&self) -> Result<()> {
+        Ok(())
+    }
 
     // ---- dense ----
     fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;

@@ -322,7 +322,8 @@ fn direct_probe<B: Backend>(be: &B, comm: &Comm) -> Result<std::result::Result<(
 }
 
 /// Direct all-to-all-v (float counts): the NIC moves the peers' blocks, the backend copies the
-/// own block. Queued device work that writes `send` finishes first.
+/// own block. Queued device work that writes `send` finishes first; afterwards the NIC's writes
+/// are flushed to the device, so the work queued next reads them.
 fn direct_a2a<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, scounts: &[usize], recv: &mut B::Buf, rcounts: &[usize]) -> Result<()> {
     be.synchronize()?;
     let (sb, rb): (Vec<usize>, Vec<usize>) = (scounts.iter().map(|c| 4 * c).collect(), rcounts.iter().map(|c| 4 * c).collect());
@@ -330,7 +331,8 @@ fn direct_a2a<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, scounts: &[usize],
     let own = |s: u64, d: u64, len: usize| unsafe { be.copy_from_addr(s, recv, ((d - raddr) / 4) as usize, len / 4) }.map_err(|e| ember_transport::Error::Bootstrap(e.to_string()));
     // SAFETY: `send` and `recv` hold the counts (checked by the callers) and outlive the call;
     // the own block is copied inside `recv` by the backend.
-    Ok(unsafe { comm.all_to_all_v_direct(be.addr(send), &sb, raddr, &rb, own) }?)
+    unsafe { comm.all_to_all_v_direct(be.addr(send), &sb, raddr, &rb, own) }?;
+    be.flush_remote_writes()
 }
 
 /// Direct all-gather-v: rank p's `counts[p]` floats (all of its `send`) at offset Σ counts[..p].
@@ -343,7 +345,8 @@ fn direct_gather<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, counts: &[usize
     let raddr = be.addr(recv);
     let own = |s: u64, d: u64, len: usize| unsafe { be.copy_from_addr(s, recv, ((d - raddr) / 4) as usize, len / 4) }.map_err(|e| ember_transport::Error::Bootstrap(e.to_string()));
     // SAFETY: as in direct_a2a (lengths checked above).
-    Ok(unsafe { comm.all_gather_v_direct(be.addr(send), &cb, raddr, own) }?)
+    unsafe { comm.all_gather_v_direct(be.addr(send), &cb, raddr, own) }?;
+    be.flush_remote_writes()
 }
 
 /// Direct reduce-scatter of sums: chunk p (`counts[p]` floats of `send`) goes to rank p, which

@@ -567,7 +567,7 @@ impl DeviceMem {
     }
 
     /// Host to device: `data` at byte `off`.
-    pub fn write(&self, off: usize, data: &[u8]) {
+    pub fn write(&mut self, off: usize, data: &[u8]) {
         assert!(off.checked_add(data.len()).is_some_and(|e| e <= self.len), "device write out of range");
         // SAFETY: inside the writable alias (checked).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (self.nic + off) as *mut u8, data.len()) };
@@ -582,13 +582,17 @@ impl DeviceMem {
 
     /// A device-side copy of `len` bytes between two device addresses (of any `DeviceMem`s), as
     /// a copy kernel does: `Err` if either range is not inside emulated device memory.
-    pub fn copy(src: u64, dst: u64, len: usize) -> Result<(), String> {
+    ///
+    /// # Safety
+    /// Nothing else reads or writes the destination range meanwhile (as for a device copy).
+    pub unsafe fn copy(src: u64, dst: u64, len: usize) -> Result<(), String> {
         let (s, d) = (src as usize, dst as usize);
         let (ns, nd) = (nic_view(s, len, false)?, nic_view(d, len, false)?);
         if len > 0 && (ns == s || nd == d) {
             return Err(format!("device copy {s:#x} -> {d:#x} of {len} bytes outside device memory"));
         }
-        // SAFETY: both ranges inside live device mappings' writable aliases (checked).
+        // SAFETY: both ranges inside live device mappings' writable aliases (checked); the caller
+        // excludes concurrent access.
         unsafe { std::ptr::copy(ns as *const u8, nd as *mut u8, len) };
         Ok(())
     }

@@ -683,17 +683,20 @@ impl Verbs for IbVerbs {
         let base = (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
         let len = len.max(1); // a zero-length region cannot be registered; nothing reads the byte
         let mut mr: *mut ffi::ibv_mr = std::ptr::null_mut();
-        if self.relaxed.load(Ordering::Relaxed) {
+        let relaxed = self.relaxed.load(Ordering::Relaxed);
+        if relaxed {
             // Relaxed ordering is an "optional" access flag: the library drops it where the
-            // device lacks it; a library too old to know it fails the call, and we stop asking.
+            // device lacks it; a library too old to know it fails the call, and we stop asking
+            // (only then: a registration refused for another reason, e.g. device memory without
+            // peer-memory support, fails the plain call too).
             let ro = base | ffi::ibv_access_flags::IBV_ACCESS_RELAXED_ORDERING.0;
             mr = ffi::ibv_reg_mr_iova2(self.pd, addr as *mut _, len, addr as u64, ro);
-            if mr.is_null() {
-                self.relaxed.store(false, Ordering::Relaxed);
-            }
         }
         if mr.is_null() {
             mr = ffi::ibv_reg_mr(self.pd, addr as *mut _, len, base as i32);
+            if relaxed && !mr.is_null() {
+                self.relaxed.store(false, Ordering::Relaxed);
+            }
         }
         if mr.is_null() {
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);

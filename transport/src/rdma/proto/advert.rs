@@ -100,10 +100,15 @@ impl<V: Verbs> RdmaFabric<V> {
             Err(e) => {
                 let e2 = st.recvs.get_mut(&(p, tag)).expect("posted entry");
                 if e2.direct {
-                    // No slot fallback for device memory: the receive fails (the sender is told
-                    // when the receive is withdrawn).
+                    // No slot fallback for device memory: the receive fails, and a sender that
+                    // announced the message already is told at once not to wait for it (else
+                    // when its announcement arrives).
                     e2.discard = true;
                     e2.err = Some(Error::Io { op: "rdma recv", peer: p, detail: format!("registering a {len}-byte device buffer for GPUDirect RDMA: {e}") });
+                    if e2.announced {
+                        e2.revoked = true;
+                        st.peers[p].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_CANCEL });
+                    }
                 } else {
                     tracing::debug!(peer = p, "rdma: registering a receive buffer failed ({e}); using the slots");
                 }
@@ -165,7 +170,7 @@ impl<V: Verbs> RdmaFabric<V> {
         e.withdrawn = true;
         e.err.get_or_insert(Error::PeerFailed { op: "rdma recv", peer: src, reason: "receive cancelled".into() });
         let (mr, mut adv, waited) = (e.mr.take(), e.adv.take(), std::mem::take(&mut e.adv_wait));
-        let (announced, eager) = (e.announced, e.eager);
+        let (announced, eager, revoked) = (e.announced, e.eager, e.revoked);
         if waited {
             st.peers[src].adv_wait.retain(|t| *t != tag);
         }
@@ -192,8 +197,10 @@ impl<V: Verbs> RdmaFabric<V> {
             // a buffer still ours until we return); revoke only if it does not.
             revoke = !self.await_ack(st, src, a as usize);
         } else if announced && !eager {
-            // The sender waits for an advertisement that will not come.
-            st.peers[src].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_CANCEL });
+            // The sender waits for an advertisement that will not come (unless told already).
+            if !revoked {
+                st.peers[src].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_CANCEL });
+            }
             remove = true;
         }
         if let Some(mr) = mr {

@@ -292,6 +292,12 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
             me.peer_err(st, dst, w.op).map(Err)
         });
         // Done or failed: withdraw the job (a failed one is not posted further).
+        self.cancel_send(dst, tag);
+        r
+    }
+
+    /// Forget the send job: no chunk of it is posted any more, and its registration goes.
+    fn cancel_send(&self, dst: usize, tag: Tag) {
         let mut st = self.st.lock().unwrap();
         if let Some(jid) = st.job_of.remove(&(dst, tag)) {
             let j = st.jobs.remove(&jid).unwrap();
@@ -302,7 +308,6 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
                 st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted);
             }
         }
-        r
     }
 
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize> {

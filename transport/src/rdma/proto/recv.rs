@@ -238,6 +238,11 @@ impl<V: Verbs> RdmaFabric<V> {
                         e.eager = true;
                         self.unadvertise(st, p, tag);
                     }
+                } else if e.direct && !e.adv_wait {
+                    // A device buffer that could not be registered (the receive has failed): the
+                    // sender drops the message instead of sending it through the slots.
+                    e.revoked = true;
+                    st.peers[p].ctl.push_back(Ctl::Revoke { tag, adv: NO_ADV, why: R_CANCEL });
                 } else if !e.adv_wait || too_long {
                     // Not advertised (below our threshold, registration failed) or never will be.
                     e.eager = true;
