@@ -1,0 +1,213 @@
+//! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN), the producer side
+//! (append a record, waiting for space; FIN records that do not fit are queued), and the
+//! consumer that drains one source's ring, bounds-checking every header and dispatching it.
+use super::segment::{Ring, RING_CAP};
+use super::{eager_max, stat, ShmFabric};
+use crate::error::{Error, Result};
+use crate::fabric::{Tag, Wait};
+use crate::mailbox::Dir;
+use bytemuck::{Pod, Zeroable};
+use crossbeam_utils::Backoff;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+pub(super) const HDR: usize = 64;
+
+pub(super) const PAD: u32 = 1;
+pub(super) const EAGER: u32 = 2;
+pub(super) const RTS: u32 = 3;
+pub(super) const FIN: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+pub(super) struct Rec {
+    pub(super) kind: u32,
+    pub(super) round: u32,
+    pub(super) ctx: u64,
+    pub(super) seq: u64,
+    /// Bytes of payload in the ring (EAGER), of the whole record (PAD), or of the message (RTS).
+    pub(super) len: u64,
+    /// RTS: address of the data in the sender.
+    pub(super) addr: u64,
+    pub(super) _pad: [u64; 3],
+}
+const _: () = assert!(std::mem::size_of::<Rec>() == HDR);
+
+pub(super) fn rec_len(payload: usize) -> usize {
+    HDR + payload.div_ceil(HDR) * HDR
+}
+
+pub(super) struct Producer {
+    pub(super) ring: Ring,
+    pub(super) head: u64,
+}
+
+pub(super) struct Drain {
+    pub(super) tails: Vec<u64>,
+    pub(super) last_liveness: Instant,
+}
+
+impl ShmFabric {
+    /// Append one record to `dst`'s ring; `Ok(false)` when it does not fit now.
+    pub(super) fn try_push(&self, dst: usize, rec: &Rec, payload: &[u8]) -> Result<bool> {
+        let mut p = self.tx[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
+        let tail = p.ring.ctl().tail.load(Ordering::Acquire);
+        if p.head < tail || p.head - tail > RING_CAP as u64 {
+            return Err(self.proto(dst, format!("ring tail {tail} inconsistent with head {}", p.head)));
+        }
+        let len = rec_len(payload.len());
+        let idx = (p.head % RING_CAP as u64) as usize;
+        let to_end = RING_CAP - idx;
+        let need = if len <= to_end { len } else { to_end + len };
+        if RING_CAP - ((p.head - tail) as usize) < need {
+            return Ok(false);
+        }
+        let data = p.ring.data();
+        // SAFETY: idx + len <= RING_CAP (or we pad to the end first); the consumer does not read
+        // beyond `head`, which we publish after writing.
+        unsafe {
+            let mut at = idx;
+            if len > to_end {
+                let pad = Rec { kind: PAD, len: to_end as u64, ..Rec::zeroed() };
+                std::ptr::copy_nonoverlapping(bytemuck::bytes_of(&pad).as_ptr(), data.add(idx), HDR);
+                p.head += to_end as u64;
+                at = 0;
+            }
+            std::ptr::copy_nonoverlapping(bytemuck::bytes_of(rec).as_ptr(), data.add(at), HDR);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), data.add(at + HDR), payload.len());
+        }
+        p.head += len as u64;
+        p.ring.ctl().head.store(p.head, Ordering::Release);
+        Ok(true)
+    }
+
+    pub(super) fn push_wait(&self, dst: usize, rec: &Rec, payload: &[u8], w: &Wait) -> Result<()> {
+        let backoff = Backoff::new();
+        loop {
+            if self.try_push(dst, rec, payload)? {
+                return Ok(());
+            }
+            self.poll()?;
+            if let Some(r) = self.mb.lock().dead.get(&dst) {
+                return Err(Error::PeerFailed { op: w.op, peer: dst, reason: r.clone() });
+            }
+            if Instant::now() >= w.deadline {
+                return Err(Error::Timeout { op: w.op, peer: dst, timeout: w.timeout });
+            }
+            if backoff.is_completed() {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    pub(super) fn send_fin(&self, dst: usize, tag: Tag) -> Result<()> {
+        let rec = Rec { kind: FIN, round: tag.round, ctx: tag.ctx, seq: tag.seq, ..Rec::zeroed() };
+        if !self.try_push(dst, &rec, &[])? {
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((dst, rec));
+        }
+        Ok(())
+    }
+
+    pub(super) fn drain_ring(&self, s: usize, tail: &mut u64) -> Result<()> {
+        let ring = &self.rx[s];
+        let head = ring.ctl().head.load(Ordering::Acquire);
+        if head < *tail || head - *tail > RING_CAP as u64 {
+            return Err(self.proto(s, format!("ring head {head} inconsistent with tail {tail}")));
+        }
+        while *tail < head {
+            let idx = (*tail % RING_CAP as u64) as usize;
+            let avail = (head - *tail) as usize;
+            if idx % HDR != 0 || avail < HDR {
+                return Err(self.proto(s, "misaligned ring record".into()));
+            }
+            let mut rec = Rec::zeroed();
+            // SAFETY: idx + HDR <= RING_CAP (idx is 64-aligned, RING_CAP a multiple of 64).
+            unsafe { std::ptr::copy_nonoverlapping(ring.data().add(idx), bytemuck::bytes_of_mut(&mut rec).as_mut_ptr(), HDR) };
+            let tag = Tag { ctx: rec.ctx, seq: rec.seq, round: rec.round };
+            let used = match rec.kind {
+                PAD => {
+                    if rec.len as usize != RING_CAP - idx || rec.len as usize > avail {
+                        return Err(self.proto(s, format!("bad padding record of {} bytes", rec.len)));
+                    }
+                    rec.len as usize
+                }
+                EAGER => {
+                    let len = rec.len as usize;
+                    if rec.len > eager_max() as u64 || rec_len(len) > RING_CAP - idx || rec_len(len) > avail {
+                        return Err(self.proto(s, format!("eager record claims {} bytes", rec.len)));
+                    }
+                    // SAFETY: bounds checked just above.
+                    let payload = unsafe { std::slice::from_raw_parts(ring.data().add(idx + HDR), len) };
+                    let claimed = {
+                        // Revoke and claim under the advertisement lock (see `advertise`).
+                        let mut at = self.adv_lock();
+                        if self.revoke_locked(&mut at, s, tag, false).is_err() {
+                            return Err(self.proto(s, format!("message {tag:?} both sent and written into the advertised buffer")));
+                        }
+                        let mut t = self.mb.lock();
+                        crate::mailbox::Mailbox::claim(&mut t, s, tag, len, "shm receive")
+                    };
+                    match claimed {
+                        // SAFETY: claim checked len against the posted capacity.
+                        Ok(Some(buf)) => {
+                            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.0, len) };
+                            self.mb.complete(s, tag, Dir::Recv, len);
+                        }
+                        Ok(None) => {
+                            let _ = self.mb.deliver(s, tag, payload.to_vec(), "shm receive");
+                        }
+                        Err(_) => self.mb.notify(), // the slot now holds the error
+                    }
+                    rec_len(len)
+                }
+                RTS => {
+                    let announced = {
+                        // Revoke and claim under the advertisement lock (see `advertise`).
+                        let mut at = self.adv_lock();
+                        if let Some(i) = at.superseded.iter().position(|&x| x == (s, tag)) {
+                            // Already written directly and completed: drop this late RTS.
+                            at.superseded.swap_remove(i);
+                            stat(4);
+                            None
+                        } else {
+                            match self.revoke_locked(&mut at, s, tag, false) {
+                                Ok(()) => Some(self.mb.announce(s, tag, rec.addr, rec.len as usize, "shm receive")),
+                                // The sender claimed our advertisement after announcing: it writes
+                                // the message itself and needs no FIN (`scan_adverts` completes it).
+                                Err(_) => {
+                                    if let Some(a) = at.slots[s].iter_mut().flatten().find(|a| a.tag == tag) {
+                                        a.rts_seen = true;
+                                    }
+                                    stat(4);
+                                    None
+                                }
+                            }
+                            }
+                    };
+                    match announced {
+                        Some(Ok(Some(buf))) => {
+                            stat(3);
+                            self.fetch(s, tag, rec.addr, buf.0, rec.len as usize)?
+                        }
+                        Some(Ok(None)) | None => {}
+                        Some(Err(_)) => {
+                            self.mb.notify();
+                            self.send_fin(s, tag)?;
+                        }
+                    }
+                    HDR
+                }
+                FIN => {
+                    self.mb.complete(s, tag, Dir::Send, 0);
+                    HDR
+                }
+                k => return Err(self.proto(s, format!("unknown record kind {k}"))),
+            };
+            *tail += used as u64;
+            ring.ctl().tail.store(*tail, Ordering::Release);
+        }
+        Ok(())
+    }
+}
