@@ -1,7 +1,12 @@
 // The C ABI called from Rust: null pointers, wrong sizes, bad handles and panics come back as
 // status codes with a message, never as crashes.
 use crate::*;
+use engine::backend::Cpu;
+use engine::config::TrainConfig;
 use engine::data::Batch;
+use engine::grid::{Grid, Placement};
+use engine::parallel::ParallelOptions;
+use engine::plan::planner::{plan, PlanOptions};
 use std::ffi::{CStr, CString};
 use std::ptr;
 

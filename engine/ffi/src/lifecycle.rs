@@ -1,0 +1,195 @@
+//! Creating and destroying engines: a whole model in this process, this process's rank of a job
+//! started by a launcher, or n in-process ranks with one handle each; and releasing a handle.
+
+use crate::args::{c_str, check_out};
+use crate::config::{grid_for, parse_config, plan_for, EngineConfig};
+use crate::handle::{lock_registry, register, EmberEngine, Model, Ranked, State};
+use crate::status::{fail, guard, panic_message, EmberStatus, R};
+use engine::backend::Cpu;
+use engine::config::preset;
+use engine::grid::{Grid, GridComms};
+use engine::model::Dlrm;
+use engine::parallel::{ParallelOptions, Rank2D};
+use ember_transport::{Comm, JoinConfig};
+use std::ffi::c_char;
+use std::time::Duration;
+
+fn build_rank(ec: &EngineConfig, grid: Grid, p: engine::plan::Plan, world: Comm) -> R<State> {
+    let be = Cpu::new();
+    let gc = GridComms::new(grid, world)?;
+    let rank = Rank2D::new(&be, &ec.train, gc, p, ec.opts.clone())?;
+    Ok(State { cfg: ec.train.clone(), be, model: Model::Ranked(Box::new(Ranked { rank, grid, broken: None })), steps_done: 0, samples_seen: 0 })
+}
+
+/// Collective timeout of in-process ranks: EMBER_TIMEOUT_MS, else the transport's default.
+fn local_timeout() -> Duration {
+    std::env::var("EMBER_TIMEOUT_MS").ok().and_then(|v| v.trim().parse().ok()).map(Duration::from_millis).unwrap_or(ember_transport::DEFAULT_TIMEOUT)
+}
+
+/// Create one engine: a whole model, or this process's rank when a launcher started the
+/// process as one of several ranks (or the config asks for a grid of more than one rank).
+fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
+    let wants_ranks = ec.grid.is_some_and(|g| g.world() > 1);
+    let join = match JoinConfig::from_env() {
+        Ok(j) if j.size > 1 => Some(j),
+        Ok(_) => None,
+        Err(e) if wants_ranks => return fail(EmberStatus::ErrConfig, format!("launcher environment: {e}")),
+        Err(_) => None,
+    };
+    let state = match join {
+        None if wants_ranks => {
+            let g = ec.grid.expect("checked");
+            return fail(
+                EmberStatus::ErrConfig,
+                format!(
+                    "config: grid {}x{} needs {} ranks but this process was not started by a launcher: run it under `ember launch -n {}` (or mpirun, srun, torchrun), or create in-process ranks with ember_engine_create_local_ranks",
+                    g.m,
+                    g.n,
+                    g.world(),
+                    g.world()
+                ),
+            );
+        }
+        None => {
+            let be = Cpu::new();
+            let model = Dlrm::new(&be, &ec.train)?;
+            State { cfg: ec.train, be, model: Model::Single(Box::new(model)), steps_done: 0, samples_seen: 0 }
+        }
+        Some(j) => {
+            let grid = grid_for(&ec, j.size, "the launcher's job")?;
+            let p = plan_for(&ec, grid)?;
+            let world = Comm::connect(&j)?;
+            build_rank(&ec, grid, p, world)?
+        }
+    };
+    // SAFETY: `out` was checked non-null by the caller of `create`.
+    unsafe { *out = register(state) };
+    Ok(())
+}
+
+/// Create an engine from the text of a TOML config: the format of `ember train --config` (model,
+/// optimizer, batch_size, seed; docs/cli.md) plus, optionally, a top-level `grid = "MxN"` and a
+/// `[parallel]` table (`sync_every`, `sync` = "sparse"|"full", `delayed_state_sync`,
+/// `fully_sharded`, `placement` = "in-node"|"across-nodes", `sharding` =
+/// "table"|"row"|"column"|"table-row"); docs/capi.md.
+///
+/// Which engine: when the process was started by a launcher as one of T > 1 ranks (`ember
+/// launch`, mpirun, srun, torchrun: rank, size and rendezvous from the environment), this call
+/// is collective: every rank calls it with the same config, joins the job, and gets a handle
+/// driving its rank of a grid of T ranks (the config's grid, which must have T ranks, or 1xT).
+/// Create one such engine per launched process. Otherwise the engine is the whole model in this
+/// process; a config whose grid has more than one rank is then `EMBER_STATUS_ERR_CONFIG` (use
+/// `ember_engine_create_local_ranks`).
+///
+/// `toml` is a NUL-terminated UTF-8 string owned by the caller (only read during the call). On
+/// success `*out` receives a new handle that the caller owns and must release with
+/// `ember_engine_destroy`; on failure `*out` is left unchanged.
+/// Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out` is NULL, `EMBER_STATUS_ERR_CONFIG`
+/// if the config does not parse, validate or fit the job, `EMBER_STATUS_ERR_INTERNAL` if joining
+/// the job fails (rendezvous, token, peers, timeout).
+#[no_mangle]
+pub unsafe extern "C" fn ember_engine_create_from_toml(toml: *const c_char, out: *mut *mut EmberEngine) -> EmberStatus {
+    guard(|| {
+        let text = c_str(toml, "toml")?;
+        check_out(out, "out")?;
+        create(parse_config(text)?, out)
+    })
+}
+
+/// Create an engine from a TOML config file at `path` (NUL-terminated, caller-owned): as
+/// `ember_engine_create_from_toml` with the file's text (also collective under a launcher).
+/// Returns `EMBER_STATUS_ERR_IO` if the file cannot be read, `EMBER_STATUS_ERR_CONFIG` if its
+/// text is rejected.
+#[no_mangle]
+pub unsafe extern "C" fn ember_engine_create_from_file(path: *const c_char, out: *mut *mut EmberEngine) -> EmberStatus {
+    guard(|| {
+        let path = c_str(path, "path")?;
+        check_out(out, "out")?;
+        let text = std::fs::read_to_string(path).or_else(|e| fail(EmberStatus::ErrIo, format!("{path}: {e}")))?;
+        create(parse_config(&text)?, out)
+    })
+}
+
+/// Create an engine from a built-in preset ("tiny", "kaggle", "terabyte", "dlrmv2", "bench";
+/// see `ember presets`). `row_cap` caps every table's rows (0: the preset's own default cap).
+/// Under a launcher the engine is this process's rank of a 1xT grid (collective), as for
+/// `ember_engine_create_from_toml`. Ownership of `*out` as there. Returns
+/// `EMBER_STATUS_ERR_CONFIG` for an unknown name.
+#[no_mangle]
+pub unsafe extern "C" fn ember_engine_create_from_preset(name: *const c_char, row_cap: u64, out: *mut *mut EmberEngine) -> EmberStatus {
+    guard(|| {
+        let name = c_str(name, "name")?;
+        check_out(out, "out")?;
+        let train = preset(name, (row_cap > 0).then_some(row_cap))?;
+        create(EngineConfig { train, grid: None, opts: ParallelOptions::default(), sharding: None }, out)
+    })
+}
+
+/// Create `n` in-process ranks of one 2D job from the text of a TOML config (format as for
+/// `ember_engine_create_from_toml`; its grid must have `n` ranks, default 1 x n), one handle per
+/// rank: `out_handles` is a caller-owned array of `n` handle slots; slot w receives world rank
+/// w's handle. The ranks talk through this process's memory (collective timeout:
+/// EMBER_TIMEOUT_MS, default 60 s). Calls that communicate (`ember_train_step`, `ember_eval`,
+/// `ember_save_checkpoint`, `ember_load_checkpoint`, `ember_bench_collective`) are collective:
+/// drive each handle from its own thread, every rank making the same sequence of calls; they
+/// block until all ranks have called. The caller owns every handle and destroys each with
+/// `ember_engine_destroy`. On failure no slot is written and no handle exists.
+/// Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out_handles` is NULL,
+/// `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `n` is 0 or above 4096, `EMBER_STATUS_ERR_CONFIG` if
+/// the config is rejected or its grid or batch size does not fit `n` ranks.
+#[no_mangle]
+pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n: usize, out_handles: *mut *mut EmberEngine) -> EmberStatus {
+    guard(|| {
+        let text = c_str(toml, "toml")?;
+        check_out(out_handles, "out_handles")?;
+        if n == 0 || n > 4096 {
+            return fail(EmberStatus::ErrInvalidArgument, format!("n is {n}: expected 1 to 4096 ranks"));
+        }
+        let ec = parse_config(text)?;
+        let grid = grid_for(&ec, n, "ember_engine_create_local_ranks")?;
+        let p = plan_for(&ec, grid)?;
+        let comms = ember_transport::local_world_with_timeout(n, local_timeout());
+        let built: Vec<R<State>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|world| {
+                    let (ec, p) = (&ec, p.clone());
+                    s.spawn(move || build_rank(ec, grid, p, world))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| fail(EmberStatus::ErrPanic, format!("panic inside ember: {}", panic_message(&*p)))))
+                .collect()
+        });
+        let states = built.into_iter().collect::<R<Vec<State>>>()?;
+        for (w, st) in states.into_iter().enumerate() {
+            *out_handles.add(w) = register(st);
+        }
+        Ok(())
+    })
+}
+
+/// Release an engine and everything it owns. `engine` may be NULL (a no-op returning
+/// `EMBER_STATUS_OK`). The handle is invalid afterwards; using it again (or destroying it twice)
+/// returns `EMBER_STATUS_ERR_INVALID_HANDLE` unless its address was reused by a newer engine.
+/// Not collective: the ranks of a job may be destroyed in any order (a rank still waiting in a
+/// collective for a destroyed peer fails with a transport error after the timeout).
+#[no_mangle]
+pub unsafe extern "C" fn ember_engine_destroy(engine: *mut EmberEngine) -> EmberStatus {
+    guard(|| {
+        if engine.is_null() {
+            return Ok(());
+        }
+        let removed = lock_registry().remove(&(engine as usize));
+        match removed {
+            Some(state) => {
+                // SAFETY: the registry held this address, so it came from Box::into_raw in
+                // `register` and has not been freed (removal above makes this the only free).
+                drop(Box::from_raw(engine));
+                drop(state);
+                Ok(())
+            }
+            None => fail(EmberStatus::ErrInvalidHandle, format!("engine handle {engine:p} is not live (destroyed twice?)")),
+        }
+    })
+}

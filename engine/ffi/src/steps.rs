@@ -1,0 +1,201 @@
+//! Training and evaluation steps: `ember_train_step`, `ember_eval` and its `EmberMetrics`, on a
+//! whole model or (collectively) on one rank of a job.
+
+use crate::args::read_batch;
+use crate::collective::{agree, on_rank};
+use crate::handle::{with_engine, EmberEngine, Model, Ranked, State};
+use crate::status::{fail, guard, EmberStatus, R};
+use engine::backend::Cpu;
+use engine::data::Batch;
+
+/// Quality metrics of an evaluation (filled by `ember_eval`). For multi-rank engines they cover
+/// every rank's samples and are identical on every rank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EmberMetrics {
+    /// Mean log loss (nats).
+    pub loss: f64,
+    /// Normalized entropy: loss over the entropy of the evaluated samples' positive rate.
+    pub ne: f64,
+    /// Exact ROC AUC (0.5 when the samples have one class only).
+    pub auc: f64,
+    /// Samples evaluated (all ranks together).
+    pub samples: u64,
+}
+
+/// Logits of `batch` on a rank, in chunks of the local batch b (the last padded by wrapping
+/// around the batch), and the metrics over every rank's samples. Collective.
+fn eval_ranked(be: &Cpu, r: &mut Ranked, batch: Batch, has_labels: bool, wants_metrics: bool) -> R<(Vec<f32>, EmberMetrics)> {
+    let t = r.rank.comms.world.size();
+    let b = r.rank.global_batch / t;
+    let n = batch.size();
+    let mut sizes = vec![0u64; 2 * t];
+    r.rank.comms.world.all_gather(&[n as u64, has_labels as u64], &mut sizes)?;
+    let chunks = sizes.chunks(2).map(|s| (s[0] as usize).div_ceil(b)).max().unwrap_or(0);
+    let unlabeled: Vec<usize> = (0..t).filter(|&k| sizes[2 * k + 1] == 0).collect();
+    r.rank.finish_pending(be)?;
+    if r.rank.opts.fully_sharded {
+        r.rank.average_weights(be)?;
+    }
+    let mut logits = Vec::with_capacity(chunks * b);
+    for c in 0..chunks {
+        let mut part = batch.slice(0..0);
+        let mut i = c * b;
+        while i < (c + 1) * b {
+            let start = i % n;
+            let end = (start + ((c + 1) * b - i)).min(n);
+            part.extend(&batch.slice(start..end));
+            i += end - start;
+        }
+        logits.extend(r.rank.predict(be, &part)?);
+    }
+    logits.truncate(n);
+    let world = &r.rank.comms.world;
+    let (all_logits, _) = world.all_gather_alloc(&logits)?;
+    let (all_labels, _) = world.all_gather_alloc(&batch.labels)?;
+    // Every rank made the same collectives above; only now may ranks differ in their verdict.
+    if wants_metrics && !unlabeled.is_empty() {
+        return fail(EmberStatus::ErrInvalidArgument, format!("metrics_out asks for metrics but ranks {unlabeled:?} passed no labels"));
+    }
+    let m = engine::metrics::evaluate(&all_logits, &all_labels);
+    Ok((logits, EmberMetrics { loss: m.loss, ne: m.ne, auc: m.auc, samples: m.samples as u64 }))
+}
+
+/// Run one training step (forward, backward, optimizer update) on a batch of `batch_size`
+/// samples held in caller-owned buffers, which are only read during the call:
+/// - `dense`: `batch_size * num_dense` floats, row-major (sample by sample);
+/// - `labels`: `batch_size` floats, each 0 or 1;
+/// - `lengths`: `num_tables * batch_size` bag lengths, table-major: `lengths[t * batch_size + i]`
+///   is the number of ids sample `i` looks up in table `t`;
+/// - `ids`: `num_ids` ids, table-major and sample by sample inside a table (table 0's bags, then
+///   table 1's, ...); `num_ids` must equal the sum of `lengths`, each id of table t below its rows.
+///
+/// A pointer may be NULL only if its element count is 0. The loss is the mean over the batch.
+/// `loss_out` (caller-owned) receives the mean training loss (nats) and may be NULL.
+///
+/// Multi-rank engines: collective. Each rank passes its slice of the global batch: exactly
+/// `local_batch_size` = B / world_size samples, samples [sample_start, sample_start +
+/// local_batch_size) of the global batch (`ember_engine_info`). `*loss_out` is the mean loss
+/// over the whole global batch, identical on every rank. If any rank's arguments are rejected,
+/// no rank trains: that rank gets the reason, the others `EMBER_STATUS_ERR_PEER`.
+///
+/// Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0 or not
+/// the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
+/// model is unchanged in both cases), `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn ember_train_step(
+    engine: *mut EmberEngine,
+    batch_size: usize,
+    dense: *const f32,
+    labels: *const f32,
+    lengths: *const u32,
+    ids: *const u64,
+    num_ids: usize,
+    loss_out: *mut f64,
+) -> EmberStatus {
+    guard(|| {
+        let loss = with_engine(engine, |st| {
+            let State { cfg, be, model, steps_done, samples_seen } = st;
+            match model {
+                Model::Single(model) => {
+                    let batch = read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids)?;
+                    let loss = model.train_step(be, &batch)?;
+                    *steps_done += 1;
+                    *samples_seen += batch_size as u64;
+                    Ok(loss)
+                }
+                Model::Ranked(r) => {
+                    let local = cfg.batch_size / r.grid.world();
+                    let mine = if batch_size != local {
+                        fail(
+                            EmberStatus::ErrInvalidArgument,
+                            format!(
+                                "batch_size is {batch_size} but each of the {} ranks feeds {local} samples (global batch {} / {} ranks)",
+                                r.grid.world(),
+                                cfg.batch_size,
+                                r.grid.world()
+                            ),
+                        )
+                    } else {
+                        read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids)
+                    };
+                    on_rank(r, |r| {
+                        let batch = agree(&r.rank.comms.world, mine)?;
+                        let loss = r.rank.train_step(be, &batch)?;
+                        *samples_seen += batch_size as u64;
+                        Ok(loss)
+                    })
+                }
+            }
+        })?;
+        if !loss_out.is_null() {
+            *loss_out = loss;
+        }
+        Ok(())
+    })
+}
+
+/// Evaluate a batch without updating the model. Buffers and sizes as for `ember_train_step`,
+/// except that `labels` may be NULL when `metrics_out` is NULL (logits only).
+/// - `logits_out`: caller-owned buffer of `logits_len` floats that receives the `batch_size`
+///   logits (pre-sigmoid scores), or NULL to skip them; `logits_len < batch_size` is
+///   `EMBER_STATUS_ERR_INVALID_ARGUMENT`.
+/// - `metrics_out`: caller-owned, receives log loss, NE and AUC of the batch; may be NULL.
+///
+/// Single-process engines process large batches in chunks of the config's batch size (at most
+/// 8192). Multi-rank engines: collective; each rank passes any number of its own samples (> 0;
+/// ranks may pass different numbers), processed in chunks of the local batch size; the logits
+/// are this rank's, the metrics cover every rank's samples and are identical on every rank
+/// (a rank asking for metrics gets `EMBER_STATUS_ERR_INVALID_ARGUMENT` if some rank passed no
+/// labels).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn ember_eval(
+    engine: *mut EmberEngine,
+    batch_size: usize,
+    dense: *const f32,
+    labels: *const f32,
+    lengths: *const u32,
+    ids: *const u64,
+    num_ids: usize,
+    logits_out: *mut f32,
+    logits_len: usize,
+    metrics_out: *mut EmberMetrics,
+) -> EmberStatus {
+    guard(|| {
+        let (logits, metrics) = with_engine(engine, |st| {
+            let checks = || -> R<Batch> {
+                if !logits_out.is_null() && logits_len < batch_size {
+                    return fail(EmberStatus::ErrInvalidArgument, format!("logits_len is {logits_len}, below batch_size {batch_size}"));
+                }
+                if labels.is_null() && !metrics_out.is_null() {
+                    return fail(EmberStatus::ErrNullPointer, "labels is NULL but metrics_out asks for metrics");
+                }
+                read_batch(&st.cfg, batch_size, dense, labels, true, lengths, ids, num_ids)
+            };
+            let mine = checks();
+            let State { cfg, be, model, .. } = st;
+            match model {
+                Model::Single(model) => {
+                    let batch = mine?;
+                    let chunk = cfg.batch_size.clamp(1, 8192);
+                    let logits = engine::train::predict_all(be, model, &batch, chunk)?;
+                    let r = engine::metrics::evaluate(&logits, &batch.labels);
+                    Ok((logits, EmberMetrics { loss: r.loss, ne: r.ne, auc: r.auc, samples: r.samples as u64 }))
+                }
+                Model::Ranked(r) => on_rank(r, |r| {
+                    let batch = agree(&r.rank.comms.world, mine)?;
+                    eval_ranked(be, r, batch, !labels.is_null(), !metrics_out.is_null())
+                }),
+            }
+        })?;
+        if !logits_out.is_null() {
+            std::ptr::copy_nonoverlapping(logits.as_ptr(), logits_out, batch_size);
+        }
+        if !metrics_out.is_null() {
+            *metrics_out = metrics;
+        }
+        Ok(())
+    })
+}
