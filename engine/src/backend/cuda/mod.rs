@@ -1,0 +1,408 @@
+//! The CUDA backend: device buffers from the hand-managed pool, NVRTC-compiled kernels, cuBLAS.
+//!
+//! Everything runs in order on one stream. Per-operation scratch (sort keys, histograms, run
+//! boundaries) comes from the pool's arena, which is rewound after each operation: stream order
+//! makes the reuse safe, and a steady-state step makes no driver allocation. Host staging memory
+//! (`Backend::staging`) is page-locked, recycled by the device's pinned pool (`ember_cuda::pinned`).
+//! Semantics are those of the CPU reference (`backend::cpu`); the self-test (`crate::selftest`)
+//! checks them.
+//!
+//! This module owns the `Cuda` type: its constructors, the locking and launch helpers, and the
+//! one `impl Backend for Cuda`. Trait methods with long bodies delegate to `*_impl` methods in
+//! the submodules, by concern: `dense` (GEMM, dense optimizer), `interaction` (cross layer,
+//! loss), `embedding` (embedding operations), `backward` (fused backward kernels), `sort`
+//! (device sort and run-length encoding), `bench` (measurements).
+use super::*;
+use crate::{Error, Result};
+use ember_cuda::cudarc;
+use ember_cuda::device::{DevBuf, Gpu, Pinned};
+use ember_cuda::kernels::{CHUNK, MAX_BWD_COLS, RADIX_TILE, SCAN_BLOCK, SHORT_RUN};
+pub use ember_cuda::pinned::PinnedStats;
+pub use ember_cuda::pool::{dlrm_step_trace, PoolConfig, PoolStats, TraceOp};
+use std::sync::{Arc, Mutex};
+
+mod backward;
+mod bench;
+mod dense;
+mod embedding;
+mod interaction;
+mod sort;
+#[cfg(test)]
+mod tests;
+
+pub use bench::AllocReplayRow;
+
+fn dev(e: String) -> Error {
+    Error::Device(e)
+}
+
+fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Input(what()))
+    }
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    gpu: Arc<Gpu>,
+    /// Serialises operations that use the arena (Backend is Sync).
+    op: Mutex<()>,
+    /// Use the first-version backward (sort + RLE + warp per row) for every shard; set from
+    /// `EMBER_CUDA_BWD=legacy` at open, or by `set_legacy_backward` (benchmarks compare both).
+    legacy_bwd: std::sync::atomic::AtomicBool,
+    /// NCCL communicators of this rank (created on first use).
+    #[cfg(feature = "nccl")]
+    nccl: super::nccl::Nccl,
+}
+
+const NULL: u64 = 0;
+
+impl Cuda {
+    /// Open device `ordinal` with the default pool configuration.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        Self::with_pool(ordinal, PoolConfig::default())
+    }
+
+    /// Open device `ordinal`; `cfg` sizes the pool (the first call for a device decides).
+    pub fn with_pool(ordinal: usize, cfg: PoolConfig) -> Result<Cuda> {
+        let gpu = Gpu::open(ordinal, cfg).map_err(dev)?;
+        let legacy = std::env::var("EMBER_CUDA_BWD").is_ok_and(|v| v == "legacy");
+        Ok(Self::from_gpu(gpu, legacy))
+    }
+
+    /// A backend for one of several in-process ranks sharing device `ordinal`: its own stream,
+    /// cuBLAS handle and pool arena in the device's one context (so peer-to-peer buffer
+    /// transports can copy between ranks' buffers).
+    pub fn for_rank(ordinal: usize, cfg: PoolConfig) -> Result<Cuda> {
+        let gpu = Gpu::open_private(ordinal, cfg).map_err(dev)?;
+        let legacy = std::env::var("EMBER_CUDA_BWD").is_ok_and(|v| v == "legacy");
+        Ok(Self::from_gpu(gpu, legacy))
+    }
+
+    fn from_gpu(gpu: Arc<Gpu>, legacy: bool) -> Cuda {
+        // The RDMA transport may register this device's buffers through dma-buf (docs/rdma.md).
+        ember_transport::rdma::set_dmabuf_exporter(ember_cuda::dmabuf::export);
+        Cuda {
+            #[cfg(feature = "nccl")]
+            nccl: super::nccl::Nccl::new(gpu.stream.clone()),
+            gpu,
+            op: Mutex::new(()),
+            legacy_bwd: std::sync::atomic::AtomicBool::new(legacy),
+        }
+    }
+
+    /// Whether a CUDA device can be opened here (never panics). Err says why not.
+    pub fn probe() -> Result<usize> {
+        ember_cuda::device::probe(0).map_err(dev)
+    }
+
+    /// Select the first-version fused backward (true) or the fast one (false, the default).
+    pub fn set_legacy_backward(&self, on: bool) {
+        self.legacy_bwd.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+    pub fn device_name(&self) -> String {
+        format!("{} ({}, {} SMs, {:.1} GiB)", self.gpu.name, self.gpu.arch, self.gpu.sm_count, self.gpu.total_mem as f64 / (1u64 << 30) as f64)
+    }
+    pub fn pool_stats(&self) -> PoolStats {
+        self.gpu.pool_stats()
+    }
+    /// The pinned staging pool's statistics (driver allocations, bytes pinned).
+    pub fn pinned_stats(&self) -> PinnedStats {
+        self.gpu.pinned_stats()
+    }
+    /// Driver allocations (`cuMemAlloc`) made by the pool so far.
+    pub fn driver_allocs(&self) -> usize {
+        self.gpu.driver_allocs()
+    }
+    /// Start a new peak window for the pool statistics.
+    pub fn reset_peak(&self) {
+        if let Ok(mut p) = self.gpu.pool.lock() {
+            p.reset_peak();
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        self.gpu.bind().map_err(dev)?;
+        self.op.lock().map_err(|_| Error::Device("backend lock poisoned".into()))
+    }
+
+    fn scratch(&self, bytes: usize) -> Result<u64> {
+        self.gpu.scratch(bytes).map_err(dev)
+    }
+
+    fn done(&self) -> Result<()> {
+        self.gpu.arena_reset().map_err(dev)
+    }
+
+    fn grid(&self, n: usize) -> u32 {
+        self.gpu.grid_for(n, 256)
+    }
+
+    fn blocks(n: usize, per: usize) -> Result<u32> {
+        let b = n.div_ceil(per).max(1);
+        u32::try_from(b).map_err(|_| Error::Input(format!("launch of {n} threads is too large")))
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = DevBuf<f32>;
+    type Ids = DevBuf<u64>;
+    type Staging = Pinned;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn zeros(&self, n: usize) -> Result<DevBuf<f32>> {
+        let _g = self.lock()?;
+        let b = self.gpu.alloc::<f32>(n).map_err(dev)?;
+        self.gpu.memset0(b.ptr(), n * 4).map_err(dev)?;
+        Ok(b)
+    }
+    fn upload(&self, host: &[f32]) -> Result<DevBuf<f32>> {
+        let _g = self.lock()?;
+        let b = self.gpu.alloc::<f32>(host.len()).map_err(dev)?;
+        self.gpu.htod(b.ptr(), host).map_err(dev)?;
+        Ok(b)
+    }
+    fn download(&self, buf: &DevBuf<f32>) -> Result<Vec<f32>> {
+        let _g = self.lock()?;
+        let mut v = vec![0f32; buf.len()];
+        self.gpu.dtoh(&mut v, buf.ptr()).map_err(dev)?;
+        Ok(v)
+    }
+    fn upload_ids(&self, host: &[u64]) -> Result<DevBuf<u64>> {
+        let _g = self.lock()?;
+        let b = self.gpu.alloc::<u64>(host.len()).map_err(dev)?;
+        self.gpu.htod(b.ptr(), host).map_err(dev)?;
+        Ok(b)
+    }
+    fn download_ids(&self, ids: &DevBuf<u64>) -> Result<Vec<u64>> {
+        let _g = self.lock()?;
+        let mut v = vec![0u64; ids.len()];
+        self.gpu.dtoh(&mut v, ids.ptr()).map_err(dev)?;
+        Ok(v)
+    }
+    fn len(&self, buf: &DevBuf<f32>) -> usize {
+        buf.len()
+    }
+    fn staging(&self, n: usize) -> Result<Pinned> {
+        self.gpu.staging(n).map_err(dev)
+    }
+    fn download_into(&self, buf: &DevBuf<f32>, out: &mut [f32]) -> Result<()> {
+        super::check_same_len("download_into", buf.len(), out.len())?;
+        let _g = self.lock()?;
+        self.gpu.dtoh(out, buf.ptr()).map_err(dev)
+    }
+    fn upload_into(&self, src: &[f32], buf: &mut DevBuf<f32>) -> Result<()> {
+        super::check_same_len("upload_into", buf.len(), src.len())?;
+        let _g = self.lock()?;
+        // Waits: the driver reads a pinned source during the copy, and the caller may reuse it.
+        self.gpu.htod_sync(buf.ptr(), src).map_err(dev)
+    }
+    fn native(&self) -> Option<&dyn NativeColl<Cuda>> {
+        #[cfg(feature = "nccl")]
+        if ember_cuda::nccl::probe().is_ok() {
+            return Some(&self.nccl);
+        }
+        None
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.bind().map_err(dev)?;
+        self.gpu.sync().map_err(dev)
+    }
+    fn flush_remote_writes(&self) -> Result<()> {
+        self.gpu.flush_remote_writes().map_err(dev)
+    }
+
+    fn gemm(&self, g: Gemm, a: &DevBuf<f32>, b: &DevBuf<f32>, c: &mut DevBuf<f32>) -> Result<()> {
+        self.gemm_impl(g, a, b, c)
+    }
+
+    fn bias_act(&self, x: &mut DevBuf<f32>, bias: &DevBuf<f32>, rows: usize, cols: usize, act: Act) -> Result<()> {
+        check(x.len() >= rows * cols && bias.len() == cols, || format!("bias_act: {rows}x{cols} with bias {}", bias.len()))?;
+        let _g = self.lock()?;
+        let (xp, bp, r, c, a) = (x.ptr(), bias.ptr(), rows as i64, cols as i64, (act == Act::Relu) as i32);
+        unsafe { self.gpu.launch("bias_act", self.grid(rows * cols), 256).map_err(dev)?.arg(&xp).arg(&bp).arg(&r).arg(&c).arg(&a).go() }.map_err(dev)
+    }
+
+    fn act_backward(&self, y: &DevBuf<f32>, dy: &mut DevBuf<f32>, act: Act) -> Result<()> {
+        check(y.len() == dy.len(), || format!("act_backward: {} vs {}", y.len(), dy.len()))?;
+        if act == Act::None {
+            return Ok(());
+        }
+        let _g = self.lock()?;
+        let (yp, dp, n, a) = (y.ptr(), dy.ptr(), y.len() as i64, 1i32);
+        unsafe { self.gpu.launch("act_backward", self.grid(y.len()), 256).map_err(dev)?.arg(&yp).arg(&dp).arg(&n).arg(&a).go() }.map_err(dev)
+    }
+
+    fn col_sum(&self, x: &DevBuf<f32>, rows: usize, cols: usize, beta: f32, out: &mut DevBuf<f32>) -> Result<()> {
+        check(x.len() >= rows * cols && out.len() == cols, || format!("col_sum: {rows}x{cols} into {}", out.len()))?;
+        let _g = self.lock()?;
+        let (xp, r, c, op) = (x.ptr(), rows as i64, cols as i64, out.ptr());
+        unsafe { self.gpu.launch("col_sum", Self::blocks(cols, 32)?, 256).map_err(dev)?.arg(&xp).arg(&r).arg(&c).arg(&beta).arg(&op).go() }.map_err(dev)
+    }
+
+    fn copy_block(&self, narrow: &mut DevBuf<f32>, wide: &mut DevBuf<f32>, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()> {
+        check(narrow.len() >= rows * cols && dst.col + cols <= dst.stride && wide.len() >= rows * dst.stride, || {
+            format!("copy_block: {rows}x{cols} at col {} of stride {}", dst.col, dst.stride)
+        })?;
+        if cols == 0 || rows == 0 {
+            return Ok(());
+        }
+        let _g = self.lock()?;
+        let (np, wp, r, c, s, col, t) = (narrow.ptr(), wide.ptr(), rows as i64, cols as i64, dst.stride as i64, dst.col as i64, to_wide as i32);
+        unsafe {
+            self.gpu.launch("copy_block", self.grid(rows * cols), 256).map_err(dev)?.arg(&np).arg(&wp).arg(&r).arg(&c).arg(&s).arg(&col).arg(&t).go()
+        }
+        .map_err(dev)
+    }
+
+    fn copy_2d(&self, src: &DevBuf<f32>, src_off: usize, src_stride: usize, dst: &mut DevBuf<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
+        let _g = self.lock()?;
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            return self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src.ptr() + src_off as u64 * 4, rows * cols * 4).map_err(dev);
+        }
+        let (sp, so, ss, dp, doff, ds, r, c) =
+            (src.ptr(), src_off as i64, src_stride as i64, dst.ptr(), dst_off as i64, dst_stride as i64, rows as i64, cols as i64);
+        unsafe {
+            self.gpu.launch("copy_2d", self.grid(rows * cols), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
+        }
+        .map_err(dev)
+    }
+
+    fn scale_rows(&self, x: &mut DevBuf<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &DevBuf<f32>) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        super::check_scale_rows(x.len(), off, stride, rows, cols, s.len())?;
+
+        let _g = self.lock()?;
+        let (xp, o, st, r, c, sp) = (x.ptr(), off as i64, stride as i64, rows as i64, cols as i64, s.ptr());
+        unsafe { self.gpu.launch("scale_rows", self.grid(rows * cols), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }
+            .map_err(dev)
+    }
+
+    fn addr(&self, buf: &DevBuf<f32>) -> u64 {
+        buf.ptr()
+    }
+
+    unsafe fn copy_from_addr(&self, src: u64, dst: &mut DevBuf<f32>, dst_off: usize, len: usize) -> Result<()> {
+        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
+        let _g = self.lock()?;
+        // Same context (in-process ranks share the device's primary context): a device copy on
+        // this rank's stream, complete before returning so the peer may reuse its buffer.
+        self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src, len * 4).map_err(dev)?;
+        self.gpu.sync().map_err(dev)
+    }
+
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
+        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
+            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
+        })?;
+        if num_rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let table = self.upload_ids(srcs)?;
+        let _g = self.lock()?;
+        let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
+        self.gpu.launch("mean_rows_from", self.grid(num_rows * cols), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go().map_err(dev)?;
+        // `table` returns to the pool when dropped; the kernel must have read it by then.
+        self.gpu.sync().map_err(dev)
+    }
+
+    fn put_rows(&self, dst: &mut DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, src: &DevBuf<f32>, cols: usize) -> Result<()> {
+        // Row indices were range-checked on the host before upload (replica sync's union).
+        check(rows.len() == num_rows && src.len() == num_rows * cols, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
+        if num_rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let _g = self.lock()?;
+        let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
+        unsafe { self.gpu.launch("put_rows", self.grid(num_rows * cols), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
+    }
+
+    fn axpy(&self, a: f32, x: &DevBuf<f32>, y: &mut DevBuf<f32>) -> Result<()> {
+        check(x.len() == y.len(), || format!("axpy: {} vs {}", x.len(), y.len()))?;
+        let _g = self.lock()?;
+        let (xp, yp, n) = (x.ptr(), y.ptr(), x.len() as i64);
+        unsafe { self.gpu.launch("axpy_f32", self.grid(x.len()), 256).map_err(dev)?.arg(&a).arg(&xp).arg(&yp).arg(&n).go() }.map_err(dev)
+    }
+
+    fn scale(&self, x: &mut DevBuf<f32>, a: f32) -> Result<()> {
+        let _g = self.lock()?;
+        let (xp, n) = (x.ptr(), x.len() as i64);
+        unsafe { self.gpu.launch("scale_f32", self.grid(x.len()), 256).map_err(dev)?.arg(&xp).arg(&a).arg(&n).go() }.map_err(dev)
+    }
+
+    fn dot_interaction(&self, x: &DevBuf<f32>, batch: usize, f: usize, d: usize, out: &mut DevBuf<f32>) -> Result<()> {
+        let w = d + (f + 1) * f / 2;
+        check(x.len() >= batch * (f + 1) * d && out.len() >= batch * w, || format!("dot_interaction: batch {batch}, f {f}, d {d}: buffers too small"))?;
+        let _g = self.lock()?;
+        let (xp, b, fi, di, op) = (x.ptr(), batch as i64, f as i64, d as i64, out.ptr());
+        unsafe { self.gpu.launch("dot_interaction", self.grid(batch * w), 256).map_err(dev)?.arg(&xp).arg(&b).arg(&fi).arg(&di).arg(&op).go() }.map_err(dev)
+    }
+
+    fn dot_interaction_backward(&self, x: &DevBuf<f32>, dout: &DevBuf<f32>, batch: usize, f: usize, d: usize, dx: &mut DevBuf<f32>) -> Result<()> {
+        let w = d + (f + 1) * f / 2;
+        let v = (f + 1) * d;
+        check(x.len() >= batch * v && dout.len() >= batch * w && dx.len() >= batch * v, || {
+            format!("dot_interaction_backward: batch {batch}, f {f}, d {d}: buffers too small")
+        })?;
+        let _g = self.lock()?;
+        let (xp, dp, b, fi, di, gp) = (x.ptr(), dout.ptr(), batch as i64, f as i64, d as i64, dx.ptr());
+        unsafe {
+            self.gpu.launch("dot_interaction_backward", self.grid(batch * v), 256).map_err(dev)?.arg(&xp).arg(&dp).arg(&b).arg(&fi).arg(&di).arg(&gp).go()
+        }
+        .map_err(dev)
+    }
+
+    fn cross_combine(&self, x0: &DevBuf<f32>, uv: &DevBuf<f32>, bias: &DevBuf<f32>, xl: &DevBuf<f32>, rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
+        let n = rows * cols;
+        check(x0.len() >= n && uv.len() >= n && xl.len() >= n && out.len() >= n && bias.len() == cols, || format!("cross_combine: {rows}x{cols}"))?;
+        let _g = self.lock()?;
+        let (a, b, c, d, r, co, o) = (x0.ptr(), uv.ptr(), bias.ptr(), xl.ptr(), rows as i64, cols as i64, out.ptr());
+        unsafe {
+            self.gpu.launch("cross_combine", self.grid(n), 256).map_err(dev)?.arg(&a).arg(&b).arg(&c).arg(&d).arg(&r).arg(&co).arg(&o).go()
+        }
+        .map_err(dev)
+    }
+
+    fn cross_combine_backward(&self, x0: &DevBuf<f32>, uv: &DevBuf<f32>, bias: &DevBuf<f32>, dout: &DevBuf<f32>, rows: usize, cols: usize, duv: &mut DevBuf<f32>, dx0: &mut DevBuf<f32>) -> Result<()> {
+        self.cross_combine_backward_impl(x0, uv, bias, dout, rows, cols, duv, dx0)
+    }
+
+    fn bce_with_logits(&self, logits: &DevBuf<f32>, labels: &DevBuf<f32>, scale: f32, dlogits: &mut DevBuf<f32>) -> Result<f64> {
+        self.bce_with_logits_impl(logits, labels, scale, dlogits)
+    }
+
+    fn dense_update(&self, param: &mut DevBuf<f32>, grad: &DevBuf<f32>, state: &mut DevBuf<f32>, upd: &DenseUpdate) -> Result<()> {
+        self.dense_update_impl(param, grad, state, upd)
+    }
+
+    fn embedding_forward(&self, shard: &Shard<Cuda>, bags: &Bags<Cuda>, out: &mut DevBuf<f32>, layout: Layout, accumulate: bool) -> Result<()> {
+        self.embedding_forward_impl(shard, bags, out, layout, accumulate)
+    }
+
+    fn embedding_backward_update(&self, shard: &mut Shard<Cuda>, bags: &Bags<Cuda>, grad: &DevBuf<f32>, layout: Layout, upd: &EmbUpdate) -> Result<()> {
+        self.embedding_backward_update_impl(shard, bags, grad, layout, upd)
+    }
+
+    fn embedding_row_grads(&self, shard: &Shard<Cuda>, bags: &Bags<Cuda>, grad: &DevBuf<f32>, layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Cuda>> {
+        self.embedding_row_grads_impl(shard, bags, grad, layout, upd)
+    }
+
+    fn embedding_apply(&self, shard: &mut Shard<Cuda>, rg: &RowGrads<Cuda>, row_sq: Option<&DevBuf<f32>>, upd: &EmbUpdate) -> Result<()> {
+        self.embedding_apply_impl(shard, rg, row_sq, upd)
+    }
+}
