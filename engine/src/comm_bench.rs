@@ -69,12 +69,16 @@ pub struct BenchOptions {
     pub baseline: Option<String>,
     /// Plain 4 KiB-page buffers instead of huge-page-advised ones.
     pub no_huge: bool,
+    /// Register each size's send and receive buffers with the transport once, before the
+    /// warm-up (`Comm::register_region`, as nccl-tests' `-R 1`): on RDMA no message then
+    /// registers memory.
+    pub register: bool,
 }
 
 impl Default for BenchOptions {
     /// The CLI's defaults: 1 KiB to 16 MiB by 2, 20 iterations, 2 warm-up, 1 check.
     fn default() -> Self {
-        BenchOptions { min_bytes: 1 << 10, max_bytes: 16 << 20, factor: 2, iters: 20, warmup: 2, check: 1, baseline: None, no_huge: false }
+        BenchOptions { min_bytes: 1 << 10, max_bytes: 16 << 20, factor: 2, iters: 20, warmup: 2, check: 1, baseline: None, no_huge: false, register: false }
     }
 }
 
@@ -85,6 +89,22 @@ fn alloc(n: usize, plain: bool) -> Vec<f32> {
     } else {
         ember_transport::huge_vec(n)
     }
+}
+
+/// Register `bufs` with `c`'s transport (`--register`); returns their addresses for
+/// `unregister_region`. The caller unregisters them before they drop.
+fn register(c: &Comm, bufs: &[&Vec<f32>]) -> Result<Vec<u64>, String> {
+    let mut at = Vec::new();
+    for b in bufs.iter().filter(|b| !b.is_empty()) {
+        // SAFETY: the caller keeps the vectors alive, unmoved and unresized, until it has
+        // unregistered them; on a failure the ones registered so far are unregistered here.
+        if let Err(err) = unsafe { c.register_region(b.as_ptr() as u64, b.len() * 4) } {
+            at.iter().for_each(|&a| drop(c.unregister_region(a)));
+            return Err(err.to_string());
+        }
+        at.push(b.as_ptr() as u64);
+    }
+    Ok(at)
 }
 
 /// A size with an optional K/M/G suffix (powers of 1024): "1K", "16M", "100".
@@ -239,6 +259,7 @@ pub fn bench_rank(which: Collective, c: &Comm, a: &BenchOptions) -> Result<Vec<R
         let (send_len, recv_len) = if which == Collective::AllToAll { (count * n, count * n) } else { (count, count) };
         let mut send = alloc(send_len, a.no_huge);
         let mut recv = alloc(recv_len, a.no_huge);
+        let regions = if a.register { register(c, &[&send, &recv])? } else { Vec::new() };
         let iter = |send: &[f32], recv: &mut [f32]| -> Result<(), String> {
             if which == Collective::AllToAll {
                 c.all_to_all(send, recv).map_err(e)
@@ -312,6 +333,9 @@ pub fn bench_rank(which: Collective, c: &Comm, a: &BenchOptions) -> Result<Vec<R
         }
         let mut w = [wrong];
         c.all_reduce(&mut w, ReduceOp::Sum).map_err(e)?;
+        for at in regions {
+            c.unregister_region(at).map_err(e)?;
+        }
         rows.push(Row::new(which, n, size, count, time_us, w[0], base_us));
         match size.checked_mul(a.factor) {
             Some(s) => size = s,

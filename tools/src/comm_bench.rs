@@ -48,6 +48,11 @@ pub struct CommBenchArgs {
     /// memcpy ceiling alike; see docs/transport.md).
     #[arg(long)]
     pub no_huge: bool,
+    /// Register each size's send and receive buffers with the transport once, before timing
+    /// (`Comm::register_region`, as nccl-tests' `-R 1`): on RDMA no message then registers or
+    /// deregisters memory (each would pin and unpin its pages). No effect on shm, tcp, local.
+    #[arg(long)]
+    pub register: bool,
     /// (rdma-emu, a2a) Buffers in emulated device memory that the CPU cannot touch, moved by
     /// the GPUDirect path (`Comm::all_to_all_v_direct`: every non-empty message zero-copy).
     #[arg(long)]
@@ -86,6 +91,7 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
         check: a.check,
         baseline: a.baseline.clone(),
         no_huge: a.no_huge,
+        register: a.register,
     };
     bench_rank_core(coll, c, &o)
 }
@@ -110,6 +116,14 @@ fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Resu
         let (mut send, mut recv) = (DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?, DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?);
         let counts = vec![4 * count; n];
         let (sa, ra) = (send.addr(), recv.addr());
+        if a.register {
+            // SAFETY: both buffers live until after the unregistration below.
+            unsafe { c.register_region(sa, send.len()) }.map_err(e)?;
+            if let Err(err) = unsafe { c.register_region(ra, recv.len()) } {
+                drop(c.unregister_region(sa));
+                return Err(e(err));
+            }
+        }
         let iter = || {
             // SAFETY: both buffers hold n blocks of 4·count bytes and outlive the loop; the own
             // block is copied while nothing else touches `recv`.
@@ -139,6 +153,9 @@ fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Resu
         }
         let mut w = [wrong];
         c.all_reduce(&mut w, ember_transport::ReduceOp::Sum).map_err(e)?;
+        if a.register {
+            c.unregister_region(sa).and_then(|_| c.unregister_region(ra)).map_err(e)?;
+        }
         rows.push(Row::new(Collective::AllToAll, n, size, count, time_us, w[0], None));
         match size.checked_mul(a.factor) {
             Some(s) => size = s,
@@ -172,6 +189,7 @@ fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&
     let what = if which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
     let grp = group.map(|g| format!(" ({g} group {:?}, run concurrently with the other group)", c.world_ranks())).unwrap_or_default();
     let mem = if a.device_memory { " (emulated device memory, direct path)" } else { "" };
+    let mem = format!("{mem}{}", if a.register { ", registered buffers" } else { "" });
     println!("# ember bench {which}: {} ranks{grp}, transport {}{mem}, -n {} -w {} -c {} ({what})", c.size(), c.transport(), a.iters, a.warmup, a.check);
     let extra = match base {
         Some("memcpy") => "  memcpy(us)  %ceiling",

@@ -182,3 +182,20 @@ fn device_memory_bench_over_the_emulated_rdma_protocol() {
     let o = ember(&["bench", "a2a", "--ranks", "2", "--device-memory"]);
     assert!(!o.status.success() && text(&o).1.contains("--device-memory: only"), "{}", text(&o).1);
 }
+
+#[test]
+fn registered_buffers_bench_over_the_emulated_rdma_protocol() {
+    // `--register`: each size's buffers registered once (host, then emulated device memory),
+    // checked twice per size, unregistered before the next size (a region still in use would
+    // fail the run).
+    for extra in [&[][..], &["--device-memory"][..]] {
+        let mut args = vec!["bench", "a2a", "--transport", "rdma-emu", "--ranks", "3", "--register", "-b", "100", "-e", "300K", "-f", "9", "-n", "3", "-w", "1", "-c", "2"];
+        args.extend_from_slice(extra);
+        let o = ember(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}\n{err}");
+        assert!(out.contains("registered buffers"), "{out}");
+        assert!(out.contains("# Out of bounds values : 0 OK"), "{out}");
+        assert_eq!(out.lines().filter(|l| l.starts_with("  ")).count(), 4, "{out}");
+    }
+}

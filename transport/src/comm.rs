@@ -206,6 +206,27 @@ impl Comm {
         coll::barrier(&self.inner.g, self.next_seq())
     }
 
+    // ------------------------------------------------ registered regions
+
+    /// Register `[addr, +len)` (host or device memory) with this rank's network endpoint once,
+    /// so that no later message whose buffer lies inside it registers or deregisters memory
+    /// (on RDMA each would otherwise pin and unpin its pages; a no-op on transports that copy
+    /// with the CPU). Local to this rank; it serves every communicator split from the same
+    /// world. Long-lived communication buffers (pools) are what to register.
+    ///
+    /// # Safety
+    /// The memory must stay allocated (never freed or re-mapped) until
+    /// [`Self::unregister_region`] returned `Ok` or every communicator of this world is dropped.
+    pub unsafe fn register_region(&self, addr: u64, len: usize) -> Result<()> {
+        self.inner.g.fabric.register_region(addr, len)
+    }
+
+    /// Deregister the region that starts at `addr`; a usage error while a message inside it is
+    /// in flight, or when no region starts there.
+    pub fn unregister_region(&self, addr: u64) -> Result<()> {
+        self.inner.g.fabric.unregister_region(addr)
+    }
+
     // ------------------------------------------------ device memory (GPUDirect RDMA)
 
     /// Whether this communicator moves memory the CPU must not touch (GPU memory the NIC

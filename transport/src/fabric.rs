@@ -68,6 +68,23 @@ pub trait Fabric: Send + Sync {
     /// returns (or that never read it later) need nothing.
     fn cancel_send(&self, _dst: usize, _tag: Tag) {}
 
+    /// Register `[addr, +len)` with the network once, for every later message whose buffer lies
+    /// inside it (user-buffer registration, as NCCL's `ncclCommRegister`): on RDMA, no message
+    /// inside it is registered or deregistered any more. Host or device memory. Regions of one
+    /// rank never overlap. Backends that copy with the CPU need nothing.
+    ///
+    /// # Safety
+    /// The memory must stay allocated (never freed or re-mapped) until `unregister_region(addr)`
+    /// returned `Ok` or the fabric is dropped. Peers may write anywhere in a registered region
+    /// that holds a buffer advertised to them, as with any registered memory.
+    unsafe fn register_region(&self, _addr: u64, _len: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Deregister the region that starts at `addr`; refused while a message inside it is in flight.
+    fn unregister_region(&self, _addr: u64) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether this backend can move memory the CPU must not touch (GPU memory the NIC reaches
     /// with GPUDirect RDMA): registers `len` bytes at `addr` for remote writes and releases them.
     /// `Err` says why not. Only RDMA can; the others copy with the CPU.

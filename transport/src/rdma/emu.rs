@@ -22,7 +22,7 @@
 //!   rejected rather than placed.
 use super::verbs::{Mr, PostError, Sge, Verbs, Wc};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,16 +75,20 @@ pub struct EmuConfig {
     /// Probability (per mille) that a post is refused with `QueueFull` anyway.
     pub queue_full_permille: u32,
     pub faults: Vec<Fault>,
+    /// What [`Verbs::cache_registrations`] answers: `true` (the emulation's registrations
+    /// follow the virtual range); `false` makes the protocol register per message, as on the
+    /// `ibverbs` binding.
+    pub cache_registrations: bool,
     /// Counters, shared by every endpoint of the world (clone the `Arc` before building it).
     pub stats: Arc<EmuStats>,
 }
 
 impl EmuConfig {
     pub fn fast() -> Self {
-        EmuConfig { adversarial: false, seed: 1, sq_depth: 64, queue_full_permille: 0, faults: vec![], stats: Arc::default() }
+        EmuConfig { adversarial: false, seed: 1, sq_depth: 64, queue_full_permille: 0, faults: vec![], cache_registrations: true, stats: Arc::default() }
     }
     pub fn adversarial(seed: u64) -> Self {
-        EmuConfig { adversarial: true, seed, sq_depth: 4, queue_full_permille: 100, faults: vec![], stats: Arc::default() }
+        EmuConfig { adversarial: true, seed, sq_depth: 4, queue_full_permille: 100, faults: vec![], cache_registrations: true, stats: Arc::default() }
     }
 }
 
@@ -121,8 +125,17 @@ struct Node {
     rng: u64,
 }
 
+/// A counter on its own cache line (the ranks' counters are written by different threads).
+#[repr(align(128))]
+struct Padded(AtomicUsize);
+
 struct World {
     nodes: Vec<Mutex<Node>>,
+    /// Each node's completion-queue length, stored under its lock after every change: an empty
+    /// queue is polled without taking the lock the other ranks' writes complete under (the
+    /// spinning poller would otherwise contend with every completion, as a NIC's CQ doorbell
+    /// does not).
+    cq_len: Vec<Padded>,
     mems: Vec<RwLock<Mem>>,
     cfg: EmuConfig,
     keys: AtomicU32,
@@ -159,7 +172,8 @@ pub fn world(n: usize, cfg: EmuConfig) -> Vec<EmuVerbs> {
         })
         .collect();
     let mems = (0..n).map(|_| RwLock::new(Mem { regions: HashMap::new(), dead: None })).collect();
-    let w = Arc::new(World { nodes, mems, cfg, keys: AtomicU32::new(1) });
+    let cq_len = (0..n).map(|_| Padded(AtomicUsize::new(0))).collect();
+    let w = Arc::new(World { nodes, cq_len, mems, cfg, keys: AtomicU32::new(1) });
     (0..n).map(|rank| EmuVerbs { w: w.clone(), rank }).collect()
 }
 
@@ -241,6 +255,7 @@ impl EmuVerbs {
             let mut t = self.w.nodes[dst].lock().unwrap();
             if t.dead.is_none() {
                 t.cq.push_back(Wc::Recv { peer: src, imm: p.imm, byte_len });
+                self.w.cq_len[dst].0.store(t.cq.len(), Ordering::Release);
             }
         }
         let mut me = self.w.nodes[src].lock().unwrap();
@@ -248,6 +263,7 @@ impl EmuVerbs {
         me.busy[dst] = false;
         if me.dead.is_none() {
             me.cq.push_back(Wc::Send { peer: dst, wr_id: p.wr_id, status: res });
+            self.w.cq_len[src].0.store(me.cq.len(), Ordering::Release);
         }
     }
 
@@ -338,7 +354,7 @@ impl Verbs for EmuVerbs {
     }
 
     fn cache_registrations(&self) -> bool {
-        true
+        self.w.cfg.cache_registrations
     }
 
     unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError> {
@@ -418,10 +434,14 @@ impl Verbs for EmuVerbs {
         if self.w.cfg.adversarial {
             self.drive();
         }
+        if !self.w.cfg.adversarial && self.w.cq_len[self.rank].0.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         let mut me = self.w.nodes[self.rank].lock().unwrap();
         if !self.w.cfg.adversarial {
             let k = me.cq.len().min(max);
             out.extend(me.cq.drain(..k));
+            self.w.cq_len[self.rank].0.store(me.cq.len(), Ordering::Release);
             return k;
         }
         // Random interleaving across (kind, QP), keeping each QP's order; a random count.
@@ -453,6 +473,7 @@ impl Verbs for EmuVerbs {
         for b in buckets {
             me.cq.extend(b);
         }
+        self.w.cq_len[self.rank].0.store(me.cq.len(), Ordering::Release);
         k
     }
 }

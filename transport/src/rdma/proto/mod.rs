@@ -43,7 +43,7 @@ use crate::mailbox::KeyHasher;
 use std::hash::BuildHasherDefault;
 use std::sync::Mutex;
 use std::time::Duration;
-use mrcache::MrCache;
+use mrcache::{MrCache, Owner};
 use state::{AdvSlot, Peer, State};
 
 /// The state maps hash with the matching table's cheap hasher (keys are small integers and
@@ -136,7 +136,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let io = |e: String| Error::Io { op: OP, peer: rank, detail: e };
         // SAFETY: both allocations live in `self` until Drop deregisters them (a Box/Vec never moves its heap buffer).
         let rx_mr = unsafe { v.register(rx.as_mut_ptr(), bytes) }.map_err(io)?;
-        let cache = MrCache { on: v.cache_registrations(), map: HashMap::default(), clock: 0 };
+        let cache = MrCache::new(v.cache_registrations());
         let mut st = State {
             peers: (0..n)
                 .map(|_| Peer {
@@ -231,12 +231,15 @@ impl<V: Verbs> RdmaFabric<V> {
 impl<V: Verbs> Drop for RdmaFabric<V> {
     fn drop(&mut self) {
         let st = self.st.get_mut().unwrap();
-        let private = st.jobs.values().filter_map(|j| j.mr).chain(st.recvs.values().filter_map(|e| e.mr)).filter(|r| r.key.is_none());
+        let private = st.jobs.values().filter_map(|j| j.mr).chain(st.recvs.values().filter_map(|e| e.mr)).filter(|r| r.owner == Owner::Private);
         for r in private {
             self.v.deregister(&r.mr);
         }
         for e in st.cache.map.values() {
             self.v.deregister(&e.mr);
+        }
+        for mr in st.cache.regions.values().filter_map(|r| r.mr) {
+            self.v.deregister(&mr);
         }
         self.v.deregister(&self.hdr_mr);
         self.v.deregister(&self.rx_mr);
@@ -267,6 +270,18 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         let mr = unsafe { self.v.register(addr as *mut u8, len) }?;
         self.v.deregister(&mr);
         Ok(())
+    }
+
+    unsafe fn register_region(&self, addr: u64, len: usize) -> Result<()> {
+        const OP: &str = "register region";
+        let mut st = self.st.lock().unwrap();
+        st.cache.check_region(addr, len).map_err(|e| Error::usage(OP, e))?;
+        st.cache.register_region(&self.v, addr, len).map_err(|e| Error::Io { op: OP, peer: self.rank, detail: e })
+    }
+
+    fn unregister_region(&self, addr: u64) -> Result<()> {
+        let mut st = self.st.lock().unwrap();
+        st.cache.unregister_region(&self.v, addr).map_err(|e| Error::usage("unregister region", e))
     }
 
     unsafe fn post_recv_direct(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {

@@ -1,20 +1,42 @@
-//! The registration cache: memory registrations of send and receive buffers, kept and reused
+//! Memory registrations of send and receive buffers: the regions the caller registered once
+//! (`Fabric::register_region`, used by every message inside one); the cache, kept and reused
 //! across messages, keyed by address range and purpose (least recently used idle ones are
 //! dropped beyond [`CACHE_MAX`]); private ones, deregistered at release, where caching is off
 //! or not possible.
 use super::HashMap;
 use crate::rdma::verbs::{Mr, Verbs};
+use std::collections::BTreeMap;
 
 /// Registrations kept by the cache (least recently used idle ones are dropped beyond this).
 const CACHE_MAX: usize = 256;
 
 pub(super) type MrKey = (u64, usize, bool);
 
-/// A registration in use: `key` names its cache entry (`None`: a private one, deregistered at release).
+/// Where a registration in use comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Owner {
+    /// Registered for this message alone, deregistered at release.
+    Private,
+    /// A cache entry.
+    Cached(MrKey),
+    /// The caller's registered region starting at this address.
+    Region(u64),
+}
+
+/// A registration in use.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct MrRef {
     pub(super) mr: Mr,
-    pub(super) key: Option<MrKey>,
+    pub(super) owner: Owner,
+}
+
+/// A region the caller registered: `mr` serves every message inside it. `None` after a revoke
+/// whose re-registration failed (messages inside it then register as if it were not there).
+pub(super) struct Region {
+    pub(super) len: usize,
+    pub(super) mr: Option<Mr>,
+    /// Messages using it now.
+    pub(super) users: u32,
 }
 
 pub(super) struct CacheEnt {
@@ -30,16 +52,67 @@ pub(super) struct MrCache {
     pub(super) on: bool,
     pub(super) map: HashMap<MrKey, CacheEnt>,
     pub(super) clock: u64,
+    /// The caller's registered regions, by start address (they never overlap).
+    pub(super) regions: BTreeMap<u64, Region>,
 }
 
 impl MrCache {
+    pub(super) fn new(on: bool) -> Self {
+        MrCache { on, map: HashMap::default(), clock: 0, regions: BTreeMap::new() }
+    }
+
+    /// The start of the registered region holding all of `[addr, +len)`, if any.
+    fn region_of(&self, addr: u64, len: usize) -> Option<u64> {
+        let (&a, r) = self.regions.range(..=addr).next_back()?;
+        (addr.checked_add(len as u64)? <= a + r.len as u64).then_some(a)
+    }
+
+    /// Whether `[addr, +len)` may become a region: not empty, no wrap, no overlap with one.
+    pub(super) fn check_region(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
+        let end = addr.checked_add(len as u64).filter(|_| len > 0).ok_or_else(|| format!("region [{addr:#x}, +{len}) is empty or wraps"))?;
+        match self.regions.range(..end).next_back() {
+            Some((&a, r)) if a + r.len as u64 > addr => Err(format!("region [{addr:#x}, +{len}) overlaps the registered region [{a:#x}, +{})", r.len)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Register `[addr, +len)` (checked by [`Self::check_region`]) for every later message
+    /// inside it.
+    ///
+    /// # Safety
+    /// The memory must stay allocated until [`Self::unregister_region`] succeeded.
+    pub(super) unsafe fn register_region<V: Verbs>(&mut self, v: &V, addr: u64, len: usize) -> std::result::Result<(), String> {
+        let mr = v.register(addr as *mut u8, len)?;
+        self.regions.insert(addr, Region { len, mr: Some(mr), users: 0 });
+        Ok(())
+    }
+
+    /// Deregister the region starting at `addr`; refused while a message uses it.
+    pub(super) fn unregister_region<V: Verbs>(&mut self, v: &V, addr: u64) -> std::result::Result<(), String> {
+        let r = self.regions.get(&addr).ok_or_else(|| format!("no registered region starts at {addr:#x}"))?;
+        if r.users > 0 {
+            return Err(format!("region at {addr:#x} is in use by {} message(s)", r.users));
+        }
+        if let Some(mr) = self.regions.remove(&addr).and_then(|r| r.mr) {
+            v.deregister(&mr);
+        }
+        Ok(())
+    }
+
     pub(super) fn acquire<V: Verbs>(&mut self, v: &V, addr: usize, len: usize, recv: bool) -> std::result::Result<MrRef, String> {
+        if let Some(a) = self.region_of(addr as u64, len) {
+            let r = self.regions.get_mut(&a).unwrap();
+            if let Some(mr) = r.mr {
+                r.users += 1;
+                return Ok(MrRef { mr, owner: Owner::Region(a) });
+            }
+        }
         // SAFETY (of the registrations below): the Fabric contract keeps the buffer valid while
         // in use; a cached registration outliving it is harmless where caching is enabled
         // (`Verbs::cache_registrations`: registrations follow the virtual range).
         let reg = |v: &V| unsafe { v.register(addr as *mut u8, len) };
         if !self.on {
-            return Ok(MrRef { mr: reg(v)?, key: None });
+            return Ok(MrRef { mr: reg(v)?, owner: Owner::Private });
         }
         self.clock += 1;
         let clock = self.clock;
@@ -48,36 +121,50 @@ impl MrCache {
             if !recv || e.users == 0 {
                 e.users += 1;
                 e.last = clock;
-                return Ok(MrRef { mr: e.mr, key: Some(key) });
+                return Ok(MrRef { mr: e.mr, owner: Owner::Cached(key) });
             }
-            return Ok(MrRef { mr: reg(v)?, key: None }); // the range is posted twice at once
+            return Ok(MrRef { mr: reg(v)?, owner: Owner::Private }); // the range is posted twice at once
         }
         if !recv {
             let (a, end) = (addr as u64, addr as u64 + len as u64);
             if let Some((k, e)) = self.map.iter_mut().find(|(k, _)| !k.2 && k.0 <= a && k.0 + k.1 as u64 >= end) {
                 e.users += 1;
                 e.last = clock;
-                return Ok(MrRef { mr: e.mr, key: Some(*k) });
+                return Ok(MrRef { mr: e.mr, owner: Owner::Cached(*k) });
             }
         }
         if self.map.len() >= CACHE_MAX {
             let victim = self.map.iter().filter(|(_, e)| e.users == 0).min_by_key(|(_, e)| e.last).map(|(k, _)| *k);
             match victim {
                 Some(k) => v.deregister(&self.map.remove(&k).unwrap().mr),
-                None => return Ok(MrRef { mr: reg(v)?, key: None }),
+                None => return Ok(MrRef { mr: reg(v)?, owner: Owner::Private }),
             }
         }
         let mr = reg(v)?;
         self.map.insert(key, CacheEnt { mr, users: 1, last: clock });
-        Ok(MrRef { mr, key: Some(key) })
+        Ok(MrRef { mr, owner: Owner::Cached(key) })
     }
 
     /// Done with `r`. `revoke`: deregister it now (no peer may write into it, and no posted
-    /// read of it may happen, once this returns), and drop it from the cache.
+    /// read of it may happen, once this returns), and drop it from the cache. A revoked region
+    /// is registered again at once, under new keys (the old ones fail at the NIC, for every
+    /// message still using them: an error path).
     pub(super) fn release<V: Verbs>(&mut self, v: &V, r: &MrRef, revoke: bool) {
-        match r.key {
-            None => v.deregister(&r.mr),
-            Some(k) => {
+        match r.owner {
+            Owner::Private => v.deregister(&r.mr),
+            Owner::Region(a) => {
+                let Some(reg) = self.regions.get_mut(&a) else { return };
+                reg.users = reg.users.saturating_sub(1);
+                if revoke && reg.mr.is_some_and(|m| m.lkey == r.mr.lkey) {
+                    v.deregister(&reg.mr.take().unwrap());
+                    // SAFETY: the caller keeps the region allocated until it unregisters it.
+                    match unsafe { v.register(a as *mut u8, reg.len) } {
+                        Ok(mr) => reg.mr = Some(mr),
+                        Err(e) => tracing::warn!("rdma: registering the region at {a:#x} again after a revoke failed ({e}); messages inside it register one by one"),
+                    }
+                }
+            }
+            Owner::Cached(k) => {
                 let Some(e) = self.map.get_mut(&k) else { return }; // revoked already
                 if e.mr.lkey != r.mr.lkey {
                     return;
