@@ -9,6 +9,10 @@
 //!
 //! The allocator is a [`HostAllocator`]: `cuMemHostAlloc` on a device (`device::PinnedAllocator`,
 //! feature `cuda`), plain heap memory in the host tests below.
+//!
+//! A [`Registrar`] (the rank's network endpoint: the RDMA transport's registered regions) learns
+//! every block the pool pins, once, and forgets it before the block is freed: staged messages
+//! then never register memory with the NIC one by one.
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -36,6 +40,18 @@ pub unsafe trait HostAllocator: Send {
     unsafe fn free(&mut self, ptr: NonNull<u8>, bytes: usize);
 }
 
+/// Where the pool registers its blocks (the transport: `Comm::regions`), so that messages from
+/// and into them need no registration of their own.
+pub trait Registrar: Send {
+    /// Register `[addr, +len)`.
+    ///
+    /// # Safety
+    /// The memory stays allocated until `unregister(addr)` succeeded.
+    unsafe fn register(&self, addr: u64, len: usize) -> Result<(), String>;
+    /// Deregister the block registered at `addr` (refused while a message uses it).
+    fn unregister(&self, addr: u64) -> Result<(), String>;
+}
+
 /// Pool statistics (bytes unless named otherwise).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PinnedStats {
@@ -53,6 +69,8 @@ pub struct PinnedStats {
     pub live: usize,
     /// Requests served from a free list.
     pub reuses: usize,
+    /// Blocks registered with the registrar now.
+    pub registered: usize,
 }
 
 /// The pool: free lists per size class over a [`HostAllocator`].
@@ -61,6 +79,9 @@ pub struct PinnedPool<A: HostAllocator> {
     max_idle: usize,
     /// Size class → idle blocks of that class.
     free: BTreeMap<usize, Vec<NonNull<u8>>>,
+    /// Every block pinned now (live or idle): address → (class, registered).
+    blocks: BTreeMap<usize, (usize, bool)>,
+    registrar: Option<Box<dyn Registrar>>,
     stats: PinnedStats,
 }
 
@@ -70,7 +91,52 @@ unsafe impl<A: HostAllocator> Send for PinnedPool<A> {}
 impl<A: HostAllocator> PinnedPool<A> {
     /// A pool keeping at most `max_idle` bytes in idle blocks.
     pub fn new(alloc: A, max_idle: usize) -> Self {
-        PinnedPool { alloc, max_idle, free: BTreeMap::new(), stats: PinnedStats::default() }
+        PinnedPool { alloc, max_idle, free: BTreeMap::new(), blocks: BTreeMap::new(), registrar: None, stats: PinnedStats::default() }
+    }
+
+    /// Register every block, now and when pinned later, with `r` (after deregistering them from
+    /// the registrar before, if any). A block that fails to register works unregistered (its
+    /// messages register one by one); the failure is logged.
+    pub fn set_registrar(&mut self, r: Box<dyn Registrar>) {
+        let addrs: Vec<usize> = self.blocks.keys().copied().collect();
+        for &a in &addrs {
+            self.unregister(a);
+        }
+        self.registrar = Some(r);
+        for a in addrs {
+            self.register(a);
+        }
+    }
+
+    fn register(&mut self, a: usize) {
+        let (Some(r), Some((class, reg))) = (&self.registrar, self.blocks.get_mut(&a)) else { return };
+        // SAFETY: the block stays pinned until `unregister` (before `free`, in `give` and Drop).
+        match unsafe { r.register(a as u64, *class) } {
+            Ok(()) => {
+                *reg = true;
+                self.stats.registered += 1;
+            }
+            Err(e) => tracing::warn!("pinned pool: registering a {class}-byte block with the network failed ({e}); its messages register one by one"),
+        }
+    }
+
+    /// Deregister block `a` if registered; false if the registrar refused (it must not be freed).
+    fn unregister(&mut self, a: usize) -> bool {
+        let (Some(r), Some((_, reg))) = (&self.registrar, self.blocks.get_mut(&a)) else { return true };
+        if !*reg {
+            return true;
+        }
+        match r.unregister(a as u64) {
+            Ok(()) => {
+                *reg = false;
+                self.stats.registered -= 1;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("pinned pool: deregistering a block failed ({e}); keeping it");
+                false
+            }
+        }
     }
 
     /// A pool shared by the buffers it hands out (see [`PinnedBuf::new`]).
@@ -100,21 +166,24 @@ impl<A: HostAllocator> PinnedPool<A> {
         s.pinned += class;
         s.peak = s.peak.max(s.pinned);
         s.live += 1;
+        self.blocks.insert(p.as_ptr() as usize, (class, false));
+        self.register(p.as_ptr() as usize);
         Ok((p, class))
     }
 
     /// Return a block from [`take`](Self::take): to its free list, or to the allocator when the
     /// idle bytes would exceed the cap.
     fn give(&mut self, p: NonNull<u8>, class: usize) {
-        let s = &mut self.stats;
-        s.live -= 1;
-        if s.idle + class <= self.max_idle {
-            s.idle += class;
+        self.stats.live -= 1;
+        // A block the registrar will not let go stays idle, over the cap if need be.
+        if self.stats.idle + class <= self.max_idle || !self.unregister(p.as_ptr() as usize) {
+            self.stats.idle += class;
             self.free.entry(class).or_default().push(p);
         } else {
-            s.pinned -= class;
-            s.driver_frees += 1;
-            // SAFETY: the block came from `alloc(class)` and its buffer is gone.
+            self.stats.pinned -= class;
+            self.stats.driver_frees += 1;
+            self.blocks.remove(&(p.as_ptr() as usize));
+            // SAFETY: the block came from `alloc(class)`, its buffer is gone, it is deregistered.
             unsafe { self.alloc.free(p, class) };
         }
     }
@@ -125,7 +194,11 @@ impl<A: HostAllocator> Drop for PinnedPool<A> {
         // Live buffers hold the pool alive, so only idle blocks are left.
         for (class, blocks) in std::mem::take(&mut self.free) {
             for p in blocks {
-                // SAFETY: idle blocks came from `alloc(class)` and nothing points into them.
+                if !self.unregister(p.as_ptr() as usize) {
+                    continue; // still registered: leaked rather than freed under the NIC
+                }
+                // SAFETY: idle blocks came from `alloc(class)`, nothing points into them, and
+                // they are deregistered.
                 unsafe { self.alloc.free(p, class) };
             }
         }
@@ -305,5 +378,95 @@ mod tests {
         let s = stats(&p);
         assert_eq!((s.driver_allocs, s.live, s.pinned), (0, 0, 0));
         assert!(PinnedBuf::new(&p, 1).is_ok(), "the pool still works after a failure");
+    }
+
+    /// Records registrations; `keep` makes it refuse every deregistration, `refuse` every registration.
+    #[derive(Clone, Default)]
+    struct Net {
+        regs: Arc<Mutex<BTreeMap<u64, usize>>>,
+        calls: Arc<AtomicUsize>,
+        keep: bool,
+        refuse: bool,
+    }
+
+    impl Registrar for Net {
+        unsafe fn register(&self, addr: u64, len: usize) -> Result<(), String> {
+            self.calls.fetch_add(1, SeqCst);
+            if self.refuse {
+                return Err("no port".into());
+            }
+            assert!(self.regs.lock().unwrap().insert(addr, len).is_none(), "block {addr:#x} registered twice");
+            Ok(())
+        }
+        fn unregister(&self, addr: u64) -> Result<(), String> {
+            if self.keep {
+                return Err("in use".into());
+            }
+            self.regs.lock().unwrap().remove(&addr).map(|_| ()).ok_or_else(|| format!("{addr:#x} not registered"))
+        }
+    }
+
+    #[test]
+    fn blocks_are_registered_once_and_deregistered_before_they_are_freed() {
+        let (p, out) = pool(128 * KB);
+        let net = Net::default();
+        p.lock().unwrap().set_registrar(Box::new(net.clone()));
+        let a = PinnedBuf::new(&p, 1).unwrap();
+        let a_at = a.as_ptr() as u64;
+        assert_eq!(*net.regs.lock().unwrap(), BTreeMap::from([(a_at, 64 * KB)]));
+        drop(a);
+        // Reused from the free list: no second registration.
+        let a = PinnedBuf::new(&p, 1).unwrap();
+        assert_eq!(a.as_ptr() as u64, a_at);
+        let b = PinnedBuf::new(&p, 64 * KB + 1).unwrap();
+        let c = PinnedBuf::new(&p, 1).unwrap();
+        assert_eq!(net.calls.load(SeqCst), 3);
+        assert_eq!(stats(&p).registered, 3);
+        let b_at = b.as_ptr() as u64;
+        drop((a, c, b));
+        // The cap keeps the two 64 KiB blocks; the 128 KiB one is deregistered, then freed.
+        assert_eq!(out.load(SeqCst), 2);
+        assert!(!net.regs.lock().unwrap().contains_key(&b_at));
+        assert_eq!(net.regs.lock().unwrap().len(), 2);
+        drop(p);
+        assert_eq!(out.load(SeqCst), 0);
+        assert!(net.regs.lock().unwrap().is_empty(), "freed blocks still registered");
+    }
+
+    #[test]
+    fn a_new_registrar_takes_over_every_block() {
+        let (p, _out) = pool(DEFAULT_MAX_IDLE);
+        drop(PinnedBuf::new(&p, 1).unwrap()); // idle
+        let live = PinnedBuf::new(&p, 200 * KB).unwrap();
+        let (first, second) = (Net::default(), Net::default());
+        p.lock().unwrap().set_registrar(Box::new(first.clone()));
+        assert_eq!(first.regs.lock().unwrap().len(), 2, "idle and live blocks");
+        p.lock().unwrap().set_registrar(Box::new(second.clone()));
+        assert!(first.regs.lock().unwrap().is_empty());
+        assert_eq!(second.regs.lock().unwrap().len(), 2);
+        assert_eq!(stats(&p).registered, 2);
+        drop((live, p));
+        assert!(second.regs.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn registration_failures_never_free_a_registered_block() {
+        // Registration refused: the block works unregistered.
+        let (p, out) = pool(0);
+        p.lock().unwrap().set_registrar(Box::new(Net { refuse: true, ..Net::default() }));
+        let mut a = PinnedBuf::new(&p, 10).unwrap();
+        a[9] = 1.0;
+        assert_eq!(stats(&p).registered, 0);
+        drop(a);
+        assert_eq!(out.load(SeqCst), 0);
+        // Deregistration refused: over the cap, the block stays idle instead of being freed, and
+        // the pool's drop leaks it rather than free it under the network.
+        let (p, out) = pool(0);
+        p.lock().unwrap().set_registrar(Box::new(Net { keep: true, ..Net::default() }));
+        drop(PinnedBuf::new(&p, 1).unwrap());
+        let s = stats(&p);
+        assert_eq!((s.idle, s.driver_frees, s.registered), (64 * KB, 0, 1));
+        drop(p);
+        assert_eq!(out.load(SeqCst), 1);
     }
 }

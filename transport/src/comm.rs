@@ -26,6 +26,27 @@ pub struct Comm {
     inner: Arc<Inner>,
 }
 
+/// Registers memory regions on one rank's network endpoint ([`Comm::regions`]).
+#[derive(Clone)]
+pub struct Regions {
+    fabric: Arc<dyn Fabric>,
+}
+
+impl Regions {
+    /// As [`Comm::register_region`].
+    ///
+    /// # Safety
+    /// As [`Comm::register_region`]: the memory stays allocated until `unregister` succeeded
+    /// or the endpoint is gone.
+    pub unsafe fn register(&self, addr: u64, len: usize) -> Result<()> {
+        self.fabric.register_region(addr, len)
+    }
+    /// As [`Comm::unregister_region`].
+    pub fn unregister(&self, addr: u64) -> Result<()> {
+        self.fabric.unregister_region(addr)
+    }
+}
+
 /// A collective started with a `start_*` method; it progresses on its own thread.
 /// `wait` returns the buffers handed in (now filled).
 #[must_use = "a started collective must be waited for"]
@@ -225,6 +246,12 @@ impl Comm {
     /// in flight, or when no region starts there.
     pub fn unregister_region(&self, addr: u64) -> Result<()> {
         self.inner.g.fabric.unregister_region(addr)
+    }
+
+    /// A handle for registering regions on this rank's endpoint, for a memory pool to keep (it
+    /// keeps the endpoint alive, so the pool can deregister its blocks before it frees them).
+    pub fn regions(&self) -> Regions {
+        Regions { fabric: self.inner.g.fabric.clone() }
     }
 
     // ------------------------------------------------ device memory (GPUDirect RDMA)

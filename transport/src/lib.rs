@@ -20,7 +20,7 @@ mod reduce;
 mod shm;
 mod tcp;
 
-pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Request, DEFAULT_TIMEOUT};
+pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT};
 pub use bootstrap::{JoinConfig, Rendezvous, Transport};
 pub use error::{Error, Result};
 pub use mem::{advise_huge_pages, huge_vec};

@@ -238,6 +238,10 @@ pub trait Backend: Send + Sync + 'static {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    /// Register the staging memory's blocks (pinned host memory on CUDA, pooled) with the
+    /// network endpoint of `comm` from now on, so that staged messages register nothing of their
+    /// own (RDMA). No-op where staging memory is not pooled (the CPU backend).
+    fn register_staging(&self, _comm: &ember_transport::Comm) {}
     /// Make what a NIC wrote into this backend's memory (GPUDirect RDMA) visible to work queued
     /// from now on; called after a collective whose data the NIC placed. No-op for host memory.
     fn flush_remote_writes(&self) -> Result<()> {

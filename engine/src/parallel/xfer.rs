@@ -78,6 +78,10 @@ impl Xfer {
     /// `Nccl` without NCCL and `Direct` without GPUDirect RDMA are refused with the reason.
     pub fn resolve<B: Backend>(kind: XferKind, be: &B, comm: &Comm) -> Result<Xfer> {
         let (x, why) = Self::choose(kind, be, comm)?;
+        if x == (Xfer::Host { stage: false }) || x == (Xfer::Host { stage: true }) {
+            // Device buffers (and `staged` ones) travel through the staging pool's blocks.
+            be.register_staging(comm);
+        }
         if comm.rank() == 0 {
             tracing::info!("buffer transport: {} ({why})", x.name());
         }

@@ -150,6 +150,18 @@ impl Cuda {
     }
 }
 
+/// The pinned staging pool's blocks, registered as regions of the rank's network endpoint.
+struct StagingRegions(ember_transport::Regions);
+
+impl ember_cuda::pinned::Registrar for StagingRegions {
+    unsafe fn register(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
+        self.0.register(addr, len).map_err(|e| e.to_string())
+    }
+    fn unregister(&self, addr: u64) -> std::result::Result<(), String> {
+        self.0.unregister(addr).map_err(|e| e.to_string())
+    }
+}
+
 impl Backend for Cuda {
     type Buf = DevBuf<f32>;
     type Ids = DevBuf<u64>;
@@ -205,6 +217,11 @@ impl Backend for Cuda {
         let _g = self.lock()?;
         // Waits: the driver reads a pinned source during the copy, and the caller may reuse it.
         self.gpu.htod_sync(buf.ptr(), src).map_err(dev)
+    }
+    fn register_staging(&self, comm: &ember_transport::Comm) {
+        if let Ok(mut pool) = self.gpu.pinned.lock() {
+            pool.set_registrar(Box::new(StagingRegions(comm.regions())));
+        }
     }
     fn native(&self) -> Option<&dyn NativeColl<Cuda>> {
         #[cfg(feature = "nccl")]
