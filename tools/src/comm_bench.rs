@@ -38,6 +38,10 @@ pub struct CommBenchArgs {
     /// Run N ranks as threads of this process instead of joining a multi-process job.
     #[arg(long)]
     pub ranks: Option<usize>,
+    /// (with --ranks) Leave the rank threads unpinned. By default thread r runs on allowed core
+    /// r mod cores, as `ember launch` pins its processes.
+    #[arg(long)]
+    pub no_pin: bool,
     /// Add the ceiling measured in the same run: memcpy (the copies the collective must make),
     /// tcp (one loopback TCP stream from rank 0's process to rank 1's, with the ranks' own
     /// pinning), tcp1 (one stream with both ends in rank 0's process) or tcp2 (rank 0 and rank 1
@@ -273,12 +277,18 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
             Some((m, n))
         }
     };
+    let cores = if a.ranks.is_some() && !a.no_pin { ember_transport::bootstrap::allowed_cores() } else { vec![] };
     let hs: Vec<_> = comms
         .into_iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
             let a = a.clone();
             let which = which.to_string();
+            let core = (cores.len() > 1).then(|| cores[i % cores.len()]);
             std::thread::spawn(move || {
+                if let Some(core) = core {
+                    ember_transport::bootstrap::pin_to_core(core);
+                }
                 let wr = c.world_rank_of(c.rank());
                 let Some((m, nn)) = split else {
                     let rows = bench_rank(&which, &c, &a);

@@ -41,6 +41,7 @@ use crate::fabric::{Fabric, Tag, Wait};
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet, VecDeque};
 use crate::mailbox::KeyHasher;
 use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Mutex;
 use std::time::Duration;
 use mrcache::{MrCache, Owner};
@@ -110,6 +111,10 @@ pub struct RdmaFabric<V: Verbs> {
     hdr_mr: Mr,
     st: Mutex<State>,
     name: &'static str,
+    /// The busy-poll phase of a wait (µs), adapted by the waits (`progress::wait_for`).
+    spin_us: AtomicU64,
+    /// Waits left before a wait spins again while `spin_us` is 0.
+    yield_waits: AtomicU32,
 }
 
 // SAFETY: raw addresses in the state are only dereferenced under the state lock, within the
@@ -168,7 +173,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let hdr_mr = unsafe { v.register(st.hdrs.as_mut_ptr() as *mut u8, n * cfg.slots * HDR) }.map_err(io)?;
         let zc_chunk = cfg.chunk.saturating_mul(ZC_CHUNK_MULT).min(1 << 30);
         let zc_min = ZC_MIN.min(zc_chunk);
-        Ok(RdmaFabric { v, cfg, rank, n, slot_size, zc_min, zc_chunk, rx, rx_mr, hdr_mr, st: Mutex::new(st), name })
+        Ok(RdmaFabric { v, cfg, rank, n, slot_size, zc_min, zc_chunk, rx, rx_mr, hdr_mr, st: Mutex::new(st), name, spin_us: AtomicU64::new(progress::SPIN_US), yield_waits: AtomicU32::new(0) })
     }
 
     /// Messages of at least `min` bytes go zero-copy (`usize::MAX`: never), in writes of
