@@ -8,6 +8,7 @@
 pub mod kernels;
 pub mod pinned;
 pub mod pool;
+pub mod registrar;
 
 #[cfg(feature = "cuda")]
 pub mod device;

@@ -13,6 +13,7 @@
 //! A [`Registrar`] (the rank's network endpoint: the RDMA transport's registered regions) learns
 //! every block the pool pins, once, and forgets it before the block is freed: staged messages
 //! then never register memory with the NIC one by one.
+pub use crate::registrar::Registrar;
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -38,18 +39,6 @@ pub unsafe trait HostAllocator: Send {
     /// # Safety
     /// `ptr` came from `alloc(bytes)` of this allocator and is not used afterwards.
     unsafe fn free(&mut self, ptr: NonNull<u8>, bytes: usize);
-}
-
-/// Where the pool registers its blocks (the transport: `Comm::regions`), so that messages from
-/// and into them need no registration of their own.
-pub trait Registrar: Send {
-    /// Register `[addr, +len)`.
-    ///
-    /// # Safety
-    /// The memory stays allocated until `unregister(addr)` succeeded.
-    unsafe fn register(&self, addr: u64, len: usize) -> Result<(), String>;
-    /// Deregister the block registered at `addr` (refused while a message uses it).
-    fn unregister(&self, addr: u64) -> Result<(), String>;
 }
 
 /// Pool statistics (bytes unless named otherwise).

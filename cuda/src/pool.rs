@@ -19,6 +19,7 @@
 //!
 //! The same code runs on the device (`DeviceAllocator`, feature `cuda`) and on the host against
 //! [`SimAllocator`], which is how it is tested without a GPU.
+use crate::registrar::Registrar;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Pool failures. Out-of-memory is an error, never a panic.
@@ -139,12 +140,16 @@ pub struct PoolStats {
     pub arena_overflows: usize,
     /// Live long-lived blocks.
     pub live_blocks: usize,
+    /// Chunks registered with the network (see [`Pool::set_registrar`]).
+    pub registered_chunks: usize,
 }
 
 #[derive(Debug)]
 struct Chunk {
     addr: u64,
     size: usize,
+    /// Registered with the pool's registrar.
+    registered: bool,
 }
 
 /// The pool. `A` provides chunks; everything else is bookkeeping on the host.
@@ -171,6 +176,7 @@ pub struct Pool<A: RawAllocator> {
     /// Overflow blocks handed out this generation (freed at reset).
     arena_spill: Vec<Block>,
     arena_spill_bytes: usize,
+    registrar: Option<Box<dyn Registrar>>,
     stats: PoolStats,
 }
 
@@ -196,6 +202,7 @@ impl<A: RawAllocator> Pool<A> {
             arena_high: 0,
             arena_spill: Vec::new(),
             arena_spill_bytes: 0,
+            registrar: None,
             stats: PoolStats::default(),
         };
         if cfg.initial > 0 {
@@ -209,6 +216,51 @@ impl<A: RawAllocator> Pool<A> {
     }
     pub fn config(&self) -> PoolConfig {
         self.cfg
+    }
+
+    /// Register every chunk, now and when taken later, with `r` (GPUDirect RDMA: the transport's
+    /// regions), after deregistering them from the registrar before, if any: a device buffer of
+    /// this pool then needs no registration of its own. A chunk that fails to register works
+    /// unregistered (logged); one the registrar will not let go is never freed.
+    pub fn set_registrar(&mut self, r: Box<dyn Registrar>) {
+        for i in 0..self.chunks.len() {
+            self.unregister(i);
+        }
+        self.registrar = Some(r);
+        for i in 0..self.chunks.len() {
+            self.register(i);
+        }
+    }
+
+    fn register(&mut self, i: usize) {
+        let (Some(r), Some(c)) = (&self.registrar, self.chunks.get_mut(i)) else { return };
+        // SAFETY: the chunk stays allocated until `unregister` succeeded (`release`).
+        match unsafe { r.register(c.addr, c.size) } {
+            Ok(()) => {
+                c.registered = true;
+                self.stats.registered_chunks += 1;
+            }
+            Err(e) => tracing::warn!("device pool: registering a {}-byte chunk with the network failed ({e}); its buffers register one by one", c.size),
+        }
+    }
+
+    /// Deregister chunk `i` if registered; false if the registrar refused (it must not be freed).
+    fn unregister(&mut self, i: usize) -> bool {
+        let (Some(r), Some(c)) = (&self.registrar, self.chunks.get_mut(i)) else { return true };
+        if !c.registered {
+            return true;
+        }
+        match r.unregister(c.addr) {
+            Ok(()) => {
+                c.registered = false;
+                self.stats.registered_chunks -= 1;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("device pool: deregistering a chunk failed ({e}); leaking it rather than freeing it under the NIC");
+                false
+            }
+        }
     }
 
     fn round(&self, bytes: usize) -> usize {
@@ -254,11 +306,12 @@ impl<A: RawAllocator> Pool<A> {
             },
             Err(e) => return Err(self.oom(need, e)),
         };
-        self.chunks.push(Chunk { addr, size });
+        self.chunks.push(Chunk { addr, size, registered: false });
         self.chunk_ends.insert(addr, addr + size as u64);
         self.stats.reserved += size;
         self.stats.driver_allocs += 1;
         self.insert_free(addr, size);
+        self.register(self.chunks.len() - 1);
         Ok(())
     }
 
@@ -455,9 +508,12 @@ impl<A: RawAllocator> Pool<A> {
 
     /// Give every chunk back to the allocator (all blocks must be dead).
     pub fn release(&mut self) {
-        for c in self.chunks.drain(..) {
-            self.alloc.free(c.addr, c.size);
+        for i in 0..self.chunks.len() {
+            if self.unregister(i) {
+                self.alloc.free(self.chunks[i].addr, self.chunks[i].size);
+            }
         }
+        self.chunks.clear();
         self.free_by_addr.clear();
         self.free_by_size.clear();
         self.chunk_ends.clear();

@@ -196,3 +196,59 @@ fn arena_resets_and_grows_once() {
     assert_eq!(after.driver_allocs, before.driver_allocs);
     assert_eq!(after.allocated, 0);
 }
+
+/// Records registrations; `keep` refuses every deregistration.
+#[derive(Clone, Default)]
+struct Net {
+    regs: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, usize>>>,
+    keep: bool,
+}
+
+impl ember_cuda::registrar::Registrar for Net {
+    unsafe fn register(&self, addr: u64, len: usize) -> Result<(), String> {
+        assert!(self.regs.lock().unwrap().insert(addr, len).is_none(), "chunk {addr:#x} registered twice");
+        Ok(())
+    }
+    fn unregister(&self, addr: u64) -> Result<(), String> {
+        if self.keep {
+            return Err("in use".into());
+        }
+        self.regs.lock().unwrap().remove(&addr).map(|_| ()).ok_or_else(|| format!("{addr:#x} not registered"))
+    }
+}
+
+#[test]
+fn chunks_are_registered_once_and_deregistered_before_release() {
+    let mut p = pool(1 << 30, PoolConfig { initial: 8 * MB, grow: 8 * MB, arena: 0, align: 256 });
+    let net = Net::default();
+    p.set_registrar(Box::new(net.clone()));
+    // The initial chunk, registered whole: every block inside it lies in the region.
+    let a = p.alloc(3 * MB).unwrap();
+    let regs = net.regs.lock().unwrap().clone();
+    assert_eq!(regs.len(), 1);
+    let (&c0, &l0) = regs.iter().next().unwrap();
+    assert!(a.addr >= c0 && a.addr + a.size as u64 <= c0 + l0 as u64);
+    // Growing registers the new chunk only; blocks never straddle two.
+    let b = p.alloc(7 * MB).unwrap();
+    assert_eq!(net.regs.lock().unwrap().len(), 2);
+    assert!(net.regs.lock().unwrap().iter().any(|(&c, &l)| b.addr >= c && b.addr + b.size as u64 <= c + l as u64));
+    assert_eq!(p.stats().registered_chunks, 2);
+    // A new registrar takes over every chunk.
+    let other = Net::default();
+    p.set_registrar(Box::new(other.clone()));
+    assert!(net.regs.lock().unwrap().is_empty());
+    assert_eq!(other.regs.lock().unwrap().len(), 2);
+    p.free(a);
+    p.free(b);
+    p.release();
+    assert!(other.regs.lock().unwrap().is_empty(), "released chunks still registered");
+    assert_eq!(p.allocator().frees, 2);
+}
+
+#[test]
+fn a_chunk_the_network_keeps_is_never_freed() {
+    let mut p = pool(1 << 30, PoolConfig { initial: 8 * MB, grow: 8 * MB, arena: 0, align: 256 });
+    p.set_registrar(Box::new(Net { keep: true, ..Net::default() }));
+    p.release();
+    assert_eq!(p.allocator().frees, 0, "freed a chunk still registered with the NIC");
+}

@@ -242,6 +242,10 @@ pub trait Backend: Send + Sync + 'static {
     /// network endpoint of `comm` from now on, so that staged messages register nothing of their
     /// own (RDMA). No-op where staging memory is not pooled (the CPU backend).
     fn register_staging(&self, _comm: &ember_transport::Comm) {}
+    /// Register the device memory pool's chunks with the network endpoint of `comm` from now on
+    /// (GPUDirect RDMA), so that device buffers register nothing of their own. No-op for host
+    /// memory backends.
+    fn register_device(&self, _comm: &ember_transport::Comm) {}
     /// Make what a NIC wrote into this backend's memory (GPUDirect RDMA) visible to work queued
     /// from now on; called after a collective whose data the NIC placed. No-op for host memory.
     fn flush_remote_writes(&self) -> Result<()> {

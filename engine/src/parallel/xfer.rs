@@ -78,9 +78,12 @@ impl Xfer {
     /// `Nccl` without NCCL and `Direct` without GPUDirect RDMA are refused with the reason.
     pub fn resolve<B: Backend>(kind: XferKind, be: &B, comm: &Comm) -> Result<Xfer> {
         let (x, why) = Self::choose(kind, be, comm)?;
-        if x == (Xfer::Host { stage: false }) || x == (Xfer::Host { stage: true }) {
+        match x {
             // Device buffers (and `staged` ones) travel through the staging pool's blocks.
-            be.register_staging(comm);
+            Xfer::Host { .. } => be.register_staging(comm),
+            // The NIC reads and writes the device pool's chunks.
+            Xfer::Direct => be.register_device(comm),
+            Xfer::Peers | Xfer::Native => {}
         }
         if comm.rank() == 0 {
             tracing::info!("buffer transport: {} ({why})", x.name());

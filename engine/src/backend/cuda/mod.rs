@@ -150,10 +150,11 @@ impl Cuda {
     }
 }
 
-/// The pinned staging pool's blocks, registered as regions of the rank's network endpoint.
-struct StagingRegions(ember_transport::Regions);
+/// The pools' memory (pinned staging blocks, device chunks), registered as regions of the
+/// rank's network endpoint.
+struct NetRegions(ember_transport::Regions);
 
-impl ember_cuda::pinned::Registrar for StagingRegions {
+impl ember_cuda::registrar::Registrar for NetRegions {
     unsafe fn register(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
         self.0.register(addr, len).map_err(|e| e.to_string())
     }
@@ -220,7 +221,12 @@ impl Backend for Cuda {
     }
     fn register_staging(&self, comm: &ember_transport::Comm) {
         if let Ok(mut pool) = self.gpu.pinned.lock() {
-            pool.set_registrar(Box::new(StagingRegions(comm.regions())));
+            pool.set_registrar(Box::new(NetRegions(comm.regions())));
+        }
+    }
+    fn register_device(&self, comm: &ember_transport::Comm) {
+        if let Ok(mut pool) = self.gpu.pool.lock() {
+            pool.set_registrar(Box::new(NetRegions(comm.regions())));
         }
     }
     fn native(&self) -> Option<&dyn NativeColl<Cuda>> {
