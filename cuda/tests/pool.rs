@@ -1,4 +1,6 @@
 //! Host tests of the device memory pool against a simulated device allocator.
+mod common;
+use common::Net;
 use ember_cuda::pool::*;
 
 const MB: usize = 1 << 20;
@@ -195,26 +197,6 @@ fn arena_resets_and_grows_once() {
     assert_eq!(after.arena_overflows, before.arena_overflows);
     assert_eq!(after.driver_allocs, before.driver_allocs);
     assert_eq!(after.allocated, 0);
-}
-
-/// Records registrations; `keep` refuses every deregistration.
-#[derive(Clone, Default)]
-struct Net {
-    regs: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, usize>>>,
-    keep: bool,
-}
-
-impl ember_cuda::registrar::Registrar for Net {
-    unsafe fn register(&self, addr: u64, len: usize) -> Result<(), String> {
-        assert!(self.regs.lock().unwrap().insert(addr, len).is_none(), "chunk {addr:#x} registered twice");
-        Ok(())
-    }
-    fn unregister(&self, addr: u64) -> Result<(), String> {
-        if self.keep {
-            return Err("in use".into());
-        }
-        self.regs.lock().unwrap().remove(&addr).map(|_| ()).ok_or_else(|| format!("{addr:#x} not registered"))
-    }
 }
 
 #[test]

@@ -9,28 +9,12 @@
 //!
 //! Thresholds (RdmaFabric defaults): zero-copy from min(256 KiB, 4 × chunk) bytes, in writes of
 //! 4 × chunk bytes.
-use ember_transport::fabric::{Fabric, Tag, Wait};
-use ember_transport::rdma::emu::{self, EmuVerbs};
-use ember_transport::rdma::{emu_world, EmuConfig, Fault, RdmaConfig, RdmaFabric, RemoteSlots};
+mod rdma_util;
+use rdma_util::{run, fabrics, tag};
+use ember_transport::fabric::{Fabric, Wait};
+use ember_transport::rdma::{emu_world, EmuConfig, Fault, RdmaConfig};
 use ember_transport::{Comm, Error};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn run<R: Send + 'static>(comms: Vec<Comm>, f: impl Fn(&Comm) -> R + Send + Sync + Clone + 'static) -> Vec<R> {
-    // Keep every Comm alive until all ranks finished (a dropped rank is a lost peer).
-    let hs: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let f = f.clone();
-            std::thread::spawn(move || {
-                let r = f(&c);
-                (r, c)
-            })
-        })
-        .collect();
-    let out: Vec<(R, Comm)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-    out.into_iter().map(|(r, _)| r).collect()
-}
 
 /// Elements rank `s` sends to rank `d` under matrix `kind`.
 fn count(kind: u32, s: usize, d: usize, base: usize) -> usize {
@@ -307,20 +291,6 @@ fn zero_copy_large_messages_all_matrices() {
     for n in [2, 5] {
         a2a_check(emu_world(n, EmuConfig::adversarial(n as u64 + 70), RdmaConfig { slots: 3, chunk: 16 << 10 }, T).unwrap(), 4, 70_000, 2);
     }
-}
-
-/// A world of fabrics without `Comm` on top (the zero-copy tests drive `Fabric` directly).
-fn fabrics(n: usize, e: EmuConfig, cfg: RdmaConfig) -> Vec<Arc<RdmaFabric<EmuVerbs>>> {
-    let fabs: Vec<_> = emu::world(n, e).into_iter().map(|v| RdmaFabric::new(v, cfg, "rdma-emu").unwrap()).collect();
-    for (r, f) in fabs.iter().enumerate() {
-        let remote: Vec<Option<RemoteSlots>> = (0..n).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
-        f.connect(&remote).unwrap();
-    }
-    fabs.into_iter().map(Arc::new).collect()
-}
-
-fn tag(seq: u64) -> Tag {
-    Tag { ctx: 9, seq, round: 0 }
 }
 
 #[test]

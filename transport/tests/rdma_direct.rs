@@ -6,9 +6,11 @@
 //! threshold, on sub-communicators, under lost peers and short writes; transports that copy
 //! with the CPU refuse; a message for a device buffer that comes through the slots is an error,
 //! never a CPU copy.
+mod rdma_util;
+use rdma_util::{run, fabrics};
 use ember_transport::fabric::{Fabric, Tag, Wait};
-use ember_transport::rdma::emu::{self, DeviceMem, EmuVerbs};
-use ember_transport::rdma::{emu_world, EmuConfig, Fault, RdmaConfig, RdmaFabric, RemoteSlots};
+use ember_transport::rdma::emu::{self, DeviceMem};
+use ember_transport::rdma::{emu_world, EmuConfig, Fault, RdmaConfig};
 use ember_transport::{local_world, Comm, Error};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,17 +18,6 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(30);
 /// Zero-copy from 16 KiB for host buffers; device buffers always go zero-copy.
 const CFG: RdmaConfig = RdmaConfig { slots: 4, chunk: 4096 };
-
-fn run<R: Send + 'static>(comms: Vec<Comm>, f: impl Fn(&Comm) -> R + Send + Sync + Clone + 'static) -> Vec<R> {
-    let hs: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let f = f.clone();
-            std::thread::spawn(move || (f(&c), c))
-        })
-        .collect();
-    hs.into_iter().map(|h| h.join().unwrap().0).collect()
-}
 
 /// Elements rank `s` sends to rank `d` under matrix `kind`.
 fn count(kind: u32, s: usize, d: usize, base: usize) -> usize {
@@ -204,21 +195,12 @@ fn transports_that_copy_with_the_cpu_refuse_device_memory() {
     assert!(comms[0].probe_direct(d.addr() - 8, 64).unwrap_err().contains("straddles"));
 }
 
-fn fabrics(n: usize, e: EmuConfig) -> Vec<Arc<RdmaFabric<EmuVerbs>>> {
-    let fabs: Vec<_> = emu::world(n, e).into_iter().map(|v| RdmaFabric::new(v, CFG, "rdma-emu").unwrap()).collect();
-    for (r, f) in fabs.iter().enumerate() {
-        let remote: Vec<Option<RemoteSlots>> = (0..n).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
-        f.connect(&remote).unwrap();
-    }
-    fabs.into_iter().map(Arc::new).collect()
-}
-
 #[test]
 fn a_slot_message_for_a_device_buffer_is_an_error_not_a_cpu_copy() {
     // A peer that sends a small message from host memory (through the slots) to a receive
     // posted on device memory: before and after the receive is posted (the stash path).
     for send_first in [false, true] {
-        let f = fabrics(2, EmuConfig::adversarial(3));
+        let f = fabrics(2, EmuConfig::adversarial(3), CFG);
         let tag = Tag { ctx: 5, seq: 1, round: 0 };
         let w = Wait::new("test", Duration::from_secs(5));
         let host = vec![9u8; 100];
@@ -292,7 +274,7 @@ fn a_device_receive_that_cannot_register_fails_fast_on_both_sides() {
     // whether the sender's announcement arrives before or after the receive is posted; nobody
     // waits for the timeout.
     for send_first in [true, false] {
-        let f = fabrics(2, EmuConfig::adversarial(9));
+        let f = fabrics(2, EmuConfig::adversarial(9), CFG);
         let tag = Tag { ctx: 6, seq: 1, round: 0 };
         let w = Wait::new("test", Duration::from_secs(10));
         let src = device(&vec![5; 1000]);
@@ -329,7 +311,7 @@ fn a_cancelled_send_is_never_written() {
     // A direct send abandoned before the receiver advertised (an error path in a collective):
     // once `cancel_send` returns its buffer is not read any more, so a receive posted later
     // gets nothing (and times out) while the buffer may be reused.
-    let f = fabrics(2, EmuConfig::adversarial(4));
+    let f = fabrics(2, EmuConfig::adversarial(4), CFG);
     let tag = Tag { ctx: 7, seq: 1, round: 0 };
     let w = Wait::new("test", Duration::from_secs(5));
     let src = device(&vec![0x1234_5678; 2000]);

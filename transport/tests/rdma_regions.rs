@@ -7,9 +7,11 @@
 //! region register one by one. Overlaps, unknown regions and unregistering a region in use are
 //! refused; a revoked receive inside a region re-registers the region, so a late write fails at
 //! the NIC and never lands.
-use ember_transport::fabric::{Fabric, Tag, Wait};
-use ember_transport::rdma::emu::{self, DeviceMem, EmuStats, EmuVerbs};
-use ember_transport::rdma::{emu_world, EmuConfig, RdmaConfig, RdmaFabric, RemoteSlots};
+mod rdma_util;
+use rdma_util::{run, fabrics, tag};
+use ember_transport::fabric::{Fabric, Wait};
+use ember_transport::rdma::emu::{DeviceMem, EmuStats};
+use ember_transport::rdma::{emu_world, EmuConfig, RdmaConfig};
 use ember_transport::{Comm, Error};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,19 +24,6 @@ const CFG: RdmaConfig = RdmaConfig { slots: 4, chunk: 4096 };
 fn per_message(adversarial: bool, seed: u64) -> EmuConfig {
     let base = if adversarial { EmuConfig::adversarial(seed) } else { EmuConfig::fast() };
     EmuConfig { cache_registrations: false, ..base }
-}
-
-fn run<R: Send + 'static>(comms: Vec<Comm>, f: impl Fn(&Comm) -> R + Send + Sync + Clone + 'static) -> Vec<R> {
-    // Keep every Comm alive until all ranks finished (a dropped rank is a lost peer).
-    let hs: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let f = f.clone();
-            std::thread::spawn(move || (f(&c), c))
-        })
-        .collect();
-    let out: Vec<(R, Comm)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-    out.into_iter().map(|(r, _)| r).collect()
 }
 
 /// Elements rank `s` sends to rank `d`: skewed, zeros included, from a few bytes to ~40 KB.
@@ -184,23 +173,9 @@ fn device_memory_regions_serve_direct_collectives() {
     }
 }
 
-/// A world of fabrics without `Comm` on top.
-fn fabrics(n: usize, e: EmuConfig) -> Vec<Arc<RdmaFabric<EmuVerbs>>> {
-    let fabs: Vec<_> = emu::world(n, e).into_iter().map(|v| RdmaFabric::new(v, CFG, "rdma-emu").unwrap()).collect();
-    for (r, f) in fabs.iter().enumerate() {
-        let remote: Vec<Option<RemoteSlots>> = (0..n).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
-        f.connect(&remote).unwrap();
-    }
-    fabs.into_iter().map(Arc::new).collect()
-}
-
-fn tag(seq: u64) -> Tag {
-    Tag { ctx: 9, seq, round: 0 }
-}
-
 #[test]
 fn bad_region_calls_are_refused() {
-    let f = fabrics(2, per_message(false, 1));
+    let f = fabrics(2, per_message(false, 1), CFG);
     let mut arena = vec![0u8; 1 << 16];
     let a = arena.as_mut_ptr() as u64;
     let usage = |r: Result<(), Error>, what: &str| match r {
@@ -238,7 +213,7 @@ fn bad_region_calls_are_refused() {
 fn revoked_receive_in_a_region_rejects_late_writes() {
     let e = per_message(false, 1);
     let stats = e.stats.clone();
-    let f = fabrics(2, e);
+    let f = fabrics(2, e, CFG);
     let w = Wait::new("test", Duration::from_secs(5));
     let len = 1 << 20;
     let data = vec![0xabu8; len];
