@@ -5,8 +5,9 @@
 //! data against the reference for 2..=5 ranks, sizes on both sides of the zero-copy threshold,
 //! fast and adversarial emulation, host and emulated device memory. Messages that leave the
 //! region register one by one. Overlaps, unknown regions and unregistering a region in use are
-//! refused; a revoked receive inside a region re-registers the region, so a late write fails at
-//! the NIC and never lands.
+//! refused. Revoking a registration a region shares (a cancel the sender does not acknowledge, a
+//! send abandoned with writes in flight) cuts that one peer off (its queue pair to the error
+//! state): its late writes never land, and other peers' messages in the region complete.
 mod rdma_util;
 use rdma_util::{run, fabrics, tag};
 use ember_transport::fabric::{Fabric, Wait};
@@ -210,31 +211,79 @@ fn bad_region_calls_are_refused() {
 }
 
 #[test]
-fn revoked_receive_in_a_region_rejects_late_writes() {
+fn an_unacknowledged_cancel_in_a_region_cuts_off_that_peer_only() {
     let e = per_message(false, 1);
     let stats = e.stats.clone();
-    let f = fabrics(2, e, CFG);
+    let f = fabrics(3, e, CFG);
     let w = Wait::new("test", Duration::from_secs(5));
     let len = 1 << 20;
-    let data = vec![0xabu8; len];
     let mut arena = vec![0u8; 2 * len];
     let a = arena.as_mut_ptr() as u64;
+    let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
     unsafe {
-        f[1].register_region(a, arena.len()).unwrap();
-        let (regs, deregs) = (stats.registrations(1), stats.deregistrations(1));
-        // Rank 1 advertises a buffer inside the region, then its queue to rank 0 stalls: the
-        // revoke cannot get out, nobody acknowledges, and the cancel revokes the region.
-        f[1].post_recv(0, tag(1), arena.as_mut_ptr().add(len / 2), len, &w).unwrap();
-        f[1].verbs().stall_queue(0, true);
-        f[1].cancel_recv(0, tag(1));
-        assert_eq!(stats.deregistrations(1), deregs + 1, "the region was not revoked");
-        assert_eq!(stats.registrations(1), regs + 1, "the region was not registered again");
-        arena.fill(0x55); // ours again
-        f[0].send(1, tag(1), data.as_ptr(), len, &w).unwrap();
+        // Rank 2 receives from ranks 0 and 1 into one region. Its queue to rank 0 stalls, so the
+        // cancel of rank 0's receive is never acknowledged: rank 0 is cut off, the region stays.
+        f[2].register_region(a, arena.len()).unwrap();
+        let (regs, deregs) = (stats.registrations(2), stats.deregistrations(2));
+        f[2].post_recv(0, tag(1), arena.as_mut_ptr(), len, &w).unwrap();
+        f[2].post_recv(1, tag(1), arena.as_mut_ptr().add(len), len, &w).unwrap();
+        f[2].verbs().stall_queue(0, true);
+        f[2].cancel_recv(0, tag(1));
+        assert_eq!((stats.registrations(2), stats.deregistrations(2)), (regs, deregs), "the region was re-registered");
+        arena[..len].fill(0x55); // ours again
+        f[0].send(2, tag(1), data.as_ptr(), len, &w).unwrap();
+        f[1].send(2, tag(1), data.as_ptr(), len, &w).unwrap();
     }
-    let err = f[0].wait_send(1, tag(1), &w).unwrap_err();
-    assert!(matches!(err, Error::PeerFailed { peer: 1, .. }), "{err}");
-    assert!(stats.rejected_writes(1) >= 1, "no write was rejected");
-    assert!(arena.iter().all(|&b| b == 0x55), "a late write landed in the region");
-    f[1].unregister_region(a).unwrap();
+    let err = f[0].wait_send(2, tag(1), &w).unwrap_err();
+    assert!(matches!(err, Error::PeerFailed { peer: 2, .. }), "{err}");
+    // Rank 1's message into the same region completes.
+    let f1 = f[1].clone();
+    let h = std::thread::spawn(move || f1.wait_send(2, tag(1), &w));
+    assert_eq!(f[2].wait_recv(1, tag(1), &w).unwrap(), len);
+    h.join().unwrap().unwrap();
+    assert!(arena[len..] == data[..], "the other peer's message did not land");
+    assert!(arena[..len].iter().all(|&b| b == 0x55), "a late write landed in the cancelled buffer");
+    // Rank 0 is gone for rank 2, with the reason.
+    let mut b = [0u8; 8];
+    let err = unsafe { f[2].post_recv(0, tag(2), b.as_mut_ptr(), 8, &w) }.unwrap_err();
+    assert!(matches!(&err, Error::PeerFailed { peer: 0, reason, .. } if reason.contains("disconnected")), "{err}");
+    f[2].unregister_region(a).unwrap();
+}
+
+#[test]
+fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
+    let e = per_message(false, 2);
+    let stats = e.stats.clone();
+    let f = fabrics(3, e, RdmaConfig { slots: 64, ..CFG }); // credits for every chunk at once
+    let w = Wait::new("test", Duration::from_secs(5));
+    let len = 100_000; // zero-copy
+    let arena: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let a = arena.as_ptr() as u64;
+    let (mut r1, mut r2) = (vec![0u8; len], vec![0u8; len]);
+    unsafe {
+        f[0].register_region(a, len).unwrap();
+        let (regs, deregs) = (stats.registrations(0), stats.deregistrations(0));
+        let mut small = [0u8; 8];
+        f[1].post_recv(0, tag(0), small.as_mut_ptr(), 8, &w).unwrap();
+        f[1].post_recv(0, tag(1), r1.as_mut_ptr(), len, &w).unwrap();
+        f[2].post_recv(0, tag(1), r2.as_mut_ptr(), len, &w).unwrap();
+        // A small message first: waiting for it, rank 0 takes in rank 1's advertisement.
+        f[0].send(1, tag(0), arena.as_ptr(), 8, &w).unwrap();
+        f[0].wait_send(1, tag(0), &w).unwrap();
+        // Its writes posted at once, their completions not yet seen: abandoning the send revokes
+        // the region's registration, which other messages share, so rank 1 is cut off instead.
+        f[0].send(1, tag(1), arena.as_ptr(), len, &w).unwrap();
+        f[0].cancel_send(1, tag(1));
+        assert_eq!((stats.registrations(0), stats.deregistrations(0)), (regs, deregs), "the region was re-registered");
+        f[0].send(2, tag(1), arena.as_ptr(), len, &w).unwrap();
+    }
+    let f0 = f[0].clone();
+    let h = std::thread::spawn(move || f0.wait_send(2, tag(1), &w));
+    assert_eq!(f[2].wait_recv(0, tag(1), &w).unwrap(), len);
+    h.join().unwrap().unwrap();
+    assert!(r2 == arena, "the other peer's message from the region is wrong");
+    let err = unsafe { f[0].send(1, tag(2), arena.as_ptr(), 8, &w) }.unwrap_err();
+    assert!(matches!(&err, Error::PeerFailed { peer: 1, reason, .. } if reason.contains("disconnected")), "{err}");
+    drop(r1);
+    f[0].unregister_region(a).unwrap();
 }

@@ -111,6 +111,8 @@ struct Mem {
     /// rkey → (base, length, the NIC's address of `base`: `base` itself for host memory).
     regions: HashMap<u32, (usize, usize, usize)>,
     dead: Option<String>,
+    /// Peers whose queue pair to this rank was disconnected: their writes are refused.
+    cut: Vec<bool>,
 }
 
 struct Node {
@@ -171,7 +173,7 @@ pub fn world(n: usize, cfg: EmuConfig) -> Vec<EmuVerbs> {
             })
         })
         .collect();
-    let mems = (0..n).map(|_| RwLock::new(Mem { regions: HashMap::new(), dead: None })).collect();
+    let mems = (0..n).map(|_| RwLock::new(Mem { regions: HashMap::new(), dead: None, cut: vec![false; n] })).collect();
     let cq_len = (0..n).map(|_| Padded(AtomicUsize::new(0))).collect();
     let w = Arc::new(World { nodes, cq_len, mems, cfg, keys: AtomicU32::new(1) });
     (0..n).map(|rank| EmuVerbs { w: w.clone(), rank }).collect()
@@ -209,10 +211,17 @@ impl EmuVerbs {
 
     /// Copy flat range [a, a+l) of the write into the target; false if the target is gone or
     /// the range is outside its region.
-    fn place(&self, dst: usize, p: &Pending, a: usize, l: usize) -> Result<(), String> {
-        let t = self.w.mems[dst].read().unwrap();
+    fn place(&self, src: usize, dst: usize, p: &Pending, a: usize, l: usize) -> Result<(), String> {
+        // Both ranks' region locks, in rank order (writers take one lock only: no cycle), so a
+        // disconnect at either end waits for this copy.
+        let lo = self.w.mems[src.min(dst)].read().unwrap();
+        let hi = self.w.mems[src.max(dst)].read().unwrap();
+        let (t, s) = if dst < src { (&lo, &hi) } else { (&hi, &lo) };
         if let Some(why) = &t.dead {
             return Err(format!("transport retry counter exceeded (rank {dst} unreachable: {why})"));
+        }
+        if t.cut[src] || s.cut[dst] {
+            return Err(format!("queue pair between ranks {src} and {dst} in error state (disconnected)"));
         }
         let Some(&(base, rlen, nic)) = t.regions.get(&p.rkey) else {
             self.w.cfg.stats.rejected[dst].fetch_add(1, Ordering::Relaxed);
@@ -298,7 +307,7 @@ impl EmuVerbs {
             let mut res = Ok(());
             for _ in 0..k {
                 let (a, l) = p.pieces.pop().unwrap();
-                if let Err(e) = self.place(dst, &p, a, l) {
+                if let Err(e) = self.place(src, dst, &p, a, l) {
                     res = Err(e);
                     break;
                 }
@@ -355,6 +364,14 @@ impl Verbs for EmuVerbs {
 
     fn cache_registrations(&self) -> bool {
         self.w.cfg.cache_registrations
+    }
+
+    /// Takes this rank's region lock for writing, so writes from `peer` being placed finish
+    /// first; later ones, and this rank's writes to `peer`, fail.
+    fn disconnect(&self, peer: usize) {
+        if let Some(c) = self.w.mems[self.rank].write().unwrap().cut.get_mut(peer) {
+            *c = true;
+        }
     }
 
     unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError> {
@@ -425,7 +442,7 @@ impl Verbs for EmuVerbs {
             return Ok(());
         }
         drop(me);
-        let res = self.place(peer, &p, 0, placed);
+        let res = self.place(self.rank, peer, &p, 0, placed);
         self.complete(self.rank, peer, p, res);
         Ok(())
     }

@@ -759,6 +759,19 @@ impl Verbs for IbVerbs {
         }
     }
 
+    fn disconnect(&self, peer: usize) {
+        let Some(q) = self.qps.get(peer).and_then(|q| q.as_ref()) else { return };
+        // SAFETY: a state change of a live QP; its outstanding work is flushed with errors.
+        let rc = unsafe {
+            let mut a: ffi::ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ffi::ibv_qp_state::IBV_QPS_ERR;
+            ffi::ibv_modify_qp(q.qp, &mut a, ffi::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32)
+        };
+        if rc != 0 {
+            tracing::warn!("rdma: ibv_modify_qp(QP for rank {peer} -> ERR): {}", sys::errno_text(rc));
+        }
+    }
+
     fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize {
         let mut wcs = self.wcs.lock().unwrap_or_else(|e| e.into_inner());
         let mut got = 0;

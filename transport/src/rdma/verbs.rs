@@ -62,6 +62,11 @@ pub trait Verbs: Send + Sync {
     unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError>;
     /// Move up to `max` completions into `out`; returns how many.
     fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize;
+    /// Put the queue pair to `peer` into the error state, for good (error paths: a peer that
+    /// must not touch this rank's memory any more while the memory stays registered). Once this
+    /// returns no write from `peer` lands here and no posted write to it reads local memory;
+    /// its outstanding work completes with errors.
+    fn disconnect(&self, peer: usize);
     /// Whether a registration stays valid for its virtual address range for as long as it is
     /// kept (the emulation; on hardware: on-demand-paging MRs), so the protocol may cache
     /// registrations across messages. `false` (the default): the protocol registers a buffer per

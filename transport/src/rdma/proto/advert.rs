@@ -139,7 +139,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let Some(e) = st.recvs.get_mut(&(p, tag)) else { return false };
         let (mr, adv, waited) = (e.mr.take(), e.adv.take(), std::mem::take(&mut e.adv_wait));
         if let Some(mr) = mr {
-            st.cache.release(&self.v, &mr, false);
+            let _ = st.cache.release(&self.v, &mr, false);
         }
         if waited {
             st.peers[p].adv_wait.retain(|t| *t != tag);
@@ -160,7 +160,7 @@ impl<V: Verbs> RdmaFabric<V> {
             let mr = e.mr.take();
             st.recvs.remove(&(src, tag));
             if let Some(mr) = mr {
-                st.cache.release(&self.v, &mr, false);
+                let _ = st.cache.release(&self.v, &mr, false);
             }
             return;
         }
@@ -204,7 +204,9 @@ impl<V: Verbs> RdmaFabric<V> {
             remove = true;
         }
         if let Some(mr) = mr {
-            st.cache.release(&self.v, &mr, revoke);
+            if st.cache.release(&self.v, &mr, revoke) {
+                self.cut_off(st, src, "it did not acknowledge the cancel of a receive inside a registered region");
+            }
         }
         if remove {
             st.recvs.remove(&(src, tag));

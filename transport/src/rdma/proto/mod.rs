@@ -225,6 +225,13 @@ impl<V: Verbs> RdmaFabric<V> {
         &self.v
     }
 
+    /// Disconnect peer `p` for good and fail it (`why`): what revoking a registration shared
+    /// with other messages (a region's) comes to.
+    fn cut_off(&self, st: &mut State, p: usize, why: &str) {
+        self.v.disconnect(p);
+        state::fail_peer(st, p, format!("disconnected: {why}"));
+    }
+
     fn peer_err(&self, st: &State, p: usize, op: &'static str) -> Option<Error> {
         st.peers[p].failed.as_ref().map(|(proto, r)| match proto {
             true => Error::Protocol { op, peer: p, detail: r.clone() },
@@ -243,7 +250,7 @@ impl<V: Verbs> Drop for RdmaFabric<V> {
         for e in st.cache.map.values() {
             self.v.deregister(&e.mr);
         }
-        for mr in st.cache.regions.values().filter_map(|r| r.mr) {
+        for mr in st.cache.regions.values().map(|r| r.mr) {
             self.v.deregister(&mr);
         }
         self.v.deregister(&self.hdr_mr);
@@ -279,9 +286,18 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
 
     unsafe fn register_region(&self, addr: u64, len: usize) -> Result<()> {
         const OP: &str = "register region";
+        self.st.lock().unwrap().cache.check_region(addr, len).map_err(|e| Error::usage(OP, e))?;
+        // Registering pins the memory (milliseconds for large regions): outside the state lock,
+        // so progress on every communicator goes on meanwhile.
+        let mr = self.v.register(addr as *mut u8, len).map_err(|e| Error::Io { op: OP, peer: self.rank, detail: e })?;
         let mut st = self.st.lock().unwrap();
-        st.cache.check_region(addr, len).map_err(|e| Error::usage(OP, e))?;
-        st.cache.register_region(&self.v, addr, len).map_err(|e| Error::Io { op: OP, peer: self.rank, detail: e })
+        if let Err(e) = st.cache.check_region(addr, len) {
+            drop(st);
+            self.v.deregister(&mr); // another thread registered an overlapping region meanwhile
+            return Err(Error::usage(OP, e));
+        }
+        st.cache.insert_region(addr, len, mr);
+        Ok(())
     }
 
     fn unregister_region(&self, addr: u64) -> Result<()> {
@@ -324,8 +340,11 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
             st.peers[j.dst].tx_queue.retain(|&x| x != jid);
             if let Some(mr) = &j.mr {
                 // With chunks still in flight (error path) a real NIC could still read the buffer;
-                // deregistration makes such reads fail instead of touching freed memory.
-                st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted);
+                // deregistration makes such reads fail instead of touching freed memory. A
+                // region's registration stays (other messages use it): the peer is cut off.
+                if st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted) {
+                    self.cut_off(&mut st, j.dst, "a send from a registered region was abandoned with writes in flight");
+                }
             }
         }
     }
@@ -347,7 +366,7 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         match &r {
             Ok(_) => {
                 if let Some(mr) = st.recvs.remove(&(src, tag)).and_then(|e| e.mr) {
-                    st.cache.release(&self.v, &mr, false);
+                    let _ = st.cache.release(&self.v, &mr, false);
                 }
             }
             Err(_) => self.withdraw(&mut st, src, tag),

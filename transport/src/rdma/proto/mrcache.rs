@@ -30,11 +30,10 @@ pub(super) struct MrRef {
     pub(super) owner: Owner,
 }
 
-/// A region the caller registered: `mr` serves every message inside it. `None` after a revoke
-/// whose re-registration failed (messages inside it then register as if it were not there).
+/// A region the caller registered: `mr` serves every message inside it.
 pub(super) struct Region {
     pub(super) len: usize,
-    pub(super) mr: Option<Mr>,
+    pub(super) mr: Mr,
     /// Messages using it now.
     pub(super) users: u32,
 }
@@ -76,15 +75,10 @@ impl MrCache {
         }
     }
 
-    /// Register `[addr, +len)` (checked by [`Self::check_region`]) for every later message
-    /// inside it.
-    ///
-    /// # Safety
-    /// The memory must stay allocated until [`Self::unregister_region`] succeeded.
-    pub(super) unsafe fn register_region<V: Verbs>(&mut self, v: &V, addr: u64, len: usize) -> std::result::Result<(), String> {
-        let mr = v.register(addr as *mut u8, len)?;
-        self.regions.insert(addr, Region { len, mr: Some(mr), users: 0 });
-        Ok(())
+    /// Add `mr`, a registration of `[addr, +len)` (checked by [`Self::check_region`]), as a
+    /// region serving every later message inside it.
+    pub(super) fn insert_region(&mut self, addr: u64, len: usize, mr: Mr) {
+        self.regions.insert(addr, Region { len, mr, users: 0 });
     }
 
     /// Deregister the region starting at `addr`; refused while a message uses it.
@@ -93,8 +87,8 @@ impl MrCache {
         if r.users > 0 {
             return Err(format!("region at {addr:#x} is in use by {} message(s)", r.users));
         }
-        if let Some(mr) = self.regions.remove(&addr).and_then(|r| r.mr) {
-            v.deregister(&mr);
+        if let Some(r) = self.regions.remove(&addr) {
+            v.deregister(&r.mr);
         }
         Ok(())
     }
@@ -102,10 +96,8 @@ impl MrCache {
     pub(super) fn acquire<V: Verbs>(&mut self, v: &V, addr: usize, len: usize, recv: bool) -> std::result::Result<MrRef, String> {
         if let Some(a) = self.region_of(addr as u64, len) {
             let r = self.regions.get_mut(&a).unwrap();
-            if let Some(mr) = r.mr {
-                r.users += 1;
-                return Ok(MrRef { mr, owner: Owner::Region(a) });
-            }
+            r.users += 1;
+            return Ok(MrRef { mr: r.mr, owner: Owner::Region(a) });
         }
         // SAFETY (of the registrations below): the Fabric contract keeps the buffer valid while
         // in use; a cached registration outliving it is harmless where caching is enabled
@@ -146,28 +138,23 @@ impl MrCache {
     }
 
     /// Done with `r`. `revoke`: deregister it now (no peer may write into it, and no posted
-    /// read of it may happen, once this returns), and drop it from the cache. A revoked region
-    /// is registered again at once, under new keys (the old ones fail at the NIC, for every
-    /// message still using them: an error path).
-    pub(super) fn release<V: Verbs>(&mut self, v: &V, r: &MrRef, revoke: bool) {
+    /// read of it may happen, once this returns), and drop it from the cache. Returns true when
+    /// that is not possible: `r` is a region's registration, which other messages share, so the
+    /// caller must cut the peer off instead (`Verbs::disconnect`).
+    #[must_use]
+    pub(super) fn release<V: Verbs>(&mut self, v: &V, r: &MrRef, revoke: bool) -> bool {
         match r.owner {
             Owner::Private => v.deregister(&r.mr),
             Owner::Region(a) => {
-                let Some(reg) = self.regions.get_mut(&a) else { return };
+                let Some(reg) = self.regions.get_mut(&a) else { return false }; // in use: never unregistered
+                debug_assert!(reg.users > 0, "region at {a:#x} released more often than acquired");
                 reg.users = reg.users.saturating_sub(1);
-                if revoke && reg.mr.is_some_and(|m| m.lkey == r.mr.lkey) {
-                    v.deregister(&reg.mr.take().unwrap());
-                    // SAFETY: the caller keeps the region allocated until it unregisters it.
-                    match unsafe { v.register(a as *mut u8, reg.len) } {
-                        Ok(mr) => reg.mr = Some(mr),
-                        Err(e) => tracing::warn!("rdma: registering the region at {a:#x} again after a revoke failed ({e}); messages inside it register one by one"),
-                    }
-                }
+                return revoke;
             }
             Owner::Cached(k) => {
-                let Some(e) = self.map.get_mut(&k) else { return }; // revoked already
+                let Some(e) = self.map.get_mut(&k) else { return false }; // revoked already
                 if e.mr.lkey != r.mr.lkey {
-                    return;
+                    return false;
                 }
                 e.users = e.users.saturating_sub(1);
                 if revoke {
@@ -175,5 +162,6 @@ impl MrCache {
                 }
             }
         }
+        false
     }
 }

@@ -143,11 +143,10 @@ impl<V: Verbs> RdmaFabric<V> {
         st.rotate = st.rotate.wrapping_add(1);
         loop {
             let mut progressed = false;
-            for i in 1..n {
-                let p = (self.rank + i + st.rotate) % n;
-                if p == self.rank {
-                    continue;
-                }
+            // Every peer once, from a pass-dependent one on. (Was `(rank + i + rotate) % n` for
+            // i in 1..n, which skipped peer `(rank + rotate) % n` whenever that was not us.)
+            for i in 0..n - 1 {
+                let p = (self.rank + 1 + (i + st.rotate % (n - 1)) % (n - 1)) % n;
                 let peer = &st.peers[p];
                 if peer.credits == 0 || peer.failed.is_some() || !peer.ctl.is_empty() {
                     continue;
