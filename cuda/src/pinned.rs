@@ -13,7 +13,7 @@
 //! A [`Registrar`] (the rank's network endpoint: the RDMA transport's registered regions) learns
 //! every block the pool pins, once, and forgets it before the block is freed: staged messages
 //! then never register memory with the NIC one by one.
-pub use crate::registrar::Registrar;
+pub use crate::registrar::{Registrar, Registration};
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -68,8 +68,8 @@ pub struct PinnedPool<A: HostAllocator> {
     max_idle: usize,
     /// Size class → idle blocks of that class.
     free: BTreeMap<usize, Vec<NonNull<u8>>>,
-    /// Every block pinned now (live or idle): address → (class, registered).
-    blocks: BTreeMap<usize, (usize, bool)>,
+    /// Every block pinned now (live or idle): address → (class, registration).
+    blocks: BTreeMap<usize, (usize, Registration)>,
     registrar: Option<Box<dyn Registrar>>,
     stats: PinnedStats,
 }
@@ -85,7 +85,8 @@ impl<A: HostAllocator> PinnedPool<A> {
 
     /// Register every block, now and when pinned later, with `r` (after deregistering them from
     /// the registrar before, if any). A block that fails to register works unregistered (its
-    /// messages register one by one); the failure is logged.
+    /// messages register one by one); the failure is logged. A block the registrar before will
+    /// not let go stays registered there: it is never freed, nor registered with `r`.
     pub fn set_registrar(&mut self, r: Box<dyn Registrar>) {
         let addrs: Vec<usize> = self.blocks.keys().copied().collect();
         for &a in &addrs {
@@ -99,32 +100,38 @@ impl<A: HostAllocator> PinnedPool<A> {
 
     fn register(&mut self, a: usize) {
         let (Some(r), Some((class, reg))) = (&self.registrar, self.blocks.get_mut(&a)) else { return };
+        if *reg != Registration::None {
+            return;
+        }
         // SAFETY: the block stays pinned until `unregister` (before `free`, in `give` and Drop).
         match unsafe { r.register(a as u64, *class) } {
             Ok(()) => {
-                *reg = true;
+                *reg = Registration::Registered;
                 self.stats.registered += 1;
             }
             Err(e) => tracing::warn!("pinned pool: registering a {class}-byte block with the network failed ({e}); its messages register one by one"),
         }
     }
 
-    /// Deregister block `a` if registered; false if the registrar refused (it must not be freed).
+    /// Deregister block `a` if registered; false if it must not be freed (held: a registrar
+    /// refused, now or before).
     fn unregister(&mut self, a: usize) -> bool {
-        let (Some(r), Some((_, reg))) = (&self.registrar, self.blocks.get_mut(&a)) else { return true };
-        if !*reg {
-            return true;
-        }
-        match r.unregister(a as u64) {
-            Ok(()) => {
-                *reg = false;
-                self.stats.registered -= 1;
-                true
-            }
-            Err(e) => {
-                tracing::warn!("pinned pool: deregistering a block failed ({e}); keeping it");
-                false
-            }
+        let Some((_, reg)) = self.blocks.get_mut(&a) else { return true };
+        match (*reg, &self.registrar) {
+            (Registration::None, _) => true,
+            (Registration::Held, _) | (Registration::Registered, None) => false,
+            (Registration::Registered, Some(r)) => match r.unregister(a as u64) {
+                Ok(()) => {
+                    *reg = Registration::None;
+                    self.stats.registered -= 1;
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("pinned pool: deregistering a block failed ({e}); it is never freed");
+                    *reg = Registration::Held;
+                    false
+                }
+            },
         }
     }
 
@@ -155,7 +162,7 @@ impl<A: HostAllocator> PinnedPool<A> {
         s.pinned += class;
         s.peak = s.peak.max(s.pinned);
         s.live += 1;
-        self.blocks.insert(p.as_ptr() as usize, (class, false));
+        self.blocks.insert(p.as_ptr() as usize, (class, Registration::None));
         self.register(p.as_ptr() as usize);
         Ok((p, class))
     }

@@ -19,7 +19,7 @@
 //!
 //! The same code runs on the device (`DeviceAllocator`, feature `cuda`) and on the host against
 //! [`SimAllocator`], which is how it is tested without a GPU.
-use crate::registrar::Registrar;
+use crate::registrar::{Registrar, Registration};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Pool failures. Out-of-memory is an error, never a panic.
@@ -148,8 +148,8 @@ pub struct PoolStats {
 struct Chunk {
     addr: u64,
     size: usize,
-    /// Registered with the pool's registrar.
-    registered: bool,
+    /// Where it stands with the pool's registrar.
+    registered: Registration,
 }
 
 /// The pool. `A` provides chunks; everything else is bookkeeping on the host.
@@ -221,7 +221,8 @@ impl<A: RawAllocator> Pool<A> {
     /// Register every chunk, now and when taken later, with `r` (GPUDirect RDMA: the transport's
     /// regions), after deregistering them from the registrar before, if any: a device buffer of
     /// this pool then needs no registration of its own. A chunk that fails to register works
-    /// unregistered (logged); one the registrar will not let go is never freed.
+    /// unregistered (logged); one a registrar will not let go stays registered there and is
+    /// never freed, nor registered with `r`.
     pub fn set_registrar(&mut self, r: Box<dyn Registrar>) {
         for i in 0..self.chunks.len() {
             self.unregister(i);
@@ -234,32 +235,38 @@ impl<A: RawAllocator> Pool<A> {
 
     fn register(&mut self, i: usize) {
         let (Some(r), Some(c)) = (&self.registrar, self.chunks.get_mut(i)) else { return };
+        if c.registered != Registration::None {
+            return;
+        }
         // SAFETY: the chunk stays allocated until `unregister` succeeded (`release`).
         match unsafe { r.register(c.addr, c.size) } {
             Ok(()) => {
-                c.registered = true;
+                c.registered = Registration::Registered;
                 self.stats.registered_chunks += 1;
             }
             Err(e) => tracing::warn!("device pool: registering a {}-byte chunk with the network failed ({e}); its buffers register one by one", c.size),
         }
     }
 
-    /// Deregister chunk `i` if registered; false if the registrar refused (it must not be freed).
+    /// Deregister chunk `i` if registered; false if it must not be freed (held: a registrar
+    /// refused, now or before).
     fn unregister(&mut self, i: usize) -> bool {
-        let (Some(r), Some(c)) = (&self.registrar, self.chunks.get_mut(i)) else { return true };
-        if !c.registered {
-            return true;
-        }
-        match r.unregister(c.addr) {
-            Ok(()) => {
-                c.registered = false;
-                self.stats.registered_chunks -= 1;
-                true
-            }
-            Err(e) => {
-                tracing::warn!("device pool: deregistering a chunk failed ({e}); leaking it rather than freeing it under the NIC");
-                false
-            }
+        let Some(c) = self.chunks.get_mut(i) else { return true };
+        match (c.registered, &self.registrar) {
+            (Registration::None, _) => true,
+            (Registration::Held, _) | (Registration::Registered, None) => false,
+            (Registration::Registered, Some(r)) => match r.unregister(c.addr) {
+                Ok(()) => {
+                    c.registered = Registration::None;
+                    self.stats.registered_chunks -= 1;
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("device pool: deregistering a chunk failed ({e}); leaking it rather than freeing it under the NIC");
+                    c.registered = Registration::Held;
+                    false
+                }
+            },
         }
     }
 
@@ -306,7 +313,7 @@ impl<A: RawAllocator> Pool<A> {
             },
             Err(e) => return Err(self.oom(need, e)),
         };
-        self.chunks.push(Chunk { addr, size, registered: false });
+        self.chunks.push(Chunk { addr, size, registered: Registration::None });
         self.chunk_ends.insert(addr, addr + size as u64);
         self.stats.reserved += size;
         self.stats.driver_allocs += 1;

@@ -14,6 +14,16 @@ pub trait Registrar: Send {
     fn unregister(&self, addr: u64) -> Result<(), String>;
 }
 
+/// Where a pool's block or chunk stands with the registrar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registration {
+    None,
+    Registered,
+    /// A registrar refused to deregister it: it stays registered there, so it is never freed
+    /// (leaked rather than freed under the NIC) nor registered again.
+    Held,
+}
+
 impl std::fmt::Debug for dyn Registrar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Registrar")

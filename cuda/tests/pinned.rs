@@ -191,3 +191,25 @@ fn registration_failures_never_free_a_registered_block() {
     drop(p);
     assert_eq!(out.load(SeqCst), 1);
 }
+
+#[test]
+fn a_block_an_old_registrar_keeps_is_never_freed_nor_registered_twice() {
+    let (p, out) = pool(0);
+    let (old, new) = (Net { keep: true, ..Net::default() }, Net::default());
+    p.lock().unwrap().set_registrar(Box::new(old.clone()));
+    let live = PinnedBuf::new(&p, 1).unwrap();
+    p.lock().unwrap().set_registrar(Box::new(new.clone()));
+    // Still registered with the old endpoint: held, not registered with the new one.
+    assert_eq!(old.regs.lock().unwrap().len(), 1);
+    assert!(new.regs.lock().unwrap().is_empty());
+    assert_eq!(stats(&p).registered, 1);
+    // A block pinned now registers with the new registrar.
+    let fresh = PinnedBuf::new(&p, 1).unwrap();
+    assert_eq!(new.regs.lock().unwrap().len(), 1);
+    drop((live, fresh));
+    // Over the cap (0): the fresh block is deregistered and freed, the held one kept.
+    assert_eq!(out.load(SeqCst), 1);
+    assert!(new.regs.lock().unwrap().is_empty());
+    drop(p);
+    assert_eq!(out.load(SeqCst), 1, "the held block was freed");
+}

@@ -234,3 +234,19 @@ fn a_chunk_the_network_keeps_is_never_freed() {
     p.release();
     assert_eq!(p.allocator().frees, 0, "freed a chunk still registered with the NIC");
 }
+
+#[test]
+fn a_chunk_an_old_registrar_keeps_is_never_freed_nor_registered_twice() {
+    let mut p = pool(1 << 30, PoolConfig { initial: 8 * MB, grow: 8 * MB, arena: 0, align: 256 });
+    let (old, new) = (Net { keep: true, ..Net::default() }, Net::default());
+    p.set_registrar(Box::new(old.clone()));
+    p.set_registrar(Box::new(new.clone()));
+    assert!(new.regs.lock().unwrap().is_empty(), "a held chunk was registered twice");
+    let b = p.alloc(9 * MB).unwrap(); // a second chunk: registered with the new registrar
+    assert_eq!(new.regs.lock().unwrap().len(), 1);
+    assert_eq!(p.stats().registered_chunks, 2);
+    p.free(b);
+    p.release();
+    assert_eq!(p.allocator().frees, 1, "the held chunk was freed");
+    assert!(new.regs.lock().unwrap().is_empty());
+}
