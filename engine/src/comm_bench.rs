@@ -91,20 +91,37 @@ fn alloc(n: usize, plain: bool) -> Vec<f32> {
     }
 }
 
-/// Register `bufs` with `c`'s transport (`--register`); returns their addresses for
-/// `unregister_region`. The caller unregisters them before they drop.
-fn register(c: &Comm, bufs: &[&Vec<f32>]) -> Result<Vec<u64>, String> {
-    let mut at = Vec::new();
-    for b in bufs.iter().filter(|b| !b.is_empty()) {
-        // SAFETY: the caller keeps the vectors alive, unmoved and unresized, until it has
-        // unregistered them; on a failure the ones registered so far are unregistered here.
-        if let Err(err) = unsafe { c.register_region(b.as_ptr() as u64, b.len() * 4) } {
-            at.iter().for_each(|&a| drop(c.unregister_region(a)));
-            return Err(err.to_string());
+/// Regions registered with a communicator's transport for the bench (`--register`),
+/// unregistered when this drops (declare it after the buffers it covers, so it drops first).
+pub struct Registered<'a> {
+    c: &'a Comm,
+    at: Vec<u64>,
+}
+
+impl<'a> Registered<'a> {
+    /// Register each non-empty `(addr, bytes)`; on a failure, those registered so far are
+    /// unregistered again.
+    ///
+    /// # Safety
+    /// Each range stays allocated until the guard drops.
+    pub unsafe fn new(c: &'a Comm, ranges: &[(u64, usize)]) -> Result<Self, String> {
+        let mut g = Registered { c, at: Vec::new() };
+        for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
+            c.register_region(addr, len).map_err(|e| e.to_string())?;
+            g.at.push(addr);
         }
-        at.push(b.as_ptr() as u64);
+        Ok(g)
     }
-    Ok(at)
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        for &a in &self.at {
+            if let Err(e) = self.c.unregister_region(a) {
+                tracing::warn!("bench: unregistering a buffer: {e}");
+            }
+        }
+    }
 }
 
 /// A size with an optional K/M/G suffix (powers of 1024): "1K", "16M", "100".
@@ -259,7 +276,8 @@ pub fn bench_rank(which: Collective, c: &Comm, a: &BenchOptions) -> Result<Vec<R
         let (send_len, recv_len) = if which == Collective::AllToAll { (count * n, count * n) } else { (count, count) };
         let mut send = alloc(send_len, a.no_huge);
         let mut recv = alloc(recv_len, a.no_huge);
-        let regions = if a.register { register(c, &[&send, &recv])? } else { Vec::new() };
+        // SAFETY: the guard is declared after the buffers, so it unregisters them before they drop.
+        let _registered = if a.register { Some(unsafe { Registered::new(c, &[(send.as_ptr() as u64, send.len() * 4), (recv.as_ptr() as u64, recv.len() * 4)]) }?) } else { None };
         let iter = |send: &[f32], recv: &mut [f32]| -> Result<(), String> {
             if which == Collective::AllToAll {
                 c.all_to_all(send, recv).map_err(e)
@@ -333,9 +351,6 @@ pub fn bench_rank(which: Collective, c: &Comm, a: &BenchOptions) -> Result<Vec<R
         }
         let mut w = [wrong];
         c.all_reduce(&mut w, ReduceOp::Sum).map_err(e)?;
-        for at in regions {
-            c.unregister_region(at).map_err(e)?;
-        }
         rows.push(Row::new(which, n, size, count, time_us, w[0], base_us));
         match size.checked_mul(a.factor) {
             Some(s) => size = s,

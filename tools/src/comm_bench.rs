@@ -103,7 +103,7 @@ fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, Stri
 /// `--device-memory`: the all-to-all between emulated device buffers through the direct path,
 /// timed and checked as `bench_rank_core` does (seeded blocks, expectations from the seeds).
 fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Result<Vec<Row>, String> {
-    use ember_engine::comm_bench::{max_over, seed};
+    use ember_engine::comm_bench::{max_over, seed, Registered};
     use ember_transport::rdma::DeviceMem;
     let (n, me) = (c.size(), c.rank());
     let e = |e: ember_transport::Error| e.to_string();
@@ -120,14 +120,8 @@ fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Resu
         let (mut send, mut recv) = (DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?, DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?);
         let counts = vec![4 * count; n];
         let (sa, ra) = (send.addr(), recv.addr());
-        if a.register {
-            // SAFETY: both buffers live until after the unregistration below.
-            unsafe { c.register_region(sa, send.len()) }.map_err(e)?;
-            if let Err(err) = unsafe { c.register_region(ra, recv.len()) } {
-                drop(c.unregister_region(sa));
-                return Err(e(err));
-            }
-        }
+        // SAFETY: the guard is declared after the buffers, so it unregisters them before they drop.
+        let _registered = if a.register { Some(unsafe { Registered::new(c, &[(sa, send.len()), (ra, recv.len())]) }?) } else { None };
         let iter = || {
             // SAFETY: both buffers hold n blocks of 4·count bytes and outlive the loop; the own
             // block is copied while nothing else touches `recv`.
@@ -157,9 +151,6 @@ fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Resu
         }
         let mut w = [wrong];
         c.all_reduce(&mut w, ember_transport::ReduceOp::Sum).map_err(e)?;
-        if a.register {
-            c.unregister_region(sa).and_then(|_| c.unregister_region(ra)).map_err(e)?;
-        }
         rows.push(Row::new(Collective::AllToAll, n, size, count, time_us, w[0], None));
         match size.checked_mul(a.factor) {
             Some(s) => size = s,
