@@ -49,12 +49,12 @@ impl<V: Verbs> RdmaFabric<V> {
         // Busy-poll for the fabric's current spin (at most 50 µs), yield until 250 µs, then
         // sleep 20 µs doubling to 1 ms. The clock is read every 32 passes while busy-polling (it
         // was a tenth of the time spent waiting). The spin adapts to what a yield shows:
-        // * a yield that gave the core away briefly (1..200 µs) and after which the wait moved
-        //   handed it to the peer we wait for, sharing our core: spinning only delays it, so
-        //   later waits yield at once (two ranks on one core: 57 → 5 µs per 1 KiB all-to-all);
-        // * a yield that gave the core away for a time slice (≥ 200 µs) handed it to some other
-        //   busy thread: spinning keeps our share of the core, so later waits spin again (a yield
-        //   per pass cost 20× on 2 cores shared with 2 busy processes);
+        // * a yield that gave the core away (≥ 1 µs) and after which the wait moved handed it to
+        //   the peer we wait for, sharing our core: spinning only delays it, so later waits
+        //   yield at once (two ranks on one core: 57 → 5 µs per 1 KiB all-to-all);
+        // * a yield that gave the core away for a time slice (≥ 200 µs) with nothing moved
+        //   handed it to some other busy thread: spinning keeps our share of the core, so later
+        //   waits spin again (a yield per pass cost 20× on 2 cores shared with 2 busy processes);
         // * every `PROBE_EVERY` waits without spinning, one spins again (the peer may have
         //   moved to another core; if not, its first yield turns spinning off again).
         // (Yielding up to 2 ms instead of sleeping measured no better on 2 shared cores, and
@@ -63,7 +63,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let mut sleep = Duration::from_micros(20);
         let (mut pass, mut spin) = (0u32, true);
         let mut yielded: Option<Duration> = None;
-        if self.spin_us.load(Ordering::Relaxed) == 0 && self.yield_waits.fetch_sub(1, Ordering::Relaxed) <= 1 {
+        if self.spin_us.load(Ordering::Relaxed) == 0 && self.yield_waits.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(w.saturating_sub(1))) == Ok(1) {
             self.spin_us.store(SPIN_US, Ordering::Relaxed); // probe: does spinning pay again?
         }
         loop {
@@ -71,11 +71,11 @@ impl<V: Verbs> RdmaFabric<V> {
                 let mut st = self.st.lock().unwrap();
                 let moved = self.progress(&mut st);
                 if let Some(y) = yielded.take() {
-                    if y >= HOG_SLICE {
-                        self.spin_us.store(SPIN_US, Ordering::Relaxed);
-                    } else if moved && y >= GAVE_CORE {
+                    if moved && y >= GAVE_CORE {
                         self.spin_us.store(0, Ordering::Relaxed);
                         self.yield_waits.store(PROBE_EVERY, Ordering::Relaxed);
+                    } else if y >= HOG_SLICE {
+                        self.spin_us.store(SPIN_US, Ordering::Relaxed);
                     }
                 }
                 if let Some(r) = done(self, &mut st) {
