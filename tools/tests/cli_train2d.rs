@@ -44,7 +44,7 @@ fn multi_process_under_mpirun_equals_in_process() {
     }
     let bin = env!("CARGO_BIN_EXE_ember");
     let local = json_of(&Command::new(bin).args(ARGS).output().unwrap());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = ember_transport::bootstrap::free_port().unwrap();
     let rv = format!("EMBER_RENDEZVOUS=127.0.0.1:{port}");
     let mut args = vec!["--allow-run-as-root", "--oversubscribe", "-np", "4", "-x", &rv, "-x", "EMBER_JOB_TOKEN=cli-test-token", bin];
     args.extend(ARGS);
