@@ -18,6 +18,7 @@ mod mem;
 pub mod rdma;
 mod reduce;
 mod shm;
+mod spin;
 mod tcp;
 
 pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT};

@@ -2,6 +2,7 @@
 //! failed peers, and the one place where threads wait (spin, then yield, then sleep on a condvar).
 use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
+use crate::spin::AdaptiveSpin;
 use crossbeam_utils::Backoff;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,9 +85,10 @@ pub(crate) struct Mailbox {
     /// Yield for a while before sleeping (false: a progress thread of this process notifies every
     /// completion, so waiters sleep after a short spin and leave it the core).
     yield_phase: bool,
-    /// Busy-poll this long before backing off (shm: the waiter itself drives progress, and on a
-    /// loaded host a yield hands the core to another process for a whole time slice).
-    spin_for: Duration,
+    /// Busy-poll before backing off (shm: the waiter itself drives progress, and on a loaded
+    /// host a yield hands the core to another process for a whole time slice), adapted to
+    /// what yields show (`crate::spin`: a core shared with the peer stops it).
+    spin: AdaptiveSpin,
 }
 
 pub(crate) struct Table {
@@ -106,7 +108,7 @@ impl Mailbox {
             cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             yield_phase: true,
-            spin_for: Duration::ZERO,
+            spin: AdaptiveSpin::new(Duration::ZERO),
         }
     }
 
@@ -115,7 +117,7 @@ impl Mailbox {
     pub fn new_polling() -> Self {
         static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         let us = *US.get_or_init(|| std::env::var("EMBER_SPIN_US").ok().and_then(|s| s.parse().ok()).unwrap_or(50));
-        Mailbox { spin_for: Duration::from_micros(us), ..Self::new() }
+        Mailbox { spin: AdaptiveSpin::new(Duration::from_micros(us)), ..Self::new() }
     }
 
     /// For backends whose completions come from a thread of this process: sleep right after
@@ -291,11 +293,17 @@ impl Mailbox {
     ) -> Result<T> {
         let backoff = Backoff::new();
         let start = Instant::now();
+        let spin_for = self.spin.begin();
         let mut sleep = Duration::from_micros(20);
+        let mut yielded: Option<Duration> = None;
         loop {
             poll()?;
             let mut t = self.lock();
-            if let Some(r) = check(&mut t) {
+            let done = check(&mut t);
+            if let Some(took) = yielded.take() {
+                self.spin.after_yield(took, done.is_some());
+            }
+            if let Some(r) = done {
                 return r;
             }
             if let Some(reason) = t.dead.get(&peer) {
@@ -305,15 +313,18 @@ impl Mailbox {
             if now >= w.deadline {
                 return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
             }
-            if now - start < self.spin_for {
+            if now - start < spin_for {
                 drop(t);
                 std::hint::spin_loop();
-            } else if !backoff.is_completed() {
+            } else if !self.spin.spins() && !backoff.is_completed() {
+                // A short spin-then-yield where waits do not busy-poll (their yields are timed
+                // below only where the busy-poll adapts).
                 drop(t);
                 backoff.snooze();
             } else if self.yield_phase && now - start < YIELD_FOR {
                 drop(t);
                 std::thread::yield_now();
+                yielded = Some(now.elapsed());
             } else {
                 let d = sleep.min(w.deadline - now);
                 drop(self.sleep(t, d));

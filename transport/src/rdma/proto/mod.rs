@@ -41,7 +41,7 @@ use crate::fabric::{Fabric, Tag, Wait};
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet, VecDeque};
 use crate::mailbox::KeyHasher;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use crate::spin::AdaptiveSpin;
 use std::sync::Mutex;
 use std::time::Duration;
 use mrcache::{MrCache, Owner};
@@ -111,10 +111,8 @@ pub struct RdmaFabric<V: Verbs> {
     hdr_mr: Mr,
     st: Mutex<State>,
     name: &'static str,
-    /// The busy-poll phase of a wait (µs), adapted by the waits (`progress::wait_for`).
-    spin_us: AtomicU64,
-    /// Waits left before a wait spins again while `spin_us` is 0.
-    yield_waits: AtomicU32,
+    /// The busy-poll phase of a wait, adapted by the waits (`progress::wait_for`).
+    spin: AdaptiveSpin,
 }
 
 // SAFETY: raw addresses in the state are only dereferenced under the state lock, within the
@@ -173,7 +171,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let hdr_mr = unsafe { v.register(st.hdrs.as_mut_ptr() as *mut u8, n * cfg.slots * HDR) }.map_err(io)?;
         let zc_chunk = cfg.chunk.saturating_mul(ZC_CHUNK_MULT).min(1 << 30);
         let zc_min = ZC_MIN.min(zc_chunk);
-        Ok(RdmaFabric { v, cfg, rank, n, slot_size, zc_min, zc_chunk, rx, rx_mr, hdr_mr, st: Mutex::new(st), name, spin_us: AtomicU64::new(progress::SPIN_US), yield_waits: AtomicU32::new(0) })
+        Ok(RdmaFabric { v, cfg, rank, n, slot_size, zc_min, zc_chunk, rx, rx_mr, hdr_mr, st: Mutex::new(st), name, spin: AdaptiveSpin::new(progress::SPIN) })
     }
 
     /// Messages of at least `min` bytes go zero-copy (`usize::MAX`: never), in writes of
