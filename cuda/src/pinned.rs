@@ -58,7 +58,8 @@ pub struct PinnedStats {
     pub live: usize,
     /// Requests served from a free list.
     pub reuses: usize,
-    /// Blocks registered with the registrar now.
+    /// Blocks registered now (with the registrar, or held by an earlier one that refused to
+    /// let them go).
     pub registered: usize,
 }
 
@@ -91,6 +92,13 @@ impl<A: HostAllocator> PinnedPool<A> {
         let addrs: Vec<usize> = self.blocks.keys().copied().collect();
         for &a in &addrs {
             self.unregister(a);
+        }
+        // Idle blocks the old registrar keeps are quarantined: never handed out again.
+        let blocks = &self.blocks;
+        for (&class, list) in self.free.iter_mut() {
+            let before = list.len();
+            list.retain(|p| blocks.get(&(p.as_ptr() as usize)).is_none_or(|b| b.1 != Registration::Held));
+            self.stats.idle -= (before - list.len()) * class;
         }
         self.registrar = Some(r);
         for a in addrs {
@@ -171,10 +179,15 @@ impl<A: HostAllocator> PinnedPool<A> {
     /// idle bytes would exceed the cap.
     fn give(&mut self, p: NonNull<u8>, class: usize) {
         self.stats.live -= 1;
-        // A block the registrar will not let go stays idle, over the cap if need be.
-        if self.stats.idle + class <= self.max_idle || !self.unregister(p.as_ptr() as usize) {
+        let a = p.as_ptr() as usize;
+        if self.blocks.get(&a).is_some_and(|b| b.1 == Registration::Held) {
+            return; // quarantined: a registrar may still use it; never handed out or freed again
+        }
+        if self.stats.idle + class <= self.max_idle {
             self.stats.idle += class;
             self.free.entry(class).or_default().push(p);
+        } else if !self.unregister(a) {
+            // The registrar will not let go (a message may still use it): quarantined (leaked).
         } else {
             self.stats.pinned -= class;
             self.stats.driver_frees += 1;

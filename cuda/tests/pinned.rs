@@ -181,15 +181,19 @@ fn registration_failures_never_free_a_registered_block() {
     assert_eq!(stats(&p).registered, 0);
     drop(a);
     assert_eq!(out.load(SeqCst), 0);
-    // Deregistration refused: over the cap, the block stays idle instead of being freed, and
-    // the pool's drop leaks it rather than free it under the network.
+    // Deregistration refused: over the cap, the block is quarantined (neither idle nor freed),
+    // and stays so when the pool drops: leaked rather than freed under the network.
     let (p, out) = pool(0);
     p.lock().unwrap().set_registrar(Box::new(Net { keep: true, ..Net::default() }));
     drop(PinnedBuf::new(&p, 1).unwrap());
     let s = stats(&p);
-    assert_eq!((s.idle, s.driver_frees, s.registered), (64 * KB, 0, 1));
+    assert_eq!((s.idle, s.driver_frees, s.registered, s.pinned), (0, 0, 1, 64 * KB));
+    // Not handed out again: a new request pins a new block (quarantined in turn when dropped,
+    // since this registrar refuses every deregistration).
+    drop(PinnedBuf::new(&p, 1).unwrap());
+    assert_eq!(stats(&p).driver_allocs, 2);
     drop(p);
-    assert_eq!(out.load(SeqCst), 1);
+    assert_eq!(out.load(SeqCst), 2, "a quarantined block was freed");
 }
 
 #[test]
@@ -212,4 +216,19 @@ fn a_block_an_old_registrar_keeps_is_never_freed_nor_registered_twice() {
     assert!(new.regs.lock().unwrap().is_empty());
     drop(p);
     assert_eq!(out.load(SeqCst), 1, "the held block was freed");
+}
+
+#[test]
+fn idle_blocks_an_old_registrar_keeps_are_never_handed_out_again() {
+    let (p, out) = pool(DEFAULT_MAX_IDLE);
+    p.lock().unwrap().set_registrar(Box::new(Net { keep: true, ..Net::default() }));
+    let first = PinnedBuf::new(&p, 1).unwrap();
+    let at = first.as_ptr();
+    drop(first); // idle, registered with the first registrar
+    p.lock().unwrap().set_registrar(Box::new(Net::default()));
+    assert_eq!(stats(&p).idle, 0, "the held idle block is still on a free list");
+    let next = PinnedBuf::new(&p, 1).unwrap();
+    assert_ne!(next.as_ptr(), at, "a held block was handed out again");
+    drop((next, p));
+    assert_eq!(out.load(SeqCst), 1);
 }

@@ -323,8 +323,9 @@ impl Mailbox {
                 backoff.snooze();
             } else if self.yield_phase && now - start < YIELD_FOR {
                 drop(t);
+                let t0 = Instant::now(); // after the unlock, which may wake a waiter (a syscall)
                 std::thread::yield_now();
-                yielded = Some(now.elapsed());
+                yielded = Some(t0.elapsed());
             } else {
                 let d = sleep.min(w.deadline - now);
                 drop(self.sleep(t, d));

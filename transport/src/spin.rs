@@ -47,6 +47,9 @@ impl AdaptiveSpin {
 
     /// At the start of a wait: how long it busy-polls (probing again when due).
     pub fn begin(&self) -> Duration {
+        if self.max_us == 0 {
+            return Duration::ZERO;
+        }
         let us = self.spin_us.load(Ordering::Relaxed);
         if us == 0 && self.waits_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(w.saturating_sub(1))) == Ok(1) {
             self.spin_us.store(self.max_us, Ordering::Relaxed);
@@ -56,6 +59,9 @@ impl AdaptiveSpin {
 
     /// After a yield that took `took`: whether the wait's next look found progress.
     pub fn after_yield(&self, took: Duration, moved: bool) {
+        if self.max_us == 0 {
+            return;
+        }
         if took >= HOG_SLICE {
             self.spin_us.store(self.max_us, Ordering::Relaxed);
         } else if moved && took >= GAVE_CORE {

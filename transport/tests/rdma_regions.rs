@@ -254,7 +254,7 @@ fn an_unacknowledged_cancel_in_a_region_cuts_off_that_peer_only() {
 fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
     let e = per_message(false, 2);
     let stats = e.stats.clone();
-    let f = fabrics(3, e, RdmaConfig { slots: 64, ..CFG }); // credits for every chunk at once
+    let f = fabrics(3, e, CFG);
     let w = Wait::new("test", Duration::from_secs(5));
     let len = 100_000; // zero-copy
     let arena: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -270,10 +270,12 @@ fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
         // A small message first: waiting for it, rank 0 takes in rank 1's advertisement.
         f[0].send(1, tag(0), arena.as_ptr(), 8, &w).unwrap();
         f[0].wait_send(1, tag(0), &w).unwrap();
-        // Its writes posted at once, their completions not yet seen: abandoning the send revokes
-        // the region's registration, which other messages share, so rank 1 is cut off instead.
+        // Its writes in flight (held on the link): abandoning the send revokes the region's
+        // registration, which other messages share, so rank 1 is cut off instead.
+        f[0].verbs().hold_writes(1, true);
         f[0].send(1, tag(1), arena.as_ptr(), len, &w).unwrap();
         f[0].cancel_send(1, tag(1));
+        f[0].verbs().hold_writes(1, false); // the held writes arrive now, on a cut connection
         assert_eq!((stats.registrations(0), stats.deregistrations(0)), (regs, deregs), "the region was re-registered");
         f[0].send(2, tag(1), arena.as_ptr(), len, &w).unwrap();
     }
@@ -284,6 +286,6 @@ fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
     assert!(r2 == arena, "the other peer's message from the region is wrong");
     let err = unsafe { f[0].send(1, tag(2), arena.as_ptr(), 8, &w) }.unwrap_err();
     assert!(matches!(&err, Error::PeerFailed { peer: 1, reason, .. } if reason.contains("disconnected")), "{err}");
-    drop(r1);
+    assert!(r1.iter().all(|&b| b == 0), "a write of the abandoned send landed");
     f[0].unregister_region(a).unwrap();
 }

@@ -122,6 +122,9 @@ struct Node {
     busy: Vec<bool>,
     /// Send queues that refuse work (`QueueFull`) until released: a test's congested QP.
     stalled: Vec<bool>,
+    /// Writes to these peers are accepted but held on the wire (fast mode) until released: a
+    /// slow link, for tests that need writes in flight.
+    held: Vec<bool>,
     dead: Option<String>,
     data_writes: u64,
     rng: u64,
@@ -167,6 +170,7 @@ pub fn world(n: usize, cfg: EmuConfig) -> Vec<EmuVerbs> {
                 sq_out: vec![0; n],
                 busy: vec![false; n],
                 stalled: vec![false; n],
+                held: vec![false; n],
                 dead: None,
                 data_writes: 0,
                 rng: cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (r as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1,
@@ -189,6 +193,22 @@ impl EmuVerbs {
     /// congested send queue, for tests that need a message held back.
     pub fn stall_queue(&self, peer: usize, on: bool) {
         self.w.nodes[self.rank].lock().unwrap().stalled[peer] = on;
+    }
+
+    /// Hold the writes this rank posts to `peer` in flight (`true`: accepted, neither placed
+    /// nor completed) until released (`false`: placed and completed now, in order, or failed if
+    /// the connection was cut meanwhile). Fast mode only (the adversarial one holds writes on
+    /// its own).
+    pub fn hold_writes(&self, peer: usize, on: bool) {
+        self.w.nodes[self.rank].lock().unwrap().held[peer] = on;
+        if on {
+            return;
+        }
+        loop {
+            let Some(p) = self.w.nodes[self.rank].lock().unwrap().wire[peer].pop_front() else { break };
+            let res = p.pieces.iter().try_for_each(|&(a, l)| self.place(self.rank, peer, &p, a, l));
+            self.complete(self.rank, peer, p, res);
+        }
     }
 
     /// Mark this endpoint lost (as if its host went away).
@@ -368,10 +388,11 @@ impl Verbs for EmuVerbs {
 
     /// Takes this rank's region lock for writing, so writes from `peer` being placed finish
     /// first; later ones, and this rank's writes to `peer`, fail.
-    fn disconnect(&self, peer: usize) {
-        if let Some(c) = self.w.mems[self.rank].write().unwrap().cut.get_mut(peer) {
-            *c = true;
-        }
+    fn disconnect(&self, peer: usize) -> Result<(), String> {
+        let mut m = self.w.mems[self.rank].write().unwrap();
+        let c = m.cut.get_mut(peer).ok_or_else(|| format!("no queue pair to rank {peer}"))?;
+        *c = true;
+        Ok(())
     }
 
     unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), PostError> {
@@ -438,6 +459,11 @@ impl Verbs for EmuVerbs {
                 let j = rnd(&mut me.rng) as usize % (i + 1);
                 p.pieces.swap(i, j);
             }
+            me.wire[peer].push_back(p);
+            return Ok(());
+        }
+        if me.held[peer] {
+            p.pieces.push((0, placed));
             me.wire[peer].push_back(p);
             return Ok(());
         }

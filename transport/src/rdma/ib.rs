@@ -759,8 +759,8 @@ impl Verbs for IbVerbs {
         }
     }
 
-    fn disconnect(&self, peer: usize) {
-        let Some(q) = self.qps.get(peer).and_then(|q| q.as_ref()) else { return };
+    fn disconnect(&self, peer: usize) -> Result<(), String> {
+        let q = self.qps.get(peer).and_then(|q| q.as_ref()).ok_or_else(|| format!("no QP for rank {peer}"))?;
         // SAFETY: a state change of a live QP; its outstanding work is flushed with errors.
         let rc = unsafe {
             let mut a: ffi::ibv_qp_attr = std::mem::zeroed();
@@ -768,8 +768,9 @@ impl Verbs for IbVerbs {
             ffi::ibv_modify_qp(q.qp, &mut a, ffi::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32)
         };
         if rc != 0 {
-            tracing::warn!("rdma: ibv_modify_qp(QP for rank {peer} -> ERR): {}", sys::errno_text(rc));
+            return Err(format!("ibv_modify_qp({}, QP for rank {peer} -> ERR): {}", self.port.device, sys::errno_text(rc)));
         }
+        Ok(())
     }
 
     fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize {

@@ -64,9 +64,12 @@ pub trait Verbs: Send + Sync {
     fn poll(&self, out: &mut Vec<Wc>, max: usize) -> usize;
     /// Put the queue pair to `peer` into the error state, for good (error paths: a peer that
     /// must not touch this rank's memory any more while the memory stays registered). Once this
-    /// returns no write from `peer` lands here and no posted write to it reads local memory;
-    /// its outstanding work completes with errors.
-    fn disconnect(&self, peer: usize);
+    /// returns `Ok` no write from `peer` lands here and no new write to it starts; its
+    /// outstanding work completes with flush errors (on hardware a write already being read
+    /// out is over only when its flush completion is polled). The peer learns it only when it
+    /// next writes to us (a retry timeout on InfiniBand, about half a second), since nothing
+    /// can be sent on a queue pair in the error state.
+    fn disconnect(&self, peer: usize) -> Result<(), String>;
     /// Whether a registration stays valid for its virtual address range for as long as it is
     /// kept (the emulation; on hardware: on-demand-paging MRs), so the protocol may cache
     /// registrations across messages. `false` (the default): the protocol registers a buffer per

@@ -205,7 +205,11 @@ impl<V: Verbs> RdmaFabric<V> {
         }
         if let Some(mr) = mr {
             if st.cache.release(&self.v, &mr, revoke) {
-                self.cut_off(st, src, "it did not acknowledge the cancel of a receive inside a registered region");
+                let region = match mr.owner {
+                    super::mrcache::Owner::Region(a) => Some(a),
+                    _ => None,
+                };
+                self.cut_off(st, src, region, "it did not acknowledge the cancel of a receive inside a registered region");
             }
         }
         if remove {

@@ -223,10 +223,16 @@ impl<V: Verbs> RdmaFabric<V> {
         &self.v
     }
 
-    /// Disconnect peer `p` for good and fail it (`why`): what revoking a registration shared
-    /// with other messages (a region's) comes to.
-    fn cut_off(&self, st: &mut State, p: usize, why: &str) {
-        self.v.disconnect(p);
+    /// Disconnect peer `p` for good and fail it (`why`): what revoking the registration of
+    /// region `region`, shared with other messages, comes to. Should the disconnect itself fail,
+    /// the region is deregistered under everyone (its other messages fail too).
+    fn cut_off(&self, st: &mut State, p: usize, region: Option<u64>, why: &str) {
+        if let Err(e) = self.v.disconnect(p) {
+            tracing::error!("rdma: cutting rank {p} off failed ({e}); deregistering the shared region instead");
+            if let Some(a) = region {
+                st.cache.drop_region(&self.v, a);
+            }
+        }
         state::fail_peer(st, p, format!("disconnected: {why}"));
     }
 
@@ -334,14 +340,21 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
     fn cancel_send(&self, dst: usize, tag: Tag) {
         let mut st = self.st.lock().unwrap();
         if let Some(jid) = st.job_of.remove(&(dst, tag)) {
+            st.peers[dst].tx_queue.retain(|&x| x != jid);
+            if st.jobs[&jid].chunks_done < st.jobs[&jid].chunks_posted {
+                self.progress(&mut st); // completions already queued count (nothing more is posted)
+            }
             let j = st.jobs.remove(&jid).unwrap();
-            st.peers[j.dst].tx_queue.retain(|&x| x != jid);
             if let Some(mr) = &j.mr {
                 // With chunks still in flight (error path) a real NIC could still read the buffer;
                 // deregistration makes such reads fail instead of touching freed memory. A
                 // region's registration stays (other messages use it): the peer is cut off.
                 if st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted) {
-                    self.cut_off(&mut st, j.dst, "a send from a registered region was abandoned with writes in flight");
+                    let region = match mr.owner {
+                        Owner::Region(a) => Some(a),
+                        _ => None,
+                    };
+                    self.cut_off(&mut st, j.dst, region, "a send from a registered region was abandoned with writes in flight");
                 }
             }
         }

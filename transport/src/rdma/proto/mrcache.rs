@@ -137,6 +137,14 @@ impl MrCache {
         Ok(MrRef { mr, owner: Owner::Cached(key) })
     }
 
+    /// Deregister and forget the region at `addr` under the messages still using it (they fail
+    /// at the NIC): the last resort when its peer could not be cut off.
+    pub(super) fn drop_region<V: Verbs>(&mut self, v: &V, addr: u64) {
+        if let Some(r) = self.regions.remove(&addr) {
+            v.deregister(&r.mr);
+        }
+    }
+
     /// Done with `r`. `revoke`: deregister it now (no peer may write into it, and no posted
     /// read of it may happen, once this returns), and drop it from the cache. Returns true when
     /// that is not possible: `r` is a region's registration, which other messages share, so the
