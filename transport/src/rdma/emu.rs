@@ -387,11 +387,19 @@ impl Verbs for EmuVerbs {
     }
 
     /// Takes this rank's region lock for writing, so writes from `peer` being placed finish
-    /// first; later ones, and this rank's writes to `peer`, fail.
+    /// first; later ones, and this rank's writes to `peer`, fail. This rank's writes to `peer`
+    /// still on the wire complete at once with a flush error, as a NIC flushes a queue pair in
+    /// the error state.
     fn disconnect(&self, peer: usize) -> Result<(), String> {
-        let mut m = self.w.mems[self.rank].write().unwrap();
-        let c = m.cut.get_mut(peer).ok_or_else(|| format!("no queue pair to rank {peer}"))?;
-        *c = true;
+        {
+            let mut m = self.w.mems[self.rank].write().unwrap();
+            let c = m.cut.get_mut(peer).ok_or_else(|| format!("no queue pair to rank {peer}"))?;
+            *c = true;
+        }
+        let flushed: Vec<Pending> = self.w.nodes[self.rank].lock().unwrap().wire[peer].drain(..).collect();
+        for p in flushed {
+            self.complete(self.rank, peer, p, Err("work request flushed: queue pair in error state".into()));
+        }
         Ok(())
     }
 

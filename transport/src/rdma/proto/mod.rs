@@ -157,6 +157,7 @@ impl<V: Verbs> RdmaFabric<V> {
                     advs: vec![AdvSlot::Free; MAX_ADVERTS],
                     adv_next: 0,
                     adv_wait: VecDeque::new(),
+                    data_in_flight: 0,
                 })
                 .collect(),
             recvs: HashMap::default(),
@@ -227,13 +228,30 @@ impl<V: Verbs> RdmaFabric<V> {
     /// region `region`, shared with other messages, comes to. Should the disconnect itself fail,
     /// the region is deregistered under everyone (its other messages fail too).
     fn cut_off(&self, st: &mut State, p: usize, region: Option<u64>, why: &str) {
-        if let Err(e) = self.v.disconnect(p) {
+        state::fail_peer(st, p, format!("disconnected: {why}"));
+        // Once the queue pair is in the error state, every write posted to `p` completes (with a
+        // flush error); a write the NIC is reading out is over only then, so wait for them all.
+        let flushed = self.v.disconnect(p).and_then(|()| self.await_flush(st, p));
+        if let Err(e) = flushed {
             tracing::error!("rdma: cutting rank {p} off failed ({e}); deregistering the shared region instead");
             if let Some(a) = region {
                 st.cache.drop_region(&self.v, a);
             }
         }
-        state::fail_peer(st, p, format!("disconnected: {why}"));
+    }
+
+    /// Progress until every data write posted to `p` has completed, for at most [`CANCEL_WAIT`].
+    fn await_flush(&self, st: &mut State, p: usize) -> std::result::Result<(), String> {
+        let t0 = std::time::Instant::now();
+        while st.peers[p].data_in_flight > 0 {
+            if t0.elapsed() >= CANCEL_WAIT {
+                return Err(format!("{} writes to rank {p} not flushed after {CANCEL_WAIT:?}", st.peers[p].data_in_flight));
+            }
+            if !self.progress(st) {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
     }
 
     fn peer_err(&self, st: &State, p: usize, op: &'static str) -> Option<Error> {

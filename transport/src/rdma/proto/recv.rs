@@ -21,6 +21,8 @@ impl<V: Verbs> RdmaFabric<V> {
                 if wr_id & CREDIT_WR != 0 {
                     return;
                 }
+                let f = &mut st.peers[peer].data_in_flight;
+                *f = f.saturating_sub(1);
                 if let Some(j) = st.jobs.get_mut(&wr_id) {
                     j.chunks_done += 1;
                     if let Err(e) = status {

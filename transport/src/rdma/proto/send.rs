@@ -200,6 +200,7 @@ impl<V: Verbs> RdmaFabric<V> {
                         let peer = &mut st.peers[p];
                         peer.credits -= 1;
                         peer.tx_seq = seq.wrapping_add(1);
+                        peer.data_in_flight += 1;
                         if all {
                             peer.tx_queue.pop_front();
                         }

@@ -109,6 +109,9 @@ pub(super) struct Peer {
     pub(super) adv_next: usize,
     /// Receives waiting for a free advertisement index.
     pub(super) adv_wait: VecDeque<Tag>,
+    /// Data writes (they read a caller's buffer) posted to this peer and not yet completed,
+    /// whether or not their job is still known.
+    pub(super) data_in_flight: u32,
 }
 
 pub(super) struct State {
