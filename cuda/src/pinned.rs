@@ -14,6 +14,7 @@
 //! every block the pool pins, once, and forgets it before the block is freed: staged messages
 //! then never register memory with the NIC one by one.
 pub use crate::registrar::{Registrar, Registration};
+use crate::registrar::Released;
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -107,17 +108,11 @@ impl<A: HostAllocator> PinnedPool<A> {
     }
 
     fn register(&mut self, a: usize) {
-        let (Some(r), Some((class, reg))) = (&self.registrar, self.blocks.get_mut(&a)) else { return };
-        if *reg != Registration::None {
-            return;
-        }
-        // SAFETY: the block stays pinned until `unregister` (before `free`, in `give` and Drop).
-        match unsafe { r.register(a as u64, *class) } {
-            Ok(()) => {
-                *reg = Registration::Registered;
-                self.stats.registered += 1;
-            }
-            Err(e) => tracing::warn!("pinned pool: registering a {class}-byte block with the network failed ({e}); its messages register one by one"),
+        let Some((class, reg)) = self.blocks.get_mut(&a) else { return };
+        // SAFETY: the block stays pinned until `unregister` lets it go (before `free`, in `give`
+        // and Drop).
+        if unsafe { reg.register(self.registrar.as_deref(), a as u64, *class, "pinned pool") } {
+            self.stats.registered += 1;
         }
     }
 
@@ -125,21 +120,13 @@ impl<A: HostAllocator> PinnedPool<A> {
     /// refused, now or before).
     fn unregister(&mut self, a: usize) -> bool {
         let Some((_, reg)) = self.blocks.get_mut(&a) else { return true };
-        match (*reg, &self.registrar) {
-            (Registration::None, _) => true,
-            (Registration::Held, _) | (Registration::Registered, None) => false,
-            (Registration::Registered, Some(r)) => match r.unregister(a as u64) {
-                Ok(()) => {
-                    *reg = Registration::None;
-                    self.stats.registered -= 1;
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!("pinned pool: deregistering a block failed ({e}); it is never freed");
-                    *reg = Registration::Held;
-                    false
-                }
-            },
+        match reg.deregister(self.registrar.as_deref(), a as u64, "pinned pool") {
+            Released::NotRegistered => true,
+            Released::Deregistered => {
+                self.stats.registered -= 1;
+                true
+            }
+            Released::Held => false,
         }
     }
 

@@ -19,7 +19,7 @@
 //!
 //! The same code runs on the device (`DeviceAllocator`, feature `cuda`) and on the host against
 //! [`SimAllocator`], which is how it is tested without a GPU.
-use crate::registrar::{Registrar, Registration};
+use crate::registrar::{Registrar, Registration, Released};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Pool failures. Out-of-memory is an error, never a panic.
@@ -234,17 +234,10 @@ impl<A: RawAllocator> Pool<A> {
     }
 
     fn register(&mut self, i: usize) {
-        let (Some(r), Some(c)) = (&self.registrar, self.chunks.get_mut(i)) else { return };
-        if c.registered != Registration::None {
-            return;
-        }
-        // SAFETY: the chunk stays allocated until `unregister` succeeded (`release`).
-        match unsafe { r.register(c.addr, c.size) } {
-            Ok(()) => {
-                c.registered = Registration::Registered;
-                self.stats.registered_chunks += 1;
-            }
-            Err(e) => tracing::warn!("device pool: registering a {}-byte chunk with the network failed ({e}); its buffers register one by one", c.size),
+        let Some(c) = self.chunks.get_mut(i) else { return };
+        // SAFETY: the chunk stays allocated until `unregister` lets it go (`release`).
+        if unsafe { c.registered.register(self.registrar.as_deref(), c.addr, c.size, "device pool") } {
+            self.stats.registered_chunks += 1;
         }
     }
 
@@ -252,21 +245,13 @@ impl<A: RawAllocator> Pool<A> {
     /// refused, now or before).
     fn unregister(&mut self, i: usize) -> bool {
         let Some(c) = self.chunks.get_mut(i) else { return true };
-        match (c.registered, &self.registrar) {
-            (Registration::None, _) => true,
-            (Registration::Held, _) | (Registration::Registered, None) => false,
-            (Registration::Registered, Some(r)) => match r.unregister(c.addr) {
-                Ok(()) => {
-                    c.registered = Registration::None;
-                    self.stats.registered_chunks -= 1;
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!("device pool: deregistering a chunk failed ({e}); leaking it rather than freeing it under the NIC");
-                    c.registered = Registration::Held;
-                    false
-                }
-            },
+        match c.registered.deregister(self.registrar.as_deref(), c.addr, "device pool") {
+            Released::NotRegistered => true,
+            Released::Deregistered => {
+                self.stats.registered_chunks -= 1;
+                true
+            }
+            Released::Held => false,
         }
     }
 

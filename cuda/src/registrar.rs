@@ -24,6 +24,58 @@ pub enum Registration {
     Held,
 }
 
+/// What [`Registration::deregister`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// It was not registered: nothing to do; the memory may be freed.
+    NotRegistered,
+    /// It was registered and now is not; the memory may be freed.
+    Deregistered,
+    /// It stays registered (held): the memory must never be freed.
+    Held,
+}
+
+impl Registration {
+    /// Register `[addr, +len)` (a pool's `what`) with `r` unless it is registered or held
+    /// already; returns whether it became registered. A failure is logged: the memory works
+    /// unregistered (its messages register one by one).
+    ///
+    /// # Safety
+    /// The memory stays allocated until [`Self::deregister`] says it may be freed.
+    pub unsafe fn register(&mut self, r: Option<&dyn Registrar>, addr: u64, len: usize, what: &str) -> bool {
+        let Some(r) = r.filter(|_| *self == Registration::None) else { return false };
+        match r.register(addr, len) {
+            Ok(()) => {
+                *self = Registration::Registered;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("{what}: registering {len} bytes with the network failed ({e}); its messages register one by one");
+                false
+            }
+        }
+    }
+
+    /// Deregister it from `r` if registered. A refusal (logged) makes it held for good.
+    pub fn deregister(&mut self, r: Option<&dyn Registrar>, addr: u64, what: &str) -> Released {
+        match (*self, r) {
+            (Registration::None, _) => Released::NotRegistered,
+            (Registration::Held, _) | (Registration::Registered, None) => Released::Held,
+            (Registration::Registered, Some(r)) => match r.unregister(addr) {
+                Ok(()) => {
+                    *self = Registration::None;
+                    Released::Deregistered
+                }
+                Err(e) => {
+                    tracing::warn!("{what}: deregistering memory failed ({e}); it is never freed (leaked rather than freed under the NIC)");
+                    *self = Registration::Held;
+                    Released::Held
+                }
+            },
+        }
+    }
+}
+
 impl std::fmt::Debug for dyn Registrar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Registrar")
