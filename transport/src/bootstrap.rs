@@ -781,11 +781,8 @@ pub fn free_port() -> Result<u16> {
         .unwrap_or((32768, 60999));
     let (from, to) = if lo >= 12_000 { (lo - 10_000, lo) } else { (hi + 1, 65_536) };
     let mut seed = u32::from_str_radix(&new_token()[..8], 16).unwrap_or(1);
-    for _ in 0..64 {
+    for _ in 0..if to > from { 64 } else { 0 } {
         seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        if to <= from {
-            break;
-        }
         let port = (from + seed % (to - from)) as u16;
         if TcpListener::bind(("0.0.0.0", port)).is_ok() {
             return Ok(port);
