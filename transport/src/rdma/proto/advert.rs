@@ -204,11 +204,7 @@ impl<V: Verbs> RdmaFabric<V> {
             remove = true;
         }
         if let Some(mr) = mr {
-            if st.cache.release(&self.v, &mr, revoke) {
-                let region = match mr.owner {
-                    super::mrcache::Owner::Region(a) => Some(a),
-                    _ => None,
-                };
+            if let Some(region) = st.cache.release(&self.v, &mr, revoke) {
                 self.cut_off(st, src, region, "it did not acknowledge the cancel of a receive inside a registered region");
             }
         }

@@ -227,16 +227,14 @@ impl<V: Verbs> RdmaFabric<V> {
     /// Disconnect peer `p` for good and fail it (`why`): what revoking the registration of
     /// region `region`, shared with other messages, comes to. Should the disconnect itself fail,
     /// the region is deregistered under everyone (its other messages fail too).
-    fn cut_off(&self, st: &mut State, p: usize, region: Option<u64>, why: &str) {
+    fn cut_off(&self, st: &mut State, p: usize, region: u64, why: &str) {
         state::fail_peer(st, p, format!("disconnected: {why}"));
         // Once the queue pair is in the error state, every write posted to `p` completes (with a
         // flush error); a write the NIC is reading out is over only then, so wait for them all.
         let flushed = self.v.disconnect(p).and_then(|()| self.await_flush(st, p));
         if let Err(e) = flushed {
             tracing::error!("rdma: cutting rank {p} off failed ({e}); deregistering the shared region instead");
-            if let Some(a) = region {
-                st.cache.drop_region(&self.v, a);
-            }
+            st.cache.drop_region(&self.v, region);
         }
     }
 
@@ -367,11 +365,7 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
                 // With chunks still in flight (error path) a real NIC could still read the buffer;
                 // deregistration makes such reads fail instead of touching freed memory. A
                 // region's registration stays (other messages use it): the peer is cut off.
-                if st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted) {
-                    let region = match mr.owner {
-                        Owner::Region(a) => Some(a),
-                        _ => None,
-                    };
+                if let Some(region) = st.cache.release(&self.v, mr, j.chunks_done < j.chunks_posted) {
                     self.cut_off(&mut st, j.dst, region, "a send from a registered region was abandoned with writes in flight");
                 }
             }

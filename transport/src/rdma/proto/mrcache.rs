@@ -146,23 +146,23 @@ impl MrCache {
     }
 
     /// Done with `r`. `revoke`: deregister it now (no peer may write into it, and no posted
-    /// read of it may happen, once this returns), and drop it from the cache. Returns true when
-    /// that is not possible: `r` is a region's registration, which other messages share, so the
-    /// caller must cut the peer off instead (`Verbs::disconnect`).
+    /// read of it may happen, once this returns), and drop it from the cache. Returns the region
+    /// when that is not possible: `r` is the registration of that region, which other messages
+    /// share, so the caller must cut the peer off instead (`Verbs::disconnect`).
     #[must_use]
-    pub(super) fn release<V: Verbs>(&mut self, v: &V, r: &MrRef, revoke: bool) -> bool {
+    pub(super) fn release<V: Verbs>(&mut self, v: &V, r: &MrRef, revoke: bool) -> Option<u64> {
         match r.owner {
             Owner::Private => v.deregister(&r.mr),
             Owner::Region(a) => {
-                let Some(reg) = self.regions.get_mut(&a) else { return false }; // in use: never unregistered
+                let reg = self.regions.get_mut(&a)?; // None: dropped after a failed cut
                 debug_assert!(reg.users > 0, "region at {a:#x} released more often than acquired");
                 reg.users = reg.users.saturating_sub(1);
-                return revoke;
+                return revoke.then_some(a);
             }
             Owner::Cached(k) => {
-                let Some(e) = self.map.get_mut(&k) else { return false }; // revoked already
+                let e = self.map.get_mut(&k)?; // None: revoked already
                 if e.mr.lkey != r.mr.lkey {
-                    return false;
+                    return None;
                 }
                 e.users = e.users.saturating_sub(1);
                 if revoke {
@@ -170,6 +170,6 @@ impl MrCache {
                 }
             }
         }
-        false
+        None
     }
 }
