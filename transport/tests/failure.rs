@@ -48,6 +48,12 @@ fn mismatched_counts_are_an_error_not_an_overflow() {
         for big in [false, true] {
             // Rank 0 sends more than rank 1 posted room for (eager and large paths).
             let k = if big { 200_000 } else { 5 };
+            // Rank 0 keeps its communicator until rank 1's collective returned: rank 0 may fail
+            // first (its send found the short buffer), and dropping its communicator then could
+            // reach rank 1 before rank 1's own receive fails, which would rightly report the
+            // dropped peer instead of the overflow under test. (Rank 1 does not wait for rank 0,
+            // which may in turn be waiting for rank 1's message until rank 1's drop ends it.)
+            let rank1_done = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
             let out = run(b, 2, move |c| {
                 let r = c.rank();
                 let (sc, rc) = if r == 0 { (vec![0, k + 3], vec![0, 0]) } else { (vec![0, 0], vec![k, 0]) };
@@ -55,6 +61,13 @@ fn mismatched_counts_are_an_error_not_an_overflow() {
                 let mut recv = vec![0u8; rc.iter().sum::<usize>() + 16];
                 let n = recv.len() - 16;
                 let res = c.all_to_all_v(&send, &sc, &mut recv[..n], &rc);
+                let (done, cv) = &*rank1_done;
+                if r == 1 {
+                    *done.lock().unwrap() = true;
+                    cv.notify_all();
+                } else {
+                    drop(cv.wait_while(done.lock().unwrap(), |d| !*d).unwrap());
+                }
                 (res, recv[n..].to_vec())
             });
             let (res1, guard) = &out[1];
