@@ -5,7 +5,7 @@ use ember_engine::config::{preset, ModelConfig, Pooling, TableConfig};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::{Batch, DataSource};
 use ember_engine::Error;
-use ember_tests::shared_data;
+use ember_tests::test_data;
 use std::path::PathBuf;
 
 fn kaggle() -> ModelConfig {
@@ -29,13 +29,13 @@ fn read_all(r: &mut CriteoReader, step: usize) -> Batch {
 }
 
 fn sample_text() -> String {
-    std::fs::read_to_string(shared_data("criteo-sample-200.csv")).unwrap()
+    std::fs::read_to_string(test_data("criteo-sample-200.csv")).unwrap()
 }
 
 #[test]
 fn shared_sample_parses_with_hand_checked_values() {
     let model = kaggle();
-    let path = shared_data("criteo-sample-200.csv");
+    let path = test_data("criteo-sample-200.csv");
     let mut r = CriteoReader::open(&path, &model, BadLinePolicy::Fail).unwrap();
     assert_eq!(r.format().delimiter, b',');
     assert!(r.format().header);
@@ -98,7 +98,7 @@ fn as_raw(text: &str, crlf: bool) -> String {
 #[test]
 fn raw_tab_separated_gives_the_same_batches() {
     let model = kaggle();
-    let mut csv = CriteoReader::open(shared_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap();
+    let mut csv = CriteoReader::open(test_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap();
     let text = sample_text();
     for (name, crlf) in [("raw.tsv", false), ("raw-crlf.tsv", true)] {
         let p = tmp(name, &as_raw(&text, crlf));
@@ -106,7 +106,7 @@ fn raw_tab_separated_gives_the_same_batches() {
         assert_eq!(tsv.format().delimiter, b'\t');
         assert!(!tsv.format().header);
         assert_eq!(tsv.data_lines(), 200);
-        let mut csv2 = CriteoReader::open(shared_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap();
+        let mut csv2 = CriteoReader::open(test_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap();
         // Different batch sizes on the two sides: the concatenation must agree.
         assert_eq!(read_all(&mut tsv, 7), read_all(&mut csv2, 50), "{name}");
         assert_eq!(tsv.eval_set().unwrap(), csv.eval_set().unwrap(), "{name}");
@@ -116,7 +116,7 @@ fn raw_tab_separated_gives_the_same_batches() {
 #[test]
 fn resume_by_position_and_skip() {
     let model = kaggle();
-    let path = shared_data("criteo-sample-200.csv");
+    let path = test_data("criteo-sample-200.csv");
     let mut a = CriteoReader::open(&path, &model, BadLinePolicy::Fail).unwrap();
     let all = read_all(&mut a, 1000);
     let mut b = CriteoReader::open(&path, &model, BadLinePolicy::Fail).unwrap();
@@ -263,11 +263,11 @@ fn skip_counts_several_bad_lines() {
 fn layout_mismatch_is_a_clear_error() {
     let mut model = kaggle();
     model.tables.pop();
-    let err = CriteoReader::open(shared_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap_err().to_string();
+    let err = CriteoReader::open(test_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap_err().to_string();
     assert!(err.contains("26 categorical") && err.contains("25 tables"), "{err}");
     let mut model = kaggle();
     model.num_dense = 12;
-    let err = CriteoReader::open(shared_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap_err().to_string();
+    let err = CriteoReader::open(test_data("criteo-sample-200.csv"), &model, BadLinePolicy::Fail).unwrap_err().to_string();
     assert!(err.contains("13 integer") && err.contains("num_dense = 12"), "{err}");
     // Raw format (no header): named by field count.
     let p = tmp("raw-mismatch.tsv", &as_raw(&sample_text(), false));

@@ -34,7 +34,7 @@ fn synthetic_batch_4096_x_8_tables_x_20_ids() {
 #[ignore]
 fn criteo_reader_lines_per_second() {
     // 1M lines in the raw format, built by repeating the shared sample.
-    let text = std::fs::read_to_string(ember_tests::shared_data("criteo-sample-200.csv")).unwrap();
+    let text = std::fs::read_to_string(ember_tests::test_data("criteo-sample-200.csv")).unwrap();
     let raw: String = text.lines().skip(1).map(|l| l.replace(',', "\t") + "\n").collect();
     let dir = std::env::temp_dir().join(format!("ember-data-speed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

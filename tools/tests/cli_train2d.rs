@@ -100,7 +100,7 @@ fn the_trace_shows_communication_overlapping_compute() {
 fn grid_training_reads_criteo_files_like_one_process() {
     // SGD, K = 1: the 2D run on the shared Criteo sample ends at the one-process model, so the
     // held-out AUC agrees; multi-process reads its samples from its own reader, bitwise the same.
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/criteo-sample-200.csv");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/criteo-sample-200.csv");
     let data = data.to_str().unwrap();
     let mut c = ember_engine::config::preset("kaggle", Some(5000)).unwrap();
     c.batch_size = 16;

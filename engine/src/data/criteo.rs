@@ -4,7 +4,7 @@
 //! Formats (detected from the first line):
 //! - raw Criteo: tab-separated, no header: `label, I1..I13, C1..C26`;
 //! - comma-separated, with a header line `label,I1,...,C26` (or without one: a header is
-//!   recognised by its first field not being a number), as in `shared/data/criteo-sample-200.csv`.
+//!   recognised by its first field not being a number), as in `tests/data/criteo-sample-200.csv`.
 //!
 //! Any field but the label may be empty. Preprocessing (BRIEF.md §6): integer x →
 //! `ln(1 + max(x, 0))`, parsed as a number so "260.0" and "-1" are read (missing → 0); categorical
