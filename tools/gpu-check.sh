@@ -87,7 +87,7 @@ echo "== ember bench embedding --device cuda (the lead's benchmark)"
 for d in 64 128; do
     for z in "" "--zipf 1.05"; do
         echo "-- D=$d ${z:-uniform}" | tee -a "$OUT/bench.txt"
-        timeout 40 .gpu/ember bench embedding --device cuda --tables 1 --rows 4000000 --dim $d --batch-size 65536 --bag 20 $z 2>&1 | tee -a "$OUT/bench.txt" || true
+        timeout 40 .gpu/ember bench embedding --device cuda --tables 1 --rows 4000000 --dim $d --batch-size 65536 --bag-size 20 $z 2>&1 | tee -a "$OUT/bench.txt" || true
     done
 done
 

@@ -356,3 +356,42 @@ pub fn preset(name: &str, row_cap: Option<u64>) -> Result<TrainConfig> {
     cfg.validate()?;
     Ok(cfg)
 }
+
+/// Human-readable names (for reports and `ember checkpoint inspect`).
+impl std::fmt::Display for EmbOptimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let adagrad = |f: &mut std::fmt::Formatter<'_>, name: &str, lr: f32, eps: f32, c: Option<f32>, eps_inside: bool| {
+            write!(f, "{name} (lr {lr}, eps {eps:e}")?;
+            if let Some(c) = c {
+                write!(f, ", momentum scaling c = {c}")?;
+            }
+            if eps_inside {
+                write!(f, ", eps inside the square root")?;
+            }
+            write!(f, ")")
+        };
+        match *self {
+            EmbOptimizer::Sgd { lr } => write!(f, "SGD (lr {lr})"),
+            EmbOptimizer::RowWiseAdagrad { lr, eps, c, eps_inside } => adagrad(f, "row-wise AdaGrad", lr, eps, c, eps_inside),
+            EmbOptimizer::Adagrad { lr, eps, c, eps_inside } => adagrad(f, "AdaGrad", lr, eps, c, eps_inside),
+        }
+    }
+}
+
+impl std::fmt::Display for DenseOptimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            DenseOptimizer::Sgd { lr } => write!(f, "SGD (lr {lr})"),
+            DenseOptimizer::Adagrad { lr, eps } => write!(f, "AdaGrad (lr {lr}, eps {eps:e})"),
+        }
+    }
+}
+
+impl std::fmt::Display for Interaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Interaction::Dot => write!(f, "dot interaction"),
+            Interaction::Dcn { layers, rank } => write!(f, "DCN interaction ({layers} layers, rank {rank})"),
+        }
+    }
+}

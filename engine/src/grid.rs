@@ -16,6 +16,15 @@ pub enum Placement {
     ReplicasAcrossNodes,
 }
 
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Placement::ReplicasInNode => "replicas in node",
+            Placement::ReplicasAcrossNodes => "replicas across nodes",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grid {
     /// Replicas = number of sharding groups.
@@ -83,7 +92,7 @@ impl Grid {
     pub fn describe(&self) -> String {
         let sg: Vec<String> = (0..self.m).map(|g| format!("{:?}", self.sharding_group(g))).collect();
         let rg: Vec<String> = (0..self.n).map(|r| format!("{:?}", self.replica_group(r))).collect();
-        format!("grid {}x{} ({:?}): sharding groups {}; replica groups {}", self.m, self.n, self.placement, sg.join(" "), rg.join(" "))
+        format!("grid {}x{} ({}): sharding groups {}; replica groups {}", self.m, self.n, self.placement, sg.join(" "), rg.join(" "))
     }
 }
 

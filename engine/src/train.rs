@@ -1,10 +1,12 @@
 //! The training loop behind `ember train` on one process: steps over a data source, periodic
 //! evaluation on the held-out set, throughput and quality metrics, and the final report.
 use crate::backend::Backend;
+use crate::checkpoint::{rank2d, Checkpoint, DataPosition};
 use crate::config::TrainConfig;
 use crate::data::{Batch, DataSource};
 use crate::metrics::{entropy, evaluate, EvalResult};
 use crate::model::Dlrm;
+use crate::parallel::CheckpointOptions;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -77,6 +79,25 @@ pub fn train<B: Backend>(
     cfg: &TrainConfig,
     data: &mut dyn DataSource,
     eval: &Batch,
+    on_progress: impl FnMut(&Progress),
+) -> Result<(Dlrm<B>, TrainReport)> {
+    train_checkpointed(be, cfg, data, eval, None, on_progress)
+}
+
+/// [`train`] with checkpoints (`ck`): after every `ck.every` steps the model is saved under
+/// `ck.dir` as a 1×1 checkpoint (`checkpoint::rank2d::save_dlrm`, loadable into any grid);
+/// with `ck.resume` the run continues from the newest complete checkpoint there (of any grid),
+/// with `data` moved to the saved position, up to the same `cfg.steps`. Saving only reads the
+/// model, so a checkpointed run trains bitwise the model of the run without checkpoints, and a
+/// resumed run on the same data ends where the uninterrupted run ends. The report counts the
+/// steps this call ran. Resumes and saves are announced as `tracing` events of target
+/// `checkpoint::LOG_TARGET`.
+pub fn train_checkpointed<B: Backend>(
+    be: &B,
+    cfg: &TrainConfig,
+    data: &mut dyn DataSource,
+    eval: &Batch,
+    ck: Option<&CheckpointOptions>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(Dlrm<B>, TrainReport)> {
     let start = Instant::now();
@@ -86,14 +107,18 @@ pub fn train<B: Backend>(
         (None, None) => return Err(Error::Config("steps must be set for an endless data source".into())),
     };
     let mut model = Dlrm::new(be, cfg)?;
-    let mut losses = Vec::with_capacity(steps);
-    let mut positives = Vec::with_capacity(steps);
+    let first = match ck.filter(|c| c.resume) {
+        Some(c) => resume(be, &mut model, cfg, data, &c.dir)?,
+        None => 0,
+    };
+    let mut losses = Vec::with_capacity(steps.saturating_sub(first));
+    let mut positives = Vec::with_capacity(steps.saturating_sub(first));
     let mut evals = Vec::new();
     let mut train_time = 0.0f64;
     let mut samples = 0u64;
     let chunk = cfg.batch_size.min(8192);
     let window = 50usize;
-    for step in 0..steps {
+    for step in first..steps {
         let t0 = Instant::now();
         let Some(batch) = data.next_batch(cfg.batch_size)? else { break };
         let loss = model.train_step(be, &batch)?;
@@ -111,6 +136,11 @@ pub fn train<B: Backend>(
             ne: wl / entropy(wp.clamp(1e-6, 1.0 - 1e-6)),
             samples_per_s: samples as f64 / train_time.max(1e-9),
         });
+        if let Some(c) = ck.filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
+            let position = DataPosition { next_sample: data.position(), reader_offsets: Vec::new() };
+            let dir = rank2d::save_dlrm(be, &mut model, cfg, &c.dir, (step + 1) as u64, position, c.keep)?;
+            tracing::info!(target: crate::checkpoint::LOG_TARGET, "saved {}", dir.display());
+        }
         if cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 && step + 1 < steps {
             let r = evaluate_model(be, &mut model, eval, chunk)?;
             evals.push(EvalPoint { step: step + 1, loss: r.loss, ne: r.ne, auc: r.auc });
@@ -118,7 +148,7 @@ pub fn train<B: Backend>(
     }
     let done = losses.len();
     let r = evaluate_model(be, &mut model, eval, chunk)?;
-    evals.push(EvalPoint { step: done, loss: r.loss, ne: r.ne, auc: r.auc });
+    evals.push(EvalPoint { step: first + done, loss: r.loss, ne: r.ne, auc: r.auc });
     let tail = (done / 10).max(1).min(done);
     let report = TrainReport {
         samples_per_s: samples as f64 / train_time.max(1e-9),
@@ -135,6 +165,26 @@ pub fn train<B: Backend>(
         backend: be.name().to_string(),
     };
     Ok((model, report))
+}
+
+/// Load the newest complete checkpoint under `root` into `model` and move `data` to its saved
+/// position; returns the checkpoint's step (0, announced, when there is no checkpoint yet).
+fn resume<B: Backend>(be: &B, model: &mut Dlrm<B>, cfg: &TrainConfig, data: &mut dyn DataSource, root: &std::path::Path) -> Result<usize> {
+    let Some(dir) = crate::checkpoint::latest(root)? else {
+        tracing::info!(target: crate::checkpoint::LOG_TARGET, "no checkpoint in {} yet: starting from step 0", root.display());
+        return Ok(0);
+    };
+    let ck = Checkpoint::open(&dir)?;
+    let (step, position) = rank2d::restore_dlrm(be, model, &ck, cfg)?;
+    // A checkpoint of another grid records its ranks' positions: the global stream is at step·B.
+    let next = position.map_or(step * cfg.batch_size as u64, |p| p.next_sample);
+    let here = data.position();
+    if next < here {
+        return Err(Error::Input(format!("{}: saved at sample {next}, but the data source is already at sample {here}", dir.display())));
+    }
+    data.skip(next - here)?;
+    tracing::info!(target: crate::checkpoint::LOG_TARGET, "resumed from {} (step {step})", dir.display());
+    Ok(step as usize)
 }
 
 fn mean(x: &[f64]) -> f64 {

@@ -68,7 +68,7 @@ bytes() {
       for n in 2 4; do
         run "$s $g steps=$n" "$f" --preset bench --max-rows 100000 --batch-size 4096 --steps $n --grid $g --sharding $s
       done
-      if "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_}_wise --json >"$OUT/plan.tmp" 2>/dev/null; then
+      if "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --sharding $s --json >"$OUT/plan.tmp" 2>/dev/null; then
         tail -1 "$OUT/plan.tmp" | jq -c --arg tag "$s $g" '{tag: $tag, a2a_mean_bytes_per_rank, a2a_mean_total_bytes_per_rank}' >>"$p"
       fi
     done
@@ -125,7 +125,7 @@ plan_only() {
   local p=$OUT/plan.jsonl; : >"$p"
   for s in table row column table-row; do
     for g in 1x8 4x2; do
-      "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_}_wise --json | tail -1 \
+      "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --sharding $s --json | tail -1 \
         | jq -c --arg tag "$s $g" '{tag: $tag, a2a_mean_bytes_per_rank, a2a_mean_total_bytes_per_rank}' >>"$p"
     done
   done

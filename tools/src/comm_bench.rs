@@ -14,19 +14,19 @@ use std::time::Duration;
 #[derive(clap::Args, Clone, Debug)]
 pub struct CommBenchArgs {
     /// Smallest size (bytes per peer for a2a, buffer bytes for allreduce); K/M/G suffixes.
-    #[arg(short = 'b', long = "minbytes", default_value = "1K")]
+    #[arg(short = 'b', long = "min-bytes", default_value = "1K")]
     pub min: String,
     /// Largest size.
-    #[arg(short = 'e', long = "maxbytes", default_value = "16M")]
+    #[arg(short = 'e', long = "max-bytes", default_value = "16M")]
     pub max: String,
     /// Size factor between rows.
-    #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
+    #[arg(short = 'f', long = "step-factor", default_value_t = 2)]
     pub factor: usize,
     /// Timed iterations per size.
     #[arg(short = 'n', long = "iters", default_value_t = 20)]
     pub iters: usize,
     /// Warm-up iterations per size (untimed).
-    #[arg(short = 'w', long = "warmup_iters", default_value_t = 2)]
+    #[arg(short = 'w', long = "warmup", default_value_t = 2)]
     pub warmup: usize,
     /// Checked iterations per size (after timing).
     #[arg(short = 'c', long = "check", default_value_t = 1)]

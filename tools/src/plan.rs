@@ -1,55 +1,45 @@
 //! `ember plan`: the sharding plan of one sharding group, with predicted per-rank memory,
 //! lookups, all-to-all bytes and imbalance (docs/plan.md). Allocates no tables and trains nothing.
-use crate::common::{CliResult, Shared};
+use crate::common::{check_batch, parse_grid, ranks_per_node, CliResult, ModelArgs, PlacementArg, ShardingArg};
 use clap::Args;
 use ember_engine::config::TrainConfig;
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::grid::Placement;
 use ember_engine::plan::planner::{plan, stats_from_batches, PlanOptions, PlanReport};
 use ember_engine::plan::ShardingType;
 
 #[derive(Args, Clone, Debug)]
 pub struct PlanArgs {
     #[command(flatten)]
-    pub shared: Shared,
+    pub model: ModelArgs,
+    /// M replicas x N ranks per sharding group (T = M·N ranks); the plan is one sharding group's.
+    #[arg(long, default_value = "1x1")]
+    pub grid: String,
     /// Ranks per node (world ranks); table-row-wise shards span one node.
     #[arg(long, default_value_t = 8)]
     pub ranks_per_node: usize,
     /// Per-rank memory budget in GiB; a plan that does not fit is refused.
     #[arg(long)]
     pub memory_budget_gib: Option<f64>,
-    /// Rank placement: in-node (replicas inside a node, default) or across-nodes.
-    #[arg(long, default_value = "in-node")]
-    pub placement: String,
-    /// Use one sharding type for every table: table_wise, row_wise, column_wise, table_row_wise.
-    #[arg(long)]
-    pub force: Option<String>,
+    /// Rank placement on the grid.
+    #[arg(long, value_enum, default_value_t = PlacementArg::InNode)]
+    pub placement: PlacementArg,
+    /// Force one sharding type for every table [default: the planner chooses per table].
+    #[arg(long, value_enum)]
+    pub sharding: Option<ShardingArg>,
     /// Measure id statistics on this many synthetic samples instead of assuming bag_size
     /// lookups spread uniformly over the rows.
     #[arg(long)]
     pub stats_samples: Option<usize>,
-    /// Print every rank (default: all when N <= 16, else the 8 heaviest).
+    /// Print every rank [default: all when N <= 16, else the 8 heaviest].
     #[arg(long)]
     pub all_ranks: bool,
-}
-
-fn parse_kind(s: &str) -> Result<ShardingType, String> {
-    ShardingType::ALL
-        .into_iter()
-        .find(|k| k.name() == s.replace('-', "_"))
-        .ok_or_else(|| format!("--force '{s}': expected table_wise, row_wise, column_wise or table_row_wise"))
+    /// Also print the plan report as one JSON object (the last line).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The options `ember plan` passes to the planner.
 pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn std::error::Error>> {
-    let placement = match a.placement.as_str() {
-        "in-node" | "in_node" | "inside" => Placement::ReplicasInNode,
-        "across-nodes" | "across_nodes" | "across" => Placement::ReplicasAcrossNodes,
-        p => return Err(format!("--placement '{p}': expected in-node or across-nodes").into()),
-    };
-    if a.ranks_per_node == 0 {
-        return Err("--ranks-per-node must be >= 1".into());
-    }
     let budget = match a.memory_budget_gib {
         Some(g) if !(g.is_finite() && g > 0.0) => return Err(format!("--memory-budget-gib {g}: must be > 0").into()),
         Some(g) => Some((g * (1u64 << 30) as f64) as u64),
@@ -63,11 +53,11 @@ pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn s
         _ => None,
     };
     Ok(PlanOptions {
-        ranks_per_node: a.ranks_per_node,
-        placement,
+        ranks_per_node: ranks_per_node(a.ranks_per_node)?,
+        placement: a.placement.into(),
         memory_budget_bytes: budget,
         stats,
-        force: a.force.as_deref().map(parse_kind).transpose()?,
+        force: a.sharding.map(ShardingType::from),
         ..PlanOptions::from_config(cfg)
     })
 }
@@ -102,7 +92,7 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
     push(
         &mut s,
         format!(
-            "plan: grid {}x{} (T = {}), global batch {} ({} per sharding group, {} per rank), {:?}, {} ranks per node ({} of a group)",
+            "plan: grid {}x{} (T = {}), global batch {} ({} per sharding group, {} per rank), {}, {} ranks per node ({} of a group)",
             rep.m, rep.n, rep.world, rep.batch_size, rep.samples_per_group, rep.samples_per_rank, rep.placement, rep.ranks_per_node, rep.group_ranks_per_node
         ),
     );
@@ -192,17 +182,18 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
 }
 
 pub fn run(a: PlanArgs) -> CliResult {
-    let mut shared = a.shared.clone();
+    let mut model = a.model.clone();
     // Nothing is allocated: plan the real shapes unless --max-rows caps them.
-    if shared.max_rows.is_none() {
-        shared.max_rows = Some(u64::MAX);
+    if model.max_rows.is_none() {
+        model.max_rows = Some(u64::MAX);
     }
-    let cfg = shared.train_config("tiny")?;
-    let (m, n) = shared.grid()?;
+    let cfg = model.train_config("tiny", None)?;
+    let (m, n) = parse_grid(&a.grid)?;
+    check_batch(cfg.batch_size, m, n)?;
     let opts = options(&a, &cfg)?;
     let (_plan, rep) = plan(&cfg.model, m, n, &opts)?;
     print!("{}", render(&rep, a.all_ranks));
-    if shared.json {
+    if a.json {
         println!("{}", serde_json::to_string(&rep)?);
     }
     Ok(())

@@ -1,61 +1,55 @@
 //! `ember train --grid MxN`: 2D training, as T in-process ranks (threads) by default, or as
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
-use crate::common::CliResult;
-use crate::train::TrainArgs;
-use ember_engine::backend::Cpu;
+use crate::common::{ranks_per_node, CliResult, Device};
+use crate::train::{epoch_steps, TrainArgs};
+use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
-use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::grid::{Grid, Placement};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::data::{Batch, DataSource};
-use ember_engine::backend::Backend;
+use ember_engine::grid::{Grid, Placement};
 use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
-use ember_engine::parallel::TraceEvent;
-use ember_engine::plan::Plan;
-use std::sync::Mutex;
-use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
+use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, TraceEvent};
 use ember_engine::plan::planner::{plan, PlanOptions};
-use ember_engine::plan::ShardingType;
+use ember_engine::plan::{Plan, ShardingType};
+use std::sync::Mutex;
 use std::time::Instant;
 
-pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
-    let s = &a.shared;
-    if s.device != "cpu" && s.device != "cuda" {
-        return Err(format!("--device '{}': expected cpu or cuda", s.device).into());
-    }
-    if s.data.is_some() && a.skip_bad_lines {
+pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Option<CheckpointOptions>) -> CliResult {
+    if a.data.is_some() && a.skip_bad_lines {
         return Err("--skip-bad-lines with a grid: every rank must agree on sample boundaries; fix or filter the file first".into());
     }
-    let placement = match a.placement.as_str() {
-        "in-node" => Placement::ReplicasInNode,
-        "across-nodes" => Placement::ReplicasAcrossNodes,
-        other => return Err(format!("--placement '{other}': expected in-node or across-nodes").into()),
-    };
+    let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
+    let multi = join.is_some();
+    // In-process ranks talk through the local transport; the others connect processes.
+    a.transport.parse::<ember_transport::Transport>().map_err(|e| format!("--transport {}: {e}", a.transport))?;
+    if !multi && a.transport != "auto" && a.transport != "local" {
+        return Err(format!(
+            "--transport {}: the {} ranks of this grid run as threads of one process and talk through the local transport; \
+             to use {} start one process per rank: ember launch -n {} --transport {} -- ember train ...",
+            a.transport,
+            m * n,
+            a.transport,
+            m * n,
+            a.transport
+        )
+        .into());
+    }
+    let placement: Placement = a.placement.into();
     let sync = match a.sync.as_str() {
-        "sparse" => SyncMode::Sparse,
         "full" => SyncMode::Full,
-        other => return Err(format!("--sync '{other}': expected sparse or full").into()),
+        _ => SyncMode::Sparse,
     };
     let grid = Grid::new(m, n, placement)?;
     let mut popts = PlanOptions::from_config(&cfg);
-    popts.ranks_per_node = a.ranks_per_node;
+    popts.ranks_per_node = ranks_per_node(a.ranks_per_node)?;
     popts.placement = placement;
-    popts.force = match a.sharding.as_deref() {
-        None => None,
-        Some("table") => Some(ShardingType::TableWise),
-        Some("row") => Some(ShardingType::RowWise),
-        Some("column") => Some(ShardingType::ColumnWise),
-        Some("table-row") => Some(ShardingType::TableRowWise),
-        Some(o) => return Err(format!("--sharding '{o}': expected table, row, column or table-row").into()),
-    };
+    popts.force = a.sharding.map(ShardingType::from);
     let (plan, _) = plan(&cfg.model, m, n, &popts)?;
-    if (a.resume || a.checkpoint_every > 0) && a.checkpoint_dir.is_none() {
-        return Err("--resume and --checkpoint-every need --checkpoint-dir".into());
-    }
     if a.checkpoint_every % a.sync_every.max(1) != 0 {
         return Err(format!("--checkpoint-every {} must be a multiple of --sync-every {}", a.checkpoint_every, a.sync_every).into());
     }
-    let checkpoint = a.checkpoint_dir.as_ref().map(|dir| CheckpointOptions { dir: dir.clone(), every: a.checkpoint_every, keep: a.keep.max(1), resume: a.resume });
+    let resume_root = checkpoint.as_ref().filter(|c| c.resume).map(|c| c.dir.clone());
     let opts = ParallelOptions {
         sync_every: a.sync_every,
         sync,
@@ -64,11 +58,9 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         xfer: a.xfer.parse()?,
         checkpoint,
     };
-    let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
-    let multi = join.is_some();
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
-    // rank reads exactly its samples of each global batch (BRIEF.md §2).
-    let source = match &s.data {
+    // rank reads exactly its samples of each global batch (docs/2d.md).
+    let source = match &a.data {
         None => Source::Synthetic(SyntheticData::new(&cfg)?),
         Some(path) => {
             let readers = (0..if multi { 1 } else { grid.world() })
@@ -81,9 +73,10 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         Source::Synthetic(d) => (d.eval_batch(), Some(d.oracle_eval())),
         Source::Files(r) => (r[0].lock().map_err(|_| "reader lock")?.eval_set()?, None),
     };
+    let root = join.as_ref().map_or(true, |j| j.rank == 0);
     let steps = match (cfg.steps, &source) {
-        (Some(st), _) => st,
-        (None, Source::Files(r)) => (r[0].lock().map_err(|_| "reader lock")?.train_lines() as usize / cfg.batch_size).max(1),
+        (st, Source::Files(r)) => epoch_steps(st, r[0].lock().map_err(|_| "reader lock")?.train_lines(), cfg.batch_size, root)?,
+        (Some(st), Source::Synthetic(_)) => st,
         (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
     };
     let feed = |step: usize, w: usize| -> ember_engine::Result<Batch> {
@@ -107,9 +100,14 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     };
     let trace = a.trace.is_some();
     let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: &eval, trace };
-    let (rep, events, is_root) = match s.device.as_str() {
-        "cuda" => run_cuda(job, join, &s.transport)?,
-        _ => job.run(&|_| Ok(Cpu::new()), join, &s.transport)?,
+    let run = match a.device {
+        Device::Cuda => run_cuda(job, join, &a.transport),
+        Device::Cpu => job.run(&|_| Ok(Cpu::new()), join, &a.transport),
+    };
+    let (rep, events, is_root) = match (run, resume_root) {
+        (Ok(r), _) => r,
+        (Err(e), Some(root)) => return Err(crate::checkpoint::explain_resume_failure(&root, e.to_string()).into()),
+        (Err(e), None) => return Err(e),
     };
     if let Some(path) = &a.trace {
         // One file for in-process ranks; one per process otherwise (FILE.rankN.json).
@@ -120,7 +118,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         return Ok(());
     }
     print_summary(&rep, oracle.as_ref());
-    if s.json {
+    if a.json {
         let mut v = serde_json::to_value(&rep)?;
         if let Some(o) = &oracle {
             v["oracle_auc"] = o.auc.into();

@@ -110,9 +110,9 @@ pub fn inspect(path: &Path) -> Result<(String, bool)> {
         };
         let m = &ck.manifest;
         let r = &m.run;
-        let _ = writeln!(s, "{}: step {}, format {} ({}), grid {}x{} ({:?}), M = {}, c = {}", d.display(), m.step, m.format_version, m.magic, r.grid.m, r.grid.n, r.grid.placement, m.m, r.c);
-        let _ = writeln!(s, "  model: {} tables, dim {}, bottom {:?}, top {:?}, {:?}", r.model.tables.len(), r.model.dim(), r.model.bottom_mlp, r.model.top_mlp, r.model.interaction);
-        let _ = writeln!(s, "  optimizers: embedding {:?}, dense {:?}; seed {}, batch {}", r.embedding_optimizer, r.dense_optimizer, r.seed, r.batch_size);
+        let _ = writeln!(s, "{}: step {}, format {} ({}), grid {}x{} ({}), M = {}, c = {}", d.display(), m.step, m.format_version, m.magic, r.grid.m, r.grid.n, r.grid.placement, m.m, r.c);
+        let _ = writeln!(s, "  model: {} tables, dim {}, bottom MLP {:?}, top MLP {:?}, {}", r.model.tables.len(), r.model.dim(), r.model.bottom_mlp, r.model.top_mlp, r.model.interaction);
+        let _ = writeln!(s, "  optimizers: embedding {}, dense {}; seed {}, batch {}", r.embedding_optimizer, r.dense_optimizer, r.seed, r.batch_size);
         for p in &m.positions {
             let _ = writeln!(s, "  rank {} (g {}, r {}): next sample {}, reader offsets {:?}", p.world_rank, p.coords.0, p.coords.1, p.data.next_sample, p.data.reader_offsets);
         }

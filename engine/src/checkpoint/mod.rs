@@ -38,6 +38,9 @@ pub const DENSE_MAGIC: &[u8; 8] = b"EMBDENSE";
 /// Bytes of a shard file's header (the weights start here, 64-byte aligned).
 pub const SHARD_HEADER: usize = 64;
 pub const MANIFEST: &str = "manifest.json";
+/// The `tracing` target of what a training run says about its checkpoints (the resume, or that
+/// there was none to resume from, and every save); `ember train` prints these events.
+pub const LOG_TARGET: &str = "ember::checkpoint";
 pub const DENSE_FILE: &str = "dense.bin";
 
 #[cfg(target_endian = "big")]

@@ -161,11 +161,34 @@ pub fn train_comms_with<B: Backend>(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
     });
-    let mut outcomes = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut outcomes = Vec::with_capacity(t);
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(o) => outcomes.push(o),
+            Err(e) => failures.push(e),
+        }
+    }
+    if let Some(e) = root_cause(failures) {
+        return Err(e);
+    }
     outcomes.sort_by_key(|o| o.state.world_rank);
     let report = report(grid, steps, cfg.batch_size, start.elapsed().as_secs_f64(), &outcomes[0]);
     let events = outcomes.iter_mut().flat_map(|o| std::mem::take(&mut o.trace)).collect();
     Ok((report, outcomes.into_iter().map(|o| o.state).collect(), events))
+}
+
+/// The error to report when in-process ranks failed (listed by world rank): the first that is
+/// not a transport error. One rank's own failure (bad data, a damaged checkpoint) makes its
+/// communicators drop, and every other rank then fails in a collective with "rank w failed";
+/// those follow-on errors are transport errors, the cause is not.
+fn root_cause(failures: Vec<Error>) -> Option<Error> {
+    let first_own = failures.iter().position(|e| !matches!(e, Error::Transport(_)));
+    let mut failures = failures;
+    match first_own {
+        Some(i) => Some(failures.swap_remove(i)),
+        None => failures.into_iter().next(),
+    }
 }
 
 /// What one rank returns.
@@ -211,13 +234,19 @@ pub fn run_rank<B: Backend>(
     let ckpt = rank.opts.checkpoint.clone();
     let mut first = 0;
     if let Some(ck) = ckpt.as_ref().filter(|c| c.resume) {
-        if let Some(dir) = crate::checkpoint::latest(&ck.dir)? {
-            let c = crate::checkpoint::Checkpoint::open(&dir)?;
-            crate::checkpoint::rank2d::restore_rank2d(be, &mut rank, &c, cfg)?;
-            first = rank.steps_done;
-            if w == 0 {
-                tracing::info!("resumed from {} at step {first}", dir.display());
+        match crate::checkpoint::latest(&ck.dir)? {
+            Some(dir) => {
+                let c = crate::checkpoint::Checkpoint::open(&dir)?;
+                crate::checkpoint::rank2d::restore_rank2d(be, &mut rank, &c, cfg)?;
+                first = rank.steps_done;
+                if w == 0 {
+                    tracing::info!(target: crate::checkpoint::LOG_TARGET, "resumed from {} (step {first})", dir.display());
+                }
             }
+            None if w == 0 => {
+                tracing::info!(target: crate::checkpoint::LOG_TARGET, "no checkpoint in {} yet: starting from step 0", ck.dir.display());
+            }
+            None => {}
         }
     }
     let mut losses = Vec::with_capacity(steps);
@@ -235,7 +264,10 @@ pub fn run_rank<B: Backend>(
         if let Some(ck) = ckpt.as_ref().filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
             let r = grid.sample_range(w, cfg.batch_size);
             let position = crate::checkpoint::DataPosition { next_sample: ((step + 1) * cfg.batch_size + r.start) as u64, reader_offsets: vec![] };
-            crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep)?;
+            let dir = crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep)?;
+            if w == 0 {
+                tracing::info!(target: crate::checkpoint::LOG_TARGET, "saved {}", dir.display());
+            }
         }
     }
     let train_s = t0.elapsed().as_secs_f64();
