@@ -182,13 +182,9 @@ pub fn train_comms_with<B: Backend>(
 /// not a transport error. One rank's own failure (bad data, a damaged checkpoint) makes its
 /// communicators drop, and every other rank then fails in a collective with "rank w failed";
 /// those follow-on errors are transport errors, the cause is not.
-fn root_cause(failures: Vec<Error>) -> Option<Error> {
-    let first_own = failures.iter().position(|e| !matches!(e, Error::Transport(_)));
-    let mut failures = failures;
-    match first_own {
-        Some(i) => Some(failures.swap_remove(i)),
-        None => failures.into_iter().next(),
-    }
+fn root_cause(mut failures: Vec<Error>) -> Option<Error> {
+    let i = failures.iter().position(|e| !matches!(e, Error::Transport(_))).unwrap_or(0);
+    (i < failures.len()).then(|| failures.swap_remove(i))
 }
 
 /// What one rank returns.
