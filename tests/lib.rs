@@ -5,5 +5,7 @@ pub fn test_data(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
 }
 
+pub mod check2d;
 pub mod oracle;
+pub mod oracle2d;
 pub mod two_d;
