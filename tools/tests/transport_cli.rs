@@ -1,5 +1,6 @@
 //! Multi-process transport tests through the CLI: `ember launch` (shm and tcp), `ember bench`
-//! in-process with --json, a peer killed mid-job, and Open MPI's mpirun when it is installed.
+//! in-process with --json, a peer killed mid-job, and Open MPI's mpirun (ignored by default:
+//! needs Open MPI; CI runs them with `--ignored`).
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -71,11 +72,8 @@ fn unbuilt_transport_is_a_clear_error() {
 }
 
 #[test]
+#[ignore = "needs Open MPI's mpirun (apt-get install openmpi-bin)"]
 fn runs_under_open_mpi_mpirun() {
-    if Command::new("mpirun").arg("--version").output().is_err() {
-        eprintln!("mpirun not installed: skipped (CI installs openmpi-bin)");
-        return;
-    }
     let port = ember_transport::bootstrap::free_port().unwrap();
     let rdv = format!("EMBER_RENDEZVOUS=127.0.0.1:{port}");
     let o = Command::new("mpirun")
@@ -89,11 +87,8 @@ fn runs_under_open_mpi_mpirun() {
 }
 
 #[test]
+#[ignore = "needs Open MPI's mpirun (apt-get install openmpi-bin)"]
 fn bare_mpirun_needs_no_variables() {
-    if Command::new("mpirun").arg("--version").output().is_err() {
-        eprintln!("mpirun not installed: skipped (CI installs openmpi-bin)");
-        return;
-    }
     // No EMBER_JOB_TOKEN, no rendezvous: rank 0 writes a 0600 job file keyed by the job id.
     let o = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", EMBER, "bench", "a2a", "-b", "1K", "-e", "64K", "-f", "64", "-n", "3"])
