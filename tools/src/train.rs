@@ -34,7 +34,7 @@ pub struct TrainArgs {
     /// Ranks per node (for the planner's table-row-wise choice).
     #[arg(long, default_value_t = 8)]
     pub ranks_per_node: usize,
-    /// Momentum-scaling constant c of the AdaGrad optimizers (default: M under 2D, 1 on one replica).
+    /// Momentum-scaling constant c of the AdaGrad optimizers (default: M under 2D, M² fully sharded, 1 on one replica).
     #[arg(long)]
     pub momentum_c: Option<f32>,
     /// Force one sharding type for every table: table, row, column, table-row (default: the planner chooses).

@@ -47,7 +47,7 @@ pub struct ParallelOptions {
     pub delayed_state_sync: bool,
     /// Fully-sharded 2D (BRIEF.md §2 variant): weights reduce-scattered (mean) over the replica
     /// group right after the lookup, all-gathered before the embedding backward; optimizer state
-    /// is not averaged and K does not apply.
+    /// is not averaged (so c defaults to M², see `default_momentum_c`) and K does not apply.
     #[serde(default)]
     pub fully_sharded: bool,
     /// How the step's buffers travel between ranks (see `xfer`).
