@@ -3,9 +3,10 @@
 //!
 //! Saving a 2D run: every rank calls [`save_rank2d`] after the same step. World rank 0 prepares
 //! the folder; replica g = 0 of every replica group writes its shards (after a sync the M
-//! replicas are identical); world rank 0 writes the dense file; every rank's data position and
-//! file list are gathered to rank 0, which commits the manifest. Any rank's failure makes every
-//! rank return an error and no manifest is written.
+//! replicas are identical), and with delayed state sync or fully-sharded 2D, where they are not,
+//! every replica also writes its own copies ([`super::replica`]); world rank 0 writes the dense
+//! file; every rank's data position and file list are gathered to rank 0, which commits the
+//! manifest. Any rank's failure makes every rank return an error and no manifest is written.
 use super::replica::{self, PendingRows, ReplicaShard};
 use super::{write, Checkpoint, DataPosition, FileEntry, RankPosition, RunInfo};
 use crate::backend::Backend;
