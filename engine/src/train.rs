@@ -2,7 +2,7 @@
 //! evaluation on the held-out set, throughput and quality metrics, and the final report.
 use crate::backend::Backend;
 use crate::config::TrainConfig;
-use crate::data::{Batch, DataSource};
+use crate::data::{Batch, DataSource, EvalSet};
 use crate::metrics::{entropy, evaluate, EvalResult};
 use crate::model::Dlrm;
 use crate::{Error, Result};
@@ -65,10 +65,22 @@ pub fn predict_all<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &Batch, chunk:
     Ok(logits)
 }
 
-/// Evaluate `model` on `eval`.
-pub fn evaluate_model<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &Batch, chunk: usize) -> Result<EvalResult> {
-    let logits = predict_all(be, model, eval, chunk)?;
-    Ok(evaluate(&logits, &eval.labels))
+/// Evaluate `model` on `eval`, read `chunk` samples at a time (only the logits and labels are
+/// kept: the exact AUC needs them all). An empty eval set is an error, not a neutral metric.
+pub fn evaluate_model<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &dyn EvalSet, chunk: usize) -> Result<EvalResult> {
+    let (mut logits, mut labels) = (Vec::new(), Vec::new());
+    for k in 0.. {
+        let b = eval.chunk(k, chunk)?;
+        if b.size() == 0 {
+            break;
+        }
+        logits.extend(model.predict(be, &b)?);
+        labels.extend_from_slice(&b.labels);
+    }
+    if labels.is_empty() {
+        return Err(Error::Input("the eval set is empty: there is no metric to report".into()));
+    }
+    Ok(evaluate(&logits, &labels))
 }
 
 /// Train `cfg` on `data` for `cfg.steps` steps (or one epoch of `data`), evaluating on `eval`.
@@ -76,7 +88,7 @@ pub fn train<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     data: &mut dyn DataSource,
-    eval: &Batch,
+    eval: &dyn EvalSet,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(Dlrm<B>, TrainReport)> {
     let start = Instant::now();
@@ -86,8 +98,9 @@ pub fn train<B: Backend>(
         (None, None) => return Err(Error::Config("steps must be set for an endless data source".into())),
     };
     let mut model = Dlrm::new(be, cfg)?;
-    let mut losses = Vec::with_capacity(steps);
-    let mut positives = Vec::with_capacity(steps);
+    // Grown as the steps run: `steps` comes from outside and may be large.
+    let mut losses = Vec::with_capacity(steps.min(1 << 16));
+    let mut positives = Vec::with_capacity(steps.min(1 << 16));
     let mut evals = Vec::new();
     let mut train_time = 0.0f64;
     let mut samples = 0u64;
@@ -117,6 +130,9 @@ pub fn train<B: Backend>(
         }
     }
     let done = losses.len();
+    if done == 0 {
+        return Err(Error::Input("the data source had no training sample: no step ran".into()));
+    }
     let r = evaluate_model(be, &mut model, eval, chunk)?;
     evals.push(EvalPoint { step: done, loss: r.loss, ne: r.ne, auc: r.auc });
     let tail = (done / 10).max(1).min(done);

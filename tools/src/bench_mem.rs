@@ -8,12 +8,12 @@ pub struct MemArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Size of the copied buffer, MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::common::count::<1, { 1 << 20 }>)]
     pub copy_mib: usize,
     /// Size of the table rows are gathered from, MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
     pub table_mib: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::common::count::<1, 1_000_000>)]
     pub reps: usize,
     /// Print one JSON object per row.
     #[arg(long)]

@@ -42,7 +42,15 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // Every error exits 1 with "ember: error: ..." (docs/cli.md), flag errors included.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprint!("ember: {e}");
+            std::process::exit(1);
+        }
+    };
     let result = match cli.cmd {
         Cmd::Train(a) => train::run(a),
         Cmd::Bench(a) => bench::run(a),

@@ -13,10 +13,10 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub shared: Shared,
     /// Ranks per node (world ranks); table-row-wise shards span one node.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub ranks_per_node: usize,
     /// Per-rank memory budget in GiB; a plan that does not fit is refused.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_f64)]
     pub memory_budget_gib: Option<f64>,
     /// Rank placement: in-node (replicas inside a node, default) or across-nodes.
     #[arg(long, default_value = "in-node")]
@@ -26,7 +26,7 @@ pub struct PlanArgs {
     pub force: Option<String>,
     /// Measure id statistics on this many synthetic samples instead of assuming bag_size
     /// lookups spread uniformly over the rows.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub stats_samples: Option<usize>,
     /// Print every rank (default: all when N <= 16, else the 8 heaviest).
     #[arg(long)]

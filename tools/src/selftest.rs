@@ -26,11 +26,11 @@ pub struct SelftestArgs {
     #[arg(long)]
     pub bench: bool,
     /// Batch, pooling factor and table rows of the benchmark.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub batch: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BAG_SIZE }>)]
     pub pooling: usize,
-    #[arg(long, default_value_t = 4_000_000)]
+    #[arg(long, default_value_t = 4_000_000, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_ROWS as usize }>)]
     pub rows: usize,
     /// Write the results as markdown to this file.
     #[arg(long)]

@@ -1,10 +1,10 @@
 //! `ember train`: one process, CPU (or CUDA) backend, synthetic data or Criteo files.
-use crate::common::{CliResult, Shared};
+use crate::common::{count, CliResult, Shared};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::data::{Batch, DataSource};
+use ember_engine::data::{DataSource, EvalSet};
 use ember_engine::metrics::EvalResult;
 use ember_engine::train::{train, TrainReport};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -14,7 +14,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub shared: Shared,
     /// Evaluate on the held-out set every this many steps (0: only at the end).
-    #[arg(long)]
+    #[arg(long, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub eval_every: Option<usize>,
     /// With --data: skip malformed lines (counted and printed) instead of failing.
     #[arg(long)]
@@ -23,7 +23,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Replica sync every K steps (grids with M > 1).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count::<1, { ember_engine::config::limits::MAX_STEPS }>)]
     pub sync_every: usize,
     /// Replica sync: sparse (rows touched since the last sync) or full (whole tables).
     #[arg(long, default_value = "sparse")]
@@ -32,10 +32,10 @@ pub struct TrainArgs {
     #[arg(long, default_value = "in-node")]
     pub placement: String,
     /// Ranks per node (for the planner's table-row-wise choice).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub ranks_per_node: usize,
     /// Momentum-scaling constant c of the AdaGrad optimizers (default: M under 2D, 1 on one replica).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_f32)]
     pub momentum_c: Option<f32>,
     /// Force one sharding type for every table: table, row, column, table-row (default: the planner chooses).
     #[arg(long)]
@@ -58,14 +58,18 @@ pub struct TrainArgs {
     #[arg(long)]
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Save a checkpoint every S steps (a multiple of --sync-every).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub checkpoint_every: usize,
     /// Keep the last K complete checkpoints.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count::<1, 1_000_000>)]
     pub keep: usize,
     /// Resume from the latest complete checkpoint in --checkpoint-dir.
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in a --checkpoint-dir that holds another run's checkpoints, removing
+    /// them first (without it such a folder is refused).
+    #[arg(long)]
+    pub overwrite_checkpoints: bool,
     /// Write a Chrome/Perfetto trace of every rank's stages to this file.
     #[arg(long)]
     pub trace: Option<std::path::PathBuf>,
@@ -95,42 +99,47 @@ pub fn run(a: TrainArgs) -> CliResult {
     if s.transport != "auto" && s.transport != "local" {
         return Err(format!("--transport {}: a single-rank run uses no transport", s.transport).into());
     }
+    if s.device == "cpu" {
+        let (_, rep) = ember_engine::plan::planner::plan(&cfg.model, 1, 1, &ember_engine::plan::planner::PlanOptions::from_config(&cfg))?;
+        ember_engine::memory::check_plan(&rep, 1, true)?;
+    }
     let mut skipped = None;
     let mut oracle = None;
-    let (mut data, eval): (Box<dyn DataSource>, Batch) = match &s.data {
+    // The eval set: the file's eval split read chunk by chunk, or the synthetic one.
+    let (mut data, eval): (Box<dyn DataSource>, Box<dyn EvalSet>) = match &s.data {
         Some(path) => {
             let policy = if a.skip_bad_lines { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
-            let mut r = CriteoReader::open(path, &cfg.model, policy)?;
-            let eval = r.eval_set()?;
-            skipped = Some(r.skipped());
-            (Box::new(r), eval)
+            let r = CriteoReader::open(path, &cfg.model, policy)?;
+            let eval = r.eval_stream()?;
+            skipped = Some(0);
+            (Box::new(r), Box::new(eval))
         }
         None => {
             let mut d = SyntheticData::new(&cfg)?;
             let eval = d.eval_set()?;
             oracle = Some(d.oracle_eval());
-            (Box::new(d), eval)
+            (Box::new(d), Box::new(eval))
         }
     };
     match s.device.as_str() {
-        "cpu" => run_on(&Cpu::new(), &cfg, data.as_mut(), &eval, &a, skipped, oracle),
-        "cuda" => run_cuda(&cfg, data.as_mut(), &eval, &a, skipped, oracle),
+        "cpu" => run_on(&Cpu::new(), &cfg, data.as_mut(), eval.as_ref(), &a, skipped, oracle),
+        "cuda" => run_cuda(&cfg, data.as_mut(), eval.as_ref(), &a, skipped, oracle),
         other => Err(format!("--device '{other}': expected cpu or cuda").into()),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
+fn run_cuda(cfg: &TrainConfig, data: &mut dyn DataSource, eval: &dyn EvalSet, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
     let be = ember_engine::backend::cuda::Cuda::new(0)?;
     run_on(&be, cfg, data, eval, a, skipped, oracle)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &TrainConfig, _: &mut dyn DataSource, _: &Batch, _: &TrainArgs, _: Option<u64>, _: Option<EvalResult>) -> CliResult {
+fn run_cuda(_: &TrainConfig, _: &mut dyn DataSource, _: &dyn EvalSet, _: &TrainArgs, _: Option<u64>, _: Option<EvalResult>) -> CliResult {
     Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)".into())
 }
 
-fn run_on<B: Backend>(be: &B, cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
+fn run_on<B: Backend>(be: &B, cfg: &TrainConfig, data: &mut dyn DataSource, eval: &dyn EvalSet, a: &TrainArgs, skipped: Option<u64>, oracle: Option<EvalResult>) -> CliResult {
     let s = &a.shared;
     let total = cfg.steps.map(|x| x as u64).or(data.len().map(|n| n / cfg.batch_size as u64)).unwrap_or(0);
     let bar = ProgressBar::new(total);
@@ -147,6 +156,8 @@ fn run_on<B: Backend>(be: &B, cfg: &TrainConfig, data: &mut dyn DataSource, eval
         }
     })?;
     bar.finish_and_clear();
+    // Bad lines skipped by the training stream and by the eval pass (files only).
+    let skipped = skipped.map(|_| data.skipped() + eval.skipped());
     print_summary(&report, skipped, oracle);
     if s.json {
         let mut v = serde_json::to_value(&report)?;

@@ -7,7 +7,7 @@ use ember_engine::config::TrainConfig;
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
-use ember_engine::data::{Batch, DataSource};
+use ember_engine::data::{Batch, DataSource, EvalSet};
 use ember_engine::backend::Backend;
 use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
 use ember_engine::parallel::TraceEvent;
@@ -48,14 +48,28 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         Some("table-row") => Some(ShardingType::TableRowWise),
         Some(o) => return Err(format!("--sharding '{o}': expected table, row, column or table-row").into()),
     };
-    let (plan, _) = plan(&cfg.model, m, n, &popts)?;
+    let (plan, plan_report) = plan(&cfg.model, m, n, &popts)?;
+    let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
+    let multi = join.is_some();
+    // Host memory before anything is allocated (CUDA ranks keep their tables on the device).
+    if s.device == "cpu" {
+        ember_engine::memory::check_plan(&plan_report, m, multi)?;
+    }
     if (a.resume || a.checkpoint_every > 0) && a.checkpoint_dir.is_none() {
         return Err("--resume and --checkpoint-every need --checkpoint-dir".into());
     }
     if a.checkpoint_every % a.sync_every.max(1) != 0 {
         return Err(format!("--checkpoint-every {} must be a multiple of --sync-every {}", a.checkpoint_every, a.sync_every).into());
     }
-    let checkpoint = a.checkpoint_dir.as_ref().map(|dir| CheckpointOptions { dir: dir.clone(), every: a.checkpoint_every, keep: a.keep.max(1), resume: a.resume });
+    // The folder becomes this run's (world rank 0 decides; only it commits and prunes).
+    let rank0 = join.as_ref().map_or(true, |j| j.rank == 0);
+    let checkpoint = match &a.checkpoint_dir {
+        None => None,
+        Some(dir) => {
+            let run_id = if rank0 { Some(ember_engine::checkpoint::claim(dir, a.resume, a.overwrite_checkpoints)?) } else { None };
+            Some(CheckpointOptions { dir: dir.clone(), every: a.checkpoint_every, keep: a.keep.max(1), resume: a.resume, run_id })
+        }
+    };
     let opts = ParallelOptions {
         sync_every: a.sync_every,
         sync,
@@ -64,8 +78,6 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         xfer: a.xfer.parse()?,
         checkpoint,
     };
-    let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
-    let multi = join.is_some();
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
     // rank reads exactly its samples of each global batch (BRIEF.md §2).
     let source = match &s.data {
@@ -77,9 +89,11 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
             Source::Files(readers)
         }
     };
-    let (eval, oracle) = match &source {
-        Source::Synthetic(d) => (d.eval_batch(), Some(d.oracle_eval())),
-        Source::Files(r) => (r[0].lock().map_err(|_| "reader lock")?.eval_set()?, None),
+    // The eval set: the synthetic one, or the file's eval split read chunk by chunk (shared by
+    // the in-process ranks).
+    let (eval, oracle): (Box<dyn EvalSet>, _) = match &source {
+        Source::Synthetic(d) => (Box::new(d.eval_batch()), Some(d.oracle_eval())),
+        Source::Files(r) => (Box::new(r[0].lock().map_err(|_| "reader lock")?.eval_stream()?), None),
     };
     let steps = match (cfg.steps, &source) {
         (Some(st), _) => st,
@@ -106,7 +120,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         }
     };
     let trace = a.trace.is_some();
-    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: &eval, trace };
+    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: eval.as_ref(), trace };
     let (rep, events, is_root) = match s.device.as_str() {
         "cuda" => run_cuda(job, join, &s.transport)?,
         _ => job.run(&|_| Ok(Cpu::new()), join, &s.transport)?,
@@ -140,7 +154,7 @@ struct Job<'a> {
     opts: ParallelOptions,
     steps: usize,
     feed: &'a (dyn Fn(usize, usize) -> ember_engine::Result<Batch> + Sync),
-    eval: &'a Batch,
+    eval: &'a dyn EvalSet,
     trace: bool,
 }
 

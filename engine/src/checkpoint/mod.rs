@@ -8,6 +8,11 @@
 //! fsynced; a folder without a manifest is incomplete and never loads. The last K complete
 //! checkpoints are kept.
 //!
+//! A training run owns its root: `ROOT/run-id` holds the id of the run whose checkpoints the
+//! root holds ([`claim`]). A new run refuses a root holding another run's checkpoints unless
+//! told to overwrite them (they are then removed first); a resumed run continues the root's run;
+//! and pruning only ever removes checkpoints of the run that owns the root.
+//!
 //! Layers: [`write`] (files and the manifest; collective-free, so one process or many can call
 //! it), [`read`] ([`Checkpoint`]: open, verify, assemble any row/column block of any table), the
 //! glue for the engine's two models in [`rank2d`], and [`export`] (.npy files).
@@ -25,7 +30,7 @@ pub mod read;
 pub mod write;
 
 pub use read::{latest, list, Checkpoint, Listed};
-pub use write::{commit, prepare, write_dense, write_shard};
+pub use write::{claim, commit, prepare, read_run_id, write_dense, write_shard};
 
 /// `manifest.magic`.
 pub const MAGIC: &str = "ember-checkpoint";
@@ -38,6 +43,8 @@ pub const DENSE_MAGIC: &[u8; 8] = b"EMBDENSE";
 /// Bytes of a shard file's header (the weights start here, 64-byte aligned).
 pub const SHARD_HEADER: usize = 64;
 pub const MANIFEST: &str = "manifest.json";
+/// The file under a checkpoint root naming the run that owns it.
+pub const RUN_ID_FILE: &str = "run-id";
 pub const DENSE_FILE: &str = "dense.bin";
 
 #[cfg(target_endian = "big")]

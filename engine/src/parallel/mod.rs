@@ -67,6 +67,8 @@ pub struct CheckpointOptions {
     /// Complete checkpoints kept.
     pub keep: usize,
     pub resume: bool,
+    /// The run owning `dir` (`checkpoint::claim`): only its checkpoints are pruned.
+    pub run_id: Option<String>,
 }
 
 impl Default for ParallelOptions {
