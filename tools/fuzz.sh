@@ -36,9 +36,11 @@ for t in "${targets[@]}"; do
     [ -d "corpus/$t" ] && seeds=("corpus/$t")
     log="target/$t.log"
     echo "fuzz: $t for ${secs}s"
+    jobs=()
+    if [ "${FUZZ_JOBS:-1}" -gt 1 ]; then jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS"); fi
     if ! "$bin/$t" "target/corpus/$t" "${seeds[@]}" -max_total_time="$secs" -max_len=65536 \
-        -timeout=10 -rss_limit_mb=2048 -jobs="${FUZZ_JOBS:-1}" -workers="${FUZZ_JOBS:-1}" \
-        -artifact_prefix="target/artifacts/$t/" -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1; then
+        -timeout=10 -rss_limit_mb=2048 "${jobs[@]}" -artifact_prefix="target/artifacts/$t/" \
+        -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1; then
         failed+=("$t")
         tail -n 40 "$log"
     fi

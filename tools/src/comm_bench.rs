@@ -263,7 +263,8 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
             let (m, n): (usize, usize) = (m.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
             let world = comms.first().map(|c| c.size()).unwrap_or(0);
             if m == 0 || n == 0 || m.checked_mul(n) != Some(world) {
-                return Err(format!("--split {m}x{n} needs M x N = {world} ranks (the world's size)").into());
+                let need = m.checked_mul(n).map_or("more than 2^64".to_string(), |t| t.to_string());
+                return Err(format!("--split {m}x{n} needs {need} ranks but the world has {world}").into());
             }
             Some((m, n))
         }
