@@ -69,7 +69,7 @@ pub struct LineParser {
     rows: Vec<u64>,
     /// Lemire fastmod constants for rows < 2^32 (0 otherwise).
     fastmod: Vec<u64>,
-    ln_table: Vec<f32>,
+    ln_table: &'static [f32],
     dense: Vec<f32>,
     ids: Vec<Option<u64>>,
 }
@@ -78,6 +78,12 @@ pub struct LineParser {
 #[inline]
 pub fn log_transform(x: f64) -> f32 {
     x.max(0.0).ln_1p() as f32
+}
+
+/// `ln(1 + x)` for the integers below [`LN_TABLE`], computed once per process.
+fn ln_table() -> &'static [f32] {
+    static T: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    T.get_or_init(|| (0..LN_TABLE).map(|x| log_transform(x as f64)).collect())
 }
 
 #[inline]
@@ -158,7 +164,7 @@ impl LineParser {
             delim: delimiter,
             num_dense: model.num_dense,
             fastmod,
-            ln_table: (0..LN_TABLE).map(|x| log_transform(x as f64)).collect(),
+            ln_table: ln_table(),
             dense: vec![0.0; model.num_dense],
             ids: vec![None; rows.len()],
             rows,
@@ -507,7 +513,8 @@ impl CriteoReader {
         let mut lines = 0u64;
         let mut offset = header_bytes;
         let mut last = b'\n';
-        let mut chunk = vec![0u8; 4 << 20];
+        let file_len = f.metadata().map_err(io)?.len();
+        let mut chunk = vec![0u8; (4usize << 20).min(file_len as usize + 1)];
         loop {
             let n = f.read(&mut chunk).map_err(io)?;
             if n == 0 {

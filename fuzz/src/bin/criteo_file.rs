@@ -12,7 +12,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mut model = preset("tiny", None).expect("tiny preset").model;
     model.num_dense = 1 + (shape & 1) as usize;
     model.tables.truncate(1 + ((shape >> 1) & 3) as usize);
-    let path = std::env::temp_dir().join(format!("ember-fuzz-criteo-{}.csv", std::process::id()));
+    // A memory-backed file where there is one.
+    let dir = if std::path::Path::new("/dev/shm").is_dir() { std::path::PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let path = dir.join(format!("ember-fuzz-criteo-{}.csv", std::process::id()));
     std::fs::File::create(&path).and_then(|mut f| f.write_all(text)).expect("write the input file");
     let policy = if shape & 0x80 != 0 { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
     let Ok(mut r) = CriteoReader::open(&path, &model, policy) else { return };

@@ -1,13 +1,19 @@
-//! The Criteo line parser on arbitrary bytes, under a model shaped by the first bytes:
-//! a line is either one sample appended (labels 0/1, finite dense values, every id below its
-//! table's rows) or an error that leaves the batch unchanged.
+//! The Criteo line parser on arbitrary bytes, under a model shaped by the first byte: each line
+//! is either one sample appended (labels 0/1, finite dense values, every id below its table's
+//! rows) or an error that leaves the batch unchanged.
 #![no_main]
-use ember_engine::config::preset;
+use ember_engine::config::{preset, ModelConfig};
 use ember_engine::data::criteo::LineParser;
 use ember_engine::data::Batch;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let Some((&shape, line)) = data.split_first() else { return };
+thread_local! {
+    /// The model and parser of each shape byte, made once (a parser carries a 4096-entry table).
+    static CACHE: RefCell<HashMap<u8, (ModelConfig, LineParser)>> = RefCell::new(HashMap::new());
+}
+
+fn shaped(shape: u8) -> (ModelConfig, LineParser) {
     let mut model = preset("tiny", None).expect("tiny preset").model;
     model.num_dense = 1 + (shape & 3) as usize;
     model.tables.truncate(1 + ((shape >> 2) & 7) as usize);
@@ -15,20 +21,28 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     for (i, t) in model.tables.iter_mut().enumerate() {
         t.rows = [1, 7, 1000, 1 << 32, (1 << 40) - 3][(i + (shape >> 5) as usize) % 5];
     }
-    let delim = if shape & 0x80 != 0 { b'\t' } else { b',' };
-    let mut p = LineParser::new(&model, delim);
-    let mut b = Batch::new(model.num_dense, model.tables.len());
-    for sample in line.split(|&c| c == b'\n') {
-        let before = b.clone();
-        match p.parse_into(sample, &mut b) {
-            Ok(()) => {
-                assert_eq!(b.size(), before.size() + 1);
-                b.validate(&model).expect("a parsed sample fits the model");
-            }
-            Err(msg) => {
-                assert!(!msg.is_empty());
-                assert_eq!(b, before, "a refused line changed the batch");
+    let p = LineParser::new(&model, if shape & 0x80 != 0 { b'\t' } else { b',' });
+    (model, p)
+}
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Some((&shape, line)) = data.split_first() else { return };
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let (model, p) = c.entry(shape).or_insert_with(|| shaped(shape));
+        let mut b = Batch::new(model.num_dense, model.tables.len());
+        for sample in line.split(|&c| c == b'\n') {
+            let before = b.clone();
+            match p.parse_into(sample, &mut b) {
+                Ok(()) => {
+                    assert_eq!(b.size(), before.size() + 1);
+                    b.validate(model).expect("a parsed sample fits the model");
+                }
+                Err(msg) => {
+                    assert!(!msg.is_empty());
+                    assert_eq!(b, before, "a refused line changed the batch");
+                }
             }
         }
-    }
+    });
 });
