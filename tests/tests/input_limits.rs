@@ -242,6 +242,19 @@ mod checkpoints {
         assert!(Checkpoint::open(&dir).is_ok());
     }
 
+    /// Found by the checkpoint_manifest fuzz target: a manifest whose plan names a table past
+    /// the model's last one made plan validation index out of bounds (a panic).
+    #[test]
+    fn a_plan_naming_a_table_past_the_model_is_refused() {
+        let root = tmp("ck-plan-table");
+        let dir = save(&root, 2);
+        let mut m = parse_manifest(&std::fs::read(dir.join("manifest.json")).unwrap(), &dir).unwrap();
+        let last = m.run.plan.tables.len() - 1;
+        m.run.plan.tables[last].table = last + 1;
+        expect_err("plan table past the model", &["plan, table 8", "listed at position 7"], || validate_manifest(&m, &dir));
+        expect_err("plan table past the model", &["listed at position"], || m.run.plan.validate(&m.run.model));
+    }
+
     #[test]
     fn shard_and_dense_headers_are_decoded_and_checked() {
         let root = tmp("ck-headers");

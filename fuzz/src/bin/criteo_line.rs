@@ -31,18 +31,18 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let mut c = c.borrow_mut();
         let (model, p) = c.entry(shape).or_insert_with(|| shaped(shape));
         let mut b = Batch::new(model.num_dense, model.tables.len());
+        // Every buffer's length: a refused line must leave them all as they were.
+        let lens = |b: &Batch| (b.labels.len(), b.dense.len(), b.sparse.iter().map(|j| (j.lengths.len(), j.values.len())).collect::<Vec<_>>());
         for sample in line.split(|&c| c == b'\n') {
-            let before = b.clone();
+            let before = lens(&b);
             match p.parse_into(sample, &mut b) {
-                Ok(()) => {
-                    assert_eq!(b.size(), before.size() + 1);
-                    b.validate(model).expect("a parsed sample fits the model");
-                }
+                Ok(()) => assert_eq!(b.size(), before.0 + 1),
                 Err(msg) => {
                     assert!(!msg.is_empty());
-                    assert_eq!(b, before, "a refused line changed the batch");
+                    assert_eq!(lens(&b), before, "a refused line changed the batch");
                 }
             }
         }
+        b.validate(model).expect("the parsed samples fit the model");
     });
 });
