@@ -25,7 +25,8 @@ fn de<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
 /// Check that the CUDA driver library loads, initializes, and has device `ordinal`.
 /// Returns the number of devices. Never panics.
 pub fn probe(ordinal: usize) -> DevResult<usize> {
-    // SAFETY: only dlopens candidate names.
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library by its candidate names
+    // (no symbol is called); a panic inside is caught.
     let present = std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
     if !present {
         return Err("no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine, or it is not on the library path)".into());
@@ -56,14 +57,16 @@ impl RawAllocator for DeviceAllocator {
         self.ctx.bind_to_thread().map_err(de("bind context"))?;
         // Whole 2 MiB units (the driver's granularity anyway), so every page-aligned range inside
         // a chunk lies inside its allocation (dma-buf export needs page-aligned ranges).
-        // SAFETY: plain allocation; the pool frees it with the same size.
+        // SAFETY: a plain driver allocation in the context bound above, no pointer argument; the
+        // pool frees it once, through `free`.
         let p = unsafe { dr::malloc_sync(bytes.next_multiple_of(2 << 20)) }.map_err(de("cuMemAlloc"))?;
         self.allocs += 1;
         Ok(p)
     }
     fn free(&mut self, addr: u64, _bytes: usize) {
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: `addr` came from `alloc`; the pool frees each chunk once, after the stream is idle.
+        // SAFETY: `addr` came from `alloc` (cuMemAlloc in this context); the pool frees each chunk
+        // once, after the stream is idle, so no kernel or copy still uses it.
         let _ = unsafe { dr::free_sync(addr) };
     }
 }
@@ -77,13 +80,16 @@ pub struct PinnedAllocator {
 unsafe impl HostAllocator for PinnedAllocator {
     fn alloc(&mut self, bytes: usize) -> Result<NonNull<u8>, String> {
         self.ctx.bind_to_thread().map_err(de("bind context"))?;
-        // SAFETY: plain allocation (portable: pinned for every context); `free` releases it.
+        // SAFETY: a plain driver allocation (portable: pinned for every context), no pointer
+        // argument; `free` releases it with cuMemFreeHost.
         let p = unsafe { dr::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(de("cuMemHostAlloc"))?;
         NonNull::new(p.cast()).ok_or_else(|| "cuMemHostAlloc returned null".into())
     }
     unsafe fn free(&mut self, p: NonNull<u8>, _bytes: usize) {
         let _ = self.ctx.bind_to_thread();
-        let _ = dr::free_host(p.as_ptr().cast());
+        // SAFETY: the caller passes a block from `alloc` (cuMemHostAlloc) that nothing uses any
+        // more (the trait's contract), so it is freed once, with the call that matches.
+        let _ = unsafe { dr::free_host(p.as_ptr().cast()) };
     }
 }
 
@@ -93,7 +99,8 @@ pub type Pinned = PinnedBuf<PinnedAllocator>;
 /// Whether `p` lies in page-locked memory from `cuMemHostAlloc` (needs a bound context).
 pub fn page_locked<T>(p: *const T) -> bool {
     let mut flags = 0;
-    // SAFETY: only looks the address up.
+    // SAFETY: the driver only looks `p` up in its table of page-locked ranges (it never
+    // dereferences it, any value is allowed) and writes `flags`, a live local.
     unsafe { sys::cuMemHostGetFlags(&mut flags, p as *mut _) == sys::CUresult::CUDA_SUCCESS }
 }
 
@@ -132,9 +139,12 @@ impl<T> Drop for DevBuf<T> {
     }
 }
 
+/// Compiled PTX of every module, per architecture name.
+type PtxCache = Mutex<HashMap<&'static str, Arc<Vec<cudarc::nvrtc::Ptx>>>>;
+
 /// Compiled PTX per architecture, shared by every device of that architecture in the process.
-fn ptx_cache() -> &'static Mutex<HashMap<&'static str, Arc<Vec<cudarc::nvrtc::Ptx>>>> {
-    static C: OnceLock<Mutex<HashMap<&'static str, Arc<Vec<cudarc::nvrtc::Ptx>>>>> = OnceLock::new();
+fn ptx_cache() -> &'static PtxCache {
+    static C: OnceLock<PtxCache> = OnceLock::new();
     C.get_or_init(Default::default)
 }
 
@@ -206,7 +216,9 @@ impl Gpu {
     fn open_uncached_on(ordinal: usize, cfg: PoolConfig, own_stream: bool) -> DevResult<Gpu> {
         let ctx = CudaContext::new(ordinal).map_err(de("creating the CUDA context"))?;
         // We order all work on one stream and manage reuse ourselves.
-        // SAFETY: no CudaSlice is used with this context.
+        // SAFETY: cudarc's event tracking only orders `CudaSlice`s across streams; Ember never
+        // makes one in this context (buffers are pool blocks, ordered by the one stream), so
+        // turning it off drops no synchronisation that anything relies on.
         unsafe { ctx.disable_event_tracking() };
         let stream = if own_stream { ctx.new_stream().map_err(de("creating a stream"))? } else { ctx.default_stream() };
         let (maj, min) = ctx.compute_capability().map_err(de("compute capability"))?;
@@ -216,7 +228,8 @@ impl Gpu {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(de("SM count"))? as u32;
         let total_mem = ctx.total_mem().unwrap_or(0);
-        // SAFETY: only dlopens candidate names.
+        // SAFETY: `is_culib_present` only tries to dlopen cuBLAS by its candidate names (no symbol
+        // is called); a panic inside is caught.
         if !std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false) {
             return Err("libcublas not found: put the CUDA 13 cuBLAS library (libcublas.so.13) on LD_LIBRARY_PATH".into());
         }
@@ -273,7 +286,7 @@ impl Gpu {
     pub fn flush_remote_writes(&self) -> DevResult<()> {
         use sys::{CUflushGPUDirectRDMAWritesScope as Scope, CUflushGPUDirectRDMAWritesTarget as Target};
         self.bind()?;
-        // SAFETY: no arguments but the enums.
+        // SAFETY: no pointer arguments, only the two enums; the context is bound above.
         let rc = unsafe { sys::cuFlushGPUDirectRDMAWrites(Target::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX, Scope::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER) };
         match rc {
             sys::CUresult::CUDA_SUCCESS => Ok(()),
@@ -316,8 +329,9 @@ impl Gpu {
 
     fn htod_async<T: DeviceRepr>(&self, dst: u64, src: &[T]) -> DevResult<()> {
         self.bind()?;
-        // SAFETY: dst holds at least src.len() elements; the callers keep src alive until the
-        // driver no longer reads it.
+        // SAFETY: the callers pass a `dst` holding at least `src.len()` elements of `T` (a pool
+        // buffer of that length), and keep `src` alive and unchanged until the driver no longer
+        // reads it (`htod` waits for page-locked sources, the driver stages pageable ones).
         unsafe { dr::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(de("host-to-device copy"))
     }
 
@@ -326,7 +340,9 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: src holds at least dst.len() elements; we wait for the copy before returning.
+        // SAFETY: the callers pass a `src` holding at least `dst.len()` elements of `T` (a pool
+        // buffer of that length); `dst` is borrowed mutably and we wait for the copy before
+        // returning, so nothing else touches it meanwhile.
         unsafe { dr::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(de("device-to-host copy"))?;
         self.sync()
     }
@@ -336,7 +352,8 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: both ranges are valid for `bytes`.
+        // SAFETY: the callers pass device ranges of this context valid for `bytes` (pool buffers
+        // whose lengths they checked); the copy is ordered on the stream before later use.
         unsafe { dr::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(de("device copy"))
     }
 
@@ -345,7 +362,8 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: dst valid for `bytes`.
+        // SAFETY: the callers pass a device range of this context valid for `bytes` (a pool
+        // buffer of that size); stream order puts the memset before any later use.
         unsafe { dr::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }.map_err(de("memset"))
     }
 
@@ -353,7 +371,9 @@ impl Gpu {
         self.stream.synchronize().map_err(de("stream synchronize (a kernel failed?)"))
     }
 
-    /// Start a launch: `gpu.launch("k", grid, block)?.arg(&x)...; unsafe { l.go() }`.
+    /// Start a launch of kernel `name` on this device's stream with `grid` blocks (at least 1) of
+    /// `block` threads: `gpu.launch("k", grid, block)?.arg(&x)...go()`, where `go` is unsafe and
+    /// its doc states the launch contract every call site must meet.
     pub fn launch<'a>(&'a self, name: &str, grid: u32, block: u32) -> DevResult<Launch<'a>> {
         let f = self.func(name)?;
         Ok(Launch {
@@ -384,7 +404,10 @@ impl Gpu {
     }
 }
 
-/// A kernel launch being built.
+/// A kernel launch being built: [`Gpu::launch`] names the kernel and its grid, [`arg`](Self::arg)
+/// pushes its arguments in order, [`go`](Self::go) enqueues it. Every kernel launch in Ember goes
+/// through `go`, whose doc is the one statement of the launch contract (as cudarc's
+/// `LaunchArgs::launch`); call sites say in their `SAFETY` note why their arguments meet it.
 pub struct Launch<'a> {
     args: cudarc::driver::LaunchArgs<'a>,
     cfg: LaunchConfig,
@@ -400,9 +423,39 @@ impl<'a> Launch<'a> {
         self.cfg.block_dim = (threads, 1, 1);
         self
     }
+    /// Enqueue the kernel on the device's stream (asynchronous: errors of the kernel itself show
+    /// at the next synchronisation).
+    ///
     /// # Safety
-    /// The arguments must match the kernel's signature and every pointer must be valid.
+    /// The launch contract. Neither the driver nor cudarc checks it, and a breach is undefined
+    /// behaviour on the device (memory corruption, or a fault that poisons the context):
+    /// 1. **Signature.** The arguments pushed with [`arg`](Self::arg) match the kernel's
+    ///    parameter list in `cuda/kernels/*.cu` in number, order and type: `u64` for a pointer,
+    ///    `i64` for `i64`, `i32` for `int`, `u32` for `u32`, `f32` for `float`, and a
+    ///    `#[repr(C)]` struct with the same fields for a struct parameter (`Opt`).
+    /// 2. **Grid and block.** The block has the size the kernel is written for: 256 threads
+    ///    for every kernel with per-block shared arrays or `__launch_bounds__(256)`, a multiple of
+    ///    32 for the warp-per-item ones. The grid either covers every item the kernel must visit
+    ///    or the kernel loops grid-stride. (A grid or block past the device's limits is refused
+    ///    by the driver with an error, not undefined behaviour.)
+    /// 3. **Buffers.** Every pointer argument is device memory of this context (or 0 where the
+    ///    kernel takes null to mean "none"), valid for every element the kernel reads or writes
+    ///    given its size arguments (lengths, rows × cols, offsets and strides); device-side
+    ///    indices it follows (ids, bag offsets, row lists, counters) lie within the buffers they
+    ///    index; and no two arguments the kernel declares `__restrict__` overlap where one is
+    ///    written.
+    /// 4. **Stream order.** The buffers stay allocated, and are not written by anything else,
+    ///    until the kernel has finished: pool buffers and arena scratch of this device are only
+    ///    reused by work on this same stream, which runs after the kernel, so dropping them (or
+    ///    rewinding the arena) after `go` is fine; memory of another stream or rank, or memory
+    ///    that goes back to the driver, needs a [`Gpu::sync`] before it is released.
+    ///
+    /// The argument values are copied at this call, so the references passed to `arg` need only
+    /// live until it returns.
     pub unsafe fn go(&mut self) -> DevResult<()> {
-        self.args.launch(self.cfg).map(|_| ()).map_err(|e| format!("launching {}: {e:?}", self.name))
+        // SAFETY: the caller meets the launch contract above, which is cudarc's
+        // (`LaunchArgs::launch`: arguments valid for the function, memory accesses in bounds);
+        // the stream and function belong to this device's context.
+        unsafe { self.args.launch(self.cfg) }.map(|_| ()).map_err(|e| format!("launching {}: {e:?}", self.name))
     }
 }

@@ -7,11 +7,15 @@ use cudarc::driver::sys;
 /// `(fd, offset of addr)`.
 /// `None` when no CUDA driver is loaded or `addr` is not device memory of the current context.
 pub fn export(addr: u64, len: usize) -> Option<Result<(i32, u64), String>> {
-    // SAFETY: only dlopens candidate names.
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library by its candidate names
+    // (no symbol is called); a panic inside is caught.
     if !std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false) {
         return None;
     }
-    // SAFETY: plain driver queries on an address; the out-parameters are locals.
+    // SAFETY: the driver is loaded (checked above). These calls only look `addr` up (never
+    // dereference it; any value is allowed, an unknown one is an error code) and write through
+    // their out-parameters, which are live locals of the types the driver writes (`u32` memory
+    // type, `u64` base, `usize` size, `i32` file descriptor).
     unsafe {
         let mut kind: u32 = 0;
         let rc = sys::cuPointerGetAttribute(

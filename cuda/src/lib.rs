@@ -5,6 +5,9 @@
 //! simulated allocator, and heap memory) and the kernel sources. With it, [`device`] loads the
 //! CUDA driver, NVRTC and cuBLAS at run time (no link-time dependency) and never panics when they
 //! are missing.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod kernels;
 pub mod pinned;
 pub mod pool;
@@ -19,6 +22,8 @@ pub mod dmabuf;
 pub mod nvrtc;
 /// The NCCL fallback: collectives on device buffers through libnccl (feature `nccl`).
 #[cfg(feature = "nccl")]
+// documented with the transport hardening merge
+#[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod nccl;
 
 #[cfg(feature = "cuda")]

@@ -15,7 +15,8 @@ pub fn nvrtc_version() -> Option<(i32, i32)> {
     }
     std::panic::catch_unwind(|| {
         let (mut a, mut b) = (0, 0);
-        // SAFETY: the library is present; the call writes two ints.
+        // SAFETY: the library is loaded (checked above); the call only writes the two `i32`
+        // out-parameters, live locals.
         let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b) };
         (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((a, b))
     })

@@ -76,7 +76,8 @@ pub struct PinnedPool<A: HostAllocator> {
     stats: PinnedStats,
 }
 
-// SAFETY: the pool owns its idle blocks exclusively; nothing else points into them.
+// SAFETY: the raw pointers are the pool's idle blocks, which it owns exclusively (nothing else
+// points into them), and the allocator and registrar are `Send`; so the pool may move threads.
 unsafe impl<A: HostAllocator> Send for PinnedPool<A> {}
 
 impl<A: HostAllocator> PinnedPool<A> {
@@ -209,8 +210,10 @@ pub struct PinnedBuf<A: HostAllocator> {
     pool: Arc<Mutex<PinnedPool<A>>>,
 }
 
-// SAFETY: the buffer owns its block exclusively; shared access is read-only through `Deref`.
+// SAFETY: the buffer owns its block exclusively (no other handle points into it), so moving it
+// to another thread moves sole access; the pool it returns to sits behind a `Mutex`.
 unsafe impl<A: HostAllocator> Send for PinnedBuf<A> {}
+// SAFETY: shared access is read-only (`Deref` gives `&[f32]`; writing needs `&mut self`).
 unsafe impl<A: HostAllocator> Sync for PinnedBuf<A> {}
 
 impl<A: HostAllocator> PinnedBuf<A> {

@@ -44,7 +44,9 @@ impl Registration {
     /// The memory stays allocated until [`Self::deregister`] says it may be freed.
     pub unsafe fn register(&mut self, r: Option<&dyn Registrar>, addr: u64, len: usize, what: &str) -> bool {
         let Some(r) = r.filter(|_| *self == Registration::None) else { return false };
-        match r.register(addr, len) {
+        // SAFETY: our caller keeps the memory allocated until `deregister` lets it go (this
+        // function's contract), which is what `Registrar::register` asks.
+        match unsafe { r.register(addr, len) } {
             Ok(()) => {
                 *self = Registration::Registered;
                 true

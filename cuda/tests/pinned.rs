@@ -1,5 +1,7 @@
 //! Host tests of the pinned staging pool against page-aligned heap memory: size classes, reuse,
 //! the idle cap, failures, and the network registration of its blocks (a recording registrar).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 mod common;
 use common::Net;
 use ember_cuda::pinned::*;
@@ -30,7 +32,9 @@ unsafe impl HostAllocator for Heap {
     }
     unsafe fn free(&mut self, p: NonNull<u8>, bytes: usize) {
         self.out.fetch_sub(1, SeqCst);
-        std::alloc::dealloc(p.as_ptr(), Layout::from_size_align(bytes, 4096).unwrap());
+        // SAFETY: the pool passes a block from `alloc(bytes)` (the trait's contract), made with
+        // this same layout, and never uses it again.
+        unsafe { std::alloc::dealloc(p.as_ptr(), Layout::from_size_align(bytes, 4096).unwrap()) };
     }
 }
 

@@ -1,4 +1,6 @@
 //! Host tests of the device memory pool against a simulated device allocator.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 mod common;
 use common::Net;
 use ember_cuda::pool::*;
