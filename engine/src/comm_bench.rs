@@ -107,7 +107,9 @@ impl<'a> Registered<'a> {
     pub unsafe fn new(c: &'a Comm, ranges: &[(u64, usize)]) -> Result<Self, String> {
         let mut g = Registered { c, at: Vec::new() };
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
-            c.register_region(addr, len).map_err(|e| e.to_string())?;
+            // SAFETY: the range stays allocated until the guard drops (this function's contract),
+            // and the guard's drop unregisters it, which is what `register_region` asks.
+            unsafe { c.register_region(addr, len) }.map_err(|e| e.to_string())?;
             g.at.push(addr);
         }
         Ok(g)

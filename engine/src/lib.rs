@@ -4,6 +4,9 @@
 //! interface and its CPU implementation), `embedding` (shards), `model` (the DLRM and one
 //! training step), `metrics`, `train` (the loop behind `ember train`), `memory` (the check of
 //! a run's memory need against the memory available), `bench`.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -17,6 +20,8 @@ pub mod grid;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+// documented with the planner merge
+#[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod parallel;
 pub mod plan;
 pub mod rng;

@@ -538,11 +538,14 @@ mod tests {
             Cpu.addr(b)
         }
         unsafe fn copy_from_addr(&self, src: u64, dst: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
-            // SAFETY: the caller's contract, passed on unchanged.
+            // SAFETY: our caller meets this method's contract (a live range of 4·len bytes at src,
+            // unchanged during the call), which is the whole of what the CPU backend's asks.
             unsafe { Cpu.copy_from_addr(src, dst, off, len) }
         }
         unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, n: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
-            // SAFETY: the caller's contract, passed on unchanged.
+            // SAFETY: our caller meets this method's contract (every source a live buffer holding
+            // the listed rows, unchanged during the call), which is the whole of what the CPU
+            // backend's asks.
             unsafe { Cpu.mean_rows_from(srcs, rows, n, cols, out) }
         }
         fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, n: usize, src: &Vec<f32>, cols: usize) -> Result<()> {

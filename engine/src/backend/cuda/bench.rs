@@ -17,6 +17,8 @@ impl Cuda {
                 let (k0, v0) = (self.scratch(n * 4)?, self.scratch(n * 4)?);
                 let (k1, v1) = (self.scratch(n * 4)?, self.scratch(n * 4)?);
                 let lc = self.scratch(16)?;
+                // SAFETY: launch contract (`Launch::go`): as in `backward_fast`: the caller's bags
+                // meet the bag invariant, k0/v0 hold n u32 and lc the 4 u32 the kernel zeroes.
                 unsafe {
                     self.gpu.launch("emb_keys_bags", Self::blocks(bags.num_bags.max(1) * 32, 256)?, 256).map_err(dev)?.arg(&offs).arg(&ids).arg(&nb).arg(&k0).arg(&v0).arg(&lc).go()
                 }
@@ -80,7 +82,8 @@ impl Cuda {
                         if id >= slots.len() {
                             slots.resize(id + 1, None);
                         }
-                        // SAFETY: plain allocation, freed below.
+                        // SAFETY: a plain driver allocation in the bound context (no pointer argument);
+                        // it is freed once, by the trace's `Free` below.
                         let p = unsafe { cudarc::driver::result::malloc_sync(bytes.max(1)) }.map_err(|e| dev(format!("cuMemAlloc: {e:?}")))?;
                         driver_allocs += 1;
                         live += bytes;
@@ -89,7 +92,8 @@ impl Cuda {
                     }
                     TraceOp::Free { id } => {
                         if let Some((p, b)) = slots.get_mut(id).and_then(|s| s.take()) {
-                            // SAFETY: p came from malloc_sync above.
+                            // SAFETY: `p` came from malloc_sync above and `take` removed it from its
+                            // slot, so it is freed once; nothing was launched on it.
                             unsafe { cudarc::driver::result::free_sync(p) }.map_err(|e| dev(format!("cuMemFree: {e:?}")))?;
                             live -= b;
                         }
@@ -132,11 +136,13 @@ struct DriverAlloc {
 impl ember_cuda::pool::RawAllocator for DriverAlloc {
     fn alloc(&mut self, bytes: usize) -> std::result::Result<u64, String> {
         self.allocs += 1;
-        // SAFETY: plain allocation, freed by `free`.
+        // SAFETY: a plain driver allocation in the context current on this thread (no pointer
+        // argument); the replay pool frees it once, through `free`.
         unsafe { cudarc::driver::result::malloc_sync(bytes) }.map_err(|e| format!("{e:?}"))
     }
     fn free(&mut self, addr: u64, _bytes: usize) {
-        // SAFETY: addr came from `alloc`.
+        // SAFETY: `addr` came from `alloc` and the pool frees each chunk once; the replay only
+        // does bookkeeping, so no device work uses the memory.
         let _ = unsafe { cudarc::driver::result::free_sync(addr) };
     }
 }

@@ -18,7 +18,11 @@ impl Cuda {
         let opa = if trans_a { bs::cublasOperation_t::CUBLAS_OP_T } else { bs::cublasOperation_t::CUBLAS_OP_N };
         let ldb = if trans_b { k } else { n } as i32;
         let lda = if trans_a { m } else { k } as i32;
-        // SAFETY: sizes checked above; pointers are live device buffers; alpha/beta are host values.
+        // SAFETY: `check_gemm` checked that a, b and c hold op(A) m×k, op(B) k×n and C m×n floats,
+        // which with these transposes and leading dimensions are exactly the ranges cuBLAS
+        // reads and writes; c is a distinct (mutable) buffer; the handle is bound to this
+        // device's stream, which orders the call before later users; alpha and beta are host
+        // values read during the call.
         unsafe {
             br::sgemm(
                 *self.gpu.blas.handle(),
@@ -52,6 +56,10 @@ impl Cuda {
         };
         let _g = self.lock()?;
         let (p, g, s, n) = (param.ptr(), grad.ptr(), state.ptr(), param.len() as i64);
+        // SAFETY: launch contract (`Launch::go`): `dense_update(float*, const float*, float*, i64,
+        // int, float, float, float)` gets (u64, u64, u64, i64, i32, f32, f32, f32); param and grad
+        // hold n floats (checked equal above) and so does state for AdaGrad (kind 1); SGD (kind 0)
+        // never touches state; grid-stride.
         unsafe {
             self.gpu
                 .launch("dense_update", self.grid(param.len()), 256)

@@ -15,7 +15,9 @@ pub(super) struct Opt {
     l2: f32,
     dim: f32,
 }
-// SAFETY: plain old data with the C layout the kernels expect.
+// SAFETY: `#[repr(C)]` with only `i32` and `f32` fields, in the order and types of `struct Opt`
+// in embedding.cu (same size and alignment, no padding, no pointers): its bytes are a valid
+// value of the kernels' parameter.
 unsafe impl cudarc::driver::DeviceRepr for Opt {}
 
 impl Opt {
@@ -37,6 +39,13 @@ impl Opt {
 }
 
 impl Cuda {
+    /// Host checks of a bag set against a shard and the buffer it pools into or from.
+    ///
+    /// What the kernels also rely on and cannot re-check cheaply, the *bag invariant*: the
+    /// offsets rise from 0 to `ids.len()` and every id is a local row of the shard (< `rows`).
+    /// [`upload_bags`](crate::embedding::upload_bags) builds bags from a batch that passed
+    /// `Batch::validate` (lengths sum to the ids, ids inside their table) after the step mapped
+    /// the ids into the shard.
     fn check_bags(&self, rows: usize, cols: usize, bags: &Bags<Cuda>, buf_len: usize, layout: Layout, what: &str) -> Result<()> {
         let n = bags.num_bags;
         check(bags.offsets.len() == n + 1, || format!("{what}: {} offsets for {n} bags", bags.offsets.len()))?;
@@ -66,6 +75,13 @@ impl Cuda {
         if cols % 4 == 0 && layout.stride % 4 == 0 && layout.col % 4 == 0 {
             let tpb = (cols / 4).next_power_of_two().min(32) as i32;
             let g = Self::blocks(Self::size("embedding_forward", &[n, tpb as usize])?, 256)?;
+            // SAFETY: launch contract (`Launch::go`): `emb_fwd_v4(const float*, i64, const u64*,
+            // const u64*, const float*, float*, i64, i64, int, i64, int)` gets (u64, i64, u64, u64,
+            // u64, u64, i64, i64, i32, i64, i32); W holds rows·cols floats (`check_shard_bufs`),
+            // out num_bags rows of the layout (`check_bags`), scale num_bags floats or is null;
+            // offsets and ids meet the bag invariant (`check_bags`); cols, stride and col are
+            // multiples of 4 and pool blocks are 256-byte aligned, so the float4 accesses are
+            // aligned; the grid covers num_bags·tpb threads.
             unsafe {
                 self.gpu
                     .launch("emb_fwd_v4", g, 256)
@@ -86,6 +102,9 @@ impl Cuda {
             .map_err(dev)
         } else {
             let g = Self::blocks(Self::size("embedding_forward", &[n, cols])?, 256)?;
+            // SAFETY: launch contract: `emb_fwd_scalar` takes the arguments of `emb_fwd_v4` but
+            // `tpb`; the buffers are checked as there, with no alignment needed; the grid covers
+            // num_bags·cols threads.
             unsafe {
                 self.gpu
                     .launch("emb_fwd_scalar", g, 256)
@@ -152,6 +171,9 @@ impl Cuda {
             let grads: DevBuf<f32> = self.gpu.alloc(Self::size("embedding_row_grads", &[nu, cols])?).map_err(dev)?;
             let sq: DevBuf<f32> = self.gpu.alloc(nu).map_err(dev)?;
             let (u, c, o) = (p.uniq, p.counters, out_rows.ptr());
+            // SAFETY: launch contract: `widen_u32(const u32*, const u32*, u64*)` gets (u64, u64,
+            // u64); uniq holds n >= nu u32 (arena, `prepare`), counters[0] = nu and out_rows nu
+            // u64; the grid covers nu.
             unsafe { self.gpu.launch("widen_u32", Self::blocks(nu, 256)?, 256).map_err(dev)?.arg(&u).arg(&c).arg(&o).go() }.map_err(dev)?;
             let sc = bags.scale.as_ref().map_or(NULL, |s| s.ptr());
             if cols > 0 {
@@ -173,6 +195,9 @@ impl Cuda {
         let flag = self.scratch(8)?;
         self.gpu.memset0(flag, 8).map_err(dev)?;
         let (rp, ni, lim) = (rows.ptr(), n as i64, limit as u64);
+        // SAFETY: launch contract: `check_rows_ascending(const u64*, i64, u64, u64*)` gets (u64,
+        // i64, u64, u64); rows holds n = num_rows indices (checked by the caller), flag is 8 zeroed
+        // bytes of arena; grid-stride.
         unsafe { self.gpu.launch("check_rows_ascending", Self::blocks(n, 256)?, 256).map_err(dev)?.arg(&rp).arg(&ni).arg(&lim).arg(&flag).go() }.map_err(dev)?;
         let mut bad = [0u64; 1];
         self.gpu.dtoh(&mut bad, flag).map_err(dev)?;
@@ -208,6 +233,12 @@ impl Cuda {
         let o = Opt::new(upd, shard.spec.dim);
         let (w, s, ci, r, nr, g, sq) = (shard.weights.ptr(), shard.state.ptr(), cols as i64, rg.rows.ptr(), rg.num_rows as i64, rg.grads.ptr(), rg.sq.ptr());
         let rsq = row_sq.map_or(NULL, |b| b.ptr());
+        // SAFETY: launch contract: `emb_apply_rowgrads(float*, float*, i64, const u64*, i64, const
+        // float* x3, Opt)` gets (u64, u64, i64, u64, i64, u64 x3, Opt, a `#[repr(C)]` copy of
+        // `struct Opt`); the rows were just checked on the device to be unique, ascending and below
+        // the shard's rows, W and state fit the shard (`check_shard_bufs`), grads hold
+        // num_rows·cols floats, sq and row_sq (or null) num_rows; cols <= MAX_BWD_COLS, the
+        // kernel's 16 columns per lane; warp per row, grid-stride.
         unsafe {
             self.gpu
                 .launch("emb_apply_rowgrads", self.grid(Self::size("embedding_apply", &[rg.num_rows, 32])?), 256)

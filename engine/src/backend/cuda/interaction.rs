@@ -12,6 +12,10 @@ impl Cuda {
         })?;
         let _g = self.lock()?;
         let (a, b, c, d, r, co, e, f) = (x0.ptr(), uv.ptr(), bias.ptr(), dout.ptr(), rows as i64, cols as i64, duv.ptr(), dx0.ptr());
+        // SAFETY: launch contract (`Launch::go`): `cross_combine_backward(const float* x4, i64,
+        // i64, float*, float*)` gets (u64 x4, i64, i64, u64, u64); all six buffers hold rows·cols
+        // floats and bias cols (checked above); duv and dx0 are mutable borrows, distinct from each
+        // other and the inputs; grid-stride.
         unsafe {
             self.gpu
                 .launch("cross_combine_backward", self.grid(n), 256)
@@ -40,6 +44,10 @@ impl Cuda {
         let grid = self.grid(n).min(1024);
         let partial = self.scratch(grid as usize * 8)?;
         let (xp, yp, ni, dp) = (logits.ptr(), labels.ptr(), n as i64, dlogits.ptr());
+        // SAFETY: launch contract: `bce_with_logits(const float*, const float*, i64, float, float*,
+        // double*)` gets (u64, u64, i64, f32, u64, u64); logits, labels and dlogits hold n floats
+        // (checked above), partial one f64 per block; 256 threads as its shared reduction assumes;
+        // grid-stride.
         unsafe {
             self.gpu.launch("bce_with_logits", grid, 256).map_err(dev)?.arg(&xp).arg(&yp).arg(&ni).arg(&scale).arg(&dp).arg(&partial).go()
         }

@@ -169,7 +169,9 @@ struct NetRegions(ember_transport::Regions);
 
 impl ember_cuda::registrar::Registrar for NetRegions {
     unsafe fn register(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
-        self.0.register(addr, len).map_err(|e| e.to_string())
+        // SAFETY: the pools keep the memory allocated until `unregister` succeeded (the
+        // `Registrar` contract our caller meets), which is what `Regions::register` asks.
+        unsafe { self.0.register(addr, len) }.map_err(|e| e.to_string())
     }
     fn unregister(&self, addr: u64) -> std::result::Result<(), String> {
         self.0.unregister(addr).map_err(|e| e.to_string())
@@ -266,6 +268,9 @@ impl Backend for Cuda {
         check(x.len() >= n && bias.len() == cols, || format!("bias_act: {rows}x{cols} with bias {}", bias.len()))?;
         let _g = self.lock()?;
         let (xp, bp, r, c, a) = (x.ptr(), bias.ptr(), rows as i64, cols as i64, (act == Act::Relu) as i32);
+        // SAFETY: launch contract (`Launch::go`): `bias_act(float*, const float*, i64, i64, int)`
+        // gets (u64, u64, i64, i64, i32); x holds rows·cols floats and bias cols (checked above);
+        // grid-stride.
         unsafe { self.gpu.launch("bias_act", self.grid(n), 256).map_err(dev)?.arg(&xp).arg(&bp).arg(&r).arg(&c).arg(&a).go() }.map_err(dev)
     }
 
@@ -276,6 +281,8 @@ impl Backend for Cuda {
         }
         let _g = self.lock()?;
         let (yp, dp, n, a) = (y.ptr(), dy.ptr(), y.len() as i64, 1i32);
+        // SAFETY: launch contract: `act_backward(const float*, float*, i64, int)` gets (u64, u64,
+        // i64, i32); y and dy both hold n floats (checked equal above); grid-stride.
         unsafe { self.gpu.launch("act_backward", self.grid(y.len()), 256).map_err(dev)?.arg(&yp).arg(&dp).arg(&n).arg(&a).go() }.map_err(dev)
     }
 
@@ -283,6 +290,9 @@ impl Backend for Cuda {
         check(x.len() >= Self::size("col_sum", &[rows, cols])? && out.len() == cols, || format!("col_sum: {rows}x{cols} into {}", out.len()))?;
         let _g = self.lock()?;
         let (xp, r, c, op) = (x.ptr(), rows as i64, cols as i64, out.ptr());
+        // SAFETY: launch contract: `col_sum(const float*, i64, i64, float, float*)` gets (u64, i64,
+        // i64, f32, u64); x holds rows·cols floats and out cols (checked above); 256 threads are
+        // the kernel's 32 columns x 8 row lanes, and the grid has a block per 32 columns.
         unsafe { self.gpu.launch("col_sum", Self::blocks(cols, 32)?, 256).map_err(dev)?.arg(&xp).arg(&r).arg(&c).arg(&beta).arg(&op).go() }.map_err(dev)
     }
 
@@ -297,6 +307,9 @@ impl Backend for Cuda {
         }
         let _g = self.lock()?;
         let (np, wp, r, c, s, col, t) = (narrow.ptr(), wide.ptr(), rows as i64, cols as i64, dst.stride as i64, dst.col as i64, to_wide as i32);
+        // SAFETY: launch contract: `copy_block(float*, float*, i64 x5, int)` gets (u64, u64, i64
+        // x5, i32); narrow holds rows·cols floats, wide rows·stride with col + cols <= stride
+        // (checked above); grid-stride.
         unsafe {
             self.gpu.launch("copy_block", self.grid(n), 256).map_err(dev)?.arg(&np).arg(&wp).arg(&r).arg(&c).arg(&s).arg(&col).arg(&t).go()
         }
@@ -315,6 +328,10 @@ impl Backend for Cuda {
         }
         let (sp, so, ss, dp, doff, ds, r, c) =
             (src.ptr(), src_off as i64, src_stride as i64, dst.ptr(), dst_off as i64, dst_stride as i64, rows as i64, cols as i64);
+        // SAFETY: launch contract: `copy_2d(const float*, i64, i64, float*, i64, i64, i64, i64)`
+        // gets (u64, i64, i64, u64, i64 x4); `check_copy_2d` bounded both strided ranges by their
+        // buffers' lengths; src and dst are distinct buffers (a shared and a mutable borrow);
+        // grid-stride.
         unsafe {
             self.gpu.launch("copy_2d", self.grid(n), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
         }
@@ -329,6 +346,9 @@ impl Backend for Cuda {
         let n = Self::size("scale_rows", &[rows, cols])?;
         let _g = self.lock()?;
         let (xp, o, st, r, c, sp) = (x.ptr(), off as i64, stride as i64, rows as i64, cols as i64, s.ptr());
+        // SAFETY: launch contract: `scale_rows(float*, i64, i64, i64, i64, const float*)` gets
+        // (u64, i64 x4, u64); `check_scale_rows` bounded x's strided range and s's rows;
+        // grid-stride.
         unsafe { self.gpu.launch("scale_rows", self.grid(n), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }
             .map_err(dev)
     }
@@ -357,7 +377,13 @@ impl Backend for Cuda {
         let table = self.upload_ids(srcs)?;
         let _g = self.lock()?;
         let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
-        self.gpu.launch("mean_rows_from", self.grid(total), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go().map_err(dev)?;
+        // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64, i64)`
+        // gets (u64, u64, i32, u64, i64, i64); out holds num_rows·cols floats, the table m
+        // addresses and rows num_rows indices (checked above); each `srcs[k]` is a live buffer of
+        // this context holding every listed row, unchanged until we return (this function's
+        // contract); the sync below keeps the table and the sources alive until the kernel ends.
+        unsafe { self.gpu.launch("mean_rows_from", self.grid(total), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go() }
+            .map_err(dev)?;
         // `table` returns to the pool when dropped; the kernel must have read it by then.
         self.gpu.sync().map_err(dev)
     }
@@ -371,6 +397,11 @@ impl Backend for Cuda {
         }
         let _g = self.lock()?;
         let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
+        // SAFETY: launch contract: `put_rows(float*, const u64*, const float*, i64, i64)` gets
+        // (u64, u64, u64, i64, i64); rows holds num_rows indices and src num_rows·cols floats
+        // (checked above); every index is below dst's row count, which the indices' one source,
+        // replica sync's union, range-checks on the host before upload (see the comment above);
+        // grid-stride.
         unsafe { self.gpu.launch("put_rows", self.grid(total), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
     }
 
@@ -378,12 +409,17 @@ impl Backend for Cuda {
         check(x.len() == y.len(), || format!("axpy: {} vs {}", x.len(), y.len()))?;
         let _g = self.lock()?;
         let (xp, yp, n) = (x.ptr(), y.ptr(), x.len() as i64);
+        // SAFETY: launch contract: `axpy_f32(float, const float*, float*, i64)` gets (f32, u64,
+        // u64, i64); x and y hold n floats (checked equal above) and are distinct buffers;
+        // grid-stride.
         unsafe { self.gpu.launch("axpy_f32", self.grid(x.len()), 256).map_err(dev)?.arg(&a).arg(&xp).arg(&yp).arg(&n).go() }.map_err(dev)
     }
 
     fn scale(&self, x: &mut DevBuf<f32>, a: f32) -> Result<()> {
         let _g = self.lock()?;
         let (xp, n) = (x.ptr(), x.len() as i64);
+        // SAFETY: launch contract: `scale_f32(float*, float, i64)` gets (u64, f32, i64); x holds n
+        // floats; grid-stride.
         unsafe { self.gpu.launch("scale_f32", self.grid(x.len()), 256).map_err(dev)?.arg(&xp).arg(&a).arg(&n).go() }.map_err(dev)
     }
 
@@ -392,6 +428,9 @@ impl Backend for Cuda {
         check(x.len() >= v && out.len() >= w, || format!("dot_interaction: batch {batch}, f {f}, d {d}: buffers too small"))?;
         let _g = self.lock()?;
         let (xp, b, fi, di, op) = (x.ptr(), batch as i64, f as i64, d as i64, out.ptr());
+        // SAFETY: launch contract: `dot_interaction(const float*, i64, i64, i64, float*)` gets
+        // (u64, i64 x3, u64); x holds batch·(f+1)·d floats and out batch·(d + (f+1)f/2) (checked
+        // above, sizes overflow-checked); grid-stride.
         unsafe { self.gpu.launch("dot_interaction", self.grid(w), 256).map_err(dev)?.arg(&xp).arg(&b).arg(&fi).arg(&di).arg(&op).go() }.map_err(dev)
     }
 
@@ -402,6 +441,9 @@ impl Backend for Cuda {
         })?;
         let _g = self.lock()?;
         let (xp, dp, b, fi, di, gp) = (x.ptr(), dout.ptr(), batch as i64, f as i64, d as i64, dx.ptr());
+        // SAFETY: launch contract: `dot_interaction_backward(const float*, const float*, i64 x3,
+        // float*)` gets (u64, u64, i64 x3, u64); x and dx hold batch·(f+1)·d floats and dout the
+        // interaction's width per sample (checked above); grid-stride.
         unsafe {
             self.gpu.launch("dot_interaction_backward", self.grid(v), 256).map_err(dev)?.arg(&xp).arg(&dp).arg(&b).arg(&fi).arg(&di).arg(&gp).go()
         }
@@ -413,6 +455,9 @@ impl Backend for Cuda {
         check(x0.len() >= n && uv.len() >= n && xl.len() >= n && out.len() >= n && bias.len() == cols, || format!("cross_combine: {rows}x{cols}"))?;
         let _g = self.lock()?;
         let (a, b, c, d, r, co, o) = (x0.ptr(), uv.ptr(), bias.ptr(), xl.ptr(), rows as i64, cols as i64, out.ptr());
+        // SAFETY: launch contract: `cross_combine(const float* x4, i64, i64, float*)` gets (u64 x4,
+        // i64, i64, u64); x0, uv, xl and out hold rows·cols floats, bias cols (checked above); out
+        // is the one mutable borrow, distinct from the inputs; grid-stride.
         unsafe {
             self.gpu.launch("cross_combine", self.grid(n), 256).map_err(dev)?.arg(&a).arg(&b).arg(&c).arg(&d).arg(&r).arg(&co).arg(&o).go()
         }
