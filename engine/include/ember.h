@@ -262,6 +262,10 @@ const char *ember_last_error(void);
  * range), `EMBER_STATUS_ERR_INTERNAL` if joining the job fails (rendezvous, token, peers,
  * timeout) or the model needs more memory than there is (checked before allocating; the
  * environment variable `EMBER_MEMORY_AVAILABLE` overrides the measured figure).
+ *
+ * # Safety
+ * `toml` is NULL or a NUL-terminated string, valid during the call; `out` is NULL or points to a
+ * writable handle slot.
  */
 ember_status ember_engine_create_from_toml(const char *toml, ember_engine **out);
 
@@ -270,6 +274,10 @@ ember_status ember_engine_create_from_toml(const char *toml, ember_engine **out)
  * `ember_engine_create_from_toml` with the file's text (also collective under a launcher).
  * Returns `EMBER_STATUS_ERR_IO` if the file cannot be read, `EMBER_STATUS_ERR_CONFIG` if its
  * text is rejected.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string, valid during the call; `out` is NULL or points to a
+ * writable handle slot.
  */
 ember_status ember_engine_create_from_file(const char *path, ember_engine **out);
 
@@ -279,6 +287,10 @@ ember_status ember_engine_create_from_file(const char *path, ember_engine **out)
  * Under a launcher the engine is this process's rank of a 1xT grid (collective), as for
  * `ember_engine_create_from_toml`. Ownership of `*out` as there. Returns
  * `EMBER_STATUS_ERR_CONFIG` for an unknown name.
+ *
+ * # Safety
+ * `name` is NULL or a NUL-terminated string, valid during the call; `out` is NULL or points to a
+ * writable handle slot.
  */
 ember_status ember_engine_create_from_preset(const char *name, uint64_t row_cap, ember_engine **out);
 
@@ -295,6 +307,10 @@ ember_status ember_engine_create_from_preset(const char *name, uint64_t row_cap,
  * Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out_handles` is NULL,
  * `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `n` is 0 or above 4096, `EMBER_STATUS_ERR_CONFIG` if
  * the config is rejected or its grid or batch size does not fit `n` ranks.
+ *
+ * # Safety
+ * `toml` is NULL or a NUL-terminated string, valid during the call; `out_handles` is NULL or
+ * points to `n` writable handle slots.
  */
 ember_status ember_engine_create_local_ranks(const char *toml, size_t n, ember_engine **out_handles);
 
@@ -304,6 +320,10 @@ ember_status ember_engine_create_local_ranks(const char *toml, size_t n, ember_e
  * it twice) returns `EMBER_STATUS_ERR_INVALID_HANDLE`, whatever engines were created since.
  * Not collective: the ranks of a job may be destroyed in any order (a rank still waiting in a
  * collective for a destroyed peer fails with a transport error after the timeout).
+ *
+ * # Safety
+ * None beyond any C call's: `engine` may be any value (it is looked up among the live handles,
+ * never dereferenced).
  */
 ember_status ember_engine_destroy(ember_engine *engine);
 
@@ -312,6 +332,10 @@ ember_status ember_engine_destroy(ember_engine *engine);
  * world size, grid, the local batch size and the first sample of this rank's slice) and its
  * progress. Not collective. Returns `EMBER_STATUS_ERR_NULL_POINTER` /
  * `EMBER_STATUS_ERR_INVALID_HANDLE` for a bad argument.
+ *
+ * # Safety
+ * `out` is NULL or points to a writable `EmberInfo`. `engine` may be any value (it is checked
+ * against the live handles).
  */
 ember_status ember_engine_info(const ember_engine *engine, ember_info *out);
 
@@ -319,6 +343,9 @@ ember_status ember_engine_info(const ember_engine *engine, ember_info *out);
  * Number of rows of table `table` into `*rows_out` (caller-owned): ids of feature `table` must
  * be below it. Not collective. Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` if
  * `table >= num_tables`.
+ *
+ * # Safety
+ * `rows_out` is NULL or points to a writable `uint64_t`. `engine` may be any value.
  */
 ember_status ember_engine_table_rows(const ember_engine *engine, size_t table, uint64_t *rows_out);
 
@@ -344,6 +371,11 @@ ember_status ember_engine_table_rows(const ember_engine *engine, size_t table, u
  * Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0, above
  * `EMBER_MAX_BATCH` or not the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
  * model is unchanged in both cases), `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
+ *
+ * # Safety
+ * `dense`, `labels`, `lengths` and `ids` each point to the number of values given above (or are
+ * NULL), valid and unchanged during the call; `loss_out` is NULL or points to a writable
+ * `double`. `engine` may be any value.
  */
 ember_status ember_train_step(ember_engine *engine, size_t batch_size, const float *dense, const float *labels, const uint32_t *lengths, const uint64_t *ids, size_t num_ids, double *loss_out);
 
@@ -362,6 +394,11 @@ ember_status ember_train_step(ember_engine *engine, size_t batch_size, const flo
  * are this rank's, the metrics cover every rank's samples and are identical on every rank
  * (a rank asking for metrics gets `EMBER_STATUS_ERR_INVALID_ARGUMENT` if some rank passed no
  * labels).
+ *
+ * # Safety
+ * The batch pointers as for `ember_train_step`; `logits_out` is NULL or points to `logits_len`
+ * writable floats; `metrics_out` is NULL or points to a writable `EmberMetrics`. `engine` may
+ * be any value.
  */
 ember_status ember_eval(ember_engine *engine, size_t batch_size, const float *dense, const float *labels, const uint32_t *lengths, const uint64_t *ids, size_t num_ids, float *logits_out, size_t logits_len, ember_metrics *metrics_out);
 
@@ -376,6 +413,9 @@ ember_status ember_eval(ember_engine *engine, size_t batch_size, const float *de
  * other grid or into a single-process engine of the same model.
  * Returns `EMBER_STATUS_ERR_IO` / `EMBER_STATUS_ERR_INPUT` if it cannot be written,
  * `EMBER_STATUS_ERR_INVALID_ARGUMENT` for a multi-rank `step` that is not `steps_done`.
+ *
+ * # Safety
+ * `dir` is NULL or a NUL-terminated string, valid during the call. `engine` may be any value.
  */
 ember_status ember_save_checkpoint(ember_engine *engine, const char *dir, uint64_t step);
 
@@ -390,6 +430,10 @@ ember_status ember_save_checkpoint(ember_engine *engine, const char *dir, uint64
  * every rank fails (e.g. no checkpoint), every engine is unchanged.
  * Returns `EMBER_STATUS_ERR_IO` / `EMBER_STATUS_ERR_INPUT` for a missing or corrupt checkpoint,
  * `EMBER_STATUS_ERR_CONFIG` for one of another model.
+ *
+ * # Safety
+ * `dir` is NULL or a NUL-terminated string, valid during the call; `step_out` is NULL or points
+ * to a writable `uint64_t`. `engine` may be any value.
  */
 ember_status ember_load_checkpoint(ember_engine *engine, const char *dir, uint64_t *step_out);
 
@@ -408,6 +452,10 @@ ember_status ember_load_checkpoint(ember_engine *engine, const char *dir, uint64
  * Returns `EMBER_STATUS_ERR_NULL_POINTER` for a NULL `rows_out` (with `rows_cap` > 0) or
  * `nrows_out`, `EMBER_STATUS_ERR_INVALID_ARGUMENT` for a value out of range,
  * `EMBER_STATUS_ERR_INTERNAL` for a transport failure.
+ *
+ * # Safety
+ * `rows_out` is NULL or points to `rows_cap` writable `EmberBenchRow`s; `nrows_out` is NULL or
+ * points to a writable `size_t`. `engine` may be any value.
  */
 ember_status ember_bench_collective(ember_engine *engine, uint32_t collective, size_t min_bytes, size_t max_bytes, size_t factor, size_t iters, size_t warmup, ember_bench_row *rows_out, size_t rows_cap, size_t *nrows_out);
 

@@ -30,12 +30,15 @@ dense = { kind = "sgd", lr = 0.1 }
 "#;
 
 fn last_error() -> String {
+    // SAFETY: `ember_last_error` never returns NULL, and its NUL-terminated string stays valid
+    // until this thread's next ember call; it is copied at once.
     unsafe { CStr::from_ptr(ember_last_error()) }.to_str().unwrap().to_string()
 }
 
 fn engine() -> *mut EmberEngine {
     let toml = CString::new(TOML).unwrap();
     let mut e = ptr::null_mut();
+    // SAFETY: `toml` is a live CString and `e` a local handle slot.
     assert_eq!(unsafe { ember_engine_create_from_toml(toml.as_ptr(), &mut e) }, EmberStatus::Ok, "{}", last_error());
     assert!(!e.is_null());
     e
@@ -61,17 +64,26 @@ fn batch(n: usize) -> B {
     }
 }
 
+/// # Safety
+/// `loss` is NULL or writable (the batch buffers are `b`'s own).
 unsafe fn train(e: *mut EmberEngine, b: &B, loss: *mut f64) -> EmberStatus {
-    ember_train_step(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), b.ids.len(), loss)
+    // SAFETY: the four buffers are `b`'s vectors, of the sizes the layout gives `b.n` samples
+    // (lengths 2n, ids their sum); `loss` is NULL or writable (this function's contract).
+    unsafe { ember_train_step(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), b.ids.len(), loss) }
 }
 
 #[test]
 fn version_and_status_names() {
+    // SAFETY: `ember_version` returns a static NUL-terminated string.
     let v = unsafe { CStr::from_ptr(ember_version()) }.to_str().unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
     assert_eq!(ember_abi_version(), EMBER_ABI_VERSION);
+    // SAFETY: `ember_status_name` returns a static NUL-terminated string for every value,
+    // unknown ones included (also for the next two).
     assert_eq!(unsafe { CStr::from_ptr(ember_status_name(7)) }.to_str().unwrap(), "EMBER_STATUS_ERR_INVALID_HANDLE");
+    // SAFETY: as above.
     assert_eq!(unsafe { CStr::from_ptr(ember_status_name(10)) }.to_str().unwrap(), "EMBER_STATUS_ERR_PEER");
+    // SAFETY: as above.
     assert_eq!(unsafe { CStr::from_ptr(ember_status_name(-1)) }.to_str().unwrap(), "EMBER_STATUS_UNKNOWN");
 }
 
@@ -80,6 +92,9 @@ fn train_eval_and_info() {
     let e = engine();
     let b = batch(8);
     let mut loss = f64::NAN;
+    // SAFETY: `e` is a live handle; every pointer is a live local: out-parameters, `b`'s buffers of
+    // 8 samples, `logits` and `again` of the 8 floats passed as logits_len; NULL labels and metrics
+    // where `ember_eval` allows them.
     unsafe {
         for _ in 0..3 {
             assert_eq!(train(e, &b, &mut loss), EmberStatus::Ok, "{}", last_error());
@@ -114,6 +129,8 @@ fn null_pointers_are_errors() {
     let e = engine();
     let b = batch(4);
     let toml = CString::new(TOML).unwrap();
+    // SAFETY: every pointer is either NULL on purpose (refused before use) or a live local: `toml`,
+    // `out`, `b`'s buffers of `n` samples, out-parameters.
     unsafe {
         let mut out = ptr::null_mut();
         assert_eq!(ember_engine_create_from_toml(ptr::null(), &mut out), EmberStatus::ErrNullPointer);
@@ -150,9 +167,15 @@ fn null_pointers_are_errors() {
 fn wrong_sizes_and_contents_are_errors() {
     let e = engine();
     let b = batch(4);
+    // One id more than the lengths sum to, so that `num_ids = ids.len() + 1` is readable.
+    let mut ids = b.ids.clone();
+    ids.push(0);
+    // SAFETY: every buffer holds what its call claims or more (`ids` has the extra id that
+    // `num_ids = ids.len() + 1` claims; `small` the 3 floats passed as logits_len); the absurd batch
+    // sizes are refused before anything is read.
     unsafe {
         let call = |n: usize, num_ids: usize| {
-            ember_train_step(e, n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut())
+            ember_train_step(e, n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), ids.as_ptr(), num_ids, ptr::null_mut())
         };
         assert_eq!(call(0, 0), EmberStatus::ErrInvalidArgument);
         assert_eq!(call(4, b.ids.len() + 1), EmberStatus::ErrInvalidArgument);
@@ -180,6 +203,8 @@ fn wrong_sizes_and_contents_are_errors() {
 
 #[test]
 fn bad_configs_are_errors() {
+    // SAFETY: every string is a live CString or the NUL-terminated `bad_utf8`; `out` and `rows` are
+    // local out-parameters.
     unsafe {
         let mut out = ptr::null_mut();
         for text in ["not = = toml", "batch_size = 8\n", &TOML.replace("dim = 4\n[optim]", "dim = 8\n[optim]")] {
@@ -207,6 +232,8 @@ fn bad_configs_are_errors() {
 fn handles_after_destroy_are_rejected() {
     let e = engine();
     let b = batch(2);
+    // SAFETY: handles are tokens, looked up and never dereferenced: the destroyed `e` and `fake` (the
+    // address of a local) are only refused; the other pointers are NULL or locals.
     unsafe {
         assert_eq!(ember_engine_destroy(e), EmberStatus::Ok);
         assert_eq!(train(e, &b, ptr::null_mut()), EmberStatus::ErrInvalidHandle);
@@ -224,9 +251,11 @@ fn a_destroyed_handle_never_drives_a_later_engine() {
     // A stays invalid and B is untouched by calls made with A.
     for _ in 0..50 {
         let a = engine();
+        // SAFETY: a handle value, looked up and never dereferenced.
         unsafe { assert_eq!(ember_engine_destroy(a), EmberStatus::Ok) };
         let b = engine();
         let mut info = EmberInfo::default();
+        // SAFETY: handles are looked up, never dereferenced; `info` is a local.
         unsafe {
             assert_eq!(train(a, &batch(2), ptr::null_mut()), EmberStatus::ErrInvalidHandle, "the stale handle {a:p} drove engine {b:p}");
             assert_eq!(ember_engine_info(b, &mut info), EmberStatus::Ok);
@@ -241,6 +270,8 @@ fn a_destroyed_handle_never_drives_a_later_engine() {
 fn absurd_sizes_are_refused_before_anything_is_allocated() {
     let e = engine();
     let b = batch(2);
+    // SAFETY: the absurd sizes (2^40 samples, EMBER_MAX_BATCH + 1, ids past the address space) are
+    // refused before any buffer is read; the other calls pass `b`'s buffers of 2 samples and locals.
     unsafe {
         // 2^40 samples without labels: their zero labels alone would be 4 TiB.
         let st = ember_eval(e, 1 << 40, b.dense.as_ptr(), ptr::null(), b.lengths.as_ptr(), b.ids.as_ptr(), b.ids.len(), ptr::null_mut(), 0, ptr::null_mut());
@@ -262,12 +293,24 @@ fn absurd_sizes_are_refused_before_anything_is_allocated() {
     }
 }
 
+/// `ember_eval` of `b` claiming `num_ids` ids.
+///
+/// # Safety
+/// `num_ids` is at most `b.ids.len()`, or so large that its bytes exceed the address space
+/// (refused before any id is read).
 unsafe fn ember_eval_ids(e: *mut EmberEngine, b: &B, num_ids: usize) -> EmberStatus {
-    ember_eval(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut(), 0, ptr::null_mut())
+    // SAFETY: `b`'s buffers have the sizes of `b.n` samples, and the ids as this function's
+    // contract says; no output is asked for.
+    unsafe { ember_eval(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut(), 0, ptr::null_mut()) }
 }
 
+/// `ember_train_step` of `b` claiming `num_ids` ids.
+///
+/// # Safety
+/// As for [`ember_eval_ids`].
 unsafe fn ember_train_ids(e: *mut EmberEngine, b: &B, num_ids: usize) -> EmberStatus {
-    ember_train_step(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut())
+    // SAFETY: as in `ember_eval_ids`.
+    unsafe { ember_train_step(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut()) }
 }
 
 #[test]
@@ -281,6 +324,7 @@ fn unknown_config_keys_and_absurd_values_are_config_errors() {
     ] {
         let toml = CString::new(edit).unwrap();
         let mut e = ptr::null_mut();
+        // SAFETY: `toml` is a live CString and `e` a local handle slot.
         assert_eq!(unsafe { ember_engine_create_from_toml(toml.as_ptr(), &mut e) }, EmberStatus::ErrConfig, "{needle}");
         assert!(last_error().contains(needle), "{needle}: {}", last_error());
         assert!(e.is_null());
@@ -304,6 +348,8 @@ fn checkpoint_round_trip() {
     let cdir = CString::new(dir.to_str().unwrap()).unwrap();
     let (a, c) = (engine(), engine());
     let b = batch(8);
+    // SAFETY: `cdir` and `other` are live CStrings, `b` holds 8 samples, and `step`, `la`, `lc`,
+    // `info` and `o` are local out-parameters (or NULL where allowed).
     unsafe {
         for _ in 0..4 {
             assert_eq!(train(a, &b, ptr::null_mut()), EmberStatus::Ok);
@@ -379,6 +425,7 @@ const SGD: &str = r#"{ kind = "sgd", lr = 0.2 }"#;
 fn local_ranks(toml: &str, n: usize) -> Vec<usize> {
     let c = CString::new(toml).unwrap();
     let mut hs = vec![ptr::null_mut::<EmberEngine>(); n];
+    // SAFETY: `c` is a live CString and `hs` has the `n` slots the call may fill.
     let st = unsafe { ember_engine_create_local_ranks(c.as_ptr(), n, hs.as_mut_ptr()) };
     assert_eq!(st, EmberStatus::Ok, "{}", last_error());
     hs.into_iter().map(|h| h as usize).collect()
@@ -395,6 +442,7 @@ fn on_threads<T: Send>(hs: &[usize], f: impl Fn(usize, *mut EmberEngine) -> T + 
 
 fn info(h: *mut EmberEngine) -> EmberInfo {
     let mut i = EmberInfo::default();
+    // SAFETY: `i` is a local `EmberInfo`; `h` may be any handle value.
     assert_eq!(unsafe { ember_engine_info(h, &mut i) }, EmberStatus::Ok, "{}", last_error());
     i
 }
@@ -406,18 +454,22 @@ fn c_layout(b: &Batch) -> (Vec<f32>, Vec<f32>, Vec<u32>, Vec<u64>) {
     (b.dense.clone(), b.labels.clone(), lengths, ids)
 }
 
-unsafe fn train_batch(h: *mut EmberEngine, b: &Batch) -> (EmberStatus, f64) {
+fn train_batch(h: *mut EmberEngine, b: &Batch) -> (EmberStatus, f64) {
     let (d, l, len, ids) = c_layout(b);
     let mut loss = f64::NAN;
-    let st = ember_train_step(h, b.size(), d.as_ptr(), l.as_ptr(), len.as_ptr(), ids.as_ptr(), ids.len(), &mut loss);
+    // SAFETY: the four buffers are the batch's C layout, of the sizes its `b.size()` samples
+    // give; `loss` is a local.
+    let st = unsafe { ember_train_step(h, b.size(), d.as_ptr(), l.as_ptr(), len.as_ptr(), ids.as_ptr(), ids.len(), &mut loss) };
     (st, loss)
 }
 
-unsafe fn eval_batch(h: *mut EmberEngine, b: &Batch) -> (EmberStatus, Vec<f32>, EmberMetrics) {
+fn eval_batch(h: *mut EmberEngine, b: &Batch) -> (EmberStatus, Vec<f32>, EmberMetrics) {
     let (d, l, len, ids) = c_layout(b);
     let mut logits = vec![0f32; b.size()];
     let mut m = EmberMetrics::default();
-    let st = ember_eval(h, b.size(), d.as_ptr(), l.as_ptr(), len.as_ptr(), ids.as_ptr(), ids.len(), logits.as_mut_ptr(), logits.len(), &mut m);
+    // SAFETY: the batch's C layout as in `train_batch`; `logits` holds `logits.len()` floats
+    // and `m` is a local.
+    let st = unsafe { ember_eval(h, b.size(), d.as_ptr(), l.as_ptr(), len.as_ptr(), ids.as_ptr(), ids.len(), logits.as_mut_ptr(), logits.len(), &mut m) };
     (st, logits, m)
 }
 
@@ -431,6 +483,7 @@ fn eval_part(eval: &Batch, w: usize, t: usize) -> Batch {
 
 fn destroy_all(hs: &[usize]) {
     for &h in hs {
+        // SAFETY: a handle value, looked up and never dereferenced.
         assert_eq!(unsafe { ember_engine_destroy(h as *mut EmberEngine) }, EmberStatus::Ok);
     }
 }
@@ -455,7 +508,7 @@ fn local_ranks_train_like_the_engine_driver_and_one_process() {
         sorted.sort();
         assert_eq!(sorted, vec![0, 8, 16, 24], "the ranks' slices must tile the global batch");
         let eval = data.eval_batch();
-        let per_rank = on_threads(&hs, |w, h| unsafe {
+        let per_rank = on_threads(&hs, |w, h| {
             let mut losses = Vec::new();
             for step in 0..steps {
                 let b = data.samples((step * 32 + starts[w]) as u64, 8);
@@ -489,24 +542,26 @@ fn local_ranks_train_like_the_engine_driver_and_one_process() {
         let single = {
             let c = CString::new(multi_toml("", emb)).unwrap();
             let mut e = ptr::null_mut();
+            // SAFETY: `c` is a live CString and `e` a local handle slot.
             assert_eq!(unsafe { ember_engine_create_from_toml(c.as_ptr(), &mut e) }, EmberStatus::Ok, "{}", last_error());
             e
         };
         for step in 0..steps {
-            let (st, loss) = unsafe { train_batch(single, &data.samples((step * 32) as u64, 32)) };
+            let (st, loss) = train_batch(single, &data.samples((step * 32) as u64, 32));
             assert_eq!(st, EmberStatus::Ok, "{}", last_error());
             let ranked = per_rank[0].0[step];
             assert!((loss - ranked).abs() <= 1e-5 * loss.abs().max(1.0), "grid {m}x{n} step {step}: one process {loss} vs ranks {ranked}");
         }
-        let (st, _, sm) = unsafe { eval_batch(single, &eval) };
+        let (st, _, sm) = eval_batch(single, &eval);
         assert_eq!(st, EmberStatus::Ok);
         assert!((sm.loss - per_rank[0].2.loss).abs() < 1e-4, "eval loss: one process {} vs ranks {}", sm.loss, per_rank[0].2.loss);
         // The ranks' logits are their own samples' logits.
         let all: Vec<f32> = per_rank.iter().flat_map(|r| r.1.iter().copied()).collect();
-        let (_, single_logits, _) = unsafe { eval_batch(single, &eval) };
+        let (_, single_logits, _) = eval_batch(single, &eval);
         let worst = all.iter().zip(&single_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-3, "logits differ from one process by {worst}");
         destroy_all(&hs);
+        // SAFETY: a handle value, looked up and never dereferenced.
         unsafe { ember_engine_destroy(single) };
     }
 }
@@ -515,6 +570,8 @@ fn local_ranks_train_like_the_engine_driver_and_one_process() {
 fn local_ranks_reject_bad_arguments_on_every_rank() {
     let toml = multi_toml("", ADAGRAD);
     let c = CString::new(toml.clone()).unwrap();
+    // SAFETY: the strings are live CStrings or NULL on purpose; `hs` has 4 slots, at least the `n`
+    // of each call; `e` is a local handle slot.
     unsafe {
         let mut hs = vec![ptr::null_mut::<EmberEngine>(); 4];
         assert_eq!(ember_engine_create_local_ranks(ptr::null(), 4, hs.as_mut_ptr()), EmberStatus::ErrNullPointer);
@@ -542,6 +599,9 @@ fn local_ranks_reject_bad_arguments_on_every_rank() {
     let data = SyntheticData::new(&cfg).unwrap();
     let hs = local_ranks(&toml, 4);
     let starts: Vec<usize> = hs.iter().map(|&h| info(h as *mut _).sample_start).collect();
+    // SAFETY: the buffers are the C layout of `good` (8 samples), or NULL on purpose (rank 1's
+    // labels, rank 0's eval labels and metrics); `dir` is a live CString; `logits` holds the 8
+    // floats passed.
     let results = on_threads(&hs, |w, h| unsafe {
         let good = data.samples(starts[w] as u64, 8);
         let mut out = Vec::new();
@@ -601,7 +661,7 @@ fn local_ranks_reject_bad_arguments_on_every_rank() {
     // Use after destroy.
     destroy_all(&hs);
     let b = data.samples(0, 8);
-    assert_eq!(unsafe { train_batch(hs[0] as *mut _, &b) }.0, EmberStatus::ErrInvalidHandle);
+    assert_eq!(train_batch(hs[0] as *mut _, &b).0, EmberStatus::ErrInvalidHandle);
 }
 
 #[test]
@@ -615,6 +675,7 @@ fn local_ranks_checkpoint_into_one_process_and_back() {
     let hs = local_ranks(&toml, 4);
     let starts: Vec<usize> = hs.iter().map(|&h| info(h as *mut _).sample_start).collect();
     let eval = data.eval_batch();
+    // SAFETY: `cdir` is a live CString.
     let out = on_threads(&hs, |w, h| unsafe {
         for step in 0..3 {
             assert_eq!(train_batch(h, &data.samples((step * 32 + starts[w]) as u64, 8)).0, EmberStatus::Ok, "{}", last_error());
@@ -635,6 +696,7 @@ fn local_ranks_checkpoint_into_one_process_and_back() {
     // Into one process: the same model (to float tolerance: the ranks' lookups sum in another order).
     let c = CString::new(multi_toml("", SGD)).unwrap();
     let mut single = ptr::null_mut();
+    // SAFETY: `c` and `cdir` are live CStrings; `single` and `step` are local out-parameters.
     unsafe {
         assert_eq!(ember_engine_create_from_toml(c.as_ptr(), &mut single), EmberStatus::Ok);
         let mut step = 0;
@@ -649,6 +711,7 @@ fn local_ranks_checkpoint_into_one_process_and_back() {
     }
     // Into fresh ranks (the same grid): the same eval results bitwise, and the step count.
     let fresh = local_ranks(&toml, 4);
+    // SAFETY: `cdir` is a live CString and `step` a local.
     let again = on_threads(&fresh, |w, h| unsafe {
         let mut step = 0;
         assert_eq!(ember_load_checkpoint(h, cdir.as_ptr(), &mut step), EmberStatus::Ok, "{}", last_error());
@@ -662,6 +725,7 @@ fn local_ranks_checkpoint_into_one_process_and_back() {
     }
     // A missing checkpoint fails on every rank and leaves them usable.
     let missing = CString::new("/nonexistent/ember-ckpt").unwrap();
+    // SAFETY: `missing` is a live CString; `step_out` is NULL, which is allowed.
     let st = on_threads(&fresh, |_, h| unsafe { (ember_load_checkpoint(h, missing.as_ptr(), ptr::null_mut()), info(h).steps_done) });
     assert!(st.iter().all(|&(s, d)| s != EmberStatus::Ok && s != EmberStatus::ErrPeer && d == 4), "{st:?}");
     destroy_all(&hs);
@@ -672,6 +736,8 @@ fn local_ranks_checkpoint_into_one_process_and_back() {
 #[test]
 fn bench_rows_through_the_abi() {
     let hs = local_ranks(&multi_toml("", ADAGRAD), 4);
+    // SAFETY: `rows` holds 4 rows, at least each call's rows_cap (3 or 4), or rows_out is NULL with
+    // rows_cap 0; `n` and the `&mut 0`s are local out-parameters, or NULL on purpose.
     let rows = on_threads(&hs, |_, h| unsafe {
         let mut out = Vec::new();
         for coll in [EMBER_BENCH_ALL_TO_ALL, EMBER_BENCH_ALL_REDUCE] {
@@ -714,7 +780,9 @@ fn bench_rows_through_the_abi() {
     let e = engine();
     let mut rows = [EmberBenchRow::default(); 2];
     let mut n = 0;
+    // SAFETY: `rows` holds the 2 rows passed as rows_cap; `n` is a local.
     assert_eq!(unsafe { ember_bench_collective(e, EMBER_BENCH_ALL_REDUCE, 1024, 2048, 2, 2, 0, rows.as_mut_ptr(), 2, &mut n) }, EmberStatus::Ok, "{}", last_error());
     assert_eq!((n, rows[1].size, rows[1].wrong, rows[1].busbw), (2, 2048, 0, 0.0));
+    // SAFETY: a handle value, looked up and never dereferenced.
     unsafe { ember_engine_destroy(e) };
 }

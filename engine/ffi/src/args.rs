@@ -8,11 +8,16 @@ use engine::config::TrainConfig;
 use engine::data::{Batch, Jagged};
 use std::ffi::{c_char, CStr};
 
+/// The caller's C string `p` as UTF-8 (`what` names it in errors); NULL is an error.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that stays valid and unchanged for `'a`.
 pub(crate) unsafe fn c_str<'a>(p: *const c_char, what: &str) -> R<&'a str> {
     if p.is_null() {
         return fail(EmberStatus::ErrNullPointer, format!("{what} is NULL"));
     }
-    CStr::from_ptr(p).to_str().or_else(|e| fail(EmberStatus::ErrInvalidArgument, format!("{what} is not UTF-8: {e}")))
+    // SAFETY: non-null, and NUL-terminated and valid for 'a (this function's contract).
+    unsafe { CStr::from_ptr(p) }.to_str().or_else(|e| fail(EmberStatus::ErrInvalidArgument, format!("{what} is not UTF-8: {e}")))
 }
 
 pub(crate) fn check_out<T>(p: *mut T, what: &str) -> R<()> {
@@ -25,6 +30,9 @@ pub(crate) fn check_out<T>(p: *mut T, what: &str) -> R<()> {
 
 /// A caller buffer of `n` elements as a slice; NULL is allowed only when `n == 0`, and
 /// `n` elements must span at most isize::MAX bytes (what a slice can describe).
+///
+/// # Safety
+/// `p` is NULL or points to `n` initialised values of `T`, valid and unchanged for `'a`.
 unsafe fn slice<'a, T>(p: *const T, n: usize, what: &str) -> R<&'a [T]> {
     if n == 0 {
         return Ok(&[]);
@@ -35,9 +43,10 @@ unsafe fn slice<'a, T>(p: *const T, n: usize, what: &str) -> R<&'a [T]> {
     if n.checked_mul(std::mem::size_of::<T>()).map_or(true, |b| b > isize::MAX as usize) {
         return fail(EmberStatus::ErrInvalidArgument, format!("{what}: {n} values of {} bytes exceed the address space", std::mem::size_of::<T>()));
     }
-    // SAFETY: non-null, and the caller promises `n` readable values there (the documented
-    // contract of every entry point); the span fits isize, as from_raw_parts requires.
-    Ok(std::slice::from_raw_parts(p, n))
+    // SAFETY: non-null, and the caller promises `n` readable values there (this function's
+    // contract, passed on from every entry point's); the span fits isize (checked above), as
+    // from_raw_parts requires.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
 
 /// A copy of `src`, or ErrInternal if the memory cannot be had (never an abort).
@@ -62,6 +71,10 @@ fn mul(a: usize, b: usize, what: &str) -> R<usize> {
 
 /// Copy a caller's batch (layout documented at `ember_train_step`) into a `Batch`, checking
 /// every size against the model. `labels` may be NULL when `labels_optional` (zeros are used).
+///
+/// # Safety
+/// Each pointer is NULL or points to as many values as the layout gives it for `batch_size` and
+/// `num_ids` (`ember_train_step`'s contract), valid and unchanged during the call.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn read_batch(
     cfg: &TrainConfig,
@@ -78,10 +91,15 @@ pub(crate) unsafe fn read_batch(
     }
     let nd = cfg.model.num_dense;
     let nt = cfg.model.tables.len();
-    let dense = slice(dense, mul(batch_size, nd, "dense size")?, "dense")?;
-    let labels = if labels.is_null() && labels_optional { zeros(batch_size, "labels")? } else { copy_vec(slice(labels, batch_size, "labels")?, "labels")? };
-    let lengths = slice(lengths, mul(batch_size, nt, "lengths size")?, "lengths")?;
-    let ids = slice(ids, num_ids, "ids")?;
+    // SAFETY: the contract promises batch_size x num_dense values at `dense`; `slice` refuses
+    // NULL and spans past isize::MAX.
+    let dense = unsafe { slice(dense, mul(batch_size, nd, "dense size")?, "dense") }?;
+    // SAFETY: the contract promises batch_size labels at a non-NULL `labels`.
+    let labels = if labels.is_null() && labels_optional { zeros(batch_size, "labels")? } else { copy_vec(unsafe { slice(labels, batch_size, "labels") }?, "labels")? };
+    // SAFETY: the contract promises num_tables x batch_size lengths.
+    let lengths = unsafe { slice(lengths, mul(batch_size, nt, "lengths size")?, "lengths") }?;
+    // SAFETY: the contract promises num_ids ids.
+    let ids = unsafe { slice(ids, num_ids, "ids") }?;
     let total: u64 = lengths.iter().map(|&l| l as u64).sum();
     if total != num_ids as u64 {
         return fail(

@@ -49,6 +49,10 @@ pub struct EmberBenchRow {
 /// Returns `EMBER_STATUS_ERR_NULL_POINTER` for a NULL `rows_out` (with `rows_cap` > 0) or
 /// `nrows_out`, `EMBER_STATUS_ERR_INVALID_ARGUMENT` for a value out of range,
 /// `EMBER_STATUS_ERR_INTERNAL` for a transport failure.
+///
+/// # Safety
+/// `rows_out` is NULL or points to `rows_cap` writable `EmberBenchRow`s; `nrows_out` is NULL or
+/// points to a writable `size_t`. `engine` may be any value.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ember_bench_collective(
@@ -98,7 +102,9 @@ pub unsafe extern "C" fn ember_bench_collective(
                         None => break,
                     }
                 }
-                *nrows_out = n;
+                // SAFETY: `nrows_out` is non-NULL (checked above) and writable (this function's
+                // contract).
+                unsafe { *nrows_out = n };
                 if rows_cap < n {
                     return fail(EmberStatus::ErrInvalidArgument, format!("rows_cap is {rows_cap} but {n} sizes are measured"));
                 }
@@ -127,9 +133,13 @@ pub unsafe extern "C" fn ember_bench_collective(
             }
         })?;
         for (i, r) in rows.iter().enumerate() {
-            *rows_out.add(i) = EmberBenchRow { size: r.size, count: r.count, time_us: r.time_us, algbw: r.algbw, busbw: r.busbw, wrong: r.wrong };
+            // SAFETY: the checks above passed on this rank, so `rows_out` is non-NULL with
+            // rows_cap >= n writable rows (this function's contract), and the bench measures the
+            // n sizes counted there: i < n.
+            unsafe { *rows_out.add(i) = EmberBenchRow { size: r.size, count: r.count, time_us: r.time_us, algbw: r.algbw, busbw: r.busbw, wrong: r.wrong } };
         }
-        *nrows_out = rows.len();
+        // SAFETY: non-NULL (checked above, or we had returned) and writable (the contract).
+        unsafe { *nrows_out = rows.len() };
         Ok(())
     })
 }

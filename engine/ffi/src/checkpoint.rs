@@ -19,11 +19,16 @@ use std::path::Path;
 /// other grid or into a single-process engine of the same model.
 /// Returns `EMBER_STATUS_ERR_IO` / `EMBER_STATUS_ERR_INPUT` if it cannot be written,
 /// `EMBER_STATUS_ERR_INVALID_ARGUMENT` for a multi-rank `step` that is not `steps_done`.
+///
+/// # Safety
+/// `dir` is NULL or a NUL-terminated string, valid during the call. `engine` may be any value.
 #[no_mangle]
 pub unsafe extern "C" fn ember_save_checkpoint(engine: *mut EmberEngine, dir: *const c_char, step: u64) -> EmberStatus {
     guard(|| {
         with_engine(engine, |st| {
-            let dir = c_str(dir, "dir");
+            // SAFETY: `dir` is NULL or a NUL-terminated string valid during the call (this
+            // function's contract), as `c_str` asks.
+            let dir = unsafe { c_str(dir, "dir") };
             let State { be, model, cfg, samples_seen, .. } = st;
             match model {
                 Model::Single(model) => {
@@ -64,11 +69,17 @@ pub unsafe extern "C" fn ember_save_checkpoint(engine: *mut EmberEngine, dir: *c
 /// every rank fails (e.g. no checkpoint), every engine is unchanged.
 /// Returns `EMBER_STATUS_ERR_IO` / `EMBER_STATUS_ERR_INPUT` for a missing or corrupt checkpoint,
 /// `EMBER_STATUS_ERR_CONFIG` for one of another model.
+///
+/// # Safety
+/// `dir` is NULL or a NUL-terminated string, valid during the call; `step_out` is NULL or points
+/// to a writable `uint64_t`. `engine` may be any value.
 #[no_mangle]
 pub unsafe extern "C" fn ember_load_checkpoint(engine: *mut EmberEngine, dir: *const c_char, step_out: *mut u64) -> EmberStatus {
     guard(|| {
         let step = with_engine(engine, |st| {
-            let dir = c_str(dir, "dir");
+            // SAFETY: `dir` is NULL or a NUL-terminated string valid during the call (this
+            // function's contract), as `c_str` asks.
+            let dir = unsafe { c_str(dir, "dir") };
             let State { be, model, cfg, steps_done, samples_seen } = st;
             match model {
                 Model::Single(model) => {
@@ -107,7 +118,8 @@ pub unsafe extern "C" fn ember_load_checkpoint(engine: *mut EmberEngine, dir: *c
             }
         })?;
         if !step_out.is_null() {
-            *step_out = step;
+            // SAFETY: non-NULL, and writable (this function's contract).
+            unsafe { *step_out = step };
         }
         Ok(())
     })

@@ -18,6 +18,8 @@ pub(crate) fn agree<T>(world: &Comm, mine: R<T>) -> R<T> {
     world.all_gather(&[code], &mut all)?;
     let mine = mine?;
     if let Some((k, &c)) = all.iter().enumerate().find(|(_, &c)| c != 0) {
+        // SAFETY: `ember_status_name` returns a pointer to a static NUL-terminated string for
+        // every value (never NULL).
         let name = unsafe { CStr::from_ptr(ember_status_name(c as i32)) }.to_string_lossy().into_owned();
         return fail(EmberStatus::ErrPeer, format!("rank {k} rejected its part of this collective call ({name}; its own call returned the reason); no rank changed its state"));
     }

@@ -40,6 +40,10 @@ pub struct EmberInfo {
 /// world size, grid, the local batch size and the first sample of this rank's slice) and its
 /// progress. Not collective. Returns `EMBER_STATUS_ERR_NULL_POINTER` /
 /// `EMBER_STATUS_ERR_INVALID_HANDLE` for a bad argument.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `EmberInfo`. `engine` may be any value (it is checked
+/// against the live handles).
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_info(engine: *const EmberEngine, out: *mut EmberInfo) -> EmberStatus {
     guard(|| {
@@ -71,7 +75,8 @@ pub unsafe extern "C" fn ember_engine_info(engine: *const EmberEngine, out: *mut
             }
             Ok(info)
         })?;
-        *out = info;
+        // SAFETY: `out` is non-NULL (checked above) and writable (this function's contract).
+        unsafe { *out = info };
         Ok(())
     })
 }
@@ -79,6 +84,9 @@ pub unsafe extern "C" fn ember_engine_info(engine: *const EmberEngine, out: *mut
 /// Number of rows of table `table` into `*rows_out` (caller-owned): ids of feature `table` must
 /// be below it. Not collective. Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` if
 /// `table >= num_tables`.
+///
+/// # Safety
+/// `rows_out` is NULL or points to a writable `uint64_t`. `engine` may be any value.
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_table_rows(engine: *const EmberEngine, table: usize, rows_out: *mut u64) -> EmberStatus {
     guard(|| {
@@ -87,7 +95,8 @@ pub unsafe extern "C" fn ember_engine_table_rows(engine: *const EmberEngine, tab
             Some(t) => Ok(t.rows),
             None => fail(EmberStatus::ErrInvalidArgument, format!("table {table} out of range ({} tables)", st.cfg.model.tables.len())),
         })?;
-        *rows_out = rows;
+        // SAFETY: `rows_out` is non-NULL (checked above) and writable (this function's contract).
+        unsafe { *rows_out = rows };
         Ok(())
     })
 }

@@ -25,7 +25,8 @@
 //! pointers and batches), `config` (TOML configs, grids and plans), `collective` (argument
 //! agreement across ranks), `lifecycle` (create and destroy), `info`, `steps` (train and eval),
 //! `checkpoint`, `bench` (transport microbenchmark), `version` and `test_hooks`.
-#![allow(clippy::missing_safety_doc)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 // cbindgen (tests/header.rs) writes engine/include/ember.h in the order it parses items: this
 // file, then these modules in declaration order. The order below keeps the header's order (the

@@ -65,7 +65,8 @@ fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
         }
     };
     let h = register(state)?;
-    // SAFETY: `out` was checked non-null by the caller of `create`.
+    // SAFETY: every caller of `create` (the create entry points) checked `out` non-null, and
+    // their contract makes it a writable handle slot.
     unsafe { *out = h };
     Ok(())
 }
@@ -92,10 +93,16 @@ fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
 /// range), `EMBER_STATUS_ERR_INTERNAL` if joining the job fails (rendezvous, token, peers,
 /// timeout) or the model needs more memory than there is (checked before allocating; the
 /// environment variable `EMBER_MEMORY_AVAILABLE` overrides the measured figure).
+///
+/// # Safety
+/// `toml` is NULL or a NUL-terminated string, valid during the call; `out` is NULL or points to a
+/// writable handle slot.
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_create_from_toml(toml: *const c_char, out: *mut *mut EmberEngine) -> EmberStatus {
     guard(|| {
-        let text = c_str(toml, "toml")?;
+        // SAFETY: `toml` is NULL or a NUL-terminated string valid during the call (this
+        // function's contract), as `c_str` asks.
+        let text = unsafe { c_str(toml, "toml") }?;
         check_out(out, "out")?;
         create(parse_config(text)?, out)
     })
@@ -105,10 +112,16 @@ pub unsafe extern "C" fn ember_engine_create_from_toml(toml: *const c_char, out:
 /// `ember_engine_create_from_toml` with the file's text (also collective under a launcher).
 /// Returns `EMBER_STATUS_ERR_IO` if the file cannot be read, `EMBER_STATUS_ERR_CONFIG` if its
 /// text is rejected.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string, valid during the call; `out` is NULL or points to a
+/// writable handle slot.
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_create_from_file(path: *const c_char, out: *mut *mut EmberEngine) -> EmberStatus {
     guard(|| {
-        let path = c_str(path, "path")?;
+        // SAFETY: `path` is NULL or a NUL-terminated string valid during the call (this
+        // function's contract), as `c_str` asks.
+        let path = unsafe { c_str(path, "path") }?;
         check_out(out, "out")?;
         let text = engine::config::read_config_file(std::path::Path::new(path))?;
         create(parse_config(&text)?, out)
@@ -120,10 +133,16 @@ pub unsafe extern "C" fn ember_engine_create_from_file(path: *const c_char, out:
 /// Under a launcher the engine is this process's rank of a 1xT grid (collective), as for
 /// `ember_engine_create_from_toml`. Ownership of `*out` as there. Returns
 /// `EMBER_STATUS_ERR_CONFIG` for an unknown name.
+///
+/// # Safety
+/// `name` is NULL or a NUL-terminated string, valid during the call; `out` is NULL or points to a
+/// writable handle slot.
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_create_from_preset(name: *const c_char, row_cap: u64, out: *mut *mut EmberEngine) -> EmberStatus {
     guard(|| {
-        let name = c_str(name, "name")?;
+        // SAFETY: `name` is NULL or a NUL-terminated string valid during the call (this
+        // function's contract), as `c_str` asks.
+        let name = unsafe { c_str(name, "name") }?;
         check_out(out, "out")?;
         let train = preset(name, (row_cap > 0).then_some(row_cap))?;
         create(EngineConfig { train, grid: None, opts: ParallelOptions::default(), sharding: None }, out)
@@ -142,10 +161,16 @@ pub unsafe extern "C" fn ember_engine_create_from_preset(name: *const c_char, ro
 /// Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out_handles` is NULL,
 /// `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `n` is 0 or above 4096, `EMBER_STATUS_ERR_CONFIG` if
 /// the config is rejected or its grid or batch size does not fit `n` ranks.
+///
+/// # Safety
+/// `toml` is NULL or a NUL-terminated string, valid during the call; `out_handles` is NULL or
+/// points to `n` writable handle slots.
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n: usize, out_handles: *mut *mut EmberEngine) -> EmberStatus {
     guard(|| {
-        let text = c_str(toml, "toml")?;
+        // SAFETY: `toml` is NULL or a NUL-terminated string valid during the call (this
+        // function's contract), as `c_str` asks.
+        let text = unsafe { c_str(toml, "toml") }?;
         check_out(out_handles, "out_handles")?;
         if n == 0 || n > 4096 {
             return fail(EmberStatus::ErrInvalidArgument, format!("n is {n}: expected 1 to 4096 ranks"));
@@ -179,7 +204,9 @@ pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n:
             }
         }
         for (w, h) in handles.into_iter().enumerate() {
-            *out_handles.add(w) = h;
+            // SAFETY: `out_handles` is non-NULL (checked above) with `n` writable slots (this
+            // function's contract), and there is one handle per rank: w < n.
+            unsafe { *out_handles.add(w) = h };
         }
         Ok(())
     })
@@ -190,6 +217,10 @@ pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n:
 /// it twice) returns `EMBER_STATUS_ERR_INVALID_HANDLE`, whatever engines were created since.
 /// Not collective: the ranks of a job may be destroyed in any order (a rank still waiting in a
 /// collective for a destroyed peer fails with a transport error after the timeout).
+///
+/// # Safety
+/// None beyond any C call's: `engine` may be any value (it is looked up among the live handles,
+/// never dereferenced).
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_destroy(engine: *mut EmberEngine) -> EmberStatus {
     guard(|| {

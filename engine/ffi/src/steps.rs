@@ -86,6 +86,11 @@ fn eval_ranked(be: &Cpu, r: &mut Ranked, batch: Batch, has_labels: bool, wants_m
 /// Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0, above
 /// `EMBER_MAX_BATCH` or not the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
 /// model is unchanged in both cases), `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
+///
+/// # Safety
+/// `dense`, `labels`, `lengths` and `ids` each point to the number of values given above (or are
+/// NULL), valid and unchanged during the call; `loss_out` is NULL or points to a writable
+/// `double`. `engine` may be any value.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ember_train_step(
@@ -103,7 +108,9 @@ pub unsafe extern "C" fn ember_train_step(
             let State { cfg, be, model, steps_done, samples_seen } = st;
             match model {
                 Model::Single(model) => {
-                    let batch = read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids)?;
+                    // SAFETY: the batch pointers hold the values the layout gives them (this
+                    // function's contract), which is `read_batch`'s.
+                    let batch = unsafe { read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids) }?;
                     let loss = model.train_step(be, &batch)?;
                     *steps_done += 1;
                     *samples_seen += batch_size as u64;
@@ -122,7 +129,8 @@ pub unsafe extern "C" fn ember_train_step(
                             ),
                         )
                     } else {
-                        read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids)
+                        // SAFETY: as in the single-process case.
+                        unsafe { read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids) }
                     };
                     on_rank(r, |r| {
                         let batch = agree(&r.rank.comms.world, mine)?;
@@ -134,7 +142,8 @@ pub unsafe extern "C" fn ember_train_step(
             }
         })?;
         if !loss_out.is_null() {
-            *loss_out = loss;
+            // SAFETY: non-NULL, and writable (this function's contract).
+            unsafe { *loss_out = loss };
         }
         Ok(())
     })
@@ -154,6 +163,11 @@ pub unsafe extern "C" fn ember_train_step(
 /// are this rank's, the metrics cover every rank's samples and are identical on every rank
 /// (a rank asking for metrics gets `EMBER_STATUS_ERR_INVALID_ARGUMENT` if some rank passed no
 /// labels).
+///
+/// # Safety
+/// The batch pointers as for `ember_train_step`; `logits_out` is NULL or points to `logits_len`
+/// writable floats; `metrics_out` is NULL or points to a writable `EmberMetrics`. `engine` may
+/// be any value.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ember_eval(
@@ -177,7 +191,9 @@ pub unsafe extern "C" fn ember_eval(
                 if labels.is_null() && !metrics_out.is_null() {
                     return fail(EmberStatus::ErrNullPointer, "labels is NULL but metrics_out asks for metrics");
                 }
-                read_batch(&st.cfg, batch_size, dense, labels, true, lengths, ids, num_ids)
+                // SAFETY: the batch pointers hold the values the layout gives them (this
+                // function's contract), which is `read_batch`'s.
+                unsafe { read_batch(&st.cfg, batch_size, dense, labels, true, lengths, ids, num_ids) }
             };
             let mine = checks();
             let State { cfg, be, model, .. } = st;
@@ -196,10 +212,14 @@ pub unsafe extern "C" fn ember_eval(
             }
         })?;
         if !logits_out.is_null() {
-            std::ptr::copy_nonoverlapping(logits.as_ptr(), logits_out, batch_size);
+            // SAFETY: `logits` holds batch_size values (one per sample), `logits_out` is non-NULL
+            // with room for logits_len >= batch_size floats (checked before the batch was read;
+            // the contract makes them writable), and our fresh Vec cannot overlap it.
+            unsafe { std::ptr::copy_nonoverlapping(logits.as_ptr(), logits_out, batch_size) };
         }
         if !metrics_out.is_null() {
-            *metrics_out = metrics;
+            // SAFETY: non-NULL, and writable (this function's contract).
+            unsafe { *metrics_out = metrics };
         }
         Ok(())
     })
