@@ -442,8 +442,9 @@ impl<'a> Launch<'a> {
     ///    kernel takes null to mean "none"), valid for every element the kernel reads or writes
     ///    given its size arguments (lengths, rows × cols, offsets and strides); device-side
     ///    indices it follows (ids, bag offsets, row lists, counters) lie within the buffers they
-    ///    index; and no two arguments the kernel declares `__restrict__` overlap where one is
-    ///    written.
+    ///    index; and arguments the kernel declares `__restrict__` do not overlap where one is
+    ///    written, except in place where each element is read and then written by one thread
+    ///    only, with a barrier between (the exclusive scan).
     /// 4. **Stream order.** The buffers stay allocated, and are not written by anything else,
     ///    until the kernel has finished: pool buffers and arena scratch of this device are only
     ///    reused by work on this same stream, which runs after the kernel, so dropping them (or
