@@ -67,7 +67,7 @@ impl Fabric for LocalFabric {
                 Ok(None) if len <= EAGER_MAX => {
                     // SAFETY: data..data+len is readable (Fabric::send contract).
                     let v = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
-                    Some(Mailbox::deliver_locked(t, me, tag, v, w.op).map(|_| None))
+                    Some(Mailbox::deliver_locked(t, me, tag, v, false, w.op).map(|_| None))
                 }
                 Ok(None) => None,
                 Err(e) => Some(Err(e)),

@@ -93,8 +93,12 @@ pub(crate) struct Mailbox {
 
 pub(crate) struct Table {
     pub map: KeyMap<Slot>,
-    /// Why a peer is gone, by world rank.
-    pub dead: HashMap<usize, String>,
+    /// Why a peer is gone, by world rank: `PeerFailed`, or `Protocol` when it broke the protocol
+    /// (every later wait on it reports that, with the waiting operation's name).
+    pub dead: HashMap<usize, Error>,
+    /// Bytes held for receives not posted yet (`Early` slots and reservations), at most
+    /// [`crate::alloc_limit`].
+    pub early_bytes: usize,
 }
 
 /// How long a waiter spins/yields before sleeping, and the longest single sleep.
@@ -104,7 +108,7 @@ const MAX_SLEEP: Duration = Duration::from_millis(1);
 impl Mailbox {
     pub fn new() -> Self {
         Mailbox {
-            slots: Mutex::new(Table { map: KeyMap::default(), dead: HashMap::new() }),
+            slots: Mutex::new(Table { map: KeyMap::default(), dead: HashMap::new(), early_bytes: 0 }),
             cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             yield_phase: true,
@@ -160,6 +164,7 @@ impl Mailbox {
                 Ok(Posted::Waiting)
             }
             Some(Slot::Early(v)) => {
+                t.early_bytes -= v.len();
                 if v.len() > cap {
                     let e = too_long(op, src, v.len(), cap);
                     t.map.insert(key, Slot::Failed(e.clone()));
@@ -204,30 +209,68 @@ impl Mailbox {
             }
             Some(_) => {
                 let e = Error::Protocol { op, peer: src, detail: format!("duplicate message for {tag:?}") };
-                t.map.insert(key, Slot::Failed(e.clone()));
+                if let Some(Slot::Early(v)) = t.map.insert(key, Slot::Failed(e.clone())) {
+                    t.early_bytes -= v.len();
+                }
                 Err(e)
             }
         }
     }
 
-    /// Deliver a whole message that arrived as bytes: copy it into the posted buffer if there is
-    /// one, else keep it until `post`.
-    pub fn deliver(&self, src: usize, tag: Tag, data: Vec<u8>, op: &'static str) -> Result<()> {
+    /// Count `len` more bytes held for receives not posted yet: a protocol error naming `peer`
+    /// past [`crate::alloc_limit`] (a peer sending far ahead of the receives).
+    pub fn reserve_early(t: &mut Table, peer: usize, len: usize, op: &'static str) -> Result<()> {
+        match t.early_bytes.checked_add(len).filter(|&b| b <= crate::limits::alloc_limit()) {
+            Some(b) => {
+                t.early_bytes = b;
+                Ok(())
+            }
+            None => Err(Error::Protocol {
+                op,
+                peer,
+                detail: format!(
+                    "{len} more bytes ahead of their receives would exceed the {}-byte limit (EMBER_MAX_ALLOC_BYTES)",
+                    crate::limits::alloc_limit()
+                ),
+            }),
+        }
+    }
+
+    /// Return a reservation of `reserve_early` that was not delivered.
+    pub fn release_early(&self, len: usize) {
         let mut t = self.lock();
-        let r = Self::deliver_locked(&mut t, src, tag, data, op);
+        t.early_bytes = t.early_bytes.saturating_sub(len);
+    }
+
+    /// Deliver a whole message that arrived as bytes: copy it into the posted buffer if there is
+    /// one, else keep it until `post`. `reserved`: its bytes were counted (`reserve_early`)
+    /// already.
+    pub fn deliver(&self, src: usize, tag: Tag, data: Vec<u8>, reserved: bool, op: &'static str) -> Result<()> {
+        let mut t = self.lock();
+        let r = Self::deliver_locked(&mut t, src, tag, data, reserved, op);
         drop(t);
         self.notify();
         r
     }
 
-    pub fn deliver_locked(t: &mut Table, src: usize, tag: Tag, data: Vec<u8>, op: &'static str) -> Result<()> {
-        match Self::claim(t, src, tag, data.len(), op)? {
+    pub fn deliver_locked(t: &mut Table, src: usize, tag: Tag, data: Vec<u8>, reserved: bool, op: &'static str) -> Result<()> {
+        let claimed = Self::claim(t, src, tag, data.len(), op);
+        if reserved && !matches!(claimed, Ok(None)) {
+            t.early_bytes -= data.len();
+        }
+        match claimed? {
             Some(buf) => {
                 // SAFETY: claim checked the length against the posted capacity.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.0, data.len()) };
                 t.map.insert((src, tag, Dir::Recv), Slot::Done(data.len()));
             }
             None => {
+                if !reserved {
+                    if let Err(e) = Self::reserve_early(t, src, data.len(), op) {
+                        t.map.insert((src, tag, Dir::Recv), Slot::Failed(e.clone()));
+                        return Err(e);
+                    }
+                }
                 t.map.insert((src, tag, Dir::Recv), Slot::Early(data));
             }
         }
@@ -260,7 +303,14 @@ impl Mailbox {
 
     /// Record that `peer` is gone; every wait on it fails from now on.
     pub fn peer_died(&self, peer: usize, reason: String) {
-        self.lock().dead.entry(peer).or_insert(reason);
+        self.peer_failed(Error::PeerFailed { op: "", peer, reason });
+    }
+
+    /// Record that the peer `e` names is gone for the reason `e` gives (the first one counts).
+    pub fn peer_failed(&self, e: Error) {
+        if let Some(peer) = e.peer() {
+            self.lock().dead.entry(peer).or_insert(e);
+        }
         self.notify();
     }
 
@@ -306,8 +356,8 @@ impl Mailbox {
             if let Some(r) = done {
                 return r;
             }
-            if let Some(reason) = t.dead.get(&peer) {
-                return Err(Error::PeerFailed { op: w.op, peer, reason: reason.clone() });
+            if let Some(e) = t.dead.get(&peer) {
+                return Err(e.clone().with_op(w.op));
             }
             let now = Instant::now();
             if now >= w.deadline {

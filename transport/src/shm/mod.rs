@@ -149,7 +149,7 @@ impl ShmFabric {
 
     fn proto(&self, peer: usize, detail: String) -> Error {
         let e = Error::Protocol { op: "shm", peer, detail };
-        self.mb.peer_died(peer, e.to_string());
+        self.mb.peer_failed(e.clone());
         e
     }
 }

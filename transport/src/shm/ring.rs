@@ -88,8 +88,8 @@ impl ShmFabric {
                 return Ok(());
             }
             self.poll()?;
-            if let Some(r) = self.mb.lock().dead.get(&dst) {
-                return Err(Error::PeerFailed { op: w.op, peer: dst, reason: r.clone() });
+            if let Some(e) = self.mb.lock().dead.get(&dst) {
+                return Err(e.clone().with_op(w.op));
             }
             if Instant::now() >= w.deadline {
                 return Err(Error::Timeout { op: w.op, peer: dst, timeout: w.timeout });
@@ -156,7 +156,7 @@ impl ShmFabric {
                             self.mb.complete(s, tag, Dir::Recv, len);
                         }
                         Ok(None) => {
-                            let _ = self.mb.deliver(s, tag, payload.to_vec(), "shm receive");
+                            let _ = self.mb.deliver(s, tag, payload.to_vec(), false, "shm receive");
                         }
                         Err(_) => self.mb.notify(), // the slot now holds the error
                     }
