@@ -929,3 +929,76 @@ pub fn pin_to_core(core: usize) -> bool {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Local addresses of the TCP sockets listening on `port` (from /proc/net/tcp and tcp6).
+    fn listeners(port: u16) -> Vec<String> {
+        let mut v = Vec::new();
+        for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() > 3 && cols[3] == "0A" && cols[1].ends_with(&format!(":{port:04X}")) {
+                    v.push(cols[1].to_string());
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn listen_address_follows_the_rendezvous() {
+        for (a, lo) in [("127.0.0.1:5", true), ("127.1.2.3:5", true), ("localhost:5", true), ("[::1]:5", true), ("10.0.0.1:5", false), ("node3:5", false)] {
+            assert_eq!(listen_ip(&Rendezvous::Addr(a.into())).is_loopback(), lo, "{a}");
+        }
+        assert!(listen_ip(&Rendezvous::File("/x".into())).is_unspecified());
+    }
+
+    #[test]
+    fn a_loopback_rendezvous_listens_on_loopback_and_serves_a_slow_client_alongside() {
+        let port = free_port().unwrap();
+        let token = new_token();
+        let cfg = |rank| JoinConfig {
+            rank,
+            size: 2,
+            local_rank: rank,
+            rendezvous: Rendezvous::Addr(format!("127.0.0.1:{port}")),
+            token: token.clone(),
+            transport: Transport::Tcp,
+            timeout: Duration::from_secs(8),
+        };
+        let c0 = cfg(0);
+        let r0 = std::thread::spawn(move || Comm::connect(&c0).map(|c| c.size()));
+        let t0 = Instant::now();
+        let seen = loop {
+            let l = listeners(port);
+            if !l.is_empty() || t0.elapsed() > Duration::from_secs(5) {
+                break l;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // Only 127.0.0.1 (0100007F), never every interface (00000000).
+        assert_eq!(seen, vec![format!("0100007F:{port:04X}")]);
+        // A client that trickles one byte every 200 ms connects first; rank 1 still joins at once.
+        let slow = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            // A plausible field length, then the bytes one by one.
+            let bytes = [8u8, 0, 0, 0].into_iter().chain(std::iter::repeat(b'E').take(16));
+            for b in bytes {
+                if s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let t1 = Instant::now();
+        let c1 = Comm::connect(&cfg(1)).unwrap();
+        assert!(t1.elapsed() < Duration::from_secs(2), "rank 1 joined after {:?}", t1.elapsed());
+        assert_eq!(r0.join().unwrap().unwrap(), 2);
+        drop(c1);
+        slow.join().unwrap();
+    }
+}

@@ -724,6 +724,31 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_client_does_not_hold_up_the_mesh() {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![l0.local_addr().unwrap().to_string(), l1.local_addr().unwrap().to_string()];
+        let (a0, addrs0) = (addrs[0].clone(), addrs.clone());
+        let h0 = std::thread::spawn(move || TcpFabric::new(0, l0, &addrs0, "tok", Duration::from_secs(8)).map(|_| ()));
+        let slow = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&a0).unwrap();
+            for b in *b"EMBRAUT1" {
+                if s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        let f1 = TcpFabric::new(1, l1, &addrs, "tok", Duration::from_secs(8)).unwrap();
+        h0.join().unwrap().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "the mesh formed after {:?}", t0.elapsed());
+        drop(f1);
+        slow.join().unwrap();
+    }
+
+    #[test]
     fn connections_detect_dead_peers_by_keepalive_and_user_timeout() {
         use std::os::fd::AsRawFd;
         let (_s, f1) = fake_rank0("tok", Duration::from_millis(4500));
