@@ -545,10 +545,24 @@ impl Comm {
             let inbox = inbox.expect("created for shm");
             let paths: Vec<String> = table.iter().map(|e| e.shm.clone()).collect();
             let pids = table.iter().map(|e| e.pid).collect();
-            let f = Arc::new(crate::shm::ShmFabric::new(cfg.rank, inbox, &paths, pids)?);
+            let f = Arc::new(crate::shm::ShmFabric::new(cfg.rank, inbox, &paths, pids, cfg.timeout)?);
             let c = Comm::from_fabric(f.clone(), cfg.timeout);
-            c.barrier()?; // everyone has mapped every inbox: the names can go
+            // Cross-memory attach: probed once by every rank, used only if every rank may attach
+            // to every other (else large messages are copied through shared memory). The
+            // agreement is also the barrier after which every inbox is mapped: the names can go.
+            let mine = if crate::shm::staged_forced() { Err("EMBER_SHM_COPY=staged".to_string()) } else { f.probe_cma() };
+            let verdict = agree(&c, mine)?;
+            f.use_cma(verdict.is_ok());
             f.unlink_inbox();
+            let what = match verdict {
+                Ok(()) => "shm: large messages by cross-memory attach (process_vm_readv/writev, one copy)".to_string(),
+                Err(why) => format!("shm: cross-memory attach not used ({why}): large messages are copied through shared memory"),
+            };
+            if cfg.rank == 0 {
+                tracing::info!("{what}");
+            } else {
+                tracing::debug!(rank = cfg.rank, "{what}");
+            }
             return Ok(c);
         } else {
             if let Some(i) = &inbox {
@@ -748,7 +762,6 @@ pub fn decode_rdma_table(b: &[u8], me: usize, n: usize) -> Result<Vec<Option<Rdm
 /// Every rank reports whether its step succeeded; the answer is the same on every rank:
 /// `Ok(())`, or `Err("rank r: why")` naming the first rank that failed. (The outer error: the
 /// shm/TCP communicator itself failed.)
-#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
 fn agree(host: &Comm, mine: std::result::Result<(), String>) -> Result<std::result::Result<(), String>> {
     let text = match &mine {
         Ok(()) => Vec::new(),

@@ -61,8 +61,9 @@ pub(crate) enum Slot {
     Done(usize),
     /// The message arrived before its buffer was posted.
     Early(Vec<u8>),
-    /// (shm) the sender's announcement: `len` bytes at `addr` in its address space.
-    Remote { addr: u64, len: usize },
+    /// (shm) the sender's announcement: `len` bytes at `addr` in its address space, offered
+    /// under offer `id`.
+    Remote { addr: u64, len: usize, id: u64 },
     /// This message failed.
     Failed(Error),
 }
@@ -73,8 +74,9 @@ pub(crate) enum Posted {
     Waiting,
     /// An early message was copied in: complete.
     Landed,
-    /// (shm) the sender announced `len` bytes at `addr`: the caller must fetch them, then `complete`.
-    Fetch { addr: u64, len: usize },
+    /// (shm) the sender announced `len` bytes at `addr` (offer `id`): the caller must fetch
+    /// them, then `complete`.
+    Fetch { addr: u64, len: usize, id: u64 },
 }
 
 pub(crate) struct Mailbox {
@@ -175,14 +177,14 @@ impl Mailbox {
                 t.map.insert(key, Slot::Done(v.len()));
                 Ok(Posted::Landed)
             }
-            Some(Slot::Remote { addr, len }) => {
+            Some(Slot::Remote { addr, len, id }) => {
                 if len > cap {
                     let e = too_long(op, src, len, cap);
                     t.map.insert(key, Slot::Failed(e.clone()));
                     return Err(e);
                 }
                 t.map.insert(key, Slot::Writing);
-                Ok(Posted::Fetch { addr, len })
+                Ok(Posted::Fetch { addr, len, id })
             }
             Some(Slot::Failed(e)) => Err(e),
             Some(other) => {
@@ -277,14 +279,14 @@ impl Mailbox {
         Ok(())
     }
 
-    /// (shm) The sender announced `len` bytes at `addr`; returns the posted buffer to fetch into,
-    /// or keeps the announcement until `post`.
-    pub fn announce(&self, src: usize, tag: Tag, addr: u64, len: usize, op: &'static str) -> Result<Option<RawBuf>> {
+    /// (shm) The sender announced `len` bytes at `addr` (offer `id`); returns the posted buffer
+    /// to fetch into, or keeps the announcement until `post`.
+    pub fn announce(&self, src: usize, tag: Tag, addr: u64, len: usize, id: u64, op: &'static str) -> Result<Option<RawBuf>> {
         let mut t = self.lock();
         match Self::claim(&mut t, src, tag, len, op)? {
             Some(b) => Ok(Some(b)),
             None => {
-                t.map.insert((src, tag, Dir::Recv), Slot::Remote { addr, len });
+                t.map.insert((src, tag, Dir::Recv), Slot::Remote { addr, len, id });
                 Ok(None)
             }
         }

@@ -9,14 +9,22 @@ use std::time::Duration;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Two fabrics (ranks 0 and 1) of this process over real inbox files.
+/// Two fabrics (ranks 0 and 1) of this process over real inbox files, large messages by CMA.
 fn pair(token: &str) -> (Arc<ShmFabric>, Arc<ShmFabric>) {
-    let pid = std::process::id();
+    let (f0, f1) = pair_with(token, [std::process::id(); 2], Duration::from_secs(5));
+    f0.use_cma(true);
+    f1.use_cma(true);
+    (f0, f1)
+}
+
+/// Two fabrics over real inbox files whose ranks claim the process ids `pids` (large messages
+/// staged until `use_cma`).
+fn pair_with(token: &str, pids: [u32; 2], timeout: Duration) -> (Arc<ShmFabric>, Arc<ShmFabric>) {
     let a = Inbox::create(2, 0, token).unwrap();
     let b = Inbox::create(2, 1, token).unwrap();
     let paths = vec![a.path.display().to_string(), b.path.display().to_string()];
-    let f0 = ShmFabric::new(0, a, &paths, vec![pid, pid]).unwrap();
-    let f1 = ShmFabric::new(1, b, &paths, vec![pid, pid]).unwrap();
+    let f0 = ShmFabric::new(0, a, &paths, pids.to_vec(), timeout).unwrap();
+    let f1 = ShmFabric::new(1, b, &paths, pids.to_vec(), timeout).unwrap();
     (Arc::new(f0), Arc::new(f1))
 }
 
@@ -245,12 +253,7 @@ fn corrupted_advertisement_is_rejected() {
 
 #[test]
 fn corrupted_length_field_is_rejected() {
-    let pid = std::process::id();
-    let a = Inbox::create(2, 0, "t").unwrap();
-    let b = Inbox::create(2, 1, "t").unwrap();
-    let paths = vec![a.path.display().to_string(), b.path.display().to_string()];
-    let f0 = ShmFabric::new(0, a, &paths, vec![pid, pid]).unwrap();
-    let f1 = ShmFabric::new(1, b, &paths, vec![pid, pid]).unwrap();
+    let (f0, f1) = pair("t");
     let tag = Tag { ctx: 1, seq: 0, round: 0 };
     let w = Wait::new("test", Duration::from_secs(1));
     let mut buf = [0u8; 8];
