@@ -22,9 +22,11 @@ pub(super) struct LocalAdv {
     pub(super) gen: u64,
     /// The sender's RTS for this message has been drained (or the receive was deferred on it).
     pub(super) rts_seen: bool,
-    /// Staged: the posted buffer (0 once withdrawn), and the bytes streamed into it so far.
+    /// Staged: the posted buffer (0 once withdrawn, or when the message does not fit), the
+    /// bytes streamed so far, and the message length its first chunk announced.
     pub(super) buf: usize,
     pub(super) got: usize,
+    pub(super) total: u64,
 }
 
 /// Receiver-side advertisement table: `slots[src][k]`, and the generation last used per slot.
@@ -97,7 +99,7 @@ impl ShmFabric {
         a.cap.store(cap as u64, Ordering::Relaxed);
         a.len.store(0, Ordering::Relaxed);
         a.state.store(gen << 2 | A_POSTED, Ordering::Release);
-        t.slots[src][k] = Some(LocalAdv { tag, cap, gen, rts_seen: false, buf: buf as usize, got: 0 });
+        t.slots[src][k] = Some(LocalAdv { tag, cap, gen, rts_seen: false, buf: buf as usize, got: 0, total: 0 });
         self.adv_live.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -349,9 +351,15 @@ impl ShmFabric {
             return Err(self.proto(src, format!("chunk of {tag:?} for advertisement {k} (generation {gen}) we did not make")));
         };
         let (off, total) = (rec.addr, rec.total);
-        if total > la.cap as u64 || off != la.got as u64 || off.checked_add(data.len() as u64).map_or(true, |e| e > total) || data.is_empty() {
-            let detail = format!("chunk of {} bytes at offset {off} of a {total}-byte message (expected offset {}, buffer of {})", data.len(), la.got, la.cap);
+        if off != la.got as u64 || off.checked_add(data.len() as u64).map_or(true, |e| e > total) || data.is_empty() || (off > 0 && total != la.total) {
+            let detail = format!("chunk of {} bytes at offset {off} of a {total}-byte message (expected offset {} of {})", data.len(), la.got, la.total);
             return Err(self.proto(src, detail));
+        }
+        la.total = total;
+        if off == 0 && total > la.cap as u64 && la.buf != 0 {
+            // The message does not fit: fail the receive (naming the sender) and drop the stream.
+            la.buf = 0;
+            self.mb.fail(src, tag, Dir::Recv, crate::mailbox::too_long("shm receive", src, total as usize, la.cap));
         }
         if la.buf != 0 {
             // SAFETY: off + len <= total <= cap, inside the posted buffer, which stays valid

@@ -113,7 +113,7 @@ impl ShmFabric {
     /// Sender: write straight into the buffer `dst` advertised for `tag`. `Ok(false)`: no usable
     /// advertisement (not posted yet, or too small: the RTS path reports the overflow).
     pub(super) fn try_direct(&self, dst: usize, tag: Tag, data: *const u8, len: usize, after_rts: bool) -> Result<bool> {
-        let Some((_, a, w, addr)) = self.claim_advert(dst, tag, len) else { return Ok(false) };
+        let Some((_, a, w, addr)) = self.claim_advert(dst, tag, len, false) else { return Ok(false) };
         let r = cma(self.pids[dst], data as *mut u8, addr, len, true);
         let flag = if after_rts { A_LEN_AFTER_RTS } else { 0 };
         a.len.store(if r.is_ok() { len as u64 | flag } else { A_LEN_FAILED }, Ordering::Relaxed);
@@ -128,9 +128,10 @@ impl ShmFabric {
     }
 
     /// Claim the advertisement `dst` made for `tag` (CAS `POSTED -> CLAIMED`), if there is one
-    /// that holds `len` bytes: the slot's index, the slot, its state word before the claim and
-    /// the buffer's address.
-    pub(super) fn claim_advert(&self, dst: usize, tag: Tag, len: usize) -> Option<(usize, &super::segment::Adv, u64, u64)> {
+    /// that holds `len` bytes (`short`: or a smaller one, whose receiver then reports the
+    /// overflow): the slot's index, the slot, its state word before the claim and the buffer's
+    /// address.
+    pub(super) fn claim_advert(&self, dst: usize, tag: Tag, len: usize, short: bool) -> Option<(usize, &super::segment::Adv, u64, u64)> {
         let ring = self.txa[dst].as_ref().expect("never sends to self");
         for k in 0..ADV_SLOTS {
             let a = ring.adv(k);
@@ -143,7 +144,7 @@ impl ShmFabric {
                 continue;
             }
             let (addr, cap) = (a.addr.load(Ordering::Relaxed), a.cap.load(Ordering::Relaxed));
-            if len as u64 > cap {
+            if len as u64 > cap && !short {
                 return None;
             }
             // Claim: fails if the receiver revoked (or re-used) the slot since we read it, in

@@ -42,7 +42,8 @@ impl ShmFabric {
                 Ok(true)
             }
             JobState::Waiting => {
-                let Some((k, _, w, _)) = self.claim_advert(j.dst, j.tag, j.len) else { return Ok(false) };
+                // A buffer too small is claimed too: the receiver reports the overflow.
+                let Some((k, _, w, _)) = self.claim_advert(j.dst, j.tag, j.len, true) else { return Ok(false) };
                 j.state = JobState::Streaming { k, gen: w >> 2, off: 0 };
                 stat(5);
                 self.advance(j)
