@@ -12,6 +12,8 @@ pub mod bootstrap;
 mod coll;
 mod comm;
 mod conn;
+#[cfg(test)]
+mod conformance;
 mod error;
 pub mod fabric;
 mod limits;

@@ -137,6 +137,15 @@ impl TcpFabric {
     }
 }
 
+#[cfg(test)]
+impl TcpFabric {
+    /// Tests: stop (`true`) or resume reading from every peer (a rank that stopped reading).
+    pub(crate) fn pause_rx(&self, on: bool) {
+        self.sh.pause_rx.store(on, Ordering::Release);
+        self.sh.wake();
+    }
+}
+
 /// Dial rank `d` at `a` (retrying until the deadline) and prove the token.
 fn dial(rank: usize, d: usize, size: usize, a: &str, token: &str, deadline: Instant) -> Result<TcpStream> {
     let s = loop {
