@@ -106,7 +106,7 @@ impl ShmFabric {
 
     /// Staged: advertise the receives that waited for a slot (called by `poll`).
     pub(super) fn advertise_waiting(&self) {
-        if self.adv_live.load(Ordering::Relaxed) == 0 {
+        if !self.is_staged() || self.adv_live.load(Ordering::Relaxed) == 0 {
             return;
         }
         let mut t = self.adv_lock();
