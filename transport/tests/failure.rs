@@ -372,3 +372,44 @@ fn counts_a_peer_sends_are_capped_before_anything_is_allocated() {
         }
     }
 }
+
+#[test]
+fn whoever_answers_the_rendezvous_port_never_sees_the_token() {
+    // A process that got the rendezvous port first (the port choice races; a Slurm-derived port
+    // is predictable) answers like a server would, recording every byte a joining rank sends.
+    use std::io::{Read, Write};
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let token = "0123456789abcdef-the-job-token";
+    let spy = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Answer in Ember's handshake format (magic, a nonce, a proof made up without the
+        // token), then keep listening.
+        let mut answer = b"EMBRAUT1".to_vec();
+        answer.extend_from_slice(&[0x42u8; 64]);
+        let _ = s.write_all(&answer);
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    let cfg = JoinConfig {
+        rank: 1,
+        size: 2,
+        local_rank: 1,
+        rendezvous: Rendezvous::Addr(addr.to_string()),
+        token: token.into(),
+        transport: Transport::Tcp,
+        timeout: Duration::from_secs(2),
+    };
+    let e = Comm::connect(&cfg).err().expect("no job to join");
+    let seen = spy.join().unwrap();
+    assert!(!seen.windows(token.len()).any(|w| w == token.as_bytes()), "the token went to whoever answered: {seen:?}");
+    assert!(matches!(&e, Error::Refused(why) if why.contains("does not know the job token")), "{e}");
+}
