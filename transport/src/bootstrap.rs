@@ -554,12 +554,17 @@ impl Comm {
             let verdict = agree(&c, mine)?;
             f.use_cma(verdict.is_ok());
             f.unlink_inbox();
+            let unasked = verdict.is_err() && !crate::shm::staged_forced();
             let what = match verdict {
                 Ok(()) => "shm: large messages by cross-memory attach (process_vm_readv/writev, one copy)".to_string(),
                 Err(why) => format!("shm: cross-memory attach not used ({why}): large messages are copied through shared memory"),
             };
             if cfg.rank == 0 {
-                tracing::info!("{what}");
+                // A fallback the user did not ask for costs bandwidth: say so at the default level.
+                match unasked {
+                    true => tracing::warn!("{what}"),
+                    false => tracing::info!("{what}"),
+                }
             } else {
                 tracing::debug!(rank = cfg.rank, "{what}");
             }

@@ -169,6 +169,18 @@ impl Comm {
     /// The counts the peers send are checked (overflow, [`crate::alloc_limit`]) before anything
     /// is allocated: a protocol error naming the peer.
     pub fn all_to_all_v_alloc<T: Pod>(&self, send: &[T], send_counts: &[usize]) -> Result<(Vec<T>, Vec<usize>)> {
+        let rc = self.all_to_all_counts::<T>(send_counts)?;
+        let total = rc.iter().sum(); // checked by all_to_all_counts
+        let mut recv = crate::mem::huge_vec(total);
+        self.all_to_all_v(send, send_counts, &mut recv, &rc)?;
+        Ok((recv, rc))
+    }
+
+    /// The counts exchange of an all-to-all-v whose receive counts are not known (one
+    /// all-to-all of the counts): returns this rank's receive counts, checked (overflow,
+    /// [`crate::alloc_limit`] for elements of `T`) before the caller allocates from them; a
+    /// protocol error names the peer.
+    pub fn all_to_all_counts<T: Pod>(&self, send_counts: &[usize]) -> Result<Vec<usize>> {
         const OP: &str = "all_to_all_v";
         let n = self.size();
         let sc: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
@@ -178,10 +190,8 @@ impl Comm {
         }
         self.all_to_all(&sc, &mut rc).map_err(|e| e.with_op("all_to_all_v (counts)"))?;
         let rc: Vec<usize> = rc.into_iter().map(|c| usize::try_from(c).unwrap_or(usize::MAX)).collect();
-        let total = crate::limits::peer_total(OP, &rc, std::mem::size_of::<T>(), self.world_ranks())?;
-        let mut recv = crate::mem::huge_vec(total);
-        self.all_to_all_v(send, send_counts, &mut recv, &rc)?;
-        Ok((recv, rc))
+        crate::limits::peer_total(OP, &rc, std::mem::size_of::<T>(), self.world_ranks())?;
+        Ok(rc)
     }
 
     /// In-place all-reduce. Every rank gets bitwise the same result (sum in rank order).

@@ -740,12 +740,14 @@ mod tests {
         let (a0, addrs0) = (addrs[0].clone(), addrs.clone());
         let h0 = std::thread::spawn(move || TcpFabric::new(0, l0, &addrs0, "tok", Duration::from_secs(8)).map(|_| ()));
         let slow = std::thread::spawn(move || {
+            // A plausible start of a hello (magic, a short length, nonce bytes), a byte every
+            // 250 ms: 4 s in all, each byte well within any per-read limit.
             let mut s = TcpStream::connect(&a0).unwrap();
-            for b in *b"EMBRAUT1" {
+            for b in b"EMBRAUT1".iter().copied().chain([4, 0, 0, 0, 1, 0, 0, 0]) {
                 if s.write_all(&[b]).is_err() {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(300));
+                std::thread::sleep(Duration::from_millis(250));
             }
         });
         std::thread::sleep(Duration::from_millis(100));

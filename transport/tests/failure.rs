@@ -353,20 +353,23 @@ fn counts_a_peer_sends_are_capped_before_anything_is_allocated() {
     // Rank 0 speaks the counts exchange of all_to_all_v_alloc / all_gather_alloc with counts
     // no receiver could allocate: rank 1 fails with a protocol error naming rank 0.
     for b in BACKENDS {
-        let out = run(b, 2, |c| -> Result<Option<(Error, Error)>, Error> {
+        let out = run(b, 2, |c| -> Result<Option<(Error, Error, Error)>, Error> {
             if c.rank() == 0 {
                 let mut rc = [0u64; 2];
                 c.all_to_all(&[0u64, 1 << 60], &mut rc)?;
                 c.all_gather(&[1u64 << 59], &mut [0u64; 2])?;
+                c.all_to_all(&[0u64, u64::MAX], &mut rc)?;
                 Ok(None)
             } else {
                 let e1 = c.all_to_all_v_alloc::<u64>(&[], &[0, 0]).unwrap_err();
                 let e2 = c.all_gather_alloc::<u64>(&[]).unwrap_err();
-                Ok(Some((e1, e2)))
+                // The counts exchange alone (the 2D step's input distribution allocates from it).
+                let e3 = c.all_to_all_counts::<u64>(&[0, 0]).unwrap_err();
+                Ok(Some((e1, e2, e3)))
             }
         });
-        let (e1, e2) = out[1].as_ref().unwrap().clone().unwrap();
-        for e in [e1, e2] {
+        let (e1, e2, e3) = out[1].as_ref().unwrap().clone().unwrap();
+        for e in [e1, e2, e3] {
             assert!(matches!(e, Error::Protocol { peer: 0, .. }), "{b}: {e}");
             assert!(e.to_string().contains("EMBER_MAX_ALLOC_BYTES"), "{b}: {e}");
         }

@@ -254,10 +254,9 @@ impl<B: Backend> Rank2D<B> {
     fn start_input(&mut self, batch: &Batch) -> Result<InputInFlight> {
         let (send, counts) = encode_input(&self.plan, &batch.sparse);
         self.bytes.input_a2a += send.len() as u64 * 8;
-        let sc: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
-        let mut rc = vec![0u64; sc.len()];
-        self.comms.shard.all_to_all(&sc, &mut rc)?;
-        let rcounts: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
+        // The peers' counts are checked against the allocation limit before the receive
+        // buffer is allocated from them.
+        let rcounts = self.comms.shard.all_to_all_counts::<u64>(&counts)?;
         Ok(InputInFlight { recv: self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone()), counts: rcounts })
     }
 
