@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Default time any collective waits for a peer before failing (issue 3: at most 60 s).
+/// Default time any collective waits for a peer before failing (60 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Inner {

@@ -317,7 +317,7 @@ impl Mailbox {
     }
 
     /// Wait for `(peer, tag, dir)` to be `Done`, calling `poll` between checks (shm progress).
-    pub fn wait_done(&self, peer: usize, tag: Tag, dir: Dir, w: &Wait, poll: &dyn Fn() -> Result<()>) -> Result<usize> {
+    pub fn wait_done(&self, peer: usize, tag: Tag, dir: Dir, w: &Wait, poll: &dyn Fn() -> Result<bool>) -> Result<usize> {
         self.wait_until(peer, w, poll, |t| match t.map.get(&(peer, tag, dir)) {
             Some(Slot::Done(n)) => {
                 let n = *n;
@@ -335,21 +335,28 @@ impl Mailbox {
 
     /// The one waiting loop: check under the lock; spin, then yield, then sleep on the condvar
     /// (bounded, so cross-process progress via `poll` still happens); fail on a dead peer or
-    /// at the deadline.
+    /// at the deadline. `poll` returns whether it moved anything (shm: drained a record or
+    /// pushed a chunk); while it does, the wait starts over at the spin phase instead of
+    /// sleeping, since a message streamed through shared memory moves only while its two
+    /// ranks poll.
     pub fn wait_until<T>(
         &self,
         peer: usize,
         w: &Wait,
-        poll: &dyn Fn() -> Result<()>,
+        poll: &dyn Fn() -> Result<bool>,
         mut check: impl FnMut(&mut Table) -> Option<Result<T>>,
     ) -> Result<T> {
         let backoff = Backoff::new();
-        let start = Instant::now();
+        let mut start = Instant::now();
         let spin_for = self.spin.begin();
         let mut sleep = Duration::from_micros(20);
         let mut yielded: Option<Duration> = None;
         loop {
-            poll()?;
+            if poll()? {
+                start = Instant::now();
+                sleep = Duration::from_micros(20);
+                backoff.reset();
+            }
             let mut t = self.lock();
             let done = check(&mut t);
             if let Some(took) = yielded.take() {

@@ -616,7 +616,7 @@ impl Fabric for TcpFabric {
         if !queued(&self.sh.queue(dst)) {
             return Ok(());
         }
-        let r = self.sh.mb.wait_until(dst, w, &|| Ok(()), |_| if queued(&self.sh.queue(dst)) { None } else { Some(Ok(())) });
+        let r = self.sh.mb.wait_until(dst, w, &|| Ok(false), |_| if queued(&self.sh.queue(dst)) { None } else { Some(Ok(())) });
         if r.is_err() {
             // The caller may free the buffer now.
             self.sh.withdraw(dst, tag);
@@ -625,7 +625,7 @@ impl Fabric for TcpFabric {
     }
 
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize> {
-        self.sh.mb.wait_done(src, tag, Dir::Recv, w, &|| Ok(()))
+        self.sh.mb.wait_done(src, tag, Dir::Recv, w, &|| Ok(false))
     }
 
     /// Never waits for the peer: under the receive lock of `src` (held by the progress thread

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 impl ShmFabric {
     /// Progress: flush pending control records and drain every inbox ring. Only one thread
-    /// drains at a time.
-    pub fn poll(&self) -> Result<()> {
-        let Ok(mut d) = self.drain.try_lock() else { return Ok(()) };
+    /// drains at a time. Returns whether a record was drained or a streamed chunk pushed.
+    pub fn poll(&self) -> Result<bool> {
+        let Ok(mut d) = self.drain.try_lock() else { return Ok(false) };
+        let mut moved = false;
         {
             let mut pend = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut keep = Vec::new();
@@ -42,19 +43,21 @@ impl ShmFabric {
         }
         for s in 0..self.rx.len() {
             if s != self.rank {
+                let tail = d.tails[s];
                 if let Err(e) = self.drain_ring(s, &mut d.tails[s]) {
                     tracing::warn!("{e}");
                 }
+                moved |= d.tails[s] != tail;
             }
         }
         self.scan_adverts();
         self.advertise_waiting();
-        self.retry_sends();
+        moved |= self.retry_sends();
         self.run_deferred();
         for (r, pid) in died {
             self.mb.peer_died(r, format!("process {pid} exited"));
         }
-        Ok(())
+        Ok(moved)
     }
 }
 

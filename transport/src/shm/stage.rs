@@ -81,27 +81,32 @@ impl ShmFabric {
     }
 
     /// Progress on every unfinished large send (called by `poll`). A send whose receiver is gone
-    /// fails.
-    pub(super) fn retry_sends(&self) {
+    /// fails. Returns whether any send moved (claimed, streamed a chunk, finished, failed).
+    pub(super) fn retry_sends(&self) -> bool {
         if self.sends_n.load(Ordering::Acquire) == 0 {
-            return;
+            return false;
         }
+        let mut moved = false;
         let mut s = self.sends_lock();
         let mut i = 0;
         while i < s.jobs.len() {
             let mut j = s.jobs[i];
+            let before = j.state;
             match self.advance(&mut j) {
                 Ok(false) => {
+                    moved |= j.state != before;
                     s.jobs[i] = j;
                     i += 1;
                 }
                 Ok(true) => {
+                    moved = true;
                     if let JobState::Announced { k, .. } = j.state {
                         s.offers[j.dst][k] = false;
                     }
                     s.jobs.swap_remove(i);
                 }
                 Err(e) => {
+                    moved = true;
                     self.mb.fail(j.dst, j.tag, Dir::Send, e);
                     s.jobs[i] = j;
                     self.withdraw(&mut s, i);
@@ -109,6 +114,7 @@ impl ShmFabric {
             }
         }
         self.sends_n.store(s.jobs.len(), Ordering::Release);
+        moved
     }
 
     /// Remove job `i`: withdraw its offer, or end its stream with an ABORT record.
