@@ -174,6 +174,7 @@ impl<V: Verbs> RdmaFabric<V> {
             rotate: 0,
             cache,
         };
+        // SAFETY: the header ring is owned by the protocol state, which outlives its registration.
         let hdr_mr = unsafe { v.register(st.hdrs.as_mut_ptr() as *mut u8, n * cfg.slots * HDR) }.map_err(io)?;
         let zc_chunk = cfg.chunk.saturating_mul(ZC_CHUNK_MULT).min(1 << 30);
         let zc_min = ZC_MIN.min(zc_chunk);
