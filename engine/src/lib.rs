@@ -13,6 +13,7 @@ pub mod embedding;
 pub mod dense;
 pub mod error;
 pub mod grid;
+pub mod heap;
 pub mod metrics;
 pub mod model;
 pub mod parallel;

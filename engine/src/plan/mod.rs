@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 pub mod planner;
+pub mod trw;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
