@@ -53,7 +53,7 @@ fn random_stats(rng: &mut Rng, m: &ModelConfig) -> Vec<TableStats> {
             let mut h: Vec<f64> = (0..nb).map(|_| rng.f64().powi(4)).collect();
             let s: f64 = h.iter().sum::<f64>().max(1e-12);
             h.iter_mut().for_each(|x| *x /= s);
-            TableStats { lookups_per_sample: rng.f64() * 30.0, distinct_fraction: rng.f64(), top_row_fraction: 0.0, row_histogram: h }
+            TableStats { lookups_per_sample: rng.f64() * 30.0, distinct_fraction: rng.f64(), top_row_fraction: 0.0, row_histogram: h, distinct_curve: Vec::new() }
         })
         .collect()
 }

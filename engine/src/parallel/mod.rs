@@ -9,7 +9,8 @@
 //! 5. embedding backward — the reverse all-to-all (all-gather for row-split tables) and the
 //!    fused backward+optimizer on the local shards;
 //! 6. every K steps, replica sync of shard weights and optimizer state;
-//! 7. dense optimizer step.
+//! 7. dense optimizer step (run before step 6: the order changes nothing in the result, and
+//!    the dense all-reduce's buffers are freed before the sync allocates its own).
 //!
 //! Gradient convention (BRIEF.md §2): the loss is the mean over the global batch B; dense
 //! gradients are summed over all ranks (each computed with 1/B); each sharding group applies
@@ -172,15 +173,32 @@ pub struct TraceEvent {
     pub rank: usize,
 }
 
-/// An input all-to-all in flight (started for the next batch during this step's dense work).
+/// An input all-to-all started for the next batch during this step's dense work: in flight,
+/// or received (waited for before the embedding backward, so that its send buffer is gone
+/// when the backward's buffers are allocated).
 struct InputInFlight {
-    recv: ember_transport::Request<Vec<u64>>,
+    recv: Received,
     counts: Vec<usize>,
 }
 
+enum Received {
+    InFlight(ember_transport::Request<Vec<u64>>),
+    Done(Vec<u64>),
+}
+
 impl InputInFlight {
-    fn finish(self) -> Result<(Vec<u64>, Vec<usize>)> {
-        Ok((self.recv.wait()?, self.counts))
+    /// Wait for the all-to-all (its send buffer is freed when it completes).
+    fn complete(&mut self) -> Result<()> {
+        if let Received::InFlight(_) = self.recv {
+            let Received::InFlight(r) = std::mem::replace(&mut self.recv, Received::Done(Vec::new())) else { unreachable!() };
+            self.recv = Received::Done(r.wait()?);
+        }
+        Ok(())
+    }
+    fn finish(mut self) -> Result<(Vec<u64>, Vec<usize>)> {
+        self.complete()?;
+        let Received::Done(v) = self.recv else { unreachable!("completed above") };
+        Ok((v, self.counts))
     }
 }
 
@@ -343,7 +361,7 @@ impl<B: Backend> Rank2D<B> {
         let mut rc = vec![0u64; sc.len()];
         self.comms.shard.all_to_all(&sc, &mut rc)?;
         let rcounts: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
-        Ok(InputInFlight { recv: self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone()), counts: rcounts })
+        Ok(InputInFlight { recv: Received::InFlight(self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone())), counts: rcounts })
     }
 
     /// `prefetched`: take step 1's result from the previous step's prefetch of this batch.
@@ -358,7 +376,7 @@ impl<B: Backend> Rank2D<B> {
         // 1. Input distribution (already in flight when the previous step prefetched it).
         let t0 = Instant::now();
         let (recv, rcounts) = match (prefetched, self.prefetch.take()) {
-            (true, Some(p)) => (p.recv.wait()?, p.counts),
+            (true, Some(p)) => p.finish()?,
             _ => self.start_input(batch)?.finish()?,
         };
         let jag = decode_input(&recv, &rcounts, &self.slots, b)?;
@@ -586,13 +604,21 @@ impl<B: Backend> Rank2D<B> {
         }
         self.bytes.dense_all_reduce += total as u64 * 4;
         let dense_req = match self.xfer {
-            Xfer::Host { .. } => DenseReduce::<B>::Host(self.comms.world.start_all_reduce(be.download(&grads)?, ReduceOp::Sum)),
+            Xfer::Host { .. } => {
+                let host = be.download(&grads)?;
+                drop(grads);
+                DenseReduce::<B>::Host(self.comms.world.start_all_reduce(host, ReduceOp::Sum))
+            }
             Xfer::Peers | Xfer::Native | Xfer::Direct => DenseReduce::Device(grads),
         };
         let ar_start = Instant::now();
         self.times.dense += self.stage("dense", t0);
-        // 5. Embedding backward: pooled gradients back to the shards, fused update.
+        // 5. Embedding backward: pooled gradients back to the shards, fused update. The next
+        // batch's ids (their all-to-all overlapped the dense work) are received first.
         let t0 = Instant::now();
+        if let Some(p) = self.prefetch.as_mut() {
+            p.complete()?;
+        }
         // Per-table gradient blocks (b × d): × M (the group applies M/B · Σ), × 1/len for mean.
         let dwide = self.dense.dwide();
         let mut scaled = Vec::with_capacity(f);
@@ -616,12 +642,8 @@ impl<B: Backend> Rank2D<B> {
         self.apply_embedding_grads(be, &fwd, gmats)?;
         drop(fwd);
         self.times.backward += self.stage("backward", t0);
-        // 6. Replica sync every K steps.
-        self.steps_done += 1;
-        if !fs && self.steps_done % self.opts.sync_every == 0 {
-            self.sync(be)?;
-        }
-        // 7. Dense optimizer step.
+        // 7. Dense optimizer step. It runs before the replica sync: the order changes nothing
+        // in the result, and the dense all-reduce's buffers are gone when the sync allocates.
         let t0 = Instant::now();
         let summed = match dense_req {
             DenseReduce::Host(r) => be.upload(&r.wait()?)?,
@@ -637,11 +659,17 @@ impl<B: Backend> Rank2D<B> {
             be.copy_2d(&summed, pos, len, &mut p.g, 0, len, 1, len)?;
             pos += len;
         }
+        drop(summed);
         self.dense.update(be, &self.dense_upd)?;
         let mut l = [loss];
         self.bytes.dense_all_reduce += 8;
         self.comms.world.all_reduce(&mut l, ReduceOp::Sum)?;
         self.times.dense += self.stage("dense", t0);
+        // 6. Replica sync every K steps.
+        self.steps_done += 1;
+        if !fs && self.steps_done % self.opts.sync_every == 0 {
+            self.sync(be)?;
+        }
         let mean = l[0] / self.global_batch as f64;
         if !mean.is_finite() {
             return Err(Error::Numeric(format!("training loss is {mean}: diverged (lower the learning rate)")));

@@ -120,18 +120,20 @@ impl Touched {
             self.bits[(r / 64) as usize] |= 1 << (r % 64);
         }
     }
-    /// Ascending touched rows.
-    pub fn rows(&self) -> Vec<u64> {
-        let mut v = Vec::new();
+    /// Number of touched rows.
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
+    /// Append the touched rows, ascending, to `out`.
+    pub fn push_rows(&self, out: &mut Vec<u64>) {
         for (w, &bits) in self.bits.iter().enumerate() {
             let mut x = bits;
             while x != 0 {
                 let t = x.trailing_zeros() as u64;
-                v.push(w as u64 * 64 + t);
+                out.push(w as u64 * 64 + t);
                 x &= x - 1;
             }
         }
-        v
     }
     pub fn clear(&mut self) {
         self.bits.fill(0);

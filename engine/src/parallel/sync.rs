@@ -8,6 +8,7 @@
 //! and identical values stay identical.
 use super::route::Touched;
 use crate::backend::{Backend, Cpu, Shard};
+use crate::plan::SYNC_CHUNK;
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
@@ -20,10 +21,6 @@ pub enum SyncMode {
     Full,
 }
 
-/// Values (f64) averaged per all-reduce of a replica sync: bounds the sync's buffers, and the
-/// transport's (as large), whatever the number of touched rows.
-pub const SYNC_CHUNK: usize = 1 << 20;
-
 /// Bytes one sync moved (this rank's contribution to each collective).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct SyncBytes {
@@ -35,38 +32,51 @@ fn host<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> Result<&'a mut [f32]> {
     be.host_mut(buf).ok_or_else(|| Error::Device(format!("replica sync needs host-resident shards; backend {} keeps them on the device", be.name())))
 }
 
-/// Union of the replicas' touched rows for each shard (identical on every replica).
+/// Union of the replicas' touched rows for each shard (identical on every replica). Every
+/// buffer is allocated at its exact size.
 fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Result<(Vec<Vec<u64>>, u64)> {
-    let mut msg = Vec::new();
+    let counts: Vec<usize> = touched.iter().map(Touched::count).collect();
+    let mut msg = Vec::with_capacity(touched.len() + counts.iter().sum::<usize>());
     for t in touched {
-        let rows = t.rows();
-        msg.push(rows.len() as u64);
-        msg.extend_from_slice(&rows);
+        msg.push(t.count() as u64);
+        t.push_rows(&mut msg);
     }
     let bytes = msg.len() as u64 * 8;
     let (all, counts) = comm.all_gather_alloc(&msg)?;
-    let mut union: Vec<Vec<u64>> = vec![Vec::new(); touched.len()];
+    drop(msg);
+    // Pass 1: check every replica's message and size the unions.
+    let mut sizes = vec![0usize; touched.len()];
     let mut pos = 0usize;
     for (src, &c) in counts.iter().enumerate() {
         let end = pos + c;
-        for (s, u) in union.iter_mut().enumerate() {
+        for (s, size) in sizes.iter_mut().enumerate() {
             let bad = |m: &str| Error::Transport(format!("replica sync from replica {src}: {m} (shard {s})"));
-            let n = *all.get(pos).ok_or_else(|| bad("message too short"))? as usize;
+            let n = *all.get(pos).filter(|_| pos < end).ok_or_else(|| bad("message too short"))? as usize;
             pos += 1;
             if n > end - pos {
                 return Err(bad("row count beyond the message"));
             }
-            let rows = &all[pos..pos + n];
-            if rows.iter().any(|&r| r as usize >= shards_rows[s]) {
+            if all[pos..pos + n].iter().any(|&r| r as usize >= shards_rows[s]) {
                 return Err(bad("row out of range"));
             }
-            u.extend_from_slice(rows);
+            *size += n;
             pos += n;
         }
         if pos != end {
             return Err(Error::Transport(format!("replica sync from replica {src}: {} words left over", end - pos)));
         }
     }
+    // Pass 2: gather, sort, dedup.
+    let mut union: Vec<Vec<u64>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
+    let mut pos = 0usize;
+    for _ in &counts {
+        for u in union.iter_mut() {
+            let n = all[pos] as usize;
+            u.extend_from_slice(&all[pos + 1..pos + 1 + n]);
+            pos += 1 + n;
+        }
+    }
+    drop(all);
     for u in union.iter_mut() {
         u.sort_unstable();
         u.dedup();
