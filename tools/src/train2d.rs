@@ -130,7 +130,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
     }
     print_summary(&rep, oracle.as_ref());
     let memory = match (&plan_for_memory, &source) {
-        (Some(p), Source::Synthetic(d)) if !rep.heap_peak_bytes.is_empty() => Some(memory_table(&cfg, grid, p, &popts, d, &rep)?),
+        (Some(p), Source::Synthetic(d)) if !rep.heap_peak_bytes.is_empty() => Some(memory_table(&cfg, grid, p, &popts, d, steps, &rep)?),
         _ => None,
     };
     if a.json {
@@ -148,10 +148,19 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
     Ok(())
 }
 
-/// Planned against measured heap peak per world rank (printed; returned as JSON). The plan's
-/// figure uses id statistics measured on the run's own first global batches.
-fn memory_table(cfg: &TrainConfig, grid: Grid, plan: &Plan, popts: &PlanOptions, data: &SyntheticData, rep: &Report2D) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let batches: Vec<Batch> = (0..popts.sync_every.max(4) as u64).map(|s| data.samples(s * cfg.batch_size as u64, cfg.batch_size)).collect();
+/// Planned against measured heap peak per world rank, and rank 0's planned against measured
+/// bytes per collective (printed; returned as JSON). The plan's figures use id statistics
+/// measured on the run's own global batches (the first 64 of a longer run).
+fn memory_table(
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    popts: &PlanOptions,
+    data: &SyntheticData,
+    steps: usize,
+    rep: &Report2D,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let batches: Vec<Batch> = (0..steps.clamp(1, 64) as u64).map(|s| data.samples(s * cfg.batch_size as u64, cfg.batch_size)).collect();
     let opts = PlanOptions { stats: Some(stats_from_batches(&cfg.model, &batches)), ..popts.clone() };
     let pr = predict(&cfg.model, grid.m, plan, &opts)?;
     let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
@@ -166,7 +175,18 @@ fn memory_table(cfg: &TrainConfig, grid: Grid, plan: &Plan, popts: &PlanOptions,
         measured.push(meas);
         phases.push(p.peak_phase);
     }
-    Ok(serde_json::json!({ "measured": measured, "planned": planned, "planned_peak_phase": phases }))
+    let planned_bytes = serde_json::to_value(&pr.ranks[grid.coords(0).1].traffic)?;
+    let measured_bytes = serde_json::to_value(&rep.bytes_per_step)?;
+    println!("  bytes per step handed to each collective by rank 0 (plan with the run's ids / measured):");
+    if let (Some(p), Some(m)) = (planned_bytes.as_object(), measured_bytes.as_object()) {
+        for (k, pv) in p {
+            let (pv, mv) = (pv.as_f64().unwrap_or(0.0), m.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0));
+            if pv > 0.0 || mv > 0.0 {
+                println!("  {k:>22} {pv:>14.0} {mv:>14.0}");
+            }
+        }
+    }
+    Ok(serde_json::json!({ "measured": measured, "planned": planned, "planned_peak_phase": phases, "planned_bytes_per_step": planned_bytes }))
 }
 
 /// Everything a run needs but the backend.
