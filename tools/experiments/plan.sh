@@ -24,6 +24,6 @@ for grid in 1x8 2x4 4x2 8x1; do
         .memory as $m | .bytes_per_step as $b | $m.planned_bytes_per_step as $p
         | ["input_a2a","output_a2a","output_reduce_scatter","output_trw_reduce","output_trw_owners","grad_a2a","grad_all_gather","grad_trw_owners","grad_trw_gather","grad_col_sq"] as $sparse
         | [range(0; $m.measured|length) | $m.planned[.] / $m.measured[.]] as $r
-        | "| \($g) | \($s) | \(($m.measured|max)/1048576*10|round/10) | \(($m.planned|max)/1048576*10|round/10) | \($r|min*1000|round/1000)–\($r|max*1000|round/1000) | \($m.planned_peak_phase|unique|join(", ")) | \([$sparse[] as $k | $p[$k]]|add|round) / \([$sparse[] as $k | $b[$k]]|add) | \(($p.sync_index + $p.sync_values)|round) / \($b.sync_index + $b.sync_values) |"'
+        | "| \($g) | \($s) | \(($m.measured|max)/1048576*10|round/10) | \(($m.planned|max)/1048576*10|round/10) | \($r|min*10000|round/10000)–\($r|max*10000|round/10000) | \($m.planned_peak_phase|unique|join(", ")) | \([$sparse[] as $k | $p[$k]]|add|round) / \([$sparse[] as $k | $b[$k]]|add) | \(($p.sync_index + $p.sync_values)|round) / \($b.sync_index + $b.sync_values) |"'
   done
 done
