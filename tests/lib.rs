@@ -5,5 +5,16 @@ pub fn test_data(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name)
 }
 
+/// Fail, naming `tool` and how to install it (`install`), unless `tool --version` runs. For
+/// the tests that need a program `.ci/run` installs: they are `#[ignore = "needs …"]`, so a
+/// plain `cargo test --workspace` passes without the program, and `.ci/run` runs them after
+/// installing it, where a missing program is a failure, never a silent skip.
+pub fn require_tool(tool: &str, install: &str) {
+    let runs = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(runs, "this test needs `{tool}`, which is not on PATH: {install} (bash .ci/run installs it and runs the tests that need it)");
+}
+
+pub mod check2d;
 pub mod oracle;
+pub mod oracle2d;
 pub mod two_d;

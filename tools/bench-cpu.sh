@@ -17,5 +17,5 @@ v=$(for i in $(seq "$reps"); do $E bench dlrm --json | field samples_per_s; done
 echo "ember bench dlrm: median samples/s $v"
 v=$(for i in $(seq "$reps"); do $E train --json --quiet | field samples_per_s; done | median)
 echo "ember train (tiny): median samples/s $v"
-$E bench mem --reps 5
+$E bench mem --iters 5
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"

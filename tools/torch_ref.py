@@ -1,21 +1,21 @@
 #!/usr/bin/env python3
-"""Torch reference for the embedding kernels (issue 5): embedding_bag forward (sum), backward
+"""Torch reference for the embedding kernels: embedding_bag forward (sum), backward
 with sparse gradients, coalesce, and the row-wise AdaGrad update by index_add, on the same GPU and
-at the same sizes as `ember selftest --bench`. Bytes by BRIEF.md §5: B*D*4 + B*L*D*4 per pass."""
+at the same sizes as `ember selftest --bench`. Bytes per pass: B*D*4 + B*L*D*4 (outputs plus rows read)."""
 import argparse, math, sys
 import torch
 import torch.nn.functional as F
 
 p = argparse.ArgumentParser()
-p.add_argument("--batch", type=int, default=65536)
-p.add_argument("--pooling", type=int, default=20)
+p.add_argument("--batch-size", type=int, default=65536)
+p.add_argument("--bag-size", type=int, default=20)
 p.add_argument("--rows", type=int, default=4_000_000)
 p.add_argument("--iters", type=int, default=20)
 p.add_argument("--md", default=None)
 a = p.parse_args()
 
 dev = torch.device("cuda")
-B, L, R = a.batch, a.pooling, a.rows
+B, L, R = a.batch_size, a.bag_size, a.rows
 out = [f"Torch {torch.__version__} reference on {torch.cuda.get_device_name(0)}: B={B}, L={L}, rows={R}\n",
        "| D | ids | forward ms | forward GB/s | bwd + coalesce + row-wise AdaGrad ms | bwd GB/s |", "|---|---|---|---|---|---|"]
 

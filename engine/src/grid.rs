@@ -16,6 +16,15 @@ pub enum Placement {
     ReplicasAcrossNodes,
 }
 
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Placement::ReplicasInNode => "replicas in node",
+            Placement::ReplicasAcrossNodes => "replicas across nodes",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grid {
     /// Replicas = number of sharding groups.
@@ -25,12 +34,20 @@ pub struct Grid {
     pub placement: Placement,
 }
 
+/// Most ranks a grid may have (M·N).
+pub const MAX_RANKS: usize = 1 << 16;
+
 impl Grid {
+    /// A grid of M·N ranks; M, N >= 1 and M·N at most [`MAX_RANKS`] (checked, so that every
+    /// later product of ranks is in range).
     pub fn new(m: usize, n: usize, placement: Placement) -> Result<Self> {
         if m == 0 || n == 0 {
             return Err(Error::Config(format!("grid {m}x{n}: M and N must be >= 1")));
         }
-        Ok(Grid { m, n, placement })
+        match m.checked_mul(n) {
+            Some(t) if t <= MAX_RANKS => Ok(Grid { m, n, placement }),
+            _ => Err(Error::Config(format!("grid {m}x{n}: M x N must be at most {MAX_RANKS} ranks"))),
+        }
     }
 
     /// Parse "MxN".
@@ -83,7 +100,7 @@ impl Grid {
     pub fn describe(&self) -> String {
         let sg: Vec<String> = (0..self.m).map(|g| format!("{:?}", self.sharding_group(g))).collect();
         let rg: Vec<String> = (0..self.n).map(|r| format!("{:?}", self.replica_group(r))).collect();
-        format!("grid {}x{} ({:?}): sharding groups {}; replica groups {}", self.m, self.n, self.placement, sg.join(" "), rg.join(" "))
+        format!("grid {}x{} ({}): sharding groups {}; replica groups {}", self.m, self.n, self.placement, sg.join(" "), rg.join(" "))
     }
 }
 

@@ -1,10 +1,12 @@
 //! The training loop behind `ember train` on one process: steps over a data source, periodic
 //! evaluation on the held-out set, throughput and quality metrics, and the final report.
 use crate::backend::Backend;
+use crate::checkpoint::{rank2d, Checkpoint, DataPosition};
 use crate::config::TrainConfig;
-use crate::data::{Batch, DataSource};
+use crate::data::{Batch, DataSource, EvalSet};
 use crate::metrics::{entropy, evaluate, EvalResult};
 use crate::model::Dlrm;
+use crate::parallel::CheckpointOptions;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -65,10 +67,22 @@ pub fn predict_all<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &Batch, chunk:
     Ok(logits)
 }
 
-/// Evaluate `model` on `eval`.
-pub fn evaluate_model<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &Batch, chunk: usize) -> Result<EvalResult> {
-    let logits = predict_all(be, model, eval, chunk)?;
-    Ok(evaluate(&logits, &eval.labels))
+/// Evaluate `model` on `eval`, read `chunk` samples at a time (only the logits and labels are
+/// kept: the exact AUC needs them all). An empty eval set is an error, not a neutral metric.
+pub fn evaluate_model<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &dyn EvalSet, chunk: usize) -> Result<EvalResult> {
+    let (mut logits, mut labels) = (Vec::new(), Vec::new());
+    for k in 0.. {
+        let b = eval.chunk(k, chunk)?;
+        if b.size() == 0 {
+            break;
+        }
+        logits.extend(model.predict(be, &b)?);
+        labels.extend_from_slice(&b.labels);
+    }
+    if labels.is_empty() {
+        return Err(Error::Input("the eval set is empty: there is no metric to report".into()));
+    }
+    Ok(evaluate(&logits, &labels))
 }
 
 /// Train `cfg` on `data` for `cfg.steps` steps (or one epoch of `data`), evaluating on `eval`.
@@ -76,7 +90,28 @@ pub fn train<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     data: &mut dyn DataSource,
-    eval: &Batch,
+    eval: &dyn EvalSet,
+    on_progress: impl FnMut(&Progress),
+) -> Result<(Dlrm<B>, TrainReport)> {
+    train_checkpointed(be, cfg, data, eval, None, on_progress)
+}
+
+/// [`train`] with checkpoints (`ck`): after every `ck.every` steps the model is saved under
+/// `ck.dir` as a 1×1 checkpoint (`checkpoint::rank2d::save_dlrm`, loadable into any grid),
+/// pruning only the checkpoints of run `ck.run_id` (the folder's owner, `checkpoint::claim`);
+/// with `ck.resume` the run continues from the newest complete checkpoint there (of any grid),
+/// with `data` moved to the saved position, up to the same `cfg.steps`. Saving only reads the
+/// model, so a checkpointed run trains bitwise the model of the run without checkpoints, and a
+/// resumed run on the same data ends where the uninterrupted run ends. The report counts the
+/// steps this call ran (none for a run resumed at its last step; a fresh run that runs none is
+/// an error). Resumes and saves are announced as `tracing` events of target
+/// `checkpoint::LOG_TARGET`.
+pub fn train_checkpointed<B: Backend>(
+    be: &B,
+    cfg: &TrainConfig,
+    data: &mut dyn DataSource,
+    eval: &dyn EvalSet,
+    ck: Option<&CheckpointOptions>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(Dlrm<B>, TrainReport)> {
     let start = Instant::now();
@@ -86,14 +121,19 @@ pub fn train<B: Backend>(
         (None, None) => return Err(Error::Config("steps must be set for an endless data source".into())),
     };
     let mut model = Dlrm::new(be, cfg)?;
-    let mut losses = Vec::with_capacity(steps);
-    let mut positives = Vec::with_capacity(steps);
+    let first = match ck.filter(|c| c.resume) {
+        Some(c) => resume(be, &mut model, cfg, data, &c.dir)?,
+        None => 0,
+    };
+    // Grown as the steps run: `steps` comes from outside and may be large.
+    let mut losses = Vec::with_capacity(steps.saturating_sub(first).min(1 << 16));
+    let mut positives = Vec::with_capacity(steps.saturating_sub(first).min(1 << 16));
     let mut evals = Vec::new();
     let mut train_time = 0.0f64;
     let mut samples = 0u64;
     let chunk = cfg.batch_size.min(8192);
     let window = 50usize;
-    for step in 0..steps {
+    for step in first..steps {
         let t0 = Instant::now();
         let Some(batch) = data.next_batch(cfg.batch_size)? else { break };
         let loss = model.train_step(be, &batch)?;
@@ -111,14 +151,23 @@ pub fn train<B: Backend>(
             ne: wl / entropy(wp.clamp(1e-6, 1.0 - 1e-6)),
             samples_per_s: samples as f64 / train_time.max(1e-9),
         });
+        if let Some(c) = ck.filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
+            let position = DataPosition { next_sample: data.position(), reader_offsets: Vec::new() };
+            let dir = rank2d::save_dlrm(be, &mut model, cfg, &c.dir, (step + 1) as u64, position, c.keep, c.run_id.as_deref())?;
+            tracing::info!(target: crate::checkpoint::LOG_TARGET, "saved {}", dir.display());
+        }
         if cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 && step + 1 < steps {
             let r = evaluate_model(be, &mut model, eval, chunk)?;
             evals.push(EvalPoint { step: step + 1, loss: r.loss, ne: r.ne, auc: r.auc });
         }
     }
     let done = losses.len();
+    // A run resumed at its final step has nothing left to run; a fresh one must have run a step.
+    if done == 0 && first == 0 {
+        return Err(Error::Input("the data source had no training sample: no step ran".into()));
+    }
     let r = evaluate_model(be, &mut model, eval, chunk)?;
-    evals.push(EvalPoint { step: done, loss: r.loss, ne: r.ne, auc: r.auc });
+    evals.push(EvalPoint { step: first + done, loss: r.loss, ne: r.ne, auc: r.auc });
     let tail = (done / 10).max(1).min(done);
     let report = TrainReport {
         samples_per_s: samples as f64 / train_time.max(1e-9),
@@ -135,6 +184,26 @@ pub fn train<B: Backend>(
         backend: be.name().to_string(),
     };
     Ok((model, report))
+}
+
+/// Load the newest complete checkpoint under `root` into `model` and move `data` to its saved
+/// position; returns the checkpoint's step (0, announced, when there is no checkpoint yet).
+fn resume<B: Backend>(be: &B, model: &mut Dlrm<B>, cfg: &TrainConfig, data: &mut dyn DataSource, root: &std::path::Path) -> Result<usize> {
+    let Some(dir) = crate::checkpoint::latest(root)? else {
+        tracing::info!(target: crate::checkpoint::LOG_TARGET, "no checkpoint in {} yet: starting from step 0", root.display());
+        return Ok(0);
+    };
+    let ck = Checkpoint::open(&dir)?;
+    let (step, position) = rank2d::restore_dlrm(be, model, &ck, cfg)?;
+    // A checkpoint of another grid records its ranks' positions: the global stream is at step·B.
+    let next = position.map_or(step * cfg.batch_size as u64, |p| p.next_sample);
+    let here = data.position();
+    if next < here {
+        return Err(Error::Input(format!("{}: saved at sample {next}, but the data source is already at sample {here}", dir.display())));
+    }
+    data.skip(next - here)?;
+    tracing::info!(target: crate::checkpoint::LOG_TARGET, "resumed from {} (step {step})", dir.display());
+    Ok(step as usize)
 }
 
 fn mean(x: &[f64]) -> f64 {

@@ -12,7 +12,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
 fn synthetic_batch_4096_x_8_tables_x_20_ids() {
     for zipf in [0.0, 1.05] {
         let mut cfg = preset("bench", None).unwrap();
@@ -31,7 +31,7 @@ fn synthetic_batch_4096_x_8_tables_x_20_ids() {
 }
 
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
 fn criteo_reader_lines_per_second() {
     // 1M lines in the raw format, built by repeating the shared sample.
     let text = std::fs::read_to_string(ember_tests::test_data("criteo-sample-200.csv")).unwrap();

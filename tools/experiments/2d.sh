@@ -41,7 +41,8 @@ quality() {
     run "4x2 c=M K=4 full"                "$f" "${common[@]}" --seed $seed --grid 4x2 --sync-every 4 --sync full
     run "4x2 c=sqrt(M)=2 K=1 sparse"      "$f" "${common[@]}" --seed $seed --grid 4x2 --momentum-c 2
     if [ ${#fs[@]} -gt 0 ]; then
-      run "4x2 c=M fully sharded"         "$f" "${common[@]}" --seed $seed --grid 4x2 --fully-sharded
+      run "4x2 c=M^2 fully sharded"       "$f" "${common[@]}" --seed $seed --grid 4x2 --fully-sharded
+      run "4x2 c=M fully sharded"         "$f" "${common[@]}" --seed $seed --grid 4x2 --fully-sharded --momentum-c 4
     fi
   done
 }
@@ -68,7 +69,7 @@ bytes() {
       for n in 2 4; do
         run "$s $g steps=$n" "$f" --preset bench --max-rows 100000 --batch-size 4096 --steps $n --grid $g --sharding $s
       done
-      if "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_}_wise --json >"$OUT/plan.tmp" 2>/dev/null; then
+      if "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --sharding $s --json >"$OUT/plan.tmp" 2>/dev/null; then
         tail -1 "$OUT/plan.tmp" | jq -c --arg tag "$s $g" '{tag: $tag, a2a_mean_bytes_per_rank, a2a_mean_total_bytes_per_rank}' >>"$p"
       fi
     done
@@ -115,9 +116,11 @@ tiny_config() {
 }
 
 fully_sharded() {
-  # Only the fully-sharded 2D rows, appended to quality.jsonl (the quality section runs them too).
+  # Only the fully-sharded 2D rows, appended to quality.jsonl (the quality section runs them too):
+  # the default c = M^2 and the c = M of plain 2D.
   for seed in 1 2 3; do
-    run "4x2 c=M fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded
+    run "4x2 c=M^2 fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded
+    run "4x2 c=M fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded --momentum-c 4
   done
 }
 
@@ -125,7 +128,7 @@ plan_only() {
   local p=$OUT/plan.jsonl; : >"$p"
   for s in table row column table-row; do
     for g in 1x8 4x2; do
-      "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --force ${s/-/_}_wise --json | tail -1 \
+      "$E" plan --preset bench --max-rows 100000 --batch-size 4096 --grid $g --sharding $s --json | tail -1 \
         | jq -c --arg tag "$s $g" '{tag: $tag, a2a_mean_bytes_per_rank, a2a_mean_total_bytes_per_rank}' >>"$p"
     done
   done

@@ -1,5 +1,5 @@
 //! `ember bench embedding|dlrm|mem` (and dispatch of the transport benchmarks `a2a|allreduce`).
-use crate::common::CliResult;
+use crate::common::{count, count64, zipf, CliResult, Device};
 use clap::{Args, Subcommand};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::bench::{self, EmbeddingBench};
@@ -12,12 +12,13 @@ pub struct BenchArgs {
 
 #[derive(Args, Clone, Debug)]
 pub struct DeviceArgs {
-    /// cpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Seed of the weights and the ids.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -26,25 +27,29 @@ pub struct DeviceArgs {
 pub struct EmbArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
-    #[arg(long, default_value_t = 8)]
+    /// Number of tables.
+    #[arg(long, default_value_t = 8, value_parser = count::<1, { ember_engine::config::limits::MAX_TABLES }>)]
     pub tables: usize,
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Rows per table.
+    #[arg(long, default_value_t = 1_000_000, value_parser = count64::<1, { ember_engine::config::limits::MAX_ROWS }>)]
     pub rows: u64,
-    #[arg(long, default_value_t = 64)]
+    /// Embedding dim (columns per row).
+    #[arg(long, default_value_t = 64, value_parser = count::<4, { ember_engine::config::limits::MAX_DIM }>)]
     pub dim: usize,
     /// Global batch size.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub batch_size: usize,
-    /// Ids per bag.
-    #[arg(long, default_value_t = 20)]
-    pub bag: usize,
-    /// Power-law ids with this Zipf exponent (default 1.05 when given without a value).
-    #[arg(long, num_args = 0..=1, default_missing_value = "1.05")]
+    /// Ids per bag (the pooling factor L).
+    #[arg(long, default_value_t = 20, value_parser = count::<0, { ember_engine::config::limits::MAX_BAG_SIZE }>)]
+    pub bag_size: usize,
+    /// Power-law ids with this Zipf exponent (1.05 when given without a value) [default: uniform ids].
+    #[arg(long, num_args = 0..=1, default_missing_value = "1.05", value_parser = zipf)]
     pub zipf: Option<f64>,
     /// Timed steps (after warm-up).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = count::<1, { ember_engine::config::limits::MAX_STEPS }>)]
     pub steps: usize,
-    #[arg(long, default_value_t = 3)]
+    /// Untimed warm-up steps.
+    #[arg(short = 'w', long, default_value_t = 3, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub warmup: usize,
 }
 
@@ -52,13 +57,17 @@ pub struct EmbArgs {
 pub struct DlrmArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
-    #[arg(long, default_value_t = 4096)]
+    /// Global batch size.
+    #[arg(long, default_value_t = 4096, value_parser = count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub batch_size: usize,
-    #[arg(long, num_args = 0..=1, default_missing_value = "1.05")]
+    /// Power-law ids with this Zipf exponent (1.05 when given without a value) [default: uniform ids].
+    #[arg(long, num_args = 0..=1, default_missing_value = "1.05", value_parser = zipf)]
     pub zipf: Option<f64>,
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps (after warm-up).
+    #[arg(long, default_value_t = 10, value_parser = count::<1, { ember_engine::config::limits::MAX_STEPS }>)]
     pub steps: usize,
-    #[arg(long, default_value_t = 2)]
+    /// Untimed warm-up steps.
+    #[arg(short = 'w', long, default_value_t = 2, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub warmup: usize,
     /// Train on an MxN grid of in-process ranks (on cuda: all sharing device 0, each with its
     /// own stream and pool arena).
@@ -69,22 +78,27 @@ pub struct DlrmArgs {
 #[derive(Subcommand)]
 pub enum Which {
     /// Embedding forward + fused backward + row-wise AdaGrad (8 x 1M x 64, B 4096, L 20).
+    #[command(after_help = "Example:\n  ember bench embedding --rows 100000 --steps 5")]
     Embedding(EmbArgs),
     /// Full DLRM training steps of the `bench` model.
+    #[command(after_help = "Example:\n  ember bench dlrm --grid 2x2 --steps 5")]
     Dlrm(DlrmArgs),
     /// Host (or device) memory bandwidth: sequential copy and random row gather.
+    #[command(after_help = "Example:\n  ember bench mem --copy-mib 64 --table-mib 256")]
     Mem(crate::bench_mem::MemArgs),
     /// All-to-all microbenchmark (nccl-tests columns).
+    #[command(after_help = "Example:\n  ember bench a2a --ranks 4 -b 1K -e 1M")]
     A2a(crate::comm_bench::CommBenchArgs),
     /// All-reduce microbenchmark (nccl-tests columns).
+    #[command(after_help = "Example:\n  ember launch -n 4 -- ember bench allreduce -b 1K -e 16M")]
     Allreduce(crate::comm_bench::CommBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> CliResult {
     match a.which {
-        Which::Embedding(x) => with_device(&x.dev.device.clone(), |be| embedding(be, &x)),
+        Which::Embedding(x) => with_device(x.dev.device, |be| embedding(be, &x)),
         Which::Dlrm(x) if x.grid.is_some() => dlrm_2d(&x),
-        Which::Dlrm(x) => with_device(&x.dev.device.clone(), |be| dlrm(be, &x)),
+        Which::Dlrm(x) => with_device(x.dev.device, |be| dlrm(be, &x)),
         Which::Mem(x) => crate::bench_mem::run(x),
         Which::A2a(x) => crate::comm_bench::run("a2a", x),
         Which::Allreduce(x) => crate::comm_bench::run("allreduce", x),
@@ -92,11 +106,10 @@ pub fn run(a: BenchArgs) -> CliResult {
 }
 
 /// Run `f` on the backend named by `device`.
-pub fn with_device(device: &str, f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
+pub fn with_device(device: Device, f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
     match device {
-        "cpu" => f(&Cpu::new()),
-        "cuda" => cuda_backend(f),
-        other => Err(format!("--device '{other}': expected cpu or cuda").into()),
+        Device::Cpu => f(&Cpu::new()),
+        Device::Cuda => cuda_backend(f),
     }
 }
 
@@ -132,7 +145,7 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
         rows: a.rows,
         dim: a.dim,
         batch: a.batch_size,
-        bag: a.bag,
+        bag: a.bag_size,
         zipf: a.zipf,
         steps: a.steps,
         warmup: a.warmup,
@@ -141,7 +154,7 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
     let r = be.embedding(&cfg)?;
     println!("# ember bench embedding: {} tables x {} rows x dim {}, batch {}, {} ids/bag, {} ids, row-wise AdaGrad, backend {}",
         cfg.tables, cfg.rows, cfg.dim, cfg.batch, cfg.bag, if cfg.zipf.is_some() { "zipf" } else { "uniform" }, r.backend);
-    println!("# median of {} steps after {} warm-up; GB/s = 2 x (B*sumD*4 + B*sumD*L*4) / time (BRIEF.md section 5)", cfg.steps, cfg.warmup);
+    println!("# median of {} steps after {} warm-up; GB/s = 2 x (B*sumD*4 + B*sumD*L*4) / time: outputs plus rows read, forward and backward (docs/cli.md)", cfg.steps, cfg.warmup);
     println!("{:>12} {:>12} {:>12} {:>12} {:>10}", "ms/step", "fwd ms", "bwd+opt ms", "steps/s", "GB/s");
     println!("{:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}", r.ms_per_step, r.forward_ms, r.backward_ms, r.steps_per_s, r.gb_per_s);
     if a.dev.json {
@@ -154,10 +167,9 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
 fn dlrm_2d(a: &DlrmArgs) -> CliResult {
     let g = ember_engine::grid::Grid::parse(a.grid.as_deref().unwrap_or("1x1"), ember_engine::grid::Placement::ReplicasInNode)?;
     let (m, n) = (g.m, g.n);
-    let (r, rep) = match a.dev.device.as_str() {
-        "cpu" => bench::dlrm_2d("cpu", &|_| Ok(Cpu::new()), m, n, a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?,
-        "cuda" => cuda_dlrm_2d(a, m, n)?,
-        other => return Err(format!("--device '{other}': expected cpu or cuda").into()),
+    let (r, rep) = match a.dev.device {
+        Device::Cpu => bench::dlrm_2d("cpu", &|_| Ok(Cpu::new()), m, n, a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?,
+        Device::Cuda => cuda_dlrm_2d(a, m, n)?,
     };
     let st = &rep.stages;
     println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);

@@ -1,31 +1,32 @@
 //! `ember bench mem`: the memory behaviour that bounds embedding work — sequential copy and
 //! random row-gather bandwidth at embedding row sizes, on 1 and all threads.
-use crate::common::CliResult;
+use crate::common::{CliResult, Device};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct MemArgs {
-    /// cpu (host memory) or cuda (device memory and the pool).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Host memory (cpu) or device memory and the pool (cuda).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// Size of the copied buffer, MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::common::count::<1, { 1 << 20 }>)]
     pub copy_mib: usize,
     /// Size of the table rows are gathered from, MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
     pub table_mib: usize,
-    #[arg(long, default_value_t = 5)]
-    pub reps: usize,
+    /// Timed repetitions of each measurement (the median is printed).
+    #[arg(short = 'n', long, default_value_t = 5, value_parser = crate::common::count::<1, 1_000_000>)]
+    pub iters: usize,
     /// Print one JSON object per row.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: MemArgs) -> CliResult {
-    if a.device != "cpu" {
+    if a.device != Device::Cpu {
         return device_mem(&a);
     }
-    let rows = ember_engine::bench::host_mem(a.copy_mib, a.table_mib, a.reps.max(1));
-    println!("# ember bench mem: host memory; GB/s counts bytes read plus bytes written; median of {} reps", a.reps);
+    let rows = ember_engine::bench::host_mem(a.copy_mib, a.table_mib, a.iters.max(1));
+    println!("# ember bench mem: host memory; GB/s counts bytes read plus bytes written; median of {} repetitions", a.iters);
     println!("{:>8} {:>12} {:>8} {:>10} {:>10}", "op", "row bytes", "threads", "ms", "GB/s");
     for r in &rows {
         println!("{:>8} {:>12} {:>8} {:>10.2} {:>10.2}", r.op, r.row_bytes, r.threads, r.ms, r.gb_per_s);
@@ -39,18 +40,15 @@ pub fn run(a: MemArgs) -> CliResult {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn device_mem(a: &MemArgs) -> CliResult {
-    Err(format!("--device {}: this binary was built without the `cuda` feature", a.device).into())
+fn device_mem(_: &MemArgs) -> CliResult {
+    Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release -p ember-tools --features cuda)".into())
 }
 
 #[cfg(feature = "cuda")]
 fn device_mem(a: &MemArgs) -> CliResult {
     use ember_engine::backend::cuda::{dlrm_step_trace, Cuda};
-    if a.device != "cuda" {
-        return Err(format!("--device '{}': expected cpu or cuda", a.device).into());
-    }
     let be = Cuda::new(0)?;
-    let reps = a.reps.max(1);
+    let reps = a.iters.max(1);
     println!("# ember bench mem --device cuda: {}", be.device_name());
     println!("# device-to-device copy (cuMemcpyDtoD), GB/s counts bytes read plus bytes written; CUDA-event mean of 10 per rep, median of {reps} reps");
     println!("{:>10} {:>10} {:>10}", "MiB", "ms", "GB/s");

@@ -1,33 +1,71 @@
 //! `ember launch -n N -- CMD...`: starts N local processes with the launcher variables (RANK,
 //! WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, EMBER_RENDEZVOUS, a fresh EMBER_JOB_TOKEN), pins
 //! each to a core (round-robin over the cores this process may use), forwards their output
-//! prefixed with the rank, and exits with the first failure's status.
+//! prefixed with the rank, and exits with the status of the rank that failed first (a rank
+//! killed by a signal before any other: the others fail because it vanished).
 use crate::common::CliResult;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct LaunchArgs {
-    /// Number of processes.
-    #[arg(short = 'n', long = "nproc", default_value_t = 2)]
+    /// Number of processes (ranks).
+    #[arg(short = 'n', long = "nproc", default_value_t = 2, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub n: usize,
-    /// Transport the ranks use (sets EMBER_TRANSPORT): auto, shm, tcp.
+    /// Transport the ranks use (sets EMBER_TRANSPORT): auto, shm, tcp, rdma.
     #[arg(long)]
     pub transport: Option<String>,
     /// Collective timeout in milliseconds (sets EMBER_TIMEOUT_MS).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count64::<1, { u32::MAX as u64 }>)]
     pub timeout_ms: Option<u64>,
     /// After one rank fails, how long the others may run before they are killed (seconds).
-    #[arg(long, default_value_t = 70)]
+    #[arg(long, default_value_t = 70, value_parser = crate::common::count64::<0, { u32::MAX as u64 }>)]
     pub grace: u64,
     /// Do not pin processes to cores.
     #[arg(long)]
     pub no_pin: bool,
-    /// The command (after `--`).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    /// The command each rank runs (after `--`); `ember` is this executable.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// The program a rank runs: `ember` means this executable (installed or not).
+fn program(name: &str) -> std::path::PathBuf {
+    if name == "ember" {
+        if let Ok(me) = std::env::current_exe() {
+            return me;
+        }
+    }
+    std::path::PathBuf::from(name)
+}
+
+/// A signal's name, for the common ones.
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// How a rank ended, in words, and the launcher's exit status for it.
+fn describe(rank: usize, st: &ExitStatus) -> (String, i32) {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => (format!("rank {rank} exited with status {c}"), c),
+        (None, Some(sig)) => (format!("rank {rank} killed by signal {sig} ({})", signal_name(sig)), 128 + sig),
+        (None, None) => (format!("rank {rank} ended ({st})"), 1),
+    }
 }
 
 fn forward(rank: usize, r: impl std::io::Read + Send + 'static, err: bool) -> std::thread::JoinHandle<()> {
@@ -53,7 +91,8 @@ pub fn run(a: LaunchArgs) -> CliResult {
     let mut children: Vec<Option<Child>> = Vec::new();
     let mut pumps = Vec::new();
     for rank in 0..a.n {
-        let mut c = Command::new(&a.cmd[0]);
+        let prog = program(&a.cmd[0]);
+        let mut c = Command::new(&prog);
         c.args(&a.cmd[1..])
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", a.n.to_string())
@@ -81,12 +120,14 @@ pub fn run(a: LaunchArgs) -> CliResult {
                 Ok(())
             });
         }
-        let mut child = c.spawn().map_err(|e| format!("ember launch: cannot start {:?}: {e}", a.cmd[0]))?;
+        let mut child = c.spawn().map_err(|e| format!("ember launch: cannot start {}: {e}", prog.display()))?;
         pumps.push(forward(rank, child.stdout.take().unwrap(), false));
         pumps.push(forward(rank, child.stderr.take().unwrap(), true));
         children.push(Some(child));
     }
-    let mut failure: Option<(usize, String, i32)> = None;
+    // Failures in the order they were seen; ranks the launcher killed itself are not causes.
+    let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut killed_by_us = vec![false; a.n];
     let mut failed_at: Option<Instant> = None;
     let mut running = a.n;
     while running > 0 {
@@ -95,16 +136,18 @@ pub fn run(a: LaunchArgs) -> CliResult {
             if let Ok(Some(st)) = ch.try_wait() {
                 running -= 1;
                 *slot = None;
-                if !st.success() && failure.is_none() {
-                    let code = st.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0));
-                    failure = Some((rank, st.to_string(), code));
-                    failed_at = Some(Instant::now());
+                if !st.success() {
+                    failures.push((rank, st));
+                    failed_at.get_or_insert_with(Instant::now);
                 }
             }
         }
         if failed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(a.grace)) {
-            for ch in children.iter_mut().flatten() {
-                let _ = ch.kill();
+            for (rank, ch) in children.iter_mut().enumerate() {
+                if let Some(ch) = ch {
+                    killed_by_us[rank] = true;
+                    let _ = ch.kill();
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -112,11 +155,16 @@ pub fn run(a: LaunchArgs) -> CliResult {
     for p in pumps {
         let _ = p.join();
     }
-    match failure {
-        None => Ok(()),
-        Some((rank, st, code)) => {
-            eprintln!("ember launch: rank {rank} failed ({st})");
-            std::process::exit(code.clamp(1, 255));
-        }
+    let causes: Vec<&(usize, ExitStatus)> = failures.iter().filter(|(r, _)| !killed_by_us[*r]).collect();
+    // A rank killed by a signal is the cause of the others' failures (they lost a peer).
+    let cause = causes.iter().find(|(_, st)| st.signal().is_some()).or(causes.first()).copied().or(failures.first());
+    let Some((rank, st)) = cause else { return Ok(()) };
+    let (what, code) = describe(*rank, st);
+    let others: Vec<String> = failures.iter().filter(|(r, _)| r != rank).map(|(r, s)| describe(*r, s).0).collect();
+    if others.is_empty() {
+        eprintln!("ember launch: {what}");
+    } else {
+        eprintln!("ember launch: {what} (then {})", others.join(", "));
     }
+    std::process::exit(code.clamp(1, 255));
 }

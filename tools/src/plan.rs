@@ -1,55 +1,51 @@
 //! `ember plan`: the sharding plan of one sharding group, with predicted per-rank memory,
 //! lookups, all-to-all bytes and imbalance (docs/plan.md). Allocates no tables and trains nothing.
-use crate::common::{CliResult, Shared};
+use crate::common::{check_batch, parse_grid, CliResult, ModelArgs, PlacementArg, ShardingArg};
 use clap::Args;
 use ember_engine::config::TrainConfig;
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::grid::Placement;
 use ember_engine::plan::planner::{plan, stats_from_batches, PlanOptions, PlanReport};
 use ember_engine::plan::ShardingType;
 
 #[derive(Args, Clone, Debug)]
 pub struct PlanArgs {
     #[command(flatten)]
-    pub shared: Shared,
+    pub model: ModelArgs,
+    /// M replicas x N ranks per sharding group (T = M·N ranks); the plan is one sharding group's.
+    #[arg(long, default_value = "1x1")]
+    pub grid: String,
     /// Ranks per node (world ranks); table-row-wise shards span one node.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub ranks_per_node: usize,
     /// Per-rank memory budget in GiB; a plan that does not fit is refused.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_f64)]
     pub memory_budget_gib: Option<f64>,
-    /// Rank placement: in-node (replicas inside a node, default) or across-nodes.
-    #[arg(long, default_value = "in-node")]
-    pub placement: String,
-    /// Use one sharding type for every table: table_wise, row_wise, column_wise, table_row_wise.
-    #[arg(long)]
-    pub force: Option<String>,
+    /// Rank placement on the grid.
+    #[arg(long, value_enum, default_value_t = PlacementArg::InNode)]
+    pub placement: PlacementArg,
+    /// Force one sharding type for every table [default: the planner chooses per table].
+    #[arg(long, value_enum)]
+    pub sharding: Option<ShardingArg>,
     /// Measure id statistics on this many synthetic samples instead of assuming bag_size
     /// lookups spread uniformly over the rows.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub stats_samples: Option<usize>,
-    /// Print every rank (default: all when N <= 16, else the 8 heaviest).
+    /// Replica sync every K steps (its bytes and buffers).
+    #[arg(long, default_value_t = 1)]
+    pub sync_every: usize,
+    /// Replica sync: sparse (rows touched since the last sync) or full (whole tables).
+    #[arg(long, default_value = "sparse", value_parser = ["sparse", "full"])]
+    pub sync: String,
+    /// Print every rank [default: all when N <= 16, else the 8 heaviest].
     #[arg(long)]
     pub all_ranks: bool,
-}
-
-fn parse_kind(s: &str) -> Result<ShardingType, String> {
-    ShardingType::ALL
-        .into_iter()
-        .find(|k| k.name() == s.replace('-', "_"))
-        .ok_or_else(|| format!("--force '{s}': expected table_wise, row_wise, column_wise or table_row_wise"))
+    /// Also print the plan report as one JSON object (the last line).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The options `ember plan` passes to the planner.
 pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn std::error::Error>> {
-    let placement = match a.placement.as_str() {
-        "in-node" | "in_node" | "inside" => Placement::ReplicasInNode,
-        "across-nodes" | "across_nodes" | "across" => Placement::ReplicasAcrossNodes,
-        p => return Err(format!("--placement '{p}': expected in-node or across-nodes").into()),
-    };
-    if a.ranks_per_node == 0 {
-        return Err("--ranks-per-node must be >= 1".into());
-    }
     let budget = match a.memory_budget_gib {
         Some(g) if !(g.is_finite() && g > 0.0) => return Err(format!("--memory-budget-gib {g}: must be > 0").into()),
         Some(g) => Some((g * (1u64 << 30) as f64) as u64),
@@ -64,10 +60,12 @@ pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn s
     };
     Ok(PlanOptions {
         ranks_per_node: a.ranks_per_node,
-        placement,
+        placement: a.placement.into(),
         memory_budget_bytes: budget,
         stats,
-        force: a.force.as_deref().map(parse_kind).transpose()?,
+        force: a.sharding.map(ShardingType::from),
+        sync_every: a.sync_every,
+        full_sync: a.sync == "full",
         ..PlanOptions::from_config(cfg)
     })
 }
@@ -102,7 +100,7 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
     push(
         &mut s,
         format!(
-            "plan: grid {}x{} (T = {}), global batch {} ({} per sharding group, {} per rank), {:?}, {} ranks per node ({} of a group)",
+            "plan: grid {}x{} (T = {}), global batch {} ({} per sharding group, {} per rank), {}, {} ranks per node ({} of a group)",
             rep.m, rep.n, rep.world, rep.batch_size, rep.samples_per_group, rep.samples_per_rank, rep.placement, rep.ranks_per_node, rep.group_ranks_per_node
         ),
     );
@@ -125,19 +123,19 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
             rep.memory_budget_bytes.map(|b| format!(" (budget {} GiB)", gib(b as f64))).unwrap_or_default()
         ),
     );
-    push(&mut s, "all-to-all MiB sent per rank per forward step (mean over ranks; backward sends the output volume again):".into());
+    push(&mut s, "sparse collectives, MiB per rank per step (mean over ranks; send buffers as the engine counts them):".into());
     for (k, v) in &rep.a2a_mean_bytes_per_rank {
         if rep.tables_by_type.contains_key(k) {
-            push(&mut s, format!("  {k:<15} ids {:>12}  outputs {:>12}", mib(v.ids), mib(v.outputs)));
+            push(&mut s, format!("  {k:<15} ids {:>10}  outputs {:>10}  grads {:>10}", mib(v.ids), mib(v.outputs), mib(v.grads)));
         }
     }
-    push(&mut s, format!("  {:<15} mean {:>11}  max {:>16}", "total", mib(rep.a2a_mean_total_bytes_per_rank), mib(rep.a2a_max_total_bytes_per_rank)));
+    push(&mut s, format!("  {:<15} mean {:>9}  max {:>14}", "total", mib(rep.a2a_mean_total_bytes_per_rank), mib(rep.a2a_max_total_bytes_per_rank)));
     push(&mut s, String::new());
     push(
         &mut s,
         format!(
-            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>10} {:>10} {:>8}",
-            "rank", "mem GiB", "weights", "optim", "activ", "comm", "dense", "shards", "lookups", "a2a MiB", "inter MiB", "cost/avg"
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>10} {:>10} {:>8}  {}",
+            "rank", "mem GiB", "weights", "optim", "activ", "step buf", "dense", "shards", "lookups", "a2a MiB", "inter MiB", "cost/avg", "peak phase"
         ),
     );
     let mean_cost = rep.ranks.iter().map(|r| r.cost).sum::<f64>() / rep.ranks.len().max(1) as f64;
@@ -152,7 +150,7 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
         push(
             &mut s,
             format!(
-                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12.0} {:>10} {:>10} {:>8.3}",
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12.0} {:>10} {:>10} {:>8.3}  {}",
                 r.rank,
                 gib(r.total_bytes as f64),
                 gib(r.weights_bytes as f64),
@@ -164,7 +162,8 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
                 r.lookups,
                 mib(r.a2a_total_bytes),
                 mib(r.a2a_inter_node_bytes),
-                if mean_cost > 0.0 { r.cost / mean_cost } else { 0.0 }
+                if mean_cost > 0.0 { r.cost / mean_cost } else { 0.0 },
+                r.peak_phase
             ),
         );
     }
@@ -192,17 +191,18 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
 }
 
 pub fn run(a: PlanArgs) -> CliResult {
-    let mut shared = a.shared.clone();
+    let mut model = a.model.clone();
     // Nothing is allocated: plan the real shapes unless --max-rows caps them.
-    if shared.max_rows.is_none() {
-        shared.max_rows = Some(u64::MAX);
+    if model.max_rows.is_none() {
+        model.max_rows = Some(u64::MAX);
     }
-    let cfg = shared.train_config("tiny")?;
-    let (m, n) = shared.grid()?;
+    let cfg = model.train_config("tiny", None)?;
+    let (m, n) = parse_grid(&a.grid)?;
+    check_batch(cfg.batch_size, m, n)?;
     let opts = options(&a, &cfg)?;
     let (_plan, rep) = plan(&cfg.model, m, n, &opts)?;
     print!("{}", render(&rep, a.all_ranks));
-    if shared.json {
+    if a.json {
         println!("{}", serde_json::to_string(&rep)?);
     }
     Ok(())

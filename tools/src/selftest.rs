@@ -8,7 +8,7 @@
 //! backend (`engine::selftest_2d`). `--bench` adds the embedding kernels' bandwidth at B=65536, L=20,
 //! D=64/128, uniform and Zipf ids, and the device copy bandwidth; `--markdown FILE` writes the
 //! tables.
-use crate::common::CliResult;
+use crate::common::{CliResult, Device};
 #[allow(unused_imports)] // Backend is used only with the `cuda` feature
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::parallel::XferKind;
@@ -17,20 +17,24 @@ use std::fmt::Write as _;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SelftestArgs {
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Backend to check against the CPU reference (cpu checks the reference against itself and
+    /// its 2D peer-to-peer path).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// Seed of the random shapes and values.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Also time the embedding kernels and the device copy bandwidth (cuda only).
     #[arg(long)]
     pub bench: bool,
-    /// Batch, pooling factor and table rows of the benchmark.
-    #[arg(long, default_value_t = 65536)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 20)]
-    pub pooling: usize,
-    #[arg(long, default_value_t = 4_000_000)]
+    /// Batch size of the --bench kernels.
+    #[arg(long, default_value_t = 65536, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
+    pub batch_size: usize,
+    /// Ids per bag (the pooling factor L) of the --bench kernels.
+    #[arg(long, default_value_t = 20, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BAG_SIZE }>)]
+    pub bag_size: usize,
+    /// Table rows of the --bench kernels.
+    #[arg(long, default_value_t = 4_000_000, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_ROWS as usize }>)]
     pub rows: usize,
     /// Write the results as markdown to this file.
     #[arg(long)]
@@ -39,8 +43,8 @@ pub struct SelftestArgs {
 
 pub fn run(a: SelftestArgs) -> CliResult {
     let mut md = String::new();
-    let ok = match a.device.as_str() {
-        "cpu" => {
+    let ok = match a.device {
+        Device::Cpu => {
             let rep = ember_engine::selftest::selftest_seeded(&Cpu::new(), a.seed)?;
             println!("{rep}");
             let _ = writeln!(md, "{rep}");
@@ -51,8 +55,7 @@ pub fn run(a: SelftestArgs) -> CliResult {
             let _ = writeln!(md, "{rep2}");
             rep.passed() && rep2.passed()
         }
-        "cuda" => cuda(&a, &mut md)?,
-        other => return Err(format!("--device '{other}': expected cpu or cuda").into()),
+        Device::Cuda => cuda(&a, &mut md)?,
     };
     if let Some(p) = &a.markdown {
         std::fs::write(p, &md).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -169,7 +172,7 @@ fn bench(be: &ember_engine::backend::cuda::Cuda, a: &SelftestArgs, md: &mut Stri
     println!("{line}");
     let _ = writeln!(md, "{line}");
     let mut table = String::from("| D | ids | forward ms | forward GB/s | % of copy | fused bwd + row-wise AdaGrad ms | bwd GB/s | % of copy | % of copy, bytes moved | of which keys + sort ms | first-version bwd ms | unique rows |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    let (b, l, rows) = (a.batch, a.pooling, a.rows);
+    let (b, l, rows) = (a.batch_size, a.bag_size, a.rows);
     for d in [64usize, 128] {
         let upd = EmbUpdate { kind: EmbKind::RowWiseAdagrad, lr: 0.01, eps: 1e-8, c: 1.0, eps_inside: false, l2: 0.0 };
         let spec = ShardSpec::whole(0, rows as u64, d);
@@ -223,7 +226,7 @@ fn bench(be: &ember_engine::backend::cuda::Cuda, a: &SelftestArgs, md: &mut Stri
             );
         }
     }
-    let head = format!("Embedding kernels: B={b}, L={l}, rows={rows}, one table; bytes = B·D·4 + B·L·D·4 per pass (BRIEF §5); bytes moved = ids·8 + B·D·4 + 2·unique·(D·4 + 4) (the update's floor); CUDA-event timing, mean of 20 after 3 warm-ups.\n");
+    let head = format!("Embedding kernels: B={b}, L={l}, rows={rows}, one table; bytes = B·D·4 + B·L·D·4 per pass (outputs plus rows read); bytes moved = ids·8 + B·D·4 + 2·unique·(D·4 + 4) (the update's floor); CUDA-event timing, mean of 20 after 3 warm-ups.\n");
     println!("{head}\n{table}");
     let _ = writeln!(md, "{head}\n{table}");
     // Allocation-trace replay: pool vs per-tensor cuMemAlloc.

@@ -1,74 +1,73 @@
 //! `ember train --grid MxN`: 2D training, as T in-process ranks (threads) by default, or as
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
-use crate::common::CliResult;
-use crate::train::TrainArgs;
-use ember_engine::backend::Cpu;
+use crate::common::{CliResult, Device};
+use crate::train::{epoch_steps, TrainArgs};
+use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
-use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::grid::{Grid, Placement};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
-use ember_engine::data::{Batch, DataSource};
-use ember_engine::backend::Backend;
+use ember_engine::data::synthetic::SyntheticData;
+use ember_engine::data::{Batch, DataSource, EvalSet};
+use ember_engine::grid::{Grid, Placement};
 use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
-use ember_engine::parallel::TraceEvent;
-use ember_engine::plan::Plan;
+use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, TraceEvent};
+use ember_engine::plan::planner::{plan, predict, stats_from_batches, PlanOptions};
+use ember_engine::plan::{Plan, ShardingType};
 use std::sync::Mutex;
-use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
-use ember_engine::plan::planner::{plan, PlanOptions};
-use ember_engine::plan::ShardingType;
 use std::time::Instant;
 
-pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
-    let s = &a.shared;
-    if s.device != "cpu" && s.device != "cuda" {
-        return Err(format!("--device '{}': expected cpu or cuda", s.device).into());
-    }
-    if s.data.is_some() && a.skip_bad_lines {
+pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Option<CheckpointOptions>) -> CliResult {
+    if a.data.is_some() && a.skip_bad_lines {
         return Err("--skip-bad-lines with a grid: every rank must agree on sample boundaries; fix or filter the file first".into());
     }
-    let placement = match a.placement.as_str() {
-        "in-node" => Placement::ReplicasInNode,
-        "across-nodes" => Placement::ReplicasAcrossNodes,
-        other => return Err(format!("--placement '{other}': expected in-node or across-nodes").into()),
-    };
+    let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
+    let multi = join.is_some();
+    // In-process ranks talk through the local transport; the others connect processes.
+    a.transport.parse::<ember_transport::Transport>().map_err(|e| format!("--transport {}: {e}", a.transport))?;
+    if !multi && a.transport != "auto" && a.transport != "local" {
+        return Err(format!(
+            "--transport {}: the {} ranks of this grid run as threads of one process and talk through the local transport; \
+             to use {} start one process per rank: ember launch -n {} --transport {} -- ember train ...",
+            a.transport,
+            m * n,
+            a.transport,
+            m * n,
+            a.transport
+        )
+        .into());
+    }
+    let placement: Placement = a.placement.into();
     let sync = match a.sync.as_str() {
-        "sparse" => SyncMode::Sparse,
         "full" => SyncMode::Full,
-        other => return Err(format!("--sync '{other}': expected sparse or full").into()),
+        _ => SyncMode::Sparse,
     };
+    if a.measure_memory {
+        if !multi {
+            return Err(format!(
+                "--measure-memory counts one rank per process; the {} ranks of this grid would share one: ember launch -n {} -- ember train ... --measure-memory",
+                m * n,
+                m * n
+            )
+            .into());
+        }
+        ember_engine::heap::enable();
+    }
     let grid = Grid::new(m, n, placement)?;
     let mut popts = PlanOptions::from_config(&cfg);
     popts.ranks_per_node = a.ranks_per_node;
     popts.placement = placement;
-    popts.force = match a.sharding.as_deref() {
-        None => None,
-        Some("table") => Some(ShardingType::TableWise),
-        Some("row") => Some(ShardingType::RowWise),
-        Some("column") => Some(ShardingType::ColumnWise),
-        Some("table-row") => Some(ShardingType::TableRowWise),
-        Some(o) => return Err(format!("--sharding '{o}': expected table, row, column or table-row").into()),
-    };
-    let (plan, _) = plan(&cfg.model, m, n, &popts)?;
-    if (a.resume || a.checkpoint_every > 0) && a.checkpoint_dir.is_none() {
-        return Err("--resume and --checkpoint-every need --checkpoint-dir".into());
+    popts.force = a.sharding.map(ShardingType::from);
+    popts.sync_every = a.sync_every;
+    popts.full_sync = sync == SyncMode::Full;
+    let (plan, plan_report) = plan(&cfg.model, m, n, &popts)?;
+    let plan_for_memory = a.measure_memory.then(|| plan.clone());
+    // Host memory before anything is allocated (CUDA ranks keep their tables on the device).
+    if a.device == Device::Cpu {
+        ember_engine::memory::check_plan(&plan_report, m, multi)?;
     }
-    if a.checkpoint_every % a.sync_every.max(1) != 0 {
-        return Err(format!("--checkpoint-every {} must be a multiple of --sync-every {}", a.checkpoint_every, a.sync_every).into());
-    }
-    let checkpoint = a.checkpoint_dir.as_ref().map(|dir| CheckpointOptions { dir: dir.clone(), every: a.checkpoint_every, keep: a.keep.max(1), resume: a.resume });
-    let opts = ParallelOptions {
-        sync_every: a.sync_every,
-        sync,
-        delayed_state_sync: a.delayed_state_sync,
-        fully_sharded: a.fully_sharded,
-        xfer: a.xfer.parse()?,
-        checkpoint,
-    };
-    let join = ember_transport::JoinConfig::from_env().ok().filter(|j| j.size > 1);
-    let multi = join.is_some();
+    let xfer = a.xfer.parse()?;
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
-    // rank reads exactly its samples of each global batch (BRIEF.md §2).
-    let source = match &s.data {
+    // rank reads exactly its samples of each global batch (docs/2d.md).
+    let source = match &a.data {
         None => Source::Synthetic(SyntheticData::new(&cfg)?),
         Some(path) => {
             let readers = (0..if multi { 1 } else { grid.world() })
@@ -77,15 +76,26 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
             Source::Files(readers)
         }
     };
-    let (eval, oracle) = match &source {
-        Source::Synthetic(d) => (d.eval_batch(), Some(d.oracle_eval())),
-        Source::Files(r) => (r[0].lock().map_err(|_| "reader lock")?.eval_set()?, None),
+    // The eval set: the synthetic one, or the file's eval split read chunk by chunk (shared by
+    // the in-process ranks).
+    let (eval, oracle): (Box<dyn EvalSet>, _) = match &source {
+        Source::Synthetic(d) => (Box::new(d.eval_batch()), Some(d.oracle_eval())),
+        Source::Files(r) => (Box::new(r[0].lock().map_err(|_| "reader lock")?.eval_stream()?), None),
     };
+    let root = join.as_ref().map_or(true, |j| j.rank == 0);
     let steps = match (cfg.steps, &source) {
-        (Some(st), _) => st,
-        (None, Source::Files(r)) => (r[0].lock().map_err(|_| "reader lock")?.train_lines() as usize / cfg.batch_size).max(1),
+        (st, Source::Files(r)) => epoch_steps(st, r[0].lock().map_err(|_| "reader lock")?.train_lines(), cfg.batch_size, root)?,
+        (Some(st), Source::Synthetic(_)) => st,
         (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
     };
+    let resume_root = checkpoint.as_ref().filter(|c| c.resume).map(|c| c.dir.clone());
+    let mut opts = ParallelOptions { sync_every: a.sync_every, sync, delayed_state_sync: a.delayed_state_sync, fully_sharded: a.fully_sharded, xfer, checkpoint };
+    // The folder becomes this run's (world rank 0 decides; only it commits and prunes), once
+    // the options are known to be consistent: a refused run leaves the folder as it was.
+    opts.check(grid)?;
+    if let Some(c) = opts.checkpoint.as_mut().filter(|_| root) {
+        c.run_id = Some(ember_engine::checkpoint::claim(&c.dir, c.resume, a.overwrite_checkpoints)?);
+    }
     let feed = |step: usize, w: usize| -> ember_engine::Result<Batch> {
         let r = grid.sample_range(w, cfg.batch_size);
         let start = (step * cfg.batch_size + r.start) as u64;
@@ -106,10 +116,15 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         }
     };
     let trace = a.trace.is_some();
-    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: &eval, trace };
-    let (rep, events, is_root) = match s.device.as_str() {
-        "cuda" => run_cuda(job, join, &s.transport)?,
-        _ => job.run(&|_| Ok(Cpu::new()), join, &s.transport)?,
+    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: eval.as_ref(), trace };
+    let run = match a.device {
+        Device::Cuda => run_cuda(job, join, &a.transport),
+        Device::Cpu => job.run(&|_| Ok(Cpu::new()), join, &a.transport),
+    };
+    let (rep, events, is_root) = match (run, resume_root) {
+        (Ok(r), _) => r,
+        (Err(e), Some(root)) => return Err(crate::checkpoint::explain_resume_failure(&root, e.to_string()).into()),
+        (Err(e), None) => return Err(e),
     };
     if let Some(path) = &a.trace {
         // One file for in-process ranks; one per process otherwise (FILE.rankN.json).
@@ -120,8 +135,15 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
         return Ok(());
     }
     print_summary(&rep, oracle.as_ref());
-    if s.json {
+    let memory = match (&plan_for_memory, &source) {
+        (Some(p), Source::Synthetic(d)) if !rep.heap_peak_bytes.is_empty() => Some(memory_table(&cfg, grid, p, &popts, d, steps, &rep)?),
+        _ => None,
+    };
+    if a.json {
         let mut v = serde_json::to_value(&rep)?;
+        if let Some(mem) = memory {
+            v["memory"] = mem;
+        }
         if let Some(o) = &oracle {
             v["oracle_auc"] = o.auc.into();
             v["oracle_ne"] = o.ne.into();
@@ -132,6 +154,47 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     Ok(())
 }
 
+/// Planned against measured heap peak per world rank, and rank 0's planned against measured
+/// bytes per collective (printed; returned as JSON). The plan's figures use id statistics
+/// measured on the run's own global batches (the first 64 of a longer run).
+fn memory_table(
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    popts: &PlanOptions,
+    data: &SyntheticData,
+    steps: usize,
+    rep: &Report2D,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let batches: Vec<Batch> = (0..steps.clamp(1, 64) as u64).map(|s| data.samples(s * cfg.batch_size as u64, cfg.batch_size)).collect();
+    let opts = PlanOptions { stats: Some(stats_from_batches(&cfg.model, &batches)), ..popts.clone() };
+    let pr = predict(&cfg.model, grid.m, plan, &opts)?;
+    let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
+    println!("  memory per rank (heap peak over construction and training; plan: ember plan with the run's id statistics):");
+    println!("  {:>5} {:>6} {:>13} {:>12} {:>9}  {}", "rank", "group", "measured MiB", "planned MiB", "plan/meas", "planned peak phase");
+    let (mut planned, mut measured, mut phases) = (Vec::new(), Vec::new(), Vec::new());
+    for (w, &meas) in rep.heap_peak_bytes.iter().enumerate() {
+        let (_, r) = grid.coords(w);
+        let p = &pr.ranks[r];
+        println!("  {:>5} {:>6} {:>13.2} {:>12.2} {:>9.3}  {}", w, r, mib(meas), mib(p.total_bytes), p.total_bytes as f64 / meas.max(1) as f64, p.peak_phase);
+        planned.push(p.total_bytes);
+        measured.push(meas);
+        phases.push(p.peak_phase);
+    }
+    let planned_bytes = serde_json::to_value(&pr.ranks[grid.coords(0).1].traffic)?;
+    let measured_bytes = serde_json::to_value(&rep.bytes_per_step)?;
+    println!("  bytes per step handed to each collective by rank 0 (plan with the run's ids / measured):");
+    if let (Some(p), Some(m)) = (planned_bytes.as_object(), measured_bytes.as_object()) {
+        for (k, pv) in p {
+            let (pv, mv) = (pv.as_f64().unwrap_or(0.0), m.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0));
+            if pv > 0.0 || mv > 0.0 {
+                println!("  {k:>22} {pv:>14.0} {mv:>14.0}");
+            }
+        }
+    }
+    Ok(serde_json::json!({ "measured": measured, "planned": planned, "planned_peak_phase": phases, "planned_bytes_per_step": planned_bytes }))
+}
+
 /// Everything a run needs but the backend.
 struct Job<'a> {
     cfg: &'a TrainConfig,
@@ -140,7 +203,7 @@ struct Job<'a> {
     opts: ParallelOptions,
     steps: usize,
     feed: &'a (dyn Fn(usize, usize) -> ember_engine::Result<Batch> + Sync),
-    eval: &'a Batch,
+    eval: &'a dyn EvalSet,
     trace: bool,
 }
 
@@ -218,4 +281,5 @@ fn print_summary(r: &Report2D, oracle: Option<&ember_engine::metrics::EvalResult
     println!("  bytes/step (rank 0): sparse collectives {:.0}  replica sync {:.0}", r.a2a_bytes_per_rank, r.sync_bytes_per_rank);
     println!("  embedding weights resident during the dense phase (rank 0): {:.2} MiB", r.emb_weight_bytes_resident as f64 / (1 << 20) as f64);
     println!("  lookup imbalance (max/mean over ranks) {:.3}; peak RSS of this process {:.1} MiB", r.imbalance, r.peak_rss_bytes as f64 / (1 << 20) as f64);
+    println!("  replicas identical at the end: {}", if r.replicas_identical { "yes" } else { "NO" });
 }

@@ -34,7 +34,7 @@ fn train_is_deterministic_for_a_seed() {
 
 #[test]
 fn train_reads_the_shared_criteo_sample() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/criteo-sample-200.csv");
+    let path = ember_tests::test_data("criteo-sample-200.csv");
     let out = ember(&["train", "--data", path.to_str().unwrap(), "--batch-size", "16", "--max-rows", "5000", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = last_json(&out);
@@ -48,7 +48,7 @@ fn bad_flags_and_configs_are_clear_errors() {
         (vec!["train", "--preset", "nope"], "unknown preset"),
         (vec!["train", "--grid", "2y2"], "--grid"),
         (vec!["train", "--device", "tpu"], "--device"),
-        (vec!["train", "--batch-size", "0"], "batch_size"),
+        (vec!["train", "--batch-size", "0"], "--batch-size"),
         (vec!["train", "--config", "/nonexistent/ember.toml"], "--config"),
     ] {
         let out = ember(&args);

@@ -1,5 +1,6 @@
 //! `ember train --grid MxN`: in-process ranks, and one rank per process under `ember launch`
-//! and Open MPI's mpirun — all three must give bitwise the same run.
+//! and Open MPI's mpirun (needs openmpi-bin: ignored unless asked for) — all three must give
+//! bitwise the same run.
 use std::process::Command;
 
 fn json_of(out: &std::process::Output) -> serde_json::Value {
@@ -25,6 +26,17 @@ fn grid_training_reports_stages_and_bytes() {
 }
 
 #[test]
+fn a_run_that_stops_between_syncs_ends_with_identical_replicas() {
+    // 10 steps with a sync every 4: the run ends with a last sync, and `--json` says so (a CRC of
+    // every shard compared across its replica group).
+    for extra in [&[][..], &["--delayed-state-sync"][..], &["--fully-sharded"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(["train", "--grid", "2x2", "--sync-every", "4", "--steps", "10", "--json", "--quiet"]).args(extra).output().unwrap();
+        let v = json_of(&out);
+        assert_eq!(v["replicas_identical"], true, "{extra:?}: {v}");
+    }
+}
+
+#[test]
 fn multi_process_under_ember_launch_equals_in_process() {
     let bin = env!("CARGO_BIN_EXE_ember");
     let local = json_of(&Command::new(bin).args(ARGS).output().unwrap());
@@ -37,11 +49,9 @@ fn multi_process_under_ember_launch_equals_in_process() {
 }
 
 #[test]
+#[ignore = "needs mpirun: apt-get install openmpi-bin (bash .ci/run runs it)"]
 fn multi_process_under_mpirun_equals_in_process() {
-    if Command::new("mpirun").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: mpirun not installed (apt-get install openmpi-bin)");
-        return;
-    }
+    ember_tests::require_tool("mpirun", "apt-get install openmpi-bin");
     let bin = env!("CARGO_BIN_EXE_ember");
     let local = json_of(&Command::new(bin).args(ARGS).output().unwrap());
     let port = ember_transport::bootstrap::free_port().unwrap();
@@ -100,7 +110,7 @@ fn the_trace_shows_communication_overlapping_compute() {
 fn grid_training_reads_criteo_files_like_one_process() {
     // SGD, K = 1: the 2D run on the shared Criteo sample ends at the one-process model, so the
     // held-out AUC agrees; multi-process reads its samples from its own reader, bitwise the same.
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/criteo-sample-200.csv");
+    let data = ember_tests::test_data("criteo-sample-200.csv");
     let data = data.to_str().unwrap();
     let mut c = ember_engine::config::preset("kaggle", Some(5000)).unwrap();
     c.batch_size = 16;
@@ -157,11 +167,32 @@ fn buffer_transports_give_the_same_run_and_bad_choices_are_refused() {
 }
 
 #[test]
+#[cfg(not(feature = "cuda"))]
 fn cuda_grid_without_the_feature_is_a_clear_error() {
-    if cfg!(feature = "cuda") {
-        return;
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(ARGS).args(["--device", "cuda"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("built without the `cuda` feature"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn table_row_wise_over_a_node_across_processes_sends_the_planned_bytes() {
+    // 4 ranks per node: each table-row-wise table spans 4 of the 8 ranks of the group. One rank
+    // per process gives the in-process run's bytes and loss, and the table-row-wise collectives
+    // (sized by the plan, not by the ids) carry exactly what `ember plan` predicts for rank 0.
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let args = ["train", "--grid", "1x8", "--sharding", "table-row", "--ranks-per-node", "4", "--steps", "3", "--json", "--quiet"];
+    let local = json_of(&Command::new(bin).args(args).output().unwrap());
+    let mut launch = vec!["launch", "-n", "8", "--timeout-ms", "30000", "--", bin];
+    launch.extend(args);
+    let multi = json_of(&Command::new(bin).args(&launch).output().unwrap());
+    assert_eq!(local["loss"], multi["loss"]);
+    assert_eq!(local["bytes_per_step"], multi["bytes_per_step"]);
+    let plan = json_of(&Command::new(bin).args(["plan", "--grid", "1x8", "--sharding", "table-row", "--ranks-per-node", "4", "--json"]).output().unwrap());
+    assert_eq!(plan["group_ranks_per_node"], 4);
+    let planned = &plan["ranks"][0]["traffic"];
+    for k in ["output_trw_reduce", "output_trw_owners", "grad_trw_owners", "grad_trw_gather", "dense_all_reduce"] {
+        let (p, m) = (planned[k].as_f64().unwrap(), multi["bytes_per_step"][k].as_f64().unwrap());
+        assert!((p - m).abs() <= 1e-9 * p.max(1.0), "{k}: planned {p}, measured {m}");
+    }
+    assert!(planned["output_trw_reduce"].as_f64().unwrap() > 0.0);
 }

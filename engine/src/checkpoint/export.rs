@@ -110,9 +110,9 @@ pub fn inspect(path: &Path) -> Result<(String, bool)> {
         };
         let m = &ck.manifest;
         let r = &m.run;
-        let _ = writeln!(s, "{}: step {}, format {} ({}), grid {}x{} ({:?}), M = {}, c = {}", d.display(), m.step, m.format_version, m.magic, r.grid.m, r.grid.n, r.grid.placement, m.m, r.c);
-        let _ = writeln!(s, "  model: {} tables, dim {}, bottom {:?}, top {:?}, {:?}", r.model.tables.len(), r.model.dim(), r.model.bottom_mlp, r.model.top_mlp, r.model.interaction);
-        let _ = writeln!(s, "  optimizers: embedding {:?}, dense {:?}; seed {}, batch {}", r.embedding_optimizer, r.dense_optimizer, r.seed, r.batch_size);
+        let _ = writeln!(s, "{}: step {}, format {} ({}), grid {}x{} ({}), M = {}, c = {}", d.display(), m.step, m.format_version, m.magic, r.grid.m, r.grid.n, r.grid.placement, m.m, r.c);
+        let _ = writeln!(s, "  model: {} tables, dim {}, bottom MLP {:?}, top MLP {:?}, {}", r.model.tables.len(), r.model.dim(), r.model.bottom_mlp, r.model.top_mlp, r.model.interaction);
+        let _ = writeln!(s, "  optimizers: embedding {}, dense {}; seed {}, batch {}", r.embedding_optimizer, r.dense_optimizer, r.seed, r.batch_size);
         for p in &m.positions {
             let _ = writeln!(s, "  rank {} (g {}, r {}): next sample {}, reader offsets {:?}", p.world_rank, p.coords.0, p.coords.1, p.data.next_sample, p.data.reader_offsets);
         }
@@ -131,6 +131,16 @@ pub fn inspect(path: &Path) -> Result<(String, bool)> {
                     state_per_row
                 ),
                 FileKind::Dense { lens } => format!("{} dense parameters, {} floats", lens.len(), lens.iter().map(|(w, s)| w + s).sum::<usize>()),
+                FileKind::Replica { spec, replica, weights, pending_rows, .. } => format!(
+                    "replica {replica}'s own copy of table {} rows {}..{} cols {}..{}: {}optimizer state{}",
+                    spec.table,
+                    spec.rows.start,
+                    spec.rows.end,
+                    spec.cols.start,
+                    spec.cols.end,
+                    if *weights { "weights, " } else { "" },
+                    pending_rows.map_or(String::new(), |p| format!(", pending state average of {p} rows"))
+                ),
             };
             match err {
                 None => {

@@ -8,8 +8,14 @@
 //! fsynced; a folder without a manifest is incomplete and never loads. The last K complete
 //! checkpoints are kept.
 //!
+//! A training run owns its root: `ROOT/run-id` holds the id of the run whose checkpoints the
+//! root holds ([`claim`]). A new run refuses a root holding another run's checkpoints unless
+//! told to overwrite them (they are then removed first); a resumed run continues the root's run;
+//! and pruning only ever removes checkpoints of the run that owns the root.
+//!
 //! Layers: [`write`] (files and the manifest; collective-free, so one process or many can call
-//! it), [`read`] ([`Checkpoint`]: open, verify, assemble any row/column block of any table), the
+//! it), [`read`] ([`Checkpoint`]: open, verify, assemble any row/column block of any table),
+//! [`replica`] (per-replica files for the 2D modes whose replicas differ at a checkpoint), the
 //! glue for the engine's two models in [`rank2d`], and [`export`] (.npy files).
 use crate::backend::ShardSpec;
 use crate::config::{DenseOptimizer, EmbOptimizer, ModelConfig, TrainConfig};
@@ -22,10 +28,11 @@ use std::path::{Path, PathBuf};
 pub mod export;
 pub mod rank2d;
 pub mod read;
+pub mod replica;
 pub mod write;
 
 pub use read::{latest, list, Checkpoint, Listed};
-pub use write::{commit, prepare, write_dense, write_shard};
+pub use write::{claim, commit, prepare, read_run_id, write_dense, write_shard};
 
 /// `manifest.magic`.
 pub const MAGIC: &str = "ember-checkpoint";
@@ -38,6 +45,11 @@ pub const DENSE_MAGIC: &[u8; 8] = b"EMBDENSE";
 /// Bytes of a shard file's header (the weights start here, 64-byte aligned).
 pub const SHARD_HEADER: usize = 64;
 pub const MANIFEST: &str = "manifest.json";
+/// The `tracing` target of what a training run says about its checkpoints (the resume, or that
+/// there was none to resume from, and every save); `ember train` prints these events.
+pub const LOG_TARGET: &str = "ember::checkpoint";
+/// The file under a checkpoint root naming the run that owns it.
+pub const RUN_ID_FILE: &str = "run-id";
 pub const DENSE_FILE: &str = "dense.bin";
 
 #[cfg(target_endian = "big")]
@@ -71,6 +83,10 @@ pub enum FileKind {
     Shard { spec: ShardSpec, state_per_row: usize },
     /// Dense parameters in `DenseNet::params_mut` order: (weights, optimizer state) lengths.
     Dense { lens: Vec<(usize, usize)> },
+    /// One replica's own copy of a shard, for an exact resume of a mode whose replicas differ at
+    /// a checkpoint (see [`replica`]): its weights when `weights` (fully-sharded 2D), its
+    /// optimizer state, and the `pending_rows` rows of a delayed state average in flight.
+    Replica { spec: ShardSpec, replica: usize, state_per_row: usize, weights: bool, pending_rows: Option<usize> },
 }
 
 /// One file of a checkpoint, as the manifest lists it.
@@ -135,6 +151,13 @@ impl Manifest {
             _ => None,
         })
     }
+    /// Replica files: (entry, spec, replica).
+    pub fn replicas(&self) -> impl Iterator<Item = (&FileEntry, &ShardSpec, usize)> {
+        self.files.iter().filter_map(|f| match &f.kind {
+            FileKind::Replica { spec, replica, .. } => Some((f, spec, *replica)),
+            _ => None,
+        })
+    }
     pub fn dense(&self) -> Option<(&FileEntry, &[(usize, usize)])> {
         self.files.iter().find_map(|f| match &f.kind {
             FileKind::Dense { lens } => Some((f, lens.as_slice())),
@@ -151,6 +174,11 @@ pub fn step_dir_name(step: u64) -> String {
 /// Shard file name: table, row range, column range.
 pub fn shard_file_name(spec: &ShardSpec) -> String {
     format!("shard-t{:03}-r{}-{}-c{}-{}.bin", spec.table, spec.rows.start, spec.rows.end, spec.cols.start, spec.cols.end)
+}
+
+/// Replica file name: replica g, then the shard's table, row range, column range.
+pub fn replica_file_name(spec: &ShardSpec, replica: usize) -> String {
+    format!("replica-g{replica}-t{:03}-r{}-{}-c{}-{}.bin", spec.table, spec.rows.start, spec.rows.end, spec.cols.start, spec.cols.end)
 }
 
 /// A checkpoint error naming the file it concerns.

@@ -5,7 +5,7 @@ use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes, TraceEvent};
 use crate::backend::{Backend, ShardSpec};
 use crate::config::TrainConfig;
 use crate::data::synthetic::SyntheticData;
-use crate::data::Batch;
+use crate::data::{Batch, EvalSet};
 use crate::grid::{Grid, GridComms};
 use crate::metrics::evaluate;
 use crate::plan::Plan;
@@ -51,8 +51,15 @@ pub struct Report2D {
     pub imbalance: f64,
     /// Peak resident memory of this process (VmHWM; all in-process ranks together), bytes.
     pub peak_rss_bytes: u64,
+    /// Every world rank's measured heap peak during its model construction and training (bytes
+    /// above what was live when the rank started), by world rank; empty unless each rank is its
+    /// own process counting its heap (`crate::heap`, `ember train --measure-memory`).
+    pub heap_peak_bytes: Vec<u64>,
     /// Median wall-clock milliseconds of rank 0's steps after the first (warm-up) step.
     pub step_ms_median: f64,
+    /// At the end, every shard's weights (and optimizer state, except in fully-sharded 2D) were
+    /// bitwise identical across its replica group (CRC-32 of each shard compared).
+    pub replicas_identical: bool,
     /// Rank 0's wall-clock milliseconds per step.
     #[serde(skip)]
     pub step_ms: Vec<f64>,
@@ -102,7 +109,7 @@ pub fn train_threads<B: Backend + Clone>(
     opts: &ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     train_threads_with(&|_| Ok(be.clone()), cfg, grid, plan, opts, steps, feed, eval, trace)
@@ -119,7 +126,7 @@ pub fn train_threads_with<B: Backend>(
     opts: &ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     train_comms_with(new_be, ember_transport::local_world(grid.world()), cfg, grid, plan, opts, steps, feed, eval, trace)
@@ -137,7 +144,7 @@ pub fn train_comms_with<B: Backend>(
     opts: &ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let t = grid.world();
@@ -161,11 +168,30 @@ pub fn train_comms_with<B: Backend>(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
     });
-    let mut outcomes = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let mut outcomes = Vec::with_capacity(t);
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(o) => outcomes.push(o),
+            Err(e) => failures.push(e),
+        }
+    }
+    if let Some(e) = root_cause(failures) {
+        return Err(e);
+    }
     outcomes.sort_by_key(|o| o.state.world_rank);
     let report = report(grid, steps, cfg.batch_size, start.elapsed().as_secs_f64(), &outcomes[0]);
     let events = outcomes.iter_mut().flat_map(|o| std::mem::take(&mut o.trace)).collect();
     Ok((report, outcomes.into_iter().map(|o| o.state).collect(), events))
+}
+
+/// The error to report when in-process ranks failed (listed by world rank): the first that is
+/// not a transport error. One rank's own failure (bad data, a damaged checkpoint) makes its
+/// communicators drop, and every other rank then fails in a collective with "rank w failed";
+/// those follow-on errors are transport errors, the cause is not.
+fn root_cause(mut failures: Vec<Error>) -> Option<Error> {
+    let i = failures.iter().position(|e| !matches!(e, Error::Transport(_))).unwrap_or(0);
+    (i < failures.len()).then(|| failures.swap_remove(i))
 }
 
 /// What one rank returns.
@@ -181,6 +207,10 @@ pub struct RankOutcome {
     pub train_s: f64,
     /// Wall-clock milliseconds of each training step on this rank.
     pub step_ms: Vec<f64>,
+    /// Every shard bitwise the same on every replica at the end (`Rank2D::replicas_identical`).
+    pub replicas_identical: bool,
+    /// Every world rank's heap peak (see `Report2D::heap_peak_bytes`); empty when not counted.
+    pub heap_peak_bytes: Vec<u64>,
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
@@ -196,10 +226,13 @@ pub fn run_rank<B: Backend>(
     opts: ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<RankOutcome> {
     let w = world.rank();
+    // The heap measured from here to the end of training (construction included, the final
+    // evaluation not): what the planner's per-rank memory figure bounds.
+    let heap0 = crate::heap::enabled().then(crate::heap::reset_peak);
     let gc = GridComms::new(grid, world)?;
     if w == 0 {
         tracing::info!("{}", grid.describe());
@@ -211,17 +244,24 @@ pub fn run_rank<B: Backend>(
     let ckpt = rank.opts.checkpoint.clone();
     let mut first = 0;
     if let Some(ck) = ckpt.as_ref().filter(|c| c.resume) {
-        if let Some(dir) = crate::checkpoint::latest(&ck.dir)? {
-            let c = crate::checkpoint::Checkpoint::open(&dir)?;
-            crate::checkpoint::rank2d::restore_rank2d(be, &mut rank, &c, cfg)?;
-            first = rank.steps_done;
-            if w == 0 {
-                tracing::info!("resumed from {} at step {first}", dir.display());
+        match crate::checkpoint::latest(&ck.dir)? {
+            Some(dir) => {
+                let c = crate::checkpoint::Checkpoint::open(&dir)?;
+                crate::checkpoint::rank2d::restore_rank2d(be, &mut rank, &c, cfg)?;
+                first = rank.steps_done;
+                if w == 0 {
+                    tracing::info!(target: crate::checkpoint::LOG_TARGET, "resumed from {} (step {first})", dir.display());
+                }
             }
+            None if w == 0 => {
+                tracing::info!(target: crate::checkpoint::LOG_TARGET, "no checkpoint in {} yet: starting from step 0", ck.dir.display());
+            }
+            None => {}
         }
     }
-    let mut losses = Vec::with_capacity(steps);
-    let mut step_ms = Vec::with_capacity(steps);
+    // Grown as the steps run: `steps` comes from outside and may be large.
+    let mut losses = Vec::with_capacity(steps.min(1 << 16));
+    let mut step_ms = Vec::with_capacity(steps.min(1 << 16));
     let t0 = Instant::now();
     // Each step starts the next step's input all-to-all during its dense work.
     let mut batch = if first < steps { Some(feed(first, w)?) } else { None };
@@ -235,14 +275,18 @@ pub fn run_rank<B: Backend>(
         if let Some(ck) = ckpt.as_ref().filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
             let r = grid.sample_range(w, cfg.batch_size);
             let position = crate::checkpoint::DataPosition { next_sample: ((step + 1) * cfg.batch_size + r.start) as u64, reader_offsets: vec![] };
-            crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep)?;
+            let dir = crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep, ck.run_id.as_deref())?;
+            if w == 0 {
+                tracing::info!(target: crate::checkpoint::LOG_TARGET, "saved {}", dir.display());
+            }
         }
     }
     let train_s = t0.elapsed().as_secs_f64();
-    rank.finish_pending(be)?;
-    if rank.opts.fully_sharded {
-        rank.average_weights(be)?;
-    }
+    rank.finish_training(be)?;
+    let heap = heap0.map(|h0| (crate::heap::peak() - h0).max(0) as u64);
+    let (heaps, _) = rank.comms.world.all_gather_alloc(&[heap.unwrap_or(u64::MAX)])?;
+    let heap_peak_bytes = if heaps.contains(&u64::MAX) { Vec::new() } else { heaps };
+    let replicas_identical = rank.replicas_identical(be)?;
     // The evaluation's forward passes are not part of the training counters.
     let (times, bytes) = (rank.times.clone(), rank.bytes.clone());
     let metrics = eval_2d(be, &mut rank, eval, cfg.batch_size)?;
@@ -261,7 +305,7 @@ pub fn run_rank<B: Backend>(
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms.coords();
     let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms })
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms, replicas_identical, heap_peak_bytes })
 }
 
 /// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
@@ -293,22 +337,10 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         steps,
         wall_s: wall,
         stages,
-        a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
+        a2a_bytes_per_rank: per(b.sparse() as f64),
         sync_bytes_per_rank: per((b.sync_index + b.sync_values + b.fs_weights) as f64),
         emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
-        bytes_per_step: ByteCounts {
-            input_a2a: b.input_a2a / steps.max(1) as u64,
-            output_a2a: b.output_a2a / steps.max(1) as u64,
-            output_reduce_scatter: b.output_reduce_scatter / steps.max(1) as u64,
-            grad_a2a: b.grad_a2a / steps.max(1) as u64,
-            grad_all_gather: b.grad_all_gather / steps.max(1) as u64,
-            dense_all_reduce: b.dense_all_reduce / steps.max(1) as u64,
-            sync_index: b.sync_index / steps.max(1) as u64,
-            sync_values: b.sync_values / steps.max(1) as u64,
-            fs_weights: b.fs_weights / steps.max(1) as u64,
-            emb_weight_bytes_resident_dense: b.emb_weight_bytes_resident_dense,
-            lookup_cost: b.lookup_cost / steps.max(1) as u64,
-        },
+        bytes_per_step: b.per(steps as u64),
         imbalance: o.imbalance,
         peak_rss_bytes: peak_rss(),
         step_ms_median: {
@@ -317,6 +349,8 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
             t.get(t.len() / 2).copied().unwrap_or(0.0)
         },
         step_ms: o.step_ms.clone(),
+        replicas_identical: o.replicas_identical,
+        heap_peak_bytes: o.heap_peak_bytes.clone(),
         losses,
     }
 }
@@ -331,39 +365,48 @@ pub fn write_trace(path: &std::path::Path, events: &[TraceEvent]) -> Result<()> 
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-/// Evaluate on `eval` in global chunks of `gb` samples; every rank gets (NE, AUC).
-fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &Batch, gb: usize) -> Result<(f64, f64)> {
+/// Evaluate on `eval` in global chunks of `gb` samples (every rank reads the same chunk of the
+/// shared set and predicts its own part of it); every rank gets (NE, AUC). An empty eval set is
+/// an error (every rank sees the same set, so every rank returns it).
+fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &dyn EvalSet, gb: usize) -> Result<(f64, f64)> {
     let grid = rank.comms.grid;
     let w = rank.comms.world.rank();
-    let total = eval.size();
     let mut logits = Vec::new();
     let mut labels = Vec::new();
-    let mut s = 0;
-    while s < total {
+    for k in 0.. {
+        let chunk = eval.chunk(k, gb)?;
+        let total = chunk.size();
+        if total == 0 {
+            break;
+        }
         let r = grid.sample_range(w, gb);
-        // Indices past the end wrap around (padding); their logits are dropped below.
-        let (lo, hi) = (s + r.start, s + r.end);
-        let mut part = eval.slice(0..0);
-        let mut i = lo;
-        while i < hi {
+        // Indices past the end of a short last chunk wrap around (padding); their logits are
+        // dropped below.
+        let mut part = chunk.slice(0..0);
+        let mut i = r.start;
+        while i < r.end {
             let start = i % total;
-            let end = (start + (hi - i)).min(total);
-            part.extend(&eval.slice(start..end));
+            let end = (start + (r.end - i)).min(total);
+            part.extend(&chunk.slice(start..end));
             i += end - start;
         }
         let l = rank.predict(be, &part)?;
         let (all, _) = rank.comms.world.all_gather_alloc(&l)?;
         // Reorder: world rank order → sample order of the global chunk.
-        let mut chunk = vec![0.0f32; gb];
+        let mut ordered = vec![0.0f32; gb];
         let per = gb / grid.world();
         for wr in 0..grid.world() {
             let rr = grid.sample_range(wr, gb);
-            chunk[rr].copy_from_slice(&all[wr * per..(wr + 1) * per]);
+            ordered[rr].copy_from_slice(&all[wr * per..(wr + 1) * per]);
         }
-        let keep = gb.min(total - s);
-        logits.extend_from_slice(&chunk[..keep]);
-        labels.extend_from_slice(&eval.labels[s..s + keep]);
-        s += gb;
+        logits.extend_from_slice(&ordered[..total]);
+        labels.extend_from_slice(&chunk.labels);
+        if total < gb {
+            break;
+        }
+    }
+    if labels.is_empty() {
+        return Err(Error::Input("the eval set is empty: there is no metric to report".into()));
     }
     let r = evaluate(&logits, &labels);
     Ok((r.ne, r.auc))

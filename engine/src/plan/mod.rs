@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 pub mod planner;
+pub mod trw;
+
+/// Values (f64) a replica sync averages per all-reduce (`crate::parallel::sync`): bounds the
+/// sync's buffers, and the transport's (as large), whatever the number of touched rows; the
+/// planner prices the same chunks.
+pub const SYNC_CHUNK: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -148,11 +154,11 @@ impl Plan {
             return Err(Error::Config(format!("plan covers {} tables, model has {}", self.tables.len(), model.tables.len())));
         }
         for (i, tp) in self.tables.iter().enumerate() {
-            let t = &model.tables[tp.table];
             let bad = |m: String| Err(Error::Config(format!("plan, table {}: {m}", tp.table)));
             if tp.table != i {
                 return bad(format!("listed at position {i}"));
             }
+            let t = &model.tables[i];
             if tp.shards.is_empty() {
                 return bad("no shards".into());
             }
