@@ -15,16 +15,20 @@
 //!   [`Gpu`](crate::device::Gpu) stream, or an [`NcclDevice`]'s). Buffers are anything that is
 //!   [`DeviceMem`]: the engine's [`DevBuf`], this module's [`NcclBuf`], or a bounds-checked
 //!   [`DevView`] into either. Operations are enqueued on the stream (asynchronous, like NCCL);
-//!   [`NcclComm::sync`] waits.
+//!   [`NcclComm::sync`] waits, polling the stream and NCCL's asynchronous error (a dead peer)
+//!   instead of blocking in the driver, and aborts the communicator (`ncclCommAbort`) at that
+//!   error or at the job's timeout; `Drop` waits the same way.
 //! * [`NcclDevice`]: a CUDA context and a non-blocking stream without the engine's kernels (no
 //!   NVRTC, no cuBLAS needed), for the benchmark and the tests.
 use crate::device::{DevBuf, DevResult};
 use cudarc::driver::{result as dr, CudaContext, CudaStream};
 use cudarc::nccl::{result as nr, sys as ns};
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 pub use cudarc::nccl::NcclType;
 
@@ -466,14 +470,25 @@ impl NcclOp {
     }
 }
 
+/// The job's timeout for waits on NCCL work: `EMBER_TIMEOUT_MS`, else 60 s (the transport's
+/// default).
+pub fn default_timeout() -> Duration {
+    std::env::var("EMBER_TIMEOUT_MS").ok().and_then(|v| v.trim().parse().ok()).map_or(Duration::from_secs(60), Duration::from_millis)
+}
+
 /// One rank of an NCCL communicator, bound to a CUDA stream. Every operation is enqueued on that
 /// stream and returns at once (as NCCL does); [`sync`](Self::sync) waits. Buffers must stay alive
 /// until the stream has run the operation.
 pub struct NcclComm {
-    comm: ns::ncclComm_t,
+    /// Null once aborted.
+    comm: Cell<ns::ncclComm_t>,
     stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
+    /// How long `sync` and `Drop` wait before aborting.
+    timeout: Duration,
+    /// Why the communicator was aborted (every later call fails with it).
+    aborted: RefCell<Option<String>>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one at a time (&mut-free API, but
@@ -500,7 +515,7 @@ impl NcclComm {
                 std::ptr::null_mut(),
             )
         })?;
-        Ok(NcclComm { comm, stream, rank, size })
+        Ok(NcclComm { comm: Cell::new(comm), stream, rank, size, timeout: default_timeout(), aborted: RefCell::new(None) })
     }
 
     /// Rank 0 creates the id, `broadcast` moves the bytes from rank 0 to every rank (e.g.
@@ -531,9 +546,93 @@ impl NcclComm {
         &self.stream
     }
 
-    /// Wait until every operation enqueued so far has run.
+    /// How long [`sync`](Self::sync) and `Drop` wait for the stream before they abort (default:
+    /// [`default_timeout`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Wait until every operation enqueued so far has run. Polls the stream and NCCL's
+    /// asynchronous error meanwhile (no blocking driver call): at an asynchronous error (a peer
+    /// died, the network failed) or after the timeout, the communicator is aborted
+    /// (`ncclCommAbort`: its kernels return, so the stream drains) and this and every later
+    /// call is an error saying why.
     pub fn sync(&self) -> DevResult<()> {
-        self.stream.synchronize().map_err(|e| format!("NCCL: stream synchronize failed: {e:?}"))
+        self.wait("sync")
+    }
+
+    /// The live communicator, or why it was aborted.
+    fn live(&self, what: &str) -> DevResult<ns::ncclComm_t> {
+        if let Some(why) = self.aborted.borrow().as_ref() {
+            return Err(format!("NCCL {what}: the communicator was aborted: {why}"));
+        }
+        Ok(self.comm.get())
+    }
+
+    /// NCCL's asynchronous error of `c`, if there is one (a failed query counts as one).
+    fn async_error(c: ns::ncclComm_t) -> Option<Fail> {
+        let mut e = ns::ncclResult_t::ncclSuccess;
+        // SAFETY: `c` is a live communicator; NCCL writes the result into `e`.
+        let r = catch_unwind(AssertUnwindSafe(|| unsafe { ns::ncclCommGetAsyncError(c, &mut e) }));
+        match r {
+            Err(p) => Some(Fail::Panic(panic_text(p))),
+            Ok(ns::ncclResult_t::ncclSuccess) => match e {
+                ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress => None,
+                other => Some(Fail::Nccl(other)),
+            },
+            Ok(other) => Some(Fail::Nccl(other)),
+        }
+    }
+
+    /// Abort the communicator for good (`why` is what every later call reports).
+    fn abort_with(&self, why: String) {
+        let c = self.comm.replace(std::ptr::null_mut());
+        *self.aborted.borrow_mut() = Some(why);
+        if !c.is_null() {
+            let _ = self.bind();
+            // SAFETY: `c` is a live communicator, aborted once.
+            let _ = catch_unwind(AssertUnwindSafe(|| unsafe { nr::comm_abort(c) }));
+        }
+    }
+
+    /// Poll until the stream has run everything enqueued (see [`sync`](Self::sync)): yielding
+    /// between looks for 2 ms, then sleeping 50 µs doubling to 1 ms.
+    fn wait(&self, what: &str) -> DevResult<()> {
+        use cudarc::driver::sys::{cuStreamQuery, cudaError_enum};
+        let c = self.live(what)?;
+        self.bind()?;
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(50);
+        loop {
+            // SAFETY: a query of our own stream.
+            let q = catch_unwind(AssertUnwindSafe(|| unsafe { cuStreamQuery(self.stream.cu_stream()) }));
+            let failed = match q {
+                Ok(cudaError_enum::CUDA_SUCCESS) => match Self::async_error(c) {
+                    None => return Ok(()),
+                    Some(f) => describe(&format!("{what}: asynchronous error"), f, c),
+                },
+                Ok(cudaError_enum::CUDA_ERROR_NOT_READY) => match Self::async_error(c) {
+                    None if start.elapsed() < self.timeout => {
+                        if start.elapsed() < Duration::from_millis(2) {
+                            std::thread::yield_now();
+                        } else {
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(Duration::from_millis(1));
+                        }
+                        continue;
+                    }
+                    None => format!(
+                        "NCCL {what}: the stream did not finish within the timeout of {:?} (a rank died or stalled; EMBER_TIMEOUT_MS)",
+                        self.timeout
+                    ),
+                    Some(f) => describe(&format!("{what}: asynchronous error"), f, c),
+                },
+                Ok(e) => format!("NCCL {what}: the stream failed: {e:?}"),
+                Err(p) => format!("NCCL {what}: the CUDA driver is not usable ({})", panic_text(p)),
+            };
+            self.abort_with(failed.clone());
+            return Err(failed + " [the communicator was aborted]");
+        }
     }
 
     fn bind(&self) -> DevResult<()> {
@@ -545,7 +644,7 @@ impl NcclComm {
     }
 
     fn err(&self, what: &str, f: Fail) -> String {
-        describe(what, f, self.comm)
+        describe(what, f, self.comm.get())
     }
 
     /// All-to-all with per-peer counts (elements): block `p` of `send` (blocks in rank order, at
@@ -597,6 +696,7 @@ impl NcclComm {
         let (sb, rb) = (send.dev_ptr(), recv.dev_ptr());
         let ty = T::as_nccl_type();
         let stream = self.cu_stream();
+        let comm = self.live(OP)?;
         self.bind()?;
         guard(nr::group_start).map_err(|f| self.err(&format!("{OP} (ncclGroupStart)"), f))?;
         let mut first: Option<String> = None;
@@ -605,7 +705,7 @@ impl NcclComm {
             if send_counts[to] > 0 {
                 let p = (sb + so[to] as u64 * es) as *const std::ffi::c_void;
                 // SAFETY: the block lies inside `send` (checked above).
-                if let Err(f) = guard(|| unsafe { nr::send(p, send_counts[to], ty, to as i32, self.comm, stream) }) {
+                if let Err(f) = guard(|| unsafe { nr::send(p, send_counts[to], ty, to as i32, comm, stream) }) {
                     first = Some(self.err(&format!("{OP} (ncclSend of {} elements to rank {to})", send_counts[to]), f));
                     break;
                 }
@@ -613,7 +713,7 @@ impl NcclComm {
             if recv_counts[from] > 0 {
                 let p = (rb + ro[from] as u64 * es) as *mut std::ffi::c_void;
                 // SAFETY: the block lies inside `recv` (checked above), which we borrow mutably.
-                if let Err(f) = guard(|| unsafe { nr::recv(p, recv_counts[from], ty, from as i32, self.comm, stream) }) {
+                if let Err(f) = guard(|| unsafe { nr::recv(p, recv_counts[from], ty, from as i32, comm, stream) }) {
                     first = Some(self.err(&format!("{OP} (ncclRecv of {} elements from rank {from})", recv_counts[from]), f));
                     break;
                 }
@@ -650,10 +750,11 @@ impl NcclComm {
         if count == 0 {
             return Ok(());
         }
+        let comm = self.live(what)?;
         self.bind()?;
         let stream = self.cu_stream();
         // SAFETY: both ranges hold `count` elements (checked by the callers).
-        guard(|| unsafe { nr::all_reduce(s as *const _, r as *mut _, count, T::as_nccl_type(), op.sys(), self.comm, stream) })
+        guard(|| unsafe { nr::all_reduce(s as *const _, r as *mut _, count, T::as_nccl_type(), op.sys(), comm, stream) })
             .map(|_| ())
             .map_err(|f| self.err(&format!("{what} ({count} elements, {op:?})"), f))
     }
@@ -672,10 +773,11 @@ impl NcclComm {
         if count == 0 {
             return Ok(());
         }
+        let comm = self.live("reduce_scatter")?;
         self.bind()?;
         let (s, r, stream) = (send.dev_ptr(), recv.dev_ptr(), self.cu_stream());
         // SAFETY: sizes checked above.
-        guard(|| unsafe { nr::reduce_scatter(s as *const _, r as *mut _, count, T::as_nccl_type(), op.sys(), self.comm, stream) })
+        guard(|| unsafe { nr::reduce_scatter(s as *const _, r as *mut _, count, T::as_nccl_type(), op.sys(), comm, stream) })
             .map(|_| ())
             .map_err(|f| self.err(&format!("reduce_scatter ({count} elements per rank, {op:?})"), f))
     }
@@ -693,33 +795,29 @@ impl NcclComm {
         if count == 0 {
             return Ok(());
         }
+        let comm = self.live("all_gather")?;
         self.bind()?;
         let (s, r, stream) = (send.dev_ptr(), recv.dev_ptr(), self.cu_stream());
         // SAFETY: sizes checked above.
-        guard(|| unsafe { nr::all_gather(s as *const _, r as *mut _, count, T::as_nccl_type(), self.comm, stream) })
+        guard(|| unsafe { nr::all_gather(s as *const _, r as *mut _, count, T::as_nccl_type(), comm, stream) })
             .map(|_| ())
             .map_err(|f| self.err(&format!("all_gather ({count} elements per rank)"), f))
     }
 
     /// Tear the communicator down without waiting for peers (after an error).
-    pub fn abort(mut self) {
-        let c = std::mem::replace(&mut self.comm, std::ptr::null_mut());
-        if !c.is_null() {
-            let _ = self.bind();
-            // SAFETY: `c` is a live communicator, destroyed once.
-            let _ = catch_unwind(AssertUnwindSafe(|| unsafe { nr::comm_abort(c) }));
-        }
+    pub fn abort(self) {
+        self.abort_with("aborted by the caller".into());
     }
 }
 
 impl Drop for NcclComm {
+    /// Waits for the enqueued work as [`sync`](NcclComm::sync) does (aborting at an asynchronous
+    /// error or the timeout), then destroys the communicator.
     fn drop(&mut self) {
-        if self.comm.is_null() {
-            return;
+        if self.comm.get().is_null() || self.wait("drop").is_err() {
+            return; // aborted
         }
-        let _ = self.bind();
-        let _ = self.stream.synchronize();
-        let c = self.comm;
+        let c = self.comm.replace(std::ptr::null_mut());
         // SAFETY: a live communicator, destroyed once, its work finished.
         let _ = catch_unwind(AssertUnwindSafe(|| unsafe { nr::comm_destroy(c) }));
     }

@@ -300,4 +300,106 @@ mod with_nccl {
             h.join().expect("rank thread");
         }
     }
+
+    // ------------------------------------------------------------------ a dead peer, stubbed
+
+    const STUB_CHILD: &str = "EMBER_NCCL_STUB_CHILD";
+
+    /// Build the stub libcuda.so and libnccl.so (cuda/tests/stub/*.c) into a fresh folder.
+    fn build_stubs() -> std::path::PathBuf {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stub");
+        let dir = std::env::temp_dir().join(format!("ember-nccl-stub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (lib, c, extra) in [("libcuda.so", "libcuda_stub.c", vec![]), ("libnccl.so", "libnccl_stub.c", vec!["-L".into(), dir.display().to_string(), "-lcuda".into()])] {
+            let out = std::process::Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-o"])
+                .arg(dir.join(lib))
+                .arg(src.join(c))
+                .args(&extra)
+                .output()
+                .expect("a C compiler (cc) builds the stub libraries");
+            assert!(out.status.success(), "cc {c}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        dir
+    }
+
+    /// The child process's part: one rank of a 2-rank communicator on the stub device; the
+    /// stubs make the other rank dead ("async"), silent ("silent") or fine ("healthy").
+    fn stub_child(scenario: &str) {
+        let lib = unsafe { libloading::Library::new("libnccl.so") }.expect("the stub libnccl");
+        let count = |f: &[u8]| unsafe { lib.get::<unsafe extern "C" fn() -> i32>(f).unwrap()() };
+        let dev = NcclDevice::open(0).expect("the stub device");
+        let mut comm = NcclComm::new(dev.stream.clone(), 0, 2, &NcclId([0; UNIQUE_ID_BYTES])).expect("the stub communicator");
+        comm.set_timeout(std::time::Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let r = comm.sync();
+        let took = t0.elapsed();
+        match scenario {
+            "async" => {
+                let e = r.unwrap_err();
+                assert!(e.contains("ncclRemoteError") && e.contains("rank 1 unreachable") && e.contains("aborted"), "{e}");
+                assert!(took < std::time::Duration::from_millis(300), "noticed only after {took:?}");
+            }
+            "silent" => {
+                let e = r.unwrap_err();
+                assert!(e.contains("timeout") && e.contains("aborted"), "{e}");
+                assert!(took >= std::time::Duration::from_millis(300), "gave up after {took:?}");
+            }
+            _ => {
+                r.unwrap();
+                assert_eq!(count(b"stub_aborts"), 0);
+                drop(comm);
+                assert_eq!(count(b"stub_destroys"), 1, "Drop destroys a healthy communicator");
+                return;
+            }
+        }
+        assert_eq!(count(b"stub_aborts"), 1, "the communicator is aborted once");
+        // Later calls fail at once, naming the first failure; Drop does not wait.
+        let mut buf = dev.alloc::<f32>(4).unwrap();
+        let e = comm.all_reduce_in_place(&mut buf, NcclOp::Sum).unwrap_err();
+        assert!(e.contains("aborted"), "{e}");
+        assert!(comm.sync().is_err());
+        drop(comm);
+        assert_eq!(count(b"stub_destroys"), 0);
+    }
+
+    /// NCCL refuses two ranks on one GPU, and a real dead peer needs two GPUs: a stub libnccl
+    /// (and a stub driver, so this runs without a GPU) plays the communicator whose peer died.
+    /// `sync` and `Drop` used to block in `cuStreamSynchronize` forever.
+    #[test]
+    fn a_dead_or_silent_peer_aborts_the_communicator_instead_of_hanging() {
+        if let Ok(s) = std::env::var(STUB_CHILD) {
+            return stub_child(&s);
+        }
+        let dir = build_stubs();
+        let exe = std::env::current_exe().unwrap();
+        for scenario in ["async", "silent", "healthy"] {
+            let mut child = std::process::Command::new(&exe)
+                .args(["--exact", "with_nccl::a_dead_or_silent_peer_aborts_the_communicator_instead_of_hanging", "--nocapture", "--test-threads=1"])
+                .env(STUB_CHILD, scenario)
+                .env("STUB_SCENARIO", scenario)
+                .env("LD_LIBRARY_PATH", &dir)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break Some(s);
+                }
+                if t0.elapsed() > std::time::Duration::from_secs(30) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            let status = status.unwrap_or_else(|| panic!("{scenario}: the rank hung (killed after 30 s): {err}"));
+            assert!(status.success(), "{scenario}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -17,6 +17,7 @@ pub mod embedding;
 pub mod dense;
 pub mod error;
 pub mod grid;
+pub mod heap;
 pub mod memory;
 pub mod metrics;
 pub mod model;

@@ -53,7 +53,7 @@ fn random_stats(rng: &mut Rng, m: &ModelConfig) -> Vec<TableStats> {
             let mut h: Vec<f64> = (0..nb).map(|_| rng.f64().powi(4)).collect();
             let s: f64 = h.iter().sum::<f64>().max(1e-12);
             h.iter_mut().for_each(|x| *x /= s);
-            TableStats { lookups_per_sample: rng.f64() * 30.0, distinct_fraction: rng.f64(), top_row_fraction: 0.0, row_histogram: h }
+            TableStats { lookups_per_sample: rng.f64() * 30.0, distinct_fraction: rng.f64(), top_row_fraction: 0.0, row_histogram: h, distinct_curve: Vec::new() }
         })
         .collect()
 }
@@ -371,4 +371,79 @@ fn bad_inputs_are_config_errors() {
     assert!(matches!(plan(&cfg.model, 1, 0, &opts), Err(Error::Config(_))));
     assert!(matches!(plan(&cfg.model, 1, 4, &PlanOptions { batch_size: 0, ..opts.clone() }), Err(Error::Config(_))));
     assert!(matches!(plan(&cfg.model, 1, 4, &PlanOptions { stats: Some(vec![]), ..opts.clone() }), Err(Error::Config(_))));
+}
+
+/// Zipf-like shares over `min(rows, 1024)` buckets (exponent 1.05, the synthetic data's).
+fn zipf_histogram(rows: u64) -> Vec<f64> {
+    let nb = rows.min(1024) as usize;
+    let h: Vec<f64> = (0..nb).map(|i| 1.0 / ((i + 1) as f64).powf(1.05)).collect();
+    let s: f64 = h.iter().sum();
+    h.into_iter().map(|x| x / s).collect()
+}
+
+#[test]
+fn hot_narrow_tables_are_split_by_rows_for_balance() {
+    // Kaggle shapes (26 tables, dim 16: too narrow for a column split) with skewed statistics:
+    // zipf ids inside every table, one id per sample in most tables but 24, 12 and 8 in three
+    // small ones (305, 93 145 and 14 992 rows). A plan that keeps a table whole has an imbalance
+    // of at least its cost over the mean per-rank cost (2.87 for the 24-id table at N = 8).
+    let cfg = preset("kaggle", Some(u64::MAX)).unwrap();
+    let hot = [(4usize, 24.0), (9, 12.0), (14, 8.0)];
+    let stats: Vec<TableStats> = cfg
+        .model
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(t, tc)| TableStats {
+            lookups_per_sample: hot.iter().find(|h| h.0 == t).map_or(1.0, |h| h.1),
+            distinct_fraction: 1.0,
+            top_row_fraction: 0.0,
+            row_histogram: zipf_histogram(tc.rows),
+            distinct_curve: Vec::new(),
+        })
+        .collect();
+    let total: f64 = stats.iter().map(|s| s.lookups_per_sample).sum();
+    for (m, n) in [(1, 8), (2, 8), (1, 16), (4, 16)] {
+        let opts = PlanOptions { batch_size: 8192, stats: Some(stats.clone()), ..PlanOptions::from_config(&cfg) };
+        let (p, rep) = plan(&cfg.model, m, n, &opts).unwrap();
+        let whole_bound = 24.0 * n as f64 / total;
+        eprintln!("kaggle {m}x{n}: imbalance {:.3} (any plan with the hot tables whole: >= {whole_bound:.3})", rep.imbalance);
+        assert!(whole_bound > 1.5, "{m}x{n}: the 24-id table is hot");
+        assert!(rep.imbalance < 1.3, "{m}x{n}: imbalance {} ({:?})", rep.imbalance, rep.tables_by_type);
+        let t4 = &p.tables[4];
+        assert!(matches!(t4.kind, ShardingType::TableRowWise | ShardingType::RowWise) && t4.shards.len() >= 2, "{m}x{n}: {t4:?}");
+        // The shards hold about equal shares of the table's ids (the hottest row alone holds
+        // 1/H(305) ≈ 16 %, so no shard can go below that).
+        let k = t4.shards.len() as f64;
+        let top = stats[4].row_histogram[0];
+        for s in &t4.shards {
+            let f = stats[4].row_fraction(305, &s.rows);
+            assert!(f <= (1.0 / k).max(top) + 1.0 / k, "{m}x{n}: shard {:?} has {f} of the ids ({} shards)", s.rows, k);
+        }
+        // Kept on one node when the shards fit in it (8 ranks per node, M replicas inside).
+        let l = (8 / m).min(n);
+        if t4.kind == ShardingType::TableRowWise && t4.shards.len() <= l {
+            let nodes: std::collections::BTreeSet<usize> = t4.shards.iter().map(|s| s.rank / l).collect();
+            assert_eq!(nodes.len(), 1, "{m}x{n}: {t4:?}");
+        }
+        check(&cfg.model, m, n, &opts);
+    }
+}
+
+#[test]
+fn the_tiny_preset_is_balanced_with_its_measured_statistics() {
+    // The tiny preset (8 tables of dim 16; 1 to 3 ids per sample) with statistics measured on
+    // its zipf synthetic stream: the 3-id tables cost more than a rank's share at N = 8 and are
+    // split by rows; whole tables alone cannot do better than max cost / mean cost.
+    let cfg = preset("tiny", None).unwrap();
+    let data = SyntheticData::new(&cfg).unwrap();
+    let batches: Vec<_> = (0..8).map(|s| data.samples(s * 256, 256)).collect();
+    let stats = stats_from_batches(&cfg.model, &batches);
+    let opts = PlanOptions { stats: Some(stats.clone()), ..PlanOptions::from_config(&cfg) };
+    let (p, rep) = plan(&cfg.model, 1, 8, &opts).unwrap();
+    let costs: Vec<f64> = stats.iter().map(|s| s.lookups_per_sample).collect();
+    let whole_bound = costs.iter().cloned().fold(0.0, f64::max) * 8.0 / costs.iter().sum::<f64>();
+    eprintln!("tiny 1x8: imbalance {:.3} (whole tables: >= {whole_bound:.3})", rep.imbalance);
+    assert!(rep.imbalance < whole_bound, "imbalance {} vs the whole-table bound {whole_bound}", rep.imbalance);
+    assert!(p.tables.iter().any(|t| t.kind.splits_rows()), "{:?}", rep.tables_by_type);
 }

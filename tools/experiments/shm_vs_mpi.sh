@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interleaved A/B of the shm all-to-all (2 processes pinned to 2 cores) against its memcpy
-# ceiling and Open MPI's MPI_Alltoall (docs/transport.md, "Fourth session").
+# ceiling and Open MPI's MPI_Alltoall (docs/transport.md, Results).
 # Usage: shm_vs_mpi.sh ROUNDS OUTDIR BIN_A [BIN_B ...]   (env ARGS overrides the size range)
 # Each round runs every binary (and each with EMBER_SHM_DIRECT=0 when DIRECT_OFF=1), then
 # mpirun, in that order; every run's `uptime` goes to OUTDIR/log.

@@ -16,6 +16,11 @@ mod selftest;
 mod train;
 mod train2d;
 
+/// Counts heap bytes once `ember train --measure-memory` turns counting on (off: one relaxed
+/// load per allocation).
+#[global_allocator]
+static HEAP: ember_engine::heap::Counting = ember_engine::heap::Counting;
+
 #[derive(Parser)]
 #[command(name = "ember", version, about = "DLRM training with two-dimensional sparse parallelism")]
 #[command(after_help = "Example:\n  ember train --steps 300")]

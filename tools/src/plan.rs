@@ -30,6 +30,12 @@ pub struct PlanArgs {
     /// lookups spread uniformly over the rows.
     #[arg(long, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub stats_samples: Option<usize>,
+    /// Replica sync every K steps (its bytes and buffers).
+    #[arg(long, default_value_t = 1)]
+    pub sync_every: usize,
+    /// Replica sync: sparse (rows touched since the last sync) or full (whole tables).
+    #[arg(long, default_value = "sparse", value_parser = ["sparse", "full"])]
+    pub sync: String,
     /// Print every rank [default: all when N <= 16, else the 8 heaviest].
     #[arg(long)]
     pub all_ranks: bool,
@@ -58,6 +64,8 @@ pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn s
         memory_budget_bytes: budget,
         stats,
         force: a.sharding.map(ShardingType::from),
+        sync_every: a.sync_every,
+        full_sync: a.sync == "full",
         ..PlanOptions::from_config(cfg)
     })
 }
@@ -115,19 +123,19 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
             rep.memory_budget_bytes.map(|b| format!(" (budget {} GiB)", gib(b as f64))).unwrap_or_default()
         ),
     );
-    push(&mut s, "all-to-all MiB sent per rank per forward step (mean over ranks; backward sends the output volume again):".into());
+    push(&mut s, "sparse collectives, MiB per rank per step (mean over ranks; send buffers as the engine counts them):".into());
     for (k, v) in &rep.a2a_mean_bytes_per_rank {
         if rep.tables_by_type.contains_key(k) {
-            push(&mut s, format!("  {k:<15} ids {:>12}  outputs {:>12}", mib(v.ids), mib(v.outputs)));
+            push(&mut s, format!("  {k:<15} ids {:>10}  outputs {:>10}  grads {:>10}", mib(v.ids), mib(v.outputs), mib(v.grads)));
         }
     }
-    push(&mut s, format!("  {:<15} mean {:>11}  max {:>16}", "total", mib(rep.a2a_mean_total_bytes_per_rank), mib(rep.a2a_max_total_bytes_per_rank)));
+    push(&mut s, format!("  {:<15} mean {:>9}  max {:>14}", "total", mib(rep.a2a_mean_total_bytes_per_rank), mib(rep.a2a_max_total_bytes_per_rank)));
     push(&mut s, String::new());
     push(
         &mut s,
         format!(
-            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>10} {:>10} {:>8}",
-            "rank", "mem GiB", "weights", "optim", "activ", "comm", "dense", "shards", "lookups", "a2a MiB", "inter MiB", "cost/avg"
+            "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>10} {:>10} {:>8}  {}",
+            "rank", "mem GiB", "weights", "optim", "activ", "step buf", "dense", "shards", "lookups", "a2a MiB", "inter MiB", "cost/avg", "peak phase"
         ),
     );
     let mean_cost = rep.ranks.iter().map(|r| r.cost).sum::<f64>() / rep.ranks.len().max(1) as f64;
@@ -142,7 +150,7 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
         push(
             &mut s,
             format!(
-                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12.0} {:>10} {:>10} {:>8.3}",
+                "{:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12.0} {:>10} {:>10} {:>8.3}  {}",
                 r.rank,
                 gib(r.total_bytes as f64),
                 gib(r.weights_bytes as f64),
@@ -154,7 +162,8 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
                 r.lookups,
                 mib(r.a2a_total_bytes),
                 mib(r.a2a_inter_node_bytes),
-                if mean_cost > 0.0 { r.cost / mean_cost } else { 0.0 }
+                if mean_cost > 0.0 { r.cost / mean_cost } else { 0.0 },
+                r.peak_phase
             ),
         );
     }

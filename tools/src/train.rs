@@ -80,6 +80,10 @@ pub struct TrainArgs {
     /// other's buffers), nccl, direct (GPUDirect RDMA: the RDMA transport on the buffers).
     #[arg(long, default_value = "auto", help_heading = "2D")]
     pub xfer: String,
+    /// Count every rank's heap (one rank per process: under `ember launch`, mpirun, ...) and print
+    /// its measured peak over construction and training next to the planner's figure.
+    #[arg(long, help_heading = "2D")]
+    pub measure_memory: bool,
     /// Write a Chrome/Perfetto trace of every rank's stages to this file (FILE.rankN.json per
     /// process under a launcher).
     #[arg(long, help_heading = "2D")]
@@ -145,6 +149,9 @@ pub fn run(a: TrainArgs) -> CliResult {
     }
     if a.transport != "auto" && a.transport != "local" {
         return Err(format!("--transport {}: a single-rank run uses no transport", a.transport).into());
+    }
+    if a.measure_memory {
+        return Err("--measure-memory measures the ranks of a grid: ember launch -n T -- ember train --grid MxN --measure-memory ...".into());
     }
     // Host memory before anything is allocated (CUDA keeps the tables on the device).
     if a.device == Device::Cpu {

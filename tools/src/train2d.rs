@@ -10,7 +10,7 @@ use ember_engine::data::{Batch, DataSource, EvalSet};
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
 use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, TraceEvent};
-use ember_engine::plan::planner::{plan, PlanOptions};
+use ember_engine::plan::planner::{plan, predict, stats_from_batches, PlanOptions};
 use ember_engine::plan::{Plan, ShardingType};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -40,12 +40,26 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         "full" => SyncMode::Full,
         _ => SyncMode::Sparse,
     };
+    if a.measure_memory {
+        if !multi {
+            return Err(format!(
+                "--measure-memory counts one rank per process; the {} ranks of this grid would share one: ember launch -n {} -- ember train ... --measure-memory",
+                m * n,
+                m * n
+            )
+            .into());
+        }
+        ember_engine::heap::enable();
+    }
     let grid = Grid::new(m, n, placement)?;
     let mut popts = PlanOptions::from_config(&cfg);
     popts.ranks_per_node = a.ranks_per_node;
     popts.placement = placement;
     popts.force = a.sharding.map(ShardingType::from);
+    popts.sync_every = a.sync_every;
+    popts.full_sync = sync == SyncMode::Full;
     let (plan, plan_report) = plan(&cfg.model, m, n, &popts)?;
+    let plan_for_memory = a.measure_memory.then(|| plan.clone());
     // Host memory before anything is allocated (CUDA ranks keep their tables on the device).
     if a.device == Device::Cpu {
         ember_engine::memory::check_plan(&plan_report, m, multi)?;
@@ -121,8 +135,15 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         return Ok(());
     }
     print_summary(&rep, oracle.as_ref());
+    let memory = match (&plan_for_memory, &source) {
+        (Some(p), Source::Synthetic(d)) if !rep.heap_peak_bytes.is_empty() => Some(memory_table(&cfg, grid, p, &popts, d, steps, &rep)?),
+        _ => None,
+    };
     if a.json {
         let mut v = serde_json::to_value(&rep)?;
+        if let Some(mem) = memory {
+            v["memory"] = mem;
+        }
         if let Some(o) = &oracle {
             v["oracle_auc"] = o.auc.into();
             v["oracle_ne"] = o.ne.into();
@@ -131,6 +152,47 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
+}
+
+/// Planned against measured heap peak per world rank, and rank 0's planned against measured
+/// bytes per collective (printed; returned as JSON). The plan's figures use id statistics
+/// measured on the run's own global batches (the first 64 of a longer run).
+fn memory_table(
+    cfg: &TrainConfig,
+    grid: Grid,
+    plan: &Plan,
+    popts: &PlanOptions,
+    data: &SyntheticData,
+    steps: usize,
+    rep: &Report2D,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let batches: Vec<Batch> = (0..steps.clamp(1, 64) as u64).map(|s| data.samples(s * cfg.batch_size as u64, cfg.batch_size)).collect();
+    let opts = PlanOptions { stats: Some(stats_from_batches(&cfg.model, &batches)), ..popts.clone() };
+    let pr = predict(&cfg.model, grid.m, plan, &opts)?;
+    let mib = |x: u64| x as f64 / (1u64 << 20) as f64;
+    println!("  memory per rank (heap peak over construction and training; plan: ember plan with the run's id statistics):");
+    println!("  {:>5} {:>6} {:>13} {:>12} {:>9}  {}", "rank", "group", "measured MiB", "planned MiB", "plan/meas", "planned peak phase");
+    let (mut planned, mut measured, mut phases) = (Vec::new(), Vec::new(), Vec::new());
+    for (w, &meas) in rep.heap_peak_bytes.iter().enumerate() {
+        let (_, r) = grid.coords(w);
+        let p = &pr.ranks[r];
+        println!("  {:>5} {:>6} {:>13.2} {:>12.2} {:>9.3}  {}", w, r, mib(meas), mib(p.total_bytes), p.total_bytes as f64 / meas.max(1) as f64, p.peak_phase);
+        planned.push(p.total_bytes);
+        measured.push(meas);
+        phases.push(p.peak_phase);
+    }
+    let planned_bytes = serde_json::to_value(&pr.ranks[grid.coords(0).1].traffic)?;
+    let measured_bytes = serde_json::to_value(&rep.bytes_per_step)?;
+    println!("  bytes per step handed to each collective by rank 0 (plan with the run's ids / measured):");
+    if let (Some(p), Some(m)) = (planned_bytes.as_object(), measured_bytes.as_object()) {
+        for (k, pv) in p {
+            let (pv, mv) = (pv.as_f64().unwrap_or(0.0), m.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0));
+            if pv > 0.0 || mv > 0.0 {
+                println!("  {k:>22} {pv:>14.0} {mv:>14.0}");
+            }
+        }
+    }
+    Ok(serde_json::json!({ "measured": measured, "planned": planned, "planned_peak_phase": phases, "planned_bytes_per_step": planned_bytes }))
 }
 
 /// Everything a run needs but the backend.

@@ -173,3 +173,26 @@ fn cuda_grid_without_the_feature_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("built without the `cuda` feature"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn table_row_wise_over_a_node_across_processes_sends_the_planned_bytes() {
+    // 4 ranks per node: each table-row-wise table spans 4 of the 8 ranks of the group. One rank
+    // per process gives the in-process run's bytes and loss, and the table-row-wise collectives
+    // (sized by the plan, not by the ids) carry exactly what `ember plan` predicts for rank 0.
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let args = ["train", "--grid", "1x8", "--sharding", "table-row", "--ranks-per-node", "4", "--steps", "3", "--json", "--quiet"];
+    let local = json_of(&Command::new(bin).args(args).output().unwrap());
+    let mut launch = vec!["launch", "-n", "8", "--timeout-ms", "30000", "--", bin];
+    launch.extend(args);
+    let multi = json_of(&Command::new(bin).args(&launch).output().unwrap());
+    assert_eq!(local["loss"], multi["loss"]);
+    assert_eq!(local["bytes_per_step"], multi["bytes_per_step"]);
+    let plan = json_of(&Command::new(bin).args(["plan", "--grid", "1x8", "--sharding", "table-row", "--ranks-per-node", "4", "--json"]).output().unwrap());
+    assert_eq!(plan["group_ranks_per_node"], 4);
+    let planned = &plan["ranks"][0]["traffic"];
+    for k in ["output_trw_reduce", "output_trw_owners", "grad_trw_owners", "grad_trw_gather", "dense_all_reduce"] {
+        let (p, m) = (planned[k].as_f64().unwrap(), multi["bytes_per_step"][k].as_f64().unwrap());
+        assert!((p - m).abs() <= 1e-9 * p.max(1.0), "{k}: planned {p}, measured {m}");
+    }
+    assert!(planned["output_trw_reduce"].as_f64().unwrap() > 0.0);
+}

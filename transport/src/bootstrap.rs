@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::fabric::Fabric;
 use crate::rdma::verbs::{MAX_RANKS, MAX_SLOTS};
 use crate::rdma::{RdmaConfig, RemoteSlots};
-use std::io::{Read, Write};
+use crate::conn::Conn;
+use std::io::Write;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -63,9 +64,11 @@ pub enum Rendezvous {
     Addr(String),
     /// A file on a shared filesystem into which rank 0 writes its host:port.
     File(PathBuf),
-    /// Like `File`, and the file (mode 0600, owned by this user) also carries the job token,
-    /// which rank 0 creates when EMBER_JOB_TOKEN is not set: the default under a bare `mpirun`
-    /// (`<EMBER_RENDEZVOUS_DIR or TMPDIR or /tmp>/ember-<Open MPI job id>.rdv`).
+    /// Like `File`, and the file (mode 0600, owned by this user, in a directory only this user
+    /// can write) also carries the job token, which rank 0 creates when EMBER_JOB_TOKEN is not
+    /// set: the default under a bare `mpirun` (`<dir>/ember-<Open MPI job id>.rdv`, `<dir>` =
+    /// `<EMBER_RENDEZVOUS_DIR>/ember-<uid>`, else `$XDG_RUNTIME_DIR`, else
+    /// `<TMPDIR or /tmp>/ember-<uid>`).
     JobFile(PathBuf),
 }
 
@@ -140,8 +143,9 @@ impl JoinConfig {
         } else if let Some(f) = get("EMBER_RENDEZVOUS_FILE") {
             Rendezvous::File(PathBuf::from(f))
         } else if let Some(job) = get("OMPI_COMM_WORLD_RANK").and(get("OMPI_MCA_ess_base_jobid").or_else(|| get("PMIX_NAMESPACE"))) {
-            // Bare mpirun: a per-job file in a directory every rank sees (one host: /tmp).
-            let dir = get("EMBER_RENDEZVOUS_DIR").or_else(|| get("TMPDIR")).filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp".into());
+            // Bare mpirun: a per-job file in a directory only this user can write, which every
+            // rank sees (one host: the runtime or temp directory; several: EMBER_RENDEZVOUS_DIR).
+            let dir = job_dir(&get);
             let job: String = job.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
             Rendezvous::JobFile(PathBuf::from(dir).join(format!("ember-{job}.rdv")))
         } else if size == 1 {
@@ -164,25 +168,25 @@ impl JoinConfig {
     }
 }
 
-// ------------------------------------------------------------------ wire helpers
+// ------------------------------------------------------------------ rendezvous
 
-const MAX_FIELD: usize = 1 << 16;
+/// What the rendezvous proofs cover (docs/security.md).
+const RDV_PURPOSE: &[u8] = b"ember rendezvous v1";
 
-fn put(w: &mut impl Write, b: &[u8]) -> std::io::Result<()> {
-    w.write_all(&(b.len() as u32).to_le_bytes())?;
-    w.write_all(b)
-}
-
-fn get_field(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut l = [0u8; 4];
-    r.read_exact(&mut l)?;
-    let l = u32::from_le_bytes(l) as usize;
-    if l > MAX_FIELD {
-        return Err(std::io::Error::other(format!("field of {l} bytes exceeds the limit")));
+/// The address to listen on: loopback when the rendezvous is a loopback address (every rank is
+/// on this host: `ember launch`), else every interface.
+pub(crate) fn listen_ip(rv: &Rendezvous) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr};
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let Rendezvous::Addr(a) = rv else { return any };
+    let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
     }
-    let mut v = vec![0u8; l];
-    r.read_exact(&mut v)?;
-    Ok(v)
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_loopback() => ip,
+        _ => any,
+    }
 }
 
 fn hostname() -> String {
@@ -216,39 +220,103 @@ impl Entry {
     }
 }
 
-/// The rendezvous address, and (job file) the token rank 0 wrote next to it.
-fn resolve_rendezvous(rv: &Rendezvous) -> Option<(String, Option<String>)> {
-    match rv {
+/// The rendezvous address, and (job file) the token rank 0 wrote next to it. `Ok(None)`: not
+/// there yet. A job file that exists but is not ours alone is an error naming it.
+fn resolve_rendezvous(rv: &Rendezvous) -> Result<Option<(String, Option<String>)>> {
+    Ok(match rv {
         Rendezvous::Addr(a) => Some((a.clone(), None)),
         Rendezvous::File(p) => std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).map(|a| (a, None)),
         Rendezvous::JobFile(p) => {
             use std::os::unix::fs::MetadataExt;
-            // Only a file of ours, readable by us alone, is trusted to carry the token.
-            let m = std::fs::metadata(p).ok()?;
-            // SAFETY: geteuid has no preconditions.
-            if m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o077 != 0 {
-                return None;
+            let Ok(m) = std::fs::symlink_metadata(p) else { return Ok(None) };
+            // Only a regular file of ours, readable by us alone, is trusted to carry the token.
+            if !m.file_type().is_file() || m.uid() != euid() || m.mode() & 0o077 != 0 {
+                return Err(Error::Bootstrap(format!(
+                    "job file {} is held by someone else (owner uid {}, mode {:o}; expected a file of uid {} with mode 0600): remove it or set EMBER_RENDEZVOUS_DIR",
+                    p.display(),
+                    m.uid(),
+                    m.mode() & 0o7777,
+                    euid()
+                )));
             }
-            let s = std::fs::read_to_string(p).ok()?;
+            let Ok(s) = std::fs::read_to_string(p) else { return Ok(None) };
             let mut l = s.lines();
-            let (a, t) = (l.next()?.trim().to_string(), l.next()?.trim().to_string());
-            (!a.is_empty() && !t.is_empty()).then_some((a, Some(t)))
+            match (l.next().map(str::trim), l.next().map(str::trim)) {
+                (Some(a), Some(t)) if !a.is_empty() && !t.is_empty() => Some((a.to_string(), Some(t.to_string()))),
+                _ => None,
+            }
         }
-    }
+    })
 }
 
-/// Rank 0: accept every other rank, check its token, answer with the table.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The directory for job files, one only this user can write: `<EMBER_RENDEZVOUS_DIR>/ember-<uid>`
+/// (a shared filesystem, for ranks on several hosts), else `$XDG_RUNTIME_DIR`, else
+/// `<TMPDIR or /tmp>/ember-<uid>`. Created 0700 and checked when used ([`private_dir`]).
+fn job_dir(get: &impl Fn(&str) -> Option<String>) -> PathBuf {
+    let per_user = |d: String| PathBuf::from(d).join(format!("ember-{}", euid()));
+    if let Some(d) = get("EMBER_RENDEZVOUS_DIR").filter(|d| !d.is_empty()) {
+        return per_user(d);
+    }
+    if let Some(x) = get("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(x);
+    }
+    per_user(get("TMPDIR").filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp".into()))
+}
+
+/// Make sure `dir` is a directory only this user can write: create it 0700 when missing, then
+/// check owner and mode (no symlink, owned by this user, no group or other access).
+pub(crate) fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::Bootstrap(format!("job file directory {}: {e}", dir.display()))),
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| Error::Bootstrap(format!("job file directory {}: {e}", dir.display())))?;
+    if !m.file_type().is_dir() || m.uid() != euid() || m.mode() & 0o077 != 0 {
+        return Err(Error::Bootstrap(format!(
+            "job file directory {} is not private to this user (owner uid {}, mode {:o}; expected a directory of uid {} with mode 0700): remove it, or set EMBER_RENDEZVOUS_DIR",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777,
+            euid()
+        )));
+    }
+    Ok(())
+}
+
+/// The parts of a joining rank's hello: rank and size (covered by its token proof).
+fn ids(rank: usize, size: usize) -> Vec<u8> {
+    let mut v = (rank as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(&(size as u32).to_le_bytes());
+    v
+}
+
+/// Rank 0: accept every other rank (concurrently, under the job's deadline), check its proof of
+/// the token, answer with the table.
 fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String>) -> Result<Vec<Entry>> {
-    let bind = match &cfg.rendezvous {
+    let port = match &cfg.rendezvous {
         Rendezvous::Addr(a) => {
-            let port = a.rsplit(':').next().unwrap_or("0");
-            format!("0.0.0.0:{port}")
+            let p = a.rsplit(':').next().unwrap_or("");
+            p.parse::<u16>().map_err(|_| Error::Bootstrap(format!("rendezvous address {a:?} has no valid port")))?
         }
-        Rendezvous::File(_) | Rendezvous::JobFile(_) => "0.0.0.0:0".to_string(),
+        Rendezvous::File(_) | Rendezvous::JobFile(_) => 0,
     };
+    let bind = std::net::SocketAddr::new(listen_ip(&cfg.rendezvous), port);
     let l = TcpListener::bind(&bind).map_err(|e| Error::Bootstrap(format!("rendezvous: bind {bind}: {e}")))?;
     if let Rendezvous::File(p) | Rendezvous::JobFile(p) = &cfg.rendezvous {
         use std::os::unix::fs::OpenOptionsExt;
+        if matches!(cfg.rendezvous, Rendezvous::JobFile(_)) {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                private_dir(d)?;
+            }
+            resolve_rendezvous(&cfg.rendezvous)?; // a file there that is not ours: fail naming it
+        }
         let port = l.local_addr().map_err(|e| Error::Bootstrap(e.to_string()))?.port();
         let mut text = format!("{}:{port}\n", hostname());
         if matches!(cfg.rendezvous, Rendezvous::JobFile(_)) {
@@ -264,64 +332,64 @@ fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String>) -> Resul
             .open(&tmp)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|_| std::fs::rename(&tmp, p))
-            .map_err(|e| Error::Bootstrap(format!("rendezvous file {}: {e}", p.display())))?;
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Error::Bootstrap(format!("rendezvous file {}: {e}", p.display()))
+            })?;
     }
-    l.set_nonblocking(true).map_err(|e| Error::Bootstrap(e.to_string()))?;
     let deadline = Instant::now() + cfg.timeout;
-    let mut joined: Vec<Option<(TcpStream, Entry)>> = (0..cfg.size).map(|_| None).collect();
+    let mut joined: Vec<Option<(Conn, Entry)>> = (0..cfg.size).map(|_| None).collect();
     let mut missing = cfg.size - 1;
-    while missing > 0 {
-        let (mut s, _) = match l.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    let who: Vec<usize> = (1..cfg.size).filter(|&r| joined[r].is_none()).collect();
-                    return Err(Error::Bootstrap(format!("rendezvous: ranks {who:?} never joined within {:?}", cfg.timeout)));
+    let handshake = |mut c: Conn| -> std::result::Result<(Conn, usize, Entry), String> {
+        let fits = |h: &[u8]| match h {
+            [a, b, c, d, e, f, g, i] => {
+                let (r, n) = (u32::from_le_bytes([*a, *b, *c, *d]) as usize, u32::from_le_bytes([*e, *f, *g, *i]) as usize);
+                match n == cfg.size && r != 0 && r < n {
+                    true => Ok(()),
+                    false => Err(format!("rank {r} of {n} does not fit this job of {} ranks", cfg.size)),
                 }
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
             }
-            Err(e) => return Err(Error::Bootstrap(format!("rendezvous accept: {e}"))),
+            _ => Err("malformed hello".to_string()),
         };
-        s.set_nonblocking(false).ok();
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let hello = (|| -> std::io::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> { Ok((get_field(&mut s)?, get_field(&mut s)?, get_field(&mut s)?)) })();
-        let Ok((token, ids, entry)) = hello else { continue };
-        let refuse = |s: &mut TcpStream, why: String| {
-            tracing::warn!("rendezvous refused a process: {why}");
-            let _ = s.write_all(&[1]).and_then(|_| put(s, why.as_bytes()));
-        };
-        if token != cfg.token.as_bytes() {
-            refuse(&mut s, "wrong job token".into());
-            continue;
+        let hello = crate::auth::server(&mut c, &cfg.token, RDV_PURPOSE, fits).map_err(|e| e.to_string())?;
+        let r = u32::from_le_bytes(hello[0..4].try_into().expect("checked")) as usize;
+        let entry = c.get().map_err(|e| e.to_string())?;
+        match Entry::decode(&entry) {
+            Ok(e) => Ok((c, r, e)),
+            Err(_) => {
+                let _ = c.write_all(&[1]).and_then(|_| c.put(b"malformed entry"));
+                Err("malformed entry".into())
+            }
         }
-        if ids.len() != 8 {
-            refuse(&mut s, "malformed hello".into());
-            continue;
+    };
+    let served = crate::conn::serve(&l, deadline, "rendezvous", &Default::default(), handshake, |(mut c, r, e)| {
+        if joined[r].is_some() {
+            tracing::warn!("rendezvous refused a second process claiming rank {r}");
+            let _ = c.write_all(&[1]).and_then(|_| c.put(format!("rank {r} has joined already").as_bytes()));
+            return false;
         }
-        let r = u32::from_le_bytes(ids[0..4].try_into().unwrap()) as usize;
-        let n = u32::from_le_bytes(ids[4..8].try_into().unwrap()) as usize;
-        if n != cfg.size || r == 0 || r >= n || joined[r].is_some() {
-            refuse(&mut s, format!("rank {r} of {n} does not fit this job of {} ranks", cfg.size));
-            continue;
-        }
-        let Ok(e) = Entry::decode(&entry) else {
-            refuse(&mut s, "malformed entry".into());
-            continue;
-        };
         if adv_ip.is_none() {
-            *adv_ip = s.local_addr().ok().map(|a| a.ip().to_string());
+            *adv_ip = c.s.local_addr().ok().map(|a| a.ip().to_string());
         }
-        joined[r] = Some((s, e));
+        joined[r] = Some((c, e));
         missing -= 1;
+        missing == 0
+    });
+    if let Err(e) = served {
+        let who: Vec<usize> = (1..cfg.size).filter(|&r| joined[r].is_none()).collect();
+        return Err(Error::Bootstrap(match e.kind() {
+            std::io::ErrorKind::TimedOut => format!("rendezvous: ranks {who:?} never joined within {:?}", cfg.timeout),
+            _ => format!("rendezvous accept: {e}"),
+        }));
     }
     if let Some(ip) = adv_ip.as_ref() {
         me.tcp = me.tcp.replace("0.0.0.0", ip);
     }
     let mut table = vec![me.clone()];
     table.extend(joined.iter().skip(1).map(|j| j.as_ref().unwrap().1.clone()));
-    for (s, _) in joined.iter_mut().skip(1).flatten() {
-        let r = s.write_all(&[0]).and_then(|_| table.iter().try_for_each(|e| put(s, &e.encode())));
+    for (c, _) in joined.iter_mut().skip(1).flatten() {
+        c.deadline = deadline.max(Instant::now() + crate::conn::HANDSHAKE_LIMIT);
+        let r = c.write_all(&[0]).and_then(|_| table.iter().try_for_each(|e| c.put(&e.encode())));
         r.map_err(|e| Error::Bootstrap(format!("rendezvous reply: {e}")))?;
     }
     if let Rendezvous::File(p) | Rendezvous::JobFile(p) = &cfg.rendezvous {
@@ -330,12 +398,18 @@ fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String>) -> Resul
     Ok(table)
 }
 
-/// Ranks > 0: connect (retrying until the deadline), introduce ourselves, read the table.
+/// Ranks > 0: connect (retrying until the deadline), prove the token, introduce ourselves, read
+/// the table.
 fn join(cfg: &mut JoinConfig, me: &mut Entry) -> Result<Vec<Entry>> {
     let deadline = Instant::now() + cfg.timeout;
     let mut token = cfg.token.clone();
-    let mut s = loop {
-        let addr = resolve_rendezvous(&cfg.rendezvous);
+    if let Rendezvous::JobFile(p) = &cfg.rendezvous {
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            private_dir(d)?;
+        }
+    }
+    let s = loop {
+        let addr = resolve_rendezvous(&cfg.rendezvous)?;
         let conn = addr.as_ref().and_then(|(a, _)| a.to_socket_addrs().ok()).and_then(|mut it| it.find_map(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(1)).ok()));
         if let Some(s) = conn {
             if token.is_empty() {
@@ -352,18 +426,20 @@ fn join(cfg: &mut JoinConfig, me: &mut Entry) -> Result<Vec<Entry>> {
         me.tcp = me.tcp.replace("0.0.0.0", &a.ip().to_string());
     }
     let io = |e: std::io::Error| Error::Bootstrap(format!("rendezvous: {e}"));
-    let mut ids = (cfg.rank as u32).to_le_bytes().to_vec();
-    ids.extend_from_slice(&(cfg.size as u32).to_le_bytes());
     cfg.token = token;
-    put(&mut s, cfg.token.as_bytes()).and_then(|_| put(&mut s, &ids)).and_then(|_| put(&mut s, &me.encode())).map_err(io)?;
-    s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)))).ok();
+    let mut c = Conn::new(s, deadline).map_err(io)?;
+    crate::auth::client(&mut c, &cfg.token, RDV_PURPOSE, &ids(cfg.rank, cfg.size)).map_err(|e| match e {
+        crate::auth::AuthError::Refused(why) => Error::Refused(why),
+        crate::auth::AuthError::Io(e) => io(e),
+    })?;
+    c.put(&me.encode()).map_err(io)?;
     let mut status = [0u8; 1];
-    s.read_exact(&mut status).map_err(io)?;
+    c.read_exact(&mut status).map_err(io)?;
     if status[0] != 0 {
-        let why = get_field(&mut s).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+        let why = c.get().map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
         return Err(Error::Refused(why));
     }
-    (0..cfg.size).map(|_| get_field(&mut s).map_err(io).and_then(|b| Entry::decode(&b))).collect()
+    (0..cfg.size).map(|_| c.get().map_err(io).and_then(|b| Entry::decode(&b))).collect()
 }
 
 impl Comm {
@@ -438,7 +514,8 @@ impl Comm {
         let want_tcp = matches!(cfg.transport, Transport::Tcp | Transport::Auto);
         let want_shm = matches!(cfg.transport, Transport::Shm | Transport::Auto);
         let listener = if want_tcp {
-            Some(TcpListener::bind("0.0.0.0:0").map_err(|e| Error::Bootstrap(format!("tcp listen: {e}")))?)
+            let ip = listen_ip(&cfg.rendezvous);
+            Some(TcpListener::bind((ip, 0)).map_err(|e| Error::Bootstrap(format!("tcp listen on {ip}: {e}")))?)
         } else {
             None
         };
@@ -468,10 +545,29 @@ impl Comm {
             let inbox = inbox.expect("created for shm");
             let paths: Vec<String> = table.iter().map(|e| e.shm.clone()).collect();
             let pids = table.iter().map(|e| e.pid).collect();
-            let f = Arc::new(crate::shm::ShmFabric::new(cfg.rank, inbox, &paths, pids)?);
+            let f = Arc::new(crate::shm::ShmFabric::new(cfg.rank, inbox, &paths, pids, cfg.timeout)?);
             let c = Comm::from_fabric(f.clone(), cfg.timeout);
-            c.barrier()?; // everyone has mapped every inbox: the names can go
+            // Cross-memory attach: probed once by every rank, used only if every rank may attach
+            // to every other (else large messages are copied through shared memory). The
+            // agreement is also the barrier after which every inbox is mapped: the names can go.
+            let mine = if crate::shm::staged_forced() { Err("EMBER_SHM_COPY=staged".to_string()) } else { f.probe_cma() };
+            let verdict = agree(&c, mine)?;
+            f.use_cma(verdict.is_ok());
             f.unlink_inbox();
+            let unasked = verdict.is_err() && !crate::shm::staged_forced();
+            let what = match verdict {
+                Ok(()) => "shm: large messages by cross-memory attach (process_vm_readv/writev, one copy)".to_string(),
+                Err(why) => format!("shm: cross-memory attach not used ({why}): large messages are copied through shared memory"),
+            };
+            if cfg.rank == 0 {
+                // A fallback the user did not ask for costs bandwidth: say so at the default level.
+                match unasked {
+                    true => tracing::warn!("{what}"),
+                    false => tracing::info!("{what}"),
+                }
+            } else {
+                tracing::debug!(rank = cfg.rank, "{what}");
+            }
             return Ok(c);
         } else {
             if let Some(i) = &inbox {
@@ -671,7 +767,6 @@ pub fn decode_rdma_table(b: &[u8], me: usize, n: usize) -> Result<Vec<Option<Rdm
 /// Every rank reports whether its step succeeded; the answer is the same on every rank:
 /// `Ok(())`, or `Err("rank r: why")` naming the first rank that failed. (The outer error: the
 /// shm/TCP communicator itself failed.)
-#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
 fn agree(host: &Comm, mine: std::result::Result<(), String>) -> Result<std::result::Result<(), String>> {
     let text = match &mine {
         Ok(()) => Vec::new(),
@@ -759,7 +854,8 @@ fn rdma_over(host: &Comm, cfg: &JoinConfig) -> Result<std::result::Result<Comm, 
 /// A random job token (for launchers and tests): 128 bits from the OS.
 pub fn new_token() -> String {
     let mut b = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+    if let Err(e) = crate::auth::random(&mut b) {
+        tracing::warn!("no random source ({e}): the job token is derived from the clock and the process id");
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         b.copy_from_slice(&(t ^ std::process::id() as u128).to_le_bytes());
     }
@@ -849,5 +945,78 @@ pub fn pin_to_core(core: usize) -> bool {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(core, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Local addresses of the TCP sockets listening on `port` (from /proc/net/tcp and tcp6).
+    fn listeners(port: u16) -> Vec<String> {
+        let mut v = Vec::new();
+        for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() > 3 && cols[3] == "0A" && cols[1].ends_with(&format!(":{port:04X}")) {
+                    v.push(cols[1].to_string());
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn listen_address_follows_the_rendezvous() {
+        for (a, lo) in [("127.0.0.1:5", true), ("127.1.2.3:5", true), ("localhost:5", true), ("[::1]:5", true), ("10.0.0.1:5", false), ("node3:5", false)] {
+            assert_eq!(listen_ip(&Rendezvous::Addr(a.into())).is_loopback(), lo, "{a}");
+        }
+        assert!(listen_ip(&Rendezvous::File("/x".into())).is_unspecified());
+    }
+
+    #[test]
+    fn a_loopback_rendezvous_listens_on_loopback_and_serves_a_slow_client_alongside() {
+        let port = free_port().unwrap();
+        let token = new_token();
+        let cfg = |rank| JoinConfig {
+            rank,
+            size: 2,
+            local_rank: rank,
+            rendezvous: Rendezvous::Addr(format!("127.0.0.1:{port}")),
+            token: token.clone(),
+            transport: Transport::Tcp,
+            timeout: Duration::from_secs(8),
+        };
+        let c0 = cfg(0);
+        let r0 = std::thread::spawn(move || Comm::connect(&c0).map(|c| c.size()));
+        let t0 = Instant::now();
+        let seen = loop {
+            let l = listeners(port);
+            if !l.is_empty() || t0.elapsed() > Duration::from_secs(5) {
+                break l;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // Only 127.0.0.1 (0100007F), never every interface (00000000).
+        assert_eq!(seen, vec![format!("0100007F:{port:04X}")]);
+        // A client that trickles one byte every 200 ms connects first; rank 1 still joins at once.
+        let slow = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            // A plausible field length, then the bytes one by one.
+            let bytes = [8u8, 0, 0, 0].into_iter().chain(std::iter::repeat(b'E').take(16));
+            for b in bytes {
+                if s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let t1 = Instant::now();
+        let c1 = Comm::connect(&cfg(1)).unwrap();
+        assert!(t1.elapsed() < Duration::from_secs(2), "rank 1 joined after {:?}", t1.elapsed());
+        assert_eq!(r0.join().unwrap().unwrap(), 2);
+        drop(c1);
+        slow.join().unwrap();
     }
 }

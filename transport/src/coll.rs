@@ -105,14 +105,24 @@ impl Drop for Round<'_> {
     }
 }
 
-/// Prefix offsets of `counts` (n + 1 entries).
-pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
+/// Prefix offsets of `counts` (n + 1 entries); a usage error when the sum overflows.
+pub(crate) fn offsets(op: &'static str, what: &str, counts: &[usize]) -> Result<Vec<usize>> {
     let mut o = Vec::with_capacity(counts.len() + 1);
-    o.push(0);
-    for c in counts {
-        o.push(o.last().unwrap() + c);
+    let mut at = 0usize;
+    o.push(at);
+    for &c in counts {
+        at = at.checked_add(c).ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))?;
+        o.push(at);
     }
-    o
+    Ok(o)
+}
+
+/// `counts` scaled by `size` (elements to bytes); a usage error on overflow.
+fn scaled(op: &'static str, counts: &[usize], size: usize) -> Result<Vec<usize>> {
+    counts
+        .iter()
+        .map(|&c| c.checked_mul(size).ok_or_else(|| Error::usage(op, format!("count {c} of {size}-byte elements overflows"))))
+        .collect()
 }
 
 /// Split `len` elements into `n` contiguous chunks, the first `len % n` one longer.
@@ -124,7 +134,7 @@ fn check_counts(op: &'static str, what: &str, counts: &[usize], n: usize, total:
     if counts.len() != n {
         return Err(Error::usage(op, format!("{what}: {} counts for {n} ranks", counts.len())));
     }
-    let o = offsets(counts);
+    let o = offsets(op, what, counts)?;
     if o[n] != total {
         return Err(Error::usage(op, format!("{what}: counts sum to {} but the buffer holds {total}", o[n])));
     }
@@ -147,18 +157,18 @@ pub(crate) fn all_to_all_v<T: Pod>(
         return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[me], recv_counts[me])));
     }
     let sz = std::mem::size_of::<T>();
-    let bytes = |c: &[usize]| c.iter().map(|x| x * sz).collect::<Vec<_>>();
+    let (sb, rb) = (scaled(OP, send_counts, sz)?, scaled(OP, recv_counts, sz)?);
     let own = |s: *const u8, d: *mut u8, len: usize| {
         // SAFETY: the own blocks, inside `send` and `recv` (checked above).
         unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
         Ok(())
     };
     // SAFETY: every range lies inside `recv`/`send` (offsets checked above); both outlive the call.
-    unsafe { a2a_bytes(g, seq, false, send.as_ptr() as *const u8, &bytes(send_counts), recv.as_mut_ptr() as *mut u8, &bytes(recv_counts), own) }
+    unsafe { a2a_bytes(g, seq, false, send.as_ptr() as *const u8, &sb, recv.as_mut_ptr() as *mut u8, &rb, own) }
 }
 
-/// The all-to-all of byte blocks at raw addresses (offsets from the counts, already checked);
-/// `direct`: the memory is the CPU's to never touch, and `own(src, dst, len)` moves the own block.
+/// The all-to-all of byte blocks at raw addresses; `direct`: the memory is the CPU's to never
+/// touch, and `own(src, dst, len)` moves the own block. Counts whose sum overflows are an error.
 ///
 /// # Safety
 /// Both buffers hold the counts' sums of bytes and stay valid until this returns.
@@ -174,7 +184,7 @@ unsafe fn a2a_bytes(
     own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
 ) -> Result<()> {
     let (n, me) = (g.n(), g.me);
-    let (so, ro) = (offsets(scounts), offsets(rcounts));
+    let (so, ro) = (offsets("all_to_all_v", "send", scounts)?, offsets("all_to_all_v", "receive", rcounts)?);
     let mut r = Round::new(g, seq, 0, "all_to_all_v");
     r.direct = direct;
     for i in 1..n {
@@ -235,7 +245,7 @@ pub(crate) unsafe fn all_gather_v_direct(
     if counts.len() != g.n() {
         return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
     }
-    gather_bytes(g, seq, 0, OP, true, send, &offsets(counts), recv, own)
+    gather_bytes(g, seq, 0, OP, true, send, &offsets(OP, "receive", counts)?, recv, own)
 }
 
 /// Reduce-scatter: `data` holds every rank's chunk (offsets `o`); `out` receives this rank's
@@ -254,7 +264,9 @@ fn reduce_scatter_into<T: Reducible>(
     let mine = o[me + 1] - o[me];
     debug_assert_eq!(out.len(), mine);
     let sz = std::mem::size_of::<T>();
-    let mut scratch: Vec<T> = vec![T::zeroed(); mine * n];
+    let total = mine.checked_mul(n).filter(|t| t.checked_mul(sz).is_some_and(|b| b <= isize::MAX as usize));
+    let total = total.ok_or_else(|| Error::usage(op_name, format!("{n} contributions of {mine} elements overflow")))?;
+    let mut scratch: Vec<T> = vec![T::zeroed(); total];
     {
         let mut r = Round::new(g, seq, round, op_name);
         let sb = scratch.as_mut_ptr() as *mut u8;
@@ -287,8 +299,7 @@ fn reduce_scatter_into<T: Reducible>(
 
 /// All-gather: `mine` goes to `recv[o[me]..o[me+1]]` on every rank.
 fn all_gather_into<T: Pod>(g: &Group, seq: u64, round: u32, op_name: &'static str, mine: &[T], o: &[usize], recv: &mut [T]) -> Result<()> {
-    let sz = std::mem::size_of::<T>();
-    let ob: Vec<usize> = o.iter().map(|x| x * sz).collect();
+    let ob = scaled(op_name, o, std::mem::size_of::<T>())?;
     let own = |s: *const u8, d: *mut u8, len: usize| {
         // SAFETY: `mine` into its own range of `recv` (offsets from checked counts).
         unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
@@ -337,7 +348,7 @@ pub(crate) fn all_reduce<T: Reducible>(g: &Group, seq: u64, buf: &mut [T], op: R
     if n == 1 {
         return Ok(()); // Mean over one rank is the identity too.
     }
-    let o = offsets(&even_counts(buf.len(), n));
+    let o = offsets(OP, "chunk", &even_counts(buf.len(), n))?;
     let mut mine = vec![T::zeroed(); o[g.me + 1] - o[g.me]];
     reduce_scatter_into(g, seq, 0, OP, buf, &o, &mut mine, op)?;
     all_gather_into(g, seq, 1, OP, &mine, &o, buf)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Default time any collective waits for a peer before failing (issue 3: at most 60 s).
+/// Default time any collective waits for a peer before failing (60 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Inner {
@@ -166,18 +166,32 @@ impl Comm {
 
     /// All-to-all where receive counts are not known: exchanges the counts first, then the data.
     /// Returns `(received elements, receive counts)`.
+    /// The counts the peers send are checked (overflow, [`crate::alloc_limit`]) before anything
+    /// is allocated: a protocol error naming the peer.
     pub fn all_to_all_v_alloc<T: Pod>(&self, send: &[T], send_counts: &[usize]) -> Result<(Vec<T>, Vec<usize>)> {
+        let rc = self.all_to_all_counts::<T>(send_counts)?;
+        let total = rc.iter().sum(); // checked by all_to_all_counts
+        let mut recv = crate::mem::huge_vec(total);
+        self.all_to_all_v(send, send_counts, &mut recv, &rc)?;
+        Ok((recv, rc))
+    }
+
+    /// The counts exchange of an all-to-all-v whose receive counts are not known (one
+    /// all-to-all of the counts): returns this rank's receive counts, checked (overflow,
+    /// [`crate::alloc_limit`] for elements of `T`) before the caller allocates from them; a
+    /// protocol error names the peer.
+    pub fn all_to_all_counts<T: Pod>(&self, send_counts: &[usize]) -> Result<Vec<usize>> {
+        const OP: &str = "all_to_all_v";
         let n = self.size();
         let sc: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
         let mut rc = vec![0u64; n];
         if sc.len() != n {
-            return Err(Error::usage("all_to_all_v", format!("{} send counts for {n} ranks", sc.len())));
+            return Err(Error::usage(OP, format!("{} send counts for {n} ranks", sc.len())));
         }
         self.all_to_all(&sc, &mut rc).map_err(|e| e.with_op("all_to_all_v (counts)"))?;
-        let rc: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
-        let mut recv = crate::mem::huge_vec(rc.iter().sum());
-        self.all_to_all_v(send, send_counts, &mut recv, &rc)?;
-        Ok((recv, rc))
+        let rc: Vec<usize> = rc.into_iter().map(|c| usize::try_from(c).unwrap_or(usize::MAX)).collect();
+        crate::limits::peer_total(OP, &rc, std::mem::size_of::<T>(), self.world_ranks())?;
+        Ok(rc)
     }
 
     /// In-place all-reduce. Every rank gets bitwise the same result (sum in rank order).
@@ -208,12 +222,15 @@ impl Comm {
     }
 
     /// All-gather of variable contributions whose sizes are not known: exchanges them first.
+    /// The sizes the peers send are checked (overflow, [`crate::alloc_limit`]) before anything
+    /// is allocated: a protocol error naming the peer.
     pub fn all_gather_alloc<T: Pod>(&self, send: &[T]) -> Result<(Vec<T>, Vec<usize>)> {
         let n = self.size();
         let mut c = vec![0u64; n];
         self.all_gather(&[send.len() as u64], &mut c).map_err(|e| e.with_op("all_gather (counts)"))?;
-        let c: Vec<usize> = c.into_iter().map(|x| x as usize).collect();
-        let mut recv = vec![T::zeroed(); c.iter().sum()];
+        let c: Vec<usize> = c.into_iter().map(|x| usize::try_from(x).unwrap_or(usize::MAX)).collect();
+        let total = crate::limits::peer_total("all_gather", &c, std::mem::size_of::<T>(), self.world_ranks())?;
+        let mut recv = vec![T::zeroed(); total];
         self.all_gather_v(send, &mut recv, &c)?;
         Ok((recv, c))
     }
@@ -310,7 +327,7 @@ impl Comm {
     /// Non-blocking `all_to_all_v`; `wait` returns the filled receive buffer.
     pub fn start_all_to_all_v<T: Pod + Send>(&self, send: Vec<T>, send_counts: Vec<usize>, recv_counts: Vec<usize>) -> Request<Vec<T>> {
         self.start("a2a", move |g, seq| {
-            let mut recv = crate::mem::huge_vec(recv_counts.iter().sum());
+            let mut recv = crate::mem::huge_vec(crate::limits::own_total("all_to_all_v", &recv_counts, std::mem::size_of::<T>())?);
             coll::all_to_all_v(g, seq, &send, &send_counts, &mut recv, &recv_counts)?;
             Ok(recv)
         })
@@ -332,7 +349,7 @@ impl Comm {
     /// Non-blocking `all_gather_v`; `wait` returns the gathered buffer.
     pub fn start_all_gather_v<T: Pod + Send>(&self, send: Vec<T>, counts: Vec<usize>) -> Request<Vec<T>> {
         self.start("allgather", move |g, seq| {
-            let mut recv = vec![T::zeroed(); counts.iter().sum()];
+            let mut recv = vec![T::zeroed(); crate::limits::own_total("all_gather", &counts, std::mem::size_of::<T>())?];
             coll::all_gather_v(g, seq, &send, &counts, &mut recv).map(|_| recv)
         })
     }

@@ -61,12 +61,14 @@ pub trait Fabric: Send + Sync {
     fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()>;
     /// Wait until message `(src, tag)` has landed; returns its length in bytes.
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize>;
-    /// Withdraw a posted buffer (on an error path). Returns once no writer can touch it any more.
+    /// Withdraw a posted buffer (on an error path). Returns once no writer can touch it any more,
+    /// and within the job's timeout (a peer that could still write into it is cut off first).
     fn cancel_recv(&self, src: usize, tag: Tag);
-    /// Abandon a send whose `wait_send` will not be called (error path): once this returns, no
-    /// byte of its data is read any more. Backends that have read it all by the time `send`
-    /// returns (or that never read it later) need nothing.
-    fn cancel_send(&self, _dst: usize, _tag: Tag) {}
+    /// Abandon a send whose `wait_send` will not be called (error path): once this returns, this
+    /// rank reads no byte of its data any more, and nothing read from it afterwards is delivered
+    /// (a peer copying it out of this process at that moment discards what it read). Every
+    /// backend that may still read the buffer after `send` returned implements it.
+    fn cancel_send(&self, dst: usize, tag: Tag);
 
     /// Register `[addr, +len)` with the network once, for every later message whose buffer lies
     /// inside it (user-buffer registration, as NCCL's `ncclCommRegister`): on RDMA, no message

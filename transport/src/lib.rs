@@ -7,11 +7,16 @@
 //!   shared memory on one host or TCP across hosts).
 //! * The algorithms (`coll`) are written once over the [`fabric::Fabric`] primitives that the
 //!   backends (`local`, `shm`, `tcp`) implement. See docs/transport.md.
+mod auth;
 pub mod bootstrap;
 mod coll;
 mod comm;
+mod conn;
+#[cfg(test)]
+mod conformance;
 mod error;
 pub mod fabric;
+mod limits;
 mod local;
 mod mailbox;
 mod mem;
@@ -24,5 +29,6 @@ mod tcp;
 pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT};
 pub use bootstrap::{JoinConfig, Rendezvous, Transport};
 pub use error::{Error, Result};
+pub use limits::alloc_limit;
 pub use mem::{advise_huge_pages, huge_vec};
 pub use reduce::{ReduceOp, Reducible};

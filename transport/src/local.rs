@@ -23,8 +23,8 @@ pub(crate) fn world(n: usize) -> Vec<LocalFabric> {
     (0..n).map(|rank| LocalFabric { world: world.clone(), rank }).collect()
 }
 
-fn no_poll() -> Result<()> {
-    Ok(())
+fn no_poll() -> Result<bool> {
+    Ok(false)
 }
 
 impl Drop for LocalFabric {
@@ -67,7 +67,7 @@ impl Fabric for LocalFabric {
                 Ok(None) if len <= EAGER_MAX => {
                     // SAFETY: data..data+len is readable (Fabric::send contract).
                     let v = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
-                    Some(Mailbox::deliver_locked(t, me, tag, v, w.op).map(|_| None))
+                    Some(Mailbox::deliver_locked(t, me, tag, v, false, w.op).map(|_| None))
                 }
                 Ok(None) => None,
                 Err(e) => Some(Err(e)),
@@ -103,6 +103,10 @@ impl Fabric for LocalFabric {
 
     fn cancel_recv(&self, src: usize, tag: Tag) {
         self.world.boxes[self.rank].cancel(src, tag)
+    }
+
+    fn cancel_send(&self, _dst: usize, _tag: Tag) {
+        // `send` copied synchronously (or stashed a copy): the buffer is not read any more.
     }
 }
 

@@ -61,8 +61,9 @@ pub(crate) enum Slot {
     Done(usize),
     /// The message arrived before its buffer was posted.
     Early(Vec<u8>),
-    /// (shm) the sender's announcement: `len` bytes at `addr` in its address space.
-    Remote { addr: u64, len: usize },
+    /// (shm) the sender's announcement: `len` bytes at `addr` in its address space, offered
+    /// under offer `id`.
+    Remote { addr: u64, len: usize, id: u64 },
     /// This message failed.
     Failed(Error),
 }
@@ -73,8 +74,9 @@ pub(crate) enum Posted {
     Waiting,
     /// An early message was copied in: complete.
     Landed,
-    /// (shm) the sender announced `len` bytes at `addr`: the caller must fetch them, then `complete`.
-    Fetch { addr: u64, len: usize },
+    /// (shm) the sender announced `len` bytes at `addr` (offer `id`): the caller must fetch
+    /// them, then `complete`.
+    Fetch { addr: u64, len: usize, id: u64 },
 }
 
 pub(crate) struct Mailbox {
@@ -93,8 +95,12 @@ pub(crate) struct Mailbox {
 
 pub(crate) struct Table {
     pub map: KeyMap<Slot>,
-    /// Why a peer is gone, by world rank.
-    pub dead: HashMap<usize, String>,
+    /// Why a peer is gone, by world rank: `PeerFailed`, or `Protocol` when it broke the protocol
+    /// (every later wait on it reports that, with the waiting operation's name).
+    pub dead: HashMap<usize, Error>,
+    /// Bytes held for receives not posted yet (`Early` slots and reservations), at most
+    /// [`crate::alloc_limit`].
+    pub early_bytes: usize,
 }
 
 /// How long a waiter spins/yields before sleeping, and the longest single sleep.
@@ -104,7 +110,7 @@ const MAX_SLEEP: Duration = Duration::from_millis(1);
 impl Mailbox {
     pub fn new() -> Self {
         Mailbox {
-            slots: Mutex::new(Table { map: KeyMap::default(), dead: HashMap::new() }),
+            slots: Mutex::new(Table { map: KeyMap::default(), dead: HashMap::new(), early_bytes: 0 }),
             cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             yield_phase: true,
@@ -160,6 +166,7 @@ impl Mailbox {
                 Ok(Posted::Waiting)
             }
             Some(Slot::Early(v)) => {
+                t.early_bytes -= v.len();
                 if v.len() > cap {
                     let e = too_long(op, src, v.len(), cap);
                     t.map.insert(key, Slot::Failed(e.clone()));
@@ -170,14 +177,14 @@ impl Mailbox {
                 t.map.insert(key, Slot::Done(v.len()));
                 Ok(Posted::Landed)
             }
-            Some(Slot::Remote { addr, len }) => {
+            Some(Slot::Remote { addr, len, id }) => {
                 if len > cap {
                     let e = too_long(op, src, len, cap);
                     t.map.insert(key, Slot::Failed(e.clone()));
                     return Err(e);
                 }
                 t.map.insert(key, Slot::Writing);
-                Ok(Posted::Fetch { addr, len })
+                Ok(Posted::Fetch { addr, len, id })
             }
             Some(Slot::Failed(e)) => Err(e),
             Some(other) => {
@@ -204,44 +211,82 @@ impl Mailbox {
             }
             Some(_) => {
                 let e = Error::Protocol { op, peer: src, detail: format!("duplicate message for {tag:?}") };
-                t.map.insert(key, Slot::Failed(e.clone()));
+                if let Some(Slot::Early(v)) = t.map.insert(key, Slot::Failed(e.clone())) {
+                    t.early_bytes -= v.len();
+                }
                 Err(e)
             }
         }
     }
 
-    /// Deliver a whole message that arrived as bytes: copy it into the posted buffer if there is
-    /// one, else keep it until `post`.
-    pub fn deliver(&self, src: usize, tag: Tag, data: Vec<u8>, op: &'static str) -> Result<()> {
+    /// Count `len` more bytes held for receives not posted yet: a protocol error naming `peer`
+    /// past [`crate::alloc_limit`] (a peer sending far ahead of the receives).
+    pub fn reserve_early(t: &mut Table, peer: usize, len: usize, op: &'static str) -> Result<()> {
+        match t.early_bytes.checked_add(len).filter(|&b| b <= crate::limits::alloc_limit()) {
+            Some(b) => {
+                t.early_bytes = b;
+                Ok(())
+            }
+            None => Err(Error::Protocol {
+                op,
+                peer,
+                detail: format!(
+                    "{len} more bytes ahead of their receives would exceed the {}-byte limit (EMBER_MAX_ALLOC_BYTES)",
+                    crate::limits::alloc_limit()
+                ),
+            }),
+        }
+    }
+
+    /// Return a reservation of `reserve_early` that was not delivered.
+    pub fn release_early(&self, len: usize) {
         let mut t = self.lock();
-        let r = Self::deliver_locked(&mut t, src, tag, data, op);
+        t.early_bytes = t.early_bytes.saturating_sub(len);
+    }
+
+    /// Deliver a whole message that arrived as bytes: copy it into the posted buffer if there is
+    /// one, else keep it until `post`. `reserved`: its bytes were counted (`reserve_early`)
+    /// already.
+    pub fn deliver(&self, src: usize, tag: Tag, data: Vec<u8>, reserved: bool, op: &'static str) -> Result<()> {
+        let mut t = self.lock();
+        let r = Self::deliver_locked(&mut t, src, tag, data, reserved, op);
         drop(t);
         self.notify();
         r
     }
 
-    pub fn deliver_locked(t: &mut Table, src: usize, tag: Tag, data: Vec<u8>, op: &'static str) -> Result<()> {
-        match Self::claim(t, src, tag, data.len(), op)? {
+    pub fn deliver_locked(t: &mut Table, src: usize, tag: Tag, data: Vec<u8>, reserved: bool, op: &'static str) -> Result<()> {
+        let claimed = Self::claim(t, src, tag, data.len(), op);
+        if reserved && !matches!(claimed, Ok(None)) {
+            t.early_bytes -= data.len();
+        }
+        match claimed? {
             Some(buf) => {
                 // SAFETY: claim checked the length against the posted capacity.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.0, data.len()) };
                 t.map.insert((src, tag, Dir::Recv), Slot::Done(data.len()));
             }
             None => {
+                if !reserved {
+                    if let Err(e) = Self::reserve_early(t, src, data.len(), op) {
+                        t.map.insert((src, tag, Dir::Recv), Slot::Failed(e.clone()));
+                        return Err(e);
+                    }
+                }
                 t.map.insert((src, tag, Dir::Recv), Slot::Early(data));
             }
         }
         Ok(())
     }
 
-    /// (shm) The sender announced `len` bytes at `addr`; returns the posted buffer to fetch into,
-    /// or keeps the announcement until `post`.
-    pub fn announce(&self, src: usize, tag: Tag, addr: u64, len: usize, op: &'static str) -> Result<Option<RawBuf>> {
+    /// (shm) The sender announced `len` bytes at `addr` (offer `id`); returns the posted buffer
+    /// to fetch into, or keeps the announcement until `post`.
+    pub fn announce(&self, src: usize, tag: Tag, addr: u64, len: usize, id: u64, op: &'static str) -> Result<Option<RawBuf>> {
         let mut t = self.lock();
         match Self::claim(&mut t, src, tag, len, op)? {
             Some(b) => Ok(Some(b)),
             None => {
-                t.map.insert((src, tag, Dir::Recv), Slot::Remote { addr, len });
+                t.map.insert((src, tag, Dir::Recv), Slot::Remote { addr, len, id });
                 Ok(None)
             }
         }
@@ -260,12 +305,19 @@ impl Mailbox {
 
     /// Record that `peer` is gone; every wait on it fails from now on.
     pub fn peer_died(&self, peer: usize, reason: String) {
-        self.lock().dead.entry(peer).or_insert(reason);
+        self.peer_failed(Error::PeerFailed { op: "", peer, reason });
+    }
+
+    /// Record that the peer `e` names is gone for the reason `e` gives (the first one counts).
+    pub fn peer_failed(&self, e: Error) {
+        if let Some(peer) = e.peer() {
+            self.lock().dead.entry(peer).or_insert(e);
+        }
         self.notify();
     }
 
     /// Wait for `(peer, tag, dir)` to be `Done`, calling `poll` between checks (shm progress).
-    pub fn wait_done(&self, peer: usize, tag: Tag, dir: Dir, w: &Wait, poll: &dyn Fn() -> Result<()>) -> Result<usize> {
+    pub fn wait_done(&self, peer: usize, tag: Tag, dir: Dir, w: &Wait, poll: &dyn Fn() -> Result<bool>) -> Result<usize> {
         self.wait_until(peer, w, poll, |t| match t.map.get(&(peer, tag, dir)) {
             Some(Slot::Done(n)) => {
                 let n = *n;
@@ -283,21 +335,28 @@ impl Mailbox {
 
     /// The one waiting loop: check under the lock; spin, then yield, then sleep on the condvar
     /// (bounded, so cross-process progress via `poll` still happens); fail on a dead peer or
-    /// at the deadline.
+    /// at the deadline. `poll` returns whether it moved anything (shm: drained a record or
+    /// pushed a chunk); while it does, the wait starts over at the spin phase instead of
+    /// sleeping, since a message streamed through shared memory moves only while its two
+    /// ranks poll.
     pub fn wait_until<T>(
         &self,
         peer: usize,
         w: &Wait,
-        poll: &dyn Fn() -> Result<()>,
+        poll: &dyn Fn() -> Result<bool>,
         mut check: impl FnMut(&mut Table) -> Option<Result<T>>,
     ) -> Result<T> {
         let backoff = Backoff::new();
-        let start = Instant::now();
+        let mut start = Instant::now();
         let spin_for = self.spin.begin();
         let mut sleep = Duration::from_micros(20);
         let mut yielded: Option<Duration> = None;
         loop {
-            poll()?;
+            if poll()? {
+                start = Instant::now();
+                sleep = Duration::from_micros(20);
+                backoff.reset();
+            }
             let mut t = self.lock();
             let done = check(&mut t);
             if let Some(took) = yielded.take() {
@@ -306,8 +365,8 @@ impl Mailbox {
             if let Some(r) = done {
                 return r;
             }
-            if let Some(reason) = t.dead.get(&peer) {
-                return Err(Error::PeerFailed { op: w.op, peer, reason: reason.clone() });
+            if let Some(e) = t.dead.get(&peer) {
+                return Err(e.clone().with_op(w.op));
             }
             let now = Instant::now();
             if now >= w.deadline {

@@ -213,13 +213,24 @@ fn bare_mpirun_defaults_to_a_job_file_that_carries_the_token() {
         ("EMBER_RENDEZVOUS_DIR", "/shared/x"),
     ]))
     .unwrap();
-    assert_eq!(c.rendezvous, Rendezvous::JobFile("/shared/x/ember-6160385.rdv".into()));
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    // The job file lives in a directory only this user can write: a per-user subdirectory of
+    // EMBER_RENDEZVOUS_DIR, else $XDG_RUNTIME_DIR, else of the temp directory.
+    assert_eq!(c.rendezvous, Rendezvous::JobFile(format!("/shared/x/ember-{uid}/ember-6160385.rdv").into()));
     assert!(c.token.is_empty());
+    let ompi = [("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_MCA_ess_base_jobid", "7")];
+    let x = JoinConfig::from_vars(get(Box::leak(Box::new([ompi[0], ompi[1], ompi[2], ("XDG_RUNTIME_DIR", "/run/user/1000"), ("TMPDIR", "/scratch")])))).unwrap();
+    assert_eq!(x.rendezvous, Rendezvous::JobFile("/run/user/1000/ember-7.rdv".into()));
+    let t = JoinConfig::from_vars(get(Box::leak(Box::new([ompi[0], ompi[1], ompi[2], ("TMPDIR", "/scratch")])))).unwrap();
+    assert_eq!(t.rendezvous, Rendezvous::JobFile(format!("/scratch/ember-{uid}/ember-7.rdv").into()));
+    let d = JoinConfig::from_vars(get(Box::leak(Box::new(ompi)))).unwrap();
+    assert_eq!(d.rendezvous, Rendezvous::JobFile(format!("/tmp/ember-{uid}/ember-7.rdv").into()));
     // Without a job id (not mpirun) a missing token is still refused.
     assert!(matches!(JoinConfig::from_vars(get(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("EMBER_RENDEZVOUS_FILE", "/f")])), Err(Error::Refused(_))));
     // A real job through a job file, no token given: rank 0 creates one, the others read it.
     let dir = std::env::temp_dir().join(format!("ember-jobfile-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir).unwrap();
     let path = dir.join("ember-job.rdv");
     let hs: Vec<_> = (0..3)
         .map(|rank| {
@@ -272,4 +283,138 @@ fn tcp_sends_beyond_the_socket_buffers_complete_and_fail_cleanly() {
     let e = c0.broadcast(&mut vec![7u64; 4 << 20], 0).unwrap_err();
     assert_eq!(e.peer(), Some(1), "{e}");
     assert!(t0.elapsed() < T, "{:?}", t0.elapsed());
+}
+
+#[test]
+fn a_job_file_that_someone_else_can_write_or_holds_fails_naming_it() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let cfg = |path: std::path::PathBuf, rank: usize| JoinConfig {
+        rank,
+        size: 2,
+        local_rank: rank,
+        rendezvous: Rendezvous::JobFile(path),
+        token: String::new(),
+        transport: Transport::Tcp,
+        timeout: Duration::from_secs(2),
+    };
+    // A directory others may write into (another user could plant or block the job file).
+    let open = std::env::temp_dir().join(format!("ember-open-dir-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o777).create(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for rank in [0, 1] {
+        let t0 = Instant::now();
+        let e = Comm::connect(&cfg(open.join("ember-job.rdv"), rank)).err().expect("refused");
+        let text = e.to_string();
+        assert!(text.contains(&open.display().to_string()) && text.contains("not private"), "{text}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+    let _ = std::fs::remove_dir_all(&open);
+    // A private directory holding a job file of another user (root can make one).
+    let dir = std::env::temp_dir().join(format!("ember-held-dir-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    let held = dir.join("ember-job.rdv");
+    std::fs::write(&held, "10.0.0.1:1\ntoken\n").unwrap();
+    if std::os::unix::fs::chown(&held, Some(65534), Some(65534)).is_ok() {
+        for rank in [0, 1] {
+            let e = Comm::connect(&cfg(held.clone(), rank)).err().expect("refused");
+            let text = e.to_string();
+            assert!(text.contains(&held.display().to_string()) && text.contains("held by someone else"), "{text}");
+        }
+    } else {
+        eprintln!("not root: the held-file case needs chown; checked the directory case only");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn counts_that_overflow_are_a_usage_error_never_a_copy() {
+    // Counts whose sum wraps past usize::MAX: in release builds they used to pass every check
+    // and the own block was copied past the end of `recv`.
+    let mut comms = world("local", 2, T);
+    let c = comms.remove(0);
+    let mut recv = vec![0u8; 5];
+    let e = c.all_gather_v(&[0u8; 10], &mut recv, &[10, usize::MAX - 4]).unwrap_err();
+    assert!(matches!(e, Error::Usage { .. }), "{e}");
+    assert_eq!(recv, [0u8; 5]);
+    let e = c.all_to_all_v(&[1u32; 4], &[usize::MAX, 5], &mut [0u32; 4], &[2, 2]).unwrap_err();
+    assert!(matches!(e, Error::Usage { .. }), "{e}");
+    let e = c.reduce_scatter_v(&[1.0f32; 3], &[4, usize::MAX - 1], &mut [0.0f32; 4], ember_transport::ReduceOp::Sum).unwrap_err();
+    assert!(matches!(e, Error::Usage { .. }), "{e}");
+    // Byte counts that overflow only once scaled by the element size.
+    let e = c.all_to_all_v(&[1u64; 2], &[usize::MAX / 4, 2], &mut [0u64; 2], &[1, 1]).unwrap_err();
+    assert!(matches!(e, Error::Usage { .. }), "{e}");
+    // The non-blocking forms allocate from the counts: an error, not a panic in their thread.
+    let e = c.start_all_gather_v(vec![0u64; 1], vec![1, usize::MAX]).wait().unwrap_err();
+    assert!(matches!(e, Error::Usage { .. }), "{e}");
+    let e = c.start_all_to_all_v(vec![0u64; 1], vec![1, 0], vec![usize::MAX / 8, 9]).wait().unwrap_err();
+    assert!(matches!(e, Error::Usage { .. }), "{e}");
+}
+
+#[test]
+fn counts_a_peer_sends_are_capped_before_anything_is_allocated() {
+    // Rank 0 speaks the counts exchange of all_to_all_v_alloc / all_gather_alloc with counts
+    // no receiver could allocate: rank 1 fails with a protocol error naming rank 0.
+    for b in BACKENDS {
+        let out = run(b, 2, |c| -> Result<Option<(Error, Error, Error)>, Error> {
+            if c.rank() == 0 {
+                let mut rc = [0u64; 2];
+                c.all_to_all(&[0u64, 1 << 60], &mut rc)?;
+                c.all_gather(&[1u64 << 59], &mut [0u64; 2])?;
+                c.all_to_all(&[0u64, u64::MAX], &mut rc)?;
+                Ok(None)
+            } else {
+                let e1 = c.all_to_all_v_alloc::<u64>(&[], &[0, 0]).unwrap_err();
+                let e2 = c.all_gather_alloc::<u64>(&[]).unwrap_err();
+                // The counts exchange alone (the 2D step's input distribution allocates from it).
+                let e3 = c.all_to_all_counts::<u64>(&[0, 0]).unwrap_err();
+                Ok(Some((e1, e2, e3)))
+            }
+        });
+        let (e1, e2, e3) = out[1].as_ref().unwrap().clone().unwrap();
+        for e in [e1, e2, e3] {
+            assert!(matches!(e, Error::Protocol { peer: 0, .. }), "{b}: {e}");
+            assert!(e.to_string().contains("EMBER_MAX_ALLOC_BYTES"), "{b}: {e}");
+        }
+    }
+}
+
+#[test]
+fn whoever_answers_the_rendezvous_port_never_sees_the_token() {
+    // A process that got the rendezvous port first (the port choice races; a Slurm-derived port
+    // is predictable) answers like a server would, recording every byte a joining rank sends.
+    use std::io::{Read, Write};
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let token = "0123456789abcdef-the-job-token";
+    let spy = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Answer in Ember's handshake format (magic, a nonce, a proof made up without the
+        // token), then keep listening.
+        let mut answer = b"EMBRAUT1".to_vec();
+        answer.extend_from_slice(&[0x42u8; 64]);
+        let _ = s.write_all(&answer);
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    let cfg = JoinConfig {
+        rank: 1,
+        size: 2,
+        local_rank: 1,
+        rendezvous: Rendezvous::Addr(addr.to_string()),
+        token: token.into(),
+        transport: Transport::Tcp,
+        timeout: Duration::from_secs(2),
+    };
+    let e = Comm::connect(&cfg).err().expect("no job to join");
+    let seen = spy.join().unwrap();
+    assert!(!seen.windows(token.len()).any(|w| w == token.as_bytes()), "the token went to whoever answered: {seen:?}");
+    assert!(matches!(&e, Error::Refused(why) if why.contains("does not know the job token")), "{e}");
 }

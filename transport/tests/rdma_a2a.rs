@@ -496,3 +496,80 @@ fn upper_bound_posts_below_and_above_the_threshold() {
         }
     }
 }
+
+/// The emulated endpoint, with a switch that makes its next `poll` panic (a bug, or a verbs
+/// library that aborts a call, inside a thread that holds the protocol's state).
+struct PanickyVerbs {
+    inner: ember_transport::rdma::EmuVerbs,
+    panic_next_poll: std::sync::atomic::AtomicBool,
+}
+
+impl ember_transport::rdma::verbs::Verbs for PanickyVerbs {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<ember_transport::rdma::verbs::Mr, String> {
+        self.inner.register(addr, len)
+    }
+    fn deregister(&self, mr: &ember_transport::rdma::verbs::Mr) {
+        self.inner.deregister(mr)
+    }
+    unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[ember_transport::rdma::verbs::Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), ember_transport::rdma::verbs::PostError> {
+        self.inner.post_write_imm(peer, wr_id, sges, raddr, rkey, imm)
+    }
+    fn poll(&self, out: &mut Vec<ember_transport::rdma::verbs::Wc>, max: usize) -> usize {
+        if self.panic_next_poll.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("completion queue corrupted (test)");
+        }
+        self.inner.poll(out, max)
+    }
+    fn disconnect(&self, peer: usize) -> Result<(), String> {
+        self.inner.disconnect(peer)
+    }
+    fn cache_registrations(&self) -> bool {
+        self.inner.cache_registrations()
+    }
+}
+
+#[test]
+fn a_panic_inside_the_protocol_makes_later_calls_errors_naming_it() {
+    use ember_transport::rdma::{emu, RdmaFabric, RemoteSlots};
+    use std::sync::Arc;
+    let fabs: Vec<Arc<RdmaFabric<PanickyVerbs>>> = emu::world(2, EmuConfig::fast())
+        .into_iter()
+        .map(|v| Arc::new(RdmaFabric::new(PanickyVerbs { inner: v, panic_next_poll: false.into() }, RdmaConfig::default(), "rdma-emu").unwrap()))
+        .collect();
+    for (r, f) in fabs.iter().enumerate() {
+        let remote: Vec<Option<RemoteSlots>> = (0..2).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
+        f.connect(&remote).unwrap();
+    }
+    let w = Wait::new("test", Duration::from_secs(2));
+    let mut buf = vec![0u8; 64];
+    // SAFETY: `buf` outlives the receive (cancelled below).
+    unsafe { fabs[0].post_recv(1, tag(1), buf.as_mut_ptr(), 64, &w).unwrap() };
+    fabs[0].verbs().panic_next_poll.store(true, std::sync::atomic::Ordering::SeqCst);
+    let f0 = fabs[0].clone();
+    let panicked = std::thread::Builder::new()
+        .name("rank0-waiter".into())
+        .spawn(move || f0.wait_recv(1, tag(1), &Wait::new("wait_recv", Duration::from_secs(2))))
+        .unwrap()
+        .join();
+    assert!(panicked.is_err(), "the poll was to panic");
+    // Every later call on the endpoint is an error naming that first failure, not a panic.
+    let e = fabs[0].wait_recv(1, tag(1), &w).unwrap_err();
+    assert!(e.to_string().contains("thread 'rank0-waiter' panicked in wait_recv"), "{e}");
+    // SAFETY: as above.
+    let e = unsafe { fabs[0].send(1, tag(2), buf.as_ptr(), 8, &w) }.unwrap_err();
+    assert!(e.to_string().contains("unusable"), "{e}");
+    fabs[0].cancel_recv(1, tag(1));
+    fabs[0].cancel_send(1, tag(2));
+    // The peer was disconnected: its writes no longer land here.
+    let data = [7u8; 8];
+    // SAFETY: `data` outlives the wait below.
+    let sent = unsafe { fabs[1].send(0, tag(1), data.as_ptr(), 8, &w) }.and_then(|_| fabs[1].wait_send(0, tag(1), &w));
+    assert!(sent.is_err(), "a write into a failed endpoint succeeded");
+    assert_eq!(buf, vec![0u8; 64]);
+}

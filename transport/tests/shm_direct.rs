@@ -96,6 +96,25 @@ fn child_rank(spec: &str) {
     assert_eq!(v[300_000], (300_000 % 11) as f64 * size as f64);
 }
 
+/// Run `n` rank processes (this test binary re-run as test `name`) with `env`; their outputs.
+fn rank_processes(name: &str, n: usize, env: &[(&str, &str)]) -> Vec<std::process::Output> {
+    let port = free_port().unwrap();
+    let token = new_token();
+    let exe = std::env::current_exe().unwrap();
+    let kids: Vec<_> = (0..n)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(CHILD, format!("{r},{n},{port},{token}"))
+                .envs(env.iter().copied())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect()
+}
+
 #[test]
 fn many_processes_on_two_cores_make_progress() {
     if let Ok(spec) = std::env::var(CHILD) {
@@ -103,24 +122,28 @@ fn many_processes_on_two_cores_make_progress() {
     }
     // 8 rank processes pinned to (at most) 2 cores; every message size, including the
     // advertised-write and RTS paths across real processes (process_vm_writev / _readv).
-    let n = 8;
-    let port = free_port().unwrap();
-    let token = new_token();
-    let exe = std::env::current_exe().unwrap();
     let t = Instant::now();
-    let mut kids: Vec<_> = (0..n)
-        .map(|r| {
-            std::process::Command::new(&exe)
-                .args(["--exact", "many_processes_on_two_cores_make_progress", "--nocapture", "--test-threads=1"])
-                .env(CHILD, format!("{r},{n},{port},{token}"))
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut ok = true;
-    for k in kids.iter_mut() {
-        ok &= k.wait().unwrap().success();
+    let out = rank_processes("many_processes_on_two_cores_make_progress", 8, &[]);
+    for o in &out {
+        assert!(o.status.success(), "a rank process failed: {}", String::from_utf8_lossy(&o.stderr));
     }
-    assert!(ok, "a rank process failed");
     assert!(t.elapsed() < Duration::from_secs(120), "took {:?}", t.elapsed());
+}
+
+#[test]
+fn processes_copy_through_shared_memory_when_told_to() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        return child_rank(&spec);
+    }
+    // The fallback for hosts that forbid cross-memory attach, forced: 4 rank processes, every
+    // size; the path counters each rank prints show streamed messages and no CMA copy at all.
+    let out = rank_processes("processes_copy_through_shared_memory_when_told_to", 4, &[("EMBER_SHM_COPY", "staged"), ("EMBER_SHM_STATS", "1")]);
+    for (r, o) in out.iter().enumerate() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "rank {r} failed: {err}");
+        let line = err.lines().find(|l| l.starts_with(&format!("shm rank {r}:"))).unwrap_or_else(|| panic!("no counters from rank {r}: {err}"));
+        let count = |k: &str| -> u64 { line.split(&format!(" {k} ")).nth(1).and_then(|t| t.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap() };
+        assert!(count("staged") > 0, "{line}");
+        assert_eq!((count("direct"), count("direct-after-rts"), count("rts-fetch")), (0, 0, 0), "{line}");
+    }
 }

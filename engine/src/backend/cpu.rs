@@ -14,6 +14,28 @@ impl Cpu {
     pub fn new() -> Self {
         Cpu
     }
+
+    /// Heap the `gemm` crate keeps for good once threads have run matrix products: one block
+    /// of the L2 cache's size per thread that ran one (the calling thread, and the rayon pool's
+    /// threads when there are several), the L2 size read from sysfs (1 MiB when unknown).
+    pub fn gemm_workspace_bytes() -> u64 {
+        let l2 = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size")
+            .ok()
+            .and_then(|s| {
+                let s = s.trim();
+                let (num, mul) = match s.strip_suffix('K') {
+                    Some(k) => (k, 1u64 << 10),
+                    None => match s.strip_suffix('M') {
+                        Some(m) => (m, 1 << 20),
+                        None => (s, 1),
+                    },
+                };
+                num.parse::<u64>().ok().map(|x| x * mul)
+            })
+            .unwrap_or(1 << 20);
+        let pool = rayon::current_num_threads() as u64;
+        l2 * (1 + if pool > 1 { pool } else { 0 })
+    }
 }
 
 fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {

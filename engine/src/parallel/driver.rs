@@ -51,6 +51,10 @@ pub struct Report2D {
     pub imbalance: f64,
     /// Peak resident memory of this process (VmHWM; all in-process ranks together), bytes.
     pub peak_rss_bytes: u64,
+    /// Every world rank's measured heap peak during its model construction and training (bytes
+    /// above what was live when the rank started), by world rank; empty unless each rank is its
+    /// own process counting its heap (`crate::heap`, `ember train --measure-memory`).
+    pub heap_peak_bytes: Vec<u64>,
     /// Median wall-clock milliseconds of rank 0's steps after the first (warm-up) step.
     pub step_ms_median: f64,
     /// At the end, every shard's weights (and optimizer state, except in fully-sharded 2D) were
@@ -205,6 +209,8 @@ pub struct RankOutcome {
     pub step_ms: Vec<f64>,
     /// Every shard bitwise the same on every replica at the end (`Rank2D::replicas_identical`).
     pub replicas_identical: bool,
+    /// Every world rank's heap peak (see `Report2D::heap_peak_bytes`); empty when not counted.
+    pub heap_peak_bytes: Vec<u64>,
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
@@ -224,6 +230,9 @@ pub fn run_rank<B: Backend>(
     trace: bool,
 ) -> Result<RankOutcome> {
     let w = world.rank();
+    // The heap measured from here to the end of training (construction included, the final
+    // evaluation not): what the planner's per-rank memory figure bounds.
+    let heap0 = crate::heap::enabled().then(crate::heap::reset_peak);
     let gc = GridComms::new(grid, world)?;
     if w == 0 {
         tracing::info!("{}", grid.describe());
@@ -274,6 +283,9 @@ pub fn run_rank<B: Backend>(
     }
     let train_s = t0.elapsed().as_secs_f64();
     rank.finish_training(be)?;
+    let heap = heap0.map(|h0| (crate::heap::peak() - h0).max(0) as u64);
+    let (heaps, _) = rank.comms.world.all_gather_alloc(&[heap.unwrap_or(u64::MAX)])?;
+    let heap_peak_bytes = if heaps.contains(&u64::MAX) { Vec::new() } else { heaps };
     let replicas_identical = rank.replicas_identical(be)?;
     // The evaluation's forward passes are not part of the training counters.
     let (times, bytes) = (rank.times.clone(), rank.bytes.clone());
@@ -293,7 +305,7 @@ pub fn run_rank<B: Backend>(
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms.coords();
     let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms, replicas_identical })
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms, replicas_identical, heap_peak_bytes })
 }
 
 /// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
@@ -325,22 +337,10 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         steps,
         wall_s: wall,
         stages,
-        a2a_bytes_per_rank: per((b.input_a2a + b.output_a2a + b.output_reduce_scatter + b.grad_a2a + b.grad_all_gather) as f64),
+        a2a_bytes_per_rank: per(b.sparse() as f64),
         sync_bytes_per_rank: per((b.sync_index + b.sync_values + b.fs_weights) as f64),
         emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
-        bytes_per_step: ByteCounts {
-            input_a2a: b.input_a2a / steps.max(1) as u64,
-            output_a2a: b.output_a2a / steps.max(1) as u64,
-            output_reduce_scatter: b.output_reduce_scatter / steps.max(1) as u64,
-            grad_a2a: b.grad_a2a / steps.max(1) as u64,
-            grad_all_gather: b.grad_all_gather / steps.max(1) as u64,
-            dense_all_reduce: b.dense_all_reduce / steps.max(1) as u64,
-            sync_index: b.sync_index / steps.max(1) as u64,
-            sync_values: b.sync_values / steps.max(1) as u64,
-            fs_weights: b.fs_weights / steps.max(1) as u64,
-            emb_weight_bytes_resident_dense: b.emb_weight_bytes_resident_dense,
-            lookup_cost: b.lookup_cost / steps.max(1) as u64,
-        },
+        bytes_per_step: b.per(steps as u64),
         imbalance: o.imbalance,
         peak_rss_bytes: peak_rss(),
         step_ms_median: {
@@ -350,6 +350,7 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         },
         step_ms: o.step_ms.clone(),
         replicas_identical: o.replicas_identical,
+        heap_peak_bytes: o.heap_peak_bytes.clone(),
         losses,
     }
 }

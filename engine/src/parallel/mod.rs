@@ -9,7 +9,8 @@
 //! 5. embedding backward — the reverse all-to-all (all-gather for row-split tables) and the
 //!    fused backward+optimizer on the local shards;
 //! 6. every K steps, replica sync of shard weights and optimizer state;
-//! 7. dense optimizer step.
+//! 7. dense optimizer step (run before step 6: the order changes nothing in the result, and
+//!    the dense all-reduce's buffers are freed before the sync allocates its own).
 //!
 //! Gradient convention (BRIEF.md §2): the loss is the mean over the global batch B; dense
 //! gradients are summed over all ranks (each computed with 1/B); each sharding group applies
@@ -27,6 +28,7 @@ use crate::data::Batch;
 use crate::dense::DenseNet;
 use crate::embedding::{new_shard, upload_bags};
 use crate::grid::{Grid, GridComms};
+use crate::plan::trw::{trw_tables, TrwCounts, TrwTable};
 use crate::plan::{Plan, ShardingType};
 use crate::{Error, Result};
 use ember_transport::ReduceOp;
@@ -109,14 +111,31 @@ pub struct StageTimes {
     pub sync: f64,
 }
 
-/// Bytes this rank sent, summed over steps.
+/// Bytes this rank hands to each collective, summed over steps: the whole send buffer of an
+/// all-to-all or reduce-scatter (its own block included), its own block of an all-gather, the
+/// buffer of an all-reduce. The planner predicts the same quantities (docs/plan.md).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ByteCounts {
+    /// Ids and bag lengths (8 bytes each) to the shards' holders, and the counts exchanged first.
     pub input_a2a: u64,
+    /// Pooled vectors of table- and column-wise shards.
     pub output_a2a: u64,
+    /// Partial sums of row-wise tables (every rank sends G·D floats per row-wise table).
     pub output_reduce_scatter: u64,
+    /// Table-row-wise, forward: partial sums to the table's holders, then summed vectors to
+    /// their owners.
+    pub output_trw_reduce: u64,
+    pub output_trw_owners: u64,
+    /// Pooled gradients back to table- and column-wise shards.
     pub grad_a2a: u64,
+    /// Row-wise tables: this rank's gradient rows (all-gather).
     pub grad_all_gather: u64,
+    /// Table-row-wise, backward: gradient rows to the serving holder, then among the holders.
+    pub grad_trw_owners: u64,
+    pub grad_trw_gather: u64,
+    /// Column-wise shards with row-wise AdaGrad: Σg² per unique row and its counts (all-gather).
+    pub grad_col_sq: u64,
+    /// Dense gradients and the loss (all-reduce over all T ranks).
     pub dense_all_reduce: u64,
     pub sync_index: u64,
     pub sync_values: u64,
@@ -126,6 +145,45 @@ pub struct ByteCounts {
     pub emb_weight_bytes_resident_dense: u64,
     /// Lookup work done on this rank's shards: Σ ids × shard columns, summed over steps.
     pub lookup_cost: u64,
+}
+
+impl ByteCounts {
+    /// Every count divided by `k` (per step); the resident-weights maximum is kept.
+    pub fn per(&self, k: u64) -> ByteCounts {
+        let k = k.max(1);
+        ByteCounts {
+            input_a2a: self.input_a2a / k,
+            output_a2a: self.output_a2a / k,
+            output_reduce_scatter: self.output_reduce_scatter / k,
+            output_trw_reduce: self.output_trw_reduce / k,
+            output_trw_owners: self.output_trw_owners / k,
+            grad_a2a: self.grad_a2a / k,
+            grad_all_gather: self.grad_all_gather / k,
+            grad_trw_owners: self.grad_trw_owners / k,
+            grad_trw_gather: self.grad_trw_gather / k,
+            grad_col_sq: self.grad_col_sq / k,
+            dense_all_reduce: self.dense_all_reduce / k,
+            sync_index: self.sync_index / k,
+            sync_values: self.sync_values / k,
+            fs_weights: self.fs_weights / k,
+            emb_weight_bytes_resident_dense: self.emb_weight_bytes_resident_dense,
+            lookup_cost: self.lookup_cost / k,
+        }
+    }
+
+    /// Bytes of the sparse collectives (input, output and gradient distribution).
+    pub fn sparse(&self) -> u64 {
+        self.input_a2a
+            + self.output_a2a
+            + self.output_reduce_scatter
+            + self.output_trw_reduce
+            + self.output_trw_owners
+            + self.grad_a2a
+            + self.grad_all_gather
+            + self.grad_trw_owners
+            + self.grad_trw_gather
+            + self.grad_col_sq
+    }
 }
 
 /// One timed span of one rank (Chrome/Perfetto trace "X" event).
@@ -138,15 +196,32 @@ pub struct TraceEvent {
     pub rank: usize,
 }
 
-/// An input all-to-all in flight (started for the next batch during this step's dense work).
+/// An input all-to-all started for the next batch during this step's dense work: in flight,
+/// or received (waited for before the embedding backward, so that its send buffer is gone
+/// when the backward's buffers are allocated).
 struct InputInFlight {
-    recv: ember_transport::Request<Vec<u64>>,
+    recv: Received,
     counts: Vec<usize>,
 }
 
+enum Received {
+    InFlight(ember_transport::Request<Vec<u64>>),
+    Done(Vec<u64>),
+}
+
 impl InputInFlight {
-    fn finish(self) -> Result<(Vec<u64>, Vec<usize>)> {
-        Ok((self.recv.wait()?, self.counts))
+    /// Wait for the all-to-all (its send buffer is freed when it completes).
+    fn complete(&mut self) -> Result<()> {
+        if let Received::InFlight(_) = self.recv {
+            let Received::InFlight(r) = std::mem::replace(&mut self.recv, Received::Done(Vec::new())) else { unreachable!() };
+            self.recv = Received::Done(r.wait()?);
+        }
+        Ok(())
+    }
+    fn finish(mut self) -> Result<(Vec<u64>, Vec<usize>)> {
+        self.complete()?;
+        let Received::Done(v) = self.recv else { unreachable!("completed above") };
+        Ok((v, self.counts))
     }
 }
 
@@ -197,8 +272,10 @@ pub struct Rank2D<B: Backend> {
     pub bytes: ByteCounts,
     /// Every group rank's slots (for message layouts).
     peer_slots: Vec<Vec<LocalSlot>>,
-    /// Tables whose shards split rows, in table order.
+    /// Row-wise tables, in table order.
     row_tables: Vec<usize>,
+    /// Table-row-wise tables, in table order, with their holders and owners.
+    trw: Vec<TrwTable>,
     /// Recorded stage spans when tracing.
     pub trace: Option<Vec<TraceEvent>>,
     epoch: Instant,
@@ -242,7 +319,8 @@ impl<B: Backend> Rank2D<B> {
             .collect::<Result<Vec<_>>>()?;
         let touched = slots.iter().map(|s| Touched::new((s.rows.end - s.rows.start) as usize)).collect();
         let peer_slots = (0..plan.n).map(|p| slots_of(&plan, p)).collect();
-        let row_tables = plan.tables.iter().filter(|t| t.kind.splits_rows()).map(|t| t.table).collect();
+        let row_tables = plan.tables.iter().filter(|t| t.kind == ShardingType::RowWise).map(|t| t.table).collect();
+        let trw = trw_tables(&plan);
         let xfer = Xfer::resolve(opts.xfer, be, &comms.world)?;
         Ok(Rank2D {
             xfer,
@@ -262,12 +340,18 @@ impl<B: Backend> Rank2D<B> {
             bytes: ByteCounts::default(),
             peer_slots,
             row_tables,
+            trw,
             trace: None,
             epoch: Instant::now(),
             pending: None,
             prefetch: None,
             fs_part: None,
         })
+    }
+
+    /// Position in `slots` of this rank's shard of `table` (row splits: at most one per rank).
+    fn slot_of(&self, table: usize) -> usize {
+        self.slots.iter().position(|s| s.table == table).expect("a shard of the table on this rank")
     }
 
     /// Close a stage that began at `t0`: milliseconds (added to the stage's total by the
@@ -285,12 +369,11 @@ impl<B: Backend> Rank2D<B> {
     /// Step 1 begun: the receive counts exchanged, the ids' all-to-all started.
     fn start_input(&mut self, batch: &Batch) -> Result<InputInFlight> {
         let (send, counts) = encode_input(&self.plan, &batch.sparse);
-        self.bytes.input_a2a += send.len() as u64 * 8;
-        let sc: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
-        let mut rc = vec![0u64; sc.len()];
-        self.comms.shard.all_to_all(&sc, &mut rc)?;
-        let rcounts: Vec<usize> = rc.into_iter().map(|c| c as usize).collect();
-        Ok(InputInFlight { recv: self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone()), counts: rcounts })
+        self.bytes.input_a2a += (send.len() + counts.len()) as u64 * 8;
+        // The peers' counts are checked against the allocation limit before the receive
+        // buffer is allocated from them.
+        let rcounts = self.comms.shard.all_to_all_counts::<u64>(&counts)?;
+        Ok(InputInFlight { recv: Received::InFlight(self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone())), counts: rcounts })
     }
 
     /// `prefetched`: take step 1's result from the previous step's prefetch of this batch.
@@ -305,72 +388,36 @@ impl<B: Backend> Rank2D<B> {
         // 1. Input distribution (already in flight when the previous step prefetched it).
         let t0 = Instant::now();
         let (recv, rcounts) = match (prefetched, self.prefetch.take()) {
-            (true, Some(p)) => (p.recv.wait()?, p.counts),
+            (true, Some(p)) => p.finish()?,
             _ => self.start_input(batch)?.finish()?,
         };
         let jag = decode_input(&recv, &rcounts, &self.slots, b)?;
+        drop(recv);
         self.bytes.lookup_cost += jag.iter().zip(&self.slots).map(|(j, s)| (j.values.len() * s.cols.len()) as u64).sum::<u64>();
         self.times.input_dist += self.stage("input_dist", t0);
         // 2. Local lookup: sums over the group's N·b samples.
         let t0 = Instant::now();
         let bags = jag.iter().map(|j| upload_bags(be, j, Pooling::Sum)).collect::<Result<Vec<_>>>()?;
+        let ids: Vec<Vec<u64>> = jag.into_iter().map(|j| j.values).collect();
         let mut outs = Vec::with_capacity(self.shards.len());
         for (s, bg_) in self.shards.iter().zip(&bags) {
             let cols = s.spec.num_cols();
             let mut out = be.zeros(bg * cols)?;
             be.embedding_forward(s, bg_, &mut out, Layout { stride: cols, col: 0 }, false)?;
-            outs.push(out);
+            outs.push(Some(out));
         }
         if fully_sharded {
             self.fs_scatter(be)?;
         }
         self.times.lookup += self.stage("lookup", t0);
-        // 3. Output distribution, straight into the dense network's input (b × (f+1)·d).
+        // 3. Output distribution, straight into the dense network's input (b × (f+1)·d). Each
+        // shard's output is freed as soon as it is packed for sending.
         let t0 = Instant::now();
         let stride = (f + 1) * d;
         let mut wide = be.zeros(b * stride)?;
-        // a) table- and column-wise shards: all-to-all of each peer's b rows.
-        let per: usize = self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum();
-        let scounts = vec![per; n];
-        let mut send = be.zeros(per * n)?;
-        let mut pos = 0;
-        for p in 0..n {
-            for (slot, out) in self.slots.iter().zip(&outs).filter(|(s, _)| !s.kind.splits_rows()) {
-                let len = b * slot.cols.len();
-                be.copy_2d(out, p * len, len, &mut send, pos, len, 1, len)?;
-                pos += len;
-            }
-        }
-        let rcounts: Vec<usize> =
-            self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
-        let mut recv = be.zeros(rcounts.iter().sum())?;
-        self.bytes.output_a2a += (per * n) as u64 * 4;
-        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &scounts, &mut recv, &rcounts)?;
-        let mut pos = 0;
-        for ps in &self.peer_slots {
-            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
-                let cols = s.cols.len();
-                be.copy_2d(&recv, pos, cols, &mut wide, (s.table + 1) * d + s.cols.start, stride, b, cols)?;
-                pos += b * cols;
-            }
-        }
-        // b) row-split tables: reduce-scatter of partial sums, [peer][table][b × d].
-        if !self.row_tables.is_empty() {
-            let rt = self.row_tables.len();
-            let mut send = be.zeros(n * rt * b * d)?;
-            for (slot, out) in self.slots.iter().zip(&outs).filter(|(s, _)| s.kind.splits_rows()) {
-                let k = self.row_tables.iter().position(|&t| t == slot.table).expect("row table listed");
-                for p in 0..n {
-                    be.copy_2d(out, p * b * d, b * d, &mut send, (p * rt + k) * b * d, b * d, 1, b * d)?;
-                }
-            }
-            let mut mine = be.zeros(rt * b * d)?;
-            self.bytes.output_reduce_scatter += (n * rt * b * d) as u64 * 4;
-            self.xfer.reduce_scatter_sum(be, &self.comms.shard, &send, &mut mine)?;
-            for (k, &t) in self.row_tables.iter().enumerate() {
-                be.copy_2d(&mine, k * b * d, d, &mut wide, (t + 1) * d, stride, b, d)?;
-            }
-        }
+        self.output_pooled(be, &mut outs, &mut wide, b)?;
+        self.output_row_sums(be, &mut outs, &mut wide, b)?;
+        self.output_table_row_wise(be, &mut outs, &mut wide, b)?;
         // Mean pooling, by the owner of the sample (it knows the whole bag's length).
         for (t, tc) in self.model.tables.iter().enumerate() {
             if tc.pooling == Pooling::Mean {
@@ -387,7 +434,150 @@ impl<B: Backend> Rank2D<B> {
         self.dense.forward_bottom(be, &dense_x)?;
         self.dense.forward_top(be)?;
         self.times.dense += self.stage("dense", t0);
-        Ok(Forward { bags, ids: jag.into_iter().map(|j| j.values).collect(), dense_x })
+        Ok(Forward { bags, ids, dense_x })
+    }
+
+    /// Step 3a: table- and column-wise shards, an all-to-all of each peer's b rows.
+    fn output_pooled(&mut self, be: &B, outs: &mut [Option<B::Buf>], wide: &mut B::Buf, b: usize) -> Result<()> {
+        let (n, d) = (self.plan.n, self.model.dim());
+        let stride = be.len(wide) / b.max(1);
+        let per: usize = self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum();
+        let mut send = be.zeros(per * n)?;
+        let mut pos = 0;
+        for p in 0..n {
+            for (slot, out) in self.slots.iter().zip(outs.iter()).filter(|(s, _)| !s.kind.splits_rows()) {
+                let len = b * slot.cols.len();
+                be.copy_2d(out.as_ref().expect("output not yet sent"), p * len, len, &mut send, pos, len, 1, len)?;
+                pos += len;
+            }
+        }
+        for (slot, out) in self.slots.iter().zip(outs.iter_mut()) {
+            if !slot.kind.splits_rows() {
+                *out = None;
+            }
+        }
+        let rcounts: Vec<usize> =
+            self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
+        let mut recv = be.zeros(rcounts.iter().sum())?;
+        self.bytes.output_a2a += (per * n) as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &vec![per; n], &mut recv, &rcounts)?;
+        drop(send);
+        let mut pos = 0;
+        for ps in &self.peer_slots {
+            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
+                let cols = s.cols.len();
+                be.copy_2d(&recv, pos, cols, wide, (s.table + 1) * d + s.cols.start, stride, b, cols)?;
+                pos += b * cols;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3b: row-wise tables, a reduce-scatter of partial sums over the whole group,
+    /// [peer][table][b × d] (a rank without a shard of a table sends zeros for it).
+    fn output_row_sums(&mut self, be: &B, outs: &mut [Option<B::Buf>], wide: &mut B::Buf, b: usize) -> Result<()> {
+        if self.row_tables.is_empty() {
+            return Ok(());
+        }
+        let (n, d) = (self.plan.n, self.model.dim());
+        let stride = be.len(wide) / b.max(1);
+        let rt = self.row_tables.len();
+        let mut send = be.zeros(n * rt * b * d)?;
+        for (slot, out) in self.slots.iter().zip(outs.iter_mut()).filter(|(s, _)| s.kind == ShardingType::RowWise) {
+            let k = self.row_tables.iter().position(|&t| t == slot.table).expect("row table listed");
+            let out = out.take().expect("output not yet sent");
+            for p in 0..n {
+                be.copy_2d(&out, p * b * d, b * d, &mut send, (p * rt + k) * b * d, b * d, 1, b * d)?;
+            }
+        }
+        let mut mine = be.zeros(rt * b * d)?;
+        self.bytes.output_reduce_scatter += (n * rt * b * d) as u64 * 4;
+        self.xfer.reduce_scatter_sum(be, &self.comms.shard, &send, &mut mine)?;
+        drop(send);
+        for (k, &t) in self.row_tables.iter().enumerate() {
+            be.copy_2d(&mine, k * b * d, d, wide, (t + 1) * d, stride, b, d)?;
+        }
+        Ok(())
+    }
+
+    /// Step 3c: table-row-wise tables (`crate::plan::trw`): partial sums reduced among each
+    /// table's holders, then each holder's summed vectors to the owners it serves.
+    fn output_table_row_wise(&mut self, be: &B, outs: &mut [Option<B::Buf>], wide: &mut B::Buf, b: usize) -> Result<()> {
+        if self.trw.is_empty() {
+            return Ok(());
+        }
+        let (n, d) = (self.plan.n, self.model.dim());
+        let stride = be.len(wide) / b.max(1);
+        let me = self.comms.shard.rank();
+        let c = TrwCounts::new(&self.trw, n, me, b, d);
+        // i) Partial sums for the owners holder h serves, to h: [peer][table][owners × b × d].
+        let mut send = be.zeros(c.reduce_send.iter().sum())?;
+        let mut pos = 0;
+        for h in 0..n {
+            for t in self.trw.iter().filter(|t| t.holder_index(me).is_some()) {
+                let Some(j) = t.holder_index(h) else { continue };
+                let out = outs[self.slot_of(t.table)].as_ref().expect("output not yet sent");
+                let len = t.owners[j].len() * b * d;
+                be.copy_2d(out, t.owners[j].start * b * d, len, &mut send, pos, len, 1, len)?;
+                pos += len;
+            }
+        }
+        for t in &self.trw {
+            if t.holder_index(me).is_some() {
+                outs[self.slot_of(t.table)] = None;
+            }
+        }
+        let mut recv = be.zeros(c.reduce_recv.iter().sum())?;
+        self.bytes.output_trw_reduce += pos as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &c.reduce_send, &mut recv, &c.reduce_recv)?;
+        drop(send);
+        // Sum the holders' blocks in holder order: [table][owners × b × d] for my tables.
+        let mine: Vec<&TrwTable> = self.trw.iter().filter(|t| t.holder_index(me).is_some()).collect();
+        let sizes: Vec<usize> = mine.iter().map(|t| t.served_by(me).len() * b * d).collect();
+        let mut sums: Vec<B::Buf> = sizes.iter().map(|&s| be.zeros(s)).collect::<Result<_>>()?;
+        let mut pos = 0;
+        for h in 0..n {
+            for (k, t) in mine.iter().enumerate() {
+                if t.holder_index(h).is_none() {
+                    continue;
+                }
+                let len = sizes[k];
+                if h == t.holders[0] {
+                    be.copy_2d(&recv, pos, len, &mut sums[k], 0, len, 1, len)?;
+                } else {
+                    let mut part = be.zeros(len)?;
+                    be.copy_2d(&recv, pos, len, &mut part, 0, len, 1, len)?;
+                    be.axpy(1.0, &part, &mut sums[k])?;
+                }
+                pos += len;
+            }
+        }
+        drop(recv);
+        // ii) Each owner's b summed rows to it: [peer][table][b × d].
+        let mut send = be.zeros(c.owners_send.iter().sum())?;
+        let mut pos = 0;
+        for o in 0..n {
+            for (k, t) in mine.iter().enumerate() {
+                let served = t.served_by(me);
+                if served.contains(&o) {
+                    be.copy_2d(&sums[k], (o - served.start) * b * d, b * d, &mut send, pos, b * d, 1, b * d)?;
+                    pos += b * d;
+                }
+            }
+        }
+        drop(sums);
+        let mut recv = be.zeros(c.owners_recv.iter().sum())?;
+        self.bytes.output_trw_owners += pos as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &c.owners_send, &mut recv, &c.owners_recv)?;
+        drop(send);
+        let mut pos = 0;
+        for h in 0..n {
+            for t in self.trw.iter().filter(|t| t.holders[t.server_of(me)] == h) {
+                be.copy_2d(&recv, pos, d, wide, (t.table + 1) * d, stride, b, d)?;
+                pos += b * d;
+            }
+        }
+        Ok(())
     }
 
     /// One training step on this rank's `b = B/T` samples. Returns the global mean loss.
@@ -426,13 +616,21 @@ impl<B: Backend> Rank2D<B> {
         }
         self.bytes.dense_all_reduce += total as u64 * 4;
         let dense_req = match self.xfer {
-            Xfer::Host { .. } => DenseReduce::<B>::Host(self.comms.world.start_all_reduce(be.download(&grads)?, ReduceOp::Sum)),
+            Xfer::Host { .. } => {
+                let host = be.download(&grads)?;
+                drop(grads);
+                DenseReduce::<B>::Host(self.comms.world.start_all_reduce(host, ReduceOp::Sum))
+            }
             Xfer::Peers | Xfer::Native | Xfer::Direct => DenseReduce::Device(grads),
         };
         let ar_start = Instant::now();
         self.times.dense += self.stage("dense", t0);
-        // 5. Embedding backward: pooled gradients back to the shards, fused update.
+        // 5. Embedding backward: pooled gradients back to the shards, fused update. The next
+        // batch's ids (their all-to-all overlapped the dense work) are received first.
         let t0 = Instant::now();
+        if let Some(p) = self.prefetch.as_mut() {
+            p.complete()?;
+        }
         // Per-table gradient blocks (b × d): × M (the group applies M/B · Σ), × 1/len for mean.
         let dwide = self.dense.dwide();
         let mut scaled = Vec::with_capacity(f);
@@ -446,58 +644,18 @@ impl<B: Backend> Rank2D<B> {
             scaled.push(g);
         }
         let mut gmats: Vec<B::Buf> = self.slots.iter().map(|s| be.zeros(n * b * s.cols.len())).collect::<Result<_>>()?;
-        // a) table- and column-wise shards: the reverse all-to-all.
-        let scounts: Vec<usize> =
-            self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
-        let mut send = be.zeros(scounts.iter().sum())?;
-        let mut pos = 0;
-        for ps in &self.peer_slots {
-            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
-                let cols = s.cols.len();
-                be.copy_2d(&scaled[s.table], s.cols.start, d, &mut send, pos, cols, b, cols)?;
-                pos += b * cols;
-            }
-        }
-        let per: usize = self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum();
-        let mut recv = be.zeros(per * n)?;
-        self.bytes.grad_a2a += pos as u64 * 4;
-        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &scounts, &mut recv, &vec![per; n])?;
-        let mut pos = 0;
-        for p in 0..n {
-            for (s, g) in self.slots.iter().zip(gmats.iter_mut()).filter(|(s, _)| !s.kind.splits_rows()) {
-                let len = b * s.cols.len();
-                be.copy_2d(&recv, pos, len, g, p * len, len, 1, len)?;
-                pos += len;
-            }
-        }
-        // b) row-split tables: all-gather of every rank's [table][b × d] blocks.
-        if !self.row_tables.is_empty() {
-            let rt = self.row_tables.len();
-            let mut mine = be.zeros(rt * b * d)?;
-            for (k, &t) in self.row_tables.iter().enumerate() {
-                be.copy_2d(&scaled[t], 0, b * d, &mut mine, k * b * d, b * d, 1, b * d)?;
-            }
-            let mut all = be.zeros(n * rt * b * d)?;
-            self.bytes.grad_all_gather += (rt * b * d) as u64 * 4;
-            self.xfer.all_gather(be, &self.comms.shard, &mine, &mut all)?;
-            for (s, g) in self.slots.iter().zip(gmats.iter_mut()).filter(|(s, _)| s.kind.splits_rows()) {
-                let k = self.row_tables.iter().position(|&t| t == s.table).expect("row table listed");
-                for p in 0..n {
-                    be.copy_2d(&all, (p * rt + k) * b * d, b * d, g, p * b * d, b * d, 1, b * d)?;
-                }
-            }
-        }
+        self.grad_pooled(be, &scaled, &mut gmats, b)?;
+        self.grad_row_sums(be, &scaled, &mut gmats, b)?;
+        self.grad_table_row_wise(be, &scaled, &mut gmats, b)?;
+        drop(scaled);
         if fs {
             self.fs_gather(be)?;
         }
         self.apply_embedding_grads(be, &fwd, gmats)?;
+        drop(fwd);
         self.times.backward += self.stage("backward", t0);
-        // 6. Replica sync every K steps.
-        self.steps_done += 1;
-        if !fs && self.steps_done % self.opts.sync_every == 0 {
-            self.sync(be)?;
-        }
-        // 7. Dense optimizer step.
+        // 7. Dense optimizer step. It runs before the replica sync: the order changes nothing
+        // in the result, and the dense all-reduce's buffers are gone when the sync allocates.
         let t0 = Instant::now();
         let summed = match dense_req {
             DenseReduce::Host(r) => be.upload(&r.wait()?)?,
@@ -513,15 +671,141 @@ impl<B: Backend> Rank2D<B> {
             be.copy_2d(&summed, pos, len, &mut p.g, 0, len, 1, len)?;
             pos += len;
         }
+        drop(summed);
         self.dense.update(be, &self.dense_upd)?;
         let mut l = [loss];
+        self.bytes.dense_all_reduce += 8;
         self.comms.world.all_reduce(&mut l, ReduceOp::Sum)?;
         self.times.dense += self.stage("dense", t0);
+        // 6. Replica sync every K steps.
+        self.steps_done += 1;
+        if !fs && self.steps_done % self.opts.sync_every == 0 {
+            self.sync(be)?;
+        }
         let mean = l[0] / self.global_batch as f64;
         if !mean.is_finite() {
             return Err(Error::Numeric(format!("training loss is {mean}: diverged (lower the learning rate)")));
         }
         Ok(mean)
+    }
+
+    /// Step 5a: table- and column-wise shards, the reverse all-to-all of the pooled gradients.
+    fn grad_pooled(&mut self, be: &B, scaled: &[B::Buf], gmats: &mut [B::Buf], b: usize) -> Result<()> {
+        let (n, d) = (self.plan.n, self.model.dim());
+        let scounts: Vec<usize> =
+            self.peer_slots.iter().map(|ps| ps.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum()).collect();
+        let mut send = be.zeros(scounts.iter().sum())?;
+        let mut pos = 0;
+        for ps in &self.peer_slots {
+            for s in ps.iter().filter(|s| !s.kind.splits_rows()) {
+                let cols = s.cols.len();
+                be.copy_2d(&scaled[s.table], s.cols.start, d, &mut send, pos, cols, b, cols)?;
+                pos += b * cols;
+            }
+        }
+        let per: usize = self.slots.iter().filter(|s| !s.kind.splits_rows()).map(|s| b * s.cols.len()).sum();
+        let mut recv = be.zeros(per * n)?;
+        self.bytes.grad_a2a += pos as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &scounts, &mut recv, &vec![per; n])?;
+        drop(send);
+        let mut pos = 0;
+        for p in 0..n {
+            for (s, g) in self.slots.iter().zip(gmats.iter_mut()).filter(|(s, _)| !s.kind.splits_rows()) {
+                let len = b * s.cols.len();
+                be.copy_2d(&recv, pos, len, g, p * len, len, 1, len)?;
+                pos += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5b: row-wise tables, an all-gather of every rank's [table][b × d] blocks.
+    fn grad_row_sums(&mut self, be: &B, scaled: &[B::Buf], gmats: &mut [B::Buf], b: usize) -> Result<()> {
+        if self.row_tables.is_empty() {
+            return Ok(());
+        }
+        let (n, d) = (self.plan.n, self.model.dim());
+        let rt = self.row_tables.len();
+        let mut mine = be.zeros(rt * b * d)?;
+        for (k, &t) in self.row_tables.iter().enumerate() {
+            be.copy_2d(&scaled[t], 0, b * d, &mut mine, k * b * d, b * d, 1, b * d)?;
+        }
+        let mut all = be.zeros(n * rt * b * d)?;
+        self.bytes.grad_all_gather += (rt * b * d) as u64 * 4;
+        self.xfer.all_gather(be, &self.comms.shard, &mine, &mut all)?;
+        drop(mine);
+        for (s, g) in self.slots.iter().zip(gmats.iter_mut()).filter(|(s, _)| s.kind == ShardingType::RowWise) {
+            let k = self.row_tables.iter().position(|&t| t == s.table).expect("row table listed");
+            for p in 0..n {
+                be.copy_2d(&all, (p * rt + k) * b * d, b * d, g, p * b * d, b * d, 1, b * d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5c: table-row-wise tables, the forward in reverse: every owner's b gradient rows to
+    /// the holder serving it, then the holders swap these blocks so each has all G samples'.
+    fn grad_table_row_wise(&mut self, be: &B, scaled: &[B::Buf], gmats: &mut [B::Buf], b: usize) -> Result<()> {
+        if self.trw.is_empty() {
+            return Ok(());
+        }
+        let (n, d) = (self.plan.n, self.model.dim());
+        let me = self.comms.shard.rank();
+        let c = TrwCounts::new(&self.trw, n, me, b, d);
+        // i) My b rows of each table to the holder serving me: [peer][table][b × d].
+        let mut send = be.zeros(c.owners_recv.iter().sum())?;
+        let mut pos = 0;
+        for h in 0..n {
+            for t in self.trw.iter().filter(|t| t.holders[t.server_of(me)] == h) {
+                be.copy_2d(&scaled[t.table], 0, b * d, &mut send, pos, b * d, 1, b * d)?;
+                pos += b * d;
+            }
+        }
+        let mut recv = be.zeros(c.owners_send.iter().sum())?;
+        self.bytes.grad_trw_owners += pos as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &c.owners_recv, &mut recv, &c.owners_send)?;
+        drop(send);
+        // ii) The rows of the owners I serve, to every holder of the table (me included):
+        // [peer][table][owners × b × d]; received blocks land at their owners' rows.
+        let mine: Vec<&TrwTable> = self.trw.iter().filter(|t| t.holder_index(me).is_some()).collect();
+        let mut at: Vec<Vec<usize>> = mine.iter().map(|t| vec![0; t.served_by(me).len()]).collect();
+        let mut pos = 0;
+        for o in 0..n {
+            for (k, t) in mine.iter().enumerate() {
+                let served = t.served_by(me);
+                if served.contains(&o) {
+                    at[k][o - served.start] = pos;
+                    pos += b * d;
+                }
+            }
+        }
+        let mut send = be.zeros(c.reduce_recv.iter().sum())?;
+        let mut pos = 0;
+        for h in 0..n {
+            for (k, t) in mine.iter().enumerate() {
+                if t.holder_index(h).is_some() {
+                    for &src in &at[k] {
+                        be.copy_2d(&recv, src, b * d, &mut send, pos, b * d, 1, b * d)?;
+                        pos += b * d;
+                    }
+                }
+            }
+        }
+        drop(recv);
+        let mut all = be.zeros(c.reduce_send.iter().sum())?;
+        self.bytes.grad_trw_gather += pos as u64 * 4;
+        self.xfer.all_to_all_v(be, &self.comms.shard, &send, &c.reduce_recv, &mut all, &c.reduce_send)?;
+        drop(send);
+        let mut pos = 0;
+        for h in 0..n {
+            for t in &mine {
+                let Some(j) = t.holder_index(h) else { continue };
+                let len = t.owners[j].len() * b * d;
+                be.copy_2d(&all, pos, len, &mut gmats[self.slot_of(t.table)], t.owners[j].start * b * d, len, 1, len)?;
+                pos += len;
+            }
+        }
+        Ok(())
     }
 
     /// The fused update on every local shard; column-wise shards with row-wise AdaGrad first
@@ -549,6 +833,7 @@ impl<B: Backend> Rank2D<B> {
             mine.extend(be.download(&rg.sq)?);
         }
         let my_counts: Vec<u64> = partial.iter().map(|(_, rg)| rg.num_rows as u64).collect();
+        self.bytes.grad_col_sq += my_counts.len() as u64 * 8 + mine.len() as u64 * 4;
         let (ucounts, ucc) = self.comms.shard.all_gather_alloc(&my_counts)?;
         let (all, counts) = self.comms.shard.all_gather_alloc(&mine)?;
         // For each group rank: (table, offset, length) of its column-shard blocks.

@@ -27,38 +27,34 @@ pub fn slots_of(plan: &Plan, rank: usize) -> Vec<LocalSlot> {
     v
 }
 
-/// The ids of `bags` that fall into `rows`, shifted to local rows, as a jagged list.
+/// Append the bags of `bags` restricted to `rows` (ids shifted to local rows) to `out`: first
+/// every bag's length, then the ids. Allocates nothing beyond `out`'s growth.
 fn filter_rows(bags: &Jagged, rows: &std::ops::Range<u64>, out: &mut Vec<u64>) {
     let mut pos = 0usize;
-    let mut lens = Vec::with_capacity(bags.lengths.len());
-    let mut ids = Vec::new();
     for &l in &bags.lengths {
-        let mut k = 0u64;
-        for &id in &bags.values[pos..pos + l as usize] {
-            if rows.contains(&id) {
-                ids.push(id - rows.start);
-                k += 1;
-            }
-        }
-        lens.push(k);
+        let bag = &bags.values[pos..pos + l as usize];
+        out.push(bag.iter().filter(|id| rows.contains(id)).count() as u64);
         pos += l as usize;
     }
-    out.extend_from_slice(&lens);
-    out.extend_from_slice(&ids);
+    out.extend(bags.values.iter().filter(|id| rows.contains(id)).map(|id| id - rows.start));
+}
+
+/// Words of `filter_rows(bags, rows, ..)`.
+fn filtered_len(bags: &Jagged, rows: &std::ops::Range<u64>) -> usize {
+    bags.lengths.len() + bags.values.iter().filter(|id| rows.contains(id)).count()
 }
 
 /// Encode this rank's sparse features for the input all-to-all: for each destination rank
 /// (in order), for each shard of that rank (plan order): `b` lengths, then the local ids.
-/// Returns the flat message and the per-destination counts.
+/// Returns the flat message (allocated at its exact size) and the per-destination counts.
 pub fn encode_input(plan: &Plan, sparse: &[Jagged]) -> (Vec<u64>, Vec<usize>) {
-    let mut send = Vec::new();
-    let mut counts = Vec::with_capacity(plan.n);
-    for dest in 0..plan.n {
-        let start = send.len();
-        for slot in slots_of(plan, dest) {
+    let dests: Vec<Vec<LocalSlot>> = (0..plan.n).map(|d| slots_of(plan, d)).collect();
+    let counts: Vec<usize> = dests.iter().map(|slots| slots.iter().map(|s| filtered_len(&sparse[s.table], &s.rows)).sum()).collect();
+    let mut send = Vec::with_capacity(counts.iter().sum());
+    for slots in &dests {
+        for slot in slots {
             filter_rows(&sparse[slot.table], &slot.rows, &mut send);
         }
-        counts.push(send.len() - start);
     }
     (send, counts)
 }
@@ -67,12 +63,13 @@ pub fn encode_input(plan: &Plan, sparse: &[Jagged]) -> (Vec<u64>, Vec<usize>) {
 /// N·b samples of the sharding group (ordered by source rank). Every length and id is checked:
 /// a malformed message is an error naming the source, never an out-of-bounds access.
 pub fn decode_input(recv: &[u64], counts: &[usize], slots: &[LocalSlot], b: usize) -> Result<Vec<Jagged>> {
-    let mut out: Vec<Jagged> = slots.iter().map(|_| Jagged::with_capacity(b * counts.len(), 0)).collect();
+    // Pass 1: check the layout and size each shard's ids exactly.
+    let mut ids = vec![0usize; slots.len()];
     let mut pos = 0usize;
     for (src, &c) in counts.iter().enumerate() {
-        let end = pos + c;
+        let end = pos.checked_add(c).filter(|&e| e <= recv.len()).ok_or_else(|| Error::Transport(format!("input all-to-all from group rank {src}: {c} words beyond the message")))?;
         let bad = |m: String| Error::Transport(format!("input all-to-all from group rank {src}: {m}"));
-        for (slot, j) in slots.iter().zip(out.iter_mut()) {
+        for (slot, n_ids) in slots.iter().zip(ids.iter_mut()) {
             if pos + b > end {
                 return Err(bad(format!("message of {c} words too short for the lengths of table {}", slot.table)));
             }
@@ -83,16 +80,26 @@ pub fn decode_input(recv: &[u64], counts: &[usize], slots: &[LocalSlot], b: usiz
                 return Err(bad(format!("lengths of table {} sum to {total}, more than the {} words left", slot.table, end - pos)));
             }
             let n_rows = slot.rows.end - slot.rows.start;
-            let ids = &recv[pos..pos + total as usize];
-            if let Some(&id) = ids.iter().find(|&&id| id >= n_rows) {
+            if let Some(&id) = recv[pos..pos + total as usize].iter().find(|&&id| id >= n_rows) {
                 return Err(bad(format!("id {id} out of range for the shard of table {} ({n_rows} rows)", slot.table)));
             }
-            j.lengths.extend(lens.iter().map(|&l| l as u32));
-            j.values.extend_from_slice(ids);
+            *n_ids += total as usize;
             pos += total as usize;
         }
         if pos != end {
             return Err(bad(format!("{} words left over", end - pos)));
+        }
+    }
+    // Pass 2: copy, every buffer at its final size.
+    let mut out: Vec<Jagged> = ids.iter().map(|&k| Jagged::with_capacity(b * counts.len(), k)).collect();
+    let mut pos = 0usize;
+    for _ in counts {
+        for j in out.iter_mut() {
+            let lens = &recv[pos..pos + b];
+            let total = lens.iter().sum::<u64>() as usize;
+            j.lengths.extend(lens.iter().map(|&l| l as u32));
+            j.values.extend_from_slice(&recv[pos + b..pos + b + total]);
+            pos += b + total;
         }
     }
     Ok(out)
@@ -113,18 +120,20 @@ impl Touched {
             self.bits[(r / 64) as usize] |= 1 << (r % 64);
         }
     }
-    /// Ascending touched rows.
-    pub fn rows(&self) -> Vec<u64> {
-        let mut v = Vec::new();
+    /// Number of touched rows.
+    pub fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
+    /// Append the touched rows, ascending, to `out`.
+    pub fn push_rows(&self, out: &mut Vec<u64>) {
         for (w, &bits) in self.bits.iter().enumerate() {
             let mut x = bits;
             while x != 0 {
                 let t = x.trailing_zeros() as u64;
-                v.push(w as u64 * 64 + t);
+                out.push(w as u64 * 64 + t);
                 x &= x - 1;
             }
         }
-        v
     }
     pub fn clear(&mut self) {
         self.bits.fill(0);

@@ -8,6 +8,7 @@
 //! and identical values stay identical.
 use super::route::Touched;
 use crate::backend::{Backend, Cpu, Shard};
+use crate::plan::SYNC_CHUNK;
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
@@ -31,38 +32,51 @@ fn host<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> Result<&'a mut [f32]> {
     be.host_mut(buf).ok_or_else(|| Error::Device(format!("replica sync needs host-resident shards; backend {} keeps them on the device", be.name())))
 }
 
-/// Union of the replicas' touched rows for each shard (identical on every replica).
+/// Union of the replicas' touched rows for each shard (identical on every replica). Every
+/// buffer is allocated at its exact size.
 fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Result<(Vec<Vec<u64>>, u64)> {
-    let mut msg = Vec::new();
+    let counts: Vec<usize> = touched.iter().map(Touched::count).collect();
+    let mut msg = Vec::with_capacity(touched.len() + counts.iter().sum::<usize>());
     for t in touched {
-        let rows = t.rows();
-        msg.push(rows.len() as u64);
-        msg.extend_from_slice(&rows);
+        msg.push(t.count() as u64);
+        t.push_rows(&mut msg);
     }
     let bytes = msg.len() as u64 * 8;
     let (all, counts) = comm.all_gather_alloc(&msg)?;
-    let mut union: Vec<Vec<u64>> = vec![Vec::new(); touched.len()];
+    drop(msg);
+    // Pass 1: check every replica's message and size the unions.
+    let mut sizes = vec![0usize; touched.len()];
     let mut pos = 0usize;
     for (src, &c) in counts.iter().enumerate() {
         let end = pos + c;
-        for (s, u) in union.iter_mut().enumerate() {
+        for (s, size) in sizes.iter_mut().enumerate() {
             let bad = |m: &str| Error::Transport(format!("replica sync from replica {src}: {m} (shard {s})"));
-            let n = *all.get(pos).ok_or_else(|| bad("message too short"))? as usize;
+            let n = *all.get(pos).filter(|_| pos < end).ok_or_else(|| bad("message too short"))? as usize;
             pos += 1;
             if n > end - pos {
                 return Err(bad("row count beyond the message"));
             }
-            let rows = &all[pos..pos + n];
-            if rows.iter().any(|&r| r as usize >= shards_rows[s]) {
+            if all[pos..pos + n].iter().any(|&r| r as usize >= shards_rows[s]) {
                 return Err(bad("row out of range"));
             }
-            u.extend_from_slice(rows);
+            *size += n;
             pos += n;
         }
         if pos != end {
             return Err(Error::Transport(format!("replica sync from replica {src}: {} words left over", end - pos)));
         }
     }
+    // Pass 2: gather, sort, dedup.
+    let mut union: Vec<Vec<u64>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
+    let mut pos = 0usize;
+    for _ in &counts {
+        for u in union.iter_mut() {
+            let n = all[pos] as usize;
+            u.extend_from_slice(&all[pos + 1..pos + 1 + n]);
+            pos += 1 + n;
+        }
+    }
+    drop(all);
     for u in union.iter_mut() {
         u.sort_unstable();
         u.dedup();
@@ -296,43 +310,74 @@ fn replica_sync_host<B: Backend>(
         let mean = PendingMean::InFlight(comm.start_all_reduce(snapshot.clone(), ReduceOp::Mean));
         *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
     }
-    // Pack weights (and, unless delayed, state) of the rows, in f64.
-    let mut vals: Vec<f64> = Vec::new();
-    for (s, rows) in shards.iter_mut().zip(&rows_of) {
-        let cols = s.spec.num_cols();
-        let spr = if with_state { spr_of(be, s) } else { 0 };
-        let w = host(be, &mut s.weights)?;
-        for &r in rows {
-            vals.extend(w[r as usize * cols..(r as usize + 1) * cols].iter().map(|&x| x as f64));
-        }
-        let st = host(be, &mut s.state)?;
-        for &r in rows {
-            vals.extend(st[r as usize * spr..(r as usize + 1) * spr].iter().map(|&x| x as f64));
+    // Weights (and, unless delayed, state) of the rows, row after row, in f64, averaged in
+    // chunks of at most SYNC_CHUNK values.
+    let spr: Vec<usize> = shards.iter().map(|s| if with_state { spr_of(be, s) } else { 0 }).collect();
+    let total: usize = shards.iter().zip(&rows_of).zip(&spr).map(|((s, r), &k)| r.len() * (s.spec.num_cols() + k)).sum();
+    let mut vals: Vec<f64> = Vec::with_capacity(total.min(SYNC_CHUNK));
+    // (shard, first row index, end row index) of each run of rows in `vals`.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for i in 0..shards.len() {
+        let (cols, k) = (shards[i].spec.num_cols(), spr[i]);
+        let mut j = 0;
+        while j < rows_of[i].len() {
+            if !vals.is_empty() && vals.len() + cols + k > SYNC_CHUNK {
+                average_runs(be, comm, shards, &rows_of, &spr, &mut vals, &mut runs, &mut stats)?;
+            }
+            let room = ((SYNC_CHUNK - vals.len()) / (cols + k).max(1)).max(1);
+            let end = (j + room).min(rows_of[i].len());
+            let s = &mut shards[i];
+            let w = host(be, &mut s.weights)?;
+            let st = host(be, &mut s.state)?;
+            for &r in &rows_of[i][j..end] {
+                let r = r as usize;
+                vals.extend(w[r * cols..(r + 1) * cols].iter().map(|&x| x as f64));
+                vals.extend(st[r * k..(r + 1) * k].iter().map(|&x| x as f64));
+            }
+            runs.push((i, j, end));
+            j = end;
         }
     }
-    stats.value_bytes += vals.len() as u64 * 8;
-    comm.all_reduce(&mut vals, ReduceOp::Mean)?;
-    let mut pos = 0usize;
-    for (s, rows) in shards.iter_mut().zip(&rows_of) {
-        let cols = s.spec.num_cols();
-        let spr = if with_state { spr_of(be, s) } else { 0 };
-        let w = host(be, &mut s.weights)?;
-        for &r in rows {
-            for (x, &v) in w[r as usize * cols..(r as usize + 1) * cols].iter_mut().zip(&vals[pos..pos + cols]) {
-                *x = v as f32;
-            }
-            pos += cols;
-        }
-        let st = host(be, &mut s.state)?;
-        for &r in rows {
-            for (x, &v) in st[r as usize * spr..(r as usize + 1) * spr].iter_mut().zip(&vals[pos..pos + spr]) {
-                *x = v as f32;
-            }
-            pos += spr;
-        }
+    if !vals.is_empty() {
+        average_runs(be, comm, shards, &rows_of, &spr, &mut vals, &mut runs, &mut stats)?;
     }
     touched.iter_mut().for_each(Touched::clear);
     Ok(stats)
+}
+
+/// All-reduce (mean) the packed rows of `runs` and write them back; empties both.
+#[allow(clippy::too_many_arguments)]
+fn average_runs<B: Backend>(
+    be: &B,
+    comm: &Comm,
+    shards: &mut [Shard<B>],
+    rows_of: &[Vec<u64>],
+    spr: &[usize],
+    vals: &mut Vec<f64>,
+    runs: &mut Vec<(usize, usize, usize)>,
+    stats: &mut SyncBytes,
+) -> Result<()> {
+    stats.value_bytes += vals.len() as u64 * 8;
+    comm.all_reduce(vals, ReduceOp::Mean)?;
+    let mut pos = 0usize;
+    for &(i, a, e) in runs.iter() {
+        let (cols, k) = (shards[i].spec.num_cols(), spr[i]);
+        let s = &mut shards[i];
+        for &r in &rows_of[i][a..e] {
+            let r = r as usize;
+            for (x, &v) in host(be, &mut s.weights)?[r * cols..(r + 1) * cols].iter_mut().zip(&vals[pos..pos + cols]) {
+                *x = v as f32;
+            }
+            pos += cols;
+            for (x, &v) in host(be, &mut s.state)?[r * k..(r + 1) * k].iter_mut().zip(&vals[pos..pos + k]) {
+                *x = v as f32;
+            }
+            pos += k;
+        }
+    }
+    vals.clear();
+    runs.clear();
+    Ok(())
 }
 
 /// Finish a delayed state average: v ← mean(v then) + (v now − v then), rows of that sync.

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 pub mod planner;
+pub mod trw;
+
+/// Values (f64) a replica sync averages per all-reduce (`crate::parallel::sync`): bounds the
+/// sync's buffers, and the transport's (as large), whatever the number of touched rows; the
+/// planner prices the same chunks.
+pub const SYNC_CHUNK: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

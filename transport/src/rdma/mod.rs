@@ -1,4 +1,4 @@
-//! RDMA transport (issue 6), protocol half: the all-to-all protocol written once against a small
+//! RDMA transport, protocol half: the all-to-all protocol written once against a small
 //! verbs-like interface ([`verbs::Verbs`]), and an adversarial in-process emulation of that
 //! interface ([`emu`]) on which it is tested. The libibverbs binding is [`ib`] (cargo feature
 //! `rdma`). See docs/transport.md, section "RDMA", and docs/rdma.md.

@@ -1,26 +1,51 @@
-//! The large-message path by cross-memory attach: the receiver's one-copy fetch of an
-//! announced (RTS) message with process_vm_readv, the sender's claim (CAS POSTED -> CLAIMED)
-//! of an advertised buffer and its process_vm_writev into it, the announced sends still
-//! looking for an advertisement, and the process liveness check.
-use super::segment::{ADV_SLOTS, A_CLAIMED, A_LEN_AFTER_RTS, A_LEN_FAILED, A_POSTED, A_WRITTEN};
-use super::{stat, ShmFabric};
+//! The large-message path by cross-memory attach: the start-up probe, the receiver's one-copy
+//! fetch of an announced (RTS) message under its offer (`OFFERED -> READING -> DONE`, so a
+//! withdrawn offer is never delivered), the sender's offers (taken, withdrawn, released), its
+//! claim (CAS `POSTED -> CLAIMED`) of an advertised buffer and its `process_vm_writev` into it,
+//! the announced sends still looking for an advertisement, the process liveness check, and the
+//! fence: killing a peer that holds a write claim on our memory past the job's timeout.
+use super::ring::{slot_id, Rec, RTS};
+use super::segment::{ADV_SLOTS, A_CLAIMED, A_LEN_AFTER_RTS, A_LEN_FAILED, A_POSTED, A_WRITTEN, OFFER_SLOTS, O_DONE, O_FREE, O_OFFERED, O_READING};
+use super::{JobState, SendJob, ShmFabric};
 use crate::error::{Error, Result};
-use crate::fabric::Tag;
+use crate::fabric::{Tag, Wait};
 use crate::mailbox::Dir;
+use bytemuck::Zeroable;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 impl ShmFabric {
-    /// Copy `len` bytes at `addr` in rank `src` into `buf` (one copy), then release the sender.
-    pub(super) fn fetch(&self, src: usize, tag: Tag, addr: u64, buf: *mut u8, len: usize) -> Result<()> {
+    /// Copy `len` bytes at `addr` in rank `src` into `buf` (one copy) under the sender's offer
+    /// `id`, then release the sender. An offer the sender withdrew, before or during the copy,
+    /// fails the receive and sends no FIN (the sender no longer waits).
+    pub(super) fn fetch(&self, src: usize, tag: Tag, addr: u64, buf: *mut u8, len: usize, id: u64) -> Result<()> {
+        let (k, gen) = ((id & 0xff) as usize, id >> 8);
+        if k >= OFFER_SLOTS {
+            let e = self.proto(src, format!("RTS for {tag:?} names offer slot {k}"));
+            self.mb.fail(src, tag, Dir::Recv, e);
+            return Ok(());
+        }
+        let o = self.rx[src].offer(k);
+        let withdrawn = || Error::PeerFailed { op: "shm fetch", peer: src, reason: format!("the sender withdrew the message {tag:?}") };
+        if o.state.compare_exchange(gen << 2 | O_OFFERED, gen << 2 | O_READING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            self.mb.fail(src, tag, Dir::Recv, withdrawn());
+            return Ok(());
+        }
         let pid = self.pids[src];
         let r = if pid == std::process::id() {
-            // Same process (ranks as threads): the sender's buffer is in our address space.
-            // SAFETY: the sender keeps it alive until our FIN; len was checked against the post.
+            // Same process (ranks as threads): the sender's buffer is in our address space; it
+            // waits for READING to end before withdrawing (`withdraw_offer`).
+            // SAFETY: the sender keeps it alive while the offer is READING; len was checked against the post.
             unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf, len) };
             Ok(())
         } else {
             cma(pid, buf, addr, len, false)
         };
+        if o.state.compare_exchange(gen << 2 | O_READING, gen << 2 | O_DONE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            self.mb.fail(src, tag, Dir::Recv, withdrawn());
+            return Ok(());
+        }
         match r {
             Ok(()) => self.mb.complete(src, tag, Dir::Recv, len),
             Err(e) => self.mb.fail(src, tag, Dir::Recv, Error::Io { op: "shm fetch", peer: src, detail: e.to_string() }),
@@ -28,18 +53,85 @@ impl ShmFabric {
         self.send_fin(src, tag)
     }
 
-    pub(super) fn forget_rts(&self, dst: usize, tag: Tag) {
-        if self.rts_n.load(Ordering::Acquire) == 0 {
-            return; // nothing queued (entries are only added by this thread's `send`, or gone)
+    /// Announce `len` bytes at `data` to `dst` (RTS) under a fresh offer; the job stays until
+    /// `wait_send` or `cancel_send`. Waits (driving progress) while every offer slot to `dst`
+    /// is taken.
+    pub(super) fn announce(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+        let ring = self.txa[dst].as_ref().expect("never sends to self");
+        let backoff = crossbeam_utils::Backoff::new();
+        let (k, gen) = loop {
+            {
+                let mut s = self.sends_lock();
+                if let Some(k) = s.offers[dst].iter().position(|u| !u) {
+                    s.offers[dst][k] = true;
+                    s.offer_gens[dst][k] += 1;
+                    let gen = s.offer_gens[dst][k];
+                    let o = ring.offer(k);
+                    o.addr.store(data as u64, Ordering::Relaxed);
+                    o.len.store(len as u64, Ordering::Relaxed);
+                    o.state.store(gen << 2 | O_OFFERED, Ordering::Release);
+                    s.jobs.push(SendJob { dst, tag, data: data as usize, len, state: JobState::Announced { k, gen } });
+                    self.sends_n.store(s.jobs.len(), Ordering::Release);
+                    break (k, gen);
+                }
+            }
+            self.poll()?;
+            if let Some(e) = self.mb.lock().dead.get(&dst) {
+                return Err(e.clone().with_op(w.op));
+            }
+            if Instant::now() >= w.deadline {
+                return Err(Error::Timeout { op: w.op, peer: dst, timeout: w.timeout });
+            }
+            backoff.snooze();
+        };
+        let rec = Rec { kind: RTS, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, addr: data as u64, id: slot_id(k, gen), ..Rec::zeroed() };
+        if let Err(e) = self.push_wait(dst, &rec, &[], w) {
+            self.finish_send(dst, tag);
+            return Err(e);
         }
-        let mut out = self.rts_out.lock().unwrap_or_else(|e| e.into_inner());
-        out.retain(|&(d, t, _, _)| (d, t) != (dst, tag));
-        self.rts_n.store(out.len(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Withdraw offer `k` (generation `gen`) to `dst`: a receiver that has not taken it never
+    /// will, one copying it now discards what it read. A reader in this process (ranks as
+    /// threads) reads our memory directly, so it is waited for (one copy).
+    pub(super) fn withdraw_offer(&self, dst: usize, k: usize, gen: u64) {
+        let o = self.txa[dst].as_ref().expect("never sends to self").offer(k);
+        if self.pids[dst] != std::process::id() {
+            o.state.store(gen << 2 | O_FREE, Ordering::Release);
+            return;
+        }
+        loop {
+            match o.state.compare_exchange(gen << 2 | O_OFFERED, gen << 2 | O_FREE, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(w) if w == gen << 2 | O_READING => std::hint::spin_loop(),
+                Err(_) => return, // done, or another generation
+            }
+        }
     }
 
     /// Sender: write straight into the buffer `dst` advertised for `tag`. `Ok(false)`: no usable
     /// advertisement (not posted yet, or too small: the RTS path reports the overflow).
     pub(super) fn try_direct(&self, dst: usize, tag: Tag, data: *const u8, len: usize, after_rts: bool) -> Result<bool> {
+        let Some((_, a, w, addr)) = self.claim_advert(dst, tag, len, false) else { return Ok(false) };
+        let r = cma(self.pids[dst], data as *mut u8, addr, len, true);
+        let flag = if after_rts { A_LEN_AFTER_RTS } else { 0 };
+        a.len.store(if r.is_ok() { len as u64 | flag } else { A_LEN_FAILED }, Ordering::Relaxed);
+        a.state.store((w & !3) | A_WRITTEN, Ordering::Release);
+        match r {
+            Ok(()) => {
+                self.mb.complete(dst, tag, Dir::Send, 0);
+                Ok(true)
+            }
+            Err(e) => Err(Error::Io { op: "shm write", peer: dst, detail: e.to_string() }),
+        }
+    }
+
+    /// Claim the advertisement `dst` made for `tag` (CAS `POSTED -> CLAIMED`), if there is one
+    /// that holds `len` bytes (`short`: or a smaller one, whose receiver then reports the
+    /// overflow): the slot's index, the slot, its state word before the claim and the buffer's
+    /// address.
+    pub(super) fn claim_advert(&self, dst: usize, tag: Tag, len: usize, short: bool) -> Option<(usize, &super::segment::Adv, u64, u64)> {
         let ring = self.txa[dst].as_ref().expect("never sends to self");
         for k in 0..ADV_SLOTS {
             let a = ring.adv(k);
@@ -52,49 +144,49 @@ impl ShmFabric {
                 continue;
             }
             let (addr, cap) = (a.addr.load(Ordering::Relaxed), a.cap.load(Ordering::Relaxed));
-            if len as u64 > cap {
-                return Ok(false);
+            if len as u64 > cap && !short {
+                return None;
             }
             // Claim: fails if the receiver revoked (or re-used) the slot since we read it, in
             // which case the fields read above may be stale and are not used.
-            if a.state.compare_exchange(w, (w & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-                return Ok(false);
-            }
-            let r = cma(self.pids[dst], data as *mut u8, addr, len, true);
-            let flag = if after_rts { A_LEN_AFTER_RTS } else { 0 };
-            a.len.store(if r.is_ok() { len as u64 | flag } else { A_LEN_FAILED }, Ordering::Relaxed);
-            a.state.store((w & !3) | A_WRITTEN, Ordering::Release);
-            return match r {
-                Ok(()) => {
-                    self.mb.complete(dst, tag, Dir::Send, 0);
-                    Ok(true)
-                }
-                Err(e) => Err(Error::Io { op: "shm write", peer: dst, detail: e.to_string() }),
-            };
+            return a.state.compare_exchange(w, (w & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).is_ok().then_some((k, a, w, addr));
         }
-        Ok(false)
+        None
     }
 
-    /// Announced sends whose receiver has advertised its buffer meanwhile: write them now (the
-    /// waiting sender's core is idle; the receiver would copy only once it polls).
-    pub(super) fn retry_rts_out(&self) {
-        if self.rts_n.load(Ordering::Acquire) == 0 {
-            return;
+    /// Kill process `p`, which holds a write claim on our memory past the job's timeout, wait
+    /// until it is gone, and fail this fabric for good.
+    pub(super) fn fence(&self, p: usize, what: &str) {
+        let pid = self.pids[p];
+        let why = format!("rank {p} (pid {pid}) held a write into this rank's memory for longer than the timeout of {:?} ({what}): it was killed", self.timeout);
+        tracing::error!("shm rank {}: {why}", self.rank);
+        match &self.pidfds[p] {
+            // SAFETY: a signal to the process our pidfd names (no pid reuse race).
+            Some(fd) => unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+            },
+            // SAFETY: plain kill of a peer process.
+            None => unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            },
         }
-        let mut out = self.rts_out.lock().unwrap_or_else(|e| e.into_inner());
-        out.retain(|&(dst, tag, data, len)| match self.try_direct(dst, tag, data as *const u8, len, true) {
-            Ok(true) => {
-                stat(2);
-                false
-            }
-            Ok(false) => true,
-            Err(e) => {
-                self.mb.fail(dst, tag, Dir::Send, e);
-                false
-            }
-        });
-        self.rts_n.store(out.len(), Ordering::Release);
+        let t0 = Instant::now();
+        while alive(pid) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if alive(pid) {
+            tracing::error!("shm rank {}: rank {p} (pid {pid}) still runs 10 s after SIGKILL", self.rank);
+        }
+        self.fail_for_good(why);
     }
+}
+
+/// A pidfd for `pid` (Linux 5.3+), or `None`.
+pub(super) fn pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open returns a new descriptor we own, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a fresh descriptor, owned from here on.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 pub(super) fn alive(pid: u32) -> bool {
@@ -110,6 +202,23 @@ pub(super) fn alive(pid: u32) -> bool {
     }
 }
 
+/// Whether this process may read process `pid`'s memory: reads the 8-byte probe word it
+/// published (`addr` holding `value`) with `process_vm_readv`.
+pub(super) fn probe(pid: u32, addr: u64, value: u64) -> std::io::Result<()> {
+    let mut got = 0u64;
+    cma(pid, &mut got as *mut u64 as *mut u8, addr, 8, false).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => std::io::Error::new(
+            e.kind(),
+            format!("{e} (ptrace rules forbid cross-memory attach, e.g. kernel.yama.ptrace_scope >= 1 or a container without CAP_SYS_PTRACE)"),
+        ),
+        _ => e,
+    })?;
+    match got == value {
+        true => Ok(()),
+        false => Err(std::io::Error::other(format!("read {got:#x} where the peer published {value:#x}"))),
+    }
+}
+
 /// Copy `len` bytes between `local` in this process and `remote` in process `pid` with cross-memory
 /// attach: `process_vm_writev` (local → remote) when `write`, else `process_vm_readv`.
 ///
@@ -119,6 +228,7 @@ pub(super) fn alive(pid: u32) -> bool {
 fn cma(pid: u32, local: *mut u8, remote: u64, len: usize, write: bool) -> std::io::Result<()> {
     let mut done = 0usize;
     while done < len {
+        // SAFETY: done < len: inside the caller's buffer.
         let l = libc::iovec { iov_base: unsafe { local.add(done) } as *mut libc::c_void, iov_len: len - done };
         let r = libc::iovec { iov_base: (remote as usize + done) as *mut libc::c_void, iov_len: len - done };
         // SAFETY: see above.

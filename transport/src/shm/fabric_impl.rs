@@ -1,9 +1,10 @@
-//! `ShmFabric` as a `Fabric`: progress (`poll`: pending FINs, peer liveness, draining every
-//! ring, then advertisements, announced sends and deferred receives), the trait's post, send,
-//! wait and cancel operations choosing between the eager, direct and RTS paths, and teardown.
+//! `ShmFabric` as a `Fabric`: progress (`poll`: pending control records, peer liveness, draining
+//! every ring, then advertisements, unfinished sends and deferred receives), the trait's post,
+//! send, wait and cancel operations choosing between the eager, CMA (direct or announced) and
+//! staged paths, and teardown.
 use super::advert::Deferred;
 use super::cma::alive;
-use super::ring::{Rec, EAGER, RTS};
+use super::ring::{Rec, EAGER};
 use super::{direct_enabled, eager_max, stat, stats_on, ShmFabric, STATS};
 use crate::error::Result;
 use crate::fabric::{Fabric, Tag, Wait};
@@ -13,9 +14,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 impl ShmFabric {
-    /// Progress: flush pending FINs and drain every inbox ring. Only one thread drains at a time.
-    pub fn poll(&self) -> Result<()> {
-        let Ok(mut d) = self.drain.try_lock() else { return Ok(()) };
+    /// Progress: flush pending control records and drain every inbox ring. Only one thread
+    /// drains at a time. Returns whether a record was drained or a streamed chunk pushed.
+    pub fn poll(&self) -> Result<bool> {
+        let Ok(mut d) = self.drain.try_lock() else { return Ok(false) };
+        let mut moved = false;
         {
             let mut pend = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut keep = Vec::new();
@@ -40,18 +43,21 @@ impl ShmFabric {
         }
         for s in 0..self.rx.len() {
             if s != self.rank {
+                let tail = d.tails[s];
                 if let Err(e) = self.drain_ring(s, &mut d.tails[s]) {
                     tracing::warn!("{e}");
                 }
+                moved |= d.tails[s] != tail;
             }
         }
         self.scan_adverts();
-        self.retry_rts_out();
+        self.advertise_waiting();
+        moved |= self.retry_sends();
         self.run_deferred();
         for (r, pid) in died {
             self.mb.peer_died(r, format!("process {pid} exited"));
         }
-        Ok(())
+        Ok(moved)
     }
 }
 
@@ -67,60 +73,54 @@ impl Fabric for ShmFabric {
     }
 
     unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+        self.check_failed(w.op)?;
         match self.mb.post(src, tag, buf, len, w.op)? {
             Posted::Waiting => {
-                if len > eager_max() && direct_enabled() {
+                // Staged: every large receive is advertised (the sender waits for it).
+                if len > eager_max() && (direct_enabled() || self.is_staged()) {
                     self.advertise(src, tag, buf, len);
                 }
                 Ok(())
             }
             Posted::Landed => Ok(()),
-            Posted::Fetch { addr, len: mlen } => {
+            Posted::Fetch { addr, len: mlen, id } => {
                 if direct_enabled() {
                     let mut t = self.adv_lock();
                     if self.advertise_in(&mut t, src, tag, buf, len) {
                         if let Some(a) = t.slots[src].iter_mut().flatten().find(|a| a.tag == tag) {
                             a.rts_seen = true;
                         }
-                        t.deferred.push(Deferred { src, tag, addr, buf: buf as usize, len: mlen });
+                        t.deferred.push(Deferred { src, tag, addr, buf: buf as usize, len: mlen, id });
                         return Ok(());
                     }
                 }
                 stat(3);
-                self.fetch(src, tag, addr, buf, mlen)
+                self.fetch(src, tag, addr, buf, mlen, id)
             }
         }
     }
 
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
-        let mut rec = Rec { round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
+        self.check_failed(w.op)?;
         if len <= eager_max() {
-            rec.kind = EAGER;
+            let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
             self.push_wait(dst, &rec, std::slice::from_raw_parts(data, len), w)?;
             self.mb.complete(dst, tag, Dir::Send, 0);
             stat(0);
+        } else if self.is_staged() {
+            self.stream(dst, tag, data, len)?;
         } else if self.try_direct(dst, tag, data, len, false)? {
             stat(1);
         } else {
-            rec.kind = RTS;
-            rec.addr = data as u64;
-            if direct_enabled() {
-                let mut out = self.rts_out.lock().unwrap_or_else(|e| e.into_inner());
-                out.push((dst, tag, data as usize, len));
-                self.rts_n.store(out.len(), Ordering::Release);
-            }
-            if let Err(e) = self.push_wait(dst, &rec, &[], w) {
-                self.forget_rts(dst, tag);
-                return Err(e);
-            }
+            self.announce(dst, tag, data, len, w)?;
         }
         Ok(())
     }
 
     fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()> {
         let r = self.mb.wait_done(dst, tag, Dir::Send, w, &|| self.poll()).map(|_| ());
-        // Whatever the outcome, the caller may reuse the buffer now: no later write from it.
-        self.forget_rts(dst, tag);
+        // Whatever the outcome, the caller may reuse the buffer now: no later read from it.
+        self.finish_send(dst, tag);
         r
     }
 
@@ -138,11 +138,16 @@ impl Fabric for ShmFabric {
         self.revoke_wait(src, tag);
         self.mb.cancel(src, tag)
     }
+
+    fn cancel_send(&self, dst: usize, tag: Tag) {
+        self.finish_send(dst, tag);
+    }
 }
 
 impl Drop for ShmFabric {
     fn drop(&mut self) {
-        // No writer may claim an advertisement of a buffer that outlives us.
+        // No writer may claim an advertisement of a buffer that outlives us (a stalled one is
+        // fenced after the timeout), and no reader may take an offer of ours.
         let live: Vec<(usize, Tag)> = {
             let t = self.adv_lock();
             t.slots.iter().enumerate().flat_map(|(s, v)| v.iter().flatten().map(move |a| (s, a.tag))).collect()
@@ -150,9 +155,13 @@ impl Drop for ShmFabric {
         for (s, tag) in live {
             self.revoke_wait(s, tag);
         }
+        self.withdraw_all();
         if stats_on() {
             let v: Vec<u64> = STATS.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-            eprintln!("shm rank {}: eager {} direct {} direct-after-rts {} rts-fetch {} rts-superseded {}", self.rank, v[0], v[1], v[2], v[3], v[4]);
+            eprintln!(
+                "shm rank {}: eager {} direct {} direct-after-rts {} rts-fetch {} rts-superseded {} staged {}",
+                self.rank, v[0], v[1], v[2], v[3], v[4], v[5]
+            );
         }
         self.inbox.unlink();
     }

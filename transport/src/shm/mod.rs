@@ -1,31 +1,40 @@
 //! Shared-memory backend for processes on one host.
 //!
-//! Each rank owns an inbox file in /dev/shm holding one single-producer ring per source rank
-//! (mapped by that source for writing). Small messages travel eagerly through the ring (64-byte
-//! records: header + payload). Large ones are announced (RTS: address and length in the sender's
-//! address space) and the receiver copies them *once*, straight from the sender's buffer into its
-//! posted buffer, with process_vm_readv (cross-memory attach), then returns a FIN record.
+//! Each rank owns an inbox file in /dev/shm (mode 0600; a peer's is mapped only after checking
+//! that it is a file of this user with that mode) holding one single-producer ring per source
+//! rank. Small messages travel eagerly through the ring (64-byte records: header + payload).
+//! Large ones take one of two paths, chosen once per job at start-up:
 //!
-//! Advertised receives (one copy, no announce round trip): next to each ring the receiver keeps
-//! `ADV_SLOTS` advertisement slots for that source. `post_recv` of a buffer larger than the eager
-//! limit publishes `{tag, addr, cap}` in a free slot (state word `gen << 2 | POSTED`). A sender
-//! that finds the advertisement for its message claims it with a compare-and-swap (POSTED ->
-//! CLAIMED; the generation in the word defeats ABA), writes straight into the receiver's buffer
-//! with process_vm_writev (the kernel validates the target range; the sender checked `len <= cap`
-//! first), stores the length and sets WRITTEN. The receiver sees WRITTEN while polling, re-checks
-//! the length against its own record of the posted capacity, and completes. Without an
-//! advertisement (the receiver is behind) the sender falls back to RTS; the receiver then revokes
-//! its advertisement (CAS POSTED -> FREE) before touching the buffer. `cancel_recv` revokes the
-//! same way and, if a writer has claimed the slot, waits until it is WRITTEN (or the writer's
-//! process is gone) before returning, so no writer touches a cancelled buffer.
+//! * **Cross-memory attach** (CMA, `process_vm_readv/writev`: one copy), when every rank may
+//!   attach to every other (probed once; ptrace rules, e.g. `kernel.yama.ptrace_scope = 1`, may
+//!   forbid it). The receiver advertises its posted buffer in a slot next to the ring; a sender
+//!   that finds the advertisement claims it (CAS `POSTED -> CLAIMED`) and writes straight into
+//!   it. Otherwise the sender announces the message (RTS) with an *offer* slot, and the receiver
+//!   copies from the sender's buffer after taking the offer (`OFFERED -> READING`), then returns
+//!   a FIN. A withdrawn offer (`cancel_send`) makes a late reader discard what it read, so a
+//!   cancelled send is never delivered from memory its owner has reused.
+//! * **Copy through shared memory** (the fallback, or `EMBER_SHM_COPY=staged`): the sender
+//!   claims the receiver's advertisement the same way and streams the message through the ring
+//!   in chunks of [`CHUNK_BYTES`] bytes; the receiver copies each chunk into its buffer as it arrives
+//!   (two copies, pipelined). Neither side ever touches the other's memory.
 //!
-//! There is no progress thread: whichever thread of the process waits drains the rings. Every
-//! header read from shared memory is bounds-checked; a bad one fails the peer, never an OOB access.
+//! **Deadlines.** Only a CMA write into an advertised buffer is done by a peer into this rank's
+//! memory. `cancel_recv` (and `Drop`) revoke the advertisement; while a writer holds the claim
+//! they wait for the write to finish, but at most the job's timeout: a writer that holds a claim
+//! longer (stopped, or hung) is killed (`SIGKILL` through a pidfd taken at start-up) and waited
+//! for, and this fabric is failed for good. So no deadline hands back a buffer a peer can still
+//! write into, and none waits forever. Streamed (staged) receives never wait: the rest of a
+//! withdrawn message is read from the ring and dropped.
+//!
+//! There is no progress thread: whichever thread of the process waits drains the rings and
+//! pushes streamed chunks. Every header read from shared memory is bounds-checked; a bad one
+//! fails the peer, never an OOB access.
 mod advert;
 mod cma;
 mod fabric_impl;
 mod ring;
 mod segment;
+mod stage;
 #[cfg(test)]
 mod tests;
 
@@ -35,32 +44,42 @@ use crate::mailbox::Mailbox;
 use advert::AdvTable;
 use memmap2::MmapMut;
 use ring::{Drain, Producer, Rec};
-use segment::{Ring, ADV_SLOTS, REGION, RING_CAP};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
+use segment::{Ring, OFFER_SLOTS};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 pub(crate) use segment::Inbox;
 
-/// Messages up to this many bytes go through the ring; larger ones are fetched by the receiver.
+/// Payload bytes of one streamed chunk (the staged path).
+pub(super) const CHUNK_BYTES: usize = 128 << 10;
+
+/// Messages up to this many bytes go through the ring; larger ones take the CMA or staged path.
 fn eager_max() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("EMBER_SHM_EAGER").ok().and_then(|s| s.parse().ok()).unwrap_or(8 << 10).min(RING_CAP / 4)
-    })
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("EMBER_SHM_EAGER").ok().and_then(|s| s.parse().ok()).unwrap_or(8 << 10).min(segment::RING_CAP / 4))
 }
 
-/// `EMBER_SHM_DIRECT=0` disables advertised receives (every large message goes through RTS).
+/// `EMBER_SHM_DIRECT=0` disables advertised receives on the CMA path (every large message goes
+/// through RTS). The staged path always advertises.
 fn direct_enabled() -> bool {
-    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| std::env::var("EMBER_SHM_DIRECT").map_or(true, |v| v != "0"))
 }
 
+/// `EMBER_SHM_COPY=staged` forces the copy through shared memory (tests, benchmarks); anything
+/// else probes cross-memory attach.
+pub(crate) fn staged_forced() -> bool {
+    std::env::var("EMBER_SHM_COPY").is_ok_and(|v| v.eq_ignore_ascii_case("staged"))
+}
+
 /// Path counters (`EMBER_SHM_STATS=1` prints them when the fabric is dropped): eager sends,
-/// direct writes at send, direct writes after an RTS, RTS fetches, RTS superseded by a write.
-static STATS: [AtomicU64; 5] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// direct writes at send, direct writes after an RTS, RTS fetches, RTS superseded by a write,
+/// streamed (staged) messages.
+static STATS: [AtomicU64; 6] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 fn stats_on() -> bool {
-    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| std::env::var_os("EMBER_SHM_STATS").is_some())
 }
 fn stat(i: usize) {
@@ -69,78 +88,138 @@ fn stat(i: usize) {
     }
 }
 
+/// A large send not finished when `send` returned.
+#[derive(Clone, Copy)]
+pub(super) struct SendJob {
+    pub(super) dst: usize,
+    pub(super) tag: Tag,
+    pub(super) data: usize,
+    pub(super) len: usize,
+    pub(super) state: JobState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum JobState {
+    /// CMA: announced by RTS with offer slot `k` (generation `gen`); the receiver copies, or we
+    /// write once it advertises.
+    Announced { k: usize, gen: u64 },
+    /// Staged: waiting for the receiver's advertisement.
+    Waiting,
+    /// Staged: streaming into advertisement `k` (generation `gen`), `off` bytes pushed.
+    Streaming { k: usize, gen: u64, off: usize },
+}
+
+/// Sender-side bookkeeping: unfinished large sends, and the offer slots in use per destination.
+pub(super) struct Sends {
+    pub(super) jobs: Vec<SendJob>,
+    /// `offers[d][k]`: slot k of our offers to d is in use.
+    pub(super) offers: Vec<Vec<bool>>,
+    pub(super) offer_gens: Vec<Vec<u64>>,
+}
+
 pub(crate) struct ShmFabric {
     rank: usize,
     pids: Vec<u32>,
     mb: Mailbox,
     inbox: Inbox,
     _peer_maps: Vec<Option<MmapMut>>,
-    /// `rx[s]`: the ring from s in our inbox.
+    /// `probes[d]`: the word (address, value) rank d published for the CMA probe.
+    probes: Vec<(u64, u64)>,
+    /// `rx[s]`: the region of source s in our inbox.
     rx: Vec<Ring>,
     /// `tx[d]`: our ring in d's inbox.
     tx: Vec<Option<Mutex<Producer>>>,
     drain: Mutex<Drain>,
-    /// FIN records that found their ring full; flushed by `poll`.
+    /// Control records (FIN, ABORT) that found their ring full; flushed by `poll`.
     pending: Mutex<Vec<(usize, Rec)>>,
-    /// `txa[d]`: the advertisement slots d keeps for us (in d's inbox).
+    /// `txa[d]`: our region in d's inbox (the advertisements d keeps for us, our offers to d).
     txa: Vec<Option<Ring>>,
     /// Our advertisements, per source.
     adv: Mutex<AdvTable>,
-    /// Advertisements outstanding (poll skips the scan when zero).
+    /// Advertisements outstanding or waiting for a slot (poll skips the scan when zero).
     adv_live: AtomicUsize,
-    /// Sends announced by RTS and not released yet: `poll` keeps looking for the receiver's
-    /// advertisement, and whoever claims it first (we by CAS POSTED -> CLAIMED, the receiver by
-    /// revoking it when the RTS arrives) makes the one copy. Removed by `wait_send`.
-    rts_out: Mutex<Vec<(usize, Tag, usize, usize)>>,
-    /// `rts_out.len()`, read without the lock by `poll` and `wait_send` to skip it when empty.
-    rts_n: AtomicUsize,
+    sends: Mutex<Sends>,
+    /// `sends.jobs.len()`, read without the lock by `poll` to skip it when empty.
+    sends_n: AtomicUsize,
+    /// Large messages are copied through shared memory (no cross-memory attach).
+    staged: AtomicBool,
+    /// How long a cancel waits for a peer's claimed write before fencing that peer.
+    timeout: Duration,
+    /// `pidfds[p]`: process p (other processes only), for the fence.
+    pidfds: Vec<Option<OwnedFd>>,
+    /// Why this fabric failed for good (a peer was fenced).
+    failed: OnceLock<String>,
 }
 
 impl ShmFabric {
-    /// Map every peer's inbox. `paths[r]`/`pids[r]` come from the rendezvous.
-    pub fn new(rank: usize, inbox: Inbox, paths: &[String], pids: Vec<u32>) -> Result<ShmFabric> {
+    /// Map every peer's inbox. `paths[r]`/`pids[r]` come from the rendezvous. Large messages
+    /// are staged until [`Self::use_cma`] says otherwise; `timeout` bounds a cancel's wait.
+    pub fn new(rank: usize, inbox: Inbox, paths: &[String], pids: Vec<u32>, timeout: Duration) -> Result<ShmFabric> {
         let n = paths.len();
         let mut maps = Vec::with_capacity(n);
-        let mut tx = Vec::with_capacity(n);
-        let mut txa = Vec::with_capacity(n);
+        let (mut tx, mut txa, mut probes, mut pidfds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for (d, p) in paths.iter().enumerate() {
             if d == rank {
                 maps.push(None);
                 tx.push(None);
                 txa.push(None);
+                probes.push((0, 0));
+                pidfds.push(None);
                 continue;
             }
-            let err = |e: std::io::Error| Error::Bootstrap(format!("map rank {d}'s inbox {p}: {e}"));
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(p).map_err(err)?;
-            if f.metadata().map_err(err)?.len() != (n * REGION) as u64 {
-                return Err(Error::Bootstrap(format!("rank {d}'s inbox {p} has the wrong size")));
-            }
-            // SAFETY: shared mapping of a peer's inbox; accessed only through the ring protocol.
-            let mut m = unsafe { memmap2::MmapOptions::new().populate().map_mut(&f) }.map_err(err)?;
-            let ring = Ring(unsafe { m.as_mut_ptr().add(rank * REGION) });
-            txa.push(Some(Ring(ring.0)));
-            tx.push(Some(Mutex::new(Producer { ring, head: 0 })));
+            let (mut m, probe) = segment::open_peer(std::path::Path::new(p), d, n)?;
+            // SAFETY: our region in d's inbox (the mapping holds HEADER + n * REGION bytes).
+            let region = unsafe { m.as_mut_ptr().add(segment::HEADER + rank * segment::REGION) };
+            txa.push(Some(Ring(region)));
+            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0 })));
             maps.push(Some(m));
+            probes.push(probe);
+            pidfds.push(if pids[d] != std::process::id() { cma::pidfd(pids[d]) } else { None });
         }
-        let base = inbox.map.as_ptr() as *mut u8;
-        let rx = (0..n).map(|s| Ring(unsafe { base.add(s * REGION) })).collect();
-        let _ = &inbox.file;
+        let rx = (0..n).map(|s| inbox.region(s)).collect();
         Ok(ShmFabric {
             rank,
             pids,
             mb: Mailbox::new_polling(),
             inbox,
             _peer_maps: maps,
+            probes,
             rx,
             tx,
             drain: Mutex::new(Drain { tails: vec![0; n], last_liveness: Instant::now() }),
             pending: Mutex::new(Vec::new()),
             txa,
-            adv: Mutex::new(AdvTable { slots: vec![vec![None; ADV_SLOTS]; n], gens: vec![vec![0; ADV_SLOTS]; n], deferred: Vec::new(), superseded: Vec::new() }),
+            adv: Mutex::new(AdvTable::new(n)),
             adv_live: AtomicUsize::new(0),
-            rts_out: Mutex::new(Vec::new()),
-            rts_n: AtomicUsize::new(0),
+            sends: Mutex::new(Sends { jobs: Vec::new(), offers: vec![vec![false; OFFER_SLOTS]; n], offer_gens: vec![vec![0; OFFER_SLOTS]; n] }),
+            sends_n: AtomicUsize::new(0),
+            staged: AtomicBool::new(true),
+            timeout,
+            pidfds,
+            failed: OnceLock::new(),
         })
+    }
+
+    /// Whether this rank may attach to every peer's memory: `Err(why not)` naming the peer.
+    /// Reads each peer's probe word with `process_vm_readv` (once, at start-up).
+    pub fn probe_cma(&self) -> std::result::Result<(), String> {
+        for (d, &(addr, value)) in self.probes.iter().enumerate() {
+            if d == self.rank || self.pids[d] == std::process::id() {
+                continue;
+            }
+            cma::probe(self.pids[d], addr, value).map_err(|e| format!("rank {} -> rank {d} (pid {}): {e}", self.rank, self.pids[d]))?;
+        }
+        Ok(())
+    }
+
+    /// Send large messages by cross-memory attach (`true`, every rank agreed that every rank may)
+    /// or through shared memory. Set once, before any large message.
+    pub fn use_cma(&self, on: bool) {
+        self.staged.store(!on, Ordering::Release);
+    }
+
+    fn is_staged(&self) -> bool {
+        self.staged.load(Ordering::Acquire)
     }
 
     pub fn unlink_inbox(&self) {
@@ -149,7 +228,24 @@ impl ShmFabric {
 
     fn proto(&self, peer: usize, detail: String) -> Error {
         let e = Error::Protocol { op: "shm", peer, detail };
-        self.mb.peer_died(peer, e.to_string());
+        self.mb.peer_failed(e.clone());
         e
+    }
+
+    /// The error of a fabric failed for good, if it is.
+    fn check_failed(&self, op: &'static str) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(why) => Err(Error::PeerFailed { op, peer: self.rank, reason: format!("the shared-memory transport failed for good: {why}") }),
+        }
+    }
+
+    /// Fail this fabric for good: every wait on every peer fails from now on.
+    fn fail_for_good(&self, why: String) {
+        let why = self.failed.get_or_init(|| why).clone();
+        tracing::error!("shm rank {}: {why}", self.rank);
+        for p in (0..self.rx.len()).filter(|&p| p != self.rank) {
+            self.mb.peer_died(p, why.clone());
+        }
     }
 }

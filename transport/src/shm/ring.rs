@@ -1,8 +1,9 @@
-//! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN), the producer side
-//! (append a record, waiting for space; FIN records that do not fit are queued), and the
-//! consumer that drains one source's ring, bounds-checking every header and dispatching it.
+//! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN, CHUNK, ABORT), the
+//! producer side (append a record, waiting for space; control records that do not fit are
+//! queued), and the consumer that drains one source's ring, bounds-checking every header and
+//! dispatching it.
 use super::segment::{Ring, RING_CAP};
-use super::{eager_max, stat, ShmFabric};
+use super::{eager_max, stat, ShmFabric, CHUNK_BYTES};
 use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
 use crate::mailbox::Dir;
@@ -17,6 +18,10 @@ pub(super) const PAD: u32 = 1;
 pub(super) const EAGER: u32 = 2;
 pub(super) const RTS: u32 = 3;
 pub(super) const FIN: u32 = 4;
+/// A piece of a streamed (staged) message.
+pub(super) const CHUNK: u32 = 5;
+/// The sender withdrew a streamed message before its last chunk.
+pub(super) const ABORT: u32 = 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
@@ -25,13 +30,23 @@ pub(super) struct Rec {
     pub(super) round: u32,
     pub(super) ctx: u64,
     pub(super) seq: u64,
-    /// Bytes of payload in the ring (EAGER), of the whole record (PAD), or of the message (RTS).
+    /// Bytes of payload in the ring (EAGER, CHUNK), of the whole record (PAD), or of the
+    /// message (RTS).
     pub(super) len: u64,
-    /// RTS: address of the data in the sender.
+    /// RTS: address of the data in the sender. CHUNK: offset of the payload in the message.
     pub(super) addr: u64,
-    pub(super) _pad: [u64; 3],
+    /// CHUNK: length of the whole message.
+    pub(super) total: u64,
+    /// RTS: the offer (`slot | gen << 8`). CHUNK, ABORT: the advertisement streamed into.
+    pub(super) id: u64,
+    pub(super) _pad: u64,
 }
 const _: () = assert!(std::mem::size_of::<Rec>() == HDR);
+
+/// `slot | gen << 8` (slots < 256).
+pub(super) fn slot_id(k: usize, gen: u64) -> u64 {
+    k as u64 | gen << 8
+}
 
 pub(super) fn rec_len(payload: usize) -> usize {
     HDR + payload.div_ceil(HDR) * HDR
@@ -88,8 +103,8 @@ impl ShmFabric {
                 return Ok(());
             }
             self.poll()?;
-            if let Some(r) = self.mb.lock().dead.get(&dst) {
-                return Err(Error::PeerFailed { op: w.op, peer: dst, reason: r.clone() });
+            if let Some(e) = self.mb.lock().dead.get(&dst) {
+                return Err(e.clone().with_op(w.op));
             }
             if Instant::now() >= w.deadline {
                 return Err(Error::Timeout { op: w.op, peer: dst, timeout: w.timeout });
@@ -102,12 +117,16 @@ impl ShmFabric {
         }
     }
 
-    pub(super) fn send_fin(&self, dst: usize, tag: Tag) -> Result<()> {
-        let rec = Rec { kind: FIN, round: tag.round, ctx: tag.ctx, seq: tag.seq, ..Rec::zeroed() };
+    /// A payload-free control record (FIN, ABORT): pushed now, or queued until it fits.
+    pub(super) fn push_control(&self, dst: usize, rec: Rec) -> Result<()> {
         if !self.try_push(dst, &rec, &[])? {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((dst, rec));
         }
         Ok(())
+    }
+
+    pub(super) fn send_fin(&self, dst: usize, tag: Tag) -> Result<()> {
+        self.push_control(dst, Rec { kind: FIN, round: tag.round, ctx: tag.ctx, seq: tag.seq, ..Rec::zeroed() })
     }
 
     pub(super) fn drain_ring(&self, s: usize, tail: &mut u64) -> Result<()> {
@@ -126,6 +145,15 @@ impl ShmFabric {
             // SAFETY: idx + HDR <= RING_CAP (idx is 64-aligned, RING_CAP a multiple of 64).
             unsafe { std::ptr::copy_nonoverlapping(ring.data().add(idx), bytemuck::bytes_of_mut(&mut rec).as_mut_ptr(), HDR) };
             let tag = Tag { ctx: rec.ctx, seq: rec.seq, round: rec.round };
+            // A record with a payload: its bytes, bounds-checked against the ring and `max`.
+            let payload = |max: usize, what: &str| -> Result<&[u8]> {
+                let len = rec.len as usize;
+                if rec.len > max as u64 || rec_len(len) > RING_CAP - idx || rec_len(len) > avail {
+                    return Err(self.proto(s, format!("{what} record claims {} bytes", rec.len)));
+                }
+                // SAFETY: bounds checked just above.
+                Ok(unsafe { std::slice::from_raw_parts(ring.data().add(idx + HDR), len) })
+            };
             let used = match rec.kind {
                 PAD => {
                     if rec.len as usize != RING_CAP - idx || rec.len as usize > avail {
@@ -134,12 +162,8 @@ impl ShmFabric {
                     rec.len as usize
                 }
                 EAGER => {
-                    let len = rec.len as usize;
-                    if rec.len > eager_max() as u64 || rec_len(len) > RING_CAP - idx || rec_len(len) > avail {
-                        return Err(self.proto(s, format!("eager record claims {} bytes", rec.len)));
-                    }
-                    // SAFETY: bounds checked just above.
-                    let payload = unsafe { std::slice::from_raw_parts(ring.data().add(idx + HDR), len) };
+                    let payload = payload(eager_max(), "eager")?;
+                    let len = payload.len();
                     let claimed = {
                         // Revoke and claim under the advertisement lock (see `advertise`).
                         let mut at = self.adv_lock();
@@ -156,7 +180,7 @@ impl ShmFabric {
                             self.mb.complete(s, tag, Dir::Recv, len);
                         }
                         Ok(None) => {
-                            let _ = self.mb.deliver(s, tag, payload.to_vec(), "shm receive");
+                            let _ = self.mb.deliver(s, tag, payload.to_vec(), false, "shm receive");
                         }
                         Err(_) => self.mb.notify(), // the slot now holds the error
                     }
@@ -173,7 +197,7 @@ impl ShmFabric {
                             None
                         } else {
                             match self.revoke_locked(&mut at, s, tag, false) {
-                                Ok(()) => Some(self.mb.announce(s, tag, rec.addr, rec.len as usize, "shm receive")),
+                                Ok(()) => Some(self.mb.announce(s, tag, rec.addr, rec.len as usize, rec.id, "shm receive")),
                                 // The sender claimed our advertisement after announcing: it writes
                                 // the message itself and needs no FIN (`scan_adverts` completes it).
                                 Err(_) => {
@@ -184,12 +208,12 @@ impl ShmFabric {
                                     None
                                 }
                             }
-                            }
+                        }
                     };
                     match announced {
                         Some(Ok(Some(buf))) => {
                             stat(3);
-                            self.fetch(s, tag, rec.addr, buf.0, rec.len as usize)?
+                            self.fetch(s, tag, rec.addr, buf.0, rec.len as usize, rec.id)?
                         }
                         Some(Ok(None)) | None => {}
                         Some(Err(_)) => {
@@ -201,6 +225,15 @@ impl ShmFabric {
                 }
                 FIN => {
                     self.mb.complete(s, tag, Dir::Send, 0);
+                    HDR
+                }
+                CHUNK => {
+                    let data = payload(CHUNK_BYTES, "chunk")?;
+                    self.on_chunk(s, tag, &rec, data)?;
+                    rec_len(data.len())
+                }
+                ABORT => {
+                    self.on_abort(s, tag, rec.id);
                     HDR
                 }
                 k => return Err(self.proto(s, format!("unknown record kind {k}"))),

@@ -2,21 +2,29 @@
 //! (advertised receives, deferred receives, slot exhaustion, cancel races, corrupted fields).
 use super::*;
 use super::ring::{Rec, EAGER, HDR};
-use super::segment::{Adv, ADV_SLOTS, A_CLAIMED, A_POSTED, A_WRITTEN};
+use super::segment::{self, Adv, ADV_SLOTS, A_CLAIMED, A_POSTED, A_WRITTEN};
 use crate::fabric::{Fabric, Wait};
 use bytemuck::Zeroable;
 use std::time::Duration;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// Two fabrics (ranks 0 and 1) of this process over real inbox files.
+/// Two fabrics (ranks 0 and 1) of this process over real inbox files, large messages by CMA.
 fn pair(token: &str) -> (Arc<ShmFabric>, Arc<ShmFabric>) {
-    let pid = std::process::id();
+    let (f0, f1) = pair_with(token, [std::process::id(); 2], Duration::from_secs(5));
+    f0.use_cma(true);
+    f1.use_cma(true);
+    (f0, f1)
+}
+
+/// Two fabrics over real inbox files whose ranks claim the process ids `pids` (large messages
+/// staged until `use_cma`).
+fn pair_with(token: &str, pids: [u32; 2], timeout: Duration) -> (Arc<ShmFabric>, Arc<ShmFabric>) {
     let a = Inbox::create(2, 0, token).unwrap();
     let b = Inbox::create(2, 1, token).unwrap();
     let paths = vec![a.path.display().to_string(), b.path.display().to_string()];
-    let f0 = ShmFabric::new(0, a, &paths, vec![pid, pid]).unwrap();
-    let f1 = ShmFabric::new(1, b, &paths, vec![pid, pid]).unwrap();
+    let f0 = ShmFabric::new(0, a, &paths, pids.to_vec(), timeout).unwrap();
+    let f1 = ShmFabric::new(1, b, &paths, pids.to_vec(), timeout).unwrap();
     (Arc::new(f0), Arc::new(f1))
 }
 
@@ -245,12 +253,7 @@ fn corrupted_advertisement_is_rejected() {
 
 #[test]
 fn corrupted_length_field_is_rejected() {
-    let pid = std::process::id();
-    let a = Inbox::create(2, 0, "t").unwrap();
-    let b = Inbox::create(2, 1, "t").unwrap();
-    let paths = vec![a.path.display().to_string(), b.path.display().to_string()];
-    let f0 = ShmFabric::new(0, a, &paths, vec![pid, pid]).unwrap();
-    let f1 = ShmFabric::new(1, b, &paths, vec![pid, pid]).unwrap();
+    let (f0, f1) = pair("t");
     let tag = Tag { ctx: 1, seq: 0, round: 0 };
     let w = Wait::new("test", Duration::from_secs(1));
     let mut buf = [0u8; 8];
@@ -270,4 +273,327 @@ fn corrupted_length_field_is_rejected() {
     // A head pointer beyond the ring is rejected too.
     f0.tx[1].as_ref().unwrap().lock().unwrap().ring.ctl().head.store(u64::MAX, Ordering::Release);
     assert!(f1.drain_ring(0, &mut 0).is_err());
+}
+
+/// Run `f0_side` (rank 0) and `f1_side` (rank 1) on two threads; their results.
+fn both<A: Send + 'static, B: Send + 'static>(
+    f0: &Arc<ShmFabric>,
+    f1: &Arc<ShmFabric>,
+    f0_side: impl FnOnce(&ShmFabric) -> A + Send + 'static,
+    f1_side: impl FnOnce(&ShmFabric) -> B + Send + 'static,
+) -> (A, B) {
+    let (g0, g1) = (f0.clone(), f1.clone());
+    let h0 = std::thread::spawn(move || f0_side(&g0));
+    let h1 = std::thread::spawn(move || f1_side(&g1));
+    (h0.join().unwrap(), h1.join().unwrap())
+}
+
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ salt).collect()
+}
+
+#[test]
+fn staged_messages_arrive_whole_posted_before_or_after_the_send() {
+    let (f0, f1) = pair_with("staged", [std::process::id(); 2], Duration::from_secs(5));
+    assert!(f0.is_staged() && f1.is_staged());
+    let mut seq = 0;
+    for len in [8193, 100_000, super::CHUNK_BYTES, super::CHUNK_BYTES + 1, (1 << 20) + 13, 3 << 20] {
+        for late_post in [false, true] {
+            seq += 1;
+            let t = tag(seq);
+            let data = Arc::new(pattern(len, seq as u8));
+            let d = data.clone();
+            let (sent, got) = both(
+                &f0,
+                &f1,
+                move |f| {
+                    let w = Wait::new("test", Duration::from_secs(5));
+                    unsafe { f.send(1, t, d.as_ptr(), len, &w) }.and_then(|_| f.wait_send(1, t, &w))
+                },
+                move |f| {
+                    let w = Wait::new("test", Duration::from_secs(5));
+                    if late_post {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let mut buf = vec![0u8; len + 64];
+                    unsafe { f.post_recv(0, t, buf.as_mut_ptr(), len, &w) }.unwrap();
+                    f.wait_recv(0, t, &w).map(|n| (n, buf))
+                },
+            );
+            sent.unwrap();
+            let (n, buf) = got.unwrap();
+            assert_eq!(n, len);
+            assert!(buf[..len] == data[..], "len {len} late {late_post}: wrong bytes");
+            assert!(buf[len..].iter().all(|&b| b == 0), "bytes past the message");
+        }
+    }
+    assert_eq!(f1.adv_live.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn staged_receives_beyond_the_slots_wait_for_one() {
+    let (f0, f1) = pair_with("staged-slots", [std::process::id(); 2], Duration::from_secs(5));
+    let (n, len) = (ADV_SLOTS + 5, 20_000);
+    let (sent, got) = both(
+        &f0,
+        &f1,
+        move |f| {
+            let w = Wait::new("test", Duration::from_secs(5));
+            let datas: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8 + 1; len]).collect();
+            for (i, d) in datas.iter().enumerate() {
+                unsafe { f.send(1, tag(i as u64), d.as_ptr(), len, &w) }.unwrap();
+            }
+            (0..n).try_for_each(|i| f.wait_send(1, tag(i as u64), &w))
+        },
+        move |f| {
+            let w = Wait::new("test", Duration::from_secs(5));
+            let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; len]).collect();
+            for (i, b) in bufs.iter_mut().enumerate() {
+                unsafe { f.post_recv(0, tag(i as u64), b.as_mut_ptr(), len, &w) }.unwrap();
+            }
+            for i in (0..n).rev() {
+                assert_eq!(f.wait_recv(0, tag(i as u64), &w).unwrap(), len);
+            }
+            bufs
+        },
+    );
+    sent.unwrap();
+    for (i, b) in got.iter().enumerate() {
+        assert!(b.iter().all(|&x| x == i as u8 + 1));
+    }
+}
+
+#[test]
+fn staged_overflow_fails_the_receive_naming_the_sender() {
+    let (f0, f1) = pair_with("staged-over", [std::process::id(); 2], Duration::from_secs(5));
+    let (sent, got) = both(
+        &f0,
+        &f1,
+        |f| {
+            let w = Wait::new("test", Duration::from_secs(5));
+            let d = vec![7u8; 300_000];
+            unsafe { f.send(1, tag(1), d.as_ptr(), d.len(), &w) }.and_then(|_| f.wait_send(1, tag(1), &w))?;
+            unsafe { f.send(1, tag(2), [1u8, 2, 3, 4].as_ptr(), 4, &w) }
+        },
+        |f| {
+            let w = Wait::new("test", Duration::from_secs(5));
+            let mut buf = vec![0u8; 200_064];
+            let r = unsafe { f.post_recv(0, tag(1), buf.as_mut_ptr(), 200_000, &w) }.and_then(|_| f.wait_recv(0, tag(1), &w));
+            // The rest of the stream is consumed (and dropped) while waiting for the next message.
+            let mut small = [0u8; 4];
+            unsafe { f.post_recv(0, tag(2), small.as_mut_ptr(), 4, &w) }.unwrap();
+            (r, buf, f.wait_recv(0, tag(2), &w), small)
+        },
+    );
+    sent.unwrap();
+    let (r, buf, r2, small) = got;
+    let e = r.unwrap_err();
+    assert!(matches!(e, Error::Protocol { peer: 0, .. }), "{e}");
+    assert!(buf.iter().all(|&b| b == 0), "bytes of a message too long landed");
+    assert_eq!(r2.unwrap(), 4);
+    assert_eq!(small, [1, 2, 3, 4]);
+}
+
+#[test]
+fn staged_cancel_recv_mid_stream_returns_at_once_and_drops_the_rest() {
+    let (f0, f1) = pair_with("staged-cancel", [std::process::id(); 2], Duration::from_secs(5));
+    let w = Wait::new("test", Duration::from_secs(5));
+    let len = 3 << 20;
+    let data = pattern(len, 3);
+    let mut buf = vec![0u8; len];
+    unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
+    unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() }; // the first MiB or so
+    f1.poll().unwrap(); // some of it lands
+    let t0 = std::time::Instant::now();
+    f1.cancel_recv(0, tag(1)); // rank 0 is not polling: nothing to wait for
+    assert!(t0.elapsed() < Duration::from_millis(100), "{:?}", t0.elapsed());
+    let snap = buf.clone();
+    assert!(snap.iter().any(|&b| b != 0), "nothing had landed before the cancel");
+    // Rank 0 streams the rest; rank 1 drains it (dropping it) while it waits for another message.
+    let (sent, got) = both(
+        &f0,
+        &f1,
+        move |f| {
+            let w = Wait::new("test", Duration::from_secs(5));
+            f.wait_send(1, tag(1), &w)?;
+            unsafe { f.send(1, tag(2), [5u8; 16].as_ptr(), 16, &w) }
+        },
+        |f| {
+            let w = Wait::new("test", Duration::from_secs(5));
+            let mut small = [0u8; 16];
+            unsafe { f.post_recv(0, tag(2), small.as_mut_ptr(), 16, &w) }.unwrap();
+            f.wait_recv(0, tag(2), &w).map(|_| small)
+        },
+    );
+    sent.unwrap();
+    assert_eq!(got.unwrap(), [5u8; 16]);
+    assert!(buf == snap, "bytes landed in the withdrawn buffer");
+    assert_eq!(f1.adv_live.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn staged_cancel_send_mid_stream_fails_the_receive() {
+    let (f0, f1) = pair_with("staged-abort", [std::process::id(); 2], Duration::from_secs(5));
+    let w = Wait::new("test", Duration::from_secs(2));
+    let len = 3 << 20;
+    let mut data = vec![0x11u8; len];
+    let mut buf = vec![0u8; len];
+    unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
+    unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() };
+    f0.cancel_send(1, tag(1));
+    data.fill(0xEE); // the caller reuses its buffer
+    let e = f1.wait_recv(0, tag(1), &w).unwrap_err();
+    assert!(matches!(&e, Error::PeerFailed { peer: 0, reason, .. } if reason.contains("withdrew")), "{e}");
+    assert!(!buf.contains(&0xEE), "bytes of a withdrawn send were delivered");
+}
+
+#[test]
+fn a_withdrawn_offer_is_never_delivered() {
+    // CMA: rank 0 announces (RTS) a message rank 1 has not posted, then withdraws it and
+    // reuses the buffer. Rank 1 posts late: it must fail the receive, not copy the new bytes.
+    let (f0, f1) = pair("offer");
+    let w = Wait::new("test", Duration::from_secs(2));
+    let len = 100_000;
+    let mut data = vec![0x22u8; len];
+    unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() };
+    f0.cancel_send(1, tag(1));
+    data.fill(0xEE);
+    let mut buf = vec![0u8; len];
+    unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
+    let e = f1.wait_recv(0, tag(1), &w).unwrap_err();
+    assert!(matches!(&e, Error::PeerFailed { peer: 0, reason, .. } if reason.contains("withdrew")), "{e}");
+    assert!(!buf.contains(&0xEE), "a withdrawn send was delivered from reused memory");
+    f1.cancel_recv(0, tag(1));
+    // The offer slot is free again: the next message goes through.
+    let data2 = pattern(len, 9);
+    let mut buf2 = vec![0u8; len];
+    let w = Wait::new("test", Duration::from_secs(5));
+    unsafe { f1.post_recv(0, tag(2), buf2.as_mut_ptr(), len, &w).unwrap() };
+    unsafe { f0.send(1, tag(2), data2.as_ptr(), len, &w).unwrap() };
+    f0.wait_send(1, tag(2), &w).unwrap();
+    assert_eq!(f1.wait_recv(0, tag(2), &w).unwrap(), len);
+    assert_eq!(buf2, data2);
+}
+
+#[test]
+fn a_stalled_cma_writer_is_fenced_after_the_timeout() {
+    // Rank 0 is another process that claimed rank 1's advertisement and stopped (SIGSTOP, a
+    // debugger): it could write whenever it resumes. Rank 1's cancel waits the timeout, then
+    // kills it, and the fabric is failed for good; before, the cancel waited as long as rank 0
+    // lived.
+    let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let (f0, f1) = pair_with("fence", [child.id(), std::process::id()], Duration::from_millis(300));
+    f0.use_cma(true);
+    f1.use_cma(true);
+    let w = Wait::new("test", Duration::from_secs(1));
+    let mut buf = vec![0u8; 50_000];
+    unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
+    let a = adv_slot(&f0, tag(1));
+    let word = a.state.load(Ordering::Acquire);
+    a.state.compare_exchange(word, (word & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g1 = f1.clone();
+    let t0 = std::time::Instant::now();
+    std::thread::spawn(move || {
+        g1.cancel_recv(0, tag(1));
+        let _ = tx.send(());
+    });
+    let returned = rx.recv_timeout(Duration::from_secs(5));
+    let status = child.try_wait().unwrap();
+    if returned.is_err() {
+        let _ = child.kill();
+        panic!("cancel_recv waited for a stopped writer");
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(300), "fenced before the timeout");
+    use std::os::unix::process::ExitStatusExt;
+    let status = status.or_else(|| child.wait().ok()).expect("the writer is gone");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // Failed for good: every later operation says why.
+    let e = unsafe { f1.post_recv(0, tag(2), buf.as_mut_ptr(), 8, &w) }.unwrap_err();
+    assert!(e.to_string().contains("killed"), "{e}");
+}
+
+#[test]
+fn the_inbox_is_private_and_a_peer_inbox_of_another_mode_or_owner_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let a = Inbox::create(2, 0, "perm").unwrap();
+    let m = std::fs::metadata(&a.path).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o600, "inbox created with mode {:o}", m.mode() & 0o7777);
+    // Our own file under other modes, and as another user's file (root can make one).
+    std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = segment::open_peer(&a.path, 0, 2).err().expect("refused");
+    assert!(e.to_string().contains("refused") && e.to_string().contains(&a.path.display().to_string()), "{e}");
+    std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o660)).unwrap();
+    assert!(segment::open_peer(&a.path, 0, 2).is_err());
+    std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(segment::open_peer(&a.path, 0, 2).is_ok());
+    // A header for another rank or job size.
+    assert!(segment::open_peer(&a.path, 1, 2).is_err());
+    // A link to it is not followed.
+    let link = std::path::PathBuf::from(format!("{}-link", a.path.display()));
+    std::os::unix::fs::symlink(&a.path, &link).unwrap();
+    assert!(segment::open_peer(&link, 0, 2).is_err());
+    let _ = std::fs::remove_file(&link);
+    if std::os::unix::fs::chown(&a.path, Some(65534), None).is_ok() {
+        let e = segment::open_peer(&a.path, 0, 2).err().expect("refused");
+        assert!(e.to_string().contains("owner uid 65534"), "{e}");
+    }
+    a.unlink();
+}
+
+#[test]
+fn the_probe_reports_a_process_it_may_not_attach_to() {
+    // A process this one may attach to (itself) passes; one it may not (ptrace rules) fails with
+    // EPERM named in the message. The forbidden case is made with a child process: as root, a
+    // child running as `nobody` probes us; otherwise we probe a child that made itself
+    // non-dumpable.
+    let probe_word = Box::new(0x5eed_u64);
+    let addr = &*probe_word as *const u64 as u64;
+    cma::probe(std::process::id(), addr, 0x5eed).unwrap();
+    assert!(cma::probe(std::process::id(), addr, 0x0bad).is_err());
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let parent = std::process::id();
+    // SAFETY: the child only makes raw syscalls (setuid, prctl, process_vm_readv, pause, _exit).
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        unsafe {
+            let code = if root {
+                if libc::setuid(65534) != 0 {
+                    3
+                } else {
+                    let mut got = 0u64;
+                    let l = libc::iovec { iov_base: &mut got as *mut u64 as *mut libc::c_void, iov_len: 8 };
+                    let r = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: 8 };
+                    match libc::process_vm_readv(parent as libc::pid_t, &l, 1, &r, 1, 0) {
+                        8 => 0,
+                        _ if *libc::__errno_location() == libc::EPERM => 1,
+                        _ => 2,
+                    }
+                }
+            } else {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                libc::sleep(5);
+                0
+            };
+            libc::_exit(code);
+        }
+    }
+    if root {
+        let mut st = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(child, &mut st, 0) };
+        assert_eq!(libc::WEXITSTATUS(st), 1, "an unprivileged process could read a root process's memory");
+    } else {
+        std::thread::sleep(Duration::from_millis(200));
+        let e = cma::probe(child as u32, addr, 0x5eed).unwrap_err();
+        assert!(e.to_string().contains("ptrace"), "{e}");
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+    }
+    drop(probe_word);
 }

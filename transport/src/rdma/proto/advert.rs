@@ -17,7 +17,7 @@ impl<V: Verbs> RdmaFabric<V> {
         if src >= self.n || src == self.rank {
             return Err(Error::usage(w.op, format!("post_recv from rank {src} on rank {} of {}", self.rank, self.n)));
         }
-        let mut st = self.st.lock().unwrap();
+        let mut st = self.state(w.op)?;
         if let Some(e) = self.peer_err(&st, src, w.op) {
             self.flush_aborts(&mut st);
             return Err(e);

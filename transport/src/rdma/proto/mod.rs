@@ -42,7 +42,8 @@ use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet, VecDeque};
 use crate::mailbox::KeyHasher;
 use std::hash::BuildHasherDefault;
 use crate::spin::AdaptiveSpin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use mrcache::{MrCache, Owner};
 use state::{AdvSlot, Peer, State};
@@ -110,6 +111,10 @@ pub struct RdmaFabric<V: Verbs> {
     rx_mr: Mr,
     hdr_mr: Mr,
     st: Mutex<State>,
+    /// The first failure that left the state unusable (a thread panicked holding it).
+    first_failure: OnceLock<String>,
+    /// Every peer has been disconnected after that failure.
+    cut_all: AtomicBool,
     name: &'static str,
     /// The busy-poll phase of a wait, adapted by the waits (`progress::wait_for`).
     spin: AdaptiveSpin,
@@ -169,10 +174,27 @@ impl<V: Verbs> RdmaFabric<V> {
             rotate: 0,
             cache,
         };
+        // SAFETY: the header ring is owned by the protocol state, which outlives its registration.
         let hdr_mr = unsafe { v.register(st.hdrs.as_mut_ptr() as *mut u8, n * cfg.slots * HDR) }.map_err(io)?;
         let zc_chunk = cfg.chunk.saturating_mul(ZC_CHUNK_MULT).min(1 << 30);
         let zc_min = ZC_MIN.min(zc_chunk);
-        Ok(RdmaFabric { v, cfg, rank, n, slot_size, zc_min, zc_chunk, rx, rx_mr, hdr_mr, st: Mutex::new(st), name, spin: AdaptiveSpin::new(progress::SPIN) })
+        Ok(RdmaFabric {
+            v,
+            cfg,
+            rank,
+            n,
+            slot_size,
+            zc_min,
+            zc_chunk,
+            rx,
+            rx_mr,
+            hdr_mr,
+            st: Mutex::new(st),
+            first_failure: OnceLock::new(),
+            cut_all: AtomicBool::new(false),
+            name,
+            spin: AdaptiveSpin::new(progress::SPIN),
+        })
     }
 
     /// Messages of at least `min` bytes go zero-copy (`usize::MAX`: never), in writes of
@@ -199,9 +221,29 @@ impl<V: Verbs> RdmaFabric<V> {
         }
     }
 
+    /// The state, locked for `op`. After a thread panicked while holding it (the state may be
+    /// half-updated), every call fails with an error naming that first failure, and every peer
+    /// is disconnected (once), so no write of theirs lands in this rank's memory any more.
+    fn state(&self, op: &'static str) -> Result<StGuard<'_>> {
+        match self.st.lock() {
+            Ok(g) => Ok(StGuard { g, first: &self.first_failure, op }),
+            Err(_) => {
+                if !self.cut_all.swap(true, Ordering::AcqRel) {
+                    for p in (0..self.n).filter(|&p| p != self.rank) {
+                        if let Err(e) = self.v.disconnect(p) {
+                            tracing::error!("rdma: disconnecting rank {p} after a failure: {e}");
+                        }
+                    }
+                }
+                let first = self.first_failure.get().map_or("a thread panicked while it held the endpoint's state", |s| s.as_str());
+                Err(Error::Io { op, peer: self.rank, detail: format!("the RDMA endpoint is unusable: {first}") })
+            }
+        }
+    }
+
     /// Install what every peer reserved for us (`remote[p]` = peer p's `slots_for(self.rank)`).
     pub fn connect(&self, remote: &[Option<RemoteSlots>]) -> Result<()> {
-        let mut st = self.st.lock().unwrap();
+        let mut st = self.state("rdma connect")?;
         for p in 0..self.n {
             if p == self.rank {
                 continue;
@@ -260,9 +302,41 @@ impl<V: Verbs> RdmaFabric<V> {
     }
 }
 
+/// The locked state: records, when its holder panics, that this was the first failure.
+struct StGuard<'a> {
+    g: MutexGuard<'a, State>,
+    first: &'a OnceLock<String>,
+    op: &'static str,
+}
+
+impl std::ops::Deref for StGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for StGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.g
+    }
+}
+
+impl Drop for StGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let t = std::thread::current();
+            let name = t.name().unwrap_or("unnamed");
+            let op = self.op;
+            self.first.get_or_init(|| format!("thread '{name}' panicked in {op} while it held the endpoint's state"));
+        }
+    }
+}
+
 impl<V: Verbs> Drop for RdmaFabric<V> {
     fn drop(&mut self) {
-        let st = self.st.get_mut().unwrap();
+        // After a panic the state may be half-updated; its registrations are released anyway.
+        let st = self.st.get_mut().unwrap_or_else(|e| e.into_inner());
         let private = st.jobs.values().filter_map(|j| j.mr).chain(st.recvs.values().filter_map(|e| e.mr)).filter(|r| r.owner == Owner::Private);
         for r in private {
             self.v.deregister(&r.mr);
@@ -306,11 +380,11 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
 
     unsafe fn register_region(&self, addr: u64, len: usize) -> Result<()> {
         const OP: &str = "register region";
-        self.st.lock().unwrap().cache.check_region(addr, len).map_err(|e| Error::usage(OP, e))?;
+        self.state(OP)?.cache.check_region(addr, len).map_err(|e| Error::usage(OP, e))?;
         // Registering pins the memory (milliseconds for large regions): outside the state lock,
         // so progress on every communicator goes on meanwhile.
         let mr = self.v.register(addr as *mut u8, len).map_err(|e| Error::Io { op: OP, peer: self.rank, detail: e })?;
-        let mut st = self.st.lock().unwrap();
+        let mut st = self.state(OP)?;
         if let Err(e) = st.cache.check_region(addr, len) {
             drop(st);
             self.v.deregister(&mr); // another thread registered an overlapping region meanwhile
@@ -321,7 +395,7 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
     }
 
     fn unregister_region(&self, addr: u64) -> Result<()> {
-        let mut st = self.st.lock().unwrap();
+        let mut st = self.state("unregister region")?;
         st.cache.unregister_region(&self.v, addr).map_err(|e| Error::usage("unregister region", e))
     }
 
@@ -354,7 +428,8 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
 
     /// Forget the send job: no chunk of it is posted any more, and its registration goes.
     fn cancel_send(&self, dst: usize, tag: Tag) {
-        let mut st = self.st.lock().unwrap();
+        // An unusable endpoint has disconnected every peer: nothing reads the buffer any more.
+        let Ok(mut st) = self.state("cancel_send") else { return };
         if let Some(jid) = st.job_of.remove(&(dst, tag)) {
             st.peers[dst].tx_queue.retain(|&x| x != jid);
             if st.jobs[&jid].chunks_done < st.jobs[&jid].chunks_posted {
@@ -385,7 +460,7 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
             }
             me.peer_err(st, src, w.op).map(Err)
         });
-        let mut st = self.st.lock().unwrap();
+        let mut st = self.state(w.op)?;
         match &r {
             Ok(_) => {
                 if let Some(mr) = st.recvs.remove(&(src, tag)).and_then(|e| e.mr) {
@@ -398,7 +473,8 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
     }
 
     fn cancel_recv(&self, src: usize, tag: Tag) {
-        let mut st = self.st.lock().unwrap();
+        // An unusable endpoint has disconnected every peer: nothing writes the buffer any more.
+        let Ok(mut st) = self.state("cancel_recv") else { return };
         self.withdraw(&mut st, src, tag);
     }
 }

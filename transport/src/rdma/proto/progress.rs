@@ -50,7 +50,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let spin_for = self.spin.begin();
         loop {
             {
-                let mut st = self.st.lock().unwrap();
+                let mut st = self.state(w.op)?;
                 let moved = self.progress(&mut st);
                 if let Some(took) = yielded.take() {
                     self.spin.after_yield(took, moved);

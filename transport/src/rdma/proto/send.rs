@@ -16,7 +16,7 @@ impl<V: Verbs> RdmaFabric<V> {
         if dst >= self.n || dst == self.rank {
             return Err(Error::usage(w.op, format!("send to rank {dst} on rank {} of {}", self.rank, self.n)));
         }
-        let mut st = self.st.lock().unwrap();
+        let mut st = self.state(w.op)?;
         if let Some(e) = self.peer_err(&st, dst, w.op) {
             self.flush_aborts(&mut st);
             return Err(e);
