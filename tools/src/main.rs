@@ -7,6 +7,7 @@ mod checkpoint;
 mod comm_bench;
 mod common;
 mod config;
+mod convert;
 mod launch;
 #[cfg(feature = "nccl")]
 mod nccl_bench;
@@ -47,6 +48,9 @@ enum Cmd {
     /// Print a training config (a preset, or a config file, with the flags applied) as TOML.
     #[command(after_help = "Example:\n  ember config --preset tiny --steps 300 > tiny.toml")]
     Config(config::ConfigArgs),
+    /// Convert Criteo text files to Ember's binary format (memory-mapped by `train --data`).
+    #[command(after_help = "Example:\n  ember convert day_0 day_1 --out criteo-bin --preset terabyte")]
+    Convert(convert::ConvertArgs),
 }
 
 fn main() {
@@ -78,6 +82,7 @@ fn main() {
         Cmd::Plan(a) => plan::run(a),
         Cmd::Checkpoint(a) => checkpoint::run(a),
         Cmd::Config(a) => config::run(a),
+        Cmd::Convert(a) => convert::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: error: {e}");

@@ -5,6 +5,7 @@ use crate::notes::{note, set_bar};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::dataset::{detect, Format, MappedData};
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::data::{Batch, DataSource};
 use ember_engine::metrics::EvalResult;
@@ -17,10 +18,20 @@ use std::path::PathBuf;
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Criteo data: raw (tab-separated, no header) or comma-separated with a header line; the
-    /// last 10 % of its samples are held out for evaluation [default: built-in synthetic data].
+    /// Training data: Criteo text (raw tab-separated, or comma-separated with a header line), an
+    /// Ember binary file or folder of them (`ember convert`), or TorchRec/MLPerf day_N_*.npy
+    /// files or a folder of days; without --eval-data the last 10 % of its samples are held out
+    /// for evaluation [default: built-in synthetic data].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// With binary or .npy --data: the held-out set, a file or folder of the same kinds
+    /// [default: the last 10 % of --data's samples].
+    #[arg(long, value_name = "PATH")]
+    pub eval_data: Option<PathBuf>,
+    /// With binary or .npy --data: passes over the training samples, each in its own seeded
+    /// order of the files [default: 1].
+    #[arg(long, value_name = "E")]
+    pub epochs: Option<u64>,
     /// Training steps, at most one epoch of --data [default: the config's; one epoch with --data].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -142,13 +153,16 @@ pub fn run(a: TrainArgs) -> CliResult {
         return Err(format!("--transport {}: a single-rank run uses no transport", a.transport).into());
     }
     let mut oracle = None;
-    let (mut data, eval) = match &a.data {
-        Some(path) => {
-            let policy = if a.skip_bad_lines { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
-            let mut r = CriteoReader::open(path, &cfg.model, policy)?;
+    let (mut data, eval) = match open_data(&a, &cfg)? {
+        Some(FileData::Text(mut r)) => {
             cfg.steps = Some(epoch_steps(cfg.steps, r.train_lines(), cfg.batch_size, true)?);
             let eval = r.eval_set()?;
             (Data::Criteo(r), eval)
+        }
+        Some(FileData::Mapped(mut d)) => {
+            cfg.steps = Some(epoch_steps(cfg.steps, d.train_len() * d.epochs(), cfg.batch_size, true)?);
+            let eval = d.eval_set()?;
+            (Data::Mapped(d), eval)
         }
         None => {
             let mut d = SyntheticData::new(&cfg)?;
@@ -169,7 +183,7 @@ pub fn run(a: TrainArgs) -> CliResult {
     };
     let skipped = match &data {
         Data::Criteo(r) => Some(r.skipped()),
-        Data::Synthetic(_) => None,
+        Data::Mapped(_) | Data::Synthetic(_) => None,
     };
     let steps = cfg.steps.unwrap_or(0);
     let reached = report.evals.last().map_or(0, |e| e.step);
@@ -215,6 +229,7 @@ pub fn epoch_steps(requested: Option<usize>, lines: u64, batch: usize, say: bool
 /// The training data of a one-process run.
 enum Data {
     Criteo(CriteoReader),
+    Mapped(MappedData),
     Synthetic(SyntheticData),
 }
 
@@ -222,9 +237,45 @@ impl Data {
     fn source(&mut self) -> &mut dyn DataSource {
         match self {
             Data::Criteo(r) => r,
+            Data::Mapped(d) => d,
             Data::Synthetic(d) => d,
         }
     }
+}
+
+/// A `--data` path, opened: Criteo text, or a memory-mapped dataset (binary or .npy).
+pub enum FileData {
+    Text(CriteoReader),
+    Mapped(MappedData),
+}
+
+/// Opens `--data` (None without it) with `--eval-data` and `--epochs`, every file checked
+/// against the model before training starts.
+pub fn open_data(a: &TrainArgs, cfg: &TrainConfig) -> Result<Option<FileData>, Box<dyn std::error::Error>> {
+    let Some(path) = &a.data else {
+        if a.eval_data.is_some() || a.epochs.is_some() {
+            return Err("--eval-data and --epochs need --data".into());
+        }
+        return Ok(None);
+    };
+    let format = detect(path, &cfg.model)?;
+    if let Format::Text(p) = format {
+        if a.eval_data.is_some() || a.epochs.is_some() {
+            return Err(format!(
+                "--eval-data and --epochs need binary or .npy --data; {} is Criteo text: convert it first (ember convert {} --out DIR)",
+                p.display(),
+                p.display()
+            )
+            .into());
+        }
+        let policy = if a.skip_bad_lines { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
+        return Ok(Some(FileData::Text(CriteoReader::open(&p, &cfg.model, policy)?)));
+    }
+    if a.skip_bad_lines {
+        return Err(format!("--skip-bad-lines applies to Criteo text; {} is preprocessed data", path.display()).into());
+    }
+    let eval = a.eval_data.as_ref().map(|p| detect(p, &cfg.model)).transpose()?;
+    Ok(Some(FileData::Mapped(MappedData::open(&format, eval.as_ref(), &cfg.model, a.epochs.unwrap_or(1), cfg.seed)?)))
 }
 
 #[cfg(feature = "cuda")]
