@@ -339,13 +339,14 @@ impl BinaryFile {
         // SAFETY: data files are written under another name and renamed when complete, never
         // modified in place; a concurrent truncation by another program is outside the contract.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        // Before the first access: no read-around beyond the pages touched.
+        map.advise(Advice::Random).map_err(|e| Error::io(&path, e))?;
         let header = Header::parse(&map).map_err(|m| bad(&path, m))?;
         if map.len() as u64 != header.file_bytes {
             return Err(bad(&path, format!("{} bytes, the header says {} (truncated or overwritten)", map.len(), header.file_bytes)));
         }
         let index = &map[header.index_offset as usize..header.file_bytes as usize];
         let blocks = parse_index(&header, index).map_err(|m| bad(&path, m))?;
-        map.advise(Advice::Random).map_err(|e| Error::io(&path, e))?;
         Ok(BinaryFile { path, map, header, blocks })
     }
 
@@ -569,6 +570,17 @@ impl BinaryWriter {
 
     /// Appends `batch`'s samples (their ids must already be below the tables' rows).
     pub fn push(&mut self, batch: &Batch) -> Result<()> {
+        if batch.num_dense != self.header.num_dense as usize || batch.sparse.len() != self.header.features.len() || batch.dense.len() != batch.size() * batch.num_dense {
+            return Err(bad(&self.dest, "batch layout differs from the file's"));
+        }
+        for (f, (j, ft)) in batch.sparse.iter().zip(&self.header.features).enumerate() {
+            if j.lengths.len() != batch.size() {
+                return Err(bad(&self.dest, format!("feature {f}: {} bags for {} samples", j.lengths.len(), batch.size())));
+            }
+            if let Some(&v) = j.values.iter().find(|&&v| v >= ft.rows) {
+                return Err(bad(&self.dest, format!("feature {f}: id {v} not below the table's {} rows", ft.rows)));
+            }
+        }
         let s = self.header.block_samples as usize;
         let mut at = 0;
         while at < batch.size() {
@@ -602,7 +614,6 @@ impl BinaryWriter {
         let d = layout.dense as usize;
         buf[d..d + 4 * p.dense.len()].copy_from_slice(bytemuck::cast_slice(&p.dense));
         for (f, (j, &(off_at, ids_at, _))) in p.sparse.iter().zip(&layout.features).enumerate() {
-            let rows = self.header.features[f].rows;
             let mut o = off_at as usize;
             let mut acc = 0u64;
             buf[o..o + 8].copy_from_slice(&0u64.to_le_bytes());
@@ -613,9 +624,6 @@ impl BinaryWriter {
                 acc += l as u64;
                 o += 8;
                 buf[o..o + 8].copy_from_slice(&acc.to_le_bytes());
-            }
-            if let Some(&v) = j.values.iter().find(|&&v| v >= rows) {
-                return Err(bad(&self.dest, format!("feature {f}: id {v} not below the table's {rows} rows")));
             }
             let mut o = ids_at as usize;
             if self.header.id_bytes == 4 {

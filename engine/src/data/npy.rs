@@ -268,10 +268,8 @@ impl NpyArray {
             return Err(bad(path, format!("{what}: {have} bytes of data, the shape {:?} needs {} (truncated)", h.shape, h.data_bytes)));
         }
         let cols = usize::try_from(cols).map_err(|_| bad(path, format!("{what}: {cols} columns")))?;
+        // np.savez does not align its members: elements are decoded from bytes, not cast.
         let start = at + h.data_offset;
-        if start % h.dtype.size() != 0 {
-            return Err(bad(path, format!("{what}: data at byte {start}, not aligned to its {}-byte elements", h.dtype.size())));
-        }
         Ok(NpyArray { path: path.to_path_buf(), map, at: start, dtype: h.dtype, rows, cols })
     }
 
@@ -294,8 +292,13 @@ impl NpyArray {
         &self.map[from..from + len]
     }
 
-    fn f32s(&self, r: u64, n: usize) -> Result<&[f32]> {
-        bytemuck::try_cast_slice(self.rows_bytes(r, n)).map_err(|e| bad(&self.path, e))
+    /// Rows `[r, r + n)` of a float32 array appended to `out`.
+    fn f32s_into(&self, r: u64, n: usize, out: &mut Vec<f32>) {
+        let b = self.rows_bytes(r, n);
+        match bytemuck::try_cast_slice::<u8, f32>(b) {
+            Ok(v) => out.extend_from_slice(v),
+            Err(_) => out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))),
+        }
     }
 
     /// Rows `[r, r + n)` as integers, element c of a row taken modulo `modulo[c]` (as
@@ -308,9 +311,10 @@ impl NpyArray {
         }
         macro_rules! each {
             ($t:ty) => {{
-                let v: &[$t] = bytemuck::try_cast_slice(b).map_err(|e| bad(&self.path, e))?;
-                for row in v.chunks_exact(self.cols) {
-                    for (c, (&x, &m)) in row.iter().zip(modulo).enumerate() {
+                const W: usize = std::mem::size_of::<$t>();
+                for row in b.chunks_exact(W * self.cols) {
+                    for (c, (x, &m)) in row.chunks_exact(W).zip(modulo).enumerate() {
+                        let x = <$t>::from_le_bytes(x.try_into().expect("element bytes"));
                         // Ids already below the rows (contiguous ids) need no division.
                         let u = x as u64;
                         push(c, if x >= (0 as $t) && u < m { u } else { slow(x as i128, m) });
@@ -329,17 +333,20 @@ impl NpyArray {
     }
 
     /// Rows `[r, r + n)` of a one-column array as f32 labels.
-    fn labels(&self, r: u64, n: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn labels(&self, r: u64, n: usize, out: &mut Vec<f32>) {
         let b = self.rows_bytes(r, n);
-        let cast = |e| bad(&self.path, e);
-        match self.dtype {
-            Dtype::F32 => out.extend_from_slice(bytemuck::try_cast_slice(b).map_err(cast)?),
-            Dtype::I32 => out.extend(bytemuck::try_cast_slice::<u8, i32>(b).map_err(cast)?.iter().map(|&x| x as f32)),
-            Dtype::I64 => out.extend(bytemuck::try_cast_slice::<u8, i64>(b).map_err(cast)?.iter().map(|&x| x as f32)),
-            Dtype::U32 => out.extend(bytemuck::try_cast_slice::<u8, u32>(b).map_err(cast)?.iter().map(|&x| x as f32)),
-            Dtype::U64 => out.extend(bytemuck::try_cast_slice::<u8, u64>(b).map_err(cast)?.iter().map(|&x| x as f32)),
+        macro_rules! conv {
+            ($t:ty) => {
+                out.extend(b.chunks_exact(std::mem::size_of::<$t>()).map(|c| <$t>::from_le_bytes(c.try_into().expect("element bytes")) as f32))
+            };
         }
-        Ok(())
+        match self.dtype {
+            Dtype::F32 => self.f32s_into(r, n, out),
+            Dtype::I32 => conv!(i32),
+            Dtype::I64 => conv!(i64),
+            Dtype::U32 => conv!(u32),
+            Dtype::U64 => conv!(u64),
+        }
     }
 }
 
@@ -448,9 +455,9 @@ impl NpyDay {
         if start.checked_add(n as u64).filter(|&e| e <= self.samples).is_none() {
             return Err(bad(&self.dense_path, format!("samples {start}..{start}+{n} past the end ({} samples)", self.samples)));
         }
-        out.dense.extend_from_slice(self.dense.f32s(start, n)?);
+        self.dense.f32s_into(start, n, &mut out.dense);
         let before = out.labels.len();
-        self.labels.labels(start, n, &mut out.labels)?;
+        self.labels.labels(start, n, &mut out.labels);
         if let Some(i) = out.labels[before..].iter().position(|&y| y != 0.0 && y != 1.0) {
             return Err(bad(&self.labels.path, format!("label of sample {} is not 0 or 1", start + i as u64)));
         }
