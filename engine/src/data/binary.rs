@@ -521,8 +521,9 @@ pub struct BinaryWriter {
     file: Option<std::io::BufWriter<File>>,
     header: Header,
     pending: Batch,
-    /// Encoded block (reused).
+    /// Encoded block, and offsets or packed ids being encoded (both reused).
     buf: Vec<u8>,
+    scratch: Vec<u64>,
     index: Vec<u8>,
     at: u64,
 }
@@ -531,6 +532,9 @@ impl BinaryWriter {
     /// Starts `dest` for samples of `num_dense` dense values and `features`.
     pub fn create(dest: impl AsRef<Path>, num_dense: usize, features: Vec<Feature>, dense: DenseTransform, block_samples: u32) -> Result<BinaryWriter> {
         let dest = dest.as_ref().to_path_buf();
+        if cfg!(target_endian = "big") {
+            return Err(bad(&dest, "Ember binary files are little-endian; this host is big-endian"));
+        }
         if features.is_empty() || features.len() > MAX_FEATURES as usize || num_dense > MAX_DENSE as usize {
             return Err(bad(&dest, format!("{} sparse and {num_dense} dense features: outside the format's limits", features.len())));
         }
@@ -549,6 +553,7 @@ impl BinaryWriter {
             file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
             pending: Batch::new(num_dense, header.features.len()),
             buf: Vec::new(),
+            scratch: Vec::new(),
             index: Vec::new(),
             header,
         };
@@ -607,37 +612,42 @@ impl BinaryWriter {
         let ids: Vec<u64> = p.sparse.iter().map(|j| j.values.len() as u64).collect();
         let layout = BlockLayout::new(n as u64, self.header.num_dense as u64, self.header.id_bytes as u64, &ids)
             .ok_or_else(|| bad(&self.dest, "block size overflows"))?;
+        // Sections appended in order, zero padding only where the layout has it.
         let buf = &mut self.buf;
         buf.clear();
-        buf.resize(layout.bytes as usize, 0);
-        buf[..4 * n].copy_from_slice(bytemuck::cast_slice(&p.labels));
-        let d = layout.dense as usize;
-        buf[d..d + 4 * p.dense.len()].copy_from_slice(bytemuck::cast_slice(&p.dense));
+        buf.reserve(layout.bytes as usize);
+        let pad = |buf: &mut Vec<u8>, to: u64| buf.resize(to as usize, 0);
+        buf.extend_from_slice(bytemuck::cast_slice(&p.labels));
+        pad(buf, layout.dense);
+        buf.extend_from_slice(bytemuck::cast_slice(&p.dense));
+        let scratch = &mut self.scratch;
         for (f, (j, &(off_at, ids_at, _))) in p.sparse.iter().zip(&layout.features).enumerate() {
-            let mut o = off_at as usize;
-            let mut acc = 0u64;
-            buf[o..o + 8].copy_from_slice(&0u64.to_le_bytes());
-            for &l in &j.lengths {
-                if l as u64 > MAX_BAG {
-                    return Err(bad(&self.dest, format!("feature {f}: a bag of {l} ids (at most {MAX_BAG})")));
-                }
-                acc += l as u64;
-                o += 8;
-                buf[o..o + 8].copy_from_slice(&acc.to_le_bytes());
+            pad(buf, off_at);
+            if let Some(&l) = j.lengths.iter().find(|&&l| l as u64 > MAX_BAG) {
+                return Err(bad(&self.dest, format!("feature {f}: a bag of {l} ids (at most {MAX_BAG})")));
             }
-            let mut o = ids_at as usize;
+            scratch.clear();
+            scratch.push(0);
+            let mut acc = 0u64;
+            scratch.extend(j.lengths.iter().map(|&l| {
+                acc += l as u64;
+                acc
+            }));
+            buf.extend_from_slice(bytemuck::cast_slice(scratch));
+            debug_assert_eq!(buf.len() as u64, ids_at);
             if self.header.id_bytes == 4 {
-                for &v in &j.values {
-                    buf[o..o + 4].copy_from_slice(&(v as u32).to_le_bytes());
-                    o += 4;
+                scratch.clear();
+                // Two u32 ids per u64 word (little-endian), then the odd one.
+                scratch.extend(j.values.chunks_exact(2).map(|c| c[0] | c[1] << 32));
+                buf.extend_from_slice(bytemuck::cast_slice(scratch));
+                if let Some(&v) = j.values.chunks_exact(2).remainder().first() {
+                    buf.extend_from_slice(&(v as u32).to_le_bytes());
                 }
             } else {
-                for &v in &j.values {
-                    buf[o..o + 8].copy_from_slice(&v.to_le_bytes());
-                    o += 8;
-                }
+                buf.extend_from_slice(bytemuck::cast_slice(&j.values));
             }
         }
+        pad(buf, layout.bytes);
         let crc = crc32fast::hash(buf);
         self.index.extend_from_slice(&crc.to_le_bytes());
         self.index.extend_from_slice(&[0; 4]);
@@ -649,7 +659,13 @@ impl BinaryWriter {
         self.buf = bytes;
         self.at += layout.bytes;
         self.header.samples += n as u64;
-        self.pending = Batch::new(self.header.num_dense as usize, self.header.features.len());
+        let p = &mut self.pending;
+        p.dense.clear();
+        p.labels.clear();
+        for j in &mut p.sparse {
+            j.lengths.clear();
+            j.values.clear();
+        }
         Ok(())
     }
 

@@ -251,9 +251,14 @@ impl MappedData {
             }
         };
         let train_len: u64 = train.iter().map(|s| s.len).sum();
-        let eval_len = eval_segs.iter().map(|s: &Segment| s.len).sum();
+        let eval_len: u64 = eval_segs.iter().map(|s: &Segment| s.len).sum();
         if train_len == 0 {
             return Err(Error::Input("the data holds no training samples".into()));
+        }
+        if eval_len == 0 {
+            return Err(Error::Config(format!(
+                "{total} samples leave no eval set (the last 10 %): at least 10 are needed, or a separate --eval-data"
+            )));
         }
         train_len.checked_mul(epochs).ok_or_else(|| Error::Config(format!("{epochs} epochs of {train_len} samples overflow")))?;
         Ok(MappedData {
