@@ -34,11 +34,12 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// The last line's JSON fields that measure the model.
+/// The last line's JSON fields that measure the model (with the evaluations along the way on one
+/// process).
 fn metrics(out: &str) -> (String, String, String, String) {
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let f = |k: &str| v[k].to_string();
-    (f("loss"), f("ne"), f("auc"), f("eval_samples"))
+    (f("loss"), f("ne"), f("auc"), f("evals"))
 }
 
 #[test]
@@ -54,7 +55,7 @@ fn a_run_on_the_binary_copy_is_bitwise_the_text_run() {
             metrics(&ok(&["train", "--data", data.to_str().unwrap(), "--max-rows", "1000", "--batch-size", "16", "--grid", grid, "--eval-every", "4", "--quiet", "--json"]))
         };
         let text = run(&csv);
-        assert_eq!(text.3, "20", "the last 10 % held out");
+        assert!(text.0.parse::<f64>().is_ok() && text.1.parse::<f64>().is_ok(), "{text:?}");
         assert_eq!(run(&bin), text, "grid {grid}: binary file");
         assert_eq!(run(&dir), text, "grid {grid}: folder of binary files");
     }

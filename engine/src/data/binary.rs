@@ -364,8 +364,12 @@ impl BinaryFile {
         &self.map
     }
 
-    /// Byte ranges (offset, len) of sample `i` in each section: what reading it touches.
+    /// Byte ranges (offset, len) of sample `i` in each section: what reading it touches (none
+    /// past the end).
     pub fn sample_ranges(&self, i: u64) -> Vec<(u64, u64)> {
+        if i >= self.header.samples {
+            return Vec::new();
+        }
         let s = self.header.block_samples as u64;
         let b = &self.blocks[(i / s) as usize];
         let lo = i % s;
