@@ -15,10 +15,26 @@ use ember_tests::test_data;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-fn tmp_dir(name: &str) -> PathBuf {
+/// A scratch folder, removed when the test ends.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp_dir(name: &str) -> TmpDir {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-binary-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn kaggle() -> ModelConfig {
@@ -245,7 +261,7 @@ fn a_failed_write_leaves_no_file() {
     }
     assert!(w.push(&b).unwrap_err().to_string().contains("id 9 not below the table's 4 rows"));
     drop(w);
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&*dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

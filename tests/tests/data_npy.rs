@@ -213,4 +213,5 @@ fn damaged_or_foreign_days_are_errors_naming_the_file() {
     write(&dir, "day_1_sparse_multi_hot.npz", &z);
     let err = NpyDay::open(&dir.join("day_1"), true, &preset("dlrmv2", None).unwrap().model).unwrap_err().to_string();
     assert!(err.contains("compressed") && err.contains("day_1_sparse_multi_hot.npz"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -44,8 +44,20 @@ struct Row {
     path: String,
     cache: &'static str,
     samples_per_s: f64,
+    /// Samples per second of this thread's CPU time (user + system): the rate per core.
+    samples_per_cpu_s: f64,
     gb_per_s: f64,
     note: String,
+}
+
+/// CPU time (user + system) of the calling thread, seconds.
+fn thread_cpu() -> f64 {
+    // SAFETY: rusage is plain data the kernel fills for the calling thread.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage for the calling thread.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -182,27 +194,28 @@ fn convert_peak_rss_kib(input: &Path, out: &Path) -> Result<u64, Box<dyn std::er
 }
 
 /// Times `f` (which reads `samples` samples of `bytes` bytes) `iters` times; `cold` evicts
-/// `files` before each run. Returns (samples/s, GB/s), medians.
-fn time(iters: usize, cold: bool, files: &[PathBuf], samples: u64, bytes: u64, mut f: impl FnMut() -> ember_engine::Result<u64>) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+/// `files` before each run. Returns (samples/s, samples per CPU second, GB/s), medians.
+fn time(iters: usize, cold: bool, files: &[PathBuf], samples: u64, bytes: u64, mut f: impl FnMut() -> ember_engine::Result<u64>) -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
     if !cold {
         f()?; // warm-up
     }
-    let mut secs = vec![];
+    let (mut secs, mut cpu) = (vec![], vec![]);
     for _ in 0..iters {
         if cold {
             for p in files {
                 evict(p)?;
             }
         }
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), thread_cpu());
         let n = f()?;
         secs.push(t.elapsed().as_secs_f64());
+        cpu.push((thread_cpu() - c).max(1e-9));
         if n != samples {
             return Err(format!("read {n} samples, expected {samples}").into());
         }
     }
     let s = median(secs);
-    Ok((samples as f64 / s, bytes as f64 / s / 1e9))
+    Ok((samples as f64 / s, samples as f64 / median(cpu), bytes as f64 / s / 1e9))
 }
 
 /// The samples/s of `bench dlrm --device cuda --batch-size 65536` in docs/gpu-results.md.
@@ -237,18 +250,38 @@ pub fn run(a: DataArgs) -> CliResult {
 fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) -> CliResult {
     let (n, it, bsz) = (a.samples, a.iters, a.batch_size);
     let mut rows: Vec<Row> = vec![];
-    let mut push = |path: &str, cache: &'static str, (sps, gbs): (f64, f64), note: String| rows.push(Row { path: path.into(), cache, samples_per_s: sps, gb_per_s: gbs, note });
+    let mut push = |path: &str, cache: &'static str, (sps, cps, gbs): (f64, f64, f64), note: String| {
+        rows.push(Row { path: path.into(), cache, samples_per_s: sps, samples_per_cpu_s: cps, gb_per_s: gbs, note })
+    };
 
     // Text: parse in one pass (what a run on text does every epoch), and convert.
     let text = dir.join("day_0.tsv");
     let text_bytes = write_text(&text, n, 1)?;
-    let parse = || parse_file(&text, model, BadLinePolicy::Fail, |_| Ok(())).map(|r| r.0);
+    // Peak memory of `ember convert` for two input sizes, while this process is still small (a
+    // spawned child's peak counts its parent's memory until it execs).
+    let small = dir.join("quarter.tsv");
+    write_text(&small, n / 4, 3)?;
+    let out = dir.join("rss");
+    let rss_small = convert_peak_rss_kib(&small, &out)?;
+    let rss_big = convert_peak_rss_kib(&text, &out)?;
+    std::fs::remove_dir_all(&out)?;
+    let parse = || parse_file(&text, model, BadLinePolicy::Fail, bsz, |_| Ok(())).map(|r| r.0);
     let warm = time(it, false, &[], n, text_bytes, parse)?;
     push("text parse", "warm", warm, "bytes of text".into());
     push("text parse", "cold", time(it, true, &[text.clone()], n, text_bytes, parse)?, "bytes of text".into());
+    // The reader `ember train` uses on text: a line-counting pass at open, then the lines.
+    let reader = || -> ember_engine::Result<u64> {
+        let mut r = ember_engine::data::criteo::CriteoReader::open(&text, model, BadLinePolicy::Fail)?;
+        let mut k = 0;
+        while let Some(b) = ember_engine::data::DataSource::next_batch(&mut r, bsz)? {
+            k += b.size() as u64;
+        }
+        Ok(k + ember_engine::data::DataSource::eval_set(&mut r)?.size() as u64)
+    };
+    push("text reader of train (count + parse)", "warm", time(it, false, &[], n, text_bytes, reader)?, "bytes of text".into());
     let bin = dir.join("day_0.ember");
     let conv = time(it, false, &[], n, text_bytes, || convert_file(&text, &bin, model, ConvertOptions::default()).map(|r| r.0.samples))?;
-    push("convert text -> binary", "warm", conv, format!("{:.0} % of text parse; bytes of text", 100.0 * conv.0 / warm.0));
+    push("convert text -> binary", "warm", conv, format!("{:.0} % of text parse ({:.0} % per CPU second; the rest waits for the disk: fsync); bytes of text", 100.0 * conv.0 / warm.0, 100.0 * conv.1 / warm.1));
 
     // Binary, one rank: every sample in batches of B.
     let bin_bytes = std::fs::metadata(&bin)?.len();
@@ -275,7 +308,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
                 let r = g.sample_range(w, bsz);
                 let mine = steps * r.len() as u64;
                 let rank_bytes = bin_bytes * mine / n;
-                let (sps, gbs) = time(it, cold, &[bin.clone()], mine, rank_bytes, || {
+                let (sps, cps, gbs) = time(it, cold, &[bin.clone()], mine, rank_bytes, || {
                     let f = BinaryFile::open(&bin)?;
                     for s in 0..steps {
                         let mut b = Batch::new(model.num_dense, model.tables.len());
@@ -283,9 +316,9 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
                     }
                     Ok(mine)
                 })?;
-                per.push((sps, gbs));
+                per.push((sps, cps, gbs));
             }
-            let med = (median(per.iter().map(|p| p.0).collect()), median(per.iter().map(|p| p.1).collect()));
+            let med = (median(per.iter().map(|p| p.0).collect()), median(per.iter().map(|p| p.1).collect()), median(per.iter().map(|p| p.2).collect()));
             let min = per.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
             push(&format!("binary mmap, rank of {}x{}", g.m, g.n), if cold { "cold" } else { "warm" }, med, format!("median of {} ranks (slowest {:.2} M/s); its share of the file's bytes", g.world(), min / 1e6));
         }
@@ -348,12 +381,6 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
         push("binary mmap multi-hot, 1 rank", c, r, format!("{ids_per_sample} ids/sample; bytes of the file"));
     }
 
-    // Peak memory of `ember convert` for two input sizes.
-    let small = dir.join("quarter.tsv");
-    write_text(&small, n / 4, 3)?;
-    let out = dir.join("rss");
-    let rss_small = convert_peak_rss_kib(&small, &out)?;
-    let rss_big = convert_peak_rss_kib(&text, &out)?;
 
     // What a training step consumes.
     let dlrm = ember_engine::bench::dlrm(&ember_engine::backend::Cpu::new(), 4096, 3, 1, None, 1)?;
@@ -361,9 +388,10 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
 
     println!("# ember bench data: {n} synthetic Criteo samples (13 dense, 26 one-hot; multi-hot: {mh_n} DLRMv2 samples), batch {bsz}, one thread per path, median of {it}");
     println!("# cold: the files dropped from the page cache (POSIX_FADV_DONTNEED) before each run; warm: after a first run");
-    println!("{:<34} {:>5} {:>12} {:>8}  {}", "path", "cache", "M samples/s", "GB/s", "");
+    println!("# M samples/s: wall clock; per CPU s: samples per second of the reading thread's CPU time (per core)");
+    println!("{:<38} {:>5} {:>12} {:>10} {:>8}  {}", "path", "cache", "M samples/s", "per CPU s", "GB/s", "");
     for r in &rows {
-        println!("{:<34} {:>5} {:>12.3} {:>8.3}  {}", r.path, r.cache, r.samples_per_s / 1e6, r.gb_per_s, r.note);
+        println!("{:<38} {:>5} {:>12.3} {:>10.3} {:>8.3}  {}", r.path, r.cache, r.samples_per_s / 1e6, r.samples_per_cpu_s / 1e6, r.gb_per_s, r.note);
     }
     println!(
         "ember convert peak RSS: {:.1} MiB for {} samples ({:.0} MB of text), {:.1} MiB for {n} ({:.0} MB)",

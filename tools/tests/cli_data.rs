@@ -27,11 +27,27 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A scratch folder, removed when the test ends.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> TmpDir {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-data-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 /// The last line's JSON fields that measure the model (with the evaluations along the way on one
@@ -141,5 +157,5 @@ fn bench_data_runs_every_path() {
         }
     }
     assert!(out.contains("ember convert peak RSS") && out.contains("bench dlrm --device cpu") && out.contains("docs/gpu-results.md"), "{out}");
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "scratch files left behind");
+    assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 0, "scratch files left behind");
 }

@@ -591,6 +591,10 @@ impl BinaryWriter {
             }
         }
         let s = self.header.block_samples as usize;
+        if self.pending.size() == 0 && batch.size() == s {
+            // A whole block: encoded straight from the caller's batch.
+            return self.write_block(batch);
+        }
         let mut at = 0;
         while at < batch.size() {
             let take = (s - self.pending.size()).min(batch.size() - at);
@@ -608,11 +612,25 @@ impl BinaryWriter {
     }
 
     fn flush_block(&mut self) -> Result<()> {
-        let n = self.pending.size();
-        if n == 0 {
+        if self.pending.size() == 0 {
             return Ok(());
         }
-        let p = &self.pending;
+        let p = std::mem::take(&mut self.pending);
+        let done = self.write_block(&p);
+        self.pending = p;
+        let p = &mut self.pending;
+        p.dense.clear();
+        p.labels.clear();
+        for j in &mut p.sparse {
+            j.lengths.clear();
+            j.values.clear();
+        }
+        done
+    }
+
+    /// Encodes `p` as the next block and writes it.
+    fn write_block(&mut self, p: &Batch) -> Result<()> {
+        let n = p.size();
         let ids: Vec<u64> = p.sparse.iter().map(|j| j.values.len() as u64).collect();
         let layout = BlockLayout::new(n as u64, self.header.num_dense as u64, self.header.id_bytes as u64, &ids)
             .ok_or_else(|| bad(&self.dest, "block size overflows"))?;
@@ -663,13 +681,6 @@ impl BinaryWriter {
         self.buf = bytes;
         self.at += layout.bytes;
         self.header.samples += n as u64;
-        let p = &mut self.pending;
-        p.dense.clear();
-        p.labels.clear();
-        for j in &mut p.sparse {
-            j.lengths.clear();
-            j.values.clear();
-        }
         Ok(())
     }
 

@@ -20,8 +20,6 @@ use std::path::{Path, PathBuf};
 pub const MAX_LINE_BYTES: usize = 64 << 10;
 /// Bytes read at a time.
 const CHUNK: usize = 4 << 20;
-/// Samples parsed before they are handed on.
-const BATCH: usize = 4096;
 
 /// How to convert.
 #[derive(Clone, Copy, Debug)]
@@ -95,12 +93,20 @@ fn trim_cr(l: &[u8]) -> &[u8] {
     }
 }
 
-/// Parses every sample of a Criteo text file in one pass, handing them to `sink` in batches;
-/// returns (samples, bad lines skipped, bytes read). Detects the layout from line 1 as the text
+/// Parses every sample of a Criteo text file in one pass, handing them to `sink` in batches of
+/// `batch` samples (the last one shorter); returns (samples, bad lines skipped, bytes read). Detects the layout from line 1 as the text
 /// reader does (tabs or commas; a header when its first field is not a number).
-pub fn parse_file(path: &Path, model: &ModelConfig, policy: BadLinePolicy, mut sink: impl FnMut(&Batch) -> Result<()>) -> Result<(u64, u64, u64)> {
+pub fn parse_file(path: &Path, model: &ModelConfig, policy: BadLinePolicy, batch_size: usize, mut sink: impl FnMut(&Batch) -> Result<()>) -> Result<(u64, u64, u64)> {
     let mut parser: Option<LineParser> = None;
     let mut batch = Batch::new(model.num_dense, model.tables.len());
+    let clear = |b: &mut Batch| {
+        b.dense.clear();
+        b.labels.clear();
+        for j in &mut b.sparse {
+            j.lengths.clear();
+            j.values.clear();
+        }
+    };
     let (mut samples, mut skipped) = (0u64, 0u64);
     let bytes = scan_lines(path, |no, line| {
         if line.is_empty() {
@@ -129,9 +135,9 @@ pub fn parse_file(path: &Path, model: &ModelConfig, policy: BadLinePolicy, mut s
             Err(msg) if policy == BadLinePolicy::Fail => return Err(Error::Data { path: path.to_path_buf(), line: no, msg }),
             Err(_) => skipped += 1,
         }
-        if batch.size() == BATCH {
+        if batch.size() == batch_size {
             sink(&batch)?;
-            batch = Batch::new(model.num_dense, model.tables.len());
+            clear(&mut batch);
         }
         Ok(())
     })?;
@@ -153,7 +159,8 @@ pub fn features(model: &ModelConfig) -> Vec<Feature> {
 pub fn convert_file(input: &Path, output: &Path, model: &ModelConfig, opts: ConvertOptions) -> Result<(Converted, Header)> {
     let t = std::time::Instant::now();
     let mut w = BinaryWriter::create(output, model.num_dense, features(model), DenseTransform::Log1pClamp, opts.block_samples)?;
-    let (samples, skipped, bytes_in) = parse_file(input, model, opts.policy, |b| w.push(b))?;
+    // Whole blocks: the writer encodes each straight from the parsed batch.
+    let (samples, skipped, bytes_in) = parse_file(input, model, opts.policy, opts.block_samples as usize, |b| w.push(b))?;
     let header = w.finish()?;
     let c = Converted {
         input: input.to_path_buf(),
