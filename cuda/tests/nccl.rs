@@ -4,15 +4,10 @@
 //! panic), and the unique-id exchange fails on every rank when rank 0 cannot create the id.
 //! With a GPU and libnccl: a 1-rank smoke test of all_to_all_v / all_reduce / all_gather /
 //! reduce_scatter on device buffers against host references, and, with two or more GPUs, the
-//! same collectives with one rank per GPU (threads of this process). Without them the GPU tests
-//! print "SKIP: ..." and pass, unless EMBER_REQUIRE_NCCL=1 (then a missing GPU or libnccl fails).
-//! EMBER_REQUIRE_LIBNCCL=1 requires only that libnccl loads (CI without a GPU, wheel linked).
-#[cfg(not(feature = "nccl"))]
-#[test]
-fn nccl_needs_the_feature() {
-    eprintln!("SKIPPED: built without feature `nccl`; run `cargo test -p ember-cuda --features nccl`");
-}
-
+//! same collectives with one rank per GPU (threads of this process). Those are ignored by
+//! default (`tools/gpu-check.sh` runs the 1-rank ones with `--ignored`) and fail, naming what is
+//! missing, when run without it. EMBER_REQUIRE_LIBNCCL=1 requires that libnccl loads (CI without
+//! a GPU, wheel linked).
 #[cfg(feature = "nccl")]
 mod with_nccl {
     use ember_cuda::nccl::{self, exchange_id, DevView, NcclComm, NcclDevice, NcclId, NcclOp, UNIQUE_ID_BYTES};
@@ -25,30 +20,15 @@ mod with_nccl {
         GPU.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn required() -> bool {
-        std::env::var("EMBER_REQUIRE_NCCL").map(|v| v == "1").unwrap_or(false)
-    }
-
-    /// Skip (or fail under EMBER_REQUIRE_NCCL=1) unless a GPU and libnccl are both here.
-    fn gpu_and_nccl(min_gpus: usize) -> Option<usize> {
+    /// The GPU count; fails naming what is missing unless libnccl and `min_gpus` GPUs are here.
+    fn needs_gpus_and_nccl(min_gpus: usize) -> usize {
         let gpus = NcclDevice::count();
-        let why = match nccl::probe() {
-            Err(e) => Some(format!("no libnccl: {e}")),
-            Ok(_) if gpus == 0 => Some("no GPU".to_string()),
-            Ok(_) if gpus < min_gpus => Some(format!("{gpus} GPU(s), this test needs {min_gpus}")),
-            Ok(v) => {
-                eprintln!("NCCL {v}, {gpus} GPU(s)");
-                None
-            }
-        };
-        match why {
-            None => Some(gpus),
-            Some(w) => {
-                assert!(!required() || min_gpus > 1, "EMBER_REQUIRE_NCCL=1 but {w}");
-                eprintln!("SKIP: {w}");
-                None
-            }
+        match nccl::probe() {
+            Err(e) => panic!("needs libnccl: {e}"),
+            Ok(_) if gpus < min_gpus => panic!("needs {min_gpus} GPU(s), {gpus} here"),
+            Ok(v) => eprintln!("NCCL {v}, {gpus} GPU(s)"),
         }
+        gpus
     }
 
     #[test]
@@ -105,7 +85,7 @@ mod with_nccl {
                 assert!(NcclDevice::open(0).is_err());
             }
             (Ok(v), n) => {
-                eprintln!("SKIP: libnccl {v} and {n} GPU(s) present: the error path is not reachable here");
+                eprintln!("libnccl {v} and {n} GPU(s) present: the communicator opens");
                 r.expect("1-rank communicator on device 0");
             }
         }
@@ -265,32 +245,25 @@ mod with_nccl {
     }
 
     #[test]
+    #[ignore = "needs a GPU and libnccl"]
     fn one_rank_smoke_on_device_buffers() {
         let _g = gpu_lock();
-        if gpu_and_nccl(1).is_none() {
-            return;
-        }
+        needs_gpus_and_nccl(1);
         let (dev, comm) = NcclComm::single(0).expect("1-rank NCCL communicator");
         eprintln!("device 0: {}", dev.name);
         assert_eq!((comm.rank(), comm.size()), (0, 1));
         check_collectives(&dev, &comm);
     }
 
-    /// The engine's buffers (pool blocks of `Gpu`) on the engine's stream; needs NVRTC and cuBLAS to
-    /// open the engine's device, and says so when they are missing.
+    /// The engine's buffers (pool blocks of `Gpu`) on the engine's stream; NVRTC and cuBLAS open
+    /// the engine's device.
     #[test]
+    #[ignore = "needs a GPU, libnccl, NVRTC and cuBLAS"]
     fn one_rank_on_engine_buffers() {
         let _g = gpu_lock();
-        if gpu_and_nccl(1).is_none() {
-            return;
-        }
-        let gpu = match ember_cuda::device::Gpu::open(0, ember_cuda::pool::PoolConfig::default()) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("SKIP: the engine's device does not open (NVRTC/cuBLAS on LD_LIBRARY_PATH?): {e}");
-                return;
-            }
-        };
+        needs_gpus_and_nccl(1);
+        let gpu = ember_cuda::device::Gpu::open(0, ember_cuda::pool::PoolConfig::default())
+            .unwrap_or_else(|e| panic!("needs the engine's device (NVRTC/cuBLAS on LD_LIBRARY_PATH?): {e}"));
         let id = NcclId::new().unwrap();
         let comm = NcclComm::new(gpu.stream.clone(), 0, 1, &id).expect("communicator on the engine's stream");
         let x: Vec<f32> = (0..5000).map(|i| seed(0, 9, i)).collect();
@@ -307,9 +280,10 @@ mod with_nccl {
 
     /// One rank per GPU, as threads of this process (NCCL allows it with one device per rank).
     #[test]
+    #[ignore = "needs two GPUs and libnccl"]
     fn one_rank_per_gpu_when_several() {
         let _g = gpu_lock();
-        let Some(gpus) = gpu_and_nccl(2) else { return };
+        let gpus = needs_gpus_and_nccl(2);
         let n = gpus.min(8);
         let b = ThreadBcast::new(n);
         let hs: Vec<_> = (0..n)

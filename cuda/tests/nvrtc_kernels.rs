@@ -1,16 +1,13 @@
-//! Compiles every kernel for sm_90 with NVRTC (no GPU needed). Without the `cuda` feature, or
-//! without libnvrtc, it says so and passes, unless EMBER_REQUIRE_NVRTC=1 (CI sets it), in which
-//! case a missing NVRTC fails. A compile error fails with NVRTC's log.
-#[cfg(feature = "cuda")]
+//! Compiles every kernel for sm_90 with NVRTC (feature `cuda`; no GPU needed, but libnvrtc: the
+//! test is ignored by default and CI runs it with `--ignored`, the nvidia-cuda-nvrtc wheel's lib
+//! folder on LD_LIBRARY_PATH). A compile error fails with NVRTC's log.
+#![cfg(feature = "cuda")]
+
 #[test]
+#[ignore = "needs libnvrtc (LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel's lib folder)"]
 fn every_kernel_compiles_for_sm90() {
     use ember_cuda::{kernels::MODULES, nvrtc};
-    let required = std::env::var("EMBER_REQUIRE_NVRTC").map(|v| v == "1").unwrap_or(false);
-    if !nvrtc::nvrtc_present() {
-        assert!(!required, "EMBER_REQUIRE_NVRTC=1 but libnvrtc could not be loaded (LD_LIBRARY_PATH?)");
-        eprintln!("SKIPPED: libnvrtc not found; kernels not compiled (set LD_LIBRARY_PATH to the nvidia-cuda-nvrtc wheel's lib folder)");
-        return;
-    }
+    assert!(nvrtc::nvrtc_present(), "needs libnvrtc: it could not be loaded (LD_LIBRARY_PATH?)");
     eprintln!("NVRTC {:?}", nvrtc::nvrtc_version());
     for m in MODULES {
         let ptx = nvrtc::compile(m, "sm_90").unwrap_or_else(|log| panic!("{log}"));
@@ -25,17 +22,10 @@ fn every_kernel_compiles_for_sm90() {
     }
 }
 
-#[cfg(feature = "cuda")]
 #[test]
 fn probe_never_panics() {
-    match ember_cuda::device::probe(0) {
-        Ok(n) => eprintln!("CUDA devices: {n}"),
-        Err(e) => eprintln!("SKIPPED (no GPU): {e}"),
+    // A device count, or an error naming what is missing.
+    if let Err(e) = ember_cuda::device::probe(0) {
+        assert!(!e.to_string().is_empty());
     }
-}
-
-#[cfg(not(feature = "cuda"))]
-#[test]
-fn nvrtc_kernels_need_the_cuda_feature() {
-    eprintln!("SKIPPED: built without feature `cuda`; run `cargo test -p ember-cuda --features cuda` to compile the kernels with NVRTC");
 }

@@ -124,7 +124,8 @@ pub enum WeightDecay {
 pub enum EmbOptimizer {
     Sgd { lr: f32 },
     /// Row-wise AdaGrad: one f32 of state per row. `c` is the momentum-scaling constant
-    /// (None means: M under 2D, 1 on one replica). `eps_inside` selects lr/sqrt(v/c + eps).
+    /// (None means: M under 2D, M² in fully-sharded 2D, 1 on one replica). `eps_inside` selects
+    /// lr/sqrt(v/c + eps).
     RowWiseAdagrad { lr: f32, eps: f32, c: Option<f32>, #[serde(default)] eps_inside: bool },
     /// Element-wise AdaGrad: D floats of state per row.
     Adagrad { lr: f32, eps: f32, c: Option<f32>, #[serde(default)] eps_inside: bool },

@@ -1,35 +1,39 @@
-//! The CUDA backend against the CPU reference (ember_engine::selftest). Needs the `cuda` feature of this
-//! package (`cuda = ["ember-engine/cuda"]`) and a GPU; otherwise it says SKIPPED and passes.
-#[cfg(feature = "cuda")]
+//! The CUDA backend (feature `cuda` of this package, `cuda = ["ember-engine/cuda"]`): against the
+//! CPU reference (`ember_engine::selftest`), and 2D training with in-process ranks sharing one
+//! GPU against the f64 oracle of `ember_tests::oracle2d`. The tests that need a GPU are ignored
+//! by default; `tools/gpu-check.sh` runs them (`--ignored`).
+#![cfg(feature = "cuda")]
+use ember_engine::backend::cuda::{Cuda, PoolConfig};
+
 #[test]
+#[ignore = "needs a GPU"]
 fn cuda_backend_matches_cpu() {
-    use ember_engine::backend::cuda::Cuda;
-    if let Err(e) = Cuda::probe() {
-        eprintln!("SKIPPED (no GPU): {e}");
-        return;
-    }
-    let be = Cuda::new(0).expect("a probed device opens");
+    let be = Cuda::new(0).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
     let rep = ember_engine::selftest::selftest(&be).expect("selftest runs");
     assert!(rep.passed(), "{rep}");
 }
 
-#[cfg(feature = "cuda")]
 #[test]
 fn cuda_missing_device_is_an_error_not_a_panic() {
     // Either a device opens, or the error names what is missing; never a panic.
-    match ember_engine::backend::cuda::Cuda::new(0) {
-        Ok(_) => {}
-        Err(e) => {
-            let s = e.to_string();
-            assert!(s.starts_with("device:"), "{s}");
-            eprintln!("SKIPPED (no GPU): {s}");
-        }
+    if let Err(e) = Cuda::new(0) {
+        let s = e.to_string();
+        assert!(s.starts_with("device:"), "{s}");
     }
-    assert!(ember_engine::backend::cuda::Cuda::new(1 << 20).is_err());
+    assert!(Cuda::new(1 << 20).is_err());
 }
 
-#[cfg(not(feature = "cuda"))]
 #[test]
-fn cuda_backend_needs_the_feature() {
-    eprintln!("SKIPPED: built without feature `cuda` (cargo test -p ember-tests --features cuda)");
+#[ignore = "needs a GPU"]
+fn two_d_on_one_gpu_matches_the_k_step_oracle() {
+    use ember_engine::parallel::XferKind;
+    use ember_tests::check2d::{check, Opt, GRIDS};
+    Cuda::probe().unwrap_or_else(|e| panic!("needs a GPU: {e}"));
+    let gpu = |_: usize| Cuda::for_rank(0, PoolConfig::default());
+    for opt in [Opt::Sgd, Opt::RowWise { c_is_m: true }, Opt::ElementWise] {
+        for k in [1, 3] {
+            check(&gpu, opt, GRIDS[0], k, false, XferKind::Auto, 1e-4);
+        }
+    }
+    check(&gpu, Opt::RowWise { c_is_m: true }, GRIDS[1], 3, true, XferKind::Auto, 1e-4);
 }

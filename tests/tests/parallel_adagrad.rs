@@ -153,6 +153,9 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
         for k in 0..out[0].3.len() {
             let mean: f64 = out.iter().map(|o| o.1[k] as f64).sum::<f64>() / m as f64;
             let got = out[0].3[k];
+            for o in &out {
+                assert_eq!(o.3[k].to_bits(), got.to_bits(), "{mode:?}: replicas' optimizer state differs at row {k}");
+            }
             assert!(((got as f64) - mean).abs() <= (got.abs() * f32::EPSILON) as f64 + 1e-30, "state {k}");
         }
     }

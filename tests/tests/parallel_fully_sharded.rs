@@ -104,3 +104,76 @@ fn fully_sharded_2d_keeps_one_mth_of_the_weights_resident() {
     assert_eq!(full.emb_weight_bytes_resident, table_bytes);
     assert!(fs.emb_weight_bytes_resident <= table_bytes.div_ceil(m as u64) + 4, "{} of {table_bytes}", fs.emb_weight_bytes_resident);
 }
+
+/// Fully-sharded 2D never averages the optimizer state, so a row that one sharding group alone
+/// touches accumulates (M·g)² where full sharding accumulates g² (that group applies M/B × its
+/// gradient sum); its averaged update is 1/M of the group's. The default c = M² reads the
+/// accumulator back at the full-sharding scale, which makes the model's first update of such a
+/// row exactly the full-sharding update; the c = M of plain 2D leaves it √M too small.
+#[test]
+fn fully_sharded_default_c_gives_rows_one_replica_touches_the_full_sharding_step() {
+    use ember_engine::config::{Interaction, ModelConfig, Pooling, TableConfig, WeightDecay};
+    use ember_engine::parallel::driver::train_threads;
+    use ember_tests::oracle::TestRng;
+    use ember_tests::oracle2d::{batch_of, Sample};
+    let model = ModelConfig {
+        num_dense: 3,
+        tables: [12u64, 30, 60].iter().map(|&rows| TableConfig { rows, dim: 8, pooling: Pooling::Sum, bag_size: 2 }).collect(),
+        bottom_mlp: vec![7, 8],
+        top_mlp: vec![5, 1],
+        interaction: Interaction::Dot,
+    };
+    let b = 12;
+    for emb in [
+        |c| EmbOptimizer::RowWiseAdagrad { lr: 0.1, eps: 1e-8, c, eps_inside: false },
+        |c| EmbOptimizer::Adagrad { lr: 0.1, eps: 1e-8, c, eps_inside: false },
+    ] as [fn(Option<f32>) -> EmbOptimizer; 2]
+    {
+        for m in [2usize, 3] {
+            // Sharding group g's samples look up only rows ≡ g (mod M).
+            let mut rng = TestRng::new(m as u64);
+            let per = b / m;
+            let samples: Vec<Sample> = (0..b)
+                .map(|i| Sample {
+                    dense: rng.vec_f32(3, -1.0, 1.0),
+                    label: (i % 2) as f32,
+                    bags: model.tables.iter().map(|t| (0..rng.usize_in(1, 3)).map(|_| rng.below(t.rows / m as u64) * m as u64 + (i / per) as u64).collect()).collect(),
+                })
+                .collect();
+            let run = |grid_m: usize, c: Option<f32>, fully_sharded: bool| {
+                let mut cfg = preset("tiny", None).unwrap();
+                cfg.model = model.clone();
+                cfg.batch_size = b;
+                cfg.optim.embedding = emb(c);
+                cfg.optim.dense = DenseOptimizer::Sgd { lr: 0.1 };
+                cfg.optim.weight_decay = WeightDecay::None;
+                let grid = Grid::new(grid_m, 1, Placement::ReplicasInNode).unwrap();
+                let feed = |_: usize, w: usize| Ok(batch_of(&model, &samples[w * (b / grid_m)..(w + 1) * (b / grid_m)]));
+                let opts = ParallelOptions { fully_sharded, ..Default::default() };
+                let eval = batch_of(&model, &samples);
+                let (_, states, _) = train_threads(&Cpu::new(), &cfg, grid, &whole_plan(&cfg), &opts, 1, &feed, &eval, false).unwrap();
+                let (_, init, _) = train_threads(&Cpu::new(), &cfg, grid, &whole_plan(&cfg), &opts, 0, &feed, &eval, false).unwrap();
+                (0..model.tables.len())
+                    .map(|t| {
+                        let (a, z) = (&states[0].shards[t].1, &init[0].shards[t].1);
+                        a.iter().zip(z).map(|(x, y)| *x as f64 - *y as f64).collect::<Vec<f64>>()
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let full = run(1, None, false);
+            let fs = run(m, None, true);
+            let fs_c_m = run(m, Some(m as f32), true);
+            for t in 0..model.tables.len() {
+                for (k, &want) in full[t].iter().enumerate() {
+                    if want.abs() < 1e-6 {
+                        continue;
+                    }
+                    let what = format!("{:?} M = {m}, table {t} element {k}", emb(None));
+                    assert!((fs[t][k] - want).abs() <= 1e-3 * want.abs(), "{what}: fully-sharded update {} vs full sharding {want}", fs[t][k]);
+                    let r = fs_c_m[t][k] / want;
+                    assert!((r - 1.0 / (m as f64).sqrt()).abs() <= 1e-3, "{what}: with c = M the update is {r} × the full-sharding one, not 1/√M");
+                }
+            }
+        }
+    }
+}

@@ -41,7 +41,8 @@ quality() {
     run "4x2 c=M K=4 full"                "$f" "${common[@]}" --seed $seed --grid 4x2 --sync-every 4 --sync full
     run "4x2 c=sqrt(M)=2 K=1 sparse"      "$f" "${common[@]}" --seed $seed --grid 4x2 --momentum-c 2
     if [ ${#fs[@]} -gt 0 ]; then
-      run "4x2 c=M fully sharded"         "$f" "${common[@]}" --seed $seed --grid 4x2 --fully-sharded
+      run "4x2 c=M^2 fully sharded"       "$f" "${common[@]}" --seed $seed --grid 4x2 --fully-sharded
+      run "4x2 c=M fully sharded"         "$f" "${common[@]}" --seed $seed --grid 4x2 --fully-sharded --momentum-c 4
     fi
   done
 }
@@ -115,9 +116,11 @@ tiny_config() {
 }
 
 fully_sharded() {
-  # Only the fully-sharded 2D rows, appended to quality.jsonl (the quality section runs them too).
+  # Only the fully-sharded 2D rows, appended to quality.jsonl (the quality section runs them too):
+  # the default c = M^2 and the c = M of plain 2D.
   for seed in 1 2 3; do
-    run "4x2 c=M fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded
+    run "4x2 c=M^2 fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded
+    run "4x2 c=M fully sharded" "$OUT/quality.jsonl" --preset tiny --steps 600 --batch-size 256 --seed $seed --grid 4x2 --fully-sharded --momentum-c 4
   done
 }
 

@@ -73,7 +73,7 @@ pub struct TrainArgs {
     /// Force one sharding type for every table [default: the planner chooses per table].
     #[arg(long, value_enum, help_heading = "2D")]
     pub sharding: Option<ShardingArg>,
-    /// Momentum-scaling constant c of the AdaGrad optimizers [default: M under 2D, 1 on one replica].
+    /// Momentum-scaling constant c of the AdaGrad optimizers [default: M under 2D, M² fully sharded, 1 on one replica].
     #[arg(long, help_heading = "2D")]
     pub momentum_c: Option<f32>,
     /// Average the optimizer state one sync behind (the weights still at every sync).

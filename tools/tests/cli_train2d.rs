@@ -26,6 +26,17 @@ fn grid_training_reports_stages_and_bytes() {
 }
 
 #[test]
+fn a_run_that_stops_between_syncs_ends_with_identical_replicas() {
+    // 10 steps with a sync every 4: the run ends with a last sync, and `--json` says so (a CRC of
+    // every shard compared across its replica group).
+    for extra in [&[][..], &["--delayed-state-sync"][..], &["--fully-sharded"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(["train", "--grid", "2x2", "--sync-every", "4", "--steps", "10", "--json", "--quiet"]).args(extra).output().unwrap();
+        let v = json_of(&out);
+        assert_eq!(v["replicas_identical"], true, "{extra:?}: {v}");
+    }
+}
+
+#[test]
 fn multi_process_under_ember_launch_equals_in_process() {
     let bin = env!("CARGO_BIN_EXE_ember");
     let local = json_of(&Command::new(bin).args(ARGS).output().unwrap());
@@ -156,10 +167,8 @@ fn buffer_transports_give_the_same_run_and_bad_choices_are_refused() {
 }
 
 #[test]
+#[cfg(not(feature = "cuda"))]
 fn cuda_grid_without_the_feature_is_a_clear_error() {
-    if cfg!(feature = "cuda") {
-        return;
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(ARGS).args(["--device", "cuda"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("built without the `cuda` feature"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -82,7 +82,6 @@ pub unsafe extern "C" fn ember_load_checkpoint(engine: *mut EmberEngine, dir: *c
                     let dir = agree(&r.rank.comms.world, dir)?;
                     let loaded = (|| -> R<u64> {
                         let ck = Checkpoint::open(Path::new(dir))?;
-                        r.rank.finish_pending(be)?;
                         rank2d::restore_rank2d(be, &mut r.rank, &ck, cfg)?;
                         Ok(r.rank.steps_done as u64)
                     })();

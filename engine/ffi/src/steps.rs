@@ -33,22 +33,23 @@ fn eval_ranked(be: &Cpu, r: &mut Ranked, batch: Batch, has_labels: bool, wants_m
     r.rank.comms.world.all_gather(&[n as u64, has_labels as u64], &mut sizes)?;
     let chunks = sizes.chunks(2).map(|s| (s[0] as usize).div_ceil(b)).max().unwrap_or(0);
     let unlabeled: Vec<usize> = (0..t).filter(|&k| sizes[2 * k + 1] == 0).collect();
-    r.rank.finish_pending(be)?;
-    if r.rank.opts.fully_sharded {
-        r.rank.average_weights(be)?;
-    }
-    let mut logits = Vec::with_capacity(chunks * b);
-    for c in 0..chunks {
-        let mut part = batch.slice(0..0);
-        let mut i = c * b;
-        while i < (c + 1) * b {
-            let start = i % n;
-            let end = (start + ((c + 1) * b - i)).min(n);
-            part.extend(&batch.slice(start..end));
-            i += end - start;
+    // One model on every replica (the replicas' average between syncs and in fully-sharded 2D),
+    // without changing what training continues from.
+    let mut logits = r.rank.with_averaged_weights(be, |rank| {
+        let mut logits = Vec::with_capacity(chunks * b);
+        for c in 0..chunks {
+            let mut part = batch.slice(0..0);
+            let mut i = c * b;
+            while i < (c + 1) * b {
+                let start = i % n;
+                let end = (start + ((c + 1) * b - i)).min(n);
+                part.extend(&batch.slice(start..end));
+                i += end - start;
+            }
+            logits.extend(rank.predict(be, &part)?);
         }
-        logits.extend(r.rank.predict(be, &part)?);
-    }
+        Ok(logits)
+    })?;
     logits.truncate(n);
     let world = &r.rank.comms.world;
     let (all_logits, _) = world.all_gather_alloc(&logits)?;

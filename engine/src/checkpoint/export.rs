@@ -131,6 +131,16 @@ pub fn inspect(path: &Path) -> Result<(String, bool)> {
                     state_per_row
                 ),
                 FileKind::Dense { lens } => format!("{} dense parameters, {} floats", lens.len(), lens.iter().map(|(w, s)| w + s).sum::<usize>()),
+                FileKind::Replica { spec, replica, weights, pending_rows, .. } => format!(
+                    "replica {replica}'s own copy of table {} rows {}..{} cols {}..{}: {}optimizer state{}",
+                    spec.table,
+                    spec.rows.start,
+                    spec.rows.end,
+                    spec.cols.start,
+                    spec.cols.end,
+                    if *weights { "weights, " } else { "" },
+                    pending_rows.map_or(String::new(), |p| format!(", pending state average of {p} rows"))
+                ),
             };
             match err {
                 None => {

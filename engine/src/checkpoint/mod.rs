@@ -9,7 +9,8 @@
 //! checkpoints are kept.
 //!
 //! Layers: [`write`] (files and the manifest; collective-free, so one process or many can call
-//! it), [`read`] ([`Checkpoint`]: open, verify, assemble any row/column block of any table), the
+//! it), [`read`] ([`Checkpoint`]: open, verify, assemble any row/column block of any table),
+//! [`replica`] (per-replica files for the 2D modes whose replicas differ at a checkpoint), the
 //! glue for the engine's two models in [`rank2d`], and [`export`] (.npy files).
 use crate::backend::ShardSpec;
 use crate::config::{DenseOptimizer, EmbOptimizer, ModelConfig, TrainConfig};
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 pub mod export;
 pub mod rank2d;
 pub mod read;
+pub mod replica;
 pub mod write;
 
 pub use read::{latest, list, Checkpoint, Listed};
@@ -74,6 +76,10 @@ pub enum FileKind {
     Shard { spec: ShardSpec, state_per_row: usize },
     /// Dense parameters in `DenseNet::params_mut` order: (weights, optimizer state) lengths.
     Dense { lens: Vec<(usize, usize)> },
+    /// One replica's own copy of a shard, for an exact resume of a mode whose replicas differ at
+    /// a checkpoint (see [`replica`]): its weights when `weights` (fully-sharded 2D), its
+    /// optimizer state, and the `pending_rows` rows of a delayed state average in flight.
+    Replica { spec: ShardSpec, replica: usize, state_per_row: usize, weights: bool, pending_rows: Option<usize> },
 }
 
 /// One file of a checkpoint, as the manifest lists it.
@@ -138,6 +144,13 @@ impl Manifest {
             _ => None,
         })
     }
+    /// Replica files: (entry, spec, replica).
+    pub fn replicas(&self) -> impl Iterator<Item = (&FileEntry, &ShardSpec, usize)> {
+        self.files.iter().filter_map(|f| match &f.kind {
+            FileKind::Replica { spec, replica, .. } => Some((f, spec, *replica)),
+            _ => None,
+        })
+    }
     pub fn dense(&self) -> Option<(&FileEntry, &[(usize, usize)])> {
         self.files.iter().find_map(|f| match &f.kind {
             FileKind::Dense { lens } => Some((f, lens.as_slice())),
@@ -154,6 +167,11 @@ pub fn step_dir_name(step: u64) -> String {
 /// Shard file name: table, row range, column range.
 pub fn shard_file_name(spec: &ShardSpec) -> String {
     format!("shard-t{:03}-r{}-{}-c{}-{}.bin", spec.table, spec.rows.start, spec.rows.end, spec.cols.start, spec.cols.end)
+}
+
+/// Replica file name: replica g, then the shard's table, row range, column range.
+pub fn replica_file_name(spec: &ShardSpec, replica: usize) -> String {
+    format!("replica-g{replica}-t{:03}-r{}-{}-c{}-{}.bin", spec.table, spec.rows.start, spec.rows.end, spec.cols.start, spec.cols.end)
 }
 
 /// A checkpoint error naming the file it concerns.

@@ -3,14 +3,17 @@
 //!
 //! Saving a 2D run: every rank calls [`save_rank2d`] after the same step. World rank 0 prepares
 //! the folder; replica g = 0 of every replica group writes its shards (after a sync the M
-//! replicas are identical); world rank 0 writes the dense file; every rank's data position and
-//! file list are gathered to rank 0, which commits the manifest. Any rank's failure makes every
-//! rank return an error and no manifest is written.
+//! replicas are identical), and with delayed state sync or fully-sharded 2D, where they are not,
+//! every replica also writes its own copies ([`super::replica`]); world rank 0 writes the dense
+//! file; every rank's data position and file list are gathered to rank 0, which commits the
+//! manifest. Any rank's failure makes every rank return an error and no manifest is written.
+use super::replica::{self, PendingRows, ReplicaShard};
 use super::{write, Checkpoint, DataPosition, FileEntry, RankPosition, RunInfo};
 use crate::backend::Backend;
 use crate::config::TrainConfig;
 use crate::grid::Grid;
 use crate::model::Dlrm;
+use crate::parallel::sync::PendingState;
 use crate::parallel::Rank2D;
 use crate::plan::{Plan, PlacedShard, ShardingType, TablePlan};
 use crate::{Error, Result};
@@ -34,26 +37,58 @@ struct RankReport {
 }
 
 /// Save a checkpoint of step `rank.steps_done` under `root` (collective: every rank of the
-/// world calls it after the same step). Finishes a delayed state average and, for fully-sharded
-/// 2D, averages the weights first (as evaluation does). Under M > 1 without fully-sharded 2D the
-/// step must end on a replica sync (steps_done % sync_every == 0) so that replica 0 holds the
-/// model. Keeps the newest `keep` complete checkpoints. Returns the step folder.
+/// world calls it after the same step). Saving changes nothing in the rank: a run that
+/// checkpoints is bitwise the run that does not. The shard files hold the model as evaluation
+/// sees it — replica 0's shards, with a pending delayed state average applied and fully-sharded
+/// weights averaged, computed on copies; in those two modes every replica also writes its own
+/// copies and the pending average ([`super::replica`]; fully-sharded 2D: M × the shard bytes)
+/// so that a resume continues exactly. Under M > 1 without fully-sharded 2D the step must end
+/// on a replica sync (steps_done % sync_every == 0). Keeps the newest `keep` complete
+/// checkpoints. Returns the step folder.
 pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, root: &Path, position: DataPosition, keep: usize) -> Result<PathBuf> {
     let grid = rank.comms.grid;
-    if grid.m > 1 && !rank.opts.fully_sharded && rank.steps_done % rank.opts.sync_every != 0 {
+    let fs = rank.opts.fully_sharded && grid.m > 1;
+    if grid.m > 1 && !fs && rank.steps_done % rank.opts.sync_every != 0 {
         return Err(Error::Config(format!(
             "checkpoint at step {}: not a replica-sync step (sync every {}); checkpoint steps must be multiples of K",
             rank.steps_done, rank.opts.sync_every
         )));
     }
-    rank.finish_pending(be)?;
-    if rank.opts.fully_sharded {
-        rank.average_weights(be)?;
+    let (g, _) = rank.comms.coords();
+    let spr: Vec<usize> = rank.shards.iter().map(|s| rank.emb_upd.state_per_row(s.spec.num_cols())).collect();
+    // Fully-sharded 2D: the model is the replicas' average (collective: every replica takes part).
+    let model_weights = if fs { Some(rank.averaged_weights(be)?) } else { None };
+    // Delayed state sync: the pending average, and (replica 0) the state with it applied.
+    let mut model_states = None;
+    if g == 0 && rank.pending_mut().is_some() {
+        let mut st = Vec::with_capacity(rank.shards.len());
+        for s in &rank.shards {
+            st.push(be.download(&s.state)?);
+        }
+        model_states = Some(st);
     }
+    let pending: Option<Vec<PendingRows>> = match rank.pending_mut() {
+        None => None,
+        Some(p) => {
+            if let Some(st) = model_states.as_mut() {
+                p.applied_to(st, &spr)?;
+            }
+            let (rows, snapshot, mean) = p.parts()?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut pos = 0;
+            for (r, &k) in rows.iter().zip(&spr) {
+                let n = r.len() * k;
+                out.push(PendingRows { rows: r.clone(), snapshot: snapshot[pos..pos + n].to_vec(), mean: mean[pos..pos + n].to_vec() });
+                pos += n;
+            }
+            Some(out)
+        }
+    };
+    // Replicas differ at this step: each writes its own copies too.
+    let own = fs || pending.is_some();
     let step = rank.steps_done as u64;
     let world = &rank.comms.world;
     let w = world.rank();
-    let (g, _) = rank.comms.coords();
     // 1. Rank 0 prepares the folder; everyone learns whether it could.
     let dir = root.join(super::step_dir_name(step));
     let mut st = [0u8];
@@ -70,8 +105,23 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     let mut files = Vec::new();
     let mut write_mine = || -> Result<()> {
         if g == 0 {
-            for sh in &rank.shards {
-                files.push(write::write_shard(&dir, &sh.spec, &host(be, &sh.weights)?, &host(be, &sh.state)?)?);
+            for (i, sh) in rank.shards.iter().enumerate() {
+                let weights = match &model_weights {
+                    Some(mw) => Cow::Borrowed(&mw[i][..]),
+                    None => host(be, &sh.weights)?,
+                };
+                let state = match &model_states {
+                    Some(ms) => Cow::Borrowed(&ms[i][..]),
+                    None => host(be, &sh.state)?,
+                };
+                files.push(write::write_shard(&dir, &sh.spec, &weights, &state)?);
+            }
+        }
+        if own {
+            for (i, sh) in rank.shards.iter().enumerate() {
+                let weights = if fs { Some(host(be, &sh.weights)?) } else { None };
+                let p = pending.as_ref().map(|p| &p[i]);
+                files.push(replica::write_replica(&dir, &sh.spec, g, weights.as_deref(), &host(be, &sh.state)?, p)?);
             }
         }
         if w == 0 {
@@ -129,14 +179,36 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
 
 /// Load a checkpoint into a freshly built rank (any grid and plan: every local shard is
 /// assembled from whichever saved shards cover it; the optimizer state is rescaled to this
-/// rank's momentum-scaling constant). Everything is read and verified into host memory before
-/// the rank is touched: on any error the rank is unchanged. Sets `steps_done` to the saved step
-/// and returns this rank's saved data position when the grid is the same (None otherwise: the
-/// caller derives it from the step).
+/// rank's momentum-scaling constant). On the grid, plan, c and mode that wrote it, a checkpoint
+/// with replica files (delayed state sync, fully-sharded 2D) loads this replica's own copies and
+/// pending state average instead, so the run continues bitwise. Everything is read and verified
+/// into host memory before the rank is touched: on any error the rank is unchanged. Sets
+/// `steps_done` to the saved step and the pending state average (None unless restored), and
+/// returns this rank's saved data position when the grid is the same (None otherwise: the caller
+/// derives it from the step).
 pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint, cfg: &TrainConfig) -> Result<Option<DataPosition>> {
     ck.check_compatible(cfg)?;
     let c = rank.emb_upd.c;
-    let shards = rank.shards.iter().map(|sh| ck.read_shard(&sh.spec, Some(c))).collect::<Result<Vec<_>>>()?;
+    let mut shards = rank.shards.iter().map(|sh| ck.read_shard(&sh.spec, Some(c))).collect::<Result<Vec<_>>>()?;
+    let mut pending = None;
+    if let Some(own) = own_copies(ck, rank)? {
+        let mut parts = (Vec::new(), Vec::new(), Vec::new());
+        for ((w, s), r) in shards.iter_mut().zip(own) {
+            if let Some(rw) = r.weights {
+                *w = rw;
+            }
+            *s = r.state;
+            if let Some(p) = r.pending {
+                parts.0.push(p.rows);
+                parts.1.extend(p.snapshot);
+                parts.2.extend(p.mean);
+            }
+        }
+        if !parts.0.is_empty() {
+            let spr: Vec<usize> = rank.shards.iter().map(|s| rank.emb_upd.state_per_row(s.spec.num_cols())).collect();
+            pending = Some(PendingState::from_parts(parts.0, parts.1, parts.2, &spr).map_err(|e| Error::Input(format!("checkpoint {}: {e}", ck.dir.display())))?);
+        }
+    }
     let dense = ck.read_dense()?;
     let params = rank.dense.params_mut();
     check_dense(ck, &dense, params.iter().map(|p| (be.len(&p.w), be.len(&p.s))))?;
@@ -156,9 +228,43 @@ pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint,
         p.w = w;
         p.s = s;
     }
+    rank.set_pending(pending);
     rank.steps_done = ck.step() as usize;
     let same_grid = ck.manifest.run.grid == rank.comms.grid;
     Ok(if same_grid { ck.position(rank.comms.world.rank()).map(|p| p.data.clone()) } else { None })
+}
+
+/// This replica's own copies of its shards, when the checkpoint has them and was written by the
+/// same grid, plan, c and mode (fully-sharded 2D: weights; delayed state sync: a pending
+/// average); None otherwise (the shard files are the model then).
+fn own_copies<B: Backend>(ck: &Checkpoint, rank: &Rank2D<B>) -> Result<Option<Vec<ReplicaShard>>> {
+    let run = &ck.manifest.run;
+    let grid = rank.comms.grid;
+    let fs = rank.opts.fully_sharded && grid.m > 1;
+    let delayed = rank.opts.delayed_state_sync && !fs && grid.m > 1;
+    if !(fs || delayed) || run.grid != grid || run.plan != rank.plan || run.c != rank.emb_upd.c {
+        return Ok(None);
+    }
+    let (g, _) = rank.comms.coords();
+    let mut out = Vec::with_capacity(rank.shards.len());
+    for sh in &rank.shards {
+        let found = ck.manifest.replicas().find(|(_, spec, r)| **spec == sh.spec && *r == g);
+        let Some((f, _, _)) = found else {
+            if out.is_empty() {
+                return Ok(None);
+            }
+            return Err(Error::Input(format!("checkpoint {}: replica {g} has copies of some shards but not of table {}'s", ck.dir.display(), sh.spec.table)));
+        };
+        let mode = match &f.kind {
+            super::FileKind::Replica { weights, pending_rows, .. } => *weights == fs && pending_rows.is_some() == delayed,
+            _ => false,
+        };
+        if !mode {
+            return Ok(None);
+        }
+        out.push(replica::read_replica(ck, f)?);
+    }
+    Ok(Some(out))
 }
 
 fn check_dense(ck: &Checkpoint, saved: &[(Vec<f32>, Vec<f32>)], want: impl Iterator<Item = (usize, usize)>) -> Result<()> {

@@ -132,6 +132,7 @@ impl Checkpoint {
             return Err(bad(&dir.join(&df.name), "listed with a size that does not match its shapes"));
         }
         for f in &m.files {
+            super::replica::check_entry(&dir, f, &m)?;
             let p = dir.join(&f.name);
             let len = fs::metadata(&p).map_err(|e| bad(&p, format!("missing or unreadable: {e}")))?.len();
             if len != f.bytes {
@@ -162,7 +163,7 @@ impl Checkpoint {
     }
 
     /// Map `f`, checking its size, CRC and header the first time.
-    fn map(&self, f: &FileEntry) -> Result<Arc<Mmap>> {
+    pub(crate) fn map(&self, f: &FileEntry) -> Result<Arc<Mmap>> {
         if let Some(m) = self.maps.lock().expect("checkpoint map lock").get(&f.name) {
             return Ok(m.clone());
         }
@@ -182,6 +183,11 @@ impl Checkpoint {
             FileKind::Shard { spec, state_per_row } => {
                 if map[..SHARD_HEADER] != super::write::shard_header(spec, *state_per_row) {
                     return Err(bad(&p, "shard header does not match the manifest"));
+                }
+            }
+            FileKind::Replica { spec, replica, state_per_row, weights, pending_rows } => {
+                if map[..SHARD_HEADER] != super::replica::header(spec, *replica, *state_per_row, *weights, pending_rows.is_some()) {
+                    return Err(bad(&p, "replica header does not match the manifest"));
                 }
             }
             FileKind::Dense { lens } => {

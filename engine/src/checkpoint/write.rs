@@ -13,7 +13,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// A file being written under its temporary name, with a running CRC.
-struct Out {
+pub(crate) struct Out {
     tmp: PathBuf,
     dst: PathBuf,
     name: String,
@@ -23,17 +23,17 @@ struct Out {
 }
 
 impl Out {
-    fn create(dir: &Path, name: &str) -> Result<Out> {
+    pub(crate) fn create(dir: &Path, name: &str) -> Result<Out> {
         let tmp = dir.join(format!(".{name}.tmp"));
         let f = File::create(&tmp).map_err(io(&tmp))?;
         Ok(Out { dst: dir.join(name), name: name.to_string(), w: BufWriter::with_capacity(1 << 20, f), crc: crc32fast::Hasher::new(), bytes: 0, tmp })
     }
-    fn put(&mut self, b: &[u8]) -> Result<()> {
+    pub(crate) fn put(&mut self, b: &[u8]) -> Result<()> {
         self.crc.update(b);
         self.bytes += b.len() as u64;
         self.w.write_all(b).map_err(io(&self.tmp))
     }
-    fn put_f32(&mut self, x: &[f32]) -> Result<()> {
+    pub(crate) fn put_f32(&mut self, x: &[f32]) -> Result<()> {
         // Streamed in 4 MiB pieces: the hash and the write see the caller's memory directly.
         for c in x.chunks(1 << 20) {
             self.put(bytemuck::cast_slice(c))?;
@@ -41,7 +41,7 @@ impl Out {
         Ok(())
     }
     /// Flush, fsync, rename into place. Returns (bytes, crc).
-    fn finish(self) -> Result<(u64, u32)> {
+    pub(crate) fn finish(self) -> Result<(u64, u32)> {
         let Out { tmp, dst, name, w, crc, bytes } = self;
         let f = w.into_inner().map_err(|e| crate::Error::io(&tmp, e.into_error()))?;
         f.sync_all().map_err(io(&tmp))?;

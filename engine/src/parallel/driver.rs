@@ -53,6 +53,9 @@ pub struct Report2D {
     pub peak_rss_bytes: u64,
     /// Median wall-clock milliseconds of rank 0's steps after the first (warm-up) step.
     pub step_ms_median: f64,
+    /// At the end, every shard's weights (and optimizer state, except in fully-sharded 2D) were
+    /// bitwise identical across its replica group (CRC-32 of each shard compared).
+    pub replicas_identical: bool,
     /// Rank 0's wall-clock milliseconds per step.
     #[serde(skip)]
     pub step_ms: Vec<f64>,
@@ -200,6 +203,8 @@ pub struct RankOutcome {
     pub train_s: f64,
     /// Wall-clock milliseconds of each training step on this rank.
     pub step_ms: Vec<f64>,
+    /// Every shard bitwise the same on every replica at the end (`Rank2D::replicas_identical`).
+    pub replicas_identical: bool,
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
@@ -267,10 +272,8 @@ pub fn run_rank<B: Backend>(
         }
     }
     let train_s = t0.elapsed().as_secs_f64();
-    rank.finish_pending(be)?;
-    if rank.opts.fully_sharded {
-        rank.average_weights(be)?;
-    }
+    rank.finish_training(be)?;
+    let replicas_identical = rank.replicas_identical(be)?;
     // The evaluation's forward passes are not part of the training counters.
     let (times, bytes) = (rank.times.clone(), rank.bytes.clone());
     let metrics = eval_2d(be, &mut rank, eval, cfg.batch_size)?;
@@ -289,7 +292,7 @@ pub fn run_rank<B: Backend>(
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms.coords();
     let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms })
+    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms, replicas_identical })
 }
 
 /// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
@@ -345,6 +348,7 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
             t.get(t.len() / 2).copied().unwrap_or(0.0)
         },
         step_ms: o.step_ms.clone(),
+        replicas_identical: o.replicas_identical,
         losses,
     }
 }

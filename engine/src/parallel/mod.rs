@@ -47,7 +47,7 @@ pub struct ParallelOptions {
     pub delayed_state_sync: bool,
     /// Fully-sharded 2D (BRIEF.md §2 variant): weights reduce-scattered (mean) over the replica
     /// group right after the lookup, all-gathered before the embedding backward; optimizer state
-    /// is not averaged and K does not apply.
+    /// is not averaged (so c defaults to M², see `default_momentum_c`) and K does not apply.
     #[serde(default)]
     pub fully_sharded: bool,
     /// How the step's buffers travel between ranks (see `xfer`).
@@ -141,6 +141,18 @@ enum DenseReduce<B: Backend> {
     Device(B::Buf),
 }
 
+/// The momentum-scaling constant c an AdaGrad optimizer uses under an M-replica grid when the
+/// config leaves it unset (docs/2d.md derives both): M, when the replicas average their optimizer
+/// state; M² in fully-sharded 2D, where they never do. Either way c makes the step of a row that
+/// a single replica touches equal to the full-sharding step.
+pub fn default_momentum_c(m: usize, fully_sharded: bool) -> f32 {
+    if fully_sharded {
+        (m * m) as f32
+    } else {
+        m as f32
+    }
+}
+
 /// One rank of a 2D grid.
 pub struct Rank2D<B: Backend> {
     pub comms: GridComms,
@@ -193,9 +205,16 @@ impl<B: Backend> Rank2D<B> {
         if opts.sync_every == 0 {
             return Err(Error::Config("sync_every (K) must be >= 1".into()));
         }
+        if let Some(ck) = opts.checkpoint.as_ref().filter(|c| c.every > 0) {
+            if grid.m > 1 && !opts.fully_sharded && ck.every % opts.sync_every != 0 {
+                return Err(Error::Config(format!(
+                    "checkpoint every {} steps with replica sync every {} steps: a checkpoint must fall on a sync step, so the checkpoint interval must be a multiple of K",
+                    ck.every, opts.sync_every
+                )));
+            }
+        }
         let (_, r) = comms.coords();
-        // Momentum scaling: c = M by default under 2D.
-        let emb_upd = EmbUpdate::new(&cfg.optim.embedding, &cfg.optim.weight_decay, grid.m as f32);
+        let emb_upd = EmbUpdate::new(&cfg.optim.embedding, &cfg.optim.weight_decay, default_momentum_c(grid.m, opts.fully_sharded));
         let l2 = match cfg.optim.weight_decay {
             WeightDecay::None => 0.0,
             WeightDecay::L2 { wd } => wd,
@@ -607,6 +626,48 @@ impl<B: Backend> Rank2D<B> {
         Ok(())
     }
 
+    /// Every shard's weights averaged over the replica group (f64 mean in replica order, rounded
+    /// once), as host vectors; the rank is not changed. Collective over the replica group.
+    pub fn averaged_weights(&self, be: &B) -> Result<Vec<Vec<f32>>> {
+        let mut own = Vec::with_capacity(self.shards.len());
+        for s in &self.shards {
+            own.push(be.download(&s.weights)?);
+        }
+        if self.comms.grid.m == 1 {
+            return Ok(own);
+        }
+        let mut flat: Vec<f64> = own.iter().flatten().map(|&x| x as f64).collect();
+        self.comms.replica.all_reduce(&mut flat, ReduceOp::Mean)?;
+        let mut pos = 0;
+        for w in own.iter_mut() {
+            for (x, &v) in w.iter_mut().zip(&flat[pos..]) {
+                *x = v as f32;
+            }
+            pos += w.len();
+        }
+        Ok(own)
+    }
+
+    /// Run `f` with every shard's weights replaced by their replica-group average, then put this
+    /// replica's own weights back: an evaluation between syncs, or in fully-sharded 2D, sees one
+    /// model and leaves training unchanged. Collective over the replica group.
+    pub fn with_averaged_weights<R>(&mut self, be: &B, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        if self.comms.grid.m == 1 {
+            return f(self);
+        }
+        let avg = self.averaged_weights(be)?;
+        let mut own = Vec::with_capacity(avg.len());
+        for (s, w) in self.shards.iter_mut().zip(&avg) {
+            let up = be.upload(w)?;
+            own.push(std::mem::replace(&mut s.weights, up));
+        }
+        let r = f(self);
+        for (s, w) in self.shards.iter_mut().zip(own) {
+            s.weights = w;
+        }
+        r
+    }
+
     /// Average the weights over the replica group now (fully-sharded 2D keeps replicas apart
     /// between steps; evaluation and checkpoints use the average).
     pub fn average_weights(&mut self, be: &B) -> Result<()> {
@@ -617,12 +678,60 @@ impl<B: Backend> Rank2D<B> {
         Ok(())
     }
 
-    /// Finish any delayed state average still in flight (before evaluation or checkpoints).
+    /// Finish any delayed state average still in flight (at the end of training).
     pub fn finish_pending(&mut self, be: &B) -> Result<()> {
         if let Some(p) = self.pending.take() {
             sync::apply_pending(be, &mut self.shards, p)?;
         }
         Ok(())
+    }
+
+    /// The delayed state average in flight, if any (a checkpoint records it without applying it).
+    pub fn pending_mut(&mut self) -> Option<&mut sync::PendingState> {
+        self.pending.as_mut()
+    }
+
+    /// Replace the delayed state average in flight (a checkpoint restoring one, or None).
+    pub fn set_pending(&mut self, p: Option<sync::PendingState>) {
+        self.pending = p;
+    }
+
+    /// End training with one model on every replica: a last replica sync when the run stopped
+    /// between syncs (steps % K ≠ 0), the delayed state average applied, fully-sharded weights
+    /// averaged. Evaluation, export and the C ABI then see the same model on every replica.
+    pub fn finish_training(&mut self, be: &B) -> Result<()> {
+        let fs = self.opts.fully_sharded && self.comms.grid.m > 1;
+        if !fs && self.steps_done % self.opts.sync_every != 0 {
+            self.sync(be)?;
+        }
+        self.finish_pending(be)?;
+        if fs {
+            self.average_weights(be)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every shard holds bitwise the same values on every replica of its replica group
+    /// (a CRC-32 of each shard's weights and, except in fully-sharded 2D where each replica keeps
+    /// its own optimizer state, its state, compared over the replica group, then over the world).
+    /// Collective.
+    pub fn replicas_identical(&self, be: &B) -> Result<bool> {
+        let with_state = !self.opts.fully_sharded || self.comms.grid.m == 1;
+        let mut mine = Vec::with_capacity(self.shards.len());
+        for s in &self.shards {
+            let mut h = crc32fast::Hasher::new();
+            h.update(bytemuck::cast_slice(&be.download(&s.weights)?));
+            if with_state {
+                h.update(bytemuck::cast_slice(&be.download(&s.state)?));
+            }
+            mine.push(h.finalize());
+        }
+        let mut all = vec![0u32; mine.len() * self.comms.replica.size()];
+        self.comms.replica.all_gather(&mine, &mut all)?;
+        let same = all.chunks(mine.len().max(1)).all(|c| mine.is_empty() || c == &mine[..]);
+        let mut flags = vec![0u32; self.comms.world.size()];
+        self.comms.world.all_gather(&[u32::from(same)], &mut flags)?;
+        Ok(flags.iter().all(|&f| f == 1))
     }
 
     /// Logits of this rank's samples (forward only).

@@ -84,10 +84,80 @@ fn rows_to_sync<B: Backend>(comm: &Comm, shards: &[Shard<B>], touched: &[Touched
 
 /// An optimizer-state average started at one sync and applied at the next (delayed state sync).
 pub struct PendingState {
+    /// Local rows of each shard whose state is being averaged.
     rows: Vec<Vec<u64>>,
-    /// The state values of `rows` when the average started.
+    /// The state values of `rows` when the average started (every shard's rows in order, each
+    /// row's `state_per_row` floats).
     snapshot: Vec<f64>,
-    mean: Request<Vec<f64>>,
+    mean: PendingMean,
+}
+
+/// The replica-group mean of a pending state average: still in flight, or received.
+enum PendingMean {
+    InFlight(Request<Vec<f64>>),
+    Done(Vec<f64>),
+}
+
+impl PendingState {
+    /// A pending average as a checkpoint recorded it; `snapshot` and `mean` hold every row's
+    /// `state_per_row[shard]` floats, shard after shard.
+    pub fn from_parts(rows: Vec<Vec<u64>>, snapshot: Vec<f64>, mean: Vec<f64>, state_per_row: &[usize]) -> Result<Self> {
+        let want = rows.iter().zip(state_per_row).try_fold(0usize, |a, (r, &spr)| r.len().checked_mul(spr).and_then(|x| a.checked_add(x)));
+        if rows.len() != state_per_row.len() || want != Some(snapshot.len()) || want != Some(mean.len()) {
+            return Err(Error::Input(format!(
+                "pending state average: {} shards of rows for {} shards, {} snapshot and {} mean values for {want:?}",
+                rows.len(),
+                state_per_row.len(),
+                snapshot.len(),
+                mean.len()
+            )));
+        }
+        Ok(PendingState { rows, snapshot, mean: PendingMean::Done(mean) })
+    }
+
+    /// Wait for the mean (it is the same value whenever it is waited for, so waiting early —
+    /// to save a checkpoint — changes nothing).
+    pub fn resolve(&mut self) -> Result<()> {
+        if let PendingMean::InFlight(_) = self.mean {
+            let PendingMean::InFlight(r) = std::mem::replace(&mut self.mean, PendingMean::Done(Vec::new())) else { unreachable!() };
+            self.mean = PendingMean::Done(r.wait()?);
+        }
+        Ok(())
+    }
+
+    /// (rows of each shard, snapshot, mean), the mean waited for.
+    pub fn parts(&mut self) -> Result<(&[Vec<u64>], &[f64], &[f64])> {
+        self.resolve()?;
+        let PendingMean::Done(mean) = &self.mean else { unreachable!("resolved above") };
+        Ok((&self.rows, &self.snapshot, mean))
+    }
+
+    /// Apply the average to shard `i`'s host state (`spr` floats per row): v ← mean(v then) +
+    /// (v now − v then), on the rows of that sync. `start` is the shard's first value in the
+    /// snapshot; returns the next shard's.
+    fn apply_shard(&mut self, i: usize, state: &mut [f32], spr: usize, start: usize) -> Result<usize> {
+        self.resolve()?;
+        let PendingMean::Done(mean) = &self.mean else { unreachable!("resolved above") };
+        let mut pos = start;
+        for &r in &self.rows[i] {
+            let row = state.get_mut(r as usize * spr..(r as usize + 1) * spr).ok_or_else(|| Error::Input(format!("pending state average: row {r} outside shard {i}")))?;
+            for x in row.iter_mut() {
+                *x = (mean[pos] + (*x as f64 - self.snapshot[pos])) as f32;
+                pos += 1;
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Every shard's state with the average applied, on host copies (`states[i]` is shard i's
+    /// state, `spr[i]` floats per row); the pending average itself is kept.
+    pub fn applied_to(&mut self, states: &mut [Vec<f32>], spr: &[usize]) -> Result<()> {
+        let mut pos = 0;
+        for (i, (st, &k)) in states.iter_mut().zip(spr).enumerate() {
+            pos = self.apply_shard(i, st, k, pos)?;
+        }
+        Ok(())
+    }
 }
 
 /// Average the shards over the replica group `comm`. `touched` is cleared.
@@ -223,7 +293,7 @@ fn replica_sync_host<B: Backend>(
             }
         }
         stats.value_bytes += snapshot.len() as u64 * 8;
-        let mean = comm.start_all_reduce(snapshot.clone(), ReduceOp::Mean);
+        let mean = PendingMean::InFlight(comm.start_all_reduce(snapshot.clone(), ReduceOp::Mean));
         *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
     }
     // Pack weights (and, unless delayed, state) of the rows, in f64.
@@ -274,18 +344,11 @@ pub fn apply_pending<B: Backend>(be: &B, shards: &mut [Shard<B>], p: PendingStat
     }
 }
 
-fn apply_pending_host<B: Backend>(be: &B, shards: &mut [Shard<B>], p: PendingState) -> Result<()> {
-    let mean = p.mean.wait()?;
+fn apply_pending_host<B: Backend>(be: &B, shards: &mut [Shard<B>], mut p: PendingState) -> Result<()> {
     let mut pos = 0;
-    for (s, rows) in shards.iter_mut().zip(&p.rows) {
+    for (i, s) in shards.iter_mut().enumerate() {
         let spr = spr_of(be, s);
-        let st = host(be, &mut s.state)?;
-        for &r in rows {
-            for x in st[r as usize * spr..(r as usize + 1) * spr].iter_mut() {
-                *x = (mean[pos] + (*x as f64 - p.snapshot[pos])) as f32;
-                pos += 1;
-            }
-        }
+        pos = p.apply_shard(i, host(be, &mut s.state)?, spr, pos)?;
     }
     Ok(())
 }

@@ -1,15 +1,13 @@
-//! Tests of the CUDA backend that need a GPU (they print SKIPPED and pass without one).
+//! Tests of the CUDA backend that need a GPU: ignored by default, run by `tools/gpu-check.sh`
+//! (`--ignored`).
 use super::*;
 
-/// Needs a GPU (otherwise it says SKIPPED and passes): data through pinned staging memory
-/// to the device and back, and a second staging of the same size class reuses the block.
+/// Data through pinned staging memory to the device and back, and a second staging of the same
+/// size class reuses the block.
 #[test]
+#[ignore = "needs a GPU"]
 fn staging_round_trips_through_pinned_memory() {
-    if let Err(e) = Cuda::probe() {
-        eprintln!("SKIPPED (no GPU): {e}");
-        return;
-    }
-    let be = Cuda::for_rank(0, PoolConfig::default()).expect("a probed device opens");
+    let be = Cuda::for_rank(0, PoolConfig::default()).unwrap_or_else(|e| panic!("needs a GPU: {e}"));
     let n = 300_000; // 1.2 MB: the 2 MiB class
     let data: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1e4).collect();
     let mut st = be.staging(n).unwrap();
