@@ -27,9 +27,9 @@
 //!
 //! A file is written under a temporary name beside its destination and renamed once complete.
 use crate::config::ModelConfig;
+use crate::data::mapped::FileBytes;
 use crate::data::Batch;
 use crate::{Error, Result};
-use memmap2::{Advice, Mmap};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -318,7 +318,7 @@ pub struct BlockLayoutAt {
 #[derive(Debug)]
 pub struct BinaryFile {
     path: PathBuf,
-    map: Mmap,
+    map: FileBytes,
     header: Header,
     blocks: Vec<BlockLayoutAt>,
 }
@@ -331,16 +331,20 @@ impl BinaryFile {
     /// Maps `path` and checks its header, feature table and block index (see the module doc).
     /// The mapping is advised random access: a rank's reads bring in only the pages it touches.
     pub fn open(path: impl AsRef<Path>) -> Result<BinaryFile> {
-        let path = path.as_ref().to_path_buf();
+        let path = path.as_ref();
+        BinaryFile::checked(path.to_path_buf(), FileBytes::map(path)?)
+    }
+
+    /// The file whose bytes are `bytes`, checked as [`open`](Self::open) checks a file; `name`
+    /// names it in errors. The entry point for tests and fuzzing of hostile files.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<BinaryFile> {
+        BinaryFile::checked(name.into(), FileBytes::Owned(bytes))
+    }
+
+    fn checked(path: PathBuf, map: FileBytes) -> Result<BinaryFile> {
         if cfg!(target_endian = "big") {
             return Err(bad(&path, "Ember binary files are little-endian; this host is big-endian"));
         }
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: data files are written under another name and renamed when complete, never
-        // modified in place; a concurrent truncation by another program is outside the contract.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        // Before the first access: no read-around beyond the pages touched.
-        map.advise(Advice::Random).map_err(|e| Error::io(&path, e))?;
         let header = Header::parse(&map).map_err(|m| bad(&path, m))?;
         if map.len() as u64 != header.file_bytes {
             return Err(bad(&path, format!("{} bytes, the header says {} (truncated or overwritten)", map.len(), header.file_bytes)));
@@ -433,13 +437,7 @@ impl BinaryFile {
     /// `len` bytes at `at`, asking the kernel to read them in ahead of the copy.
     #[inline]
     fn bytes(&self, at: u64, len: u64) -> &[u8] {
-        let (at, len) = (at as usize, len as usize);
-        if len >= 1 << 14 {
-            // Best effort: a failed hint only costs speed.
-            let page = at & !4095;
-            let _ = self.map.advise_range(Advice::WillNeed, page, at + len - page);
-        }
-        &self.map[at..at + len]
+        self.map.range(at as usize, len as usize)
     }
 
     /// Appends samples `[start, start + n)` to `out` (whose layout must match the file's).
@@ -470,14 +468,20 @@ impl BinaryFile {
         fn cast<'a, T: bytemuck::AnyBitPattern>(f: &BinaryFile, b: usize, x: &'a [u8]) -> Result<&'a [T]> {
             bytemuck::try_cast_slice(x).map_err(|e| bad(&f.path, format!("block {b}: {e}")))
         }
+        let sample0 = b as u64 * self.header.block_samples as u64 + lo;
         let labels: &[f32] = cast(self, b, self.bytes(base + 4 * lo, 4 * nn))?;
+        if let Some(i) = labels.iter().position(|&y| y != 0.0 && y != 1.0) {
+            return Err(bad(&self.path, format!("block {b}: label of sample {} is {}, not 0 or 1 (corrupted)", sample0 + i as u64, labels[i])));
+        }
         out.labels.extend_from_slice(labels);
         let dense: &[f32] = cast(self, b, self.bytes(base + blk.layout.dense + 4 * nd * lo, 4 * nd * nn))?;
+        if let Some(i) = dense.iter().position(|x| !x.is_finite()) {
+            return Err(bad(&self.path, format!("block {b}: dense value {} of sample {} is not finite (corrupted)", i as u64 % nd, sample0 + i as u64 / nd)));
+        }
         out.dense.extend_from_slice(dense);
         for (f, (&(off_at, ids_at, k), ft)) in blk.layout.features.iter().zip(&self.header.features).enumerate() {
             let offs: &[u64] = cast(self, b, self.bytes(base + off_at + 8 * lo, 8 * (nn + 1)))?;
             let (first, last) = (offs[0], offs[n]);
-            let sample0 = b as u64 * self.header.block_samples as u64 + lo;
             let corrupt = |what: String| bad(&self.path, format!("block {b}, feature {f}, near sample {sample0}: {what} (corrupted)"));
             if first > last || last > k {
                 return Err(corrupt(format!("offsets {first}..{last} outside the block's {k} ids")));
@@ -581,6 +585,12 @@ impl BinaryWriter {
     pub fn push(&mut self, batch: &Batch) -> Result<()> {
         if batch.num_dense != self.header.num_dense as usize || batch.sparse.len() != self.header.features.len() || batch.dense.len() != batch.size() * batch.num_dense {
             return Err(bad(&self.dest, "batch layout differs from the file's"));
+        }
+        if let Some(i) = batch.labels.iter().position(|&y| y != 0.0 && y != 1.0) {
+            return Err(bad(&self.dest, format!("label {} of a pushed sample, not 0 or 1", batch.labels[i])));
+        }
+        if batch.dense.iter().any(|x| !x.is_finite()) {
+            return Err(bad(&self.dest, "a pushed dense value is not finite"));
         }
         for (f, (j, ft)) in batch.sparse.iter().zip(&self.header.features).enumerate() {
             if j.lengths.len() != batch.size() {

@@ -11,6 +11,7 @@ pub mod binary;
 pub mod convert;
 pub mod criteo;
 pub mod dataset;
+pub mod mapped;
 pub mod npy;
 pub mod synthetic;
 

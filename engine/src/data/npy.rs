@@ -18,10 +18,9 @@
 //! little-endian `<f4`, `<i4`, `<i8` (and `<u4`, `<u8`), at most 4 dimensions. Each id is
 //! taken modulo its table's rows (negative values as Python's `%` does: `rem_euclid`).
 use crate::config::ModelConfig;
+use crate::data::mapped::FileBytes;
 use crate::data::Batch;
 use crate::{Error, Result};
-use memmap2::{Advice, Mmap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -227,7 +226,7 @@ impl Cursor<'_> {
 #[derive(Clone, Debug)]
 pub struct NpyArray {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<FileBytes>,
     /// Byte offset of element [0, 0] in the map.
     at: usize,
     pub dtype: Dtype,
@@ -239,20 +238,10 @@ fn bad(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Input(format!("{}: {msg}", path.display()))
 }
 
-/// Maps a whole file read-only, advised random access.
-fn map_file(path: &Path) -> Result<Arc<Mmap>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the data files are read-only inputs that nothing rewrites while a run reads them;
-    // a concurrent truncation by another program is outside the contract.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    map.advise(Advice::Random).map_err(|e| Error::io(path, e))?;
-    Ok(Arc::new(map))
-}
-
 impl NpyArray {
     /// The `.npy` array at bytes `[at, at + len)` of `map` (a whole file, or an `.npz` member);
     /// checks its header, that it is 1-D or 2-D in C order, and that its data fits.
-    fn parse(path: &Path, what: &str, map: Arc<Mmap>, at: usize, len: usize) -> Result<NpyArray> {
+    fn parse(path: &Path, what: &str, map: Arc<FileBytes>, at: usize, len: usize) -> Result<NpyArray> {
         let bytes = &map[at..at + len];
         let h = parse_header(bytes).map_err(|m| bad(path, format!("{what}: {m}")))?;
         if h.fortran_order {
@@ -273,23 +262,16 @@ impl NpyArray {
         Ok(NpyArray { path: path.to_path_buf(), map, at: start, dtype: h.dtype, rows, cols })
     }
 
-    /// A `.npy` file.
-    pub fn open(path: &Path) -> Result<NpyArray> {
-        let map = map_file(path)?;
-        let len = map.len();
-        NpyArray::parse(path, "array", map, 0, len)
+    /// A whole `.npy` file's bytes.
+    fn whole(path: &Path, bytes: FileBytes) -> Result<NpyArray> {
+        let len = bytes.len();
+        NpyArray::parse(path, "array", Arc::new(bytes), 0, len)
     }
 
     /// The bytes of rows `[r, r + n)` (the caller checked the range).
     fn rows_bytes(&self, r: u64, n: usize) -> &[u8] {
         let row = self.cols * self.dtype.size();
-        let from = self.at + r as usize * row;
-        let len = n * row;
-        if len >= 1 << 14 {
-            let page = from & !4095;
-            let _ = self.map.advise_range(Advice::WillNeed, page, from + len - page);
-        }
-        &self.map[from..from + len]
+        self.map.range(self.at + r as usize * row, n * row)
     }
 
     /// Rows `[r, r + n)` of a float32 array appended to `out`.
@@ -350,11 +332,11 @@ impl NpyArray {
     }
 }
 
-/// The members of an uncompressed `.npz` (as `np.savez` writes), by name without `.npy`.
-fn npz_members(path: &Path, names: &[String]) -> Result<Vec<NpyArray>> {
-    let map = map_file(path)?;
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(path, format!("not a readable .npz (zip) archive: {e}")))?;
+/// The members of an uncompressed `.npz` (as `np.savez` writes), by name without `.npy`: the
+/// zip directory gives each member's byte range, checked to lie inside the file.
+fn npz_members(path: &Path, bytes: FileBytes, names: &[String]) -> Result<Vec<NpyArray>> {
+    let map = Arc::new(bytes);
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&map[..])).map_err(|e| bad(path, format!("not a readable .npz (zip) archive: {e}")))?;
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let member = format!("{name}.npy");
@@ -400,13 +382,26 @@ pub fn day_files(prefix: &Path, multi_hot: bool) -> (PathBuf, PathBuf, PathBuf) 
 }
 
 impl NpyDay {
-    /// Opens day `prefix` (`DIR/day_N`) for `model`: checks every array's type and shape
-    /// (dense [N, num_dense] float32; labels [N] or [N, 1]; sparse [N, F] or F multi-hot
-    /// members [N, k]) and that they agree on N.
+    /// Opens day `prefix` (`DIR/day_N`) for `model`: maps its three files and checks them as
+    /// [`from_bytes`](Self::from_bytes) does.
     pub fn open(prefix: &Path, multi_hot: bool, model: &ModelConfig) -> Result<NpyDay> {
         let (dp, lp, sp) = day_files(prefix, multi_hot);
-        let dense = NpyArray::open(&dp)?;
-        let labels = NpyArray::open(&lp)?;
+        NpyDay::checked(prefix, FileBytes::map(&dp)?, FileBytes::map(&lp)?, FileBytes::map(&sp)?, multi_hot, model)
+    }
+
+    /// Day `prefix` from its dense, labels and sparse (`.npy`, or `.npz` when `multi_hot`)
+    /// files' bytes; checks every array's type and shape (dense [N, num_dense] float32; labels
+    /// [N] or [N, 1]; sparse [N, F] or F multi-hot members [N, k]) and that they agree on N.
+    /// Errors name the files as [`day_files`] names them. The entry point for tests and fuzzing
+    /// of hostile files.
+    pub fn from_bytes(prefix: &Path, dense: Vec<u8>, labels: Vec<u8>, sparse: Vec<u8>, multi_hot: bool, model: &ModelConfig) -> Result<NpyDay> {
+        NpyDay::checked(prefix, FileBytes::Owned(dense), FileBytes::Owned(labels), FileBytes::Owned(sparse), multi_hot, model)
+    }
+
+    fn checked(prefix: &Path, dense: FileBytes, labels: FileBytes, sparse: FileBytes, multi_hot: bool, model: &ModelConfig) -> Result<NpyDay> {
+        let (dp, lp, sp) = day_files(prefix, multi_hot);
+        let dense = NpyArray::whole(&dp, dense)?;
+        let labels = NpyArray::whole(&lp, labels)?;
         let f = model.tables.len();
         if dense.dtype != Dtype::F32 || dense.cols != model.num_dense {
             return Err(Error::Config(format!("{}: {:?} with {} columns; the model wants float32 with num_dense = {} columns", dp.display(), dense.dtype, dense.cols, model.num_dense)));
@@ -417,7 +412,7 @@ impl NpyDay {
         let n = dense.rows;
         let sparse = if multi_hot {
             let names: Vec<String> = (0..f).map(|i| i.to_string()).collect();
-            let m = npz_members(&sp, &names)?;
+            let m = npz_members(&sp, sparse, &names)?;
             for (i, a) in m.iter().enumerate() {
                 if a.rows != n {
                     return Err(bad(&sp, format!("member {i}.npy has {} rows, {} has {n}", a.rows, dp.display())));
@@ -428,7 +423,7 @@ impl NpyDay {
             }
             Sparse::MultiHot(m)
         } else {
-            let s = NpyArray::open(&sp)?;
+            let s = NpyArray::whole(&sp, sparse)?;
             if s.cols != f {
                 return Err(Error::Config(format!("{}: {} sparse columns; the model has {f} tables", sp.display(), s.cols)));
             }
@@ -455,7 +450,12 @@ impl NpyDay {
         if start.checked_add(n as u64).filter(|&e| e <= self.samples).is_none() {
             return Err(bad(&self.dense_path, format!("samples {start}..{start}+{n} past the end ({} samples)", self.samples)));
         }
+        let before = out.dense.len();
         self.dense.f32s_into(start, n, &mut out.dense);
+        if let Some(i) = out.dense[before..].iter().position(|x| !x.is_finite()) {
+            let nd = self.dense.cols;
+            return Err(bad(&self.dense.path, format!("dense value {} of sample {} is not finite", i % nd, start + (i / nd) as u64)));
+        }
         let before = out.labels.len();
         self.labels.labels(start, n, &mut out.labels);
         if let Some(i) = out.labels[before..].iter().position(|&y| y != 0.0 && y != 1.0) {
