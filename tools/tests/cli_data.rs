@@ -159,3 +159,52 @@ fn bench_data_runs_every_path() {
     assert!(out.contains("ember convert peak RSS") && out.contains("bench dlrm --device cpu") && out.contains("docs/gpu-results.md"), "{out}");
     assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 0, "scratch files left behind");
 }
+
+#[test]
+fn convert_refuses_bad_inputs_naming_them() {
+    let dir = tmp("convert-bad");
+    let out = dir.join("out");
+    let out_s = out.to_str().unwrap();
+    let csv = test_data("criteo-sample-200.csv");
+    // A file that is not there, and a folder given as a file.
+    let missing = dir.join("day_5");
+    let err = fails(&["convert", missing.to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains("day_5") && err.contains("No such file"), "{err}");
+    let err = fails(&["convert", dir.to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains(dir.to_str().unwrap()), "{err}");
+    // Empty input, and text that is not Criteo.
+    let empty = dir.join("empty.tsv");
+    std::fs::write(&empty, "").unwrap();
+    let err = fails(&["convert", empty.to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains("empty.tsv: no data lines"), "{err}");
+    let prose = dir.join("notes.txt");
+    std::fs::write(&prose, "hello world\n").unwrap();
+    let err = fails(&["convert", prose.to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains("notes.txt") && err.contains("not a Criteo file"), "{err}");
+    // A line past the length limit names its line.
+    let long = dir.join("long.tsv");
+    std::fs::write(&long, format!("1\t{}\n", "7".repeat(70_000))).unwrap();
+    let err = fails(&["convert", long.to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains("long.tsv:1:") && err.contains("longer than the limit"), "{err}");
+    // Already converted, or NumPy: said so, not a parse error.
+    ok(&["convert", csv.to_str().unwrap(), "--out", out_s, "--max-rows", "1000"]);
+    let bin = out.join("criteo-sample-200.ember");
+    let err = fails(&["convert", bin.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    assert!(err.contains("criteo-sample-200.ember: an Ember binary file already"), "{err}");
+    let npy = test_data("npy").join("day_0_dense.npy");
+    let err = fails(&["convert", npy.to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains("day_0_dense.npy: a NumPy .npy/.npz file"), "{err}");
+    // Two inputs that would write one output; --out that is a file; --verify of text.
+    let err = fails(&["convert", csv.to_str().unwrap(), dir.join("x/criteo-sample-200.tsv").to_str().unwrap(), "--out", out_s]);
+    assert!(err.contains("would both be written to") && err.contains("criteo-sample-200.ember"), "{err}");
+    let err = fails(&["convert", csv.to_str().unwrap(), "--out", empty.to_str().unwrap()]);
+    assert!(err.contains("--out") && err.contains("empty.tsv"), "{err}");
+    let err = fails(&["convert", "--verify", csv.to_str().unwrap()]);
+    assert!(err.contains("criteo-sample-200.csv: not an Ember binary data file"), "{err}");
+    // Without --out, or with an option --verify does not take: usage errors.
+    assert!(fails(&["convert", csv.to_str().unwrap()]).contains("--out"));
+    assert!(fails(&["convert", "--verify", bin.to_str().unwrap(), "--out", out_s]).contains("cannot be used with"));
+    // Nothing half-written was left by the failures: only the one good output.
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(left, vec!["criteo-sample-200.ember".to_string()]);
+}

@@ -93,10 +93,26 @@ fn trim_cr(l: &[u8]) -> &[u8] {
     }
 }
 
+/// An Ember binary or NumPy file given as text: said so, instead of a parse error at line 1.
+fn refuse_preprocessed(path: &Path) -> Result<()> {
+    let mut magic = [0u8; 8];
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    let what = if n == 8 && magic == super::binary::MAGIC {
+        "an Ember binary file already (train reads it as it is)"
+    } else if magic.starts_with(b"\x93NUMPY") || magic.starts_with(b"PK\x03\x04") {
+        "a NumPy .npy/.npz file (train reads the TorchRec and MLPerf layouts as they are)"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Input(format!("{}: {what}; ember convert reads Criteo text", path.display())))
+}
+
 /// Parses every sample of a Criteo text file in one pass, handing them to `sink` in batches of
 /// `batch` samples (the last one shorter); returns (samples, bad lines skipped, bytes read). Detects the layout from line 1 as the text
 /// reader does (tabs or commas; a header when its first field is not a number).
 pub fn parse_file(path: &Path, model: &ModelConfig, policy: BadLinePolicy, batch_size: usize, mut sink: impl FnMut(&Batch) -> Result<()>) -> Result<(u64, u64, u64)> {
+    refuse_preprocessed(path)?;
     let mut parser: Option<LineParser> = None;
     let mut batch = Batch::new(model.num_dense, model.tables.len());
     let clear = |b: &mut Batch| {
