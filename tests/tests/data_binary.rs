@@ -83,6 +83,11 @@ fn conversion_gives_the_text_readers_samples_bit_for_bit() {
         let (c, h) = convert_file(input, &out, &model, ConvertOptions { block_samples: block, policy: BadLinePolicy::Fail }).unwrap();
         assert_eq!((c.samples, c.skipped, h.samples), (200, 0, 200));
         assert_eq!(h.dense, DenseTransform::Log1pClamp);
+        if block == 1 << 16 {
+            // One block of one-hot sections (bags of 0 or 1 id; no offsets): header and feature
+            // table (512 B), labels and dense (200 x 56 B), 26 x 200 4-byte id slots, the index.
+            assert_eq!(h.file_bytes, 512 + 200 * 56 + 26 * 200 * 4 + 8 + 8 * 26);
+        }
         assert!(h.features.iter().zip(&model.tables).all(|(f, t)| f.rows == t.rows && f.hashing == Hashing::HexModRows));
         let f = BinaryFile::open(&out).unwrap();
         f.verify_blocks().unwrap();

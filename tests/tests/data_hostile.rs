@@ -49,7 +49,7 @@ fn assert_names(e: &ember_engine::Error, name: &str) {
 const BIN: &str = "hostile/day_9.ember";
 
 /// Valid files to damage: (bytes, rows), of several shapes (blocks of 1 to 64 samples, 1 to 5
-/// features, 4- and 8-byte ids, bags of 0 to 6 ids, 0 to 3 dense values).
+/// features, 4- and 8-byte ids, bags of 0 to 6 ids or one-hot, 0 to 3 dense values).
 fn valid_binary_files() -> &'static [(Vec<u8>, Vec<u64>)] {
     static FILES: OnceLock<Vec<(Vec<u8>, Vec<u64>)>> = OnceLock::new();
     FILES.get_or_init(|| {
@@ -62,6 +62,9 @@ fn valid_binary_files() -> &'static [(Vec<u8>, Vec<u64>)] {
             (vec![7], 0, 9, 1),
             (vec![1 << 40, 3], 3, 40, 64),
             (vec![5, 5, 5, 5, 1000], 1, 130, 32),
+            // One-hot bags (0 or 1 id): one-hot sections, and 8-byte ids.
+            (vec![4, 9, u32::MAX as u64 + 1], 2, 50, 16),
+            (vec![u32::MAX as u64, 3], 1, 20, 8),
         ]
         .into_iter()
         .enumerate()
@@ -71,7 +74,8 @@ fn valid_binary_files() -> &'static [(Vec<u8>, Vec<u64>)] {
                 b.labels.push((rng.next_u64() % 2) as f32);
                 b.dense.extend((0..nd).map(|_| (rng.next_u64() % 1000) as f32 * 0.25));
                 for (j, &r) in b.sparse.iter_mut().zip(&rows) {
-                    let ids: Vec<u64> = (0..rng.next_u64() % 7).map(|_| rng.next_u64() % r).collect();
+                    let most = if i >= 4 { 2 } else { 7 };
+                    let ids: Vec<u64> = (0..rng.next_u64() % most).map(|_| rng.next_u64() % r).collect();
                     j.push_bag(&ids);
                 }
             }

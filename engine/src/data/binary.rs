@@ -15,9 +15,13 @@
 //! - feature table: per feature the table rows R (every id is `value mod R`, so a model with
 //!   other rows is refused) and the hashing (1: Criteo hex value mod R; 2: integer id mod R).
 //! - block b holds samples [b·S, min((b+1)·S, samples)) as n labels (f32), n × num_dense dense
-//!   values (f32), then per feature n + 1 offsets (u64, from 0 to the block's id count k_f) and
-//!   k_f ids; a sample's bag is ids[offsets[i]..offsets[i+1]] (multi-hot bags need no padding).
-//! - block index: per block its CRC-32 and k_f of every feature (8 + 8·F bytes).
+//!   values (f32), then per feature one section: where some bag of the block holds more than one
+//!   id, a *bags* section of n + 1 offsets (u64, from 0 to the block's id count k_f) and k_f ids
+//!   (a sample's bag is ids[offsets[i]..offsets[i+1]]; multi-hot bags need no padding);
+//!   otherwise a *one-hot* section of n ids, the all-ones id standing for an empty bag (a
+//!   missing Criteo categorical) — no offsets, so one-hot data costs what TorchRec's arrays do.
+//! - block index: per block its CRC-32 and, per feature, the section's kind (top byte) and k_f
+//!   (8 + 8·F bytes).
 //!
 //! Every block's place follows from the index, so the reader checks at open (before any
 //! training) the magic, version, both checksums, every count against a limit and the file
@@ -46,6 +50,21 @@ pub const MAX_BLOCK_SAMPLES: u32 = 1 << 24;
 pub const MAX_BAG: u64 = 1 << 20;
 /// Samples per block `ember convert` writes.
 pub const DEFAULT_BLOCK_SAMPLES: u32 = 1 << 16;
+/// Index entry of a feature's section: kind in the top byte, ids in the rest.
+const KIND_SHIFT: u32 = 56;
+const KIND_BAGS: u64 = 0;
+const KIND_ONE_HOT: u64 = 1;
+
+/// The id that marks an empty bag in a one-hot section (all ones of the id width; every id is
+/// below its table's rows, which are at most this for the width).
+#[inline]
+fn empty_id(id_bytes: u64) -> u64 {
+    if id_bytes == 4 {
+        u32::MAX as u64
+    } else {
+        u64::MAX
+    }
+}
 
 /// How the dense values were preprocessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,28 +118,46 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// One feature's section of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Section {
+    /// Offset of the bags section's n + 1 offsets; None for a one-hot section.
+    pub offsets: Option<u64>,
+    /// Offset of the ids (k of them in a bags section, n slots in a one-hot one).
+    pub ids_at: u64,
+    /// Ids the block holds for the feature (a one-hot section's non-empty slots).
+    pub ids: u64,
+}
+
+impl Section {
+    /// The index entry: kind and ids.
+    pub fn entry(&self) -> u64 {
+        let kind = if self.offsets.is_some() { KIND_BAGS } else { KIND_ONE_HOT };
+        kind << KIND_SHIFT | self.ids
+    }
+}
+
 /// Byte offsets of a block's sections, relative to the block's start.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockLayout {
     pub samples: u64,
     pub dense: u64,
-    /// Per feature: (offsets section, ids section, ids).
-    pub features: Vec<(u64, u64, u64)>,
+    pub features: Vec<Section>,
     /// Block length (to the next 64-byte boundary).
     pub bytes: u64,
 }
 
 impl BlockLayout {
-    /// The layout of a block of `n` samples holding `ids[f]` ids per feature; None on overflow.
-    pub fn new(n: u64, num_dense: u64, id_bytes: u64, ids: &[u64]) -> Option<BlockLayout> {
+    /// The layout of a block of `n` samples whose features' sections are `(one_hot, ids)`;
+    /// None on overflow.
+    pub fn new(n: u64, num_dense: u64, id_bytes: u64, sections: impl IntoIterator<Item = (bool, u64)>) -> Option<BlockLayout> {
         let dense = align(n.checked_mul(4)?, 8)?;
         let mut at = align(dense.checked_add(n.checked_mul(num_dense)?.checked_mul(4)?)?, 8)?;
-        let mut features = Vec::with_capacity(ids.len());
-        for &k in ids {
-            let off = at;
-            let id_at = off.checked_add(n.checked_add(1)?.checked_mul(8)?)?;
-            at = align(id_at.checked_add(k.checked_mul(id_bytes)?)?, 8)?;
-            features.push((off, id_at, k));
+        let mut features = Vec::new();
+        for (one_hot, k) in sections {
+            let (offsets, ids_at, slots) = if one_hot { (None, at, n) } else { (Some(at), at.checked_add(n.checked_add(1)?.checked_mul(8)?)?, k) };
+            at = align(ids_at.checked_add(slots.checked_mul(id_bytes)?)?, 8)?;
+            features.push(Section { offsets, ids_at, ids: k });
         }
         Some(BlockLayout { samples: n, dense, features, bytes: align(at, 64)? })
     }
@@ -221,7 +258,7 @@ impl Header {
             if rows == 0 {
                 return Err(format!("feature {i}: table of 0 rows"));
             }
-            if id_bytes == 4 && rows > 1 << 32 {
+            if id_bytes == 4 && rows > u32::MAX as u64 {
                 return Err(format!("feature {i}: {rows} rows do not fit 4-byte ids"));
             }
             let hashing = match u32_at(bytes, at + 8) {
@@ -285,17 +322,24 @@ pub fn parse_index(h: &Header, index: &[u8]) -> std::result::Result<Vec<BlockLay
     let entry = h.index_entry_bytes() as usize;
     let mut at = h.data_offset();
     let mut out = Vec::with_capacity(h.blocks() as usize);
-    let mut ids = vec![0u64; f];
+    let mut sections = vec![(false, 0u64); f];
     for b in 0..h.blocks() {
         let e = &index[b as usize * entry..(b as usize + 1) * entry];
         let n = h.block_len(b);
-        for (j, k) in ids.iter_mut().enumerate() {
-            *k = u64_at(e, 8 + 8 * j);
-            if *k > n.saturating_mul(MAX_BAG) {
-                return Err(format!("block {b}, feature {j}: {k} ids for {n} samples (more than {MAX_BAG} per bag)"));
+        for (j, s) in sections.iter_mut().enumerate() {
+            let v = u64_at(e, 8 + 8 * j);
+            let (kind, k) = (v >> KIND_SHIFT, v & ((1 << KIND_SHIFT) - 1));
+            let most = match kind {
+                KIND_BAGS => n.saturating_mul(MAX_BAG),
+                KIND_ONE_HOT => n,
+                _ => return Err(format!("block {b}, feature {j}: unknown section kind {kind}")),
+            };
+            if k > most {
+                return Err(format!("block {b}, feature {j}: {k} ids for {n} samples (at most {most})"));
             }
+            *s = (kind == KIND_ONE_HOT, k);
         }
-        let layout = BlockLayout::new(n, h.num_dense as u64, h.id_bytes as u64, &ids).ok_or_else(|| format!("block {b}: size overflows"))?;
+        let layout = BlockLayout::new(n, h.num_dense as u64, h.id_bytes as u64, sections.iter().copied()).ok_or_else(|| format!("block {b}: size overflows"))?;
         let end = at.checked_add(layout.bytes).ok_or_else(|| format!("block {b}: offset overflows"))?;
         out.push(BlockLayoutAt { offset: at, crc: u32_at(e, 0), layout });
         at = end;
@@ -379,15 +423,18 @@ impl BinaryFile {
         let lo = i % s;
         let nd = self.header.num_dense as u64;
         let mut r = vec![(b.offset + 4 * lo, 4), (b.offset + b.layout.dense + 4 * nd * lo, 4 * nd)];
-        let offs = |(o, _, _): &(u64, u64, u64)| b.offset + o + 8 * lo;
-        for (f, ft) in b.layout.features.iter().enumerate() {
-            let at = offs(ft);
+        let ib = self.header.id_bytes as u64;
+        for s in &b.layout.features {
+            let Some(offs) = s.offsets else {
+                r.push((b.offset + s.ids_at + ib * lo, ib));
+                continue;
+            };
+            let at = b.offset + offs + 8 * lo;
             r.push((at, 16));
             let o = &self.map[at as usize..at as usize + 16];
             let (x, y) = (u64_at(o, 0), u64_at(o, 8));
-            let ib = self.header.id_bytes as u64;
             if y > x {
-                r.push((b.offset + b.layout.features[f].1 + ib * x, ib * (y - x)));
+                r.push((b.offset + s.ids_at + ib * x, ib * (y - x)));
             }
         }
         r
@@ -479,14 +526,25 @@ impl BinaryFile {
             return Err(bad(&self.path, format!("block {b}: dense value {} of sample {} is not finite (corrupted)", i as u64 % nd, sample0 + i as u64 / nd)));
         }
         out.dense.extend_from_slice(dense);
-        for (f, (&(off_at, ids_at, k), ft)) in blk.layout.features.iter().zip(&self.header.features).enumerate() {
+        let ib = self.header.id_bytes as u64;
+        for (f, (sec, ft)) in blk.layout.features.iter().zip(&self.header.features).enumerate() {
+            let corrupt = |what: String| bad(&self.path, format!("block {b}, feature {f}, near sample {sample0}: {what} (corrupted)"));
+            let j = &mut out.sparse[f];
+            let Some(off_at) = sec.offsets else {
+                // One-hot: n id slots, all ones for an empty bag.
+                let raw = self.bytes(base + sec.ids_at + ib * lo, ib * nn);
+                let over = if ib == 4 { one_hot(cast::<u32>(self, b, raw)?, ft.rows, j) } else { one_hot(cast::<u64>(self, b, raw)?, ft.rows, j) };
+                if let Some(v) = over {
+                    return Err(corrupt(format!("id {v} is not below the table's {} rows", ft.rows)));
+                }
+                continue;
+            };
+            let k = sec.ids;
             let offs: &[u64] = cast(self, b, self.bytes(base + off_at + 8 * lo, 8 * (nn + 1)))?;
             let (first, last) = (offs[0], offs[n]);
-            let corrupt = |what: String| bad(&self.path, format!("block {b}, feature {f}, near sample {sample0}: {what} (corrupted)"));
             if first > last || last > k {
                 return Err(corrupt(format!("offsets {first}..{last} outside the block's {k} ids")));
             }
-            let j = &mut out.sparse[f];
             j.lengths.reserve(n);
             let mut prev = first;
             for &o in &offs[1..] {
@@ -498,8 +556,7 @@ impl BinaryFile {
                 prev = o;
             }
             let count = (last - first) as usize;
-            let ib = self.header.id_bytes as u64;
-            let raw = self.bytes(base + ids_at + ib * first, ib * count as u64);
+            let raw = self.bytes(base + sec.ids_at + ib * first, ib * count as u64);
             let before = j.values.len();
             let max = if ib == 4 {
                 let ids: &[u32] = cast(self, b, raw)?;
@@ -519,6 +576,28 @@ impl BinaryFile {
     }
 }
 
+/// Appends a one-hot section's slots to `j` (an all-ones slot is an empty bag); returns an id
+/// not below `rows`, if one is read.
+#[inline]
+fn one_hot<T: Copy + Into<u64>>(slots: &[T], rows: u64, j: &mut crate::data::Jagged) -> Option<u64> {
+    let empty = empty_id(std::mem::size_of::<T>() as u64);
+    j.lengths.reserve(slots.len());
+    j.values.reserve(slots.len());
+    let mut over = None;
+    for &v in slots {
+        let v: u64 = v.into();
+        let present = v != empty;
+        j.lengths.push(present as u32);
+        if present {
+            if v >= rows {
+                over = Some(v);
+            }
+            j.values.push(v);
+        }
+    }
+    over
+}
+
 /// Writes one `.ember` file: samples are appended in batches and written a block at a time
 /// (memory: one block), under a temporary name renamed to the destination by [`finish`].
 ///
@@ -529,9 +608,10 @@ pub struct BinaryWriter {
     file: Option<std::io::BufWriter<File>>,
     header: Header,
     pending: Batch,
-    /// Encoded block, and offsets or packed ids being encoded (both reused).
+    /// Encoded block, and offsets or ids being encoded (all reused).
     buf: Vec<u8>,
     scratch: Vec<u64>,
+    scratch32: Vec<u32>,
     index: Vec<u8>,
     at: u64,
 }
@@ -549,7 +629,8 @@ impl BinaryWriter {
         if block_samples == 0 || block_samples > MAX_BLOCK_SAMPLES {
             return Err(bad(&dest, format!("{block_samples} samples per block (1 to {MAX_BLOCK_SAMPLES})")));
         }
-        let id_bytes = if features.iter().all(|f| f.rows <= 1 << 32) { 4 } else { 8 };
+        // All ones marks an empty bag: 4-byte ids while every id is below it.
+        let id_bytes = if features.iter().all(|f| f.rows <= u32::MAX as u64) { 4 } else { 8 };
         let name = dest.file_name().ok_or_else(|| bad(&dest, "not a file name"))?.to_string_lossy().into_owned();
         let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -562,6 +643,7 @@ impl BinaryWriter {
             pending: Batch::new(num_dense, header.features.len()),
             buf: Vec::new(),
             scratch: Vec::new(),
+            scratch32: Vec::new(),
             index: Vec::new(),
             header,
         };
@@ -641,8 +723,9 @@ impl BinaryWriter {
     /// Encodes `p` as the next block and writes it.
     fn write_block(&mut self, p: &Batch) -> Result<()> {
         let n = p.size();
-        let ids: Vec<u64> = p.sparse.iter().map(|j| j.values.len() as u64).collect();
-        let layout = BlockLayout::new(n as u64, self.header.num_dense as u64, self.header.id_bytes as u64, &ids)
+        // A one-hot section wherever no bag of the block holds more than one id.
+        let sections = p.sparse.iter().map(|j| (j.lengths.iter().all(|&l| l <= 1), j.values.len() as u64));
+        let layout = BlockLayout::new(n as u64, self.header.num_dense as u64, self.header.id_bytes as u64, sections)
             .ok_or_else(|| bad(&self.dest, "block size overflows"))?;
         // Sections appended in order, zero padding only where the layout has it.
         let buf = &mut self.buf;
@@ -653,7 +736,25 @@ impl BinaryWriter {
         pad(buf, layout.dense);
         buf.extend_from_slice(bytemuck::cast_slice(&p.dense));
         let scratch = &mut self.scratch;
-        for (f, (j, &(off_at, ids_at, _))) in p.sparse.iter().zip(&layout.features).enumerate() {
+        let id_bytes = self.header.id_bytes as u64;
+        for (f, (j, sec)) in p.sparse.iter().zip(&layout.features).enumerate() {
+            let Some(off_at) = sec.offsets else {
+                pad(buf, sec.ids_at);
+                let empty = empty_id(id_bytes);
+                let mut v = j.values.iter();
+                let mut slot = |l: u32| if l == 1 { v.next().copied().unwrap_or(empty) } else { empty };
+                if id_bytes == 4 {
+                    let s32 = &mut self.scratch32;
+                    s32.clear();
+                    s32.extend(j.lengths.iter().map(|&l| slot(l) as u32));
+                    buf.extend_from_slice(bytemuck::cast_slice(s32));
+                } else {
+                    scratch.clear();
+                    scratch.extend(j.lengths.iter().map(|&l| slot(l)));
+                    buf.extend_from_slice(bytemuck::cast_slice(scratch));
+                }
+                continue;
+            };
             pad(buf, off_at);
             if let Some(&l) = j.lengths.iter().find(|&&l| l as u64 > MAX_BAG) {
                 return Err(bad(&self.dest, format!("feature {f}: a bag of {l} ids (at most {MAX_BAG})")));
@@ -666,7 +767,7 @@ impl BinaryWriter {
                 acc
             }));
             buf.extend_from_slice(bytemuck::cast_slice(scratch));
-            debug_assert_eq!(buf.len() as u64, ids_at);
+            debug_assert_eq!(buf.len() as u64, sec.ids_at);
             if self.header.id_bytes == 4 {
                 scratch.clear();
                 // Two u32 ids per u64 word (little-endian), then the odd one.
@@ -683,8 +784,8 @@ impl BinaryWriter {
         let crc = crc32fast::hash(buf);
         self.index.extend_from_slice(&crc.to_le_bytes());
         self.index.extend_from_slice(&[0; 4]);
-        for k in &ids {
-            self.index.extend_from_slice(&k.to_le_bytes());
+        for sec in &layout.features {
+            self.index.extend_from_slice(&sec.entry().to_le_bytes());
         }
         let bytes = std::mem::take(&mut self.buf);
         self.write(&bytes)?;
