@@ -50,14 +50,13 @@ struct Row {
     note: String,
 }
 
-/// CPU time (user + system) of the calling thread, seconds.
+/// CPU time (user + system) of the calling thread, seconds (nanosecond clock: rusage counts
+/// in scheduler ticks, too coarse for a read of a few milliseconds).
 fn thread_cpu() -> f64 {
-    // SAFETY: rusage is plain data the kernel fills for the calling thread.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage for the calling thread.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
-    t(ru.ru_utime) + t(ru.ru_stime)
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid pointer to a timespec the call fills.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -193,18 +192,43 @@ fn convert_peak_rss_kib(input: &Path, out: &Path) -> Result<u64, Box<dyn std::er
     Ok(ru.ru_maxrss as u64)
 }
 
-/// Times `f` (which reads `samples` samples of `bytes` bytes) `iters` times; `cold` evicts
-/// `files` before each run. Returns (samples/s, samples per CPU second, GB/s), medians.
-fn time(iters: usize, cold: bool, files: &[PathBuf], samples: u64, bytes: u64, mut f: impl FnMut() -> ember_engine::Result<u64>) -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
-    if !cold {
+/// What runs (untimed) before each timed run.
+enum Before<'a> {
+    /// A warm cache: one untimed run first.
+    Warm,
+    /// A cold cache: these files dropped from the page cache before each run.
+    Cold(&'a [PathBuf]),
+    /// A warm cache, and this output of the previous run deleted before each run (so that the
+    /// run does not pay for freeing it).
+    Remove(&'a Path),
+}
+
+impl Before<'_> {
+    fn of(cold: bool, files: &[PathBuf]) -> Before<'_> {
+        if cold {
+            Before::Cold(files)
+        } else {
+            Before::Warm
+        }
+    }
+}
+
+/// Times `f` (which reads `samples` samples of `bytes` bytes) `iters` times. Returns
+/// (samples/s, samples per CPU second, GB/s), medians.
+fn time(iters: usize, before: Before, samples: u64, bytes: u64, mut f: impl FnMut() -> ember_engine::Result<u64>) -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
+    if !matches!(before, Before::Cold(_)) {
         f()?; // warm-up
     }
     let (mut secs, mut cpu) = (vec![], vec![]);
     for _ in 0..iters {
-        if cold {
-            for p in files {
-                evict(p)?;
+        match before {
+            Before::Warm => {}
+            Before::Cold(files) => {
+                for p in files {
+                    evict(p)?;
+                }
             }
+            Before::Remove(p) => std::fs::remove_file(p)?,
         }
         let (t, c) = (Instant::now(), thread_cpu());
         let n = f()?;
@@ -266,9 +290,9 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
     let rss_big = convert_peak_rss_kib(&text, &out)?;
     std::fs::remove_dir_all(&out)?;
     let parse = || parse_file(&text, model, BadLinePolicy::Fail, bsz, |_| Ok(())).map(|r| r.0);
-    let warm = time(it, false, &[], n, text_bytes, parse)?;
+    let warm = time(it, Before::Warm, n, text_bytes, parse)?;
     push("text parse", "warm", warm, "bytes of text".into());
-    push("text parse", "cold", time(it, true, &[text.clone()], n, text_bytes, parse)?, "bytes of text".into());
+    push("text parse", "cold", time(it, Before::Cold(&[text.clone()]), n, text_bytes, parse)?, "bytes of text".into());
     // The reader `ember train` uses on text: a line-counting pass at open, then the lines.
     let reader = || -> ember_engine::Result<u64> {
         let mut r = ember_engine::data::criteo::CriteoReader::open(&text, model, BadLinePolicy::Fail)?;
@@ -278,9 +302,9 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
         }
         Ok(k + ember_engine::data::DataSource::eval_set(&mut r)?.size() as u64)
     };
-    push("text reader of train (count + parse)", "warm", time(it, false, &[], n, text_bytes, reader)?, "bytes of text".into());
+    push("text reader of train (count + parse)", "warm", time(it, Before::Warm, n, text_bytes, reader)?, "bytes of text".into());
     let bin = dir.join("day_0.ember");
-    let conv = time(it, false, &[], n, text_bytes, || convert_file(&text, &bin, model, ConvertOptions::default()).map(|r| r.0.samples))?;
+    let conv = time(it, Before::Remove(&bin), n, text_bytes, || convert_file(&text, &bin, model, ConvertOptions::default()).map(|r| r.0.samples))?;
     push("convert text -> binary", "warm", conv, format!("{:.0} % of text parse ({:.0} % per CPU second; the rest waits for the disk: fsync); bytes of text", 100.0 * conv.0 / warm.0, 100.0 * conv.1 / warm.1));
 
     // Binary, one rank: every sample in batches of B.
@@ -297,7 +321,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
         Ok(k)
     };
     for cold in [false, true] {
-        push("binary mmap, 1 rank", if cold { "cold" } else { "warm" }, time(it, cold, &[bin.clone()], n, bin_bytes, || read_all(&bin))?, "bytes of the file".into());
+        push("binary mmap, 1 rank", if cold { "cold" } else { "warm" }, time(it, Before::of(cold, &[bin.clone()]), n, bin_bytes, || read_all(&bin))?, "bytes of the file".into());
     }
     // Binary, per rank of the grid: each rank alone on one core, its B/T of every batch.
     if let Some(g) = grid {
@@ -308,7 +332,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
                 let r = g.sample_range(w, bsz);
                 let mine = steps * r.len() as u64;
                 let rank_bytes = bin_bytes * mine / n;
-                let (sps, cps, gbs) = time(it, cold, &[bin.clone()], mine, rank_bytes, || {
+                let (sps, cps, gbs) = time(it, Before::of(cold, &[bin.clone()]), mine, rank_bytes, || {
                     let f = BinaryFile::open(&bin)?;
                     for s in 0..steps {
                         let mut b = Batch::new(model.num_dense, model.tables.len());
@@ -346,7 +370,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
         Ok(k)
     };
     for cold in [false, true] {
-        let r = time(it, cold, &npy_files, n, npy_bytes_total, || read_day(&dir.join("day_0"), false, model, n))?;
+        let r = time(it, Before::of(cold, &npy_files), n, npy_bytes_total, || read_day(&dir.join("day_0"), false, model, n))?;
         push("TorchRec .npy one-hot, 1 rank", if cold { "cold" } else { "warm" }, r, "bytes of the 3 files".into());
     }
     // MLPerf DLRMv2 multi-hot (.npz), and the same samples as an Ember binary file.
@@ -365,9 +389,9 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
     let mh_bin_bytes = std::fs::metadata(&mh_bin)?.len();
     for cold in [false, true] {
         let c = if cold { "cold" } else { "warm" };
-        let r = time(it, cold, &mh_files, mh_n, mh_bytes, || read_day(&dir.join("day_1"), true, &v2, mh_n))?;
+        let r = time(it, Before::of(cold, &mh_files), mh_n, mh_bytes, || read_day(&dir.join("day_1"), true, &v2, mh_n))?;
         push("MLPerf .npz multi-hot, 1 rank", c, r, format!("{ids_per_sample} ids/sample; bytes of the 3 files"));
-        let r = time(it, cold, &[mh_bin.clone()], mh_n, mh_bin_bytes, || {
+        let r = time(it, Before::of(cold, &[mh_bin.clone()]), mh_n, mh_bin_bytes, || {
             let f = BinaryFile::open(&mh_bin)?;
             let mut k = 0;
             while k < mh_n {

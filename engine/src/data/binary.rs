@@ -49,7 +49,7 @@ pub const MAX_BLOCK_SAMPLES: u32 = 1 << 24;
 /// Most ids one bag may hold.
 pub const MAX_BAG: u64 = 1 << 20;
 /// Samples per block `ember convert` writes.
-pub const DEFAULT_BLOCK_SAMPLES: u32 = 1 << 16;
+pub const DEFAULT_BLOCK_SAMPLES: u32 = 1 << 13;
 /// Index entry of a feature's section: kind in the top byte, ids in the rest.
 const KIND_SHIFT: u32 = 56;
 const KIND_BAGS: u64 = 0;

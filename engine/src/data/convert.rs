@@ -114,7 +114,14 @@ fn refuse_preprocessed(path: &Path) -> Result<()> {
 pub fn parse_file(path: &Path, model: &ModelConfig, policy: BadLinePolicy, batch_size: usize, mut sink: impl FnMut(&Batch) -> Result<()>) -> Result<(u64, u64, u64)> {
     refuse_preprocessed(path)?;
     let mut parser: Option<LineParser> = None;
+    // Room for a whole batch of one-hot samples up front: no reallocation while it fills.
     let mut batch = Batch::new(model.num_dense, model.tables.len());
+    batch.labels.reserve(batch_size);
+    batch.dense.reserve(batch_size * model.num_dense);
+    for j in &mut batch.sparse {
+        j.lengths.reserve(batch_size);
+        j.values.reserve(batch_size);
+    }
     let clear = |b: &mut Batch| {
         b.dense.clear();
         b.labels.clear();
