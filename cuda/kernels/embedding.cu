@@ -369,6 +369,14 @@ extern "C" __global__ void emb_apply_rowgrads(float* W, float* state, i64 cols, 
     }
 }
 
+// Row check of RowGrads before they are applied: rows[i] < limit and rows[i-1] < rows[i] for
+// every i; *bad (zeroed by the host) receives 1 + an index that violates it.
+extern "C" __global__ void check_rows_ascending(const u64* __restrict__ rows, i64 n, u64 limit, unsigned long long* bad) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        if (rows[i] >= limit || (i > 0 && rows[i - 1] >= rows[i])) atomicCAS(bad, 0ull, (unsigned long long)(i + 1));
+    }
+}
+
 // u32 → u64 widening (unique rows of RowGrads).
 extern "C" __global__ void widen_u32(const u32* __restrict__ in, const u32* __restrict__ counters, u64* __restrict__ out) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;

@@ -27,6 +27,7 @@ pub const EMBEDDING: Module = Module {
         "emb_bwd_long_apply",
         "emb_apply_rowgrads",
         "widen_u32",
+        "check_rows_ascending",
         "emb_keys_bags",
         "emb_bwd_fused1",
         "emb_bwd_fused4",

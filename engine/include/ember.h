@@ -16,6 +16,11 @@
 #define EMBER_ABI_VERSION 2
 
 /**
+ * Most samples one `ember_train_step` or `ember_eval` call takes (`batch_size`).
+ */
+#define EMBER_MAX_BATCH (1 << 24)
+
+/**
  * `ember_bench_collective`: all-to-all, `size` bytes to every peer.
  */
 #define EMBER_BENCH_ALL_TO_ALL 0
@@ -89,7 +94,9 @@ typedef enum {
 /**
  * An engine: a DLRM model (or one rank's part of it) with its optimizer state, on the CPU
  * backend. Opaque; created by `ember_engine_create_*`, released by `ember_engine_destroy`. A
- * handle may be used from any thread; calls on one handle are serialized by the library.
+ * handle is a token, not an address (never dereference it); a destroyed engine's handle is
+ * never valid again. A handle may be used from any thread; calls on one handle are serialized
+ * by the library.
  */
 typedef struct ember_engine ember_engine;
 
@@ -251,8 +258,10 @@ const char *ember_last_error(void);
  * success `*out` receives a new handle that the caller owns and must release with
  * `ember_engine_destroy`; on failure `*out` is left unchanged.
  * Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out` is NULL, `EMBER_STATUS_ERR_CONFIG`
- * if the config does not parse, validate or fit the job, `EMBER_STATUS_ERR_INTERNAL` if joining
- * the job fails (rendezvous, token, peers, timeout).
+ * if the config does not parse, validate or fit the job (an unknown key, a number out of
+ * range), `EMBER_STATUS_ERR_INTERNAL` if joining the job fails (rendezvous, token, peers,
+ * timeout) or the model needs more memory than there is (checked before allocating; the
+ * environment variable `EMBER_MEMORY_AVAILABLE` overrides the measured figure).
  */
 ember_status ember_engine_create_from_toml(const char *toml, ember_engine **out);
 
@@ -291,8 +300,8 @@ ember_status ember_engine_create_local_ranks(const char *toml, size_t n, ember_e
 
 /**
  * Release an engine and everything it owns. `engine` may be NULL (a no-op returning
- * `EMBER_STATUS_OK`). The handle is invalid afterwards; using it again (or destroying it twice)
- * returns `EMBER_STATUS_ERR_INVALID_HANDLE` unless its address was reused by a newer engine.
+ * `EMBER_STATUS_OK`). The handle is invalid afterwards, for good: using it again (or destroying
+ * it twice) returns `EMBER_STATUS_ERR_INVALID_HANDLE`, whatever engines were created since.
  * Not collective: the ranks of a job may be destroyed in any order (a rank still waiting in a
  * collective for a destroyed peer fails with a transport error after the timeout).
  */
@@ -332,8 +341,8 @@ ember_status ember_engine_table_rows(const ember_engine *engine, size_t table, u
  * over the whole global batch, identical on every rank. If any rank's arguments are rejected,
  * no rank trains: that rank gets the reason, the others `EMBER_STATUS_ERR_PEER`.
  *
- * Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0 or not
- * the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
+ * Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0, above
+ * `EMBER_MAX_BATCH` or not the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
  * model is unchanged in both cases), `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
  */
 ember_status ember_train_step(ember_engine *engine, size_t batch_size, const float *dense, const float *labels, const uint32_t *lengths, const uint64_t *ids, size_t num_ids, double *loss_out);
@@ -346,8 +355,9 @@ ember_status ember_train_step(ember_engine *engine, size_t batch_size, const flo
  *   `EMBER_STATUS_ERR_INVALID_ARGUMENT`.
  * - `metrics_out`: caller-owned, receives log loss, NE and AUC of the batch; may be NULL.
  *
- * Single-process engines process large batches in chunks of the config's batch size (at most
- * 8192). Multi-rank engines: collective; each rank passes any number of its own samples (> 0;
+ * `batch_size` is at most `EMBER_MAX_BATCH`; every size is checked before anything is
+ * allocated. Single-process engines process large batches in chunks of the config's batch size
+ * (at most 8192). Multi-rank engines: collective; each rank passes any number of its own samples (> 0;
  * ranks may pass different numbers), processed in chunks of the local batch size; the logits
  * are this rank's, the metrics cover every rank's samples and are identical on every rank
  * (a rank asking for metrics gets `EMBER_STATUS_ERR_INVALID_ARGUMENT` if some rank passed no

@@ -1,9 +1,76 @@
 //! Model, optimizer and training configuration, the presets, and their validation.
 //!
 //! A config is plain data (serde, TOML on disk). Every later layer — the planner, the
-//! 2D scheduler, the C ABI — reads the same structs.
+//! 2D scheduler, the C ABI — reads the same structs. A config from outside is checked in full
+//! before anything is sized from it: unknown keys are refused (a misspelt key would otherwise
+//! silently keep its default) and every number is range-checked against [`limits`], the error
+//! naming the key.
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+
+/// The range every number of a config must lie in (docs/security.md, "Input limits"). They
+/// bound what a config can make the engine size before the memory check
+/// (`crate::memory`) compares the real need with the memory there is.
+pub mod limits {
+    /// Rows of one table (2^40).
+    pub const MAX_ROWS: u64 = 1 << 40;
+    /// Embedding dim.
+    pub const MAX_DIM: usize = 1 << 14;
+    pub const MAX_TABLES: usize = 1 << 12;
+    pub const MAX_NUM_DENSE: usize = 1 << 16;
+    /// Width of one MLP layer, and the DCN rank.
+    pub const MAX_WIDTH: usize = 1 << 16;
+    /// Layers of one MLP, and DCN cross layers.
+    pub const MAX_LAYERS: usize = 64;
+    /// Mean ids per bag of the synthetic data.
+    pub const MAX_BAG_SIZE: usize = 1 << 16;
+    /// Global batch size (samples per step).
+    pub const MAX_BATCH: usize = 1 << 24;
+    /// Training steps, and `eval_every`.
+    pub const MAX_STEPS: usize = 1_000_000_000;
+    /// Epochs over a dataset (`--epochs`): each is at least one step.
+    pub const MAX_EPOCHS: u64 = MAX_STEPS as u64;
+    /// Synthetic eval samples.
+    pub const MAX_EVAL_SAMPLES: usize = 1 << 26;
+    /// The Zipf exponent of the synthetic ids.
+    pub const MAX_ZIPF: f64 = 100.0;
+    /// |signal| of the synthetic data.
+    pub const MAX_SIGNAL: f32 = 1e6;
+    /// Size of a config file (a config is a few kilobytes).
+    pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+}
+
+/// The text of a config file, read only up to [`limits::MAX_CONFIG_BYTES`].
+pub fn read_config_file(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    f.take(limits::MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limits::MAX_CONFIG_BYTES {
+        return Err(Error::Config(format!("{}: larger than {} bytes: not a config", path.display(), limits::MAX_CONFIG_BYTES)));
+    }
+    String::from_utf8(bytes).map_err(|e| Error::Config(format!("{}: not UTF-8 ({e})", path.display())))
+}
+
+/// `Err(Config)` unless `lo <= v <= hi`, naming `what`.
+fn in_range<T: PartialOrd + std::fmt::Display>(what: &str, v: T, lo: T, hi: T) -> Result<()> {
+    if v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(Error::Config(format!("{what} = {v} is out of range: expected {lo} to {hi}")))
+    }
+}
+
+/// `Err(Config)` unless `v` is finite and inside `lo..=hi` (`lo_open`: strictly above `lo`).
+fn finite_in(what: &str, v: f64, lo: f64, lo_open: bool, hi: f64) -> Result<()> {
+    let above = if lo_open { v > lo } else { v >= lo };
+    if v.is_finite() && above && v <= hi {
+        Ok(())
+    } else {
+        let low = if lo_open { format!("> {lo}") } else { format!(">= {lo}") };
+        Err(Error::Config(format!("{what} = {v} is out of range: expected a finite number {low} and <= {hi}")))
+    }
+}
 
 /// How the vectors of one bag are pooled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +82,7 @@ pub enum Pooling {
 
 /// One embedding table; feature `f` of a batch looks up table `f`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TableConfig {
     pub rows: u64,
     pub dim: usize,
@@ -34,7 +102,7 @@ fn one() -> usize {
 
 /// Feature interaction between the bottom-MLP output and the pooled embeddings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(tag = "kind", rename_all = "lowercase", try_from = "InteractionRepr")]
 pub enum Interaction {
     /// DLRM: the dense vector concatenated with all pairwise dot products (strict lower triangle).
     Dot,
@@ -42,7 +110,31 @@ pub enum Interaction {
     Dcn { layers: usize, rank: usize },
 }
 
+/// How an [`Interaction`] is read: every key named, so that a key the kind does not take (or a
+/// misspelt one) is refused instead of ignored (serde ignores extra keys of a unit variant).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InteractionRepr {
+    kind: String,
+    layers: Option<usize>,
+    rank: Option<usize>,
+}
+
+impl TryFrom<InteractionRepr> for Interaction {
+    type Error = String;
+    fn try_from(r: InteractionRepr) -> std::result::Result<Self, String> {
+        match (r.kind.as_str(), r.layers, r.rank) {
+            ("dot", None, None) => Ok(Interaction::Dot),
+            ("dot", _, _) => Err("interaction kind \"dot\" takes no layers or rank".into()),
+            ("dcn", Some(layers), Some(rank)) => Ok(Interaction::Dcn { layers, rank }),
+            ("dcn", _, _) => Err("interaction kind \"dcn\" needs layers and rank".into()),
+            (k, _, _) => Err(format!("unknown interaction kind \"{k}\": expected dot or dcn")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub num_dense: usize,
     pub tables: Vec<TableConfig>,
@@ -70,24 +162,28 @@ impl ModelConfig {
             Interaction::Dcn { .. } => d * (f + 1),
         }
     }
+    /// Every count and size inside [`limits`], and the shapes consistent.
     pub fn validate(&self) -> Result<()> {
+        use limits::*;
         let bad = |m: String| Err(Error::Config(m));
-        if self.num_dense == 0 {
-            return bad("model.num_dense must be > 0".into());
-        }
-        if self.tables.is_empty() {
-            return bad("model.tables is empty".into());
-        }
+        in_range("model.num_dense", self.num_dense, 1, MAX_NUM_DENSE)?;
+        in_range("the number of model.tables", self.tables.len(), 1, MAX_TABLES)?;
         let d = self.dim();
         for (i, t) in self.tables.iter().enumerate() {
-            if t.rows == 0 {
-                return bad(format!("model.tables[{i}].rows must be > 0"));
-            }
+            in_range(&format!("model.tables[{i}].rows"), t.rows, 1, MAX_ROWS)?;
+            in_range(&format!("model.tables[{i}].dim"), t.dim, 4, MAX_DIM)?;
+            in_range(&format!("model.tables[{i}].bag_size"), t.bag_size, 0, MAX_BAG_SIZE)?;
             if t.dim != d {
                 return bad(format!("model.tables[{i}].dim = {} but table 0 has dim {d}: DLRM interactions need one dim", t.dim));
             }
-            if t.dim == 0 || t.dim % 4 != 0 {
+            if t.dim % 4 != 0 {
                 return bad(format!("model.tables[{i}].dim = {} must be a positive multiple of 4", t.dim));
+            }
+        }
+        for (name, mlp) in [("model.bottom_mlp", &self.bottom_mlp), ("model.top_mlp", &self.top_mlp)] {
+            in_range(&format!("the number of {name} layers"), mlp.len(), 1, MAX_LAYERS)?;
+            for (i, &w) in mlp.iter().enumerate() {
+                in_range(&format!("{name}[{i}]"), w, 1, MAX_WIDTH)?;
             }
         }
         if self.bottom_mlp.last() != Some(&d) {
@@ -96,13 +192,9 @@ impl ModelConfig {
         if self.top_mlp.last() != Some(&1) {
             return bad(format!("model.top_mlp must end in 1 (the logit), got {:?}", self.top_mlp));
         }
-        if self.bottom_mlp.iter().chain(&self.top_mlp).any(|&w| w == 0) {
-            return bad("MLP layer widths must be > 0".into());
-        }
         if let Interaction::Dcn { layers, rank } = self.interaction {
-            if layers == 0 || rank == 0 {
-                return bad("dcn interaction needs layers > 0 and rank > 0".into());
-            }
+            in_range("model.interaction.layers", layers, 1, MAX_LAYERS)?;
+            in_range("model.interaction.rank", rank, 1, MAX_WIDTH)?;
         }
         Ok(())
     }
@@ -110,7 +202,7 @@ impl ModelConfig {
 
 /// Weight-decay mode for embedding and dense optimizers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(tag = "kind", rename_all = "lowercase", try_from = "WeightDecayRepr")]
 pub enum WeightDecay {
     #[default]
     None,
@@ -118,9 +210,30 @@ pub enum WeightDecay {
     L2 { wd: f32 },
 }
 
+/// How a [`WeightDecay`] is read (see [`InteractionRepr`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightDecayRepr {
+    kind: String,
+    wd: Option<f32>,
+}
+
+impl TryFrom<WeightDecayRepr> for WeightDecay {
+    type Error = String;
+    fn try_from(r: WeightDecayRepr) -> std::result::Result<Self, String> {
+        match (r.kind.as_str(), r.wd) {
+            ("none", None) => Ok(WeightDecay::None),
+            ("none", Some(_)) => Err("weight decay kind \"none\" takes no wd".into()),
+            ("l2", Some(wd)) => Ok(WeightDecay::L2 { wd }),
+            ("l2", None) => Err("weight decay kind \"l2\" needs wd".into()),
+            (k, _) => Err(format!("unknown weight decay kind \"{k}\": expected none or l2")),
+        }
+    }
+}
+
 /// Embedding optimizer (fused into the backward pass). Formulas: BRIEF.md §3.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum EmbOptimizer {
     Sgd { lr: f32 },
     /// Row-wise AdaGrad: one f32 of state per row. `c` is the momentum-scaling constant
@@ -143,13 +256,14 @@ impl EmbOptimizer {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DenseOptimizer {
     Sgd { lr: f32 },
     Adagrad { lr: f32, eps: f32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OptimConfig {
     pub embedding: EmbOptimizer,
     pub dense: DenseOptimizer,
@@ -159,6 +273,7 @@ pub struct OptimConfig {
 
 /// Synthetic data parameters (see `data::synthetic`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyntheticConfig {
     /// Zipf exponent of id popularity; 0 gives uniform ids.
     pub zipf: f64,
@@ -176,6 +291,7 @@ impl Default for SyntheticConfig {
 
 /// Everything `ember train` needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: ModelConfig,
     pub optim: OptimConfig,
@@ -192,24 +308,41 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The whole config against [`limits`] (the model's shapes included); the error names the key.
     pub fn validate(&self) -> Result<()> {
+        use limits::*;
         self.model.validate()?;
-        if self.batch_size == 0 {
-            return Err(Error::Config("batch_size must be > 0".into()));
+        in_range("batch_size", self.batch_size, 1, MAX_BATCH)?;
+        if let Some(s) = self.steps {
+            in_range("steps", s, 1, MAX_STEPS)?;
         }
-        let lr_ok = |lr: f32| lr.is_finite() && lr > 0.0;
-        let ok = match self.optim.embedding {
-            EmbOptimizer::Sgd { lr } => lr_ok(lr),
-            EmbOptimizer::RowWiseAdagrad { lr, eps, c, .. } | EmbOptimizer::Adagrad { lr, eps, c, .. } => {
-                lr_ok(lr) && eps >= 0.0 && c.map_or(true, |c| c.is_finite() && c > 0.0)
+        in_range("eval_every", self.eval_every, 0, MAX_STEPS)?;
+        let lr = |what: &str, v: f32| finite_in(what, v as f64, 0.0, true, f32::MAX as f64);
+        let eps = |what: &str, v: f32| finite_in(what, v as f64, 0.0, false, f32::MAX as f64);
+        match self.optim.embedding {
+            EmbOptimizer::Sgd { lr: l } => lr("optim.embedding.lr", l)?,
+            EmbOptimizer::RowWiseAdagrad { lr: l, eps: e, c, .. } | EmbOptimizer::Adagrad { lr: l, eps: e, c, .. } => {
+                lr("optim.embedding.lr", l)?;
+                eps("optim.embedding.eps", e)?;
+                if let Some(c) = c {
+                    lr("optim.embedding.c", c)?;
+                }
             }
-        } && match self.optim.dense {
-            DenseOptimizer::Sgd { lr } => lr_ok(lr),
-            DenseOptimizer::Adagrad { lr, eps } => lr_ok(lr) && eps >= 0.0,
-        };
-        if !ok {
-            return Err(Error::Config(format!("optimizer hyper-parameters out of range: {:?}", self.optim)));
         }
+        match self.optim.dense {
+            DenseOptimizer::Sgd { lr: l } => lr("optim.dense.lr", l)?,
+            DenseOptimizer::Adagrad { lr: l, eps: e } => {
+                lr("optim.dense.lr", l)?;
+                eps("optim.dense.eps", e)?;
+            }
+        }
+        if let WeightDecay::L2 { wd } = self.optim.weight_decay {
+            eps("optim.weight_decay.wd", wd)?;
+        }
+        let syn = &self.synthetic;
+        finite_in("synthetic.zipf", syn.zipf, 0.0, false, MAX_ZIPF)?;
+        finite_in("synthetic.signal", syn.signal as f64, -(MAX_SIGNAL as f64), false, MAX_SIGNAL as f64)?;
+        in_range("synthetic.eval_samples", syn.eval_samples, 1, MAX_EVAL_SAMPLES)?;
         Ok(())
     }
 

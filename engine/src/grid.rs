@@ -34,12 +34,20 @@ pub struct Grid {
     pub placement: Placement,
 }
 
+/// Most ranks a grid may have (M·N).
+pub const MAX_RANKS: usize = 1 << 16;
+
 impl Grid {
+    /// A grid of M·N ranks; M, N >= 1 and M·N at most [`MAX_RANKS`] (checked, so that every
+    /// later product of ranks is in range).
     pub fn new(m: usize, n: usize, placement: Placement) -> Result<Self> {
         if m == 0 || n == 0 {
             return Err(Error::Config(format!("grid {m}x{n}: M and N must be >= 1")));
         }
-        Ok(Grid { m, n, placement })
+        match m.checked_mul(n) {
+            Some(t) if t <= MAX_RANKS => Ok(Grid { m, n, placement }),
+            _ => Err(Error::Config(format!("grid {m}x{n}: M x N must be at most {MAX_RANKS} ranks"))),
+        }
     }
 
     /// Parse "MxN".

@@ -2,7 +2,8 @@
 //!
 //! Layout: `config` (what to train), `data` (batches and sources), `backend` (the numeric
 //! interface and its CPU implementation), `embedding` (shards), `model` (the DLRM and one
-//! training step), `metrics`, `train` (the loop behind `ember train`), `bench`.
+//! training step), `metrics`, `train` (the loop behind `ember train`), `memory` (the check of
+//! a run's memory need against the memory available), `bench`.
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -13,6 +14,7 @@ pub mod embedding;
 pub mod dense;
 pub mod error;
 pub mod grid;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod parallel;

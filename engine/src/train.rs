@@ -3,7 +3,7 @@
 use crate::backend::Backend;
 use crate::checkpoint::{rank2d, Checkpoint, DataPosition};
 use crate::config::TrainConfig;
-use crate::data::{Batch, DataSource};
+use crate::data::{Batch, DataSource, EvalSet};
 use crate::metrics::{entropy, evaluate, EvalResult};
 use crate::model::Dlrm;
 use crate::parallel::CheckpointOptions;
@@ -67,10 +67,22 @@ pub fn predict_all<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &Batch, chunk:
     Ok(logits)
 }
 
-/// Evaluate `model` on `eval`.
-pub fn evaluate_model<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &Batch, chunk: usize) -> Result<EvalResult> {
-    let logits = predict_all(be, model, eval, chunk)?;
-    Ok(evaluate(&logits, &eval.labels))
+/// Evaluate `model` on `eval`, read `chunk` samples at a time (only the logits and labels are
+/// kept: the exact AUC needs them all). An empty eval set is an error, not a neutral metric.
+pub fn evaluate_model<B: Backend>(be: &B, model: &mut Dlrm<B>, eval: &dyn EvalSet, chunk: usize) -> Result<EvalResult> {
+    let (mut logits, mut labels) = (Vec::new(), Vec::new());
+    for k in 0.. {
+        let b = eval.chunk(k, chunk)?;
+        if b.size() == 0 {
+            break;
+        }
+        logits.extend(model.predict(be, &b)?);
+        labels.extend_from_slice(&b.labels);
+    }
+    if labels.is_empty() {
+        return Err(Error::Input("the eval set is empty: there is no metric to report".into()));
+    }
+    Ok(evaluate(&logits, &labels))
 }
 
 /// Train `cfg` on `data` for `cfg.steps` steps (or one epoch of `data`), evaluating on `eval`.
@@ -78,25 +90,27 @@ pub fn train<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     data: &mut dyn DataSource,
-    eval: &Batch,
+    eval: &dyn EvalSet,
     on_progress: impl FnMut(&Progress),
 ) -> Result<(Dlrm<B>, TrainReport)> {
     train_checkpointed(be, cfg, data, eval, None, on_progress)
 }
 
 /// [`train`] with checkpoints (`ck`): after every `ck.every` steps the model is saved under
-/// `ck.dir` as a 1×1 checkpoint (`checkpoint::rank2d::save_dlrm`, loadable into any grid);
+/// `ck.dir` as a 1×1 checkpoint (`checkpoint::rank2d::save_dlrm`, loadable into any grid),
+/// pruning only the checkpoints of run `ck.run_id` (the folder's owner, `checkpoint::claim`);
 /// with `ck.resume` the run continues from the newest complete checkpoint there (of any grid),
 /// with `data` moved to the saved position, up to the same `cfg.steps`. Saving only reads the
 /// model, so a checkpointed run trains bitwise the model of the run without checkpoints, and a
 /// resumed run on the same data ends where the uninterrupted run ends. The report counts the
-/// steps this call ran. Resumes and saves are announced as `tracing` events of target
+/// steps this call ran (none for a run resumed at its last step; a fresh run that runs none is
+/// an error). Resumes and saves are announced as `tracing` events of target
 /// `checkpoint::LOG_TARGET`.
 pub fn train_checkpointed<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     data: &mut dyn DataSource,
-    eval: &Batch,
+    eval: &dyn EvalSet,
     ck: Option<&CheckpointOptions>,
     mut on_progress: impl FnMut(&Progress),
 ) -> Result<(Dlrm<B>, TrainReport)> {
@@ -111,8 +125,9 @@ pub fn train_checkpointed<B: Backend>(
         Some(c) => resume(be, &mut model, cfg, data, &c.dir)?,
         None => 0,
     };
-    let mut losses = Vec::with_capacity(steps.saturating_sub(first));
-    let mut positives = Vec::with_capacity(steps.saturating_sub(first));
+    // Grown as the steps run: `steps` comes from outside and may be large.
+    let mut losses = Vec::with_capacity(steps.saturating_sub(first).min(1 << 16));
+    let mut positives = Vec::with_capacity(steps.saturating_sub(first).min(1 << 16));
     let mut evals = Vec::new();
     let mut train_time = 0.0f64;
     let mut samples = 0u64;
@@ -138,7 +153,7 @@ pub fn train_checkpointed<B: Backend>(
         });
         if let Some(c) = ck.filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
             let position = DataPosition { next_sample: data.position(), reader_offsets: Vec::new() };
-            let dir = rank2d::save_dlrm(be, &mut model, cfg, &c.dir, (step + 1) as u64, position, c.keep)?;
+            let dir = rank2d::save_dlrm(be, &mut model, cfg, &c.dir, (step + 1) as u64, position, c.keep, c.run_id.as_deref())?;
             tracing::info!(target: crate::checkpoint::LOG_TARGET, "saved {}", dir.display());
         }
         if cfg.eval_every > 0 && (step + 1) % cfg.eval_every == 0 && step + 1 < steps {
@@ -147,6 +162,10 @@ pub fn train_checkpointed<B: Backend>(
         }
     }
     let done = losses.len();
+    // A run resumed at its final step has nothing left to run; a fresh one must have run a step.
+    if done == 0 && first == 0 {
+        return Err(Error::Input("the data source had no training sample: no step ran".into()));
+    }
     let r = evaluate_model(be, &mut model, eval, chunk)?;
     evals.push(EvalPoint { step: first + done, loss: r.loss, ne: r.ne, auc: r.auc });
     let tail = (done / 10).max(1).min(done);

@@ -68,7 +68,7 @@ fn single_process_round_trip_is_bitwise_and_resume_is_exact() {
     let be = Cpu::new();
     let root = tmp("rt");
     let mut a = trained(&c, 5);
-    let dir = rank2d::save_dlrm(&be, &mut a, &c, &root, 5, pos(5, &c), 2).unwrap();
+    let dir = rank2d::save_dlrm(&be, &mut a, &c, &root, 5, pos(5, &c), 2, None).unwrap();
     assert_eq!(dir, root.join("step-5"));
     let ck = Checkpoint::open(&root).unwrap();
     ck.verify_all().unwrap();
@@ -129,7 +129,7 @@ fn two_d_save_reshards_into_other_grids_and_rescales_the_accumulator() {
     // Save at step 3 on 2×4 (every sharding type), and keep every rank's shards for comparison.
     let saved = run_2d(&c, g24, &p24, 3, &move |rank| {
         let be = Cpu::new();
-        rank2d::save_rank2d(&be, rank, &cfg(), &root_, DataPosition { next_sample: 7, reader_offsets: vec![rank.comms.world.rank() as u64] }, 2).unwrap();
+        rank2d::save_rank2d(&be, rank, &cfg(), &root_, DataPosition { next_sample: 7, reader_offsets: vec![rank.comms.world.rank() as u64] }, 2, None).unwrap();
         rank.shards.iter().map(|s| (s.spec.clone(), s.weights.clone(), s.state.clone())).collect::<Vec<_>>()
     });
     let ck = Checkpoint::open(&root.join("step-3")).unwrap();
@@ -194,7 +194,7 @@ fn points_of_a_save(c: &TrainConfig, m: &mut Dlrm<Cpu>, root: &Path, step: u64) 
         s2.lock().unwrap().push(p.to_string());
         false
     })));
-    rank2d::save_dlrm(&Cpu::new(), m, c, root, step, pos(step, c), 2).unwrap();
+    rank2d::save_dlrm(&Cpu::new(), m, c, root, step, pos(step, c), 2, None).unwrap();
     failpoint::set(None);
     let v = seen.lock().unwrap().clone();
     v
@@ -214,10 +214,10 @@ fn a_crash_at_any_failpoint_never_leaves_a_loadable_partial_checkpoint() {
     let good = snap(&mut m);
     for p in &points {
         let root = tmp("fp");
-        rank2d::save_dlrm(&be, &mut m, &c, &root, 1, pos(1, &c), 2).unwrap();
+        rank2d::save_dlrm(&be, &mut m, &c, &root, 1, pos(1, &c), 2, None).unwrap();
         let target = p.clone();
         failpoint::set(Some(Box::new(move |q: &str| q == target)));
-        let r = rank2d::save_dlrm(&be, &mut m, &c, &root, 2, pos(2, &c), 2);
+        let r = rank2d::save_dlrm(&be, &mut m, &c, &root, 2, pos(2, &c), 2, None);
         failpoint::set(None);
         assert!(r.is_err(), "the failpoint {p} did not fire");
         // The manifest is renamed into place at "after-file:manifest.json"; from there on the new
@@ -239,7 +239,7 @@ fn a_crash_at_any_failpoint_never_leaves_a_loadable_partial_checkpoint() {
         rank2d::restore_dlrm(&be, &mut fresh, &last, &c).unwrap();
         assert_same(&snap(&mut fresh), &good);
         // A later save of the same step replaces the partial folder and completes.
-        rank2d::save_dlrm(&be, &mut m, &c, &root, 2, pos(2, &c), 2).unwrap();
+        rank2d::save_dlrm(&be, &mut m, &c, &root, 2, pos(2, &c), 2, None).unwrap();
         Checkpoint::open(&root.join("step-2")).unwrap().verify_all().unwrap();
         std::fs::remove_dir_all(&root).unwrap();
     }
@@ -254,11 +254,11 @@ fn keeps_the_last_k_complete_checkpoints() {
     // An incomplete folder of an older step is cleaned up; complete ones beyond K are removed.
     std::fs::create_dir_all(root.join("step-0")).unwrap();
     for s in 1..=4 {
-        rank2d::save_dlrm(&be, &mut m, &c, &root, s, pos(s, &c), 2).unwrap();
+        rank2d::save_dlrm(&be, &mut m, &c, &root, s, pos(s, &c), 2, None).unwrap();
     }
     let steps: Vec<u64> = checkpoint::list(&root).unwrap().iter().map(|l| l.step).collect();
     assert_eq!(steps, vec![3, 4]);
-    rank2d::save_dlrm(&be, &mut m, &c, &root, 5, pos(5, &c), 1).unwrap();
+    rank2d::save_dlrm(&be, &mut m, &c, &root, 5, pos(5, &c), 1, None).unwrap();
     let steps: Vec<u64> = checkpoint::list(&root).unwrap().iter().map(|l| l.step).collect();
     assert_eq!(steps, vec![5]);
     std::fs::remove_dir_all(&root).unwrap();
@@ -269,7 +269,7 @@ fn saved(name: &str) -> (PathBuf, PathBuf, TrainConfig) {
     let c = cfg();
     let root = tmp(name);
     let mut m = trained(&c, 2);
-    let dir = rank2d::save_dlrm(&Cpu::new(), &mut m, &c, &root, 2, pos(2, &c), 2).unwrap();
+    let dir = rank2d::save_dlrm(&Cpu::new(), &mut m, &c, &root, 2, pos(2, &c), 2, None).unwrap();
     (root, dir, c)
 }
 

@@ -53,7 +53,7 @@ fn modes() -> Vec<(&'static str, ParallelOptions)> {
 }
 
 fn with_checkpoints(o: &ParallelOptions, dir: &std::path::Path, every: usize, resume: bool) -> ParallelOptions {
-    ParallelOptions { checkpoint: Some(CheckpointOptions { dir: dir.to_path_buf(), every, keep: 2, resume }), ..o.clone() }
+    ParallelOptions { checkpoint: Some(CheckpointOptions { dir: dir.to_path_buf(), every, keep: 2, resume, run_id: None }), ..o.clone() }
 }
 
 fn bits(x: &[f32]) -> Vec<u32> {
@@ -287,7 +287,7 @@ fn resharding_2x2_4x1_1x4_keeps_the_next_update_equal_to_the_reference() {
                 oracle.step(&data[s]);
             }
             let feed = |step: usize, w: usize| Ok(batch_of(&c.model, &data[step][sample_range(m, n, false, w, B)]));
-            let opts = ParallelOptions { checkpoint: Some(CheckpointOptions { dir: dir.clone(), every: 1, keep: 2, resume: true }), ..Default::default() };
+            let opts = ParallelOptions { checkpoint: Some(CheckpointOptions { dir: dir.clone(), every: 1, keep: 2, resume: true, run_id: None }), ..Default::default() };
             let plan = Plan::cycling(&c.model, n, &ShardingType::ALL).unwrap();
             let (rep, states, _) = train_threads(&Cpu::new(), &c, grid(m, n), &plan, &opts, end, &feed, &eval, false).unwrap();
             assert_eq!(rep.losses.len(), if end == 3 { 3 } else { 1 }, "{what}: resumed from the previous grid's checkpoint");

@@ -1,5 +1,5 @@
 //! `ember bench embedding|dlrm|mem`, and dispatch of `data` and of the transport benchmarks `a2a|allreduce`.
-use crate::common::{CliResult, Device};
+use crate::common::{count, count64, zipf, CliResult, Device};
 use clap::{Args, Subcommand};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::bench::{self, EmbeddingBench};
@@ -28,28 +28,28 @@ pub struct EmbArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
     /// Number of tables.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count::<1, { ember_engine::config::limits::MAX_TABLES }>)]
     pub tables: usize,
     /// Rows per table.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = count64::<1, { ember_engine::config::limits::MAX_ROWS }>)]
     pub rows: u64,
     /// Embedding dim (columns per row).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = count::<4, { ember_engine::config::limits::MAX_DIM }>)]
     pub dim: usize,
     /// Global batch size.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub batch_size: usize,
     /// Ids per bag (the pooling factor L).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = count::<0, { ember_engine::config::limits::MAX_BAG_SIZE }>)]
     pub bag_size: usize,
     /// Power-law ids with this Zipf exponent (1.05 when given without a value) [default: uniform ids].
-    #[arg(long, num_args = 0..=1, default_missing_value = "1.05")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "1.05", value_parser = zipf)]
     pub zipf: Option<f64>,
     /// Timed steps (after warm-up).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = count::<1, { ember_engine::config::limits::MAX_STEPS }>)]
     pub steps: usize,
     /// Untimed warm-up steps.
-    #[arg(short = 'w', long, default_value_t = 3)]
+    #[arg(short = 'w', long, default_value_t = 3, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub warmup: usize,
 }
 
@@ -58,16 +58,16 @@ pub struct DlrmArgs {
     #[command(flatten)]
     pub dev: DeviceArgs,
     /// Global batch size.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub batch_size: usize,
     /// Power-law ids with this Zipf exponent (1.05 when given without a value) [default: uniform ids].
-    #[arg(long, num_args = 0..=1, default_missing_value = "1.05")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "1.05", value_parser = zipf)]
     pub zipf: Option<f64>,
     /// Timed steps (after warm-up).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = count::<1, { ember_engine::config::limits::MAX_STEPS }>)]
     pub steps: usize,
     /// Untimed warm-up steps.
-    #[arg(short = 'w', long, default_value_t = 2)]
+    #[arg(short = 'w', long, default_value_t = 2, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub warmup: usize,
     /// Train on an MxN grid of in-process ranks (on cuda: all sharing device 0, each with its
     /// own stream and pool arena).

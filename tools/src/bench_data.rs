@@ -3,7 +3,8 @@
 //! one rank and per rank of a grid, with a warm and a cold page cache (POSIX_FADV_DONTNEED),
 //! the peak memory of `ember convert` for two input sizes, and beside them the samples/s a
 //! training step consumes (`bench dlrm` on this CPU, and the GPU figure of docs/gpu-results.md).
-use crate::common::{parse_grid, CliResult};
+use crate::common::{count, count64, parse_grid, CliResult};
+use ember_engine::config::limits::MAX_BATCH;
 use ember_engine::config::{preset, ModelConfig};
 use ember_engine::data::binary::{BinaryFile, BinaryWriter, DenseTransform, Feature, Hashing};
 use ember_engine::data::convert::{convert_file, parse_file, ConvertOptions};
@@ -16,19 +17,23 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Most samples `--samples` generates: the benchmark holds them in memory once (about 400 bytes
+/// each) and writes them as text, binary and `.npy` (about 700 bytes each on disk).
+pub const MAX_BENCH_SAMPLES: u64 = 10_000_000;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataArgs {
     /// Synthetic Criteo samples written as text (the multi-hot files hold a quarter as many).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = count64::<1000, MAX_BENCH_SAMPLES>)]
     pub samples: u64,
     /// Samples per read (the global batch; under --grid each rank reads B/T of it).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = count::<1, MAX_BATCH>)]
     pub batch_size: usize,
     /// Also read as each rank of an MxN grid reads (its B/T samples of every batch).
     #[arg(long)]
     pub grid: Option<String>,
     /// Timed repetitions of each measurement (the median is printed).
-    #[arg(short = 'n', long, default_value_t = 3)]
+    #[arg(short = 'n', long, default_value_t = 3, value_parser = count::<1, 1000>)]
     pub iters: usize,
     /// Scratch folder for the generated files (removed at the end) [default: the system's temporary folder].
     #[arg(long, value_name = "DIR")]
@@ -252,9 +257,6 @@ fn gpu_figure() -> Option<(String, f64)> {
 }
 
 pub fn run(a: DataArgs) -> CliResult {
-    if a.samples < 1000 || a.batch_size == 0 || a.iters == 0 {
-        return Err("--samples must be at least 1000, --batch-size and --iters at least 1".into());
-    }
     let grid = match &a.grid {
         Some(g) => {
             let (m, n) = parse_grid(g)?;

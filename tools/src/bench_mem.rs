@@ -8,13 +8,13 @@ pub struct MemArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// Size of the copied buffer, MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::common::count::<1, { 1 << 20 }>)]
     pub copy_mib: usize,
     /// Size of the table rows are gathered from, MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
     pub table_mib: usize,
     /// Timed repetitions of each measurement (the median is printed).
-    #[arg(short = 'n', long, default_value_t = 5)]
+    #[arg(short = 'n', long, default_value_t = 5, value_parser = crate::common::count::<1, 1_000_000>)]
     pub iters: usize,
     /// Print one JSON object per row.
     #[arg(long)]

@@ -20,23 +20,23 @@ pub struct CommBenchArgs {
     #[arg(short = 'e', long = "max-bytes", default_value = "16M")]
     pub max: String,
     /// Size factor between rows.
-    #[arg(short = 'f', long = "step-factor", default_value_t = 2)]
+    #[arg(short = 'f', long = "step-factor", default_value_t = 2, value_parser = crate::common::count::<2, 1024>)]
     pub factor: usize,
     /// Timed iterations per size.
-    #[arg(short = 'n', long = "iters", default_value_t = 20)]
+    #[arg(short = 'n', long = "iters", default_value_t = 20, value_parser = crate::common::count::<1, 1_000_000_000>)]
     pub iters: usize,
     /// Warm-up iterations per size (untimed).
-    #[arg(short = 'w', long = "warmup", default_value_t = 2)]
+    #[arg(short = 'w', long = "warmup", default_value_t = 2, value_parser = crate::common::count::<0, 1_000_000_000>)]
     pub warmup: usize,
     /// Checked iterations per size (after timing).
-    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    #[arg(short = 'c', long = "check", default_value_t = 1, value_parser = crate::common::count::<0, 1_000_000_000>)]
     pub check: usize,
     /// auto, local, shm, tcp, rdma (built with --features rdma), nccl (device buffers; built
     /// with --features nccl); rdma-emu (with --ranks: the RDMA protocol over emulated verbs).
     #[arg(long, default_value = "auto")]
     pub transport: String,
     /// Run N ranks as threads of this process instead of joining a multi-process job.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub ranks: Option<usize>,
     /// (with --ranks) Leave the rank threads unpinned. By default thread r runs on allowed core
     /// r mod cores, as `ember launch` pins its processes.
@@ -65,7 +65,7 @@ pub struct CommBenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Collective timeout in milliseconds.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count64::<1, { u32::MAX as u64 }>)]
     pub timeout_ms: Option<u64>,
     /// MxN: split the world (M·N ranks) into the 2D grid's sharding groups (N ranks each) and
     /// replica groups (M ranks each), placement "replicas in node" (sharding group g = world
@@ -74,7 +74,7 @@ pub struct CommBenchArgs {
     #[arg(long)]
     pub split: Option<String>,
     /// (testing) this rank aborts right after joining, to exercise failure handling.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = crate::common::count::<0, { ember_engine::grid::MAX_RANKS }>)]
     pub fault_rank: Option<usize>,
 }
 
@@ -262,8 +262,9 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
             let (m, n) = g.split_once(['x', 'X']).ok_or_else(bad)?;
             let (m, n): (usize, usize) = (m.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
             let world = comms.first().map(|c| c.size()).unwrap_or(0);
-            if m == 0 || n == 0 || m * n != world {
-                return Err(format!("--split {m}x{n} needs {} ranks but the world has {world}", m * n).into());
+            if m == 0 || n == 0 || m.checked_mul(n) != Some(world) {
+                let need = m.checked_mul(n).map_or("more than 2^64".to_string(), |t| t.to_string());
+                return Err(format!("--split {m}x{n} needs {need} ranks but the world has {world}").into());
             }
             Some((m, n))
         }

@@ -1,11 +1,63 @@
 //! Flags that several subcommands share (one spelling per concept, docs/cli.md), turning them
-//! into a `TrainConfig`, and the checks `train` and `plan` both apply.
+//! into a `TrainConfig`, the checks `train` and `plan` both apply, and the value parsers that
+//! range-check every number flag (clap's error then names the flag and the range).
 use clap::{Args, ValueEnum};
+use ember_engine::config::limits::{MAX_BATCH, MAX_ROWS, MAX_ZIPF};
 use ember_engine::config::{preset, TrainConfig};
 use ember_engine::grid::Placement;
 use ember_engine::plan::ShardingType;
 
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A count flag in `LO..=HI`.
+pub fn count<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> {
+    let v: usize = s.trim().parse().map_err(|e| format!("not a whole number ({e})"))?;
+    if (LO..=HI).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: expected {LO} to {HI}"))
+    }
+}
+
+/// A 64-bit count flag in `LO..=HI`.
+pub fn count64<const LO: u64, const HI: u64>(s: &str) -> Result<u64, String> {
+    let v: u64 = s.trim().parse().map_err(|e| format!("not a whole number ({e})"))?;
+    if (LO..=HI).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: expected {LO} to {HI}"))
+    }
+}
+
+/// A finite number > 0 (NaN and infinities refused).
+pub fn positive_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|e| format!("not a number ({e})"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: expected a finite number > 0"))
+    }
+}
+
+/// A finite number > 0 (NaN and infinities refused).
+pub fn positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("not a number ({e})"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: expected a finite number > 0"))
+    }
+}
+
+/// A Zipf exponent: finite, 0 to `MAX_ZIPF`.
+pub fn zipf(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("not a number ({e})"))?;
+    if v.is_finite() && (0.0..=MAX_ZIPF).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: expected a finite number from 0 to {MAX_ZIPF}"))
+    }
+}
 
 /// The model and its training configuration (`train`, `plan`, `config`).
 #[derive(Args, Clone, Debug)]
@@ -17,14 +69,14 @@ pub struct ModelArgs {
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
     /// Global batch size, all ranks together [default: the config's].
-    #[arg(long)]
+    #[arg(long, value_parser = count::<1, MAX_BATCH>)]
     pub batch_size: Option<usize>,
     /// Seed of the initial weights and of the synthetic data [default: the config's, 1 in every preset].
     #[arg(long)]
     pub seed: Option<u64>,
     /// Cap every table's rows; dims, MLPs and pooling stay real [default: 1M for kaggle and
     /// terabyte, 200k for dlrmv2; `plan`: no cap].
-    #[arg(long)]
+    #[arg(long, value_parser = count64::<1, MAX_ROWS>)]
     pub max_rows: Option<u64>,
 }
 
@@ -34,7 +86,7 @@ impl ModelArgs {
     pub fn train_config(&self, default_preset: &str, steps: Option<usize>) -> Result<TrainConfig, Box<dyn std::error::Error>> {
         let mut cfg = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+                let text = ember_engine::config::read_config_file(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
                 TrainConfig::from_toml(&text).map_err(|e| format!("--config {}: {e}", path.display()))?
             }
             None => preset(self.preset.as_deref().unwrap_or(default_preset), self.max_rows)?,
@@ -124,12 +176,4 @@ impl From<ShardingArg> for ShardingType {
             ShardingArg::TableRow => ShardingType::TableRowWise,
         }
     }
-}
-
-/// `--ranks-per-node` (train and plan).
-pub fn ranks_per_node(r: usize) -> Result<usize, String> {
-    if r == 0 {
-        return Err("--ranks-per-node must be >= 1".into());
-    }
-    Ok(r)
 }

@@ -7,7 +7,7 @@ pub struct ConfigArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Training steps.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_STEPS }>)]
     pub steps: Option<usize>,
 }
 

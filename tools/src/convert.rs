@@ -1,6 +1,7 @@
 //! `ember convert`: Criteo text files to Ember's binary format (docs/data.md), or `--verify`
 //! of converted files' block checksums.
-use crate::common::{CliResult, ModelArgs};
+use crate::common::{count64, CliResult, ModelArgs};
+use ember_engine::config::limits::MAX_ROWS;
 use ember_engine::data::binary::BinaryFile;
 use ember_engine::data::convert::{convert_files, ConvertOptions};
 use ember_engine::data::criteo::BadLinePolicy;
@@ -23,7 +24,7 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Cap every table's rows (as `train --max-rows`; training must use the same tables).
-    #[arg(long)]
+    #[arg(long, value_parser = count64::<1, MAX_ROWS>)]
     pub max_rows: Option<u64>,
     /// Skip malformed lines (their count is printed) instead of failing at the first.
     #[arg(long)]

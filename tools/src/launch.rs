@@ -12,16 +12,16 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args, Clone, Debug)]
 pub struct LaunchArgs {
     /// Number of processes (ranks).
-    #[arg(short = 'n', long = "nproc", default_value_t = 2)]
+    #[arg(short = 'n', long = "nproc", default_value_t = 2, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub n: usize,
     /// Transport the ranks use (sets EMBER_TRANSPORT): auto, shm, tcp, rdma.
     #[arg(long)]
     pub transport: Option<String>,
     /// Collective timeout in milliseconds (sets EMBER_TIMEOUT_MS).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count64::<1, { u32::MAX as u64 }>)]
     pub timeout_ms: Option<u64>,
     /// After one rank fails, how long the others may run before they are killed (seconds).
-    #[arg(long, default_value_t = 70)]
+    #[arg(long, default_value_t = 70, value_parser = crate::common::count64::<0, { u32::MAX as u64 }>)]
     pub grace: u64,
     /// Do not pin processes to cores.
     #[arg(long)]

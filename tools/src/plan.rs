@@ -1,6 +1,6 @@
 //! `ember plan`: the sharding plan of one sharding group, with predicted per-rank memory,
 //! lookups, all-to-all bytes and imbalance (docs/plan.md). Allocates no tables and trains nothing.
-use crate::common::{check_batch, parse_grid, ranks_per_node, CliResult, ModelArgs, PlacementArg, ShardingArg};
+use crate::common::{check_batch, parse_grid, CliResult, ModelArgs, PlacementArg, ShardingArg};
 use clap::Args;
 use ember_engine::config::TrainConfig;
 use ember_engine::data::synthetic::SyntheticData;
@@ -15,10 +15,10 @@ pub struct PlanArgs {
     #[arg(long, default_value = "1x1")]
     pub grid: String,
     /// Ranks per node (world ranks); table-row-wise shards span one node.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub ranks_per_node: usize,
     /// Per-rank memory budget in GiB; a plan that does not fit is refused.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_f64)]
     pub memory_budget_gib: Option<f64>,
     /// Rank placement on the grid.
     #[arg(long, value_enum, default_value_t = PlacementArg::InNode)]
@@ -28,7 +28,7 @@ pub struct PlanArgs {
     pub sharding: Option<ShardingArg>,
     /// Measure id statistics on this many synthetic samples instead of assuming bag_size
     /// lookups spread uniformly over the rows.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub stats_samples: Option<usize>,
     /// Print every rank [default: all when N <= 16, else the 8 heaviest].
     #[arg(long)]
@@ -53,7 +53,7 @@ pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn s
         _ => None,
     };
     Ok(PlanOptions {
-        ranks_per_node: ranks_per_node(a.ranks_per_node)?,
+        ranks_per_node: a.ranks_per_node,
         placement: a.placement.into(),
         memory_budget_bytes: budget,
         stats,

@@ -28,13 +28,13 @@ pub struct SelftestArgs {
     #[arg(long)]
     pub bench: bool,
     /// Batch size of the --bench kernels.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
     pub batch_size: usize,
     /// Ids per bag (the pooling factor L) of the --bench kernels.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BAG_SIZE }>)]
     pub bag_size: usize,
     /// Table rows of the --bench kernels.
-    #[arg(long, default_value_t = 4_000_000)]
+    #[arg(long, default_value_t = 4_000_000, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_ROWS as usize }>)]
     pub rows: usize,
     /// Write the results as markdown to this file.
     #[arg(long)]

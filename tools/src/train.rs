@@ -1,13 +1,14 @@
 //! `ember train`: its flags, and the one-process run (CPU or CUDA backend, synthetic data or a
 //! Criteo file, with or without checkpoints); grids and launched ranks go to `train2d`.
-use crate::common::{check_batch, parse_grid, CliResult, Device, ModelArgs, PlacementArg, ShardingArg};
+use crate::common::{check_batch, count, count64, parse_grid, positive_f32, CliResult, Device, ModelArgs, PlacementArg, ShardingArg};
 use crate::notes::{note, set_bar};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::dataset::{detect, Format, MappedData};
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::data::{Batch, DataSource};
+use ember_engine::config::limits::{MAX_EPOCHS, MAX_STEPS};
+use ember_engine::data::{DataSource, EvalSet};
 use ember_engine::metrics::EvalResult;
 use ember_engine::parallel::CheckpointOptions;
 use ember_engine::train::{train_checkpointed, TrainReport};
@@ -30,13 +31,13 @@ pub struct TrainArgs {
     pub eval_data: Option<PathBuf>,
     /// With binary or .npy --data: passes over the training samples, each in its own seeded
     /// order of the files [default: 1].
-    #[arg(long, value_name = "E")]
+    #[arg(long, value_name = "E", value_parser = count64::<1, MAX_EPOCHS>)]
     pub epochs: Option<u64>,
     /// Training steps, at most one epoch of --data [default: the config's; one epoch with --data].
-    #[arg(long)]
+    #[arg(long, value_parser = count::<1, MAX_STEPS>)]
     pub steps: Option<usize>,
     /// Evaluate on the held-out set every this many steps (0: only at the end) [default: the config's].
-    #[arg(long)]
+    #[arg(long, value_parser = count::<0, MAX_STEPS>)]
     pub eval_every: Option<usize>,
     /// With --data on one rank: skip malformed lines (their count is printed) instead of failing at the first.
     #[arg(long)]
@@ -59,7 +60,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "auto", help_heading = "2D")]
     pub transport: String,
     /// Replica sync every K steps (grids with M > 1).
-    #[arg(long, default_value_t = 1, help_heading = "2D")]
+    #[arg(long, default_value_t = 1, value_parser = count::<1, MAX_STEPS>, help_heading = "2D")]
     pub sync_every: usize,
     /// Replica sync: sparse (rows touched since the last sync) or full (whole tables).
     #[arg(long, default_value = "sparse", value_parser = ["sparse", "full"], help_heading = "2D")]
@@ -68,13 +69,13 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = PlacementArg::InNode, help_heading = "2D")]
     pub placement: PlacementArg,
     /// Ranks per node (for the planner's table-row-wise shards).
-    #[arg(long, default_value_t = 8, help_heading = "2D")]
+    #[arg(long, default_value_t = 8, value_parser = count::<1, { ember_engine::grid::MAX_RANKS }>, help_heading = "2D")]
     pub ranks_per_node: usize,
     /// Force one sharding type for every table [default: the planner chooses per table].
     #[arg(long, value_enum, help_heading = "2D")]
     pub sharding: Option<ShardingArg>,
     /// Momentum-scaling constant c of the AdaGrad optimizers [default: M under 2D, M² fully sharded, 1 on one replica].
-    #[arg(long, help_heading = "2D")]
+    #[arg(long, value_parser = positive_f32, help_heading = "2D")]
     pub momentum_c: Option<f32>,
     /// Average the optimizer state one sync behind (the weights still at every sync).
     #[arg(long, help_heading = "2D")]
@@ -98,26 +99,30 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR", help_heading = "Checkpoints")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Save a checkpoint every S steps (under 2D with M > 1: a multiple of --sync-every; 0: never).
-    #[arg(long, value_name = "S", default_value_t = 0, help_heading = "Checkpoints")]
+    #[arg(long, value_name = "S", default_value_t = 0, value_parser = count::<0, MAX_STEPS>, help_heading = "Checkpoints")]
     pub checkpoint_every: usize,
     /// Keep the newest K complete checkpoints.
-    #[arg(long, value_name = "K", default_value_t = 2, help_heading = "Checkpoints")]
+    #[arg(long, value_name = "K", default_value_t = 2, value_parser = count::<1, 1_000_000>, help_heading = "Checkpoints")]
     pub keep: usize,
     /// Continue from the newest complete checkpoint in --checkpoint-dir (of any grid), up to
     /// the same --steps.
     #[arg(long, help_heading = "Checkpoints")]
     pub resume: bool,
+    /// Start a new run in a --checkpoint-dir that holds another run's checkpoints, removing
+    /// them first (without it such a folder is refused).
+    #[arg(long, help_heading = "Checkpoints")]
+    pub overwrite_checkpoints: bool,
 }
 
 impl TrainArgs {
-    /// The checkpoint options these flags select.
+    /// The checkpoint options these flags select (the folder not yet claimed: `run_id` None).
     pub fn checkpoint(&self) -> Result<Option<CheckpointOptions>, String> {
         match &self.checkpoint_dir {
             None if self.resume || self.checkpoint_every > 0 => {
                 Err("--resume and --checkpoint-every need --checkpoint-dir DIR (the folder of the checkpoints)".into())
             }
             None => Ok(None),
-            Some(dir) => Ok(Some(CheckpointOptions { dir: dir.clone(), every: self.checkpoint_every, keep: self.keep.max(1), resume: self.resume })),
+            Some(dir) => Ok(Some(CheckpointOptions { dir: dir.clone(), every: self.checkpoint_every, keep: self.keep, resume: self.resume, run_id: None })),
         }
     }
 }
@@ -152,37 +157,50 @@ pub fn run(a: TrainArgs) -> CliResult {
     if a.transport != "auto" && a.transport != "local" {
         return Err(format!("--transport {}: a single-rank run uses no transport", a.transport).into());
     }
+    // Host memory before anything is allocated (CUDA keeps the tables on the device).
+    if a.device == Device::Cpu {
+        let (_, rep) = ember_engine::plan::planner::plan(&cfg.model, 1, 1, &ember_engine::plan::planner::PlanOptions::from_config(&cfg))?;
+        ember_engine::memory::check_plan(&rep, 1, true)?;
+    }
     let mut oracle = None;
-    let (mut data, eval) = match open_data(&a, &cfg)? {
-        Some(FileData::Text(mut r)) => {
+    // The eval set: the file's eval split read chunk by chunk, or the synthetic one.
+    let (mut data, eval): (Data, Box<dyn EvalSet>) = match open_data(&a, &cfg)? {
+        Some(FileData::Text(r)) => {
+            // A file too short for an eval split is refused before its batch count is.
+            let eval = r.eval_stream()?;
             cfg.steps = Some(epoch_steps(cfg.steps, r.train_lines(), cfg.batch_size, true)?);
-            let eval = r.eval_set()?;
-            (Data::Criteo(r), eval)
+            (Data::Criteo(r), Box::new(eval))
         }
         Some(FileData::Mapped(mut d)) => {
             cfg.steps = Some(epoch_steps(cfg.steps, d.train_len() * d.epochs(), cfg.batch_size, true)?);
             let eval = d.eval_set()?;
-            (Data::Mapped(d), eval)
+            (Data::Mapped(d), Box::new(eval))
         }
         None => {
             let mut d = SyntheticData::new(&cfg)?;
             let eval = d.eval_set()?;
             oracle = Some(d.oracle_eval());
-            (Data::Synthetic(d), eval)
+            (Data::Synthetic(d), Box::new(eval))
         }
     };
+    // The folder becomes this run's: pruning then only removes this run's checkpoints.
+    let mut checkpoint = checkpoint;
+    if let Some(c) = checkpoint.as_mut() {
+        c.run_id = Some(ember_engine::checkpoint::claim(&c.dir, c.resume, a.overwrite_checkpoints)?);
+    }
     let ck = checkpoint.as_ref();
     let run = match a.device {
-        Device::Cpu => run_on(&Cpu::new(), &cfg, data.source(), &eval, ck, &a),
-        Device::Cuda => run_cuda(&cfg, data.source(), &eval, ck, &a),
+        Device::Cpu => run_on(&Cpu::new(), &cfg, data.source(), eval.as_ref(), ck, &a),
+        Device::Cuda => run_cuda(&cfg, data.source(), eval.as_ref(), ck, &a),
     };
     let report = match (run, ck.filter(|c| c.resume)) {
         (Ok(r), _) => r,
         (Err(e), Some(c)) => return Err(crate::checkpoint::explain_resume_failure(&c.dir, e.to_string()).into()),
         (Err(e), None) => return Err(e),
     };
+    // Bad lines skipped by the training stream and by the last pass over the eval split.
     let skipped = match &data {
-        Data::Criteo(r) => Some(r.skipped()),
+        Data::Criteo(r) => Some(r.skipped() + eval.skipped()),
         Data::Mapped(_) | Data::Synthetic(_) => None,
     };
     let steps = cfg.steps.unwrap_or(0);
@@ -279,17 +297,17 @@ pub fn open_data(a: &TrainArgs, cfg: &TrainConfig) -> Result<Option<FileData>, B
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, ck: Option<&CheckpointOptions>, a: &TrainArgs) -> Result<TrainReport, Box<dyn std::error::Error>> {
+fn run_cuda(cfg: &TrainConfig, data: &mut dyn DataSource, eval: &dyn EvalSet, ck: Option<&CheckpointOptions>, a: &TrainArgs) -> Result<TrainReport, Box<dyn std::error::Error>> {
     let be = ember_engine::backend::cuda::Cuda::new(0)?;
     run_on(&be, cfg, data, eval, ck, a)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &TrainConfig, _: &mut dyn DataSource, _: &Batch, _: Option<&CheckpointOptions>, _: &TrainArgs) -> Result<TrainReport, Box<dyn std::error::Error>> {
+fn run_cuda(_: &TrainConfig, _: &mut dyn DataSource, _: &dyn EvalSet, _: Option<&CheckpointOptions>, _: &TrainArgs) -> Result<TrainReport, Box<dyn std::error::Error>> {
     Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release -p ember-tools --features cuda)".into())
 }
 
-fn run_on<B: Backend>(be: &B, cfg: &TrainConfig, data: &mut dyn DataSource, eval: &Batch, ck: Option<&CheckpointOptions>, a: &TrainArgs) -> Result<TrainReport, Box<dyn std::error::Error>> {
+fn run_on<B: Backend>(be: &B, cfg: &TrainConfig, data: &mut dyn DataSource, eval: &dyn EvalSet, ck: Option<&CheckpointOptions>, a: &TrainArgs) -> Result<TrainReport, Box<dyn std::error::Error>> {
     let total = cfg.steps.map(|x| x as u64).or(data.len().map(|n| n / cfg.batch_size as u64)).unwrap_or(0);
     let bar = ProgressBar::new(total);
     if a.quiet || a.json {

@@ -1,13 +1,13 @@
 //! `ember train --grid MxN`: 2D training, as T in-process ranks (threads) by default, or as
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
-use crate::common::{ranks_per_node, CliResult, Device};
+use crate::common::{CliResult, Device};
 use crate::train::{epoch_steps, open_data, FileData, TrainArgs};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::dataset::MappedData;
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::data::{Batch, DataSource};
+use ember_engine::data::{Batch, DataSource, EvalSet};
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
 use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, TraceEvent};
@@ -43,19 +43,15 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
     };
     let grid = Grid::new(m, n, placement)?;
     let mut popts = PlanOptions::from_config(&cfg);
-    popts.ranks_per_node = ranks_per_node(a.ranks_per_node)?;
+    popts.ranks_per_node = a.ranks_per_node;
     popts.placement = placement;
     popts.force = a.sharding.map(ShardingType::from);
-    let (plan, _) = plan(&cfg.model, m, n, &popts)?;
-    let resume_root = checkpoint.as_ref().filter(|c| c.resume).map(|c| c.dir.clone());
-    let opts = ParallelOptions {
-        sync_every: a.sync_every,
-        sync,
-        delayed_state_sync: a.delayed_state_sync,
-        fully_sharded: a.fully_sharded,
-        xfer: a.xfer.parse()?,
-        checkpoint,
-    };
+    let (plan, plan_report) = plan(&cfg.model, m, n, &popts)?;
+    // Host memory before anything is allocated (CUDA ranks keep their tables on the device).
+    if a.device == Device::Cpu {
+        ember_engine::memory::check_plan(&plan_report, m, multi)?;
+    }
+    let xfer = a.xfer.parse()?;
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
     // rank reads exactly its samples of each global batch (docs/2d.md).
     // A memory-mapped dataset is shared by the in-process ranks: each reads its samples' bytes.
@@ -71,10 +67,12 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
             Source::Files(readers)
         }
     };
-    let (eval, oracle) = match &source {
-        Source::Synthetic(d) => (d.eval_batch(), Some(d.oracle_eval())),
-        Source::Files(r) => (r[0].lock().map_err(|_| "reader lock")?.eval_set()?, None),
-        Source::Mapped(d) => (d.clone().eval_set()?, None),
+    // The eval set: the synthetic one, or the file's eval split read chunk by chunk (shared by
+    // the in-process ranks).
+    let (eval, oracle): (Box<dyn EvalSet>, _) = match &source {
+        Source::Synthetic(d) => (Box::new(d.eval_batch()), Some(d.oracle_eval())),
+        Source::Files(r) => (Box::new(r[0].lock().map_err(|_| "reader lock")?.eval_stream()?), None),
+        Source::Mapped(d) => (Box::new(d.clone().eval_set()?), None),
     };
     let root = join.as_ref().map_or(true, |j| j.rank == 0);
     let steps = match (cfg.steps, &source) {
@@ -83,6 +81,14 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         (Some(st), Source::Synthetic(_)) => st,
         (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
     };
+    let resume_root = checkpoint.as_ref().filter(|c| c.resume).map(|c| c.dir.clone());
+    let mut opts = ParallelOptions { sync_every: a.sync_every, sync, delayed_state_sync: a.delayed_state_sync, fully_sharded: a.fully_sharded, xfer, checkpoint };
+    // The folder becomes this run's (world rank 0 decides; only it commits and prunes), once
+    // the options are known to be consistent: a refused run leaves the folder as it was.
+    opts.check(grid)?;
+    if let Some(c) = opts.checkpoint.as_mut().filter(|_| root) {
+        c.run_id = Some(ember_engine::checkpoint::claim(&c.dir, c.resume, a.overwrite_checkpoints)?);
+    }
     let feed = |step: usize, w: usize| -> ember_engine::Result<Batch> {
         let r = grid.sample_range(w, cfg.batch_size);
         let start = (step * cfg.batch_size + r.start) as u64;
@@ -104,7 +110,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         }
     };
     let trace = a.trace.is_some();
-    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: &eval, trace };
+    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: eval.as_ref(), trace };
     let run = match a.device {
         Device::Cuda => run_cuda(job, join, &a.transport),
         Device::Cpu => job.run(&|_| Ok(Cpu::new()), join, &a.transport),
@@ -143,7 +149,7 @@ struct Job<'a> {
     opts: ParallelOptions,
     steps: usize,
     feed: &'a (dyn Fn(usize, usize) -> ember_engine::Result<Batch> + Sync),
-    eval: &'a Batch,
+    eval: &'a dyn EvalSet,
     trace: bool,
 }
 

@@ -48,7 +48,7 @@ fn bad_flags_and_configs_are_clear_errors() {
         (vec!["train", "--preset", "nope"], "unknown preset"),
         (vec!["train", "--grid", "2y2"], "--grid"),
         (vec!["train", "--device", "tpu"], "--device"),
-        (vec!["train", "--batch-size", "0"], "batch_size"),
+        (vec!["train", "--batch-size", "0"], "--batch-size"),
         (vec!["train", "--config", "/nonexistent/ember.toml"], "--config"),
     ] {
         let out = ember(&args);

@@ -219,6 +219,75 @@ fn handles_after_destroy_are_rejected() {
 }
 
 #[test]
+fn a_destroyed_handle_never_drives_a_later_engine() {
+    // Destroy A, create B (which may take A's slot, or get A's old address from the allocator):
+    // A stays invalid and B is untouched by calls made with A.
+    for _ in 0..50 {
+        let a = engine();
+        unsafe { assert_eq!(ember_engine_destroy(a), EmberStatus::Ok) };
+        let b = engine();
+        let mut info = EmberInfo::default();
+        unsafe {
+            assert_eq!(train(a, &batch(2), ptr::null_mut()), EmberStatus::ErrInvalidHandle, "the stale handle {a:p} drove engine {b:p}");
+            assert_eq!(ember_engine_info(b, &mut info), EmberStatus::Ok);
+            assert_eq!(info.steps_done, 0, "a call through the stale handle changed the new engine");
+            assert_eq!(ember_engine_destroy(a), EmberStatus::ErrInvalidHandle);
+            assert_eq!(ember_engine_destroy(b), EmberStatus::Ok);
+        }
+    }
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_anything_is_allocated() {
+    let e = engine();
+    let b = batch(2);
+    unsafe {
+        // 2^40 samples without labels: their zero labels alone would be 4 TiB.
+        let st = ember_eval(e, 1 << 40, b.dense.as_ptr(), ptr::null(), b.lengths.as_ptr(), b.ids.as_ptr(), b.ids.len(), ptr::null_mut(), 0, ptr::null_mut());
+        assert_eq!(st, EmberStatus::ErrInvalidArgument);
+        assert!(last_error().contains("batch_size") && last_error().contains(&EMBER_MAX_BATCH.to_string()), "{}", last_error());
+        let st = ember_train_step(e, EMBER_MAX_BATCH + 1, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), b.ids.len(), ptr::null_mut());
+        assert_eq!(st, EmberStatus::ErrInvalidArgument);
+        // A buffer of more bytes than the address space holds.
+        for f in [ember_eval_ids, ember_train_ids] {
+            assert_eq!(f(e, &b, usize::MAX / 4), EmberStatus::ErrInvalidArgument, "{}", last_error());
+            assert!(last_error().contains("address space"), "{}", last_error());
+        }
+        // The engine is unchanged and usable.
+        assert_eq!(train(e, &b, ptr::null_mut()), EmberStatus::Ok, "{}", last_error());
+        let mut info = EmberInfo::default();
+        assert_eq!(ember_engine_info(e, &mut info), EmberStatus::Ok);
+        assert_eq!(info.steps_done, 1);
+        assert_eq!(ember_engine_destroy(e), EmberStatus::Ok);
+    }
+}
+
+unsafe fn ember_eval_ids(e: *mut EmberEngine, b: &B, num_ids: usize) -> EmberStatus {
+    ember_eval(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut(), 0, ptr::null_mut())
+}
+
+unsafe fn ember_train_ids(e: *mut EmberEngine, b: &B, num_ids: usize) -> EmberStatus {
+    ember_train_step(e, b.n, b.dense.as_ptr(), b.labels.as_ptr(), b.lengths.as_ptr(), b.ids.as_ptr(), num_ids, ptr::null_mut())
+}
+
+#[test]
+fn unknown_config_keys_and_absurd_values_are_config_errors() {
+    for (edit, needle) in [
+        (format!("stesp = 10\n{TOML}"), "stesp"),
+        (TOML.replace("rows = 10\n", "rows = 9223372036854775807\n"), "rows"),
+        (TOML.replace("lr = 0.1 }", "lr = nan }"), "lr"),
+        (format!("grid = \"4294967296x4294967296\"\n{TOML}"), "grid"),
+        (format!("{TOML}\n[parallel]\nsync_evry = 2\n"), "sync_evry"),
+    ] {
+        let toml = CString::new(edit).unwrap();
+        let mut e = ptr::null_mut();
+        assert_eq!(unsafe { ember_engine_create_from_toml(toml.as_ptr(), &mut e) }, EmberStatus::ErrConfig, "{needle}");
+        assert!(last_error().contains(needle), "{needle}: {}", last_error());
+        assert!(e.is_null());
+    }
+}
+
+#[test]
 fn panics_are_caught() {
     assert_eq!(ember_test_panic(), EmberStatus::ErrPanic);
     assert!(last_error().contains("deliberate panic"), "{}", last_error());

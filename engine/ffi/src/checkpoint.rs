@@ -28,7 +28,7 @@ pub unsafe extern "C" fn ember_save_checkpoint(engine: *mut EmberEngine, dir: *c
             match model {
                 Model::Single(model) => {
                     let pos = DataPosition { next_sample: *samples_seen, reader_offsets: Vec::new() };
-                    rank2d::save_dlrm(be, model, cfg, Path::new(dir?), step, pos, usize::MAX)?;
+                    rank2d::save_dlrm(be, model, cfg, Path::new(dir?), step, pos, usize::MAX, None)?;
                     Ok(())
                 }
                 Model::Ranked(r) => {
@@ -45,7 +45,7 @@ pub unsafe extern "C" fn ember_save_checkpoint(engine: *mut EmberEngine, dir: *c
                         let w = r.rank.comms.world.rank();
                         let range = r.grid.sample_range(w, cfg.batch_size);
                         let pos = DataPosition { next_sample: done * cfg.batch_size as u64 + range.start as u64, reader_offsets: Vec::new() };
-                        rank2d::save_rank2d(be, &mut r.rank, cfg, Path::new(dir), pos, usize::MAX)?;
+                        rank2d::save_rank2d(be, &mut r.rank, cfg, Path::new(dir), pos, usize::MAX, None)?;
                         Ok(())
                     })
                 }

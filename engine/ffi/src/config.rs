@@ -101,9 +101,13 @@ pub(crate) fn grid_for(ec: &EngineConfig, world: usize, who: &str) -> R<Grid> {
     Ok(grid)
 }
 
-pub(crate) fn plan_for(ec: &EngineConfig, grid: Grid) -> R<engine::plan::Plan> {
+/// The sharding plan for `grid`, after checking that the ranks this process builds (all of
+/// them when `in_process`, else its one rank) fit in the memory available.
+pub(crate) fn plan_for(ec: &EngineConfig, grid: Grid, in_process: bool) -> R<engine::plan::Plan> {
     let mut popts = PlanOptions::from_config(&ec.train);
     popts.placement = grid.placement;
     popts.force = ec.sharding;
-    Ok(plan(&ec.train.model, grid.m, grid.n, &popts)?.0)
+    let (p, report) = plan(&ec.train.model, grid.m, grid.n, &popts)?;
+    engine::memory::check_plan(&report, grid.m, !in_process)?;
+    Ok(p)
 }

@@ -5,9 +5,12 @@
 //! - the body runs inside `catch_unwind`: no Rust panic ever crosses the boundary (it becomes
 //!   `EMBER_STATUS_ERR_PANIC`);
 //! - null pointers and sizes that do not match the model are errors, never crashes;
-//! - engine handles are opaque and checked against a registry of live handles, so a handle used
-//!   after `ember_engine_destroy` (or a pointer that never was a handle) is reported as
-//!   `EMBER_STATUS_ERR_INVALID_HANDLE` as long as its address was not reused by a newer engine;
+//! - engine handles are opaque tokens (slot and generation, not addresses) checked against a
+//!   registry of live handles, so a handle used after `ember_engine_destroy` (or a value that
+//!   never was a handle) is always reported as `EMBER_STATUS_ERR_INVALID_HANDLE`;
+//! - sizes from the caller are checked (checked arithmetic, limits) before anything is
+//!   allocated from them, and allocations sized by the caller report failure instead of
+//!   aborting: no call aborts the calling process;
 //! - on failure a message is kept for the calling thread (`ember_last_error`).
 //!
 //! An engine is either a whole model in this process (a 1x1 grid: `engine::model::Dlrm`) or one
@@ -49,7 +52,7 @@ pub use lifecycle::{
     ember_engine_destroy,
 };
 pub use status::{ember_last_error, ember_status_name, EmberStatus};
-pub use steps::{ember_eval, ember_train_step, EmberMetrics};
+pub use steps::{ember_eval, ember_train_step, EmberMetrics, EMBER_MAX_BATCH};
 pub use test_hooks::ember_test_panic;
 pub use version::{ember_abi_version, ember_version, EMBER_ABI_VERSION};
 

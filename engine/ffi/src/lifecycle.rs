@@ -7,7 +7,7 @@ use crate::handle::{lock_registry, register, EmberEngine, Model, Ranked, State};
 use crate::status::{fail, guard, panic_message, EmberStatus, R};
 use engine::backend::Cpu;
 use engine::config::preset;
-use engine::grid::{Grid, GridComms};
+use engine::grid::{Grid, GridComms, Placement};
 use engine::model::Dlrm;
 use engine::parallel::{ParallelOptions, Rank2D};
 use ember_transport::{Comm, JoinConfig};
@@ -51,19 +51,22 @@ fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
             );
         }
         None => {
+            // The whole model in this process: its memory is checked before it is allocated.
+            plan_for(&ec, Grid::new(1, 1, Placement::ReplicasInNode)?, true)?;
             let be = Cpu::new();
             let model = Dlrm::new(&be, &ec.train)?;
             State { cfg: ec.train, be, model: Model::Single(Box::new(model)), steps_done: 0, samples_seen: 0 }
         }
         Some(j) => {
             let grid = grid_for(&ec, j.size, "the launcher's job")?;
-            let p = plan_for(&ec, grid)?;
+            let p = plan_for(&ec, grid, false)?;
             let world = Comm::connect(&j)?;
             build_rank(&ec, grid, p, world)?
         }
     };
+    let h = register(state)?;
     // SAFETY: `out` was checked non-null by the caller of `create`.
-    unsafe { *out = register(state) };
+    unsafe { *out = h };
     Ok(())
 }
 
@@ -85,8 +88,10 @@ fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
 /// success `*out` receives a new handle that the caller owns and must release with
 /// `ember_engine_destroy`; on failure `*out` is left unchanged.
 /// Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out` is NULL, `EMBER_STATUS_ERR_CONFIG`
-/// if the config does not parse, validate or fit the job, `EMBER_STATUS_ERR_INTERNAL` if joining
-/// the job fails (rendezvous, token, peers, timeout).
+/// if the config does not parse, validate or fit the job (an unknown key, a number out of
+/// range), `EMBER_STATUS_ERR_INTERNAL` if joining the job fails (rendezvous, token, peers,
+/// timeout) or the model needs more memory than there is (checked before allocating; the
+/// environment variable `EMBER_MEMORY_AVAILABLE` overrides the measured figure).
 #[no_mangle]
 pub unsafe extern "C" fn ember_engine_create_from_toml(toml: *const c_char, out: *mut *mut EmberEngine) -> EmberStatus {
     guard(|| {
@@ -105,7 +110,7 @@ pub unsafe extern "C" fn ember_engine_create_from_file(path: *const c_char, out:
     guard(|| {
         let path = c_str(path, "path")?;
         check_out(out, "out")?;
-        let text = std::fs::read_to_string(path).or_else(|e| fail(EmberStatus::ErrIo, format!("{path}: {e}")))?;
+        let text = engine::config::read_config_file(std::path::Path::new(path))?;
         create(parse_config(&text)?, out)
     })
 }
@@ -147,7 +152,7 @@ pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n:
         }
         let ec = parse_config(text)?;
         let grid = grid_for(&ec, n, "ember_engine_create_local_ranks")?;
-        let p = plan_for(&ec, grid)?;
+        let p = plan_for(&ec, grid, true)?;
         let comms = ember_transport::local_world_with_timeout(n, local_timeout());
         let built: Vec<R<State>> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -162,16 +167,27 @@ pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n:
                 .collect()
         });
         let states = built.into_iter().collect::<R<Vec<State>>>()?;
-        for (w, st) in states.into_iter().enumerate() {
-            *out_handles.add(w) = register(st);
+        let mut handles = Vec::with_capacity(n);
+        for st in states {
+            match register(st) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // No slot is written on failure: release the handles made so far.
+                    handles.into_iter().for_each(|h| drop(lock_registry().remove(h as usize)));
+                    return Err(e);
+                }
+            }
+        }
+        for (w, h) in handles.into_iter().enumerate() {
+            *out_handles.add(w) = h;
         }
         Ok(())
     })
 }
 
 /// Release an engine and everything it owns. `engine` may be NULL (a no-op returning
-/// `EMBER_STATUS_OK`). The handle is invalid afterwards; using it again (or destroying it twice)
-/// returns `EMBER_STATUS_ERR_INVALID_HANDLE` unless its address was reused by a newer engine.
+/// `EMBER_STATUS_OK`). The handle is invalid afterwards, for good: using it again (or destroying
+/// it twice) returns `EMBER_STATUS_ERR_INVALID_HANDLE`, whatever engines were created since.
 /// Not collective: the ranks of a job may be destroyed in any order (a rank still waiting in a
 /// collective for a destroyed peer fails with a transport error after the timeout).
 #[no_mangle]
@@ -180,12 +196,9 @@ pub unsafe extern "C" fn ember_engine_destroy(engine: *mut EmberEngine) -> Ember
         if engine.is_null() {
             return Ok(());
         }
-        let removed = lock_registry().remove(&(engine as usize));
+        let removed = lock_registry().remove(engine as usize);
         match removed {
             Some(state) => {
-                // SAFETY: the registry held this address, so it came from Box::into_raw in
-                // `register` and has not been freed (removal above makes this the only free).
-                drop(Box::from_raw(engine));
                 drop(state);
                 Ok(())
             }

@@ -8,6 +8,9 @@ use crate::status::{fail, guard, EmberStatus, R};
 use engine::backend::Cpu;
 use engine::data::Batch;
 
+/// Most samples one `ember_train_step` or `ember_eval` call takes (`batch_size`).
+pub const EMBER_MAX_BATCH: usize = 1 << 24;
+
 /// Quality metrics of an evaluation (filled by `ember_eval`). For multi-rank engines they cover
 /// every rank's samples and are identical on every rank.
 #[repr(C)]
@@ -80,8 +83,8 @@ fn eval_ranked(be: &Cpu, r: &mut Ranked, batch: Batch, has_labels: bool, wants_m
 /// over the whole global batch, identical on every rank. If any rank's arguments are rejected,
 /// no rank trains: that rank gets the reason, the others `EMBER_STATUS_ERR_PEER`.
 ///
-/// Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0 or not
-/// the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
+/// Returns `EMBER_STATUS_ERR_INVALID_ARGUMENT` for sizes that do not match (batch_size 0, above
+/// `EMBER_MAX_BATCH` or not the local batch size of a rank, ids count), `EMBER_STATUS_ERR_INPUT` for bad contents (the
 /// model is unchanged in both cases), `EMBER_STATUS_ERR_NUMERIC` if the loss is not finite.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
@@ -144,8 +147,9 @@ pub unsafe extern "C" fn ember_train_step(
 ///   `EMBER_STATUS_ERR_INVALID_ARGUMENT`.
 /// - `metrics_out`: caller-owned, receives log loss, NE and AUC of the batch; may be NULL.
 ///
-/// Single-process engines process large batches in chunks of the config's batch size (at most
-/// 8192). Multi-rank engines: collective; each rank passes any number of its own samples (> 0;
+/// `batch_size` is at most `EMBER_MAX_BATCH`; every size is checked before anything is
+/// allocated. Single-process engines process large batches in chunks of the config's batch size
+/// (at most 8192). Multi-rank engines: collective; each rank passes any number of its own samples (> 0;
 /// ranks may pass different numbers), processed in chunks of the local batch size; the logits
 /// are this rank's, the metrics cover every rank's samples and are identical on every rank
 /// (a rank asking for metrics gets `EMBER_STATUS_ERR_INVALID_ARGUMENT` if some rank passed no

@@ -24,12 +24,13 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-/// An empty host buffer with room for `n` floats. Large ones ask the kernel for transparent huge
-/// pages before their first touch: random row lookups over a big table otherwise miss the TLB
-/// on nearly every access.
-fn alloc_host(n: usize) -> Vec<f32> {
+/// An empty host buffer with room for `n` floats, or `OutOfMemory` (never an abort). Large ones
+/// ask the kernel for transparent huge pages before their first touch: random row lookups over
+/// a big table otherwise miss the TLB on nearly every access.
+fn alloc_host(n: usize) -> Result<Vec<f32>> {
     const HUGE: usize = 2 << 20;
-    let v: Vec<f32> = Vec::with_capacity(n);
+    let mut v: Vec<f32> = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("{n} floats of host memory")))?;
     let bytes = n * 4;
     if bytes >= 4 * HUGE {
         let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
@@ -40,7 +41,7 @@ fn alloc_host(n: usize) -> Vec<f32> {
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    v
+    Ok(v)
 }
 
 #[inline(always)]
@@ -83,11 +84,7 @@ fn check_bags(shard_rows: usize, cols: usize, bags: &Bags<Cpu>, buf_len: usize, 
     if let Some(s) = &bags.scale {
         check(s.len() == n, || format!("{what}: {} scales for {n} bags", s.len()))?;
     }
-    check(layout.col + cols <= layout.stride, || format!("{what}: columns {}..{} exceed stride {}", layout.col, layout.col + cols, layout.stride))?;
-    check(n == 0 || (n - 1) * layout.stride + layout.col + cols <= buf_len, || {
-        format!("{what}: buffer of {buf_len} floats too small for {n} rows of stride {}", layout.stride)
-    })?;
-    Ok(())
+    super::check_layout(what, n, cols, layout, buf_len)
 }
 
 /// Occurrences of each unique row: `rows[u]` with its (bag) occurrences `bags[starts[u]..starts[u+1]]`.
@@ -234,13 +231,19 @@ impl SendPtr {
 impl Cpu {
     /// Shared body of the fused update and `embedding_apply`: for each unique row `u`, `grad_of(u, g)`
     /// fills the row gradient and returns Σg² (or the caller's whole-row value) before applying.
-    fn update_rows<F>(&self, shard: &mut Shard<Cpu>, rows: &[u64], upd: &EmbUpdate, grad_of: F)
+    /// The rows must be unique; each is checked against the shard's weight and state buffers.
+    fn update_rows<F>(&self, shard: &mut Shard<Cpu>, rows: &[u64], upd: &EmbUpdate, grad_of: F) -> Result<()>
     where
         F: Fn(usize, &mut [f32], &[f32]) -> f32 + Sync,
     {
         let cols = shard.spec.num_cols();
         let dim = shard.spec.dim;
         let spr = upd.state_per_row(cols);
+        let n = shard.spec.num_rows();
+        super::check_shard_bufs("embedding update", &shard.spec, shard.weights.len(), Some((shard.state.len(), spr)))?;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n as u64) {
+            return Err(Error::Input(format!("embedding update: row {bad} outside the shard's {n} rows")));
+        }
         let w = SendPtr(shard.weights.as_mut_ptr());
         let s = SendPtr(shard.state.as_mut_ptr());
         const CHUNK: usize = 256;
@@ -265,8 +268,9 @@ impl Cpu {
                         }
                     }
                     let row = row as usize;
-                    // SAFETY: rows are unique (deduplicated) and < num_rows (checked), so every
-                    // iteration touches a disjoint row of weights and state.
+                    // SAFETY: rows are unique (deduplicated by every caller) and < num_rows, and
+                    // the buffers hold num_rows rows (both checked above), so every iteration
+                    // touches a disjoint row inside weights and state.
                     let (wr, sr) = unsafe {
                         (
                             std::slice::from_raw_parts_mut(w.get().add(row * cols), cols),
@@ -278,6 +282,7 @@ impl Cpu {
                 }
             },
         );
+        Ok(())
     }
 }
 
@@ -290,12 +295,12 @@ impl Backend for Cpu {
         "cpu"
     }
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        let mut v = alloc_host(n);
+        let mut v = alloc_host(n)?;
         v.resize(n, 0.0);
         Ok(v)
     }
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
-        let mut v = alloc_host(host.len());
+        let mut v = alloc_host(host.len())?;
         v.extend_from_slice(host);
         Ok(v)
     }
@@ -333,16 +338,14 @@ impl Backend for Cpu {
 
     fn gemm(&self, g: Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
         let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
-        check(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, || {
-            format!("gemm {m}x{n}x{k}: buffers of {}, {}, {} floats too small", a.len(), b.len(), c.len())
-        })?;
+        super::check_gemm(&g, a.len(), b.len(), c.len())?;
         if m == 0 || n == 0 {
             return Ok(());
         }
         // Strides of op(A) (m×k) and op(B) (k×n) as (column stride, row stride).
         let (a_cs, a_rs) = if trans_a { (m as isize, 1) } else { (1, k as isize) };
         let (b_cs, b_rs) = if trans_b { (k as isize, 1) } else { (1, n as isize) };
-        let flops = m * n * k;
+        let flops = super::product(&[m, n, k]).unwrap_or(usize::MAX);
         let par = if flops >= 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
         // SAFETY: the sizes were checked above; the strides describe row-major storage of
         // exactly those sizes; `c` does not alias `a` or `b` (distinct borrows).
@@ -625,6 +628,7 @@ impl Backend for Cpu {
     fn embedding_forward(&self, shard: &Shard<Cpu>, bags: &Bags<Cpu>, out: &mut Vec<f32>, layout: Layout, accumulate: bool) -> Result<()> {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
+        super::check_shard_bufs("embedding_forward", &shard.spec, shard.weights.len(), None)?;
         check_bags(rows, cols, bags, out.len(), layout, "embedding_forward")?;
         let n = bags.num_bags;
         if n == 0 {
@@ -676,13 +680,13 @@ impl Backend for Cpu {
         self.update_rows(shard, &d.rows, upd, |u, g, w| {
             row_grad(g, &d.bags[d.starts[u]..d.starts[u + 1]], grad, layout, scale, upd.l2, w);
             g.iter().map(|x| x * x).sum()
-        });
-        Ok(())
+        })
     }
 
     fn embedding_row_grads(&self, shard: &Shard<Cpu>, bags: &Bags<Cpu>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Cpu>> {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
+        super::check_shard_bufs("embedding_row_grads", &shard.spec, shard.weights.len(), None)?;
         check_bags(rows, cols, bags, grad.len(), layout, "embedding_row_grads")?;
         let d = dedup(&bags.offsets, &bags.ids, rows);
         let nu = d.rows.len();
@@ -712,8 +716,7 @@ impl Backend for Cpu {
         self.update_rows(shard, &rg.rows, upd, |u, g, _w| {
             g.copy_from_slice(&rg.grads[u * cols..(u + 1) * cols]);
             sq[u]
-        });
-        Ok(())
+        })
     }
 }
 

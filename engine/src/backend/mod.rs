@@ -35,6 +35,53 @@ pub struct Layout {
     pub col: usize,
 }
 
+/// The product of `dims`, None on overflow (every size a backend checks is computed this way).
+pub(crate) fn product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
+/// Bounds of a `gemm` (shared by the backends): A, B and C hold m×k, k×n and m×n floats.
+pub(crate) fn check_gemm(g: &Gemm, a_len: usize, b_len: usize, c_len: usize) -> Result<()> {
+    let fits = |len: usize, x: usize, y: usize| product(&[x, y]).is_some_and(|p| p <= len);
+    if fits(a_len, g.m, g.k) && fits(b_len, g.k, g.n) && fits(c_len, g.m, g.n) {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!("gemm {}x{}x{}: buffers of {a_len}, {b_len}, {c_len} floats too small", g.m, g.n, g.k)))
+    }
+}
+
+/// Sizes of a shard's buffers (shared by the backends): weights rows × cols, optimizer state
+/// rows × `state_per_row`, as its spec says.
+pub(crate) fn check_shard_bufs(what: &str, spec: &ShardSpec, weights: usize, state: Option<(usize, usize)>) -> Result<()> {
+    let (rows, cols) = (spec.rows.end.checked_sub(spec.rows.start), spec.cols.end.checked_sub(spec.cols.start));
+    let want = rows.and_then(|r| usize::try_from(r).ok()).zip(cols);
+    let ok = want.is_some_and(|(r, c)| product(&[r, c]) == Some(weights) && state.map_or(true, |(len, spr)| product(&[r, spr]) == Some(len)));
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!(
+            "{what}: shard rows {:?} cols {:?} but {weights} weights{}",
+            spec.rows,
+            spec.cols,
+            state.map_or(String::new(), |(len, spr)| format!(" and {len} state floats ({spr} per row)"))
+        )))
+    }
+}
+
+/// Bounds of the output (or gradient) matrix of `n` pooled bags (shared by the backends):
+/// columns `layout.col..+cols` inside the stride, and `n` rows of it inside `buf_len` floats.
+pub(crate) fn check_layout(what: &str, n: usize, cols: usize, layout: Layout, buf_len: usize) -> Result<()> {
+    let end_col = layout.col.checked_add(cols);
+    if !end_col.is_some_and(|e| e <= layout.stride) {
+        return Err(crate::Error::Input(format!("{what}: columns {}..+{cols} exceed stride {}", layout.col, layout.stride)));
+    }
+    let need = if n == 0 { Some(0) } else { product(&[n - 1, layout.stride]).and_then(|x| x.checked_add(end_col?)) };
+    if !need.is_some_and(|e| e <= buf_len) {
+        return Err(crate::Error::Input(format!("{what}: buffer of {buf_len} floats too small for {n} rows of stride {}", layout.stride)));
+    }
+    Ok(())
+}
+
 /// Bounds of a `copy_2d` (shared by the backends): every row of both blocks inside its buffer.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_copy_2d(src_len: usize, src_off: usize, src_stride: usize, dst_len: usize, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
@@ -81,11 +128,13 @@ impl ShardSpec {
     pub fn whole(table: usize, table_rows: u64, dim: usize) -> Self {
         ShardSpec { table, table_rows, dim, rows: 0..table_rows, cols: 0..dim }
     }
+    /// Rows of the shard (0 for a reversed range).
     pub fn num_rows(&self) -> usize {
-        (self.rows.end - self.rows.start) as usize
+        self.rows.end.saturating_sub(self.rows.start) as usize
     }
+    /// Columns of the shard (0 for a reversed range).
     pub fn num_cols(&self) -> usize {
-        self.cols.end - self.cols.start
+        self.cols.end.saturating_sub(self.cols.start)
     }
 }
 
@@ -310,7 +359,8 @@ pub trait Backend: Send + Sync + 'static {
     // ---- embeddings ----
     /// New shard: weights from `init` (row-major local rows × cols), zeroed optimizer state.
     fn shard(&self, spec: ShardSpec, init: &[f32], upd: &EmbUpdate) -> Result<Shard<Self>> {
-        let state = self.zeros(spec.num_rows() * upd.state_per_row(spec.num_cols()))?;
+        let n = product(&[spec.num_rows(), upd.state_per_row(spec.num_cols())]).ok_or_else(|| crate::Error::Input(format!("shard {spec:?}: state size overflows")))?;
+        let state = self.zeros(n)?;
         Ok(Shard { weights: self.upload(init)?, state, spec })
     }
     /// Pooled embedding bags: `out[i, layout.col..+cols] (=|+=) scale_i · Σ_j W[ids_j]`.

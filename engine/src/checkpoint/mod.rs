@@ -8,6 +8,11 @@
 //! fsynced; a folder without a manifest is incomplete and never loads. The last K complete
 //! checkpoints are kept.
 //!
+//! A training run owns its root: `ROOT/run-id` holds the id of the run whose checkpoints the
+//! root holds ([`claim`]). A new run refuses a root holding another run's checkpoints unless
+//! told to overwrite them (they are then removed first); a resumed run continues the root's run;
+//! and pruning only ever removes checkpoints of the run that owns the root.
+//!
 //! Layers: [`write`] (files and the manifest; collective-free, so one process or many can call
 //! it), [`read`] ([`Checkpoint`]: open, verify, assemble any row/column block of any table),
 //! [`replica`] (per-replica files for the 2D modes whose replicas differ at a checkpoint), the
@@ -27,7 +32,7 @@ pub mod replica;
 pub mod write;
 
 pub use read::{latest, list, Checkpoint, Listed};
-pub use write::{commit, prepare, write_dense, write_shard};
+pub use write::{claim, commit, prepare, read_run_id, write_dense, write_shard};
 
 /// `manifest.magic`.
 pub const MAGIC: &str = "ember-checkpoint";
@@ -43,6 +48,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// The `tracing` target of what a training run says about its checkpoints (the resume, or that
 /// there was none to resume from, and every save); `ember train` prints these events.
 pub const LOG_TARGET: &str = "ember::checkpoint";
+/// The file under a checkpoint root naming the run that owns it.
+pub const RUN_ID_FILE: &str = "run-id";
 pub const DENSE_FILE: &str = "dense.bin";
 
 #[cfg(target_endian = "big")]

@@ -44,8 +44,10 @@ struct RankReport {
 /// copies and the pending average ([`super::replica`]; fully-sharded 2D: M × the shard bytes)
 /// so that a resume continues exactly. Under M > 1 without fully-sharded 2D the step must end
 /// on a replica sync (steps_done % sync_every == 0). Keeps the newest `keep` complete
-/// checkpoints. Returns the step folder.
-pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, root: &Path, position: DataPosition, keep: usize) -> Result<PathBuf> {
+/// checkpoints of run `run_id` (the root's owner, see [`super::claim`]; only world rank 0's
+/// matters). Returns the step folder.
+#[allow(clippy::too_many_arguments)]
+pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, root: &Path, position: DataPosition, keep: usize, run_id: Option<&str>) -> Result<PathBuf> {
     let grid = rank.comms.grid;
     let fs = rank.opts.fully_sharded && grid.m > 1;
     if grid.m > 1 && !fs && rank.steps_done % rank.opts.sync_every != 0 {
@@ -162,7 +164,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
         let positions = reports.iter().map(|r| r.position.clone()).collect();
         let files = reports.into_iter().flat_map(|r| r.files).collect();
         let run = RunInfo::new(cfg, grid, rank.plan.clone(), rank.emb_upd.c);
-        write::commit(&dir, step, run, positions, files, keep).map(|_| ())
+        write::commit(&dir, step, run, positions, files, keep, run_id).map(|_| ())
     } else {
         Ok(())
     };
@@ -289,7 +291,10 @@ pub fn single_plan(cfg: &TrainConfig) -> Plan {
 }
 
 /// Save the single-process model after `step` steps (a 1×1 checkpoint; loads into any grid).
-pub fn save_dlrm<B: Backend>(be: &B, model: &mut Dlrm<B>, cfg: &TrainConfig, root: &Path, step: u64, position: DataPosition, keep: usize) -> Result<PathBuf> {
+/// Keeps the newest `keep` complete checkpoints of run `run_id` (the root's owner, see
+/// [`super::claim`]; None: a root no run has claimed).
+#[allow(clippy::too_many_arguments)]
+pub fn save_dlrm<B: Backend>(be: &B, model: &mut Dlrm<B>, cfg: &TrainConfig, root: &Path, step: u64, position: DataPosition, keep: usize, run_id: Option<&str>) -> Result<PathBuf> {
     let dir = write::prepare(root, step)?;
     let mut files = Vec::new();
     for sh in &model.tables {
@@ -304,7 +309,7 @@ pub fn save_dlrm<B: Backend>(be: &B, model: &mut Dlrm<B>, cfg: &TrainConfig, roo
     let grid = Grid::new(1, 1, Default::default())?;
     let run = RunInfo::new(cfg, grid, single_plan(cfg), model.emb_upd.c);
     let positions = vec![RankPosition { world_rank: 0, coords: (0, 0), data: position }];
-    write::commit(&dir, step, run, positions, files, keep)
+    write::commit(&dir, step, run, positions, files, keep, run_id)
 }
 
 /// Load a checkpoint (of any grid) into a single-process model; returns (step, rank 0's

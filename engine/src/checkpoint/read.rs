@@ -57,8 +57,24 @@ pub struct Checkpoint {
     maps: Mutex<HashMap<String, Arc<Mmap>>>,
 }
 
+/// Largest manifest file read (a manifest lists a few entries per shard: kilobytes to megabytes).
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Most parameters a dense file may list.
+pub const MAX_DENSE_PARAMS: usize = 1 << 16;
+
 fn read_manifest(path: &Path) -> Result<Manifest> {
-    let text = fs::read(path).map_err(io(path))?;
+    let f = File::open(path).map_err(io(path))?;
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_MANIFEST_BYTES + 1), &mut text).map_err(io(path))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(bad(path, format!("larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")));
+    }
+    parse_manifest(&text, path)
+}
+
+/// The manifest in `text` (a manifest file's bytes): envelope, CRC, JSON, magic and version
+/// checked; `path` names it in errors. Its contents are checked by [`validate_manifest`].
+pub fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest> {
     const PRE: &str = "{\"crc32\":\"";
     const MID: &str = "\",\"manifest\":";
     let head = PRE.len() + 8 + MID.len();
@@ -81,6 +97,122 @@ fn read_manifest(path: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
+/// Whether `name` is a plain file name (no folder part, not "." or ".."): a manifest only names
+/// files inside its own step folder.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+/// Bytes of a shard file: the header, then rows × (cols + state per row) floats (None on overflow).
+pub fn shard_file_bytes(spec: &ShardSpec, state_per_row: usize) -> Option<u64> {
+    let rows = spec.rows.end.checked_sub(spec.rows.start)?;
+    let cols = spec.cols.end.checked_sub(spec.cols.start)? as u64;
+    rows.checked_mul(cols.checked_add(state_per_row as u64)?)?.checked_mul(4)?.checked_add(SHARD_HEADER as u64)
+}
+
+/// Bytes of the dense file: magic, version, count, two u64 lengths per parameter, the floats.
+pub fn dense_file_bytes(lens: &[(usize, usize)]) -> Option<u64> {
+    let floats = lens.iter().try_fold(0u64, |a, &(w, s)| a.checked_add(w as u64)?.checked_add(s as u64))?;
+    (lens.len() as u64).checked_mul(16)?.checked_add(16)?.checked_add(floats.checked_mul(4)?)
+}
+
+/// Everything a manifest says about itself, checked without touching the files: model, grid,
+/// plan, every planned shard listed once with its size, the dense file's size, and every file
+/// name plain. `dir` (the step folder) names the files in errors.
+pub fn validate_manifest(m: &Manifest, dir: &Path) -> Result<()> {
+    let mpath = dir.join(MANIFEST);
+    let r = &m.run;
+    r.model.validate().map_err(|e| bad(&mpath, e))?;
+    crate::grid::Grid::new(r.grid.m, r.grid.n, r.grid.placement).map_err(|e| bad(&mpath, e))?;
+    r.plan.validate(&r.model).map_err(|e| bad(&mpath, e))?;
+    if r.grid.n != r.plan.n || m.m != r.grid.m {
+        return Err(bad(&mpath, "grid, plan and M disagree"));
+    }
+    if let Some(f) = m.files.iter().find(|f| !plain_name(&f.name)) {
+        return Err(bad(&mpath, format!("lists the file {:?}: a manifest names plain files of its own folder only", f.name)));
+    }
+    // Every planned shard must be listed, with the right shape.
+    for tp in &r.plan.tables {
+        let t = &r.model.tables[tp.table];
+        for ps in &tp.shards {
+            let spec = ShardSpec { table: tp.table, table_rows: t.rows, dim: t.dim, rows: ps.rows.clone(), cols: ps.cols.clone() };
+            let found = m.shards().find(|(_, s, _)| **s == spec);
+            match found {
+                None => return Err(bad(&dir.join(super::shard_file_name(&spec)), "missing shard: the plan has it, the manifest does not list it")),
+                Some((f, _, spr)) => {
+                    let want = r.embedding_optimizer.state_per_row(spec.num_cols());
+                    if spr != want || shard_file_bytes(&spec, spr) != Some(f.bytes) {
+                        return Err(bad(&dir.join(&f.name), "listed with a size that does not match its shape"));
+                    }
+                }
+            }
+        }
+    }
+    if m.shards().count() != r.plan.tables.iter().map(|t| t.shards.len()).sum::<usize>() {
+        return Err(bad(&mpath, "lists shards the plan does not have"));
+    }
+    let Some((df, lens)) = m.dense() else { return Err(bad(&dir.join(super::DENSE_FILE), "missing: the manifest lists no dense file")) };
+    if lens.len() > MAX_DENSE_PARAMS || dense_file_bytes(lens) != Some(df.bytes) {
+        return Err(bad(&dir.join(&df.name), "listed with a size that does not match its shapes"));
+    }
+    Ok(())
+}
+
+/// The fields of a shard file's 64-byte header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardHeader {
+    pub spec: ShardSpec,
+    pub state_per_row: usize,
+}
+
+/// Decode and check a shard file's header (`bytes`: at least its first 64 bytes): magic,
+/// version, and a shard that lies inside its table.
+pub fn parse_shard_header(bytes: &[u8]) -> std::result::Result<ShardHeader, String> {
+    let h = bytes.get(..SHARD_HEADER).ok_or_else(|| format!("{} bytes, shorter than the {SHARD_HEADER}-byte header", bytes.len()))?;
+    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    if &h[0..8] != super::SHARD_MAGIC {
+        return Err("not a shard file (magic)".into());
+    }
+    if u32_at(8) != FORMAT_VERSION {
+        return Err(format!("format version {}, this build reads {FORMAT_VERSION}", u32_at(8)));
+    }
+    let (table, table_rows, dim, spr) = (u32_at(12) as usize, u64_at(16), u32_at(24) as usize, u32_at(28) as usize);
+    let (r0, r1, c0, c1) = (u64_at(32), u64_at(40), u32_at(48) as usize, u32_at(52) as usize);
+    if r0 >= r1 || r1 > table_rows || c0 >= c1 || c1 > dim || h[56..].iter().any(|&b| b != 0) {
+        return Err(format!("rows {r0}..{r1} cols {c0}..{c1} do not lie inside a {table_rows} x {dim} table (or padding is not zero)"));
+    }
+    Ok(ShardHeader { spec: ShardSpec { table, table_rows, dim, rows: r0..r1, cols: c0..c1 }, state_per_row: spr })
+}
+
+/// Decode and check a dense file's header against the file's length: the (weights, state)
+/// lengths of every parameter, whose floats exactly fill the rest of the file.
+pub fn parse_dense_header(bytes: &[u8]) -> std::result::Result<Vec<(usize, usize)>, String> {
+    if bytes.len() < 16 || &bytes[..8] != DENSE_MAGIC {
+        return Err("not a dense file (magic)".into());
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(format!("format version {version}, this build reads {FORMAT_VERSION}"));
+    }
+    let count = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    if count > MAX_DENSE_PARAMS {
+        return Err(format!("{count} parameters, more than {MAX_DENSE_PARAMS}"));
+    }
+    let table = bytes.get(16..16 + 16 * count).ok_or_else(|| format!("{} bytes cannot hold the lengths of {count} parameters", bytes.len()))?;
+    let mut lens = Vec::with_capacity(count);
+    for e in table.chunks_exact(16) {
+        let w = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+        let s = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+        let (Ok(w), Ok(s)) = (usize::try_from(w), usize::try_from(s)) else { return Err("a parameter length does not fit in memory".into()) };
+        lens.push((w, s));
+    }
+    if dense_file_bytes(&lens) != Some(bytes.len() as u64) {
+        return Err(format!("{} bytes, but the header's lengths need {:?}", bytes.len(), dense_file_bytes(&lens)));
+    }
+    Ok(lens)
+}
+
 fn same_kind(a: &EmbOptimizer, b: &EmbOptimizer) -> bool {
     std::mem::discriminant(a) == std::mem::discriminant(b)
 }
@@ -99,38 +231,7 @@ impl Checkpoint {
             return Err(bad(&mpath, "missing: the checkpoint is incomplete (its writer did not finish)"));
         }
         let m = read_manifest(&mpath)?;
-        let r = &m.run;
-        r.model.validate().map_err(|e| bad(&mpath, e))?;
-        r.plan.validate(&r.model).map_err(|e| bad(&mpath, e))?;
-        if r.grid.n != r.plan.n || m.m != r.grid.m {
-            return Err(bad(&mpath, "grid, plan and M disagree"));
-        }
-        // Every planned shard must be listed, with the right shape.
-        for tp in &r.plan.tables {
-            let t = &r.model.tables[tp.table];
-            for ps in &tp.shards {
-                let spec = ShardSpec { table: tp.table, table_rows: t.rows, dim: t.dim, rows: ps.rows.clone(), cols: ps.cols.clone() };
-                let found = m.shards().find(|(_, s, _)| **s == spec);
-                match found {
-                    None => return Err(bad(&dir.join(super::shard_file_name(&spec)), "missing shard: the plan has it, the manifest does not list it")),
-                    Some((f, _, spr)) => {
-                        let want = r.embedding_optimizer.state_per_row(spec.num_cols());
-                        let bytes = (SHARD_HEADER + 4 * spec.num_rows() * (spec.num_cols() + spr)) as u64;
-                        if spr != want || f.bytes != bytes {
-                            return Err(bad(&dir.join(&f.name), "listed with a size that does not match its shape"));
-                        }
-                    }
-                }
-            }
-        }
-        if m.shards().count() != r.plan.tables.iter().map(|t| t.shards.len()).sum::<usize>() {
-            return Err(bad(&mpath, "lists shards the plan does not have"));
-        }
-        let Some((df, lens)) = m.dense() else { return Err(bad(&dir.join(super::DENSE_FILE), "missing: the manifest lists no dense file")) };
-        let dbytes = 16 + 16 * lens.len() as u64 + 4 * lens.iter().map(|&(w, s)| (w + s) as u64).sum::<u64>();
-        if df.bytes != dbytes {
-            return Err(bad(&dir.join(&df.name), "listed with a size that does not match its shapes"));
-        }
+        validate_manifest(&m, &dir)?;
         for f in &m.files {
             super::replica::check_entry(&dir, f, &m)?;
             let p = dir.join(&f.name);
@@ -181,7 +282,8 @@ impl Checkpoint {
         }
         match &f.kind {
             FileKind::Shard { spec, state_per_row } => {
-                if map[..SHARD_HEADER] != super::write::shard_header(spec, *state_per_row) {
+                let h = parse_shard_header(&map).map_err(|e| bad(&p, e))?;
+                if h.spec != *spec || h.state_per_row != *state_per_row {
                     return Err(bad(&p, "shard header does not match the manifest"));
                 }
             }
@@ -191,15 +293,7 @@ impl Checkpoint {
                 }
             }
             FileKind::Dense { lens } => {
-                let mut h = Vec::new();
-                h.extend_from_slice(DENSE_MAGIC);
-                h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-                h.extend_from_slice(&(lens.len() as u32).to_le_bytes());
-                for &(w, s) in lens {
-                    h.extend_from_slice(&(w as u64).to_le_bytes());
-                    h.extend_from_slice(&(s as u64).to_le_bytes());
-                }
-                if map.len() < h.len() || map[..h.len()] != h[..] {
+                if parse_dense_header(&map).map_err(|e| bad(&p, e))? != *lens {
                     return Err(bad(&p, "dense header does not match the manifest"));
                 }
             }

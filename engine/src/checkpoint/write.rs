@@ -5,7 +5,7 @@
 //! Every file goes through the same path: `.NAME.tmp` created, streamed (CRC computed on the
 //! way, nothing copied whole), flushed and fsynced, renamed to NAME; a writer fsyncs the folder
 //! after its renames, so a manifest can only ever name durable files.
-use super::{bad, failpoint, io, FileEntry, FileKind, Manifest, RankPosition, RunInfo, DENSE_FILE, DENSE_MAGIC, FORMAT_VERSION, MAGIC, MANIFEST, SHARD_HEADER, SHARD_MAGIC};
+use super::{bad, failpoint, io, FileEntry, FileKind, Manifest, RankPosition, RunInfo, DENSE_FILE, DENSE_MAGIC, FORMAT_VERSION, MAGIC, MANIFEST, RUN_ID_FILE, SHARD_HEADER, SHARD_MAGIC};
 use crate::backend::ShardSpec;
 use crate::Result;
 use std::fs::{self, File};
@@ -149,11 +149,84 @@ pub(crate) fn manifest_text(m: &Manifest) -> Result<String> {
     Ok(format!("{{\"crc32\":\"{crc:08x}\",\"manifest\":{body}}}\n"))
 }
 
+/// The id of the run owning checkpoint root `root` (None when the root has no `run-id` file).
+pub fn read_run_id(root: &Path) -> Result<Option<String>> {
+    let p = root.join(RUN_ID_FILE);
+    let f = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(crate::Error::io(&p, e)),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(f, 65), &mut text).map_err(io(&p))?;
+    let id = text.trim();
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(bad(&p, "not a run id (damaged: remove it, or the whole folder)"));
+    }
+    Ok(Some(id.to_string()))
+}
+
+/// A fresh run id: 64 random bits (std's per-process random hasher keys, the clock and the
+/// process id), as 16 hex digits.
+fn new_run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// Make checkpoint root `root` this run's and return the run id its checkpoints are written
+/// under (one process, before training starts).
+/// - `resume` and the root holds complete checkpoints: the run continues the root's run (a root
+///   written before run ids is adopted under a new id).
+/// - Otherwise a new run: a root holding complete checkpoints (another run's) is refused unless
+///   `overwrite`, which removes every step folder in it first.
+pub fn claim(root: &Path, resume: bool, overwrite: bool) -> Result<String> {
+    let listed = super::list(root)?;
+    let complete: Vec<u64> = listed.iter().filter(|l| l.complete).map(|l| l.step).collect();
+    let owner = read_run_id(root)?;
+    if resume && !complete.is_empty() {
+        if let Some(id) = owner {
+            return Ok(id);
+        }
+        let id = new_run_id();
+        write_run_id(root, &id)?;
+        return Ok(id);
+    }
+    if !complete.is_empty() && !overwrite {
+        let steps: Vec<String> = complete.iter().map(|s| s.to_string()).collect();
+        return Err(crate::Error::Config(format!(
+            "checkpoint folder {} holds the checkpoints of another run (run id {}, steps {}): continue that run with --resume, \
+             replace its checkpoints with --overwrite-checkpoints, or choose another --checkpoint-dir",
+            root.display(),
+            owner.as_deref().unwrap_or("unknown: written before run ids"),
+            steps.join(", ")
+        )));
+    }
+    for l in &listed {
+        remove_checkpoint(&l.dir)?;
+    }
+    let id = new_run_id();
+    fs::create_dir_all(root).map_err(io(root))?;
+    write_run_id(root, &id)?;
+    Ok(id)
+}
+
+/// Write `root/run-id` atomically (temporary file, fsync, rename, fsync the folder).
+fn write_run_id(root: &Path, id: &str) -> Result<()> {
+    let mut o = Out::create(root, RUN_ID_FILE)?;
+    o.put(format!("{id}\n").as_bytes())?;
+    o.finish()?;
+    sync_dir(root)
+}
+
 /// Finish step `step` (one process, after every writer's files are durable): fsync the folder,
 /// write the manifest under a temporary name, fsync, rename, fsync the folder — the checkpoint
 /// is complete from that rename on — then keep only the newest `keep` complete checkpoints
-/// (at least this one). Returns the step folder.
-pub fn commit(dir: &Path, step: u64, run: RunInfo, mut positions: Vec<RankPosition>, mut files: Vec<FileEntry>, keep: usize) -> Result<PathBuf> {
+/// (at least this one) of run `run_id` (see [`prune`]). Returns the step folder.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(dir: &Path, step: u64, run: RunInfo, mut positions: Vec<RankPosition>, mut files: Vec<FileEntry>, keep: usize, run_id: Option<&str>) -> Result<PathBuf> {
     // Every listed file must be there under its final name with the size written.
     for f in &files {
         let p = dir.join(&f.name);
@@ -172,13 +245,20 @@ pub fn commit(dir: &Path, step: u64, run: RunInfo, mut positions: Vec<RankPositi
     o.finish()?;
     sync_dir(dir)?;
     failpoint::hit("before-prune")?;
-    prune(&super::root_of(dir), keep.max(1))?;
+    prune(&super::root_of(dir), keep.max(1), run_id)?;
     Ok(dir.to_path_buf())
 }
 
 /// Keep the newest `keep` complete checkpoints under `root`; remove older complete ones and
-/// incomplete folders older than the newest complete one.
-pub fn prune(root: &Path, keep: usize) -> Result<()> {
+/// incomplete folders older than the newest complete one — only when `root` belongs to run
+/// `run_id` (its `run-id` file says so; None: a root no run has claimed). A root that another
+/// run has claimed since is left alone.
+pub fn prune(root: &Path, keep: usize, run_id: Option<&str>) -> Result<()> {
+    let owner = read_run_id(root)?;
+    if owner.as_deref() != run_id {
+        tracing::warn!("checkpoint folder {}: owned by run {owner:?}, not this run ({run_id:?}); nothing pruned", root.display());
+        return Ok(());
+    }
     let all = super::list(root)?;
     let newest = all.iter().filter(|l| l.complete).map(|l| l.step).max();
     let mut complete: Vec<_> = all.iter().filter(|l| l.complete).collect();

@@ -8,7 +8,7 @@
 //! recorded in the header: training with other table sizes is refused.
 use crate::config::ModelConfig;
 use crate::data::binary::{BinaryWriter, DenseTransform, Feature, Hashing, Header};
-use crate::data::criteo::{BadLinePolicy, LineParser};
+use crate::data::criteo::{BadLinePolicy, LineParser, MAX_LINE_BYTES};
 use crate::data::Batch;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -16,8 +16,6 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// Longest line accepted, in bytes without its end (a Criteo line has a few hundred).
-pub const MAX_LINE_BYTES: usize = 64 << 10;
 /// Bytes read at a time.
 const CHUNK: usize = 4 << 20;
 

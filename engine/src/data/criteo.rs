@@ -20,12 +20,21 @@
 //! records a seek point every 65536 lines); the last `floor(lines / 10)` are the eval set, the
 //! rest the training stream (one epoch). Positions count data lines of the training part
 //! (a skipped bad line consumes a position but yields no sample), so `skip` needs no parsing.
+//! The eval set is read in chunks ([`CriteoReader::eval_stream`], an [`EvalSet`]), never whole.
+//!
+//! Limits: a line longer than [`MAX_LINE_BYTES`] is a bad line (read past, never held in
+//! memory whole); a file without data lines, and a file too short to have an eval set (fewer
+//! than 10 data lines), are errors rather than a run over nothing or a metric of nothing.
 use crate::config::ModelConfig;
-use crate::data::{Batch, DataSource};
+use crate::data::{Batch, DataSource, EvalSet};
 use crate::{Error, Result};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Longest line accepted, in bytes without the line end (a Criteo line has a few hundred).
+pub const MAX_LINE_BYTES: usize = 64 << 10;
 
 /// What to do with a malformed line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,7 +69,7 @@ pub struct LineParser {
     rows: Vec<u64>,
     /// Lemire fastmod constants for rows < 2^32 (0 otherwise).
     fastmod: Vec<u64>,
-    ln_table: Vec<f32>,
+    ln_table: &'static [f32],
     dense: Vec<f32>,
     ids: Vec<Option<u64>>,
 }
@@ -69,6 +78,12 @@ pub struct LineParser {
 #[inline]
 pub fn log_transform(x: f64) -> f32 {
     x.max(0.0).ln_1p() as f32
+}
+
+/// `ln(1 + x)` for the integers below [`LN_TABLE`], computed once per process.
+fn ln_table() -> &'static [f32] {
+    static T: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    T.get_or_init(|| (0..LN_TABLE).map(|x| log_transform(x as f64)).collect())
 }
 
 #[inline]
@@ -149,7 +164,7 @@ impl LineParser {
             delim: delimiter,
             num_dense: model.num_dense,
             fastmod,
-            ln_table: (0..LN_TABLE).map(|x| log_transform(x as f64)).collect(),
+            ln_table: ln_table(),
             dense: vec![0.0; model.num_dense],
             ids: vec![None; rows.len()],
             rows,
@@ -251,6 +266,49 @@ fn trim_eol(mut l: &[u8]) -> &[u8] {
     l
 }
 
+/// What [`read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Eof,
+    /// A line of this many bytes (its end included) is in the buffer.
+    Ok(u64),
+    /// A line of this many bytes, over the limit, was read past (the buffer holds a prefix).
+    TooLong(u64),
+}
+
+/// Reads one line (its "\n" included) into `buf`, keeping at most [`MAX_LINE_BYTES`] + 2
+/// bytes: a longer line is consumed to its end without being held, and reported.
+fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Line> {
+    const KEEP: usize = MAX_LINE_BYTES + 2;
+    buf.clear();
+    let mut total = 0u64;
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            break;
+        }
+        let (used, done) = match avail.iter().position(|&c| c == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        if buf.len() < KEEP {
+            buf.extend_from_slice(&avail[..used.min(KEEP - buf.len())]);
+        }
+        total += used as u64;
+        r.consume(used);
+        if done {
+            break;
+        }
+    }
+    Ok(if total == 0 {
+        Line::Eof
+    } else if total > KEEP as u64 || trim_eol(buf).len() > MAX_LINE_BYTES {
+        Line::TooLong(total)
+    } else {
+        Line::Ok(total)
+    })
+}
+
 /// Skips `k` lines of `r`; returns how many were skipped (fewer at end of input).
 fn skip_lines<R: BufRead>(r: &mut R, mut k: u64) -> std::io::Result<u64> {
     let want = k;
@@ -278,6 +336,105 @@ fn skip_lines<R: BufRead>(r: &mut R, mut k: u64) -> std::io::Result<u64> {
         }
     }
     Ok(want - k)
+}
+
+/// A fresh reader of `path` positioned at data line `k` (via the nearest seek point).
+fn reader_at(path: &Path, checkpoints: &[u64], k: u64) -> Result<BufReader<File>> {
+    let io = |e| Error::io(path, e);
+    let ci = ((k / CHECKPOINT) as usize).min(checkpoints.len() - 1);
+    let mut r = BufReader::with_capacity(IO_BUF, File::open(path).map_err(io)?);
+    r.seek(SeekFrom::Start(checkpoints[ci])).map_err(io)?;
+    skip_lines(&mut r, k - ci as u64 * CHECKPOINT).map_err(io)?;
+    Ok(r)
+}
+
+/// A file's layout and eval split, as an eval stream reads it.
+#[derive(Debug)]
+struct Shape {
+    path: PathBuf,
+    first_line: u64,
+    policy: BadLinePolicy,
+    parser: LineParser,
+    num_dense: usize,
+    num_tables: usize,
+    /// Data lines [start, end) are the eval split.
+    start: u64,
+    end: u64,
+    checkpoints: Vec<u64>,
+}
+
+/// Where an eval stream stands.
+#[derive(Debug)]
+struct EvalCursor {
+    reader: BufReader<File>,
+    /// Data line the reader is at.
+    pos: u64,
+    buf: Vec<u8>,
+    /// The chunk the next read yields, and the chunk size of this pass.
+    next: usize,
+    n: usize,
+    /// The chunk read last (ranks reading one stream ask for the same chunk in turn).
+    last: Option<(usize, Batch)>,
+    /// Bad lines skipped in this pass, and in the last complete pass.
+    skipped: u64,
+    pass_skipped: u64,
+}
+
+/// The eval split of a Criteo file as an [`EvalSet`]: chunks of consecutive samples read from
+/// the file on demand, one chunk in memory. Chunks are read in order; asking for an earlier
+/// chunk (a new evaluation) starts again from the split's first line.
+#[derive(Debug)]
+pub struct CriteoEval {
+    reader: Shape,
+    cursor: Mutex<EvalCursor>,
+}
+
+impl CriteoEval {
+    fn read_chunk(&self, c: &mut EvalCursor) -> Result<Batch> {
+        let sh = &self.reader;
+        let mut b = Batch::new(sh.num_dense, sh.num_tables);
+        let mut parser = sh.parser.clone();
+        let ctx = (sh.path.as_path(), sh.first_line, sh.policy);
+        CriteoReader::read_into(&mut c.reader, &mut parser, &mut c.buf, ctx, &mut c.pos, sh.end, c.n, &mut b, &mut c.skipped)?;
+        if c.pos >= sh.end {
+            c.pass_skipped = c.skipped;
+        }
+        Ok(b)
+    }
+}
+
+impl EvalSet for CriteoEval {
+    fn chunk(&self, k: usize, n: usize) -> Result<Batch> {
+        if n == 0 {
+            return Err(Error::Input("eval chunk of 0 samples".into()));
+        }
+        let mut c = self.cursor.lock().map_err(|_| Error::Input(format!("{}: eval reader lock poisoned", self.reader.path.display())))?;
+        if let Some((lk, b)) = &c.last {
+            if *lk == k && c.n == n {
+                return Ok(b.clone());
+            }
+        }
+        if n != c.n || k < c.next {
+            let sh = &self.reader;
+            c.reader = reader_at(&sh.path, &sh.checkpoints, sh.start)?;
+            c.pos = sh.start;
+            c.next = 0;
+            c.n = n;
+            c.last = None;
+            c.skipped = 0;
+        }
+        while c.next <= k {
+            let b = self.read_chunk(&mut c)?;
+            let i = c.next;
+            c.last = Some((i, b));
+            c.next += 1;
+        }
+        Ok(c.last.as_ref().map(|(_, b)| b.clone()).unwrap_or_default())
+    }
+
+    fn skipped(&self) -> u64 {
+        self.cursor.lock().map(|c| c.pass_skipped.max(c.skipped)).unwrap_or(0)
+    }
 }
 
 /// A Criteo file as a [`DataSource`]: the first 90 % of its lines are the training stream
@@ -311,9 +468,13 @@ impl CriteoReader {
         let io = |e| Error::io(&path, e);
         let mut file = BufReader::with_capacity(IO_BUF, File::open(&path).map_err(io)?);
         let mut first = Vec::new();
-        let first_len = file.read_until(b'\n', &mut first).map_err(io)? as u64;
-        let line1 = trim_eol(&first);
         let cfg_err = |m: String| Error::Config(format!("{}: {m}", path.display()));
+        let first_len = match read_line(&mut file, &mut first).map_err(io)? {
+            Line::Eof => 0,
+            Line::Ok(n) => n,
+            Line::TooLong(n) => return Err(cfg_err(format!("line 1 has {n} bytes, more than the limit of {MAX_LINE_BYTES}: not a Criteo file"))),
+        };
+        let line1 = trim_eol(&first);
         if line1.is_empty() {
             return Err(cfg_err("empty first line: not a Criteo file".into()));
         }
@@ -352,7 +513,8 @@ impl CriteoReader {
         let mut lines = 0u64;
         let mut offset = header_bytes;
         let mut last = b'\n';
-        let mut chunk = vec![0u8; 4 << 20];
+        let file_len = f.metadata().map_err(io)?.len();
+        let mut chunk = vec![0u8; (4usize << 20).min(file_len as usize + 1)];
         loop {
             let n = f.read(&mut chunk).map_err(io)?;
             if n == 0 {
@@ -378,6 +540,9 @@ impl CriteoReader {
         }
         if last != b'\n' {
             lines += 1;
+        }
+        if lines == 0 {
+            return Err(cfg_err("no data lines (the file has only a header): nothing to train on".into()));
         }
         let eval = lines / 10;
         let mut reader = BufReader::with_capacity(IO_BUF, File::open(&path).map_err(io)?);
@@ -424,14 +589,41 @@ impl CriteoReader {
         self.skipped_train + self.skipped_eval
     }
 
+    /// The eval split, read chunk by chunk (an [`EvalSet`]; memory: one chunk). An error when
+    /// the file is too short to have one: its metrics would be those of no sample.
+    pub fn eval_stream(&self) -> Result<CriteoEval> {
+        if self.eval_lines() == 0 {
+            return Err(Error::Config(format!(
+                "{}: {} data lines leave no eval set (the last 10 %): at least 10 are needed",
+                self.path.display(),
+                self.data_lines
+            )));
+        }
+        let reader = self.reader_at(self.train_lines)?;
+        Ok(CriteoEval {
+            reader: self.clone_shape(),
+            cursor: Mutex::new(EvalCursor { reader, pos: self.train_lines, buf: Vec::with_capacity(1024), next: 0, n: 0, last: None, skipped: 0, pass_skipped: 0 }),
+        })
+    }
+
+    /// What an eval stream needs of this reader (its file, layout and split; no open handle).
+    fn clone_shape(&self) -> Shape {
+        Shape {
+            path: self.path.clone(),
+            first_line: self.first_line,
+            policy: self.policy,
+            parser: self.parser.clone(),
+            num_dense: self.num_dense,
+            num_tables: self.num_tables,
+            start: self.train_lines,
+            end: self.data_lines,
+            checkpoints: self.checkpoints.clone(),
+        }
+    }
+
     /// A fresh reader positioned at data line `k` (via the nearest seek point).
     fn reader_at(&self, k: u64) -> Result<BufReader<File>> {
-        let io = |e| Error::io(&self.path, e);
-        let ci = ((k / CHECKPOINT) as usize).min(self.checkpoints.len() - 1);
-        let mut r = BufReader::with_capacity(IO_BUF, File::open(&self.path).map_err(io)?);
-        r.seek(SeekFrom::Start(self.checkpoints[ci])).map_err(io)?;
-        skip_lines(&mut r, k - ci as u64 * CHECKPOINT).map_err(io)?;
-        Ok(r)
+        reader_at(&self.path, &self.checkpoints, k)
     }
 
     /// Reads data lines until `n` samples or data line `end`; `pos` counts lines consumed.
@@ -448,22 +640,25 @@ impl CriteoReader {
     ) -> Result<()> {
         let (path, first_line, policy) = ctx;
         while out.size() < n && *pos < end {
-            buf.clear();
-            let got = r.read_until(b'\n', buf).map_err(|e| Error::io(path, e))?;
-            if got == 0 {
+            let got = read_line(r, buf).map_err(|e| Error::io(path, e))?;
+            let line_no = first_line + *pos;
+            if got == Line::Eof {
                 return Err(Error::Data {
                     path: path.to_path_buf(),
-                    line: first_line + *pos,
+                    line: line_no,
                     msg: "unexpected end of file (did the file change after it was opened?)".into(),
                 });
             }
-            let line_no = first_line + *pos;
             *pos += 1;
             let line = trim_eol(buf);
             if line.is_empty() {
                 continue;
             }
-            if let Err(msg) = parser.parse_into(line, out) {
+            let parsed = match got {
+                Line::TooLong(n) => Err(format!("the line has {n} bytes, more than the limit of {MAX_LINE_BYTES}")),
+                _ => parser.parse_into(line, out),
+            };
+            if let Err(msg) = parsed {
                 match policy {
                     BadLinePolicy::Fail => return Err(Error::Data { path: path.to_path_buf(), line: line_no, msg }),
                     BadLinePolicy::Skip => *skipped += 1,
@@ -519,16 +714,23 @@ impl DataSource for CriteoReader {
         Ok(())
     }
 
+    /// The whole eval split in memory (small files, tests); runs use [`CriteoReader::eval_stream`].
     fn eval_set(&mut self) -> Result<Batch> {
-        let mut r = self.reader_at(self.train_lines)?;
-        let mut b = Batch::new(self.num_dense, self.num_tables);
-        let mut pos = self.train_lines;
-        let mut skipped = 0;
-        let mut buf = Vec::with_capacity(1024);
-        let ctx = (self.path.as_path(), self.first_line, self.policy);
-        Self::read_into(&mut r, &mut self.parser, &mut buf, ctx, &mut pos, self.data_lines, usize::MAX, &mut b, &mut skipped)?;
-        self.skipped_eval = skipped;
-        Ok(b)
+        let ev = self.eval_stream()?;
+        let mut all = Batch::new(self.num_dense, self.num_tables);
+        for k in 0.. {
+            let b = ev.chunk(k, 1 << 16)?;
+            if b.size() == 0 {
+                break;
+            }
+            all.extend(&b);
+        }
+        self.skipped_eval = ev.skipped();
+        Ok(all)
+    }
+
+    fn skipped(&self) -> u64 {
+        self.skipped_train
     }
 
     fn len(&self) -> Option<u64> {

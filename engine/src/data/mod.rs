@@ -151,4 +151,28 @@ pub trait DataSource: Send {
     fn eval_set(&mut self) -> Result<Batch>;
     /// Total training samples, when known (one epoch).
     fn len(&self) -> Option<u64>;
+    /// Malformed training lines skipped so far (sources that may skip any).
+    fn skipped(&self) -> u64 {
+        0
+    }
+}
+
+/// A held-out evaluation set read in chunks of consecutive samples, so that it never has to
+/// fit in memory whole. Ranks evaluating together share one set and ask for the same chunks in
+/// the same order; chunk `k` of size `n` is the same batch for every caller.
+pub trait EvalSet: Sync {
+    /// Samples [k·n, (k+1)·n): fewer in the last chunk, none past the end.
+    fn chunk(&self, k: usize, n: usize) -> Result<Batch>;
+    /// Malformed lines skipped by the last complete pass over the set.
+    fn skipped(&self) -> u64 {
+        0
+    }
+}
+
+/// An in-memory eval set.
+impl EvalSet for Batch {
+    fn chunk(&self, k: usize, n: usize) -> Result<Batch> {
+        let s = k.saturating_mul(n).min(self.size());
+        Ok(self.slice(s..s.saturating_add(n).min(self.size())))
+    }
 }

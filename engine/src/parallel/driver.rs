@@ -5,7 +5,7 @@ use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes, TraceEvent};
 use crate::backend::{Backend, ShardSpec};
 use crate::config::TrainConfig;
 use crate::data::synthetic::SyntheticData;
-use crate::data::Batch;
+use crate::data::{Batch, EvalSet};
 use crate::grid::{Grid, GridComms};
 use crate::metrics::evaluate;
 use crate::plan::Plan;
@@ -105,7 +105,7 @@ pub fn train_threads<B: Backend + Clone>(
     opts: &ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     train_threads_with(&|_| Ok(be.clone()), cfg, grid, plan, opts, steps, feed, eval, trace)
@@ -122,7 +122,7 @@ pub fn train_threads_with<B: Backend>(
     opts: &ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     train_comms_with(new_be, ember_transport::local_world(grid.world()), cfg, grid, plan, opts, steps, feed, eval, trace)
@@ -140,7 +140,7 @@ pub fn train_comms_with<B: Backend>(
     opts: &ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
     let t = grid.world();
@@ -220,7 +220,7 @@ pub fn run_rank<B: Backend>(
     opts: ParallelOptions,
     steps: usize,
     feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &Batch,
+    eval: &dyn EvalSet,
     trace: bool,
 ) -> Result<RankOutcome> {
     let w = world.rank();
@@ -250,8 +250,9 @@ pub fn run_rank<B: Backend>(
             None => {}
         }
     }
-    let mut losses = Vec::with_capacity(steps);
-    let mut step_ms = Vec::with_capacity(steps);
+    // Grown as the steps run: `steps` comes from outside and may be large.
+    let mut losses = Vec::with_capacity(steps.min(1 << 16));
+    let mut step_ms = Vec::with_capacity(steps.min(1 << 16));
     let t0 = Instant::now();
     // Each step starts the next step's input all-to-all during its dense work.
     let mut batch = if first < steps { Some(feed(first, w)?) } else { None };
@@ -265,7 +266,7 @@ pub fn run_rank<B: Backend>(
         if let Some(ck) = ckpt.as_ref().filter(|c| c.every > 0 && (step + 1) % c.every == 0) {
             let r = grid.sample_range(w, cfg.batch_size);
             let position = crate::checkpoint::DataPosition { next_sample: ((step + 1) * cfg.batch_size + r.start) as u64, reader_offsets: vec![] };
-            let dir = crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep)?;
+            let dir = crate::checkpoint::rank2d::save_rank2d(be, &mut rank, cfg, &ck.dir, position, ck.keep, ck.run_id.as_deref())?;
             if w == 0 {
                 tracing::info!(target: crate::checkpoint::LOG_TARGET, "saved {}", dir.display());
             }
@@ -363,39 +364,48 @@ pub fn write_trace(path: &std::path::Path, events: &[TraceEvent]) -> Result<()> 
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-/// Evaluate on `eval` in global chunks of `gb` samples; every rank gets (NE, AUC).
-fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &Batch, gb: usize) -> Result<(f64, f64)> {
+/// Evaluate on `eval` in global chunks of `gb` samples (every rank reads the same chunk of the
+/// shared set and predicts its own part of it); every rank gets (NE, AUC). An empty eval set is
+/// an error (every rank sees the same set, so every rank returns it).
+fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &dyn EvalSet, gb: usize) -> Result<(f64, f64)> {
     let grid = rank.comms.grid;
     let w = rank.comms.world.rank();
-    let total = eval.size();
     let mut logits = Vec::new();
     let mut labels = Vec::new();
-    let mut s = 0;
-    while s < total {
+    for k in 0.. {
+        let chunk = eval.chunk(k, gb)?;
+        let total = chunk.size();
+        if total == 0 {
+            break;
+        }
         let r = grid.sample_range(w, gb);
-        // Indices past the end wrap around (padding); their logits are dropped below.
-        let (lo, hi) = (s + r.start, s + r.end);
-        let mut part = eval.slice(0..0);
-        let mut i = lo;
-        while i < hi {
+        // Indices past the end of a short last chunk wrap around (padding); their logits are
+        // dropped below.
+        let mut part = chunk.slice(0..0);
+        let mut i = r.start;
+        while i < r.end {
             let start = i % total;
-            let end = (start + (hi - i)).min(total);
-            part.extend(&eval.slice(start..end));
+            let end = (start + (r.end - i)).min(total);
+            part.extend(&chunk.slice(start..end));
             i += end - start;
         }
         let l = rank.predict(be, &part)?;
         let (all, _) = rank.comms.world.all_gather_alloc(&l)?;
         // Reorder: world rank order → sample order of the global chunk.
-        let mut chunk = vec![0.0f32; gb];
+        let mut ordered = vec![0.0f32; gb];
         let per = gb / grid.world();
         for wr in 0..grid.world() {
             let rr = grid.sample_range(wr, gb);
-            chunk[rr].copy_from_slice(&all[wr * per..(wr + 1) * per]);
+            ordered[rr].copy_from_slice(&all[wr * per..(wr + 1) * per]);
         }
-        let keep = gb.min(total - s);
-        logits.extend_from_slice(&chunk[..keep]);
-        labels.extend_from_slice(&eval.labels[s..s + keep]);
-        s += gb;
+        logits.extend_from_slice(&ordered[..total]);
+        labels.extend_from_slice(&chunk.labels);
+        if total < gb {
+            break;
+        }
+    }
+    if labels.is_empty() {
+        return Err(Error::Input("the eval set is empty: there is no metric to report".into()));
     }
     let r = evaluate(&logits, &labels);
     Ok((r.ne, r.auc))

@@ -26,7 +26,7 @@ use crate::config::{ModelConfig, Pooling, TrainConfig, WeightDecay};
 use crate::data::Batch;
 use crate::dense::DenseNet;
 use crate::embedding::{new_shard, upload_bags};
-use crate::grid::GridComms;
+use crate::grid::{Grid, GridComms};
 use crate::plan::{Plan, ShardingType};
 use crate::{Error, Result};
 use ember_transport::ReduceOp;
@@ -67,6 +67,29 @@ pub struct CheckpointOptions {
     /// Complete checkpoints kept.
     pub keep: usize,
     pub resume: bool,
+    /// The run owning `dir` (`checkpoint::claim`): only its checkpoints are pruned.
+    pub run_id: Option<String>,
+}
+
+impl ParallelOptions {
+    /// The options' own consistency on `grid` ([`Rank2D::new`] checks it; a caller may check it
+    /// before acting on the options, e.g. before claiming the checkpoint folder): K >= 1, and
+    /// under M > 1 without fully-sharded 2D a checkpoint interval that is a multiple of K (a
+    /// checkpoint must fall on a replica sync).
+    pub fn check(&self, grid: Grid) -> Result<()> {
+        if self.sync_every == 0 {
+            return Err(Error::Config("sync_every (K) must be >= 1".into()));
+        }
+        if let Some(ck) = self.checkpoint.as_ref().filter(|c| c.every > 0) {
+            if grid.m > 1 && !self.fully_sharded && ck.every % self.sync_every != 0 {
+                return Err(Error::Config(format!(
+                    "checkpoint every {} steps with replica sync every {} steps: a checkpoint must fall on a sync step, so the checkpoint interval must be a multiple of K",
+                    ck.every, self.sync_every
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ParallelOptions {
@@ -202,17 +225,7 @@ impl<B: Backend> Rank2D<B> {
         if cfg.batch_size % grid.world() != 0 {
             return Err(Error::Config(format!("global batch {} is not divisible by the {} ranks", cfg.batch_size, grid.world())));
         }
-        if opts.sync_every == 0 {
-            return Err(Error::Config("sync_every (K) must be >= 1".into()));
-        }
-        if let Some(ck) = opts.checkpoint.as_ref().filter(|c| c.every > 0) {
-            if grid.m > 1 && !opts.fully_sharded && ck.every % opts.sync_every != 0 {
-                return Err(Error::Config(format!(
-                    "checkpoint every {} steps with replica sync every {} steps: a checkpoint must fall on a sync step, so the checkpoint interval must be a multiple of K",
-                    ck.every, opts.sync_every
-                )));
-            }
-        }
+        opts.check(grid)?;
         let (_, r) = comms.coords();
         let emb_upd = EmbUpdate::new(&cfg.optim.embedding, &cfg.optim.weight_decay, default_momentum_c(grid.m, opts.fully_sharded));
         let l2 = match cfg.optim.weight_decay {

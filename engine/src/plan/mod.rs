@@ -148,11 +148,11 @@ impl Plan {
             return Err(Error::Config(format!("plan covers {} tables, model has {}", self.tables.len(), model.tables.len())));
         }
         for (i, tp) in self.tables.iter().enumerate() {
-            let t = &model.tables[tp.table];
             let bad = |m: String| Err(Error::Config(format!("plan, table {}: {m}", tp.table)));
             if tp.table != i {
                 return bad(format!("listed at position {i}"));
             }
+            let t = &model.tables[i];
             if tp.shards.is_empty() {
                 return bad("no shards".into());
             }

@@ -7,9 +7,7 @@ impl Cuda {
     pub(super) fn gemm_impl(&self, g: Gemm, a: &DevBuf<f32>, b: &DevBuf<f32>, c: &mut DevBuf<f32>) -> Result<()> {
         use cudarc::cublas::{result as br, sys as bs};
         let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
-        check(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, || {
-            format!("gemm {m}x{n}x{k}: buffers of {}, {}, {} floats too small", a.len(), b.len(), c.len())
-        })?;
+        crate::backend::check_gemm(&g, a.len(), b.len(), c.len())?;
         if m == 0 || n == 0 {
             return Ok(());
         }

@@ -43,10 +43,7 @@ impl Cuda {
         if let Some(s) = &bags.scale {
             check(s.len() == n, || format!("{what}: {} scales for {n} bags", s.len()))?;
         }
-        check(layout.col + cols <= layout.stride, || format!("{what}: columns {}..{} exceed stride {}", layout.col, layout.col + cols, layout.stride))?;
-        check(n == 0 || (n - 1) * layout.stride + layout.col + cols <= buf_len, || {
-            format!("{what}: buffer of {buf_len} floats too small for {n} rows of stride {}", layout.stride)
-        })?;
+        crate::backend::check_layout(what, n, cols, layout, buf_len)?;
         check(rows <= u32::MAX as usize && bags.ids.len() < u32::MAX as usize && n < u32::MAX as usize, || {
             format!("{what}: shard rows, ids and bags must each be < 2^32 on the GPU")
         })?;
@@ -56,6 +53,7 @@ impl Cuda {
     /// Body of `Backend::embedding_forward`.
     pub(super) fn embedding_forward_impl(&self, shard: &Shard<Cuda>, bags: &Bags<Cuda>, out: &mut DevBuf<f32>, layout: Layout, accumulate: bool) -> Result<()> {
         let cols = shard.spec.num_cols();
+        crate::backend::check_shard_bufs("embedding_forward", &shard.spec, shard.weights.len(), None)?;
         self.check_bags(shard.spec.num_rows(), cols, bags, out.len(), layout, "embedding_forward")?;
         let n = bags.num_bags;
         if n == 0 || cols == 0 {
@@ -67,7 +65,7 @@ impl Cuda {
         let (op, stride, col, acc, nb) = (out.ptr(), layout.stride as i64, layout.col as i64, accumulate as i32, n as i64);
         if cols % 4 == 0 && layout.stride % 4 == 0 && layout.col % 4 == 0 {
             let tpb = (cols / 4).next_power_of_two().min(32) as i32;
-            let g = Self::blocks(n * tpb as usize, 256)?;
+            let g = Self::blocks(Self::size("embedding_forward", &[n, tpb as usize])?, 256)?;
             unsafe {
                 self.gpu
                     .launch("emb_fwd_v4", g, 256)
@@ -87,7 +85,7 @@ impl Cuda {
             }
             .map_err(dev)
         } else {
-            let g = Self::blocks(n * cols, 256)?;
+            let g = Self::blocks(Self::size("embedding_forward", &[n, cols])?, 256)?;
             unsafe {
                 self.gpu
                     .launch("emb_fwd_scalar", g, 256)
@@ -113,9 +111,7 @@ impl Cuda {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
         self.check_bags(rows, cols, bags, grad.len(), layout, "embedding_backward_update")?;
-        check(shard.state.len() == rows * upd.state_per_row(cols), || {
-            format!("embedding_backward_update: state of {} floats for {rows} rows and {:?}", shard.state.len(), upd.kind)
-        })?;
+        crate::backend::check_shard_bufs("embedding_backward_update", &shard.spec, shard.weights.len(), Some((shard.state.len(), upd.state_per_row(cols))))?;
         check(upd.kind != EmbKind::RowWiseAdagrad || cols == shard.spec.dim, || {
             "embedding_backward_update: a column shard needs the two-phase update (row_grads, then apply with whole-row Σg²)".into()
         })?;
@@ -140,6 +136,7 @@ impl Cuda {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
         self.check_bags(rows, cols, bags, grad.len(), layout, "embedding_row_grads")?;
+        crate::backend::check_shard_bufs("embedding_row_grads", &shard.spec, shard.weights.len(), None)?;
         check(cols <= MAX_BWD_COLS, || format!("embedding_row_grads: {cols} columns per shard; the GPU kernels take at most {MAX_BWD_COLS}"))?;
         let _g = self.lock()?;
         if bags.ids.is_empty() {
@@ -152,7 +149,7 @@ impl Cuda {
             self.gpu.dtoh(&mut cnt, p.counters).map_err(dev)?;
             let nu = cnt[0] as usize;
             let out_rows: DevBuf<u64> = self.gpu.alloc(nu).map_err(dev)?;
-            let grads: DevBuf<f32> = self.gpu.alloc(nu * cols).map_err(dev)?;
+            let grads: DevBuf<f32> = self.gpu.alloc(Self::size("embedding_row_grads", &[nu, cols])?).map_err(dev)?;
             let sq: DevBuf<f32> = self.gpu.alloc(nu).map_err(dev)?;
             let (u, c, o) = (p.uniq, p.counters, out_rows.ptr());
             unsafe { self.gpu.launch("widen_u32", Self::blocks(nu, 256)?, 256).map_err(dev)?.arg(&u).arg(&c).arg(&o).go() }.map_err(dev)?;
@@ -170,14 +167,30 @@ impl Cuda {
         Ok(r)
     }
 
+    /// Whether `rows[..n]` (device) are strictly ascending and below `limit`: a kernel flags
+    /// the first violation, the flag comes back to the host. Uses the scratch arena.
+    fn check_rows(&self, rows: &DevBuf<u64>, n: usize, limit: usize) -> Result<()> {
+        let flag = self.scratch(8)?;
+        self.gpu.memset0(flag, 8).map_err(dev)?;
+        let (rp, ni, lim) = (rows.ptr(), n as i64, limit as u64);
+        unsafe { self.gpu.launch("check_rows_ascending", Self::blocks(n, 256)?, 256).map_err(dev)?.arg(&rp).arg(&ni).arg(&lim).arg(&flag).go() }.map_err(dev)?;
+        let mut bad = [0u64; 1];
+        self.gpu.dtoh(&mut bad, flag).map_err(dev)?;
+        if bad[0] != 0 {
+            return Err(Error::Input(format!("embedding_apply: row {} of {n} is not unique, ascending and inside the shard's {limit} rows", bad[0] - 1)));
+        }
+        Ok(())
+    }
+
     /// Body of `Backend::embedding_apply`.
     pub(super) fn embedding_apply_impl(&self, shard: &mut Shard<Cuda>, rg: &RowGrads<Cuda>, row_sq: Option<&DevBuf<f32>>, upd: &EmbUpdate) -> Result<()> {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
-        check(rg.rows.len() == rg.num_rows && rg.grads.len() == rg.num_rows * cols && rg.sq.len() == rg.num_rows, || {
+        check(rg.rows.len() == rg.num_rows && Some(rg.grads.len()) == crate::backend::product(&[rg.num_rows, cols]) && rg.sq.len() == rg.num_rows, || {
             format!("embedding_apply: row grads of inconsistent sizes ({} rows)", rg.num_rows)
         })?;
-        check(shard.state.len() == rows * upd.state_per_row(cols), || "embedding_apply: state size does not match the optimizer".into())?;
+        crate::backend::check_shard_bufs("embedding_apply", &shard.spec, shard.weights.len(), Some((shard.state.len(), upd.state_per_row(cols))))?;
+        check(rg.num_rows <= rows, || format!("embedding_apply: {} row gradients for a shard of {rows} rows", rg.num_rows))?;
         if let Some(s) = row_sq {
             check(s.len() == rg.num_rows, || format!("embedding_apply: {} row sums for {} rows", s.len(), rg.num_rows))?;
         }
@@ -186,12 +199,18 @@ impl Cuda {
             return Ok(());
         }
         let _g = self.lock()?;
+        // The rows are on the device: one pass checks them there (unique, ascending, inside the
+        // shard) before any is written, as the CPU backend checks them on the host.
+        let checked = self.check_rows(&rg.rows, rg.num_rows, rows);
+        let d = self.done();
+        checked?;
+        d?;
         let o = Opt::new(upd, shard.spec.dim);
         let (w, s, ci, r, nr, g, sq) = (shard.weights.ptr(), shard.state.ptr(), cols as i64, rg.rows.ptr(), rg.num_rows as i64, rg.grads.ptr(), rg.sq.ptr());
         let rsq = row_sq.map_or(NULL, |b| b.ptr());
         unsafe {
             self.gpu
-                .launch("emb_apply_rowgrads", self.grid(rg.num_rows * 32), 256)
+                .launch("emb_apply_rowgrads", self.grid(Self::size("embedding_apply", &[rg.num_rows, 32])?), 256)
                 .map_err(dev)?
                 .arg(&w)
                 .arg(&s)

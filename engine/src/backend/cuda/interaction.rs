@@ -6,7 +6,7 @@ impl Cuda {
     /// Body of `Backend::cross_combine_backward`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn cross_combine_backward_impl(&self, x0: &DevBuf<f32>, uv: &DevBuf<f32>, bias: &DevBuf<f32>, dout: &DevBuf<f32>, rows: usize, cols: usize, duv: &mut DevBuf<f32>, dx0: &mut DevBuf<f32>) -> Result<()> {
-        let n = rows * cols;
+        let n = Self::size("cross_combine_backward", &[rows, cols])?;
         check(x0.len() >= n && uv.len() >= n && dout.len() >= n && duv.len() >= n && dx0.len() >= n && bias.len() == cols, || {
             format!("cross_combine_backward: {rows}x{cols}")
         })?;

@@ -144,6 +144,19 @@ impl Cuda {
         self.gpu.grid_for(n, 256)
     }
 
+    /// The product of `dims` (a launch or buffer size), an error on overflow.
+    fn size(what: &str, dims: &[usize]) -> Result<usize> {
+        crate::backend::product(dims).ok_or_else(|| Error::Input(format!("{what}: size {dims:?} overflows")))
+    }
+
+    /// Floats of a dot interaction's input (batch × (f+1) × d) and output (batch × (d + (f+1)f/2)).
+    fn interaction_sizes(what: &str, batch: usize, f: usize, d: usize) -> Result<(usize, usize)> {
+        let f1 = f.checked_add(1).ok_or_else(|| Error::Input(format!("{what}: f = {f} overflows")))?;
+        let pairs = Self::size(what, &[f1, f])? / 2;
+        let w = d.checked_add(pairs).ok_or_else(|| Error::Input(format!("{what}: width overflows")))?;
+        Ok((Self::size(what, &[batch, f1, d])?, Self::size(what, &[batch, w])?))
+    }
+
     fn blocks(n: usize, per: usize) -> Result<u32> {
         let b = n.div_ceil(per).max(1);
         u32::try_from(b).map_err(|_| Error::Input(format!("launch of {n} threads is too large")))
@@ -249,10 +262,11 @@ impl Backend for Cuda {
     }
 
     fn bias_act(&self, x: &mut DevBuf<f32>, bias: &DevBuf<f32>, rows: usize, cols: usize, act: Act) -> Result<()> {
-        check(x.len() >= rows * cols && bias.len() == cols, || format!("bias_act: {rows}x{cols} with bias {}", bias.len()))?;
+        let n = Self::size("bias_act", &[rows, cols])?;
+        check(x.len() >= n && bias.len() == cols, || format!("bias_act: {rows}x{cols} with bias {}", bias.len()))?;
         let _g = self.lock()?;
         let (xp, bp, r, c, a) = (x.ptr(), bias.ptr(), rows as i64, cols as i64, (act == Act::Relu) as i32);
-        unsafe { self.gpu.launch("bias_act", self.grid(rows * cols), 256).map_err(dev)?.arg(&xp).arg(&bp).arg(&r).arg(&c).arg(&a).go() }.map_err(dev)
+        unsafe { self.gpu.launch("bias_act", self.grid(n), 256).map_err(dev)?.arg(&xp).arg(&bp).arg(&r).arg(&c).arg(&a).go() }.map_err(dev)
     }
 
     fn act_backward(&self, y: &DevBuf<f32>, dy: &mut DevBuf<f32>, act: Act) -> Result<()> {
@@ -266,14 +280,16 @@ impl Backend for Cuda {
     }
 
     fn col_sum(&self, x: &DevBuf<f32>, rows: usize, cols: usize, beta: f32, out: &mut DevBuf<f32>) -> Result<()> {
-        check(x.len() >= rows * cols && out.len() == cols, || format!("col_sum: {rows}x{cols} into {}", out.len()))?;
+        check(x.len() >= Self::size("col_sum", &[rows, cols])? && out.len() == cols, || format!("col_sum: {rows}x{cols} into {}", out.len()))?;
         let _g = self.lock()?;
         let (xp, r, c, op) = (x.ptr(), rows as i64, cols as i64, out.ptr());
         unsafe { self.gpu.launch("col_sum", Self::blocks(cols, 32)?, 256).map_err(dev)?.arg(&xp).arg(&r).arg(&c).arg(&beta).arg(&op).go() }.map_err(dev)
     }
 
     fn copy_block(&self, narrow: &mut DevBuf<f32>, wide: &mut DevBuf<f32>, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()> {
-        check(narrow.len() >= rows * cols && dst.col + cols <= dst.stride && wide.len() >= rows * dst.stride, || {
+        let n = Self::size("copy_block", &[rows, cols])?;
+        let w = Self::size("copy_block", &[rows, dst.stride])?;
+        check(narrow.len() >= n && dst.col.checked_add(cols).is_some_and(|e| e <= dst.stride) && wide.len() >= w, || {
             format!("copy_block: {rows}x{cols} at col {} of stride {}", dst.col, dst.stride)
         })?;
         if cols == 0 || rows == 0 {
@@ -282,7 +298,7 @@ impl Backend for Cuda {
         let _g = self.lock()?;
         let (np, wp, r, c, s, col, t) = (narrow.ptr(), wide.ptr(), rows as i64, cols as i64, dst.stride as i64, dst.col as i64, to_wide as i32);
         unsafe {
-            self.gpu.launch("copy_block", self.grid(rows * cols), 256).map_err(dev)?.arg(&np).arg(&wp).arg(&r).arg(&c).arg(&s).arg(&col).arg(&t).go()
+            self.gpu.launch("copy_block", self.grid(n), 256).map_err(dev)?.arg(&np).arg(&wp).arg(&r).arg(&c).arg(&s).arg(&col).arg(&t).go()
         }
         .map_err(dev)
     }
@@ -292,14 +308,15 @@ impl Backend for Cuda {
             return Ok(());
         }
         super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
+        let n = Self::size("copy_2d", &[rows, cols])?;
         let _g = self.lock()?;
         if rows == 1 || (src_stride == cols && dst_stride == cols) {
-            return self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src.ptr() + src_off as u64 * 4, rows * cols * 4).map_err(dev);
+            return self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src.ptr() + src_off as u64 * 4, n * 4).map_err(dev);
         }
         let (sp, so, ss, dp, doff, ds, r, c) =
             (src.ptr(), src_off as i64, src_stride as i64, dst.ptr(), dst_off as i64, dst_stride as i64, rows as i64, cols as i64);
         unsafe {
-            self.gpu.launch("copy_2d", self.grid(rows * cols), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
+            self.gpu.launch("copy_2d", self.grid(n), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
         }
         .map_err(dev)
     }
@@ -309,10 +326,10 @@ impl Backend for Cuda {
             return Ok(());
         }
         super::check_scale_rows(x.len(), off, stride, rows, cols, s.len())?;
-
+        let n = Self::size("scale_rows", &[rows, cols])?;
         let _g = self.lock()?;
         let (xp, o, st, r, c, sp) = (x.ptr(), off as i64, stride as i64, rows as i64, cols as i64, s.ptr());
-        unsafe { self.gpu.launch("scale_rows", self.grid(rows * cols), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }
+        unsafe { self.gpu.launch("scale_rows", self.grid(n), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }
             .map_err(dev)
     }
 
@@ -330,7 +347,8 @@ impl Backend for Cuda {
     }
 
     unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
-        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
+        let total = Self::size("mean_rows_from", &[num_rows, cols])?;
+        check(rows.len() == num_rows && out.len() == total && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
             format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
         })?;
         if num_rows == 0 || cols == 0 {
@@ -339,20 +357,21 @@ impl Backend for Cuda {
         let table = self.upload_ids(srcs)?;
         let _g = self.lock()?;
         let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
-        self.gpu.launch("mean_rows_from", self.grid(num_rows * cols), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go().map_err(dev)?;
+        self.gpu.launch("mean_rows_from", self.grid(total), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go().map_err(dev)?;
         // `table` returns to the pool when dropped; the kernel must have read it by then.
         self.gpu.sync().map_err(dev)
     }
 
     fn put_rows(&self, dst: &mut DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, src: &DevBuf<f32>, cols: usize) -> Result<()> {
         // Row indices were range-checked on the host before upload (replica sync's union).
-        check(rows.len() == num_rows && src.len() == num_rows * cols, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
+        let total = Self::size("put_rows", &[num_rows, cols])?;
+        check(rows.len() == num_rows && src.len() == total, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
         if num_rows == 0 || cols == 0 {
             return Ok(());
         }
         let _g = self.lock()?;
         let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
-        unsafe { self.gpu.launch("put_rows", self.grid(num_rows * cols), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
+        unsafe { self.gpu.launch("put_rows", self.grid(total), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
     }
 
     fn axpy(&self, a: f32, x: &DevBuf<f32>, y: &mut DevBuf<f32>) -> Result<()> {
@@ -369,29 +388,28 @@ impl Backend for Cuda {
     }
 
     fn dot_interaction(&self, x: &DevBuf<f32>, batch: usize, f: usize, d: usize, out: &mut DevBuf<f32>) -> Result<()> {
-        let w = d + (f + 1) * f / 2;
-        check(x.len() >= batch * (f + 1) * d && out.len() >= batch * w, || format!("dot_interaction: batch {batch}, f {f}, d {d}: buffers too small"))?;
+        let (v, w) = Self::interaction_sizes("dot_interaction", batch, f, d)?;
+        check(x.len() >= v && out.len() >= w, || format!("dot_interaction: batch {batch}, f {f}, d {d}: buffers too small"))?;
         let _g = self.lock()?;
         let (xp, b, fi, di, op) = (x.ptr(), batch as i64, f as i64, d as i64, out.ptr());
-        unsafe { self.gpu.launch("dot_interaction", self.grid(batch * w), 256).map_err(dev)?.arg(&xp).arg(&b).arg(&fi).arg(&di).arg(&op).go() }.map_err(dev)
+        unsafe { self.gpu.launch("dot_interaction", self.grid(w), 256).map_err(dev)?.arg(&xp).arg(&b).arg(&fi).arg(&di).arg(&op).go() }.map_err(dev)
     }
 
     fn dot_interaction_backward(&self, x: &DevBuf<f32>, dout: &DevBuf<f32>, batch: usize, f: usize, d: usize, dx: &mut DevBuf<f32>) -> Result<()> {
-        let w = d + (f + 1) * f / 2;
-        let v = (f + 1) * d;
-        check(x.len() >= batch * v && dout.len() >= batch * w && dx.len() >= batch * v, || {
+        let (v, w) = Self::interaction_sizes("dot_interaction_backward", batch, f, d)?;
+        check(x.len() >= v && dout.len() >= w && dx.len() >= v, || {
             format!("dot_interaction_backward: batch {batch}, f {f}, d {d}: buffers too small")
         })?;
         let _g = self.lock()?;
         let (xp, dp, b, fi, di, gp) = (x.ptr(), dout.ptr(), batch as i64, f as i64, d as i64, dx.ptr());
         unsafe {
-            self.gpu.launch("dot_interaction_backward", self.grid(batch * v), 256).map_err(dev)?.arg(&xp).arg(&dp).arg(&b).arg(&fi).arg(&di).arg(&gp).go()
+            self.gpu.launch("dot_interaction_backward", self.grid(v), 256).map_err(dev)?.arg(&xp).arg(&dp).arg(&b).arg(&fi).arg(&di).arg(&gp).go()
         }
         .map_err(dev)
     }
 
     fn cross_combine(&self, x0: &DevBuf<f32>, uv: &DevBuf<f32>, bias: &DevBuf<f32>, xl: &DevBuf<f32>, rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
-        let n = rows * cols;
+        let n = Self::size("cross_combine", &[rows, cols])?;
         check(x0.len() >= n && uv.len() >= n && xl.len() >= n && out.len() >= n && bias.len() == cols, || format!("cross_combine: {rows}x{cols}"))?;
         let _g = self.lock()?;
         let (a, b, c, d, r, co, o) = (x0.ptr(), uv.ptr(), bias.ptr(), xl.ptr(), rows as i64, cols as i64, out.ptr());

@@ -29,3 +29,31 @@ fn staging_round_trips_through_pinned_memory() {
     assert!(matches!(be.download_into(&buf, &mut back[1..]), Err(Error::Input(_))));
     assert!(matches!(be.upload_into(&data[1..], &mut buf), Err(Error::Input(_))));
 }
+
+/// Needs a GPU (otherwise it says SKIPPED and passes): `embedding_apply` refuses row gradients
+/// whose rows repeat, go down or leave the shard (checked on the device, as the CPU backend
+/// checks them on the host), and changes nothing then; good rows apply as on the CPU.
+#[test]
+fn apply_refuses_rows_that_repeat_or_leave_the_shard() {
+    if let Err(e) = Cuda::probe() {
+        eprintln!("SKIPPED (no GPU): {e}");
+        return;
+    }
+    let be = Cuda::for_rank(0, PoolConfig::default()).expect("a probed device opens");
+    let upd = EmbUpdate { kind: EmbKind::RowWiseAdagrad, lr: 0.1, eps: 1e-8, c: 1.0, eps_inside: false, l2: 0.0 };
+    let spec = ShardSpec::whole(0, 10, 8);
+    let init: Vec<f32> = (0..80).map(|i| i as f32 * 0.01).collect();
+    let mut shard = be.shard(spec.clone(), &init, &upd).unwrap();
+    let rg = |rows: &[u64]| RowGrads { rows: be.upload_ids(rows).unwrap(), num_rows: rows.len(), grads: be.upload(&vec![1.0; rows.len() * 8]).unwrap(), sq: be.upload(&vec![8.0; rows.len()]).unwrap() };
+    for bad in [&[3u64, 3][..], &[5, 2], &[1, 10], &[u64::MAX]] {
+        let e = be.embedding_apply(&mut shard, &rg(bad), None, &upd).expect_err("bad rows accepted");
+        assert!(e.to_string().contains("unique, ascending"), "{bad:?}: {e}");
+        assert_eq!(be.download(&shard.weights).unwrap(), init, "{bad:?}: a refused apply changed the weights");
+    }
+    be.embedding_apply(&mut shard, &rg(&[1, 4, 9]), None, &upd).unwrap();
+    let mut cpu = Cpu.shard(spec, &init, &upd).unwrap();
+    let crg = RowGrads { rows: vec![1, 4, 9], num_rows: 3, grads: vec![1.0; 24], sq: vec![8.0; 3] };
+    Cpu.embedding_apply(&mut cpu, &crg, None, &upd).unwrap();
+    let got = be.download(&shard.weights).unwrap();
+    assert!(got.iter().zip(&cpu.weights).all(|(a, b)| (a - b).abs() <= 1e-6), "GPU apply differs from the CPU");
+}

@@ -1,0 +1,39 @@
+//! The Criteo reader on an arbitrary file: format detection, line counting and seek points,
+//! the line-length cap, bad lines skipped, skip(), and the eval split streamed in chunks.
+//! Every outcome is a batch that fits the model or an error.
+#![no_main]
+use ember_engine::config::preset;
+use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::{DataSource, EvalSet};
+use std::io::Write;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Some((&shape, text)) = data.split_first() else { return };
+    let mut model = preset("tiny", None).expect("tiny preset").model;
+    model.num_dense = 1 + (shape & 1) as usize;
+    model.tables.truncate(1 + ((shape >> 1) & 3) as usize);
+    // A memory-backed file where there is one.
+    let dir = if std::path::Path::new("/dev/shm").is_dir() { std::path::PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let path = dir.join(format!("ember-fuzz-criteo-{}.csv", std::process::id()));
+    std::fs::File::create(&path).and_then(|mut f| f.write_all(text)).expect("write the input file");
+    let policy = if shape & 0x80 != 0 { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
+    let Ok(mut r) = CriteoReader::open(&path, &model, policy) else { return };
+    assert!(r.data_lines() > 0);
+    let n = 1 + ((shape >> 3) & 7) as usize;
+    if shape & 0x40 != 0 {
+        let _ = r.skip(n as u64);
+    }
+    while let Ok(Some(b)) = r.next_batch(n) {
+        assert!(b.size() <= n);
+        b.validate(&model).expect("a training batch fits the model");
+    }
+    if let Ok(ev) = r.eval_stream() {
+        for k in 0..64 {
+            match ev.chunk(k, n) {
+                Ok(b) if b.size() == 0 => break,
+                Ok(b) => b.validate(&model).expect("an eval chunk fits the model"),
+                Err(_) => break,
+            }
+        }
+    }
+});
