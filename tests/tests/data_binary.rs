@@ -429,3 +429,36 @@ fn split_epochs_and_the_seeded_file_order() {
     assert_same(&s.eval_set().unwrap(), &all.slice(43..46), "separate eval file");
     assert!(s.read_global(40, 4).is_err(), "past the end of one epoch");
 }
+
+#[test]
+fn the_eval_set_streams_chunk_by_chunk_across_files() {
+    use ember_engine::data::EvalSet;
+    let dir = tmp_dir("eval-stream");
+    let sizes = [10, 7, 12, 5, 9, 3];
+    let (paths, model, all) = numbered_files(&dir, &sizes);
+    // Eval over three files (5 + 9 + 3 samples), and the default split cutting into the last two.
+    let eval = Format::Binary(paths[3..].to_vec());
+    let sep = MappedData::open(&Format::Binary(paths[..3].to_vec()), Some(&eval), &model, 1, 1).unwrap();
+    let def = MappedData::open(&Format::Binary(paths.clone()), None, &model, 1, 1).unwrap();
+    for (d, want, what) in [(&sep, all.slice(29..46), "separate eval files"), (&def, all.slice(42..46), "default split")] {
+        let ev = d.eval_stream();
+        assert_eq!(ev.len(), want.size() as u64, "{what}");
+        for n in [1, 2, 4, 5, 7, 16, 17, 100] {
+            let mut got = Batch::new(model.num_dense, model.tables.len());
+            for k in 0.. {
+                let c = ev.chunk(k, n).unwrap();
+                assert!(c.size() <= n, "{what}: chunk {k} of {n} holds {}", c.size());
+                if c.size() == 0 {
+                    break;
+                }
+                assert_same(&c, &want.slice(k * n..(k * n + n).min(want.size())), &format!("{what}: chunk {k} of {n}"));
+                got.extend(&c);
+            }
+            assert_same(&got, &want, &format!("{what}: chunks of {n}"));
+        }
+        // Chunks are random access (ranks ask for the same chunk in turn), past the end empty.
+        assert_same(&ev.chunk(1, 2).unwrap(), &want.slice(2..4), &format!("{what}: chunk 1 again"));
+        assert_eq!(ev.chunk(usize::MAX, usize::MAX).unwrap().size(), 0, "{what}: a start past u64");
+        assert!(ev.chunk(0, 0).is_err(), "{what}: a chunk of 0 samples");
+    }
+}

@@ -171,9 +171,9 @@ pub fn run(a: TrainArgs) -> CliResult {
             cfg.steps = Some(epoch_steps(cfg.steps, r.train_lines(), cfg.batch_size, true)?);
             (Data::Criteo(r), Box::new(eval))
         }
-        Some(FileData::Mapped(mut d)) => {
+        Some(FileData::Mapped(d)) => {
             cfg.steps = Some(epoch_steps(cfg.steps, d.train_len() * d.epochs(), cfg.batch_size, true)?);
-            let eval = d.eval_set()?;
+            let eval = d.eval_stream();
             (Data::Mapped(d), Box::new(eval))
         }
         None => {

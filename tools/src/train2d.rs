@@ -67,12 +67,12 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
             Source::Files(readers)
         }
     };
-    // The eval set: the synthetic one, or the file's eval split read chunk by chunk (shared by
+    // The eval set: the synthetic one, or the data's eval part read chunk by chunk (shared by
     // the in-process ranks).
     let (eval, oracle): (Box<dyn EvalSet>, _) = match &source {
         Source::Synthetic(d) => (Box::new(d.eval_batch()), Some(d.oracle_eval())),
         Source::Files(r) => (Box::new(r[0].lock().map_err(|_| "reader lock")?.eval_stream()?), None),
-        Source::Mapped(d) => (Box::new(d.clone().eval_set()?), None),
+        Source::Mapped(d) => (Box::new(d.eval_stream()), None),
     };
     let root = join.as_ref().map_or(true, |j| j.rank == 0);
     let steps = match (cfg.steps, &source) {

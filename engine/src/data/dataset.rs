@@ -16,11 +16,12 @@
 //! the eval path's the eval set; without one, the last `floor(samples / 10)` samples (in file
 //! order, as the text reader does) are the eval set. Epoch e visits the training part's files
 //! (whole files, and the part of a file the eval range leaves) in an order drawn from
-//! (seed, e); global sample g is sample g mod len of epoch g / len.
+//! (seed, e); global sample g is sample g mod len of epoch g / len. The eval set is read chunk
+//! by chunk from the mapped files ([`MappedEval`], an [`EvalSet`]), never whole.
 use crate::config::ModelConfig;
 use crate::data::binary::{BinaryFile, MAGIC};
 use crate::data::npy::NpyDay;
-use crate::data::{Batch, DataSource};
+use crate::data::{Batch, DataSource, EvalSet};
 use crate::{Error, Result};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -200,15 +201,60 @@ fn pieces(segs: &[Segment], mut at: u64, mut n: u64, mut f: impl FnMut(Segment) 
     Ok(())
 }
 
+/// Empty batch of the data's layout with room for `n` samples' labels and dense values.
+fn empty(num_dense: usize, num_tables: usize, n: usize) -> Batch {
+    let mut b = Batch::new(num_dense, num_tables);
+    b.dense.reserve(n * num_dense);
+    b.labels.reserve(n);
+    b
+}
+
+/// The eval part of a [`MappedData`] as an [`EvalSet`]: each chunk is read from the mapped files
+/// when asked for, so memory holds one chunk (and the page cache the pages it touched).
+#[derive(Clone, Debug)]
+pub struct MappedEval {
+    files: Arc<Vec<MappedFile>>,
+    segs: Vec<Segment>,
+    len: u64,
+    num_dense: usize,
+    num_tables: usize,
+}
+
+impl MappedEval {
+    /// Eval samples.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Eval samples `[at, at + n)` (clipped to the eval part).
+    pub fn read(&self, at: u64, n: usize) -> Result<Batch> {
+        let n = (n as u64).min(self.len.saturating_sub(at));
+        let mut b = empty(self.num_dense, self.num_tables, n as usize);
+        pieces(&self.segs, at, n, |s| self.files[s.file].read_into(s.start, s.len as usize, &mut b))?;
+        Ok(b)
+    }
+}
+
+impl EvalSet for MappedEval {
+    fn chunk(&self, k: usize, n: usize) -> Result<Batch> {
+        if n == 0 {
+            return Err(Error::Input("eval chunk of 0 samples".into()));
+        }
+        // A start past u64 is past the end: an empty chunk.
+        let at = (k as u64).checked_mul(n as u64).unwrap_or(u64::MAX);
+        self.read(at, n)
+    }
+}
+
 /// Memory-mapped training data: the training and eval parts, epochs, and reads by global index.
 #[derive(Clone, Debug)]
 pub struct MappedData {
     files: Arc<Vec<MappedFile>>,
-    eval_files: Arc<Vec<MappedFile>>,
     train: Vec<Segment>,
-    eval: Vec<Segment>,
+    eval: MappedEval,
     train_len: u64,
-    eval_len: u64,
     epochs: u64,
     seed: u64,
     num_dense: usize,
@@ -263,11 +309,9 @@ impl MappedData {
         train_len.checked_mul(epochs).ok_or_else(|| Error::Config(format!("{epochs} epochs of {train_len} samples overflow")))?;
         Ok(MappedData {
             files,
-            eval_files,
             train,
-            eval: eval_segs,
+            eval: MappedEval { files: eval_files, segs: eval_segs, len: eval_len, num_dense: model.num_dense, num_tables: model.tables.len() },
             train_len,
-            eval_len,
             epochs,
             seed,
             num_dense: model.num_dense,
@@ -284,7 +328,11 @@ impl MappedData {
         self.train_len
     }
     pub fn eval_len(&self) -> u64 {
-        self.eval_len
+        self.eval.len
+    }
+    /// The eval set, read chunk by chunk (memory: one chunk).
+    pub fn eval_stream(&self) -> MappedEval {
+        self.eval.clone()
     }
     pub fn epochs(&self) -> u64 {
         self.epochs
@@ -306,7 +354,7 @@ impl MappedData {
         let end = g.checked_add(n as u64).filter(|&e| e <= self.train_len * self.epochs).ok_or_else(|| {
             Error::Input(format!("samples {g}..{g}+{n} past the end of {} epochs of {} samples", self.epochs, self.train_len))
         })?;
-        let mut b = self.empty(n);
+        let mut b = empty(self.num_dense, self.num_tables, n);
         let mut at = g;
         while at < end {
             let e = at / self.train_len;
@@ -318,20 +366,6 @@ impl MappedData {
         Ok(b)
     }
 
-    /// Eval samples `[at, at + n)` (clipped to the eval part).
-    pub fn read_eval(&self, at: u64, n: usize) -> Result<Batch> {
-        let n = (n as u64).min(self.eval_len.saturating_sub(at));
-        let mut b = self.empty(n as usize);
-        pieces(&self.eval, at, n, |s| self.eval_files[s.file].read_into(s.start, s.len as usize, &mut b))?;
-        Ok(b)
-    }
-
-    fn empty(&self, n: usize) -> Batch {
-        let mut b = Batch::new(self.num_dense, self.num_tables);
-        b.dense.reserve(n * self.num_dense);
-        b.labels.reserve(n);
-        b
-    }
 }
 
 impl DataSource for MappedData {
@@ -353,7 +387,7 @@ impl DataSource for MappedData {
         Ok(())
     }
     fn eval_set(&mut self) -> Result<Batch> {
-        self.read_eval(0, usize::try_from(self.eval_len).map_err(|_| Error::Input("eval set too large".into()))?)
+        self.eval.read(0, usize::try_from(self.eval.len).map_err(|_| Error::Input("eval set too large".into()))?)
     }
     fn len(&self) -> Option<u64> {
         Some(self.train_len * self.epochs)
