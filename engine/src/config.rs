@@ -28,6 +28,8 @@ pub mod limits {
     pub const MAX_BATCH: usize = 1 << 24;
     /// Training steps, and `eval_every`.
     pub const MAX_STEPS: usize = 1_000_000_000;
+    /// Epochs over a dataset (`--epochs`): each is at least one step.
+    pub const MAX_EPOCHS: u64 = MAX_STEPS as u64;
     /// Synthetic eval samples.
     pub const MAX_EVAL_SAMPLES: usize = 1 << 26;
     /// The Zipf exponent of the synthetic ids.

@@ -37,27 +37,33 @@ fn shrink(by: usize) {
 // never allocate.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
+        // SAFETY: the caller's contract for `alloc` (a non-zero-size layout) is passed on unchanged.
+        let p = unsafe { System.alloc(layout) };
         if !p.is_null() && ENABLED.load(Relaxed) {
             grow(layout.size());
         }
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
+        // SAFETY: as for `alloc`: the caller's layout is passed on unchanged.
+        let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() && ENABLED.load(Relaxed) {
             grow(layout.size());
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
+        // SAFETY: `ptr` came from this allocator, i.e. from `System`, with this layout (the
+        // caller's contract for `dealloc`).
+        unsafe { System.dealloc(ptr, layout) };
         if ENABLED.load(Relaxed) {
             shrink(layout.size());
         }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
+        // SAFETY: `ptr` came from `System` with `layout`, and `new_size` is valid for it (the
+        // caller's contract for `realloc`, passed on unchanged).
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() && ENABLED.load(Relaxed) {
             if new_size >= layout.size() {
                 grow(new_size - layout.size());

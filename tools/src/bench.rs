@@ -1,4 +1,4 @@
-//! `ember bench embedding|dlrm|mem` (and dispatch of the transport benchmarks `a2a|allreduce`).
+//! `ember bench embedding|dlrm|mem`, and dispatch of `data` and of the transport benchmarks `a2a|allreduce`.
 use crate::common::{count, count64, zipf, CliResult, Device};
 use clap::{Args, Subcommand};
 use ember_engine::backend::{Backend, Cpu};
@@ -86,6 +86,9 @@ pub enum Which {
     /// Host (or device) memory bandwidth: sequential copy and random row gather.
     #[command(after_help = "Example:\n  ember bench mem --copy-mib 64 --table-mib 256")]
     Mem(crate::bench_mem::MemArgs),
+    /// Data paths: text parse, conversion, binary mmap, .npy/.npz; one rank and per rank, warm and cold.
+    #[command(after_help = "Example:\n  ember bench data --samples 1000000 --grid 2x2")]
+    Data(crate::bench_data::DataArgs),
     /// All-to-all microbenchmark (nccl-tests columns).
     #[command(after_help = "Example:\n  ember bench a2a --ranks 4 -b 1K -e 1M")]
     A2a(crate::comm_bench::CommBenchArgs),
@@ -100,6 +103,7 @@ pub fn run(a: BenchArgs) -> CliResult {
         Which::Dlrm(x) if x.grid.is_some() => dlrm_2d(&x),
         Which::Dlrm(x) => with_device(x.dev.device, |be| dlrm(be, &x)),
         Which::Mem(x) => crate::bench_mem::run(x),
+        Which::Data(x) => crate::bench_data::run(x),
         Which::A2a(x) => crate::comm_bench::run("a2a", x),
         Which::Allreduce(x) => crate::comm_bench::run("allreduce", x),
     }

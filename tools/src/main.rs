@@ -2,11 +2,13 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_data;
 mod bench_mem;
 mod checkpoint;
 mod comm_bench;
 mod common;
 mod config;
+mod convert;
 mod launch;
 #[cfg(feature = "nccl")]
 mod nccl_bench;
@@ -34,7 +36,7 @@ enum Cmd {
     /// Train a DLRM (built-in synthetic data by default, or Criteo files with --data).
     #[command(after_help = "Example:\n  ember train --grid 2x2 --steps 300 --checkpoint-dir ckpt --checkpoint-every 100")]
     Train(train::TrainArgs),
-    /// Benchmarks: embedding, dlrm, mem, a2a, allreduce.
+    /// Benchmarks: embedding, dlrm, mem, data, a2a, allreduce.
     #[command(after_help = "Example:\n  ember bench embedding --rows 100000 --steps 5")]
     Bench(bench::BenchArgs),
     /// Print the sharding plan for a model and grid: per-rank memory, lookups, a2a bytes, imbalance.
@@ -52,6 +54,9 @@ enum Cmd {
     /// Print a training config (a preset, or a config file, with the flags applied) as TOML.
     #[command(after_help = "Example:\n  ember config --preset tiny --steps 300 > tiny.toml")]
     Config(config::ConfigArgs),
+    /// Convert Criteo text files to Ember's binary format (memory-mapped by `train --data`).
+    #[command(after_help = "Example:\n  ember convert day_0 day_1 --out criteo-bin --preset terabyte")]
+    Convert(convert::ConvertArgs),
 }
 
 fn main() {
@@ -83,6 +88,7 @@ fn main() {
         Cmd::Plan(a) => plan::run(a),
         Cmd::Checkpoint(a) => checkpoint::run(a),
         Cmd::Config(a) => config::run(a),
+        Cmd::Convert(a) => convert::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: error: {e}");

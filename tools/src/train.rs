@@ -1,12 +1,13 @@
 //! `ember train`: its flags, and the one-process run (CPU or CUDA backend, synthetic data or a
 //! Criteo file, with or without checkpoints); grids and launched ranks go to `train2d`.
-use crate::common::{check_batch, count, parse_grid, positive_f32, CliResult, Device, ModelArgs, PlacementArg, ShardingArg};
+use crate::common::{check_batch, count, count64, parse_grid, positive_f32, CliResult, Device, ModelArgs, PlacementArg, ShardingArg};
 use crate::notes::{note, set_bar};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::dataset::{detect, Format, MappedData};
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::config::limits::MAX_STEPS;
+use ember_engine::config::limits::{MAX_EPOCHS, MAX_STEPS};
 use ember_engine::data::{DataSource, EvalSet};
 use ember_engine::metrics::EvalResult;
 use ember_engine::parallel::CheckpointOptions;
@@ -18,10 +19,20 @@ use std::path::PathBuf;
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Criteo data: raw (tab-separated, no header) or comma-separated with a header line; the
-    /// last 10 % of its samples are held out for evaluation [default: built-in synthetic data].
+    /// Training data: Criteo text (raw tab-separated, or comma-separated with a header line), an
+    /// Ember binary file or folder of them (`ember convert`), or TorchRec/MLPerf day_N_*.npy
+    /// files or a folder of days; without --eval-data the last 10 % of its samples are held out
+    /// for evaluation [default: built-in synthetic data].
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// With binary or .npy --data: the held-out set, a file or folder of the same kinds
+    /// [default: the last 10 % of --data's samples].
+    #[arg(long, value_name = "PATH")]
+    pub eval_data: Option<PathBuf>,
+    /// With binary or .npy --data: passes over the training samples, each in its own seeded
+    /// order of the files [default: 1].
+    #[arg(long, value_name = "E", value_parser = count64::<1, MAX_EPOCHS>)]
+    pub epochs: Option<u64>,
     /// Training steps, at most one epoch of --data [default: the config's; one epoch with --data].
     #[arg(long, value_parser = count::<1, MAX_STEPS>)]
     pub steps: Option<usize>,
@@ -160,14 +171,17 @@ pub fn run(a: TrainArgs) -> CliResult {
     }
     let mut oracle = None;
     // The eval set: the file's eval split read chunk by chunk, or the synthetic one.
-    let (mut data, eval): (Data, Box<dyn EvalSet>) = match &a.data {
-        Some(path) => {
-            let policy = if a.skip_bad_lines { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
-            let r = CriteoReader::open(path, &cfg.model, policy)?;
+    let (mut data, eval): (Data, Box<dyn EvalSet>) = match open_data(&a, &cfg)? {
+        Some(FileData::Text(r)) => {
             // A file too short for an eval split is refused before its batch count is.
             let eval = r.eval_stream()?;
             cfg.steps = Some(epoch_steps(cfg.steps, r.train_lines(), cfg.batch_size, true)?);
             (Data::Criteo(r), Box::new(eval))
+        }
+        Some(FileData::Mapped(d)) => {
+            cfg.steps = Some(epoch_steps(cfg.steps, d.train_len() * d.epochs(), cfg.batch_size, true)?);
+            let eval = d.eval_stream();
+            (Data::Mapped(d), Box::new(eval))
         }
         None => {
             let mut d = SyntheticData::new(&cfg)?;
@@ -194,7 +208,7 @@ pub fn run(a: TrainArgs) -> CliResult {
     // Bad lines skipped by the training stream and by the last pass over the eval split.
     let skipped = match &data {
         Data::Criteo(r) => Some(r.skipped() + eval.skipped()),
-        Data::Synthetic(_) => None,
+        Data::Mapped(_) | Data::Synthetic(_) => None,
     };
     let steps = cfg.steps.unwrap_or(0);
     let reached = report.evals.last().map_or(0, |e| e.step);
@@ -240,6 +254,7 @@ pub fn epoch_steps(requested: Option<usize>, lines: u64, batch: usize, say: bool
 /// The training data of a one-process run.
 enum Data {
     Criteo(CriteoReader),
+    Mapped(MappedData),
     Synthetic(SyntheticData),
 }
 
@@ -247,9 +262,45 @@ impl Data {
     fn source(&mut self) -> &mut dyn DataSource {
         match self {
             Data::Criteo(r) => r,
+            Data::Mapped(d) => d,
             Data::Synthetic(d) => d,
         }
     }
+}
+
+/// A `--data` path, opened: Criteo text, or a memory-mapped dataset (binary or .npy).
+pub enum FileData {
+    Text(CriteoReader),
+    Mapped(MappedData),
+}
+
+/// Opens `--data` (None without it) with `--eval-data` and `--epochs`, every file checked
+/// against the model before training starts.
+pub fn open_data(a: &TrainArgs, cfg: &TrainConfig) -> Result<Option<FileData>, Box<dyn std::error::Error>> {
+    let Some(path) = &a.data else {
+        if a.eval_data.is_some() || a.epochs.is_some() {
+            return Err("--eval-data and --epochs need --data".into());
+        }
+        return Ok(None);
+    };
+    let format = detect(path, &cfg.model)?;
+    if let Format::Text(p) = format {
+        if a.eval_data.is_some() || a.epochs.is_some() {
+            return Err(format!(
+                "--eval-data and --epochs need binary or .npy --data; {} is Criteo text: convert it first (ember convert {} --out DIR)",
+                p.display(),
+                p.display()
+            )
+            .into());
+        }
+        let policy = if a.skip_bad_lines { BadLinePolicy::Skip } else { BadLinePolicy::Fail };
+        return Ok(Some(FileData::Text(CriteoReader::open(&p, &cfg.model, policy)?)));
+    }
+    if a.skip_bad_lines {
+        return Err(format!("--skip-bad-lines applies to Criteo text; {} is preprocessed data", path.display()).into());
+    }
+    let eval = a.eval_data.as_ref().map(|p| detect(p, &cfg.model)).transpose()?;
+    Ok(Some(FileData::Mapped(MappedData::open(&format, eval.as_ref(), &cfg.model, a.epochs.unwrap_or(1), cfg.seed)?)))
 }
 
 #[cfg(feature = "cuda")]

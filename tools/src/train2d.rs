@@ -1,10 +1,11 @@
 //! `ember train --grid MxN`: 2D training, as T in-process ranks (threads) by default, or as
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
 use crate::common::{CliResult, Device};
-use crate::train::{epoch_steps, TrainArgs};
+use crate::train::{epoch_steps, open_data, FileData, TrainArgs};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
+use ember_engine::data::dataset::MappedData;
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::data::{Batch, DataSource, EvalSet};
 use ember_engine::grid::{Grid, Placement};
@@ -67,24 +68,30 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
     let xfer = a.xfer.parse()?;
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
     // rank reads exactly its samples of each global batch (docs/2d.md).
-    let source = match &a.data {
+    // A memory-mapped dataset is shared by the in-process ranks: each reads its samples' bytes.
+    let source = match open_data(a, &cfg)? {
         None => Source::Synthetic(SyntheticData::new(&cfg)?),
-        Some(path) => {
-            let readers = (0..if multi { 1 } else { grid.world() })
-                .map(|_| CriteoReader::open(path, &cfg.model, BadLinePolicy::Fail).map(Mutex::new))
-                .collect::<ember_engine::Result<Vec<_>>>()?;
+        Some(FileData::Mapped(d)) => Source::Mapped(d),
+        Some(FileData::Text(first)) => {
+            let path = a.data.as_ref().expect("text data comes from --data");
+            let mut readers = vec![Mutex::new(first)];
+            for _ in 1..if multi { 1 } else { grid.world() } {
+                readers.push(Mutex::new(CriteoReader::open(path, &cfg.model, BadLinePolicy::Fail)?));
+            }
             Source::Files(readers)
         }
     };
-    // The eval set: the synthetic one, or the file's eval split read chunk by chunk (shared by
+    // The eval set: the synthetic one, or the data's eval part read chunk by chunk (shared by
     // the in-process ranks).
     let (eval, oracle): (Box<dyn EvalSet>, _) = match &source {
         Source::Synthetic(d) => (Box::new(d.eval_batch()), Some(d.oracle_eval())),
         Source::Files(r) => (Box::new(r[0].lock().map_err(|_| "reader lock")?.eval_stream()?), None),
+        Source::Mapped(d) => (Box::new(d.eval_stream()), None),
     };
     let root = join.as_ref().map_or(true, |j| j.rank == 0);
     let steps = match (cfg.steps, &source) {
         (st, Source::Files(r)) => epoch_steps(st, r[0].lock().map_err(|_| "reader lock")?.train_lines(), cfg.batch_size, root)?,
+        (st, Source::Mapped(d)) => epoch_steps(st, d.train_len() * d.epochs(), cfg.batch_size, root)?,
         (Some(st), Source::Synthetic(_)) => st,
         (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
     };
@@ -101,6 +108,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         let start = (step * cfg.batch_size + r.start) as u64;
         match &source {
             Source::Synthetic(d) => Ok(d.samples(start, r.len())),
+            Source::Mapped(d) => d.read_global(start, r.len()),
             Source::Files(readers) => {
                 let mut rd = readers[if multi { 0 } else { w }].lock().map_err(|_| ember_engine::Error::Input("reader lock poisoned".into()))?;
                 let pos = rd.position();
@@ -263,6 +271,7 @@ fn first_rank(events: &[ember_engine::parallel::TraceEvent]) -> usize {
 enum Source {
     Synthetic(SyntheticData),
     Files(Vec<Mutex<CriteoReader>>),
+    Mapped(MappedData),
 }
 
 fn print_summary(r: &Report2D, oracle: Option<&ember_engine::metrics::EvalResult>) {

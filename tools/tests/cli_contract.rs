@@ -28,8 +28,9 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Every subcommand that takes flags, as words after `ember`.
-const SUBCOMMANDS: [&str; 12] = [
+const SUBCOMMANDS: [&str; 14] = [
     "train",
+    "convert",
     "plan",
     "config",
     "launch",
@@ -37,6 +38,7 @@ const SUBCOMMANDS: [&str; 12] = [
     "bench embedding",
     "bench dlrm",
     "bench mem",
+    "bench data",
     "bench a2a",
     "bench allreduce",
     "checkpoint inspect",

@@ -54,6 +54,12 @@ fn absurd_flag_values_are_refused_naming_the_flag() {
         (vec!["bench", "embedding", "--zipf", "nan"], vec!["--zipf"]),
         (vec!["plan", "--memory-budget-gib", "inf"], vec!["--memory-budget-gib"]),
         (vec!["launch", "-n", "0", "--", "true"], vec!["--nproc"]),
+        (vec!["train", "--data", "/nonexistent", "--epochs", "0"], vec!["--epochs"]),
+        (vec!["convert", "--out", "/nonexistent", "--max-rows", "0", "x.tsv"], vec!["--max-rows"]),
+        (vec!["bench", "data", "--samples", "999"], vec!["--samples"]),
+        (vec!["bench", "data", "--samples", "100000000000"], vec!["--samples"]),
+        (vec!["bench", "data", "--batch-size", "0"], vec!["--batch-size"]),
+        (vec!["bench", "data", "--iters", "0"], vec!["--iters"]),
     ] {
         refused(&format!("{args:?}"), &ember(&args), &needles);
     }

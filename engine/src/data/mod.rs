@@ -1,12 +1,18 @@
-//! Training data: the `Batch` type (what the input all-to-all carries), data sources, and the
-//! synthetic and Criteo readers.
+//! Training data: the `Batch` type (what the input all-to-all carries), data sources, the
+//! synthetic and Criteo text readers, and the memory-mapped formats (Ember binary, TorchRec and
+//! MLPerf `.npy`) with the conversion from text.
 //!
 //! A batch holds dense features, labels and one jagged id list per sparse feature (lengths +
 //! values, ids 64-bit). Feature `f` looks up table `f`.
 use crate::config::ModelConfig;
 use crate::{Error, Result};
 
+pub mod binary;
+pub mod convert;
 pub mod criteo;
+pub mod dataset;
+pub mod mapped;
+pub mod npy;
 pub mod synthetic;
 
 /// Variable-length id lists, one per sample ("bags"): `lengths[i]` ids of sample `i`,
