@@ -7,7 +7,7 @@
 use crate::config::{DenseOptimizer, EmbOptimizer, WeightDecay};
 use crate::Result;
 
-// documented with the planner merge
+// Not yet under the unsafe lints: some of its unsafe blocks still lack SAFETY notes.
 #[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod cpu;
 #[cfg(feature = "cuda")]
