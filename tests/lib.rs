@@ -18,3 +18,27 @@ pub mod check2d;
 pub mod oracle;
 pub mod oracle2d;
 pub mod two_d;
+
+/// A scratch folder for one test, emptied when made and removed when the test ends.
+pub struct TmpDir(std::path::PathBuf);
+
+impl TmpDir {
+    pub fn new(dir: std::path::PathBuf) -> TmpDir {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        TmpDir(dir)
+    }
+}
+
+impl std::ops::Deref for TmpDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -11,30 +11,12 @@ use ember_engine::data::dataset::{Format, MappedData};
 use ember_engine::data::{Batch, DataSource};
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::rng::Rng;
-use ember_tests::test_data;
+use ember_tests::{test_data, TmpDir};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// A scratch folder, removed when the test ends.
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn tmp_dir(name: &str) -> TmpDir {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-binary-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    TmpDir(d)
+    TmpDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-binary-{name}-{}", std::process::id())))
 }
 
 fn kaggle() -> ModelConfig {

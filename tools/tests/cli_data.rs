@@ -2,8 +2,8 @@
 //! Criteo sample gives bitwise the text run's loss, NE and AUC (one process and a 2x2 grid),
 //! the TorchRec/MLPerf layouts train, and mismatched tables, corrupted blocks and flags that
 //! need binary data are clear errors. `bench data` runs end to end on a small input.
-use ember_tests::test_data;
-use std::path::{Path, PathBuf};
+use ember_tests::{test_data, TmpDir};
+use std::path::Path;
 use std::process::{Command, Output};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
@@ -27,27 +27,8 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
-/// A scratch folder, removed when the test ends.
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn tmp(name: &str) -> TmpDir {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TmpDir(d)
+    TmpDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-data-{name}-{}", std::process::id())))
 }
 
 /// The last line's JSON fields that measure the model (with the evaluations along the way on one
