@@ -3,8 +3,12 @@
  * error paths. One program, three ways to run it:
  *
  *   ./train [--steps S] [checkpoint-dir]            one process, the whole model
- *   ember launch -n 4 -- ./train [checkpoint-dir]   4 processes, one rank each (1x4 grid)
  *   ./train --ranks 4 [checkpoint-dir]              4 in-process ranks, one thread each
+ *   ember launch -n 4 -- ./train checkpoint-dir     4 processes, one rank each (1x4 grid)
+ *
+ * Without checkpoint-dir the checkpoint goes to a fresh temporary folder ($TMPDIR, else /tmp),
+ * removed at the end; a directory given is kept. Processes of one job must share the folder,
+ * so under a launcher it must be given.
  *
  * Every rank builds the same global batch of BATCH samples for each step and feeds its own
  * slice (ember_engine_info: local_batch_size samples from sample_start); the loss and metrics
@@ -16,7 +20,8 @@
  * or, with libember installed (tools/install-capi.sh PREFIX):
  *   gcc -std=c99 -pthread docs/examples/train.c $(pkg-config --cflags --libs ember) -o train
  * Exit status 0 when every check passed. */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700 /* POSIX 2008 with the XSI nftw() */
+#include <ftw.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -242,8 +247,25 @@ static void *run_rank(void *arg) {
     return NULL;
 }
 
+/* nftw callback: remove one entry of the temporary checkpoint folder (children first). */
+static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)st;
+    (void)type;
+    (void)ftw;
+    return remove(path);
+}
+
+/* Remove the temporary checkpoint folder (if this run made one) and return `status`. */
+static int finish(const char *tmp, int status) {
+    if (tmp != NULL && nftw(tmp, remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) {
+        fprintf(stderr, "could not remove the temporary checkpoint folder %s\n", tmp);
+        return 1;
+    }
+    return status;
+}
+
 int main(int argc, char **argv) {
-    const char *ckpt = "ember-example-ckpt";
+    const char *ckpt = NULL; /* NULL: a temporary folder, made below and removed at the end */
     int steps = 30;
     long ranks = 0; /* 0: one engine for this process (the whole model, or its launcher rank) */
     for (int i = 1; i < argc; i++) {
@@ -260,6 +282,18 @@ int main(int argc, char **argv) {
         return 2;
     }
     printf("ember %s (ABI %u, header ABI %d)\n", ember_version(), ember_abi_version(), EMBER_ABI_VERSION);
+    char tmp_ckpt[4096];
+    const char *tmp = NULL; /* the temporary folder, when this run made one */
+    if (ckpt == NULL) {
+        const char *tmpdir = getenv("TMPDIR");
+        if (tmpdir == NULL || tmpdir[0] == '\0') tmpdir = "/tmp";
+        int len = snprintf(tmp_ckpt, sizeof tmp_ckpt, "%s/ember-example-XXXXXX", tmpdir);
+        if (len < 0 || (size_t)len >= sizeof tmp_ckpt || mkdtemp(tmp_ckpt) == NULL) {
+            fprintf(stderr, "cannot create a temporary folder under %s; pass a checkpoint-dir\n", tmpdir);
+            return 2;
+        }
+        ckpt = tmp = tmp_ckpt;
+    }
     rank_ctx main_ctx = {NULL, ckpt, steps, 0, 0};
     CHECK(&main_ctx, ember_abi_version() == EMBER_ABI_VERSION, "ABI mismatch");
 
@@ -283,7 +317,16 @@ int main(int argc, char **argv) {
         ember_engine *eng = NULL;
         ember_status s = ember_engine_create_from_toml(CONFIG, &eng);
         expect(&main_ctx, "create_from_toml", s, EMBER_STATUS_OK);
-        if (s != EMBER_STATUS_OK) return 1;
+        if (s != EMBER_STATUS_OK) return finish(tmp, 1);
+        ember_info info;
+        if (tmp != NULL && ember_engine_info(eng, &info) == EMBER_STATUS_OK && info.world_size > 1) {
+            /* Every rank gets here (same arguments): each leaves without a collective call. */
+            fprintf(stderr, "rank %zu: the %zu processes of a job save one checkpoint into one folder: pass a "
+                            "checkpoint-dir they all reach (ember launch -n %zu -- %s DIR)\n",
+                    info.rank, info.world_size, info.world_size, argv[0]);
+            ember_engine_destroy(eng);
+            return finish(tmp, 2);
+        }
         rank_ctx ctx = {eng, ckpt, steps, 0, 0};
         run_rank(&ctx);
         failures += ctx.failures;
@@ -291,14 +334,14 @@ int main(int argc, char **argv) {
         /* In-process ranks: one handle per rank, each driven by its own thread. */
         ember_status s = ember_engine_create_local_ranks(CONFIG, (size_t)ranks, hs);
         expect(&main_ctx, "create_local_ranks", s, EMBER_STATUS_OK);
-        if (s != EMBER_STATUS_OK) return 1;
+        if (s != EMBER_STATUS_OK) return finish(tmp, 1);
         rank_ctx ctxs[MAX_RANKS];
         pthread_t th[MAX_RANKS];
         for (long r = 0; r < ranks; r++) {
             ctxs[r] = (rank_ctx){hs[r], ckpt, steps, 0, (size_t)r};
             if (pthread_create(&th[r], NULL, run_rank, &ctxs[r]) != 0) {
                 fprintf(stderr, "pthread_create failed\n");
-                return 1;
+                return finish(tmp, 1);
             }
         }
         for (long r = 0; r < ranks; r++) {
@@ -308,6 +351,7 @@ int main(int argc, char **argv) {
     }
     expect(&main_ctx, "destroy NULL", ember_engine_destroy(NULL), EMBER_STATUS_OK);
     failures += main_ctx.failures;
+    if (finish(tmp, 0) != 0) failures++;
     if (failures) {
         printf("FAILED: %d check(s)\n", failures);
         return 1;
