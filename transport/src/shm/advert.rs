@@ -104,7 +104,7 @@ pub fn written(len: u64, cap: usize) -> Written {
 /// chunk announced (`announced`). It must continue the stream, carry bytes, stay inside the
 /// message, and (after the first) repeat its length.
 pub fn check_chunk(off: u64, len: usize, total: u64, got: usize, announced: u64) -> std::result::Result<(), String> {
-    if off != got as u64 || off.checked_add(len as u64).map_or(true, |e| e > total) || len == 0 || (off > 0 && total != announced) {
+    if off != got as u64 || off.checked_add(len as u64).is_none_or(|e| e > total) || len == 0 || (off > 0 && total != announced) {
         return Err(format!("chunk of {len} bytes at offset {off} of a {total}-byte message (expected offset {got} of {announced})"));
     }
     Ok(())

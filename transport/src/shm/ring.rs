@@ -78,7 +78,7 @@ pub struct Checked {
 /// Where the consumer may read a record: at a record boundary `idx` of the ring, with a whole
 /// header among the `avail` bytes published from there.
 pub fn check_position(idx: usize, avail: usize) -> std::result::Result<(), String> {
-    if idx % HDR != 0 || idx >= RING_CAP || avail < HDR {
+    if !idx.is_multiple_of(HDR) || idx >= RING_CAP || avail < HDR {
         return Err("misaligned ring record".into());
     }
     Ok(())
