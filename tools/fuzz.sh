@@ -7,8 +7,10 @@
 # `-Cpasses=sancov-module` (8-bit counters, PC table, comparison tracing, stack depth), plus
 # debug assertions and overflow checks, so an arithmetic overflow is a crash. No sanitizer
 # (those need nightly Rust). A target is one file, fuzz/src/bin/NAME.rs; its seed corpus is
-# fuzz/corpus/NAME/ (optional). New inputs go to fuzz/target/corpus/NAME/ (not committed);
-# crashes to fuzz/target/artifacts/NAME/, and the script fails if any target crashed.
+# fuzz/corpus/NAME/ (optional). A target whose seeds come from the real encoders writes them
+# itself: `EMBER_FUZZ_SEEDS=corpus/NAME target/<host>/release/NAME` (run in fuzz/ after a
+# build) writes the seed files and exits. New inputs go to fuzz/target/corpus/NAME/ (not
+# committed); crashes to fuzz/target/artifacts/NAME/, and the script fails if any target crashed.
 # Environment: FUZZ_JOBS (parallel libFuzzer processes per target, default 1), FUZZ_ARGS (extra
 # libFuzzer flags).
 set -euo pipefail

@@ -13,7 +13,7 @@ const MAGIC: &[u8; 8] = b"EMBRAUT1";
 const NONCE: usize = 32;
 const PROOF: usize = 32;
 /// Longest hello a client may attach.
-pub(crate) const MAX_HELLO: usize = 256;
+pub const MAX_HELLO: usize = 256;
 
 /// Why a handshake failed.
 #[derive(Debug)]
@@ -68,6 +68,22 @@ fn proof(token: &str, label: &[u8], purpose: &[u8], hello: &[u8], nc: &[u8], ns:
     m
 }
 
+/// Bytes of the start of a client's first message: the magic and the hello's length.
+pub const HELLO_HEADER: usize = 10;
+
+/// The start of a client's first message, as the server checks it before reading on: Ember's
+/// magic, and the length of the hello that follows (at most [`MAX_HELLO`]).
+pub fn hello_len(h: &[u8; HELLO_HEADER]) -> Result<usize, String> {
+    if &h[..8] != MAGIC {
+        return Err("not Ember's handshake".into());
+    }
+    let hl = u16::from_le_bytes([h[8], h[9]]) as usize;
+    if hl > MAX_HELLO {
+        return Err(format!("hello of {hl} bytes (at most {MAX_HELLO})"));
+    }
+    Ok(hl)
+}
+
 /// Client side: send `hello` (at most [`MAX_HELLO`] bytes), check the server's proof, prove
 /// ours, and read the server's verdict.
 pub(crate) fn client(c: &mut Conn, token: &str, purpose: &[u8], hello: &[u8]) -> Result<(), AuthError> {
@@ -102,15 +118,9 @@ pub(crate) fn client(c: &mut Conn, token: &str, purpose: &[u8], hello: &[u8]) ->
 /// hello itself (`check`: `Err(why)` refuses it, and the client is told why); returns the hello,
 /// authenticated (covered by the client's proof).
 pub(crate) fn server(c: &mut Conn, token: &str, purpose: &[u8], check: impl FnOnce(&[u8]) -> Result<(), String>) -> Result<Vec<u8>, AuthError> {
-    let mut h = [0u8; 10];
+    let mut h = [0u8; HELLO_HEADER];
     c.read_exact(&mut h)?;
-    if &h[..8] != MAGIC {
-        return Err(AuthError::Refused("not Ember's handshake".into()));
-    }
-    let hl = u16::from_le_bytes([h[8], h[9]]) as usize;
-    if hl > MAX_HELLO {
-        return Err(AuthError::Refused(format!("hello of {hl} bytes (at most {MAX_HELLO})")));
-    }
+    let hl = hello_len(&h).map_err(AuthError::Refused)?;
     let mut hello = vec![0u8; hl + NONCE];
     c.read_exact(&mut hello)?;
     let nc = hello.split_off(hl);

@@ -199,18 +199,18 @@ fn hostname() -> String {
 
 /// One rank's entry in the table: host, pid, TCP address, shm inbox path.
 #[derive(Clone, Debug, Default)]
-struct Entry {
-    host: String,
-    pid: u32,
-    tcp: String,
-    shm: String,
+pub struct Entry {
+    pub host: String,
+    pub pid: u32,
+    pub tcp: String,
+    pub shm: String,
 }
 
 impl Entry {
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         format!("{}\n{}\n{}\n{}", self.host, self.pid, self.tcp, self.shm).into_bytes()
     }
-    fn decode(b: &[u8]) -> Result<Entry> {
+    pub fn decode(b: &[u8]) -> Result<Entry> {
         let s = String::from_utf8_lossy(b);
         let f: Vec<&str> = s.split('\n').collect();
         if f.len() != 4 {

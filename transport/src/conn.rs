@@ -12,7 +12,7 @@ pub(crate) const MAX_PENDING: usize = 128;
 /// The longest one incoming connection may take for its handshake.
 pub(crate) const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Largest length-prefixed field read from a peer.
-pub(crate) const MAX_FIELD: usize = 1 << 16;
+pub const MAX_FIELD: usize = 1 << 16;
 
 /// A blocking connection whose every read and write ends by `deadline`.
 pub(crate) struct Conn {
@@ -83,14 +83,20 @@ impl Conn {
     pub fn get(&mut self) -> std::io::Result<Vec<u8>> {
         let mut l = [0u8; 4];
         self.read_exact(&mut l)?;
-        let l = u32::from_le_bytes(l) as usize;
-        if l > MAX_FIELD {
-            return Err(std::io::Error::other(format!("field of {l} bytes exceeds the {MAX_FIELD}-byte limit")));
-        }
+        let l = field_len(l)?;
         let mut v = vec![0u8; l];
         self.read_exact(&mut v)?;
         Ok(v)
     }
+}
+
+/// A field's length prefix, checked against [`MAX_FIELD`] before anything is allocated.
+pub fn field_len(l: [u8; 4]) -> std::io::Result<usize> {
+    let l = u32::from_le_bytes(l) as usize;
+    if l > MAX_FIELD {
+        return Err(std::io::Error::other(format!("field of {l} bytes exceeds the {MAX_FIELD}-byte limit")));
+    }
+    Ok(l)
 }
 
 /// Accept connections on `l` until `take` says the caller has all it needs, until `deadline`

@@ -26,6 +26,27 @@ mod shm;
 mod spin;
 mod tcp;
 
+/// The checks a rank runs on what a peer sends, before using any of it, re-exported for the
+/// fuzz targets (fuzz/): TCP frame headers and the mesh hello, shared-memory ring records and
+/// slots, RDMA chunk headers and immediates, rendezvous and RDMA connection entries.
+#[doc(hidden)]
+pub mod wire {
+    pub mod tcp {
+        pub use crate::tcp::{check_mesh_hello, decode_frame, encode_frame, FrameSink, FRAME_LEN};
+    }
+    pub use crate::shm::wire as shm;
+    pub mod rdma {
+        pub use crate::rdma::proto::header::{Header, K_ACK, K_ADVERT, K_DATA, K_REVOKE, K_RTS, NO_ADV, R_CANCEL, R_EAGER, R_PURGE};
+        pub use crate::rdma::proto::HDR;
+        pub use crate::rdma::verbs::{Imm, MAX_ADVERTS, MAX_CREDIT, MAX_RANKS, MAX_SLOTS};
+    }
+    pub mod rendezvous {
+        pub use crate::auth::{hello_len, HELLO_HEADER, MAX_HELLO};
+        pub use crate::bootstrap::{decode_rdma_table, Entry, QpInfo, RdmaPeerInfo, RDMA_INFO_LEN};
+        pub use crate::conn::{field_len, MAX_FIELD};
+    }
+}
+
 pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT};
 pub use bootstrap::{JoinConfig, Rendezvous, Transport};
 pub use error::{Error, Result};

@@ -12,7 +12,7 @@
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
-use crate::mailbox::{Dir, Mailbox, Slot};
+use crate::mailbox::{Dir, Mailbox, RawBuf, Slot};
 use bytemuck::{Pod, Zeroable};
 use std::collections::VecDeque;
 use std::io::Read;
@@ -55,6 +55,94 @@ fn parse_hello(h: &[u8]) -> Option<(usize, usize, usize)> {
     Some((at(0), at(4), at(8)))
 }
 
+/// The mesh hello as rank `rank` of `size` accepts it: a higher rank of this job dialling this
+/// rank. Returns the dialling rank.
+pub fn check_mesh_hello(h: &[u8], rank: usize, size: usize) -> std::result::Result<usize, String> {
+    match parse_hello(h) {
+        Some((from, to, n)) if to == rank && n == size && from > rank && from < size => Ok(from),
+        Some((from, to, n)) => Err(format!("rank {from} dialling rank {to} of {n} does not fit rank {rank} of {size}")),
+        None => Err("malformed hello".into()),
+    }
+}
+
+/// Bytes of a frame header: magic, round, communicator context, sequence number, payload length.
+pub const FRAME_LEN: usize = std::mem::size_of::<Frame>();
+
+/// The header of a frame that carries `len` payload bytes of message `tag`.
+pub fn encode_frame(tag: Tag, len: usize) -> [u8; FRAME_LEN] {
+    let f = Frame { magic: MAGIC, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64 };
+    let mut h = [0u8; FRAME_LEN];
+    h.copy_from_slice(bytemuck::bytes_of(&f));
+    h
+}
+
+/// A frame header as the receiving rank reads it, before any payload byte: the magic, and a
+/// length this machine can address. Where the payload may go is checked next ([`admit`]).
+pub fn decode_frame(h: &[u8; FRAME_LEN]) -> std::result::Result<(Tag, usize), String> {
+    let f: Frame = bytemuck::pod_read_unaligned(h);
+    if f.magic != MAGIC {
+        return Err(format!("malformed frame (bad magic {:#x})", f.magic));
+    }
+    let len = usize::try_from(f.len).map_err(|_| format!("malformed frame: length {} exceeds the limit", f.len))?;
+    Ok((Tag { ctx: f.ctx, seq: f.seq, round: f.round }, len))
+}
+
+/// A frame header from `peer`, decoded and admitted: its payload goes into the buffer posted
+/// for it (`Some`; claimed, its capacity checked) or is kept until posted (`None`; its bytes
+/// reserved within the limit on what peers may make this rank hold). `Err`: a protocol error
+/// naming the peer (the stream can no longer be trusted).
+fn admit(mb: &Mailbox, peer: usize, h: &[u8; FRAME_LEN]) -> Result<(Tag, usize, Option<RawBuf>)> {
+    let (tag, len) = decode_frame(h).map_err(|detail| Error::Protocol { op: "tcp receive", peer, detail })?;
+    let mut t = mb.lock();
+    let claimed = match Mailbox::claim(&mut t, peer, tag, len, "tcp receive")? {
+        Some(buf) => Some(buf),
+        None => {
+            Mailbox::reserve_early(&mut t, peer, len, "tcp receive")?;
+            None
+        }
+    };
+    Ok((tag, len, claimed))
+}
+
+/// A receiving rank's admission of frame headers without a socket (the fuzz target
+/// `tcp_frame`): receives posted into buffers held here, and each header put through the
+/// progress thread's own [`admit`], its payload then delivered as zeros.
+#[doc(hidden)]
+pub struct FrameSink {
+    mb: Mailbox,
+    bufs: Vec<Box<[u8]>>,
+}
+
+impl Default for FrameSink {
+    fn default() -> Self {
+        FrameSink { mb: Mailbox::new(), bufs: Vec::new() }
+    }
+}
+
+impl FrameSink {
+    /// Post a receive of at most `cap` bytes from `peer` for `tag`.
+    pub fn post(&mut self, peer: usize, tag: Tag, cap: usize) -> Result<()> {
+        let mut b = vec![0u8; cap].into_boxed_slice();
+        self.mb.post(peer, tag, b.as_mut_ptr(), cap, "tcp receive")?;
+        self.bufs.push(b);
+        Ok(())
+    }
+    /// One frame header from `peer`: `Ok((tag, len, posted))` once its payload landed in the
+    /// posted buffer (`posted`) or was kept until posted.
+    pub fn frame(&mut self, peer: usize, h: &[u8; FRAME_LEN]) -> Result<(Tag, usize, bool)> {
+        let (tag, len, dst) = admit(&self.mb, peer, h)?;
+        match dst {
+            Some(_) => self.mb.complete(peer, tag, Dir::Recv, len),
+            None => self.mb.deliver(peer, tag, vec![0u8; len], true, "tcp receive")?,
+        }
+        Ok((tag, len, dst.is_some()))
+    }
+    /// Bytes held for receives not posted yet.
+    pub fn early_bytes(&self) -> usize {
+        self.mb.lock().early_bytes
+    }
+}
+
 impl TcpFabric {
     /// Connect the mesh: dial every lower rank, accept every higher one (concurrently); both
     /// sides of every connection prove the job token. All of it within `timeout`.
@@ -71,13 +159,9 @@ impl TcpFabric {
                     return Ok(got);
                 }
                 let handshake = |mut c: Conn| -> std::result::Result<(usize, TcpStream), String> {
-                    let fits = |h: &[u8]| match parse_hello(h) {
-                        Some((from, to, n)) if to == rank && n == size && from > rank && from < size => Ok(()),
-                        Some((from, to, n)) => Err(format!("rank {from} dialling rank {to} of {n} does not fit rank {rank} of {size}")),
-                        None => Err("malformed hello".into()),
-                    };
+                    let fits = |h: &[u8]| check_mesh_hello(h, rank, size).map(|_| ());
                     let h = crate::auth::server(&mut c, token, MESH_PURPOSE, fits).map_err(|e| e.to_string())?;
-                    Ok((parse_hello(&h).expect("checked").0, c.s))
+                    Ok((check_mesh_hello(&h, rank, size).expect("checked"), c.s))
                 };
                 let r = crate::conn::serve(&listener, deadline, "tcp mesh", &stop, handshake, |(from, s)| {
                     if got.iter().any(|(r, _)| *r == from) {
@@ -323,7 +407,7 @@ impl Rx {
     /// Consume what is readable on `s` now, at most [`READS_PER_PASS`] reads. `Err`: the
     /// connection is lost (`PeerFailed`) or malformed (`Protocol`).
     fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
-        const HDR: usize = std::mem::size_of::<Frame>();
+        const HDR: usize = FRAME_LEN;
         let mut reads = 0u32;
         loop {
             if let Some(b) = &mut self.body {
@@ -387,29 +471,15 @@ impl Rx {
                 }
                 continue;
             }
-            let mut f = Frame::zeroed();
-            bytemuck::bytes_of_mut(&mut f).copy_from_slice(&self.st[self.lo..self.lo + HDR]);
+            let hdr: &[u8; FRAME_LEN] = self.st[self.lo..self.lo + HDR].try_into().expect("HDR bytes");
             self.lo += HDR;
-            let bad = |detail: String| Error::Protocol { op: "tcp receive", peer, detail };
-            if f.magic != MAGIC {
-                return Err(bad(format!("malformed frame (bad magic {:#x})", f.magic)));
-            }
-            let tag = Tag { ctx: f.ctx, seq: f.seq, round: f.round };
-            let len = usize::try_from(f.len).map_err(|_| bad(format!("malformed frame: length {} exceeds the limit", f.len)))?;
-            let claimed = {
-                let mut t = mb.lock();
-                match Mailbox::claim(&mut t, peer, tag, len, "tcp receive") {
-                    // Not posted yet: kept, within the limit on what peers may make us hold.
-                    Ok(None) => Mailbox::reserve_early(&mut t, peer, len, "tcp receive").map(|_| None),
-                    r => r,
-                }
-            };
-            let dst = match claimed {
-                Ok(Some(buf)) => Dst::Posted(buf.0),
-                Ok(None) => Dst::Early(vec![0u8; len]),
+            let (tag, len, dst) = match admit(mb, peer, hdr) {
+                Ok((tag, len, Some(buf))) => (tag, len, Dst::Posted(buf.0)),
+                // Not posted yet: kept (its bytes reserved within the limit).
+                Ok((tag, len, None)) => (tag, len, Dst::Early(vec![0u8; len])),
                 Err(e) => {
-                    // The slot holds the error (or the limit is exceeded); the stream can no
-                    // longer be trusted.
+                    // A malformed header, or the slot holds the error (or the limit is
+                    // exceeded): the stream can no longer be trusted.
                     mb.notify();
                     return Err(e);
                 }
@@ -592,9 +662,7 @@ impl Fabric for TcpFabric {
         if let Some(e) = self.sh.mb.lock().dead.get(&dst) {
             return Err(e.clone().with_op(w.op));
         }
-        let f = Frame { magic: MAGIC, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64 };
-        let mut hdr = [0u8; 32];
-        hdr.copy_from_slice(bytemuck::bytes_of(&f));
+        let hdr = encode_frame(tag, len);
         let mut job = Job { tag, hdr, hoff: 0, data, len, doff: 0 };
         let mut q = self.sh.queue(dst);
         if q.is_empty() {
@@ -676,6 +744,42 @@ mod tests {
         let h1 = crate::auth::server(&mut c, token, MESH_PURPOSE, |_| Ok(())).unwrap();
         assert_eq!(parse_hello(&h1), Some((1, 0, 2)));
         (c.s, h.join().unwrap())
+    }
+
+    #[test]
+    fn frame_headers_round_trip_and_are_admitted_within_their_limits() {
+        let tag = Tag { ctx: 3, seq: 4, round: 5 };
+        assert_eq!(decode_frame(&encode_frame(tag, 77)), Ok((tag, 77)));
+        let mut bad = encode_frame(tag, 1);
+        bad[0] ^= 1;
+        assert!(decode_frame(&bad).unwrap_err().contains("magic"));
+        let mut s = FrameSink::default();
+        s.post(0, tag, 8).unwrap();
+        // Longer than the posted buffer: refused, naming the peer.
+        let e = s.frame(0, &encode_frame(tag, 9)).unwrap_err();
+        assert!(matches!(&e, Error::Protocol { peer: 0, detail, .. } if detail.contains("exceeds")), "{e}");
+        let t2 = Tag { seq: 5, ..tag };
+        s.post(0, t2, 8).unwrap();
+        assert_eq!(s.frame(0, &encode_frame(t2, 8)).unwrap(), (t2, 8, true));
+        // Not posted: kept within the limit on early bytes, refused past it.
+        let t3 = Tag { seq: 6, ..tag };
+        assert_eq!(s.frame(0, &encode_frame(t3, 100)).unwrap(), (t3, 100, false));
+        assert_eq!(s.early_bytes(), 100);
+        let e = s.frame(1, &encode_frame(Tag { seq: 7, ..tag }, crate::alloc_limit())).unwrap_err();
+        assert!(matches!(&e, Error::Protocol { peer: 1, detail, .. } if detail.contains("limit")), "{e}");
+        assert_eq!(s.early_bytes(), 100);
+        // A second frame for the same message is a protocol error.
+        assert!(s.frame(0, &encode_frame(t3, 1)).is_err());
+    }
+
+    #[test]
+    fn the_mesh_hello_must_come_from_a_higher_rank_of_this_job() {
+        assert_eq!(check_mesh_hello(&hello(3, 1, 4), 1, 4), Ok(3));
+        assert!(check_mesh_hello(&hello(0, 1, 4), 1, 4).is_err(), "a lower rank never dials");
+        assert!(check_mesh_hello(&hello(3, 2, 4), 1, 4).is_err(), "dialled another rank");
+        assert!(check_mesh_hello(&hello(3, 1, 5), 1, 4).is_err(), "another job size");
+        assert!(check_mesh_hello(&hello(4, 1, 4), 1, 4).is_err(), "rank past the job");
+        assert!(check_mesh_hello(&hello(3, 1, 4)[..11], 1, 4).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! fencing that writer), completing the receives whose slot a sender has written, and landing
 //! the chunks of streamed (staged) messages.
 use super::cma::alive;
-use super::ring::Rec;
+use super::ring::{split_id, Rec};
 use super::segment::{ADV_SLOTS, A_CLAIMED, A_FREE, A_LEN_AFTER_RTS, A_LEN_FAILED, A_POSTED, A_WRITTEN};
 use super::{stat, ShmFabric};
 use crate::error::{Error, Result};
@@ -60,6 +60,54 @@ pub(super) struct Deferred {
     pub(super) len: usize,
     /// The sender's offer.
     pub(super) id: u64,
+}
+
+/// What the receiver makes of advertisement slot `k`'s state word `w`, on which it posted
+/// generation `gen`: `None` while the sender has not finished with it (posted, or claimed);
+/// `Some(Ok)` once written; `Some(Err)` for any other state (another generation, or garbage).
+pub fn settled(w: u64, gen: u64, k: usize) -> Option<std::result::Result<(), String>> {
+    if w == gen << 2 | A_POSTED || w == gen << 2 | A_CLAIMED {
+        return None;
+    }
+    Some(match w == gen << 2 | A_WRITTEN {
+        true => Ok(()),
+        false => Err(format!("advertisement slot {k} in state {w:#x}, expected generation {gen}")),
+    })
+}
+
+/// The length word a sender stored in a written advertisement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// `len` bytes landed (at most the advertised capacity); `after_rts`: the sender had
+    /// announced the message first, so an RTS record for it is (or was) on its way.
+    Landed { len: usize, after_rts: bool },
+    /// The sender's write failed.
+    Failed,
+    /// More than the advertised capacity: a protocol error (`after_rts` as above).
+    Bad { detail: String, after_rts: bool },
+}
+
+/// The length word `len` of a written advertisement of `cap` bytes, checked.
+pub fn written(len: u64, cap: usize) -> Written {
+    if len == A_LEN_FAILED {
+        return Written::Failed;
+    }
+    let (len, after_rts) = (len & !A_LEN_AFTER_RTS, len & A_LEN_AFTER_RTS != 0);
+    match usize::try_from(len) {
+        Ok(l) if l <= cap => Written::Landed { len: l, after_rts },
+        _ => Written::Bad { detail: format!("wrote {len} bytes into a {cap}-byte advertised buffer"), after_rts },
+    }
+}
+
+/// A streamed chunk of `len` bytes at offset `off` of a `total`-byte message, checked against
+/// the receiver's own record of the stream: `got` bytes landed so far, of the length the first
+/// chunk announced (`announced`). It must continue the stream, carry bytes, stay inside the
+/// message, and (after the first) repeat its length.
+pub fn check_chunk(off: u64, len: usize, total: u64, got: usize, announced: u64) -> std::result::Result<(), String> {
+    if off != got as u64 || off.checked_add(len as u64).is_none_or(|e| e > total) || len == 0 || (off > 0 && total != announced) {
+        return Err(format!("chunk of {len} bytes at offset {off} of a {total}-byte message (expected offset {got} of {announced})"));
+    }
+    Ok(())
 }
 
 impl ShmFabric {
@@ -224,35 +272,31 @@ impl ShmFabric {
             for k in 0..ADV_SLOTS {
                 let Some(la) = t.slots[src][k] else { continue };
                 let a = self.rx[src].adv(k);
-                let w = a.state.load(Ordering::Acquire);
-                if w == la.gen << 2 | A_POSTED || w == la.gen << 2 | A_CLAIMED {
-                    continue;
-                }
+                let Some(settled) = settled(a.state.load(Ordering::Acquire), la.gen, k) else { continue };
                 t.slots[src][k] = None;
                 self.adv_live.fetch_sub(1, Ordering::Relaxed);
                 if !t.deferred.is_empty() {
                     t.deferred.retain(|d| (d.src, d.tag) != (src, la.tag));
                 }
-                if w != la.gen << 2 | A_WRITTEN {
-                    let e = self.proto(src, format!("advertisement slot {k} in state {w:#x}, expected generation {}", la.gen));
+                if let Err(detail) = settled {
+                    let e = self.proto(src, detail);
                     self.mb.fail(src, la.tag, Dir::Recv, e);
                     continue;
                 }
-                let mut len = a.len.load(Ordering::Relaxed);
-                if len != A_LEN_FAILED && len & A_LEN_AFTER_RTS != 0 {
-                    len &= !A_LEN_AFTER_RTS;
-                    if !la.rts_seen {
-                        t.superseded.push((src, la.tag));
-                    }
+                let w = written(a.len.load(Ordering::Relaxed), la.cap);
+                if matches!(w, Written::Landed { after_rts: true, .. } | Written::Bad { after_rts: true, .. }) && !la.rts_seen {
+                    t.superseded.push((src, la.tag));
                 }
-                if len == A_LEN_FAILED {
-                    let e = Error::PeerFailed { op: "shm receive", peer: src, reason: "its write into our buffer failed".into() };
-                    self.mb.fail(src, la.tag, Dir::Recv, e);
-                } else if len > la.cap as u64 {
-                    let e = self.proto(src, format!("wrote {len} bytes into a {}-byte advertised buffer", la.cap));
-                    self.mb.fail(src, la.tag, Dir::Recv, e);
-                } else {
-                    self.mb.complete(src, la.tag, Dir::Recv, len as usize);
+                match w {
+                    Written::Failed => {
+                        let e = Error::PeerFailed { op: "shm receive", peer: src, reason: "its write into our buffer failed".into() };
+                        self.mb.fail(src, la.tag, Dir::Recv, e);
+                    }
+                    Written::Bad { detail, .. } => {
+                        let e = self.proto(src, detail);
+                        self.mb.fail(src, la.tag, Dir::Recv, e);
+                    }
+                    Written::Landed { len, .. } => self.mb.complete(src, la.tag, Dir::Recv, len),
                 }
             }
         }
@@ -345,16 +389,13 @@ impl ShmFabric {
     /// (under the table lock, so a `cancel_recv` never returns while we copy), and the receive
     /// completed with the last one.
     pub(super) fn on_chunk(&self, src: usize, tag: Tag, rec: &Rec, data: &[u8]) -> Result<()> {
-        let (k, gen) = ((rec.id & 0xff) as usize, rec.id >> 8);
+        let (k, gen) = split_id(rec.id);
         let mut t = self.adv_lock();
         let Some(la) = t.slots[src].get_mut(k).and_then(|a| a.as_mut()).filter(|a| a.gen == gen && a.tag == tag) else {
             return Err(self.proto(src, format!("chunk of {tag:?} for advertisement {k} (generation {gen}) we did not make")));
         };
         let (off, total) = (rec.addr, rec.total);
-        if off != la.got as u64 || off.checked_add(data.len() as u64).map_or(true, |e| e > total) || data.is_empty() || (off > 0 && total != la.total) {
-            let detail = format!("chunk of {} bytes at offset {off} of a {total}-byte message (expected offset {} of {})", data.len(), la.got, la.total);
-            return Err(self.proto(src, detail));
-        }
+        check_chunk(off, data.len(), total, la.got, la.total).map_err(|e| self.proto(src, e))?;
         la.total = total;
         if off == 0 && total > la.cap as u64 && la.buf != 0 {
             // The message does not fit: fail the receive (naming the sender) and drop the stream.
@@ -382,7 +423,7 @@ impl ShmFabric {
 
     /// Staged: the sender withdrew the message it was streaming into advertisement `id`.
     pub(super) fn on_abort(&self, src: usize, tag: Tag, id: u64) {
-        let (k, gen) = ((id & 0xff) as usize, id >> 8);
+        let (k, gen) = split_id(id);
         let mut t = self.adv_lock();
         let Some(la) = t.slots[src].get(k).copied().flatten().filter(|a| a.gen == gen && a.tag == tag) else { return };
         t.slots[src][k] = None;

@@ -4,7 +4,7 @@
 //! claim (CAS `POSTED -> CLAIMED`) of an advertised buffer and its `process_vm_writev` into it,
 //! the announced sends still looking for an advertisement, the process liveness check, and the
 //! fence: killing a peer that holds a write claim on our memory past the job's timeout.
-use super::ring::{slot_id, Rec, RTS};
+use super::ring::{slot_id, split_id, Rec, RTS};
 use super::segment::{ADV_SLOTS, A_CLAIMED, A_LEN_AFTER_RTS, A_LEN_FAILED, A_POSTED, A_WRITTEN, OFFER_SLOTS, O_DONE, O_FREE, O_OFFERED, O_READING};
 use super::{JobState, SendJob, ShmFabric};
 use crate::error::{Error, Result};
@@ -15,17 +15,49 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// The offer slot and generation an RTS names (`id`, made by `slot_id`): the slot must exist.
+pub fn offer_slot(id: u64) -> std::result::Result<(usize, u64), String> {
+    let (k, gen) = split_id(id);
+    match k < OFFER_SLOTS {
+        true => Ok((k, gen)),
+        false => Err(format!("offer slot {k} (there are {OFFER_SLOTS})")),
+    }
+}
+
+/// An advertisement slot as the sender reads it from the receiver's inbox.
+#[derive(Clone, Copy, Debug)]
+pub struct AdvRead {
+    pub state: u64,
+    pub ctx: u64,
+    pub seq: u64,
+    pub round: u64,
+    pub cap: u64,
+}
+
+/// The sender's verdict on advertisement slot `a` for its message `tag` of `len` bytes:
+/// `None`: not a posted advertisement of this message; `Some(false)`: too small (unless `short`:
+/// then it is claimed and the receiver reports the overflow); `Some(true)`: to be claimed. The
+/// buffer's address is checked by the kernel when written into.
+pub fn usable(a: &AdvRead, tag: Tag, len: usize, short: bool) -> Option<bool> {
+    if a.state & 3 != A_POSTED || a.ctx != tag.ctx || a.seq != tag.seq || a.round != tag.round as u64 {
+        return None;
+    }
+    Some(len as u64 <= a.cap || short)
+}
+
 impl ShmFabric {
     /// Copy `len` bytes at `addr` in rank `src` into `buf` (one copy) under the sender's offer
     /// `id`, then release the sender. An offer the sender withdrew, before or during the copy,
     /// fails the receive and sends no FIN (the sender no longer waits).
     pub(super) fn fetch(&self, src: usize, tag: Tag, addr: u64, buf: *mut u8, len: usize, id: u64) -> Result<()> {
-        let (k, gen) = ((id & 0xff) as usize, id >> 8);
-        if k >= OFFER_SLOTS {
-            let e = self.proto(src, format!("RTS for {tag:?} names offer slot {k}"));
-            self.mb.fail(src, tag, Dir::Recv, e);
-            return Ok(());
-        }
+        let (k, gen) = match offer_slot(id) {
+            Ok(x) => x,
+            Err(detail) => {
+                let e = self.proto(src, format!("RTS for {tag:?}: {detail}"));
+                self.mb.fail(src, tag, Dir::Recv, e);
+                return Ok(());
+            }
+        };
         let o = self.rx[src].offer(k);
         let withdrawn = || Error::PeerFailed { op: "shm fetch", peer: src, reason: format!("the sender withdrew the message {tag:?}") };
         if o.state.compare_exchange(gen << 2 | O_OFFERED, gen << 2 | O_READING, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -136,16 +168,18 @@ impl ShmFabric {
         for k in 0..ADV_SLOTS {
             let a = ring.adv(k);
             let w = a.state.load(Ordering::Acquire);
-            if w & 3 != A_POSTED
-                || a.ctx.load(Ordering::Relaxed) != tag.ctx
-                || a.seq.load(Ordering::Relaxed) != tag.seq
-                || a.round.load(Ordering::Relaxed) != tag.round as u64
-            {
-                continue;
-            }
-            let (addr, cap) = (a.addr.load(Ordering::Relaxed), a.cap.load(Ordering::Relaxed));
-            if len as u64 > cap && !short {
-                return None;
+            let seen = AdvRead {
+                state: w,
+                ctx: a.ctx.load(Ordering::Relaxed),
+                seq: a.seq.load(Ordering::Relaxed),
+                round: a.round.load(Ordering::Relaxed),
+                cap: a.cap.load(Ordering::Relaxed),
+            };
+            let addr = a.addr.load(Ordering::Relaxed);
+            match usable(&seen, tag, len, short) {
+                None => continue,
+                Some(false) => return None,
+                Some(true) => {}
             }
             // Claim: fails if the receiver revoked (or re-used) the slot since we read it, in
             // which case the fields read above may be stale and are not used.

@@ -52,8 +52,18 @@ use std::time::{Duration, Instant};
 
 pub(crate) use segment::Inbox;
 
+/// The checks this backend runs on what a peer wrote into shared memory (ring records, the
+/// receiver's advertisement slots, the sender's offer ids), re-exported for the fuzz targets.
+pub mod wire {
+    pub use super::advert::{check_chunk, settled, written, Written};
+    pub use super::cma::{offer_slot, usable, AdvRead};
+    pub use super::ring::{check_position, check_record, check_ring, rec_len, slot_id, split_id, Checked, Rec, ABORT, CHUNK, EAGER, FIN, HDR, PAD, RTS};
+    pub use super::segment::{ADV_SLOTS, A_CLAIMED, A_FREE, A_LEN_AFTER_RTS, A_LEN_FAILED, A_POSTED, A_WRITTEN, OFFER_SLOTS, RING_CAP};
+    pub use super::CHUNK_BYTES;
+}
+
 /// Payload bytes of one streamed chunk (the staged path).
-pub(super) const CHUNK_BYTES: usize = 128 << 10;
+pub const CHUNK_BYTES: usize = 128 << 10;
 
 /// Messages up to this many bytes go through the ring; larger ones take the CMA or staged path.
 fn eager_max() -> usize {

@@ -1,7 +1,7 @@
 //! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN, CHUNK, ABORT), the
 //! producer side (append a record, waiting for space; control records that do not fit are
-//! queued), and the consumer that drains one source's ring, bounds-checking every header and
-//! dispatching it.
+//! queued), and the consumer that drains one source's ring, bounds-checking every header
+//! ([`check_ring`], [`check_record`]) and dispatching it.
 use super::segment::{Ring, RING_CAP};
 use super::{eager_max, stat, ShmFabric, CHUNK_BYTES};
 use crate::error::{Error, Result};
@@ -12,44 +12,102 @@ use crossbeam_utils::Backoff;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-pub(super) const HDR: usize = 64;
+pub const HDR: usize = 64;
 
-pub(super) const PAD: u32 = 1;
-pub(super) const EAGER: u32 = 2;
-pub(super) const RTS: u32 = 3;
-pub(super) const FIN: u32 = 4;
+pub const PAD: u32 = 1;
+pub const EAGER: u32 = 2;
+pub const RTS: u32 = 3;
+pub const FIN: u32 = 4;
 /// A piece of a streamed (staged) message.
-pub(super) const CHUNK: u32 = 5;
+pub const CHUNK: u32 = 5;
 /// The sender withdrew a streamed message before its last chunk.
-pub(super) const ABORT: u32 = 6;
+pub const ABORT: u32 = 6;
 
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable, Debug)]
-pub(super) struct Rec {
-    pub(super) kind: u32,
-    pub(super) round: u32,
-    pub(super) ctx: u64,
-    pub(super) seq: u64,
+#[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq, Eq)]
+pub struct Rec {
+    pub kind: u32,
+    pub round: u32,
+    pub ctx: u64,
+    pub seq: u64,
     /// Bytes of payload in the ring (EAGER, CHUNK), of the whole record (PAD), or of the
     /// message (RTS).
-    pub(super) len: u64,
+    pub len: u64,
     /// RTS: address of the data in the sender. CHUNK: offset of the payload in the message.
-    pub(super) addr: u64,
+    pub addr: u64,
     /// CHUNK: length of the whole message.
-    pub(super) total: u64,
+    pub total: u64,
     /// RTS: the offer (`slot | gen << 8`). CHUNK, ABORT: the advertisement streamed into.
-    pub(super) id: u64,
-    pub(super) _pad: u64,
+    pub id: u64,
+    pub _pad: u64,
 }
 const _: () = assert!(std::mem::size_of::<Rec>() == HDR);
 
 /// `slot | gen << 8` (slots < 256).
-pub(super) fn slot_id(k: usize, gen: u64) -> u64 {
+pub fn slot_id(k: usize, gen: u64) -> u64 {
     k as u64 | gen << 8
 }
 
-pub(super) fn rec_len(payload: usize) -> usize {
+/// The slot and generation of an id made by [`slot_id`] (the slot is not checked here).
+pub fn split_id(id: u64) -> (usize, u64) {
+    ((id & 0xff) as usize, id >> 8)
+}
+
+pub fn rec_len(payload: usize) -> usize {
     HDR + payload.div_ceil(HDR) * HDR
+}
+
+/// The ring's published `head` against the consumer's `tail` (both count bytes since the
+/// start): the bytes to drain, at most the ring's capacity.
+pub fn check_ring(head: u64, tail: u64) -> std::result::Result<usize, String> {
+    match head.checked_sub(tail) {
+        Some(n) if n <= RING_CAP as u64 => Ok(n as usize),
+        _ => Err(format!("ring head {head} inconsistent with tail {tail}")),
+    }
+}
+
+/// A checked record: its kind, the bytes of payload that follow its header, and the ring
+/// bytes it takes (header, payload rounded up to whole records; a pad, the rest of the ring).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub kind: u32,
+    pub payload: usize,
+    pub used: usize,
+}
+
+/// Where the consumer may read a record: at a record boundary `idx` of the ring, with a whole
+/// header among the `avail` bytes published from there.
+pub fn check_position(idx: usize, avail: usize) -> std::result::Result<(), String> {
+    if !idx.is_multiple_of(HDR) || idx >= RING_CAP || avail < HDR {
+        return Err("misaligned ring record".into());
+    }
+    Ok(())
+}
+
+/// The record `rec` read at `idx` (with `avail` bytes published from there), as the consumer
+/// checks it before using any of it: a known kind; a payload (EAGER: at most `eager_max`
+/// bytes, CHUNK: at most [`CHUNK_BYTES`]) inside both the ring and the published bytes; a pad
+/// that runs exactly to the ring's end.
+pub fn check_record(rec: &Rec, idx: usize, avail: usize, eager_max: usize) -> std::result::Result<Checked, String> {
+    check_position(idx, avail)?;
+    let payload = |max: usize, what: &str| {
+        let fits = |n: u64| n <= max as u64 && rec_len(n as usize) <= (RING_CAP - idx).min(avail);
+        match fits(rec.len) {
+            true => Ok(Checked { kind: rec.kind, payload: rec.len as usize, used: rec_len(rec.len as usize) }),
+            false => Err(format!("{what} record claims {} bytes", rec.len)),
+        }
+    };
+    let header_only = Ok(Checked { kind: rec.kind, payload: 0, used: HDR });
+    match rec.kind {
+        PAD => match rec.len == (RING_CAP - idx) as u64 && rec.len <= avail as u64 {
+            true => Ok(Checked { kind: PAD, payload: 0, used: rec.len as usize }),
+            false => Err(format!("bad padding record of {} bytes", rec.len)),
+        },
+        EAGER => payload(eager_max, "eager"),
+        CHUNK => payload(CHUNK_BYTES, "chunk"),
+        RTS | FIN | ABORT => header_only,
+        k => Err(format!("unknown record kind {k}")),
+    }
 }
 
 pub(super) struct Producer {
@@ -67,9 +125,7 @@ impl ShmFabric {
     pub(super) fn try_push(&self, dst: usize, rec: &Rec, payload: &[u8]) -> Result<bool> {
         let mut p = self.tx[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
         let tail = p.ring.ctl().tail.load(Ordering::Acquire);
-        if p.head < tail || p.head - tail > RING_CAP as u64 {
-            return Err(self.proto(dst, format!("ring tail {tail} inconsistent with head {}", p.head)));
-        }
+        check_ring(p.head, tail).map_err(|e| self.proto(dst, e))?;
         let len = rec_len(payload.len());
         let idx = (p.head % RING_CAP as u64) as usize;
         let to_end = RING_CAP - idx;
@@ -132,37 +188,21 @@ impl ShmFabric {
     pub(super) fn drain_ring(&self, s: usize, tail: &mut u64) -> Result<()> {
         let ring = &self.rx[s];
         let head = ring.ctl().head.load(Ordering::Acquire);
-        if head < *tail || head - *tail > RING_CAP as u64 {
-            return Err(self.proto(s, format!("ring head {head} inconsistent with tail {tail}")));
-        }
+        check_ring(head, *tail).map_err(|e| self.proto(s, e))?;
         while *tail < head {
             let idx = (*tail % RING_CAP as u64) as usize;
             let avail = (head - *tail) as usize;
-            if idx % HDR != 0 || avail < HDR {
-                return Err(self.proto(s, "misaligned ring record".into()));
-            }
+            check_position(idx, avail).map_err(|e| self.proto(s, e))?;
             let mut rec = Rec::zeroed();
             // SAFETY: idx + HDR <= RING_CAP (idx is 64-aligned, RING_CAP a multiple of 64).
             unsafe { std::ptr::copy_nonoverlapping(ring.data().add(idx), bytemuck::bytes_of_mut(&mut rec).as_mut_ptr(), HDR) };
             let tag = Tag { ctx: rec.ctx, seq: rec.seq, round: rec.round };
-            // A record with a payload: its bytes, bounds-checked against the ring and `max`.
-            let payload = |max: usize, what: &str| -> Result<&[u8]> {
-                let len = rec.len as usize;
-                if rec.len > max as u64 || rec_len(len) > RING_CAP - idx || rec_len(len) > avail {
-                    return Err(self.proto(s, format!("{what} record claims {} bytes", rec.len)));
-                }
-                // SAFETY: bounds checked just above.
-                Ok(unsafe { std::slice::from_raw_parts(ring.data().add(idx + HDR), len) })
-            };
-            let used = match rec.kind {
-                PAD => {
-                    if rec.len as usize != RING_CAP - idx || rec.len as usize > avail {
-                        return Err(self.proto(s, format!("bad padding record of {} bytes", rec.len)));
-                    }
-                    rec.len as usize
-                }
+            let c = check_record(&rec, idx, avail, eager_max()).map_err(|e| self.proto(s, e))?;
+            // SAFETY: check_record bounded the payload by the ring and the published bytes.
+            let payload = unsafe { std::slice::from_raw_parts(ring.data().add(idx + HDR), c.payload) };
+            match rec.kind {
+                PAD => {}
                 EAGER => {
-                    let payload = payload(eager_max(), "eager")?;
                     let len = payload.len();
                     let claimed = {
                         // Revoke and claim under the advertisement lock (see `advertise`).
@@ -184,7 +224,6 @@ impl ShmFabric {
                         }
                         Err(_) => self.mb.notify(), // the slot now holds the error
                     }
-                    rec_len(len)
                 }
                 RTS => {
                     let announced = {
@@ -221,24 +260,13 @@ impl ShmFabric {
                             self.send_fin(s, tag)?;
                         }
                     }
-                    HDR
                 }
-                FIN => {
-                    self.mb.complete(s, tag, Dir::Send, 0);
-                    HDR
-                }
-                CHUNK => {
-                    let data = payload(CHUNK_BYTES, "chunk")?;
-                    self.on_chunk(s, tag, &rec, data)?;
-                    rec_len(data.len())
-                }
-                ABORT => {
-                    self.on_abort(s, tag, rec.id);
-                    HDR
-                }
-                k => return Err(self.proto(s, format!("unknown record kind {k}"))),
-            };
-            *tail += used as u64;
+                FIN => self.mb.complete(s, tag, Dir::Send, 0),
+                CHUNK => self.on_chunk(s, tag, &rec, payload)?,
+                ABORT => self.on_abort(s, tag, rec.id),
+                _ => unreachable!("check_record passes known kinds only"),
+            }
+            *tail += c.used as u64;
             ring.ctl().tail.store(*tail, Ordering::Release);
         }
         Ok(())

@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
 /// Ring capacity per (source, destination) pair.
-pub(crate) const RING_CAP: usize = 1 << 20;
+pub const RING_CAP: usize = 1 << 20;
 const CTL: usize = std::mem::size_of::<RingCtl>();
 /// Advertisement slots per (source, destination) pair (outstanding advertised receives).
-pub(crate) const ADV_SLOTS: usize = 16;
+pub const ADV_SLOTS: usize = 16;
 const ADV_BYTES: usize = ADV_SLOTS * std::mem::size_of::<Adv>();
 /// Offer slots per (source, destination) pair (announced sends a receiver may still copy).
-pub(crate) const OFFER_SLOTS: usize = 64;
+pub const OFFER_SLOTS: usize = 64;
 const OFFER_BYTES: usize = OFFER_SLOTS * std::mem::size_of::<Offer>();
 pub(super) const REGION: usize = CTL + ADV_BYTES + OFFER_BYTES + RING_CAP;
 /// The inbox header's size (a page: the regions stay page-aligned).
@@ -44,15 +44,15 @@ pub(super) struct Adv {
     pub(super) len: AtomicU64,
 }
 const _: () = assert!(std::mem::size_of::<Adv>() == 64);
-pub(super) const A_FREE: u64 = 0;
-pub(super) const A_POSTED: u64 = 1;
-pub(super) const A_CLAIMED: u64 = 2;
-pub(super) const A_WRITTEN: u64 = 3;
+pub const A_FREE: u64 = 0;
+pub const A_POSTED: u64 = 1;
+pub const A_CLAIMED: u64 = 2;
+pub const A_WRITTEN: u64 = 3;
 /// `len` value a sender stores when its write failed.
-pub(super) const A_LEN_FAILED: u64 = u64::MAX;
+pub const A_LEN_FAILED: u64 = u64::MAX;
 /// Flag in `len`: the sender announced this message by RTS before it claimed the slot, so an
 /// RTS record is (or was) on its way and must be dropped when it arrives.
-pub(super) const A_LEN_AFTER_RTS: u64 = 1 << 62;
+pub const A_LEN_AFTER_RTS: u64 = 1 << 62;
 
 /// One announced send (RTS) the receiver may copy from the sender's memory, in the receiver's
 /// inbox (written by the sender). `state` = `gen << 2 | O_*`: the receiver takes it

@@ -597,3 +597,47 @@ fn the_probe_reports_a_process_it_may_not_attach_to() {
     }
     drop(probe_word);
 }
+
+#[test]
+fn ring_records_are_checked_before_use() {
+    use super::wire::*;
+    let rec = |kind, len| Rec { kind, len, ..Rec::zeroed() };
+    assert_eq!(check_ring(10, 3), Ok(7));
+    assert!(check_ring(3, 10).is_err() && check_ring(RING_CAP as u64 + 1, 0).is_err());
+    assert_eq!(check_record(&rec(EAGER, 100), 0, 4096, 8192), Ok(Checked { kind: EAGER, payload: 100, used: 192 }));
+    assert!(check_record(&rec(EAGER, 8193), 0, 1 << 20, 8192).is_err(), "eager over its maximum");
+    assert!(check_record(&rec(EAGER, 100), 0, 128, 8192).is_err(), "payload past the published bytes");
+    assert!(check_record(&rec(CHUNK, 128), RING_CAP - 128, 4096, 8192).is_err(), "payload past the ring's end");
+    assert!(check_record(&rec(CHUNK, u64::MAX), 0, 4096, 8192).is_err());
+    assert_eq!(check_record(&rec(PAD, 128), RING_CAP - 128, 4096, 0), Ok(Checked { kind: PAD, payload: 0, used: 128 }));
+    assert!(check_record(&rec(PAD, 64), RING_CAP - 128, 4096, 0).is_err(), "a pad must run to the ring's end");
+    assert_eq!(check_record(&rec(RTS, u64::MAX), 64, 64, 0).map(|c| c.used), Ok(HDR));
+    assert!(check_record(&rec(7, 0), 0, 64, 0).is_err());
+    assert!(check_record(&rec(FIN, 0), 32, 64, 0).is_err() && check_record(&rec(FIN, 0), 0, 63, 0).is_err(), "misaligned, short");
+}
+
+#[test]
+fn slots_and_chunks_written_by_a_peer_are_checked() {
+    use super::wire::*;
+    let tag = crate::fabric::Tag { ctx: 1, seq: 2, round: 3 };
+    assert_eq!(offer_slot(slot_id(5, 9)), Ok((5, 9)));
+    assert!(offer_slot(slot_id(OFFER_SLOTS, 9)).is_err());
+    assert_eq!(settled(7 << 2 | A_POSTED, 7, 0), None);
+    assert_eq!(settled(7 << 2 | A_WRITTEN, 7, 0), Some(Ok(())));
+    assert!(matches!(settled(6 << 2 | A_WRITTEN, 7, 0), Some(Err(_))), "another generation");
+    assert_eq!(written(10 | A_LEN_AFTER_RTS, 10), Written::Landed { len: 10, after_rts: true });
+    assert_eq!(written(A_LEN_FAILED, 10), Written::Failed);
+    assert!(matches!(written(11, 10), Written::Bad { .. }));
+    let a = AdvRead { state: 3 << 2 | A_POSTED, ctx: 1, seq: 2, round: 3, cap: 100 };
+    assert_eq!(usable(&a, tag, 100, false), Some(true));
+    assert_eq!(usable(&a, tag, 101, false), Some(false));
+    assert_eq!(usable(&a, tag, 101, true), Some(true), "claimed; the receiver reports the overflow");
+    assert_eq!(usable(&AdvRead { state: A_CLAIMED, ..a }, tag, 1, false), None);
+    assert_eq!(usable(&AdvRead { round: 4, ..a }, tag, 1, false), None);
+    assert!(check_chunk(0, 10, 30, 0, 0).is_ok() && check_chunk(10, 20, 30, 10, 30).is_ok());
+    assert!(check_chunk(10, 21, 30, 10, 30).is_err(), "past the message");
+    assert!(check_chunk(20, 10, 30, 10, 30).is_err(), "a gap");
+    assert!(check_chunk(10, 10, 40, 10, 30).is_err(), "the length changed");
+    assert!(check_chunk(0, 0, 30, 0, 0).is_err(), "empty");
+    assert!(check_chunk(u64::MAX, 1, u64::MAX, usize::MAX, u64::MAX).is_err());
+}

@@ -8,32 +8,32 @@ use crate::fabric::Tag;
 const MAGIC: u32 = 0xE3B6_D7A1;
 
 // Header kinds: a data chunk, or a header-only control message.
-pub(super) const K_DATA: u8 = 0;
+pub const K_DATA: u8 = 0;
 /// Receiver → sender: `{addr (offset field), rkey (aux), cap (total), index}` for `tag`.
-pub(super) const K_ADVERT: u8 = 1;
+pub const K_ADVERT: u8 = 1;
 /// Sender → receiver: `tag` goes zero-copy; `total` is its length.
-pub(super) const K_RTS: u8 = 2;
+pub const K_RTS: u8 = 2;
 /// Receiver → sender: do not write into the advertisement of `tag` (reason in aux).
-pub(super) const K_REVOKE: u8 = 3;
+pub const K_REVOKE: u8 = 3;
 /// Sender → receiver: no write for advertisement `index` will follow.
-pub(super) const K_ACK: u8 = 4;
+pub const K_ACK: u8 = 4;
 /// Revoke reasons: the receive was cancelled; use the slots; forget an unused advertisement.
-pub(super) const R_CANCEL: u32 = 0;
-pub(super) const R_EAGER: u32 = 1;
-pub(super) const R_PURGE: u32 = 2;
-pub(super) const NO_ADV: u8 = 0xff;
+pub const R_CANCEL: u32 = 0;
+pub const R_EAGER: u32 = 1;
+pub const R_PURGE: u32 = 2;
+pub const NO_ADV: u8 = 0xff;
 
-#[derive(Clone, Copy)]
-pub(super) struct Header {
-    pub(super) src: u16,
-    pub(super) kind: u8,
-    pub(super) adv: u8,
-    pub(super) chunk_len: u32,
-    pub(super) tag: Tag,
-    pub(super) total: u64,
-    pub(super) offset: u64,
-    pub(super) chunk_seq: u32,
-    pub(super) aux: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub src: u16,
+    pub kind: u8,
+    pub adv: u8,
+    pub chunk_len: u32,
+    pub tag: Tag,
+    pub total: u64,
+    pub offset: u64,
+    pub chunk_seq: u32,
+    pub aux: u32,
 }
 
 fn checksum(b: &[u8]) -> u32 {
@@ -46,7 +46,7 @@ fn checksum(b: &[u8]) -> u32 {
 }
 
 impl Header {
-    pub(super) fn write(&self, b: &mut [u8; HDR]) {
+    pub fn write(&self, b: &mut [u8; HDR]) {
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&self.src.to_le_bytes());
         b[6] = self.kind;
@@ -63,7 +63,12 @@ impl Header {
         b[56..60].copy_from_slice(&c.to_le_bytes());
         b[60..64].copy_from_slice(&0u32.to_le_bytes());
     }
-    pub(super) fn read(b: &[u8]) -> std::result::Result<Header, String> {
+    /// The header at the start of `b` (at least [`HDR`] bytes), checked: magic and checksum.
+    /// Its fields are checked by the receiver against its own state (`recv`).
+    pub fn read(b: &[u8]) -> std::result::Result<Header, String> {
+        if b.len() < HDR {
+            return Err(format!("chunk header of {} bytes (expected {HDR})", b.len()));
+        }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         if u32_at(0) != MAGIC {
@@ -104,6 +109,25 @@ impl Ctl {
             Ctl::Rts { tag, len } => h(K_RTS, NO_ADV, tag, len, 0, 0),
             Ctl::Revoke { tag, adv, why } => h(K_REVOKE, adv, tag, 0, 0, why),
             Ctl::Ack { adv } => h(K_ACK, adv, z, 0, 0, 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_a_short_or_corrupted_one_is_an_error() {
+        let h = Header { src: 3, kind: K_DATA, adv: NO_ADV, chunk_len: 100, tag: Tag { ctx: 1, seq: 2, round: 3 }, total: 1000, offset: 200, chunk_seq: 9, aux: 0 };
+        let mut b = [0u8; HDR];
+        h.write(&mut b);
+        assert_eq!(Header::read(&b), Ok(h));
+        assert!(Header::read(&b[..HDR - 1]).is_err(), "short");
+        for i in 0..60 {
+            let mut c = b;
+            c[i] ^= 0x10;
+            assert!(Header::read(&c).is_err(), "flip in byte {i}");
         }
     }
 }

@@ -28,7 +28,7 @@
 //! registrations), `state` (per-message and per-peer bookkeeping), `send` and `advert` (the
 //! sending and the receiving side), `recv` (arrivals), `progress` (the driver and waiting).
 mod advert;
-mod header;
+pub(crate) mod header;
 mod mrcache;
 mod progress;
 mod recv;
