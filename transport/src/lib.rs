@@ -7,6 +7,7 @@
 //!   shared memory on one host or TCP across hosts).
 //! * The algorithms (`coll`) are written once over the [`fabric::Fabric`] primitives that the
 //!   backends (`local`, `shm`, `tcp`) implement. See docs/transport.md.
+mod agree;
 mod auth;
 pub mod bootstrap;
 mod coll;
