@@ -7,8 +7,10 @@
 //!   shared memory on one host or TCP across hosts).
 //! * The algorithms (`coll`) are written once over the [`fabric::Fabric`] primitives that the
 //!   backends (`local`, `shm`, `tcp`) implement. See docs/transport.md.
+//! * [`bench`]: the nccl-tests-style microbenchmark of the collectives (`ember bench a2a`).
 mod agree;
 mod auth;
+pub mod bench;
 pub mod bootstrap;
 mod coll;
 mod comm;

@@ -20,10 +20,11 @@ pub enum Transport {
     Tcp,
     /// RDMA verbs (cargo feature `rdma`; without it, requesting it is a clear error).
     Rdma,
-    /// NCCL on device buffers: `ember bench a2a|allreduce --transport nccl` (feature `nccl` of
-    /// ember-tools, ember_cuda::nccl); host communicators refuse it.
-    Nccl,
 }
+
+/// Why "nccl" is not a transport: NCCL moves device buffers, not a communicator's host bytes.
+const NCCL_IS_NOT_A_TRANSPORT: &str = "NCCL is not a host transport: it moves device buffers \
+     (`ember train --xfer nccl`, `ember bench a2a|allreduce --transport nccl`, in a binary built with --features nccl)";
 
 impl FromStr for Transport {
     type Err = Error;
@@ -34,8 +35,8 @@ impl FromStr for Transport {
             "shm" => Transport::Shm,
             "tcp" => Transport::Tcp,
             "rdma" => Transport::Rdma,
-            "nccl" => Transport::Nccl,
-            o => return Err(Error::Bootstrap(format!("unknown transport '{o}' (auto, local, shm, tcp, rdma, nccl)"))),
+            "nccl" => return Err(Error::Bootstrap(format!("transport 'nccl' (auto, local, shm, tcp, rdma): {NCCL_IS_NOT_A_TRANSPORT}"))),
+            o => return Err(Error::Bootstrap(format!("unknown transport '{o}' (auto, local, shm, tcp, rdma)"))),
         })
     }
 }
@@ -168,4 +169,26 @@ pub(crate) fn job_dir(get: &impl Fn(&str) -> Option<String>) -> PathBuf {
         return PathBuf::from(x);
     }
     per_user(get("TMPDIR").filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_parse_and_nccl_is_refused_naming_its_paths() {
+        for (s, t) in [("auto", Transport::Auto), ("", Transport::Auto), ("LOCAL", Transport::Local), ("shm", Transport::Shm), ("tcp", Transport::Tcp), ("rdma", Transport::Rdma)] {
+            assert_eq!(s.parse::<Transport>().unwrap(), t, "{s}");
+        }
+        let e = "nccl".parse::<Transport>().unwrap_err().to_string();
+        assert!(e.contains("--xfer nccl") && e.contains("--transport nccl") && e.contains("auto, local, shm, tcp, rdma"), "{e}");
+        let e = "ib".parse::<Transport>().unwrap_err().to_string();
+        assert!(e.contains("unknown transport 'ib'"), "{e}");
+        let vars = |k: &str| match k {
+            "EMBER_TRANSPORT" => Some("nccl".to_string()),
+            _ => None,
+        };
+        let e = JoinConfig::from_vars(vars).unwrap_err().to_string();
+        assert!(e.contains("NCCL is not a host transport"), "{e}");
+    }
 }

@@ -27,7 +27,6 @@ impl Comm {
     pub fn connect(cfg: &JoinConfig) -> Result<Comm> {
         match cfg.transport {
             Transport::Rdma if !cfg!(feature = "rdma") => return Err(Error::NotBuilt("rdma".into())),
-            Transport::Nccl => return Err(Error::NotBuilt("nccl".into())),
             Transport::Local if cfg.size > 1 => {
                 return Err(Error::Bootstrap("transport 'local' runs ranks as threads of one process: use local_world, or shm/tcp across processes".into()))
             }
