@@ -10,7 +10,6 @@
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
-pub mod comm_bench;
 pub mod config;
 pub mod data;
 pub mod embedding;

@@ -104,9 +104,25 @@ pub fn run(a: BenchArgs) -> CliResult {
         Which::Dlrm(x) => with_device(x.dev.device, |be| dlrm(be, &x)),
         Which::Mem(x) => crate::bench_mem::run(x),
         Which::Data(x) => crate::bench_data::run(x),
-        Which::A2a(x) => crate::comm_bench::run("a2a", x),
-        Which::Allreduce(x) => crate::comm_bench::run("allreduce", x),
+        Which::A2a(x) => collective("a2a", x),
+        Which::Allreduce(x) => collective("allreduce", x),
     }
+}
+
+/// `ember bench a2a|allreduce`: over a host transport, or (`--transport nccl`) NCCL's own
+/// collectives on device buffers.
+fn collective(which: &str, a: crate::comm_bench::CommBenchArgs) -> CliResult {
+    if a.transport.eq_ignore_ascii_case("nccl") {
+        #[cfg(feature = "nccl")]
+        return crate::nccl_bench::run(which, &a);
+        #[cfg(not(feature = "nccl"))]
+        return Err(format!(
+            "ember bench {which} --transport nccl: NCCL's collectives on device buffers: this needs the binary built with --features nccl \
+             (cargo build --release -p ember-tools --features nccl; docs/cuda.md); the host transports are auto, local, shm, tcp, rdma"
+        )
+        .into());
+    }
+    crate::comm_bench::run(which, a)
 }
 
 /// Run `f` on the backend named by `device`.

@@ -3,11 +3,13 @@
 //! Runs with in-process ranks (`--ranks N`) or one rank per process (under `ember launch`,
 //! mpirun, srun, torchrun). Data are seeded per (rank, repetition); the expected output is
 //! computed separately from the same seeds. `--baseline memcpy|tcp|tcp1|tcp2` adds the ceiling measured
-//! in the same run (docs/transport.md derives it). The measurement itself lives in the engine
-//! library (`ember_engine::comm_bench`); this file is the CLI: arguments, transports, printing.
+//! in the same run (docs/transport.md derives it). The measurement itself (sweep, buffers,
+//! ceilings, table) lives in the transport crate (`ember_transport::bench`); this file is the
+//! CLI: arguments, transports, printing. `--transport nccl` is the NCCL bench (nccl_bench.rs,
+//! which uses this file's arguments and printing).
 use crate::common::CliResult;
+use ember_transport::bench::{self, bench_rank_device_emu, parse_size, BenchOptions, Collective, Row};
 use ember_transport::bootstrap::threads_world;
-use ember_engine::comm_bench::{bench_rank as bench_rank_core, parse_size, BenchOptions, Collective, Row};
 use ember_transport::{Comm, JoinConfig, Transport};
 use std::time::Duration;
 
@@ -31,8 +33,9 @@ pub struct CommBenchArgs {
     /// Checked iterations per size (after timing).
     #[arg(short = 'c', long = "check", default_value_t = 1, value_parser = crate::common::count::<0, 1_000_000_000>)]
     pub check: usize,
-    /// auto, local, shm, tcp, rdma (built with --features rdma), nccl (device buffers; built
-    /// with --features nccl); rdma-emu (with --ranks: the RDMA protocol over emulated verbs).
+    /// auto, local, shm, tcp, rdma (built with --features rdma); rdma-emu (with --ranks: the
+    /// RDMA protocol over emulated verbs); nccl (not a host transport: NCCL's collectives on
+    /// device buffers, in a binary built with --features nccl).
     #[arg(long, default_value = "auto")]
     pub transport: String,
     /// Run N ranks as threads of this process instead of joining a multi-process job.
@@ -78,100 +81,59 @@ pub struct CommBenchArgs {
     pub fault_rank: Option<usize>,
 }
 
-/// One rank's rows: the CLI's sizes parsed, then the engine's measurement core
-/// (`ember_engine::comm_bench`, shared with the C ABI).
+impl CommBenchArgs {
+    /// The sweep's options (sizes parsed; checked by the sweep).
+    pub(crate) fn options(&self) -> Result<BenchOptions, String> {
+        Ok(BenchOptions {
+            min_bytes: parse_size(&self.min)?,
+            max_bytes: parse_size(&self.max)?,
+            factor: self.factor,
+            iters: self.iters,
+            warmup: self.warmup,
+            check: self.check,
+            baseline: self.baseline.clone(),
+            no_huge: self.no_huge,
+            register: self.register,
+        })
+    }
+}
+
+/// One rank's rows: host buffers, or (`--device-memory`) emulated device memory.
 fn bench_rank(which: &str, c: &Comm, a: &CommBenchArgs) -> Result<Vec<Row>, String> {
-    let (min_bytes, max_bytes) = (parse_size(&a.min)?, parse_size(&a.max)?);
+    let o = a.options()?;
     let coll = Collective::parse(which).ok_or_else(|| format!("unknown collective '{which}'"))?;
     if a.device_memory {
-        return bench_device_emu(c, a, min_bytes, max_bytes);
+        return bench_rank_device_emu(c, &o);
     }
-    let o = BenchOptions {
-        min_bytes,
-        max_bytes,
-        factor: a.factor,
-        iters: a.iters,
-        warmup: a.warmup,
-        check: a.check,
-        baseline: a.baseline.clone(),
-        no_huge: a.no_huge,
-        register: a.register,
-    };
-    bench_rank_core(coll, c, &o)
+    bench::bench_rank(coll, c, &o)
 }
 
-/// `--device-memory`: the all-to-all between emulated device buffers through the direct path,
-/// timed and checked as `bench_rank_core` does (seeded blocks, expectations from the seeds).
-fn bench_device_emu(c: &Comm, a: &CommBenchArgs, min: usize, max: usize) -> Result<Vec<Row>, String> {
-    use ember_engine::comm_bench::{max_over, seed, Registered};
-    use ember_transport::rdma::DeviceMem;
-    let (n, me) = (c.size(), c.rank());
-    let e = |e: ember_transport::Error| e.to_string();
-    if a.factor < 2 || min == 0 || min > max {
-        return Err("need -b >= 1, -b <= -e and -f >= 2".into());
-    }
-    let (mut rows, mut size) = (Vec::new(), min);
-    while size <= max {
-        let count = (size / 4).max(1);
-        let fill = |d: &mut DeviceMem, rep: usize| {
-            let v: Vec<u8> = (0..count * n).flat_map(|i| seed(me, rep, i / count, i % count).to_le_bytes()).collect();
-            d.write(0, &v);
-        };
-        let (mut send, mut recv) = (DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?, DeviceMem::new(4 * count * n).map_err(|x| x.to_string())?);
-        let counts = vec![4 * count; n];
-        let (sa, ra) = (send.addr(), recv.addr());
-        // SAFETY: the guard is declared after the buffers, so it unregisters them before they drop.
-        let _registered = if a.register { Some(unsafe { Registered::new(c, &[(sa, send.len()), (ra, recv.len())]) }?) } else { None };
-        let iter = || {
-            // SAFETY: both buffers hold n blocks of 4·count bytes and outlive the loop; the own
-            // block is copied while nothing else touches `recv`.
-            unsafe { c.all_to_all_v_direct(sa, &counts, ra, &counts, |s, d, l| DeviceMem::copy(s, d, l).map_err(ember_transport::Error::Bootstrap)) }.map_err(e)
-        };
-        fill(&mut send, 0);
-        for _ in 0..a.warmup {
-            iter()?;
-        }
-        c.barrier().map_err(e)?;
-        let t = std::time::Instant::now();
-        for _ in 0..a.iters {
-            iter()?;
-        }
-        let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64).map_err(e)?;
-        let mut wrong = 0u64;
-        for rep in 1..=a.check {
-            fill(&mut send, rep);
-            recv.write(0, &vec![0xff; recv.len()]);
-            iter()?;
-            let mut got = vec![0u8; recv.len()];
-            recv.read(0, &mut got);
-            for (i, b) in got.chunks_exact(4).enumerate() {
-                let x = f32::from_le_bytes(b.try_into().unwrap());
-                wrong += u64::from(x.to_bits() != Collective::AllToAll.expected(n, me, rep, count, i).to_bits());
-            }
-        }
-        let mut w = [wrong];
-        c.all_reduce(&mut w, ember_transport::ReduceOp::Sum).map_err(e)?;
-        rows.push(Row::new(Collective::AllToAll, n, size, count, time_us, w[0], None));
-        match size.checked_mul(a.factor) {
-            Some(s) => size = s,
-            None => break,
-        }
-    }
-    Ok(rows)
+/// What the first lines of a table say about the run.
+pub(crate) struct Heading<'a> {
+    pub which: &'a str,
+    pub ranks: usize,
+    pub transport: &'a str,
+    /// `(name, world ranks)` of a `--split` group.
+    pub group: Option<(&'a str, &'a [usize])>,
+    /// After the transport's name (", registered buffers", ...).
+    pub notes: String,
+    /// A second `#` line.
+    pub more: Option<String>,
 }
 
-fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&str>) {
+/// Rank 0's output: the table (nccl-tests' layout), or `--json` rows.
+pub(crate) fn print(a: &CommBenchArgs, h: &Heading, rows: &[Row]) {
     let base = a.baseline.as_deref();
     if a.json {
         for r in rows {
             let mut o = serde_json::json!({
                 "size": r.size, "count": r.count, "type": "float", "time_us": r.time_us,
                 "algbw": r.algbw, "busbw": r.busbw, "wrong": r.wrong,
-                "collective": which, "ranks": c.size(), "transport": c.transport(),
+                "collective": h.which, "ranks": h.ranks, "transport": h.transport,
             });
-            if let Some(g) = group {
+            if let Some((g, members)) = h.group {
                 o["group"] = g.into();
-                o["members"] = serde_json::json!(c.world_ranks());
+                o["members"] = serde_json::json!(members);
             }
             if let (Some(b), Some(us)) = (base, r.base_us) {
                 o["baseline"] = b.into();
@@ -181,41 +143,26 @@ fn print(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&
         }
         return;
     }
-    let what = if which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
-    let grp = group.map(|g| format!(" ({g} group {:?}, run concurrently with the other group)", c.world_ranks())).unwrap_or_default();
-    let mem = if a.device_memory { " (emulated device memory, direct path)" } else { "" };
-    let mem = format!("{mem}{}", if a.register { ", registered buffers" } else { "" });
-    println!("# ember bench {which}: {} ranks{grp}, transport {}{mem}, -n {} -w {} -c {} ({what})", c.size(), c.transport(), a.iters, a.warmup, a.check);
-    let extra = match base {
-        Some("memcpy") => "  memcpy(us)  %ceiling",
-        Some(_) => "  stream(GB/s)  %stream",
-        None => "",
-    };
-    println!("#{:>11} {:>11} {:>6} {:>11} {:>11} {:>11} {:>7}{extra}", "size", "count", "type", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong");
-    for r in rows {
-        let tail = match (base, r.base_us) {
-            (Some("memcpy"), Some(us)) => format!("  {:>10.1}  {:>7.1}", us, 100.0 * us / r.time_us),
-            (Some(_), Some(us)) => {
-                let stream = (r.size * (c.size() - 1).max(1)) as f64 / us / 1e3;
-                format!("  {:>12.3}  {:>6.1}", stream, 100.0 * r.busbw / stream)
-            }
-            _ => String::new(),
-        };
-        println!("{:>12} {:>11} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}{tail}", r.size, r.count, "float", r.time_us, r.algbw, r.busbw, r.wrong);
+    let what = if h.which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
+    let grp = h.group.map(|(g, m)| format!(" ({g} group {m:?}, run concurrently with the other group)")).unwrap_or_default();
+    println!("# ember bench {}: {} ranks{grp}, transport {}{}, -n {} -w {} -c {} ({what})", h.which, h.ranks, h.transport, h.notes, a.iters, a.warmup, a.check);
+    if let Some(m) = &h.more {
+        println!("{m}");
     }
-    let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
-    let avg = rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len().max(1) as f64;
-    println!("# Out of bounds values : {wrong} {}", if wrong == 0 { "OK" } else { "FAILED" });
-    println!("# Avg bus bandwidth    : {avg:.3}");
+    for l in bench::table(rows, h.ranks, base) {
+        println!("{l}");
+    }
+}
+
+/// Rank 0's table of the host transports' bench.
+fn print_host(which: &str, a: &CommBenchArgs, c: &Comm, rows: &[Row], group: Option<&str>) {
+    let mem = if a.device_memory { " (emulated device memory, direct path)" } else { "" };
+    let notes = format!("{mem}{}", if a.register { ", registered buffers" } else { "" });
+    let h = Heading { which, ranks: c.size(), transport: c.transport(), group: group.map(|g| (g, c.world_ranks())), notes, more: None };
+    print(a, &h, rows);
 }
 
 pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
-    if a.transport == "nccl" {
-        #[cfg(feature = "nccl")]
-        return crate::nccl_bench::run(which, &a);
-        #[cfg(not(feature = "nccl"))]
-        return Err(ember_transport::Error::NotBuilt("nccl".into()).into());
-    }
     let timeout = a.timeout_ms.map(Duration::from_millis).unwrap_or(ember_transport::DEFAULT_TIMEOUT);
     let rdma_emu = a.transport == "rdma-emu";
     if a.device_memory && !(rdma_emu && which == "a2a" && a.baseline.is_none()) {
@@ -234,9 +181,6 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
         None if rdma_emu => return Err("--transport rdma-emu needs --ranks N (in-process emulation)".into()),
         Some(n) => {
             let t = if transport == Transport::Auto { Transport::Local } else { transport };
-            if t == Transport::Nccl {
-                return Err(ember_transport::Error::NotBuilt(a.transport.clone()).into());
-            }
             threads_world(n, t, timeout)?
         }
         None => {
@@ -286,7 +230,7 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
                     let rows = bench_rank(&which, &c, &a);
                     if c.rank() == 0 {
                         if let Ok(r) = &rows {
-                            print(&which, &a, &c, r, None);
+                            print_host(&which, &a, &c, r, None);
                         }
                     }
                     return rows.map(|r| r.iter().map(|x| x.wrong).sum::<u64>()).map_err(|e| format!("rank {wr}: {e}"));
@@ -313,7 +257,7 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
                 for (name, sub, rows) in results {
                     let rows = rows.map_err(|e| format!("rank {wr} ({name} group): {e}"))?;
                     if w == 0 {
-                        print(&which, &a, sub, &rows, Some(name));
+                        print_host(&which, &a, sub, &rows, Some(name));
                     }
                     wrong += rows.iter().map(|x| x.wrong).sum::<u64>();
                 }

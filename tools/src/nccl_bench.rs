@@ -12,12 +12,17 @@
 //! one stream synchronisation, host clock; the slowest rank's time per iteration. Check: `-c`
 //! repetitions with fresh seeds, results copied back to the host and compared bit for bit with
 //! the expectation computed from the seeds (small integers: every sum is exact in f32).
-use crate::comm_bench::CommBenchArgs;
+//!
+//! The one module of the CLI that reaches the NCCL binding (`ember_cuda::nccl`); it uses the
+//! transport's sweep and the host bench's arguments and printing (`comm_bench`), never the
+//! other way round.
+use crate::comm_bench::{join_ranks, print, CommBenchArgs, Heading};
 use crate::common::CliResult;
 use ember_cuda::nccl::{self, NcclBuf, NcclComm, NcclDevice, NcclInfo, NcclOp};
-use ember_engine::comm_bench::{max_over, parse_size, seed, Collective, Row};
-use ember_transport::{Comm, JoinConfig, ReduceOp, Transport};
-use std::time::{Duration, Instant};
+use ember_transport::bench::{sweep, Collective, Row, SizeBuffers};
+use ember_transport::{Comm, JoinConfig, Transport};
+use std::borrow::Cow;
+use std::time::Duration;
 
 /// The device of a rank: LOCAL_RANK among the visible GPUs, or the only one.
 fn device_for(local_rank: usize) -> Result<usize, String> {
@@ -46,98 +51,51 @@ fn setup(c: &Comm, ordinal: Result<usize, String>) -> Result<(NcclDevice, NcclCo
     Ok((dev, comm))
 }
 
-fn step(which: Collective, nc: &NcclComm, send: &NcclBuf<f32>, recv: &mut NcclBuf<f32>, count: usize) -> Result<(), String> {
-    if which == Collective::AllToAll {
-        nc.all_to_all(send, recv, count)
-    } else {
-        nc.all_reduce(send, recv, NcclOp::Sum)
+/// One size's device buffers and NCCL's collective on them: runs are enqueued on the rank's
+/// stream (timed as nccl-tests: back to back, one synchronisation); the check copies the output
+/// back to the host.
+struct NcclBuffers<'a> {
+    which: Collective,
+    dev: &'a NcclDevice,
+    nc: &'a NcclComm,
+    count: usize,
+    send: NcclBuf<f32>,
+    recv: NcclBuf<f32>,
+}
+
+impl SizeBuffers for NcclBuffers<'_> {
+    fn load(&mut self, input: &[f32]) -> Result<(), String> {
+        self.dev.htod(&mut self.send, input)?;
+        self.dev.htod(&mut self.recv, &vec![f32::NAN; input.len()])
+    }
+    fn run(&mut self) -> Result<(), String> {
+        match self.which {
+            Collective::AllToAll => self.nc.all_to_all(&self.send, &mut self.recv, self.count),
+            Collective::AllReduce => self.nc.all_reduce(&self.send, &mut self.recv, NcclOp::Sum),
+        }
+    }
+    fn sync(&mut self) -> Result<(), String> {
+        self.nc.sync()
+    }
+    fn output(&mut self) -> Result<Cow<'_, [f32]>, String> {
+        let mut host = vec![0f32; self.recv.len()];
+        self.dev.dtoh(&mut host, &self.recv)?;
+        Ok(Cow::Owned(host))
     }
 }
 
 fn bench_rank(which: &str, c: &Comm, dev: &NcclDevice, nc: &NcclComm, a: &CommBenchArgs) -> Result<Vec<Row>, String> {
     let which = Collective::parse(which).ok_or_else(|| format!("no NCCL version of '{which}'"))?;
-    let (n, me) = (c.size(), c.rank());
-    let e = |e: ember_transport::Error| e.to_string();
-    let (min, max) = (parse_size(&a.min)?, parse_size(&a.max)?);
-    if a.factor < 2 || min == 0 || min > max {
-        return Err("need -b >= 1, -b <= -e and -f >= 2".into());
-    }
-    let mut rows = Vec::new();
-    let mut size = min;
-    while size <= max {
-        let count = (size / 4).max(1);
-        let len = if which == Collective::AllToAll { count * n } else { count };
-        let mut send = dev.alloc::<f32>(len)?;
-        let mut recv = dev.alloc::<f32>(len)?;
-        let mut host: Vec<f32> = (0..len).map(|i| seed(me, 0, i / count, i % count)).collect();
-        dev.htod(&mut send, &host)?;
-        for _ in 0..a.warmup {
-            step(which, nc, &send, &mut recv, count)?;
-        }
-        nc.sync()?;
-        c.barrier().map_err(e)?;
-        let t = Instant::now();
-        for _ in 0..a.iters {
-            step(which, nc, &send, &mut recv, count)?;
-        }
-        nc.sync()?;
-        let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / a.iters.max(1) as f64).map_err(e)?;
-        // Check: fresh seeds per repetition, poisoned output, expectations from the seeds.
-        let mut wrong = 0u64;
-        let poison = vec![f32::NAN; len];
-        for rep in 1..=a.check {
-            host.iter_mut().enumerate().for_each(|(i, x)| *x = seed(me, rep, i / count, i % count));
-            dev.htod(&mut send, &host)?;
-            dev.htod(&mut recv, &poison)?;
-            step(which, nc, &send, &mut recv, count)?;
-            dev.dtoh(&mut host, &recv)?;
-            for (i, &got) in host.iter().enumerate() {
-                wrong += u64::from(got.to_bits() != which.expected(n, me, rep, count, i).to_bits());
-            }
-        }
-        let mut w = [wrong];
-        c.all_reduce(&mut w, ReduceOp::Sum).map_err(e)?;
-        rows.push(Row::new(which, n, size, count, time_us, w[0], None));
-        size *= a.factor;
-    }
-    Ok(rows)
+    let n = c.size();
+    sweep(which, c, &a.options()?, |count| {
+        let len = (which.table().lens)(count, n).0;
+        Ok(NcclBuffers { which, dev, nc, count, send: dev.alloc::<f32>(len)?, recv: dev.alloc::<f32>(len)? })
+    })
 }
 
-fn print(which: &str, a: &CommBenchArgs, n: usize, info: NcclInfo, dev: &NcclDevice, rows: &[Row]) {
-    if a.json {
-        for r in rows {
-            let o = serde_json::json!({
-                "size": r.size, "count": r.count, "type": "float", "time_us": r.time_us,
-                "algbw": r.algbw, "busbw": r.busbw, "wrong": r.wrong,
-                "collective": which, "ranks": n, "transport": "nccl",
-            });
-            println!("{o}");
-        }
-        return;
-    }
-    let what = if which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
-    println!(
-        "# ember bench {which}: {n} ranks, transport nccl, -n {} -w {} -c {} ({what})",
-        a.iters, a.warmup, a.check
-    );
-    println!(
-        "# NCCL {info}, one GPU per rank (rank 0: device {}, {}); device buffers, out of place",
-        dev.ordinal, dev.name
-    );
-    println!(
-        "#{:>11} {:>11} {:>6} {:>11} {:>11} {:>11} {:>7}",
-        "size", "count", "type", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
-    );
-    for r in rows {
-        println!(
-            "{:>12} {:>11} {:>6} {:>11.1} {:>11.3} {:>11.3} {:>7}",
-            r.size, r.count, "float", r.time_us, r.algbw, r.busbw, r.wrong
-        );
-    }
-    let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
-    let avg = rows.iter().map(|r| r.busbw).sum::<f64>() / rows.len().max(1) as f64;
-    println!("# Out of bounds values : {wrong} {}", if wrong == 0 { "OK" } else { "FAILED" });
-    println!("# Avg bus bandwidth    : {avg:.3}");
+fn print_nccl(which: &str, a: &CommBenchArgs, n: usize, info: NcclInfo, dev: &NcclDevice, rows: &[Row]) {
+    let more = format!("# NCCL {info}, one GPU per rank (rank 0: device {}, {}); device buffers, out of place", dev.ordinal, dev.name);
+    print(a, &Heading { which, ranks: n, transport: "nccl", group: None, notes: String::new(), more: Some(more) }, rows);
 }
 
 /// `ember bench a2a|allreduce --transport nccl`.
@@ -194,11 +152,11 @@ pub fn run(which: &str, a: &CommBenchArgs) -> CliResult {
                 let (dev, nc) = setup(&c, ordinal).map_err(|e| format!("rank {wr}: {e}"))?;
                 let rows = bench_rank(&which, &c, &dev, &nc, &a).map_err(|e| format!("rank {wr}: {e}"))?;
                 if wr == 0 {
-                    print(&which, &a, c.size(), info, &dev, &rows);
+                    print_nccl(&which, &a, c.size(), info, &dev, &rows);
                 }
                 Ok(rows.iter().map(|r| r.wrong).sum())
             })
         })
         .collect();
-    crate::comm_bench::join_ranks(&format!("ember bench {which} --transport nccl"), hs)
+    join_ranks(&format!("ember bench {which} --transport nccl"), hs)
 }

@@ -71,6 +71,30 @@ fn unbuilt_transport_is_a_clear_error() {
 }
 
 #[test]
+fn nccl_is_the_device_buffer_bench_or_a_clear_refusal_never_a_host_transport() {
+    // `bench --transport nccl`: NCCL's collectives on device buffers. Without the feature: a
+    // refusal naming the feature and the host transports. With it but without libnccl or a GPU
+    // (this host): the probe's error, not a transport error.
+    let o = ember(&["bench", "a2a", "--ranks", "2", "--transport", "nccl", "-b", "1K", "-e", "1K"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    if cfg!(feature = "nccl") {
+        assert!(err.contains("ember bench a2a --transport nccl:") && !err.contains("unknown transport"), "{err}");
+    } else {
+        assert!(err.contains("needs the binary built with --features nccl") && err.contains("auto, local, shm, tcp, rdma"), "{err}");
+    }
+    // Anywhere a host transport is asked for, "nccl" is refused with the NCCL paths to use.
+    let o = ember(&["train", "--grid", "2x1", "--steps", "1", "--transport", "nccl"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(err.contains("NCCL is not a host transport") && err.contains("--xfer nccl"), "{err}");
+    let o = ember(&["launch", "-n", "2", "--transport", "nccl", "--", EMBER, "bench", "a2a", "-b", "1K", "-e", "1K"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(err.contains("NCCL is not a host transport"), "{err}");
+}
+
+#[test]
 #[ignore = "needs mpirun: apt-get install openmpi-bin (bash .ci/run runs it)"]
 fn runs_under_open_mpi_mpirun() {
     ember_tests::require_tool("mpirun", "apt-get install openmpi-bin");

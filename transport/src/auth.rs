@@ -1,4 +1,5 @@
-//! Proving knowledge of the job token without sending it: a mutual HMAC-SHA256
+//! The job token: drawing a fresh one ([`new_token`]), and proving knowledge of it without
+//! sending it: a mutual HMAC-SHA256
 //! challenge-response at the start of every bootstrap connection (the rendezvous and each TCP
 //! mesh connection). Each side draws a fresh 32-byte nonce; the server proves first (so a process
 //! that merely answers the port learns nothing but the client's nonce), then the client. The
@@ -37,6 +38,17 @@ impl From<std::io::Error> for AuthError {
     fn from(e: std::io::Error) -> Self {
         AuthError::Io(e)
     }
+}
+
+/// A random job token (for launchers and tests): 128 bits from the OS.
+pub fn new_token() -> String {
+    let mut b = [0u8; 16];
+    if let Err(e) = random(&mut b) {
+        tracing::warn!("no random source ({e}): the job token is derived from the clock and the process id");
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        b.copy_from_slice(&(t ^ std::process::id() as u128).to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Fill `buf` from the kernel's random source (getrandom, else /dev/urandom).

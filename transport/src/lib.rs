@@ -7,7 +7,10 @@
 //!   shared memory on one host or TCP across hosts).
 //! * The algorithms (`coll`) are written once over the [`fabric::Fabric`] primitives that the
 //!   backends (`local`, `shm`, `tcp`) implement. See docs/transport.md.
+//! * [`bench`]: the nccl-tests-style microbenchmark of the collectives (`ember bench a2a`).
+mod agree;
 mod auth;
+pub mod bench;
 pub mod bootstrap;
 mod coll;
 mod comm;
@@ -42,7 +45,8 @@ pub mod wire {
     }
     pub mod rendezvous {
         pub use crate::auth::{hello_len, HELLO_HEADER, MAX_HELLO};
-        pub use crate::bootstrap::{decode_rdma_table, Entry, QpInfo, RdmaPeerInfo, RDMA_INFO_LEN};
+        pub use crate::bootstrap::rendezvous::Entry;
+        pub use crate::rdma::wire::{decode_rdma_table, QpInfo, RdmaPeerInfo, RDMA_INFO_LEN};
         pub use crate::conn::{field_len, MAX_FIELD};
     }
 }

@@ -1,4 +1,4 @@
-//! The RDMA transport's selection and bootstrap (issue 6): what can be checked without RDMA
+//! The RDMA transport's selection and bootstrap: what can be checked without RDMA
 //! hardware, with and without the `rdma` feature (`cargo test -p ember-transport --test rdma_ib`
 //! and `... --features rdma --test rdma_ib`). On a host with an active RDMA port and the feature,
 //! the same tests also run real all-to-alls over it. The protocol itself is tested over the

@@ -5,7 +5,7 @@ use crate::args::check_out;
 use crate::collective::{agree, on_rank};
 use crate::handle::{with_engine, EmberEngine, Model};
 use crate::status::{fail, guard, EmberStatus, R};
-use engine::comm_bench::{BenchOptions, Collective};
+use ember_transport::bench::{BenchOptions, Collective, Row};
 use ember_transport::Comm;
 
 /// `ember_bench_collective`: all-to-all, `size` bytes to every peer.
@@ -115,9 +115,9 @@ pub unsafe extern "C" fn ember_bench_collective(
                 Ok((which, o))
             };
             let mine = checks();
-            let run = |c: &Comm, (which, o): (Collective, BenchOptions)| -> R<Vec<engine::comm_bench::Row>> {
+            let run = |c: &Comm, (which, o): (Collective, BenchOptions)| -> R<Vec<Row>> {
                 // The options were checked above: what fails now is the transport.
-                engine::comm_bench::bench_rank(which, c, &o).or_else(|e| fail(EmberStatus::ErrInternal, format!("transport: bench {}: {e}", which.name())))
+                ember_transport::bench::bench_rank(which, c, &o).or_else(|e| fail(EmberStatus::ErrInternal, format!("transport: bench {}: {e}", which.name())))
             };
             match &mut st.model {
                 Model::Single(_) => {

@@ -19,7 +19,7 @@
 //! most `slots` credit returns plus one abort), so `rq_depth = 2 * slots + 16` never runs dry;
 //! if it ever did, the QP's RNR retry (set to "infinite") makes the writer wait, not fail.
 use super::verbs::{Mr, PostError, Sge, Verbs, Wc};
-use crate::bootstrap::QpInfo;
+use super::wire::QpInfo;
 use ibverbs_sys as ffi;
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,12 +1,15 @@
 //! RDMA transport, protocol half: the all-to-all protocol written once against a small
 //! verbs-like interface ([`verbs::Verbs`]), and an adversarial in-process emulation of that
 //! interface ([`emu`]) on which it is tested. The libibverbs binding is [`ib`] (cargo feature
-//! `rdma`). See docs/transport.md, section "RDMA", and docs/rdma.md.
+//! `rdma`); [`join`] builds the RDMA communicator over the job's shm/TCP one, exchanging the
+//! connection entries of [`wire`]. See docs/transport.md, section "RDMA", and docs/rdma.md.
 pub mod emu;
 #[cfg(feature = "rdma")]
 pub mod ib;
+pub mod join;
 pub mod proto;
 pub mod verbs;
+pub mod wire;
 
 pub use emu::{DeviceMem, EmuConfig, EmuVerbs, Fault};
 #[cfg(feature = "rdma")]
