@@ -15,14 +15,6 @@ pub trait Spelled: FromStr<Err = String> + Copy + 'static {
     const VALUES: &'static [(&'static str, Self, &'static str)];
     /// The setting's name in messages.
     const WHAT: &'static str;
-
-    /// The value's spelling.
-    fn spelling(self) -> &'static str
-    where
-        Self: PartialEq,
-    {
-        Self::VALUES.iter().find(|v| v.1 == self).map_or("?", |v| v.0)
-    }
 }
 
 /// The value of `s` among `T::VALUES`, or a message listing them.
@@ -175,7 +167,6 @@ mod tests {
     fn every_spelling_parses_back_and_a_wrong_one_lists_them_all() {
         for &(s, v, _) in Placement::VALUES {
             assert_eq!(s.parse::<Placement>(), Ok(v));
-            assert_eq!(v.spelling(), s);
         }
         for &(s, v, _) in ShardingType::VALUES {
             assert_eq!(s.parse::<ShardingType>(), Ok(v));

@@ -17,7 +17,7 @@
 //! the shards' gradient rows where the forward read the shards' outputs).
 use crate::backend::Backend;
 use crate::plan::trw::{trw_tables, TrwCounts, TrwTable};
-use crate::plan::planner::Traffic;
+use crate::plan::traffic::Traffic;
 use crate::plan::{Plan, ShardingType};
 use crate::Result;
 

@@ -1,7 +1,7 @@
 //! What a rank measures of its steps: milliseconds per stage, bytes handed to each collective
 //! and, when tracing, one span per stage. The step's math touches neither: a stage runs inside
 //! `Rank2D::span`, and the step adds the bytes its layout says each exchange moves.
-use crate::plan::planner::Traffic;
+use crate::plan::traffic::Traffic;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -121,7 +121,7 @@ impl Meter {
         Meter { times: StageTimes::default(), bytes: ByteCounts::default(), trace: None, epoch: Instant::now(), rank }
     }
 
-    /// Record a span named `name` from every later close on.
+    /// Record every span closed from now on.
     pub fn start_trace(&mut self) {
         self.trace.get_or_insert_with(Vec::new);
     }
