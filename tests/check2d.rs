@@ -8,7 +8,7 @@ use ember_engine::backend::{Backend, Cpu, ShardSpec};
 use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, Interaction, ModelConfig, Pooling, TableConfig, TrainConfig, WeightDecay};
 use ember_engine::grid::{Grid, GridComms, Placement};
 use ember_engine::model::Dlrm;
-use ember_engine::parallel::driver::train_threads_with;
+use ember_engine::parallel::driver::Job;
 use ember_engine::parallel::{ParallelOptions, Rank2D, SyncMode, XferKind};
 use ember_engine::plan::{Plan, ShardingType};
 
@@ -123,7 +123,7 @@ fn per_step<Be: Backend>(new_be: &(dyn Fn(usize) -> ember_engine::Result<Be> + S
                     let mut losses = Vec::new();
                     for step in 0..data.len() {
                         losses.push(rank.train_step(&be, &g.batch(data, step, w)).unwrap());
-                        snaps.push(rank.shards.iter().map(|s| (s.spec.clone(), be.download(&s.weights).unwrap(), be.download(&s.state).unwrap())).collect());
+                        snaps.push(rank.shards().iter().map(|s| (s.spec.clone(), be.download(&s.weights).unwrap(), be.download(&s.state).unwrap())).collect());
                     }
                     (w, (gg, rr, snaps), losses)
                 })
@@ -185,7 +185,7 @@ pub fn check<Be: Backend>(new_be: &(dyn Fn(usize) -> ember_engine::Result<Be> + 
     // The driver: the same run, ending with a sync.
     let eval = batch_of(&c.model, &d[0]);
     let feed = |step: usize, w: usize| Ok(g.batch(&d, step, w));
-    let (rep, states, _) = train_threads_with(new_be, &c, g.grid(), &plan(&c, g.n), &opts, STEPS, &feed, &eval, false).unwrap();
+    let (rep, states, _) = Job::new(&c, g.grid(), &plan(&c, g.n), &opts, STEPS).data(&feed, &eval).train(new_be).unwrap();
     assert!(rep.replicas_identical, "{what}: the run ended with replicas that differ");
     for st in &states {
         check_shards(&format!("{what}, end of run"), st.coords.0, &st.shards, &end, &init, tol);
@@ -196,7 +196,7 @@ pub fn check<Be: Backend>(new_be: &(dyn Fn(usize) -> ember_engine::Result<Be> + 
     // Whole-table sync gives bitwise the sparse sync's run.
     if k > 1 && !delayed {
         let full = ParallelOptions { sync: SyncMode::Full, ..opts.clone() };
-        let (_, fstates, _) = train_threads_with(new_be, &c, g.grid(), &plan(&c, g.n), &full, STEPS, &feed, &eval, false).unwrap();
+        let (_, fstates, _) = Job::new(&c, g.grid(), &plan(&c, g.n), &full, STEPS).data(&feed, &eval).train(new_be).unwrap();
         for (a, b) in states.iter().zip(&fstates) {
             assert!(bits_equal(&a.shards, &b.shards, true), "{what}: whole-table sync differs from sparse sync on rank {}", a.world_rank);
         }

@@ -235,7 +235,7 @@ pub fn dlrm_2d<B: Backend>(
     let feed = |step: usize, w: usize| Ok(batches[step % batches.len()].slice(grid.sample_range(w, batch)));
     let opts = crate::parallel::ParallelOptions::default();
     let total = warmup.max(1) + steps;
-    let (rep, _, _) = crate::parallel::driver::train_threads_with(new_be, &cfg, grid, &plan, &opts, total, &feed, &batches[0], false)?;
+    let (rep, _, _) = crate::parallel::driver::Job::new(&cfg, grid, &plan, &opts, total).data(&feed, &batches[0]).train(new_be)?;
     let mut t = rep_steps(&rep, warmup.max(1));
     t.sort_by(f64::total_cmp);
     let ms = t.get(t.len() / 2).copied().unwrap_or(f64::NAN);

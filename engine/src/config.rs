@@ -1,4 +1,5 @@
-//! Model, optimizer and training configuration, the presets, and their validation.
+//! Model, optimizer and training configuration, the presets, and their validation; a 2D job's
+//! configuration in [`job`].
 //!
 //! A config is plain data (serde, TOML on disk). Every later layer — the planner, the
 //! 2D scheduler, the C ABI — reads the same structs. A config from outside is checked in full
@@ -7,6 +8,9 @@
 //! naming the key.
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+
+pub mod job;
+pub use job::{JobConfig, Spelled};
 
 /// The range every number of a config must lie in (docs/security.md, "Input limits"). They
 /// bound what a config can make the engine size before the memory check

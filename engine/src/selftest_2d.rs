@@ -6,7 +6,7 @@
 use crate::backend::{Backend, Cpu};
 use crate::config::{preset, DenseOptimizer, EmbOptimizer, Pooling, TrainConfig};
 use crate::grid::{Grid, Placement};
-use crate::parallel::driver::{train_in_process_with, Report2D};
+use crate::parallel::driver::{Job, Report2D};
 use crate::parallel::{ParallelOptions, XferKind};
 use crate::plan::{Plan, ShardingType};
 use crate::selftest::{Check, SelftestReport};
@@ -61,8 +61,8 @@ pub fn selftest_2d<B: Backend>(name: &str, new_be: &(dyn Fn(usize) -> Result<B> 
         let cfg = config(32 * m * n, true)?;
         let plan = mixed_plan(&cfg, n)?;
         let opts = ParallelOptions { xfer, ..ParallelOptions::default() };
-        let (_, want, _) = train_in_process_with(&cpu, &cfg, grid, &plan, &opts, 4, false)?;
-        let (_, got, _) = train_in_process_with(new_be, &cfg, grid, &plan, &opts, 4, false)?;
+        let (_, want, _) = Job::new(&cfg, grid, &plan, &opts, 4).train(&cpu)?;
+        let (_, got, _) = Job::new(&cfg, grid, &plan, &opts, 4).train(new_be)?;
         for (a, b) in got.iter().zip(&want) {
             for (i, ((_, wa, _), (_, wb, _))) in a.shards.iter().zip(&b.shards).enumerate() {
                 rep.push(format!("2D {g} SGD: rank {} shard {i} weights", a.world_rank), wa, wb, SGD_TOL);
@@ -74,8 +74,8 @@ pub fn selftest_2d<B: Backend>(name: &str, new_be: &(dyn Fn(usize) -> Result<B> 
         let cfg = config(64 * m * n, false)?;
         let plan = mixed_plan(&cfg, n)?;
         let opts = ParallelOptions { sync_every: 2, xfer, ..ParallelOptions::default() };
-        let (want_rep, want, _) = train_in_process_with(&cpu, &cfg, grid, &plan, &opts, 50, false)?;
-        let (got_rep, got, _) = train_in_process_with(new_be, &cfg, grid, &plan, &opts, 50, false)?;
+        let (want_rep, want, _) = Job::new(&cfg, grid, &plan, &opts, 50).train(&cpu)?;
+        let (got_rep, got, _) = Job::new(&cfg, grid, &plan, &opts, 50).train(new_be)?;
         let worst = got_rep
             .losses
             .iter()

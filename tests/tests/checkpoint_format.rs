@@ -129,8 +129,8 @@ fn two_d_save_reshards_into_other_grids_and_rescales_the_accumulator() {
     // Save at step 3 on 2×4 (every sharding type), and keep every rank's shards for comparison.
     let saved = run_2d(&c, g24, &p24, 3, &move |rank| {
         let be = Cpu::new();
-        rank2d::save_rank2d(&be, rank, &cfg(), &root_, DataPosition { next_sample: 7, reader_offsets: vec![rank.comms.world.rank() as u64] }, 2, None).unwrap();
-        rank.shards.iter().map(|s| (s.spec.clone(), s.weights.clone(), s.state.clone())).collect::<Vec<_>>()
+        rank2d::save_rank2d(&be, rank, &cfg(), &root_, DataPosition { next_sample: 7, reader_offsets: vec![rank.world().rank() as u64] }, 2, None).unwrap();
+        rank.shards().iter().map(|s| (s.spec.clone(), s.weights.clone(), s.state.clone())).collect::<Vec<_>>()
     });
     let ck = Checkpoint::open(&root.join("step-3")).unwrap();
     ck.verify_all().unwrap();
@@ -168,8 +168,8 @@ fn two_d_save_reshards_into_other_grids_and_rescales_the_accumulator() {
             let be = Cpu::new();
             let p = rank2d::restore_rank2d(&be, rank, &ck2, &c).unwrap();
             assert!(p.is_none(), "positions only restore on the same grid");
-            assert_eq!(rank.steps_done, 3);
-            rank.shards.iter().map(|s| (s.spec.clone(), s.weights.clone(), s.state.clone())).collect::<Vec<_>>()
+            assert_eq!(rank.steps_done(), 3);
+            rank.shards().iter().map(|s| (s.spec.clone(), s.weights.clone(), s.state.clone())).collect::<Vec<_>>()
         });
         for (spec, w, s) in got.into_iter().flatten() {
             let (tw, ts) = &full[spec.table];

@@ -5,7 +5,7 @@ use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::embedding::new_shard;
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::model::Dlrm;
-use ember_engine::parallel::driver::{train_in_process, train_threads};
+use ember_engine::parallel::driver::Job;
 use ember_engine::parallel::route::Touched;
 use ember_engine::parallel::sync::replica_sync;
 use ember_engine::parallel::{ParallelOptions, SyncMode};
@@ -42,7 +42,7 @@ fn full_sharding_with_column_shards_equals_one_process_for_rowwise_adagrad() {
         m.train_step(&be, &data.samples((s * c.batch_size) as u64, c.batch_size)).unwrap();
     }
     let grid = Grid::new(1, 4, Placement::ReplicasInNode).unwrap();
-    let (_, states, _) = train_in_process(&be, &c, grid, &mixed_plan(&c, 4), &ParallelOptions::default(), steps, false).unwrap();
+    let (_, states, _) = Job::new(&c, grid, &mixed_plan(&c, 4), &ParallelOptions::default(), steps).train(&|_| Ok(Cpu::new())).unwrap();
     for (t, (a, b)) in assemble(&c, &states, 0).iter().zip(&m.tables).enumerate() {
         let e = rel_err(a, &b.weights);
         assert!(e <= 1e-5, "table {t}: {e:e}");
@@ -68,10 +68,10 @@ fn rowwise_adagrad_c1_identical_group_batches_equals_full_sharding() {
         Ok(data.samples((step * bx + r * b) as u64, b))
     };
     let plan = mixed_plan(&c2d, n);
-    let (_, s2d, _) = train_threads(&Cpu::new(), &c2d, g2, &plan, &ParallelOptions::default(), steps, &feed2, &eval, false).unwrap();
+    let (_, s2d, _) = Job::new(&c2d, g2, &plan, &ParallelOptions::default(), steps).data(&feed2, &eval).train(&|_| Ok(Cpu::new())).unwrap();
     let g1 = Grid::new(1, n, Placement::ReplicasInNode).unwrap();
     let feed1 = |step: usize, w: usize| Ok(data.samples((step * bx + w * b) as u64, b));
-    let (_, s1, _) = train_threads(&Cpu::new(), &cfs, g1, &plan, &ParallelOptions::default(), steps, &feed1, &eval, false).unwrap();
+    let (_, s1, _) = Job::new(&cfs, g1, &plan, &ParallelOptions::default(), steps).data(&feed1, &eval).train(&|_| Ok(Cpu::new())).unwrap();
     for (t, (a, b)) in assemble(&c2d, &s2d, 1).iter().zip(&assemble(&cfs, &s1, 0)).enumerate() {
         let e = rel_err(a, b);
         assert!(e <= 1e-5, "table {t}: {e:e}");
@@ -92,8 +92,8 @@ fn momentum_scaling_c_equals_scaled_lr_and_eps() {
     ] {
         let (ca, cb) = (cfg(emb.0, 64), cfg(emb.1, 64));
         let plan = mixed_plan(&ca, 1);
-        let (ra, sa, _) = train_in_process(&Cpu::new(), &ca, grid, &plan, &ParallelOptions::default(), 5, false).unwrap();
-        let (rb, sb, _) = train_in_process(&Cpu::new(), &cb, grid, &plan, &ParallelOptions::default(), 5, false).unwrap();
+        let (ra, sa, _) = Job::new(&ca, grid, &plan, &ParallelOptions::default(), 5).train(&|_| Ok(Cpu::new())).unwrap();
+        let (rb, sb, _) = Job::new(&cb, grid, &plan, &ParallelOptions::default(), 5).train(&|_| Ok(Cpu::new())).unwrap();
         for (la, lb) in ra.losses.iter().zip(&rb.losses) {
             assert!((la - lb).abs() <= 1e-5 * la.abs(), "losses {la} vs {lb}");
         }

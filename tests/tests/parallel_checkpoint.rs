@@ -9,7 +9,7 @@ use ember_engine::checkpoint::{Checkpoint, FileKind};
 use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, Interaction, ModelConfig, Pooling, TableConfig, TrainConfig, WeightDecay};
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::model::Dlrm;
-use ember_engine::parallel::driver::{train_in_process, train_threads, RankState};
+use ember_engine::parallel::driver::{Job, RankState};
 use ember_engine::parallel::{CheckpointOptions, ParallelOptions};
 use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::oracle::{RefOpt, TestRng};
@@ -79,7 +79,7 @@ fn a_run_that_stops_between_syncs_ends_with_identical_replicas() {
     // `train --grid 2x2 --sync-every 4 --steps 10`: steps 9 and 10 were never synced by the loop.
     let c = cfg(rowwise());
     for opts in [ParallelOptions { sync_every: 4, ..Default::default() }, ParallelOptions { sync_every: 3, delayed_state_sync: true, ..Default::default() }] {
-        let (_, states, _) = train_in_process(&Cpu::new(), &c, grid(2, 2), &plan(&c, 2), &opts, 10, false).unwrap();
+        let (_, states, _) = Job::new(&c, grid(2, 2), &plan(&c, 2), &opts, 10).train(&|_| Ok(Cpu::new())).unwrap();
         for st in &states {
             let twin = states.iter().find(|o| o.coords == (0, st.coords.1)).unwrap();
             for ((spec, w, v), (_, w0, v0)) in st.shards.iter().zip(&twin.shards) {
@@ -126,7 +126,7 @@ fn evaluation_between_syncs_sees_one_model_and_changes_nothing() {
                                     logits = rank.with_averaged_weights(&be, |rk| rk.predict(&be, &eval)).unwrap().iter().map(|x| x.to_bits()).collect();
                                 }
                             }
-                            let shards = rank.shards.iter().flat_map(|s| [bits(&s.weights), bits(&s.state)]).collect();
+                            let shards = rank.shards().iter().flat_map(|s| [bits(&s.weights), bits(&s.state)]).collect();
                             (w, logits, shards)
                         })
                     })
@@ -150,8 +150,8 @@ fn saving_checkpoints_changes_nothing_in_any_mode() {
     let p = plan(&c, 2);
     for (what, o) in modes() {
         let dir = tmp("nochange");
-        let (ra, sa, _) = train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &o, 6, false).unwrap();
-        let (rb, sb, _) = train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, false), 6, false).unwrap();
+        let (ra, sa, _) = Job::new(&c, grid(2, 2), &p, &o, 6).train(&|_| Ok(Cpu::new())).unwrap();
+        let (rb, sb, _) = Job::new(&c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, false), 6).train(&|_| Ok(Cpu::new())).unwrap();
         assert!(Checkpoint::open(&dir.join("step-6")).is_ok(), "{what}: no checkpoint written");
         assert_eq!(ra.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), rb.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{what}: losses differ with checkpoints");
         same_states(&format!("{what}, with checkpoints every 2 steps"), &sa, &sb);
@@ -165,9 +165,9 @@ fn resume_is_bitwise_the_uninterrupted_run_in_every_mode() {
     let p = plan(&c, 2);
     for (what, o) in modes() {
         let dir = tmp("resume");
-        let (ra, sa, _) = train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &o, 6, false).unwrap();
-        train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, false), 4, false).unwrap();
-        let (rc, sc, _) = train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, true), 6, false).unwrap();
+        let (ra, sa, _) = Job::new(&c, grid(2, 2), &p, &o, 6).train(&|_| Ok(Cpu::new())).unwrap();
+        Job::new(&c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, false), 4).train(&|_| Ok(Cpu::new())).unwrap();
+        let (rc, sc, _) = Job::new(&c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, true), 6).train(&|_| Ok(Cpu::new())).unwrap();
         assert_eq!(rc.losses.len(), 2, "{what}: the resumed run starts at step 4");
         for (s, (x, y)) in rc.losses.iter().zip(&ra.losses[4..]).enumerate() {
             assert_eq!(x.to_bits(), y.to_bits(), "{what}: step {} loss {x} after the resume vs {y}", s + 5);
@@ -184,13 +184,13 @@ fn the_checkpoint_interval_must_be_a_multiple_of_k_from_the_start() {
     let dir = tmp("interval");
     // 2 steps: the run would end before its first checkpoint at step 3; it must not start.
     let o = with_checkpoints(&ParallelOptions { sync_every: 2, ..Default::default() }, &dir, 3, false);
-    let e = train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &o, 2, false).err().expect("refused");
+    let e = Job::new(&c, grid(2, 2), &p, &o, 2).train(&|_| Ok(Cpu::new())).err().expect("refused");
     let msg = e.to_string();
     assert!(msg.contains("every 3") && msg.contains("multiple of K"), "{msg}");
     // Without replicas, and in fully-sharded 2D, K does not constrain checkpoints.
-    train_in_process(&Cpu::new(), &c, grid(1, 2), &p, &o, 3, false).unwrap();
+    Job::new(&c, grid(1, 2), &p, &o, 3).train(&|_| Ok(Cpu::new())).unwrap();
     let fs = ParallelOptions { fully_sharded: true, ..o.clone() };
-    train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &fs, 3, false).unwrap();
+    Job::new(&c, grid(2, 2), &p, &fs, 3).train(&|_| Ok(Cpu::new())).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -202,7 +202,7 @@ fn modes_whose_replicas_differ_save_every_replicas_copy() {
     let p = plan(&c, 2);
     for (what, o) in modes().into_iter().skip(1) {
         let dir = tmp("copies");
-        let (_, states, _) = train_in_process(&Cpu::new(), &c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, false), 2, false).unwrap();
+        let (_, states, _) = Job::new(&c, grid(2, 2), &p, &with_checkpoints(&o, &dir, 2, false), 2).train(&|_| Ok(Cpu::new())).unwrap();
         let ck = Checkpoint::open(&dir.join("step-2")).unwrap();
         ck.verify_all().unwrap();
         let shards = ck.manifest.shards().count();
@@ -289,7 +289,7 @@ fn resharding_2x2_4x1_1x4_keeps_the_next_update_equal_to_the_reference() {
             let feed = |step: usize, w: usize| Ok(batch_of(&c.model, &data[step][sample_range(m, n, false, w, B)]));
             let opts = ParallelOptions { checkpoint: Some(CheckpointOptions { dir: dir.clone(), every: 1, keep: 2, resume: true, run_id: None }), ..Default::default() };
             let plan = Plan::cycling(&c.model, n, &ShardingType::ALL).unwrap();
-            let (rep, states, _) = train_threads(&Cpu::new(), &c, grid(m, n), &plan, &opts, end, &feed, &eval, false).unwrap();
+            let (rep, states, _) = Job::new(&c, grid(m, n), &plan, &opts, end).data(&feed, &eval).train(&|_| Ok(Cpu::new())).unwrap();
             assert_eq!(rep.losses.len(), if end == 3 { 3 } else { 1 }, "{what}: resumed from the previous grid's checkpoint");
             for st in &states {
                 check_shards(&what, st.coords.0, &st.shards, &oracle, &init, 1e-5);

@@ -6,7 +6,7 @@ use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::model::Dlrm;
-use ember_engine::parallel::driver::train_in_process;
+use ember_engine::parallel::driver::Job;
 use ember_engine::parallel::{ParallelOptions, SyncMode};
 use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::{assemble, cycling_plan, rel_err};
@@ -45,7 +45,7 @@ fn check_grid(m: usize, n: usize, placement: Placement) {
     let (ref_tables, ref_dense, ref_auc) = single_process(&cfg, steps);
     let grid = Grid::new(m, n, placement).unwrap();
     let plan = mixed_plan(&cfg, n);
-    let (report, states, _) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &ParallelOptions::default(), steps, false).unwrap();
+    let (report, states, _) = Job::new(&cfg, grid, &plan, &ParallelOptions::default(), steps).train(&|_| Ok(Cpu::new())).unwrap();
     assert!(report.loss.is_finite());
     // The distributed evaluation (global chunks of B, the last one padded) sees the same model.
     assert!((report.auc - ref_auc).abs() < 1e-4, "grid {m}x{n}: eval AUC {} vs one process {ref_auc}", report.auc);
@@ -103,7 +103,7 @@ fn sparse_sync_equals_full_sync() {
     let plan = mixed_plan(&cfg, 2);
     let run = |mode| {
         let opts = ParallelOptions { sync: mode, ..Default::default() };
-        assemble(&cfg, &train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 3, false).unwrap().1, 0)
+        assemble(&cfg, &Job::new(&cfg, grid, &plan, &opts, 3).train(&|_| Ok(Cpu::new())).unwrap().1, 0)
     };
     let (a, b) = (run(SyncMode::Sparse), run(SyncMode::Full));
     for (x, y) in a.iter().zip(&b) {

@@ -7,7 +7,7 @@ use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::model::Dlrm;
-use ember_engine::parallel::driver::train_in_process;
+use ember_engine::parallel::driver::Job;
 use ember_engine::parallel::ParallelOptions;
 use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::{cycling_plan, rel_err};
@@ -78,7 +78,7 @@ fn fully_sharded_2d_follows_its_schedule() {
     let opts = ParallelOptions { fully_sharded: true, ..Default::default() };
     // The driver averages the replicas once more before evaluating, so its final weights are
     // compared with the average of the simulated replicas.
-    let (_, states, _) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &opts, steps, false).unwrap();
+    let (_, states, _) = Job::new(&c, grid, &whole_plan(&c), &opts, steps).train(&|_| Ok(Cpu::new())).unwrap();
     for st in &states {
         for (spec, w, _) in &st.shards {
             let avg = mean64(&sim.iter().map(|r| &r.tables[spec.table].weights).collect::<Vec<_>>());
@@ -88,7 +88,7 @@ fn fully_sharded_2d_follows_its_schedule() {
         }
     }
     // And it is not full sharding: plain 2D with K = 1 (equal to one process for SGD) differs.
-    let (_, plain, _) = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), steps, false).unwrap();
+    let (_, plain, _) = Job::new(&c, grid, &whole_plan(&c), &ParallelOptions::default(), steps).train(&|_| Ok(Cpu::new())).unwrap();
     let d: f64 = states[0].shards.iter().zip(&plain[0].shards).map(|(a, b)| rel_err(&a.1, &b.1)).fold(0.0, f64::max);
     assert!(d > 1e-4, "fully-sharded 2D should differ from full sharding, differs by {d:e}");
 }
@@ -98,8 +98,8 @@ fn fully_sharded_2d_keeps_one_mth_of_the_weights_resident() {
     let m = 4;
     let c = cfg(64);
     let grid = Grid::new(m, 1, Placement::ReplicasInNode).unwrap();
-    let full = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions::default(), 2, false).unwrap().0;
-    let fs = train_in_process(&Cpu::new(), &c, grid, &whole_plan(&c), &ParallelOptions { fully_sharded: true, ..Default::default() }, 2, false).unwrap().0;
+    let full = Job::new(&c, grid, &whole_plan(&c), &ParallelOptions::default(), 2).train(&|_| Ok(Cpu::new())).unwrap().0;
+    let fs = Job::new(&c, grid, &whole_plan(&c), &ParallelOptions { fully_sharded: true, ..Default::default() }, 2).train(&|_| Ok(Cpu::new())).unwrap().0;
     let table_bytes: u64 = c.model.tables.iter().map(|t| t.rows * t.dim as u64 * 4).sum();
     assert_eq!(full.emb_weight_bytes_resident, table_bytes);
     assert!(fs.emb_weight_bytes_resident <= table_bytes.div_ceil(m as u64) + 4, "{} of {table_bytes}", fs.emb_weight_bytes_resident);
@@ -113,7 +113,7 @@ fn fully_sharded_2d_keeps_one_mth_of_the_weights_resident() {
 #[test]
 fn fully_sharded_default_c_gives_rows_one_replica_touches_the_full_sharding_step() {
     use ember_engine::config::{Interaction, ModelConfig, Pooling, TableConfig, WeightDecay};
-    use ember_engine::parallel::driver::train_threads;
+    use ember_engine::parallel::driver::Job;
     use ember_tests::oracle::TestRng;
     use ember_tests::oracle2d::{batch_of, Sample};
     let model = ModelConfig {
@@ -151,8 +151,8 @@ fn fully_sharded_default_c_gives_rows_one_replica_touches_the_full_sharding_step
                 let feed = |_: usize, w: usize| Ok(batch_of(&model, &samples[w * (b / grid_m)..(w + 1) * (b / grid_m)]));
                 let opts = ParallelOptions { fully_sharded, ..Default::default() };
                 let eval = batch_of(&model, &samples);
-                let (_, states, _) = train_threads(&Cpu::new(), &cfg, grid, &whole_plan(&cfg), &opts, 1, &feed, &eval, false).unwrap();
-                let (_, init, _) = train_threads(&Cpu::new(), &cfg, grid, &whole_plan(&cfg), &opts, 0, &feed, &eval, false).unwrap();
+                let (_, states, _) = Job::new(&cfg, grid, &whole_plan(&cfg), &opts, 1).data(&feed, &eval).train(&|_| Ok(Cpu::new())).unwrap();
+                let (_, init, _) = Job::new(&cfg, grid, &whole_plan(&cfg), &opts, 0).data(&feed, &eval).train(&|_| Ok(Cpu::new())).unwrap();
                 (0..model.tables.len())
                     .map(|t| {
                         let (a, z) = (&states[0].shards[t].1, &init[0].shards[t].1);

@@ -9,7 +9,7 @@ use ember_engine::backend::Cpu;
 use ember_engine::config::{preset, EmbOptimizer, Pooling, TrainConfig};
 use ember_engine::grid::{Grid, Placement};
 use ember_engine::data::synthetic::SyntheticData;
-use ember_engine::parallel::driver::{train_comms_with, train_in_process, RankState};
+use ember_engine::parallel::driver::{Job, RankState};
 use ember_engine::parallel::{ParallelOptions, SyncMode, Xfer, XferKind};
 use ember_engine::plan::ShardingType;
 use ember_tests::two_d::cycling_plan;
@@ -36,7 +36,7 @@ fn run_with(m: usize, n: usize, opts: ParallelOptions) -> (Vec<f64>, Vec<RankSta
     let cfg = config(8 * m * n);
     let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
     let plan = cycling_plan(&cfg, n, &ShardingType::ALL);
-    let (report, states, _) = train_in_process(&Cpu::new(), &cfg, grid, &plan, &opts, 5, false).unwrap();
+    let (report, states, _) = Job::new(&cfg, grid, &plan, &opts, 5).train(&|_| Ok(Cpu::new())).unwrap();
     (report.losses, states)
 }
 
@@ -118,7 +118,7 @@ fn run_rdma(m: usize, n: usize, opts: ParallelOptions, seed: u64) -> (Vec<f64>, 
         Ok(data.samples((step * cfg.batch_size + range.start) as u64, range.len()))
     };
     let comms = emu_world(m * n, EmuConfig::adversarial(seed), RdmaConfig { slots: 4, chunk: 4096 }, std::time::Duration::from_secs(60)).unwrap();
-    let (report, states, _) = train_comms_with(&|_| Ok(Cpu::new()), comms, &cfg, grid, &plan, &opts, 5, &feed, &data.eval_batch(), false).unwrap();
+    let (report, states, _) = Job::new(&cfg, grid, &plan, &opts, 5).data(&feed, &data.eval_batch()).comms(comms).train(&|_| Ok(Cpu::new())).unwrap();
     (report.losses, states)
 }
 

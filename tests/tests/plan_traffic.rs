@@ -13,7 +13,7 @@ use ember_engine::config::{preset, TrainConfig};
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::data::Batch;
 use ember_engine::grid::{Grid, Placement};
-use ember_engine::parallel::driver::train_in_process;
+use ember_engine::parallel::driver::Job;
 use ember_engine::parallel::{ByteCounts, ParallelOptions};
 use ember_engine::plan::planner::{plan, predict, stats_from_batches, PlanOptions, Traffic};
 use ember_engine::plan::trw::trw_tables;
@@ -32,41 +32,9 @@ fn config() -> TrainConfig {
     c
 }
 
-fn fields(t: &Traffic) -> [(&'static str, f64); 13] {
-    [
-        ("input_a2a", t.input_a2a),
-        ("output_a2a", t.output_a2a),
-        ("output_reduce_scatter", t.output_reduce_scatter),
-        ("output_trw_reduce", t.output_trw_reduce),
-        ("output_trw_owners", t.output_trw_owners),
-        ("grad_a2a", t.grad_a2a),
-        ("grad_all_gather", t.grad_all_gather),
-        ("grad_trw_owners", t.grad_trw_owners),
-        ("grad_trw_gather", t.grad_trw_gather),
-        ("grad_col_sq", t.grad_col_sq),
-        ("dense_all_reduce", t.dense_all_reduce),
-        ("sync_index", t.sync_index),
-        ("sync_values", t.sync_values),
-    ]
-}
-
+/// Per step, in the planner's units.
 fn counted(b: &ByteCounts) -> [f64; 13] {
-    [
-        b.input_a2a,
-        b.output_a2a,
-        b.output_reduce_scatter,
-        b.output_trw_reduce,
-        b.output_trw_owners,
-        b.grad_a2a,
-        b.grad_all_gather,
-        b.grad_trw_owners,
-        b.grad_trw_gather,
-        b.grad_col_sq,
-        b.dense_all_reduce,
-        b.sync_index,
-        b.sync_values,
-    ]
-    .map(|x| x as f64 / STEPS as f64)
+    b.traffic.fields().map(|(_, x)| x as f64 / STEPS as f64)
 }
 
 /// Runs `force` (None: the planner's choice) on grid m×n and compares every counter.
@@ -85,14 +53,14 @@ fn compare(m: usize, n: usize, ranks_per_node: usize, force: Option<ShardingType
     let rep = predict(&c.model, m, &p, &measured).unwrap();
     let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
     let popts = ParallelOptions { sync_every: K, ..ParallelOptions::default() };
-    let (_, states, _) = train_in_process(&Cpu::new(), &c, grid, &p, &popts, STEPS, false).unwrap();
+    let (_, states, _) = Job::new(&c, grid, &p, &popts, STEPS).train(&|_| Ok(Cpu::new())).unwrap();
     assert_eq!(states.len(), m * n);
-    let names = fields(&Traffic::default()).map(|f| f.0);
+    let names = Traffic::<f64>::default().fields().map(|f| f.0);
     let mut sum_meas = [0f64; 13];
     let mut sum_plan = [0f64; 13];
     for s in &states {
         let (_, r) = grid.coords(s.world_rank);
-        let planned = fields(&rep.ranks[r].traffic).map(|f| f.1);
+        let planned = rep.ranks[r].traffic.fields().map(|f| f.1);
         let meas = counted(&s.bytes);
         for i in 0..13 {
             sum_meas[i] += meas[i];

@@ -1,11 +1,11 @@
 //! Flags that several subcommands share (one spelling per concept, docs/cli.md), turning them
 //! into a `TrainConfig`, the checks `train` and `plan` both apply, and the value parsers that
 //! range-check every number flag (clap's error then names the flag and the range).
+use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use ember_engine::config::limits::{MAX_BATCH, MAX_ROWS, MAX_ZIPF};
-use ember_engine::config::{preset, TrainConfig};
+use ember_engine::config::{preset, Spelled, TrainConfig};
 use ember_engine::grid::Placement;
-use ember_engine::plan::ShardingType;
 
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -136,44 +136,16 @@ pub enum Device {
     Cuda,
 }
 
-/// `--placement`.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PlacementArg {
-    /// Replica groups contiguous (the weight average stays inside a node).
-    InNode,
-    /// Sharding groups contiguous.
-    AcrossNodes,
-}
-
-impl From<PlacementArg> for Placement {
-    fn from(p: PlacementArg) -> Self {
-        match p {
-            PlacementArg::InNode => Placement::ReplicasInNode,
-            PlacementArg::AcrossNodes => Placement::ReplicasAcrossNodes,
+/// The value parser of a setting the engine spells (`--placement`, `--sharding`, `--sync`): clap
+/// lists and checks the engine's spellings (with their help), the engine parses them.
+pub fn spelled<T: Spelled + Clone + Send + Sync>() -> impl clap::builder::TypedValueParser<Value = T> {
+    let values = T::VALUES.iter().map(|&(name, _, help)| {
+        let v = clap::builder::PossibleValue::new(name);
+        if help.is_empty() {
+            v
+        } else {
+            v.help(help)
         }
-    }
-}
-
-/// `--sharding`.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ShardingArg {
-    /// Every table whole on one rank.
-    Table,
-    /// Rows split over the sharding group.
-    Row,
-    /// Columns split over the sharding group.
-    Column,
-    /// Rows split over the ranks of one node.
-    TableRow,
-}
-
-impl From<ShardingArg> for ShardingType {
-    fn from(s: ShardingArg) -> Self {
-        match s {
-            ShardingArg::Table => ShardingType::TableWise,
-            ShardingArg::Row => ShardingType::RowWise,
-            ShardingArg::Column => ShardingType::ColumnWise,
-            ShardingArg::TableRow => ShardingType::TableRowWise,
-        }
-    }
+    });
+    clap::builder::PossibleValuesParser::new(values).try_map(|s| s.parse::<T>())
 }

@@ -17,6 +17,7 @@ mod plan;
 mod selftest;
 mod train;
 mod train2d;
+mod train_args;
 
 /// Counts heap bytes once `ember train --measure-memory` turns counting on (off: one relaxed
 /// load per allocation).
@@ -35,7 +36,7 @@ struct Cli {
 enum Cmd {
     /// Train a DLRM (built-in synthetic data by default, or Criteo files with --data).
     #[command(after_help = "Example:\n  ember train --grid 2x2 --steps 300 --checkpoint-dir ckpt --checkpoint-every 100")]
-    Train(train::TrainArgs),
+    Train(train_args::TrainArgs),
     /// Benchmarks: embedding, dlrm, mem, data, a2a, allreduce.
     #[command(after_help = "Example:\n  ember bench embedding --rows 100000 --steps 5")]
     Bench(bench::BenchArgs),

@@ -1,10 +1,12 @@
 //! `ember plan`: the sharding plan of one sharding group, with predicted per-rank memory,
 //! lookups, all-to-all bytes and imbalance (docs/plan.md). Allocates no tables and trains nothing.
-use crate::common::{check_batch, parse_grid, CliResult, ModelArgs, PlacementArg, ShardingArg};
+use crate::common::{check_batch, parse_grid, spelled, CliResult, ModelArgs};
 use clap::Args;
-use ember_engine::config::TrainConfig;
+use ember_engine::config::{JobConfig, TrainConfig};
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::plan::planner::{plan, stats_from_batches, PlanOptions, PlanReport};
+use ember_engine::grid::Placement;
+use ember_engine::parallel::{ParallelOptions, SyncMode};
 use ember_engine::plan::ShardingType;
 
 #[derive(Args, Clone, Debug)]
@@ -21,11 +23,11 @@ pub struct PlanArgs {
     #[arg(long, value_parser = crate::common::positive_f64)]
     pub memory_budget_gib: Option<f64>,
     /// Rank placement on the grid.
-    #[arg(long, value_enum, default_value_t = PlacementArg::InNode)]
-    pub placement: PlacementArg,
+    #[arg(long, default_value = "in-node", value_parser = spelled::<Placement>())]
+    pub placement: Placement,
     /// Force one sharding type for every table [default: the planner chooses per table].
-    #[arg(long, value_enum)]
-    pub sharding: Option<ShardingArg>,
+    #[arg(long, value_parser = spelled::<ShardingType>())]
+    pub sharding: Option<ShardingType>,
     /// Measure id statistics on this many synthetic samples instead of assuming bag_size
     /// lookups spread uniformly over the rows.
     #[arg(long, value_parser = crate::common::count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
@@ -34,8 +36,8 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1)]
     pub sync_every: usize,
     /// Replica sync: sparse (rows touched since the last sync) or full (whole tables).
-    #[arg(long, default_value = "sparse", value_parser = ["sparse", "full"])]
-    pub sync: String,
+    #[arg(long, default_value = "sparse", value_parser = spelled::<SyncMode>())]
+    pub sync: SyncMode,
     /// Print every rank [default: all when N <= 16, else the 8 heaviest].
     #[arg(long)]
     pub all_ranks: bool,
@@ -58,16 +60,14 @@ pub fn options(a: &PlanArgs, cfg: &TrainConfig) -> Result<PlanOptions, Box<dyn s
         }
         _ => None,
     };
-    Ok(PlanOptions {
+    let job = JobConfig {
+        placement: a.placement,
+        sharding: a.sharding,
         ranks_per_node: a.ranks_per_node,
-        placement: a.placement.into(),
-        memory_budget_bytes: budget,
-        stats,
-        force: a.sharding.map(ShardingType::from),
-        sync_every: a.sync_every,
-        full_sync: a.sync == "full",
-        ..PlanOptions::from_config(cfg)
-    })
+        parallel: ParallelOptions { sync_every: a.sync_every, sync: a.sync, ..ParallelOptions::default() },
+        ..JobConfig::default()
+    };
+    Ok(PlanOptions { memory_budget_bytes: budget, stats, ..job.plan_options(cfg) })
 }
 
 fn gib(x: f64) -> String {

@@ -1,22 +1,21 @@
 //! `ember train --grid MxN`: 2D training, as T in-process ranks (threads) by default, or as
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
 use crate::common::{CliResult, Device};
-use crate::train::{epoch_steps, open_data, FileData, TrainArgs};
+use crate::train_args::{epoch_steps, open_data, FileData, TrainArgs};
 use ember_engine::backend::{Backend, Cpu};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::dataset::MappedData;
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::data::{Batch, DataSource, EvalSet};
-use ember_engine::grid::{Grid, Placement};
-use ember_engine::parallel::driver::{report, run_rank, train_threads_with, write_trace, Report2D};
-use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, TraceEvent};
+use ember_engine::grid::Grid;
+use ember_engine::parallel::driver::{write_trace, Feed, Job, Report2D};
+use ember_engine::parallel::{ParallelOptions, TraceEvent};
 use ember_engine::plan::planner::{plan, predict, stats_from_batches, PlanOptions};
-use ember_engine::plan::{Plan, ShardingType};
+use ember_engine::plan::Plan;
 use std::sync::Mutex;
-use std::time::Instant;
 
-pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Option<CheckpointOptions>) -> CliResult {
+pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     if a.data.is_some() && a.skip_bad_lines {
         return Err("--skip-bad-lines with a grid: every rank must agree on sample boundaries; fix or filter the file first".into());
     }
@@ -36,11 +35,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         )
         .into());
     }
-    let placement: Placement = a.placement.into();
-    let sync = match a.sync.as_str() {
-        "full" => SyncMode::Full,
-        _ => SyncMode::Sparse,
-    };
+    let job = a.job(m, n)?;
     if a.measure_memory {
         if !multi {
             return Err(format!(
@@ -52,20 +47,14 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         }
         ember_engine::heap::enable();
     }
-    let grid = Grid::new(m, n, placement)?;
-    let mut popts = PlanOptions::from_config(&cfg);
-    popts.ranks_per_node = a.ranks_per_node;
-    popts.placement = placement;
-    popts.force = a.sharding.map(ShardingType::from);
-    popts.sync_every = a.sync_every;
-    popts.full_sync = sync == SyncMode::Full;
+    let grid = job.grid_of(m, n)?;
+    let popts = job.plan_options(&cfg);
     let (plan, plan_report) = plan(&cfg.model, m, n, &popts)?;
     let plan_for_memory = a.measure_memory.then(|| plan.clone());
     // Host memory before anything is allocated (CUDA ranks keep their tables on the device).
     if a.device == Device::Cpu {
         ember_engine::memory::check_plan(&plan_report, m, multi)?;
     }
-    let xfer = a.xfer.parse()?;
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
     // rank reads exactly its samples of each global batch (docs/2d.md).
     // A memory-mapped dataset is shared by the in-process ranks: each reads its samples' bytes.
@@ -95,8 +84,8 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
         (Some(st), Source::Synthetic(_)) => st,
         (None, Source::Synthetic(_)) => return Err("--steps is required with synthetic data".into()),
     };
-    let resume_root = checkpoint.as_ref().filter(|c| c.resume).map(|c| c.dir.clone());
-    let mut opts = ParallelOptions { sync_every: a.sync_every, sync, delayed_state_sync: a.delayed_state_sync, fully_sharded: a.fully_sharded, xfer, checkpoint };
+    let mut opts = job.parallel;
+    let resume_root = opts.checkpoint.as_ref().filter(|c| c.resume).map(|c| c.dir.clone());
     // The folder becomes this run's (world rank 0 decides; only it commits and prunes), once
     // the options are known to be consistent: a refused run leaves the folder as it was.
     opts.check(grid)?;
@@ -123,11 +112,10 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize, checkpoint: Opti
             }
         }
     };
-    let trace = a.trace.is_some();
-    let job = Job { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: eval.as_ref(), trace };
+    let run = Run { cfg: &cfg, grid, plan, opts, steps, feed: &feed, eval: eval.as_ref(), trace: a.trace.is_some() };
     let run = match a.device {
-        Device::Cuda => run_cuda(job, join, &a.transport),
-        Device::Cpu => job.run(&|_| Ok(Cpu::new()), join, &a.transport),
+        Device::Cuda => run_cuda(run, join, &a.transport),
+        Device::Cpu => run.on(&|_| Ok(Cpu::new()), join, &a.transport),
     };
     let (rep, events, is_root) = match (run, resume_root) {
         (Ok(r), _) => r,
@@ -204,29 +192,30 @@ fn memory_table(
 }
 
 /// Everything a run needs but the backend.
-struct Job<'a> {
+struct Run<'a> {
     cfg: &'a TrainConfig,
     grid: Grid,
     plan: Plan,
     opts: ParallelOptions,
     steps: usize,
-    feed: &'a (dyn Fn(usize, usize) -> ember_engine::Result<Batch> + Sync),
+    feed: &'a Feed<'a>,
     eval: &'a dyn EvalSet,
     trace: bool,
 }
 
-impl Job<'_> {
+impl Run<'_> {
     /// In-process ranks (one backend each, made on its thread by `new_be(world_rank)`), or this
     /// process's rank of a launched job (`new_be(local_rank)`). Returns (report, trace, is_root).
-    fn run<B: Backend>(
+    fn on<B: Backend>(
         self,
         new_be: &(dyn Fn(usize) -> ember_engine::Result<B> + Sync),
         join: Option<ember_transport::JoinConfig>,
         transport: &str,
     ) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
-        let Job { cfg, grid, plan, opts, steps, feed, eval, trace } = self;
+        let Run { cfg, grid, plan, opts, steps, feed, eval, trace } = self;
+        let job = Job::new(cfg, grid, &plan, &opts, steps).data(feed, eval).trace(trace);
         let Some(mut j) = join else {
-            let (rep, _, events) = train_threads_with(new_be, cfg, grid, &plan, &opts, steps, feed, eval, trace)?;
+            let (rep, _, events) = job.train(new_be)?;
             return Ok((rep, events, true));
         };
         if transport != "auto" {
@@ -235,31 +224,29 @@ impl Job<'_> {
         if j.size != grid.world() {
             return Err(format!("--grid {}x{} needs {} ranks but the launcher started {}", grid.m, grid.n, grid.world(), j.size).into());
         }
-        let be = new_be(j.local_rank)?;
+        let local = j.local_rank;
         let world = ember_transport::Comm::connect(&j)?;
-        let w = world.rank();
-        let t0 = Instant::now();
-        let out = run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace)?;
-        let rep = report(grid, steps, cfg.batch_size, t0.elapsed().as_secs_f64(), &out);
-        Ok((rep, out.trace, w == 0))
+        let root = world.rank() == 0;
+        let (rep, _, events) = job.comms(vec![world]).train(&|_| new_be(local))?;
+        Ok((rep, events, root))
     }
 }
 
 /// On GPUs: in-process ranks share device 0, each with its own stream and pool arena; a
 /// launched rank takes device `local_rank mod devices`.
 #[cfg(feature = "cuda")]
-fn run_cuda(job: Job, join: Option<ember_transport::JoinConfig>, transport: &str) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
+fn run_cuda(run: Run, join: Option<ember_transport::JoinConfig>, transport: &str) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
     use ember_engine::backend::cuda::{Cuda, PoolConfig};
     let devices = Cuda::probe()?;
     if join.is_some() {
-        job.run(&|local| Cuda::new(local % devices), join, transport)
+        run.on(&|local| Cuda::new(local % devices), join, transport)
     } else {
-        job.run(&|_| Cuda::for_rank(0, PoolConfig::default()), join, transport)
+        run.on(&|_| Cuda::for_rank(0, PoolConfig::default()), join, transport)
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(_: Job, _: Option<ember_transport::JoinConfig>, _: &str) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
+fn run_cuda(_: Run, _: Option<ember_transport::JoinConfig>, _: &str) -> Result<(Report2D, Vec<TraceEvent>, bool), Box<dyn std::error::Error>> {
     Err("--device cuda: this binary was built without the `cuda` feature (cargo build --release -p ember-tools --features cuda)".into())
 }
 

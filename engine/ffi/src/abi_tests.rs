@@ -5,6 +5,7 @@ use engine::backend::Cpu;
 use engine::config::TrainConfig;
 use engine::data::Batch;
 use engine::grid::{Grid, Placement};
+use engine::parallel::driver::Job;
 use engine::parallel::ParallelOptions;
 use engine::plan::planner::{plan, PlanOptions};
 use std::ffi::{CStr, CString};
@@ -529,7 +530,7 @@ fn local_ranks_train_like_the_engine_driver_and_one_process() {
         // The engine's driver, same config and data.
         let grid_v = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
         let (p, _) = plan(&cfg.model, m, n, &PlanOptions::from_config(&cfg)).unwrap();
-        let (rep, _, _) = engine::parallel::driver::train_in_process(&Cpu::new(), &cfg, grid_v, &p, &ParallelOptions::default(), steps, false).unwrap();
+        let (rep, _, _) = Job::new(&cfg, grid_v, &p, &ParallelOptions::default(), steps).train(&|_| std::result::Result::Ok(Cpu::new())).unwrap();
         assert_eq!(
             per_rank[0].0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             rep.losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
@@ -656,7 +657,7 @@ fn local_ranks_reject_bad_arguments_on_every_rank() {
     assert!(results.iter().all(|r| r.1.to_bits() == results[0].1.to_bits()));
     // The first step after the rejected ones is the engine's first step.
     let (p, _) = plan(&cfg.model, 1, 4, &PlanOptions::from_config(&cfg)).unwrap();
-    let (rep, _, _) = engine::parallel::driver::train_in_process(&Cpu::new(), &cfg, Grid::new(1, 4, Placement::ReplicasInNode).unwrap(), &p, &ParallelOptions::default(), 1, false).unwrap();
+    let (rep, _, _) = Job::new(&cfg, Grid::new(1, 4, Placement::ReplicasInNode).unwrap(), &p, &ParallelOptions::default(), 1).train(&|_| std::result::Result::Ok(Cpu::new())).unwrap();
     assert_eq!(results[0].1.to_bits(), rep.losses[0].to_bits());
     // Use after destroy.
     destroy_all(&hs);

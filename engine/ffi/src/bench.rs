@@ -126,7 +126,7 @@ pub unsafe extern "C" fn ember_bench_collective(
                     run(&world, args)
                 }
                 Model::Ranked(r) => on_rank(r, |r| {
-                    let world = &r.rank.comms.world;
+                    let world = &r.rank.world();
                     let args = agree(world, mine)?;
                     run(world, args)
                 }),

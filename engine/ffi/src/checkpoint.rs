@@ -37,7 +37,7 @@ pub unsafe extern "C" fn ember_save_checkpoint(engine: *mut EmberEngine, dir: *c
                     Ok(())
                 }
                 Model::Ranked(r) => {
-                    let done = r.rank.steps_done as u64;
+                    let done = r.rank.steps_done() as u64;
                     let mine = dir.and_then(|d| {
                         if step != done {
                             fail(EmberStatus::ErrInvalidArgument, format!("step is {step} but a multi-rank engine saves the step it is at ({done} steps done)"))
@@ -46,8 +46,8 @@ pub unsafe extern "C" fn ember_save_checkpoint(engine: *mut EmberEngine, dir: *c
                         }
                     });
                     on_rank(r, |r| {
-                        let dir = agree(&r.rank.comms.world, mine)?;
-                        let w = r.rank.comms.world.rank();
+                        let dir = agree(&r.rank.world(), mine)?;
+                        let w = r.rank.world().rank();
                         let range = r.grid.sample_range(w, cfg.batch_size);
                         let pos = DataPosition { next_sample: done * cfg.batch_size as u64 + range.start as u64, reader_offsets: Vec::new() };
                         rank2d::save_rank2d(be, &mut r.rank, cfg, Path::new(dir), pos, usize::MAX, None)?;
@@ -90,18 +90,18 @@ pub unsafe extern "C" fn ember_load_checkpoint(engine: *mut EmberEngine, dir: *c
                     Ok(step)
                 }
                 Model::Ranked(r) => on_rank(r, |r| {
-                    let dir = agree(&r.rank.comms.world, dir)?;
+                    let dir = agree(&r.rank.world(), dir)?;
                     let loaded = (|| -> R<u64> {
                         let ck = Checkpoint::open(Path::new(dir))?;
                         rank2d::restore_rank2d(be, &mut r.rank, &ck, cfg)?;
-                        Ok(r.rank.steps_done as u64)
+                        Ok(r.rank.steps_done() as u64)
                     })();
                     let code = match &loaded {
                         Ok(_) => 0u32,
                         Err(Failure(s, _)) => *s as u32,
                     };
                     let mut all = vec![0u32; r.grid.world()];
-                    r.rank.comms.world.all_gather(&[code], &mut all)?;
+                    r.rank.world().all_gather(&[code], &mut all)?;
                     let failed: Vec<usize> = (0..all.len()).filter(|&k| all[k] != 0).collect();
                     if !failed.is_empty() && failed.len() < all.len() {
                         let why = format!("checkpoint {dir}: ranks {failed:?} failed to load it while the others loaded it");

@@ -63,7 +63,7 @@ pub unsafe extern "C" fn ember_engine_info(engine: *const EmberEngine, out: *mut
                 samples_seen: st.samples_seen,
             };
             if let Model::Ranked(r) = &st.model {
-                let w = r.rank.comms.world.rank();
+                let w = r.rank.world().rank();
                 let range = r.grid.sample_range(w, st.cfg.batch_size);
                 info.local_batch_size = range.len();
                 info.sample_start = range.start;
@@ -71,7 +71,7 @@ pub unsafe extern "C" fn ember_engine_info(engine: *const EmberEngine, out: *mut
                 info.world_size = r.grid.world();
                 info.grid_m = r.grid.m;
                 info.grid_n = r.grid.n;
-                info.steps_done = r.rank.steps_done as u64;
+                info.steps_done = r.rank.steps_done() as u64;
             }
             Ok(info)
         })?;

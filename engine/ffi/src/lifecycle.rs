@@ -6,10 +6,10 @@ use crate::config::{grid_for, parse_config, plan_for, EngineConfig};
 use crate::handle::{lock_registry, register, EmberEngine, Model, Ranked, State};
 use crate::status::{fail, guard, panic_message, EmberStatus, R};
 use engine::backend::Cpu;
-use engine::config::preset;
+use engine::config::{preset, JobConfig};
 use engine::grid::{Grid, GridComms, Placement};
 use engine::model::Dlrm;
-use engine::parallel::{ParallelOptions, Rank2D};
+use engine::parallel::Rank2D;
 use ember_transport::{Comm, JoinConfig};
 use std::ffi::c_char;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use std::time::Duration;
 fn build_rank(ec: &EngineConfig, grid: Grid, p: engine::plan::Plan, world: Comm) -> R<State> {
     let be = Cpu::new();
     let gc = GridComms::new(grid, world)?;
-    let rank = Rank2D::new(&be, &ec.train, gc, p, ec.opts.clone())?;
+    let rank = Rank2D::new(&be, &ec.train, gc, p, ec.job.parallel.clone())?;
     Ok(State { cfg: ec.train.clone(), be, model: Model::Ranked(Box::new(Ranked { rank, grid, broken: None })), steps_done: 0, samples_seen: 0 })
 }
 
@@ -29,7 +29,7 @@ fn local_timeout() -> Duration {
 /// Create one engine: a whole model, or this process's rank when a launcher started the
 /// process as one of several ranks (or the config asks for a grid of more than one rank).
 fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
-    let wants_ranks = ec.grid.is_some_and(|g| g.world() > 1);
+    let wants_ranks = ec.job.grid.is_some_and(|(m, n)| m * n > 1);
     let join = match JoinConfig::from_env() {
         Ok(j) if j.size > 1 => Some(j),
         Ok(_) => None,
@@ -38,15 +38,13 @@ fn create(ec: EngineConfig, out: *mut *mut EmberEngine) -> R<()> {
     };
     let state = match join {
         None if wants_ranks => {
-            let g = ec.grid.expect("checked");
+            let (m, n) = ec.job.grid.expect("checked");
             return fail(
                 EmberStatus::ErrConfig,
                 format!(
-                    "config: grid {}x{} needs {} ranks but this process was not started by a launcher: run it under `ember launch -n {}` (or mpirun, srun, torchrun), or create in-process ranks with ember_engine_create_local_ranks",
-                    g.m,
-                    g.n,
-                    g.world(),
-                    g.world()
+                    "config: grid {m}x{n} needs {} ranks but this process was not started by a launcher: run it under `ember launch -n {}` (or mpirun, srun, torchrun), or create in-process ranks with ember_engine_create_local_ranks",
+                    m * n,
+                    m * n
                 ),
             );
         }
@@ -145,7 +143,7 @@ pub unsafe extern "C" fn ember_engine_create_from_preset(name: *const c_char, ro
         let name = unsafe { c_str(name, "name") }?;
         check_out(out, "out")?;
         let train = preset(name, (row_cap > 0).then_some(row_cap))?;
-        create(EngineConfig { train, grid: None, opts: ParallelOptions::default(), sharding: None }, out)
+        create(EngineConfig { train, job: JobConfig::default() }, out)
     })
 }
 

@@ -7,6 +7,7 @@ use crate::handle::{with_engine, EmberEngine, Model, Ranked, State};
 use crate::status::{fail, guard, EmberStatus, R};
 use engine::backend::Cpu;
 use engine::data::Batch;
+use engine::parallel::eval::evaluate;
 
 /// Most samples one `ember_train_step` or `ember_eval` call takes (`batch_size`).
 pub const EMBER_MAX_BATCH: usize = 1 << 24;
@@ -26,43 +27,18 @@ pub struct EmberMetrics {
     pub samples: u64,
 }
 
-/// Logits of `batch` on a rank, in chunks of the local batch b (the last padded by wrapping
-/// around the batch), and the metrics over every rank's samples. Collective.
+/// Logits of `batch` on a rank and the metrics over every rank's samples, with the replicas'
+/// averaged weights (`engine::parallel::eval::evaluate`). Collective.
 fn eval_ranked(be: &Cpu, r: &mut Ranked, batch: Batch, has_labels: bool, wants_metrics: bool) -> R<(Vec<f32>, EmberMetrics)> {
-    let t = r.rank.comms.world.size();
-    let b = r.rank.global_batch / t;
-    let n = batch.size();
-    let mut sizes = vec![0u64; 2 * t];
-    r.rank.comms.world.all_gather(&[n as u64, has_labels as u64], &mut sizes)?;
-    let chunks = sizes.chunks(2).map(|s| (s[0] as usize).div_ceil(b)).max().unwrap_or(0);
-    let unlabeled: Vec<usize> = (0..t).filter(|&k| sizes[2 * k + 1] == 0).collect();
     // One model on every replica (the replicas' average between syncs and in fully-sharded 2D),
     // without changing what training continues from.
-    let mut logits = r.rank.with_averaged_weights(be, |rank| {
-        let mut logits = Vec::with_capacity(chunks * b);
-        for c in 0..chunks {
-            let mut part = batch.slice(0..0);
-            let mut i = c * b;
-            while i < (c + 1) * b {
-                let start = i % n;
-                let end = (start + ((c + 1) * b - i)).min(n);
-                part.extend(&batch.slice(start..end));
-                i += end - start;
-            }
-            logits.extend(rank.predict(be, &part)?);
-        }
-        Ok(logits)
-    })?;
-    logits.truncate(n);
-    let world = &r.rank.comms.world;
-    let (all_logits, _) = world.all_gather_alloc(&logits)?;
-    let (all_labels, _) = world.all_gather_alloc(&batch.labels)?;
+    let e = r.rank.with_averaged_weights(be, |rank| evaluate(be, rank, &batch, has_labels))?;
     // Every rank made the same collectives above; only now may ranks differ in their verdict.
-    if wants_metrics && !unlabeled.is_empty() {
-        return fail(EmberStatus::ErrInvalidArgument, format!("metrics_out asks for metrics but ranks {unlabeled:?} passed no labels"));
+    if wants_metrics && !e.unlabeled.is_empty() {
+        return fail(EmberStatus::ErrInvalidArgument, format!("metrics_out asks for metrics but ranks {:?} passed no labels", e.unlabeled));
     }
-    let m = engine::metrics::evaluate(&all_logits, &all_labels);
-    Ok((logits, EmberMetrics { loss: m.loss, ne: m.ne, auc: m.auc, samples: m.samples as u64 }))
+    let m = engine::metrics::evaluate(&e.all_logits, &e.all_labels);
+    Ok((e.logits, EmberMetrics { loss: m.loss, ne: m.ne, auc: m.auc, samples: m.samples as u64 }))
 }
 
 /// Run one training step (forward, backward, optimizer update) on a batch of `batch_size`
@@ -133,7 +109,7 @@ pub unsafe extern "C" fn ember_train_step(
                         unsafe { read_batch(cfg, batch_size, dense, labels, false, lengths, ids, num_ids) }
                     };
                     on_rank(r, |r| {
-                        let batch = agree(&r.rank.comms.world, mine)?;
+                        let batch = agree(&r.rank.world(), mine)?;
                         let loss = r.rank.train_step(be, &batch)?;
                         *samples_seen += batch_size as u64;
                         Ok(loss)
@@ -206,7 +182,7 @@ pub unsafe extern "C" fn ember_eval(
                     Ok((logits, EmberMetrics { loss: r.loss, ne: r.ne, auc: r.auc, samples: r.samples as u64 }))
                 }
                 Model::Ranked(r) => on_rank(r, |r| {
-                    let batch = agree(&r.rank.comms.world, mine)?;
+                    let batch = agree(&r.rank.world(), mine)?;
                     eval_ranked(be, r, batch, !labels.is_null(), !metrics_out.is_null())
                 }),
             }

@@ -48,23 +48,25 @@ struct RankReport {
 /// matters). Returns the step folder.
 #[allow(clippy::too_many_arguments)]
 pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, root: &Path, position: DataPosition, keep: usize, run_id: Option<&str>) -> Result<PathBuf> {
-    let grid = rank.comms.grid;
-    let fs = rank.opts.fully_sharded && grid.m > 1;
-    if grid.m > 1 && !fs && rank.steps_done % rank.opts.sync_every != 0 {
+    let grid = rank.grid();
+    let (fully_sharded, sync_every) = (rank.opts().fully_sharded, rank.opts().sync_every);
+    let fs = fully_sharded && grid.m > 1;
+    if grid.m > 1 && !fs && rank.steps_done() % sync_every != 0 {
         return Err(Error::Config(format!(
             "checkpoint at step {}: not a replica-sync step (sync every {}); checkpoint steps must be multiples of K",
-            rank.steps_done, rank.opts.sync_every
+            rank.steps_done(),
+            sync_every
         )));
     }
-    let (g, _) = rank.comms.coords();
-    let spr: Vec<usize> = rank.shards.iter().map(|s| rank.emb_upd.state_per_row(s.spec.num_cols())).collect();
+    let (g, _) = rank.comms().coords();
+    let spr: Vec<usize> = rank.shards().iter().map(|s| rank.emb_update().state_per_row(s.spec.num_cols())).collect();
     // Fully-sharded 2D: the model is the replicas' average (collective: every replica takes part).
     let model_weights = if fs { Some(rank.averaged_weights(be)?) } else { None };
     // Delayed state sync: the pending average, and (replica 0) the state with it applied.
     let mut model_states = None;
     if g == 0 && rank.pending_mut().is_some() {
-        let mut st = Vec::with_capacity(rank.shards.len());
-        for s in &rank.shards {
+        let mut st = Vec::with_capacity(rank.shards().len());
+        for s in rank.shards() {
             st.push(be.download(&s.state)?);
         }
         model_states = Some(st);
@@ -88,9 +90,8 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     };
     // Replicas differ at this step: each writes its own copies too.
     let own = fs || pending.is_some();
-    let step = rank.steps_done as u64;
-    let world = &rank.comms.world;
-    let w = world.rank();
+    let step = rank.steps_done() as u64;
+    let w = rank.world().rank();
     // 1. Rank 0 prepares the folder; everyone learns whether it could.
     let dir = root.join(super::step_dir_name(step));
     let mut st = [0u8];
@@ -98,7 +99,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     if prep.is_err() {
         st[0] = 1;
     }
-    world.broadcast(&mut st, 0)?;
+    rank.world().broadcast(&mut st, 0)?;
     prep?;
     if st[0] != 0 {
         return Err(Error::Input(format!("checkpoint {}: rank 0 could not prepare the folder", dir.display())));
@@ -107,7 +108,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     let mut files = Vec::new();
     let mut write_mine = || -> Result<()> {
         if g == 0 {
-            for (i, sh) in rank.shards.iter().enumerate() {
+            for (i, sh) in rank.shards().iter().enumerate() {
                 let weights = match &model_weights {
                     Some(mw) => Cow::Borrowed(&mw[i][..]),
                     None => host(be, &sh.weights)?,
@@ -120,7 +121,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
             }
         }
         if own {
-            for (i, sh) in rank.shards.iter().enumerate() {
+            for (i, sh) in rank.shards().iter().enumerate() {
                 let weights = if fs { Some(host(be, &sh.weights)?) } else { None };
                 let p = pending.as_ref().map(|p| &p[i]);
                 files.push(replica::write_replica(&dir, &sh.spec, g, weights.as_deref(), &host(be, &sh.state)?, p)?);
@@ -128,7 +129,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
         }
         if w == 0 {
             let mut ps = Vec::new();
-            for p in rank.dense.params_mut() {
+            for p in rank.dense_params() {
                 ps.push((be.download(&p.w)?, be.download(&p.s)?));
             }
             let views: Vec<(&[f32], &[f32])> = ps.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
@@ -142,12 +143,12 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     let mine = write_mine();
     let report = RankReport {
         ok: mine.as_ref().err().map(|e| e.to_string()),
-        position: RankPosition { world_rank: w, coords: rank.comms.coords(), data: position },
+        position: RankPosition { world_rank: w, coords: rank.comms().coords(), data: position },
         files,
     };
     // 3. Gather to everyone (so that every rank returns the same verdict); rank 0 commits.
     let bytes = serde_json::to_vec(&report).map_err(|e| Error::Input(format!("checkpoint: {e}")))?;
-    let (all, counts) = world.all_gather_alloc(&bytes)?;
+    let (all, counts) = rank.world().all_gather_alloc(&bytes)?;
     let mut reports = Vec::new();
     let mut pos = 0;
     for c in counts {
@@ -163,7 +164,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     let done = if w == 0 {
         let positions = reports.iter().map(|r| r.position.clone()).collect();
         let files = reports.into_iter().flat_map(|r| r.files).collect();
-        let run = RunInfo::new(cfg, grid, rank.plan.clone(), rank.emb_upd.c);
+        let run = RunInfo::new(cfg, grid, rank.plan().clone(), rank.emb_update().c);
         write::commit(&dir, step, run, positions, files, keep, run_id).map(|_| ())
     } else {
         Ok(())
@@ -171,7 +172,7 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
     if done.is_err() {
         st[0] = 1;
     }
-    world.broadcast(&mut st, 0)?;
+    rank.world().broadcast(&mut st, 0)?;
     done?;
     if st[0] != 0 {
         return Err(Error::Input(format!("checkpoint {}: rank 0 could not write the manifest", dir.display())));
@@ -190,8 +191,8 @@ pub fn save_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, cfg: &TrainConfig, 
 /// derives it from the step).
 pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint, cfg: &TrainConfig) -> Result<Option<DataPosition>> {
     ck.check_compatible(cfg)?;
-    let c = rank.emb_upd.c;
-    let mut shards = rank.shards.iter().map(|sh| ck.read_shard(&sh.spec, Some(c))).collect::<Result<Vec<_>>>()?;
+    let c = rank.emb_update().c;
+    let mut shards = rank.shards().iter().map(|sh| ck.read_shard(&sh.spec, Some(c))).collect::<Result<Vec<_>>>()?;
     let mut pending = None;
     if let Some(own) = own_copies(ck, rank)? {
         let mut parts = (Vec::new(), Vec::new(), Vec::new());
@@ -207,14 +208,14 @@ pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint,
             }
         }
         if !parts.0.is_empty() {
-            let spr: Vec<usize> = rank.shards.iter().map(|s| rank.emb_upd.state_per_row(s.spec.num_cols())).collect();
+            let spr: Vec<usize> = rank.shards().iter().map(|s| rank.emb_update().state_per_row(s.spec.num_cols())).collect();
             pending = Some(PendingState::from_parts(parts.0, parts.1, parts.2, &spr).map_err(|e| Error::Input(format!("checkpoint {}: {e}", ck.dir.display())))?);
         }
     }
     let dense = ck.read_dense()?;
-    let params = rank.dense.params_mut();
+    let params = rank.dense_params();
     check_dense(ck, &dense, params.iter().map(|p| (be.len(&p.w), be.len(&p.s))))?;
-    for ((w, s), sh) in shards.iter().zip(&rank.shards) {
+    for ((w, s), sh) in shards.iter().zip(rank.shards()) {
         if w.len() != be.len(&sh.weights) || s.len() != be.len(&sh.state) {
             return Err(Error::Input(format!("checkpoint {}: table {} shard has another state layout", ck.dir.display(), sh.spec.table)));
         }
@@ -222,18 +223,9 @@ pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint,
     // Upload everything first, then swap in (an upload failure leaves the rank unchanged).
     let up_sh = shards.iter().map(|(w, s)| Ok((be.upload(w)?, be.upload(s)?))).collect::<Result<Vec<_>>>()?;
     let up_dn = dense.iter().map(|(w, s)| Ok((be.upload(w)?, be.upload(s)?))).collect::<Result<Vec<_>>>()?;
-    for (sh, (w, s)) in rank.shards.iter_mut().zip(up_sh) {
-        sh.weights = w;
-        sh.state = s;
-    }
-    for (p, (w, s)) in rank.dense.params_mut().into_iter().zip(up_dn) {
-        p.w = w;
-        p.s = s;
-    }
-    rank.set_pending(pending);
-    rank.steps_done = ck.step() as usize;
-    let same_grid = ck.manifest.run.grid == rank.comms.grid;
-    Ok(if same_grid { ck.position(rank.comms.world.rank()).map(|p| p.data.clone()) } else { None })
+    rank.restore(up_sh, up_dn, ck.step() as usize, pending);
+    let same_grid = ck.manifest.run.grid == rank.grid();
+    Ok(if same_grid { ck.position(rank.world().rank()).map(|p| p.data.clone()) } else { None })
 }
 
 /// This replica's own copies of its shards, when the checkpoint has them and was written by the
@@ -241,15 +233,15 @@ pub fn restore_rank2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, ck: &Checkpoint,
 /// average); None otherwise (the shard files are the model then).
 fn own_copies<B: Backend>(ck: &Checkpoint, rank: &Rank2D<B>) -> Result<Option<Vec<ReplicaShard>>> {
     let run = &ck.manifest.run;
-    let grid = rank.comms.grid;
-    let fs = rank.opts.fully_sharded && grid.m > 1;
-    let delayed = rank.opts.delayed_state_sync && !fs && grid.m > 1;
-    if !(fs || delayed) || run.grid != grid || run.plan != rank.plan || run.c != rank.emb_upd.c {
+    let grid = rank.grid();
+    let fs = rank.opts().fully_sharded && grid.m > 1;
+    let delayed = rank.opts().delayed_state_sync && !fs && grid.m > 1;
+    if !(fs || delayed) || run.grid != grid || *rank.plan() != run.plan || run.c != rank.emb_update().c {
         return Ok(None);
     }
-    let (g, _) = rank.comms.coords();
-    let mut out = Vec::with_capacity(rank.shards.len());
-    for sh in &rank.shards {
+    let (g, _) = rank.comms().coords();
+    let mut out = Vec::with_capacity(rank.shards().len());
+    for sh in rank.shards() {
         let found = ck.manifest.replicas().find(|(_, spec, r)| **spec == sh.spec && *r == g);
         let Some((f, _, _)) = found else {
             if out.is_empty() {

@@ -1,13 +1,15 @@
-//! In-process 2D training: T ranks as threads of this process (the embedded default), each with
-//! its own communicators, reading its own samples of every global batch from the synthetic
-//! stream. Returns rank 0's report and every rank's final state (for tests and checkpoints).
+//! Running a 2D training job ([`Job::train`], the one entry point): its ranks as threads of this
+//! process (all T of them by default; or this process's one rank of a launched job), each with
+//! its own communicators and backend, reading its own samples of every global batch, then the
+//! final evaluation. Returns the report, every rank's final state (for tests and checkpoints)
+//! and the stage spans.
+use super::eval::evaluate;
 use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes, TraceEvent};
 use crate::backend::{Backend, ShardSpec};
 use crate::config::TrainConfig;
 use crate::data::synthetic::SyntheticData;
 use crate::data::{Batch, EvalSet};
 use crate::grid::{Grid, GridComms};
-use crate::metrics::evaluate;
 use crate::plan::Plan;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -66,123 +68,109 @@ pub struct Report2D {
     pub losses: Vec<f64>,
 }
 
-/// Run `steps` steps of 2D training on `grid` with `plan`, ranks as threads, on the synthetic
-/// stream: world rank w reads its `Grid::sample_range` of every global batch. Returns rank 0's
-/// report, every rank's final state and, when `trace`, every rank's stage spans.
-pub fn train_in_process<B: Backend + Clone>(
-    be: &B,
-    cfg: &TrainConfig,
+/// Local batches of a run: `feed(step, world_rank)` is that rank's part of global batch `step`.
+pub type Feed<'a> = dyn Fn(usize, usize) -> Result<Batch> + Sync + 'a;
+
+/// One 2D training run: what to train, on which grid and plan, for how many steps, on which
+/// data, and which of its ranks run here. [`Job::train`] is the driver's one entry point.
+pub struct Job<'a> {
+    cfg: &'a TrainConfig,
     grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
+    plan: &'a Plan,
+    opts: &'a ParallelOptions,
     steps: usize,
+    data: Option<(&'a Feed<'a>, &'a dyn EvalSet)>,
+    comms: Option<Vec<ember_transport::Comm>>,
     trace: bool,
-) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
-    train_in_process_with(&|_| Ok(be.clone()), cfg, grid, plan, opts, steps, trace)
 }
 
-/// `train_in_process` with one backend per rank, made by `new_be(world_rank)`.
-pub fn train_in_process_with<B: Backend>(
-    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
-    cfg: &TrainConfig,
-    grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
-    steps: usize,
-    trace: bool,
-) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
-    let data = SyntheticData::new(cfg)?;
-    let feed = |step: usize, w: usize| {
-        let range = grid.sample_range(w, cfg.batch_size);
-        Ok(data.samples((step * cfg.batch_size + range.start) as u64, range.len()))
-    };
-    train_threads_with(new_be, cfg, grid, plan, opts, steps, &feed, &data.eval_batch(), trace)
-}
-
-/// `train_in_process` with the local batches given by `feed(step, world_rank)`.
-#[allow(clippy::too_many_arguments)]
-pub fn train_threads<B: Backend + Clone>(
-    be: &B,
-    cfg: &TrainConfig,
-    grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
-    steps: usize,
-    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &dyn EvalSet,
-    trace: bool,
-) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
-    train_threads_with(&|_| Ok(be.clone()), cfg, grid, plan, opts, steps, feed, eval, trace)
-}
-
-/// `train_threads` with one backend per rank, made by `new_be(world_rank)` on the rank's own
-/// thread (several in-process ranks sharing one GPU each get their own stream and pool).
-#[allow(clippy::too_many_arguments)]
-pub fn train_threads_with<B: Backend>(
-    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
-    cfg: &TrainConfig,
-    grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
-    steps: usize,
-    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &dyn EvalSet,
-    trace: bool,
-) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
-    train_comms_with(new_be, ember_transport::local_world(grid.world()), cfg, grid, plan, opts, steps, feed, eval, trace)
-}
-
-/// `train_threads_with` over the given world communicators (one per rank, `grid.world()` of
-/// them, e.g. an emulated RDMA world), each rank on its own thread.
-#[allow(clippy::too_many_arguments)]
-pub fn train_comms_with<B: Backend>(
-    new_be: &(dyn Fn(usize) -> Result<B> + Sync),
-    comms: Vec<ember_transport::Comm>,
-    cfg: &TrainConfig,
-    grid: Grid,
-    plan: &Plan,
-    opts: &ParallelOptions,
-    steps: usize,
-    feed: &(dyn Fn(usize, usize) -> Result<Batch> + Sync),
-    eval: &dyn EvalSet,
-    trace: bool,
-) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
-    let t = grid.world();
-    if cfg.batch_size % t != 0 {
-        return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
+impl<'a> Job<'a> {
+    /// `steps` steps of `cfg` on `grid` with `plan` and `opts`: by default every rank a thread
+    /// of this process, on the synthetic stream of `cfg` (world rank w reads its
+    /// `Grid::sample_range` of every global batch) and its eval set.
+    pub fn new(cfg: &'a TrainConfig, grid: Grid, plan: &'a Plan, opts: &'a ParallelOptions, steps: usize) -> Self {
+        Job { cfg, grid, plan, opts, steps, data: None, comms: None, trace: false }
     }
-    if comms.len() != t {
-        return Err(Error::Config(format!("{} world communicators for a grid of {t} ranks", comms.len())));
+
+    /// Train on `feed` and evaluate on `eval` (every rank reads the same eval set).
+    pub fn data(mut self, feed: &'a Feed<'a>, eval: &'a dyn EvalSet) -> Self {
+        self.data = Some((feed, eval));
+        self
     }
-    let start = Instant::now();
-    let results: Vec<Result<RankOutcome>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|world| {
-                let (plan, opts) = (plan.clone(), opts.clone());
-                s.spawn(move || {
-                    let be = new_be(world.rank())?;
-                    run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
-    });
-    let mut outcomes = Vec::with_capacity(t);
-    let mut failures = Vec::new();
-    for r in results {
-        match r {
-            Ok(o) => outcomes.push(o),
-            Err(e) => failures.push(e),
+
+    /// Run the ranks of these world communicators, one thread each: all `grid.world()` of the
+    /// job (e.g. an emulated RDMA world), or this process's rank of a launched job.
+    pub fn comms(mut self, comms: Vec<ember_transport::Comm>) -> Self {
+        self.comms = Some(comms);
+        self
+    }
+
+    /// Record every rank's stage spans.
+    pub fn trace(mut self, on: bool) -> Self {
+        self.trace = on;
+        self
+    }
+
+    /// Train: every rank this process runs on its own thread, with the backend `new_be(world
+    /// rank)` makes on that thread (several in-process ranks sharing one GPU each get their own
+    /// stream and pool). Returns the report of the lowest world rank run here (rank 0 unless
+    /// this process runs one rank of a launched job), every such rank's final state, by world
+    /// rank, and, when tracing, their stage spans.
+    pub fn train<B: Backend>(self, new_be: &(dyn Fn(usize) -> Result<B> + Sync)) -> Result<(Report2D, Vec<RankState>, Vec<TraceEvent>)> {
+        let Job { cfg, grid, plan, opts, steps, data, comms, trace } = self;
+        let t = grid.world();
+        if cfg.batch_size % t != 0 {
+            return Err(Error::Config(format!("global batch {} is not divisible by T = {t}", cfg.batch_size)));
         }
+        let comms = comms.unwrap_or_else(|| ember_transport::local_world(t));
+        if comms.len() != t && !(comms.len() == 1 && comms[0].size() == t) {
+            return Err(Error::Config(format!("{} world communicators for a grid of {t} ranks", comms.len())));
+        }
+        let synthetic = match data {
+            Some(_) => None,
+            None => Some(SyntheticData::new(cfg)?),
+        };
+        let synthetic_feed = |step: usize, w: usize| {
+            let d = synthetic.as_ref().expect("synthetic data without a feed");
+            let range = grid.sample_range(w, cfg.batch_size);
+            Ok(d.samples((step * cfg.batch_size + range.start) as u64, range.len()))
+        };
+        let synthetic_eval = synthetic.as_ref().map(|d| d.eval_batch());
+        let (feed, eval): (&Feed, &dyn EvalSet) = match (data, &synthetic_eval) {
+            (Some((f, e)), _) => (f, e),
+            (None, Some(e)) => (&synthetic_feed, e),
+            (None, None) => unreachable!("synthetic data made above"),
+        };
+        let start = Instant::now();
+        let results: Vec<Result<RankOutcome>> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|world| {
+                    let (plan, opts) = (plan.clone(), opts.clone());
+                    s.spawn(move || {
+                        let be = new_be(world.rank())?;
+                        run_rank(&be, cfg, grid, world, plan, opts, steps, feed, eval, trace)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a rank thread panicked".into())))).collect()
+        });
+        let mut outcomes = Vec::with_capacity(t);
+        let mut failures = Vec::new();
+        for r in results {
+            match r {
+                Ok(o) => outcomes.push(o),
+                Err(e) => failures.push(e),
+            }
+        }
+        if let Some(e) = root_cause(failures) {
+            return Err(e);
+        }
+        outcomes.sort_by_key(|o| o.state.world_rank);
+        let report = report(grid, steps, cfg.batch_size, start.elapsed().as_secs_f64(), &outcomes[0]);
+        let events = outcomes.iter_mut().flat_map(|o| std::mem::take(&mut o.trace)).collect();
+        Ok((report, outcomes.into_iter().map(|o| o.state).collect(), events))
     }
-    if let Some(e) = root_cause(failures) {
-        return Err(e);
-    }
-    outcomes.sort_by_key(|o| o.state.world_rank);
-    let report = report(grid, steps, cfg.batch_size, start.elapsed().as_secs_f64(), &outcomes[0]);
-    let events = outcomes.iter_mut().flat_map(|o| std::mem::take(&mut o.trace)).collect();
-    Ok((report, outcomes.into_iter().map(|o| o.state).collect(), events))
 }
 
 /// The error to report when in-process ranks failed (listed by world rank): the first that is
@@ -195,7 +183,7 @@ fn root_cause(mut failures: Vec<Error>) -> Option<Error> {
 }
 
 /// What one rank returns.
-pub struct RankOutcome {
+struct RankOutcome {
     pub state: RankState,
     pub losses: Vec<f64>,
     /// (NE, AUC) on the eval set (every rank computes the same).
@@ -214,10 +202,9 @@ pub struct RankOutcome {
 }
 
 /// One rank's whole run: its communicators, model part, `steps` steps on `feed(step, w)`, the
-/// final evaluation and state. Used by the in-process driver (one thread per rank) and by
-/// multi-process runs (one process per rank).
+/// final evaluation and state.
 #[allow(clippy::too_many_arguments)]
-pub fn run_rank<B: Backend>(
+fn run_rank<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     grid: Grid,
@@ -239,16 +226,16 @@ pub fn run_rank<B: Backend>(
     }
     let mut rank = Rank2D::new(be, cfg, gc, plan, opts)?;
     if trace {
-        rank.trace = Some(Vec::new());
+        rank.start_trace();
     }
-    let ckpt = rank.opts.checkpoint.clone();
+    let ckpt = rank.opts().checkpoint.clone();
     let mut first = 0;
     if let Some(ck) = ckpt.as_ref().filter(|c| c.resume) {
         match crate::checkpoint::latest(&ck.dir)? {
             Some(dir) => {
                 let c = crate::checkpoint::Checkpoint::open(&dir)?;
                 crate::checkpoint::rank2d::restore_rank2d(be, &mut rank, &c, cfg)?;
-                first = rank.steps_done;
+                first = rank.steps_done();
                 if w == 0 {
                     tracing::info!(target: crate::checkpoint::LOG_TARGET, "resumed from {} (step {first})", dir.display());
                 }
@@ -284,32 +271,30 @@ pub fn run_rank<B: Backend>(
     let train_s = t0.elapsed().as_secs_f64();
     rank.finish_training(be)?;
     let heap = heap0.map(|h0| (crate::heap::peak() - h0).max(0) as u64);
-    let (heaps, _) = rank.comms.world.all_gather_alloc(&[heap.unwrap_or(u64::MAX)])?;
+    let (heaps, _) = rank.world().all_gather_alloc(&[heap.unwrap_or(u64::MAX)])?;
     let heap_peak_bytes = if heaps.contains(&u64::MAX) { Vec::new() } else { heaps };
     let replicas_identical = rank.replicas_identical(be)?;
     // The evaluation's forward passes are not part of the training counters.
-    let (times, bytes) = (rank.times.clone(), rank.bytes.clone());
+    let (times, bytes) = (rank.times().clone(), rank.bytes().clone());
     let metrics = eval_2d(be, &mut rank, eval, cfg.batch_size)?;
-    rank.times = times;
-    rank.bytes = bytes;
     let mut shards = Vec::new();
-    for sh in &rank.shards {
+    for sh in rank.shards() {
         shards.push((sh.spec.clone(), be.download(&sh.weights)?, be.download(&sh.state)?));
     }
     let mut dense = Vec::new();
-    for p in rank.dense.params_mut() {
+    for p in rank.dense_params() {
         dense.push(be.download(&p.w)?);
     }
-    let (costs, _) = rank.comms.world.all_gather_alloc(&[rank.bytes.lookup_cost])?;
+    let (costs, _) = rank.world().all_gather_alloc(&[bytes.lookup_cost])?;
     let mean = costs.iter().sum::<u64>() as f64 / costs.len() as f64;
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
-    let coords = rank.comms.coords();
-    let state = RankState { world_rank: w, coords, shards, dense, times: rank.times.clone(), bytes: rank.bytes.clone() };
-    Ok(RankOutcome { state, losses, metrics, trace: rank.trace.take().unwrap_or_default(), imbalance, train_s, step_ms, replicas_identical, heap_peak_bytes })
+    let coords = rank.comms().coords();
+    let state = RankState { world_rank: w, coords, shards, dense, times, bytes };
+    Ok(RankOutcome { state, losses, metrics, trace: rank.take_trace(), imbalance, train_s, step_ms, replicas_identical, heap_peak_bytes })
 }
 
-/// The run's report from rank 0's outcome; `wall` is the whole run's wall-clock time.
-pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOutcome) -> Report2D {
+/// The run's report from one rank's outcome; `wall` is the whole run's wall-clock time.
+fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOutcome) -> Report2D {
     // Steps this run executed (fewer than `steps` after a resume).
     let steps = o.losses.len().min(steps);
     let s0 = &o.state;
@@ -317,15 +302,7 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
     let metrics = o.metrics;
     let k = steps.max(1) as f64;
     let per = |x: f64| x / k;
-    let st = &s0.times;
-    let stages = StageTimes {
-        input_dist: per(st.input_dist),
-        lookup: per(st.lookup),
-        output_dist: per(st.output_dist),
-        dense: per(st.dense),
-        backward: per(st.backward),
-        sync: per(st.sync),
-    };
+    let stages = s0.times.per(k);
     let b = &s0.bytes;
     let tail = (losses.len() / 10).max(1).min(losses.len());
     Report2D {
@@ -337,8 +314,8 @@ pub fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOu
         steps,
         wall_s: wall,
         stages,
-        a2a_bytes_per_rank: per(b.sparse() as f64),
-        sync_bytes_per_rank: per((b.sync_index + b.sync_values + b.fs_weights) as f64),
+        a2a_bytes_per_rank: per(b.traffic.sparse() as f64),
+        sync_bytes_per_rank: per((b.traffic.sync_index + b.traffic.sync_values + b.fs_weights) as f64),
         emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
         bytes_per_step: b.per(steps as u64),
         imbalance: o.imbalance,
@@ -366,11 +343,12 @@ pub fn write_trace(path: &std::path::Path, events: &[TraceEvent]) -> Result<()> 
 }
 
 /// Evaluate on `eval` in global chunks of `gb` samples (every rank reads the same chunk of the
-/// shared set and predicts its own part of it); every rank gets (NE, AUC). An empty eval set is
-/// an error (every rank sees the same set, so every rank returns it).
+/// shared set and predicts its own part of it); every rank gets (NE, AUC) over the chunks'
+/// samples in their order. An empty eval set is an error (every rank sees the same set, so
+/// every rank returns it).
 fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &dyn EvalSet, gb: usize) -> Result<(f64, f64)> {
-    let grid = rank.comms.grid;
-    let w = rank.comms.world.rank();
+    let grid = rank.grid();
+    let w = rank.world().rank();
     let mut logits = Vec::new();
     let mut labels = Vec::new();
     for k in 0.. {
@@ -390,8 +368,7 @@ fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &dyn EvalSet, gb: usi
             part.extend(&chunk.slice(start..end));
             i += end - start;
         }
-        let l = rank.predict(be, &part)?;
-        let (all, _) = rank.comms.world.all_gather_alloc(&l)?;
+        let all = evaluate(be, rank, &part, true)?.all_logits;
         // Reorder: world rank order → sample order of the global chunk.
         let mut ordered = vec![0.0f32; gb];
         let per = gb / grid.world();
@@ -408,7 +385,7 @@ fn eval_2d<B: Backend>(be: &B, rank: &mut Rank2D<B>, eval: &dyn EvalSet, gb: usi
     if labels.is_empty() {
         return Err(Error::Input("the eval set is empty: there is no metric to report".into()));
     }
-    let r = evaluate(&logits, &labels);
+    let r = crate::metrics::evaluate(&logits, &labels);
     Ok((r.ne, r.auc))
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 pub mod planner;
+pub mod traffic;
 pub mod trw;
 
 /// Values (f64) a replica sync averages per all-reduce (`crate::parallel::sync`): bounds the

@@ -29,6 +29,7 @@
 //! node when they fit); the rest go whole, largest first, to the rank whose normalised load
 //! max(cost / mean cost, bytes / mean bytes) stays lowest (LPT). With a memory budget the split
 //! share is lowered step by step until the plan fits, else the plan is refused.
+pub use super::traffic::Traffic;
 use super::trw::{trw_tables, TrwCounts};
 use super::{split_range, PlacedShard, Plan, ShardingType, TablePlan};
 use crate::config::{DenseOptimizer, EmbOptimizer, Interaction, ModelConfig, TableConfig, TrainConfig};
@@ -275,41 +276,6 @@ pub fn group_ranks_per_node(m: usize, n: usize, ranks_per_node: usize, placement
         Placement::ReplicasAcrossNodes => r,
     };
     l.min(n.max(1))
-}
-
-/// Bytes one rank hands to each collective per step, as the engine counts them
-/// ([`crate::parallel::ByteCounts`]); replica sync per step is per sync / K.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct Traffic {
-    pub input_a2a: f64,
-    pub output_a2a: f64,
-    pub output_reduce_scatter: f64,
-    pub output_trw_reduce: f64,
-    pub output_trw_owners: f64,
-    pub grad_a2a: f64,
-    pub grad_all_gather: f64,
-    pub grad_trw_owners: f64,
-    pub grad_trw_gather: f64,
-    pub grad_col_sq: f64,
-    pub dense_all_reduce: f64,
-    pub sync_index: f64,
-    pub sync_values: f64,
-}
-
-impl Traffic {
-    /// The sparse collectives (input, output and gradient distribution).
-    pub fn sparse(&self) -> f64 {
-        self.input_a2a
-            + self.output_a2a
-            + self.output_reduce_scatter
-            + self.output_trw_reduce
-            + self.output_trw_owners
-            + self.grad_a2a
-            + self.grad_all_gather
-            + self.grad_trw_owners
-            + self.grad_trw_gather
-            + self.grad_col_sq
-    }
 }
 
 /// Sparse-collective bytes one rank hands over per step for the tables of one sharding type.
