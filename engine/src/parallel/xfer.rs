@@ -374,7 +374,7 @@ fn direct_reduce_scatter<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, counts:
     Ok(())
 }
 
-fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B>> {
+fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B::Buf>> {
     be.native().ok_or_else(|| Error::Device(format!("backend {} has no native collectives", be.name())))
 }
 
