@@ -535,10 +535,19 @@ mod tests {
             Cpu.addr(b)
         }
 
-        unsafe fn copy_from_addr(&self, src: u64, dst: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
-            // SAFETY: our caller meets this method's contract (a live range of 4·len bytes at src,
-            // unchanged during the call), which is the whole of what the CPU backend's asks.
-            unsafe { Cpu.copy_from_addr(src, dst, off, len) }
+        unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+            // SAFETY: our caller meets this method's contract (live, non-overlapping ranges),
+            // which is the whole of what the CPU backend's asks.
+            unsafe { Cpu.copy_addr(src, dst, len) }
+        }
+
+        unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: crate::backend::Accumulate) -> Result<()> {
+            // SAFETY: as for copy_addr: the same contract as the CPU backend's.
+            unsafe { Cpu.sum_from(parts, n, len, out, acc) }
+        }
+
+        fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
+            Cpu.direct_copy()
         }
 
         unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, n: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {

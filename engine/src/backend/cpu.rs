@@ -401,15 +401,46 @@ impl Buffers for Cpu {
         buf.as_ptr() as u64
     }
 
-    unsafe fn copy_from_addr(&self, src: u64, dst: &mut Vec<f32>, dst_off: usize, len: usize) -> Result<()> {
-        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
+    unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()> {
         if len > 0 {
-            // SAFETY: `src..+len` is a live buffer unchanged during the call (this function's
-            // contract), so it does not overlap `dst`, which this call writes; `dst_off + len`
-            // lies inside `dst` (checked above).
-            unsafe { std::ptr::copy_nonoverlapping(src as *const f32, dst.as_mut_ptr().add(dst_off), len) };
+            // SAFETY: both ranges lie in live, non-overlapping buffers (this function's contract).
+            unsafe { std::ptr::copy_nonoverlapping(src as *const f32, dst as *mut f32, len) };
         }
         Ok(())
+    }
+
+    unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: Accumulate) -> Result<()> {
+        check(n > 0 && n.checked_mul(len).is_some(), || format!("sum_from: {n} contributions of {len} floats"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `parts` holds n·len floats and `out` len, live and not overlapping (this
+        // function's contract).
+        let (parts, out) = unsafe { (std::slice::from_raw_parts(parts as *const f32, n * len), std::slice::from_raw_parts_mut(out as *mut f32, len)) };
+        match acc {
+            Accumulate::F32Sum => {
+                out.copy_from_slice(&parts[..len]);
+                for p in 1..n {
+                    out.iter_mut().zip(&parts[p * len..(p + 1) * len]).for_each(|(o, &x)| *o += x);
+                }
+            }
+            Accumulate::F64Mean => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let s: f64 = (0..n).map(|p| parts[p * len + i] as f64).sum();
+                    *o = (s / n as f64) as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
+        std::sync::Arc::new(|src, dst, len| {
+            // SAFETY: the fabric copies a sender's block into a posted buffer: both live for
+            // `len` bytes and distinct (its `send_direct` contract).
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+            Ok(())
+        })
     }
 
     unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, num_rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {

@@ -241,6 +241,15 @@ pub enum Act {
     Relu,
 }
 
+/// How [`Buffers::sum_from`] adds f32 contributions, always in contribution (rank) order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    /// In f32, as the host transport sums f32 buffers.
+    F32Sum,
+    /// In f64, divided by the number of contributions, rounded once to f32 (replica sync's mean).
+    F64Mean,
+}
+
 /// Collectives a backend runs natively on its own buffers (NCCL on CUDA), over the ranks of a
 /// host communicator (which names the group and carries the setup, e.g. NCCL's unique id).
 /// Generic over the buffer type alone, so an implementation needs nothing of the backend that
@@ -319,12 +328,24 @@ pub trait Buffers: Send + Sync + 'static {
     /// (host address, or device address in the one CUDA context): in-process transports
     /// exchange these so a rank can copy straight out of a peer's buffer.
     fn addr(&self, buf: &Self::Buf) -> u64;
-    /// Copy `len` floats from address `src` (a peer's buffer, see [`addr`](Self::addr)) into
-    /// `dst[dst_off..]`; the copy is complete when this returns.
+    /// Copy `len` floats from address `src` to address `dst` (see [`addr`](Self::addr)); the
+    /// copy is complete when this returns. The buffer transports' copy hook.
     ///
     /// # Safety
-    /// `src..src + 4·len` must be a live buffer of this address space, unchanged during the call.
-    unsafe fn copy_from_addr(&self, src: u64, dst: &mut Self::Buf, dst_off: usize, len: usize) -> Result<()>;
+    /// `src..+4·len` and `dst..+4·len` must lie in live buffers of this address space that do not
+    /// overlap, `src` unchanged and `dst` untouched by others during the call.
+    unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()>;
+    /// `out[i] = Σ_p parts[p·len + i]` for `p < n`, added in the order p = 0, 1, ..., n−1 (which
+    /// fixes the result bitwise) as `acc` says; complete when this returns. The buffer
+    /// transports' reduce hook.
+    ///
+    /// # Safety
+    /// `parts..+4·n·len` and `out..+4·len` must lie in live, non-overlapping buffers of this
+    /// address space, unchanged (but for `out`) during the call.
+    unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: Accumulate) -> Result<()>;
+    /// How in-process transports copy this backend's memory between ranks ([`copy_addr`](Self::copy_addr)
+    /// as a function that outlives the borrow): the peers path's fabric moves device buffers with it.
+    fn direct_copy(&self) -> ember_transport::fabric::DirectCopy;
     /// Replica sync between in-process ranks: `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]`
     /// where `srcs` are the addresses (see [`addr`](Self::addr)) of the m replicas' row-major
     /// buffers of `cols` columns; summed in f64 in replica order, rounded once to f32.

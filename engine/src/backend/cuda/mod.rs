@@ -310,13 +310,63 @@ impl Buffers for Cuda {
         buf.ptr()
     }
 
-    unsafe fn copy_from_addr(&self, src: u64, dst: &mut DevBuf<f32>, dst_off: usize, len: usize) -> Result<()> {
-        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
+    unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+        let bytes = Self::size("copy_addr", &[len, 4])?;
         let _g = self.lock()?;
         // Same context (in-process ranks share the device's primary context): a device copy on
         // this rank's stream, complete before returning so the peer may reuse its buffer.
-        self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src, len * 4).map_err(dev)?;
+        self.gpu.dtod(dst, src, bytes).map_err(dev)?;
         self.gpu.sync().map_err(dev)
+    }
+
+    unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: Accumulate) -> Result<()> {
+        let total = Self::size("sum_from", &[n, len, 4])?;
+        check(n > 0 && n < i32::MAX as usize && parts.checked_add(total as u64).is_some(), || format!("sum_from: {n} contributions of {len} floats"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let block = |p: usize| parts + (p * len * 4) as u64;
+        match acc {
+            Accumulate::F32Sum => {
+                let _g = self.lock()?;
+                self.gpu.dtod(out, parts, len * 4).map_err(dev)?;
+                let (one, k) = (1.0f32, len as i64);
+                for p in 1..n {
+                    let xp = block(p);
+                    // SAFETY: launch contract: `axpy_f32(float, const float*, float*, i64)` gets
+                    // (f32, u64, u64, i64); block p of `parts` and `out` hold len floats each and do
+                    // not overlap (this function's contract); grid-stride.
+                    unsafe { self.gpu.launch("axpy_f32", self.grid(len), 256).map_err(dev)?.arg(&one).arg(&xp).arg(&out).arg(&k).go() }.map_err(dev)?;
+                }
+                self.gpu.sync().map_err(dev)
+            }
+            Accumulate::F64Mean => {
+                // The replica mean kernel with one row of `len` columns per contribution.
+                let table = self.upload_ids(&(0..n).map(block).collect::<Vec<u64>>())?;
+                let row = self.upload_ids(&[0])?;
+                let _g = self.lock()?;
+                let (sp, m, rp, one, c) = (table.ptr(), n as i32, row.ptr(), 1i64, len as i64);
+                // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64,
+                // i64)` gets (u64, u64, i32, u64, i64, i64); `out` holds len floats, the table n
+                // block addresses, each block len floats (this function's contract), and the one
+                // row index is 0; the sync below keeps table and row alive until the kernel ends.
+                unsafe { self.gpu.launch("mean_rows_from", self.grid(len), 256).map_err(dev)?.arg(&out).arg(&sp).arg(&m).arg(&rp).arg(&one).arg(&c).go() }
+                    .map_err(dev)?;
+                self.gpu.sync().map_err(dev)
+            }
+        }
+    }
+
+    fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
+        let gpu = self.gpu.clone();
+        Arc::new(move |src, dst, len| {
+            let copy = || -> std::result::Result<(), String> {
+                gpu.bind()?;
+                gpu.dtod(dst, src, len)?;
+                gpu.sync()
+            };
+            copy().map_err(|e| ember_transport::Error::Bootstrap(format!("device copy: {e}")))
+        })
     }
 
     unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
