@@ -4,7 +4,7 @@
 //!
 //! Comparisons use ‖out − ref‖ / ‖ref‖ with f32 tolerances; outputs are poisoned with random
 //! values first, so an element the backend failed to write shows up.
-use crate::backend::{Act, Backend, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, ShardSpec};
+use crate::backend::{Act, Backend, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, Numerics, ShardSpec};
 use crate::config::DenseOptimizer;
 use crate::rng::Rng;
 use crate::Result;
@@ -454,7 +454,7 @@ mod tests {
     //! The self-test must catch a backend that is wrong: the CPU backend with one fault injected
     //! (everything else delegated) fails exactly the checks that exercise the fault.
     use super::*;
-    use crate::backend::{Bags, RowGrads, Shard};
+    use crate::backend::{Bags, Buffers, RowGrads, Shard};
 
     #[derive(Clone, Copy, PartialEq)]
     enum Fault {
@@ -478,106 +478,148 @@ mod tests {
         RowGrads { rows: r.rows.clone(), num_rows: r.num_rows, grads: r.grads.clone(), sq: r.sq.clone() }
     }
 
-    impl Backend for Faulty {
+    impl Buffers for Faulty {
         type Buf = Vec<f32>;
         type Ids = Vec<u64>;
         type Staging = Vec<f32>;
+
         fn name(&self) -> &'static str {
             "faulty cpu"
         }
+
         fn zeros(&self, n: usize) -> Result<Vec<f32>> {
             Cpu.zeros(n)
         }
+
         fn upload(&self, h: &[f32]) -> Result<Vec<f32>> {
             Cpu.upload(h)
         }
+
         fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>> {
             Cpu.download(b)
         }
+
         fn upload_ids(&self, h: &[u64]) -> Result<Vec<u64>> {
             Cpu.upload_ids(h)
         }
+
         fn download_ids(&self, i: &Vec<u64>) -> Result<Vec<u64>> {
             Cpu.download_ids(i)
         }
+
         fn len(&self, b: &Vec<f32>) -> usize {
             b.len()
         }
-        fn staging(&self, n: usize) -> Result<Vec<f32>> {
-            Cpu.staging(n)
-        }
+
         fn download_into(&self, b: &Vec<f32>, out: &mut [f32]) -> Result<()> {
             Cpu.download_into(b, out)
         }
+
         fn upload_into(&self, src: &[f32], b: &mut Vec<f32>) -> Result<()> {
             Cpu.upload_into(src, b)
         }
-        fn gemm(&self, g: Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
-            let g = if self.0 == Fault::Gemm { Gemm { alpha: g.alpha * 1.001, ..g } } else { g };
-            Cpu.gemm(g, a, b, c)
-        }
-        fn bias_act(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize, act: Act) -> Result<()> {
-            Cpu.bias_act(x, bias, rows, cols, act)
-        }
-        fn act_backward(&self, y: &Vec<f32>, dy: &mut Vec<f32>, act: Act) -> Result<()> {
-            Cpu.act_backward(y, dy, act)
-        }
-        fn col_sum(&self, x: &Vec<f32>, rows: usize, cols: usize, beta: f32, out: &mut Vec<f32>) -> Result<()> {
-            Cpu.col_sum(x, rows, cols, beta, out)
-        }
-        fn copy_block(&self, n: &mut Vec<f32>, w: &mut Vec<f32>, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()> {
-            Cpu.copy_block(n, w, rows, cols, dst, to_wide)
-        }
+
         fn copy_2d(&self, src: &Vec<f32>, so: usize, ss: usize, dst: &mut Vec<f32>, d_o: usize, ds: usize, rows: usize, cols: usize) -> Result<()> {
             Cpu.copy_2d(src, so, ss, dst, d_o, ds, rows, cols)
         }
-        fn scale_rows(&self, x: &mut Vec<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &Vec<f32>) -> Result<()> {
-            Cpu.scale_rows(x, off, stride, rows, cols, s)
+
+        fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, n: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
+            Cpu.put_rows(dst, rows, n, src, cols)
         }
+
+        fn staging(&self, n: usize) -> Result<Vec<f32>> {
+            Cpu.staging(n)
+        }
+
         fn addr(&self, b: &Vec<f32>) -> u64 {
             Cpu.addr(b)
         }
-        unsafe fn copy_from_addr(&self, src: u64, dst: &mut Vec<f32>, off: usize, len: usize) -> Result<()> {
-            // SAFETY: our caller meets this method's contract (a live range of 4·len bytes at src,
-            // unchanged during the call), which is the whole of what the CPU backend's asks.
-            unsafe { Cpu.copy_from_addr(src, dst, off, len) }
+
+        unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+            // SAFETY: our caller meets this method's contract (live, non-overlapping ranges),
+            // which is the whole of what the CPU backend's asks.
+            unsafe { Cpu.copy_addr(src, dst, len) }
         }
+
+        unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: crate::backend::Accumulate) -> Result<()> {
+            // SAFETY: as for copy_addr: the same contract as the CPU backend's.
+            unsafe { Cpu.sum_from(parts, n, len, out, acc) }
+        }
+
+        fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
+            Cpu.direct_copy()
+        }
+
         unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, n: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
             // SAFETY: our caller meets this method's contract (every source a live buffer holding
             // the listed rows, unchanged during the call), which is the whole of what the CPU
             // backend's asks.
             unsafe { Cpu.mean_rows_from(srcs, rows, n, cols, out) }
         }
-        fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, n: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
-            Cpu.put_rows(dst, rows, n, src, cols)
+    }
+
+    impl Numerics for Faulty {
+        fn gemm(&self, g: Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
+            let g = if self.0 == Fault::Gemm { Gemm { alpha: g.alpha * 1.001, ..g } } else { g };
+            Cpu.gemm(g, a, b, c)
         }
+
+        fn bias_act(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize, act: Act) -> Result<()> {
+            Cpu.bias_act(x, bias, rows, cols, act)
+        }
+
+        fn act_backward(&self, y: &Vec<f32>, dy: &mut Vec<f32>, act: Act) -> Result<()> {
+            Cpu.act_backward(y, dy, act)
+        }
+
+        fn col_sum(&self, x: &Vec<f32>, rows: usize, cols: usize, beta: f32, out: &mut Vec<f32>) -> Result<()> {
+            Cpu.col_sum(x, rows, cols, beta, out)
+        }
+
+        fn copy_block(&self, n: &mut Vec<f32>, w: &mut Vec<f32>, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()> {
+            Cpu.copy_block(n, w, rows, cols, dst, to_wide)
+        }
+
+        fn scale_rows(&self, x: &mut Vec<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &Vec<f32>) -> Result<()> {
+            Cpu.scale_rows(x, off, stride, rows, cols, s)
+        }
+
         fn axpy(&self, a: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
             Cpu.axpy(a, x, y)
         }
+
         fn scale(&self, x: &mut Vec<f32>, a: f32) -> Result<()> {
             Cpu.scale(x, a)
         }
+
         fn dot_interaction(&self, x: &Vec<f32>, batch: usize, f: usize, d: usize, out: &mut Vec<f32>) -> Result<()> {
             Cpu.dot_interaction(x, batch, f, d, out)
         }
+
         fn dot_interaction_backward(&self, x: &Vec<f32>, dout: &Vec<f32>, batch: usize, f: usize, d: usize, dx: &mut Vec<f32>) -> Result<()> {
             Cpu.dot_interaction_backward(x, dout, batch, f, d, dx)
         }
+
         fn cross_combine(&self, x0: &Vec<f32>, uv: &Vec<f32>, bias: &Vec<f32>, xl: &Vec<f32>, rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
             Cpu.cross_combine(x0, uv, bias, xl, rows, cols, out)
         }
+
         fn cross_combine_backward(&self, x0: &Vec<f32>, uv: &Vec<f32>, bias: &Vec<f32>, dout: &Vec<f32>, rows: usize, cols: usize, duv: &mut Vec<f32>, dx0: &mut Vec<f32>) -> Result<()> {
             Cpu.cross_combine_backward(x0, uv, bias, dout, rows, cols, duv, dx0)
         }
+
         fn bce_with_logits(&self, logits: &Vec<f32>, labels: &Vec<f32>, scale: f32, d: &mut Vec<f32>) -> Result<f64> {
             Cpu.bce_with_logits(logits, labels, scale, d)
         }
+
         fn dense_update(&self, p: &mut Vec<f32>, g: &Vec<f32>, s: &mut Vec<f32>, upd: &DenseUpdate) -> Result<()> {
             Cpu.dense_update(p, g, s, upd)
         }
+
         fn embedding_forward(&self, shard: &Shard<Self>, bags: &Bags<Self>, out: &mut Vec<f32>, layout: Layout, acc: bool) -> Result<()> {
             Cpu.embedding_forward(&cpu_shard(shard), &cpu_bags(bags), out, layout, acc)
         }
+
         fn embedding_backward_update(&self, shard: &mut Shard<Self>, bags: &Bags<Self>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<()> {
             let mut cs = cpu_shard(shard);
             if self.0 == Fault::HalfSteps {
@@ -591,10 +633,12 @@ mod tests {
             shard.state = cs.state;
             Ok(())
         }
+
         fn embedding_row_grads(&self, shard: &Shard<Self>, bags: &Bags<Self>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Self>> {
             let r = Cpu.embedding_row_grads(&cpu_shard(shard), &cpu_bags(bags), grad, layout, upd)?;
             Ok(RowGrads { rows: r.rows, num_rows: r.num_rows, grads: r.grads, sq: r.sq })
         }
+
         fn embedding_apply(&self, shard: &mut Shard<Self>, rg: &RowGrads<Self>, row_sq: Option<&Vec<f32>>, upd: &EmbUpdate) -> Result<()> {
             let mut cs = cpu_shard(shard);
             Cpu.embedding_apply(&mut cs, &cpu_rg(rg), row_sq, upd)?;

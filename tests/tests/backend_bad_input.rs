@@ -1,6 +1,6 @@
 //! Bad input to the CPU backend gives `Err` naming the problem, never a panic: ids out of
 //! range, offsets not covering the ids, wrong buffer sizes, inconsistent row gradients.
-use ember_engine::backend::{Act, Backend, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, RowGrads, Shard, ShardSpec};
+use ember_engine::backend::{Act, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, Numerics, RowGrads, Shard, ShardSpec};
 use ember_engine::config::DenseOptimizer;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

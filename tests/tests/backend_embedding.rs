@@ -3,7 +3,7 @@
 //! power of two, accumulate, strided layouts), the fused backward+update for every optimizer
 //! over several steps (untouched rows bitwise unchanged), the two-phase path, and column-split
 //! row-wise AdaGrad combining the shards' Σg².
-use ember_engine::backend::{Backend, Bags, Cpu, EmbKind, EmbUpdate, Layout, Shard, ShardSpec};
+use ember_engine::backend::{Bags, Cpu, EmbKind, EmbUpdate, Layout, Numerics, Shard, ShardSpec};
 use ember_tests::oracle::*;
 
 fn bags(h: &HostBags) -> Bags<Cpu> {

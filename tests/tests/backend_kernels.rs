@@ -1,7 +1,7 @@
 //! Dense CPU kernels against f64 references on random shapes: gemm (all transpose combinations,
 //! alpha/beta), bias_act, act_backward, col_sum, copy_block, axpy/scale, dot_interaction
 //! (+backward), cross_combine (+backward), bce_with_logits (extreme logits), dense_update.
-use ember_engine::backend::{Act, Backend, Cpu, DenseUpdate, Gemm, Layout};
+use ember_engine::backend::{Act, Cpu, DenseUpdate, Gemm, Layout, Numerics};
 use ember_engine::config::DenseOptimizer;
 use ember_tests::oracle::*;
 

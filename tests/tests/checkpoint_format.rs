@@ -1,7 +1,7 @@
 //! Checkpoints (issue 8): bitwise save→load round trips (single process and 2D), resharding
 //! across grids and plans with the accumulator rescaled by c_new / c_old, crash injection at
 //! every failpoint of the writer, corruption of every file kind, pruning to K, and .npy export.
-use ember_engine::backend::{Backend, Cpu};
+use ember_engine::backend::{Buffers, Cpu};
 use ember_engine::checkpoint::{self, failpoint, rank2d, Checkpoint, DataPosition};
 use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig};
 use ember_engine::data::synthetic::SyntheticData;

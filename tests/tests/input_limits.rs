@@ -1,7 +1,7 @@
 //! Input hardening below the CLI: config limits and unknown keys, grid sizes, the kernels'
 //! buffer checks, the Criteo reader's eval stream and empty sets, and checkpoint manifests,
 //! headers and run ownership. Every refusal is an `Err` naming the place, never a panic.
-use ember_engine::backend::{Backend, Cpu, EmbKind, EmbUpdate, Gemm, RowGrads, Shard, ShardSpec};
+use ember_engine::backend::{Cpu, EmbKind, EmbUpdate, Gemm, Numerics, RowGrads, Shard, ShardSpec};
 use ember_engine::config::{preset, TrainConfig, WeightDecay};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::{Batch, DataSource, EvalSet};

@@ -1,7 +1,7 @@
 //! Determinism of the single-process Dlrm: same seed ⇒ bitwise identical weights after N steps
 //! (also across rayon thread counts); weight init is a function of (seed, table, row, col) only,
 //! so any row-range / column-range shard regenerates exactly its slice of the whole table.
-use ember_engine::backend::{Backend, Cpu, ShardSpec};
+use ember_engine::backend::{Buffers, Cpu, ShardSpec};
 use ember_engine::config::*;
 use ember_engine::embedding::init_shard_weights;
 use ember_engine::model::Dlrm;

@@ -1,6 +1,6 @@
 //! Optimizer semantics (BRIEF.md §3): hand-computed values over three steps, the identity
 //! "c = M equals c = 1 run with lr·√M and eps·√M" on whole Dlrm trajectories, SGD keeping no state.
-use ember_engine::backend::{Backend, Bags, Cpu, EmbKind, EmbUpdate, Layout, ShardSpec};
+use ember_engine::backend::{Bags, Cpu, EmbKind, EmbUpdate, Layout, Numerics, ShardSpec};
 use ember_engine::config::*;
 use ember_engine::data::Batch;
 use ember_engine::model::Dlrm;

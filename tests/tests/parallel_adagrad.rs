@@ -1,5 +1,5 @@
 //! AdaGrad relations of BRIEF.md §3 under 2D, and the replica sync's numerics.
-use ember_engine::backend::{Backend, Cpu, EmbUpdate, ShardSpec};
+use ember_engine::backend::{Buffers, Cpu, EmbUpdate, ShardSpec};
 use ember_engine::config::{preset, DenseOptimizer, EmbOptimizer, TrainConfig, WeightDecay};
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::embedding::new_shard;

@@ -10,7 +10,7 @@
 //! tables.
 use crate::common::{CliResult, Device};
 #[allow(unused_imports)] // Backend is used only with the `cuda` feature
-use ember_engine::backend::{Backend, Cpu};
+use ember_engine::backend::{Backend, Buffers, Numerics, Cpu};
 use ember_engine::parallel::XferKind;
 use ember_engine::selftest_2d::selftest_2d;
 use std::fmt::Write as _;

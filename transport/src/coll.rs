@@ -1,14 +1,146 @@
-//! The collective algorithms, written once over the `Fabric` primitives (post, send, wait).
+//! The collective algorithms, written once over the `Fabric` primitives (post, send, wait) and
+//! over [`Memory`], where the bytes live.
 //!
 //! All-to-all: post every receive, send to peers in a rank-dependent order (rank r starts with
 //! r+1: no incast), copy the own block, wait. All-reduce = reduce-scatter + all-gather with one
-//! owner per chunk that sums the contributions in rank order (bitwise identical everywhere).
+//! owner per chunk that reduces the contributions in rank order (bitwise identical everywhere).
+//!
+//! The algorithms move byte blocks at addresses. Host memory ([`Host`], the typed slices of
+//! `Comm`'s collectives) is copied and reduced by the CPU; memory the CPU must not touch (device
+//! memory) is moved by the fabric's direct primitives, and copied and reduced by hooks its owner
+//! supplies (a backend's device copy and summation kernel). A new memory kind implements
+//! [`Memory`]; a new transport implements `Fabric`; neither touches the algorithms.
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use crate::reduce::{add_into, ReduceOp, Reducible};
 use bytemuck::Pod;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where a collective's bytes live, and what a collective does to them besides sending them:
+/// copy this rank's own block, take scratch space, reduce the contributions.
+pub trait Memory {
+    /// Scratch space of this memory kind, released when dropped.
+    type Scratch;
+    /// Whether the fabric must move these bytes with its direct primitives (`post_recv_direct`,
+    /// `send_direct`): the CPU never reads or writes them.
+    fn direct(&self) -> bool;
+    /// Scratch of `len` bytes (contents unspecified), aligned for the element type.
+    fn scratch(&self, len: usize) -> Result<Self::Scratch>;
+    /// Address of a scratch's first byte.
+    fn base(&self, s: &mut Self::Scratch) -> *mut u8;
+    /// Copy `len` bytes from `src` to `dst`, finished when this returns.
+    ///
+    /// # Safety
+    /// `src..+len` is readable and `dst..+len` writable memory of this kind; they do not overlap.
+    unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> Result<()>;
+    /// `out = reduce(parts[0], ..., parts[n-1])` element by element, where `parts[p]` is the
+    /// `len` bytes at `parts + p·len`: the contributions of ranks 0..n, combined in that order
+    /// (the order fixes the result bitwise; the element type and the precision of the sum are the
+    /// implementation's). Finished when this returns.
+    ///
+    /// # Safety
+    /// `parts..+n·len` is readable and `out..+len` writable memory of this kind; they do not overlap.
+    unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> Result<()>;
+}
+
+/// Host memory holding `T`s: the CPU copies, and reduces (where a reduction was asked for)
+/// with `op` in `T`'s own arithmetic.
+pub struct Host<T> {
+    reduce: Option<(ReduceOp, HostReduce)>,
+    _t: std::marker::PhantomData<T>,
+}
+
+/// A typed host reduction: `(parts, n, len, out, op)` as in [`Memory::reduce`].
+type HostReduce = unsafe fn(*const u8, usize, usize, *mut u8, ReduceOp);
+
+impl<T: Pod> Host<T> {
+    /// Host memory that collectives only move.
+    pub fn new() -> Self {
+        Host { reduce: None, _t: std::marker::PhantomData }
+    }
+}
+
+impl<T: Reducible> Host<T> {
+    /// Host memory that reductions combine with `op`.
+    pub fn reducing(op: ReduceOp) -> Self {
+        Host { reduce: Some((op, reduce_host::<T>)), _t: std::marker::PhantomData }
+    }
+}
+
+/// [`Memory::reduce`] on host `T`s: the first contribution, plus each next one in rank order,
+/// then divided by n for `Mean`.
+///
+/// # Safety
+/// As [`Memory::reduce`], the blocks being whole `T`s, `T`-aligned.
+unsafe fn reduce_host<T: Reducible>(parts: *const u8, n: usize, len: usize, out: *mut u8, op: ReduceOp) {
+    let k = len / std::mem::size_of::<T>();
+    // SAFETY: this function's contract.
+    let (parts, out) = unsafe { (std::slice::from_raw_parts(parts as *const T, n * k), std::slice::from_raw_parts_mut(out as *mut T, k)) };
+    out.copy_from_slice(&parts[..k]);
+    for p in 1..n {
+        add_into(out, &parts[p * k..(p + 1) * k]);
+    }
+    if op == ReduceOp::Mean {
+        for x in out.iter_mut() {
+            *x = x.div_n(n);
+        }
+    }
+}
+
+impl<T: Pod> Memory for Host<T> {
+    type Scratch = Vec<T>;
+    fn direct(&self) -> bool {
+        false
+    }
+    fn scratch(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zeroed(); len / std::mem::size_of::<T>()])
+    }
+    fn base(&self, s: &mut Vec<T>) -> *mut u8 {
+        s.as_mut_ptr() as *mut u8
+    }
+    unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> Result<()> {
+        // SAFETY: this function's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        Ok(())
+    }
+    unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> Result<()> {
+        let (op, f) = self.reduce.ok_or_else(|| Error::usage("collective", "host memory without a reduction".to_string()))?;
+        // SAFETY: this function's contract; the blocks are whole `T`s of `T` buffers.
+        unsafe { f(parts, n, len, out, op) };
+        Ok(())
+    }
+}
+
+/// Memory the CPU must not touch whose own-block copy is `own(src, dst, len)` and that has no
+/// scratch and no reduction (the all-to-all and all-gather of `Comm::*_direct`).
+pub(crate) struct CopyOnly<F>(std::cell::Cell<Option<F>>);
+
+impl<F> CopyOnly<F> {
+    pub fn new(own: F) -> Self {
+        CopyOnly(std::cell::Cell::new(Some(own)))
+    }
+}
+
+impl<F: FnOnce(*const u8, *mut u8, usize) -> Result<()>> Memory for CopyOnly<F> {
+    type Scratch = ();
+    fn direct(&self) -> bool {
+        true
+    }
+    fn scratch(&self, _len: usize) -> Result<()> {
+        Err(Error::usage("collective", "this memory has no scratch space"))
+    }
+    fn base(&self, _s: &mut ()) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+    unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> Result<()> {
+        let own = self.0.take().ok_or_else(|| Error::usage("collective", "the own-block copy ran twice"))?;
+        own(src, dst, len)
+    }
+    unsafe fn reduce(&self, _parts: *const u8, _n: usize, _len: usize, _out: *mut u8) -> Result<()> {
+        Err(Error::usage("collective", "this memory has no reduction"))
+    }
+}
 
 /// A communicator's view of the fabric: its members (world ranks), own index and context.
 pub(crate) struct Group {
@@ -38,8 +170,8 @@ struct Round<'a> {
 }
 
 impl<'a> Round<'a> {
-    fn new(g: &'a Group, seq: u64, round: u32, op: &'static str) -> Self {
-        Round { g, tag: Tag { ctx: g.ctx, seq, round }, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new(), direct: false }
+    fn new(g: &'a Group, seq: u64, round: u32, op: &'static str, direct: bool) -> Self {
+        Round { g, tag: Tag { ctx: g.ctx, seq, round }, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new(), direct }
     }
 
     /// Post the landing buffer for `from`'s message, which must be exactly `buf.len()` bytes.
@@ -158,218 +290,189 @@ pub(crate) fn all_to_all_v<T: Pod>(
     }
     let sz = std::mem::size_of::<T>();
     let (sb, rb) = (scaled(OP, send_counts, sz)?, scaled(OP, recv_counts, sz)?);
-    let own = |s: *const u8, d: *mut u8, len: usize| {
-        // SAFETY: the own blocks, inside `send` and `recv` (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
-        Ok(())
-    };
     // SAFETY: every range lies inside `recv`/`send` (offsets checked above); both outlive the call.
-    unsafe { a2a_bytes(g, seq, false, send.as_ptr() as *const u8, &sb, recv.as_mut_ptr() as *mut u8, &rb, own) }
+    unsafe { all_to_all_v_in(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, &sb, recv.as_mut_ptr() as *mut u8, &rb) }
 }
 
-/// The all-to-all of byte blocks at raw addresses; `direct`: the memory is the CPU's to never
-/// touch, and `own(src, dst, len)` moves the own block. Counts whose sum overflows are an error.
+/// All-to-all-v of byte blocks in memory `mem`: `send_counts[p]` bytes at `send` (in rank
+/// order) go to rank p, `recv_counts[p]` bytes from rank p land at `recv` (in rank order).
 ///
 /// # Safety
-/// Both buffers hold the counts' sums of bytes and stay valid until this returns.
-#[allow(clippy::too_many_arguments)]
-unsafe fn a2a_bytes(
+/// `send` and `recv` hold the counts' sums of bytes of `mem`'s kind and stay valid (and, for
+/// `send`, unchanged) until this returns.
+pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
     g: &Group,
     seq: u64,
-    direct: bool,
-    sbase: *const u8,
-    scounts: &[usize],
-    rbase: *mut u8,
-    rcounts: &[usize],
-    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
-) -> Result<()> {
-    let (n, me) = (g.n(), g.me);
-    let (so, ro) = (offsets("all_to_all_v", "send", scounts)?, offsets("all_to_all_v", "receive", rcounts)?);
-    let mut r = Round::new(g, seq, 0, "all_to_all_v");
-    r.direct = direct;
-    for i in 1..n {
-        let p = (me + n - i) % n;
-        r.post(p, rbase.add(ro[p]), rcounts[p])?;
-    }
-    for i in 1..n {
-        let p = (me + i) % n;
-        r.send(p, sbase.add(so[p]), scounts[p])?;
-    }
-    // The own block last: peers (shm: reading our buffer; tcp: receiving) start at once
-    // instead of waiting for this copy.
-    own(sbase.add(so[me]), rbase.add(ro[me]), scounts[me])?;
-    r.finish()
-}
-
-/// All-to-all-v on memory the CPU must not touch (device memory, GPUDirect RDMA); counts in
-/// bytes; `own(src, dst, len)` copies the own block (a device copy).
-///
-/// # Safety
-/// `send` and `recv` hold the counts' sums of bytes and stay valid (and, for `send`, unchanged)
-/// until this returns.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn all_to_all_v_direct(
-    g: &Group,
-    seq: u64,
+    mem: &M,
     send: *const u8,
     send_counts: &[usize],
     recv: *mut u8,
     recv_counts: &[usize],
-    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
 ) -> Result<()> {
     const OP: &str = "all_to_all_v";
-    let n = g.n();
+    let (n, me) = (g.n(), g.me);
     if send_counts.len() != n || recv_counts.len() != n {
         return Err(Error::usage(OP, format!("{} send and {} receive counts for {n} ranks", send_counts.len(), recv_counts.len())));
     }
-    if send_counts[g.me] != recv_counts[g.me] {
-        return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[g.me], recv_counts[g.me])));
+    if send_counts[me] != recv_counts[me] {
+        return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[me], recv_counts[me])));
     }
-    a2a_bytes(g, seq, true, send, send_counts, recv, recv_counts, own)
-}
-
-/// All-gather-v on memory the CPU must not touch: rank p's `counts[p]` bytes land at offset
-/// Σ counts[..p] of `recv`; `own(src, dst, len)` copies this rank's block.
-///
-/// # Safety
-/// `send` holds `counts[me]` bytes, `recv` their sum; both valid until this returns.
-pub(crate) unsafe fn all_gather_v_direct(
-    g: &Group,
-    seq: u64,
-    send: *const u8,
-    counts: &[usize],
-    recv: *mut u8,
-    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
-) -> Result<()> {
-    const OP: &str = "all_gather";
-    if counts.len() != g.n() {
-        return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
-    }
-    gather_bytes(g, seq, 0, OP, true, send, &offsets(OP, "receive", counts)?, recv, own)
-}
-
-/// Reduce-scatter: `data` holds every rank's chunk (offsets `o`); `out` receives this rank's
-/// chunk, summed over ranks in rank order.
-fn reduce_scatter_into<T: Reducible>(
-    g: &Group,
-    seq: u64,
-    round: u32,
-    op_name: &'static str,
-    data: &[T],
-    o: &[usize],
-    out: &mut [T],
-    op: ReduceOp,
-) -> Result<()> {
-    let (n, me) = (g.n(), g.me);
-    let mine = o[me + 1] - o[me];
-    debug_assert_eq!(out.len(), mine);
-    let sz = std::mem::size_of::<T>();
-    let total = mine.checked_mul(n).filter(|t| t.checked_mul(sz).is_some_and(|b| b <= isize::MAX as usize));
-    let total = total.ok_or_else(|| Error::usage(op_name, format!("{n} contributions of {mine} elements overflow")))?;
-    let mut scratch: Vec<T> = vec![T::zeroed(); total];
-    {
-        let mut r = Round::new(g, seq, round, op_name);
-        let sb = scratch.as_mut_ptr() as *mut u8;
-        let db = data.as_ptr() as *const u8;
-        // SAFETY: ranges inside `scratch` / `data`, which outlive `r`.
-        unsafe {
-            for i in 1..n {
-                let p = (me + n - i) % n;
-                r.post(p, sb.add(p * mine * sz), mine * sz)?;
-            }
-            for i in 1..n {
-                let p = (me + i) % n;
-                r.send(p, db.add(o[p] * sz), (o[p + 1] - o[p]) * sz)?;
-            }
+    let (so, ro) = (offsets(OP, "send", send_counts)?, offsets(OP, "receive", recv_counts)?);
+    let mut r = Round::new(g, seq, 0, OP, mem.direct());
+    // SAFETY: the blocks lie inside `send`/`recv` (offsets of their counts), which outlive `r`.
+    unsafe {
+        for i in 1..n {
+            let p = (me + n - i) % n;
+            r.post(p, recv.add(ro[p]), recv_counts[p])?;
         }
-        r.finish()?;
-    }
-    scratch[me * mine..(me + 1) * mine].copy_from_slice(&data[o[me]..o[me + 1]]);
-    out.copy_from_slice(&scratch[..mine]);
-    for p in 1..n {
-        add_into(out, &scratch[p * mine..(p + 1) * mine]);
-    }
-    if op == ReduceOp::Mean {
-        for x in out.iter_mut() {
-            *x = x.div_n(n);
+        for i in 1..n {
+            let p = (me + i) % n;
+            r.send(p, send.add(so[p]), send_counts[p])?;
         }
-    }
-    Ok(())
-}
-
-/// All-gather: `mine` goes to `recv[o[me]..o[me+1]]` on every rank.
-fn all_gather_into<T: Pod>(g: &Group, seq: u64, round: u32, op_name: &'static str, mine: &[T], o: &[usize], recv: &mut [T]) -> Result<()> {
-    let ob = scaled(op_name, o, std::mem::size_of::<T>())?;
-    let own = |s: *const u8, d: *mut u8, len: usize| {
-        // SAFETY: `mine` into its own range of `recv` (offsets from checked counts).
-        unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
-        Ok(())
-    };
-    // SAFETY: ranges inside `recv` and `mine`, which outlive the call.
-    unsafe { gather_bytes(g, seq, round, op_name, false, mine.as_ptr() as *const u8, &ob, recv.as_mut_ptr() as *mut u8, own) }
-}
-
-/// All-gather of byte blocks: this rank's `o[me+1] - o[me]` bytes at `send` go to offset
-/// `o[p]` of every rank p's `recv`; `own` places this rank's block first (it is never posted).
-///
-/// # Safety
-/// `recv` holds `o[n]` bytes and `send` this rank's block; both valid until this returns.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gather_bytes(
-    g: &Group,
-    seq: u64,
-    round: u32,
-    op_name: &'static str,
-    direct: bool,
-    send: *const u8,
-    o: &[usize],
-    recv: *mut u8,
-    own: impl FnOnce(*const u8, *mut u8, usize) -> Result<()>,
-) -> Result<()> {
-    let (n, me) = (g.n(), g.me);
-    let mine = o[me + 1] - o[me];
-    own(send, recv.add(o[me]), mine)?;
-    let mut r = Round::new(g, seq, round, op_name);
-    r.direct = direct;
-    for i in 1..n {
-        let p = (me + n - i) % n;
-        r.post(p, recv.add(o[p]), o[p + 1] - o[p])?;
-    }
-    for i in 1..n {
-        let p = (me + i) % n;
-        r.send(p, send, mine)?;
+        // The own block last: peers (shm: reading our buffer; tcp: receiving) start at once
+        // instead of waiting for this copy.
+        mem.copy(send.add(so[me]), recv.add(ro[me]), send_counts[me])?;
     }
     r.finish()
 }
 
-pub(crate) fn all_reduce<T: Reducible>(g: &Group, seq: u64, buf: &mut [T], op: ReduceOp) -> Result<()> {
+/// All-gather-v of byte blocks in memory `mem`: rank p's `counts[p]` bytes land at offset
+/// Σ counts[..p] of every rank's `recv`.
+///
+/// # Safety
+/// `send` holds `counts[me]` bytes, `recv` their sum, of `mem`'s kind; both valid until this returns.
+pub(crate) unsafe fn all_gather_v_in<M: Memory>(g: &Group, seq: u64, mem: &M, send: *const u8, counts: &[usize], recv: *mut u8) -> Result<()> {
+    const OP: &str = "all_gather";
+    if counts.len() != g.n() {
+        return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
+    }
+    // SAFETY: this function's contract.
+    unsafe { gather_bytes(g, seq, 0, OP, mem, send, &offsets(OP, "receive", counts)?, recv) }
+}
+
+/// Reduce-scatter of byte blocks in memory `mem`: rank p's block q (`counts[q]` bytes at offset
+/// Σ counts[..q] of its `send`) goes to rank q, which reduces the n blocks in rank order into
+/// `recv` (`counts[me]` bytes).
+///
+/// # Safety
+/// `send` holds the counts' sum of bytes, `recv` `counts[me]`, of `mem`'s kind; both valid (and
+/// `send` unchanged) until this returns.
+pub(crate) unsafe fn reduce_scatter_v_in<M: Memory>(g: &Group, seq: u64, mem: &M, send: *const u8, counts: &[usize], recv: *mut u8) -> Result<()> {
+    const OP: &str = "reduce_scatter";
+    if counts.len() != g.n() {
+        return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
+    }
+    // SAFETY: this function's contract.
+    unsafe { reduce_scatter_bytes(g, seq, 0, OP, mem, send, &offsets(OP, "send", counts)?, recv) }
+}
+
+/// All-reduce in place of `count` elements of `elem` bytes at `buf`, in memory `mem`:
+/// reduce-scatter of even chunks (whole elements), then all-gather.
+///
+/// # Safety
+/// `buf` holds `count · elem` bytes of `mem`'s kind, valid and untouched by others until this returns.
+pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf: *mut u8, count: usize, elem: usize) -> Result<()> {
     const OP: &str = "all_reduce";
     let n = g.n();
     if n == 1 {
         return Ok(()); // Mean over one rank is the identity too.
     }
-    let o = offsets(OP, "chunk", &even_counts(buf.len(), n))?;
-    let mut mine = vec![T::zeroed(); o[g.me + 1] - o[g.me]];
-    reduce_scatter_into(g, seq, 0, OP, buf, &o, &mut mine, op)?;
-    all_gather_into(g, seq, 1, OP, &mine, &o, buf)
+    let o = scaled(OP, &offsets(OP, "chunk", &even_counts(count, n))?, elem)?;
+    let mut mine = mem.scratch(o[g.me + 1] - o[g.me])?;
+    let mp = mem.base(&mut mine);
+    // SAFETY: `buf` holds o[n] bytes (this function's contract), `mine` this rank's chunk.
+    unsafe {
+        reduce_scatter_bytes(g, seq, 0, OP, mem, buf, &o, mp)?;
+        gather_bytes(g, seq, 1, OP, mem, mp, &o, buf)
+    }
+}
+
+/// Reduce-scatter: `data` holds every rank's chunk (byte offsets `o`); `out` receives this rank's
+/// chunk, the n contributions reduced in rank order by `mem`.
+///
+/// # Safety
+/// `data` holds `o[n]` bytes and `out` this rank's chunk, of `mem`'s kind; both valid until this returns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn reduce_scatter_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'static str, mem: &M, data: *const u8, o: &[usize], out: *mut u8) -> Result<()> {
+    let (n, me) = (g.n(), g.me);
+    let mine = o[me + 1] - o[me];
+    let total = mine.checked_mul(n).filter(|&t| t <= isize::MAX as usize);
+    let total = total.ok_or_else(|| Error::usage(op_name, format!("{n} contributions of {mine} bytes overflow")))?;
+    let mut scratch = mem.scratch(total)?;
+    let sb = mem.base(&mut scratch);
+    {
+        let mut r = Round::new(g, seq, round, op_name, mem.direct());
+        // SAFETY: ranges inside `scratch` / `data`, which outlive `r`.
+        unsafe {
+            for i in 1..n {
+                let p = (me + n - i) % n;
+                r.post(p, sb.add(p * mine), mine)?;
+            }
+            for i in 1..n {
+                let p = (me + i) % n;
+                r.send(p, data.add(o[p]), o[p + 1] - o[p])?;
+            }
+        }
+        r.finish()?;
+    }
+    // SAFETY: this rank's chunk of `data` into its slot of `scratch`, then the n slots into `out`.
+    unsafe {
+        mem.copy(data.add(o[me]), sb.add(me * mine), mine)?;
+        mem.reduce(sb, n, mine, out)
+    }
+}
+
+/// All-gather of byte blocks: this rank's `o[me+1] - o[me]` bytes at `send` go to offset
+/// `o[p]` of every rank p's `recv`; `mem` copies this rank's block first (it is never posted).
+///
+/// # Safety
+/// `recv` holds `o[n]` bytes and `send` this rank's block, of `mem`'s kind; both valid until
+/// this returns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gather_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'static str, mem: &M, send: *const u8, o: &[usize], recv: *mut u8) -> Result<()> {
+    let (n, me) = (g.n(), g.me);
+    let mine = o[me + 1] - o[me];
+    let mut r = Round::new(g, seq, round, op_name, mem.direct());
+    // SAFETY: ranges inside `recv` / `send`, which outlive `r`.
+    unsafe {
+        mem.copy(send, recv.add(o[me]), mine)?;
+        for i in 1..n {
+            let p = (me + n - i) % n;
+            r.post(p, recv.add(o[p]), o[p + 1] - o[p])?;
+        }
+        for i in 1..n {
+            let p = (me + i) % n;
+            r.send(p, send, mine)?;
+        }
+    }
+    r.finish()
+}
+
+pub(crate) fn all_reduce<T: Reducible>(g: &Group, seq: u64, buf: &mut [T], op: ReduceOp) -> Result<()> {
+    // SAFETY: `buf` is borrowed mutably for the call.
+    unsafe { all_reduce_in(g, seq, &Host::<T>::reducing(op), buf.as_mut_ptr() as *mut u8, buf.len(), std::mem::size_of::<T>()) }
 }
 
 pub(crate) fn reduce_scatter_v<T: Reducible>(g: &Group, seq: u64, send: &[T], counts: &[usize], recv: &mut [T], op: ReduceOp) -> Result<()> {
     const OP: &str = "reduce_scatter";
-    let o = check_counts(OP, "send", counts, g.n(), send.len())?;
+    check_counts(OP, "send", counts, g.n(), send.len())?;
     if recv.len() != counts[g.me] {
         return Err(Error::usage(OP, format!("receive buffer holds {} but this rank's count is {}", recv.len(), counts[g.me])));
     }
-    reduce_scatter_into(g, seq, 0, OP, send, &o, recv, op)
+    let sz = std::mem::size_of::<T>();
+    // SAFETY: `send` holds the counts' sum and `recv` this rank's count (checked above).
+    unsafe { reduce_scatter_v_in(g, seq, &Host::<T>::reducing(op), send.as_ptr() as *const u8, &scaled(OP, counts, sz)?, recv.as_mut_ptr() as *mut u8) }
 }
 
 pub(crate) fn all_gather_v<T: Pod>(g: &Group, seq: u64, send: &[T], counts: &[usize], recv: &mut [T]) -> Result<()> {
     const OP: &str = "all_gather";
-    let o = check_counts(OP, "receive", counts, g.n(), recv.len())?;
+    check_counts(OP, "receive", counts, g.n(), recv.len())?;
     if send.len() != counts[g.me] {
         return Err(Error::usage(OP, format!("send buffer holds {} but this rank's count is {}", send.len(), counts[g.me])));
     }
-    all_gather_into(g, seq, 0, OP, send, &o, recv)
+    let sz = std::mem::size_of::<T>();
+    // SAFETY: `recv` holds the counts' sum and `send` this rank's count (checked above).
+    unsafe { all_gather_v_in(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, &scaled(OP, counts, sz)?, recv.as_mut_ptr() as *mut u8) }
 }
 
 pub(crate) fn broadcast<T: Pod>(g: &Group, seq: u64, buf: &mut [T], root: usize) -> Result<()> {
@@ -379,7 +482,7 @@ pub(crate) fn broadcast<T: Pod>(g: &Group, seq: u64, buf: &mut [T], root: usize)
         return Err(Error::usage(OP, format!("root {root} out of range for {n} ranks")));
     }
     let bytes = std::mem::size_of_val(buf);
-    let mut r = Round::new(g, seq, 0, OP);
+    let mut r = Round::new(g, seq, 0, OP, false);
     // SAFETY: `buf` outlives `r`.
     unsafe {
         if me == root {

@@ -1,6 +1,6 @@
 //! `Comm`: one rank's communicator (rank, size, split) and the public collective API, blocking
 //! and non-blocking.
-use crate::coll::{self, even_counts, Group};
+use crate::coll::{self, even_counts, CopyOnly, Group, Memory};
 use crate::error::{Error, Result};
 use crate::fabric::Fabric;
 use crate::reduce::{ReduceOp, Reducible};
@@ -281,15 +281,63 @@ impl Comm {
         self.inner.g.fabric.probe_direct(addr, len)
     }
 
-    /// All-to-all-v between buffers the CPU must not touch, by address, counts in **bytes**:
-    /// every byte is moved by the NIC, except this rank's own block, which `own(src, dst, len)`
-    /// copies (a device-to-device copy that is finished when it returns). Fails with a usage
-    /// error on a transport that cannot ([`Self::probe_direct`]).
+    /// Let this rank move memory the CPU must not touch with `copy` (in-process ranks sharing
+    /// one device context); every communicator split from this one shares it. Refused by
+    /// transports that move such memory themselves or cannot reach it.
+    pub fn set_direct_copy(&self, copy: crate::fabric::DirectCopy) -> Result<()> {
+        self.inner.g.fabric.set_direct_copy(copy)
+    }
+
+    /// All-to-all-v of byte blocks in memory `mem` (see [`Memory`]), by address, counts in
+    /// **bytes**: `send_counts[p]` bytes at `send` (in rank order) go to rank p, `recv_counts[p]`
+    /// from rank p land at `recv`. Memory the CPU must not touch needs a transport that moves it
+    /// ([`Self::probe_direct`]); the others fail with a usage error.
     ///
     /// # Safety
-    /// `send` and `recv` point at the counts' sums of bytes, registrable by the NIC, valid (and
-    /// `send` unchanged, `recv` untouched by others) until this returns; all device work that
-    /// writes `send` has finished.
+    /// `send` and `recv` point at the counts' sums of bytes of `mem`'s kind, registrable by the
+    /// NIC where the transport needs it, valid (and `send` unchanged, `recv` untouched by others)
+    /// until this returns; all device work that writes `send` has finished.
+    pub unsafe fn all_to_all_v_in<M: Memory>(&self, mem: &M, send: u64, send_counts: &[usize], recv: u64, recv_counts: &[usize]) -> Result<()> {
+        // SAFETY: this function's contract.
+        unsafe { coll::all_to_all_v_in(&self.inner.g, self.next_seq(), mem, send as *const u8, send_counts, recv as *mut u8, recv_counts) }
+    }
+
+    /// All-gather-v of byte blocks in memory `mem`: rank p's `counts[p]` bytes land at offset
+    /// Σ counts[..p] of every `recv`.
+    ///
+    /// # Safety
+    /// As [`Self::all_to_all_v_in`]: `send` holds `counts[rank]` bytes, `recv` their sum.
+    pub unsafe fn all_gather_v_in<M: Memory>(&self, mem: &M, send: u64, counts: &[usize], recv: u64) -> Result<()> {
+        // SAFETY: this function's contract.
+        unsafe { coll::all_gather_v_in(&self.inner.g, self.next_seq(), mem, send as *const u8, counts, recv as *mut u8) }
+    }
+
+    /// Reduce-scatter of byte blocks in memory `mem`: block q (`counts[q]` bytes at offset
+    /// Σ counts[..q]) of every rank's `send` goes to rank q, which reduces the contributions in
+    /// rank order into `recv` ([`Memory::reduce`]).
+    ///
+    /// # Safety
+    /// As [`Self::all_to_all_v_in`]: `send` holds the counts' sum of bytes, `recv` `counts[rank]`.
+    pub unsafe fn reduce_scatter_v_in<M: Memory>(&self, mem: &M, send: u64, counts: &[usize], recv: u64) -> Result<()> {
+        // SAFETY: this function's contract.
+        unsafe { coll::reduce_scatter_v_in(&self.inner.g, self.next_seq(), mem, send as *const u8, counts, recv as *mut u8) }
+    }
+
+    /// All-reduce in place of `count` elements of `elem` bytes at `buf` in memory `mem`, the
+    /// contributions reduced in rank order ([`Memory::reduce`]).
+    ///
+    /// # Safety
+    /// As [`Self::all_to_all_v_in`]: `buf` holds `count · elem` bytes.
+    pub unsafe fn all_reduce_in<M: Memory>(&self, mem: &M, buf: u64, count: usize, elem: usize) -> Result<()> {
+        // SAFETY: this function's contract.
+        unsafe { coll::all_reduce_in(&self.inner.g, self.next_seq(), mem, buf as *mut u8, count, elem) }
+    }
+
+    /// [`Self::all_to_all_v_in`] on memory the CPU must not touch whose own block
+    /// `own(src, dst, len)` copies (a device-to-device copy that is finished when it returns).
+    ///
+    /// # Safety
+    /// As [`Self::all_to_all_v_in`].
     pub unsafe fn all_to_all_v_direct(
         &self,
         send: u64,
@@ -298,18 +346,20 @@ impl Comm {
         recv_counts: &[usize],
         own: impl FnOnce(u64, u64, usize) -> Result<()>,
     ) -> Result<()> {
-        let own = |s: *const u8, d: *mut u8, len| own(s as u64, d as u64, len);
-        coll::all_to_all_v_direct(&self.inner.g, self.next_seq(), send as *const u8, send_counts, recv as *mut u8, recv_counts, own)
+        let mem = CopyOnly::new(|s: *const u8, d: *mut u8, len| own(s as u64, d as u64, len));
+        // SAFETY: this function's contract.
+        unsafe { self.all_to_all_v_in(&mem, send, send_counts, recv, recv_counts) }
     }
 
-    /// All-gather-v between buffers the CPU must not touch: rank p's `counts[p]` bytes land at
-    /// offset Σ counts[..p] of every `recv`; `own(src, dst, len)` copies this rank's block.
+    /// [`Self::all_gather_v_in`] on memory the CPU must not touch whose own block
+    /// `own(src, dst, len)` copies.
     ///
     /// # Safety
-    /// As [`Self::all_to_all_v_direct`]: `send` holds `counts[rank]` bytes, `recv` their sum.
+    /// As [`Self::all_gather_v_in`].
     pub unsafe fn all_gather_v_direct(&self, send: u64, counts: &[usize], recv: u64, own: impl FnOnce(u64, u64, usize) -> Result<()>) -> Result<()> {
-        let own = |s: *const u8, d: *mut u8, len| own(s as u64, d as u64, len);
-        coll::all_gather_v_direct(&self.inner.g, self.next_seq(), send as *const u8, counts, recv as *mut u8, own)
+        let mem = CopyOnly::new(|s: *const u8, d: *mut u8, len| own(s as u64, d as u64, len));
+        // SAFETY: this function's contract.
+        unsafe { self.all_gather_v_in(&mem, send, counts, recv) }
     }
 
     // ------------------------------------------------------------ non-blocking collectives

@@ -1,8 +1,9 @@
-//! The `Fabric` contract, checked on every backend: local (threads), shared memory (by CMA and
+//! The `Fabric` contract, checked on every backend: local (threads; host memory, and memory the
+//! CPU must not touch moved by the rank's direct copy: the peers path), shared memory (by CMA and
 //! copied through shared memory), TCP and the RDMA protocol over the emulated verbs. Each test
 //! runs the same scenario on each; a backend-specific hook only holds a message back at the
 //! receiver (a peer that stopped reading).
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,17 +11,20 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Local,
+    LocalDirect,
     ShmCma,
     ShmStaged,
     Tcp,
     RdmaEmu,
 }
 
-const KINDS: [Kind; 5] = [Kind::Local, Kind::ShmCma, Kind::ShmStaged, Kind::Tcp, Kind::RdmaEmu];
+const KINDS: [Kind; 6] = [Kind::Local, Kind::LocalDirect, Kind::ShmCma, Kind::ShmStaged, Kind::Tcp, Kind::RdmaEmu];
 
 /// Two connected ranks of one backend, with their concrete types for the hooks.
 struct World {
     kind: Kind,
+    /// Messages go through the direct primitives (`post_recv_direct`, `send_direct`).
+    direct: bool,
     f: Vec<Arc<dyn Fabric>>,
     tcp: Vec<Arc<crate::tcp::TcpFabric>>,
     rdma: Vec<Arc<crate::rdma::RdmaFabric<crate::rdma::EmuVerbs>>>,
@@ -28,10 +32,23 @@ struct World {
 
 impl World {
     fn new(kind: Kind) -> World {
-        let mut w = World { kind, f: Vec::new(), tcp: Vec::new(), rdma: Vec::new() };
+        let mut w = World { kind, direct: matches!(kind, Kind::LocalDirect), f: Vec::new(), tcp: Vec::new(), rdma: Vec::new() };
         let t = Duration::from_secs(10);
         match kind {
             Kind::Local => w.f = crate::local::world(2).into_iter().map(|f| Arc::new(f) as Arc<dyn Fabric>).collect(),
+            Kind::LocalDirect => {
+                for f in crate::local::world(2) {
+                    // The device copy of the peers path, on host memory here: a plain memcpy.
+                    let copy: crate::fabric::DirectCopy = Arc::new(|src, dst, len| {
+                        // SAFETY: the fabric copies between the sender's data and the posted
+                        // buffer, both valid for `len` bytes and distinct (Fabric contract).
+                        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+                        Ok(())
+                    });
+                    f.set_direct_copy(copy).unwrap();
+                    w.f.push(Arc::new(f));
+                }
+            }
             Kind::ShmCma | Kind::ShmStaged => {
                 let tok = format!("conformance-{kind:?}");
                 let inboxes: Vec<_> = (0..2).map(|r| crate::shm::Inbox::create(2, r, &tok).unwrap()).collect();
@@ -83,6 +100,34 @@ impl World {
     }
 }
 
+/// `post_recv`, or `post_recv_direct` on a direct world.
+///
+/// # Safety
+/// As `Fabric::post_recv`.
+unsafe fn post(f: &dyn Fabric, direct: bool, src: usize, t: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match direct {
+            false => f.post_recv(src, t, buf, len, w),
+            true => f.post_recv_direct(src, t, buf, len, w),
+        }
+    }
+}
+
+/// `send`, or `send_direct` on a direct world.
+///
+/// # Safety
+/// As `Fabric::send`.
+unsafe fn send(f: &dyn Fabric, direct: bool, dst: usize, t: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match direct {
+            false => f.send(dst, t, data, len, w),
+            true => f.send_direct(dst, t, data, len, w),
+        }
+    }
+}
+
 fn tag(seq: u64) -> Tag {
     Tag { ctx: 77, seq, round: 0 }
 }
@@ -94,6 +139,7 @@ fn pattern(len: usize, salt: u8) -> Vec<u8> {
 /// `len` bytes from rank 0 to rank 1, checked; rank 1 posts before the send, or 20 ms after
 /// it started (a backend's send may wait for the post), and waits on a thread of its own.
 fn transfer(w: &World, t: Tag, len: usize, post_first: bool) -> std::result::Result<(), String> {
+    let direct = w.direct;
     let data = pattern(len, t.seq as u8);
     let f1 = w.f[1].clone();
     let posted = Arc::new(std::sync::Barrier::new(2));
@@ -106,7 +152,7 @@ fn transfer(w: &World, t: Tag, len: usize, post_first: bool) -> std::result::Res
             std::thread::sleep(Duration::from_millis(20));
         }
         // SAFETY: `buf` outlives the receive (waited for or cancelled below).
-        let r = unsafe { f1.post_recv(0, t, buf.as_mut_ptr(), len, &wt) };
+        let r = unsafe { post(&*f1, direct, 0, t, buf.as_mut_ptr(), len, &wt) };
         if post_first {
             p2.wait();
         }
@@ -123,7 +169,7 @@ fn transfer(w: &World, t: Tag, len: usize, post_first: bool) -> std::result::Res
     let wt = Wait::new("conformance", Duration::from_secs(10));
     posted.wait();
     // SAFETY: `data` outlives the send (waited for, or cancelled, below).
-    let sent = unsafe { w.f[0].send(1, t, data.as_ptr(), len, &wt) }.and_then(|_| w.f[0].wait_send(1, t, &wt));
+    let sent = unsafe { send(&*w.f[0], direct, 1, t, data.as_ptr(), len, &wt) }.and_then(|_| w.f[0].wait_send(1, t, &wt));
     if sent.is_err() {
         w.f[0].cancel_send(1, t);
     }
@@ -150,6 +196,7 @@ fn messages_of_every_size_arrive_whole_posted_before_or_after_the_send() {
 fn a_message_longer_than_the_posted_buffer_fails_naming_the_sender() {
     for kind in KINDS {
         let w = World::new(kind);
+        let direct = w.direct;
         for (i, len) in [100usize, 200_000].into_iter().enumerate() {
             let t = tag(i as u64 + 1);
             let data = vec![9u8; len + 1000];
@@ -158,7 +205,7 @@ fn a_message_longer_than_the_posted_buffer_fails_naming_the_sender() {
                 let wt = Wait::new("conformance", Duration::from_secs(5));
                 let mut buf = vec![0u8; len + 64];
                 // SAFETY: `buf` outlives the receive.
-                let r = unsafe { f1.post_recv(0, t, buf.as_mut_ptr(), len, &wt) }.and_then(|_| f1.wait_recv(0, t, &wt));
+                let r = unsafe { post(&*f1, direct, 0, t, buf.as_mut_ptr(), len, &wt) }.and_then(|_| f1.wait_recv(0, t, &wt));
                 if r.is_err() {
                     f1.cancel_recv(0, t);
                 }
@@ -166,7 +213,7 @@ fn a_message_longer_than_the_posted_buffer_fails_naming_the_sender() {
             });
             let wt = Wait::new("conformance", Duration::from_secs(2));
             // SAFETY: `data` outlives the send.
-            let _ = unsafe { w.f[0].send(1, t, data.as_ptr(), data.len(), &wt) }.and_then(|_| w.f[0].wait_send(1, t, &wt));
+            let _ = unsafe { send(&*w.f[0], direct, 1, t, data.as_ptr(), data.len(), &wt) }.and_then(|_| w.f[0].wait_send(1, t, &wt));
             w.f[0].cancel_send(1, t);
             let (r, clean) = recv.join().unwrap();
             let e = r.expect_err("an oversized message was accepted");
@@ -183,20 +230,21 @@ fn after_cancel_send_not_a_byte_of_the_buffer_is_read() {
     // the receiver reads again, none of the new bytes may reach it.
     for kind in KINDS {
         let w = World::new(kind);
+        let direct = w.direct;
         let len = 32 << 20;
         let t = tag(1);
         let mut data = vec![0x11u8; len];
         w.hold(true);
         let wt = Wait::new("conformance", Duration::from_millis(300));
         // SAFETY: `data` stays allocated; after cancel_send it is only ours.
-        let _ = unsafe { w.f[0].send(1, t, data.as_ptr(), len, &wt) };
+        let _ = unsafe { send(&*w.f[0], direct, 1, t, data.as_ptr(), len, &wt) };
         w.f[0].cancel_send(1, t);
         data.fill(0xEE);
         w.hold(false);
         let mut buf = vec![0u8; len];
         let wt = Wait::new("conformance", Duration::from_millis(1500));
         // SAFETY: `buf` outlives the receive.
-        let r = unsafe { w.f[1].post_recv(0, t, buf.as_mut_ptr(), len, &wt) }.and_then(|_| w.f[1].wait_recv(0, t, &wt));
+        let r = unsafe { post(&*w.f[1], direct, 0, t, buf.as_mut_ptr(), len, &wt) }.and_then(|_| w.f[1].wait_recv(0, t, &wt));
         if r.is_err() {
             w.f[1].cancel_recv(0, t);
         }
@@ -211,6 +259,7 @@ fn after_cancel_recv_not_a_byte_lands_in_the_buffer() {
     // returns, the buffer never changes again, whatever the sender still does.
     for kind in KINDS {
         let w = World::new(kind);
+        let direct = w.direct;
         for (i, delay_us) in [0u64, 50, 300, 2000].into_iter().enumerate() {
             let t = tag(i as u64 + 1);
             let len = 4 << 20;
@@ -219,7 +268,7 @@ fn after_cancel_recv_not_a_byte_lands_in_the_buffer() {
                 let data = vec![0x5Au8; len];
                 let wt = Wait::new("conformance", Duration::from_secs(2));
                 // SAFETY: `data` lives until the wait (or the cancel) below returned.
-                let r = unsafe { f0.send(1, t, data.as_ptr(), len, &wt) }.and_then(|_| f0.wait_send(1, t, &wt));
+                let r = unsafe { send(&*f0, direct, 1, t, data.as_ptr(), len, &wt) }.and_then(|_| f0.wait_send(1, t, &wt));
                 if r.is_err() {
                     f0.cancel_send(1, t);
                 }
@@ -227,7 +276,7 @@ fn after_cancel_recv_not_a_byte_lands_in_the_buffer() {
             let mut buf = vec![0u8; len];
             let wt = Wait::new("conformance", Duration::from_secs(2));
             // SAFETY: `buf` outlives the receive (cancelled below).
-            unsafe { w.f[1].post_recv(0, t, buf.as_mut_ptr(), len, &wt) }.unwrap();
+            unsafe { post(&*w.f[1], direct, 0, t, buf.as_mut_ptr(), len, &wt) }.unwrap();
             std::thread::sleep(Duration::from_micros(delay_us));
             w.f[1].cancel_recv(0, t);
             let snap = buf.clone();
@@ -243,12 +292,13 @@ fn after_cancel_recv_not_a_byte_lands_in_the_buffer() {
 fn a_silent_peer_times_out_and_cancel_returns_promptly() {
     for kind in KINDS {
         let w = World::new(kind);
+        let direct = w.direct;
         let t = tag(1);
         let mut buf = vec![0u8; 1 << 20];
         let wt = Wait::new("conformance", Duration::from_millis(300));
         let t0 = Instant::now();
         // SAFETY: `buf` outlives the receive (cancelled below).
-        unsafe { w.f[1].post_recv(0, t, buf.as_mut_ptr(), buf.len(), &wt) }.unwrap();
+        unsafe { post(&*w.f[1], direct, 0, t, buf.as_mut_ptr(), buf.len(), &wt) }.unwrap();
         let e = w.f[1].wait_recv(0, t, &wt).unwrap_err();
         assert!(matches!(e, Error::Timeout { peer: 0, .. }), "{kind:?}: {e}");
         let c0 = Instant::now();

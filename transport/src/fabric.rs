@@ -32,6 +32,10 @@ impl Wait {
     }
 }
 
+/// Copies `len` bytes from address `src` to address `dst` of memory the CPU must not touch,
+/// finished when it returns: what an in-process fabric moves device memory with.
+pub type DirectCopy = std::sync::Arc<dyn Fn(u64, u64, usize) -> Result<()> + Send + Sync>;
+
 /// One rank's endpoint into a world of `size()` ranks. Ranks here are world ranks.
 ///
 /// Contract used by the collectives (and required of a new backend):
@@ -93,7 +97,14 @@ pub trait Fabric: Send + Sync {
     fn probe_direct(&self, _addr: u64, _len: usize) -> std::result::Result<(), String> {
         Err(format!("the {} transport moves bytes with the CPU", self.name()))
     }
-    /// `post_recv` for memory the CPU must not touch: every byte is placed by the NIC.
+    /// Let this rank move memory the CPU must not touch with `copy` (in-process ranks sharing one
+    /// device context: a device-to-device copy). Refused by transports whose NIC moves such
+    /// memory itself (RDMA), or that cannot reach it.
+    fn set_direct_copy(&self, _copy: DirectCopy) -> Result<()> {
+        Err(crate::Error::usage("set_direct_copy", format!("the {} transport cannot copy device memory between ranks", self.name())))
+    }
+    /// `post_recv` for memory the CPU must not touch: every byte is placed by the NIC (or by the
+    /// sender's [`DirectCopy`]).
     ///
     /// # Safety
     /// As `post_recv`.

@@ -1,10 +1,14 @@
 //! In-process backend: ranks are threads of one process. `send` waits until the receiver has
 //! posted its buffer and copies straight into it (one copy); small messages sent early are
 //! stashed (eager) so that latency-bound exchanges do not wait.
+//!
+//! Memory the CPU must not touch (device memory in the one context the ranks share) moves the
+//! same way, copied by the sender with the [`DirectCopy`] its rank was given (never stashed):
+//! the peer-to-peer path of in-process ranks sharing a GPU.
 use crate::error::{Error, Result};
-use crate::fabric::{Fabric, Tag, Wait};
+use crate::fabric::{DirectCopy, Fabric, Tag, Wait};
 use crate::mailbox::{Dir, Mailbox};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// Messages up to this size are stashed when the receiver has not posted yet.
 const EAGER_MAX: usize = 8 << 10;
@@ -16,11 +20,72 @@ pub(crate) struct LocalWorld {
 pub(crate) struct LocalFabric {
     world: Arc<LocalWorld>,
     rank: usize,
+    /// How this rank copies memory the CPU must not touch (`set_direct_copy`).
+    direct: RwLock<Option<DirectCopy>>,
 }
 
 pub(crate) fn world(n: usize) -> Vec<LocalFabric> {
     let world = Arc::new(LocalWorld { boxes: (0..n).map(|_| Mailbox::new()).collect() });
-    (0..n).map(|rank| LocalFabric { world: world.clone(), rank }).collect()
+    (0..n).map(|rank| LocalFabric { world: world.clone(), rank, direct: RwLock::new(None) }).collect()
+}
+
+impl LocalFabric {
+    fn direct_copy(&self, op: &'static str) -> Result<DirectCopy> {
+        let set = self.direct.read().ok().and_then(|d| d.clone());
+        set.ok_or_else(|| Error::usage(op, "the local transport moves device memory only once the rank's direct copy is set (set_direct_copy)"))
+    }
+
+    /// `send` of host memory (`copy` None: the CPU copies, small messages may be stashed) or of
+    /// memory the CPU must not touch (copied by `copy`, never stashed).
+    ///
+    /// # Safety
+    /// As `Fabric::send`.
+    unsafe fn send_with(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait, copy: Option<&DirectCopy>) -> Result<()> {
+        let me = self.rank;
+        let mb = &self.world.boxes[dst];
+        // Rendezvous: wait for the posted buffer (or stash a small host message).
+        let target = mb.wait_until(dst, w, &no_poll, |t| {
+            if t.dead.contains_key(&dst) {
+                return None; // wait_until reports it
+            }
+            match Mailbox::claim(t, me, tag, len, w.op) {
+                Ok(Some(buf)) => Some(Ok(Some(buf))),
+                Ok(None) if len <= EAGER_MAX && copy.is_none() => {
+                    // SAFETY: data..data+len is readable (Fabric::send contract).
+                    let v = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
+                    Some(Mailbox::deliver_locked(t, me, tag, v, false, w.op).map(|_| None))
+                }
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
+        });
+        match target {
+            Ok(Some(buf)) => {
+                match copy {
+                    // SAFETY: claim checked len <= the posted capacity; the receiver keeps the
+                    // buffer alive until the slot leaves `Writing` (cancel waits for it).
+                    None => unsafe { std::ptr::copy_nonoverlapping(data, buf.0, len) },
+                    Some(copy) => {
+                        if let Err(e) = copy(data as u64, buf.0 as u64, len) {
+                            mb.fail(me, tag, Dir::Recv, Error::PeerFailed { op: w.op, peer: me, reason: format!("its device copy failed: {e}") });
+                            return Err(e);
+                        }
+                    }
+                }
+                mb.complete(me, tag, Dir::Recv, len);
+                Ok(())
+            }
+            Ok(None) => {
+                mb.notify();
+                Ok(())
+            }
+            Err(Error::Protocol { detail, .. }) => {
+                // Report it against ourselves on the sender side too.
+                Err(Error::Protocol { op: w.op, peer: dst, detail })
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 fn no_poll() -> Result<bool> {
@@ -55,42 +120,8 @@ impl Fabric for LocalFabric {
     }
 
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
-        let me = self.rank;
-        let mb = &self.world.boxes[dst];
-        // Rendezvous: wait for the posted buffer (or stash a small message).
-        let target = mb.wait_until(dst, w, &no_poll, |t| {
-            if t.dead.contains_key(&dst) {
-                return None; // wait_until reports it
-            }
-            match Mailbox::claim(t, me, tag, len, w.op) {
-                Ok(Some(buf)) => Some(Ok(Some(buf))),
-                Ok(None) if len <= EAGER_MAX => {
-                    // SAFETY: data..data+len is readable (Fabric::send contract).
-                    let v = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
-                    Some(Mailbox::deliver_locked(t, me, tag, v, false, w.op).map(|_| None))
-                }
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            }
-        });
-        match target {
-            Ok(Some(buf)) => {
-                // SAFETY: claim checked len <= the posted capacity; the receiver keeps the buffer
-                // alive until the slot leaves `Writing` (cancel waits for it).
-                std::ptr::copy_nonoverlapping(data, buf.0, len);
-                mb.complete(me, tag, Dir::Recv, len);
-                Ok(())
-            }
-            Ok(None) => {
-                mb.notify();
-                Ok(())
-            }
-            Err(Error::Protocol { detail, .. }) => {
-                // Report it against ourselves on the sender side too.
-                Err(Error::Protocol { op: w.op, peer: dst, detail })
-            }
-            Err(e) => Err(e),
-        }
+        // SAFETY: the caller's contract (Fabric::send).
+        unsafe { self.send_with(dst, tag, data, len, w, None) }
     }
 
     fn wait_send(&self, _dst: usize, _tag: Tag, _w: &Wait) -> Result<()> {
@@ -108,5 +139,26 @@ impl Fabric for LocalFabric {
     fn cancel_send(&self, _dst: usize, _tag: Tag) {
         // `send` copied synchronously (or stashed a copy): the buffer is not read any more.
     }
-}
 
+    fn set_direct_copy(&self, copy: DirectCopy) -> Result<()> {
+        *self.direct.write().map_err(|_| Error::usage("set_direct_copy", "device copy lock poisoned"))? = Some(copy);
+        Ok(())
+    }
+
+    fn probe_direct(&self, _addr: u64, _len: usize) -> std::result::Result<(), String> {
+        self.direct_copy("probe_direct").map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    unsafe fn post_recv_direct(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+        self.direct_copy(w.op)?;
+        // SAFETY: the caller's contract (Fabric::post_recv); nothing is ever stashed for a direct
+        // message (`send_with`), so the mailbox never copies into `buf` itself.
+        unsafe { self.post_recv(src, tag, buf, len, w) }
+    }
+
+    unsafe fn send_direct(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+        let copy = self.direct_copy(w.op)?;
+        // SAFETY: the caller's contract (Fabric::send).
+        unsafe { self.send_with(dst, tag, data, len, w, Some(&copy)) }
+    }
+}

@@ -66,12 +66,14 @@ fn alloc_host(n: usize) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// Hint the cache to fetch the line at `p` (any address: nothing is dereferenced).
 #[inline(always)]
 fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
-    unsafe {
-        // SAFETY: prefetch is a hint; it never faults, whatever the address.
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8);
+    {
+        // SAFETY: a prefetch is a hint that never faults, whatever the address, and SSE (which
+        // the intrinsic needs) is part of every x86_64 target.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
@@ -84,7 +86,7 @@ fn prefetch_row(w: &[f32], row: usize, cols: usize) {
         let p = w[base..].as_ptr();
         let mut off = 0;
         while off < cols {
-            prefetch(unsafe { p.add(off) }); // SAFETY: off < cols and the row is in bounds.
+            prefetch(p.wrapping_add(off));
             off += 16;
         }
     }
@@ -241,7 +243,10 @@ fn apply_row(w: &mut [f32], state: &mut [f32], g: &[f32], sq: f32, dim: usize, u
 /// Raw pointer wrapper for disjoint parallel row writes into a shard.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced in `update_rows`, where every thread touches rows no
+// other thread touches while the buffer it points into is mutably borrowed for the whole call.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: shared use only ever reaches disjoint rows.
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
     #[inline]
@@ -277,16 +282,13 @@ impl Cpu {
                     // Rows are scattered over the table: fetch a few ahead (weights and state).
                     if let Some(&next) = chunk.get(k + AHEAD) {
                         let next = next as usize;
-                        // SAFETY: prefetch never faults; the offsets stay inside the allocations.
-                        unsafe {
-                            let mut off = 0;
-                            while off < cols {
-                                prefetch(w.get().add(next * cols + off));
-                                off += 16;
-                            }
-                            if spr > 0 {
-                                prefetch(s.get().add(next * spr));
-                            }
+                        let mut off = 0;
+                        while off < cols {
+                            prefetch(w.get().wrapping_add(next * cols + off));
+                            off += 16;
+                        }
+                        if spr > 0 {
+                            prefetch(s.get().wrapping_add(next * spr));
                         }
                     }
                     let row = row as usize;
@@ -308,7 +310,7 @@ impl Cpu {
     }
 }
 
-impl Backend for Cpu {
+impl Buffers for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<u64>;
     type Staging = Vec<f32>;
@@ -316,48 +318,152 @@ impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
+
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
         let mut v = alloc_host(n)?;
         v.resize(n, 0.0);
         Ok(v)
     }
+
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         let mut v = alloc_host(host.len())?;
         v.extend_from_slice(host);
         Ok(v)
     }
+
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }
+
     fn upload_ids(&self, host: &[u64]) -> Result<Vec<u64>> {
         Ok(host.to_vec())
     }
+
     fn download_ids(&self, ids: &Vec<u64>) -> Result<Vec<u64>> {
         Ok(ids.clone())
     }
+
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
-    fn staging(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
-    }
+
     fn download_into(&self, buf: &Vec<f32>, out: &mut [f32]) -> Result<()> {
         super::check_same_len("download_into", buf.len(), out.len())?;
         out.copy_from_slice(buf);
         Ok(())
     }
+
     fn upload_into(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
         super::check_same_len("upload_into", buf.len(), src.len())?;
         buf.copy_from_slice(src);
         Ok(())
     }
+
     fn host<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
         Some(buf)
     }
+
     fn host_mut<'a>(&self, buf: &'a mut Vec<f32>) -> Option<&'a mut [f32]> {
         Some(buf)
     }
 
+    fn copy_2d(&self, src: &Vec<f32>, src_off: usize, src_stride: usize, dst: &mut Vec<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            dst[dst_off..dst_off + rows * cols].copy_from_slice(&src[src_off..src_off + rows * cols]);
+        } else {
+            for i in 0..rows {
+                let (s, d) = (src_off + i * src_stride, dst_off + i * dst_stride);
+                dst[d..d + cols].copy_from_slice(&src[s..s + cols]);
+            }
+        }
+        Ok(())
+    }
+
+    fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, num_rows: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
+        check(rows.len() == num_rows && src.len() == num_rows * cols && rows.iter().all(|&r| (r as usize + 1) * cols <= dst.len()), || {
+            format!("put_rows: {} rows of {cols} ({} floats) into a buffer of {}", rows.len(), src.len(), dst.len())
+        })?;
+        for (s, &r) in src.chunks(cols.max(1)).zip(rows) {
+            dst[r as usize * cols..(r as usize + 1) * cols].copy_from_slice(s);
+        }
+        Ok(())
+    }
+
+    fn staging(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn addr(&self, buf: &Vec<f32>) -> u64 {
+        buf.as_ptr() as u64
+    }
+
+    unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+        if len > 0 {
+            // SAFETY: both ranges lie in live, non-overlapping buffers (this function's contract).
+            unsafe { std::ptr::copy_nonoverlapping(src as *const f32, dst as *mut f32, len) };
+        }
+        Ok(())
+    }
+
+    unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: Accumulate) -> Result<()> {
+        check(n > 0 && n.checked_mul(len).is_some(), || format!("sum_from: {n} contributions of {len} floats"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: `parts` holds n·len floats and `out` len, live and not overlapping (this
+        // function's contract).
+        let (parts, out) = unsafe { (std::slice::from_raw_parts(parts as *const f32, n * len), std::slice::from_raw_parts_mut(out as *mut f32, len)) };
+        match acc {
+            Accumulate::F32Sum => {
+                out.copy_from_slice(&parts[..len]);
+                for p in 1..n {
+                    out.iter_mut().zip(&parts[p * len..(p + 1) * len]).for_each(|(o, &x)| *o += x);
+                }
+            }
+            Accumulate::F64Mean => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let s: f64 = (0..n).map(|p| parts[p * len + i] as f64).sum();
+                    *o = (s / n as f64) as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
+        std::sync::Arc::new(|src, dst, len| {
+            // SAFETY: the fabric copies a sender's block into a posted buffer: both live for
+            // `len` bytes and distinct (its `send_direct` contract).
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+            Ok(())
+        })
+    }
+
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, num_rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty(), || {
+            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
+        })?;
+        let m = srcs.len() as f64;
+        for (o, &r) in out.chunks_mut(cols.max(1)).zip(rows) {
+            for (c, x) in o.iter_mut().enumerate() {
+                let mut s = 0.0f64;
+                for &src in srcs {
+                    // SAFETY: every source is a live buffer holding every listed row (this
+                    // function's contract), so element `r·cols + c` (c < cols) lies inside it.
+                    s += unsafe { *(src as *const f32).add(r as usize * cols + c) } as f64;
+                }
+                *x = (s / m) as f32;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Numerics for Cpu {
     fn gemm(&self, g: Gemm, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>) -> Result<()> {
         let Gemm { m, n, k, trans_a, trans_b, alpha, beta } = g;
         super::check_gemm(&g, a.len(), b.len(), c.len())?;
@@ -452,22 +558,6 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn copy_2d(&self, src: &Vec<f32>, src_off: usize, src_stride: usize, dst: &mut Vec<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
-        if rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
-        if rows == 1 || (src_stride == cols && dst_stride == cols) {
-            dst[dst_off..dst_off + rows * cols].copy_from_slice(&src[src_off..src_off + rows * cols]);
-        } else {
-            for i in 0..rows {
-                let (s, d) = (src_off + i * src_stride, dst_off + i * dst_stride);
-                dst[d..d + cols].copy_from_slice(&src[s..s + cols]);
-            }
-        }
-        Ok(())
-    }
-
     fn scale_rows(&self, x: &mut Vec<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &Vec<f32>) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
@@ -476,47 +566,6 @@ impl Backend for Cpu {
 
         for (i, &f) in s[..rows].iter().enumerate() {
             x[off + i * stride..off + i * stride + cols].iter_mut().for_each(|v| *v *= f);
-        }
-        Ok(())
-    }
-
-    fn addr(&self, buf: &Vec<f32>) -> u64 {
-        buf.as_ptr() as u64
-    }
-
-    unsafe fn copy_from_addr(&self, src: u64, dst: &mut Vec<f32>, dst_off: usize, len: usize) -> Result<()> {
-        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
-        if len > 0 {
-            // SAFETY: the caller guarantees the source range; the destination was checked.
-            std::ptr::copy_nonoverlapping(src as *const f32, dst.as_mut_ptr().add(dst_off), len);
-        }
-        Ok(())
-    }
-
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, num_rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
-        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty(), || {
-            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
-        })?;
-        let m = srcs.len() as f64;
-        for (o, &r) in out.chunks_mut(cols.max(1)).zip(rows) {
-            for (c, x) in o.iter_mut().enumerate() {
-                let mut s = 0.0f64;
-                for &src in srcs {
-                    // SAFETY: the caller guarantees every listed row of every source.
-                    s += *(src as *const f32).add(r as usize * cols + c) as f64;
-                }
-                *x = (s / m) as f32;
-            }
-        }
-        Ok(())
-    }
-
-    fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, num_rows: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
-        check(rows.len() == num_rows && src.len() == num_rows * cols && rows.iter().all(|&r| (r as usize + 1) * cols <= dst.len()), || {
-            format!("put_rows: {} rows of {cols} ({} floats) into a buffer of {}", rows.len(), src.len(), dst.len())
-        })?;
-        for (s, &r) in src.chunks(cols.max(1)).zip(rows) {
-            dst[r as usize * cols..(r as usize + 1) * cols].copy_from_slice(s);
         }
         Ok(())
     }

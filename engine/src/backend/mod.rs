@@ -1,19 +1,20 @@
-//! The backend interface: every numeric operation a training step needs, on buffers that live
-//! wherever the backend keeps them (host memory for `cpu`, device memory for `cuda`).
+//! The backend interface, in two traits, after candle's device/storage split:
 //!
-//! Embedding operations work on *shards* (a table, a row range, a column range), so the 2D
-//! scheduler hands each backend only its local pieces. The CPU backend is the reference every
-//! other backend is tested against.
+//! * [`Buffers`] — where buffers live (host memory for `cpu`, device memory for `cuda`) and how
+//!   their bytes move: allocation, copies, and what the buffer transports need (addresses,
+//!   staging memory, registration with a network endpoint, native collectives);
+//! * [`Numerics`] — every numeric operation a training step needs, on those buffers.
+//!
+//! [`Backend`] is the two together; a new backend implements both, the CPU and CUDA ones side
+//! by side in the traits' method order. Embedding operations work on *shards* (a table, a row
+//! range, a column range), so the 2D scheduler hands each backend only its local pieces. The
+//! CPU backend is the reference every other backend is tested against.
 use crate::config::{DenseOptimizer, EmbOptimizer, WeightDecay};
 use crate::Result;
 
-// Not yet under the unsafe lints: some of its unsafe blocks still lack SAFETY notes.
-#[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(feature = "nccl")]
-pub mod nccl;
 pub use cpu::Cpu;
 
 /// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.
@@ -142,7 +143,7 @@ impl ShardSpec {
 
 /// A shard's weights (num_rows × num_cols) and optimizer state
 /// (row-wise AdaGrad: num_rows; element-wise AdaGrad: num_rows × num_cols; SGD: empty).
-pub struct Shard<B: Backend + ?Sized> {
+pub struct Shard<B: Buffers + ?Sized> {
     pub spec: ShardSpec,
     pub weights: B::Buf,
     pub state: B::Buf,
@@ -151,7 +152,7 @@ pub struct Shard<B: Backend + ?Sized> {
 /// Bags to pool on one shard: ids are *local* rows of the shard; bag `i` is
 /// `ids[offsets[i]..offsets[i+1]]` and its pooled vector is `scale[i] · Σ rows` (scale 1 when None;
 /// mean pooling passes 1/len of the whole bag, which for row-wise shards spans several ranks).
-pub struct Bags<B: Backend + ?Sized> {
+pub struct Bags<B: Buffers + ?Sized> {
     pub num_bags: usize,
     pub offsets: B::Ids,
     pub ids: B::Ids,
@@ -223,7 +224,7 @@ pub struct DenseUpdate {
 
 /// Per-unique-row gradients of one shard: the first half of the fused update, used where a row's
 /// columns live on several ranks (column-wise shards combine `sq` before `embedding_apply`).
-pub struct RowGrads<B: Backend + ?Sized> {
+pub struct RowGrads<B: Buffers + ?Sized> {
     /// Unique local rows, ascending.
     pub rows: B::Ids,
     pub num_rows: usize,
@@ -240,19 +241,33 @@ pub enum Act {
     Relu,
 }
 
-/// Collectives a backend runs natively on its own buffers (NCCL on CUDA), over the ranks of a
-/// host communicator (which names the group and carries the setup, e.g. NCCL's unique id).
-/// Counts are in floats, as in `parallel::xfer`.
-pub trait NativeColl<B: Backend + ?Sized>: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn all_to_all_v(&self, comm: &ember_transport::Comm, send: &B::Buf, scounts: &[usize], recv: &mut B::Buf, rcounts: &[usize]) -> Result<()>;
-    fn all_gather(&self, comm: &ember_transport::Comm, send: &B::Buf, recv: &mut B::Buf) -> Result<()>;
-    fn reduce_scatter_sum(&self, comm: &ember_transport::Comm, send: &B::Buf, recv: &mut B::Buf) -> Result<()>;
-    fn all_reduce_sum(&self, comm: &ember_transport::Comm, buf: &mut B::Buf) -> Result<()>;
+/// How [`Buffers::sum_from`] adds f32 contributions, always in contribution (rank) order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    /// In f32, as the host transport sums f32 buffers.
+    F32Sum,
+    /// In f64, divided by the number of contributions, rounded once to f32 (replica sync's mean).
+    F64Mean,
 }
 
-/// The backend interface. Buffers are flat f32 (`Buf`) or u64 (`Ids`) arrays.
-pub trait Backend: Send + Sync + 'static {
+/// Collectives a backend runs natively on its own buffers (NCCL on CUDA), over the ranks of a
+/// host communicator (which names the group and carries the setup, e.g. NCCL's unique id).
+/// Generic over the buffer type alone, so an implementation needs nothing of the backend that
+/// owns it. Counts are in floats, as in `parallel::xfer`.
+pub trait NativeColl<Buf>: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn all_to_all_v(&self, comm: &ember_transport::Comm, send: &Buf, scounts: &[usize], recv: &mut Buf, rcounts: &[usize]) -> Result<()>;
+    fn all_gather(&self, comm: &ember_transport::Comm, send: &Buf, recv: &mut Buf) -> Result<()>;
+    fn reduce_scatter_sum(&self, comm: &ember_transport::Comm, send: &Buf, recv: &mut Buf) -> Result<()>;
+    fn all_reduce_sum(&self, comm: &ember_transport::Comm, buf: &mut Buf) -> Result<()>;
+}
+
+/// Buffers and how their bytes move: allocation, copies between host and backend memory and
+/// inside it, and what the buffer transports (`parallel::xfer`, replica sync) need to move a
+/// buffer between ranks — staging memory, addresses, copies out of a peer's buffer, memory
+/// registration with a network endpoint, native collectives. Buffers are flat f32 (`Buf`) or
+/// u64 (`Ids`) arrays.
+pub trait Buffers: Send + Sync + 'static {
     type Buf: Send + Sync;
     type Ids: Send + Sync;
     /// Host memory for staging this backend's buffers through the host transport: page-locked
@@ -261,15 +276,13 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
-    // ---- memory ----
+    // ---- allocation and copies ----
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u64]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u64>>;
     fn len(&self, buf: &Self::Buf) -> usize;
-    /// `n` floats of staging memory (contents unspecified).
-    fn staging(&self, n: usize) -> Result<Self::Staging>;
     /// Copy `buf` into `out` (exactly `len(buf)` floats), finished when this returns.
     fn download_into(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
     /// Copy `src` (exactly `len(buf)` floats) into `buf`; `src` may be reused when this returns.
@@ -281,14 +294,23 @@ pub trait Backend: Send + Sync + 'static {
     fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [f32]> {
         None
     }
-    /// The backend's native collectives (NCCL on CUDA when built and loadable), if any.
-    fn native(&self) -> Option<&dyn NativeColl<Self>> {
-        None
-    }
     /// Wait for all queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    /// Strided block copy: for `i < rows`,
+    /// `dst[dst_off + i·dst_stride ..][..cols] = src[src_off + i·src_stride ..][..cols]`
+    /// (a contiguous range is one row). The 2D step packs and unpacks its messages with it.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_2d(&self, src: &Self::Buf, src_off: usize, src_stride: usize, dst: &mut Self::Buf, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()>;
+    /// `dst[rows[i], ..cols] = src[i, ..cols]`: compacted rows written back. Every `rows[i]`
+    /// must lie below dst's row count: the CPU backend checks, a device backend trusts the
+    /// caller (the indices live on the device; replica sync range-checks them before upload).
+    fn put_rows(&self, dst: &mut Self::Buf, rows: &Self::Ids, num_rows: usize, src: &Self::Buf, cols: usize) -> Result<()>;
+
+    // ---- movement between ranks ----
+    /// `n` floats of staging memory (contents unspecified).
+    fn staging(&self, n: usize) -> Result<Self::Staging>;
     /// Register the staging memory's blocks (pinned host memory on CUDA, pooled) with the
     /// network endpoint of `comm` from now on, so that staged messages register nothing of their
     /// own (RDMA). No-op where staging memory is not pooled (the CPU backend).
@@ -302,7 +324,44 @@ pub trait Backend: Send + Sync + 'static {
     fn flush_remote_writes(&self) -> Result<()> {
         Ok(())
     }
+    /// Address of a buffer's first element in the memory every rank of this process shares
+    /// (host address, or device address in the one CUDA context): in-process transports
+    /// exchange these so a rank can copy straight out of a peer's buffer.
+    fn addr(&self, buf: &Self::Buf) -> u64;
+    /// Copy `len` floats from address `src` to address `dst` (see [`addr`](Self::addr)); the
+    /// copy is complete when this returns. The buffer transports' copy hook.
+    ///
+    /// # Safety
+    /// `src..+4·len` and `dst..+4·len` must lie in live buffers of this address space that do not
+    /// overlap, `src` unchanged and `dst` untouched by others during the call.
+    unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()>;
+    /// `out[i] = Σ_p parts[p·len + i]` for `p < n`, added in the order p = 0, 1, ..., n−1 (which
+    /// fixes the result bitwise) as `acc` says; complete when this returns. The buffer
+    /// transports' reduce hook.
+    ///
+    /// # Safety
+    /// `parts..+4·n·len` and `out..+4·len` must lie in live, non-overlapping buffers of this
+    /// address space, unchanged (but for `out`) during the call.
+    unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: Accumulate) -> Result<()>;
+    /// How in-process transports copy this backend's memory between ranks ([`copy_addr`](Self::copy_addr)
+    /// as a function that outlives the borrow): the peers path's fabric moves device buffers with it.
+    fn direct_copy(&self) -> ember_transport::fabric::DirectCopy;
+    /// Replica sync between in-process ranks: `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]`
+    /// where `srcs` are the addresses (see [`addr`](Self::addr)) of the m replicas' row-major
+    /// buffers of `cols` columns; summed in f64 in replica order, rounded once to f32.
+    ///
+    /// # Safety
+    /// Every `srcs[k]` must be a live buffer holding every listed row, unchanged during the call.
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Self::Ids, num_rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
+    /// The backend's native collectives (NCCL on CUDA when built and loadable), if any.
+    fn native(&self) -> Option<&dyn NativeColl<Self::Buf>> {
+        None
+    }
+}
 
+/// Every numeric operation a training step needs, on the buffers of [`Buffers`]. The CPU and
+/// CUDA implementations list them in this order.
+pub trait Numerics: Buffers {
     // ---- dense ----
     fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
     /// x (rows × cols) += bias (cols), then the activation, in place.
@@ -314,38 +373,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Copy a (rows × cols) block into columns `dst.col..dst.col+cols` of a wider matrix,
     /// or back out of it (`to_wide == false`).
     fn copy_block(&self, narrow: &mut Self::Buf, wide: &mut Self::Buf, rows: usize, cols: usize, dst: Layout, to_wide: bool) -> Result<()>;
-    /// Strided block copy: for `i < rows`,
-    /// `dst[dst_off + i·dst_stride ..][..cols] = src[src_off + i·src_stride ..][..cols]`
-    /// (a contiguous range is one row). The 2D step packs and unpacks its messages with it.
-    #[allow(clippy::too_many_arguments)]
-    fn copy_2d(&self, src: &Self::Buf, src_off: usize, src_stride: usize, dst: &mut Self::Buf, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()>;
     /// `x[off + i·stride + j] *= s[i]` for `i < rows`, `j < cols` (per-sample gradient scaling).
     fn scale_rows(&self, x: &mut Self::Buf, off: usize, stride: usize, rows: usize, cols: usize, s: &Self::Buf) -> Result<()>;
-    /// Address of a buffer's first element in the memory every rank of this process shares
-    /// (host address, or device address in the one CUDA context): in-process transports
-    /// exchange these so a rank can copy straight out of a peer's buffer.
-    fn addr(&self, buf: &Self::Buf) -> u64;
-    /// Copy `len` floats from address `src` (a peer's buffer, see [`addr`](Self::addr)) into
-    /// `dst[dst_off..]`; the copy is complete when this returns.
-    ///
-    /// # Safety
-    /// `src..src + 4·len` must be a live buffer of this address space, unchanged during the call.
-    unsafe fn copy_from_addr(&self, src: u64, dst: &mut Self::Buf, dst_off: usize, len: usize) -> Result<()>;
-    /// Replica sync between in-process ranks: `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]`
-    /// where `srcs` are the addresses (see [`addr`](Self::addr)) of the m replicas' row-major
-    /// buffers of `cols` columns; summed in f64 in replica order, rounded once to f32.
-    ///
-    /// # Safety
-    /// Every `srcs[k]` must be a live buffer holding every listed row, unchanged during the call.
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Self::Ids, num_rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
-    /// `dst[rows[i], ..cols] = src[i, ..cols]`: compacted rows written back. Every `rows[i]`
-    /// must lie below dst's row count: the CPU backend checks, a device backend trusts the
-    /// caller (the indices live on the device; replica sync range-checks them before upload).
-    fn put_rows(&self, dst: &mut Self::Buf, rows: &Self::Ids, num_rows: usize, src: &Self::Buf, cols: usize) -> Result<()>;
     /// y += a · x
     fn axpy(&self, a: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     fn scale(&self, x: &mut Self::Buf, a: f32) -> Result<()>;
-
     /// DLRM dot interaction. `x` is (batch × (f+1) × d): the dense vector then `f` pooled
     /// embeddings per sample. out (batch × (d + (f+1)f/2)) = [dense, lower-triangle dots].
     fn dot_interaction(&self, x: &Self::Buf, batch: usize, f: usize, d: usize, out: &mut Self::Buf) -> Result<()>;
@@ -354,6 +386,7 @@ pub trait Backend: Send + Sync + 'static {
     /// DCNv2 cross combine: out = x0 ⊙ (uv + bias) + xl, all (rows × cols), bias (cols).
     fn cross_combine(&self, x0: &Self::Buf, uv: &Self::Buf, bias: &Self::Buf, xl: &Self::Buf, rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
     /// Backward of `cross_combine` given dout: duv = dout ⊙ x0; dx0 += dout ⊙ (uv + bias).
+    #[allow(clippy::too_many_arguments)]
     fn cross_combine_backward(&self, x0: &Self::Buf, uv: &Self::Buf, bias: &Self::Buf, dout: &Self::Buf, rows: usize, cols: usize, duv: &mut Self::Buf, dx0: &mut Self::Buf) -> Result<()>;
     /// Binary cross-entropy with logits: writes dlogits = scale · (σ(x) − y), returns Σ loss (f64).
     fn bce_with_logits(&self, logits: &Self::Buf, labels: &Self::Buf, scale: f32, dlogits: &mut Self::Buf) -> Result<f64>;
@@ -380,3 +413,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Σ g² (the column shards' partial sums combined).
     fn embedding_apply(&self, shard: &mut Shard<Self>, rg: &RowGrads<Self>, row_sq: Option<&Self::Buf>, upd: &EmbUpdate) -> Result<()>;
 }
+
+/// A backend: its numerics and its buffers. Implemented for every type that has both, so a
+/// new backend implements [`Buffers`] and [`Numerics`] and nothing else.
+pub trait Backend: Numerics + Buffers {}
+
+impl<T: Numerics + Buffers> Backend for T {}

@@ -2,30 +2,31 @@
 //! all-gather, reduce-scatter and all-reduce (sums) on backend buffers (`B::Buf`), which live
 //! in host memory for the CPU backend and in device memory for CUDA.
 //!
-//! * [`Xfer::Host`] — through the host transport (`Comm`: in-process, shm, TCP, RDMA). Zero-copy
-//!   where the backend keeps buffers in host memory; otherwise staged through the backend's
-//!   staging memory (pinned host memory from a pool on CUDA: download, collective on it,
-//!   upload): the universal path for device buffers.
-//! * [`Xfer::Peers`] — ranks that are threads of one process and share one address space (host
-//!   memory, or one GPU's CUDA context when several in-process ranks share a device) publish
-//!   their send buffers' addresses over the host communicator and copy their blocks straight out
-//!   of the peers' buffers (device to device on a GPU); a barrier closes each collective so no
-//!   buffer is reused while a peer may still read it. Reductions add the ranks' blocks in rank
-//!   order, as the host transport does, so both paths give bitwise the same result.
-//! * [`Xfer::Direct`] — GPUDirect RDMA: the RDMA transport moves the buffers themselves, the NIC
-//!   reading and writing device memory (registered with the NIC's driver), the CPU touching none
-//!   of it; the own block is a device copy, and reductions are an all-to-all into a scratch
-//!   buffer summed on the device in rank order, then an all-gather: bitwise the host path's
-//!   result. Needs RDMA and a NIC driver that registers device memory (`nvidia-peermem`).
+//! The collectives themselves are the transport's, written once (`ember_transport::Memory`);
+//! a path only says where the bytes are and which fabric moves them:
+//!
+//! * [`Xfer::Host`] — host memory through the host transport (`Comm`: in-process, shm, TCP,
+//!   RDMA). Zero-copy where the backend keeps buffers in host memory; otherwise staged through
+//!   the backend's staging memory (pinned host memory from a pool on CUDA: download, collective
+//!   on it, upload): the universal path for device buffers.
+//! * [`Xfer::Peers`] — the buffers themselves ([`BufMem`]: the backend's copy and reduce hooks)
+//!   moved by the in-process fabric, which copies each block straight into the receiver's buffer
+//!   with the backend's device copy (ranks that are threads of one process sharing one address
+//!   space: host memory, or one GPU's CUDA context).
+//! * [`Xfer::Direct`] — the buffers themselves moved by the RDMA transport (GPUDirect RDMA: the
+//!   NIC reads and writes device memory registered with its driver, the CPU touching none of
+//!   it). Needs a NIC driver that registers device memory (`nvidia-peermem`).
 //! * [`Xfer::Native`] — the backend's own collectives on its buffers (NCCL on CUDA, one rank
 //!   per GPU, across processes), ordered on the rank's stream; NCCL's reduction order is its own.
+//!
+//! Every path but Native reduces in rank order in f32, so they agree bitwise.
 //!
 //! `auto` for device buffers: peers for in-process ranks; across processes GPUDirect RDMA when
 //! every rank registers device memory with its NIC, else NCCL, else staging through host memory.
 //! Rank 0 logs the choice and why (`EMBER_LOG=info`).
-use crate::backend::Backend;
+use crate::backend::{Accumulate, Backend};
 use crate::{Error, Result};
-use ember_transport::{Comm, ReduceOp};
+use ember_transport::{Comm, Memory, ReduceOp};
 use serde::{Deserialize, Serialize};
 
 /// Which path a run asks for (`--xfer`); [`Xfer::resolve`] turns `Auto` into a path.
@@ -83,7 +84,9 @@ impl Xfer {
             Xfer::Host { .. } => be.register_staging(comm),
             // The NIC reads and writes the device pool's chunks.
             Xfer::Direct => be.register_device(comm),
-            Xfer::Peers | Xfer::Native => {}
+            // The in-process fabric copies this backend's buffers with its device copy.
+            Xfer::Peers => comm.set_direct_copy(be.direct_copy())?,
+            Xfer::Native => {}
         }
         if comm.rank() == 0 {
             tracing::info!("buffer transport: {} ({why})", x.name());
@@ -151,24 +154,14 @@ impl Xfer {
                 comm.all_to_all_v(&s, scounts, &mut r, rcounts)?;
                 be.upload_into(&r, recv)
             }
-            Xfer::Peers => {
-                let me = comm.rank();
-                let table = publish(be, comm, send, scounts)?;
-                let mut dst = 0;
-                for (p, (addr, offs, counts)) in table.iter().enumerate() {
-                    if counts[me] != rcounts[p] {
-                        return Err(Error::Transport(format!("all_to_all_v: group rank {p} sends {} floats here, {} expected", counts[me], rcounts[p])));
-                    }
-                    // SAFETY: the peer's buffer holds `counts` floats at `offs` (checked against
-                    // its length when it published) and stays unchanged until the barrier below.
-                    unsafe { be.copy_from_addr(addr + 4 * offs[me] as u64, recv, dst, counts[me])? };
-                    dst += counts[me];
-                }
-                comm.barrier()?;
-                Ok(())
+            Xfer::Peers | Xfer::Direct => {
+                be.synchronize()?;
+                // SAFETY: `send` and `recv` hold the counts (checked above), are borrowed for the
+                // call and finished with by the device (synchronized above).
+                unsafe { comm.all_to_all_v_in(&BufMem::new(be), be.addr(send), &bytes(scounts), be.addr(recv), &bytes(rcounts)) }?;
+                be.flush_remote_writes()
             }
             Xfer::Native => native(be)?.all_to_all_v(comm, send, scounts, recv, rcounts),
-            Xfer::Direct => direct_a2a(be, comm, send, scounts, recv, rcounts),
         }
     }
 
@@ -189,20 +182,13 @@ impl Xfer {
                 comm.all_gather(&s, &mut r)?;
                 be.upload_into(&r, recv)
             }
-            Xfer::Peers => {
-                let table = publish(be, comm, send, &[len])?;
-                for (p, (addr, _, counts)) in table.iter().enumerate() {
-                    if counts[0] != len {
-                        return Err(Error::Transport(format!("all_gather: group rank {p} has {} floats, {len} here", counts[0])));
-                    }
-                    // SAFETY: as in all_to_all_v.
-                    unsafe { be.copy_from_addr(*addr, recv, p * len, len)? };
-                }
-                comm.barrier()?;
-                Ok(())
+            Xfer::Peers | Xfer::Direct => {
+                be.synchronize()?;
+                // SAFETY: as in all_to_all_v (sizes checked above).
+                unsafe { comm.all_gather_v_in(&BufMem::new(be), be.addr(send), &bytes(&vec![len; n]), be.addr(recv)) }?;
+                be.flush_remote_writes()
             }
             Xfer::Native => native(be)?.all_gather(comm, send, recv),
-            Xfer::Direct => direct_gather(be, comm, send, &vec![len; n], recv),
         }
     }
 
@@ -224,30 +210,18 @@ impl Xfer {
                 comm.reduce_scatter(&s, &mut r, ReduceOp::Sum)?;
                 be.upload_into(&r, recv)
             }
-            Xfer::Peers => {
-                let me = comm.rank();
-                let table = publish(be, comm, send, &[n * blk])?;
-                let at = |p: usize| table[p].0 + 4 * (me * blk) as u64;
-                let mut tmp = be.zeros(blk)?;
-                // SAFETY: as in all_to_all_v (every peer published n × blk floats).
-                unsafe {
-                    be.copy_from_addr(at(0), recv, 0, blk)?;
-                    for p in 1..n {
-                        be.copy_from_addr(at(p), &mut tmp, 0, blk)?;
-                        be.axpy(1.0, &tmp, recv)?;
-                    }
-                }
-                comm.barrier()?;
+            Xfer::Peers | Xfer::Direct => {
+                be.synchronize()?;
+                // SAFETY: as in all_to_all_v (sizes checked above).
+                unsafe { comm.reduce_scatter_v_in(&BufMem::new(be), be.addr(send), &bytes(&vec![blk; n]), be.addr(recv)) }?;
                 Ok(())
             }
             Xfer::Native => native(be)?.reduce_scatter_sum(comm, send, recv),
-            Xfer::Direct => direct_reduce_scatter(be, comm, send, &vec![blk; n], recv),
         }
     }
 
-    /// All-reduce of sums in place (rank order). Peers: every rank adds the whole buffers.
+    /// All-reduce of sums in place, added in rank order.
     pub fn all_reduce_sum<B: Backend>(&self, be: &B, comm: &Comm, buf: &mut B::Buf) -> Result<()> {
-        let n = comm.size();
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
@@ -259,37 +233,14 @@ impl Xfer {
                 comm.all_reduce(&mut h, ReduceOp::Sum)?;
                 be.upload_into(&h, buf)
             }
-            Xfer::Peers => {
-                let len = be.len(buf);
-                let table = publish(be, comm, buf, &[len])?;
-                if let Some(p) = table.iter().position(|t| t.2[0] != len) {
-                    return Err(Error::Transport(format!("all_reduce: group rank {p} has {} floats, {len} here", table[p].2[0])));
-                }
-                let mut acc = be.zeros(len)?;
-                let mut tmp = be.zeros(len)?;
-                // SAFETY: as in all_to_all_v.
-                unsafe {
-                    be.copy_from_addr(table[0].0, &mut acc, 0, len)?;
-                    for t in &table[1..n] {
-                        be.copy_from_addr(t.0, &mut tmp, 0, len)?;
-                        be.axpy(1.0, &tmp, &mut acc)?;
-                    }
-                }
-                comm.barrier()?;
-                *buf = acc;
-                Ok(())
+            Xfer::Peers | Xfer::Direct => {
+                be.synchronize()?;
+                // SAFETY: `buf` holds its length, borrowed mutably for the call and finished with
+                // by the device (synchronized above).
+                unsafe { comm.all_reduce_in(&BufMem::new(be), be.addr(buf), be.len(buf), 4) }?;
+                be.flush_remote_writes()
             }
             Xfer::Native => native(be)?.all_reduce_sum(comm, buf),
-            Xfer::Direct => {
-                // As the host transport: reduce-scatter of even chunks, then all-gather.
-                if n == 1 {
-                    return Ok(());
-                }
-                let counts = ember_transport::split_evenly(be.len(buf), n);
-                let mut mine = be.zeros(counts[comm.rank()])?;
-                direct_reduce_scatter(be, comm, buf, &counts, &mut mine)?;
-                direct_gather(be, comm, &mine, &counts, buf)
-            }
         }
     }
 }
@@ -328,78 +279,55 @@ fn direct_probe<B: Backend>(be: &B, comm: &Comm) -> Result<std::result::Result<(
     Ok(Ok(()))
 }
 
-/// Direct all-to-all-v (float counts): the NIC moves the peers' blocks, the backend copies the
-/// own block. Queued device work that writes `send` finishes first; afterwards the NIC's writes
-/// are flushed to the device, so the work queued next reads them.
-fn direct_a2a<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, scounts: &[usize], recv: &mut B::Buf, rcounts: &[usize]) -> Result<()> {
-    be.synchronize()?;
-    let (sb, rb): (Vec<usize>, Vec<usize>) = (scounts.iter().map(|c| 4 * c).collect(), rcounts.iter().map(|c| 4 * c).collect());
-    let raddr = be.addr(recv);
-    let own = |s: u64, d: u64, len: usize| unsafe { be.copy_from_addr(s, recv, ((d - raddr) / 4) as usize, len / 4) }.map_err(|e| ember_transport::Error::Bootstrap(e.to_string()));
-    // SAFETY: `send` and `recv` hold the counts (checked by the callers) and outlive the call;
-    // the own block is copied inside `recv` by the backend.
-    unsafe { comm.all_to_all_v_direct(be.addr(send), &sb, raddr, &rb, own) }?;
-    be.flush_remote_writes()
+/// Float counts as byte counts.
+fn bytes(counts: &[usize]) -> Vec<usize> {
+    counts.iter().map(|c| 4 * c).collect()
 }
 
-/// Direct all-gather-v: rank p's `counts[p]` floats (all of its `send`) at offset Σ counts[..p].
-fn direct_gather<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, counts: &[usize], recv: &mut B::Buf) -> Result<()> {
-    if be.len(send) != counts[comm.rank()] || be.len(recv) != counts.iter().sum::<usize>() {
-        return Err(Error::Config(format!("all_gather: {} floats here for counts {counts:?} into {}", be.len(send), be.len(recv))));
-    }
-    be.synchronize()?;
-    let cb: Vec<usize> = counts.iter().map(|c| 4 * c).collect();
-    let raddr = be.addr(recv);
-    let own = |s: u64, d: u64, len: usize| unsafe { be.copy_from_addr(s, recv, ((d - raddr) / 4) as usize, len / 4) }.map_err(|e| ember_transport::Error::Bootstrap(e.to_string()));
-    // SAFETY: as in direct_a2a (lengths checked above).
-    unsafe { comm.all_gather_v_direct(be.addr(send), &cb, raddr, own) }?;
-    be.flush_remote_writes()
+/// A backend's buffers as the transport sees them: memory the CPU must not touch (whatever the
+/// backend), copied and reduced by the backend's hooks (`copy_addr`, `sum_from` in f32, rank
+/// order: bitwise the host transport's sum), with scratch from the backend's allocator (on
+/// CUDA the device pool, whose chunks the NIC has registered for GPUDirect RDMA).
+pub struct BufMem<'a, B: Backend> {
+    be: &'a B,
+    acc: Accumulate,
 }
 
-/// Direct reduce-scatter of sums: chunk p (`counts[p]` floats of `send`) goes to rank p, which
-/// adds the n contributions in rank order on the device.
-fn direct_reduce_scatter<B: Backend>(be: &B, comm: &Comm, send: &B::Buf, counts: &[usize], recv: &mut B::Buf) -> Result<()> {
-    let (n, mine) = (comm.size(), be.len(recv));
-    if counts[comm.rank()] != mine || counts.iter().sum::<usize>() != be.len(send) {
-        return Err(Error::Config(format!("reduce_scatter: counts {counts:?} for {} floats into {mine}", be.len(send))));
+impl<'a, B: Backend> BufMem<'a, B> {
+    pub fn new(be: &'a B) -> Self {
+        BufMem { be, acc: Accumulate::F32Sum }
     }
-    let mut parts = be.zeros(n * mine)?;
-    direct_a2a(be, comm, send, counts, &mut parts, &vec![mine; n])?;
-    be.copy_2d(&parts, 0, mine, recv, 0, mine, 1, mine)?;
-    let mut t = be.zeros(mine)?;
-    for p in 1..n {
-        be.copy_2d(&parts, p * mine, mine, &mut t, 0, mine, 1, mine)?;
-        be.axpy(1.0, &t, recv)?;
-    }
-    Ok(())
 }
 
-fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B>> {
+fn transport_err(e: Error) -> ember_transport::Error {
+    ember_transport::Error::Bootstrap(e.to_string())
+}
+
+impl<B: Backend> Memory for BufMem<'_, B> {
+    type Scratch = B::Buf;
+    fn direct(&self) -> bool {
+        true
+    }
+    fn scratch(&self, len: usize) -> ember_transport::Result<B::Buf> {
+        self.be.zeros(len / 4).map_err(transport_err)
+    }
+    fn base(&self, s: &mut B::Buf) -> *mut u8 {
+        self.be.addr(s) as *mut u8
+    }
+    unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> ember_transport::Result<()> {
+        // SAFETY: `Memory::copy`'s contract is `copy_addr`'s (whole floats of this backend's buffers).
+        unsafe { self.be.copy_addr(src as u64, dst as u64, len / 4) }.map_err(transport_err)
+    }
+    unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> ember_transport::Result<()> {
+        // What the NIC wrote into `parts` (GPUDirect RDMA) must be visible to the summation.
+        self.be.flush_remote_writes().map_err(transport_err)?;
+        // SAFETY: `Memory::reduce`'s contract is `sum_from`'s (whole floats of this backend's buffers).
+        unsafe { self.be.sum_from(parts as u64, n, len / 4, out as u64, self.acc) }.map_err(transport_err)
+    }
+}
+
+fn native<B: Backend>(be: &B) -> Result<&dyn crate::backend::NativeColl<B::Buf>> {
     be.native().ok_or_else(|| Error::Device(format!("backend {} has no native collectives", be.name())))
-}
-
-/// Peers: wait for this rank's queued work, then swap (address, block offsets, block counts)
-/// of `buf` with every group rank. Each rank's counts are checked against its own buffer.
-fn publish<B: Backend>(be: &B, comm: &Comm, buf: &B::Buf, counts: &[usize]) -> Result<Vec<(u64, Vec<usize>, Vec<usize>)>> {
-    let k = counts.len();
-    if counts.iter().sum::<usize>() > be.len(buf) {
-        return Err(Error::Config(format!("{} floats published from a buffer of {}", counts.iter().sum::<usize>(), be.len(buf))));
-    }
-    be.synchronize()?;
-    let mut msg = Vec::with_capacity(1 + 2 * k);
-    msg.push(be.addr(buf));
-    let mut off = 0u64;
-    for &c in counts {
-        msg.push(off);
-        off += c as u64;
-    }
-    msg.extend(counts.iter().map(|&c| c as u64));
-    let mut all = vec![0u64; msg.len() * comm.size()];
-    comm.all_gather(&msg, &mut all)?;
-    Ok(all
-        .chunks(msg.len())
-        .map(|m| (m[0], m[1..1 + k].iter().map(|&x| x as usize).collect(), m[1 + k..].iter().map(|&x| x as usize).collect()))
-        .collect())
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! checks them.
 //!
 //! This module owns the `Cuda` type: its constructors, the locking and launch helpers, and the
-//! one `impl Backend for Cuda`. Trait methods with long bodies delegate to `*_impl` methods in
+//! `impl Buffers for Cuda` and `impl Numerics for Cuda` (in the traits' order, as the CPU
+//! backend). Trait methods with long bodies delegate to `*_impl` methods in
 //! the submodules, by concern: `dense` (GEMM, dense optimizer), `interaction` (cross layer,
 //! loss), `embedding` (embedding operations), `backward` (fused backward kernels), `sort`
 //! (device sort and run-length encoding), `bench` (measurements).
@@ -26,6 +27,8 @@ mod bench;
 mod dense;
 mod embedding;
 mod interaction;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod sort;
 #[cfg(test)]
 mod tests;
@@ -54,7 +57,7 @@ pub struct Cuda {
     legacy_bwd: std::sync::atomic::AtomicBool,
     /// NCCL communicators of this rank (created on first use).
     #[cfg(feature = "nccl")]
-    nccl: super::nccl::Nccl,
+    nccl: nccl::Nccl,
 }
 
 const NULL: u64 = 0;
@@ -86,7 +89,7 @@ impl Cuda {
         ember_transport::rdma::set_dmabuf_exporter(ember_cuda::dmabuf::export);
         Cuda {
             #[cfg(feature = "nccl")]
-            nccl: super::nccl::Nccl::new(gpu.stream.clone()),
+            nccl: nccl::Nccl::new(gpu.stream.clone()),
             gpu,
             op: Mutex::new(()),
             legacy_bwd: std::sync::atomic::AtomicBool::new(legacy),
@@ -178,7 +181,7 @@ impl ember_cuda::registrar::Registrar for NetRegions {
     }
 }
 
-impl Backend for Cuda {
+impl Buffers for Cuda {
     type Buf = DevBuf<f32>;
     type Ids = DevBuf<u64>;
     type Staging = Pinned;
@@ -193,72 +196,211 @@ impl Backend for Cuda {
         self.gpu.memset0(b.ptr(), n * 4).map_err(dev)?;
         Ok(b)
     }
+
     fn upload(&self, host: &[f32]) -> Result<DevBuf<f32>> {
         let _g = self.lock()?;
         let b = self.gpu.alloc::<f32>(host.len()).map_err(dev)?;
         self.gpu.htod(b.ptr(), host).map_err(dev)?;
         Ok(b)
     }
+
     fn download(&self, buf: &DevBuf<f32>) -> Result<Vec<f32>> {
         let _g = self.lock()?;
         let mut v = vec![0f32; buf.len()];
         self.gpu.dtoh(&mut v, buf.ptr()).map_err(dev)?;
         Ok(v)
     }
+
     fn upload_ids(&self, host: &[u64]) -> Result<DevBuf<u64>> {
         let _g = self.lock()?;
         let b = self.gpu.alloc::<u64>(host.len()).map_err(dev)?;
         self.gpu.htod(b.ptr(), host).map_err(dev)?;
         Ok(b)
     }
+
     fn download_ids(&self, ids: &DevBuf<u64>) -> Result<Vec<u64>> {
         let _g = self.lock()?;
         let mut v = vec![0u64; ids.len()];
         self.gpu.dtoh(&mut v, ids.ptr()).map_err(dev)?;
         Ok(v)
     }
+
     fn len(&self, buf: &DevBuf<f32>) -> usize {
         buf.len()
     }
-    fn staging(&self, n: usize) -> Result<Pinned> {
-        self.gpu.staging(n).map_err(dev)
-    }
+
     fn download_into(&self, buf: &DevBuf<f32>, out: &mut [f32]) -> Result<()> {
         super::check_same_len("download_into", buf.len(), out.len())?;
         let _g = self.lock()?;
         self.gpu.dtoh(out, buf.ptr()).map_err(dev)
     }
+
     fn upload_into(&self, src: &[f32], buf: &mut DevBuf<f32>) -> Result<()> {
         super::check_same_len("upload_into", buf.len(), src.len())?;
         let _g = self.lock()?;
         // Waits: the driver reads a pinned source during the copy, and the caller may reuse it.
         self.gpu.htod_sync(buf.ptr(), src).map_err(dev)
     }
+
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.bind().map_err(dev)?;
+        self.gpu.sync().map_err(dev)
+    }
+
+    fn copy_2d(&self, src: &DevBuf<f32>, src_off: usize, src_stride: usize, dst: &mut DevBuf<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
+        let n = Self::size("copy_2d", &[rows, cols])?;
+        let _g = self.lock()?;
+        if rows == 1 || (src_stride == cols && dst_stride == cols) {
+            return self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src.ptr() + src_off as u64 * 4, n * 4).map_err(dev);
+        }
+        let (sp, so, ss, dp, doff, ds, r, c) =
+            (src.ptr(), src_off as i64, src_stride as i64, dst.ptr(), dst_off as i64, dst_stride as i64, rows as i64, cols as i64);
+        // SAFETY: launch contract: `copy_2d(const float*, i64, i64, float*, i64, i64, i64, i64)`
+        // gets (u64, i64, i64, u64, i64 x4); `check_copy_2d` bounded both strided ranges by their
+        // buffers' lengths; src and dst are distinct buffers (a shared and a mutable borrow);
+        // grid-stride.
+        unsafe {
+            self.gpu.launch("copy_2d", self.grid(n), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
+        }
+        .map_err(dev)
+    }
+
+    fn put_rows(&self, dst: &mut DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, src: &DevBuf<f32>, cols: usize) -> Result<()> {
+        // Row indices were range-checked on the host before upload (replica sync's union).
+        let total = Self::size("put_rows", &[num_rows, cols])?;
+        check(rows.len() == num_rows && src.len() == total, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
+        if num_rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let _g = self.lock()?;
+        let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
+        // SAFETY: launch contract: `put_rows(float*, const u64*, const float*, i64, i64)` gets
+        // (u64, u64, u64, i64, i64); rows holds num_rows indices and src num_rows·cols floats
+        // (checked above); every index is below dst's row count, which the indices' one source,
+        // replica sync's union, range-checks on the host before upload (see the comment above);
+        // grid-stride.
+        unsafe { self.gpu.launch("put_rows", self.grid(total), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
+    }
+
+    fn staging(&self, n: usize) -> Result<Pinned> {
+        self.gpu.staging(n).map_err(dev)
+    }
+
     fn register_staging(&self, comm: &ember_transport::Comm) {
         if let Ok(mut pool) = self.gpu.pinned.lock() {
             pool.set_registrar(Box::new(NetRegions(comm.regions())));
         }
     }
+
     fn register_device(&self, comm: &ember_transport::Comm) {
         if let Ok(mut pool) = self.gpu.pool.lock() {
             pool.set_registrar(Box::new(NetRegions(comm.regions())));
         }
     }
-    fn native(&self) -> Option<&dyn NativeColl<Cuda>> {
+
+    fn flush_remote_writes(&self) -> Result<()> {
+        self.gpu.flush_remote_writes().map_err(dev)
+    }
+
+    fn addr(&self, buf: &DevBuf<f32>) -> u64 {
+        buf.ptr()
+    }
+
+    unsafe fn copy_addr(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+        let bytes = Self::size("copy_addr", &[len, 4])?;
+        let _g = self.lock()?;
+        // Same context (in-process ranks share the device's primary context): a device copy on
+        // this rank's stream, complete before returning so the peer may reuse its buffer.
+        self.gpu.dtod(dst, src, bytes).map_err(dev)?;
+        self.gpu.sync().map_err(dev)
+    }
+
+    unsafe fn sum_from(&self, parts: u64, n: usize, len: usize, out: u64, acc: Accumulate) -> Result<()> {
+        let total = Self::size("sum_from", &[n, len, 4])?;
+        check(n > 0 && n < i32::MAX as usize && parts.checked_add(total as u64).is_some(), || format!("sum_from: {n} contributions of {len} floats"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let block = |p: usize| parts + (p * len * 4) as u64;
+        match acc {
+            Accumulate::F32Sum => {
+                let _g = self.lock()?;
+                self.gpu.dtod(out, parts, len * 4).map_err(dev)?;
+                let (one, k) = (1.0f32, len as i64);
+                for p in 1..n {
+                    let xp = block(p);
+                    // SAFETY: launch contract: `axpy_f32(float, const float*, float*, i64)` gets
+                    // (f32, u64, u64, i64); block p of `parts` and `out` hold len floats each and do
+                    // not overlap (this function's contract); grid-stride.
+                    unsafe { self.gpu.launch("axpy_f32", self.grid(len), 256).map_err(dev)?.arg(&one).arg(&xp).arg(&out).arg(&k).go() }.map_err(dev)?;
+                }
+                self.gpu.sync().map_err(dev)
+            }
+            Accumulate::F64Mean => {
+                // The replica mean kernel with one row of `len` columns per contribution.
+                let table = self.upload_ids(&(0..n).map(block).collect::<Vec<u64>>())?;
+                let row = self.upload_ids(&[0])?;
+                let _g = self.lock()?;
+                let (sp, m, rp, one, c) = (table.ptr(), n as i32, row.ptr(), 1i64, len as i64);
+                // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64,
+                // i64)` gets (u64, u64, i32, u64, i64, i64); `out` holds len floats, the table n
+                // block addresses, each block len floats (this function's contract), and the one
+                // row index is 0; the sync below keeps table and row alive until the kernel ends.
+                unsafe { self.gpu.launch("mean_rows_from", self.grid(len), 256).map_err(dev)?.arg(&out).arg(&sp).arg(&m).arg(&rp).arg(&one).arg(&c).go() }
+                    .map_err(dev)?;
+                self.gpu.sync().map_err(dev)
+            }
+        }
+    }
+
+    fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
+        let gpu = self.gpu.clone();
+        Arc::new(move |src, dst, len| {
+            let copy = || -> std::result::Result<(), String> {
+                gpu.bind()?;
+                gpu.dtod(dst, src, len)?;
+                gpu.sync()
+            };
+            copy().map_err(|e| ember_transport::Error::Bootstrap(format!("device copy: {e}")))
+        })
+    }
+
+    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
+        let total = Self::size("mean_rows_from", &[num_rows, cols])?;
+        check(rows.len() == num_rows && out.len() == total && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
+            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
+        })?;
+        if num_rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let table = self.upload_ids(srcs)?;
+        let _g = self.lock()?;
+        let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
+        // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64, i64)`
+        // gets (u64, u64, i32, u64, i64, i64); out holds num_rows·cols floats, the table m
+        // addresses and rows num_rows indices (checked above); each `srcs[k]` is a live buffer of
+        // this context holding every listed row, unchanged until we return (this function's
+        // contract); the sync below keeps the table and the sources alive until the kernel ends.
+        unsafe { self.gpu.launch("mean_rows_from", self.grid(total), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go() }
+            .map_err(dev)?;
+        // `table` returns to the pool when dropped; the kernel must have read it by then.
+        self.gpu.sync().map_err(dev)
+    }
+
+    fn native(&self) -> Option<&dyn NativeColl<DevBuf<f32>>> {
         #[cfg(feature = "nccl")]
         if ember_cuda::nccl::probe().is_ok() {
             return Some(&self.nccl);
         }
         None
     }
-    fn synchronize(&self) -> Result<()> {
-        self.gpu.bind().map_err(dev)?;
-        self.gpu.sync().map_err(dev)
-    }
-    fn flush_remote_writes(&self) -> Result<()> {
-        self.gpu.flush_remote_writes().map_err(dev)
-    }
+}
 
+impl Numerics for Cuda {
     fn gemm(&self, g: Gemm, a: &DevBuf<f32>, b: &DevBuf<f32>, c: &mut DevBuf<f32>) -> Result<()> {
         self.gemm_impl(g, a, b, c)
     }
@@ -316,28 +458,6 @@ impl Backend for Cuda {
         .map_err(dev)
     }
 
-    fn copy_2d(&self, src: &DevBuf<f32>, src_off: usize, src_stride: usize, dst: &mut DevBuf<f32>, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()> {
-        if rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        super::check_copy_2d(src.len(), src_off, src_stride, dst.len(), dst_off, dst_stride, rows, cols)?;
-        let n = Self::size("copy_2d", &[rows, cols])?;
-        let _g = self.lock()?;
-        if rows == 1 || (src_stride == cols && dst_stride == cols) {
-            return self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src.ptr() + src_off as u64 * 4, n * 4).map_err(dev);
-        }
-        let (sp, so, ss, dp, doff, ds, r, c) =
-            (src.ptr(), src_off as i64, src_stride as i64, dst.ptr(), dst_off as i64, dst_stride as i64, rows as i64, cols as i64);
-        // SAFETY: launch contract: `copy_2d(const float*, i64, i64, float*, i64, i64, i64, i64)`
-        // gets (u64, i64, i64, u64, i64 x4); `check_copy_2d` bounded both strided ranges by their
-        // buffers' lengths; src and dst are distinct buffers (a shared and a mutable borrow);
-        // grid-stride.
-        unsafe {
-            self.gpu.launch("copy_2d", self.grid(n), 256).map_err(dev)?.arg(&sp).arg(&so).arg(&ss).arg(&dp).arg(&doff).arg(&ds).arg(&r).arg(&c).go()
-        }
-        .map_err(dev)
-    }
-
     fn scale_rows(&self, x: &mut DevBuf<f32>, off: usize, stride: usize, rows: usize, cols: usize, s: &DevBuf<f32>) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
@@ -351,58 +471,6 @@ impl Backend for Cuda {
         // grid-stride.
         unsafe { self.gpu.launch("scale_rows", self.grid(n), 256).map_err(dev)?.arg(&xp).arg(&o).arg(&st).arg(&r).arg(&c).arg(&sp).go() }
             .map_err(dev)
-    }
-
-    fn addr(&self, buf: &DevBuf<f32>) -> u64 {
-        buf.ptr()
-    }
-
-    unsafe fn copy_from_addr(&self, src: u64, dst: &mut DevBuf<f32>, dst_off: usize, len: usize) -> Result<()> {
-        check(dst_off.checked_add(len).is_some_and(|e| e <= dst.len()), || format!("copy_from_addr: {len} floats at {dst_off} of {}", dst.len()))?;
-        let _g = self.lock()?;
-        // Same context (in-process ranks share the device's primary context): a device copy on
-        // this rank's stream, complete before returning so the peer may reuse its buffer.
-        self.gpu.dtod(dst.ptr() + dst_off as u64 * 4, src, len * 4).map_err(dev)?;
-        self.gpu.sync().map_err(dev)
-    }
-
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
-        let total = Self::size("mean_rows_from", &[num_rows, cols])?;
-        check(rows.len() == num_rows && out.len() == total && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
-            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
-        })?;
-        if num_rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        let table = self.upload_ids(srcs)?;
-        let _g = self.lock()?;
-        let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
-        // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64, i64)`
-        // gets (u64, u64, i32, u64, i64, i64); out holds num_rows·cols floats, the table m
-        // addresses and rows num_rows indices (checked above); each `srcs[k]` is a live buffer of
-        // this context holding every listed row, unchanged until we return (this function's
-        // contract); the sync below keeps the table and the sources alive until the kernel ends.
-        unsafe { self.gpu.launch("mean_rows_from", self.grid(total), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go() }
-            .map_err(dev)?;
-        // `table` returns to the pool when dropped; the kernel must have read it by then.
-        self.gpu.sync().map_err(dev)
-    }
-
-    fn put_rows(&self, dst: &mut DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, src: &DevBuf<f32>, cols: usize) -> Result<()> {
-        // Row indices were range-checked on the host before upload (replica sync's union).
-        let total = Self::size("put_rows", &[num_rows, cols])?;
-        check(rows.len() == num_rows && src.len() == total, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
-        if num_rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        let _g = self.lock()?;
-        let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
-        // SAFETY: launch contract: `put_rows(float*, const u64*, const float*, i64, i64)` gets
-        // (u64, u64, u64, i64, i64); rows holds num_rows indices and src num_rows·cols floats
-        // (checked above); every index is below dst's row count, which the indices' one source,
-        // replica sync's union, range-checks on the host before upload (see the comment above);
-        // grid-stride.
-        unsafe { self.gpu.launch("put_rows", self.grid(total), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
     }
 
     fn axpy(&self, a: f32, x: &DevBuf<f32>, y: &mut DevBuf<f32>) -> Result<()> {

@@ -3,9 +3,9 @@
 //! the unique id and the host communicator broadcasts it — and run on the rank's compute
 //! stream, so each collective is ordered after the kernels that produced its input without a
 //! host synchronisation. NCCL allows one rank per GPU: in-process ranks sharing a device use
-//! the peer-to-peer path instead (`parallel::xfer`).
-use super::cuda::Cuda;
-use super::NativeColl;
+//! the peer-to-peer path instead (`parallel::xfer`). It knows the device buffer type and the
+//! stream, not the backend that owns it.
+use crate::backend::NativeColl;
 use crate::{Error, Result};
 use ember_cuda::cudarc::driver::CudaStream;
 use ember_cuda::device::DevBuf;
@@ -39,7 +39,7 @@ impl Nccl {
     }
 }
 
-impl NativeColl<Cuda> for Nccl {
+impl NativeColl<DevBuf<f32>> for Nccl {
     fn name(&self) -> &'static str {
         "nccl"
     }
