@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the CUDA backend (issue 5) and 2D training on one GPU (issue 7).
+# One prepared GPU check for the CUDA backend, NCCL, and 2D training on one GPU.
 #
-#   tools/gpu-check.sh            here: build the release binary with --features cuda, stage it
-#                                 with the torch reference in .gpu/ (git-ignored), print the call.
+#   tools/gpu-check.sh            here: build the release binary with --features cuda,nccl, stage it
+#                                 with the test binaries and the torch reference in .gpu/
+#                                 (git-ignored), and print how to run it on the GPU machine.
 #   bash .gpu/gpu-check.sh device on the GPU machine: find libnvrtc/libcublas, run the selftest
 #                                 with benchmarks, `ember bench embedding`, the torch reference,
 #                                 and write a markdown results table to $OUT/gpu-results.md.
@@ -35,9 +36,11 @@ for l in sys.stdin:
     cp tools/torch_ref.py tools/gpu-check.sh .gpu/
     du -sh .gpu
     cat <<'CALL'
-Device-tool call (one call, ~5 minutes on an H100/H200):
-  run(command="bash .gpu/gpu-check.sh device", carry=[".gpu"], timeout_s=420)
-Then copy $OUT/gpu-results.md (files_at) into docs/gpu-results.md.
+On the GPU machine (about 5 minutes on an H100/H200), copy the repository with its .gpu/
+folder there, then run from the repository root:
+  timeout 420 bash .gpu/gpu-check.sh device
+It writes its log and tables to $OUT (default /tmp/gpu-out); copy $OUT/gpu-results.md back
+into docs/gpu-results.md.
 CALL
     exit 0
 fi
@@ -84,7 +87,7 @@ timeout 240 .gpu/ember selftest --device cuda --bench --markdown "$OUT/selftest.
 st=$?
 echo "selftest exit: $st"
 
-echo "== ember bench embedding --device cuda (the lead's benchmark)"
+echo "== ember bench embedding --device cuda (B = 65536, L = 20, 4M rows: the figures in docs/cuda.md)"
 : > "$OUT/bench.txt"
 for d in 64 128; do
     for z in "" "--zipf 1.05"; do
@@ -94,7 +97,7 @@ for d in 64 128; do
 done
 
 if [ "$st" != 0 ]; then
-    echo "== selftest failed: rerun with the first-version backward (EMBER_CUDA_BWD=legacy) to isolate"
+    echo "== selftest failed: rerun with the general (sort-based) backward (EMBER_CUDA_BWD=legacy) to isolate"
     EMBER_CUDA_BWD=legacy timeout 120 .gpu/ember selftest --device cuda --markdown "$OUT/selftest-legacy.md" | tail -5
 fi
 
@@ -111,7 +114,7 @@ cli 60 bench embedding --device cuda --batch-size 65536
 cli 90 bench dlrm --device cuda --batch-size 4096
 cli 120 bench dlrm --device cuda --batch-size 65536
 cli 60 bench mem --device cuda
-# Issue 7: 2D on one GPU (4 in-process ranks, own streams and pool arenas); target: grid 2x2
+# 2D on one GPU (4 in-process ranks, own streams and pool arenas); target: grid 2x2
 # >= 3x the torch reference of the same model and >= 20x the 2-core CPU backend.
 cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
 cli 150 bench dlrm --device cuda --grid 2x2 --batch-size 65536
@@ -124,7 +127,7 @@ for t in "engine-lib-test staging" "cuda-lib-test dmabuf" "cuda-backend-test ''"
     timeout 150 .gpu/$1 $2 --ignored --nocapture 2>&1 | grep -E "^test |test result|dma-buf|panicked|needs" | tee -a "$OUT/cli.txt"
     echo "(exit ${PIPESTATUS[0]})" | tee -a "$OUT/cli.txt"
 done
-echo "== NCCL 1-rank smoke test and bench (issue 6)"
+echo "== NCCL 1-rank smoke test and bench"
 timeout 120 .gpu/nccl-test --ignored --skip one_rank_per_gpu --nocapture 2>&1 | tail -30 | tee -a "$OUT/cli.txt"
 cli 60 bench a2a --transport nccl --ranks 1 -b 1K -e 64M -f 4
 cli 60 bench allreduce --transport nccl --ranks 1 -b 1K -e 64M -f 4
@@ -134,7 +137,7 @@ echo "== torch reference"
 PYTHONUNBUFFERED=1 timeout 120 $PY .gpu/torch_ref.py --md "$OUT/torch.md" || echo "torch reference failed"
 
 {
-    echo "# GPU results (issue 5)"
+    echo "# GPU results"
     echo
     echo "Produced by \`tools/gpu-check.sh\` on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null), $(date -u +%F)."
     echo

@@ -384,7 +384,7 @@ extern "C" __global__ void widen_u32(const u32* __restrict__ in, const u32* __re
 }
 
 // =============================================================================================
-// Fast fused backward (issue 5, second version). Host sequence, no host round trip:
+// Fast fused backward (the general path, sort + RLE, is above). Host sequence, no host round trip:
 //   emb_keys_bags        keys = local row (u32), vals = bag (u32); zeroes the long-run counters
 //   radix sort           ceil(log2(rows)/8) passes; stable, so within a row bags stay ascending
 //   emb_bwd_fused{1,4}   one group of T = next_pow2(cols/4) (<= 32) lanes per sorted position;

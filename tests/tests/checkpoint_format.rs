@@ -1,4 +1,4 @@
-//! Checkpoints (issue 8): bitwise save→load round trips (single process and 2D), resharding
+//! Checkpoints: bitwise save→load round trips (single process and 2D), resharding
 //! across grids and plans with the accumulator rescaled by c_new / c_old, crash injection at
 //! every failpoint of the writer, corruption of every file kind, pruning to K, and .npy export.
 use ember_engine::backend::{Buffers, Cpu};

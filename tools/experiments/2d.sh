@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Reproduces every number in docs/2d.md (2D sparse parallelism: model quality and speed).
 #
-#   CARGO_TARGET_DIR=/work/target-exp cargo build --release -p ember-tools
+#   cargo build --release -p ember-tools        (or set EMBER to another ember binary)
 #   tools/experiments/2d.sh [quality|lr|fully-sharded|speed|bytes|plan|sync|summary|all]   (default: all)
 #
 # Raw results go to $OUT (default /tmp/ember-2d) as JSON lines, one per run; `summary` prints
 # the markdown tables of docs/2d.md from them. Quality numbers are deterministic (fixed seeds);
 # speed numbers depend on the machine's load (recorded with each run from /proc/loadavg).
 set -euo pipefail
-E=${EMBER:-/work/target-exp/release/ember}
+E=${EMBER:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/ember}
 OUT=${OUT:-/tmp/ember-2d}
 RUNS=${RUNS:-3}
 mkdir -p "$OUT"
@@ -59,10 +59,10 @@ speed() {
 
 bytes() {
   # Measured sparse-collective bytes per rank per step, one sharding type forced on every table.
-  # a2a_bytes_per_rank also counts the final evaluation's forward passes (16384 eval samples =
-  # 4 global batches), divided by the step count; the summary therefore takes the difference of
-  # a 2-step and a 4-step run: per step = (4·a(4) − 2·a(2)) / 2. Predictions from `ember plan`
-  # when it is wired (it prints "not implemented yet" before the 2D issue's plan command lands).
+  # a2a_bytes_per_rank counts the training steps only (the final evaluation's forward passes are
+  # not counted), divided by the step count, so each run gives bytes per step directly; the 2- and
+  # 4-step runs differ only by their random ids (the summary also prints (4·a(4) − 2·a(2)) / 2, the
+  # per-step bytes of steps 3 and 4). Predictions from `ember plan --json` of the same model.
   local f=$OUT/bytes.jsonl p=$OUT/plan.jsonl; : >"$f"; : >"$p"
   for s in table row column table-row; do
     for g in 1x8 4x2; do

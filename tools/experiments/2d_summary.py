@@ -74,14 +74,14 @@ b = groups(load("bytes.jsonl"))
 p = {r["tag"]: r for r in load("plan.jsonl")}
 if b:
     print("### Sparse-collective bytes per rank per step (bench, max-rows 100000, B = 4096; rank 0)\n")
-    print("| sharding | grid | a2a_bytes_per_rank, 2 steps | 4 steps | per training step (4·a4 − 2·a2)/2 | plan: ids + 2 x outputs |")
+    print("| sharding | grid | a2a_bytes_per_rank, 2 steps | 4 steps | steps 3 and 4, per step (4·a4 − 2·a2)/2 | plan: ids + 2 x outputs |")
     print("|---|---|---|---|---|---|")
     keys = sorted({t.rsplit(" steps=", 1)[0] for t in b}, key=lambda t: list(b).index(t + " steps=2"))
     for k in keys:
         a2, a4 = b[k + " steps=2"][0]["a2a_bytes_per_rank"], b[k + " steps=4"][0]["a2a_bytes_per_rank"]
         sh = k.split()[0]
         pr = p.get(k)
-        pc = "ember plan not wired"
+        pc = "no plan row"
         if pr:
             v = pr["a2a_mean_bytes_per_rank"].get(sh.replace("-", "_") + "_wise", {"ids": 0, "outputs": 0})
             pc = f"{v['ids'] + 2 * v['outputs']:.0f}"

@@ -1,5 +1,5 @@
 //! The fused embedding backward + optimizer on the device: the fast path (keys/bags, radix
-//! sort, one fused kernel over sorted positions) and the first-version update kernels over a
+//! sort, one fused kernel over sorted positions) and the general path's update kernels over a
 //! sorted, run-length encoded `Prep` (also the row-gradient mode of `embedding_row_grads`).
 use super::embedding::Opt;
 use super::sort::Prep;

@@ -52,7 +52,7 @@ pub struct Cuda {
     gpu: Arc<Gpu>,
     /// Serialises operations that use the arena (Backend is Sync).
     op: Mutex<()>,
-    /// Use the first-version backward (sort + RLE + warp per row) for every shard; set from
+    /// Use the general backward (sort + RLE + warp per row) for every shard; set from
     /// `EMBER_CUDA_BWD=legacy` at open, or by `set_legacy_backward` (benchmarks compare both).
     legacy_bwd: std::sync::atomic::AtomicBool,
     /// NCCL communicators of this rank (created on first use).
@@ -101,7 +101,7 @@ impl Cuda {
         ember_cuda::device::probe(0).map_err(dev)
     }
 
-    /// Select the first-version fused backward (true) or the fast one (false, the default).
+    /// Select the general fused backward (true: sort + RLE, any layout) or the fast one (false, the default).
     pub fn set_legacy_backward(&self, on: bool) {
         self.legacy_bwd.store(on, std::sync::atomic::Ordering::Relaxed);
     }

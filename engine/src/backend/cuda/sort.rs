@@ -1,6 +1,6 @@
 //! Device sorting of one backward call's occurrences: the in-place exclusive scan, the stable
 //! LSD radix sort of (row, position) pairs, and the sort + run-length encoding (`Prep`) that the
-//! first-version backward and `embedding_row_grads` start from. All scratch is arena memory.
+//! general (sort-based) backward and `embedding_row_grads` start from. All scratch is arena memory.
 use super::*;
 
 /// Sorted and run-length encoded occurrences of one backward call (arena scratch).
