@@ -76,8 +76,9 @@ impl Fabric for LocalFabric {
         match target {
             Ok(Some(buf)) => {
                 // SAFETY: claim checked len <= the posted capacity; the receiver keeps the buffer
-                // alive until the slot leaves `Writing` (cancel waits for it).
-                std::ptr::copy_nonoverlapping(data, buf.0, len);
+                // alive until the slot leaves `Writing` (cancel waits for it); `data` holds `len`
+                // readable bytes (the `send` contract) and is not the receiver's buffer.
+                unsafe { std::ptr::copy_nonoverlapping(data, buf.0, len) };
                 mb.complete(me, tag, Dir::Recv, len);
                 Ok(())
             }

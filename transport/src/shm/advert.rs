@@ -351,7 +351,7 @@ impl ShmFabric {
             return Err(self.proto(src, format!("chunk of {tag:?} for advertisement {k} (generation {gen}) we did not make")));
         };
         let (off, total) = (rec.addr, rec.total);
-        if off != la.got as u64 || off.checked_add(data.len() as u64).map_or(true, |e| e > total) || data.is_empty() || (off > 0 && total != la.total) {
+        if off != la.got as u64 || off.checked_add(data.len() as u64).is_none_or(|e| e > total) || data.is_empty() || (off > 0 && total != la.total) {
             let detail = format!("chunk of {} bytes at offset {off} of a {total}-byte message (expected offset {} of {})", data.len(), la.got, la.total);
             return Err(self.proto(src, detail));
         }

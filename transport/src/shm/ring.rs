@@ -138,7 +138,7 @@ impl ShmFabric {
         while *tail < head {
             let idx = (*tail % RING_CAP as u64) as usize;
             let avail = (head - *tail) as usize;
-            if idx % HDR != 0 || avail < HDR {
+            if !idx.is_multiple_of(HDR) || avail < HDR {
                 return Err(self.proto(s, "misaligned ring record".into()));
             }
             let mut rec = Rec::zeroed();
@@ -174,8 +174,10 @@ impl ShmFabric {
                         crate::mailbox::Mailbox::claim(&mut t, s, tag, len, "shm receive")
                     };
                     match claimed {
-                        // SAFETY: claim checked len against the posted capacity.
                         Ok(Some(buf)) => {
+                            // SAFETY: claim checked len against the posted capacity, and the
+                            // receiver keeps the buffer valid until the message completes; the
+                            // payload is this ring's record, not the receiver's buffer.
                             unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.0, len) };
                             self.mb.complete(s, tag, Dir::Recv, len);
                         }
