@@ -22,8 +22,6 @@ pub mod dmabuf;
 pub mod nvrtc;
 /// The NCCL fallback: collectives on device buffers through libnccl (feature `nccl`).
 #[cfg(feature = "nccl")]
-// Not yet under the unsafe lints: some of its unsafe blocks still lack SAFETY notes.
-#[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod nccl;
 
 #[cfg(feature = "cuda")]

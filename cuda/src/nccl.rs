@@ -167,7 +167,9 @@ fn guard<R>(f: impl FnOnce() -> Result<R, nr::NcclError>) -> Result<R, Fail> {
 /// `p` is null or a NUL-terminated string that lives while we copy it.
 unsafe fn cstr(p: *const std::ffi::c_char) -> Option<String> {
     (!p.is_null())
-        .then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        // SAFETY: non-null here, so a NUL-terminated string alive while we copy it (this
+        // function's contract).
+        .then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
 }
 

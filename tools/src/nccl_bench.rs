@@ -64,9 +64,10 @@ struct NcclBuffers<'a> {
 }
 
 impl SizeBuffers for NcclBuffers<'_> {
-    fn load(&mut self, input: &[f32]) -> Result<(), String> {
-        self.dev.htod(&mut self.send, input)?;
-        self.dev.htod(&mut self.recv, &vec![f32::NAN; input.len()])
+    fn load(&mut self, input: &dyn Fn(usize) -> f32) -> Result<(), String> {
+        let host: Vec<f32> = (0..self.send.len()).map(input).collect();
+        self.dev.htod(&mut self.send, &host)?;
+        self.dev.htod(&mut self.recv, &vec![f32::NAN; host.len()])
     }
     fn run(&mut self) -> Result<(), String> {
         match self.which {

@@ -39,7 +39,9 @@ impl Regions {
     /// As [`Comm::register_region`]: the memory stays allocated until `unregister` succeeded
     /// or the endpoint is gone.
     pub unsafe fn register(&self, addr: u64, len: usize) -> Result<()> {
-        self.fabric.register_region(addr, len)
+        // SAFETY: the caller keeps the memory allocated as `Fabric::register_region` asks (this
+        // function's contract is the same).
+        unsafe { self.fabric.register_region(addr, len) }
     }
     /// As [`Comm::unregister_region`].
     pub fn unregister(&self, addr: u64) -> Result<()> {
@@ -157,7 +159,7 @@ impl Comm {
     /// All-to-all with equal blocks: `send.len() == recv.len() == size * block`.
     pub fn all_to_all<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let n = self.size();
-        if send.len() % n != 0 || recv.len() != send.len() {
+        if !send.len().is_multiple_of(n) || recv.len() != send.len() {
             return Err(Error::usage("all_to_all", format!("buffers of {} and {} elements for {n} ranks", send.len(), recv.len())));
         }
         let c = vec![send.len() / n; n];
@@ -256,7 +258,9 @@ impl Comm {
     /// The memory must stay allocated (never freed or re-mapped) until
     /// [`Self::unregister_region`] returned `Ok` or every communicator of this world is dropped.
     pub unsafe fn register_region(&self, addr: u64, len: usize) -> Result<()> {
-        self.inner.g.fabric.register_region(addr, len)
+        // SAFETY: the caller keeps the memory allocated as `Fabric::register_region` asks (this
+        // function's contract is the same).
+        unsafe { self.inner.g.fabric.register_region(addr, len) }
     }
 
     /// Deregister the region that starts at `addr`; a usage error while a message inside it is

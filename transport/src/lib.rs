@@ -8,10 +8,15 @@
 //! * The algorithms (`coll`) are written once over the [`fabric::Fabric`] primitives that the
 //!   backends (`local`, `shm`, `tcp`) implement. See docs/transport.md.
 //! * [`bench`]: the nccl-tests-style microbenchmark of the collectives (`ember bench a2a`).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 mod agree;
 mod auth;
 pub mod bench;
 pub mod bootstrap;
+// Not yet under the unsafe lints: some of its unsafe blocks lack SAFETY notes, and its unsafe
+// functions' bodies are not yet explicit unsafe blocks.
+#[allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 mod coll;
 mod comm;
 mod conn;

@@ -49,6 +49,8 @@ pub(crate) type KeyMap<V> = HashMap<Key, V, std::hash::BuildHasherDefault<KeyHas
 /// A raw pointer that may cross threads (its validity is the caller's contract, see `Fabric`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RawBuf(pub *mut u8);
+// SAFETY: only an address: whoever dereferences it holds the Fabric contract that keeps the
+// buffer valid, from whichever thread.
 unsafe impl Send for RawBuf {}
 
 #[derive(Debug)]

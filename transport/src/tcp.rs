@@ -789,6 +789,7 @@ mod tests {
         let tag = Tag { ctx: 1, seq: 0, round: 0 };
         let w = Wait::new("test", Duration::from_secs(1));
         let mut buf = [0u8; 8];
+        // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
         unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), 8, &w).unwrap() };
         let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: 1 << 40 };
         s.write_all(bytemuck::bytes_of(&f)).unwrap();
@@ -827,6 +828,7 @@ mod tests {
         let w = Wait::new("test", Duration::from_secs(2));
         let tag = Tag { ctx: 1, seq: 0, round: 0 };
         let mut got = [0u8; 4];
+        // SAFETY: `got` (4 bytes) and the 4-byte literal outlive both messages, waited for below.
         unsafe {
             f1.post_recv(0, tag, got.as_mut_ptr(), 4, &w).unwrap();
             f0.send(1, tag, [1u8, 2, 3, 4].as_ptr(), 4, &w).unwrap();
@@ -891,6 +893,7 @@ mod tests {
         let w = Wait::new("test", Duration::from_millis(300));
         let len = 200_000;
         let mut buf = vec![0u8; len];
+        // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
         unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), len, &w).unwrap() };
         let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: len as u64 };
         s.write_all(bytemuck::bytes_of(&f)).unwrap();
@@ -913,6 +916,7 @@ mod tests {
         let tag2 = Tag { ctx: 1, seq: 1, round: 0 };
         let mut small = [0u8; 3];
         let w = Wait::new("test", Duration::from_secs(2));
+        // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
         unsafe { f1.post_recv(0, tag2, small.as_mut_ptr(), 3, &w).unwrap() };
         s.write_all(bytemuck::bytes_of(&Frame { magic: MAGIC, round: 0, ctx: 1, seq: 1, len: 3 })).unwrap();
         s.write_all(&[7, 8, 9]).unwrap();

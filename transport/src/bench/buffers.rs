@@ -78,8 +78,10 @@ impl<'a> HostBuffers<'a> {
 }
 
 impl SizeBuffers for HostBuffers<'_> {
-    fn load(&mut self, input: &[f32]) -> Result<(), String> {
-        self.send.copy_from_slice(input);
+    fn load(&mut self, input: &dyn Fn(usize) -> f32) -> Result<(), String> {
+        for (i, x) in self.send.iter_mut().enumerate() {
+            *x = input(i);
+        }
         self.recv.fill(f32::NAN);
         Ok(())
     }
@@ -115,8 +117,9 @@ struct EmuDeviceBuffers<'a> {
 }
 
 impl SizeBuffers for EmuDeviceBuffers<'_> {
-    fn load(&mut self, input: &[f32]) -> Result<(), String> {
-        self.send.write(0, bytemuck::cast_slice(input));
+    fn load(&mut self, input: &dyn Fn(usize) -> f32) -> Result<(), String> {
+        let v: Vec<f32> = (0..self.send.len() / 4).map(input).collect();
+        self.send.write(0, bytemuck::cast_slice(&v));
         self.recv.write(0, &vec![0xff; self.recv.len()]);
         Ok(())
     }

@@ -172,8 +172,9 @@ pub fn max_over(c: &Comm, x: f64) -> crate::Result<f64> {
 /// The buffers of one size on one rank and the collective on them: what the sweep needs from
 /// the place the bytes live.
 pub trait SizeBuffers {
-    /// Set the input (the send buffer's `lens().0` floats) and poison the output.
-    fn load(&mut self, input: &[f32]) -> Result<(), String>;
+    /// Set the input (element `i` of the send buffer's `lens().0` floats: `input(i)`, written
+    /// in place) and poison the output.
+    fn load(&mut self, input: &dyn Fn(usize) -> f32) -> Result<(), String>;
     /// Run the collective once (it may only be enqueued: see [`Self::sync`]).
     fn run(&mut self) -> Result<(), String>;
     /// Wait until every run enqueued so far has completed (host collectives: they have).
@@ -200,7 +201,7 @@ pub fn sweep<B: SizeBuffers>(which: Collective, c: &Comm, o: &BenchOptions, mut 
     while size <= max {
         let count = (size / 4).max(1);
         let send_len = (which.table().lens)(count, n).0;
-        let input = |rep| (0..send_len).map(|i| seed(me, rep, i / count, i % count)).collect::<Vec<f32>>();
+        let input = |rep| move |i| seed(me, rep, i / count, i % count);
         let mut b = buffers(count)?;
         b.load(&input(0))?;
         for _ in 0..o.warmup {

@@ -131,7 +131,7 @@ impl JoinConfig {
             // rank sees (one host: the runtime or temp directory; several: EMBER_RENDEZVOUS_DIR).
             let dir = job_dir(&get);
             let job: String = job.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
-            Rendezvous::JobFile(PathBuf::from(dir).join(format!("ember-{job}.rdv")))
+            Rendezvous::JobFile(dir.join(format!("ember-{job}.rdv")))
         } else if size == 1 {
             Rendezvous::Addr("127.0.0.1:0".into())
         } else {

@@ -151,7 +151,7 @@ pub(crate) fn serve(cfg: &JoinConfig, me: &mut Entry, adv_ip: &mut Option<String
         Rendezvous::File(_) | Rendezvous::JobFile(_) => 0,
     };
     let bind = std::net::SocketAddr::new(listen_ip(&cfg.rendezvous), port);
-    let l = TcpListener::bind(&bind).map_err(|e| Error::Bootstrap(format!("rendezvous: bind {bind}: {e}")))?;
+    let l = TcpListener::bind(bind).map_err(|e| Error::Bootstrap(format!("rendezvous: bind {bind}: {e}")))?;
     if let Rendezvous::File(p) | Rendezvous::JobFile(p) = &cfg.rendezvous {
         use std::os::unix::fs::OpenOptionsExt;
         if matches!(cfg.rendezvous, Rendezvous::JobFile(_)) {
@@ -347,7 +347,7 @@ mod tests {
         let slow = std::thread::spawn(move || {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             // A plausible field length, then the bytes one by one.
-            let bytes = [8u8, 0, 0, 0].into_iter().chain(std::iter::repeat(b'E').take(16));
+            let bytes = [8u8, 0, 0, 0].into_iter().chain(std::iter::repeat_n(b'E', 16));
             for b in bytes {
                 if s.write_all(&[b]).is_err() {
                     break;

@@ -682,6 +682,7 @@ impl Drop for DeviceMem {
     }
 }
 
-// SAFETY: plain addresses of mappings owned by the value.
+// SAFETY: plain addresses of mappings owned by the value; the mappings are not tied to a thread.
 unsafe impl Send for DeviceMem {}
+// SAFETY: `&DeviceMem` only reads the addresses and reads device memory; writes take `&mut`.
 unsafe impl Sync for DeviceMem {}

@@ -135,7 +135,8 @@ pub mod sys {
     /// Plain library call; the pointers are valid until `free_devices(list)`.
     pub unsafe fn devices() -> Result<DeviceList, String> {
         let mut num: i32 = 0;
-        let list = ffi::ibv_get_device_list(&mut num);
+        // SAFETY: `num` is a live i32 the library writes the count into.
+        let list = unsafe { ffi::ibv_get_device_list(&mut num) };
         if list.is_null() {
             let e = last_errno();
             return Err(match e {
@@ -145,12 +146,15 @@ pub mod sys {
         }
         let mut out = Vec::new();
         for i in 0..num.max(0) as usize {
-            let d = *list.add(i);
+            // SAFETY: the non-NULL list holds `num` device pointers (and a NULL terminator).
+            let d = unsafe { *list.add(i) };
             if d.is_null() {
                 break;
             }
-            let name = ffi::ibv_get_device_name(d);
-            let name = if name.is_null() { format!("device{i}") } else { CStr::from_ptr(name).to_string_lossy().into_owned() };
+            // SAFETY: `d` is a device of the live list.
+            let name = unsafe { ffi::ibv_get_device_name(d) };
+            // SAFETY: a non-NULL name is a NUL-terminated string owned by the device, alive with the list.
+            let name = if name.is_null() { format!("device{i}") } else { unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned() };
             out.push((name, d));
         }
         Ok((list, out))
@@ -159,13 +163,15 @@ pub mod sys {
     /// # Safety
     /// `list` from `devices`, freed once.
     pub unsafe fn free_devices(list: *mut *mut ffi::ibv_device) {
-        ffi::ibv_free_device_list(list);
+        // SAFETY: `list` came from `devices` and is freed once (this function's contract).
+        unsafe { ffi::ibv_free_device_list(list) };
     }
 
     /// # Safety
     /// `d` from a live device list.
     pub unsafe fn open(d: *mut ffi::ibv_device, name: &str) -> Result<*mut ffi::ibv_context, String> {
-        let c = ffi::ibv_open_device(d);
+        // SAFETY: `d` is a device of a live list (this function's contract).
+        let c = unsafe { ffi::ibv_open_device(d) };
         if c.is_null() {
             return Err(format!("ibv_open_device({name}): {}", errno_text(last_errno())));
         }
@@ -175,8 +181,10 @@ pub mod sys {
     /// # Safety
     /// `ctx` open.
     pub unsafe fn query_device(ctx: *mut ffi::ibv_context) -> Result<ffi::ibv_device_attr, String> {
-        let mut a: ffi::ibv_device_attr = std::mem::zeroed();
-        let rc = ffi::ibv_query_device(ctx, &mut a);
+        // SAFETY: a plain C struct of integers and arrays: all-zero is a valid value.
+        let mut a: ffi::ibv_device_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: `ctx` is open (this function's contract); `a` is a live struct it fills.
+        let rc = unsafe { ffi::ibv_query_device(ctx, &mut a) };
         if rc != 0 {
             return Err(format!("ibv_query_device: {}", errno_text(rc)));
         }
@@ -188,8 +196,11 @@ pub mod sys {
     pub unsafe fn query_port(ctx: *mut ffi::ibv_context, port: u8) -> Result<ffi::ibv_port_attr, String> {
         // The exported symbol fills the compat layout, a prefix of `ibv_port_attr` (what verbs.h's
         // inline wrapper falls back to as well).
-        let mut a: ffi::ibv_port_attr = std::mem::zeroed();
-        let rc = ffi::ibv_query_port(ctx, port, &mut a as *mut ffi::ibv_port_attr as *mut ffi::_compat_ibv_port_attr);
+        // SAFETY: a plain C struct of integers: all-zero is a valid value.
+        let mut a: ffi::ibv_port_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: `ctx` is open (this function's contract); the compat layout the call fills is
+        // a prefix of the live `ibv_port_attr` it points into.
+        let rc = unsafe { ffi::ibv_query_port(ctx, port, &mut a as *mut ffi::ibv_port_attr as *mut ffi::_compat_ibv_port_attr) };
         if rc != 0 {
             return Err(format!("ibv_query_port(port {port}): {}", errno_text(rc)));
         }
@@ -199,18 +210,22 @@ pub mod sys {
     /// # Safety
     /// `ctx` open.
     pub unsafe fn query_gid(ctx: *mut ffi::ibv_context, port: u8, index: u32) -> Result<[u8; 16], String> {
-        let mut g: ffi::ibv_gid = std::mem::zeroed();
-        let rc = ffi::ibv_query_gid(ctx, port, index as i32, &mut g);
+        // SAFETY: a union of byte arrays and integers: all-zero is a valid value.
+        let mut g: ffi::ibv_gid = unsafe { std::mem::zeroed() };
+        // SAFETY: `ctx` is open (this function's contract); `g` is a live union it fills.
+        let rc = unsafe { ffi::ibv_query_gid(ctx, port, index as i32, &mut g) };
         if rc != 0 {
             return Err(format!("ibv_query_gid(port {port}, index {index}): {}", errno_text(if rc == -1 { last_errno() } else { rc })));
         }
-        Ok(g.raw)
+        // SAFETY: every field of the union is plain bytes; `raw` covers all 16.
+        Ok(unsafe { g.raw })
     }
 
     /// # Safety
     /// `ctx` open.
     pub unsafe fn close(ctx: *mut ffi::ibv_context) {
-        if ffi::ibv_close_device(ctx) != 0 {
+        // SAFETY: `ctx` is open and closed once (this function's contract).
+        if unsafe { ffi::ibv_close_device(ctx) } != 0 {
             tracing::warn!("rdma: ibv_close_device failed");
         }
     }
@@ -221,9 +236,11 @@ pub mod sys {
     /// `qp` live; `wr` well formed, its sges registered.
     pub unsafe fn post_send(qp: *mut ffi::ibv_qp, wr: *mut ffi::ibv_send_wr) -> i32 {
         let mut bad: *mut ffi::ibv_send_wr = std::ptr::null_mut();
-        let ctx = (*qp).context;
-        match (*ctx).ops.post_send {
-            Some(f) => f(qp, wr, &mut bad),
+        // SAFETY: `qp` is live (this function's contract), so it and its context can be read.
+        let op = unsafe { (*(*qp).context).ops.post_send };
+        match op {
+            // SAFETY: the provider's post_send on a live QP and a well-formed work request.
+            Some(f) => unsafe { f(qp, wr, &mut bad) },
             None => libc::ENOSYS,
         }
     }
@@ -234,9 +251,11 @@ pub mod sys {
     /// `qp` live; `wr` well formed.
     pub unsafe fn post_recv(qp: *mut ffi::ibv_qp, wr: *mut ffi::ibv_recv_wr) -> i32 {
         let mut bad: *mut ffi::ibv_recv_wr = std::ptr::null_mut();
-        let ctx = (*qp).context;
-        match (*ctx).ops.post_recv {
-            Some(f) => f(qp, wr, &mut bad),
+        // SAFETY: `qp` is live (this function's contract), so it and its context can be read.
+        let op = unsafe { (*(*qp).context).ops.post_recv };
+        match op {
+            // SAFETY: the provider's post_recv on a live QP and a well-formed work request.
+            Some(f) => unsafe { f(qp, wr, &mut bad) },
             None => libc::ENOSYS,
         }
     }
@@ -246,9 +265,11 @@ pub mod sys {
     /// # Safety
     /// `cq` live; `wc` has room for `n`.
     pub unsafe fn poll_cq(cq: *mut ffi::ibv_cq, n: i32, wc: *mut ffi::ibv_wc) -> i32 {
-        let ctx = (*cq).context;
-        match (*ctx).ops.poll_cq {
-            Some(f) => f(cq, n, wc),
+        // SAFETY: `cq` is live (this function's contract), so it and its context can be read.
+        let op = unsafe { (*(*cq).context).ops.poll_cq };
+        match op {
+            // SAFETY: the provider's poll_cq on a live CQ, `wc` with room for `n` completions.
+            Some(f) => unsafe { f(cq, n, wc) },
             None => -libc::ENOSYS,
         }
     }
@@ -276,17 +297,22 @@ fn port_rate(dev: &str, port: u8) -> String {
 
 /// Pick the GID index (RoCE default: first RoCE v2 entry with an IPv4-mapped address, else the
 /// first RoCE v2 entry, else 0; InfiniBand default 0).
+///
+/// # Safety
+/// `ctx` open.
 unsafe fn pick_gid(ctx: *mut ffi::ibv_context, dev: &str, port: u8, roce: bool, table_len: i32, want: Option<u32>) -> Result<(u32, [u8; 16]), String> {
     if let Some(i) = want {
         if table_len > 0 && i as i64 >= table_len as i64 {
             return Err(format!("EMBER_IB_GID_INDEX={i}: {dev} port {port} has {table_len} GID entries"));
         }
-        return Ok((i, sys::query_gid(ctx, port, i)?));
+        // SAFETY: `ctx` is open (this function's contract).
+        return Ok((i, unsafe { sys::query_gid(ctx, port, i) }?));
     }
     if roce {
         let mut first_v2 = None;
         for i in 0..table_len.clamp(0, 256) as u32 {
-            let Ok(g) = sys::query_gid(ctx, port, i) else { continue };
+            // SAFETY: `ctx` is open (this function's contract).
+            let Ok(g) = (unsafe { sys::query_gid(ctx, port, i) }) else { continue };
             if g.iter().all(|&b| b == 0) {
                 continue;
             }
@@ -301,7 +327,8 @@ unsafe fn pick_gid(ctx: *mut ffi::ibv_context, dev: &str, port: u8, roce: bool, 
             return Ok(x);
         }
     }
-    Ok((0, sys::query_gid(ctx, port, 0).unwrap_or([0; 16])))
+    // SAFETY: `ctx` is open (this function's contract).
+    Ok((0, unsafe { sys::query_gid(ctx, port, 0) }.unwrap_or([0; 16])))
 }
 
 /// Open the device and port this process should use. Returns the context (caller closes it).
@@ -431,6 +458,8 @@ pub struct IbVerbs {
 // SAFETY: libibverbs objects may be used from any thread (the library and providers lock
 // internally); the Rust-side state is behind mutexes.
 unsafe impl Send for IbVerbs {}
+// SAFETY: as for Send: the verbs calls made through `&IbVerbs` are thread-safe in libibverbs,
+// and every field mutated through `&self` is an atomic or behind a mutex.
 unsafe impl Sync for IbVerbs {}
 
 fn random_psn(salt: u64) -> u32 {
@@ -690,10 +719,13 @@ impl Verbs for IbVerbs {
             // (only then: a registration refused for another reason, e.g. device memory without
             // peer-memory support, fails the plain call too).
             let ro = base | ffi::ibv_access_flags::IBV_ACCESS_RELAXED_ORDERING.0;
-            mr = ffi::ibv_reg_mr_iova2(self.pd, addr as *mut _, len, addr as u64, ro);
+            // SAFETY: `pd` is live while `self` is; the memory stays valid until `deregister`
+            // (this function's contract).
+            mr = unsafe { ffi::ibv_reg_mr_iova2(self.pd, addr as *mut _, len, addr as u64, ro) };
         }
         if mr.is_null() {
-            mr = ffi::ibv_reg_mr(self.pd, addr as *mut _, len, base as i32);
+            // SAFETY: as above.
+            mr = unsafe { ffi::ibv_reg_mr(self.pd, addr as *mut _, len, base as i32) };
             if relaxed && !mr.is_null() {
                 self.relaxed.store(false, Ordering::Relaxed);
             }
@@ -707,9 +739,13 @@ impl Verbs for IbVerbs {
                 None => return Err(why),
                 Some(Err(x)) => return Err(format!("{why}; dma-buf export: {x}")),
                 Some(Ok((fd, off))) => {
-                    let m = ffi::ibv_reg_dmabuf_mr(self.pd, off, len, addr as u64, fd, base as i32);
+                    // SAFETY: `pd` is live; `fd` is the exporter's new dma-buf descriptor for a
+                    // range holding `[addr, +len)` at `off`, valid until `deregister`.
+                    let m = unsafe { ffi::ibv_reg_dmabuf_mr(self.pd, off, len, addr as u64, fd, base as i32) };
                     let e2 = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                    libc::close(fd);
+                    // SAFETY: the descriptor is ours (the exporter hands it over) and closed once;
+                    // the registration holds its own reference to the dma-buf.
+                    unsafe { libc::close(fd) };
                     if m.is_null() {
                         return Err(format!("{why}; ibv_reg_dmabuf_mr: {}", sys::errno_text(e2)));
                     }
@@ -717,7 +753,8 @@ impl Verbs for IbVerbs {
                 }
             };
         }
-        let (lkey, rkey) = ((*mr).lkey, (*mr).rkey);
+        // SAFETY: `mr` is a non-NULL region the library returned, live until deregistered.
+        let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
         self.mrs.lock().unwrap_or_else(|e| e.into_inner()).insert(lkey, mr as usize);
         Ok(Mr { addr: addr as u64, len, lkey, rkey })
     }
@@ -742,7 +779,8 @@ impl Verbs for IbVerbs {
         for (d, s) in sg.iter_mut().zip(sges) {
             *d = ffi::ibv_sge { addr: s.addr, length: s.len, lkey: s.lkey };
         }
-        let mut wr: ffi::ibv_send_wr = std::mem::zeroed();
+        // SAFETY: a plain C struct of integers, pointers and unions of them: all-zero is valid.
+        let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
         wr.next = std::ptr::null_mut();
         wr.sg_list = if sges.is_empty() { std::ptr::null_mut() } else { sg.as_mut_ptr() };
@@ -752,7 +790,9 @@ impl Verbs for IbVerbs {
         wr.__bindgen_anon_1.imm_data = imm.to_be();
         wr.wr.rdma.remote_addr = raddr;
         wr.wr.rdma.rkey = rkey;
-        match sys::post_send(q.qp, &mut wr) {
+        // SAFETY: the QP lives as long as `self`; `wr` is well formed and its sges lie in
+        // regions registered here, valid until the completion (this function's contract).
+        match unsafe { sys::post_send(q.qp, &mut wr) } {
             0 => Ok(()),
             rc if rc == libc::ENOMEM || rc == -libc::ENOMEM => Err(PostError::QueueFull),
             rc => Err(PostError::Fatal(format!("ibv_post_send to rank {peer}: {}", sys::errno_text(rc)))),

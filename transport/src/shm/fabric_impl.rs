@@ -104,7 +104,8 @@ impl Fabric for ShmFabric {
         self.check_failed(w.op)?;
         if len <= eager_max() {
             let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
-            self.push_wait(dst, &rec, std::slice::from_raw_parts(data, len), w)?;
+            // SAFETY: `data` holds `len` readable bytes until `wait_send` (the `send` contract).
+            self.push_wait(dst, &rec, unsafe { std::slice::from_raw_parts(data, len) }, w)?;
             self.mb.complete(dst, tag, Dir::Send, 0);
             stat(0);
         } else if self.is_staged() {

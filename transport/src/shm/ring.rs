@@ -214,8 +214,10 @@ impl ShmFabric {
                         crate::mailbox::Mailbox::claim(&mut t, s, tag, len, "shm receive")
                     };
                     match claimed {
-                        // SAFETY: claim checked len against the posted capacity.
                         Ok(Some(buf)) => {
+                            // SAFETY: claim checked len against the posted capacity, and the
+                            // receiver keeps the buffer valid until the message completes; the
+                            // payload is this ring's record, not the receiver's buffer.
                             unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.0, len) };
                             self.mb.complete(s, tag, Dir::Recv, len);
                         }

@@ -182,7 +182,11 @@ pub(super) fn open_peer(path: &Path, rank: usize, size: usize) -> Result<(MmapMu
 }
 
 pub(super) struct Ring(pub(super) *mut u8);
+// SAFETY: the address of a shared mapping that lives as long as the fabric owning it; it is not
+// tied to a thread.
 unsafe impl Send for Ring {}
+// SAFETY: every access through it is to the ring's atomics or to slots the ring protocol hands
+// to one side at a time.
 unsafe impl Sync for Ring {}
 impl Ring {
     pub(super) fn ctl(&self) -> &RingCtl {

@@ -48,6 +48,7 @@ fn advertised_receive_is_written_once_by_the_sender() {
     let len = 100_000;
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let mut buf = vec![0u8; len + 64];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
     assert!(f0.try_direct(1, tag(1), data.as_ptr(), len, false).unwrap(), "advertisement not found");
     f0.wait_send(1, tag(1), &w).unwrap();
@@ -57,7 +58,9 @@ fn advertised_receive_is_written_once_by_the_sender() {
     assert_eq!(f1.adv_live.load(Ordering::Relaxed), 0);
     // Too long for the advertised buffer: not written directly; RTS reports the overflow.
     buf.fill(0);
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(2), buf.as_mut_ptr(), 1000 * 16, &w).unwrap() };
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(2), data.as_ptr(), len, &w).unwrap() };
     let e = f1.wait_recv(0, tag(2), &w).unwrap_err();
     assert!(matches!(e, Error::Protocol { peer: 0, .. }), "{e}");
@@ -73,8 +76,10 @@ fn receive_posted_after_its_rts_is_written_by_the_idle_sender_or_fetched() {
     let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
     // (a) The sender, waiting, claims the advertisement and writes.
     let mut buf = vec![0u8; len];
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() }; // no advertisement yet: RTS
     f1.poll().unwrap(); // the RTS arrives before the receive is posted
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
     assert_eq!(f1.adv_lock().deferred.len(), 1);
     f0.wait_send(1, tag(1), &w).unwrap(); // polls: claims and writes
@@ -83,8 +88,10 @@ fn receive_posted_after_its_rts_is_written_by_the_idle_sender_or_fetched() {
     assert!(f1.adv_lock().deferred.is_empty());
     // (b) The receiver waits first: it revokes and fetches, the FIN releases the sender.
     let mut buf = vec![0u8; len];
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(2), data.as_ptr(), len, &w).unwrap() };
     f1.poll().unwrap();
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(2), buf.as_mut_ptr(), len, &w).unwrap() };
     assert_eq!(f1.wait_recv(0, tag(2), &w).unwrap(), len);
     assert_eq!(buf, data);
@@ -92,8 +99,10 @@ fn receive_posted_after_its_rts_is_written_by_the_idle_sender_or_fetched() {
     assert_eq!(f1.adv_live.load(Ordering::Relaxed), 0);
     // (c) Cancelled before either copied: nothing lands, the sender is released.
     let mut buf = vec![0u8; len];
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(3), data.as_ptr(), len, &w).unwrap() };
     f1.poll().unwrap();
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(3), buf.as_mut_ptr(), len, &w).unwrap() };
     f1.cancel_recv(0, tag(3));
     f0.wait_send(1, tag(3), &w).unwrap();
@@ -102,8 +111,10 @@ fn receive_posted_after_its_rts_is_written_by_the_idle_sender_or_fetched() {
     assert_eq!(f1.adv_live.load(Ordering::Relaxed), 0);
     // (d) Cancelled while the sender holds the claim: cancel waits for the write.
     let mut buf = vec![0u8; len];
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(4), data.as_ptr(), len, &w).unwrap() };
     f1.poll().unwrap();
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(4), buf.as_mut_ptr(), len, &w).unwrap() };
     let a = adv_slot(&f0, tag(4));
     let word = a.state.load(Ordering::Acquire);
@@ -132,10 +143,12 @@ fn more_receives_than_slots_fall_back_to_rts() {
     let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; len]).collect();
     let datas: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8 + 1; len]).collect();
     for (i, b) in bufs.iter_mut().enumerate() {
+        // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
         unsafe { f1.post_recv(0, tag(i as u64), b.as_mut_ptr(), len, &w).unwrap() };
     }
     assert_eq!(f1.adv_live.load(Ordering::Relaxed), ADV_SLOTS);
     for (i, d) in datas.iter().enumerate() {
+        // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
         unsafe { f0.send(1, tag(i as u64), d.as_ptr(), len, &w).unwrap() };
     }
     for i in 0..n {
@@ -155,6 +168,7 @@ fn cancel_waits_for_a_claimed_advertisement_and_revokes_the_rest() {
     let (f0, f1) = pair("claim");
     let w = Wait::new("test", Duration::from_secs(5));
     let mut buf = vec![0u8; 50_000];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
     // Rank 0 claims the advertisement (as `try_direct` does) and is slow to write.
     let a = adv_slot(&f0, tag(1));
@@ -175,6 +189,7 @@ fn cancel_waits_for_a_claimed_advertisement_and_revokes_the_rest() {
     canceller.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
     // A cancelled (unclaimed) advertisement can no longer be claimed.
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(2), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
     f1.cancel_recv(0, tag(2));
     let data = vec![9u8; 40_000];
@@ -194,6 +209,7 @@ fn no_write_lands_after_cancel_returns() {
     let (mut wrote, mut revoked) = (0, 0);
     for i in 0..400u64 {
         let mut buf = vec![0u8; len];
+        // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
         unsafe { f1.post_recv(0, tag(i), buf.as_mut_ptr(), len, &w).unwrap() };
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -233,6 +249,7 @@ fn corrupted_advertisement_is_rejected() {
     let (f0, f1) = pair("corrupt-adv");
     let w = Wait::new("test", Duration::from_secs(1));
     let mut buf = vec![0u8; 20_000];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
     // The writer claims 1 TiB written.
     let a = adv_slot(&f0, tag(1));
@@ -244,6 +261,7 @@ fn corrupted_advertisement_is_rejected() {
     f1.cancel_recv(0, tag(1));
     // A state word of another generation.
     let (f0, f1) = pair("corrupt-adv2");
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
     adv_slot(&f0, tag(1)).state.store(99 << 2 | A_WRITTEN, Ordering::Release);
     let e = f1.wait_recv(0, tag(1), &w).unwrap_err();
@@ -257,11 +275,13 @@ fn corrupted_length_field_is_rejected() {
     let tag = Tag { ctx: 1, seq: 0, round: 0 };
     let w = Wait::new("test", Duration::from_secs(1));
     let mut buf = [0u8; 8];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), 8, &w).unwrap() };
     // Rank 0 writes a record whose length field claims 1 TiB.
     let rec = Rec { kind: EAGER, ctx: 1, len: 1 << 40, ..Rec::zeroed() };
     {
         let mut p = f0.tx[1].as_ref().unwrap().lock().unwrap();
+        // SAFETY: the ring's data area holds at least one record header of HDR bytes, and `rec` is HDR bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytemuck::bytes_of(&rec).as_ptr(), p.ring.data(), HDR) };
         p.head += HDR as u64;
         p.ring.ctl().head.store(p.head, Ordering::Release);
@@ -308,6 +328,7 @@ fn staged_messages_arrive_whole_posted_before_or_after_the_send() {
                 &f1,
                 move |f| {
                     let w = Wait::new("test", Duration::from_secs(5));
+                    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
                     unsafe { f.send(1, t, d.as_ptr(), len, &w) }.and_then(|_| f.wait_send(1, t, &w))
                 },
                 move |f| {
@@ -316,6 +337,7 @@ fn staged_messages_arrive_whole_posted_before_or_after_the_send() {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     let mut buf = vec![0u8; len + 64];
+                    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
                     unsafe { f.post_recv(0, t, buf.as_mut_ptr(), len, &w) }.unwrap();
                     f.wait_recv(0, t, &w).map(|n| (n, buf))
                 },
@@ -341,6 +363,7 @@ fn staged_receives_beyond_the_slots_wait_for_one() {
             let w = Wait::new("test", Duration::from_secs(5));
             let datas: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8 + 1; len]).collect();
             for (i, d) in datas.iter().enumerate() {
+                // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
                 unsafe { f.send(1, tag(i as u64), d.as_ptr(), len, &w) }.unwrap();
             }
             (0..n).try_for_each(|i| f.wait_send(1, tag(i as u64), &w))
@@ -349,6 +372,7 @@ fn staged_receives_beyond_the_slots_wait_for_one() {
             let w = Wait::new("test", Duration::from_secs(5));
             let mut bufs: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; len]).collect();
             for (i, b) in bufs.iter_mut().enumerate() {
+                // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
                 unsafe { f.post_recv(0, tag(i as u64), b.as_mut_ptr(), len, &w) }.unwrap();
             }
             for i in (0..n).rev() {
@@ -372,15 +396,19 @@ fn staged_overflow_fails_the_receive_naming_the_sender() {
         |f| {
             let w = Wait::new("test", Duration::from_secs(5));
             let d = vec![7u8; 300_000];
+            // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
             unsafe { f.send(1, tag(1), d.as_ptr(), d.len(), &w) }.and_then(|_| f.wait_send(1, tag(1), &w))?;
+            // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
             unsafe { f.send(1, tag(2), [1u8, 2, 3, 4].as_ptr(), 4, &w) }
         },
         |f| {
             let w = Wait::new("test", Duration::from_secs(5));
             let mut buf = vec![0u8; 200_064];
+            // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
             let r = unsafe { f.post_recv(0, tag(1), buf.as_mut_ptr(), 200_000, &w) }.and_then(|_| f.wait_recv(0, tag(1), &w));
             // The rest of the stream is consumed (and dropped) while waiting for the next message.
             let mut small = [0u8; 4];
+            // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
             unsafe { f.post_recv(0, tag(2), small.as_mut_ptr(), 4, &w) }.unwrap();
             (r, buf, f.wait_recv(0, tag(2), &w), small)
         },
@@ -401,7 +429,9 @@ fn staged_cancel_recv_mid_stream_returns_at_once_and_drops_the_rest() {
     let len = 3 << 20;
     let data = pattern(len, 3);
     let mut buf = vec![0u8; len];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() }; // the first MiB or so
     f1.poll().unwrap(); // some of it lands
     let t0 = std::time::Instant::now();
@@ -416,11 +446,13 @@ fn staged_cancel_recv_mid_stream_returns_at_once_and_drops_the_rest() {
         move |f| {
             let w = Wait::new("test", Duration::from_secs(5));
             f.wait_send(1, tag(1), &w)?;
+            // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
             unsafe { f.send(1, tag(2), [5u8; 16].as_ptr(), 16, &w) }
         },
         |f| {
             let w = Wait::new("test", Duration::from_secs(5));
             let mut small = [0u8; 16];
+            // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
             unsafe { f.post_recv(0, tag(2), small.as_mut_ptr(), 16, &w) }.unwrap();
             f.wait_recv(0, tag(2), &w).map(|_| small)
         },
@@ -438,7 +470,9 @@ fn staged_cancel_send_mid_stream_fails_the_receive() {
     let len = 3 << 20;
     let mut data = vec![0x11u8; len];
     let mut buf = vec![0u8; len];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() };
     f0.cancel_send(1, tag(1));
     data.fill(0xEE); // the caller reuses its buffer
@@ -455,10 +489,12 @@ fn a_withdrawn_offer_is_never_delivered() {
     let w = Wait::new("test", Duration::from_secs(2));
     let len = 100_000;
     let mut data = vec![0x22u8; len];
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(1), data.as_ptr(), len, &w).unwrap() };
     f0.cancel_send(1, tag(1));
     data.fill(0xEE);
     let mut buf = vec![0u8; len];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), len, &w).unwrap() };
     let e = f1.wait_recv(0, tag(1), &w).unwrap_err();
     assert!(matches!(&e, Error::PeerFailed { peer: 0, reason, .. } if reason.contains("withdrew")), "{e}");
@@ -468,7 +504,9 @@ fn a_withdrawn_offer_is_never_delivered() {
     let data2 = pattern(len, 9);
     let mut buf2 = vec![0u8; len];
     let w = Wait::new("test", Duration::from_secs(5));
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(2), buf2.as_mut_ptr(), len, &w).unwrap() };
+    // SAFETY: holds the length sent, and outlives the message (waited for below, or the test ends).
     unsafe { f0.send(1, tag(2), data2.as_ptr(), len, &w).unwrap() };
     f0.wait_send(1, tag(2), &w).unwrap();
     assert_eq!(f1.wait_recv(0, tag(2), &w).unwrap(), len);
@@ -487,6 +525,7 @@ fn a_stalled_cma_writer_is_fenced_after_the_timeout() {
     f1.use_cma(true);
     let w = Wait::new("test", Duration::from_secs(1));
     let mut buf = vec![0u8; 50_000];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
     let a = adv_slot(&f0, tag(1));
     let word = a.state.load(Ordering::Acquire);
@@ -509,6 +548,7 @@ fn a_stalled_cma_writer_is_fenced_after_the_timeout() {
     let status = status.or_else(|| child.wait().ok()).expect("the writer is gone");
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     // Failed for good: every later operation says why.
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     let e = unsafe { f1.post_recv(0, tag(2), buf.as_mut_ptr(), 8, &w) }.unwrap_err();
     assert!(e.to_string().contains("killed"), "{e}");
 }
@@ -521,7 +561,7 @@ fn the_inbox_is_private_and_a_peer_inbox_of_another_mode_or_owner_is_refused() {
     assert_eq!(m.mode() & 0o7777, 0o600, "inbox created with mode {:o}", m.mode() & 0o7777);
     // Our own file under other modes, and as another user's file (root can make one).
     std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = segment::open_peer(&a.path, 0, 2).err().expect("refused");
+    let e = segment::open_peer(&a.path, 0, 2).expect_err("refused");
     assert!(e.to_string().contains("refused") && e.to_string().contains(&a.path.display().to_string()), "{e}");
     std::fs::set_permissions(&a.path, std::fs::Permissions::from_mode(0o660)).unwrap();
     assert!(segment::open_peer(&a.path, 0, 2).is_err());
@@ -535,7 +575,7 @@ fn the_inbox_is_private_and_a_peer_inbox_of_another_mode_or_owner_is_refused() {
     assert!(segment::open_peer(&link, 0, 2).is_err());
     let _ = std::fs::remove_file(&link);
     if std::os::unix::fs::chown(&a.path, Some(65534), None).is_ok() {
-        let e = segment::open_peer(&a.path, 0, 2).err().expect("refused");
+        let e = segment::open_peer(&a.path, 0, 2).expect_err("refused");
         assert!(e.to_string().contains("owner uid 65534"), "{e}");
     }
     a.unlink();
@@ -558,6 +598,7 @@ fn the_probe_reports_a_process_it_may_not_attach_to() {
     let child = unsafe { libc::fork() };
     assert!(child >= 0);
     if child == 0 {
+        // SAFETY: raw syscalls on this process and on locals, in the forked child (see the fork).
         unsafe {
             let code = if root {
                 if libc::setuid(65534) != 0 {

@@ -13,6 +13,9 @@ use std::time::Instant;
 impl<V: Verbs> RdmaFabric<V> {
     /// `post_recv`; `direct`: the buffer is device memory, every byte of it placed by the NIC
     /// (any non-empty message is advertised, whatever the zero-copy threshold).
+    ///
+    /// # Safety
+    /// As `Fabric::post_recv`.
     pub(super) unsafe fn post_recv_as(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait, direct: bool) -> Result<()> {
         if src >= self.n || src == self.rank {
             return Err(Error::usage(w.op, format!("post_recv from rank {src} on rank {} of {}", self.rank, self.n)));
@@ -56,8 +59,9 @@ impl<V: Verbs> RdmaFabric<V> {
             }
             Some(_) => {
                 if !e.stash.is_empty() {
-                    // SAFETY: stash.len() <= total <= len.
-                    std::ptr::copy_nonoverlapping(e.stash.as_ptr(), buf, e.stash.len());
+                    // SAFETY: stash.len() <= total <= len, and `buf` holds `len` writable bytes
+                    // (the `post_recv` contract); the stash is our own vector.
+                    unsafe { std::ptr::copy_nonoverlapping(e.stash.as_ptr(), buf, e.stash.len()) };
                     e.stash = Vec::new();
                 }
             }

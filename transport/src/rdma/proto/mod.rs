@@ -123,6 +123,7 @@ pub struct RdmaFabric<V: Verbs> {
 // SAFETY: raw addresses in the state are only dereferenced under the state lock, within the
 // lifetime the Fabric contract guarantees.
 unsafe impl<V: Verbs> Send for RdmaFabric<V> {}
+// SAFETY: as for Send: shared access goes through the state lock or atomics.
 unsafe impl<V: Verbs> Sync for RdmaFabric<V> {}
 
 impl<V: Verbs> RdmaFabric<V> {
@@ -364,11 +365,13 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
     }
 
     unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
-        self.post_recv_as(src, tag, buf, len, w, false)
+        // SAFETY: this function's contract is the one `post_recv_as` needs.
+        unsafe { self.post_recv_as(src, tag, buf, len, w, false) }
     }
 
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
-        self.send_as(dst, tag, data, len, w, false)
+        // SAFETY: this function's contract is the one `send_as` needs.
+        unsafe { self.send_as(dst, tag, data, len, w, false) }
     }
 
     fn probe_direct(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
@@ -383,7 +386,9 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
         self.state(OP)?.cache.check_region(addr, len).map_err(|e| Error::usage(OP, e))?;
         // Registering pins the memory (milliseconds for large regions): outside the state lock,
         // so progress on every communicator goes on meanwhile.
-        let mr = self.v.register(addr as *mut u8, len).map_err(|e| Error::Io { op: OP, peer: self.rank, detail: e })?;
+        // SAFETY: the memory stays allocated until `unregister_region` or the fabric's drop,
+        // both of which deregister it (this function's contract).
+        let mr = unsafe { self.v.register(addr as *mut u8, len) }.map_err(|e| Error::Io { op: OP, peer: self.rank, detail: e })?;
         let mut st = self.state(OP)?;
         if let Err(e) = st.cache.check_region(addr, len) {
             drop(st);
@@ -400,11 +405,13 @@ impl<V: Verbs> Fabric for RdmaFabric<V> {
     }
 
     unsafe fn post_recv_direct(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
-        self.post_recv_as(src, tag, buf, len, w, true)
+        // SAFETY: this function's contract is the one `post_recv_as` needs.
+        unsafe { self.post_recv_as(src, tag, buf, len, w, true) }
     }
 
     unsafe fn send_direct(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
-        self.send_as(dst, tag, data, len, w, true)
+        // SAFETY: this function's contract is the one `send_as` needs.
+        unsafe { self.send_as(dst, tag, data, len, w, true) }
     }
     fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()> {
         let r = self.wait_for(dst, w, |me, st| {

@@ -99,10 +99,12 @@ impl MrCache {
             r.users += 1;
             return Ok(MrRef { mr: r.mr, owner: Owner::Region(a) });
         }
-        // SAFETY (of the registrations below): the Fabric contract keeps the buffer valid while
-        // in use; a cached registration outliving it is harmless where caching is enabled
-        // (`Verbs::cache_registrations`: registrations follow the virtual range).
-        let reg = |v: &V| unsafe { v.register(addr as *mut u8, len) };
+        let reg = |v: &V| {
+            // SAFETY: the Fabric contract keeps the buffer valid while in use; a cached
+            // registration outliving it is harmless where caching is enabled
+            // (`Verbs::cache_registrations`: registrations follow the virtual range).
+            unsafe { v.register(addr as *mut u8, len) }
+        };
         if !self.on {
             return Ok(MrRef { mr: reg(v)?, owner: Owner::Private });
         }

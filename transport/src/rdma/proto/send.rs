@@ -12,6 +12,9 @@ use crate::rdma::verbs::{Imm, PostError, Sge, Verbs};
 impl<V: Verbs> RdmaFabric<V> {
     /// `send`; `direct`: the data is device memory, so a non-empty message waits for the
     /// receiver's advertisement whatever its length (the NIC reads the data either way).
+    ///
+    /// # Safety
+    /// As `Fabric::send`.
     pub(super) unsafe fn send_as(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait, direct: bool) -> Result<()> {
         if dst >= self.n || dst == self.rank {
             return Err(Error::usage(w.op, format!("send to rank {dst} on rank {} of {}", self.rank, self.n)));
