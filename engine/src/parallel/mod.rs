@@ -881,12 +881,8 @@ impl<B: Backend> Rank2D<B> {
     /// Step 6: replica sync (also callable at the end of training).
     pub fn sync(&mut self, be: &B) -> Result<()> {
         let t0 = Instant::now();
-        let s = if self.xfer == Xfer::Peers && !self.opts.delayed_state_sync {
-            sync::replica_sync_peers(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync)?
-        } else {
-            let delayed = if self.opts.delayed_state_sync { Some(&mut self.pending) } else { None };
-            sync::replica_sync_with(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync, delayed)?
-        };
+        let delayed = if self.opts.delayed_state_sync { Some(&mut self.pending) } else { None };
+        let s = sync::replica_sync(be, &self.comms.replica, &mut self.shards, &mut self.touched, self.opts.sync, delayed, self.xfer)?;
         self.bytes.sync_index += s.index_bytes;
         self.bytes.sync_values += s.value_bytes;
         self.times.sync += self.stage("sync", t0);

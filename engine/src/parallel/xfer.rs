@@ -285,8 +285,8 @@ fn bytes(counts: &[usize]) -> Vec<usize> {
 }
 
 /// A backend's buffers as the transport sees them: memory the CPU must not touch (whatever the
-/// backend), copied and reduced by the backend's hooks (`copy_addr`, `sum_from` in f32, rank
-/// order: bitwise the host transport's sum), with scratch from the backend's allocator (on
+/// backend), copied and reduced by the backend's hooks (`copy_addr`; `sum_from` in rank order,
+/// in f32 — bitwise the host transport's f32 sum — or in f64 for replica sync), with scratch from the backend's allocator (on
 /// CUDA the device pool, whose chunks the NIC has registered for GPUDirect RDMA).
 pub struct BufMem<'a, B: Backend> {
     be: &'a B,
@@ -294,8 +294,13 @@ pub struct BufMem<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> BufMem<'a, B> {
+    /// Summed in f32 (the step's collectives).
     pub fn new(be: &'a B) -> Self {
-        BufMem { be, acc: Accumulate::F32Sum }
+        Self::with(be, Accumulate::F32Sum)
+    }
+    /// Reduced as `acc` says (replica sync: f64 mean).
+    pub fn with(be: &'a B, acc: Accumulate) -> Self {
+        BufMem { be, acc }
     }
 }
 
