@@ -8,7 +8,7 @@ use ember_engine::model::Dlrm;
 use ember_engine::parallel::driver::Job;
 use ember_engine::parallel::route::Touched;
 use ember_engine::parallel::sync::replica_sync;
-use ember_engine::parallel::{ParallelOptions, SyncMode};
+use ember_engine::parallel::{ParallelOptions, SyncMode, Xfer};
 use ember_engine::plan::{Plan, ShardingType};
 use ember_tests::two_d::{assemble, cycling_plan, rel_err};
 
@@ -106,7 +106,9 @@ fn momentum_scaling_c_equals_scaled_lr_and_eps() {
 
 #[test]
 fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
-    for mode in [SyncMode::Sparse, SyncMode::Full] {
+    // Through the host transport (f64 values), and on the buffers themselves through the
+    // in-process fabric (packed f32 rows, summed in f64 by the backend's reduce hook).
+    for (mode, xfer) in [SyncMode::Sparse, SyncMode::Full].into_iter().flat_map(|m| [(m, Xfer::Host { stage: false }), (m, Xfer::Peers)]) {
         let m = 3;
         let upd = EmbUpdate::new(&rowwise(0.1, 1e-8, None), &WeightDecay::None, m as f32);
         let spec = ShardSpec { table: 0, table_rows: 50, dim: 8, rows: 10..50, cols: 0..8 };
@@ -118,6 +120,9 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
                     let spec = spec.clone();
                     s.spawn(move || {
                         let be = Cpu::new();
+                        if xfer == Xfer::Peers {
+                            comm.set_direct_copy(be.direct_copy()).unwrap();
+                        }
                         let r = comm.rank();
                         let mut shard = new_shard(&be, 3, spec.clone(), &upd).unwrap();
                         let mut touched = vec![Touched::new(spec.num_rows())];
@@ -131,7 +136,7 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
                         }
                         touched[0].mark(&rows);
                         let (pre_w, pre_s) = (shard.weights.clone(), shard.state.clone());
-                        replica_sync(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, mode).unwrap();
+                        replica_sync(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, mode, None, xfer).unwrap();
                         (pre_w, pre_s, be.download(&shard.weights).unwrap(), be.download(&shard.state).unwrap())
                     })
                 })
@@ -145,7 +150,7 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
                 assert_eq!(o.2[k].to_bits(), got.to_bits(), "replicas differ at {k}");
             }
             let ulp = (got.abs() * f32::EPSILON).max(f32::MIN_POSITIVE);
-            assert!(((got as f64) - mean).abs() <= ulp as f64, "{mode:?}: element {k}: {got} vs f64 mean {mean}");
+            assert!(((got as f64) - mean).abs() <= ulp as f64, "{mode:?} {xfer:?}: element {k}: {got} vs f64 mean {mean}");
             if out.iter().all(|o| o.0[k] == out[0].0[k]) {
                 assert_eq!(got.to_bits(), out[0].0[k].to_bits(), "identical values must stay identical");
             }
@@ -163,7 +168,7 @@ fn sync_is_bitwise_identical_and_within_one_ulp_of_the_f64_mean() {
 
 #[test]
 fn delayed_state_sync_applies_the_previous_average_plus_local_increments() {
-    use ember_engine::parallel::sync::{apply_pending, replica_sync_with};
+    use ember_engine::parallel::sync::apply_pending;
     let m = 2;
     let upd = EmbUpdate::new(&rowwise(0.1, 1e-8, None), &WeightDecay::None, m as f32);
     let spec = ShardSpec { table: 0, table_rows: 6, dim: 4, rows: 0..6, cols: 0..4 };
@@ -183,12 +188,12 @@ fn delayed_state_sync_applies_the_previous_average_plus_local_increments() {
                     shard.state.iter_mut().for_each(|v| *v = 1.0 + r);
                     shard.weights.iter_mut().for_each(|w| *w += r);
                     touched[0].mark(&[0, 1, 2, 3, 4, 5]);
-                    replica_sync_with(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, SyncMode::Full, Some(&mut pending)).unwrap();
+                    replica_sync(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, SyncMode::Full, Some(&mut pending), Xfer::Host { stage: false }).unwrap();
                     let after1 = (shard.state.clone(), shard.weights.clone());
                     // Local increments during the interval: +10·(r+1) on row 2 only.
                     shard.state[2] += 10.0 * (r + 1.0);
                     touched[0].mark(&[2]);
-                    replica_sync_with(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, SyncMode::Full, Some(&mut pending)).unwrap();
+                    replica_sync(&be, &comm, std::slice::from_mut(&mut shard), &mut touched, SyncMode::Full, Some(&mut pending), Xfer::Host { stage: false }).unwrap();
                     apply_pending(&be, std::slice::from_mut(&mut shard), pending.take().unwrap()).unwrap();
                     (after1.0, after1.1, shard.state.clone(), shard.weights.clone())
                 })

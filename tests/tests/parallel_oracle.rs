@@ -93,7 +93,7 @@ fn elementwise_adagrad_matches_the_k_step_oracle() {
 
 #[test]
 fn peer_copy_sync_matches_the_k_step_oracle() {
-    // In-process replicas averaging straight out of each other's buffers (`replica_sync_peers`).
+    // In-process replicas averaging their packed shard rows through the in-process fabric.
     for opt in [Opt::RowWise { c_is_m: true }, Opt::ElementWise] {
         cpu(opt, GRIDS[1], 3, false, XferKind::Peers);
     }

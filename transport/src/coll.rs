@@ -61,6 +61,12 @@ impl<T: Pod> Host<T> {
     }
 }
 
+impl<T: Pod> Default for Host<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T: Reducible> Host<T> {
     /// Host memory that reductions combine with `op`.
     pub fn reducing(op: ReduceOp) -> Self {

@@ -346,9 +346,9 @@ pub trait Buffers: Send + Sync + 'static {
     /// How in-process transports copy this backend's memory between ranks ([`copy_addr`](Self::copy_addr)
     /// as a function that outlives the borrow): the peers path's fabric moves device buffers with it.
     fn direct_copy(&self) -> ember_transport::fabric::DirectCopy;
-    /// Replica sync between in-process ranks: `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]`
-    /// where `srcs` are the addresses (see [`addr`](Self::addr)) of the m replicas' row-major
-    /// buffers of `cols` columns; summed in f64 in replica order, rounded once to f32.
+    /// `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]` where `srcs` are the addresses (see
+    /// [`addr`](Self::addr)) of row-major buffers of `cols` columns; summed in f64 in source
+    /// order, rounded once to f32. With one source, the listed rows packed (replica sync).
     ///
     /// # Safety
     /// Every `srcs[k]` must be a live buffer holding every listed row, unchanged during the call.

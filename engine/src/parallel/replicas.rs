@@ -4,7 +4,6 @@
 use super::meter::Stage;
 use super::rank::Rank2D;
 use super::sync;
-use super::xfer::Xfer;
 use crate::backend::Backend;
 use crate::{Error, Result};
 use ember_transport::ReduceOp;
@@ -13,12 +12,8 @@ impl<B: Backend> Rank2D<B> {
     /// Step 6: replica sync (also callable at the end of training).
     pub fn sync(&mut self, be: &B) -> Result<()> {
         let s = self.span(Stage::Sync, |r| {
-            if r.xfer == Xfer::Peers && !r.opts.delayed_state_sync {
-                sync::replica_sync_peers(be, &r.comms.replica, &mut r.shards, &mut r.touched, r.opts.sync)
-            } else {
-                let delayed = if r.opts.delayed_state_sync { Some(&mut r.pending) } else { None };
-                sync::replica_sync_with(be, &r.comms.replica, &mut r.shards, &mut r.touched, r.opts.sync, delayed)
-            }
+            let delayed = if r.opts.delayed_state_sync { Some(&mut r.pending) } else { None };
+            sync::replica_sync(be, &r.comms.replica, &mut r.shards, &mut r.touched, r.opts.sync, delayed, r.xfer)
         })?;
         self.meter.bytes.traffic.sync_index += s.index_bytes;
         self.meter.bytes.traffic.sync_values += s.value_bytes;

@@ -6,8 +6,14 @@
 //! The mean is taken in f64 (the f32 values are exact in f64, summed in rank order, divided,
 //! rounded once), so every replica ends bitwise identical and within 1 ulp of the f64 mean,
 //! and identical values stay identical.
+//!
+//! Where the values travel: host-resident shards as f64 through the host transport; where the
+//! replica communicator moves the backend's buffers themselves (the peers and GPUDirect buffer
+//! transports) as packed f32 rows through the transport's collectives on the backend's memory,
+//! summed in f64 by its reduce hook; otherwise staged through host copies.
 use super::route::Touched;
-use crate::backend::{Backend, Cpu, Shard};
+use super::xfer::{BufMem, Xfer};
+use crate::backend::{Accumulate, Backend, Cpu, Shard};
 use crate::plan::SYNC_CHUNK;
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
@@ -174,11 +180,6 @@ impl PendingState {
     }
 }
 
-/// Average the shards over the replica group `comm`. `touched` is cleared.
-pub fn replica_sync<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
-    replica_sync_with(be, comm, shards, touched, mode, None)
-}
-
 fn spr_of<B: Backend>(be: &B, s: &Shard<B>) -> usize {
     if s.spec.num_rows() == 0 {
         0
@@ -187,20 +188,25 @@ fn spr_of<B: Backend>(be: &B, s: &Shard<B>) -> usize {
     }
 }
 
-/// `replica_sync`; with `delayed`, the optimizer state is synced one sync behind (BRIEF.md §3):
-/// the average started now is applied at the next sync as v ← mean(v then) + (v now − v then),
-/// while weights are averaged now.
-pub fn replica_sync_with<B: Backend>(
+/// Average the shards over the replica group `comm`, whose buffer transport is `xfer`;
+/// `touched` is cleared. With `delayed`, the optimizer state is synced one sync behind
+/// (BRIEF.md §3): the average started now is applied at the next sync as
+/// v ← mean(v then) + (v now − v then), while weights are averaged now.
+pub fn replica_sync<B: Backend>(
     be: &B,
     comm: &Comm,
     shards: &mut [Shard<B>],
     touched: &mut [Touched],
     mode: SyncMode,
     delayed: Option<&mut Option<PendingState>>,
+    xfer: Xfer,
 ) -> Result<SyncBytes> {
     if comm.size() == 1 {
         touched.iter_mut().for_each(Touched::clear);
         return Ok(SyncBytes::default());
+    }
+    if delayed.is_none() && matches!(xfer, Xfer::Peers | Xfer::Direct) {
+        return replica_sync_buffers(be, comm, shards, touched, mode);
     }
     if shards.iter_mut().all(|s| be.host_mut(&mut s.weights).is_some()) {
         return replica_sync_host(be, comm, shards, touched, mode, delayed);
@@ -209,56 +215,34 @@ pub fn replica_sync_with<B: Backend>(
     staged(be, shards, |cpu, hs| replica_sync_host(cpu, comm, hs, touched, mode, delayed))
 }
 
-/// Replica sync between replicas that are threads of one process sharing one address space
-/// (host memory, or one GPU's context): every replica reads the rows to average straight out of
-/// all replicas' shard buffers (their addresses swapped over `comm`), averages them on its own
-/// backend — in f64, in replica order, rounded once: bitwise the host path's result — and, after
-/// a barrier (nobody reads any more), writes them back. Nothing is staged through the host but
-/// the row indices. `value_bytes` counts the bytes read from the other replicas.
-pub fn replica_sync_peers<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
-    let m = comm.size();
-    if m == 1 {
-        touched.iter_mut().for_each(Touched::clear);
-        return Ok(SyncBytes::default());
-    }
+/// Replica sync on the shard buffers themselves: each shard's rows to average are packed (f32,
+/// on the backend), all-reduced through the transport's collectives on the backend's memory —
+/// summed in f64 in replica order, divided, rounded once: bitwise the host path's mean — and
+/// written back. Nothing but the row indices goes through host memory.
+fn replica_sync_buffers<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
     let mut stats = SyncBytes::default();
     let (rows_of, index_bytes) = rows_to_sync(comm, shards, touched, mode)?;
     stats.index_bytes = index_bytes;
-    be.synchronize()?;
-    let mut msg = Vec::with_capacity(2 * shards.len());
-    for s in shards.iter() {
-        msg.push(be.addr(&s.weights));
-        msg.push(be.addr(&s.state));
-    }
-    let mut all = vec![0u64; msg.len() * m];
-    comm.all_gather(&msg, &mut all)?;
-    let k = msg.len();
-    let mut averaged = Vec::with_capacity(shards.len());
-    for (i, (s, rows)) in shards.iter().zip(&rows_of).enumerate() {
+    let mean = BufMem::with(be, Accumulate::F64Mean);
+    for (s, rows) in shards.iter_mut().zip(&rows_of) {
         let (cols, spr, nr) = (s.spec.num_cols(), spr_of(be, s), rows.len());
         let ids = be.upload_ids(rows)?;
-        let src = |j: usize| (0..m).map(|r| all[r * k + 2 * i + j]).collect::<Vec<u64>>();
-        let mut w = be.zeros(nr * cols)?;
-        let mut st = be.zeros(nr * spr)?;
-        // SAFETY: every replica holds the same shard (same plan), so every listed row is inside
-        // each buffer (rows were range-checked by the union); no replica writes its shards
-        // before the barrier below.
-        unsafe {
-            be.mean_rows_from(&src(0), &ids, nr, cols, &mut w)?;
-            if spr > 0 {
-                be.mean_rows_from(&src(1), &ids, nr, spr, &mut st)?;
+        for (buf, k) in [(&mut s.weights, cols), (&mut s.state, spr)] {
+            // Every replica has the same union of rows, so all skip the same empty collectives.
+            if nr == 0 || k == 0 {
+                continue;
             }
-        }
-        stats.value_bytes += ((m - 1) * nr * (cols + spr) * 4) as u64;
-        averaged.push((ids, nr, w, st));
-    }
-    be.synchronize()?;
-    comm.barrier()?;
-    for (s, (ids, nr, w, st)) in shards.iter_mut().zip(averaged) {
-        let (cols, spr) = (s.spec.num_cols(), spr_of(be, s));
-        be.put_rows(&mut s.weights, &ids, nr, &w, cols)?;
-        if spr > 0 {
-            be.put_rows(&mut s.state, &ids, nr, &st, spr)?;
+            let mut packed = be.zeros(nr * k)?;
+            // SAFETY: one source, this replica's own buffer, which holds every listed row (the
+            // union was range-checked against the shard's rows) and is not written during the
+            // call (borrowed here): the mean of one source is the rows themselves.
+            unsafe { be.mean_rows_from(&[be.addr(buf)], &ids, nr, k, &mut packed)? };
+            be.synchronize()?;
+            // SAFETY: `packed` holds nr·k floats, owned here and finished with by the device.
+            unsafe { comm.all_reduce_in(&mean, be.addr(&packed), nr * k, 4) }?;
+            be.flush_remote_writes()?;
+            be.put_rows(buf, &ids, nr, &packed, k)?;
+            stats.value_bytes += (nr * k * 4) as u64;
         }
     }
     touched.iter_mut().for_each(Touched::clear);
@@ -280,7 +264,7 @@ fn staged<B: Backend, R>(be: &B, shards: &mut [Shard<B>], f: impl FnOnce(&Cpu, &
     Ok(r)
 }
 
-/// `replica_sync_with` on host-resident shards.
+/// `replica_sync` on host-resident shards.
 fn replica_sync_host<B: Backend>(
     be: &B,
     comm: &Comm,

@@ -143,25 +143,9 @@ impl Xfer {
                 be.len(recv)
             )));
         }
-        match *self {
-            Xfer::Host { stage } => {
-                if !stage {
-                    if let (Some(s), Some(r)) = (be.host(send), be.host_mut(recv)) {
-                        return Ok(comm.all_to_all_v(s, scounts, r, rcounts)?);
-                    }
-                }
-                let (s, mut r) = (stage_out(be, send)?, be.staging(be.len(recv))?);
-                comm.all_to_all_v(&s, scounts, &mut r, rcounts)?;
-                be.upload_into(&r, recv)
-            }
-            Xfer::Peers | Xfer::Direct => {
-                be.synchronize()?;
-                // SAFETY: `send` and `recv` hold the counts (checked above), are borrowed for the
-                // call and finished with by the device (synchronized above).
-                unsafe { comm.all_to_all_v_in(&BufMem::new(be), be.addr(send), &bytes(scounts), be.addr(recv), &bytes(rcounts)) }?;
-                be.flush_remote_writes()
-            }
+        match self {
             Xfer::Native => native(be)?.all_to_all_v(comm, send, scounts, recv, rcounts),
+            _ => self.run(be, comm, &Op::AllToAllV { send: bytes(scounts), recv: bytes(rcounts) }, Some(send), recv),
         }
     }
 
@@ -171,24 +155,9 @@ impl Xfer {
         if be.len(recv) != n * len {
             return Err(Error::Config(format!("all_gather: {n} blocks of {len} floats into a buffer of {}", be.len(recv))));
         }
-        match *self {
-            Xfer::Host { stage } => {
-                if !stage {
-                    if let (Some(s), Some(r)) = (be.host(send), be.host_mut(recv)) {
-                        return Ok(comm.all_gather(s, r)?);
-                    }
-                }
-                let (s, mut r) = (stage_out(be, send)?, be.staging(n * len)?);
-                comm.all_gather(&s, &mut r)?;
-                be.upload_into(&r, recv)
-            }
-            Xfer::Peers | Xfer::Direct => {
-                be.synchronize()?;
-                // SAFETY: as in all_to_all_v (sizes checked above).
-                unsafe { comm.all_gather_v_in(&BufMem::new(be), be.addr(send), &bytes(&vec![len; n]), be.addr(recv)) }?;
-                be.flush_remote_writes()
-            }
+        match self {
             Xfer::Native => native(be)?.all_gather(comm, send, recv),
+            _ => self.run(be, comm, &Op::AllGather(bytes(&vec![len; n])), Some(send), recv),
         }
     }
 
@@ -199,48 +168,88 @@ impl Xfer {
         if be.len(send) != n * blk {
             return Err(Error::Config(format!("reduce_scatter: {} floats is not {n} blocks of {blk}", be.len(send))));
         }
-        match *self {
-            Xfer::Host { stage } => {
-                if !stage {
-                    if let (Some(s), Some(r)) = (be.host(send), be.host_mut(recv)) {
-                        return Ok(comm.reduce_scatter(s, r, ReduceOp::Sum)?);
-                    }
-                }
-                let (s, mut r) = (stage_out(be, send)?, be.staging(blk)?);
-                comm.reduce_scatter(&s, &mut r, ReduceOp::Sum)?;
-                be.upload_into(&r, recv)
-            }
-            Xfer::Peers | Xfer::Direct => {
-                be.synchronize()?;
-                // SAFETY: as in all_to_all_v (sizes checked above).
-                unsafe { comm.reduce_scatter_v_in(&BufMem::new(be), be.addr(send), &bytes(&vec![blk; n]), be.addr(recv)) }?;
-                Ok(())
-            }
+        match self {
             Xfer::Native => native(be)?.reduce_scatter_sum(comm, send, recv),
+            _ => self.run(be, comm, &Op::ReduceScatter(bytes(&vec![blk; n])), Some(send), recv),
         }
     }
 
     /// All-reduce of sums in place, added in rank order.
     pub fn all_reduce_sum<B: Backend>(&self, be: &B, comm: &Comm, buf: &mut B::Buf) -> Result<()> {
+        match self {
+            Xfer::Native => native(be)?.all_reduce_sum(comm, buf),
+            _ => self.run(be, comm, &Op::AllReduce, None, buf),
+        }
+    }
+
+    /// Run `op` from `send` (None: in place) into `recv` on the memory this path moves: host
+    /// memory (the buffers themselves, or staging copies of them) or the buffers as the
+    /// backend's memory ([`BufMem`]). The collective is the transport's either way.
+    fn run<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf) -> Result<()> {
+        let host = ember_transport::Host::<f32>::reducing(ReduceOp::Sum);
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
-                    if let Some(h) = be.host_mut(buf) {
-                        return Ok(comm.all_reduce(h, ReduceOp::Sum)?);
+                    // Zero-copy where the backend keeps the buffers in host memory.
+                    let s = match send {
+                        Some(s) => be.host(s).map(|h| Some(h.as_ptr() as u64)),
+                        None => Some(None),
+                    };
+                    let len = be.len(recv);
+                    if let (Some(s), Some(r)) = (s, be.host_mut(recv)) {
+                        let r = r.as_mut_ptr() as u64;
+                        // SAFETY: host views of `send` and `recv`, borrowed for the call, sized by
+                        // the caller's checks.
+                        return Ok(unsafe { op.run(comm, &host, s.unwrap_or(r), r, len) }?);
                     }
                 }
-                let mut h = stage_out(be, buf)?;
-                comm.all_reduce(&mut h, ReduceOp::Sum)?;
-                be.upload_into(&h, buf)
+                let s = send.map(|s| stage_out(be, s)).transpose()?;
+                let mut r = match send {
+                    Some(_) => be.staging(be.len(recv))?,
+                    None => stage_out(be, recv)?,
+                };
+                let rp = r.as_mut_ptr() as u64;
+                // SAFETY: staging copies of `send` and `recv`, owned here, sized as the buffers.
+                unsafe { op.run(comm, &host, s.as_ref().map_or(rp, |s| s.as_ptr() as u64), rp, r.len()) }?;
+                be.upload_into(&r, recv)
             }
             Xfer::Peers | Xfer::Direct => {
                 be.synchronize()?;
-                // SAFETY: `buf` holds its length, borrowed mutably for the call and finished with
-                // by the device (synchronized above).
-                unsafe { comm.all_reduce_in(&BufMem::new(be), be.addr(buf), be.len(buf), 4) }?;
+                let r = be.addr(recv);
+                // SAFETY: `send` and `recv`, borrowed for the call, sized by the caller's checks
+                // and finished with by the device (synchronized above).
+                unsafe { op.run(comm, &BufMem::new(be), send.map_or(r, |s| be.addr(s)), r, be.len(recv)) }?;
                 be.flush_remote_writes()
             }
-            Xfer::Native => native(be)?.all_reduce_sum(comm, buf),
+            Xfer::Native => Err(Error::Device("the native collectives are the backend's own".into())),
+        }
+    }
+}
+
+/// One of the step's collectives, counts in bytes, on any memory the transport moves.
+enum Op {
+    AllToAllV { send: Vec<usize>, recv: Vec<usize> },
+    AllGather(Vec<usize>),
+    ReduceScatter(Vec<usize>),
+    /// In place on the receive buffer.
+    AllReduce,
+}
+
+impl Op {
+    /// Run on `mem` from address `send` into `recv` (`recv_len` floats).
+    ///
+    /// # Safety
+    /// `send` and `recv` hold what the counts say (an all-reduce: `recv_len` floats at `recv`),
+    /// memory of `mem`'s kind, valid and untouched by others until this returns.
+    unsafe fn run<M: Memory>(&self, comm: &Comm, mem: &M, send: u64, recv: u64, recv_len: usize) -> ember_transport::Result<()> {
+        // SAFETY: this function's contract.
+        unsafe {
+            match self {
+                Op::AllToAllV { send: sc, recv: rc } => comm.all_to_all_v_in(mem, send, sc, recv, rc),
+                Op::AllGather(counts) => comm.all_gather_v_in(mem, send, counts, recv),
+                Op::ReduceScatter(counts) => comm.reduce_scatter_v_in(mem, send, counts, recv),
+                Op::AllReduce => comm.all_reduce_in(mem, recv, recv_len, 4),
+            }
         }
     }
 }
@@ -285,8 +294,8 @@ fn bytes(counts: &[usize]) -> Vec<usize> {
 }
 
 /// A backend's buffers as the transport sees them: memory the CPU must not touch (whatever the
-/// backend), copied and reduced by the backend's hooks (`copy_addr`, `sum_from` in f32, rank
-/// order: bitwise the host transport's sum), with scratch from the backend's allocator (on
+/// backend), copied and reduced by the backend's hooks (`copy_addr`; `sum_from` in rank order,
+/// in f32 — bitwise the host transport's f32 sum — or in f64 for replica sync), with scratch from the backend's allocator (on
 /// CUDA the device pool, whose chunks the NIC has registered for GPUDirect RDMA).
 pub struct BufMem<'a, B: Backend> {
     be: &'a B,
@@ -294,8 +303,13 @@ pub struct BufMem<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> BufMem<'a, B> {
+    /// Summed in f32 (the step's collectives).
     pub fn new(be: &'a B) -> Self {
-        BufMem { be, acc: Accumulate::F32Sum }
+        Self::with(be, Accumulate::F32Sum)
+    }
+    /// Reduced as `acc` says (replica sync: f64 mean).
+    pub fn with(be: &'a B, acc: Accumulate) -> Self {
+        BufMem { be, acc }
     }
 }
 
