@@ -20,8 +20,6 @@ pub mod heap;
 pub mod memory;
 pub mod metrics;
 pub mod model;
-// Not yet under the unsafe lints: some of its unsafe blocks still lack SAFETY notes.
-#[allow(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 pub mod parallel;
 pub mod plan;
 pub mod rng;
