@@ -83,8 +83,8 @@ pub struct TrainArgs {
     /// How the 2D step's buffers travel between ranks: auto (peer-to-peer device copies for
     /// in-process ranks on a GPU; for GPU ranks in separate processes GPUDirect RDMA when every
     /// rank's NIC registers device memory, else NCCL when built, else the host transport),
-    /// host, staged (host transport via host copies), peers (in-process ranks copy out of each
-    /// other's buffers), nccl, direct (GPUDirect RDMA: the RDMA transport on the buffers).
+    /// host, staged (host transport via host copies), peers (in-process ranks: the buffers
+    /// themselves through the in-process fabric), nccl, direct (GPUDirect RDMA: the RDMA transport on the buffers).
     #[arg(long, default_value = "auto", help_heading = "2D")]
     pub xfer: String,
     /// Count every rank's heap (one rank per process: under `ember launch`, mpirun, ...) and print
