@@ -1,11 +1,9 @@
-//! Reading the caller's arguments: C strings, out-pointers, buffers with their element counts,
-//! and the batch layout shared by `ember_train_step` and `ember_eval`, each checked against the
-//! model before anything runs. Sizes are checked before anything is allocated from them, and
+//! Reading the caller's arguments: C strings, out-pointers, and buffers with their element
+//! counts (the batch layout shared by `ember_train_step` and `ember_eval` is read in `steps`
+//! with these). Sizes are checked before anything is allocated from them, and
 //! the copies of the caller's buffers report a failed allocation instead of aborting.
 
 use crate::status::{fail, EmberStatus, Failure, R};
-use engine::config::TrainConfig;
-use engine::data::{Batch, Jagged};
 use std::ffi::{c_char, CStr};
 
 /// The caller's C string `p` as UTF-8 (`what` names it in errors); NULL is an error.
@@ -33,7 +31,7 @@ pub(crate) fn check_out<T>(p: *mut T, what: &str) -> R<()> {
 ///
 /// # Safety
 /// `p` is NULL or points to `n` initialised values of `T`, valid and unchanged for `'a`.
-unsafe fn slice<'a, T>(p: *const T, n: usize, what: &str) -> R<&'a [T]> {
+pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, what: &str) -> R<&'a [T]> {
     if n == 0 {
         return Ok(&[]);
     }
@@ -58,65 +56,13 @@ pub(crate) fn copy_vec<T: Copy>(src: &[T], what: &str) -> R<Vec<T>> {
 }
 
 /// `n` zeros, or ErrInternal if the memory cannot be had (never an abort).
-fn zeros(n: usize, what: &str) -> R<Vec<f32>> {
+pub(crate) fn zeros(n: usize, what: &str) -> R<Vec<f32>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).or_else(|_| fail(EmberStatus::ErrInternal, format!("out of memory making {what} ({n} values)")))?;
     v.resize(n, 0.0);
     Ok(v)
 }
 
-fn mul(a: usize, b: usize, what: &str) -> R<usize> {
+pub(crate) fn mul(a: usize, b: usize, what: &str) -> R<usize> {
     a.checked_mul(b).ok_or_else(|| Failure(EmberStatus::ErrInvalidArgument, format!("{what}: {a} x {b} overflows")))
-}
-
-/// Copy a caller's batch (layout documented at `ember_train_step`) into a `Batch`, checking
-/// every size against the model. `labels` may be NULL when `labels_optional` (zeros are used).
-///
-/// # Safety
-/// Each pointer is NULL or points to as many values as the layout gives it for `batch_size` and
-/// `num_ids` (`ember_train_step`'s contract), valid and unchanged during the call.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn read_batch(
-    cfg: &TrainConfig,
-    batch_size: usize,
-    dense: *const f32,
-    labels: *const f32,
-    labels_optional: bool,
-    lengths: *const u32,
-    ids: *const u64,
-    num_ids: usize,
-) -> R<Batch> {
-    if batch_size == 0 || batch_size > crate::steps::EMBER_MAX_BATCH {
-        return fail(EmberStatus::ErrInvalidArgument, format!("batch_size is {batch_size}: expected 1 to {}", crate::steps::EMBER_MAX_BATCH));
-    }
-    let nd = cfg.model.num_dense;
-    let nt = cfg.model.tables.len();
-    // SAFETY: the contract promises batch_size x num_dense values at `dense`; `slice` refuses
-    // NULL and spans past isize::MAX.
-    let dense = unsafe { slice(dense, mul(batch_size, nd, "dense size")?, "dense") }?;
-    // SAFETY: the contract promises batch_size labels at a non-NULL `labels`.
-    let labels = if labels.is_null() && labels_optional { zeros(batch_size, "labels")? } else { copy_vec(unsafe { slice(labels, batch_size, "labels") }?, "labels")? };
-    // SAFETY: the contract promises num_tables x batch_size lengths.
-    let lengths = unsafe { slice(lengths, mul(batch_size, nt, "lengths size")?, "lengths") }?;
-    // SAFETY: the contract promises num_ids ids.
-    let ids = unsafe { slice(ids, num_ids, "ids") }?;
-    let total: u64 = lengths.iter().map(|&l| l as u64).sum();
-    if total != num_ids as u64 {
-        return fail(
-            EmberStatus::ErrInvalidArgument,
-            format!("lengths ({nt} tables x {batch_size} samples) sum to {total} ids but num_ids is {num_ids}"),
-        );
-    }
-    let mut b = Batch::new(nd, nt);
-    b.dense = copy_vec(dense, "dense")?;
-    b.labels = labels;
-    let mut at = 0usize;
-    for (t, j) in b.sparse.iter_mut().enumerate() {
-        let ls = &lengths[t * batch_size..(t + 1) * batch_size];
-        let n: usize = ls.iter().map(|&l| l as usize).sum();
-        *j = Jagged { lengths: copy_vec(ls, "lengths")?, values: copy_vec(&ids[at..at + n], "ids")? };
-        at += n;
-    }
-    b.validate(&cfg.model)?;
-    Ok(b)
 }

@@ -1,12 +1,13 @@
 //! Training and evaluation steps: `ember_train_step`, `ember_eval` and its `EmberMetrics`, on a
 //! whole model or (collectively) on one rank of a job.
 
-use crate::args::read_batch;
+use crate::args::{copy_vec, mul, slice, zeros};
 use crate::collective::{agree, on_rank};
 use crate::handle::{with_engine, EmberEngine, Model, Ranked, State};
 use crate::status::{fail, guard, EmberStatus, R};
 use engine::backend::Cpu;
-use engine::data::Batch;
+use engine::config::TrainConfig;
+use engine::data::{Batch, Jagged};
 use engine::parallel::eval::evaluate;
 
 /// Most samples one `ember_train_step` or `ember_eval` call takes (`batch_size`).
@@ -199,4 +200,56 @@ pub unsafe extern "C" fn ember_eval(
         }
         Ok(())
     })
+}
+
+/// Copy a caller's batch (layout documented at `ember_train_step`) into a `Batch`, checking
+/// every size against the model. `labels` may be NULL when `labels_optional` (zeros are used).
+///
+/// # Safety
+/// Each pointer is NULL or points to as many values as the layout gives it for `batch_size` and
+/// `num_ids` (`ember_train_step`'s contract), valid and unchanged during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn read_batch(
+    cfg: &TrainConfig,
+    batch_size: usize,
+    dense: *const f32,
+    labels: *const f32,
+    labels_optional: bool,
+    lengths: *const u32,
+    ids: *const u64,
+    num_ids: usize,
+) -> R<Batch> {
+    if batch_size == 0 || batch_size > EMBER_MAX_BATCH {
+        return fail(EmberStatus::ErrInvalidArgument, format!("batch_size is {batch_size}: expected 1 to {}", EMBER_MAX_BATCH));
+    }
+    let nd = cfg.model.num_dense;
+    let nt = cfg.model.tables.len();
+    // SAFETY: the contract promises batch_size x num_dense values at `dense`; `slice` refuses
+    // NULL and spans past isize::MAX.
+    let dense = unsafe { slice(dense, mul(batch_size, nd, "dense size")?, "dense") }?;
+    // SAFETY: the contract promises batch_size labels at a non-NULL `labels`.
+    let labels = if labels.is_null() && labels_optional { zeros(batch_size, "labels")? } else { copy_vec(unsafe { slice(labels, batch_size, "labels") }?, "labels")? };
+    // SAFETY: the contract promises num_tables x batch_size lengths.
+    let lengths = unsafe { slice(lengths, mul(batch_size, nt, "lengths size")?, "lengths") }?;
+    // SAFETY: the contract promises num_ids ids.
+    let ids = unsafe { slice(ids, num_ids, "ids") }?;
+    let total: u64 = lengths.iter().map(|&l| l as u64).sum();
+    if total != num_ids as u64 {
+        return fail(
+            EmberStatus::ErrInvalidArgument,
+            format!("lengths ({nt} tables x {batch_size} samples) sum to {total} ids but num_ids is {num_ids}"),
+        );
+    }
+    let mut b = Batch::new(nd, nt);
+    b.dense = copy_vec(dense, "dense")?;
+    b.labels = labels;
+    let mut at = 0usize;
+    for (t, j) in b.sparse.iter_mut().enumerate() {
+        let ls = &lengths[t * batch_size..(t + 1) * batch_size];
+        let n: usize = ls.iter().map(|&l| l as usize).sum();
+        *j = Jagged { lengths: copy_vec(ls, "lengths")?, values: copy_vec(&ids[at..at + n], "ids")? };
+        at += n;
+    }
+    b.validate(&cfg.model)?;
+    Ok(b)
 }

@@ -2,41 +2,12 @@
 //! distribution, and the dense forward. Every exchange follows the rank's `StepLayout`.
 use super::layout::{pack, unpack, Side};
 use super::rank::Rank2D;
-use super::route::{decode_input, encode_input};
+use super::route::{decode_input, encode_input, InputInFlight};
 use crate::backend::{Backend, Bags, Layout};
 use crate::config::Pooling;
 use crate::data::{Batch, Jagged};
 use crate::embedding::upload_bags;
 use crate::Result;
-
-/// An input all-to-all started for the next batch during this step's dense work: in flight,
-/// or received (waited for before the embedding backward, so that its send buffer is gone
-/// when the backward's buffers are allocated).
-pub(super) struct InputInFlight {
-    recv: Received,
-    counts: Vec<usize>,
-}
-
-enum Received {
-    InFlight(ember_transport::Request<Vec<u64>>),
-    Done(Vec<u64>),
-}
-
-impl InputInFlight {
-    /// Wait for the all-to-all (its send buffer is freed when it completes).
-    pub(super) fn complete(&mut self) -> Result<()> {
-        if let Received::InFlight(_) = self.recv {
-            let Received::InFlight(r) = std::mem::replace(&mut self.recv, Received::Done(Vec::new())) else { unreachable!() };
-            self.recv = Received::Done(r.wait()?);
-        }
-        Ok(())
-    }
-    fn finish(mut self) -> Result<(Vec<u64>, Vec<usize>)> {
-        self.complete()?;
-        let Received::Done(v) = self.recv else { unreachable!("completed above") };
-        Ok((v, self.counts))
-    }
-}
 
 impl<B: Backend> Rank2D<B> {
     /// Step 1 begun: the receive counts exchanged, the ids' all-to-all started.
@@ -46,7 +17,7 @@ impl<B: Backend> Rank2D<B> {
         // The peers' counts are checked against the allocation limit before the receive
         // buffer is allocated from them.
         let rcounts = self.comms.shard.all_to_all_counts::<u64>(&counts)?;
-        Ok(InputInFlight { recv: Received::InFlight(self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone())), counts: rcounts })
+        Ok(InputInFlight::new(self.comms.shard.start_all_to_all_v(send, counts, rcounts.clone()), rcounts))
     }
 
     /// Step 1: every local shard's bags of the group's N·b samples (ids local to the shard),

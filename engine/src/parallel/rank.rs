@@ -42,7 +42,7 @@ pub struct Rank2D<B: Backend> {
     /// Delayed state sync: the state average in flight.
     pub(super) pending: Option<PendingState>,
     /// The next batch's input all-to-all, started during this step's dense work.
-    pub(super) prefetch: Option<super::forward::InputInFlight>,
+    pub(super) prefetch: Option<super::route::InputInFlight>,
     /// Fully-sharded 2D: this replica's averaged part of the concatenated shard weights, and
     /// the split of that concatenation over the replica group.
     pub(super) fs_part: Option<(Vec<f32>, Vec<usize>)>,

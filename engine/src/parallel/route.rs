@@ -1,6 +1,7 @@
 //! Routing of the sparse input within a sharding group: which shard each id goes to, the
-//! wire layout of the input all-to-all, and its checked decoding. Also the bit set of rows
-//! touched since the last replica sync.
+//! wire layout of the input all-to-all, its checked decoding, and the all-to-all in flight
+//! (`InputInFlight`: the next batch's, started during this step's dense work). Also the bit set
+//! of rows touched since the last replica sync.
 use crate::data::Jagged;
 use crate::plan::{Plan, ShardingType};
 use crate::{Error, Result};
@@ -137,5 +138,38 @@ impl Touched {
     }
     pub fn clear(&mut self) {
         self.bits.fill(0);
+    }
+}
+
+/// An input all-to-all started for the next batch during this step's dense work: in flight,
+/// or received (waited for before the embedding backward, so that its send buffer is gone
+/// when the backward's buffers are allocated).
+pub(super) struct InputInFlight {
+    recv: Received,
+    counts: Vec<usize>,
+}
+
+enum Received {
+    InFlight(ember_transport::Request<Vec<u64>>),
+    Done(Vec<u64>),
+}
+
+impl InputInFlight {
+    /// The all-to-all `req` of the ids, `counts` ids from each group rank.
+    pub(super) fn new(req: ember_transport::Request<Vec<u64>>, counts: Vec<usize>) -> Self {
+        InputInFlight { recv: Received::InFlight(req), counts }
+    }
+    /// Wait for the all-to-all (its send buffer is freed when it completes).
+    pub(super) fn complete(&mut self) -> Result<()> {
+        if let Received::InFlight(_) = self.recv {
+            let Received::InFlight(r) = std::mem::replace(&mut self.recv, Received::Done(Vec::new())) else { unreachable!() };
+            self.recv = Received::Done(r.wait()?);
+        }
+        Ok(())
+    }
+    pub(super) fn finish(mut self) -> Result<(Vec<u64>, Vec<usize>)> {
+        self.complete()?;
+        let Received::Done(v) = self.recv else { unreachable!("completed above") };
+        Ok((v, self.counts))
     }
 }
