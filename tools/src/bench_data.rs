@@ -313,14 +313,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
     let bin_bytes = std::fs::metadata(&bin)?.len();
     let read_all = |path: &Path| -> ember_engine::Result<u64> {
         let f = BinaryFile::open(path)?;
-        let mut k = 0;
-        while k < f.samples() {
-            let m = (f.samples() - k).min(bsz as u64) as usize;
-            let mut b = Batch::new(model.num_dense, model.tables.len());
-            f.read_into(k, m, &mut b)?;
-            k += m as u64;
-        }
-        Ok(k)
+        read_in_batches(f.samples(), bsz, model, |k, m, b| f.read_into(k, m, b))
     };
     for cold in [false, true] {
         push("binary mmap, 1 rank", if cold { "cold" } else { "warm" }, time(it, Before::of(cold, &[bin.clone()]), n, bin_bytes, || read_all(&bin))?, "bytes of the file".into());
@@ -362,14 +355,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
     let npy_bytes_total: u64 = npy_files.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
     let read_day = |prefix: &Path, mh: bool, m: &ModelConfig, total: u64| -> ember_engine::Result<u64> {
         let d = NpyDay::open(prefix, mh, m)?;
-        let mut k = 0;
-        while k < total {
-            let c = (total - k).min(bsz as u64) as usize;
-            let mut b = Batch::new(m.num_dense, m.tables.len());
-            d.read_into(k, c, &mut b)?;
-            k += c as u64;
-        }
-        Ok(k)
+        read_in_batches(total, bsz, m, |k, c, b| d.read_into(k, c, b))
     };
     for cold in [false, true] {
         let r = time(it, Before::of(cold, &npy_files), n, npy_bytes_total, || read_day(&dir.join("day_0"), false, model, n))?;
@@ -395,14 +381,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
         push("MLPerf .npz multi-hot, 1 rank", c, r, format!("{ids_per_sample} ids/sample; bytes of the 3 files"));
         let r = time(it, Before::of(cold, &[mh_bin.clone()]), mh_n, mh_bin_bytes, || {
             let f = BinaryFile::open(&mh_bin)?;
-            let mut k = 0;
-            while k < mh_n {
-                let c = (mh_n - k).min(bsz as u64) as usize;
-                let mut b = Batch::new(v2.num_dense, v2.tables.len());
-                f.read_into(k, c, &mut b)?;
-                k += c as u64;
-            }
-            Ok(k)
+            read_in_batches(mh_n, bsz, &v2, |k, c, b| f.read_into(k, c, b))
         })?;
         push("binary mmap multi-hot, 1 rank", c, r, format!("{ids_per_sample} ids/sample; bytes of the file"));
     }
@@ -444,4 +423,18 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
         println!("{v}");
     }
     Ok(())
+}
+
+/// Reads samples `0..total` in batches of `bsz` (the last one shorter) through
+/// `read(first, count, batch)`, each into a fresh batch as a reader's caller would; returns the
+/// samples read.
+fn read_in_batches(total: u64, bsz: usize, m: &ModelConfig, mut read: impl FnMut(u64, usize, &mut Batch) -> ember_engine::Result<()>) -> ember_engine::Result<u64> {
+    let mut k = 0;
+    while k < total {
+        let c = (total - k).min(bsz as u64) as usize;
+        let mut b = Batch::new(m.num_dense, m.tables.len());
+        read(k, c, &mut b)?;
+        k += c as u64;
+    }
+    Ok(k)
 }
