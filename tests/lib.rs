@@ -14,6 +14,7 @@ pub fn require_tool(tool: &str, install: &str) {
     assert!(runs, "this test needs `{tool}`, which is not on PATH: {install} (bash .ci/run installs it and runs the tests that need it)");
 }
 
+pub mod binary;
 pub mod check2d;
 pub mod oracle;
 pub mod oracle2d;

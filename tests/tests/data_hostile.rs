@@ -12,10 +12,11 @@
 use arbtest::arbitrary::{self, Unstructured};
 use arbtest::arbtest;
 use ember_engine::config::{preset, ModelConfig};
-use ember_engine::data::binary::{parse_index, BinaryFile, BinaryWriter, DenseTransform, Feature, Hashing, Header, HEADER_BYTES, MAX_FEATURES};
+use ember_engine::data::binary::{BinaryFile, BinaryWriter, DenseTransform, Feature, Hashing, Header, HEADER_BYTES, MAX_FEATURES};
 use ember_engine::data::npy::{parse_header, NpyDay};
 use ember_engine::data::Batch;
 use ember_engine::rng::Rng;
+use ember_tests::binary::{put_u32, reseal, seal_header};
 use ember_tests::test_data;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -91,53 +92,8 @@ fn valid_binary_files() -> &'static [(Vec<u8>, Vec<u64>)] {
     })
 }
 
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
 fn put_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-/// Rewrites the header checksum over whatever the header and feature table now hold.
-fn seal_header(b: &mut [u8]) {
-    if b.len() < HEADER_BYTES {
-        return;
-    }
-    let f = u32::from_le_bytes(b[16..20].try_into().unwrap());
-    if f > MAX_FEATURES || b.len() < HEADER_BYTES + 16 * f as usize {
-        return;
-    }
-    let end = HEADER_BYTES + 16 * f as usize;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&b[..60]);
-    h.update(&[0; 4]);
-    h.update(&b[64..end]);
-    put_u32(b, 60, h.finalize());
-}
-
-/// Makes every checksum of `b` match its bytes, as far as the header lets them be found:
-/// header, block index, and each block's entry in the index.
-fn reseal(b: &mut [u8]) {
-    seal_header(b);
-    let Ok(h) = Header::parse(b) else { return };
-    if h.file_bytes != b.len() as u64 {
-        return;
-    }
-    let idx = h.index_offset as usize;
-    let seal_index = |b: &mut [u8]| {
-        put_u32(b, 56, crc32fast::hash(&b[idx..]));
-        seal_header(b);
-    };
-    seal_index(b);
-    let Ok(h) = Header::parse(b) else { return };
-    let Ok(blocks) = parse_index(&h, &b[idx..]) else { return };
-    let entry = h.index_entry_bytes() as usize;
-    for (i, blk) in blocks.iter().enumerate() {
-        let (at, len) = (blk.offset as usize, blk.layout.bytes as usize);
-        let crc = crc32fast::hash(&b[at..at + len]);
-        put_u32(b, idx + i * entry, crc);
-    }
-    seal_index(b);
 }
 
 /// Opens `bytes`, checks every block and reads every sample in chunks of `chunk`: errors name

@@ -297,8 +297,9 @@ impl Header {
     }
 }
 
-/// CRC-32 of a header and feature table, the stored CRC field taken as zero.
-fn header_crc(b: &[u8]) -> u32 {
+/// CRC-32 of a header and feature table (`b`: exactly those bytes), the stored CRC field taken
+/// as zero.
+pub fn header_crc(b: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&b[..60]);
     h.update(&[0; 4]);

@@ -5,55 +5,11 @@
 //! by the first byte. Either an error naming the file, or a header that describes exactly these
 //! bytes and samples that are valid for its features.
 #![no_main]
-use ember_engine::data::binary::{parse_index, BinaryFile, Header, HEADER_BYTES, MAX_FEATURES};
+use ember_engine::data::binary::BinaryFile;
 use ember_engine::data::Batch;
+use ember_tests::binary::reseal;
 
 const NAME: &str = "fuzz/day_0.ember";
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-/// The header checksum over whatever the header and feature table now hold.
-fn seal_header(b: &mut [u8]) {
-    if b.len() < HEADER_BYTES {
-        return;
-    }
-    let f = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
-    let end = HEADER_BYTES + 16 * f as usize;
-    if f > MAX_FEATURES || b.len() < end {
-        return;
-    }
-    let mut h = crc32fast::Hasher::new();
-    h.update(&b[..60]);
-    h.update(&[0; 4]);
-    h.update(&b[64..end]);
-    put_u32(b, 60, h.finalize());
-}
-
-/// Every checksum of `b` made to match its bytes.
-fn reseal(b: &mut [u8]) {
-    seal_header(b);
-    let Ok(h) = Header::parse(b) else { return };
-    if h.file_bytes != b.len() as u64 {
-        return;
-    }
-    let idx = h.index_offset as usize;
-    let seal_index = |b: &mut [u8]| {
-        put_u32(b, 56, crc32fast::hash(&b[idx..]));
-        seal_header(b);
-    };
-    seal_index(b);
-    let Ok(h) = Header::parse(b) else { return };
-    let Ok(blocks) = parse_index(&h, &b[idx..]) else { return };
-    let entry = h.index_entry_bytes() as usize;
-    for (i, blk) in blocks.iter().enumerate() {
-        let (at, len) = (blk.offset as usize, blk.layout.bytes as usize);
-        let crc = crc32fast::hash(&b[at..at + len]);
-        put_u32(b, idx + i * entry, crc);
-    }
-    seal_index(b);
-}
 
 fn named(e: &ember_engine::Error) {
     let m = e.to_string();
