@@ -7,7 +7,7 @@ use ember_engine::config::{JobConfig, TrainConfig};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::dataset::{detect, Format, MappedData};
 use ember_engine::grid::Placement;
-use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode};
+use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, XferKind};
 use ember_engine::plan::ShardingType;
 use std::path::PathBuf;
 
@@ -80,13 +80,9 @@ pub struct TrainArgs {
     /// all-gathered before the embedding backward (optimizer state not averaged).
     #[arg(long, help_heading = "2D")]
     pub fully_sharded: bool,
-    /// How the 2D step's buffers travel between ranks: auto (peer-to-peer device copies for
-    /// in-process ranks on a GPU; for GPU ranks in separate processes GPUDirect RDMA when every
-    /// rank's NIC registers device memory, else NCCL when built, else the host transport),
-    /// host, staged (host transport via host copies), peers (in-process ranks: the buffers
-    /// themselves through the in-process fabric), nccl, direct (GPUDirect RDMA: the RDMA transport on the buffers).
-    #[arg(long, default_value = "auto", help_heading = "2D")]
-    pub xfer: String,
+    /// How the 2D step's buffers travel between ranks.
+    #[arg(long, default_value = "auto", value_parser = spelled::<XferKind>(), help_heading = "2D")]
+    pub xfer: XferKind,
     /// Count every rank's heap (one rank per process: under `ember launch`, mpirun, ...) and print
     /// its measured peak over construction and training next to the planner's figure.
     #[arg(long, help_heading = "2D")]
@@ -122,7 +118,7 @@ impl TrainArgs {
             sync: self.sync,
             delayed_state_sync: self.delayed_state_sync,
             fully_sharded: self.fully_sharded,
-            xfer: self.xfer.parse()?,
+            xfer: self.xfer,
             checkpoint: self.checkpoint()?,
         };
         Ok(JobConfig { grid: Some((m, n)), placement: self.placement, sharding: self.sharding, ranks_per_node: self.ranks_per_node, parallel })

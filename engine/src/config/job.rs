@@ -2,7 +2,7 @@
 //! the tables, and how the replicas sync. Its settings are spelt and parsed here, once, for the
 //! command line (`ember train`, `ember plan`) and the C ABI's `[parallel]` table.
 use crate::grid::{Grid, Placement};
-use crate::parallel::{ParallelOptions, SyncMode};
+use crate::parallel::{ParallelOptions, SyncMode, XferKind};
 use crate::plan::planner::PlanOptions;
 use crate::plan::ShardingType;
 use crate::{Error, Result};
@@ -66,6 +66,25 @@ impl Spelled for SyncMode {
 }
 
 impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_spelled(s)
+    }
+}
+
+impl Spelled for XferKind {
+    const VALUES: &'static [(&'static str, Self, &'static str)] = &[
+        ("auto", XferKind::Auto, "Host buffers: host; device buffers: peers in-process, else direct when every NIC registers device memory, else nccl when built, else host"),
+        ("host", XferKind::Host, "The host transport on the buffers (device buffers through host staging copies)"),
+        ("staged", XferKind::Staged, "The host transport on host staging copies, even of host buffers"),
+        ("peers", XferKind::Peers, "In-process ranks: the buffers themselves through the in-process fabric"),
+        ("nccl", XferKind::Nccl, "NCCL's collectives on device buffers (--features nccl; one rank per process)"),
+        ("direct", XferKind::Direct, "GPUDirect RDMA: the RDMA transport on device buffers"),
+    ];
+    const WHAT: &'static str = "buffer transport";
+}
+
+impl FromStr for XferKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         parse_spelled(s)
@@ -174,9 +193,17 @@ mod tests {
         for &(s, v, _) in SyncMode::VALUES {
             assert_eq!(s.parse::<SyncMode>(), Ok(v));
         }
+        // Every buffer transport is spelt once: the table covers every variant, and serde (run
+        // records, checkpoints) spells each as the table does.
+        assert_eq!(XferKind::VALUES.len(), 6);
+        for &(s, v, _) in XferKind::VALUES {
+            assert_eq!(s.parse::<XferKind>(), Ok(v));
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{s}\""));
+        }
         assert_eq!("inside".parse::<Placement>(), Err("placement 'inside': expected in-node or across-nodes".to_string()));
         assert_eq!("diagonal".parse::<ShardingType>(), Err("sharding 'diagonal': expected table, row, column or table-row".to_string()));
         assert_eq!("half".parse::<SyncMode>(), Err("sync 'half': expected sparse or full".to_string()));
+        assert_eq!("bogus".parse::<XferKind>(), Err("buffer transport 'bogus': expected auto, host, staged, peers, nccl or direct".to_string()));
     }
 
     #[test]

@@ -48,21 +48,6 @@ pub enum XferKind {
     Direct,
 }
 
-impl std::str::FromStr for XferKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(XferKind::Auto),
-            "host" => Ok(XferKind::Host),
-            "staged" => Ok(XferKind::Staged),
-            "peers" => Ok(XferKind::Peers),
-            "nccl" => Ok(XferKind::Nccl),
-            "direct" => Ok(XferKind::Direct),
-            o => Err(Error::Config(format!("unknown buffer transport '{o}' (auto, host, staged, peers, nccl, direct)"))),
-        }
-    }
-}
-
 /// The resolved path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Xfer {
