@@ -1,7 +1,6 @@
 //! Progress, driven by whichever thread waits: one pass (poll until the queue is empty, handle
-//! the completions, post),
-//! getting aborts out before a failing caller returns, and the waiting loop with its back-off
-//! and timeout.
+//! the completions, post), getting aborts out before a failing caller returns, and the waiting
+//! loop with its back-off and timeout.
 use super::state::State;
 use super::RdmaFabric;
 use crate::error::{Error, Result};
