@@ -415,6 +415,173 @@ fn cancel_before_the_send_keeps_the_connection() {
     }
 }
 
+/// The emulated endpoint, handing out at most one completion per `poll`: a completion queue
+/// whose entries arrive one by one between polls (on hardware a poll also returns only what has
+/// arrived, and `IbVerbs::poll` splits its budget between the two queues).
+struct OnePerPoll(ember_transport::rdma::EmuVerbs);
+
+impl ember_transport::rdma::verbs::Verbs for OnePerPoll {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<ember_transport::rdma::verbs::Mr, String> {
+        self.0.register(addr, len)
+    }
+    fn deregister(&self, mr: &ember_transport::rdma::verbs::Mr) {
+        self.0.deregister(mr)
+    }
+    unsafe fn post_write_imm(&self, peer: usize, wr_id: u64, sges: &[ember_transport::rdma::verbs::Sge], raddr: u64, rkey: u32, imm: u32) -> Result<(), ember_transport::rdma::verbs::PostError> {
+        self.0.post_write_imm(peer, wr_id, sges, raddr, rkey, imm)
+    }
+    fn poll(&self, out: &mut Vec<ember_transport::rdma::verbs::Wc>, max: usize) -> usize {
+        self.0.poll(out, max.min(1))
+    }
+    fn disconnect(&self, peer: usize) -> Result<(), String> {
+        self.0.disconnect(peer)
+    }
+    fn cache_registrations(&self) -> bool {
+        self.0.cache_registrations()
+    }
+}
+
+/// Rank 1 advertises `dead` for tag 1 and cancels it while rank 0 does not progress: the revoke
+/// lands in rank 0's completion queue behind the advertisement, nobody acknowledges within the
+/// cancel's 100 ms, and the buffer is deregistered. Then rank 1 posts `live` for tag 2. Returns
+/// after checking that the cancel did revoke the registration.
+fn advertise_and_cancel_unacknowledged<V: ember_transport::rdma::verbs::Verbs>(
+    f: &[std::sync::Arc<ember_transport::rdma::RdmaFabric<V>>],
+    stats: &ember_transport::rdma::emu::EmuStats,
+    dead: &mut [u8],
+    live: &mut [u8],
+    w: &Wait,
+) {
+    let deregs = stats.deregistrations(1);
+    unsafe {
+        f[1].post_recv(0, tag(1), dead.as_mut_ptr(), dead.len(), w).unwrap();
+        f[1].cancel_recv(0, tag(1));
+        assert_eq!(stats.deregistrations(1), deregs + 1, "the cancel was to revoke the buffer (no acknowledgement)");
+        dead.fill(0x55);
+        f[1].post_recv(0, tag(2), live.as_mut_ptr(), live.len(), w).unwrap();
+    }
+}
+
+/// Rank 0 sends tags 1 and 2 (tag 1 already issued when `first_issued`) and waits for both;
+/// rank 1 receives tag 2 into `live`. The connection must carry on: nothing written into the
+/// revoked buffer, nothing rejected.
+fn finish_after_the_cancel<V: ember_transport::rdma::verbs::Verbs + 'static>(
+    f: &[std::sync::Arc<ember_transport::rdma::RdmaFabric<V>>],
+    stats: &ember_transport::rdma::emu::EmuStats,
+    data: &[u8],
+    dead: &[u8],
+    live: &[u8],
+    first_issued: bool,
+    w: Wait,
+) {
+    let len = data.len();
+    let f0 = f[0].clone();
+    let d = data.to_vec();
+    let h = std::thread::spawn(move || unsafe {
+        if !first_issued {
+            f0.send(1, tag(1), d.as_ptr(), len, &w)?;
+        }
+        f0.send(1, tag(2), d.as_ptr(), len, &w)?;
+        f0.wait_send(1, tag(1), &w)?;
+        f0.wait_send(1, tag(2), &w)
+    });
+    let got = f[1].wait_recv(0, tag(2), &w);
+    let sent = h.join().unwrap();
+    assert_eq!(stats.rejected_writes(1), 0, "rank 0 wrote into the revoked buffer");
+    sent.unwrap();
+    assert_eq!(got.unwrap(), len);
+    assert!(live == data);
+    assert!(dead.iter().all(|&b| b == 0x55));
+}
+
+#[test]
+fn a_sender_handles_every_arrival_before_it_writes_zero_copy() {
+    // Rank 0's first poll hands it the advertisement of tag 1 alone; the revoke behind it has
+    // arrived too. The send must see the revoke before it writes a byte zero-copy.
+    let e = EmuConfig::fast();
+    let stats = e.stats.clone();
+    let f = wrapped_fabrics(2, e, RdmaConfig { slots: 4, chunk: 4096 }, OnePerPoll);
+    let w = Wait::new("test", Duration::from_secs(5));
+    let len = 100_000;
+    let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    let (mut dead, mut live) = (vec![0u8; len], vec![0u8; len]);
+    advertise_and_cancel_unacknowledged(&f, &stats, &mut dead, &mut live, &w);
+    unsafe { f[0].send(1, tag(1), data.as_ptr(), len, &w).unwrap() };
+    assert_eq!(stats.rejected_writes(1), 0, "the send wrote into the revoked buffer");
+    finish_after_the_cancel(&f, &stats, &data, &dead, &live, true, w);
+}
+
+#[test]
+fn posting_a_receive_does_not_write_into_a_revoked_buffer() {
+    // Rank 0 takes up the advertisement of tag 1 (its send's announcement held back by a full
+    // queue); then the revoke arrives. Posting a receive on rank 0 posts what is pending: it
+    // must handle the revoke before it writes zero-copy.
+    let e = EmuConfig::fast();
+    let stats = e.stats.clone();
+    let f = fabrics(2, e, RdmaConfig { slots: 4, chunk: 4096 });
+    let w = Wait::new("test", Duration::from_secs(5));
+    let len = 100_000;
+    let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    let (mut dead, mut live, mut back) = (vec![0u8; len], vec![0u8; len], vec![0u8; len]);
+    let deregs = stats.deregistrations(1);
+    unsafe {
+        f[1].post_recv(0, tag(1), dead.as_mut_ptr(), len, &w).unwrap();
+        f[0].verbs().stall_queue(1, true);
+        f[0].send(1, tag(1), data.as_ptr(), len, &w).unwrap();
+        f[1].cancel_recv(0, tag(1));
+        assert_eq!(stats.deregistrations(1), deregs + 1, "the cancel was to revoke the buffer (no acknowledgement)");
+        dead.fill(0x55);
+        f[1].post_recv(0, tag(2), live.as_mut_ptr(), len, &w).unwrap();
+        f[0].verbs().stall_queue(1, false);
+        f[0].post_recv(1, tag(3), back.as_mut_ptr(), len, &w).unwrap();
+    }
+    assert_eq!(stats.rejected_writes(1), 0, "posting a receive wrote into the revoked buffer");
+    f[0].cancel_recv(1, tag(3));
+    finish_after_the_cancel(&f, &stats, &data, &dead, &live, true, w);
+}
+
+#[test]
+fn a_write_refused_after_an_unacknowledged_cancel_is_named_on_both_sides() {
+    // Rank 1 cancels an advertised receive while its queue to rank 0 is stalled: the revoke
+    // cannot get out, and the buffer is deregistered. Rank 0 then writes the message zero-copy
+    // (refused) and a small one behind it (lands): rank 1 sees a write missing from the stream.
+    let e = EmuConfig::fast();
+    let stats = e.stats.clone();
+    let f = fabrics(2, e, RdmaConfig { slots: 4, chunk: 4096 }); // one 16 KiB zero-copy write
+    let w = Wait::new("test", Duration::from_secs(5));
+    let len = 16 << 10;
+    let data = vec![0xabu8; len];
+    let (mut dead, mut small) = (vec![0u8; len], [0u8; 10]);
+    let deregs = stats.deregistrations(1);
+    unsafe {
+        f[1].post_recv(0, tag(1), dead.as_mut_ptr(), len, &w).unwrap();
+        f[1].verbs().stall_queue(0, true);
+        f[1].cancel_recv(0, tag(1));
+        assert_eq!(stats.deregistrations(1), deregs + 1, "the cancel was to revoke the buffer");
+        dead.fill(0x55);
+        f[0].verbs().hold_writes(1, true);
+        f[0].send(1, tag(1), data.as_ptr(), len, &w).unwrap();
+        f[0].send(1, tag(2), data.as_ptr(), small.len(), &w).unwrap();
+        f[0].verbs().hold_writes(1, false);
+        f[1].verbs().stall_queue(0, false);
+        f[1].post_recv(0, tag(2), small.as_mut_ptr(), small.len(), &w).unwrap();
+    }
+    assert_eq!(stats.rejected_writes(1), 1, "the zero-copy write was to be refused");
+    let e1 = f[1].wait_recv(0, tag(2), &w).unwrap_err();
+    assert!(matches!(e1, Error::Protocol { peer: 0, .. }), "{e1}");
+    let cause = format!("buffer of {:?}, refused: that receive was cancelled", tag(1));
+    assert!(e1.to_string().contains(&cause), "{e1}");
+    let e0 = f[0].wait_send(1, tag(1), &w).unwrap_err();
+    assert!(matches!(e0, Error::PeerFailed { peer: 1, .. }), "{e0}");
+    assert!(dead.iter().all(|&b| b == 0x55));
+}
+
 #[test]
 fn hostile_zero_copy_write_is_a_protocol_error() {
     use ember_transport::rdma::verbs::{Imm, Verbs};
@@ -495,6 +662,22 @@ fn upper_bound_posts_below_and_above_the_threshold() {
             assert!(buf[..sent] == data[..]);
         }
     }
+}
+
+/// A connected world of `n` fabrics over the emulation, each endpoint wrapped by `wrap`.
+fn wrapped_fabrics<W: ember_transport::rdma::verbs::Verbs>(
+    n: usize,
+    e: EmuConfig,
+    cfg: RdmaConfig,
+    wrap: impl Fn(ember_transport::rdma::EmuVerbs) -> W,
+) -> Vec<std::sync::Arc<ember_transport::rdma::RdmaFabric<W>>> {
+    use ember_transport::rdma::{emu, RdmaFabric, RemoteSlots};
+    let fabs: Vec<_> = emu::world(n, e).into_iter().map(|v| std::sync::Arc::new(RdmaFabric::new(wrap(v), cfg, "rdma-emu").unwrap())).collect();
+    for (r, f) in fabs.iter().enumerate() {
+        let remote: Vec<Option<RemoteSlots>> = (0..n).map(|p| (p != r).then(|| fabs[p].slots_for(r))).collect();
+        f.connect(&remote).unwrap();
+    }
+    fabs
 }
 
 /// The emulated endpoint, with a switch that makes its next `poll` panic (a bug, or a verbs

@@ -74,7 +74,7 @@ impl<V: Verbs> RdmaFabric<V> {
             self.advertise(&mut st, src, tag, buf as usize, len);
         }
         if !st.peers[src].ctl.is_empty() {
-            self.post_pending(&mut st); // the advertisement goes out now
+            self.progress(&mut st); // the advertisement goes out now
         }
         Ok(())
     }
@@ -190,7 +190,7 @@ impl<V: Verbs> RdmaFabric<V> {
         let mut revoke = false;
         let mut remove = false;
         if let Some(a) = adv {
-            st.peers[src].advs[a as usize] = AdvSlot::Revoked;
+            st.peers[src].advs[a as usize] = AdvSlot::Revoked { tag, deregistered: false };
             st.peers[src].ctl.push_back(Ctl::Revoke { tag, adv: a, why: R_CANCEL });
             st.recvs.get_mut(&(src, tag)).unwrap().revoked = true;
             // Announced: the sender writes zero-copy or nothing, so nothing more comes for the entry.
@@ -200,6 +200,11 @@ impl<V: Verbs> RdmaFabric<V> {
             // the sender a moment to acknowledge (every write it posted before lands first, into
             // a buffer still ours until we return); revoke only if it does not.
             revoke = !self.await_ack(st, src, a as usize);
+            if revoke {
+                if let AdvSlot::Revoked { deregistered, .. } = &mut st.peers[src].advs[a as usize] {
+                    *deregistered = true; // below (or the sender is cut off)
+                }
+            }
         } else if announced && !eager {
             // The sender waits for an advertisement that will not come (unless told already).
             if !revoked {
@@ -222,7 +227,7 @@ impl<V: Verbs> RdmaFabric<V> {
     pub(super) fn await_ack(&self, st: &mut State, p: usize, a: usize) -> bool {
         let t0 = Instant::now();
         loop {
-            if st.peers[p].advs[a] != AdvSlot::Revoked {
+            if !matches!(st.peers[p].advs[a], AdvSlot::Revoked { .. }) {
                 return true; // acknowledged (the index may be in use again already)
             }
             if st.peers[p].failed.is_some() || t0.elapsed() >= CANCEL_WAIT {

@@ -14,15 +14,18 @@
 //!   header-only write) and RDMA-writes the payload straight into the advertised buffer in
 //!   chunks of `zc_chunk` bytes, each a WRITE WITH IMMEDIATE whose immediate names the
 //!   advertisement: the receiver knows every byte landed when the announced length has arrived,
-//!   each chunk's length checked. A cancelled receive is revoked (deregistered before
-//!   `cancel_recv` returns, so a late write fails at the NIC) and the sender told to stop.
+//!   each chunk's length checked. A cancelled receive is revoked (the sender told to stop; unless
+//!   it acknowledges within [`CANCEL_WAIT`], deregistered before `cancel_recv` returns, so a late
+//!   write fails at the NIC).
 //! * Credits: a sender holds `slots` credits per peer and spends one per write that raises an
 //!   immediate (chunk, control message, zero-copy chunk); the receiver returns them in batches
 //!   with a zero-length write whose immediate carries the count.
 //! * Pipelining: pending chunks of all peers are posted round-robin (one per peer per pass,
 //!   starting at a rank-dependent peer) as credits and send-queue room allow; a full send queue
 //!   (`PostError::QueueFull`) only ends the pass. Control messages to a peer go before its data.
-//! * Progress is driven by whichever thread waits (poll, process, post), with back-off.
+//! * Progress is driven by whichever thread waits (poll until the queue is empty, process, post),
+//!   with back-off. Every arrival is handled before anything is posted: a revoke that arrived is
+//!   never overtaken by a zero-copy write into the revoked buffer.
 //!
 //! Files: `header` (the wire format: chunk header, control messages), `mrcache` (memory
 //! registrations), `state` (per-message and per-peer bookkeeping), `send` and `advert` (the

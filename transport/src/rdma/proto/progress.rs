@@ -1,6 +1,6 @@
-//! Progress, driven by whichever thread waits: one pass (poll, handle completions, post),
-//! getting aborts out before a failing caller returns, and the waiting loop with its back-off
-//! and timeout.
+//! Progress, driven by whichever thread waits: one pass (poll until the queue is empty, handle
+//! the completions, post), getting aborts out before a failing caller returns, and the waiting
+//! loop with its back-off and timeout.
 use super::state::State;
 use super::RdmaFabric;
 use crate::error::{Error, Result};
@@ -10,19 +10,37 @@ use std::time::{Duration, Instant};
 
 /// The longest busy-poll phase of a wait.
 pub(super) const SPIN: Duration = Duration::from_micros(50);
+/// Completions taken per poll.
+const POLL_BATCH: usize = 64;
+/// Polls per progress pass at most: a peer that keeps writing cannot hold a pass forever.
+const POLLS_PER_PASS: usize = 16;
 
 impl<V: Verbs> RdmaFabric<V> {
-    /// One progress pass: poll, handle completions, return credits, post pending chunks.
-    /// Returns whether anything happened.
+    /// One progress pass: poll until the completion queue is empty, handle the completions,
+    /// return credits, post pending chunks. Returns whether anything happened.
+    ///
+    /// Every arrival is handled before anything is posted: an advertisement and the revoke
+    /// behind it may come in different polls, and a zero-copy write posted in between would go
+    /// into a buffer the receiver has deregistered already (it does so when the revoke is not
+    /// acknowledged within `CANCEL_WAIT`), failing the connection. A pass that stops polling
+    /// before the queue was empty posts no zero-copy write (`post_pending`).
     pub(super) fn progress(&self, st: &mut State) -> bool {
         let mut wcs = std::mem::take(&mut st.wcs);
-        wcs.clear();
-        let got = self.v.poll(&mut wcs, 64);
-        for wc in wcs.drain(..) {
-            self.on_wc(st, wc);
+        let (mut got, mut drained) = (0, false);
+        for _ in 0..POLLS_PER_PASS {
+            wcs.clear();
+            let k = self.v.poll(&mut wcs, POLL_BATCH);
+            for wc in wcs.drain(..) {
+                self.on_wc(st, wc);
+            }
+            got += k;
+            if k == 0 {
+                drained = true;
+                break;
+            }
         }
         st.wcs = wcs;
-        let posted = self.post_pending(st);
+        let posted = self.post_pending(st, drained);
         got > 0 || posted
     }
 

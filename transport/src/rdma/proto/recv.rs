@@ -76,11 +76,11 @@ impl<V: Verbs> RdmaFabric<V> {
                     return Err(format!("zero-copy immediate names rank {src} on rank {p}'s queue pair"));
                 }
                 if seq16 != want as u16 {
-                    return Err(format!("zero-copy write out of sequence: seq {seq16}, expected {}", want as u16));
+                    return Err(format!("zero-copy write out of sequence: seq {seq16}, expected {}{}", want as u16, Self::gap_cause(st, p)));
                 }
                 match st.peers[p].advs[adv] {
                     AdvSlot::Free => return Err(format!("zero-copy write of {byte_len} bytes for advertisement {adv}, which is not outstanding")),
-                    AdvSlot::Revoked => {} // landed before the revocation; nobody waits for it
+                    AdvSlot::Revoked { .. } => {} // landed before the revocation; nobody waits for it
                     AdvSlot::Active(tag) => {
                         let e = st.recvs.get_mut(&(p, tag)).ok_or_else(|| format!("zero-copy write for {tag:?}, which is not posted"))?;
                         let Some(total) = e.total.filter(|_| e.announced) else {
@@ -110,7 +110,7 @@ impl<V: Verbs> RdmaFabric<V> {
                     return Err(format!("data immediate names rank {src} on rank {p}'s queue pair"));
                 }
                 if slot != want as usize % s || seq16 != want as u16 {
-                    return Err(format!("chunk out of sequence: slot {slot} seq {seq16}, expected slot {} seq {}", want as usize % s, want as u16));
+                    return Err(format!("chunk out of sequence: slot {slot} seq {seq16}, expected slot {} seq {}{}", want as usize % s, want as u16, Self::gap_cause(st, p)));
                 }
                 if byte_len < HDR || byte_len > self.slot_size {
                     return Err(format!("write of {byte_len} bytes (slot holds {} + {} header)", self.cfg.chunk, HDR));
@@ -182,6 +182,22 @@ impl<V: Verbs> RdmaFabric<V> {
                 st.peers[p].owed += 1;
                 Ok(())
             }
+        }
+    }
+
+    /// What a write missing from `p`'s stream most likely was: one into a buffer deregistered
+    /// when its receive was cancelled before `p` acknowledged the revoke (refused at the NIC).
+    /// Empty when there is no such buffer.
+    fn gap_cause(st: &State, p: usize) -> String {
+        let revoked = st.peers[p].advs.iter().find_map(|a| match a {
+            AdvSlot::Revoked { tag, deregistered: true } => Some(*tag),
+            _ => None,
+        });
+        match revoked {
+            None => String::new(),
+            Some(tag) => format!(
+                " (most likely a write into the buffer of {tag:?}, refused: that receive was cancelled and its buffer deregistered before rank {p} acknowledged the revoke)"
+            ),
         }
     }
 
@@ -296,7 +312,7 @@ impl<V: Verbs> RdmaFabric<V> {
             }
             K_ACK => {
                 let a = h.adv as usize;
-                if a >= MAX_ADVERTS || st.peers[p].advs[a] != AdvSlot::Revoked {
+                if a >= MAX_ADVERTS || !matches!(st.peers[p].advs[a], AdvSlot::Revoked { .. }) {
                     return Err(format!("acknowledgement of advertisement {a}, which is not revoked"));
                 }
                 Self::free_adv(st, p, a);

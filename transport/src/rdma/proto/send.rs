@@ -1,7 +1,8 @@
 //! The sending side: issuing a send (`send_as`: eager through the slots, or announced for
 //! zero-copy), choosing a job's delivery once the receiver's answer is known (`start`), and
 //! posting (`post_pending`): aborts, credit returns, control messages, then data chunks
-//! round-robin over peers as credits and send-queue room allow.
+//! round-robin over peers as credits and send-queue room allow (zero-copy ones only right after
+//! every arrival was handled).
 use super::header::{Ctl, Header, K_DATA, NO_ADV};
 use super::state::{fail_peer, Mode, RemoteBuf, SendJob, State};
 use super::{RdmaFabric, ABORT, CREDIT_WR, HDR};
@@ -74,8 +75,10 @@ impl<V: Verbs> RdmaFabric<V> {
     }
 
     /// Return owed credits, post control messages, then post chunks round-robin over peers.
-    /// Returns whether anything was posted.
-    pub(super) fn post_pending(&self, st: &mut State) -> bool {
+    /// `drained`: every completion that had arrived was handled just before (`progress`);
+    /// otherwise no zero-copy write is posted, since a revoke of its buffer may be among the
+    /// completions not yet handled. Returns whether anything was posted.
+    pub(super) fn post_pending(&self, st: &mut State, drained: bool) -> bool {
         let (n, s) = (self.n, self.cfg.slots);
         let mut any = false;
         // Aborts first (a full queue keeps them pending).
@@ -159,6 +162,9 @@ impl<V: Verbs> RdmaFabric<V> {
                 let seq = peer.tx_seq;
                 let slot = seq as usize % s;
                 let j = st.jobs.get(&jid).expect("queued job exists");
+                if !drained && matches!(j.mode, Mode::Zc { .. }) {
+                    continue;
+                }
                 let off = j.next_off;
                 let mut sges = [Sge { addr: 0, len: 0, lkey: 0 }; 2];
                 let (clen, nsge, raddr, rkey, imm);

@@ -81,8 +81,10 @@ pub(super) struct RemoteBuf {
 pub(super) enum AdvSlot {
     Free,
     Active(Tag),
-    /// Revoked; free again once the sender acknowledges.
-    Revoked,
+    /// The receive of `tag` was cancelled; the index is free again once the sender acknowledges.
+    /// `deregistered`: the buffer was deregistered before that (no acknowledgement in time), so a
+    /// write of the sender's into it is refused, and the stream from the sender breaks there.
+    Revoked { tag: Tag, deregistered: bool },
 }
 
 pub(super) struct Peer {
