@@ -14,9 +14,6 @@ mod agree;
 mod auth;
 pub mod bench;
 pub mod bootstrap;
-// Not yet under the unsafe lints: some of its unsafe blocks lack SAFETY notes, and its unsafe
-// functions' bodies are not yet explicit unsafe blocks.
-#[allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 mod coll;
 mod comm;
 mod conn;
