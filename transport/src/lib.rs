@@ -33,7 +33,8 @@ mod tcp;
 
 /// The checks a rank runs on what a peer sends, before using any of it, re-exported for the
 /// fuzz targets (fuzz/): TCP frame headers and the mesh hello, shared-memory ring records and
-/// slots, RDMA chunk headers and immediates, rendezvous and RDMA connection entries.
+/// slots, RDMA chunk headers and immediates, the rendezvous hello, rendezvous and RDMA
+/// connection entries.
 #[doc(hidden)]
 pub mod wire {
     pub mod tcp {
@@ -47,7 +48,7 @@ pub mod wire {
     }
     pub mod rendezvous {
         pub use crate::auth::{hello_len, HELLO_HEADER, MAX_HELLO};
-        pub use crate::bootstrap::rendezvous::Entry;
+        pub use crate::bootstrap::rendezvous::{check_hello, hello, Entry};
         pub use crate::rdma::wire::{decode_rdma_table, QpInfo, RdmaPeerInfo, RDMA_INFO_LEN};
         pub use crate::conn::{field_len, MAX_FIELD};
     }
