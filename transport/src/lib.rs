@@ -38,7 +38,7 @@ mod tcp;
 #[doc(hidden)]
 pub mod wire {
     pub mod tcp {
-        pub use crate::tcp::{check_mesh_hello, decode_frame, encode_frame, FrameSink, FRAME_LEN};
+        pub use crate::tcp::wire::{check_mesh_hello, decode_frame, encode_frame, FrameSink, FRAME_LEN};
     }
     pub use crate::shm::wire as shm;
     pub mod rdma {
