@@ -11,7 +11,8 @@
 //! vanishes (power loss, partition, paused VM) fails every wait on it.
 //!
 //! This module connects the mesh and implements `Fabric`; what travels on a connection (the
-//! mesh hello, frame headers and their admission) is [`wire`], the progress thread [`progress`](mod@progress).
+//! mesh hello, frame headers and their admission) is [`wire`], the progress thread
+//! [`progress`](mod@progress).
 mod progress;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,8 @@ use std::sync::Mutex;
 /// Emulated device memory: what a GPU allocation is to the CPU. [`DeviceMem::addr`] is the
 /// address the protocol and the collectives see; it is mapped without access rights, so any CPU
 /// read or write there is a segmentation fault. The emulated NIC reaches the same pages through
-/// a second, writable mapping (found by [`Verbs::register`](crate::rdma::verbs::Verbs::register)), as a NIC reaches GPU memory with
+/// a second, writable mapping (found by
+/// [`Verbs::register`](crate::rdma::verbs::Verbs::register)), as a NIC reaches GPU memory with
 /// GPUDirect RDMA. `write`, `read` and [`DeviceMem::copy`] are the test's `cudaMemcpy`s.
 pub struct DeviceMem {
     dev: usize,
