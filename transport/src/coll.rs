@@ -81,7 +81,10 @@ impl<T: Reducible> Host<T> {
 /// As [`Memory::reduce`], the blocks being whole `T`s, `T`-aligned.
 unsafe fn reduce_host<T: Reducible>(parts: *const u8, n: usize, len: usize, out: *mut u8, op: ReduceOp) {
     let k = len / std::mem::size_of::<T>();
-    // SAFETY: this function's contract.
+    // SAFETY: the caller guarantees (this function's contract) `parts..+n·len` readable and
+    // `out..+len` writable, not overlapping, holding whole `T`s at `T`-aligned addresses; the
+    // slices cover n·k and k `T`s with k·size_of::<T>() <= len, so they lie inside those ranges,
+    // and any bytes are valid `T`s (`Reducible: Pod`).
     let (parts, out) = unsafe { (std::slice::from_raw_parts(parts as *const T, n * k), std::slice::from_raw_parts_mut(out as *mut T, k)) };
     out.copy_from_slice(&parts[..k]);
     for p in 1..n {
@@ -106,13 +109,17 @@ impl<T: Pod> Memory for Host<T> {
         s.as_mut_ptr() as *mut u8
     }
     unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> Result<()> {
-        // SAFETY: this function's contract.
+        // SAFETY: the caller guarantees (`Memory::copy`'s contract) `src..+len` readable and
+        // `dst..+len` writable host memory that do not overlap: what `copy_nonoverlapping` needs.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
         Ok(())
     }
     unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> Result<()> {
         let (op, f) = self.reduce.ok_or_else(|| Error::usage("collective", "host memory without a reduction".to_string()))?;
-        // SAFETY: this function's contract; the blocks are whole `T`s of `T` buffers.
+        // SAFETY: `f` is `reduce_host::<T>` (set by `reducing`, the only constructor with a
+        // reduction); the caller guarantees (`Memory::reduce`'s contract) `parts..+n·len`
+        // readable and `out..+len` writable, not overlapping, of this memory's kind: host memory
+        // holding `T`s, so whole `T`-aligned `T`s, as `reduce_host` requires.
         unsafe { f(parts, n, len, out, op) };
         Ok(())
     }
@@ -186,9 +193,16 @@ impl<'a> Round<'a> {
     /// `buf` must stay alive and untouched until this round is finished or dropped.
     unsafe fn post(&mut self, from: usize, buf: *mut u8, len: usize) -> Result<()> {
         let (f, peer) = (&self.g.fabric, self.g.members[from]);
-        match self.direct {
-            false => f.post_recv(peer, self.tag, buf, len, &self.w)?,
-            true => f.post_recv_direct(peer, self.tag, buf, len, &self.w)?,
+        // SAFETY: the caller keeps `buf..+len` alive and untouched until this round is finished
+        // or dropped (this function's contract); `finish` returns only after `wait_recv` returned
+        // `Ok` for every posted receive, and `drop` calls `cancel_recv` for each one not
+        // completed, so the buffer outlives the fabric's use of it, as `post_recv` (and
+        // `post_recv_direct`, the same contract) requires.
+        unsafe {
+            match self.direct {
+                false => f.post_recv(peer, self.tag, buf, len, &self.w)?,
+                true => f.post_recv_direct(peer, self.tag, buf, len, &self.w)?,
+            }
         }
         self.recvs.push((from, len, false));
         Ok(())
@@ -198,9 +212,15 @@ impl<'a> Round<'a> {
     /// `data` must stay alive until `finish` returned.
     unsafe fn send(&mut self, to: usize, data: *const u8, len: usize) -> Result<()> {
         let (f, peer) = (&self.g.fabric, self.g.members[to]);
-        match self.direct {
-            false => f.send(peer, self.tag, data, len, &self.w)?,
-            true => f.send_direct(peer, self.tag, data, len, &self.w)?,
+        // SAFETY: the caller keeps `data..+len` alive until `finish` returned (this function's
+        // contract), and `finish` returns only after `wait_send` returned for every started send;
+        // a round left early calls `cancel_send` for each in `drop`, after which the fabric reads
+        // no byte of it. That is `send`'s (and `send_direct`'s) contract.
+        unsafe {
+            match self.direct {
+                false => f.send(peer, self.tag, data, len, &self.w)?,
+                true => f.send_direct(peer, self.tag, data, len, &self.w)?,
+            }
         }
         self.sends.push(to);
         Ok(())
@@ -296,7 +316,10 @@ pub(crate) fn all_to_all_v<T: Pod>(
     }
     let sz = std::mem::size_of::<T>();
     let (sb, rb) = (scaled(OP, send_counts, sz)?, scaled(OP, recv_counts, sz)?);
-    // SAFETY: every range lies inside `recv`/`send` (offsets checked above); both outlive the call.
+    // SAFETY: `sb`/`rb` are the checked counts in bytes, summing to exactly the byte lengths of
+    // `send` and `recv` (check_counts above), so both hold the counts' sums of bytes; they are
+    // host memory holding `T`s (`Host<T>`'s kind), borrowed (`send` shared, so unchanged;
+    // `recv` exclusively, so untouched by others and not overlapping `send`) for the whole call.
     unsafe { all_to_all_v_in(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, &sb, recv.as_mut_ptr() as *mut u8, &rb) }
 }
 
@@ -325,7 +348,11 @@ pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
     }
     let (so, ro) = (offsets(OP, "send", send_counts)?, offsets(OP, "receive", recv_counts)?);
     let mut r = Round::new(g, seq, 0, OP, mem.direct());
-    // SAFETY: the blocks lie inside `send`/`recv` (offsets of their counts), which outlive `r`.
+    // SAFETY: the caller guarantees (this function's contract) that `send` holds so[n] and `recv`
+    // ro[n] bytes of `mem`'s kind, valid until this returns; block p lies at so[p]..so[p+1] /
+    // ro[p]..ro[p+1] (checked prefix sums), inside them. `r` is finished or dropped before this
+    // returns, so the posted and sent blocks outlive the round (`post`, `send`). The own-block
+    // copy's ranges do not overlap: `recv` is written while `send` stays unchanged (contract).
     unsafe {
         for i in 1..n {
             let p = (me + n - i) % n;
@@ -346,13 +373,16 @@ pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
 /// Σ counts[..p] of every rank's `recv`.
 ///
 /// # Safety
-/// `send` holds `counts[me]` bytes, `recv` their sum, of `mem`'s kind; both valid until this returns.
+/// `send` holds `counts[me]` bytes, `recv` their sum, of `mem`'s kind; both valid (and `send`
+/// unchanged) until this returns.
 pub(crate) unsafe fn all_gather_v_in<M: Memory>(g: &Group, seq: u64, mem: &M, send: *const u8, counts: &[usize], recv: *mut u8) -> Result<()> {
     const OP: &str = "all_gather";
     if counts.len() != g.n() {
         return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
     }
-    // SAFETY: this function's contract.
+    // SAFETY: with o the prefix sums of `counts`, the caller guarantees (this function's
+    // contract) `recv` holds o[n] bytes and `send` this rank's block of o[me+1] - o[me] =
+    // counts[me] bytes, unchanged and valid until this returns: `gather_bytes`'s contract.
     unsafe { gather_bytes(g, seq, 0, OP, mem, send, &offsets(OP, "receive", counts)?, recv) }
 }
 
@@ -368,7 +398,9 @@ pub(crate) unsafe fn reduce_scatter_v_in<M: Memory>(g: &Group, seq: u64, mem: &M
     if counts.len() != g.n() {
         return Err(Error::usage(OP, format!("{} counts for {} ranks", counts.len(), g.n())));
     }
-    // SAFETY: this function's contract.
+    // SAFETY: with o the prefix sums of `counts`, the caller guarantees (this function's
+    // contract) `send` holds o[n] bytes and `recv` this rank's chunk of counts[me] bytes, valid
+    // (and `send` unchanged) until this returns: `reduce_scatter_bytes`'s contract.
     unsafe { reduce_scatter_bytes(g, seq, 0, OP, mem, send, &offsets(OP, "send", counts)?, recv) }
 }
 
@@ -386,7 +418,11 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
     let o = scaled(OP, &offsets(OP, "chunk", &even_counts(count, n))?, elem)?;
     let mut mine = mem.scratch(o[g.me + 1] - o[g.me])?;
     let mp = mem.base(&mut mine);
-    // SAFETY: `buf` holds o[n] bytes (this function's contract), `mine` this rank's chunk.
+    // SAFETY: o is the byte prefix sum of n chunks of `count` elements of `elem` bytes, so
+    // o[n] = count·elem: the bytes the caller guarantees at `buf` (this function's contract),
+    // valid and untouched by others until this returns. `mine` is scratch of this memory's kind
+    // holding this rank's chunk (o[me+1] - o[me] bytes), alive until the end of this function
+    // and disjoint from `buf`; it is unchanged during the gather that reads it.
     unsafe {
         reduce_scatter_bytes(g, seq, 0, OP, mem, buf, &o, mp)?;
         gather_bytes(g, seq, 1, OP, mem, mp, &o, buf)
@@ -408,7 +444,10 @@ unsafe fn reduce_scatter_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_na
     let sb = mem.base(&mut scratch);
     {
         let mut r = Round::new(g, seq, round, op_name, mem.direct());
-        // SAFETY: ranges inside `scratch` / `data`, which outlive `r`.
+        // SAFETY: `scratch` holds n·mine bytes (`mem.scratch(total)`), so slot p lies at
+        // p·mine..(p+1)·mine inside it; block p of `data` lies at o[p]..o[p+1] <= o[n], inside
+        // the bytes the caller guarantees (this function's contract). `scratch` and `data` both
+        // outlive `r`, which is finished or dropped at the end of this block.
         unsafe {
             for i in 1..n {
                 let p = (me + n - i) % n;
@@ -421,7 +460,10 @@ unsafe fn reduce_scatter_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_na
         }
         r.finish()?;
     }
-    // SAFETY: this rank's chunk of `data` into its slot of `scratch`, then the n slots into `out`.
+    // SAFETY: this rank's chunk of `data` (o[me]..o[me+1], inside `data` by this function's
+    // contract) goes to slot me of `scratch` (inside its n·mine bytes; a fresh buffer, so no
+    // overlap); then the n slots of `mine` bytes are reduced into `out`, which holds `mine`
+    // bytes (contract) and is not `scratch`. All of `mem`'s kind, valid during these calls.
     unsafe {
         mem.copy(data.add(o[me]), sb.add(me * mine), mine)?;
         mem.reduce(sb, n, mine, out)
@@ -432,14 +474,17 @@ unsafe fn reduce_scatter_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_na
 /// `o[p]` of every rank p's `recv`; `mem` copies this rank's block first (it is never posted).
 ///
 /// # Safety
-/// `recv` holds `o[n]` bytes and `send` this rank's block, of `mem`'s kind; both valid until
-/// this returns.
+/// `recv` holds `o[n]` bytes and `send` this rank's block, of `mem`'s kind; both valid (and
+/// `send` unchanged) until this returns.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gather_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'static str, mem: &M, send: *const u8, o: &[usize], recv: *mut u8) -> Result<()> {
     let (n, me) = (g.n(), g.me);
     let mine = o[me + 1] - o[me];
     let mut r = Round::new(g, seq, round, op_name, mem.direct());
-    // SAFETY: ranges inside `recv` / `send`, which outlive `r`.
+    // SAFETY: the caller guarantees (this function's contract) `recv` holds o[n] bytes, so block p
+    // at o[p]..o[p+1] lies inside it, and `send` this rank's `mine` bytes, unchanged while `recv`
+    // is written (so the own-block copy's ranges do not overlap). Both stay valid until this
+    // returns, after `r` is finished or dropped.
     unsafe {
         mem.copy(send, recv.add(o[me]), mine)?;
         for i in 1..n {
@@ -455,7 +500,8 @@ unsafe fn gather_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'st
 }
 
 pub(crate) fn all_reduce<T: Reducible>(g: &Group, seq: u64, buf: &mut [T], op: ReduceOp) -> Result<()> {
-    // SAFETY: `buf` is borrowed mutably for the call.
+    // SAFETY: `buf` holds buf.len() elements of size_of::<T>() bytes of host `T`s (`Host<T>`'s
+    // kind), borrowed exclusively (valid and untouched by others) for the whole call.
     unsafe { all_reduce_in(g, seq, &Host::<T>::reducing(op), buf.as_mut_ptr() as *mut u8, buf.len(), std::mem::size_of::<T>()) }
 }
 
@@ -466,7 +512,9 @@ pub(crate) fn reduce_scatter_v<T: Reducible>(g: &Group, seq: u64, send: &[T], co
         return Err(Error::usage(OP, format!("receive buffer holds {} but this rank's count is {}", recv.len(), counts[g.me])));
     }
     let sz = std::mem::size_of::<T>();
-    // SAFETY: `send` holds the counts' sum and `recv` this rank's count (checked above).
+    // SAFETY: `send` holds the counts' sum and `recv` this rank's count (checked above), so in
+    // bytes (the same counts scaled by size_of::<T>()) the lengths are as required; both are
+    // host `T`s (`Host<T>`'s kind), borrowed for the whole call (`send` shared, so unchanged).
     unsafe { reduce_scatter_v_in(g, seq, &Host::<T>::reducing(op), send.as_ptr() as *const u8, &scaled(OP, counts, sz)?, recv.as_mut_ptr() as *mut u8) }
 }
 
@@ -477,7 +525,10 @@ pub(crate) fn all_gather_v<T: Pod>(g: &Group, seq: u64, send: &[T], counts: &[us
         return Err(Error::usage(OP, format!("send buffer holds {} but this rank's count is {}", send.len(), counts[g.me])));
     }
     let sz = std::mem::size_of::<T>();
-    // SAFETY: `recv` holds the counts' sum and `send` this rank's count (checked above).
+    // SAFETY: `recv` holds the counts' sum and `send` this rank's count (checked above), so in
+    // bytes (the same counts scaled by size_of::<T>()) the lengths are as required; both are
+    // host `T`s (`Host<T>`'s kind), borrowed for the whole call (`send` shared, so unchanged and
+    // not overlapping the exclusively borrowed `recv`).
     unsafe { all_gather_v_in(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, &scaled(OP, counts, sz)?, recv.as_mut_ptr() as *mut u8) }
 }
 
@@ -489,7 +540,9 @@ pub(crate) fn broadcast<T: Pod>(g: &Group, seq: u64, buf: &mut [T], root: usize)
     }
     let bytes = std::mem::size_of_val(buf);
     let mut r = Round::new(g, seq, 0, OP, false);
-    // SAFETY: `buf` outlives `r`.
+    // SAFETY: `buf` is borrowed exclusively for this function, so it outlives `r` (finished or
+    // dropped before this returns) and nothing else touches it; the root sends its `bytes`
+    // bytes, the others post all `bytes` of it.
     unsafe {
         if me == root {
             for i in 1..n {

@@ -14,9 +14,6 @@ mod agree;
 mod auth;
 pub mod bench;
 pub mod bootstrap;
-// Not yet under the unsafe lints: some of its unsafe blocks lack SAFETY notes, and its unsafe
-// functions' bodies are not yet explicit unsafe blocks.
-#[allow(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 mod coll;
 mod comm;
 mod conn;
@@ -36,11 +33,12 @@ mod tcp;
 
 /// The checks a rank runs on what a peer sends, before using any of it, re-exported for the
 /// fuzz targets (fuzz/): TCP frame headers and the mesh hello, shared-memory ring records and
-/// slots, RDMA chunk headers and immediates, rendezvous and RDMA connection entries.
+/// slots, RDMA chunk headers and immediates, the rendezvous hello, rendezvous and RDMA
+/// connection entries.
 #[doc(hidden)]
 pub mod wire {
     pub mod tcp {
-        pub use crate::tcp::{check_mesh_hello, decode_frame, encode_frame, FrameSink, FRAME_LEN};
+        pub use crate::tcp::wire::{check_mesh_hello, decode_frame, encode_frame, FrameSink, FRAME_LEN};
     }
     pub use crate::shm::wire as shm;
     pub mod rdma {
@@ -50,7 +48,7 @@ pub mod wire {
     }
     pub mod rendezvous {
         pub use crate::auth::{hello_len, HELLO_HEADER, MAX_HELLO};
-        pub use crate::bootstrap::rendezvous::Entry;
+        pub use crate::bootstrap::rendezvous::{check_hello, hello, Entry};
         pub use crate::rdma::wire::{decode_rdma_table, QpInfo, RdmaPeerInfo, RDMA_INFO_LEN};
         pub use crate::conn::{field_len, MAX_FIELD};
     }

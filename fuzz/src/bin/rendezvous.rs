@@ -3,8 +3,8 @@
 //! length-prefixed fields as `Conn::get` reads them (`field_len`: at most `MAX_FIELD` bytes,
 //! checked before allocating) each decoded as a rank's table entry (`Entry::decode`: four
 //! lines, a numeric pid). A decoded entry re-encodes to an entry that decodes to the same
-//! fields. The hello's rank and size are checked by rank 0 itself (`serve`), the token proofs
-//! by HMAC (auth.rs).
+//! fields. The hello's rank and size are rank 0's `check_hello` (the `rendezvous_hello`
+//! target), the token proofs HMAC (auth.rs).
 #![no_main]
 use ember_fuzz::Input;
 use ember_transport::wire::rendezvous::*;

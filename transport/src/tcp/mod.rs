@@ -1,0 +1,271 @@
+//! TCP backend for ranks on several hosts: a full mesh of non-blocking connections and one
+//! progress thread per rank that `poll`s all of them, lands each frame straight into the posted
+//! buffer (or keeps it until posted) and finishes sends that did not fit into the socket at
+//! once. Frames are length-checked against the posted buffer before any byte is read into it.
+//!
+//! Every mesh connection starts with the token proof of `auth` (the mesh is dialled by the
+//! higher rank; incoming handshakes are served concurrently under the job's deadline). Only
+//! this rank's own progress thread writes into a posted buffer, so withdrawing one
+//! (`cancel_recv`) never waits for a peer: the rest of a frame in progress is read into scratch.
+//! Connections use TCP keepalive and `TCP_USER_TIMEOUT` (the job's timeout), so a peer that
+//! vanishes (power loss, partition, paused VM) fails every wait on it.
+//!
+//! This module connects the mesh and implements `Fabric`; what travels on a connection (the
+//! mesh hello, frame headers and their admission) is [`wire`], the progress thread
+//! [`progress`](mod@progress).
+mod progress;
+#[cfg(test)]
+mod tests;
+pub(crate) mod wire;
+
+use crate::conn::Conn;
+use crate::error::{Error, Result};
+use crate::fabric::{Fabric, Tag, Wait};
+use crate::mailbox::{Dir, Mailbox, Slot};
+use progress::{progress, Dst, Job, Rx, Shared};
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wire::{check_mesh_hello, hello};
+
+/// What the mesh handshake's proofs cover.
+const MESH_PURPOSE: &[u8] = b"ember tcp mesh v1";
+
+pub(crate) struct TcpFabric {
+    rank: usize,
+    size: usize,
+    sh: Arc<Shared>,
+    progress: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpFabric {
+    /// Connect the mesh: dial every lower rank, accept every higher one (concurrently); both
+    /// sides of every connection prove the job token. All of it within `timeout`.
+    pub fn new(rank: usize, listener: TcpListener, addrs: &[String], token: &str, timeout: Duration) -> Result<TcpFabric> {
+        let size = addrs.len();
+        let deadline = Instant::now() + timeout;
+        let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
+        let stop = AtomicBool::new(false);
+        let accept = std::thread::scope(|sc| {
+            let acceptor = sc.spawn(|| {
+                let mut got: Vec<(usize, TcpStream)> = Vec::new();
+                let mut missing = size - rank - 1;
+                if missing == 0 {
+                    return Ok(got);
+                }
+                let handshake = |mut c: Conn| -> std::result::Result<(usize, TcpStream), String> {
+                    let fits = |h: &[u8]| check_mesh_hello(h, rank, size).map(|_| ());
+                    let h = crate::auth::server(&mut c, token, MESH_PURPOSE, fits).map_err(|e| e.to_string())?;
+                    Ok((check_mesh_hello(&h, rank, size).expect("checked"), c.s))
+                };
+                let r = crate::conn::serve(&listener, deadline, "tcp mesh", &stop, handshake, |(from, s)| {
+                    if got.iter().any(|(r, _)| *r == from) {
+                        tracing::warn!("tcp mesh: a second connection from rank {from}, dropped");
+                        return false;
+                    }
+                    got.push((from, s));
+                    missing -= 1;
+                    missing == 0
+                });
+                match r {
+                    Ok(()) => Ok(got),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        let who: Vec<usize> = (rank + 1..size).filter(|r| !got.iter().any(|(g, _)| g == r)).collect();
+                        Err(Error::Bootstrap(format!("tcp mesh: ranks {who:?} never connected within {timeout:?}")))
+                    }
+                    Err(e) => Err(Error::Bootstrap(format!("tcp mesh: accept: {e}"))),
+                }
+            });
+            for (d, a) in addrs.iter().enumerate().take(rank) {
+                match dial(rank, d, size, a, token, deadline) {
+                    Ok(s) => streams[d] = Some(s),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            acceptor.join().map_err(|_| Error::Bootstrap("tcp mesh: the accepting thread panicked".into()))?
+        });
+        for (r, s) in accept? {
+            streams[r] = Some(s);
+        }
+        let mb = Arc::new(Mailbox::new());
+        // SAFETY: plain eventfd creation; the fd is owned by `Shared` and closed on drop.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Error::Bootstrap(format!("eventfd: {}", std::io::Error::last_os_error())));
+        }
+        let mut tx = Vec::with_capacity(size);
+        let mut rx = Vec::with_capacity(size);
+        for s in &streams {
+            if let Some(s) = s {
+                tune(s, timeout);
+                s.set_nonblocking(true).map_err(|e| Error::Bootstrap(e.to_string()))?;
+            }
+            tx.push(s.as_ref().map(|_| Mutex::new(VecDeque::new())));
+            rx.push(Mutex::new(s.as_ref().map(|_| Rx::new())));
+        }
+        let sh = Arc::new(Shared { mb, streams, tx, rx, efd, stop: AtomicBool::new(false), #[cfg(test)] pause_rx: AtomicBool::new(false) });
+        let sh2 = sh.clone();
+        let progress = std::thread::Builder::new()
+            .name(format!("ember-tcp-progress{rank}"))
+            .spawn(move || progress(sh2))
+            .map_err(|e| Error::Bootstrap(e.to_string()))?;
+        Ok(TcpFabric { rank, size, sh, progress: Some(progress) })
+    }
+}
+
+#[cfg(test)]
+impl TcpFabric {
+    /// Tests: stop (`true`) or resume reading from every peer (a rank that stopped reading).
+    pub(crate) fn pause_rx(&self, on: bool) {
+        self.sh.pause_rx.store(on, Ordering::Release);
+        self.sh.wake();
+    }
+}
+
+/// Dial rank `d` at `a` (retrying until the deadline) and prove the token.
+fn dial(rank: usize, d: usize, size: usize, a: &str, token: &str, deadline: Instant) -> Result<TcpStream> {
+    let s = loop {
+        match TcpStream::connect(a) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(Error::Bootstrap(format!("connect to rank {d} at {a}: {e}"))),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let mut c = Conn::new(s, deadline).map_err(|e| Error::Bootstrap(format!("connect to rank {d} at {a}: {e}")))?;
+    crate::auth::client(&mut c, token, MESH_PURPOSE, &hello(rank, d, size)).map_err(|e| match e {
+        crate::auth::AuthError::Refused(why) => Error::Refused(format!("tcp mesh, rank {d} at {a}: {why}")),
+        crate::auth::AuthError::Io(e) => Error::Bootstrap(format!("tcp mesh handshake with rank {d} at {a}: {e}")),
+    })?;
+    Ok(c.s)
+}
+
+/// Socket buffer size asked for on every mesh connection (loopback and LAN alike):
+/// `EMBER_TCP_SOCKBUF` bytes, 0 = leave it to the kernel's autotuning. Default 4 MiB.
+fn sock_buf() -> libc::c_int {
+    static V: std::sync::OnceLock<libc::c_int> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("EMBER_TCP_SOCKBUF").ok().and_then(|s| s.parse().ok()).unwrap_or(4 << 20))
+}
+
+/// Per-connection options: no Nagle, socket buffers (`EMBER_TCP_SOCKBUF`), and the dead-peer
+/// detection: keepalive probes after `timeout / 2` idle (1..=60 s), every `timeout / 6`
+/// (1..=10 s), and `TCP_USER_TIMEOUT` = `timeout` (data unacknowledged that long, or probes
+/// unanswered, end the connection).
+fn tune(s: &TcpStream, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    s.set_nodelay(true).ok();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt with a c_int value on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    };
+    let secs = timeout.as_secs().clamp(1, 3600) as libc::c_int;
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, (secs / 2).clamp(1, 60));
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (secs / 6).clamp(1, 10));
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int);
+    let v = sock_buf();
+    if v > 0 {
+        set(libc::SOL_SOCKET, libc::SO_SNDBUF, v);
+        set(libc::SOL_SOCKET, libc::SO_RCVBUF, v);
+    }
+}
+
+impl Fabric for TcpFabric {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
+        self.sh.mb.post(src, tag, buf, len, w.op).map(|_| ())
+    }
+
+    /// Writes the frame from the caller's thread as far as the socket takes it (header and
+    /// payload in one `sendmsg`); the rest is queued for the progress thread.
+    unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if let Some(e) = self.sh.mb.lock().dead.get(&dst) {
+            return Err(e.clone().with_op(w.op));
+        }
+        let mut job = Job::new(tag, data, len);
+        let mut q = self.sh.queue(dst);
+        if q.is_empty() {
+            let fd = self.sh.streams[dst].as_ref().unwrap().as_raw_fd();
+            match job.push(fd) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(Error::Io { op: w.op, peer: dst, detail: e.to_string() }),
+            }
+        }
+        q.push_back(job);
+        drop(q);
+        self.sh.wake();
+        Ok(())
+    }
+
+    fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()> {
+        let queued = |q: &VecDeque<Job>| q.iter().any(|j| j.tag == tag);
+        if !queued(&self.sh.queue(dst)) {
+            return Ok(());
+        }
+        let r = self.sh.mb.wait_until(dst, w, &|| Ok(false), |_| if queued(&self.sh.queue(dst)) { None } else { Some(Ok(())) });
+        if r.is_err() {
+            // The caller may free the buffer now.
+            self.sh.withdraw(dst, tag);
+        }
+        r
+    }
+
+    fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize> {
+        self.sh.mb.wait_done(src, tag, Dir::Recv, w, &|| Ok(false))
+    }
+
+    /// Never waits for the peer: under the receive lock of `src` (held by the progress thread
+    /// only for one bounded pass of non-blocking reads) a frame arriving into the buffer is
+    /// diverted to scratch.
+    fn cancel_recv(&self, src: usize, tag: Tag) {
+        let mut rx = self.sh.rx(src);
+        let mut t = self.sh.mb.lock();
+        if matches!(t.map.get(&(src, tag, Dir::Recv)), Some(Slot::Writing)) {
+            if let Some(b) = rx.as_mut().and_then(|r| r.body.as_mut()).filter(|b| b.tag == tag) {
+                b.dst = Dst::Discard;
+            }
+        }
+        t.map.remove(&(src, tag, Dir::Recv));
+    }
+
+    fn cancel_send(&self, dst: usize, tag: Tag) {
+        self.sh.withdraw(dst, tag);
+    }
+}
+
+impl Drop for TcpFabric {
+    fn drop(&mut self) {
+        self.sh.stop.store(true, Ordering::Release);
+        self.sh.wake();
+        if let Some(h) = self.progress.take() {
+            let _ = h.join();
+        }
+        for s in self.sh.streams.iter().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}

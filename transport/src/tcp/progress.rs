@@ -1,0 +1,378 @@
+//! The progress thread of a TCP rank and the state it shares with the callers: one `poll` over
+//! every peer connection lands each frame straight into the posted buffer (or keeps it until
+//! posted, or reads it into scratch once withdrawn) and finishes sends that did not fit into
+//! the socket at once.
+use super::wire::{admit, encode_frame, FRAME_LEN};
+use crate::error::{Error, Result};
+use crate::fabric::Tag;
+use crate::mailbox::{Dir, Mailbox};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// State shared by the callers and the progress thread.
+pub(super) struct Shared {
+    pub(super) mb: Arc<Mailbox>,
+    /// Non-blocking sockets, one per peer (`None` for self).
+    pub(super) streams: Vec<Option<TcpStream>>,
+    /// Sends that did not fit into the socket at once, in stream order; the progress thread
+    /// finishes them when the socket is writable. A job is removed once fully written.
+    pub(super) tx: Vec<Option<Mutex<VecDeque<Job>>>>,
+    /// Receive state per peer (`None`: self, or the connection is gone). The progress thread
+    /// holds it while it reads from that peer; `cancel_recv` takes it to divert a frame.
+    pub(super) rx: Vec<Mutex<Option<Rx>>>,
+    /// Wakes the progress thread (a send was queued, or shutdown).
+    pub(super) efd: libc::c_int,
+    pub(super) stop: AtomicBool,
+    /// Tests: the progress thread reads nothing while set (a peer that stopped reading).
+    #[cfg(test)]
+    pub(super) pause_rx: AtomicBool,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: our eventfd, closed once.
+        unsafe { libc::close(self.efd) };
+    }
+}
+
+impl Shared {
+    pub(super) fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: 8-byte write to our eventfd.
+        unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+    pub(super) fn queue(&self, p: usize) -> MutexGuard<'_, VecDeque<Job>> {
+        self.tx[p].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(super) fn rx(&self, p: usize) -> MutexGuard<'_, Option<Rx>> {
+        self.rx[p].lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Withdraw the send of `tag` to `p`: once this returns, no byte of its buffer is read. A
+    /// frame already partly on the wire leaves the stream unusable: that connection is closed.
+    pub(super) fn withdraw(&self, p: usize, tag: Tag) {
+        let mut q = self.queue(p);
+        if let Some(i) = q.iter().position(|j| j.tag == tag) {
+            let started = q[i].hoff > 0;
+            q.remove(i);
+            if started {
+                if let Some(s) = &self.streams[p] {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+/// A send in flight: the frame header (ours) and the caller's payload (valid until `wait_send`).
+pub(super) struct Job {
+    pub(super) tag: Tag,
+    hdr: [u8; 32],
+    hoff: usize,
+    data: *const u8,
+    len: usize,
+    doff: usize,
+}
+// SAFETY: `data` is only read, and only while the job is queued (the `Fabric::send` contract).
+unsafe impl Send for Job {}
+
+impl Job {
+    /// The send of `len` bytes at `data` as message `tag`, nothing written yet.
+    pub(super) fn new(tag: Tag, data: *const u8, len: usize) -> Job {
+        Job { tag, hdr: encode_frame(tag, len), hoff: 0, data, len, doff: 0 }
+    }
+    /// Write as much as the socket takes now; `Ok(true)` when the whole frame is out.
+    pub(super) fn push(&mut self, fd: libc::c_int) -> std::io::Result<bool> {
+        while self.hoff < self.hdr.len() || self.doff < self.len {
+            let iov = [
+                libc::iovec { iov_base: self.hdr[self.hoff..].as_ptr() as *mut libc::c_void, iov_len: self.hdr.len() - self.hoff },
+                // SAFETY: doff <= len, inside the caller's buffer.
+                libc::iovec { iov_base: unsafe { self.data.add(self.doff) } as *mut libc::c_void, iov_len: self.len - self.doff },
+            ];
+            // SAFETY: a msghdr over the two live iovecs; MSG_NOSIGNAL: EPIPE instead of SIGPIPE.
+            let n = unsafe {
+                let mut m: libc::msghdr = std::mem::zeroed();
+                m.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                m.msg_iovlen = 2;
+                libc::sendmsg(fd, &m, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => return Ok(false),
+                    _ => return Err(e),
+                }
+            }
+            let mut n = n as usize;
+            let a = n.min(self.hdr.len() - self.hoff);
+            self.hoff += a;
+            n -= a;
+            self.doff += n;
+        }
+        Ok(true)
+    }
+}
+
+/// Staging buffer of a connection: small frames (header and payload) arrive many per `read`.
+const STAGE: usize = 256 << 10;
+/// Payload remainders at least this long are read straight into their destination.
+const DIRECT: usize = 32 << 10;
+/// Reads from one peer per progress pass (then the others get their turn, and a `cancel_recv`
+/// waiting for this peer's receive state gets it).
+const READS_PER_PASS: u32 = 32;
+
+pub(super) enum Dst {
+    /// The posted buffer (claimed: its slot is `Writing` until we complete or fail it).
+    Posted(*mut u8),
+    /// Not posted yet: kept until `post` (its bytes reserved against the limit).
+    Early(Vec<u8>),
+    /// Withdrawn by `cancel_recv` while arriving: the rest of the frame is read and dropped.
+    Discard,
+}
+
+pub(super) struct Body {
+    pub(super) tag: Tag,
+    len: usize,
+    got: usize,
+    pub(super) dst: Dst,
+}
+
+/// Receive state of one connection.
+pub(super) struct Rx {
+    st: Vec<u8>,
+    lo: usize,
+    hi: usize,
+    pub(super) body: Option<Body>,
+}
+// SAFETY: the raw pointer in `Dst::Posted` is only written through by the thread holding the
+// `Rx` lock, within the `Fabric::post_recv` contract.
+unsafe impl Send for Rx {}
+
+impl Rx {
+    /// A connection's receive state before its first byte.
+    pub(super) fn new() -> Rx {
+        Rx { st: vec![0u8; STAGE], lo: 0, hi: 0, body: None }
+    }
+}
+
+enum Got {
+    Data(usize),
+    Later,
+}
+
+fn lost(peer: usize, reason: String) -> Error {
+    Error::PeerFailed { op: "tcp receive", peer, reason }
+}
+
+fn read_some(peer: usize, s: &TcpStream, buf: &mut [u8]) -> Result<Got> {
+    loop {
+        match (&*s).read(buf) {
+            Ok(0) => return Err(lost(peer, "connection lost (end of stream)".into())),
+            Ok(n) => return Ok(Got::Data(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Got::Later),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(lost(peer, format!("connection lost ({e})"))),
+        }
+    }
+}
+
+impl Rx {
+    /// Consume what is readable on `s` now, at most [`READS_PER_PASS`] reads. `Err`: the
+    /// connection is lost (`PeerFailed`) or malformed (`Protocol`).
+    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
+        const HDR: usize = FRAME_LEN;
+        let mut reads = 0u32;
+        loop {
+            if let Some(b) = &mut self.body {
+                let take = (self.hi - self.lo).min(b.len - b.got);
+                match &mut b.dst {
+                    // SAFETY: claim checked len <= the posted capacity; the slot stays `Writing`
+                    // (and `cancel_recv` diverts it only under our lock).
+                    Dst::Posted(p) => unsafe { std::ptr::copy_nonoverlapping(self.st.as_ptr().add(self.lo), p.add(b.got), take) },
+                    Dst::Early(v) => v[b.got..b.got + take].copy_from_slice(&self.st[self.lo..self.lo + take]),
+                    Dst::Discard => {}
+                }
+                self.lo += take;
+                b.got += take;
+                if b.got == b.len {
+                    let b = self.body.take().unwrap();
+                    match b.dst {
+                        Dst::Posted(_) => mb.complete(peer, b.tag, Dir::Recv, b.len),
+                        Dst::Early(v) => {
+                            let _ = mb.deliver(peer, b.tag, v, true, "tcp receive");
+                        }
+                        Dst::Discard => {}
+                    }
+                    continue;
+                }
+                if reads == READS_PER_PASS {
+                    return Ok(());
+                }
+                reads += 1;
+                let rest = b.len - b.got;
+                let direct: Option<&mut [u8]> = match &mut b.dst {
+                    // SAFETY: as above: `got + rest == len <= cap`.
+                    Dst::Posted(p) if rest >= DIRECT => Some(unsafe { std::slice::from_raw_parts_mut(p.add(b.got), rest) }),
+                    Dst::Early(v) if rest >= DIRECT => Some(&mut v[b.got..]),
+                    _ => None,
+                };
+                match direct {
+                    Some(d) => match read_some(peer, s, d)? {
+                        Got::Data(n) => b.got += n,
+                        Got::Later => return Ok(()),
+                    },
+                    None => {
+                        (self.lo, self.hi) = (0, 0);
+                        match read_some(peer, s, &mut self.st)? {
+                            Got::Data(n) => self.hi = n,
+                            Got::Later => return Ok(()),
+                        }
+                    }
+                }
+                continue;
+            }
+            if self.hi - self.lo < HDR {
+                if reads == READS_PER_PASS {
+                    return Ok(());
+                }
+                reads += 1;
+                self.st.copy_within(self.lo..self.hi, 0);
+                (self.lo, self.hi) = (0, self.hi - self.lo);
+                match read_some(peer, s, &mut self.st[self.hi..])? {
+                    Got::Data(n) => self.hi += n,
+                    Got::Later => return Ok(()),
+                }
+                continue;
+            }
+            let hdr: &[u8; FRAME_LEN] = self.st[self.lo..self.lo + HDR].try_into().expect("HDR bytes");
+            self.lo += HDR;
+            let (tag, len, dst) = match admit(mb, peer, hdr) {
+                Ok((tag, len, Some(buf))) => (tag, len, Dst::Posted(buf.0)),
+                // Not posted yet: kept (its bytes reserved within the limit).
+                Ok((tag, len, None)) => (tag, len, Dst::Early(vec![0u8; len])),
+                Err(e) => {
+                    // A malformed header, or the slot holds the error (or the limit is
+                    // exceeded): the stream can no longer be trusted.
+                    mb.notify();
+                    return Err(e);
+                }
+            };
+            self.body = Some(Body { tag, len, got: 0, dst });
+        }
+    }
+
+    /// The connection ended: a claimed posted buffer is released with an error, a reservation
+    /// returned.
+    fn abandon(&mut self, peer: usize, mb: &Mailbox, why: &Error) {
+        match self.body.take() {
+            Some(Body { tag, dst: Dst::Posted(_), .. }) => {
+                let reason = match why {
+                    Error::PeerFailed { reason, .. } => format!("{reason} (mid-message)"),
+                    e => format!("{e} (mid-message)"),
+                };
+                mb.fail(peer, tag, Dir::Recv, Error::PeerFailed { op: "tcp receive", peer, reason })
+            }
+            Some(Body { len, dst: Dst::Early(_), .. }) => mb.release_early(len),
+            _ => {}
+        }
+    }
+}
+
+/// The progress thread of a rank: one `poll` over every peer connection (and the wake-up
+/// eventfd); reads land frames in posted buffers, writes finish the sends that did not fit
+/// into the socket at once.
+pub(super) fn progress(sh: Arc<Shared>) {
+    use std::os::fd::AsRawFd;
+    let n = sh.streams.len();
+    let mut live: Vec<bool> = sh.streams.iter().map(|s| s.is_some()).collect();
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
+    let mut who: Vec<usize> = Vec::with_capacity(n);
+    let kill = |p: usize, live: &mut Vec<bool>, why: Error| {
+        live[p] = false;
+        if let Some(mut r) = sh.rx(p).take() {
+            r.abandon(p, &sh.mb, &why);
+        }
+        if let Some(s) = &sh.streams[p] {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        sh.queue(p).clear();
+        sh.mb.peer_failed(why);
+    };
+    while !sh.stop.load(Ordering::Acquire) {
+        fds.clear();
+        who.clear();
+        fds.push(libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 });
+        #[cfg(test)]
+        let inn = if sh.pause_rx.load(Ordering::Acquire) { 0 } else { libc::POLLIN };
+        #[cfg(not(test))]
+        let inn = libc::POLLIN;
+        for p in (0..n).filter(|&p| live[p]) {
+            let s = sh.streams[p].as_ref().unwrap();
+            let out = if sh.queue(p).is_empty() { 0 } else { libc::POLLOUT };
+            fds.push(libc::pollfd { fd: s.as_raw_fd(), events: inn | out, revents: 0 });
+            who.push(p);
+        }
+        // SAFETY: `fds` is a live array of pollfd.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if r <= 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: 8-byte read from our eventfd (non-blocking).
+            unsafe { libc::read(sh.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        }
+        let mut sent = false;
+        for (i, &p) in who.iter().enumerate() {
+            let ev = fds[i + 1].revents;
+            if ev == 0 {
+                continue;
+            }
+            let s = sh.streams[p].as_ref().unwrap();
+            if ev & libc::POLLOUT != 0 {
+                let mut q = sh.queue(p);
+                let mut err = None;
+                while let Some(j) = q.front_mut() {
+                    match j.push(s.as_raw_fd()) {
+                        Ok(true) => {
+                            q.pop_front();
+                            sent = true;
+                        }
+                        Ok(false) => break,
+                        Err(e) => {
+                            err = Some(Error::PeerFailed { op: "tcp send", peer: p, reason: format!("connection lost while sending ({e})") });
+                            break;
+                        }
+                    }
+                }
+                drop(q);
+                if let Some(why) = err {
+                    kill(p, &mut live, why);
+                    continue;
+                }
+            }
+            if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                let r = match sh.rx(p).as_mut() {
+                    Some(rx) => rx.drain(p, s, &sh.mb),
+                    None => Ok(()),
+                };
+                if let Err(why) = r {
+                    kill(p, &mut live, why);
+                }
+            }
+        }
+        if sent {
+            // Under the table lock, so a waiter between its check and its sleep is not missed.
+            drop(sh.mb.lock());
+            sh.mb.notify();
+        }
+    }
+    for p in 0..n {
+        if let Some(r) = sh.rx(p).as_mut() {
+            r.abandon(p, &sh.mb, &lost(p, "communicator closed".into()));
+        }
+    }
+}

@@ -1,0 +1,195 @@
+use super::wire::{check_mesh_hello, decode_frame, encode_frame, hello, parse_hello, Frame, FrameSink, MAGIC};
+use super::*;
+use std::io::Write;
+
+/// Rank 1 as a real fabric, rank 0 a raw socket that completed the mesh handshake.
+fn fake_rank0(token: &'static str, timeout: Duration) -> (TcpStream, TcpFabric) {
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![fake.local_addr().unwrap().to_string(), l1.local_addr().unwrap().to_string()];
+    let h = std::thread::spawn(move || TcpFabric::new(1, l1, &addrs, token, timeout).unwrap());
+    let (s, _) = fake.accept().unwrap();
+    let mut c = Conn::new(s, Instant::now() + Duration::from_secs(5)).unwrap();
+    let h1 = crate::auth::server(&mut c, token, MESH_PURPOSE, |_| Ok(())).unwrap();
+    assert_eq!(parse_hello(&h1), Some((1, 0, 2)));
+    (c.s, h.join().unwrap())
+}
+
+#[test]
+fn frame_headers_round_trip_and_are_admitted_within_their_limits() {
+    let tag = Tag { ctx: 3, seq: 4, round: 5 };
+    assert_eq!(decode_frame(&encode_frame(tag, 77)), Ok((tag, 77)));
+    let mut bad = encode_frame(tag, 1);
+    bad[0] ^= 1;
+    assert!(decode_frame(&bad).unwrap_err().contains("magic"));
+    let mut s = FrameSink::default();
+    s.post(0, tag, 8).unwrap();
+    // Longer than the posted buffer: refused, naming the peer.
+    let e = s.frame(0, &encode_frame(tag, 9)).unwrap_err();
+    assert!(matches!(&e, Error::Protocol { peer: 0, detail, .. } if detail.contains("exceeds")), "{e}");
+    let t2 = Tag { seq: 5, ..tag };
+    s.post(0, t2, 8).unwrap();
+    assert_eq!(s.frame(0, &encode_frame(t2, 8)).unwrap(), (t2, 8, true));
+    // Not posted: kept within the limit on early bytes, refused past it.
+    let t3 = Tag { seq: 6, ..tag };
+    assert_eq!(s.frame(0, &encode_frame(t3, 100)).unwrap(), (t3, 100, false));
+    assert_eq!(s.early_bytes(), 100);
+    let e = s.frame(1, &encode_frame(Tag { seq: 7, ..tag }, crate::alloc_limit())).unwrap_err();
+    assert!(matches!(&e, Error::Protocol { peer: 1, detail, .. } if detail.contains("limit")), "{e}");
+    assert_eq!(s.early_bytes(), 100);
+    // A second frame for the same message is a protocol error.
+    assert!(s.frame(0, &encode_frame(t3, 1)).is_err());
+}
+
+#[test]
+fn the_mesh_hello_must_come_from_a_higher_rank_of_this_job() {
+    assert_eq!(check_mesh_hello(&hello(3, 1, 4), 1, 4), Ok(3));
+    assert!(check_mesh_hello(&hello(0, 1, 4), 1, 4).is_err(), "a lower rank never dials");
+    assert!(check_mesh_hello(&hello(3, 2, 4), 1, 4).is_err(), "dialled another rank");
+    assert!(check_mesh_hello(&hello(3, 1, 5), 1, 4).is_err(), "another job size");
+    assert!(check_mesh_hello(&hello(4, 1, 4), 1, 4).is_err(), "rank past the job");
+    assert!(check_mesh_hello(&hello(3, 1, 4)[..11], 1, 4).is_err());
+}
+
+#[test]
+fn corrupted_length_field_is_rejected() {
+    // A fake rank 0 completes the handshake, then sends a frame claiming 1 TiB.
+    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(2));
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
+    let w = Wait::new("test", Duration::from_secs(1));
+    let mut buf = [0u8; 8];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
+    unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), 8, &w).unwrap() };
+    let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: 1 << 40 };
+    s.write_all(bytemuck::bytes_of(&f)).unwrap();
+    s.write_all(&[0xAB; 64]).unwrap();
+    let e = f1.wait_recv(0, tag, &w).unwrap_err();
+    assert_eq!(e.peer(), Some(0));
+    assert!(e.to_string().contains("exceeds"), "{e}");
+    assert_eq!(buf, [0u8; 8]);
+}
+
+#[test]
+fn an_unposted_message_beyond_the_allocation_limit_fails_the_peer() {
+    // Nothing posted: a frame of more than the limit is refused before any allocation.
+    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(2));
+    let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: crate::alloc_limit() as u64 + 1 };
+    s.write_all(bytemuck::bytes_of(&f)).unwrap();
+    let w = Wait::new("test", Duration::from_secs(2));
+    let e = f1.wait_recv(0, Tag { ctx: 1, seq: 9, round: 0 }, &w).unwrap_err();
+    assert!(matches!(&e, Error::Protocol { peer: 0, detail, .. } if detail.contains("limit")), "{e}");
+}
+
+#[test]
+fn wrong_token_on_the_mesh_is_refused_and_the_mesh_still_forms() {
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![l0.local_addr().unwrap().to_string(), l1.local_addr().unwrap().to_string()];
+    let a0 = addrs[0].clone();
+    let addrs0 = addrs.clone();
+    let h0 = std::thread::spawn(move || TcpFabric::new(0, l0, &addrs0, "tok", Duration::from_secs(5)).unwrap());
+    // An intruder with the wrong token dials rank 0 first, claiming rank 1.
+    let mut c = Conn::new(TcpStream::connect(&a0).unwrap(), Instant::now() + Duration::from_secs(5)).unwrap();
+    let e = crate::auth::client(&mut c, "wrong", MESH_PURPOSE, &hello(1, 0, 2)).unwrap_err();
+    assert!(e.to_string().contains("does not know the job token"), "{e}");
+    let f1 = TcpFabric::new(1, l1, &addrs, "tok", Duration::from_secs(5)).unwrap();
+    let f0 = h0.join().unwrap();
+    let w = Wait::new("test", Duration::from_secs(2));
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
+    let mut got = [0u8; 4];
+    // SAFETY: `got` (4 bytes) and the 4-byte literal outlive both messages, waited for below.
+    unsafe {
+        f1.post_recv(0, tag, got.as_mut_ptr(), 4, &w).unwrap();
+        f0.send(1, tag, [1u8, 2, 3, 4].as_ptr(), 4, &w).unwrap();
+    }
+    f0.wait_send(1, tag, &w).unwrap();
+    assert_eq!(f1.wait_recv(0, tag, &w).unwrap(), 4);
+    assert_eq!(got, [1, 2, 3, 4]);
+}
+
+#[test]
+fn a_slow_client_does_not_hold_up_the_mesh() {
+    let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![l0.local_addr().unwrap().to_string(), l1.local_addr().unwrap().to_string()];
+    let (a0, addrs0) = (addrs[0].clone(), addrs.clone());
+    let h0 = std::thread::spawn(move || TcpFabric::new(0, l0, &addrs0, "tok", Duration::from_secs(8)).map(|_| ()));
+    let slow = std::thread::spawn(move || {
+        // A plausible start of a hello (magic, a short length, nonce bytes), a byte every
+        // 250 ms: 4 s in all, each byte well within any per-read limit.
+        let mut s = TcpStream::connect(&a0).unwrap();
+        for b in b"EMBRAUT1".iter().copied().chain([4, 0, 0, 0, 1, 0, 0, 0]) {
+            if s.write_all(&[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let f1 = TcpFabric::new(1, l1, &addrs, "tok", Duration::from_secs(8)).unwrap();
+    h0.join().unwrap().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "the mesh formed after {:?}", t0.elapsed());
+    drop(f1);
+    slow.join().unwrap();
+}
+
+#[test]
+fn connections_detect_dead_peers_by_keepalive_and_user_timeout() {
+    use std::os::fd::AsRawFd;
+    let (_s, f1) = fake_rank0("tok", Duration::from_millis(4500));
+    let s = f1.sh.streams[0].as_ref().unwrap();
+    let get = |level, opt| {
+        let mut v: libc::c_int = -1;
+        let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt of a c_int into our variable.
+        assert_eq!(unsafe { libc::getsockopt(s.as_raw_fd(), level, opt, &mut v as *mut _ as *mut libc::c_void, &mut l) }, 0);
+        v
+    };
+    assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+    assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 4500);
+    assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 2);
+    assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 1);
+}
+
+#[test]
+fn a_peer_stalled_mid_frame_times_out_and_cancel_returns_at_once() {
+    // Rank 0 sends a header and half the payload, then stalls (SIGSTOP, paused VM). The
+    // receive times out; the cancel returns without waiting for rank 0; the rest of the
+    // frame, sent later, never reaches the withdrawn buffer.
+    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(5));
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
+    let w = Wait::new("test", Duration::from_millis(300));
+    let len = 200_000;
+    let mut buf = vec![0u8; len];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
+    unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), len, &w).unwrap() };
+    let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: len as u64 };
+    s.write_all(bytemuck::bytes_of(&f)).unwrap();
+    s.write_all(&vec![0x11u8; len / 2]).unwrap();
+    let e = f1.wait_recv(0, tag, &w).unwrap_err();
+    assert!(matches!(e, Error::Timeout { peer: 0, .. }), "{e}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f1 = Arc::new(f1);
+    let f1c = f1.clone();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        f1c.cancel_recv(0, tag);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(2)).expect("cancel_recv waited for the stalled peer");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    let snapshot = buf.clone();
+    // The peer wakes up: the rest of the frame, then a small frame for a live receive.
+    s.write_all(&vec![0x22u8; len - len / 2]).unwrap();
+    let tag2 = Tag { ctx: 1, seq: 1, round: 0 };
+    let mut small = [0u8; 3];
+    let w = Wait::new("test", Duration::from_secs(2));
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
+    unsafe { f1.post_recv(0, tag2, small.as_mut_ptr(), 3, &w).unwrap() };
+    s.write_all(bytemuck::bytes_of(&Frame { magic: MAGIC, round: 0, ctx: 1, seq: 1, len: 3 })).unwrap();
+    s.write_all(&[7, 8, 9]).unwrap();
+    assert_eq!(f1.wait_recv(0, tag2, &w).unwrap(), 3);
+    assert_eq!(small, [7, 8, 9]);
+    assert!(buf == snapshot, "bytes landed in the withdrawn buffer");
+}
