@@ -51,7 +51,8 @@ fn device(v: &[u32]) -> DeviceMem {
 
 /// The own block's device copy (the collective runs it while nothing else touches the range).
 fn own(s: u64, d: u64, l: usize) -> Result<(), Error> {
-    // SAFETY: see above.
+    // SAFETY: the collective passes its own block's source and destination, each `l` bytes of
+    // emulated device memory it holds for the call, and they do not overlap.
     unsafe { DeviceMem::copy(s, d, l) }.map_err(Error::Bootstrap)
 }
 

@@ -183,6 +183,7 @@ fn bad_region_calls_are_refused() {
         Err(Error::Usage { detail, .. }) => assert!(detail.contains(what), "{detail}"),
         other => panic!("want a usage error with '{what}', got {other:?}"),
     };
+    // SAFETY: every region lies inside `arena`, which outlives them (unregistered at the end).
     unsafe {
         usage(f[1].register_region(a, 0), "empty");
         f[1].register_region(a + 4096, 32768).unwrap();
@@ -195,9 +196,11 @@ fn bad_region_calls_are_refused() {
     // A zero-copy receive inside a region keeps it in use until it completes.
     let w = Wait::new("test", Duration::from_secs(5));
     let len = 20_000;
+    // SAFETY: 4096 + len bytes lie inside `arena`, untouched until the receive completes below.
     unsafe { f[1].post_recv(0, tag(1), arena.as_mut_ptr().add(4096), len, &w).unwrap() };
     let msg: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     usage(f[1].unregister_region(a + 4096), "in use by 1");
+    // SAFETY: `msg` holds len bytes and lives until the send is waited for below.
     unsafe { f[0].send(1, tag(1), msg.as_ptr(), len, &w).unwrap() };
     let f0 = f[0].clone();
     let h = std::thread::spawn(move || f0.wait_send(1, tag(1), &w));
@@ -220,6 +223,9 @@ fn an_unacknowledged_cancel_in_a_region_cuts_off_that_peer_only() {
     let mut arena = vec![0u8; 2 * len];
     let a = arena.as_mut_ptr() as u64;
     let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    // SAFETY: the region and both receives lie inside `arena`, and `data` is sent from; both
+    // outlive every operation (waited for, failed or cancelled below). The cancelled receive's
+    // half is written by this thread only after `cancel_recv` returned.
     unsafe {
         // Rank 2 receives from ranks 0 and 1 into one region. Its queue to rank 0 stalls, so the
         // cancel of rank 0's receive is never acknowledged: rank 0 is cut off, the region stays.
@@ -245,6 +251,7 @@ fn an_unacknowledged_cancel_in_a_region_cuts_off_that_peer_only() {
     assert!(arena[..len].iter().all(|&b| b == 0x55), "a late write landed in the cancelled buffer");
     // Rank 0 is gone for rank 2, with the reason.
     let mut b = [0u8; 8];
+    // SAFETY: `b` holds 8 bytes; the receive is refused (the peer is cut off) before it is posted.
     let err = unsafe { f[2].post_recv(0, tag(2), b.as_mut_ptr(), 8, &w) }.unwrap_err();
     assert!(matches!(&err, Error::PeerFailed { peer: 0, reason, .. } if reason.contains("disconnected")), "{err}");
     f[2].unregister_region(a).unwrap();
@@ -260,6 +267,9 @@ fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
     let arena: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let a = arena.as_ptr() as u64;
     let (mut r1, mut r2) = (vec![0u8; len], vec![0u8; len]);
+    // SAFETY: the region is `arena`, and the receive buffers `small`, `r1`, `r2` hold what is
+    // posted into them; `small`'s message completes inside this block (its send waited for),
+    // the others outlive their receives (completed, or the peer cut off, below).
     unsafe {
         f[0].register_region(a, len).unwrap();
         let (regs, deregs) = (stats.registrations(0), stats.deregistrations(0));
@@ -284,6 +294,7 @@ fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
     assert_eq!(f[2].wait_recv(0, tag(1), &w).unwrap(), len);
     h.join().unwrap().unwrap();
     assert!(r2 == arena, "the other peer's message from the region is wrong");
+    // SAFETY: `arena` holds 8 bytes; the send is refused (the peer is cut off) before it is posted.
     let err = unsafe { f[0].send(1, tag(2), arena.as_ptr(), 8, &w) }.unwrap_err();
     assert!(matches!(&err, Error::PeerFailed { peer: 1, reason, .. } if reason.contains("disconnected")), "{err}");
     assert!(r1.iter().all(|&b| b == 0), "a write of the abandoned send landed");
