@@ -11,7 +11,13 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
+mod memory;
+mod options;
 pub mod planner;
+mod report;
+mod search;
+mod sizes;
+mod stats;
 pub mod traffic;
 pub mod trw;
 
