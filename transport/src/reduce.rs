@@ -38,8 +38,9 @@ pub(crate) fn add_into<T: Reducible>(acc: &mut [T], x: &[T]) {
 
 /// `out[i] = (Σ_p parts[p·k + i]) / n` for `k = out.len()`, each f32 contribution widened to f64
 /// and added in rank order starting from rank 0's, divided in f64 and rounded once to f32:
-/// bitwise the f64 mean of the same values, with half the bytes on the wire.
-pub(crate) fn mean_f32_in_f64(parts: &[f32], n: usize, out: &mut [f32]) {
+/// bitwise the f64 mean of the same values, with half the bytes on the wire. `parts` holds
+/// `n · out.len()` values.
+pub fn mean_f32_in_f64(parts: &[f32], n: usize, out: &mut [f32]) {
     const TILE: usize = 1024;
     let k = out.len();
     let mut acc = [0.0f64; TILE];

@@ -383,12 +383,20 @@ impl Buffers for Cpu {
         Ok(())
     }
 
-    fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, num_rows: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
-        check(rows.len() == num_rows && src.len() == num_rows * cols && rows.iter().all(|&r| (r as usize + 1) * cols <= dst.len()), || {
-            format!("put_rows: {} rows of {cols} ({} floats) into a buffer of {}", rows.len(), src.len(), dst.len())
-        })?;
-        for (s, &r) in src.chunks(cols.max(1)).zip(rows) {
-            dst[r as usize * cols..(r as usize + 1) * cols].copy_from_slice(s);
+    fn gather_rows(&self, src: &Vec<f32>, rows: &Vec<u64>, num_rows: usize, cols: usize, dst: &mut Vec<f32>, dst_off: usize) -> Result<()> {
+        let n = super::check_packed_rows("gather_rows", rows.len(), num_rows, cols, dst_off, dst.len())?;
+        let spans = row_spans("gather_rows", rows, cols, src.len(), false)?;
+        for (d, s) in dst[dst_off..dst_off + n].chunks_mut(cols.max(1)).zip(spans) {
+            d.copy_from_slice(&src[s]);
+        }
+        Ok(())
+    }
+
+    fn put_rows(&self, src: &Vec<f32>, src_off: usize, rows: &Vec<u64>, num_rows: usize, cols: usize, dst: &mut Vec<f32>) -> Result<()> {
+        let n = super::check_packed_rows("put_rows", rows.len(), num_rows, cols, src_off, src.len())?;
+        let spans = row_spans("put_rows", rows, cols, dst.len(), true)?;
+        for (s, d) in src[src_off..src_off + n].chunks(cols.max(1)).zip(spans) {
+            dst[d].copy_from_slice(s);
         }
         Ok(())
     }
@@ -424,12 +432,7 @@ impl Buffers for Cpu {
                     out.iter_mut().zip(&parts[p * len..(p + 1) * len]).for_each(|(o, &x)| *o += x);
                 }
             }
-            Accumulate::F64Mean => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let s: f64 = (0..n).map(|p| parts[p * len + i] as f64).sum();
-                    *o = (s / n as f64) as f32;
-                }
-            }
+            Accumulate::F64Mean => ember_transport::mean_f32_in_f64(parts, n, out),
         }
         Ok(())
     }
@@ -442,25 +445,24 @@ impl Buffers for Cpu {
             Ok(())
         })
     }
+}
 
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, num_rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
-        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty(), || {
-            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
-        })?;
-        let m = srcs.len() as f64;
-        for (o, &r) in out.chunks_mut(cols.max(1)).zip(rows) {
-            for (c, x) in o.iter_mut().enumerate() {
-                let mut s = 0.0f64;
-                for &src in srcs {
-                    // SAFETY: every source is a live buffer holding every listed row (this
-                    // function's contract), so element `r·cols + c` (c < cols) lies inside it.
-                    s += unsafe { *(src as *const f32).add(r as usize * cols + c) } as f64;
-                }
-                *x = (s / m) as f32;
+/// The element range of each of `rows` in a row-major buffer of `len` floats and `cols` columns,
+/// all checked before any is used: inside the buffer, and with `ascending` strictly ascending.
+fn row_spans(what: &str, rows: &[u64], cols: usize, len: usize, ascending: bool) -> Result<Vec<std::ops::Range<usize>>> {
+    let mut spans = Vec::with_capacity(rows.len());
+    for (i, &r) in rows.iter().enumerate() {
+        let span = usize::try_from(r).ok().and_then(|r| Some(r.checked_mul(cols)?..r.checked_add(1)?.checked_mul(cols)?));
+        let ordered = !ascending || i == 0 || rows[i - 1] < r;
+        match span {
+            Some(s) if s.end <= len && ordered => spans.push(s),
+            _ => {
+                let order = if ascending { "strictly ascending and " } else { "" };
+                return Err(Error::Input(format!("{what}: row {r} (index {i}) is not {order}inside a buffer of {len} floats ({cols} per row)")));
             }
         }
-        Ok(())
     }
+    Ok(spans)
 }
 
 impl Numerics for Cpu {
