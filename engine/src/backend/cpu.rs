@@ -819,4 +819,35 @@ mod tests {
         assert!(matches!(be.upload_into(&[], &mut buf), Err(Error::Input(_))));
         assert!(be.staging(0).unwrap().is_empty());
     }
+
+    /// gather_rows packs the listed rows at an offset and put_rows writes them back from one
+    /// (known answers); rows outside the buffer, put rows not strictly ascending, packed blocks
+    /// past the buffer's end and sizes that overflow are refused, and a refused put writes
+    /// nothing.
+    #[test]
+    fn gather_and_put_rows_round_trip_and_refuse_bad_rows() {
+        let be = Cpu::new();
+        let src: Vec<f32> = (0..15).map(|i| i as f32).collect(); // 5 rows of 3
+        let mut packed = vec![-1.0f32; 8];
+        be.gather_rows(&src, &vec![4, 0], 2, 3, &mut packed, 1).unwrap();
+        assert_eq!(packed, [-1.0, 12.0, 13.0, 14.0, 0.0, 1.0, 2.0, -1.0]);
+        let mut dst = vec![0.0f32; 15];
+        be.put_rows(&packed, 1, &vec![1, 3], 2, 3, &mut dst).unwrap();
+        assert_eq!(dst, [0.0, 0.0, 0.0, 12.0, 13.0, 14.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
+        let before = dst.clone();
+        for (rows, off) in [(vec![5u64], 0), (vec![u64::MAX], 0), (vec![0], 6)] {
+            let e = be.gather_rows(&src, &rows, 1, 3, &mut packed, off).unwrap_err();
+            assert!(matches!(e, Error::Input(_)) && e.to_string().contains("gather_rows"), "{rows:?} at {off}: {e}");
+            let e = be.put_rows(&packed, off, &rows, 1, 3, &mut dst).unwrap_err();
+            assert!(matches!(e, Error::Input(_)) && e.to_string().contains("put_rows"), "{rows:?} at {off}: {e}");
+        }
+        for rows in [vec![3u64, 1], vec![2, 2], vec![0, 5]] {
+            let e = be.put_rows(&packed, 0, &rows, 2, 3, &mut dst).unwrap_err();
+            assert!(e.to_string().contains("strictly ascending"), "{rows:?}: {e}");
+        }
+        assert!(be.gather_rows(&src, &vec![0, 1], 3, 3, &mut packed, 0).is_err(), "index count and num_rows disagree");
+        assert!(be.gather_rows(&src, &vec![0], 1, usize::MAX, &mut packed, 0).is_err(), "size overflows");
+        assert!(be.put_rows(&packed, usize::MAX, &vec![0], 1, 3, &mut dst).is_err(), "offset overflows");
+        assert_eq!(dst, before, "a refused put_rows wrote");
+    }
 }
