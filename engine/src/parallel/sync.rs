@@ -113,6 +113,9 @@ pub struct PendingState {
     mean: PendingMean,
 }
 
+/// A pending state average as a checkpoint records it: rows of each shard, snapshot, mean.
+pub type PendingParts<'a> = (&'a [Vec<u64>], &'a [f64], &'a [f64]);
+
 /// The replica-group mean of a pending state average: still in flight, or received.
 enum PendingMean {
     InFlight(Request<Vec<f64>>),
@@ -147,7 +150,7 @@ impl PendingState {
     }
 
     /// (rows of each shard, snapshot, mean), the mean waited for.
-    pub fn parts(&mut self) -> Result<(&[Vec<u64>], &[f64], &[f64])> {
+    pub fn parts(&mut self) -> Result<PendingParts<'_>> {
         self.resolve()?;
         let PendingMean::Done(mean) = &self.mean else { unreachable!("resolved above") };
         Ok((&self.rows, &self.snapshot, mean))
@@ -233,8 +236,8 @@ pub fn replica_sync<B: Backend>(
         }
         // Start the next state average (in f64, the mean the delayed update needs exactly); it
         // completes during the coming interval.
-        let (packed, _) = gather_state(be, shards, &rows_of)?;
-        let snapshot: Vec<f64> = be.download(&packed)?.into_iter().map(f64::from).collect();
+        let packed = gather_state(be, shards, &rows_of)?;
+        let snapshot: Vec<f64> = be.download(&packed.buf)?.into_iter().map(f64::from).collect();
         stats.value_bytes += snapshot.len() as u64 * 8;
         let mean = PendingMean::InFlight(comm.start_all_reduce(snapshot.clone(), ReduceOp::Mean));
         *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
@@ -311,9 +314,15 @@ fn average_chunk<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_
     Ok(chunk.len as u64 * 4)
 }
 
+/// Packed optimizer state: the buffer, and each shard's row ids (uploaded) and offset in it.
+struct PackedState<B: Backend> {
+    buf: B::Buf,
+    shards: Vec<(B::Ids, usize)>,
+}
+
 /// The optimizer state of every shard's `rows` (its `spr` floats a row), packed shard after
-/// shard into one buffer, with each shard's row ids (uploaded) and offset in it.
-fn gather_state<B: Backend>(be: &B, shards: &[Shard<B>], rows: &[Vec<u64>]) -> Result<(B::Buf, Vec<(B::Ids, usize)>)> {
+/// shard into one buffer.
+fn gather_state<B: Backend>(be: &B, shards: &[Shard<B>], rows: &[Vec<u64>]) -> Result<PackedState<B>> {
     if rows.len() != shards.len() {
         return Err(Error::Input(format!("replica sync: rows of {} shards for {} shards", rows.len(), shards.len())));
     }
@@ -326,14 +335,14 @@ fn gather_state<B: Backend>(be: &B, shards: &[Shard<B>], rows: &[Vec<u64>]) -> R
         be.gather_rows(&s.state, &id, rows[i].len(), spr[i], &mut packed, offs[i])?;
         ids.push((id, offs[i]));
     }
-    Ok((packed, ids))
+    Ok(PackedState { buf: packed, shards: ids })
 }
 
 /// Finish a delayed state average: v ← mean(v then) + (v now − v then), rows of that sync.
 /// Only those rows' state moves: gathered, downloaded packed, updated, uploaded, put back.
 pub fn apply_pending<B: Backend>(be: &B, shards: &mut [Shard<B>], mut p: PendingState) -> Result<()> {
-    let (packed, ids) = gather_state(be, shards, &p.rows)?;
-    let mut host = be.download(&packed)?;
+    let PackedState { buf, shards: ids } = gather_state(be, shards, &p.rows)?;
+    let mut host = be.download(&buf)?;
     p.apply_packed(&mut host)?;
     let packed = be.upload(&host)?;
     for ((s, (id, off)), rows) in shards.iter_mut().zip(&ids).zip(&p.rows) {
