@@ -385,18 +385,18 @@ impl Buffers for Cpu {
 
     fn gather_rows(&self, src: &Vec<f32>, rows: &Vec<u64>, num_rows: usize, cols: usize, dst: &mut Vec<f32>, dst_off: usize) -> Result<()> {
         let n = super::check_packed_rows("gather_rows", rows.len(), num_rows, cols, dst_off, dst.len())?;
-        let spans = row_spans("gather_rows", rows, cols, src.len(), false)?;
-        for (d, s) in dst[dst_off..dst_off + n].chunks_mut(cols.max(1)).zip(spans) {
-            d.copy_from_slice(&src[s]);
+        check_row_ids("gather_rows", rows, cols, src.len(), false)?;
+        for (d, &r) in dst[dst_off..dst_off + n].chunks_mut(cols.max(1)).zip(rows) {
+            d.copy_from_slice(&src[r as usize * cols..][..cols]);
         }
         Ok(())
     }
 
     fn put_rows(&self, src: &Vec<f32>, src_off: usize, rows: &Vec<u64>, num_rows: usize, cols: usize, dst: &mut Vec<f32>) -> Result<()> {
         let n = super::check_packed_rows("put_rows", rows.len(), num_rows, cols, src_off, src.len())?;
-        let spans = row_spans("put_rows", rows, cols, dst.len(), true)?;
-        for (s, d) in src[src_off..src_off + n].chunks(cols.max(1)).zip(spans) {
-            dst[d].copy_from_slice(s);
+        check_row_ids("put_rows", rows, cols, dst.len(), true)?;
+        for (s, &r) in src[src_off..src_off + n].chunks(cols.max(1)).zip(rows) {
+            dst[r as usize * cols..][..cols].copy_from_slice(s);
         }
         Ok(())
     }
@@ -447,22 +447,19 @@ impl Buffers for Cpu {
     }
 }
 
-/// The element range of each of `rows` in a row-major buffer of `len` floats and `cols` columns,
-/// all checked before any is used: inside the buffer, and with `ascending` strictly ascending.
-fn row_spans(what: &str, rows: &[u64], cols: usize, len: usize, ascending: bool) -> Result<Vec<std::ops::Range<usize>>> {
-    let mut spans = Vec::with_capacity(rows.len());
+/// Every one of `rows` lies inside a row-major buffer of `len` floats and `cols` columns (row
+/// r spans r·cols ..(r + 1)·cols, checked arithmetic), and with `ascending` they are strictly
+/// ascending: checked before any row is used.
+fn check_row_ids(what: &str, rows: &[u64], cols: usize, len: usize, ascending: bool) -> Result<()> {
     for (i, &r) in rows.iter().enumerate() {
-        let span = usize::try_from(r).ok().and_then(|r| Some(r.checked_mul(cols)?..r.checked_add(1)?.checked_mul(cols)?));
+        let end = usize::try_from(r).ok().and_then(|r| r.checked_add(1)?.checked_mul(cols));
         let ordered = !ascending || i == 0 || rows[i - 1] < r;
-        match span {
-            Some(s) if s.end <= len && ordered => spans.push(s),
-            _ => {
-                let order = if ascending { "strictly ascending and " } else { "" };
-                return Err(Error::Input(format!("{what}: row {r} (index {i}) is not {order}inside a buffer of {len} floats ({cols} per row)")));
-            }
+        if !(end.is_some_and(|e| e <= len) && ordered) {
+            let order = if ascending { "strictly ascending and " } else { "" };
+            return Err(Error::Input(format!("{what}: row {r} (index {i}) is not {order}inside a buffer of {len} floats ({cols} per row)")));
         }
     }
-    Ok(spans)
+    Ok(())
 }
 
 impl Numerics for Cpu {

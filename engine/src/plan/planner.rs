@@ -906,10 +906,12 @@ fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], traffic: &T
             let union: Vec<f64> = slots.iter().map(|s| distinct(s, k * m * g) * spread).collect();
             (m * tau.iter().sum::<f64>() * WORD, slots.iter().zip(&union).map(|(s, u)| u * (s.cols + state_floats(opt, s.cols)) as f64).sum())
         };
-        let chunk = vals.min(super::SYNC_CHUNK as f64) * WORD;
+        let chunk = vals.min(super::SYNC_CHUNK as f64) * F32;
         let sync_base = base + recv_in;
         let index = if ctx.opts.full_sync { rows_list } else { (msg + m * msg).max(m * msg + rows_list) };
-        phases.push(("replica sync", sync_base + index.max(rows_list + chunk * (2.0 + 1.0 / m))));
+        // Averaging a chunk: the rows lists, a chunk's row ids on the backend, the packed chunk and
+        // the all-reduce's scratch.
+        phases.push(("replica sync", sync_base + index.max(2.0 * rows_list + chunk * (2.0 + 1.0 / m))));
     }
     phases.push(("dense update", base + recv_in + 2.0 * p4));
     phases
@@ -1019,7 +1021,7 @@ fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
             e.grads += tr.grad_trw_owners + tr.grad_trw_gather;
             inter += remote(&unit.reduce_send) + remote(&unit.owners_send) + remote(&unit.owners_recv) + remote(&unit.reduce_recv);
         }
-        // Replica sync, per sync: f64 values of the rows (and their indices, sparse).
+        // Replica sync, per sync: f32 values of the rows (and their indices, sparse).
         let (mut whole, mut sparse) = (0f64, 0f64);
         if ctx.m > 1 {
             let k = ctx.opts.sync_every as f64;
@@ -1027,7 +1029,7 @@ fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
             for s in &slots {
                 let tc = &model.tables[s.table];
                 let distinct = |samples: f64| st[s.table].distinct_in(tc.rows, &s.range, samples);
-                let per_row = (s.cols + state_floats(opt, s.cols)) as f64 * WORD;
+                let per_row = (s.cols + state_floats(opt, s.cols)) as f64 * F32;
                 whole += s.rows as f64 * per_row;
                 index += (1.0 + distinct(k * g)) * WORD;
                 values += distinct(k * ctx.m as f64 * g) * per_row;
