@@ -159,18 +159,31 @@ extern "C" __global__ void dense_update(float* p, const float* __restrict__ g, f
     }
 }
 
-// Replica sync between in-process ranks sharing the device: out[i, c] = mean over the m
-// replicas' buffers srcs[k] of row rows[i], summed in f64 in replica order and rounded once
-// (the host path's exact arithmetic). put_rows writes such compacted rows back.
-extern "C" __global__ void mean_rows_from(float* __restrict__ out, const u64* __restrict__ srcs, int m, const u64* __restrict__ rows, i64 nrows, i64 cols) {
+// Replica sync's packed rows. gather_rows: dst[i, c] = src[rows[i], c]; a row at or beyond
+// src_rows is not read: it flags `bad` with its index + 1. put_rows, the mirror: dst[rows[i], c]
+// = src[i, c], its rows checked beforehand (check_rows_ascending).
+extern "C" __global__ void gather_rows(const float* __restrict__ src, u64 src_rows, const u64* __restrict__ rows, i64 nrows, i64 cols, float* __restrict__ dst, unsigned long long* bad) {
     GRID_STRIDE(t, nrows * cols) {
-        i64 r = (i64)rows[t / cols], c = t % cols;
-        double s = 0.0;
-        for (int k = 0; k < m; ++k) s += (double)((const float*)srcs[k])[r * cols + c];
-        out[t] = (float)(s / (double)m);
+        i64 i = t / cols;
+        u64 r = rows[i];
+        if (r >= src_rows) {
+            atomicCAS(bad, 0ull, (unsigned long long)(i + 1));
+            continue;
+        }
+        dst[t] = src[(i64)r * cols + t % cols];
     }
 }
 
-extern "C" __global__ void put_rows(float* dst, const u64* __restrict__ rows, const float* __restrict__ src, i64 nrows, i64 cols) {
+extern "C" __global__ void put_rows(const float* __restrict__ src, const u64* __restrict__ rows, i64 nrows, i64 cols, float* __restrict__ dst) {
     GRID_STRIDE(t, nrows * cols) dst[(i64)rows[t / cols] * cols + t % cols] = src[t];
+}
+
+// The f64 mean of n contributions of len floats (parts[p * len + i]): summed in f64 in rank
+// order starting from rank 0's, divided, rounded once (the host transport's exact arithmetic).
+extern "C" __global__ void mean_f64_parts(const float* __restrict__ parts, int n, i64 len, float* __restrict__ out) {
+    GRID_STRIDE(i, len) {
+        double s = (double)parts[i];
+        for (int p = 1; p < n; ++p) s += (double)parts[(i64)p * len + i];
+        out[i] = (float)(s / (double)n);
+    }
 }

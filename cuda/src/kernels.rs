@@ -57,8 +57,9 @@ pub const DENSE: Module = Module {
         "cross_combine_backward",
         "bce_with_logits",
         "dense_update",
-        "mean_rows_from",
+        "gather_rows",
         "put_rows",
+        "mean_f64_parts",
     ],
 };
 

@@ -523,8 +523,12 @@ mod tests {
             Cpu.copy_2d(src, so, ss, dst, d_o, ds, rows, cols)
         }
 
-        fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, n: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
-            Cpu.put_rows(dst, rows, n, src, cols)
+        fn gather_rows(&self, src: &Vec<f32>, rows: &Vec<u64>, n: usize, cols: usize, dst: &mut Vec<f32>, off: usize) -> Result<()> {
+            Cpu.gather_rows(src, rows, n, cols, dst, off)
+        }
+
+        fn put_rows(&self, src: &Vec<f32>, off: usize, rows: &Vec<u64>, n: usize, cols: usize, dst: &mut Vec<f32>) -> Result<()> {
+            Cpu.put_rows(src, off, rows, n, cols, dst)
         }
 
         fn staging(&self, n: usize) -> Result<Vec<f32>> {
@@ -548,13 +552,6 @@ mod tests {
 
         fn direct_copy(&self) -> ember_transport::fabric::DirectCopy {
             Cpu.direct_copy()
-        }
-
-        unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, n: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
-            // SAFETY: our caller meets this method's contract (every source a live buffer holding
-            // the listed rows, unchanged during the call), which is the whole of what the CPU
-            // backend's asks.
-            unsafe { Cpu.mean_rows_from(srcs, rows, n, cols, out) }
         }
     }
 

@@ -212,3 +212,76 @@ fn delayed_state_sync_applies_the_previous_average_plus_local_increments() {
         assert_eq!(o.2[0], 1.5, "row 0 after both averages");
     }
 }
+
+/// One sparse sync moves exactly the touched-union rows as packed f32 values: its value bytes
+/// are 4 × Σ_shards |union| × (cols + state per row) on every buffer transport (with delayed
+/// state sync the state travels as f64: 8 bytes a value, weights still 4); touched rows end
+/// at the f64 mean rounded once, bitwise the same on every path, untouched rows unchanged.
+#[test]
+fn one_sync_moves_exactly_the_touched_union_rows_as_f32() {
+    use ember_engine::config::EmbOptimizer;
+    let m = 3;
+    // Two shards: row-wise AdaGrad (1 state float a row), element-wise AdaGrad (cols a row).
+    let shards = [
+        (ShardSpec { table: 0, table_rows: 40, dim: 8, rows: 0..40, cols: 0..8 }, rowwise(0.1, 1e-8, None)),
+        (ShardSpec { table: 1, table_rows: 30, dim: 4, rows: 10..30, cols: 0..4 }, EmbOptimizer::Adagrad { lr: 0.1, eps: 1e-8, c: None, eps_inside: false }),
+    ];
+    // Replica r touches rows r, r+3, ... below 10 of shard 0 and row 2r+1 of shard 1.
+    let touched_rows = |r: usize| -> [Vec<u64>; 2] { [(r as u64..10).step_by(3).collect(), vec![2 * r as u64 + 1]] };
+    let union: [Vec<u64>; 2] = [(0..10).collect(), vec![1, 3, 5]];
+    let f32_values: usize = union[0].len() * (8 + 1) + union[1].len() * (4 + 4);
+    let run = |xfer: Xfer, delayed: bool| -> Vec<(u64, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let world = ember_transport::local_world(m);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = world
+                .into_iter()
+                .map(|comm| {
+                    let shards = shards.clone();
+                    s.spawn(move || {
+                        let be = Cpu::new();
+                        if xfer == Xfer::Peers {
+                            comm.set_direct_copy(be.direct_copy()).unwrap();
+                        }
+                        let r = comm.rank();
+                        let mut sh: Vec<_> = shards.iter().map(|(spec, opt)| new_shard(&be, 5, spec.clone(), &EmbUpdate::new(opt, &WeightDecay::None, 1.0)).unwrap()).collect();
+                        let mut touched: Vec<Touched> = sh.iter().map(|s| Touched::new(s.spec.num_rows())).collect();
+                        for ((s, t), rows) in sh.iter_mut().zip(touched.iter_mut()).zip(touched_rows(r)) {
+                            let (cols, spr) = (s.spec.num_cols(), s.state.len() / s.spec.num_rows());
+                            for &i in &rows {
+                                let i = i as usize;
+                                s.weights[i * cols..(i + 1) * cols].iter_mut().enumerate().for_each(|(j, w)| *w += (r as f32 + 1.0) * 0.173 * (j as f32 - 1.7));
+                                s.state[i * spr..(i + 1) * spr].iter_mut().for_each(|v| *v += 0.31 * (r as f32 + 1.0));
+                            }
+                            t.mark(&rows);
+                        }
+                        let pre: Vec<Vec<f32>> = sh.iter().map(|s| s.weights.clone()).collect();
+                        let mut pending = None;
+                        let stats = replica_sync(&be, &comm, &mut sh, &mut touched, SyncMode::Sparse, delayed.then_some(&mut pending), xfer).unwrap();
+                        (stats.value_bytes, pre, sh.iter().map(|s| s.weights.clone()).collect(), sh.iter().map(|s| s.state.clone()).collect())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let reference = run(Xfer::Host { stage: false }, false);
+    for (xfer, delayed) in [(Xfer::Host { stage: false }, false), (Xfer::Host { stage: true }, false), (Xfer::Peers, false), (Xfer::Host { stage: false }, true), (Xfer::Host { stage: true }, true)] {
+        let out = run(xfer, delayed);
+        let want = if delayed { 4 * (union[0].len() * 8 + union[1].len() * 4) + 8 * (union[0].len() + union[1].len() * 4) } else { 4 * f32_values };
+        for (r, o) in out.iter().enumerate() {
+            assert_eq!(o.0, want as u64, "{xfer:?} delayed={delayed} rank {r}: value bytes of one sync");
+            for (sh, w) in o.2.iter().enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(w), bits(&reference[0].2[sh]), "{xfer:?} delayed={delayed} rank {r} shard {sh}: weights differ from the zero-copy host path");
+            }
+        }
+    }
+    // The reference itself: the f64 mean rounded once on the union's rows, the rest untouched.
+    for (sh, rows) in union.iter().enumerate() {
+        let cols = shards[sh].0.num_cols();
+        for (k, &got) in reference[0].2[sh].iter().enumerate() {
+            let want = if rows.contains(&((k / cols) as u64)) { (reference.iter().map(|o| o.1[sh][k] as f64).sum::<f64>() / m as f64) as f32 } else { reference[0].1[sh][k] };
+            assert_eq!(got.to_bits(), want.to_bits(), "shard {sh} element {k}");
+        }
+    }
+}

@@ -70,12 +70,26 @@ fn host_staged_and_peer_transports_agree_bitwise() {
 
 #[test]
 fn peer_replica_sync_agrees_in_full_mode_and_with_delayed_state() {
-    // Peer sync (every replica averages straight out of the others' buffers) in full mode, and
-    // delayed state sync (which stages through the host path) with peer step collectives.
+    // Peer sync (packed rows through the in-process fabric on the buffers, summed in f64 by the
+    // backend's reduce hook) in full mode, and with delayed state sync.
     for (sync, delayed) in [(SyncMode::Full, false), (SyncMode::Sparse, true)] {
         let opts = |xfer| ParallelOptions { sync_every: 2, sync, delayed_state_sync: delayed, xfer, ..ParallelOptions::default() };
         let host = run_with(4, 1, opts(XferKind::Host));
         assert_same(&format!("{sync:?} delayed={delayed}: peers vs host"), &run_with(4, 1, opts(XferKind::Peers)), &host);
+    }
+}
+
+#[test]
+fn staged_replica_sync_trains_bitwise_like_the_zero_copy_host_path() {
+    // Device-resident-like buffers: every sync gathers the rows into a packed buffer, stages
+    // that copy through host memory and puts the rows back; weights and state, and with delayed
+    // state sync the packed state snapshot and its application at the next sync.
+    for (m, n) in [(2, 2), (4, 1)] {
+        for delayed in [false, true] {
+            let opts = |xfer| ParallelOptions { sync_every: 2, delayed_state_sync: delayed, xfer, ..ParallelOptions::default() };
+            let host = run_with(m, n, opts(XferKind::Host));
+            assert_same(&format!("{m}x{n} delayed={delayed}: staged vs host"), &run_with(m, n, opts(XferKind::Staged)), &host);
+        }
     }
 }
 

@@ -60,4 +60,4 @@ pub use bootstrap::{JoinConfig, Rendezvous, Transport};
 pub use error::{Error, Result};
 pub use limits::alloc_limit;
 pub use mem::{advise_huge_pages, huge_vec};
-pub use reduce::{ReduceOp, Reducible};
+pub use reduce::{mean_f32_in_f64, ReduceOp, Reducible};

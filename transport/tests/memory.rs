@@ -177,3 +177,32 @@ fn device_memory_needs_the_ranks_direct_copy_and_its_failure_is_reported() {
     }
     assert!(out.iter().any(|(_, e)| e.to_string().contains("out of memory")), "{out:?}");
 }
+
+/// Host f32s reduced as the f64-summed mean (`Host::<f32>::mean_in_f64`, replica sync's
+/// reduction): bitwise the f64 host all-reduce (mean) of the same values rounded once, and the
+/// device memory's f64 mean; the payload is the f32s themselves. Lengths cross the reduction's
+/// tiles and split unevenly over the ranks; -0.0 stays -0.0.
+#[test]
+fn host_f32_mean_summed_in_f64_equals_the_f64_mean_rounded_once() {
+    for n in 1..=5 {
+        for len in [0usize, 1, 7, 1023, 1025, 5000] {
+            let out = run("local", n, move |c| {
+                let r = c.rank();
+                let v: Vec<f32> = (0..len).map(|i| if i == 3 { -0.0 } else { x(r, i) }).collect();
+                let mut wide: Vec<f64> = v.iter().map(|&a| a as f64).collect();
+                c.all_reduce(&mut wide, ReduceOp::Mean).unwrap();
+                let mut mean = v.clone();
+                // SAFETY: `mean` holds `len` f32s, borrowed mutably for the call.
+                unsafe { c.all_reduce_in(&ember_transport::Host::<f32>::mean_in_f64(), mean.as_mut_ptr() as u64, len, 4).unwrap() };
+                vec![wide.iter().map(|&a| a as f32).collect(), mean]
+            });
+            for (r, o) in out.iter().enumerate() {
+                assert_eq!(bits(&o[1]), bits(&o[0]), "n={n} len={len} rank {r}: f32 mean in f64 vs f64 mean rounded");
+                assert_eq!(bits(&o[1]), bits(&out[0][1]), "n={n} len={len}: ranks differ");
+            }
+            if len > 3 {
+                assert_eq!(out[0][1][3].to_bits(), (-0.0f32).to_bits(), "n={n}: -0.0 averaged must stay -0.0");
+            }
+        }
+    }
+}

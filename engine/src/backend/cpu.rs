@@ -383,12 +383,20 @@ impl Buffers for Cpu {
         Ok(())
     }
 
-    fn put_rows(&self, dst: &mut Vec<f32>, rows: &Vec<u64>, num_rows: usize, src: &Vec<f32>, cols: usize) -> Result<()> {
-        check(rows.len() == num_rows && src.len() == num_rows * cols && rows.iter().all(|&r| (r as usize + 1) * cols <= dst.len()), || {
-            format!("put_rows: {} rows of {cols} ({} floats) into a buffer of {}", rows.len(), src.len(), dst.len())
-        })?;
-        for (s, &r) in src.chunks(cols.max(1)).zip(rows) {
-            dst[r as usize * cols..(r as usize + 1) * cols].copy_from_slice(s);
+    fn gather_rows(&self, src: &Vec<f32>, rows: &Vec<u64>, num_rows: usize, cols: usize, dst: &mut Vec<f32>, dst_off: usize) -> Result<()> {
+        let n = super::check_packed_rows("gather_rows", rows.len(), num_rows, cols, dst_off, dst.len())?;
+        check_row_ids("gather_rows", rows, cols, src.len(), false)?;
+        for (d, &r) in dst[dst_off..dst_off + n].chunks_mut(cols.max(1)).zip(rows) {
+            d.copy_from_slice(&src[r as usize * cols..][..cols]);
+        }
+        Ok(())
+    }
+
+    fn put_rows(&self, src: &Vec<f32>, src_off: usize, rows: &Vec<u64>, num_rows: usize, cols: usize, dst: &mut Vec<f32>) -> Result<()> {
+        let n = super::check_packed_rows("put_rows", rows.len(), num_rows, cols, src_off, src.len())?;
+        check_row_ids("put_rows", rows, cols, dst.len(), true)?;
+        for (s, &r) in src[src_off..src_off + n].chunks(cols.max(1)).zip(rows) {
+            dst[r as usize * cols..][..cols].copy_from_slice(s);
         }
         Ok(())
     }
@@ -424,12 +432,7 @@ impl Buffers for Cpu {
                     out.iter_mut().zip(&parts[p * len..(p + 1) * len]).for_each(|(o, &x)| *o += x);
                 }
             }
-            Accumulate::F64Mean => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let s: f64 = (0..n).map(|p| parts[p * len + i] as f64).sum();
-                    *o = (s / n as f64) as f32;
-                }
-            }
+            Accumulate::F64Mean => ember_transport::mean_f32_in_f64(parts, n, out),
         }
         Ok(())
     }
@@ -442,25 +445,21 @@ impl Buffers for Cpu {
             Ok(())
         })
     }
+}
 
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Vec<u64>, num_rows: usize, cols: usize, out: &mut Vec<f32>) -> Result<()> {
-        check(rows.len() == num_rows && out.len() == num_rows * cols && !srcs.is_empty(), || {
-            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
-        })?;
-        let m = srcs.len() as f64;
-        for (o, &r) in out.chunks_mut(cols.max(1)).zip(rows) {
-            for (c, x) in o.iter_mut().enumerate() {
-                let mut s = 0.0f64;
-                for &src in srcs {
-                    // SAFETY: every source is a live buffer holding every listed row (this
-                    // function's contract), so element `r·cols + c` (c < cols) lies inside it.
-                    s += unsafe { *(src as *const f32).add(r as usize * cols + c) } as f64;
-                }
-                *x = (s / m) as f32;
-            }
+/// Every one of `rows` lies inside a row-major buffer of `len` floats and `cols` columns (row
+/// r spans r·cols ..(r + 1)·cols, checked arithmetic), and with `ascending` they are strictly
+/// ascending: checked before any row is used.
+fn check_row_ids(what: &str, rows: &[u64], cols: usize, len: usize, ascending: bool) -> Result<()> {
+    for (i, &r) in rows.iter().enumerate() {
+        let end = usize::try_from(r).ok().and_then(|r| r.checked_add(1)?.checked_mul(cols));
+        let ordered = !ascending || i == 0 || rows[i - 1] < r;
+        if !(end.is_some_and(|e| e <= len) && ordered) {
+            let order = if ascending { "strictly ascending and " } else { "" };
+            return Err(Error::Input(format!("{what}: row {r} (index {i}) is not {order}inside a buffer of {len} floats ({cols} per row)")));
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl Numerics for Cpu {
@@ -816,5 +815,36 @@ mod tests {
         assert_eq!(buf, data);
         assert!(matches!(be.upload_into(&[], &mut buf), Err(Error::Input(_))));
         assert!(be.staging(0).unwrap().is_empty());
+    }
+
+    /// gather_rows packs the listed rows at an offset and put_rows writes them back from one
+    /// (known answers); rows outside the buffer, put rows not strictly ascending, packed blocks
+    /// past the buffer's end and sizes that overflow are refused, and a refused put writes
+    /// nothing.
+    #[test]
+    fn gather_and_put_rows_round_trip_and_refuse_bad_rows() {
+        let be = Cpu::new();
+        let src: Vec<f32> = (0..15).map(|i| i as f32).collect(); // 5 rows of 3
+        let mut packed = vec![-1.0f32; 8];
+        be.gather_rows(&src, &vec![4, 0], 2, 3, &mut packed, 1).unwrap();
+        assert_eq!(packed, [-1.0, 12.0, 13.0, 14.0, 0.0, 1.0, 2.0, -1.0]);
+        let mut dst = vec![0.0f32; 15];
+        be.put_rows(&packed, 1, &vec![1, 3], 2, 3, &mut dst).unwrap();
+        assert_eq!(dst, [0.0, 0.0, 0.0, 12.0, 13.0, 14.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
+        let before = dst.clone();
+        for (rows, off) in [(vec![5u64], 0), (vec![u64::MAX], 0), (vec![0], 6)] {
+            let e = be.gather_rows(&src, &rows, 1, 3, &mut packed, off).unwrap_err();
+            assert!(matches!(e, Error::Input(_)) && e.to_string().contains("gather_rows"), "{rows:?} at {off}: {e}");
+            let e = be.put_rows(&packed, off, &rows, 1, 3, &mut dst).unwrap_err();
+            assert!(matches!(e, Error::Input(_)) && e.to_string().contains("put_rows"), "{rows:?} at {off}: {e}");
+        }
+        for rows in [vec![3u64, 1], vec![2, 2], vec![0, 5]] {
+            let e = be.put_rows(&packed, 0, &rows, 2, 3, &mut dst).unwrap_err();
+            assert!(e.to_string().contains("strictly ascending"), "{rows:?}: {e}");
+        }
+        assert!(be.gather_rows(&src, &vec![0, 1], 3, 3, &mut packed, 0).is_err(), "index count and num_rows disagree");
+        assert!(be.gather_rows(&src, &vec![0], 1, usize::MAX, &mut packed, 0).is_err(), "size overflows");
+        assert!(be.put_rows(&packed, usize::MAX, &vec![0], 1, 3, &mut dst).is_err(), "offset overflows");
+        assert_eq!(dst, before, "a refused put_rows wrote");
     }
 }

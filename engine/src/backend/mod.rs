@@ -107,6 +107,17 @@ pub(crate) fn check_scale_rows(x_len: usize, off: usize, stride: usize, rows: us
     }
 }
 
+/// Sizes of a `gather_rows`/`put_rows` (shared by the backends): `ids` row indices, as many as
+/// `num_rows` says, and their packed block of `num_rows · cols` floats at `off` inside a buffer
+/// of `packed_len`. Returns the block's length. The rows themselves are the backend's to check.
+pub(crate) fn check_packed_rows(what: &str, ids: usize, num_rows: usize, cols: usize, off: usize, packed_len: usize) -> Result<usize> {
+    let n = product(&[num_rows, cols]);
+    match n.and_then(|n| Some((n, off.checked_add(n)?))) {
+        Some((n, end)) if ids == num_rows && end <= packed_len => Ok(n),
+        _ => Err(crate::Error::Input(format!("{what}: {ids} row indices ({num_rows} said) of {cols} floats at {off} of a packed buffer of {packed_len}"))),
+    }
+}
+
 /// Sizes of a `download_into`/`upload_into` (shared by the backends): host slice and buffer agree.
 pub(crate) fn check_same_len(what: &str, buf_len: usize, host_len: usize) -> Result<()> {
     if buf_len == host_len {
@@ -303,10 +314,16 @@ pub trait Buffers: Send + Sync + 'static {
     /// (a contiguous range is one row). The 2D step packs and unpacks its messages with it.
     #[allow(clippy::too_many_arguments)]
     fn copy_2d(&self, src: &Self::Buf, src_off: usize, src_stride: usize, dst: &mut Self::Buf, dst_off: usize, dst_stride: usize, rows: usize, cols: usize) -> Result<()>;
-    /// `dst[rows[i], ..cols] = src[i, ..cols]`: compacted rows written back. Every `rows[i]`
-    /// must lie below dst's row count: the CPU backend checks, a device backend trusts the
-    /// caller (the indices live on the device; replica sync range-checks them before upload).
-    fn put_rows(&self, dst: &mut Self::Buf, rows: &Self::Ids, num_rows: usize, src: &Self::Buf, cols: usize) -> Result<()>;
+    /// `dst[dst_off + i·cols ..][..cols] = src[rows[i]·cols ..][..cols]` for `i < num_rows`: rows
+    /// of a row-major `cols`-wide buffer packed one after another (replica sync packs the rows
+    /// it averages). Every row must lie inside `src` and the packed block inside `dst`: checked
+    /// (on the device for a device backend), an error writes nothing outside `dst`'s block.
+    fn gather_rows(&self, src: &Self::Buf, rows: &Self::Ids, num_rows: usize, cols: usize, dst: &mut Self::Buf, dst_off: usize) -> Result<()>;
+    /// The mirror of [`gather_rows`](Self::gather_rows): `dst[rows[i]·cols ..][..cols] =
+    /// src[src_off + i·cols ..][..cols]`, packed rows written back. The rows must be strictly
+    /// ascending and inside `dst`, the packed block inside `src`: checked before anything is
+    /// written (on the device for a device backend).
+    fn put_rows(&self, src: &Self::Buf, src_off: usize, rows: &Self::Ids, num_rows: usize, cols: usize, dst: &mut Self::Buf) -> Result<()>;
 
     // ---- movement between ranks ----
     /// `n` floats of staging memory (contents unspecified).
@@ -346,13 +363,6 @@ pub trait Buffers: Send + Sync + 'static {
     /// How in-process transports copy this backend's memory between ranks ([`copy_addr`](Self::copy_addr)
     /// as a function that outlives the borrow): the peers path's fabric moves device buffers with it.
     fn direct_copy(&self) -> ember_transport::fabric::DirectCopy;
-    /// `out[i, ..cols] = mean_k srcs[k][rows[i], ..cols]` where `srcs` are the addresses (see
-    /// [`addr`](Self::addr)) of row-major buffers of `cols` columns; summed in f64 in source
-    /// order, rounded once to f32. With one source, the listed rows packed (replica sync).
-    ///
-    /// # Safety
-    /// Every `srcs[k]` must be a live buffer holding every listed row, unchanged during the call.
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &Self::Ids, num_rows: usize, cols: usize, out: &mut Self::Buf) -> Result<()>;
     /// The backend's native collectives (NCCL on CUDA when built and loadable), if any.
     fn native(&self) -> Option<&dyn NativeColl<Self::Buf>> {
         None

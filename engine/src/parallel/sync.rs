@@ -3,21 +3,26 @@
 //!
 //! Sparse (default): only rows that some replica touched since the last sync are averaged —
 //! exact, since untouched rows are still identical on every replica. Full: every row.
-//! The mean is taken in f64 (the f32 values are exact in f64, summed in rank order, divided,
-//! rounded once), so every replica ends bitwise identical and within 1 ulp of the f64 mean,
-//! and identical values stay identical.
 //!
-//! Where the values travel: host-resident shards as f64 through the host transport; where the
-//! replica communicator moves the backend's buffers themselves (the peers and GPUDirect buffer
-//! transports) as packed f32 rows through the transport's collectives on the backend's memory,
-//! summed in f64 by its reduce hook; otherwise staged through host copies.
+//! One path for every backend and buffer transport: the rows to average are gathered from the
+//! shard buffers into packed f32 buffers of at most `SYNC_CHUNK` floats (several shards to a
+//! buffer), all-reduced as the mean summed in f64 (each f32 widened, added in replica order,
+//! divided, rounded once: every replica ends bitwise identical, within 1 ulp of the f64 mean,
+//! and identical values stay identical) by the buffer transport (`Xfer::all_reduce_mean_f64`),
+//! and written back. Only the packed rows move, 4 bytes a value; a device backend gathers and
+//! scatters them with its kernels and never copies a whole shard.
+//!
+//! Delayed state sync (BRIEF.md §3): the optimizer state's average starts at one sync, in f64
+//! and non-blocking, and is applied at the next; its snapshot and its application move the
+//! packed state rows only.
 use super::route::Touched;
-use super::xfer::{BufMem, Xfer};
-use crate::backend::{Accumulate, Backend, Cpu, Shard};
+use super::xfer::Xfer;
+use crate::backend::{Backend, Buffers, Cpu, Shard};
 use crate::plan::SYNC_CHUNK;
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -32,10 +37,6 @@ pub enum SyncMode {
 pub struct SyncBytes {
     pub index_bytes: u64,
     pub value_bytes: u64,
-}
-
-fn host<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> Result<&'a mut [f32]> {
-    be.host_mut(buf).ok_or_else(|| Error::Device(format!("replica sync needs host-resident shards; backend {} keeps them on the device", be.name())))
 }
 
 /// Union of the replicas' touched rows for each shard (identical on every replica). Every
@@ -112,6 +113,9 @@ pub struct PendingState {
     mean: PendingMean,
 }
 
+/// A pending state average as a checkpoint records it: rows of each shard, snapshot, mean.
+pub type PendingParts<'a> = (&'a [Vec<u64>], &'a [f64], &'a [f64]);
+
 /// The replica-group mean of a pending state average: still in flight, or received.
 enum PendingMean {
     InFlight(Request<Vec<f64>>),
@@ -146,38 +150,56 @@ impl PendingState {
     }
 
     /// (rows of each shard, snapshot, mean), the mean waited for.
-    pub fn parts(&mut self) -> Result<(&[Vec<u64>], &[f64], &[f64])> {
+    pub fn parts(&mut self) -> Result<PendingParts<'_>> {
         self.resolve()?;
         let PendingMean::Done(mean) = &self.mean else { unreachable!("resolved above") };
         Ok((&self.rows, &self.snapshot, mean))
     }
 
-    /// Apply the average to shard `i`'s host state (`spr` floats per row): v ← mean(v then) +
-    /// (v now − v then), on the rows of that sync. `start` is the shard's first value in the
-    /// snapshot; returns the next shard's.
-    fn apply_shard(&mut self, i: usize, state: &mut [f32], spr: usize, start: usize) -> Result<usize> {
+    /// Apply the average to the packed state of its rows (`state`, laid out as the snapshot):
+    /// v ← mean(v then) + (v now − v then).
+    fn apply_packed(&mut self, state: &mut [f32]) -> Result<()> {
         self.resolve()?;
         let PendingMean::Done(mean) = &self.mean else { unreachable!("resolved above") };
-        let mut pos = start;
-        for &r in &self.rows[i] {
-            let row = state.get_mut(r as usize * spr..(r as usize + 1) * spr).ok_or_else(|| Error::Input(format!("pending state average: row {r} outside shard {i}")))?;
-            for x in row.iter_mut() {
-                *x = (mean[pos] + (*x as f64 - self.snapshot[pos])) as f32;
-                pos += 1;
-            }
+        if state.len() != self.snapshot.len() || mean.len() != self.snapshot.len() {
+            return Err(Error::Input(format!("pending state average: {} state values for a snapshot of {} and a mean of {}", state.len(), self.snapshot.len(), mean.len())));
         }
-        Ok(pos)
+        for ((x, &m), &then) in state.iter_mut().zip(mean).zip(&self.snapshot) {
+            *x = (m + (*x as f64 - then)) as f32;
+        }
+        Ok(())
     }
 
     /// Every shard's state with the average applied, on host copies (`states[i]` is shard i's
     /// state, `spr[i]` floats per row); the pending average itself is kept.
     pub fn applied_to(&mut self, states: &mut [Vec<f32>], spr: &[usize]) -> Result<()> {
-        let mut pos = 0;
-        for (i, (st, &k)) in states.iter_mut().zip(spr).enumerate() {
-            pos = self.apply_shard(i, st, k, pos)?;
+        if states.len() != self.rows.len() || spr.len() != self.rows.len() {
+            return Err(Error::Input(format!("pending state average of {} shards applied to {} states ({} row widths)", self.rows.len(), states.len(), spr.len())));
+        }
+        let offs = packed_offsets(&self.rows, spr)?;
+        let mut packed = vec![0.0f32; offs[self.rows.len()]];
+        for (i, st) in states.iter().enumerate() {
+            Cpu.gather_rows(st, &self.rows[i], self.rows[i].len(), spr[i], &mut packed, offs[i])?;
+        }
+        self.apply_packed(&mut packed)?;
+        for (i, st) in states.iter_mut().enumerate() {
+            Cpu.put_rows(&packed, offs[i], &self.rows[i], self.rows[i].len(), spr[i], st)?;
         }
         Ok(())
     }
+}
+
+/// Where each shard's rows start in a buffer packing `rows[i]` rows of `width[i]` floats shard
+/// after shard (one entry more: the total).
+fn packed_offsets(rows: &[Vec<u64>], width: &[usize]) -> Result<Vec<usize>> {
+    let mut offs = Vec::with_capacity(rows.len() + 1);
+    let mut at = 0usize;
+    offs.push(at);
+    for (r, &w) in rows.iter().zip(width) {
+        at = r.len().checked_mul(w).and_then(|n| at.checked_add(n)).ok_or_else(|| Error::Input(format!("replica sync: {} rows of {w} floats overflow", r.len())))?;
+        offs.push(at);
+    }
+    Ok(offs)
 }
 
 fn spr_of<B: Backend>(be: &B, s: &Shard<B>) -> usize {
@@ -205,179 +227,127 @@ pub fn replica_sync<B: Backend>(
         touched.iter_mut().for_each(Touched::clear);
         return Ok(SyncBytes::default());
     }
-    if delayed.is_none() && matches!(xfer, Xfer::Peers | Xfer::Direct) {
-        return replica_sync_buffers(be, comm, shards, touched, mode);
-    }
-    if shards.iter_mut().all(|s| be.host_mut(&mut s.weights).is_some()) {
-        return replica_sync_host(be, comm, shards, touched, mode, delayed);
-    }
-    // Device-resident shards: staged through host copies.
-    staged(be, shards, |cpu, hs| replica_sync_host(cpu, comm, hs, touched, mode, delayed))
-}
-
-/// Replica sync on the shard buffers themselves: each shard's rows to average are packed (f32,
-/// on the backend), all-reduced through the transport's collectives on the backend's memory —
-/// summed in f64 in replica order, divided, rounded once: bitwise the host path's mean — and
-/// written back. Nothing but the row indices goes through host memory.
-fn replica_sync_buffers<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], touched: &mut [Touched], mode: SyncMode) -> Result<SyncBytes> {
-    let mut stats = SyncBytes::default();
     let (rows_of, index_bytes) = rows_to_sync(comm, shards, touched, mode)?;
-    stats.index_bytes = index_bytes;
-    let mean = BufMem::with(be, Accumulate::F64Mean);
-    for (s, rows) in shards.iter_mut().zip(&rows_of) {
-        let (cols, spr, nr) = (s.spec.num_cols(), spr_of(be, s), rows.len());
-        let ids = be.upload_ids(rows)?;
-        for (buf, k) in [(&mut s.weights, cols), (&mut s.state, spr)] {
-            // Every replica has the same union of rows, so all skip the same empty collectives.
-            if nr == 0 || k == 0 {
-                continue;
-            }
-            let mut packed = be.zeros(nr * k)?;
-            // SAFETY: one source, this replica's own buffer, which holds every listed row (the
-            // union was range-checked against the shard's rows) and is not written during the
-            // call (borrowed here): the mean of one source is the rows themselves.
-            unsafe { be.mean_rows_from(&[be.addr(buf)], &ids, nr, k, &mut packed)? };
-            be.synchronize()?;
-            // SAFETY: `packed` holds nr·k floats, owned here and finished with by the device.
-            unsafe { comm.all_reduce_in(&mean, be.addr(&packed), nr * k, 4) }?;
-            be.flush_remote_writes()?;
-            be.put_rows(buf, &ids, nr, &packed, k)?;
-            stats.value_bytes += (nr * k * 4) as u64;
-        }
-    }
-    touched.iter_mut().for_each(Touched::clear);
-    Ok(stats)
-}
-
-/// Run `f` on host copies of device-resident shards (downloaded, then uploaded back): the
-/// staging path of replica sync for backends that keep shards on a device.
-fn staged<B: Backend, R>(be: &B, shards: &mut [Shard<B>], f: impl FnOnce(&Cpu, &mut [Shard<Cpu>]) -> Result<R>) -> Result<R> {
-    let mut hs = Vec::with_capacity(shards.len());
-    for s in shards.iter() {
-        hs.push(Shard { spec: s.spec.clone(), weights: be.download(&s.weights)?, state: be.download(&s.state)? });
-    }
-    let r = f(&Cpu::new(), &mut hs)?;
-    for (s, h) in shards.iter_mut().zip(hs) {
-        s.weights = be.upload(&h.weights)?;
-        s.state = be.upload(&h.state)?;
-    }
-    Ok(r)
-}
-
-/// `replica_sync` on host-resident shards.
-fn replica_sync_host<B: Backend>(
-    be: &B,
-    comm: &Comm,
-    shards: &mut [Shard<B>],
-    touched: &mut [Touched],
-    mode: SyncMode,
-    delayed: Option<&mut Option<PendingState>>,
-) -> Result<SyncBytes> {
-    let mut stats = SyncBytes::default();
-    let (rows_of, index_bytes) = rows_to_sync(comm, shards, touched, mode)?;
-    stats.index_bytes = index_bytes;
+    let mut stats = SyncBytes { index_bytes, value_bytes: 0 };
     let with_state = delayed.is_none();
     if let Some(pending) = delayed {
         if let Some(p) = pending.take() {
             apply_pending(be, shards, p)?;
         }
-        // Start the next state average; it completes during the coming interval.
-        let mut snapshot = Vec::new();
-        for (s, rows) in shards.iter_mut().zip(&rows_of) {
-            let spr = spr_of(be, s);
-            let st = host(be, &mut s.state)?;
-            for &r in rows {
-                snapshot.extend(st[r as usize * spr..(r as usize + 1) * spr].iter().map(|&x| x as f64));
-            }
-        }
+        // Start the next state average (in f64, the mean the delayed update needs exactly); it
+        // completes during the coming interval.
+        let packed = gather_state(be, shards, &rows_of)?;
+        let snapshot: Vec<f64> = be.download(&packed.buf)?.into_iter().map(f64::from).collect();
         stats.value_bytes += snapshot.len() as u64 * 8;
         let mean = PendingMean::InFlight(comm.start_all_reduce(snapshot.clone(), ReduceOp::Mean));
         *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
     }
-    // Weights (and, unless delayed, state) of the rows, row after row, in f64, averaged in
-    // chunks of at most SYNC_CHUNK values.
-    let spr: Vec<usize> = shards.iter().map(|s| if with_state { spr_of(be, s) } else { 0 }).collect();
-    let total: usize = shards.iter().zip(&rows_of).zip(&spr).map(|((s, r), &k)| r.len() * (s.spec.num_cols() + k)).sum();
-    let mut vals: Vec<f64> = Vec::with_capacity(total.min(SYNC_CHUNK));
-    // (shard, first row index, end row index) of each run of rows in `vals`.
-    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-    for i in 0..shards.len() {
-        let (cols, k) = (shards[i].spec.num_cols(), spr[i]);
-        let mut j = 0;
-        while j < rows_of[i].len() {
-            if !vals.is_empty() && vals.len() + cols + k > SYNC_CHUNK {
-                average_runs(be, comm, shards, &rows_of, &spr, &mut vals, &mut runs, &mut stats)?;
-            }
-            let room = ((SYNC_CHUNK - vals.len()) / (cols + k).max(1)).max(1);
-            let end = (j + room).min(rows_of[i].len());
-            let s = &mut shards[i];
-            let w = host(be, &mut s.weights)?;
-            let st = host(be, &mut s.state)?;
-            for &r in &rows_of[i][j..end] {
-                let r = r as usize;
-                vals.extend(w[r * cols..(r + 1) * cols].iter().map(|&x| x as f64));
-                vals.extend(st[r * k..(r + 1) * k].iter().map(|&x| x as f64));
-            }
-            runs.push((i, j, end));
-            j = end;
-        }
-    }
-    if !vals.is_empty() {
-        average_runs(be, comm, shards, &rows_of, &spr, &mut vals, &mut runs, &mut stats)?;
+    let width: Vec<usize> = shards.iter().map(|s| s.spec.num_cols() + if with_state { spr_of(be, s) } else { 0 }).collect();
+    for chunk in chunks(&width, &rows_of) {
+        stats.value_bytes += average_chunk(be, comm, shards, &rows_of, &chunk, with_state, xfer)?;
     }
     touched.iter_mut().for_each(Touched::clear);
     Ok(stats)
 }
 
-/// All-reduce (mean) the packed rows of `runs` and write them back; empties both.
-#[allow(clippy::too_many_arguments)]
-fn average_runs<B: Backend>(
-    be: &B,
-    comm: &Comm,
-    shards: &mut [Shard<B>],
-    rows_of: &[Vec<u64>],
-    spr: &[usize],
-    vals: &mut Vec<f64>,
-    runs: &mut Vec<(usize, usize, usize)>,
-    stats: &mut SyncBytes,
-) -> Result<()> {
-    stats.value_bytes += vals.len() as u64 * 8;
-    comm.all_reduce(vals, ReduceOp::Mean)?;
-    let mut pos = 0usize;
-    for &(i, a, e) in runs.iter() {
-        let (cols, k) = (shards[i].spec.num_cols(), spr[i]);
-        let s = &mut shards[i];
-        for &r in &rows_of[i][a..e] {
-            let r = r as usize;
-            for (x, &v) in host(be, &mut s.weights)?[r * cols..(r + 1) * cols].iter_mut().zip(&vals[pos..pos + cols]) {
-                *x = v as f32;
+/// One packed buffer of replica sync: runs of rows (shard, range of its rows to sync, offset
+/// of the run in the buffer; each row `width[shard]` floats) and the buffer's length.
+struct Chunk {
+    runs: Vec<(usize, Range<usize>, usize)>,
+    len: usize,
+}
+
+/// Every shard's rows, shard after shard, cut into chunks of at most `SYNC_CHUNK` floats (a
+/// row wider than that gets a chunk of its own): small tables share a collective.
+fn chunks(width: &[usize], rows_of: &[Vec<u64>]) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    let mut cur = Chunk { runs: Vec::new(), len: 0 };
+    for (i, (&w, rows)) in width.iter().zip(rows_of).enumerate() {
+        if w == 0 {
+            continue;
+        }
+        let mut j = 0;
+        while j < rows.len() {
+            if cur.len > 0 && cur.len + w > SYNC_CHUNK {
+                out.push(std::mem::replace(&mut cur, Chunk { runs: Vec::new(), len: 0 }));
             }
-            pos += cols;
-            for (x, &v) in host(be, &mut s.state)?[r * k..(r + 1) * k].iter_mut().zip(&vals[pos..pos + k]) {
-                *x = v as f32;
-            }
-            pos += k;
+            let room = (SYNC_CHUNK.saturating_sub(cur.len) / w).max(1);
+            let end = (j + room).min(rows.len());
+            cur.runs.push((i, j..end, cur.len));
+            cur.len += (end - j) * w;
+            j = end;
         }
     }
-    vals.clear();
-    runs.clear();
-    Ok(())
+    if cur.len > 0 {
+        out.push(cur);
+    }
+    out
+}
+
+/// Average one chunk: gather its rows' weights (then, with `with_state`, their state) into a
+/// packed buffer, all-reduce it as the f64-summed mean on `xfer`'s memory, put the rows back.
+/// Returns the value bytes this rank sent.
+fn average_chunk<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_of: &[Vec<u64>], chunk: &Chunk, with_state: bool, xfer: Xfer) -> Result<u64> {
+    let mut packed = be.zeros(chunk.len)?;
+    let mut ids = Vec::with_capacity(chunk.runs.len());
+    for (i, rows, off) in &chunk.runs {
+        let (s, n) = (&shards[*i], rows.len());
+        let id = be.upload_ids(&rows_of[*i][rows.clone()])?;
+        let cols = s.spec.num_cols();
+        be.gather_rows(&s.weights, &id, n, cols, &mut packed, *off)?;
+        if with_state {
+            be.gather_rows(&s.state, &id, n, spr_of(be, s), &mut packed, off + n * cols)?;
+        }
+        ids.push(id);
+    }
+    xfer.all_reduce_mean_f64(be, comm, &mut packed)?;
+    for ((i, rows, off), id) in chunk.runs.iter().zip(&ids) {
+        let n = rows.len();
+        let spr = spr_of(be, &shards[*i]);
+        let s = &mut shards[*i];
+        let cols = s.spec.num_cols();
+        be.put_rows(&packed, *off, id, n, cols, &mut s.weights)?;
+        if with_state {
+            be.put_rows(&packed, off + n * cols, id, n, spr, &mut s.state)?;
+        }
+    }
+    Ok(chunk.len as u64 * 4)
+}
+
+/// Packed optimizer state: the buffer, and each shard's row ids (uploaded) and offset in it.
+struct PackedState<B: Backend> {
+    buf: B::Buf,
+    shards: Vec<(B::Ids, usize)>,
+}
+
+/// The optimizer state of every shard's `rows` (its `spr` floats a row), packed shard after
+/// shard into one buffer.
+fn gather_state<B: Backend>(be: &B, shards: &[Shard<B>], rows: &[Vec<u64>]) -> Result<PackedState<B>> {
+    if rows.len() != shards.len() {
+        return Err(Error::Input(format!("replica sync: rows of {} shards for {} shards", rows.len(), shards.len())));
+    }
+    let spr: Vec<usize> = shards.iter().map(|s| spr_of(be, s)).collect();
+    let offs = packed_offsets(rows, &spr)?;
+    let mut packed = be.zeros(offs[rows.len()])?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for (i, s) in shards.iter().enumerate() {
+        let id = be.upload_ids(&rows[i])?;
+        be.gather_rows(&s.state, &id, rows[i].len(), spr[i], &mut packed, offs[i])?;
+        ids.push((id, offs[i]));
+    }
+    Ok(PackedState { buf: packed, shards: ids })
 }
 
 /// Finish a delayed state average: v ← mean(v then) + (v now − v then), rows of that sync.
-pub fn apply_pending<B: Backend>(be: &B, shards: &mut [Shard<B>], p: PendingState) -> Result<()> {
-    if shards.iter_mut().all(|s| be.host_mut(&mut s.weights).is_some()) {
-        apply_pending_host(be, shards, p)
-    } else {
-        staged(be, shards, |cpu, hs| apply_pending_host(cpu, hs, p))
-    }
-}
-
-fn apply_pending_host<B: Backend>(be: &B, shards: &mut [Shard<B>], mut p: PendingState) -> Result<()> {
-    let mut pos = 0;
-    for (i, s) in shards.iter_mut().enumerate() {
+/// Only those rows' state moves: gathered, downloaded packed, updated, uploaded, put back.
+pub fn apply_pending<B: Backend>(be: &B, shards: &mut [Shard<B>], mut p: PendingState) -> Result<()> {
+    let PackedState { buf, shards: ids } = gather_state(be, shards, &p.rows)?;
+    let mut host = be.download(&buf)?;
+    p.apply_packed(&mut host)?;
+    let packed = be.upload(&host)?;
+    for ((s, (id, off)), rows) in shards.iter_mut().zip(&ids).zip(&p.rows) {
         let spr = spr_of(be, s);
-        pos = p.apply_shard(i, host(be, &mut s.state)?, spr, pos)?;
+        be.put_rows(&packed, *off, id, rows.len(), spr, &mut s.state)?;
     }
     Ok(())
 }

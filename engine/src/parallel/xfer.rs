@@ -19,7 +19,9 @@
 //! * [`Xfer::Native`] — the backend's own collectives on its buffers (NCCL on CUDA, one rank
 //!   per GPU, across processes), ordered on the rank's stream; NCCL's reduction order is its own.
 //!
-//! Every path but Native reduces in rank order in f32, so they agree bitwise.
+//! Every path but Native reduces in rank order in f32, so they agree bitwise. Replica sync's
+//! all-reduce ([`Xfer::all_reduce_mean_f64`]) sums f32 payloads in f64 in rank order on every
+//! path (Native stages it through host memory).
 //!
 //! `auto` for device buffers: peers for in-process ranks; across processes GPUDirect RDMA when
 //! every rank registers device memory with its NIC, else NCCL, else staging through host memory.
@@ -167,11 +169,33 @@ impl Xfer {
         }
     }
 
+    /// All-reduce in place as the mean summed in f64 (each f32 widened, added in rank order,
+    /// divided, rounded once: bitwise the f64 mean of the same values) — replica sync's
+    /// collective. 4 bytes a value travel. The native collectives cannot sum in f64, so their
+    /// path stages through host memory here.
+    pub fn all_reduce_mean_f64<B: Backend>(&self, be: &B, comm: &Comm, buf: &mut B::Buf) -> Result<()> {
+        let path = match self {
+            Xfer::Native => Xfer::Host { stage: false },
+            x => *x,
+        };
+        path.run_as(be, comm, &Op::AllReduce, None, buf, Accumulate::F64Mean)
+    }
+
+    /// Run `op` from `send` (None: in place) into `recv` on the memory this path moves, summing
+    /// in f32 (the step's collectives).
+    fn run<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf) -> Result<()> {
+        self.run_as(be, comm, op, send, recv, Accumulate::F32Sum)
+    }
+
     /// Run `op` from `send` (None: in place) into `recv` on the memory this path moves: host
     /// memory (the buffers themselves, or staging copies of them) or the buffers as the
-    /// backend's memory ([`BufMem`]). The collective is the transport's either way.
-    fn run<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf) -> Result<()> {
-        let host = ember_transport::Host::<f32>::reducing(ReduceOp::Sum);
+    /// backend's memory ([`BufMem`]), reducing as `acc` says. The collective is the transport's
+    /// either way.
+    fn run_as<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf, acc: Accumulate) -> Result<()> {
+        let host = match acc {
+            Accumulate::F32Sum => ember_transport::Host::<f32>::reducing(ReduceOp::Sum),
+            Accumulate::F64Mean => ember_transport::Host::<f32>::mean_in_f64(),
+        };
         match *self {
             Xfer::Host { stage } => {
                 if !stage {
@@ -203,7 +227,7 @@ impl Xfer {
                 let r = be.addr(recv);
                 // SAFETY: `send` and `recv`, borrowed for the call, sized by the caller's checks
                 // and finished with by the device (synchronized above).
-                unsafe { op.run(comm, &BufMem::new(be), send.map_or(r, |s| be.addr(s)), r, be.len(recv)) }?;
+                unsafe { op.run(comm, &BufMem::with(be, acc), send.map_or(r, |s| be.addr(s)), r, be.len(recv)) }?;
                 be.flush_remote_writes()
             }
             Xfer::Native => Err(Error::Device("the native collectives are the backend's own".into())),
@@ -288,11 +312,7 @@ pub struct BufMem<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> BufMem<'a, B> {
-    /// Summed in f32 (the step's collectives).
-    pub fn new(be: &'a B) -> Self {
-        Self::with(be, Accumulate::F32Sum)
-    }
-    /// Reduced as `acc` says (replica sync: f64 mean).
+    /// Reduced as `acc` says (the step's collectives: f32 sums; replica sync: f64 mean).
     pub fn with(be: &'a B, acc: Accumulate) -> Self {
         BufMem { be, acc }
     }

@@ -166,10 +166,12 @@ pub(super) fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], 
             let union: Vec<f64> = slots.iter().map(|s| distinct(s, k * m * g) * spread).collect();
             (m * tau.iter().sum::<f64>() * WORD, slots.iter().zip(&union).map(|(s, u)| u * (s.cols + state_floats(opt, s.cols)) as f64).sum())
         };
-        let chunk = vals.min(super::SYNC_CHUNK as f64) * WORD;
+        let chunk = vals.min(super::SYNC_CHUNK as f64) * F32;
         let sync_base = base + recv_in;
         let index = if ctx.opts.full_sync { rows_list } else { (msg + m * msg).max(m * msg + rows_list) };
-        phases.push(("replica sync", sync_base + index.max(rows_list + chunk * (2.0 + 1.0 / m))));
+        // Averaging a chunk: the rows lists, a chunk's row ids on the backend, the packed chunk and
+        // the all-reduce's scratch.
+        phases.push(("replica sync", sync_base + index.max(2.0 * rows_list + chunk * (2.0 + 1.0 / m))));
     }
     phases.push(("dense update", base + recv_in + 2.0 * p4));
     phases

@@ -232,7 +232,7 @@ pub(super) fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
             e.grads += tr.grad_trw_owners + tr.grad_trw_gather;
             inter += remote(&unit.reduce_send) + remote(&unit.owners_send) + remote(&unit.owners_recv) + remote(&unit.reduce_recv);
         }
-        // Replica sync, per sync: f64 values of the rows (and their indices, sparse).
+        // Replica sync, per sync: f32 values of the rows (and their indices, sparse).
         let (mut whole, mut sparse) = (0f64, 0f64);
         if ctx.m > 1 {
             let k = ctx.opts.sync_every as f64;
@@ -240,7 +240,7 @@ pub(super) fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
             for s in &slots {
                 let tc = &model.tables[s.table];
                 let distinct = |samples: f64| st[s.table].distinct_in(tc.rows, &s.range, samples);
-                let per_row = (s.cols + state_floats(opt, s.cols)) as f64 * WORD;
+                let per_row = (s.cols + state_floats(opt, s.cols)) as f64 * F32;
                 whole += s.rows as f64 * per_row;
                 index += (1.0 + distinct(k * g)) * WORD;
                 values += distinct(k * ctx.m as f64 * g) * per_row;

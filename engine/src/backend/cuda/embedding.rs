@@ -191,7 +191,7 @@ impl Cuda {
 
     /// Whether `rows[..n]` (device) are strictly ascending and below `limit`: a kernel flags
     /// the first violation, the flag comes back to the host. Uses the scratch arena.
-    fn check_rows(&self, rows: &DevBuf<u64>, n: usize, limit: usize) -> Result<()> {
+    pub(super) fn check_rows(&self, what: &str, rows: &DevBuf<u64>, n: usize, limit: usize) -> Result<()> {
         let flag = self.scratch(8)?;
         self.gpu.memset0(flag, 8).map_err(dev)?;
         let (rp, ni, lim) = (rows.ptr(), n as i64, limit as u64);
@@ -202,7 +202,7 @@ impl Cuda {
         let mut bad = [0u64; 1];
         self.gpu.dtoh(&mut bad, flag).map_err(dev)?;
         if bad[0] != 0 {
-            return Err(Error::Input(format!("embedding_apply: row {} of {n} is not unique, ascending and inside the shard's {limit} rows", bad[0] - 1)));
+            return Err(Error::Input(format!("{what}: row {} of {n} is not unique, ascending and inside the shard's {limit} rows", bad[0] - 1)));
         }
         Ok(())
     }
@@ -226,7 +226,7 @@ impl Cuda {
         let _g = self.lock()?;
         // The rows are on the device: one pass checks them there (unique, ascending, inside the
         // shard) before any is written, as the CPU backend checks them on the host.
-        let checked = self.check_rows(&rg.rows, rg.num_rows, rows);
+        let checked = self.check_rows("embedding_apply", &rg.rows, rg.num_rows, rows);
         let d = self.done();
         checked?;
         d?;

@@ -269,21 +269,55 @@ impl Buffers for Cuda {
         .map_err(dev)
     }
 
-    fn put_rows(&self, dst: &mut DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, src: &DevBuf<f32>, cols: usize) -> Result<()> {
-        // Row indices were range-checked on the host before upload (replica sync's union).
-        let total = Self::size("put_rows", &[num_rows, cols])?;
-        check(rows.len() == num_rows && src.len() == total, || format!("put_rows: {} rows of {cols} ({} floats)", rows.len(), src.len()))?;
-        if num_rows == 0 || cols == 0 {
+    fn gather_rows(&self, src: &DevBuf<f32>, rows: &DevBuf<u64>, num_rows: usize, cols: usize, dst: &mut DevBuf<f32>, dst_off: usize) -> Result<()> {
+        let total = crate::backend::check_packed_rows("gather_rows", rows.len(), num_rows, cols, dst_off, dst.len())?;
+        if total == 0 {
+            return Ok(());
+        }
+        let src_rows = src.len() / cols;
+        let _g = self.lock()?;
+        let gathered = (|| {
+            let flag = self.scratch(8)?;
+            self.gpu.memset0(flag, 8).map_err(dev)?;
+            let (sp, sr, rp, n, c, dp) = (src.ptr(), src_rows as u64, rows.ptr(), num_rows as i64, cols as i64, dst.ptr() + 4 * dst_off as u64);
+            // SAFETY: launch contract: `gather_rows(const float*, u64, const u64*, i64, i64, float*,
+            // u64*)` gets (u64, u64, u64, i64, i64, u64, u64); rows holds num_rows indices, dst
+            // num_rows·cols floats from dst_off (`check_packed_rows`); the kernel reads only rows
+            // below src_rows = len(src) / cols, so inside src, and flags the others in `flag`, 8
+            // zeroed bytes of arena; src and dst are distinct buffers (a shared and a mutable
+            // borrow); grid-stride.
+            unsafe { self.gpu.launch("gather_rows", self.grid(total), 256).map_err(dev)?.arg(&sp).arg(&sr).arg(&rp).arg(&n).arg(&c).arg(&dp).arg(&flag).go() }.map_err(dev)?;
+            let mut bad = [0u64; 1];
+            self.gpu.dtoh(&mut bad, flag).map_err(dev)?;
+            match bad[0] {
+                0 => Ok(()),
+                i => Err(Error::Input(format!("gather_rows: row index {} of {num_rows} lies outside a buffer of {src_rows} rows of {cols}", i - 1))),
+            }
+        })();
+        let d = self.done();
+        gathered?;
+        d
+    }
+
+    fn put_rows(&self, src: &DevBuf<f32>, src_off: usize, rows: &DevBuf<u64>, num_rows: usize, cols: usize, dst: &mut DevBuf<f32>) -> Result<()> {
+        let total = crate::backend::check_packed_rows("put_rows", rows.len(), num_rows, cols, src_off, src.len())?;
+        if total == 0 {
             return Ok(());
         }
         let _g = self.lock()?;
-        let (dp, rp, sp, n, c) = (dst.ptr(), rows.ptr(), src.ptr(), num_rows as i64, cols as i64);
-        // SAFETY: launch contract: `put_rows(float*, const u64*, const float*, i64, i64)` gets
-        // (u64, u64, u64, i64, i64); rows holds num_rows indices and src num_rows·cols floats
-        // (checked above); every index is below dst's row count, which the indices' one source,
-        // replica sync's union, range-checks on the host before upload (see the comment above);
-        // grid-stride.
-        unsafe { self.gpu.launch("put_rows", self.grid(total), 256).map_err(dev)?.arg(&dp).arg(&rp).arg(&sp).arg(&n).arg(&c).go() }.map_err(dev)
+        // The rows are on the device: one pass checks them there (strictly ascending, inside
+        // dst) before any is written, as the CPU backend checks them on the host.
+        let checked = self.check_rows("put_rows", rows, num_rows, dst.len() / cols);
+        let d = self.done();
+        checked?;
+        d?;
+        let (sp, rp, n, c, dp) = (src.ptr() + 4 * src_off as u64, rows.ptr(), num_rows as i64, cols as i64, dst.ptr());
+        // SAFETY: launch contract: `put_rows(const float*, const u64*, i64, i64, float*)` gets
+        // (u64, u64, i64, i64, u64); src holds num_rows·cols floats from src_off and rows num_rows
+        // indices (`check_packed_rows`), just checked on the device to be strictly ascending and
+        // below len(dst) / cols, so every written row lies inside dst; src and dst are distinct
+        // buffers (a shared and a mutable borrow); grid-stride.
+        unsafe { self.gpu.launch("put_rows", self.grid(total), 256).map_err(dev)?.arg(&sp).arg(&rp).arg(&n).arg(&c).arg(&dp).go() }.map_err(dev)
     }
 
     fn staging(&self, n: usize) -> Result<Pinned> {
@@ -341,17 +375,12 @@ impl Buffers for Cuda {
                 self.gpu.sync().map_err(dev)
             }
             Accumulate::F64Mean => {
-                // The replica mean kernel with one row of `len` columns per contribution.
-                let table = self.upload_ids(&(0..n).map(block).collect::<Vec<u64>>())?;
-                let row = self.upload_ids(&[0])?;
                 let _g = self.lock()?;
-                let (sp, m, rp, one, c) = (table.ptr(), n as i32, row.ptr(), 1i64, len as i64);
-                // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64,
-                // i64)` gets (u64, u64, i32, u64, i64, i64); `out` holds len floats, the table n
-                // block addresses, each block len floats (this function's contract), and the one
-                // row index is 0; the sync below keeps table and row alive until the kernel ends.
-                unsafe { self.gpu.launch("mean_rows_from", self.grid(len), 256).map_err(dev)?.arg(&out).arg(&sp).arg(&m).arg(&rp).arg(&one).arg(&c).go() }
-                    .map_err(dev)?;
+                let (m, k) = (n as i32, len as i64);
+                // SAFETY: launch contract: `mean_f64_parts(const float*, int, i64, float*)` gets
+                // (u64, i32, i64, u64); `parts` holds n·len floats and `out` len, live and not
+                // overlapping (this function's contract); n < i32::MAX (checked); grid-stride.
+                unsafe { self.gpu.launch("mean_f64_parts", self.grid(len), 256).map_err(dev)?.arg(&parts).arg(&m).arg(&k).arg(&out).go() }.map_err(dev)?;
                 self.gpu.sync().map_err(dev)
             }
         }
@@ -367,28 +396,6 @@ impl Buffers for Cuda {
             };
             copy().map_err(|e| ember_transport::Error::Bootstrap(format!("device copy: {e}")))
         })
-    }
-
-    unsafe fn mean_rows_from(&self, srcs: &[u64], rows: &DevBuf<u64>, num_rows: usize, cols: usize, out: &mut DevBuf<f32>) -> Result<()> {
-        let total = Self::size("mean_rows_from", &[num_rows, cols])?;
-        check(rows.len() == num_rows && out.len() == total && !srcs.is_empty() && srcs.len() < i32::MAX as usize, || {
-            format!("mean_rows_from: {} rows ({num_rows} said) of {cols} into {} floats from {} replicas", rows.len(), out.len(), srcs.len())
-        })?;
-        if num_rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        let table = self.upload_ids(srcs)?;
-        let _g = self.lock()?;
-        let (op, sp, m, rp, n, c) = (out.ptr(), table.ptr(), srcs.len() as i32, rows.ptr(), num_rows as i64, cols as i64);
-        // SAFETY: launch contract: `mean_rows_from(float*, const u64*, int, const u64*, i64, i64)`
-        // gets (u64, u64, i32, u64, i64, i64); out holds num_rows·cols floats, the table m
-        // addresses and rows num_rows indices (checked above); each `srcs[k]` is a live buffer of
-        // this context holding every listed row, unchanged until we return (this function's
-        // contract); the sync below keeps the table and the sources alive until the kernel ends.
-        unsafe { self.gpu.launch("mean_rows_from", self.grid(total), 256).map_err(dev)?.arg(&op).arg(&sp).arg(&m).arg(&rp).arg(&n).arg(&c).go() }
-            .map_err(dev)?;
-        // `table` returns to the pool when dropped; the kernel must have read it by then.
-        self.gpu.sync().map_err(dev)
     }
 
     fn native(&self) -> Option<&dyn NativeColl<DevBuf<f32>>> {
