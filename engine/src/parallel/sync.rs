@@ -243,8 +243,12 @@ pub fn replica_sync<B: Backend>(
         *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
     }
     let width: Vec<usize> = shards.iter().map(|s| s.spec.num_cols() + if with_state { spr_of(be, s) } else { 0 }).collect();
-    for chunk in chunks(&width, &rows_of) {
-        stats.value_bytes += average_chunk(be, comm, shards, &rows_of, &chunk, with_state, xfer)?;
+    let chunks = chunks(&width, &rows_of);
+    // One packed buffer for every chunk of this sync (fresh memory per chunk would fault its
+    // pages in each time).
+    let mut packed = be.zeros(chunks.iter().map(|c| c.len).max().unwrap_or(0))?;
+    for chunk in &chunks {
+        stats.value_bytes += average_chunk(be, comm, shards, &rows_of, chunk, with_state, xfer, &mut packed)?;
     }
     touched.iter_mut().for_each(Touched::clear);
     Ok(stats)
@@ -284,31 +288,31 @@ fn chunks(width: &[usize], rows_of: &[Vec<u64>]) -> Vec<Chunk> {
     out
 }
 
-/// Average one chunk: gather its rows' weights (then, with `with_state`, their state) into a
-/// packed buffer, all-reduce it as the f64-summed mean on `xfer`'s memory, put the rows back.
-/// Returns the value bytes this rank sent.
-fn average_chunk<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_of: &[Vec<u64>], chunk: &Chunk, with_state: bool, xfer: Xfer) -> Result<u64> {
-    let mut packed = be.zeros(chunk.len)?;
+/// Average one chunk: gather its rows' weights (then, with `with_state`, their state) into the
+/// start of `packed` (at least `chunk.len` floats), all-reduce that as the f64-summed mean on
+/// `xfer`'s memory, put the rows back. Returns the value bytes this rank sent.
+#[allow(clippy::too_many_arguments)]
+fn average_chunk<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_of: &[Vec<u64>], chunk: &Chunk, with_state: bool, xfer: Xfer, packed: &mut B::Buf) -> Result<u64> {
     let mut ids = Vec::with_capacity(chunk.runs.len());
     for (i, rows, off) in &chunk.runs {
         let (s, n) = (&shards[*i], rows.len());
         let id = be.upload_ids(&rows_of[*i][rows.clone()])?;
         let cols = s.spec.num_cols();
-        be.gather_rows(&s.weights, &id, n, cols, &mut packed, *off)?;
+        be.gather_rows(&s.weights, &id, n, cols, packed, *off)?;
         if with_state {
-            be.gather_rows(&s.state, &id, n, spr_of(be, s), &mut packed, off + n * cols)?;
+            be.gather_rows(&s.state, &id, n, spr_of(be, s), packed, off + n * cols)?;
         }
         ids.push(id);
     }
-    xfer.all_reduce_mean_f64(be, comm, &mut packed)?;
+    xfer.all_reduce_mean_f64(be, comm, packed, chunk.len)?;
     for ((i, rows, off), id) in chunk.runs.iter().zip(&ids) {
         let n = rows.len();
         let spr = spr_of(be, &shards[*i]);
         let s = &mut shards[*i];
         let cols = s.spec.num_cols();
-        be.put_rows(&packed, *off, id, n, cols, &mut s.weights)?;
+        be.put_rows(packed, *off, id, n, cols, &mut s.weights)?;
         if with_state {
-            be.put_rows(&packed, off + n * cols, id, n, spr, &mut s.state)?;
+            be.put_rows(packed, off + n * cols, id, n, spr, &mut s.state)?;
         }
     }
     Ok(chunk.len as u64 * 4)

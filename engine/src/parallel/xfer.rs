@@ -169,29 +169,33 @@ impl Xfer {
         }
     }
 
-    /// All-reduce in place as the mean summed in f64 (each f32 widened, added in rank order,
-    /// divided, rounded once: bitwise the f64 mean of the same values) — replica sync's
-    /// collective. 4 bytes a value travel. The native collectives cannot sum in f64, so their
-    /// path stages through host memory here.
-    pub fn all_reduce_mean_f64<B: Backend>(&self, be: &B, comm: &Comm, buf: &mut B::Buf) -> Result<()> {
+    /// All-reduce the first `len` floats of `buf` in place as the mean summed in f64 (each f32
+    /// widened, added in rank order, divided, rounded once: bitwise the f64 mean of the same
+    /// values) — replica sync's collective. 4 bytes a value travel. The native collectives
+    /// cannot sum in f64, so their path stages through host memory here.
+    pub fn all_reduce_mean_f64<B: Backend>(&self, be: &B, comm: &Comm, buf: &mut B::Buf, len: usize) -> Result<()> {
+        if len > be.len(buf) {
+            return Err(Error::Config(format!("all_reduce_mean_f64: {len} floats of a buffer of {}", be.len(buf))));
+        }
         let path = match self {
             Xfer::Native => Xfer::Host { stage: false },
             x => *x,
         };
-        path.run_as(be, comm, &Op::AllReduce, None, buf, Accumulate::F64Mean)
+        path.run_as(be, comm, &Op::AllReduce, None, buf, len, Accumulate::F64Mean)
     }
 
     /// Run `op` from `send` (None: in place) into `recv` on the memory this path moves, summing
     /// in f32 (the step's collectives).
     fn run<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf) -> Result<()> {
-        self.run_as(be, comm, op, send, recv, Accumulate::F32Sum)
+        self.run_as(be, comm, op, send, recv, be.len(recv), Accumulate::F32Sum)
     }
 
     /// Run `op` from `send` (None: in place) into `recv` on the memory this path moves: host
     /// memory (the buffers themselves, or staging copies of them) or the buffers as the
-    /// backend's memory ([`BufMem`]), reducing as `acc` says. The collective is the transport's
-    /// either way.
-    fn run_as<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf, acc: Accumulate) -> Result<()> {
+    /// backend's memory ([`BufMem`]), reducing as `acc` says. An all-reduce covers the first
+    /// `len` floats of `recv` (at most its length). The collective is the transport's either way.
+    #[allow(clippy::too_many_arguments)]
+    fn run_as<B: Backend>(&self, be: &B, comm: &Comm, op: &Op, send: Option<&B::Buf>, recv: &mut B::Buf, len: usize, acc: Accumulate) -> Result<()> {
         let host = match acc {
             Accumulate::F32Sum => ember_transport::Host::<f32>::reducing(ReduceOp::Sum),
             Accumulate::F64Mean => ember_transport::Host::<f32>::mean_in_f64(),
@@ -204,7 +208,6 @@ impl Xfer {
                         Some(s) => be.host(s).map(|h| Some(h.as_ptr() as u64)),
                         None => Some(None),
                     };
-                    let len = be.len(recv);
                     if let (Some(s), Some(r)) = (s, be.host_mut(recv)) {
                         let r = r.as_mut_ptr() as u64;
                         // SAFETY: host views of `send` and `recv`, borrowed for the call, sized by
@@ -218,8 +221,9 @@ impl Xfer {
                     None => stage_out(be, recv)?,
                 };
                 let rp = r.as_mut_ptr() as u64;
-                // SAFETY: staging copies of `send` and `recv`, owned here, sized as the buffers.
-                unsafe { op.run(comm, &host, s.as_ref().map_or(rp, |s| s.as_ptr() as u64), rp, r.len()) }?;
+                // SAFETY: staging copies of `send` and `recv`, owned here, sized as the buffers
+                // (`len` at most `recv`'s length).
+                unsafe { op.run(comm, &host, s.as_ref().map_or(rp, |s| s.as_ptr() as u64), rp, len) }?;
                 be.upload_into(&r, recv)
             }
             Xfer::Peers | Xfer::Direct => {
@@ -227,7 +231,7 @@ impl Xfer {
                 let r = be.addr(recv);
                 // SAFETY: `send` and `recv`, borrowed for the call, sized by the caller's checks
                 // and finished with by the device (synchronized above).
-                unsafe { op.run(comm, &BufMem::with(be, acc), send.map_or(r, |s| be.addr(s)), r, be.len(recv)) }?;
+                unsafe { op.run(comm, &BufMem::with(be, acc), send.map_or(r, |s| be.addr(s)), r, len) }?;
                 be.flush_remote_writes()
             }
             Xfer::Native => Err(Error::Device("the native collectives are the backend's own".into())),
