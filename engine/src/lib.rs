@@ -25,6 +25,7 @@ pub mod plan;
 pub mod rng;
 pub mod selftest;
 pub mod selftest_2d;
+pub mod simulate;
 pub mod train;
 
 pub use error::{Error, Result};
