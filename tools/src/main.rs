@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_data;
 mod bench_mem;
+mod calibrate;
 mod checkpoint;
 mod comm_bench;
 mod common;
@@ -15,6 +16,7 @@ mod nccl_bench;
 mod notes;
 mod plan;
 mod selftest;
+mod simulate;
 mod train;
 mod train2d;
 mod train_args;
@@ -58,6 +60,9 @@ enum Cmd {
     /// Convert Criteo text files to Ember's binary format (memory-mapped by `train --data`).
     #[command(after_help = "Example:\n  ember convert day_0 day_1 --out criteo-bin --preset terabyte")]
     Convert(convert::ConvertArgs),
+    /// Predict a 2D step's time, memory and samples/s on a described machine, or calibrate one.
+    #[command(after_help = "Example:\n  ember simulate --calibrate this-host.toml")]
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() {
@@ -90,6 +95,7 @@ fn main() {
         Cmd::Checkpoint(a) => checkpoint::run(a),
         Cmd::Config(a) => config::run(a),
         Cmd::Convert(a) => convert::run(a),
+        Cmd::Simulate(a) => simulate::run(a),
     };
     if let Err(e) = result {
         eprintln!("ember: error: {e}");

@@ -22,6 +22,10 @@ pub struct Machine {
     pub description: String,
     /// Ranks (GPUs, or CPU processes/threads) per node.
     pub ranks_per_node: usize,
+    /// Compute units (GPUs, or CPU cores) the node's ranks run on: ranks beyond them
+    /// time-share one (this host: 8 in-process ranks on 2 cores). The rates in `memory` and
+    /// `compute` are one unit's.
+    pub compute_units_per_node: usize,
     /// Memory a rank may use for its tables, state and buffers, bytes.
     pub memory_per_rank: u64,
     pub memory: MemoryRates,
@@ -113,6 +117,9 @@ impl Machine {
         if self.ranks_per_node == 0 || self.ranks_per_node > MAX_RANKS_PER_NODE {
             return Err(format!("ranks_per_node = {}: must be 1..={MAX_RANKS_PER_NODE}", self.ranks_per_node));
         }
+        if self.compute_units_per_node == 0 || self.compute_units_per_node > MAX_RANKS_PER_NODE {
+            return Err(format!("compute_units_per_node = {}: must be 1..={MAX_RANKS_PER_NODE}", self.compute_units_per_node));
+        }
         if self.memory_per_rank == 0 {
             return Err("memory_per_rank = 0".into());
         }
@@ -160,6 +167,7 @@ mod tests {
             name: "t".into(),
             description: String::new(),
             ranks_per_node: 8,
+            compute_units_per_node: 8,
             memory_per_rank: 80 << 30,
             memory: MemoryRates { stream_bw: 3e12, gather_bw: 1e12 },
             compute: ComputeRates { gemm_flops: 5e13, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.4, rowwise_adagrad: 0.3, adagrad: 0.3 }, step_overhead_s: 0.0 },
