@@ -14,12 +14,28 @@ RUNS=${RUNS:-3}
 mkdir -p "$OUT"
 what=${1:-all}
 
+# quiet: wait (at most 10 minutes) until the 1-minute load average is below 1.5 (QUIET_LOAD), so every
+# timed round starts on a quiet machine (the wait is logged; a run after a timeout records its load).
+quiet() {
+  local i
+  for i in $(seq 120); do
+    awk -v q="${QUIET_LOAD:-1.5}" '{exit !($1 < q)}' /proc/loadavg && return 0
+    [ "$i" = 1 ] && echo "  waiting for load < 1.5 ($(cut -d' ' -f1 /proc/loadavg))" >&2
+    sleep 5
+  done
+  echo "  load still $(cut -d' ' -f1 /proc/loadavg) after 10 minutes; running anyway" >&2
+}
+
 # run TAG FILE ARGS...: one `ember train --json --quiet` run, its JSON line tagged and appended to FILE.
 run() {
   local tag=$1 file=$2; shift 2
   local load line
   load=$(cut -d' ' -f1 /proc/loadavg)
-  line=$("$E" train --json --quiet "$@" | tail -1)
+  if [ -n "${LAUNCH:-}" ]; then
+    line=$("$E" launch -n "$LAUNCH" -- "$E" train --json --quiet "$@" | sed -n 's/^\[0\] {/{/p' | tail -1)
+  else
+    line=$("$E" train --json --quiet "$@" | tail -1)
+  fi
   jq -c --arg tag "$tag" --arg load "$load" --arg args "$*" '. + {tag: $tag, load1: ($load|tonumber), args: $args}' <<<"$line" >>"$file"
   echo "  $tag: $(jq -r '"ne \(.ne)  samples/s \(.samples_per_s|floor)  a2a \((.a2a_bytes_per_rank // 0)|floor)  sync \((.sync_bytes_per_rank // 0)|floor)"' <<<"$line")" >&2
 }
@@ -48,11 +64,35 @@ quality() {
 }
 
 speed() {
-  # T = 8 in-process, bench model with rows capped at 100k (8 replicas fit), planner's choice.
-  local f=$OUT/speed.jsonl; : >"$f"
+  # T = 8 in-process, bench model with rows capped at 100k (8 replicas fit), planner's choice;
+  # then T = 2 as two processes (`ember launch -n 2`, shared memory). Each round waits for a quiet
+  # machine before every run. With EMBER_BASE set (another ember binary, e.g. the previous main)
+  # every run is made with both binaries in alternating order, the base tagged "G base".
+  # Each round also measures the replica group's all-reduce (4 MiB, the sync's chunk size) with
+  # all T ranks busy (`bench allreduce --split MxN`): the sync's floor is its bytes at that rate.
+  local f=$OUT/speed.jsonl fl=$OUT/floor.jsonl; : >"$f"; : >"$fl"
+  local args=(--preset bench --max-rows 100000 --batch-size 4096 --steps 20)
+  local bins=("$E") tags=("")
+  [ -n "${EMBER_BASE:-}" ] && bins+=("$EMBER_BASE") && tags+=(" base")
   for i in $(seq "$RUNS"); do
-    for g in 1x8 2x4 4x2 8x1; do
-      run "$g" "$f" --preset bench --max-rows 100000 --batch-size 4096 --steps 20 --grid $g
+    for g in ${GRIDS:-1x8 2x4 4x2 8x1 p1x2 p2x1}; do
+      local order=(0 1); [ $((i % 2)) = 0 ] && order=(1 0)
+      for j in "${order[@]}"; do
+        [ "$j" -ge ${#bins[@]} ] && continue
+        local E0=$E; E=${bins[$j]}
+        quiet
+        case $g in
+          p*) LAUNCH=2 run "${g#p} (2 processes)${tags[$j]}" "$f" "${args[@]}" --grid "${g#p}" ;;
+          *) run "$g${tags[$j]}" "$f" "${args[@]}" --grid "$g" ;;
+        esac
+        E=$E0
+      done
+      case $g in
+        1x8|p*) ;;
+        *) quiet
+           "$E" bench allreduce --ranks 8 --split "$g" -b 4M -e 4M -n 10 --json 2>/dev/null \
+             | jq -c --arg tag "$g" 'select(.group == "replica") | {tag: $tag, ranks, size, time_us, algbw}' >>"$fl" ;;
+      esac
     done
   done
 }

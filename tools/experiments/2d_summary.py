@@ -52,22 +52,31 @@ if q:
     print()
 
 s = groups(load("speed.jsonl"))
+fl = groups(load("floor.jsonl"))
 if s:
-    print("### Speed (bench preset, max-rows 100000, B = 4096, 20 steps, T = 8 in-process)\n")
-    print("| grid | samples/s (median) | runs | step samples/s (median) | input_dist | lookup | output_dist | dense | backward | sync | a2a B/step | sync B/step | load1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("### Speed (bench preset, max-rows 100000, B = 4096, 20 steps; T = 8 in-process, or 2 processes)\n")
+    print("| grid | samples/s (median) | runs | vs 1x8 | input_dist | lookup | output_dist | dense | backward | sync | sync floor | a2a B/step | sync B/step | load1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ref = {t[len("1x8"):]: statistics.median(r["samples_per_s"] for r in rs) for t, rs in s.items() if t.startswith("1x8")}
     for tag, rs in s.items():
         sps = [r["samples_per_s"] for r in rs]
         med = sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2]
-        def step_sps(r):
-            st = r["stages"]
-            return 4096 / (sum(st.values()) / 1e3)
         st = med["stages"]
-        print(f"| {tag} | {statistics.median(sps):.0f} | " + " / ".join(f"{x:.0f}" for x in sps)
-              + f" | {statistics.median(step_sps(r) for r in rs):.0f}"
+        base = " base" if tag.endswith(" base") else ""
+        vs = f"{statistics.median(sps) / ref[base]:.2f}" if base in ref and "process" not in tag else ""
+        g = tag.split()[0]
+        floor = ""
+        if g in fl and "process" not in tag and med["sync_bytes_per_rank"] > 0:
+            bw = statistics.median(r["algbw"] for r in fl[g]) * 1e9
+            floor = f"{med['sync_bytes_per_rank'] / bw * 1e3:.1f}"
+        print(f"| {tag} | {statistics.median(sps):.0f} | " + " / ".join(f"{x:.0f}" for x in sps) + f" | {vs}"
               + "".join(f" | {st[k]:.1f}" for k in ("input_dist", "lookup", "output_dist", "dense", "backward", "sync"))
-              + f" | {med['a2a_bytes_per_rank']:.0f} | {med['sync_bytes_per_rank']:.0f} | "
+              + f" | {floor} | {med['a2a_bytes_per_rank']:.0f} | {med['sync_bytes_per_rank']:.0f} | "
               + " / ".join(f"{r['load1']:.1f}" for r in rs) + " |")
+    if fl:
+        print("\nsync floor: the sync's bytes per step ÷ the replica group's all-reduce rate at 4 MiB with all "
+              "8 ranks busy (`ember bench allreduce --ranks 8 --split MxN -b 4M -e 4M`), median over rounds: "
+              + ", ".join(f"{g} {statistics.median(r['algbw'] for r in rs):.2f} GB/s" for g, rs in fl.items()))
     print()
 
 b = groups(load("bytes.jsonl"))
