@@ -64,6 +64,11 @@ pub struct CommBenchArgs {
     /// the GPUDirect path (`Comm::all_to_all_v_direct`: every non-empty message zero-copy).
     #[arg(long)]
     pub device_memory: bool,
+    /// Time each operation alone after a barrier (as a training step issues it) and report the
+    /// median over operations of the slowest rank's time, instead of the mean of back-to-back
+    /// operations (nccl-tests' method).
+    #[arg(long)]
+    pub per_op: bool,
     /// One JSON object per row.
     #[arg(long)]
     pub json: bool,
@@ -94,6 +99,7 @@ impl CommBenchArgs {
             baseline: self.baseline.clone(),
             no_huge: self.no_huge,
             register: self.register,
+            per_op: self.per_op,
         })
     }
 }
@@ -130,6 +136,7 @@ pub(crate) fn print(a: &CommBenchArgs, h: &Heading, rows: &[Row]) {
                 "size": r.size, "count": r.count, "type": "float", "time_us": r.time_us,
                 "algbw": r.algbw, "busbw": r.busbw, "wrong": r.wrong,
                 "collective": h.which, "ranks": h.ranks, "transport": h.transport,
+                "method": if a.per_op { "per_op" } else { "back_to_back" },
             });
             if let Some((g, members)) = h.group {
                 o["group"] = g.into();
@@ -145,7 +152,8 @@ pub(crate) fn print(a: &CommBenchArgs, h: &Heading, rows: &[Row]) {
     }
     let what = if h.which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
     let grp = h.group.map(|(g, m)| format!(" ({g} group {m:?}, run concurrently with the other group)")).unwrap_or_default();
-    println!("# ember bench {}: {} ranks{grp}, transport {}{}, -n {} -w {} -c {} ({what})", h.which, h.ranks, h.transport, h.notes, a.iters, a.warmup, a.check);
+    let method = if a.per_op { "per operation after a barrier, median of the slowest rank's" } else { "back-to-back mean, the slowest rank's" };
+    println!("# ember bench {}: {} ranks{grp}, transport {}{}, -n {} -w {} -c {} ({what}; time: {method})", h.which, h.ranks, h.transport, h.notes, a.iters, a.warmup, a.check);
     if let Some(m) = &h.more {
         println!("{m}");
     }

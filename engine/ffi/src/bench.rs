@@ -111,7 +111,7 @@ pub unsafe extern "C" fn ember_bench_collective(
                 if rows_out.is_null() {
                     return fail(EmberStatus::ErrNullPointer, "rows_out is NULL");
                 }
-                let o = BenchOptions { min_bytes, max_bytes, factor, iters, warmup, check: 1, baseline: None, no_huge: false, register: false };
+                let o = BenchOptions { min_bytes, max_bytes, factor, iters, warmup, check: 1, baseline: None, no_huge: false, register: false, per_op: false };
                 Ok((which, o))
             };
             let mine = checks();

@@ -7,8 +7,13 @@
 //! (which adds the CLI, transport choice and printing) and of the C ABI's
 //! `ember_bench_collective`.
 //!
+//! Two timing methods: back-to-back (nccl-tests, OSU: `iters` operations after one barrier,
+//! the mean per operation, the slowest rank's) and per operation (`per_op`: each operation
+//! starts after a barrier, cold, as a training step issues it; the median over operations of
+//! the slowest rank's time).
+//!
 //! Columns: `size` (bytes per peer for all-to-all, buffer bytes for all-reduce), `count` (f32
-//! elements), `time_us` (mean per iteration, the slowest rank's), `algbw` (GB/s: bytes / time;
+//! elements), `time_us` (per operation, the slowest rank's, by the chosen method), `algbw` (GB/s: bytes / time;
 //! all-to-all counts every peer's block), `busbw` (algbw × (n−1)/n for all-to-all,
 //! × 2(n−1)/n for all-reduce, as nccl-tests), `wrong` (mismatched values over all ranks and
 //! checked repetitions). Every rank of the communicator runs the sweep with the same options;
@@ -113,12 +118,15 @@ pub struct BenchOptions {
     /// warm-up (`Comm::register_region`, as nccl-tests' `-R 1`): on RDMA no message then
     /// registers memory.
     pub register: bool,
+    /// Time each operation alone after a barrier and report the median of the slowest rank's
+    /// times, instead of the mean of back-to-back operations.
+    pub per_op: bool,
 }
 
 impl Default for BenchOptions {
     /// The CLI's defaults: 1 KiB to 16 MiB by 2, 20 iterations, 2 warm-up, 1 check.
     fn default() -> Self {
-        BenchOptions { min_bytes: 1 << 10, max_bytes: 16 << 20, factor: 2, iters: 20, warmup: 2, check: 1, baseline: None, no_huge: false, register: false }
+        BenchOptions { min_bytes: 1 << 10, max_bytes: 16 << 20, factor: 2, iters: 20, warmup: 2, check: 1, baseline: None, no_huge: false, register: false, per_op: false }
     }
 }
 
@@ -208,13 +216,7 @@ pub fn sweep<B: SizeBuffers>(which: Collective, c: &Comm, o: &BenchOptions, mut 
             b.run()?;
         }
         b.sync()?;
-        c.barrier().map_err(e)?;
-        let t = Instant::now();
-        for _ in 0..o.iters {
-            b.run()?;
-        }
-        b.sync()?;
-        let time_us = max_over(c, t.elapsed().as_secs_f64() * 1e6 / o.iters.max(1) as f64).map_err(e)?;
+        let time_us = if o.per_op { per_op_us(c, &mut b, o.iters)? } else { back_to_back_us(c, &mut b, o.iters)? };
         // Ceiling measured in the same run.
         let base_us = base.map(|k| k.measure(c, size, send_len, o)).transpose()?;
         // Check: fresh seeds per repetition, poisoned output, expectations from the seeds.
@@ -236,6 +238,36 @@ pub fn sweep<B: SizeBuffers>(which: Collective, c: &Comm, o: &BenchOptions, mut 
         }
     }
     Ok(rows)
+}
+
+/// Back-to-back: one barrier, `iters` operations, the slowest rank's mean per operation.
+fn back_to_back_us<B: SizeBuffers>(c: &Comm, b: &mut B, iters: usize) -> Result<f64, String> {
+    let e = |e: crate::Error| e.to_string();
+    c.barrier().map_err(e)?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        b.run()?;
+    }
+    b.sync()?;
+    max_over(c, t.elapsed().as_secs_f64() * 1e6 / iters.max(1) as f64).map_err(e)
+}
+
+/// Per operation: `iters` times a barrier then one operation, timed alone; the median over
+/// operations of the slowest rank's time (identical on every rank).
+fn per_op_us<B: SizeBuffers>(c: &Comm, b: &mut B, iters: usize) -> Result<f64, String> {
+    let e = |e: crate::Error| e.to_string();
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        c.barrier().map_err(e)?;
+        let t = Instant::now();
+        b.run()?;
+        b.sync()?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        times.push(max_over(c, us).map_err(e)?);
+    }
+    times.sort_by(f64::total_cmp);
+    let m = times.len() / 2;
+    Ok(if times.len() % 2 == 1 { times[m] } else { (times[m - 1] + times[m]) / 2.0 })
 }
 
 /// The column header, the rows and the footer of a table as nccl-tests prints them (after the
@@ -263,4 +295,57 @@ pub fn table(rows: &[Row], n: usize, baseline: Option<&str>) -> Vec<String> {
     out.push(format!("# Out of bounds values : {wrong} {}", if wrong == 0 { "OK" } else { "FAILED" }));
     out.push(format!("# Avg bus bandwidth    : {avg:.3}"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Buffers whose operation only sleeps: rank 0's third operation takes 200 ms, every other
+    /// one 1 ms on every rank.
+    struct Sleepy {
+        rank: usize,
+        runs: usize,
+    }
+
+    impl SizeBuffers for Sleepy {
+        fn load(&mut self, _: &dyn Fn(usize) -> f32) -> Result<(), String> {
+            Ok(())
+        }
+        fn run(&mut self) -> Result<(), String> {
+            self.runs += 1;
+            let slow = self.rank == 0 && self.runs == 3;
+            std::thread::sleep(Duration::from_millis(if slow { 200 } else { 1 }));
+            Ok(())
+        }
+        fn output(&mut self) -> Result<Cow<'_, [f32]>, String> {
+            Ok(Cow::Owned(Vec::new()))
+        }
+    }
+
+    /// One straggling operation: the back-to-back mean carries it (≥ 200/5 ms), the per-operation
+    /// median does not (it sees the slowest rank's 1 ms operations). Sleeps never undershoot, and
+    /// the per-operation bound leaves 99 ms for scheduling delays.
+    #[test]
+    fn per_op_takes_the_median_of_the_slowest_rank_and_back_to_back_the_mean() {
+        let hs: Vec<_> = crate::local_world(3)
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let mut b = Sleepy { rank: c.rank(), runs: 0 };
+                    let b2b = back_to_back_us(&c, &mut b, 5).unwrap();
+                    b.runs = 0;
+                    let op = per_op_us(&c, &mut b, 5).unwrap();
+                    (b2b, op)
+                })
+            })
+            .collect();
+        let got: Vec<(f64, f64)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        for &(b2b, op) in &got {
+            assert_eq!((b2b, op), got[0], "every rank reports the same times");
+            assert!(b2b >= 40_000.0, "back-to-back mean {b2b} us");
+            assert!((1_000.0..100_000.0).contains(&op), "per-operation median {op} us");
+        }
+    }
 }

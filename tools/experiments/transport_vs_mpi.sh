@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Ember's transports against Open MPI, side by side, interleaved rounds (docs/transport.md):
+# all-to-all (1 KiB .. 16 MiB per peer) and all-reduce (f32 sum, 4 B .. 64 MiB), each timed
+# back-to-back and per operation after a barrier, on shared memory with 2 and 4 processes
+# (4 on 2 cores: --oversubscribe) and on TCP loopback with 2 (Open MPI restricted to
+# `--mca btl tcp,self`). Both sides pin one process per core and print the same JSON rows.
+#
+#   cargo build --release -p ember-tools
+#   tools/experiments/transport_vs_mpi.sh [ROUNDS] [OUTDIR]      (default 5, /tmp/ember-vs-mpi)
+#   python3 tools/experiments/transport_vs_mpi_summary.py OUTDIR  (the ratio table)
+#
+# Environment: EMBER (the binary), CASES (subset, e.g. "shm2 tcp2"), COLLS ("a2a allreduce"),
+# METHODS ("b2b per-op"), ITERS/WARMUP (default 50/5), QUIET_LOAD (default 1.5: each run waits,
+# at most 10 minutes, for the 1-minute load average to drop below it; the load is recorded).
+# Without Open MPI (mpicc, mpirun) it says so and exits 0.
+set -uo pipefail
+rounds=${1:-5}; out=${2:-/tmp/ember-vs-mpi}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+E=${EMBER:-$root/target/release/ember}
+if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null; then
+  echo "transport_vs_mpi: Open MPI (mpicc, mpirun) not found; skipped (apt install openmpi-bin libopenmpi-dev)"
+  exit 0
+fi
+[ -x "$E" ] || { echo "transport_vs_mpi: no ember binary at $E (cargo build --release -p ember-tools)" >&2; exit 1; }
+mkdir -p "$out"
+MPI=$out/mpi_coll
+mpicc -O2 -o "$MPI" "$root/transport/bench/mpi_coll.c" || exit 1
+MPIRUN=(mpirun --oversubscribe --bind-to core)
+[ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
+iters=${ITERS:-50}; warm=${WARMUP:-5}
+
+quiet() {
+  local i
+  for i in $(seq 120); do
+    awk -v q="${QUIET_LOAD:-1.5}" '{exit !($1 < q)}' /proc/loadavg && return 0
+    sleep 5
+  done
+}
+
+# range COLL: "MIN MAX" bytes.
+range() { if [ "$1" = a2a ]; then echo "1024 16777216"; else echo "4 67108864"; fi; }
+
+# ember_run CASE COLL METHOD FILE / mpi_run CASE COLL METHOD FILE: one sweep, JSON rows tagged.
+tag() { jq -c --arg side "$1" --arg case "$2" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson round "$3" \
+  '. + {side: $side, case: $case, load1: ($load|tonumber), round: $round}'; }
+ember_run() {
+  local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} t=shm r
+  [[ $c == tcp* ]] && t=tcp
+  read -r lo hi <<<"$(range "$coll")"
+  local po=(); [ "$m" = per-op ] && po=(--per-op)
+  "$E" launch -n "$np" --transport "$t" -- "$E" bench "$coll" -b "$lo" -e "$hi" -f 2 -n "$iters" -w "$warm" -c 1 --json "${po[@]}" \
+    | sed -n 's/^\[0\] {/{/p' | tag ember "$c" "$round" >>"$f"
+}
+mpi_run() {
+  local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} btl=()
+  [[ $c == tcp* ]] && btl=(--mca btl tcp,self)
+  read -r lo hi <<<"$(range "$coll")"
+  local po=(); [ "$m" = per-op ] && po=(per-op)
+  "${MPIRUN[@]}" "${btl[@]}" -np "$np" "$MPI" "$coll" "$lo" "$hi" 2 "$iters" "$warm" "${po[@]}" | tag openmpi "$c" "$round" >>"$f"
+}
+
+for round in $(seq "$rounds"); do
+  for c in ${CASES:-shm2 shm4 tcp2}; do
+    for coll in ${COLLS:-a2a allreduce}; do
+      for m in ${METHODS:-b2b per-op}; do
+        f=$out/$c.$coll.$m.jsonl
+        [ "$round" = 1 ] && : >"$f"
+        # Alternate which side goes first.
+        if [ $((round % 2)) = 1 ]; then quiet; ember_run "$c" "$coll" "$m" "$f"; quiet; mpi_run "$c" "$coll" "$m" "$f"
+        else quiet; mpi_run "$c" "$coll" "$m" "$f"; quiet; ember_run "$c" "$coll" "$m" "$f"; fi
+        echo "round $round $c $coll $m done (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+      done
+    done
+  done
+done
+python3 "$root/tools/experiments/transport_vs_mpi_summary.py" "$out"

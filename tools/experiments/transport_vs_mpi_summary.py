@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""The ratio table of tools/experiments/transport_vs_mpi.sh: per case, collective, method and
+size, Ember's and Open MPI's median algbw over rounds, Open MPI's min-max, the ratio, and whether
+the size is met (Ember's median >= Open MPI's median, or inside Open MPI's min-max range); the
+geometric mean of the ratios per table."""
+import glob, json, math, os, statistics, sys
+from collections import defaultdict
+
+out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/ember-vs-mpi"
+for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
+    case, coll, method = os.path.basename(p)[:-6].split(".")
+    bw = defaultdict(lambda: defaultdict(list))  # side -> size -> [algbw]
+    us = defaultdict(lambda: defaultdict(list))  # side -> size -> [time_us]
+    loads = []
+    for line in open(p):
+        d = json.loads(line)
+        if d.get("wrong", 0):
+            print(f"WRONG values in {p}: {line.strip()}")
+        bw[d["side"]][d["size"]].append(d["algbw"])
+        us[d["side"]][d["size"]].append(d["time_us"])
+        loads.append(d["load1"])
+    e, m = bw["ember"], bw["openmpi"]
+    sizes = sorted(set(e) & set(m))
+    if not sizes:
+        continue
+    rounds = min(len(v) for v in list(e.values()) + list(m.values()))
+    print(f"\n### {case} {coll}, {'per operation after a barrier' if method == 'per-op' else 'back-to-back'} "
+          f"({rounds} rounds, load1 {min(loads):.1f}-{max(loads):.1f})\n")
+    print("| size | Ember µs | Open MPI µs | Ember algbw GB/s | Open MPI algbw GB/s | Open MPI min-max | Ember / MPI | met |")
+    print("|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    ratios, met = [], 0
+    for s in sizes:
+        em, mm = statistics.median(e[s]), statistics.median(m[s])
+        ok = em >= mm or min(m[s]) <= em <= max(m[s])
+        met += ok
+        ratios.append(em / mm)
+        eu, mu = statistics.median(us["ember"][s]), statistics.median(us["openmpi"][s])
+        print(f"| {s} | {eu:.1f} | {mu:.1f} | {em:.4g} | {mm:.4g} | {min(m[s]):.4g}-{max(m[s]):.4g} | {em / mm:.2f} | {'yes' if ok else 'no'} |")
+    g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"\nmet at {met} of {len(sizes)} sizes; geometric mean of Ember / MPI: {g:.2f}")
