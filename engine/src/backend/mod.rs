@@ -15,7 +15,9 @@ use crate::Result;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod emulated;
 pub use cpu::Cpu;
+pub use emulated::Emulated;
 
 /// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.
 /// `A` is stored (m×k), or (k×m) when `trans_a`; `B` is (k×n), or (n×k) when `trans_b`.
@@ -261,6 +263,42 @@ pub enum Accumulate {
     F64Mean,
 }
 
+/// Bytes a backend moved between host and device memory, and inside device memory, as counted
+/// by a backend that counts them (the emulated device: [`Buffers::host_device_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostDeviceBytes {
+    /// Host → device: uploads (values, ids).
+    pub host_to_device: u64,
+    /// Device → host: downloads, and scalars the host reads back (a loss, a row count).
+    pub device_to_host: u64,
+    /// Device → device: block, row and address copies, and the parts a reduction reads.
+    pub device_to_device: u64,
+}
+
+impl HostDeviceBytes {
+    /// `self − earlier` field by field (the bytes moved since `earlier` was read).
+    pub fn since(&self, earlier: &HostDeviceBytes) -> HostDeviceBytes {
+        HostDeviceBytes {
+            host_to_device: self.host_to_device - earlier.host_to_device,
+            device_to_host: self.device_to_host - earlier.device_to_host,
+            device_to_device: self.device_to_device - earlier.device_to_device,
+        }
+    }
+    /// Field-by-field sum.
+    pub fn plus(&self, o: &HostDeviceBytes) -> HostDeviceBytes {
+        HostDeviceBytes {
+            host_to_device: self.host_to_device + o.host_to_device,
+            device_to_host: self.device_to_host + o.device_to_host,
+            device_to_device: self.device_to_device + o.device_to_device,
+        }
+    }
+    /// Every count divided by `k` (per step; `k` of 0 counts as 1).
+    pub fn per(&self, k: u64) -> HostDeviceBytes {
+        let k = k.max(1);
+        HostDeviceBytes { host_to_device: self.host_to_device / k, device_to_host: self.device_to_host / k, device_to_device: self.device_to_device / k }
+    }
+}
+
 /// Collectives a backend runs natively on its own buffers (NCCL on CUDA), over the ranks of a
 /// host communicator (which names the group and carries the setup, e.g. NCCL's unique id).
 /// Generic over the buffer type alone, so an implementation needs nothing of the backend that
@@ -365,6 +403,12 @@ pub trait Buffers: Send + Sync + 'static {
     fn direct_copy(&self) -> ember_transport::fabric::DirectCopy;
     /// The backend's native collectives (NCCL on CUDA when built and loadable), if any.
     fn native(&self) -> Option<&dyn NativeColl<Self::Buf>> {
+        None
+    }
+
+    /// The bytes this backend has moved between host and device so far, where it counts them
+    /// (the emulated device backend); None for the others.
+    fn host_device_bytes(&self) -> Option<HostDeviceBytes> {
         None
     }
 }
