@@ -157,10 +157,13 @@ fn device_sync_moves_exactly_the_touched_rows() {
         (4, 1, XferKind::Staged, SyncMode::Sparse, true, rowwise()),
         (2, 4, XferKind::Auto, SyncMode::Sparse, false, EmbOptimizer::Sgd { lr: 0.1 }),
         (2, 4, XferKind::Staged, SyncMode::Sparse, false, rowwise()),
+        // Full tables: ~2.9 M floats a sync, several packed chunks of unequal length.
+        (2, 1, XferKind::Staged, SyncMode::Full, false, rowwise()),
+        (2, 1, XferKind::Auto, SyncMode::Full, true, rowwise()),
     ];
     for (m, n, xfer, sync, delayed, opt) in cases {
         let what = format!("{m}x{n} {xfer:?} {sync:?} delayed={delayed} {opt:?}");
-        let cfg = config(16 * m * n, 3000, opt);
+        let cfg = config(16 * m * n, if m * n == 2 { 100_000 } else { 3000 }, opt);
         let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
         let plan = cycling_plan(&cfg, n, &ShardingType::ALL);
         let opts = ParallelOptions { sync_every: 1, sync, delayed_state_sync: delayed, xfer, ..ParallelOptions::default() };

@@ -304,6 +304,18 @@ mod tests {
         assert!(be.download_into(&buf, &mut st[..999]).is_err());
         assert!(be.upload_into(&st[..10], &mut buf).is_err());
         assert_eq!(be.bytes().host_to_device, 8024);
+        // A prefix moves its own bytes only; the rest of the buffer is kept.
+        be.reset();
+        let mut part = vec![0.0f32; 10];
+        be.download_prefix_into(&buf, &mut part).unwrap();
+        assert_eq!(part, data[..10]);
+        be.upload_prefix_into(&[-1.0; 3], &mut buf).unwrap();
+        assert_eq!(be.bytes().device_to_host, 40);
+        assert_eq!(be.bytes().host_to_device, 12);
+        let back = be.download(&buf).unwrap();
+        assert_eq!((&back[..3], &back[3..]), (&[-1.0f32; 3][..], &data[3..]));
+        assert!(be.download_prefix_into(&buf, &mut vec![0.0; 1001]).is_err() && be.upload_prefix_into(&[0.0; 1001], &mut buf).is_err());
+        buf = be.upload(&data).unwrap();
         // Device-side copies go to their own counter: 2 rows of 3, then 2 rows of 4 packed.
         be.reset();
         let clone = be.clone();

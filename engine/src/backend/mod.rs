@@ -129,6 +129,16 @@ pub(crate) fn check_same_len(what: &str, buf_len: usize, host_len: usize) -> Res
     }
 }
 
+/// Sizes of a `download_prefix_into`/`upload_prefix_into` (shared by the backends): the host
+/// slice no longer than the buffer.
+pub(crate) fn check_prefix(what: &str, host_len: usize, buf_len: usize) -> Result<()> {
+    if host_len <= buf_len {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!("{what}: host slice of {host_len} floats, buffer of {buf_len}")))
+    }
+}
+
 /// A shard of one embedding table: global rows `rows`, columns `cols` of a `table_rows × dim` table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardSpec {
@@ -336,6 +346,31 @@ pub trait Buffers: Send + Sync + 'static {
     fn download_into(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
     /// Copy `src` (exactly `len(buf)` floats) into `buf`; `src` may be reused when this returns.
     fn upload_into(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()>;
+    /// Copy the first `out.len()` floats of `buf` (at most `len(buf)`) into `out`, finished when
+    /// this returns: a staged collective downloads only the part of a buffer it covers. By
+    /// default that part is copied into a buffer of its own on the device, then downloaded.
+    fn download_prefix_into(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()> {
+        let (n, len) = (out.len(), self.len(buf));
+        if n == len {
+            return self.download_into(buf, out);
+        }
+        check_prefix("download_prefix_into", n, len)?;
+        let mut part = self.zeros(n)?;
+        self.copy_2d(buf, 0, n, &mut part, 0, n, 1, n)?;
+        self.download_into(&part, out)
+    }
+    /// Copy `src` (at most `len(buf)` floats) into the first `src.len()` floats of `buf`; the
+    /// rest of `buf` is kept. The mirror of [`download_prefix_into`](Self::download_prefix_into).
+    fn upload_prefix_into(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()> {
+        let (n, len) = (src.len(), self.len(buf));
+        if n == len {
+            return self.upload_into(src, buf);
+        }
+        check_prefix("upload_prefix_into", n, len)?;
+        let mut part = self.zeros(n)?;
+        self.upload_into(src, &mut part)?;
+        self.copy_2d(&part, 0, n, buf, 0, n, 1, n)
+    }
     /// Host view of a buffer where the backend keeps it in host memory (zero-copy transports).
     fn host<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [f32]> {
         None

@@ -118,6 +118,18 @@ impl Buffers for Cpu {
         Ok(())
     }
 
+    fn download_prefix_into(&self, buf: &Vec<f32>, out: &mut [f32]) -> Result<()> {
+        super::check_prefix("download_prefix_into", out.len(), buf.len())?;
+        out.copy_from_slice(&buf[..out.len()]);
+        Ok(())
+    }
+
+    fn upload_prefix_into(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
+        super::check_prefix("upload_prefix_into", src.len(), buf.len())?;
+        buf[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
     fn host<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
         Some(buf)
     }
