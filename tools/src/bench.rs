@@ -202,6 +202,11 @@ fn dlrm_2d(a: &DlrmArgs) -> CliResult {
     if a.dev.json {
         let mut v = serde_json::to_value(&r)?;
         v["stages"] = serde_json::to_value(st)?;
+        // The emulated device's host<->device bytes (rank 0, per step; all steps, warm-up included).
+        if let (Some(all), Some(sync)) = (rep.host_device_bytes_per_step, rep.sync_host_device_bytes_per_step) {
+            v["host_device_bytes_per_step"] = serde_json::to_value(all)?;
+            v["sync_host_device_bytes_per_step"] = serde_json::to_value(sync)?;
+        }
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
