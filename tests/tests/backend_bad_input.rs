@@ -1,6 +1,7 @@
-//! Bad input to the CPU backend gives `Err` naming the problem, never a panic: ids out of
+//! Bad input to the CPU backend (and, for the bag checks, the emulated device backend) gives
+//! `Err` naming the problem, never a panic: ids out of
 //! range, offsets not covering the ids, wrong buffer sizes, inconsistent row gradients.
-use ember_engine::backend::{Act, Bags, Cpu, DenseUpdate, EmbKind, EmbUpdate, Gemm, Layout, Numerics, RowGrads, Shard, ShardSpec};
+use ember_engine::backend::{Act, Bags, Buffers, Cpu, DenseUpdate, Emulated, EmbKind, EmbUpdate, Gemm, Layout, Numerics, RowGrads, Shard, ShardSpec};
 use ember_engine::config::DenseOptimizer;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -40,6 +41,17 @@ fn all_bag_ops(what: &str, needles: &[&str], b: &Bags<Cpu>, buf_len: usize, layo
     expect_err(&format!("embedding_backward_update: {what}"), needles, || be.embedding_backward_update(&mut s, b, &out, layout, &RW));
     assert_eq!(s.weights, before, "{what}: a refused update must not change the weights");
     assert!(s.state.iter().all(|&v| v == 0.0), "{what}: a refused update must not change the state");
+    // The emulated device backend refuses the same input the same way (its numerics are the
+    // CPU's code on its opaque buffers).
+    let em = Emulated::new();
+    let eb = Bags { num_bags: b.num_bags, offsets: em.upload_ids(&b.offsets).unwrap(), ids: em.upload_ids(&b.ids).unwrap(), scale: b.scale.as_ref().map(|x| em.upload(x).unwrap()) };
+    let mut es = em.shard(ShardSpec::whole(0, 10, 4), &[0.5; 40], &RW).unwrap();
+    let mut eout = em.zeros(buf_len).unwrap();
+    expect_err(&format!("emulated embedding_forward: {what}"), needles, || em.embedding_forward(&es, &eb, &mut eout, layout, false));
+    expect_err(&format!("emulated embedding_row_grads: {what}"), needles, || em.embedding_row_grads(&es, &eb, &eout, layout, &RW).map(|_| ()));
+    expect_err(&format!("emulated embedding_backward_update: {what}"), needles, || em.embedding_backward_update(&mut es, &eb, &eout, layout, &RW));
+    assert_eq!(em.download(&es.weights).unwrap(), before, "{what}: a refused emulated update must not change the weights");
+    assert!(em.download(&es.state).unwrap().iter().all(|&v| v == 0.0), "{what}: a refused emulated update must not change the state");
 }
 
 #[test]

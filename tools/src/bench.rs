@@ -130,6 +130,7 @@ pub fn with_device(device: Device, f: impl FnOnce(&dyn DynBench) -> CliResult) -
     match device {
         Device::Cpu => f(&Cpu::new()),
         Device::Cuda => cuda_backend(f),
+        Device::Emulated => f(&ember_engine::backend::Emulated::new()),
     }
 }
 
@@ -190,6 +191,7 @@ fn dlrm_2d(a: &DlrmArgs) -> CliResult {
     let (r, rep) = match a.dev.device {
         Device::Cpu => bench::dlrm_2d("cpu", &|_| Ok(Cpu::new()), m, n, a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?,
         Device::Cuda => cuda_dlrm_2d(a, m, n)?,
+        Device::Emulated => bench::dlrm_2d("emulated", &|_| Ok(ember_engine::backend::Emulated::new()), m, n, a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?,
     };
     let st = &rep.stages;
     println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);
@@ -200,6 +202,11 @@ fn dlrm_2d(a: &DlrmArgs) -> CliResult {
     if a.dev.json {
         let mut v = serde_json::to_value(&r)?;
         v["stages"] = serde_json::to_value(st)?;
+        // The emulated device's host<->device bytes (rank 0, per step; all steps, warm-up included).
+        if let (Some(all), Some(sync)) = (rep.host_device_bytes_per_step, rep.sync_host_device_bytes_per_step) {
+            v["host_device_bytes_per_step"] = serde_json::to_value(all)?;
+            v["sync_host_device_bytes_per_step"] = serde_json::to_value(sync)?;
+        }
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())

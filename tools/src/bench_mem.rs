@@ -22,6 +22,9 @@ pub struct MemArgs {
 }
 
 pub fn run(a: MemArgs) -> CliResult {
+    if a.device == Device::Emulated {
+        return Err("bench mem --device emulated: the emulated device's memory is host memory: measure it with --device cpu".into());
+    }
     if a.device != Device::Cpu {
         return device_mem(&a);
     }

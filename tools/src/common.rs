@@ -134,6 +134,9 @@ pub enum Device {
     Cpu,
     /// The CUDA backend (a binary built with `--features cuda`).
     Cuda,
+    /// The emulated device backend: host memory reached only through counted copies, so the
+    /// device code paths run (and report their host<->device bytes) without a GPU.
+    Emulated,
 }
 
 /// The value parser of a setting the engine spells (`--placement`, `--sharding`, `--sync`): clap

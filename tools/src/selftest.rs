@@ -10,7 +10,7 @@
 //! tables.
 use crate::common::{CliResult, Device};
 #[allow(unused_imports)] // Backend is used only with the `cuda` feature
-use ember_engine::backend::{Backend, Buffers, Numerics, Cpu};
+use ember_engine::backend::{Backend, Buffers, Numerics, Cpu, Emulated};
 use ember_engine::parallel::XferKind;
 use ember_engine::selftest_2d::selftest_2d;
 use std::fmt::Write as _;
@@ -56,6 +56,21 @@ pub fn run(a: SelftestArgs) -> CliResult {
             rep.passed() && rep2.passed()
         }
         Device::Cuda => cuda(&a, &mut md)?,
+        Device::Emulated => {
+            let rep = ember_engine::selftest::selftest_seeded(&Emulated::new(), a.seed)?;
+            println!("{rep}");
+            let _ = writeln!(md, "{rep}");
+            // 2D on the emulated device: the device code paths (peer-to-peer copies between
+            // in-process ranks, and staging through host memory) against the CPU backend.
+            let mut ok = rep.passed();
+            for (name, xfer) in [("emulated 2D (peers)", XferKind::Auto), ("emulated 2D (staged)", XferKind::Staged)] {
+                let (rep2, _) = selftest_2d(name, &|_| Ok(Emulated::new()), xfer)?;
+                println!("{rep2}");
+                let _ = writeln!(md, "{rep2}");
+                ok &= rep2.passed();
+            }
+            ok
+        }
     };
     if let Some(p) = &a.markdown {
         std::fs::write(p, &md).map_err(|e| format!("{}: {e}", p.display()))?;

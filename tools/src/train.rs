@@ -49,7 +49,7 @@ pub fn run(a: TrainArgs) -> CliResult {
         return Err("--measure-memory measures the ranks of a grid: ember launch -n T -- ember train --grid MxN --measure-memory ...".into());
     }
     // Host memory before anything is allocated (CUDA keeps the tables on the device).
-    if a.device == Device::Cpu {
+    if a.device != Device::Cuda {
         let (_, rep) = ember_engine::plan::planner::plan(&cfg.model, 1, 1, &ember_engine::plan::planner::PlanOptions::from_config(&cfg))?;
         ember_engine::memory::check_plan(&rep, 1, true)?;
     }
@@ -83,6 +83,7 @@ pub fn run(a: TrainArgs) -> CliResult {
     let run = match a.device {
         Device::Cpu => run_on(&Cpu::new(), &cfg, data.source(), eval.as_ref(), ck, &a),
         Device::Cuda => run_cuda(&cfg, data.source(), eval.as_ref(), ck, &a),
+        Device::Emulated => run_on(&ember_engine::backend::Emulated::new(), &cfg, data.source(), eval.as_ref(), ck, &a),
     };
     let report = match (run, ck.filter(|c| c.resume)) {
         (Ok(r), _) => r,

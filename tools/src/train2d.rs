@@ -2,7 +2,7 @@
 //! one rank per process under `ember launch`, mpirun, srun or torchrun.
 use crate::common::{CliResult, Device};
 use crate::train_args::{epoch_steps, open_data, FileData, TrainArgs};
-use ember_engine::backend::{Backend, Cpu};
+use ember_engine::backend::{Backend, Cpu, Emulated, HostDeviceBytes};
 use ember_engine::config::TrainConfig;
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::dataset::MappedData;
@@ -52,7 +52,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     let (plan, plan_report) = plan(&cfg.model, m, n, &popts)?;
     let plan_for_memory = a.measure_memory.then(|| plan.clone());
     // Host memory before anything is allocated (CUDA ranks keep their tables on the device).
-    if a.device == Device::Cpu {
+    if a.device != Device::Cuda {
         ember_engine::memory::check_plan(&plan_report, m, multi)?;
     }
     // The data: the synthetic stream, or a Criteo file read by one reader per local rank; every
@@ -116,6 +116,7 @@ pub fn run(a: &TrainArgs, cfg: TrainConfig, m: usize, n: usize) -> CliResult {
     let run = match a.device {
         Device::Cuda => run_cuda(run, join, &a.transport),
         Device::Cpu => run.on(&|_| Ok(Cpu::new()), join, &a.transport),
+        Device::Emulated => run.on(&|_| Ok(Emulated::new()), join, &a.transport),
     };
     let (rep, events, is_root) = match (run, resume_root) {
         (Ok(r), _) => r,
@@ -275,6 +276,10 @@ fn print_summary(r: &Report2D, oracle: Option<&ember_engine::metrics::EvalResult
         st.input_dist, st.lookup, st.output_dist, st.dense, st.backward, st.sync
     );
     println!("  bytes/step (rank 0): sparse collectives {:.0}  replica sync {:.0}", r.a2a_bytes_per_rank, r.sync_bytes_per_rank);
+    if let (Some(all), Some(sync)) = (r.host_device_bytes_per_step, r.sync_host_device_bytes_per_step) {
+        let hd = |b: HostDeviceBytes| format!("host->device {}  device->host {}", b.host_to_device, b.device_to_host);
+        println!("  host<->device bytes/step (rank 0): step {}; replica sync {}", hd(all), hd(sync));
+    }
     println!("  embedding weights resident during the dense phase (rank 0): {:.2} MiB", r.emb_weight_bytes_resident as f64 / (1 << 20) as f64);
     println!("  lookup imbalance (max/mean over ranks) {:.3}; peak RSS of this process {:.1} MiB", r.imbalance, r.peak_rss_bytes as f64 / (1 << 20) as f64);
     println!("  replicas identical at the end: {}", if r.replicas_identical { "yes" } else { "NO" });

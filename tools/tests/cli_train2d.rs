@@ -197,3 +197,35 @@ fn table_row_wise_over_a_node_across_processes_sends_the_planned_bytes() {
     }
     assert!(planned["output_trw_reduce"].as_f64().unwrap() > 0.0);
 }
+
+/// `--device emulated`: the device code paths train like the CPU backend (same loss, NE, AUC),
+/// and the report carries the host<->device bytes: with in-process peers the sync's packed
+/// values never reach the host (device -> host 0); staged, and across processes (where device
+/// buffers are staged through host memory), they go down once: exactly the sync's value bytes.
+#[test]
+fn emulated_device_trains_like_the_cpu_and_reports_host_device_bytes() {
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let args = ["train", "--grid", "2x1", "--steps", "6", "--json", "--quiet"];
+    let cpu = json_of(&Command::new(bin).args(args).output().unwrap());
+    assert!(cpu.get("sync_host_device_bytes_per_step").is_none(), "the CPU backend counts nothing: {cpu}");
+    let mut launch = vec!["launch", "-n", "2", "--timeout-ms", "20000", "--", bin];
+    launch.extend(args);
+    launch.extend(["--device", "emulated"]);
+    for (what, cmd, staged) in [
+        ("peers", [&args[..], &["--device", "emulated"]].concat(), false),
+        ("staged", [&args[..], &["--device", "emulated", "--xfer", "staged"]].concat(), true),
+        ("two processes", launch, true),
+    ] {
+        let v = json_of(&Command::new(bin).args(&cmd).output().unwrap());
+        for k in ["loss", "ne", "auc", "sync_bytes_per_rank"] {
+            assert_eq!(v[k], cpu[k], "{what}: {k}");
+        }
+        let sync = &v["sync_host_device_bytes_per_step"];
+        let values = v["bytes_per_step"]["sync_values"].as_u64().unwrap();
+        assert!(values > 0, "{what}: {v}");
+        assert_eq!(sync["device_to_host"].as_u64().unwrap(), if staged { values } else { 0 }, "{what}: {v}");
+        let up = sync["host_to_device"].as_u64().unwrap();
+        assert!(up > 0 && up < values * 2, "{what}: indices (and staged values) up: {v}");
+        assert!(v["host_device_bytes_per_step"]["host_to_device"].as_u64().unwrap() > up, "{what}: {v}");
+    }
+}

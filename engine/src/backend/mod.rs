@@ -15,7 +15,9 @@ use crate::Result;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod emulated;
 pub use cpu::Cpu;
+pub use emulated::Emulated;
 
 /// Row-major GEMM: `C[m×n] = alpha · op(A)[m×k] · op(B)[k×n] + beta · C`.
 /// `A` is stored (m×k), or (k×m) when `trans_a`; `B` is (k×n), or (n×k) when `trans_b`.
@@ -124,6 +126,16 @@ pub(crate) fn check_same_len(what: &str, buf_len: usize, host_len: usize) -> Res
         Ok(())
     } else {
         Err(crate::Error::Input(format!("{what}: buffer of {buf_len} floats, host slice of {host_len}")))
+    }
+}
+
+/// Sizes of a `download_prefix_into`/`upload_prefix_into` (shared by the backends): the host
+/// slice no longer than the buffer.
+pub(crate) fn check_prefix(what: &str, host_len: usize, buf_len: usize) -> Result<()> {
+    if host_len <= buf_len {
+        Ok(())
+    } else {
+        Err(crate::Error::Input(format!("{what}: host slice of {host_len} floats, buffer of {buf_len}")))
     }
 }
 
@@ -261,6 +273,42 @@ pub enum Accumulate {
     F64Mean,
 }
 
+/// Bytes a backend moved between host and device memory, and inside device memory, as counted
+/// by a backend that counts them (the emulated device: [`Buffers::host_device_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostDeviceBytes {
+    /// Host → device: uploads (values, ids).
+    pub host_to_device: u64,
+    /// Device → host: downloads, and scalars the host reads back (a loss, a row count).
+    pub device_to_host: u64,
+    /// Device → device: block, row and address copies, and the parts a reduction reads.
+    pub device_to_device: u64,
+}
+
+impl HostDeviceBytes {
+    /// `self − earlier` field by field (the bytes moved since `earlier` was read).
+    pub fn since(&self, earlier: &HostDeviceBytes) -> HostDeviceBytes {
+        HostDeviceBytes {
+            host_to_device: self.host_to_device - earlier.host_to_device,
+            device_to_host: self.device_to_host - earlier.device_to_host,
+            device_to_device: self.device_to_device - earlier.device_to_device,
+        }
+    }
+    /// Field-by-field sum.
+    pub fn plus(&self, o: &HostDeviceBytes) -> HostDeviceBytes {
+        HostDeviceBytes {
+            host_to_device: self.host_to_device + o.host_to_device,
+            device_to_host: self.device_to_host + o.device_to_host,
+            device_to_device: self.device_to_device + o.device_to_device,
+        }
+    }
+    /// Every count divided by `k` (per step; `k` of 0 counts as 1).
+    pub fn per(&self, k: u64) -> HostDeviceBytes {
+        let k = k.max(1);
+        HostDeviceBytes { host_to_device: self.host_to_device / k, device_to_host: self.device_to_host / k, device_to_device: self.device_to_device / k }
+    }
+}
+
 /// Collectives a backend runs natively on its own buffers (NCCL on CUDA), over the ranks of a
 /// host communicator (which names the group and carries the setup, e.g. NCCL's unique id).
 /// Generic over the buffer type alone, so an implementation needs nothing of the backend that
@@ -298,6 +346,31 @@ pub trait Buffers: Send + Sync + 'static {
     fn download_into(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()>;
     /// Copy `src` (exactly `len(buf)` floats) into `buf`; `src` may be reused when this returns.
     fn upload_into(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()>;
+    /// Copy the first `out.len()` floats of `buf` (at most `len(buf)`) into `out`, finished when
+    /// this returns: a staged collective downloads only the part of a buffer it covers. By
+    /// default that part is copied into a buffer of its own on the device, then downloaded.
+    fn download_prefix_into(&self, buf: &Self::Buf, out: &mut [f32]) -> Result<()> {
+        let (n, len) = (out.len(), self.len(buf));
+        if n == len {
+            return self.download_into(buf, out);
+        }
+        check_prefix("download_prefix_into", n, len)?;
+        let mut part = self.zeros(n)?;
+        self.copy_2d(buf, 0, n, &mut part, 0, n, 1, n)?;
+        self.download_into(&part, out)
+    }
+    /// Copy `src` (at most `len(buf)` floats) into the first `src.len()` floats of `buf`; the
+    /// rest of `buf` is kept. The mirror of [`download_prefix_into`](Self::download_prefix_into).
+    fn upload_prefix_into(&self, src: &[f32], buf: &mut Self::Buf) -> Result<()> {
+        let (n, len) = (src.len(), self.len(buf));
+        if n == len {
+            return self.upload_into(src, buf);
+        }
+        check_prefix("upload_prefix_into", n, len)?;
+        let mut part = self.zeros(n)?;
+        self.upload_into(src, &mut part)?;
+        self.copy_2d(&part, 0, n, buf, 0, n, 1, n)
+    }
     /// Host view of a buffer where the backend keeps it in host memory (zero-copy transports).
     fn host<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [f32]> {
         None
@@ -365,6 +438,12 @@ pub trait Buffers: Send + Sync + 'static {
     fn direct_copy(&self) -> ember_transport::fabric::DirectCopy;
     /// The backend's native collectives (NCCL on CUDA when built and loadable), if any.
     fn native(&self) -> Option<&dyn NativeColl<Self::Buf>> {
+        None
+    }
+
+    /// The bytes this backend has moved between host and device so far, where it counts them
+    /// (the emulated device backend); None for the others.
+    fn host_device_bytes(&self) -> Option<HostDeviceBytes> {
         None
     }
 }

@@ -5,7 +5,7 @@
 //! and the stage spans.
 use super::eval::evaluate;
 use super::{ByteCounts, ParallelOptions, Rank2D, StageTimes, TraceEvent};
-use crate::backend::{Backend, ShardSpec};
+use crate::backend::{Backend, HostDeviceBytes, ShardSpec};
 use crate::config::TrainConfig;
 use crate::data::synthetic::SyntheticData;
 use crate::data::{Batch, EvalSet};
@@ -25,6 +25,9 @@ pub struct RankState {
     pub dense: Vec<Vec<f32>>,
     pub times: StageTimes,
     pub bytes: ByteCounts,
+    /// Bytes moved between host and device during the training steps, where the backend
+    /// counts them (the emulated device backend).
+    pub host_device: Option<HostDeviceBytes>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -47,6 +50,12 @@ pub struct Report2D {
     /// Rank 0's replica-sync bytes per step (indices + values; fully-sharded: its weight
     /// reduce-scatter and all-gather).
     pub sync_bytes_per_rank: f64,
+    /// Rank 0's bytes per training step moved between host and device, and those of its replica
+    /// syncs alone, where the backend counts them (`--device emulated`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_device_bytes_per_step: Option<HostDeviceBytes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_host_device_bytes_per_step: Option<HostDeviceBytes>,
     /// Rank 0's largest embedding-weight bytes resident during the dense phase.
     pub emb_weight_bytes_resident: u64,
     /// Load imbalance over all ranks: max / mean of lookup work (ids × columns).
@@ -250,6 +259,7 @@ fn run_rank<B: Backend>(
     let mut losses = Vec::with_capacity(steps.min(1 << 16));
     let mut step_ms = Vec::with_capacity(steps.min(1 << 16));
     let t0 = Instant::now();
+    let hd0 = be.host_device_bytes();
     // Each step starts the next step's input all-to-all during its dense work.
     let mut batch = if first < steps { Some(feed(first, w)?) } else { None };
     for step in first..steps {
@@ -269,6 +279,7 @@ fn run_rank<B: Backend>(
         }
     }
     let train_s = t0.elapsed().as_secs_f64();
+    let host_device = hd0.zip(be.host_device_bytes()).map(|(a, b)| b.since(&a));
     rank.finish_training(be)?;
     let heap = heap0.map(|h0| (crate::heap::peak() - h0).max(0) as u64);
     let (heaps, _) = rank.world().all_gather_alloc(&[heap.unwrap_or(u64::MAX)])?;
@@ -289,7 +300,7 @@ fn run_rank<B: Backend>(
     let mean = costs.iter().sum::<u64>() as f64 / costs.len() as f64;
     let imbalance = if mean > 0.0 { *costs.iter().max().unwrap_or(&0) as f64 / mean } else { 1.0 };
     let coords = rank.comms().coords();
-    let state = RankState { world_rank: w, coords, shards, dense, times, bytes };
+    let state = RankState { world_rank: w, coords, shards, dense, times, bytes, host_device };
     Ok(RankOutcome { state, losses, metrics, trace: rank.take_trace(), imbalance, train_s, step_ms, replicas_identical, heap_peak_bytes })
 }
 
@@ -318,6 +329,8 @@ fn report(grid: Grid, steps: usize, batch_size: usize, wall: f64, o: &RankOutcom
         sync_bytes_per_rank: per((b.traffic.sync_index + b.traffic.sync_values + b.fs_weights) as f64),
         emb_weight_bytes_resident: b.emb_weight_bytes_resident_dense,
         bytes_per_step: b.per(steps as u64),
+        host_device_bytes_per_step: s0.host_device.map(|x| x.per(steps as u64)),
+        sync_host_device_bytes_per_step: b.sync_host_device.map(|x| x.per(steps as u64)),
         imbalance: o.imbalance,
         peak_rss_bytes: peak_rss(),
         step_ms_median: {

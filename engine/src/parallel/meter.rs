@@ -1,6 +1,7 @@
 //! What a rank measures of its steps: milliseconds per stage, bytes handed to each collective
 //! and, when tracing, one span per stage. The step's math touches neither: a stage runs inside
 //! `Rank2D::span`, and the step adds the bytes its layout says each exchange moves.
+use crate::backend::HostDeviceBytes;
 use crate::plan::traffic::Traffic;
 use serde::Serialize;
 use std::time::Instant;
@@ -79,6 +80,10 @@ pub struct ByteCounts {
     pub emb_weight_bytes_resident_dense: u64,
     /// Lookup work done on this rank's shards: Σ ids × shard columns, summed over steps.
     pub lookup_cost: u64,
+    /// Bytes the replica syncs moved between host and device, where the backend counts them
+    /// (the emulated device backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_host_device: Option<HostDeviceBytes>,
 }
 
 impl ByteCounts {
@@ -90,6 +95,7 @@ impl ByteCounts {
             fs_weights: self.fs_weights / k,
             emb_weight_bytes_resident_dense: self.emb_weight_bytes_resident_dense,
             lookup_cost: self.lookup_cost / k,
+            sync_host_device: self.sync_host_device.map(|b| b.per(k)),
         }
     }
 }

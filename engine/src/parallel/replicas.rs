@@ -11,12 +11,17 @@ use ember_transport::ReduceOp;
 impl<B: Backend> Rank2D<B> {
     /// Step 6: replica sync (also callable at the end of training).
     pub fn sync(&mut self, be: &B) -> Result<()> {
+        let hd0 = be.host_device_bytes();
         let s = self.span(Stage::Sync, |r| {
             let delayed = if r.opts.delayed_state_sync { Some(&mut r.pending) } else { None };
             sync::replica_sync(be, &r.comms.replica, &mut r.shards, &mut r.touched, r.opts.sync, delayed, r.xfer)
         })?;
         self.meter.bytes.traffic.sync_index += s.index_bytes;
         self.meter.bytes.traffic.sync_values += s.value_bytes;
+        if let (Some(a), Some(b)) = (hd0, be.host_device_bytes()) {
+            let m = self.meter.bytes.sync_host_device.get_or_insert_with(Default::default);
+            *m = m.plus(&b.since(&a));
+        }
         Ok(())
     }
 

@@ -215,16 +215,18 @@ impl Xfer {
                         return Ok(unsafe { op.run(comm, &host, s.unwrap_or(r), r, len) }?);
                     }
                 }
+                // Only the `len` floats the collective covers travel (an all-reduce may cover
+                // a prefix of `recv`; the other collectives cover all of it).
                 let s = send.map(|s| stage_out(be, s)).transpose()?;
-                let mut r = match send {
-                    Some(_) => be.staging(be.len(recv))?,
-                    None => stage_out(be, recv)?,
-                };
+                let mut r = be.staging(len)?;
+                if send.is_none() {
+                    be.download_prefix_into(recv, &mut r)?;
+                }
                 let rp = r.as_mut_ptr() as u64;
                 // SAFETY: staging copies of `send` and `recv`, owned here, sized as the buffers
                 // (`len` at most `recv`'s length).
                 unsafe { op.run(comm, &host, s.as_ref().map_or(rp, |s| s.as_ptr() as u64), rp, len) }?;
-                be.upload_into(&r, recv)
+                be.upload_prefix_into(&r, recv)
             }
             Xfer::Peers | Xfer::Direct => {
                 be.synchronize()?;

@@ -32,9 +32,25 @@ pub(super) fn prefetch_row(w: &[f32], row: usize, cols: usize) {
     }
 }
 
+/// Bags as the CPU's embedding code reads them: host slices, whichever backend owns the
+/// buffers (the CPU's own, or the host memory under the emulated device's opaque buffers).
+#[derive(Clone, Copy)]
+pub(crate) struct BagsRef<'a> {
+    pub num_bags: usize,
+    pub offsets: &'a [u64],
+    pub ids: &'a [u64],
+    pub scale: Option<&'a [f32]>,
+}
+
+impl<'a> From<&'a Bags<Cpu>> for BagsRef<'a> {
+    fn from(b: &'a Bags<Cpu>) -> Self {
+        BagsRef { num_bags: b.num_bags, offsets: &b.offsets, ids: &b.ids, scale: b.scale.as_deref() }
+    }
+}
+
 /// Bounds checks shared by the embedding ops: offsets monotone and covering `ids`, every id a
 /// local row of the shard, the output/gradient matrix large enough.
-pub(super) fn check_bags(shard_rows: usize, cols: usize, bags: &Bags<Cpu>, buf_len: usize, layout: Layout, what: &str) -> Result<()> {
+pub(super) fn check_bags(shard_rows: usize, cols: usize, bags: BagsRef<'_>, buf_len: usize, layout: Layout, what: &str) -> Result<()> {
     let n = bags.num_bags;
     check(cols > 0, || format!("{what}: a shard needs at least one column"))?;
     check(bags.offsets.len() == n + 1, || format!("{what}: {} offsets for {n} bags", bags.offsets.len()))?;
@@ -45,7 +61,7 @@ pub(super) fn check_bags(shard_rows: usize, cols: usize, bags: &Bags<Cpu>, buf_l
     if let Some(k) = bags.ids.iter().position(|&id| id as usize >= shard_rows || id >= u64::MAX / 2) {
         return Err(Error::Input(format!("{what}: id {} at position {k} out of range for a shard of {shard_rows} rows", bags.ids[k])));
     }
-    if let Some(s) = &bags.scale {
+    if let Some(s) = bags.scale {
         check(s.len() == n, || format!("{what}: {} scales for {n} bags", s.len()))?;
     }
     super::check_layout(what, n, cols, layout, buf_len)

@@ -3,6 +3,7 @@
 //! written to be fast: embedding work is bound by random row traffic, so rows are prefetched,
 //! ids are deduplicated with a radix sort, and every unique row is read and written once.
 mod embedding;
+pub(crate) use embedding::BagsRef;
 mod numerics;
 
 use crate::backend::*;
@@ -114,6 +115,18 @@ impl Buffers for Cpu {
     fn upload_into(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
         super::check_same_len("upload_into", buf.len(), src.len())?;
         buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download_prefix_into(&self, buf: &Vec<f32>, out: &mut [f32]) -> Result<()> {
+        super::check_prefix("download_prefix_into", out.len(), buf.len())?;
+        out.copy_from_slice(&buf[..out.len()]);
+        Ok(())
+    }
+
+    fn upload_prefix_into(&self, src: &[f32], buf: &mut Vec<f32>) -> Result<()> {
+        super::check_prefix("upload_prefix_into", src.len(), buf.len())?;
+        buf[..src.len()].copy_from_slice(src);
         Ok(())
     }
 

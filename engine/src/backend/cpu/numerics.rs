@@ -241,17 +241,36 @@ impl Numerics for Cpu {
     }
 
     fn embedding_forward(&self, shard: &Shard<Cpu>, bags: &Bags<Cpu>, out: &mut Vec<f32>, layout: Layout, accumulate: bool) -> Result<()> {
-        let cols = shard.spec.num_cols();
-        let rows = shard.spec.num_rows();
-        super::check_shard_bufs("embedding_forward", &shard.spec, shard.weights.len(), None)?;
+        self.forward_on(&shard.spec, &shard.weights, BagsRef::from(bags), out, layout, accumulate)
+    }
+
+    fn embedding_backward_update(&self, shard: &mut Shard<Cpu>, bags: &Bags<Cpu>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<()> {
+        self.backward_update_on(shard, BagsRef::from(bags), grad, layout, upd)
+    }
+
+    fn embedding_row_grads(&self, shard: &Shard<Cpu>, bags: &Bags<Cpu>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Cpu>> {
+        self.row_grads_on(&shard.spec, &shard.weights, BagsRef::from(bags), grad, layout, upd)
+    }
+
+    fn embedding_apply(&self, shard: &mut Shard<Cpu>, rg: &RowGrads<Cpu>, row_sq: Option<&Vec<f32>>, upd: &EmbUpdate) -> Result<()> {
+        self.apply_on(shard, &rg.rows, rg.num_rows, &rg.grads, &rg.sq, row_sq.map(|v| &v[..]), upd)
+    }
+}
+
+/// The embedding operations on host slices: the `Numerics` methods above call them on the CPU's
+/// own buffers, and the emulated device backend on the host memory under its opaque buffers.
+impl Cpu {
+    pub(crate) fn forward_on(&self, spec: &ShardSpec, w: &[f32], bags: BagsRef<'_>, out: &mut [f32], layout: Layout, accumulate: bool) -> Result<()> {
+        let cols = spec.num_cols();
+        let rows = spec.num_rows();
+        super::check_shard_bufs("embedding_forward", spec, w.len(), None)?;
         check_bags(rows, cols, bags, out.len(), layout, "embedding_forward")?;
         let n = bags.num_bags;
         if n == 0 {
             return Ok(());
         }
-        let w = &shard.weights;
-        let (off, ids) = (&bags.offsets, &bags.ids);
-        let scale = bags.scale.as_deref();
+        let (off, ids) = (bags.offsets, bags.ids);
+        let scale = bags.scale;
         // One output row per bag; the last row of `out` may be shorter than the stride.
         let body = &mut out[..(n - 1) * layout.stride + layout.col + cols];
         body.par_chunks_mut(layout.stride).enumerate().with_min_len(32).for_each(|(b, orow)| {
@@ -280,7 +299,7 @@ impl Numerics for Cpu {
         Ok(())
     }
 
-    fn embedding_backward_update(&self, shard: &mut Shard<Cpu>, bags: &Bags<Cpu>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<()> {
+    pub(crate) fn backward_update_on(&self, shard: &mut Shard<Cpu>, bags: BagsRef<'_>, grad: &[f32], layout: Layout, upd: &EmbUpdate) -> Result<()> {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
         check_bags(rows, cols, bags, grad.len(), layout, "embedding_backward_update")?;
@@ -290,46 +309,48 @@ impl Numerics for Cpu {
         check(upd.kind != EmbKind::RowWiseAdagrad || cols == shard.spec.dim, || {
             "embedding_backward_update: a column shard needs the two-phase update (row_grads, then apply with whole-row Σg²)".into()
         })?;
-        let d = dedup(&bags.offsets, &bags.ids, rows);
-        let scale = bags.scale.as_deref();
+        let d = dedup(bags.offsets, bags.ids, rows);
+        let scale = bags.scale;
         self.update_rows(shard, &d.rows, upd, |u, g, w| {
             row_grad(g, &d.bags[d.starts[u]..d.starts[u + 1]], grad, layout, scale, upd.l2, w);
             g.iter().map(|x| x * x).sum()
         })
     }
 
-    fn embedding_row_grads(&self, shard: &Shard<Cpu>, bags: &Bags<Cpu>, grad: &Vec<f32>, layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Cpu>> {
-        let cols = shard.spec.num_cols();
-        let rows = shard.spec.num_rows();
-        super::check_shard_bufs("embedding_row_grads", &shard.spec, shard.weights.len(), None)?;
+    pub(crate) fn row_grads_on(&self, spec: &ShardSpec, weights: &[f32], bags: BagsRef<'_>, grad: &[f32], layout: Layout, upd: &EmbUpdate) -> Result<RowGrads<Cpu>> {
+        let cols = spec.num_cols();
+        let rows = spec.num_rows();
+        super::check_shard_bufs("embedding_row_grads", spec, weights.len(), None)?;
         check_bags(rows, cols, bags, grad.len(), layout, "embedding_row_grads")?;
-        let d = dedup(&bags.offsets, &bags.ids, rows);
+        let d = dedup(bags.offsets, bags.ids, rows);
         let nu = d.rows.len();
         let mut grads = vec![0.0f32; nu * cols];
         let mut sq = vec![0.0f32; nu];
-        let scale = bags.scale.as_deref();
+        let scale = bags.scale;
         grads.par_chunks_mut(cols.max(1)).zip(sq.par_iter_mut()).enumerate().for_each(|(u, (g, s))| {
             let row = d.rows[u] as usize;
-            row_grad(g, &d.bags[d.starts[u]..d.starts[u + 1]], grad, layout, scale, upd.l2, &shard.weights[row * cols..(row + 1) * cols]);
+            row_grad(g, &d.bags[d.starts[u]..d.starts[u + 1]], grad, layout, scale, upd.l2, &weights[row * cols..(row + 1) * cols]);
             *s = g.iter().map(|x| x * x).sum();
         });
         Ok(RowGrads { rows: d.rows, num_rows: nu, grads, sq })
     }
 
-    fn embedding_apply(&self, shard: &mut Shard<Cpu>, rg: &RowGrads<Cpu>, row_sq: Option<&Vec<f32>>, upd: &EmbUpdate) -> Result<()> {
+    /// `embedding_apply` on row gradients given as host slices (`RowGrads`' fields).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_on(&self, shard: &mut Shard<Cpu>, rg_rows: &[u64], num_rows: usize, grads: &[f32], own_sq: &[f32], row_sq: Option<&[f32]>, upd: &EmbUpdate) -> Result<()> {
         let cols = shard.spec.num_cols();
         let rows = shard.spec.num_rows();
-        check(rg.rows.len() == rg.num_rows && rg.grads.len() == rg.num_rows * cols && rg.sq.len() == rg.num_rows, || {
-            format!("embedding_apply: row grads of inconsistent sizes ({} rows)", rg.num_rows)
+        check(rg_rows.len() == num_rows && grads.len() == num_rows * cols && own_sq.len() == num_rows, || {
+            format!("embedding_apply: row grads of inconsistent sizes ({num_rows} rows)")
         })?;
-        check(rg.rows.windows(2).all(|w| w[0] < w[1]) && rg.rows.last().map_or(true, |&r| (r as usize) < rows), || {
+        check(rg_rows.windows(2).all(|w| w[0] < w[1]) && rg_rows.last().map_or(true, |&r| (r as usize) < rows), || {
             "embedding_apply: rows must be unique, ascending and inside the shard".into()
         })?;
         check(shard.state.len() == rows * upd.state_per_row(cols), || "embedding_apply: state size does not match the optimizer".into())?;
-        let sq = row_sq.unwrap_or(&rg.sq);
-        check(sq.len() == rg.num_rows, || format!("embedding_apply: {} row sums for {} rows", sq.len(), rg.num_rows))?;
-        self.update_rows(shard, &rg.rows, upd, |u, g, _w| {
-            g.copy_from_slice(&rg.grads[u * cols..(u + 1) * cols]);
+        let sq = row_sq.unwrap_or(own_sq);
+        check(sq.len() == num_rows, || format!("embedding_apply: {} row sums for {num_rows} rows", sq.len()))?;
+        self.update_rows(shard, rg_rows, upd, |u, g, _w| {
+            g.copy_from_slice(&grads[u * cols..(u + 1) * cols]);
             sq[u]
         })
     }
