@@ -4,7 +4,7 @@
 //! Oracle for the overlap: the same run with `overlap_sync: false`, which runs the sync after the
 //! dense update (the order the step had before the overlap): losses, NE, every shard's weights
 //! and optimizer state and every dense parameter must agree bitwise, on grids 2x2, 4x1 and 2x4,
-//! sparse and full sync, delayed state sync, and the staged buffer transport. A peer that dies
+//! sparse and full sync, delayed state sync, and the staged and peer-to-peer buffer transports. A peer that dies
 //! while the sync is in flight fails the others with an error naming it, within the deadline.
 use ember_engine::backend::{Buffers, Cpu, EmbUpdate, ShardSpec};
 use ember_engine::config::{preset, EmbOptimizer, Pooling, TrainConfig, WeightDecay};
@@ -63,7 +63,7 @@ fn assert_same(what: &str, a: &(Vec<f64>, f64, Vec<RankState>), b: &(Vec<f64>, f
 
 #[test]
 fn the_sync_beside_the_dense_update_trains_bitwise_like_the_sync_after_it() {
-    let cases: [(usize, usize, SyncMode, bool, XferKind, usize); 7] = [
+    let cases: [(usize, usize, SyncMode, bool, XferKind, usize); 8] = [
         (2, 2, SyncMode::Sparse, false, XferKind::Host, 1),
         (4, 1, SyncMode::Sparse, false, XferKind::Host, 1),
         (2, 4, SyncMode::Sparse, false, XferKind::Host, 1),
@@ -71,6 +71,7 @@ fn the_sync_beside_the_dense_update_trains_bitwise_like_the_sync_after_it() {
         (4, 1, SyncMode::Sparse, true, XferKind::Host, 2),
         (2, 2, SyncMode::Sparse, true, XferKind::Staged, 1),
         (2, 4, SyncMode::Full, false, XferKind::Staged, 2),
+        (2, 2, SyncMode::Sparse, true, XferKind::Peers, 1),
     ];
     for (m, n, sync, delayed, xfer, k) in cases {
         let opts = |overlap| ParallelOptions { sync_every: k, sync, delayed_state_sync: delayed, xfer, overlap_sync: overlap, ..ParallelOptions::default() };
