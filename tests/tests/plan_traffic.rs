@@ -8,6 +8,8 @@
 //! matches summed over all ranks (the plan gives each rank the mean). Byte counts that depend on
 //! the number of distinct rows (the Σg² exchange of column shards, the sparse replica sync) are
 //! read from the statistics' distinct-rows curve, an estimate: they are checked within 5 % (about 2.5 % off here).
+//! The sync's index bytes are priced in each shard's index width (u16, u32), its values as f32,
+//! and with delayed state sync the optimizer state as f64.
 use ember_engine::backend::Cpu;
 use ember_engine::config::{preset, TrainConfig};
 use ember_engine::data::synthetic::SyntheticData;
@@ -39,11 +41,15 @@ fn counted(b: &ByteCounts) -> [f64; 13] {
 
 /// Runs `force` (None: the planner's choice) on grid m×n and compares every counter.
 fn compare(m: usize, n: usize, ranks_per_node: usize, force: Option<ShardingType>) {
-    let c = config();
-    let what = format!("{m}x{n} {force:?} ranks per node {ranks_per_node}");
+    compare_with(config(), m, n, ranks_per_node, force, false);
+}
+
+/// [`compare`] on config `c`, with delayed optimizer-state sync or not.
+fn compare_with(c: TrainConfig, m: usize, n: usize, ranks_per_node: usize, force: Option<ShardingType>, delayed: bool) {
+    let what = format!("{m}x{n} {force:?} ranks per node {ranks_per_node} delayed state sync {delayed}");
     let data = SyntheticData::new(&c).unwrap();
     let batches: Vec<Batch> = (0..STEPS).map(|s| data.samples((s * c.batch_size) as u64, c.batch_size)).collect();
-    let opts = PlanOptions { ranks_per_node, force, sync_every: K, ..PlanOptions::from_config(&c) };
+    let opts = PlanOptions { ranks_per_node, force, sync_every: K, delayed_state_sync: delayed, ..PlanOptions::from_config(&c) };
     let (p, _) = plan(&c.model, m, n, &opts).unwrap();
     if force == Some(ShardingType::TableRowWise) && n > 1 {
         let l = (ranks_per_node / m).max(1).min(n);
@@ -52,7 +58,7 @@ fn compare(m: usize, n: usize, ranks_per_node: usize, force: Option<ShardingType
     let measured = PlanOptions { stats: Some(stats_from_batches(&c.model, &batches)), ..opts };
     let rep = predict(&c.model, m, &p, &measured).unwrap();
     let grid = Grid::new(m, n, Placement::ReplicasInNode).unwrap();
-    let popts = ParallelOptions { sync_every: K, ..ParallelOptions::default() };
+    let popts = ParallelOptions { sync_every: K, delayed_state_sync: delayed, ..ParallelOptions::default() };
     let (_, states, _) = Job::new(&c, grid, &p, &popts, STEPS).train(&|_| Ok(Cpu::new())).unwrap();
     assert_eq!(states.len(), m * n);
     let names = Traffic::<f64>::default().fields().map(|f| f.0);
@@ -97,4 +103,24 @@ fn table_row_wise_over_a_node_smaller_than_the_group_sends_what_the_plan_says() 
     compare(1, 8, 4, Some(ShardingType::TableRowWise));
     compare(2, 4, 4, Some(ShardingType::TableRowWise));
     compare(1, 8, 2, Some(ShardingType::TableRowWise));
+}
+
+#[test]
+fn delayed_state_sync_and_wide_shards_send_what_the_plan_says() {
+    // Delayed state sync: the optimizer state's average travels as f64.
+    for (m, n) in [(2, 4), (4, 2)] {
+        for force in [None, Some(ShardingType::TableWise), Some(ShardingType::RowWise)] {
+            compare_with(config(), m, n, 8, force, true);
+        }
+    }
+    // Tables of 2^17 rows (narrow rows, 8 wide): whole-table shards send u32 indices, row
+    // shards of at most 2^16 rows u16.
+    let mut c = preset("bench", Some(1 << 17)).unwrap();
+    c.batch_size = 256;
+    c.synthetic.eval_samples = 64;
+    c.model.tables.iter_mut().for_each(|t| t.dim = 8);
+    *c.model.bottom_mlp.last_mut().unwrap() = 8;
+    compare_with(c.clone(), 2, 4, 8, Some(ShardingType::TableWise), false);
+    compare_with(c.clone(), 2, 4, 8, Some(ShardingType::TableWise), true);
+    compare_with(c, 4, 2, 8, Some(ShardingType::RowWise), false);
 }

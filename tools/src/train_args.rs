@@ -119,6 +119,7 @@ impl TrainArgs {
             delayed_state_sync: self.delayed_state_sync,
             fully_sharded: self.fully_sharded,
             xfer: self.xfer,
+            overlap_sync: true,
             checkpoint: self.checkpoint()?,
         };
         Ok(JobConfig { grid: Some((m, n)), placement: self.placement, sharding: self.sharding, ranks_per_node: self.ranks_per_node, parallel })

@@ -103,6 +103,13 @@ fn the_trace_shows_communication_overlapping_compute() {
         let bw = spans("backward", rank);
         assert_eq!(ar.len(), 6);
         assert!(ar.iter().all(|a| bw.iter().any(|b| a.0 <= b.0 && b.1 <= a.1)), "rank {rank}: all-reduce does not cover a backward");
+        // The replica sync is in flight when the dense update begins (it runs beside it), and
+        // the step then waits for what is left of it.
+        let sync = spans("sync", rank);
+        let dense = spans("dense", rank);
+        assert_eq!(sync.len(), 6);
+        assert!(sync.iter().all(|s| dense.iter().any(|d| s.0 <= d.0 && d.0 < s.1)), "rank {rank}: no sync span overlaps a dense update: {sync:?} {dense:?}");
+        assert_eq!(spans("sync (wait after the dense update)", rank).len(), 6);
     }
 }
 

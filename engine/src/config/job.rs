@@ -173,6 +173,7 @@ impl JobConfig {
             force: self.sharding,
             sync_every: self.parallel.sync_every,
             full_sync: self.parallel.sync == SyncMode::Full,
+            delayed_state_sync: self.parallel.delayed_state_sync,
             ..PlanOptions::from_config(cfg)
         }
     }

@@ -4,12 +4,13 @@
 use super::layout::{pack, unpack, Side};
 use super::rank::{Forward, Rank2D};
 use super::xfer::Xfer;
-use crate::backend::{Backend, EmbKind, Layout};
+use crate::backend::{Backend, DenseUpdate, EmbKind, Layout};
+use crate::dense::DenseNet;
 use crate::config::Pooling;
 use crate::data::Batch;
 use crate::plan::ShardingType;
 use crate::{Error, Result};
-use ember_transport::ReduceOp;
+use ember_transport::{Comm, ReduceOp};
 use std::time::Instant;
 
 /// The dense-gradient all-reduce of a step: in flight on the host transport, or (peer-to-peer
@@ -18,6 +19,13 @@ use std::time::Instant;
 pub(super) struct DenseReduce<B: Backend> {
     grads: DenseGrads<B>,
     started: Instant,
+}
+
+impl<B: Backend> DenseReduce<B> {
+    /// When the all-reduce began.
+    pub(super) fn started(&self) -> Instant {
+        self.started
+    }
 }
 
 enum DenseGrads<B: Backend> {
@@ -202,24 +210,35 @@ impl<B: Backend> Rank2D<B> {
     /// Step 7: the summed dense gradients back into the parameters and the dense optimizer
     /// step; this rank's `loss` summed over all T ranks (returned).
     pub(super) fn dense_update(&mut self, be: &B, reduce: DenseReduce<B>, loss: f64) -> Result<f64> {
-        let summed = match reduce.grads {
-            DenseGrads::Host(r) => be.upload(&r.wait()?)?,
-            DenseGrads::Device(mut g) => {
-                self.xfer.all_reduce_sum(be, &self.comms.world, &mut g)?;
-                g
-            }
-        };
-        self.meter.close("dense_all_reduce (overlapped)", None, reduce.started);
-        let mut pos = 0;
-        for p in self.dense.params_mut() {
-            let len = be.len(&p.g);
-            be.copy_2d(&summed, pos, len, &mut p.g, 0, len, 1, len)?;
-            pos += len;
-        }
-        drop(summed);
-        self.dense.update(be, &self.dense_upd)?;
-        let mut l = [loss];
-        self.comms.world.all_reduce(&mut l, ReduceOp::Sum)?;
-        Ok(l[0])
+        let started = reduce.started();
+        let (loss, reduced) = dense_step(be, &mut self.dense, &self.dense_upd, &self.comms.world, self.xfer, reduce, loss)?;
+        self.meter.close_at("dense_all_reduce (overlapped)", None, started, reduced);
+        Ok(loss)
     }
+}
+
+/// Step 7 on the dense network alone (so that it can run beside the replica sync, which owns
+/// the shards meanwhile): the summed dense gradients back into the parameters of `net`, its
+/// optimizer step, and `loss` summed over the world. Returns the summed loss and when the
+/// gradients' all-reduce had finished.
+pub(super) fn dense_step<B: Backend>(be: &B, net: &mut DenseNet<B>, upd: &DenseUpdate, world: &Comm, xfer: Xfer, reduce: DenseReduce<B>, loss: f64) -> Result<(f64, Instant)> {
+    let summed = match reduce.grads {
+        DenseGrads::Host(r) => be.upload(&r.wait()?)?,
+        DenseGrads::Device(mut g) => {
+            xfer.all_reduce_sum(be, world, &mut g)?;
+            g
+        }
+    };
+    let reduced = Instant::now();
+    let mut pos = 0;
+    for p in net.params_mut() {
+        let len = be.len(&p.g);
+        be.copy_2d(&summed, pos, len, &mut p.g, 0, len, 1, len)?;
+        pos += len;
+    }
+    drop(summed);
+    net.update(be, upd)?;
+    let mut l = [loss];
+    world.all_reduce(&mut l, ReduceOp::Sum)?;
+    Ok((l[0], reduced))
 }

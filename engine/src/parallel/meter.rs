@@ -40,6 +40,8 @@ pub struct StageTimes {
     pub output_dist: f64,
     pub dense: f64,
     pub backward: f64,
+    /// The replica sync's own time: during a training step it runs beside the dense update
+    /// (`sync::replica_sync_beside`), so it overlaps `dense` rather than adding to the step.
     pub sync: f64,
 }
 
@@ -140,7 +142,11 @@ impl Meter {
     /// Close a span named `name` that began at `t0`: its milliseconds go to `stage`'s total
     /// (None: the trace only), and it is traced when tracing.
     pub fn close(&mut self, name: &'static str, stage: Option<Stage>, t0: Instant) {
-        let now = Instant::now();
+        self.close_at(name, stage, t0, Instant::now());
+    }
+
+    /// [`Self::close`] for a span that ended at `now` (one that ran on another thread).
+    pub fn close_at(&mut self, name: &'static str, stage: Option<Stage>, t0: Instant, now: Instant) {
         if let Some(tr) = self.trace.as_mut() {
             let ts = (t0 - self.epoch).as_secs_f64() * 1e6;
             tr.push(TraceEvent { name, ts, dur: (now - t0).as_secs_f64() * 1e6, rank: self.rank });

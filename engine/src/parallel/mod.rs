@@ -9,9 +9,10 @@
 //!    overlapping step 5) (`forward`, `backward`);
 //! 5. embedding backward — the output distribution in reverse and the fused backward+optimizer
 //!    on the local shards (`backward`);
-//! 6. every K steps, replica sync of shard weights and optimizer state (`replicas`, `sync`);
-//! 7. dense optimizer step (`backward`; run before step 6: the order changes nothing in the
-//!    result, and the dense all-reduce's buffers are freed before the sync allocates its own).
+//! 6. every K steps, replica sync of shard weights and optimizer state (`replicas`, `sync`),
+//!    started as soon as step 5 has made the shard weights final, on a thread of its own;
+//! 7. dense optimizer step (`backward`), run while the sync is in flight (it needs none of the
+//!    shards, so the order changes nothing in the result); the step ends when both are done.
 //!
 //! Every exchange's message layout is computed once, when the rank is built (`layout`); the
 //! stages are measured by one span helper (`meter`); `route` encodes and checks the ids'
@@ -59,6 +60,10 @@ pub struct ParallelOptions {
     /// How the step's buffers travel between ranks (see `xfer`).
     #[serde(default)]
     pub xfer: XferKind,
+    /// Run a training step's replica sync beside its dense update (default) instead of after
+    /// it; the result is bitwise the same either way.
+    #[serde(default = "yes")]
+    pub overlap_sync: bool,
     /// Periodic checkpoints and resume (not part of a saved config).
     #[serde(skip)]
     pub checkpoint: Option<CheckpointOptions>,
@@ -98,9 +103,13 @@ impl ParallelOptions {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl Default for ParallelOptions {
     fn default() -> Self {
-        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, xfer: XferKind::Auto, checkpoint: None }
+        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, xfer: XferKind::Auto, overlap_sync: true, checkpoint: None }
     }
 }
 

@@ -133,15 +133,21 @@ impl<B: Backend> Rank2D<B> {
         let (loss, grads) = self.span(Stage::Dense, |r| r.dense_backward(be, batch, &fwd.dense_x))?;
         // 5. Embedding backward: pooled gradients back to the shards, fused update.
         self.span(Stage::Backward, |r| r.embedding_backward(be, batch, fwd, fs))?;
-        // 7. Dense optimizer step, before the replica sync: the order changes nothing in the
-        // result, and the dense all-reduce's buffers are gone when the sync allocates its own.
-        let loss = self.span(Stage::Dense, |r| r.dense_update(be, grads, loss))?;
-        self.meter.bytes.traffic.add(&self.layout.backward_bytes);
-        // 6. Replica sync every K steps.
+        // 6. Replica sync every K steps, started as soon as the shard weights are final for the
+        // step, in flight beside 7. the dense optimizer step (which needs none of the shards;
+        // the order changes nothing in the result).
         self.steps_done += 1;
-        if !fs && self.steps_done % self.opts.sync_every == 0 {
-            self.sync(be)?;
-        }
+        let sync_now = !fs && self.steps_done % self.opts.sync_every == 0;
+        let loss = if sync_now && self.sync_overlaps() {
+            self.dense_update_beside_sync(be, grads, loss)?
+        } else {
+            let loss = self.span(Stage::Dense, |r| r.dense_update(be, grads, loss))?;
+            if sync_now {
+                self.sync(be)?;
+            }
+            loss
+        };
+        self.meter.bytes.traffic.add(&self.layout.backward_bytes);
         let mean = loss / self.global_batch as f64;
         if !mean.is_finite() {
             return Err(Error::Numeric(format!("training loss is {mean}: diverged (lower the learning rate)")));

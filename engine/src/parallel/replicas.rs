@@ -1,12 +1,15 @@
 //! A rank's dealings with its replica group: stage 6 of the step (replica sync every K steps),
 //! fully-sharded 2D's weight reduce-scatter and all-gather, the replicas' averaged model (for
 //! evaluation and checkpoints), the end of training, and the check that replicas agree.
+use super::backward::{self, DenseReduce};
 use super::meter::Stage;
 use super::rank::Rank2D;
 use super::sync;
+use super::xfer::Xfer;
 use crate::backend::Backend;
 use crate::{Error, Result};
 use ember_transport::ReduceOp;
+use std::time::Instant;
 
 impl<B: Backend> Rank2D<B> {
     /// Step 6: replica sync (also callable at the end of training).
@@ -23,6 +26,39 @@ impl<B: Backend> Rank2D<B> {
             *m = m.plus(&b.since(&a));
         }
         Ok(())
+    }
+
+    /// Whether a training step's replica sync runs beside its dense update: with more than one
+    /// replica, unless the options say otherwise or the buffer transport is the backend's native
+    /// one (NCCL's kernels wait for their peers on the stream that the sync's staging copies
+    /// would share; that path keeps the sync after the dense update).
+    pub(super) fn sync_overlaps(&self) -> bool {
+        self.opts.overlap_sync && self.comms.grid.m > 1 && self.xfer != Xfer::Native
+    }
+
+    /// Steps 6 and 7 at once: the replica sync on a thread of its own (its collectives on the
+    /// replica group) while this thread runs the dense update (its collectives on the world);
+    /// both finished when this returns. Traced as the sync's span overlapping the dense
+    /// update's, and the wait for the sync once the dense update is done.
+    pub(super) fn dense_update_beside_sync(&mut self, be: &B, grads: DenseReduce<B>, loss: f64) -> Result<f64> {
+        let Rank2D { comms, shards, touched, pending, opts, xfer, dense, dense_upd, .. } = self;
+        let delayed = if opts.delayed_state_sync { Some(pending) } else { None };
+        let started = grads.started();
+        let (synced, span, (dense_t0, updated)) = sync::replica_sync_beside(be, &comms.replica, shards, touched, opts.sync, delayed, *xfer, || {
+            let t0 = Instant::now();
+            let r = backward::dense_step(be, dense, dense_upd, &comms.world, *xfer, grads, loss);
+            (t0, r.map(|x| (x, Instant::now())))
+        });
+        let joined = Instant::now();
+        let ((loss, reduced), dense_end) = updated?;
+        let s = synced?;
+        self.meter.close_at("dense_all_reduce (overlapped)", None, started, reduced);
+        self.meter.close_at(Stage::Dense.name(), Some(Stage::Dense), dense_t0, dense_end);
+        self.meter.close_at(Stage::Sync.name(), Some(Stage::Sync), span.start, span.end);
+        self.meter.close_at("sync (wait after the dense update)", None, dense_end, joined);
+        self.meter.bytes.traffic.sync_index += s.index_bytes;
+        self.meter.bytes.traffic.sync_values += s.value_bytes;
+        Ok(loss)
     }
 
     /// Fully-sharded 2D, after the lookup: reduce-scatter (mean) the concatenated shard weights

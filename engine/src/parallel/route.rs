@@ -125,13 +125,13 @@ impl Touched {
     pub fn count(&self) -> usize {
         self.bits.iter().map(|w| w.count_ones() as usize).sum()
     }
-    /// Append the touched rows, ascending, to `out`.
-    pub fn push_rows(&self, out: &mut Vec<u64>) {
+    /// Call `f` with every touched row, ascending.
+    pub fn for_each_row(&self, mut f: impl FnMut(u64)) {
         for (w, &bits) in self.bits.iter().enumerate() {
             let mut x = bits;
             while x != 0 {
                 let t = x.trailing_zeros() as u64;
-                out.push(w as u64 * 64 + t);
+                f(w as u64 * 64 + t);
                 x &= x - 1;
             }
         }

@@ -18,11 +18,12 @@
 use super::route::Touched;
 use super::xfer::Xfer;
 use crate::backend::{Backend, Buffers, Cpu, Shard};
-use crate::plan::SYNC_CHUNK;
+use crate::plan::{index_width, SYNC_CHUNK};
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,56 +40,85 @@ pub struct SyncBytes {
     pub value_bytes: u64,
 }
 
-/// Union of the replicas' touched rows for each shard (identical on every replica). Every
-/// buffer is allocated at its exact size.
+/// Union of the replicas' touched rows for each shard (identical on every replica), and the
+/// index bytes this rank sent. Each replica sends, shard after shard, the number of its touched
+/// rows then the rows, ascending, little-endian in the shard's [`index_width`]. Every buffer is
+/// allocated at its exact size.
 fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Result<(Vec<Vec<u64>>, u64)> {
-    let counts: Vec<usize> = touched.iter().map(Touched::count).collect();
-    let mut msg = Vec::with_capacity(touched.len() + counts.iter().sum::<usize>());
-    for t in touched {
-        msg.push(t.count() as u64);
-        t.push_rows(&mut msg);
+    let widths: Vec<usize> = shards_rows.iter().map(|&r| index_width(r as u64)).collect();
+    let len = touched.iter().zip(&widths).map(|(t, &w)| (1 + t.count()) * w).sum();
+    let mut msg = Vec::with_capacity(len);
+    for (t, &w) in touched.iter().zip(&widths) {
+        put_index(&mut msg, t.count() as u64, w);
+        t.for_each_row(|r| put_index(&mut msg, r, w));
     }
-    let bytes = msg.len() as u64 * 8;
+    let bytes = msg.len() as u64;
     let (all, counts) = comm.all_gather_alloc(&msg)?;
     drop(msg);
+    Ok((decode_touched(&all, &counts, shards_rows)?, bytes))
+}
+
+/// Append `x` to `out` in `width` bytes, little-endian (`x` fits: the caller's width holds it).
+fn put_index(out: &mut Vec<u8>, x: u64, width: usize) {
+    out.extend_from_slice(&x.to_le_bytes()[..width]);
+}
+
+/// The index of `width` bytes at `at` of `msg` (the caller checked the bytes are there).
+fn get_index(msg: &[u8], at: usize, width: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b[..width].copy_from_slice(&msg[at..at + width]);
+    u64::from_le_bytes(b)
+}
+
+/// The union, sorted, of the touched rows the replicas sent for each shard (`all`: the replicas'
+/// messages one after another, `counts[p]` bytes from replica p; `shards_rows`: each shard's
+/// local rows). Every replica's message is checked — its length, every row count against the
+/// bytes left, every row against the shard's rows — before anything is copied out of it: a
+/// malformed message is an error naming the replica and the shard.
+pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Result<Vec<Vec<u64>>> {
+    let widths: Vec<usize> = shards_rows.iter().map(|&r| index_width(r as u64)).collect();
     // Pass 1: check every replica's message and size the unions.
-    let mut sizes = vec![0usize; touched.len()];
+    let mut sizes = vec![0usize; shards_rows.len()];
     let mut pos = 0usize;
     for (src, &c) in counts.iter().enumerate() {
-        let end = pos + c;
-        for (s, size) in sizes.iter_mut().enumerate() {
+        let end = pos.checked_add(c).filter(|&e| e <= all.len()).ok_or_else(|| Error::Transport(format!("replica sync from replica {src}: {c} bytes beyond the message")))?;
+        for (s, (size, &w)) in sizes.iter_mut().zip(&widths).enumerate() {
             let bad = |m: &str| Error::Transport(format!("replica sync from replica {src}: {m} (shard {s})"));
-            let n = *all.get(pos).filter(|_| pos < end).ok_or_else(|| bad("message too short"))? as usize;
-            pos += 1;
-            if n > end - pos {
+            if end - pos < w {
+                return Err(bad("message too short"));
+            }
+            let n = get_index(all, pos, w);
+            pos += w;
+            if n > ((end - pos) / w) as u64 {
                 return Err(bad("row count beyond the message"));
             }
-            if all[pos..pos + n].iter().any(|&r| r as usize >= shards_rows[s]) {
+            let n = n as usize;
+            if (0..n).any(|i| get_index(all, pos + i * w, w) >= shards_rows[s] as u64) {
                 return Err(bad("row out of range"));
             }
             *size += n;
-            pos += n;
+            pos += n * w;
         }
         if pos != end {
-            return Err(Error::Transport(format!("replica sync from replica {src}: {} words left over", end - pos)));
+            return Err(Error::Transport(format!("replica sync from replica {src}: {} bytes left over", end - pos)));
         }
     }
     // Pass 2: gather, sort, dedup.
     let mut union: Vec<Vec<u64>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
     let mut pos = 0usize;
-    for _ in &counts {
-        for u in union.iter_mut() {
-            let n = all[pos] as usize;
-            u.extend_from_slice(&all[pos + 1..pos + 1 + n]);
-            pos += 1 + n;
+    for _ in counts {
+        for (u, &w) in union.iter_mut().zip(&widths) {
+            let n = get_index(all, pos, w) as usize;
+            pos += w;
+            u.extend((0..n).map(|i| get_index(all, pos + i * w, w)));
+            pos += n * w;
         }
     }
-    drop(all);
     for u in union.iter_mut() {
         u.sort_unstable();
         u.dedup();
     }
-    Ok((union, bytes))
+    Ok(union)
 }
 
 /// The local rows each shard averages: all of them (full), or the union of the replicas'
@@ -223,6 +253,22 @@ pub fn replica_sync<B: Backend>(
     delayed: Option<&mut Option<PendingState>>,
     xfer: Xfer,
 ) -> Result<SyncBytes> {
+    average_rows(be, comm, shards, touched, mode, delayed, xfer).map_err(|e| match e {
+        Error::Transport(m) if !m.starts_with("replica sync") => Error::Transport(format!("replica sync: {m}")),
+        e => e,
+    })
+}
+
+/// [`replica_sync`], its transport errors not yet named as the sync's.
+fn average_rows<B: Backend>(
+    be: &B,
+    comm: &Comm,
+    shards: &mut [Shard<B>],
+    touched: &mut [Touched],
+    mode: SyncMode,
+    delayed: Option<&mut Option<PendingState>>,
+    xfer: Xfer,
+) -> Result<SyncBytes> {
     if comm.size() == 1 {
         touched.iter_mut().for_each(Touched::clear);
         return Ok(SyncBytes::default());
@@ -252,6 +298,52 @@ pub fn replica_sync<B: Backend>(
     }
     touched.iter_mut().for_each(Touched::clear);
     Ok(stats)
+}
+
+/// When a replica sync ran (it ran on a thread of its own: see [`replica_sync_beside`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SyncSpan {
+    pub start: Instant,
+    pub end: Instant,
+}
+
+/// [`replica_sync`] in flight while `work` runs on the calling thread; both finished when this
+/// returns. The sync runs on a scoped thread of its own: its collectives are blocking calls on
+/// the replica group's `comm`, and `work`'s collectives run on other communicators (the
+/// world's). Every transport matches messages by (peer, communicator, sequence number), never
+/// by arrival order, so collectives of different communicators may be in flight at once from
+/// one rank (in-process, shared memory, TCP, RDMA, and the peers path, whose device copies are
+/// the sender's and complete before it returns). `work` must not touch what the sync reads or
+/// writes (the shards, their touched rows, the pending state average): the borrows say so.
+///
+/// The wait for the sync thread has no deadline of its own: every wait inside the sync is one
+/// of its collectives', each bounded by `comm`'s timeout, and a dead peer fails them (the
+/// error names the peer), so the thread ends by that deadline at the latest. Returns the
+/// sync's result and span, and `work`'s result.
+#[allow(clippy::too_many_arguments)]
+pub fn replica_sync_beside<B: Backend, R>(
+    be: &B,
+    comm: &Comm,
+    shards: &mut [Shard<B>],
+    touched: &mut [Touched],
+    mode: SyncMode,
+    delayed: Option<&mut Option<PendingState>>,
+    xfer: Xfer,
+    work: impl FnOnce() -> R,
+) -> (Result<SyncBytes>, SyncSpan, R) {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let sync = std::thread::Builder::new().name("ember-replica-sync".into()).spawn_scoped(s, move || {
+            let r = replica_sync(be, comm, shards, touched, mode, delayed, xfer);
+            (r, Instant::now())
+        });
+        let out = work();
+        let (synced, end) = match sync {
+            Ok(h) => h.join().unwrap_or_else(|_| (Err(Error::Transport("replica sync: its thread panicked".into())), Instant::now())),
+            Err(e) => (Err(Error::Transport(format!("replica sync: cannot start its thread: {e}"))), Instant::now()),
+        };
+        (synced, SyncSpan { start, end }, out)
+    })
 }
 
 /// One packed buffer of replica sync: runs of rows (shard, range of its rows to sync, offset

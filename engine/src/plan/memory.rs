@@ -159,7 +159,7 @@ pub(super) fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], 
         let k = ctx.opts.sync_every as f64;
         let m = ctx.m as f64;
         let tau: Vec<f64> = slots.iter().map(|s| distinct(s, k * g) * spread).collect();
-        let msg: f64 = tau.iter().map(|t| (1.0 + t) * WORD).sum();
+        let msg: f64 = slots.iter().zip(&tau).map(|(s, t)| (1.0 + t) * super::index_width(s.rows) as f64).sum();
         let (rows_list, vals): (f64, f64) = if ctx.opts.full_sync {
             (slots.iter().map(|s| s.rows as f64 * WORD).sum(), slots.iter().map(|s| s.rows as f64 * (s.cols + state_floats(opt, s.cols)) as f64).sum())
         } else {
@@ -170,8 +170,8 @@ pub(super) fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], 
         let sync_base = base + recv_in;
         let index = if ctx.opts.full_sync { rows_list } else { (msg + m * msg).max(m * msg + rows_list) };
         // Averaging a chunk: the rows lists, a chunk's row ids on the backend, the packed chunk and
-        // the all-reduce's scratch.
-        phases.push(("replica sync", sync_base + index.max(2.0 * rows_list + chunk * (2.0 + 1.0 / m))));
+        // the all-reduce's scratch; beside the dense update's buffers (the sync runs while it does).
+        phases.push(("replica sync", sync_base + index.max(2.0 * rows_list + chunk * (2.0 + 1.0 / m)) + 2.0 * p4));
     }
     phases.push(("dense update", base + recv_in + 2.0 * p4));
     phases

@@ -21,10 +21,23 @@ mod stats;
 pub mod traffic;
 pub mod trw;
 
-/// Values (f64) a replica sync averages per all-reduce (`crate::parallel::sync`): bounds the
+/// Values (f32) a replica sync averages per all-reduce (`crate::parallel::sync`): bounds the
 /// sync's buffers, and the transport's (as large), whatever the number of touched rows; the
 /// planner prices the same chunks.
 pub const SYNC_CHUNK: usize = 1 << 20;
+
+/// Bytes of each touched-row index (and of the row count before them) that a replica sends for
+/// a shard of `rows` rows at a sparse replica sync: the narrowest of u16, u32 and u64 that holds
+/// every local row and the count (at most `rows`). The sync and the planner both use it.
+pub fn index_width(rows: u64) -> usize {
+    if rows <= u16::MAX as u64 {
+        2
+    } else if rows <= u32::MAX as u64 {
+        4
+    } else {
+        8
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

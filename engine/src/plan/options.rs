@@ -31,6 +31,8 @@ pub struct PlanOptions {
     pub sync_every: usize,
     /// Whole-table replica sync instead of the rows touched since the last sync.
     pub full_sync: bool,
+    /// Delayed optimizer-state sync: the state's average travels as f64 (8 bytes a value).
+    pub delayed_state_sync: bool,
     /// Heap the backend's libraries keep per rank once the step has run (default: the CPU
     /// backend's GEMM blocks on this machine, `Cpu::gemm_workspace_bytes`).
     pub workspace_bytes: u64,
@@ -49,6 +51,7 @@ impl Default for PlanOptions {
             force: None,
             sync_every: 1,
             full_sync: false,
+            delayed_state_sync: false,
             workspace_bytes: crate::backend::Cpu::gemm_workspace_bytes(),
         }
     }

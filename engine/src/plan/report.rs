@@ -7,13 +7,15 @@
 //! - *Traffic*: the bytes each rank hands to each collective per step, in the engine's own
 //!   convention ([`crate::parallel::ByteCounts`]): the whole send buffer of an all-to-all or a
 //!   reduce-scatter (own block included), the own block of an all-gather, the buffer of an
-//!   all-reduce; ids, bag lengths and counts are 8 bytes, floats 4, replica-sync values 8 (f64).
+//!   all-reduce; ids, bag lengths and counts are 8 bytes, floats 4; the replica sync's touched
+//!   rows and their counts are 2, 4 or 8 bytes (the shard's [`index_width`]), its values f32,
+//!   the optimizer state's f64 with delayed state sync.
 use super::memory::{rank_memory, SlotInfo};
 use super::options::Ctx;
-use super::sizes::{dense_params, shard_bytes, state_floats, F32, WORD};
+use super::sizes::{dense_params, shard_bytes, state_floats, sync_row_bytes, F32, WORD};
 use super::traffic::Traffic;
 use super::trw::{trw_tables, TrwCounts};
-use super::{PlacedShard, Plan, ShardingType, TablePlan};
+use super::{index_width, PlacedShard, Plan, ShardingType, TablePlan};
 use crate::config::EmbOptimizer;
 use crate::grid::Placement;
 use serde::Serialize;
@@ -232,7 +234,8 @@ pub(super) fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
             e.grads += tr.grad_trw_owners + tr.grad_trw_gather;
             inter += remote(&unit.reduce_send) + remote(&unit.owners_send) + remote(&unit.owners_recv) + remote(&unit.reduce_recv);
         }
-        // Replica sync, per sync: f32 values of the rows (and their indices, sparse).
+        // Replica sync, per sync: the rows' values (f32; the state f64 with delayed state sync)
+        // and, sparse, this rank's touched rows and their count in the shard's index width.
         let (mut whole, mut sparse) = (0f64, 0f64);
         if ctx.m > 1 {
             let k = ctx.opts.sync_every as f64;
@@ -240,9 +243,9 @@ pub(super) fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
             for s in &slots {
                 let tc = &model.tables[s.table];
                 let distinct = |samples: f64| st[s.table].distinct_in(tc.rows, &s.range, samples);
-                let per_row = (s.cols + state_floats(opt, s.cols)) as f64 * F32;
+                let per_row = sync_row_bytes(opt, s.cols, ctx.opts.delayed_state_sync);
                 whole += s.rows as f64 * per_row;
-                index += (1.0 + distinct(k * g)) * WORD;
+                index += (1.0 + distinct(k * g)) * index_width(s.rows) as f64;
                 values += distinct(k * ctx.m as f64 * g) * per_row;
             }
             sparse = index + values;

@@ -3,9 +3,17 @@
 //! them).
 use crate::config::{EmbOptimizer, Interaction, ModelConfig};
 
-/// Ids, bag lengths, counts and replica-sync values (f64) travel as 8-byte words.
+/// Ids, bag lengths and counts travel as 8-byte words.
 pub(super) const WORD: f64 = 8.0;
 pub(super) const F32: f64 = 4.0;
+/// The delayed state sync's values travel as f64.
+pub(super) const F64: f64 = 8.0;
+
+/// Bytes a replica sync moves per row of a shard of `cols` columns: its weights as f32, and its
+/// optimizer state as f32, or as f64 with delayed state sync.
+pub(super) fn sync_row_bytes(opt: &EmbOptimizer, cols: usize, delayed_state: bool) -> f64 {
+    cols as f64 * F32 + state_floats(opt, cols) as f64 * if delayed_state { F64 } else { F32 }
+}
 
 pub(super) fn state_floats(opt: &EmbOptimizer, cols: usize) -> usize {
     opt.state_per_row(cols)
