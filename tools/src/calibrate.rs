@@ -19,29 +19,27 @@ pub struct CalibrateArgs {
     /// and links the file keeps [default: h200-ib on an H200, else h100-ib].
     #[arg(long = "calibrate-links")]
     pub links: Option<String>,
-    /// (with --calibrate) Tiny sizes, one repetition: checks the plumbing, measures nothing.
-    #[arg(long = "calibrate-quick", hide = true)]
-    pub quick: bool,
 }
 
-/// `ember simulate --calibrate OUT` with the defaults (this host's CPU); `EMBER_CALIBRATE_QUICK=1`
-/// selects the tiny sizes (tests).
+/// `ember simulate --calibrate OUT` on this host's CPU.
 pub fn run(out: &Path) -> CliResult {
-    let quick = std::env::var("EMBER_CALIBRATE_QUICK").is_ok_and(|v| v == "1");
-    run_with(out, &CalibrateArgs { device: Device::Cpu, links: None, quick })
+    run_with(out, &CalibrateArgs { device: Device::Cpu, links: None })
 }
 
+/// `ember simulate --calibrate OUT` with its options. `EMBER_CALIBRATE_QUICK=1` selects tiny
+/// sizes and one repetition (tests: it checks the plumbing and measures nothing).
 pub fn run_with(out: &Path, a: &CalibrateArgs) -> CliResult {
+    let quick = std::env::var("EMBER_CALIBRATE_QUICK").is_ok_and(|v| v == "1");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = format!("ember {}", args.join(" "));
     let mut log = |l: &str| println!("# {l}");
     let m = match a.device {
         Device::Cpu => {
-            let o = CalibrateOptions::host(a.quick, &command);
-            println!("# ember simulate --calibrate: this host, {} in-process ranks, {} compute units{}", o.ranks_per_node, calibrate::host_units(), if a.quick { " (quick)" } else { "" });
+            let o = CalibrateOptions::host(quick, &command);
+            println!("# ember simulate --calibrate: this host, {} in-process ranks, {} compute units{}", o.ranks_per_node, calibrate::host_units(), if quick { " (quick)" } else { "" });
             calibrate::host(&o, &mut log)?
         }
-        Device::Cuda => cuda(a, &command, &mut log)?,
+        Device::Cuda => cuda(a, quick, &command, &mut log)?,
     };
     std::fs::write(out, m.to_toml()).map_err(|e| format!("ember simulate --calibrate: writing {}: {e}", out.display()))?;
     // The file must read back as it will be read.
@@ -51,15 +49,16 @@ pub fn run_with(out: &Path, a: &CalibrateArgs) -> CliResult {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &CalibrateArgs, _: &str, _: &mut dyn FnMut(&str)) -> Result<Machine, Box<dyn std::error::Error>> {
-    Err("--calibrate-device cuda: this binary was built without the `cuda` feature (cargo build --release -p ember-tools --features cuda)".into())
+fn cuda(a: &CalibrateArgs, _: bool, _: &str, _: &mut dyn FnMut(&str)) -> Result<Machine, Box<dyn std::error::Error>> {
+    let links = a.links.as_deref().map(|l| format!(" (links of {l})")).unwrap_or_default();
+    Err(format!("--calibrate-device cuda{links}: this binary was built without the `cuda` feature (cargo build --release -p ember-tools --features cuda)").into())
 }
 
 /// GPU 0's memory and compute figures in a preset's node: the copy bandwidth, the backend's
 /// 256-byte row gather, the dense GEMMs at a per-GPU batch of 8192 and the embedding kernels
 /// at a per-GPU batch of 65536 (8 tables of 1 M rows), with every unit (the one GPU) busy.
 #[cfg(feature = "cuda")]
-fn cuda(a: &CalibrateArgs, command: &str, log: &mut dyn FnMut(&str)) -> Result<Machine, Box<dyn std::error::Error>> {
+fn cuda(a: &CalibrateArgs, quick: bool, command: &str, log: &mut dyn FnMut(&str)) -> Result<Machine, Box<dyn std::error::Error>> {
     use ember_engine::backend::cuda::Cuda;
     use ember_engine::bench;
     use ember_engine::simulate::machine::MemoryRates;
@@ -68,8 +67,8 @@ fn cuda(a: &CalibrateArgs, command: &str, log: &mut dyn FnMut(&str)) -> Result<M
     let base = a.links.clone().unwrap_or_else(|| if gpu.contains("H200") { "h200-ib".into() } else { "h100-ib".into() });
     let mut m = Machine::preset(&base)?;
     println!("# ember simulate --calibrate --calibrate-device cuda: {gpu}, node shape and links of preset {base}");
-    let o = CalibrateOptions { quick: a.quick, ranks_per_node: m.ranks_per_node, gemm_batch: if a.quick { 8 } else { 8192 }, emb_batch: 65536, command: command.into() };
-    let (copy_bytes, table_mib, reps) = if a.quick { (1 << 20, 4, 1) } else { (1 << 30, 1024, 5) };
+    let o = CalibrateOptions { quick, ranks_per_node: m.ranks_per_node, gemm_batch: if quick { 8 } else { 8192 }, emb_batch: 65536, command: command.into() };
+    let (copy_bytes, table_mib, reps) = if quick { (1 << 20, 4, 1) } else { (1 << 30, 1024, 5) };
     let copies = (0..reps).map(|_| be.copy_bandwidth(copy_bytes, 10)).collect::<Result<Vec<f64>, _>>()?;
     let copy = bench::median(&copies);
     let gather = bench::backend_gather(&be, table_mib, 256, reps)?;

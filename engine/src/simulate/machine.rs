@@ -80,7 +80,7 @@ pub struct Machine {
     pub sources: Vec<String>,
 }
 
-/// Memory system of one rank.
+/// Memory rates of one compute unit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryRates {
@@ -91,7 +91,7 @@ pub struct MemoryRates {
     pub gather_bw: f64,
 }
 
-/// Compute rates of one rank: dense GEMMs and the embedding kernels' efficiency.
+/// Compute rates of one compute unit: dense GEMMs and the embedding kernels' efficiency.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComputeRates {
