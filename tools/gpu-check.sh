@@ -36,11 +36,12 @@ for l in sys.stdin:
     cp tools/torch_ref.py tools/gpu-check.sh .gpu/
     du -sh .gpu
     cat <<'CALL'
-On the GPU machine (about 5 minutes on an H100/H200), copy the repository with its .gpu/
+On the GPU machine (about 6 minutes on an H100/H200), copy the repository with its .gpu/
 folder there, then run from the repository root:
-  timeout 420 bash .gpu/gpu-check.sh device
+  timeout 540 bash .gpu/gpu-check.sh device
 It writes its log and tables to $OUT (default /tmp/gpu-out); copy $OUT/gpu-results.md back
-into docs/gpu-results.md.
+into docs/gpu-results.md and $OUT/machine-gpu.toml (this GPU's calibrated machine file for the
+scale model, docs/machine.md) into docs/machine-gpu.toml.
 CALL
     exit 0
 fi
@@ -114,6 +115,10 @@ cli 60 bench embedding --device cuda --batch-size 65536
 cli 90 bench dlrm --device cuda --batch-size 4096
 cli 120 bench dlrm --device cuda --batch-size 65536
 cli 60 bench mem --device cuda
+cli 30 bench gemm --device cuda --batch-size 8192
+# The scale model's figures of this GPU (docs/machine.md): memory, GEMM and embedding kernels
+# measured, node shape and links from the matching preset; at most ~1 minute.
+cli 120 simulate --calibrate "$OUT/machine-gpu.toml" --calibrate-device cuda
 # 2D on one GPU (4 in-process ranks, own streams and pool arenas); target: grid 2x2
 # >= 3x the torch reference of the same model and >= 20x the 2-core CPU backend.
 cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
@@ -160,5 +165,11 @@ PYTHONUNBUFFERED=1 timeout 120 $PY .gpu/torch_ref.py --md "$OUT/torch.md" || ech
     echo "## Torch reference (same GPU)"
     echo
     cat "$OUT/torch.md" 2>/dev/null || echo "(torch reference failed)"
+    echo
+    echo "## Calibrated machine file (\`ember simulate --calibrate FILE --calibrate-device cuda\`, docs/machine.md)"
+    echo
+    echo '```toml'
+    cat "$OUT/machine-gpu.toml" 2>/dev/null || echo "# (calibration failed; see the CLI runs above)"
+    echo '```'
 } > "$OUT/gpu-results.md"
 echo "== done; results in $OUT/gpu-results.md"

@@ -1,7 +1,8 @@
-//! Benchmarks behind `ember bench embedding|dlrm|mem`: workloads, timing (median of timed
-//! steps after warm-up) and the byte accounting of BRIEF.md §5. Printing is the CLI's job.
-use crate::backend::{Backend, EmbUpdate, Layout, ShardSpec};
-use crate::config::{preset, EmbOptimizer, Pooling, WeightDecay};
+//! Benchmarks behind `ember bench embedding|dlrm|mem|gemm`: workloads, timing (median of timed
+//! steps after warm-up) and the byte accounting of BRIEF.md §5 and of the scale model
+//! (`crate::simulate::machine`). Printing is the CLI's job.
+use crate::backend::{Backend, EmbUpdate, Gemm, Layout, ShardSpec};
+use crate::config::{preset, EmbOptimizer, ModelConfig, Pooling, WeightDecay};
 use crate::data::{Batch, Jagged};
 use crate::embedding::{new_shard, upload_bags};
 use crate::model::Dlrm;
@@ -24,11 +25,16 @@ pub struct EmbeddingBench {
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// The optimizer fused into the backward.
+    pub optimizer: EmbOptimizer,
 }
+
+/// Row-wise AdaGrad as the benchmarks run it.
+pub const BENCH_ROWWISE_ADAGRAD: EmbOptimizer = EmbOptimizer::RowWiseAdagrad { lr: 0.01, eps: 1e-8, c: None, eps_inside: false };
 
 impl Default for EmbeddingBench {
     fn default() -> Self {
-        EmbeddingBench { tables: 8, rows: 1_000_000, dim: 64, batch: 4096, bag: 20, zipf: None, steps: 20, warmup: 3, seed: 1 }
+        EmbeddingBench { tables: 8, rows: 1_000_000, dim: 64, batch: 4096, bag: 20, zipf: None, steps: 20, warmup: 3, seed: 1, optimizer: BENCH_ROWWISE_ADAGRAD }
     }
 }
 
@@ -41,6 +47,12 @@ pub struct EmbeddingResult {
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub bytes_per_step: f64,
+    /// Unique rows a step touches, all tables together (mean over the step's id sets).
+    pub unique_rows: f64,
+    /// The forward's and the fused backward's bytes by the scale model's convention
+    /// ([`crate::simulate::machine::emb_forward_bytes`], [`crate::simulate::machine::emb_backward_bytes`]).
+    pub forward_bytes: f64,
+    pub backward_bytes: f64,
     pub config: EmbeddingBench,
     pub backend: String,
 }
@@ -111,18 +123,30 @@ pub fn sample_jagged(samplers: &[IdSampler], batch: usize, bag: usize, rng: &mut
         .collect()
 }
 
-/// Forward + fused backward with row-wise AdaGrad over `cfg.tables` tables, timed per step.
+/// Distinct ids of one bag set (all tables together).
+fn unique_ids(set: &[Jagged]) -> usize {
+    set.iter()
+        .map(|j| {
+            let mut v = j.values.clone();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        })
+        .sum()
+}
+
+/// Forward + fused backward with `cfg.optimizer` over `cfg.tables` tables, timed per step.
 pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingResult> {
-    let upd = EmbUpdate::new(&EmbOptimizer::RowWiseAdagrad { lr: 0.01, eps: 1e-8, c: None, eps_inside: false }, &WeightDecay::None, 1.0);
+    let upd = EmbUpdate::new(&cfg.optimizer, &WeightDecay::None, 1.0);
     let mut shards = (0..cfg.tables)
         .map(|t| new_shard(be, cfg.seed, ShardSpec::whole(t, cfg.rows, cfg.dim), &upd))
         .collect::<Result<Vec<_>>>()?;
     let samplers: Vec<IdSampler> = (0..cfg.tables).map(|t| IdSampler::new(cfg.rows, cfg.zipf, t as u64)).collect();
     let mut rng = Rng::new(cfg.seed);
     // A few id sets, rotated, so the ids are not all cached from the last step.
-    let sets: Vec<Vec<_>> = (0..4)
-        .map(|_| sample_jagged(&samplers, cfg.batch, cfg.bag, &mut rng).iter().map(|j| upload_bags(be, j, Pooling::Sum)).collect::<Result<Vec<_>>>())
-        .collect::<Result<_>>()?;
+    let host_sets: Vec<Vec<Jagged>> = (0..4).map(|_| sample_jagged(&samplers, cfg.batch, cfg.bag, &mut rng)).collect();
+    let unique_rows = host_sets.iter().map(|s| unique_ids(s) as f64).sum::<f64>() / host_sets.len() as f64;
+    let sets: Vec<Vec<_>> = host_sets.iter().map(|set| set.iter().map(|j| upload_bags(be, j, Pooling::Sum)).collect::<Result<Vec<_>>>()).collect::<Result<_>>()?;
     let stride = cfg.tables * cfg.dim;
     let mut out = be.zeros(cfg.batch * stride)?;
     let grad_host: Vec<f32> = (0..cfg.batch * stride).map(|_| (rng.f32() - 0.5) * 1e-3).collect();
@@ -152,6 +176,8 @@ pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingRe
     let sum_d = (cfg.tables * cfg.dim) as f64;
     let bytes = 2.0 * (cfg.batch as f64 * sum_d * 4.0 + cfg.batch as f64 * sum_d * cfg.bag as f64 * 4.0);
     let ms = median(&tot);
+    let outputs = (cfg.batch * cfg.tables) as f64;
+    let lookups = outputs * cfg.bag as f64;
     Ok(EmbeddingResult {
         ms_per_step: ms,
         steps_per_s: 1e3 / ms,
@@ -159,6 +185,9 @@ pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingRe
         forward_ms: median(&fwd),
         backward_ms: median(&bwd),
         bytes_per_step: bytes,
+        unique_rows,
+        forward_bytes: crate::simulate::machine::emb_forward_bytes(lookups, outputs, cfg.dim),
+        backward_bytes: crate::simulate::machine::emb_backward_bytes(unique_rows, lookups, outputs, cfg.dim, cfg.optimizer.state_per_row(cfg.dim)),
         config: cfg.clone(),
         backend: be.name().into(),
     })
@@ -247,6 +276,31 @@ fn rep_steps(rep: &crate::parallel::driver::Report2D, skip: usize) -> Vec<f64> {
     rep.step_ms.iter().skip(skip).copied().collect()
 }
 
+/// Random gather of `row_bytes`-byte rows from a `table_mib` MiB table on the backend's own
+/// `gather_rows` (64 MiB gathered per repetition, ids uniform): bytes read plus written per
+/// second, median of `reps` after one warm-up. `bench mem --device cuda`'s gather; the host's
+/// is [`host_mem`].
+pub fn backend_gather<B: Backend>(be: &B, table_mib: usize, row_bytes: usize, reps: usize) -> Result<f64> {
+    let cols = (row_bytes / 4).max(1);
+    let table_len = table_mib.checked_mul(1 << 18).ok_or_else(|| crate::Error::Input(format!("gather: table of {table_mib} MiB")))?;
+    let nrows = (table_len / cols).max(1);
+    let gathers = ((64usize << 20) / (cols * 4)).max(1);
+    let table = be.zeros(nrows * cols)?;
+    let mut rng = Rng::new(row_bytes as u64);
+    let ids = be.upload_ids(&(0..gathers).map(|_| rng.below(nrows as u64)).collect::<Vec<u64>>())?;
+    let mut out = be.zeros(gathers * cols)?;
+    let mut t = Vec::new();
+    for it in 0..reps.max(1) + 1 {
+        let t0 = Instant::now();
+        be.gather_rows(&table, &ids, gathers, cols, &mut out, 0)?;
+        be.synchronize()?;
+        if it > 0 {
+            t.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (gathers * cols * 4) as f64 / median(&t))
+}
+
 /// One row of `ember bench mem`.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemRow {
@@ -315,4 +369,92 @@ pub fn host_mem(copy_mib: usize, table_mib: usize, reps: usize) -> Vec<MemRow> {
         }
     }
     rows
+}
+
+/// One GEMM of the dense network's training step.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmShape {
+    /// `bottom.I` or `top.I` (layer I of that MLP).
+    pub layer: String,
+    /// `forward` (y = x·Wᵀ), `weight_grad` (dW = dyᵀ·x) or `input_grad` (dx = dy·W).
+    pub pass: &'static str,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl GemmShape {
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// The GEMMs of one training step of `model`'s MLPs on `batch` rows, as `dense.rs` calls
+/// them: per layer the forward, the weight gradient and (except the bottom MLP's first layer,
+/// whose input needs no gradient) the input gradient. DCN cross layers are not included.
+pub fn dense_gemms(model: &ModelConfig, batch: usize) -> Vec<GemmShape> {
+    let mut out = Vec::new();
+    for (mlp, fan_in0, sizes) in [("bottom", model.num_dense, &model.bottom_mlp), ("top", model.interaction_width(), &model.top_mlp)] {
+        let mut fan_in = fan_in0;
+        for (i, &fan_out) in sizes.iter().enumerate() {
+            let layer = format!("{mlp}.{i}");
+            let g = |pass, m, n, k, trans_a, trans_b| GemmShape { layer: layer.clone(), pass, m, n, k, trans_a, trans_b };
+            out.push(g("forward", batch, fan_out, fan_in, false, true));
+            out.push(g("weight_grad", fan_out, fan_in, batch, true, false));
+            if !(mlp == "bottom" && i == 0) {
+                out.push(g("input_grad", batch, fan_in, fan_out, false, false));
+            }
+            fan_in = fan_out;
+        }
+    }
+    out
+}
+
+/// One timed GEMM of `ember bench gemm`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmRow {
+    pub shape: GemmShape,
+    /// Median time of one call, ms.
+    pub ms: f64,
+    pub gflops: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmResult {
+    pub rows: Vec<GemmRow>,
+    pub batch: usize,
+    /// The step's GEMM FLOPs over the sum of the median times, 1e9/s.
+    pub gflops: f64,
+    /// Sum of the median times, ms.
+    pub total_ms: f64,
+    pub backend: String,
+}
+
+/// Time every GEMM of [`dense_gemms`] on the backend's own `gemm` (median of `reps` after
+/// `warmup`), on random operands.
+pub fn gemm<B: Backend>(be: &B, model: &ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> Result<GemmResult> {
+    let mut rng = Rng::new(seed);
+    let mut rows = Vec::new();
+    for shape in dense_gemms(model, batch) {
+        let mut rand = |n: usize| be.upload(&(0..n).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>());
+        let (a, b) = (rand(shape.m * shape.k)?, rand(shape.k * shape.n)?);
+        let mut c = be.zeros(shape.m * shape.n)?;
+        let g = Gemm { m: shape.m, n: shape.n, k: shape.k, trans_a: shape.trans_a, trans_b: shape.trans_b, alpha: 1.0, beta: 0.0 };
+        let mut t = Vec::new();
+        for it in 0..warmup + reps.max(1) {
+            let t0 = Instant::now();
+            be.gemm(g, &a, &b, &mut c)?;
+            be.synchronize()?;
+            if it >= warmup {
+                t.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let ms = median(&t);
+        rows.push(GemmRow { gflops: shape.flops() / (ms * 1e-3) / 1e9, shape, ms });
+    }
+    let total_ms: f64 = rows.iter().map(|r| r.ms).sum();
+    let flops: f64 = rows.iter().map(|r| r.shape.flops()).sum();
+    Ok(GemmResult { gflops: flops / (total_ms * 1e-3) / 1e9, rows, batch, total_ms, backend: be.name().into() })
 }

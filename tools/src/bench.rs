@@ -51,6 +51,46 @@ pub struct EmbArgs {
     /// Untimed warm-up steps.
     #[arg(short = 'w', long, default_value_t = 3, value_parser = count::<0, { ember_engine::config::limits::MAX_STEPS }>)]
     pub warmup: usize,
+    /// The optimizer fused into the backward.
+    #[arg(long, value_enum, default_value_t = EmbOpt::RowwiseAdagrad)]
+    pub optimizer: EmbOpt,
+}
+
+/// `bench embedding --optimizer`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbOpt {
+    Sgd,
+    RowwiseAdagrad,
+    Adagrad,
+}
+
+impl EmbOpt {
+    fn optimizer(self) -> ember_engine::config::EmbOptimizer {
+        use ember_engine::config::EmbOptimizer;
+        match self {
+            EmbOpt::Sgd => EmbOptimizer::Sgd { lr: 0.01 },
+            EmbOpt::RowwiseAdagrad => bench::BENCH_ROWWISE_ADAGRAD,
+            EmbOpt::Adagrad => EmbOptimizer::Adagrad { lr: 0.01, eps: 1e-8, c: None, eps_inside: false },
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct GemmArgs {
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+    /// Rows of every GEMM (the per-rank batch).
+    #[arg(long, default_value_t = 512, value_parser = count::<1, { ember_engine::config::limits::MAX_BATCH }>)]
+    pub batch_size: usize,
+    /// Built-in model whose MLPs give the shapes.
+    #[arg(long, default_value = "bench")]
+    pub preset: String,
+    /// Timed calls per GEMM (the median is printed).
+    #[arg(short = 'n', long, default_value_t = 20, value_parser = count::<1, 1_000_000>)]
+    pub iters: usize,
+    /// Untimed warm-up calls per GEMM.
+    #[arg(short = 'w', long, default_value_t = 3, value_parser = count::<0, 1_000_000>)]
+    pub warmup: usize,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -83,6 +123,9 @@ pub enum Which {
     /// Full DLRM training steps of the `bench` model.
     #[command(after_help = "Example:\n  ember bench dlrm --grid 2x2 --steps 5")]
     Dlrm(DlrmArgs),
+    /// The dense network's GEMMs (forward, weight and input gradients of every MLP layer) on the backend's gemm.
+    #[command(after_help = "Example:\n  ember bench gemm --batch-size 512")]
+    Gemm(GemmArgs),
     /// Host (or device) memory bandwidth: sequential copy and random row gather.
     #[command(after_help = "Example:\n  ember bench mem --copy-mib 64 --table-mib 256")]
     Mem(crate::bench_mem::MemArgs),
@@ -102,6 +145,7 @@ pub fn run(a: BenchArgs) -> CliResult {
         Which::Embedding(x) => with_device(x.dev.device, |be| embedding(be, &x)),
         Which::Dlrm(x) if x.grid.is_some() => dlrm_2d(&x),
         Which::Dlrm(x) => with_device(x.dev.device, |be| dlrm(be, &x)),
+        Which::Gemm(x) => with_device(x.dev.device, |be| gemm(be, &x)),
         Which::Mem(x) => crate::bench_mem::run(x),
         Which::Data(x) => crate::bench_data::run(x),
         Which::A2a(x) => collective("a2a", x),
@@ -149,6 +193,7 @@ fn cuda_backend(f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
 pub trait DynBench {
     fn embedding(&self, cfg: &EmbeddingBench) -> ember_engine::Result<bench::EmbeddingResult>;
     fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult>;
+    fn gemm(&self, model: &ember_engine::config::ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> ember_engine::Result<bench::GemmResult>;
 }
 
 impl<B: Backend> DynBench for B {
@@ -158,6 +203,25 @@ impl<B: Backend> DynBench for B {
     fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult> {
         bench::dlrm(self, batch, steps, warmup, zipf, seed)
     }
+    fn gemm(&self, model: &ember_engine::config::ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> ember_engine::Result<bench::GemmResult> {
+        bench::gemm(self, model, batch, reps, warmup, seed)
+    }
+}
+
+fn gemm(be: &dyn DynBench, a: &GemmArgs) -> CliResult {
+    let model = ember_engine::config::preset(&a.preset, None)?.model;
+    let r = be.gemm(&model, a.batch_size, a.iters, a.warmup, a.dev.seed)?;
+    println!("# ember bench gemm: the {} model's MLP GEMMs at batch {}, backend {}; median of {} calls after {} warm-up; GFLOP/s = 2 m n k / time", a.preset, r.batch, r.backend, a.iters, a.warmup);
+    println!("{:>10} {:>12} {:>7} {:>7} {:>7} {:>10} {:>10}", "layer", "pass", "m", "n", "k", "ms", "GFLOP/s");
+    for x in &r.rows {
+        let s = &x.shape;
+        println!("{:>10} {:>12} {:>7} {:>7} {:>7} {:>10.4} {:>10.2}", s.layer, s.pass, s.m, s.n, s.k, x.ms, x.gflops);
+    }
+    println!("# all {} GEMMs of a training step: {:.3} ms, {:.2} GFLOP/s", r.rows.len(), r.total_ms, r.gflops);
+    if a.dev.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
 }
 
 fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
@@ -171,13 +235,17 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
         steps: a.steps,
         warmup: a.warmup,
         seed: a.dev.seed,
+        optimizer: a.optimizer.optimizer(),
     };
     let r = be.embedding(&cfg)?;
-    println!("# ember bench embedding: {} tables x {} rows x dim {}, batch {}, {} ids/bag, {} ids, row-wise AdaGrad, backend {}",
+    let opt = clap::ValueEnum::to_possible_value(&a.optimizer).map(|v| v.get_name().to_string()).unwrap_or_default();
+    println!("# ember bench embedding: {} tables x {} rows x dim {}, batch {}, {} ids/bag, {} ids, {opt}, backend {}",
         cfg.tables, cfg.rows, cfg.dim, cfg.batch, cfg.bag, if cfg.zipf.is_some() { "zipf" } else { "uniform" }, r.backend);
     println!("# median of {} steps after {} warm-up; GB/s = 2 x (B*sumD*4 + B*sumD*L*4) / time: outputs plus rows read, forward and backward (docs/cli.md)", cfg.steps, cfg.warmup);
     println!("{:>12} {:>12} {:>12} {:>12} {:>10}", "ms/step", "fwd ms", "bwd+opt ms", "steps/s", "GB/s");
     println!("{:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}", r.ms_per_step, r.forward_ms, r.backward_ms, r.steps_per_s, r.gb_per_s);
+    println!("# unique rows U {:.0}; by the scale model's bytes (docs/machine.md): forward {:.1} MB at {:.2} GB/s, backward {:.1} MB at {:.2} GB/s",
+        r.unique_rows, r.forward_bytes / 1e6, r.forward_bytes / (r.forward_ms * 1e-3) / 1e9, r.backward_bytes / 1e6, r.backward_bytes / (r.backward_ms * 1e-3) / 1e9);
     if a.dev.json {
         println!("{}", serde_json::to_string(&r)?);
     }

@@ -65,6 +65,9 @@ fn device_mem(a: &MemArgs) -> CliResult {
         println!("{:>10} {:>10.3} {:>10.1}", mb, ms, med / 1e9);
         json_rows.push(serde_json::json!({"op": "copy", "mib": mb, "ms": ms, "gb_per_s": med / 1e9}));
     }
+    let g = ember_engine::bench::backend_gather(&be, a.table_mib, 256, reps)?;
+    println!("# random gather of 256-byte rows from a {} MiB table (the backend's gather_rows), bytes read plus written, median of {reps}: {:.1} GB/s", a.table_mib, g / 1e9);
+    json_rows.push(serde_json::json!({"op": "gather", "row_bytes": 256, "table_mib": a.table_mib, "gb_per_s": g / 1e9}));
     // Allocation trace of a DLRM step (B=2048, 26 tables, D=64): pool vs per-tensor cuMemAlloc.
     let trace = dlrm_step_trace(2048, 1, 26, 64, &[512, 256, 64, 512, 256, 1]);
     let steps = 50;

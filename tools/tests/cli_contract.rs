@@ -28,7 +28,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Every subcommand that takes flags, as words after `ember`.
-const SUBCOMMANDS: [&str; 14] = [
+const SUBCOMMANDS: [&str; 15] = [
     "train",
     "convert",
     "plan",
@@ -38,6 +38,7 @@ const SUBCOMMANDS: [&str; 14] = [
     "bench embedding",
     "bench dlrm",
     "bench mem",
+    "bench gemm",
     "bench data",
     "bench a2a",
     "bench allreduce",
