@@ -1,6 +1,13 @@
 //! The scale model: predicts a 2D step's time per stage, its memory per rank and its
 //! samples/s on a described machine ([`machine::Machine`]), from the planner's plan and byte
-//! counts, so that a grid can be chosen for a cluster nobody can run here.
+//! counts, so that a grid can be chosen for a cluster nobody can run here (docs/scale.md).
+//!
+//! The parts: the machine description (`machine`), the embedding kernels' byte convention
+//! (`kernels`), collective times on the machine's links (`links`) and the step model (`model`).
+pub mod kernels;
+pub mod links;
 pub mod machine;
+pub mod model;
 
 pub use machine::Machine;
+pub use model::{predict, Prediction, Scenario, StagePrediction};
