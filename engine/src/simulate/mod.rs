@@ -3,9 +3,11 @@
 //! counts, so that a grid can be chosen for a cluster nobody can run here (docs/scale.md).
 //!
 //! The parts: the machine description (`machine`), the embedding kernels' byte convention
-//! (`kernels`), collective times on the machine's links (`links`) and the step model (`model`).
+//! (`kernels`), collective times on the machine's links (`links`), the step model (`model`) and
+//! the choice of a grid and sync interval (`choose`).
 pub mod kernels;
 pub mod links;
+pub mod choose;
 pub mod machine;
 pub mod model;
 

@@ -309,3 +309,135 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
         assumptions,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{preset, EmbOptimizer, TableConfig};
+    use crate::simulate::machine::{ComputeRates, EmbBackwardEff, Link, MemoryRates};
+
+    fn machine(ranks: usize, units: usize, memory: u64) -> Machine {
+        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![], all_reduce: vec![] };
+        Machine {
+            name: "t".into(),
+            description: String::new(),
+            ranks_per_node: ranks,
+            compute_units_per_node: units,
+            memory_per_rank: memory,
+            memory: MemoryRates { stream_bw: 2e10, gather_bw: 1e10 },
+            compute: ComputeRates { gemm_flops: 1e11, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.25, rowwise_adagrad: 0.25, adagrad: 0.25 }, step_overhead_s: 0.0 },
+            intra_node: link(1e10, 1e-6),
+            inter_node: link(1e9, 1e-5),
+            sources: vec![],
+        }
+    }
+
+    fn bench() -> TrainConfig {
+        preset("bench", Some(100_000)).unwrap()
+    }
+
+    fn part<'a>(p: &'a Prediction, name: &str) -> &'a StagePrediction {
+        p.parts.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn one_rank_costs_its_kernels_and_gemms_by_hand() {
+        let cfg = bench();
+        let mc = machine(1, 1, 1 << 40);
+        let p = predict(&cfg, &mc, &Scenario::new(1, 1, 4096, 1)).unwrap();
+        // 8 tables x 4096 bags x 20 ids, 64 wide, all on the one rank.
+        let (bags, ids) = (4096.0, 4096.0 * 20.0);
+        let fwd = 8.0 * (ids + bags) * 64.0 * 4.0;
+        assert!((part(&p, "lookup").ms - fwd / (1e10 * 0.5) * 1e3).abs() < 1e-9, "{p:#?}");
+        // Uniform ids: expected distinct rows among 81,920 draws from 100,000.
+        let u = 100_000.0 * (1.0 - (1.0f64 - 1.0 / 100_000.0).powf(ids));
+        let bwd = 8.0 * (u * 2.0 * 65.0 * 4.0 + bags * 256.0 + ids * 8.0);
+        assert!((part(&p, "embedding_backward").ms - bwd / (1e10 * 0.25) * 1e3).abs() < 1e-6, "{}", part(&p, "embedding_backward").ms);
+        // Dense: bottom 13-512-256-64, dot interaction of 9 vectors, top 100-512-256-1.
+        let flops = 2.0 * (13.0 * 512.0 + 512.0 * 256.0 + 256.0 * 64.0) + 2.0 * 81.0 * 64.0 + 2.0 * (100.0 * 512.0 + 512.0 * 256.0 + 256.0);
+        assert!((part(&p, "dense_forward_backward").ms - 3.0 * 4096.0 * flops / 1e11 * 1e3).abs() < 1e-9);
+        for s in ["input_distribution", "output_distribution", "dense_all_reduce", "replica_sync"] {
+            assert_eq!(part(&p, s).ms, 0.0, "{s}");
+        }
+        let sum: f64 = p.parts.iter().map(|s| s.ms).sum();
+        assert!((p.step_ms - sum).abs() < 1e-9 && (p.samples_per_s - 4096.0 / (sum / 1e3)).abs() < 1e-6);
+        assert!(p.fits && p.out_of_memory.is_none());
+        let stage_sum: f64 = p.stages.values().sum();
+        assert!((stage_sum - p.step_ms).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ranks_beyond_the_compute_units_time_share_them() {
+        let cfg = bench();
+        let own = predict(&cfg, &machine(8, 8, 1 << 40), &Scenario::new(1, 8, 4096, 1)).unwrap();
+        let shared = predict(&cfg, &machine(8, 2, 1 << 40), &Scenario::new(1, 8, 4096, 1)).unwrap();
+        assert_eq!((own.time_sharing, shared.time_sharing), (1.0, 4.0));
+        for s in ["lookup", "dense_forward_backward", "dense_update"] {
+            let r = part(&shared, s).busy_ms / part(&own, s).busy_ms;
+            assert!((r - 4.0).abs() < 1e-9, "{s}: {r}");
+        }
+        // Transfers are priced by the links alone; on the time-shared host nothing hides.
+        assert_eq!(part(&shared, "input_distribution").busy_ms, part(&own, "input_distribution").busy_ms);
+        assert_eq!(part(&shared, "input_distribution").ms, part(&shared, "input_distribution").busy_ms);
+        assert!(part(&own, "input_distribution").ms < part(&own, "input_distribution").busy_ms);
+    }
+
+    #[test]
+    fn full_sync_is_amortized_over_k_and_rides_with_the_dense_update() {
+        let cfg = bench();
+        let mc = machine(8, 8, 1 << 40);
+        let sc = |k| Scenario { full_sync: true, ..Scenario::new(4, 2, 4096, k) };
+        let (k1, k4) = (predict(&cfg, &mc, &sc(1)).unwrap(), predict(&cfg, &mc, &sc(4)).unwrap());
+        let (s1, s4) = (part(&k1, "replica_sync"), part(&k4, "replica_sync"));
+        assert!(s1.busy_ms > 0.0 && (s1.busy_ms / s4.busy_ms - 4.0).abs() < 1e-9, "{} {}", s1.busy_ms, s4.busy_ms);
+        let upd = part(&k1, "dense_update").ms;
+        assert!((s1.ms - (s1.busy_ms - upd).max(0.0)).abs() < 1e-12);
+        // Whole shards: 100,000 rows x (64 + 1) floats per table, each rank 4 of 8 tables' halves.
+        assert!(s1.bytes > 0.0);
+        // One replica: no sync at all.
+        assert_eq!(part(&predict(&cfg, &mc, &Scenario::new(1, 8, 4096, 1)).unwrap(), "replica_sync").busy_ms, 0.0);
+    }
+
+    #[test]
+    fn out_of_memory_is_stated_not_hidden() {
+        let cfg = bench();
+        let p = predict(&cfg, &machine(8, 8, 64 << 20), &Scenario::new(8, 1, 4096, 1)).unwrap();
+        assert!(!p.fits);
+        assert!(p.peak_bytes_per_rank > 64 << 20);
+        assert!(p.out_of_memory.as_deref().unwrap().contains("does not fit"), "{:?}", p.out_of_memory);
+        assert!(predict(&cfg, &machine(8, 8, 1 << 40), &Scenario::new(8, 1, 4096, 1)).unwrap().fits);
+    }
+
+    #[test]
+    fn the_slowest_rank_sets_each_stage() {
+        // One hot table among cold ones, each table whole on its own rank: rank 0 is slowest.
+        let mut cfg = bench();
+        cfg.model.tables = (0..4).map(|t| TableConfig { rows: 1000, dim: 64, pooling: crate::config::Pooling::Sum, bag_size: if t == 0 { 64 } else { 1 } }).collect();
+        cfg.optim.embedding = EmbOptimizer::Sgd { lr: 0.1 };
+        let mc = machine(4, 4, 1 << 40);
+        let sc = Scenario::new(1, 4, 4096, 1);
+        let plan = Plan::cycling(&cfg.model, 4, &[ShardingType::TableWise]).unwrap();
+        let opts = PlanOptions { batch_size: 4096, ranks_per_node: 4, ..PlanOptions::from_config(&cfg) };
+        let rep = crate::plan::planner::predict(&cfg.model, 1, &plan, &opts).unwrap();
+        let stats = crate::plan::planner::default_stats(&cfg.model);
+        let p = price(&cfg, &mc, &sc, &plan, &rep, &stats, None);
+        let lk = part(&p, "lookup");
+        assert_eq!(lk.slowest_rank, 0);
+        assert!((lk.ms - forward_bytes(64.0 * 4096.0, 4096.0, 64) / (1e10 * 0.5) * 1e3).abs() < 1e-9, "{lk:?}");
+        assert_eq!(part(&p, "embedding_backward").slowest_rank, 0);
+        // max/mean of lookups x dim: 64 / ((64 + 3) / 4).
+        assert!((p.imbalance - 64.0 / (67.0 / 4.0)).abs() < 1e-9, "{}", p.imbalance);
+    }
+
+    #[test]
+    fn groups_across_nodes_put_bytes_on_the_inter_node_link() {
+        let cfg = bench();
+        let mc = machine(2, 2, 1 << 40);
+        let p = predict(&cfg, &mc, &Scenario::new(1, 8, 4096, 1)).unwrap();
+        let s = part(&p, "input_distribution");
+        // 2 of 8 group ranks per node: 6/8 of the bytes leave the node.
+        assert!((s.inter_node_bytes / s.bytes - 0.75).abs() < 1e-9, "{s:?}");
+        let one = predict(&cfg, &machine(8, 8, 1 << 40), &Scenario::new(1, 8, 4096, 1)).unwrap();
+        assert_eq!(part(&one, "input_distribution").inter_node_bytes, 0.0);
+    }
+}
