@@ -229,7 +229,7 @@ pub fn run(a: SimulateArgs) -> CliResult {
             print!("{}", render_sweep(&rows));
         }
         if let Some(path) = &a.plot {
-            return Err(format!("--plot {}: not built yet", path.display()).into());
+            crate::simulate_plot::draw(path, &rows, &model_name(&a), &machine.name)?;
         }
         return Ok(());
     }
