@@ -17,6 +17,7 @@ mod notes;
 mod plan;
 mod selftest;
 mod simulate;
+mod simulate_plot;
 mod train;
 mod train2d;
 mod train_args;

@@ -8,6 +8,8 @@ use ember_engine::plan::planner::{plan, stats_from_batches, PlanOptions, PlanRep
 use ember_engine::grid::Placement;
 use ember_engine::parallel::{ParallelOptions, SyncMode};
 use ember_engine::plan::ShardingType;
+use ember_engine::simulate::choose::{choose, SYNC_INTERVALS};
+use ember_engine::simulate::Scenario;
 
 #[derive(Args, Clone, Debug)]
 pub struct PlanArgs {
@@ -41,6 +43,16 @@ pub struct PlanArgs {
     /// Print every rank [default: all when N <= 16, else the 8 heaviest].
     #[arg(long)]
     pub all_ranks: bool,
+    /// Choose the grid: predict every M dividing T (N = T/M) with K = 1, 2, 4, 8 on --machine
+    /// and plan the fastest that fits its memory (rejected candidates say why).
+    #[arg(long, requires = "machine")]
+    pub auto: bool,
+    /// With --auto: the world size T [default: M·N of --grid].
+    #[arg(long, value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
+    pub ranks: Option<usize>,
+    /// With --auto: the machine (a TOML file or a preset's name; `ember simulate`).
+    #[arg(long, value_name = "FILE|PRESET")]
+    pub machine: Option<String>,
     /// Also print the plan report as one JSON object (the last line).
     #[arg(long)]
     pub json: bool,
@@ -190,6 +202,31 @@ pub fn render(rep: &PlanReport, all_ranks: bool) -> String {
     s
 }
 
+/// `--auto`: the candidates' table, one line per rejected candidate, and the chosen grid.
+fn choose_grid(a: &PlanArgs, cfg: &TrainConfig, opts: &PlanOptions, world: usize) -> Result<(usize, usize, usize), Box<dyn std::error::Error>> {
+    let machine = crate::simulate::load_machine(a.machine.as_deref().ok_or("--auto needs --machine")?)?;
+    let base = Scenario { stats: opts.stats.clone(), placement: a.placement, full_sync: a.sync == SyncMode::Full, ..Scenario::new(1, world, cfg.batch_size, 1) };
+    let c = choose(cfg, &machine, world, &base, &SYNC_INTERVALS)?;
+    println!("plan --auto: T = {world} ranks on {}, global batch {}, {} GiB per rank", machine.name, cfg.batch_size, gib(machine.memory_per_rank as f64));
+    println!("{:>11} {:>4} {:>10} {:>14} {:>10} {:>9} {:>9}", "grid", "K", "step ms", "samples/s", "GiB/rank", "imbal", "");
+    for (i, k) in c.candidates.iter().enumerate() {
+        if let Some(p) = &k.prediction {
+            let verdict = if Some(i) == c.best { "CHOSEN" } else if p.fits { "" } else { "OOM" };
+            println!("{:>11} {:>4} {:>10.3} {:>14.0} {:>10} {:>9.3} {:>9}", p.grid, k.sync_every, p.step_ms, p.samples_per_s, gib(p.peak_bytes_per_rank as f64), p.imbalance, verdict);
+        }
+    }
+    println!("rejected:");
+    for k in &c.candidates {
+        if let Some(why) = &k.rejected {
+            println!("  {}x{} K={}: {why}", k.m, k.n, k.sync_every);
+        }
+    }
+    let best = c.best.ok_or_else(|| format!("plan --auto: no grid of {world} ranks fits {} GiB per rank", gib(machine.memory_per_rank as f64)))?;
+    let k = &c.candidates[best];
+    println!("chosen: grid {}x{}, sync every {} (ember train --grid {}x{} --sync-every {})\n", k.m, k.n, k.sync_every, k.m, k.n, k.sync_every);
+    Ok((k.m, k.n, k.sync_every))
+}
+
 pub fn run(a: PlanArgs) -> CliResult {
     let mut model = a.model.clone();
     // Nothing is allocated: plan the real shapes unless --max-rows caps them.
@@ -197,9 +234,14 @@ pub fn run(a: PlanArgs) -> CliResult {
         model.max_rows = Some(u64::MAX);
     }
     let cfg = model.train_config("tiny", None)?;
-    let (m, n) = parse_grid(&a.grid)?;
+    let (mut m, mut n) = parse_grid(&a.grid)?;
+    let mut opts = options(&a, &cfg)?;
+    if a.auto {
+        let (cm, cn, ck) = choose_grid(&a, &cfg, &opts, a.ranks.unwrap_or(m * n))?;
+        (m, n) = (cm, cn);
+        opts.sync_every = ck;
+    }
     check_batch(cfg.batch_size, m, n)?;
-    let opts = options(&a, &cfg)?;
     let (_plan, rep) = plan(&cfg.model, m, n, &opts)?;
     print!("{}", render(&rep, a.all_ranks));
     if a.json {
