@@ -40,6 +40,7 @@ pub fn run_with(out: &Path, a: &CalibrateArgs) -> CliResult {
             calibrate::host(&o, &mut log)?
         }
         Device::Cuda => cuda(a, quick, &command, &mut log)?,
+        Device::Emulated => return Err("--calibrate-device emulated: the emulated device is host memory behind counted copies, not a machine to describe; calibrate cpu or cuda".into()),
     };
     std::fs::write(out, m.to_toml()).map_err(|e| format!("ember simulate --calibrate: writing {}: {e}", out.display()))?;
     // The file must read back as it will be read.

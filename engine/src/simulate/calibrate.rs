@@ -174,7 +174,7 @@ fn curves(transport: Transport, peers: usize, quick: bool) -> Result<(Vec<CurveP
                     for (coll, curve) in [(Collective::AllToAll, &mut out.0), (Collective::AllReduce, &mut out.1)] {
                         // All-to-all sizes are per peer; a point records the rank's whole buffer.
                         let size = if coll == Collective::AllToAll { (total / peers).max(4) } else { total };
-                        let o = BenchOptions { min_bytes: size, max_bytes: size, factor: 2, iters, warmup: 1, check: 0, baseline: None, no_huge: false, register: false };
+                        let o = BenchOptions { min_bytes: size, max_bytes: size, factor: 2, iters, warmup: 1, check: 0, baseline: None, no_huge: false, per_op: false, register: false };
                         let rows = bench_rank(coll, &c, &o)?;
                         for r in rows {
                             let bytes = if coll == Collective::AllToAll { r.size * peers } else { r.size };
