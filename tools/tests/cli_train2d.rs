@@ -236,3 +236,16 @@ fn emulated_device_trains_like_the_cpu_and_reports_host_device_bytes() {
         assert!(v["host_device_bytes_per_step"]["host_to_device"].as_u64().unwrap() > up, "{what}: {v}");
     }
 }
+
+/// `ember selftest --device emulated`: every backend check, then the 2D self-test on the device
+/// paths (peers, staged) against the CPU backend, all passing.
+#[test]
+fn selftest_on_the_emulated_device_passes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(["selftest", "--device", "emulated"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for table in ["emulated vs cpu", "emulated 2D (peers) vs cpu", "emulated 2D (staged) vs cpu"] {
+        assert!(text.contains(table), "{table} missing:\n{text}");
+    }
+    assert_eq!(text.matches(" passed, 0 failed").count(), 3, "{text}");
+}
