@@ -9,15 +9,23 @@
 //! host → device or device → host counter; copies inside the device (copy_2d, gather_rows,
 //! put_rows, copy_addr, the fabric's direct copy, the parts sum_from reads) go to a third.
 //! The counters are atomics shared by the clones of one `Emulated` ([`Emulated::bytes`],
-//! [`Emulated::reset`]; [`Buffers::host_device_bytes`] for generic code).
+//! [`Emulated::reset`]; [`Buffers::host_device_bytes`] for generic code). Each thread also
+//! counts what it moved itself ([`Buffers::thread_host_device_bytes`]), so that work running
+//! beside other work (replica sync beside the dense update) is attributed exactly.
 //!
 //! Numerics are the CPU backend's code run on the memory under the buffers (nothing is
 //! duplicated), so results are bitwise the CPU backend's.
 use crate::backend::cpu::BagsRef;
 use crate::backend::*;
 use crate::Result;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+thread_local! {
+    /// What this thread moved through any `Emulated`: host → device, device → host, device → device.
+    static THREAD_BYTES: Cell<[u64; 3]> = const { Cell::new([0; 3]) };
+}
 
 /// A buffer of the emulated device: f32s the host reaches only through the backend's copies.
 pub struct DevBuf(Vec<f32>);
@@ -33,8 +41,16 @@ struct Counters {
 }
 
 impl Counters {
-    fn add(c: &AtomicU64, bytes: usize) {
+    /// Add to counter `which` (0: host → device, 1: device → host, 2: device → device) and to
+    /// the calling thread's.
+    fn add(&self, which: usize, bytes: usize) {
+        let c = [&self.host_to_device, &self.device_to_host, &self.device_to_device][which];
         c.fetch_add(bytes as u64, Ordering::Relaxed);
+        THREAD_BYTES.with(|t| {
+            let mut v = t.get();
+            v[which] += bytes as u64;
+            t.set(v);
+        });
     }
 }
 
@@ -69,13 +85,13 @@ impl Emulated {
     }
 
     fn h2d(&self, bytes: usize) {
-        Counters::add(&self.counters.host_to_device, bytes);
+        self.counters.add(0, bytes);
     }
     fn d2h(&self, bytes: usize) {
-        Counters::add(&self.counters.device_to_host, bytes);
+        self.counters.add(1, bytes);
     }
     fn d2d(&self, bytes: usize) {
-        Counters::add(&self.counters.device_to_device, bytes);
+        self.counters.add(2, bytes);
     }
 }
 
@@ -190,13 +206,18 @@ impl Buffers for Emulated {
         let (copy, counters) = (Cpu.direct_copy(), self.counters.clone());
         Arc::new(move |src, dst, len| {
             copy(src, dst, len)?;
-            Counters::add(&counters.device_to_device, len);
+            counters.add(2, len);
             Ok(())
         })
     }
 
     fn host_device_bytes(&self) -> Option<HostDeviceBytes> {
         Some(self.bytes())
+    }
+
+    fn thread_host_device_bytes(&self) -> Option<HostDeviceBytes> {
+        let [h, d, dd] = THREAD_BYTES.with(Cell::get);
+        Some(HostDeviceBytes { host_to_device: h, device_to_host: d, device_to_device: dd })
     }
 }
 

@@ -446,6 +446,13 @@ pub trait Buffers: Send + Sync + 'static {
     fn host_device_bytes(&self) -> Option<HostDeviceBytes> {
         None
     }
+
+    /// What the calling thread has moved between host and device so far, through any buffers
+    /// of this backend's kind, where the backend counts it; None for the others. Attributes
+    /// the bytes of work that runs beside other work (replica sync beside the dense update).
+    fn thread_host_device_bytes(&self) -> Option<HostDeviceBytes> {
+        None
+    }
 }
 
 /// Every numeric operation a training step needs, on the buffers of [`Buffers`]. The CPU and

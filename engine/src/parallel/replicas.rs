@@ -6,7 +6,7 @@ use super::meter::Stage;
 use super::rank::Rank2D;
 use super::sync;
 use super::xfer::Xfer;
-use crate::backend::Backend;
+use crate::backend::{Backend, HostDeviceBytes};
 use crate::{Error, Result};
 use ember_transport::ReduceOp;
 use std::time::Instant;
@@ -14,16 +14,15 @@ use std::time::Instant;
 impl<B: Backend> Rank2D<B> {
     /// Step 6: replica sync (also callable at the end of training).
     pub fn sync(&mut self, be: &B) -> Result<()> {
-        let hd0 = be.host_device_bytes();
+        let hd0 = be.thread_host_device_bytes();
         let s = self.span(Stage::Sync, |r| {
             let delayed = if r.opts.delayed_state_sync { Some(&mut r.pending) } else { None };
             sync::replica_sync(be, &r.comms.replica, &mut r.shards, &mut r.touched, r.opts.sync, delayed, r.xfer)
         })?;
         self.meter.bytes.traffic.sync_index += s.index_bytes;
         self.meter.bytes.traffic.sync_values += s.value_bytes;
-        if let (Some(a), Some(b)) = (hd0, be.host_device_bytes()) {
-            let m = self.meter.bytes.sync_host_device.get_or_insert_with(Default::default);
-            *m = m.plus(&b.since(&a));
+        if let Some(hd) = hd0.zip(be.thread_host_device_bytes()).map(|(a, b)| b.since(&a)) {
+            self.note_sync_host_device(hd);
         }
         Ok(())
     }
@@ -58,7 +57,16 @@ impl<B: Backend> Rank2D<B> {
         self.meter.close_at("sync (wait after the dense update)", None, dense_end, joined);
         self.meter.bytes.traffic.sync_index += s.index_bytes;
         self.meter.bytes.traffic.sync_values += s.value_bytes;
+        if let Some(hd) = span.host_device {
+            self.note_sync_host_device(hd);
+        }
         Ok(loss)
+    }
+
+    /// Add one sync's host↔device bytes (counted on the thread that ran it) to the meter.
+    fn note_sync_host_device(&mut self, hd: HostDeviceBytes) {
+        let m = self.meter.bytes.sync_host_device.get_or_insert_with(Default::default);
+        *m = m.plus(&hd);
     }
 
     /// Fully-sharded 2D, after the lookup: reduce-scatter (mean) the concatenated shard weights

@@ -17,7 +17,7 @@
 //! packed state rows only.
 use super::route::Touched;
 use super::xfer::Xfer;
-use crate::backend::{Backend, Buffers, Cpu, Shard};
+use crate::backend::{Backend, Buffers, Cpu, HostDeviceBytes, Shard};
 use crate::plan::{index_width, SYNC_CHUNK};
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
@@ -305,6 +305,8 @@ fn average_rows<B: Backend>(
 pub struct SyncSpan {
     pub start: Instant,
     pub end: Instant,
+    /// What the sync's thread moved between host and device, where the backend counts it.
+    pub host_device: Option<HostDeviceBytes>,
 }
 
 /// [`replica_sync`] in flight while `work` runs on the calling thread; both finished when this
@@ -334,15 +336,17 @@ pub fn replica_sync_beside<B: Backend, R>(
     let start = Instant::now();
     std::thread::scope(|s| {
         let sync = std::thread::Builder::new().name("ember-replica-sync".into()).spawn_scoped(s, move || {
+            let hd0 = be.thread_host_device_bytes();
             let r = replica_sync(be, comm, shards, touched, mode, delayed, xfer);
-            (r, Instant::now())
+            let hd = hd0.zip(be.thread_host_device_bytes()).map(|(a, b)| b.since(&a));
+            (r, Instant::now(), hd)
         });
         let out = work();
-        let (synced, end) = match sync {
-            Ok(h) => h.join().unwrap_or_else(|_| (Err(Error::Transport("replica sync: its thread panicked".into())), Instant::now())),
-            Err(e) => (Err(Error::Transport(format!("replica sync: cannot start its thread: {e}"))), Instant::now()),
+        let (synced, end, host_device) = match sync {
+            Ok(h) => h.join().unwrap_or_else(|_| (Err(Error::Transport("replica sync: its thread panicked".into())), Instant::now(), None)),
+            Err(e) => (Err(Error::Transport(format!("replica sync: cannot start its thread: {e}"))), Instant::now(), None),
         };
-        (synced, SyncSpan { start, end }, out)
+        (synced, SyncSpan { start, end, host_device }, out)
     })
 }
 
