@@ -28,10 +28,11 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Every subcommand that takes flags, as words after `ember`.
-const SUBCOMMANDS: [&str; 14] = [
+const SUBCOMMANDS: [&str; 15] = [
     "train",
     "convert",
     "plan",
+    "simulate",
     "config",
     "launch",
     "selftest",
