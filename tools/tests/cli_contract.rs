@@ -32,6 +32,7 @@ const SUBCOMMANDS: [&str; 15] = [
     "train",
     "convert",
     "plan",
+    "simulate",
     "config",
     "launch",
     "selftest",

@@ -12,6 +12,8 @@ pub mod links;
 pub mod choose;
 pub mod machine;
 pub mod model;
+#[cfg(test)]
+mod measured_here;
 
 pub use machine::Machine;
 pub use model::{predict, Prediction, Scenario, StagePrediction};
