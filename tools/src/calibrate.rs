@@ -21,11 +21,6 @@ pub struct CalibrateArgs {
     pub links: Option<String>,
 }
 
-/// `ember simulate --calibrate OUT` on this host's CPU.
-pub fn run(out: &Path) -> CliResult {
-    run_with(out, &CalibrateArgs { device: Device::Cpu, links: None })
-}
-
 /// `ember simulate --calibrate OUT` with its options. `EMBER_CALIBRATE_QUICK=1` selects tiny
 /// sizes and one repetition (tests: it checks the plumbing and measures nothing).
 pub fn run_with(out: &Path, a: &CalibrateArgs) -> CliResult {

@@ -17,6 +17,8 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE")]
     pub calibrate: Option<PathBuf>,
     #[command(flatten)]
+    pub calibration: crate::calibrate::CalibrateArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     /// The machine: a TOML file (`ember simulate --calibrate` writes one) or a preset's name.
     #[arg(long, value_name = "FILE|PRESET")]
@@ -211,7 +213,7 @@ pub fn render_sweep(rows: &[SweepRow]) -> String {
 
 pub fn run(a: SimulateArgs) -> CliResult {
     if let Some(out) = &a.calibrate {
-        return crate::calibrate::run(out);
+        return crate::calibrate::run_with(out, &a.calibration);
     }
     let machine = load_machine(a.machine.as_deref().ok_or("ember simulate: --machine FILE|PRESET is required")?)?;
     let cfg = model_config(&a)?;
