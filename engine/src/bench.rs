@@ -50,7 +50,7 @@ pub struct EmbeddingResult {
     /// Unique rows a step touches, all tables together (mean over the step's id sets).
     pub unique_rows: f64,
     /// The forward's and the fused backward's bytes by the scale model's convention
-    /// ([`crate::simulate::machine::emb_forward_bytes`], [`crate::simulate::machine::emb_backward_bytes`]).
+    /// ([`crate::simulate::kernels::forward_bytes`], [`crate::simulate::kernels::backward_bytes`]).
     pub forward_bytes: f64,
     pub backward_bytes: f64,
     pub config: EmbeddingBench,
@@ -186,8 +186,8 @@ pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingRe
         backward_ms: median(&bwd),
         bytes_per_step: bytes,
         unique_rows,
-        forward_bytes: crate::simulate::machine::emb_forward_bytes(lookups, outputs, cfg.dim),
-        backward_bytes: crate::simulate::machine::emb_backward_bytes(unique_rows, lookups, outputs, cfg.dim, cfg.optimizer.state_per_row(cfg.dim)),
+        forward_bytes: crate::simulate::kernels::forward_bytes(lookups, outputs, cfg.dim),
+        backward_bytes: crate::simulate::kernels::backward_bytes(&cfg.optimizer, lookups, outputs, unique_rows, cfg.dim),
         config: cfg.clone(),
         backend: be.name().into(),
     })

@@ -57,20 +57,14 @@ pub struct SimulateArgs {
     pub json: bool,
 }
 
-/// Machine presets by name. The shipped presets live with the machine description; until they
-/// do, only files resolve.
-fn machine_preset(_name: &str) -> Option<Machine> {
-    None
-}
-
-/// `--machine`: a file if one exists at that path, else a preset.
+/// `--machine`: a file if one exists at that path, else a shipped preset
+/// (`Machine::PRESETS`).
 pub fn load_machine(spec: &str) -> Result<Machine, Box<dyn std::error::Error>> {
     let path = std::path::Path::new(spec);
     if path.is_file() {
-        let text = ember_engine::config::read_config_file(path).map_err(|e| format!("--machine {spec}: {e}"))?;
-        return Ok(Machine::from_toml(&text, &format!("--machine {spec}"))?);
+        return Ok(Machine::read(path).map_err(|e| format!("--machine {spec}: {e}"))?);
     }
-    machine_preset(spec).ok_or_else(|| format!("--machine {spec}: no such file, and no machine preset of that name").into())
+    Machine::preset(spec).map_err(|e| format!("--machine {spec}: no such file, and {e}").into())
 }
 
 fn gib(x: f64) -> f64 {

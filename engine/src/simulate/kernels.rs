@@ -24,16 +24,6 @@ pub fn backward_bytes(opt: &EmbOptimizer, ids: f64, bags: f64, unique: f64, cols
     unique * 2.0 * (cols as f64 + state) * F32 + bags * cols as f64 * F32 + ids * WORD
 }
 
-/// The machine's efficiency of the fused backward for `opt`.
-pub fn backward_eff(m: &super::Machine, opt: &EmbOptimizer) -> f64 {
-    let e = &m.compute.emb_backward_eff;
-    match opt {
-        EmbOptimizer::Sgd { .. } => e.sgd,
-        EmbOptimizer::RowWiseAdagrad { .. } => e.rowwise_adagrad,
-        EmbOptimizer::Adagrad { .. } => e.adagrad,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //!   node busy and divided by the units (a node of U units moves U × `stream_bw`).
 //! * `stream_bw` and `gather_bw` count bytes read plus bytes written, as `ember bench mem`
 //!   prints them: a gathered 256-byte row counts 512 bytes.
-//! * An embedding kernel's time is its bytes ([`emb_forward_bytes`], [`emb_backward_bytes`])
+//! * An embedding kernel's time is its bytes ([`super::kernels`])
 //!   divided by `efficiency × gather_bw`; the calibration measures the efficiency as
 //!   bytes ÷ time ÷ `gather_bw`.
 //! * A dense GEMM's time is its FLOPs (2·m·n·k) divided by `gemm_flops`.
@@ -35,21 +35,6 @@ pub const MAX_SECONDS: f64 = 3600.0;
 /// At most this many `sources` lines, and this many characters in any text field.
 pub const MAX_SOURCES: usize = 256;
 pub const MAX_TEXT: usize = 4096;
-
-/// Bytes of an embedding forward (pooled lookup) by the convention of the efficiencies: every
-/// looked-up row read plus every pooled output row written, `dim` f32 each.
-pub fn emb_forward_bytes(lookups: f64, outputs: f64, dim: usize) -> f64 {
-    (lookups + outputs) * dim as f64 * 4.0
-}
-
-/// Bytes of a fused embedding backward + optimizer by the convention of the efficiencies (the
-/// byte floor of the fused backward): every unique row touched read and written with its
-/// optimizer state (`state_per_row` f32: 0 for SGD, 1 for row-wise AdaGrad, `dim` for
-/// element-wise AdaGrad), every output gradient row read, every id (8 bytes) read:
-/// `U·(2·D·4 + 2·S·4) + B·F·D·4 + B·F·L·8` with `outputs` = B·F and `lookups` = B·F·L.
-pub fn emb_backward_bytes(unique_rows: f64, lookups: f64, outputs: f64, dim: usize, state_per_row: usize) -> f64 {
-    unique_rows * (2.0 * dim as f64 * 4.0 + 2.0 * state_per_row as f64 * 4.0) + outputs * dim as f64 * 4.0 + lookups * 8.0
-}
 
 /// One machine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,10 +84,10 @@ pub struct ComputeRates {
     /// input gradient of every MLP layer), FLOP/s counting 2·m·n·k per GEMM.
     pub gemm_flops: f64,
     /// Embedding forward (pooled lookup): fraction of `gather_bw` its bytes
-    /// ([`emb_forward_bytes`]) reach.
+    /// ([`super::kernels::forward_bytes`]) reach.
     pub emb_forward_eff: f64,
-    /// Fused backward + optimizer: fraction of `gather_bw` its bytes ([`emb_backward_bytes`])
-    /// reach, per optimizer.
+    /// Fused backward + optimizer: fraction of `gather_bw` its bytes
+    /// ([`super::kernels::backward_bytes`]) reach, per optimizer.
     pub emb_backward_eff: EmbBackwardEff,
     /// Fixed cost of one step outside the stages above (launches, bookkeeping), seconds.
     #[serde(default)]
@@ -377,18 +362,22 @@ mod tests {
     #[test]
     fn the_byte_convention_matches_the_sources_arithmetic() {
         // The H200 figures of docs/gpu-results.md the h200-ib preset derives its efficiencies from.
-        assert_eq!(emb_forward_bytes(1_310_720.0, 65_536.0, 64), 352_321_536.0);
-        assert_eq!(emb_backward_bytes(1_118_404.0, 1_310_720.0, 65_536.0, 64, 1), 608_833_056.0);
+        use crate::config::EmbOptimizer;
+        use crate::simulate::kernels::{backward_bytes, forward_bytes};
+        let rowwise = EmbOptimizer::RowWiseAdagrad { lr: 0.1, eps: 1e-8, c: None, eps_inside: false };
+        let sgd = EmbOptimizer::Sgd { lr: 0.1 };
+        let adagrad = EmbOptimizer::Adagrad { lr: 0.1, eps: 1e-8, c: None, eps_inside: false };
+        assert_eq!(forward_bytes(1_310_720.0, 65_536.0, 64), 352_321_536.0);
+        assert_eq!(backward_bytes(&rowwise, 1_310_720.0, 65_536.0, 1_118_404.0, 64), 608_833_056.0);
         let m = Machine::preset("h200-ib").unwrap();
         let fwd = 352_321_536.0 / 0.097e-3 / m.memory.gather_bw;
         let bwd = 608_833_056.0 / 0.496e-3 / m.memory.gather_bw;
         assert!((fwd - m.compute.emb_forward_eff).abs() < 0.005, "{fwd}");
         assert!((bwd - m.compute.emb_backward_eff.rowwise_adagrad).abs() < 0.005, "{bwd}");
         // SGD moves no state, element-wise AdaGrad D floats per row.
-        assert_eq!(emb_backward_bytes(10.0, 0.0, 0.0, 4, 0), 10.0 * 32.0);
-        assert_eq!(emb_backward_bytes(10.0, 0.0, 0.0, 4, 4), 10.0 * 64.0);
-        let opt = crate::config::EmbOptimizer::Adagrad { lr: 0.1, eps: 1e-8, c: None, eps_inside: false };
-        assert_eq!(m.compute.emb_backward_eff.of(&opt), m.compute.emb_backward_eff.adagrad);
+        assert_eq!(backward_bytes(&sgd, 0.0, 0.0, 10.0, 4), 10.0 * 32.0);
+        assert_eq!(backward_bytes(&adagrad, 0.0, 0.0, 10.0, 4), 10.0 * 64.0);
+        assert_eq!(m.compute.emb_backward_eff.of(&adagrad), m.compute.emb_backward_eff.adagrad);
     }
 
     /// `text` with `key = ...` (first occurrence) replaced by `key = value`.

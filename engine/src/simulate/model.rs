@@ -24,7 +24,7 @@
 //! dense stage, the dense all-reduce overlaps the embedding backward and the replica sync
 //! overlaps the dense update; on a time-shared host every transfer is work for the same cores
 //! and nothing overlaps, except the sync with the dense update (the engine runs them together).
-use super::kernels::{backward_bytes, backward_eff, forward_bytes};
+use super::kernels::{backward_bytes, forward_bytes};
 use super::links::{all_reduce, all_to_all, Cost};
 use super::Machine;
 use crate::config::{DenseOptimizer, Interaction, ModelConfig, TrainConfig};
@@ -219,7 +219,7 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
             let si = all_to_all(mc, m, lrep, sync_index);
             R {
                 lookup: fb / (gather * mc.compute.emb_forward_eff) * ts,
-                bwd: bb / (gather * backward_eff(mc, &cfg.optim.embedding)) * ts,
+                bwd: bb / (gather * mc.compute.emb_backward_eff.of(&cfg.optim.embedding)) * ts,
                 input: all_to_all(mc, n, l, tr.input_a2a),
                 output: all_to_all(mc, n, l, out_bytes),
                 grads: Cost { seconds: grads.seconds + gat.seconds, intra_bytes: grads.intra_bytes + gat.intra_bytes, inter_bytes: grads.inter_bytes + gat.inter_bytes },
