@@ -28,7 +28,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Every subcommand that takes flags, as words after `ember`.
-const SUBCOMMANDS: [&str; 15] = [
+const SUBCOMMANDS: [&str; 16] = [
     "train",
     "convert",
     "plan",
