@@ -70,17 +70,19 @@ speed() {
   # every run is made with both binaries in alternating order, the base tagged "G base".
   # Each round also measures the replica group's all-reduce (4 MiB, the sync's chunk size) with
   # all T ranks busy (`bench allreduce --split MxN`): the sync's floor is its bytes at that rate.
+  # A round starts on a quiet machine (QUIET=run: before every run instead).
   local f=$OUT/speed.jsonl fl=$OUT/floor.jsonl; : >"$f"; : >"$fl"
   local args=(--preset bench --max-rows 100000 --batch-size 4096 --steps 20)
   local bins=("$E") tags=("")
   [ -n "${EMBER_BASE:-}" ] && bins+=("$EMBER_BASE") && tags+=(" base")
   for i in $(seq "$RUNS"); do
+    quiet
     for g in ${GRIDS:-1x8 2x4 4x2 8x1 p1x2 p2x1}; do
       local order=(0 1); [ $((i % 2)) = 0 ] && order=(1 0)
       for j in "${order[@]}"; do
         [ "$j" -ge ${#bins[@]} ] && continue
         local E0=$E; E=${bins[$j]}
-        quiet
+        [ "${QUIET:-round}" = run ] && quiet
         case $g in
           p*) LAUNCH=2 run "${g#p} (2 processes)${tags[$j]}" "$f" "${args[@]}" --grid "${g#p}" ;;
           *) run "$g${tags[$j]}" "$f" "${args[@]}" --grid "$g" ;;
@@ -89,7 +91,7 @@ speed() {
       done
       case $g in
         1x8|p*) ;;
-        *) quiet
+        *) [ "${QUIET:-round}" = run ] && quiet
            "$E" bench allreduce --ranks 8 --split "$g" -b 4M -e 4M -n 10 --json 2>/dev/null \
              | jq -c --arg tag "$g" 'select(.group == "replica") | {tag: $tag, ranks, size, time_us, algbw}' >>"$fl" ;;
       esac
