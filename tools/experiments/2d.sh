@@ -65,8 +65,7 @@ quality() {
 
 speed() {
   # T = 8 in-process, bench model with rows capped at 100k (8 replicas fit), planner's choice;
-  # then T = 2 as two processes (`ember launch -n 2`, shared memory). Each round waits for a quiet
-  # machine before every run. With EMBER_BASE set (another ember binary, e.g. the previous main)
+  # then T = 2 as two processes (`ember launch -n 2`, shared memory). With EMBER_BASE set (another ember binary, e.g. the previous main)
   # every run is made with both binaries in alternating order, the base tagged "G base".
   # Each round also measures the replica group's all-reduce (4 MiB, the sync's chunk size) with
   # all T ranks busy (`bench allreduce --split MxN`): the sync's floor is its bytes at that rate.
