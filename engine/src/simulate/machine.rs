@@ -221,6 +221,25 @@ impl Machine {
         FIELD_GROUPS.iter().copied().filter(|g| !empty(g) && !named(g)).collect()
     }
 
+    /// A machine for the model's unit tests: `ranks` per node on `units`, `memory` per rank,
+    /// round rates (20 GB/s stream, 10 GB/s gather, 100 GFLOP/s, links 10 and 1 GB/s).
+    #[cfg(test)]
+    pub(crate) fn for_tests(ranks: usize, units: usize, memory: u64) -> Machine {
+        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![], all_reduce: vec![] };
+        Machine {
+            name: "t".into(),
+            description: String::new(),
+            ranks_per_node: ranks,
+            compute_units_per_node: units,
+            memory_per_rank: memory,
+            memory: MemoryRates { stream_bw: 2e10, gather_bw: 1e10 },
+            compute: ComputeRates { gemm_flops: 1e11, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.25, rowwise_adagrad: 0.25, adagrad: 0.25 }, step_overhead_s: 0.0 },
+            intra_node: link(1e10, 1e-6),
+            inter_node: link(1e9, 1e-5),
+            sources: vec![],
+        }
+    }
+
     /// Every rate finite, positive and below [`MAX_RATE`], every efficiency in (0, 1], every
     /// time finite, non-negative and below [`MAX_SECONDS`], curves bounded, sorted and sane,
     /// text bounded. The error names the field.

@@ -314,22 +314,9 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
 mod tests {
     use super::*;
     use crate::config::{preset, EmbOptimizer, TableConfig};
-    use crate::simulate::machine::{ComputeRates, EmbBackwardEff, Link, MemoryRates};
 
     fn machine(ranks: usize, units: usize, memory: u64) -> Machine {
-        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![], all_reduce: vec![] };
-        Machine {
-            name: "t".into(),
-            description: String::new(),
-            ranks_per_node: ranks,
-            compute_units_per_node: units,
-            memory_per_rank: memory,
-            memory: MemoryRates { stream_bw: 2e10, gather_bw: 1e10 },
-            compute: ComputeRates { gemm_flops: 1e11, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.25, rowwise_adagrad: 0.25, adagrad: 0.25 }, step_overhead_s: 0.0 },
-            intra_node: link(1e10, 1e-6),
-            inter_node: link(1e9, 1e-5),
-            sources: vec![],
-        }
+        Machine::for_tests(ranks, units, memory)
     }
 
     fn bench() -> TrainConfig {
