@@ -38,7 +38,7 @@ for l in sys.stdin:
     cat <<'CALL'
 On the GPU machine (about 6 minutes on an H100/H200), copy the repository with its .gpu/
 folder there, then run from the repository root:
-  timeout 540 bash .gpu/gpu-check.sh device
+  timeout 470 bash .gpu/gpu-check.sh device
 It writes its log and tables to $OUT (default /tmp/gpu-out); copy $OUT/gpu-results.md back
 into docs/gpu-results.md and $OUT/machine-gpu.toml (this GPU's calibrated machine file for the
 scale model, docs/machine.md) into docs/machine-gpu.toml.
@@ -118,7 +118,7 @@ cli 60 bench mem --device cuda
 cli 30 bench gemm --device cuda --batch-size 8192
 # The scale model's figures of this GPU (docs/machine.md): memory, GEMM and embedding kernels
 # measured, node shape and links from the matching preset; at most ~1 minute.
-cli 120 simulate --calibrate "$OUT/machine-gpu.toml" --calibrate-device cuda
+cli 90 simulate --calibrate "$OUT/machine-gpu.toml" --calibrate-device cuda
 # 2D on one GPU (4 in-process ranks, own streams and pool arenas); target: grid 2x2
 # >= 3x the torch reference of the same model and >= 20x the 2-core CPU backend.
 cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
