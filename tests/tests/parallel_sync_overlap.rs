@@ -186,12 +186,16 @@ fn a_peer_dying_while_the_sync_is_in_flight_fails_the_others_naming_it() {
     let world = ember_transport::local_world_with_timeout(m, timeout);
     let upd = EmbUpdate::new(&EmbOptimizer::RowWiseAdagrad { lr: 0.1, eps: 1e-8, c: None, eps_inside: false }, &WeightDecay::None, 1.0);
     let spec = ShardSpec { table: 0, table_rows: 64, dim: 4, rows: 0..64, cols: 0..4 };
+    // Ranks 0 and 1 keep their communicators until both syncs have failed: otherwise the first
+    // to fail could drop its own before the other saw rank 2's failure, and be named instead.
+    let gate = std::sync::Barrier::new(2);
     let t0 = Instant::now();
     let out: Vec<Option<(String, u64)>> = std::thread::scope(|s| {
         let hs: Vec<_> = world
             .into_iter()
             .map(|world| {
                 let spec = spec.clone();
+                let gate = &gate;
                 s.spawn(move || {
                     let be = Cpu::new();
                     let r = world.rank();
@@ -213,6 +217,7 @@ fn a_peer_dying_while_the_sync_is_in_flight_fails_the_others_naming_it() {
                         let mut x = [r as u64 + 1];
                         pair.all_reduce(&mut x, ember_transport::ReduceOp::Sum).map(|_| x[0])
                     });
+                    gate.wait();
                     Some((synced.expect_err("the sync must fail").to_string(), work.unwrap()))
                 })
             })
