@@ -31,3 +31,23 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
+
+/// Two runs trained bitwise alike: the same per-step losses and, on every rank, the same shard
+/// weights, optimizer state and dense parameters, bit for bit. `what` names the comparison.
+pub fn assert_bitwise_same(what: &str, losses: (&[f64], &[f64]), a: &[RankState], b: &[RankState]) {
+    let lb = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(lb(losses.0), lb(losses.1), "{what}: losses {:?} vs {:?}", losses.0, losses.1);
+    assert_eq!(a.len(), b.len(), "{what}: rank counts differ");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.shards.len(), y.shards.len(), "{what}: rank {} shard counts differ", x.world_rank);
+        for (i, ((sa, wa, va), (sb, wb, vb))) in x.shards.iter().zip(&y.shards).enumerate() {
+            assert_eq!(sa, sb, "{what}: rank {} shard {i} specs differ", x.world_rank);
+            assert!(bits(wa) == bits(wb), "{what}: rank {} shard {i} weights differ", x.world_rank);
+            assert!(bits(va) == bits(vb), "{what}: rank {} shard {i} optimizer state differs", x.world_rank);
+        }
+        for (i, (pa, pb)) in x.dense.iter().zip(&y.dense).enumerate() {
+            assert!(bits(pa) == bits(pb), "{what}: rank {} dense param {i} differs", x.world_rank);
+        }
+    }
+}

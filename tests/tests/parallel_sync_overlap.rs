@@ -1,7 +1,7 @@
 //! The replica sync in flight beside the dense update (engine/src/parallel/sync.rs
 //! `replica_sync_beside`), and the touched rows it sends in narrow index types.
 //!
-//! Oracle for the overlap: the same run with `overlap_sync: false`, which runs the sync after the
+//! Oracle for the overlap: the same run with `overlap_sync: OverlapSync::Off`, which runs the sync after the
 //! dense update (the order the step had before the overlap): losses, NE, every shard's weights
 //! and optimizer state and every dense parameter must agree bitwise, on grids 2x2, 4x1 and 2x4,
 //! sparse and full sync, delayed state sync, and the staged and peer-to-peer buffer transports. A peer that dies
@@ -13,9 +13,9 @@ use ember_engine::grid::{Grid, Placement};
 use ember_engine::parallel::driver::{Job, RankState};
 use ember_engine::parallel::route::Touched;
 use ember_engine::parallel::sync::{decode_touched, replica_sync, replica_sync_beside};
-use ember_engine::parallel::{ParallelOptions, SyncMode, Xfer, XferKind};
+use ember_engine::parallel::{OverlapSync, ParallelOptions, SyncMode, Xfer, XferKind};
 use ember_engine::plan::{index_width, ShardingType};
-use ember_tests::two_d::cycling_plan;
+use ember_tests::two_d::{assert_bitwise_same, cycling_plan};
 use std::time::{Duration, Instant};
 
 fn config(batch: usize) -> TrainConfig {
@@ -46,19 +46,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 fn assert_same(what: &str, a: &(Vec<f64>, f64, Vec<RankState>), b: &(Vec<f64>, f64, Vec<RankState>)) {
-    let lb = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(lb(&a.0), lb(&b.0), "{what}: losses {:?} vs {:?}", a.0, b.0);
     assert_eq!(a.1.to_bits(), b.1.to_bits(), "{what}: NE {} vs {}", a.1, b.1);
-    for (x, y) in a.2.iter().zip(&b.2) {
-        for (i, ((sa, wa, va), (sb, wb, vb))) in x.shards.iter().zip(&y.shards).enumerate() {
-            assert_eq!(sa, sb);
-            assert!(bits(wa) == bits(wb), "{what}: rank {} shard {i} weights differ", x.world_rank);
-            assert!(bits(va) == bits(vb), "{what}: rank {} shard {i} optimizer state differs", x.world_rank);
-        }
-        for (i, (pa, pb)) in x.dense.iter().zip(&y.dense).enumerate() {
-            assert!(bits(pa) == bits(pb), "{what}: rank {} dense param {i} differs", x.world_rank);
-        }
-    }
+    assert_bitwise_same(what, (&a.0, &b.0), &a.2, &b.2);
 }
 
 #[test]
@@ -74,7 +63,7 @@ fn the_sync_beside_the_dense_update_trains_bitwise_like_the_sync_after_it() {
         (2, 2, SyncMode::Sparse, true, XferKind::Peers, 1),
     ];
     for (m, n, sync, delayed, xfer, k) in cases {
-        let opts = |overlap| ParallelOptions { sync_every: k, sync, delayed_state_sync: delayed, xfer, overlap_sync: overlap, ..ParallelOptions::default() };
+        let opts = |overlap| ParallelOptions { sync_every: k, sync, delayed_state_sync: delayed, xfer, overlap_sync: if overlap { OverlapSync::On } else { OverlapSync::Off }, ..ParallelOptions::default() };
         let after = run(m, n, &opts(false));
         assert!(after.0.iter().all(|l| l.is_finite()) && after.1.is_finite());
         let beside = run(m, n, &opts(true));
@@ -92,14 +81,21 @@ fn index_widths_are_the_narrowest_that_hold_the_rows() {
 }
 
 /// A sparse sync's index bytes: per shard, its touched rows and their count, in the shard's
-/// width (2 bytes for a 40-row shard, 4 for a 70 000-row one); values as before.
+/// width (2 bytes for a 40-row shard, 4 for a 70 000-row one), or the count and a bitmap when
+/// that is smaller (48 of a 64-row shard's rows: 8 bytes instead of 96); values as before, and
+/// the densely touched shard averaged like an f64 oracle.
 #[test]
 fn a_sync_sends_each_shards_touched_rows_in_its_index_width() {
     let m = 2;
     let upd = EmbUpdate::new(&EmbOptimizer::RowWiseAdagrad { lr: 0.1, eps: 1e-8, c: None, eps_inside: false }, &WeightDecay::None, 1.0);
-    let specs = [ShardSpec { table: 0, table_rows: 40, dim: 4, rows: 0..40, cols: 0..4 }, ShardSpec { table: 1, table_rows: 70_000, dim: 2, rows: 0..70_000, cols: 0..2 }];
-    // Replica r touches rows {r, 5} of shard 0 and {69_999 − r, 66_000, 7} of shard 1.
-    let rows = |r: u64| [vec![r, 5], vec![7, 66_000, 69_999 - r]];
+    let specs = [
+        ShardSpec { table: 0, table_rows: 40, dim: 4, rows: 0..40, cols: 0..4 },
+        ShardSpec { table: 1, table_rows: 70_000, dim: 2, rows: 0..70_000, cols: 0..2 },
+        ShardSpec { table: 2, table_rows: 64, dim: 1, rows: 0..64, cols: 0..1 },
+    ];
+    // Replica r touches rows {r, 5} of shard 0, {69_999 − r, 66_000, 7} of shard 1 and every
+    // row i of shard 2 with i % 4 != r (48 rows; together all 64).
+    let rows = |r: u64| [vec![r, 5], vec![7, 66_000, 69_999 - r], (0..64).filter(|i| i % 4 != r).collect::<Vec<u64>>()];
     let world = ember_transport::local_world(m);
     let out: Vec<(u64, u64, Vec<Vec<f32>>)> = std::thread::scope(|s| {
         let hs: Vec<_> = world
@@ -125,12 +121,21 @@ fn a_sync_sends_each_shards_touched_rows_in_its_index_width() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let be = Cpu::new();
+    let initial = be.download(&new_shard(&be, 7, specs[2].clone(), &upd).unwrap().weights).unwrap();
+    let oracle: Vec<u32> = (0..64u64)
+        .map(|i| {
+            let w = |r: u64| (initial[i as usize] + if i % 4 != r { 1.0 + r as f32 } else { 0.0 }) as f64;
+            (((w(0) + w(1)) / 2.0) as f32).to_bits()
+        })
+        .collect();
     for (r, o) in out.iter().enumerate() {
-        assert_eq!(o.0, (1 + 2) * 2 + (1 + 3) * 4, "rank {r}: index bytes");
-        // Unions {0, 1, 5} and {7, 66 000, 69 998, 69 999}: (cols + 1 state float) × 4 bytes.
-        assert_eq!(o.1, (3 * (4 + 1) + 4 * (2 + 1)) * 4, "rank {r}: value bytes");
+        assert_eq!(o.0, (1 + 2) * 2 + (1 + 3) * 4 + (2 + 8), "rank {r}: index bytes");
+        // Unions {0, 1, 5}, {7, 66 000, 69 998, 69 999} and all 64 rows: (cols + 1 state float) × 4 bytes.
+        assert_eq!(o.1, (3 * (4 + 1) + 4 * (2 + 1) + 64 * (1 + 1)) * 4, "rank {r}: value bytes");
         assert_eq!(bits(&o.2[0]), bits(&out[0].2[0]));
         assert_eq!(bits(&o.2[1]), bits(&out[0].2[1]));
+        assert_eq!(bits(&o.2[2]), oracle, "rank {r}: the densely touched shard");
     }
 }
 
@@ -165,10 +170,32 @@ fn hostile_touched_rows_messages_are_refused_before_anything_is_indexed() {
     };
     refuse("row past the shard", message(&[(2, &[300]), (4, &[])]), &["replica 1", "row out of range", "shard 0"]);
     refuse("row past the second shard", message(&[(2, &[]), (4, &[100_000])]), &["replica 1", "row out of range", "shard 1"]);
-    refuse("count beyond the message", [vec![0xff, 0xff], message(&[(4, &[])])].concat(), &["replica 1", "row count beyond the message", "shard 0"]);
+    refuse("count beyond the shard", [vec![0x2d, 0x01], message(&[(4, &[])])].concat(), &["replica 1", "row count beyond the shard's rows", "shard 0"]);
+    // 19 rows of shard 0 travel as a list (38 bytes, no more than its bitmap's 38): none came.
+    refuse("count beyond the message", [vec![19, 0], message(&[(4, &[])])].concat(), &["replica 1", "row count beyond the message", "shard 0"]);
     refuse("truncated", message(&[(2, &[1])]), &["replica 1", "too short", "shard 1"]);
     refuse("empty", Vec::new(), &["replica 1", "too short", "shard 0"]);
     refuse("trailing bytes", [message(&[(2, &[1]), (4, &[2])]), vec![0]].concat(), &["replica 1", "left over"]);
+    // 20 or more rows of shard 0 travel as its 300-bit bitmap (38 bytes, smaller than the list).
+    let bitmap_msg = |n: u16, set: &[usize]| {
+        let mut b = vec![0u8; 38];
+        for &r in set {
+            b[r / 8] |= 1 << (r % 8);
+        }
+        [n.to_le_bytes().to_vec(), b, message(&[(4, &[7])])].concat()
+    };
+    let dense: Vec<usize> = (0..300).step_by(10).collect();
+    let m1 = bitmap_msg(30, &dense);
+    let u = decode_touched(&[good0.clone(), m1.clone()].concat(), &[good0.len(), m1.len()], &rows).unwrap();
+    let mut want: Vec<u64> = dense.iter().map(|&r| r as u64).chain([1, 299]).collect();
+    want.sort_unstable();
+    want.dedup();
+    assert_eq!(u, vec![want, vec![0, 7, 99_999]]);
+    let mut past = dense.clone();
+    past.push(301);
+    refuse("bitmap bit past the shard", bitmap_msg(31, &past), &["replica 1", "row out of range", "shard 0"]);
+    refuse("bitmap bits against its count", bitmap_msg(31, &dense), &["replica 1", "bitmap rows differ from the row count", "shard 0"]);
+    refuse("truncated bitmap", bitmap_msg(30, &dense)[..20].to_vec(), &["replica 1", "row count beyond the message", "shard 0"]);
     // Counts that do not fit the bytes received.
     let e = decode_touched(&all, &[good0.len(), good1.len() + 1], &rows).unwrap_err().to_string();
     assert!(e.contains("replica 1") && e.contains("beyond the message"), "{e}");

@@ -12,7 +12,7 @@ use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::parallel::driver::{Job, RankState};
 use ember_engine::parallel::{ParallelOptions, SyncMode, Xfer, XferKind};
 use ember_engine::plan::ShardingType;
-use ember_tests::two_d::cycling_plan;
+use ember_tests::two_d::{assert_bitwise_same, cycling_plan};
 
 fn config(batch: usize) -> TrainConfig {
     let mut cfg = preset("tiny", Some(2000)).unwrap();
@@ -40,22 +40,8 @@ fn run_with(m: usize, n: usize, opts: ParallelOptions) -> (Vec<f64>, Vec<RankSta
     (report.losses, states)
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 fn assert_same(what: &str, a: &(Vec<f64>, Vec<RankState>), b: &(Vec<f64>, Vec<RankState>)) {
-    assert_eq!(a.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{what}: losses {:?} vs {:?}", a.0, b.0);
-    for (x, y) in a.1.iter().zip(&b.1) {
-        for (i, ((sa, wa, va), (sb, wb, vb))) in x.shards.iter().zip(&y.shards).enumerate() {
-            assert_eq!(sa, sb);
-            assert!(bits(wa) == bits(wb), "{what}: rank {} shard {i} weights differ", x.world_rank);
-            assert!(bits(va) == bits(vb), "{what}: rank {} shard {i} optimizer state differs", x.world_rank);
-        }
-        for (i, (pa, pb)) in x.dense.iter().zip(&y.dense).enumerate() {
-            assert!(bits(pa) == bits(pb), "{what}: rank {} dense param {i} differs", x.world_rank);
-        }
-    }
+    assert_bitwise_same(what, (&a.0, &b.0), &a.1, &b.1);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use ember_engine::config::{JobConfig, TrainConfig};
 use ember_engine::data::criteo::{BadLinePolicy, CriteoReader};
 use ember_engine::data::dataset::{detect, Format, MappedData};
 use ember_engine::grid::Placement;
-use ember_engine::parallel::{CheckpointOptions, ParallelOptions, SyncMode, XferKind};
+use ember_engine::parallel::{CheckpointOptions, OverlapSync, ParallelOptions, SyncMode, XferKind};
 use ember_engine::plan::ShardingType;
 use std::path::PathBuf;
 
@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// How the 2D step's buffers travel between ranks.
     #[arg(long, default_value = "auto", value_parser = spelled::<XferKind>(), help_heading = "2D")]
     pub xfer: XferKind,
+    /// Run the replica sync on a thread of its own beside the dense update, or after it (the
+    /// result is bitwise the same).
+    #[arg(long, default_value = "auto", value_parser = spelled::<OverlapSync>(), help_heading = "2D")]
+    pub overlap_sync: OverlapSync,
     /// Count every rank's heap (one rank per process: under `ember launch`, mpirun, ...) and print
     /// its measured peak over construction and training next to the planner's figure.
     #[arg(long, help_heading = "2D")]
@@ -119,7 +123,7 @@ impl TrainArgs {
             delayed_state_sync: self.delayed_state_sync,
             fully_sharded: self.fully_sharded,
             xfer: self.xfer,
-            overlap_sync: true,
+            overlap_sync: self.overlap_sync,
             checkpoint: self.checkpoint()?,
         };
         Ok(JobConfig { grid: Some((m, n)), placement: self.placement, sharding: self.sharding, ranks_per_node: self.ranks_per_node, parallel })

@@ -2,7 +2,7 @@
 //! the tables, and how the replicas sync. Its settings are spelt and parsed here, once, for the
 //! command line (`ember train`, `ember plan`) and the C ABI's `[parallel]` table.
 use crate::grid::{Grid, Placement};
-use crate::parallel::{ParallelOptions, SyncMode, XferKind};
+use crate::parallel::{OverlapSync, ParallelOptions, SyncMode, XferKind};
 use crate::plan::planner::PlanOptions;
 use crate::plan::ShardingType;
 use crate::{Error, Result};
@@ -66,6 +66,22 @@ impl Spelled for SyncMode {
 }
 
 impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        parse_spelled(s)
+    }
+}
+
+impl Spelled for OverlapSync {
+    const VALUES: &'static [(&'static str, Self, &'static str)] = &[
+        ("auto", OverlapSync::Auto, "Beside the dense update when every in-process rank and its sync thread get a core (2 x ranks in this process <= cores), else after it"),
+        ("on", OverlapSync::On, "Always beside the dense update, on a thread of its own"),
+        ("off", OverlapSync::Off, "Always after the dense update"),
+    ];
+    const WHAT: &'static str = "overlap-sync";
+}
+
+impl FromStr for OverlapSync {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         parse_spelled(s)
@@ -201,6 +217,11 @@ mod tests {
             assert_eq!(s.parse::<XferKind>(), Ok(v));
             assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{s}\""));
         }
+        for &(s, v, _) in OverlapSync::VALUES {
+            assert_eq!(s.parse::<OverlapSync>(), Ok(v));
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!("maybe".parse::<OverlapSync>(), Err("overlap-sync 'maybe': expected auto, on or off".to_string()));
         assert_eq!("inside".parse::<Placement>(), Err("placement 'inside': expected in-node or across-nodes".to_string()));
         assert_eq!("diagonal".parse::<ShardingType>(), Err("sharding 'diagonal': expected table, row, column or table-row".to_string()));
         assert_eq!("half".parse::<SyncMode>(), Err("sync 'half': expected sparse or full".to_string()));

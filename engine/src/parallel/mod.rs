@@ -60,10 +60,10 @@ pub struct ParallelOptions {
     /// How the step's buffers travel between ranks (see `xfer`).
     #[serde(default)]
     pub xfer: XferKind,
-    /// Run a training step's replica sync beside its dense update (default) instead of after
-    /// it; the result is bitwise the same either way.
-    #[serde(default = "yes")]
-    pub overlap_sync: bool,
+    /// Whether a training step's replica sync runs beside its dense update or after it; the
+    /// result is bitwise the same either way.
+    #[serde(default)]
+    pub overlap_sync: OverlapSync,
     /// Periodic checkpoints and resume (not part of a saved config).
     #[serde(skip)]
     pub checkpoint: Option<CheckpointOptions>,
@@ -103,13 +103,37 @@ impl ParallelOptions {
     }
 }
 
-fn yes() -> bool {
-    true
+/// Whether a training step's replica sync runs on a thread of its own beside the dense update
+/// (`--overlap-sync`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverlapSync {
+    /// Beside the dense update unless this process runs more busy threads than it has cores:
+    /// off when its in-process ranks, each with a sync thread, would outnumber the cores
+    /// ([`OverlapSync::resolve`]).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl OverlapSync {
+    /// Whether to overlap, for a process running `local_ranks` ranks as threads on `cores` cores:
+    /// `Auto` overlaps when every rank and its sync thread get a core of their own
+    /// (2 × local_ranks ≤ cores). More threads than cores only take turns: the sync thread then
+    /// slows the dense update and the other ranks' polling as much as it hides.
+    pub fn resolve(self, local_ranks: usize, cores: usize) -> bool {
+        match self {
+            OverlapSync::On => true,
+            OverlapSync::Off => false,
+            OverlapSync::Auto => local_ranks.saturating_mul(2) <= cores,
+        }
+    }
 }
 
 impl Default for ParallelOptions {
     fn default() -> Self {
-        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, xfer: XferKind::Auto, overlap_sync: true, checkpoint: None }
+        ParallelOptions { sync_every: 1, sync: SyncMode::Sparse, delayed_state_sync: false, fully_sharded: false, xfer: XferKind::Auto, overlap_sync: OverlapSync::Auto, checkpoint: None }
     }
 }
 
@@ -122,5 +146,25 @@ pub fn default_momentum_c(m: usize, fully_sharded: bool) -> f32 {
         (m * m) as f32
     } else {
         m as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OverlapSync;
+
+    #[test]
+    fn auto_overlaps_only_when_every_rank_and_its_sync_thread_get_a_core() {
+        // One rank per process (a launcher): overlapped from 2 cores up.
+        assert!(OverlapSync::Auto.resolve(1, 2));
+        assert!(!OverlapSync::Auto.resolve(1, 1));
+        // 8 in-process ranks: 16 threads need 16 cores.
+        assert!(!OverlapSync::Auto.resolve(8, 2));
+        assert!(!OverlapSync::Auto.resolve(8, 15));
+        assert!(OverlapSync::Auto.resolve(8, 16));
+        // No wrap: 2 × (2^63 + 1) would wrap to 2.
+        assert!(!OverlapSync::Auto.resolve(usize::MAX / 2 + 2, usize::MAX - 1));
+        // On and Off are what they say, whatever the machine.
+        assert!(OverlapSync::On.resolve(8, 2) && !OverlapSync::Off.resolve(1, 64));
     }
 }

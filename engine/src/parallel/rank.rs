@@ -35,6 +35,8 @@ pub struct Rank2D<B: Backend> {
     pub(super) opts: ParallelOptions,
     /// The resolved buffer transport of the sharding-group and world collectives.
     pub(super) xfer: Xfer,
+    /// Whether a training step's replica sync runs beside its dense update (resolved once).
+    pub(super) overlap_sync: bool,
     pub(super) steps_done: usize,
     /// Every exchange's message layout, computed for this rank and its b samples.
     pub(super) layout: StepLayout,
@@ -90,8 +92,10 @@ impl<B: Backend> Rank2D<B> {
         let dense_floats: usize = dense.params_mut().iter().map(|p| be.len(&p.g)).sum();
         layout.backward_bytes.dense_all_reduce = dense_floats as u64 * 4 + 8;
         let xfer = Xfer::resolve(opts.xfer, be, &comms.world)?;
+        let overlap_sync = sync_overlaps(&opts, &comms, xfer);
         Ok(Rank2D {
             xfer,
+            overlap_sync,
             dense,
             model: cfg.model.clone(),
             meter: Meter::new(comms.world.rank()),
@@ -138,7 +142,7 @@ impl<B: Backend> Rank2D<B> {
         // the order changes nothing in the result).
         self.steps_done += 1;
         let sync_now = !fs && self.steps_done % self.opts.sync_every == 0;
-        let loss = if sync_now && self.sync_overlaps() {
+        let loss = if sync_now && self.overlap_sync {
             self.dense_update_beside_sync(be, grads, loss)?
         } else {
             let loss = self.span(Stage::Dense, |r| r.dense_update(be, grads, loss))?;
@@ -285,4 +289,16 @@ impl<B: Backend> Rank2D<B> {
         self.steps_done = steps_done;
         self.pending = pending;
     }
+}
+
+/// Whether a training step's replica sync runs beside its dense update: with more than one
+/// replica, when the options say so ([`super::OverlapSync::resolve`]: the in-process ranks are this
+/// process's ranks, one otherwise) and the buffer transport is not the backend's native one
+/// (NCCL's kernels wait for their peers on the stream that the sync's staging copies would
+/// share; that path keeps the sync after the dense update).
+fn sync_overlaps(opts: &ParallelOptions, comms: &GridComms, xfer: Xfer) -> bool {
+    let world = &comms.world;
+    let local_ranks = if world.transport() == "local" { world.size() } else { 1 };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    comms.grid.m > 1 && xfer != Xfer::Native && opts.overlap_sync.resolve(local_ranks, cores)
 }

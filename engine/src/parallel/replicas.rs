@@ -27,14 +27,6 @@ impl<B: Backend> Rank2D<B> {
         Ok(())
     }
 
-    /// Whether a training step's replica sync runs beside its dense update: with more than one
-    /// replica, unless the options say otherwise or the buffer transport is the backend's native
-    /// one (NCCL's kernels wait for their peers on the stream that the sync's staging copies
-    /// would share; that path keeps the sync after the dense update).
-    pub(super) fn sync_overlaps(&self) -> bool {
-        self.opts.overlap_sync && self.comms.grid.m > 1 && self.xfer != Xfer::Native
-    }
-
     /// Steps 6 and 7 at once: the replica sync on a thread of its own (its collectives on the
     /// replica group) while this thread runs the dense update (its collectives on the world);
     /// both finished when this returns. Traced as the sync's span overlapping the dense

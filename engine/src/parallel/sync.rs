@@ -18,7 +18,7 @@
 use super::route::Touched;
 use super::xfer::Xfer;
 use crate::backend::{Backend, Buffers, Cpu, HostDeviceBytes, Shard};
-use crate::plan::{index_width, SYNC_CHUNK};
+use crate::plan::{index_width, touched_as_bitmap, SYNC_CHUNK};
 use crate::{Error, Result};
 use ember_transport::{Comm, ReduceOp, Request};
 use serde::{Deserialize, Serialize};
@@ -42,20 +42,49 @@ pub struct SyncBytes {
 
 /// Union of the replicas' touched rows for each shard (identical on every replica), and the
 /// index bytes this rank sent. Each replica sends, shard after shard, the number of its touched
-/// rows then the rows, ascending, little-endian in the shard's [`index_width`]. Every buffer is
-/// allocated at its exact size.
+/// rows in the shard's [`index_width`], little-endian, then the rows: ascending in that width,
+/// or as a bitmap of the shard's rows (bit r % 8 of byte r / 8) when that is smaller
+/// ([`touched_as_bitmap`]: the count says which). Every buffer is allocated at its exact size.
 fn touched_union(comm: &Comm, shards_rows: &[usize], touched: &[Touched]) -> Result<(Vec<Vec<u64>>, u64)> {
-    let widths: Vec<usize> = shards_rows.iter().map(|&r| index_width(r as u64)).collect();
-    let len = touched.iter().zip(&widths).map(|(t, &w)| (1 + t.count()) * w).sum();
-    let mut msg = Vec::with_capacity(len);
-    for (t, &w) in touched.iter().zip(&widths) {
-        put_index(&mut msg, t.count() as u64, w);
-        t.for_each_row(|r| put_index(&mut msg, r, w));
-    }
+    let msg = encode_touched(shards_rows, touched);
     let bytes = msg.len() as u64;
     let (all, counts) = comm.all_gather_alloc(&msg)?;
     drop(msg);
     Ok((decode_touched(&all, &counts, shards_rows)?, bytes))
+}
+
+/// This replica's touched-rows message (the layout [`touched_union`] describes) for shards of
+/// `shards_rows` rows, touched as `touched` says (each marking rows of its shard only).
+pub fn encode_touched(shards_rows: &[usize], touched: &[Touched]) -> Vec<u8> {
+    let len = touched.iter().zip(shards_rows).map(|(t, &r)| message_bytes(r, t.count())).sum();
+    let mut msg = Vec::with_capacity(len);
+    for (t, &rows) in touched.iter().zip(shards_rows) {
+        let w = index_width(rows as u64);
+        put_index(&mut msg, t.count() as u64, w);
+        if touched_as_bitmap(rows as u64, t.count() as u64) {
+            let at = msg.len();
+            msg.resize(at + rows.div_ceil(8), 0);
+            t.for_each_row(|r| msg[at + (r / 8) as usize] |= 1 << (r % 8));
+        } else {
+            t.for_each_row(|r| put_index(&mut msg, r, w));
+        }
+    }
+    msg
+}
+
+/// Bytes of the rows part of a shard's message, `n` of its `rows` rows touched (`n <= rows`, so
+/// nothing overflows: a list is at most `rows` indices the caller holds in memory).
+fn rows_bytes(rows: usize, n: usize) -> usize {
+    if touched_as_bitmap(rows as u64, n as u64) {
+        rows.div_ceil(8)
+    } else {
+        n * index_width(rows as u64)
+    }
+}
+
+/// Bytes of a shard's whole message: the count, then its rows.
+fn message_bytes(rows: usize, n: usize) -> usize {
+    index_width(rows as u64) + rows_bytes(rows, n)
 }
 
 /// Append `x` to `out` in `width` bytes, little-endian (`x` fits: the caller's width holds it).
@@ -70,11 +99,23 @@ fn get_index(msg: &[u8], at: usize, width: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Call `f` with each row set in `bitmap`, ascending.
+fn for_each_bit(bitmap: &[u8], mut f: impl FnMut(u64)) {
+    for (i, &byte) in bitmap.iter().enumerate() {
+        let mut b = byte;
+        while b != 0 {
+            f(i as u64 * 8 + b.trailing_zeros() as u64);
+            b &= b - 1;
+        }
+    }
+}
+
 /// The union, sorted, of the touched rows the replicas sent for each shard (`all`: the replicas'
 /// messages one after another, `counts[p]` bytes from replica p; `shards_rows`: each shard's
 /// local rows). Every replica's message is checked — its length, every row count against the
-/// bytes left, every row against the shard's rows — before anything is copied out of it: a
-/// malformed message is an error naming the replica and the shard.
+/// shard's rows and the bytes left, every row (or bitmap bit) against the shard's rows, a
+/// bitmap's bits against its count — before anything is copied out of it: a malformed message
+/// is an error naming the replica and the shard.
 pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Result<Vec<Vec<u64>>> {
     let widths: Vec<usize> = shards_rows.iter().map(|&r| index_width(r as u64)).collect();
     // Pass 1: check every replica's message and size the unions.
@@ -84,20 +125,35 @@ pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Re
         let end = pos.checked_add(c).filter(|&e| e <= all.len()).ok_or_else(|| Error::Transport(format!("replica sync from replica {src}: {c} bytes beyond the message")))?;
         for (s, (size, &w)) in sizes.iter_mut().zip(&widths).enumerate() {
             let bad = |m: &str| Error::Transport(format!("replica sync from replica {src}: {m} (shard {s})"));
+            let rows = shards_rows[s];
             if end - pos < w {
                 return Err(bad("message too short"));
             }
             let n = get_index(all, pos, w);
             pos += w;
-            if n > ((end - pos) / w) as u64 {
-                return Err(bad("row count beyond the message"));
+            if n > rows as u64 {
+                return Err(bad("row count beyond the shard's rows"));
             }
             let n = n as usize;
-            if (0..n).any(|i| get_index(all, pos + i * w, w) >= shards_rows[s] as u64) {
+            let len = rows_bytes(rows, n);
+            if len > end - pos {
+                return Err(bad("row count beyond the message"));
+            }
+            let part = &all[pos..pos + len];
+            if touched_as_bitmap(rows as u64, n as u64) {
+                let set: usize = part.iter().map(|b| b.count_ones() as usize).sum();
+                let spare = rows % 8;
+                if spare != 0 && part[len - 1] >> spare != 0 {
+                    return Err(bad("row out of range"));
+                }
+                if set != n {
+                    return Err(bad("bitmap rows differ from the row count"));
+                }
+            } else if (0..n).any(|i| get_index(part, i * w, w) >= rows as u64) {
                 return Err(bad("row out of range"));
             }
             *size += n;
-            pos += n * w;
+            pos += len;
         }
         if pos != end {
             return Err(Error::Transport(format!("replica sync from replica {src}: {} bytes left over", end - pos)));
@@ -107,11 +163,16 @@ pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Re
     let mut union: Vec<Vec<u64>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
     let mut pos = 0usize;
     for _ in counts {
-        for (u, &w) in union.iter_mut().zip(&widths) {
+        for ((u, &w), &rows) in union.iter_mut().zip(&widths).zip(shards_rows) {
             let n = get_index(all, pos, w) as usize;
             pos += w;
-            u.extend((0..n).map(|i| get_index(all, pos + i * w, w)));
-            pos += n * w;
+            let len = rows_bytes(rows, n);
+            if touched_as_bitmap(rows as u64, n as u64) {
+                for_each_bit(&all[pos..pos + len], |r| u.push(r));
+            } else {
+                u.extend((0..n).map(|i| get_index(all, pos + i * w, w)));
+            }
+            pos += len;
         }
     }
     for u in union.iter_mut() {

@@ -159,7 +159,7 @@ pub(super) fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], 
         let k = ctx.opts.sync_every as f64;
         let m = ctx.m as f64;
         let tau: Vec<f64> = slots.iter().map(|s| distinct(s, k * g) * spread).collect();
-        let msg: f64 = slots.iter().zip(&tau).map(|(s, t)| (1.0 + t) * super::index_width(s.rows) as f64).sum();
+        let msg: f64 = slots.iter().zip(&tau).map(|(s, &t)| super::touched_message_bytes(s.rows, t)).sum();
         let (rows_list, vals): (f64, f64) = if ctx.opts.full_sync {
             (slots.iter().map(|s| s.rows as f64 * WORD).sum(), slots.iter().map(|s| s.rows as f64 * (s.cols + state_floats(opt, s.cols)) as f64).sum())
         } else {

@@ -39,6 +39,21 @@ pub fn index_width(rows: u64) -> usize {
     }
 }
 
+/// Whether a replica sends the `touched` rows of a shard of `rows` rows as a bitmap (one bit a
+/// row, `rows.div_ceil(8)` bytes) rather than as a list of indices: when the bitmap is smaller.
+/// The row count before them says which, so the message carries no tag.
+pub fn touched_as_bitmap(rows: u64, touched: u64) -> bool {
+    touched.saturating_mul(index_width(rows) as u64) > rows.div_ceil(8)
+}
+
+/// Bytes of a replica's sparse-sync message for a shard of `rows` rows of which it touched
+/// `touched` (an expectation, for the planner): the count, then the list or the bitmap,
+/// whichever is smaller ([`touched_as_bitmap`]).
+pub fn touched_message_bytes(rows: u64, touched: f64) -> f64 {
+    let w = index_width(rows) as f64;
+    w + (touched * w).min(rows.div_ceil(8) as f64)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShardingType {

@@ -8,14 +8,15 @@
 //!   convention ([`crate::parallel::ByteCounts`]): the whole send buffer of an all-to-all or a
 //!   reduce-scatter (own block included), the own block of an all-gather, the buffer of an
 //!   all-reduce; ids, bag lengths and counts are 8 bytes, floats 4; the replica sync's touched
-//!   rows and their counts are 2, 4 or 8 bytes (the shard's [`index_width`]), its values f32,
-//!   the optimizer state's f64 with delayed state sync.
+//!   rows are their count in 2, 4 or 8 bytes (the shard's [`super::index_width`]) then the rows
+//!   in that width or a bitmap, whichever is smaller ([`touched_message_bytes`]), its values
+//!   f32, the optimizer state's f64 with delayed state sync.
 use super::memory::{rank_memory, SlotInfo};
 use super::options::Ctx;
 use super::sizes::{dense_params, shard_bytes, state_floats, sync_row_bytes, F32, WORD};
 use super::traffic::Traffic;
 use super::trw::{trw_tables, TrwCounts};
-use super::{index_width, PlacedShard, Plan, ShardingType, TablePlan};
+use super::{touched_message_bytes, PlacedShard, Plan, ShardingType, TablePlan};
 use crate::config::EmbOptimizer;
 use crate::grid::Placement;
 use serde::Serialize;
@@ -245,7 +246,7 @@ pub(super) fn report_ctx(ctx: &Ctx, plan: &Plan) -> PlanReport {
                 let distinct = |samples: f64| st[s.table].distinct_in(tc.rows, &s.range, samples);
                 let per_row = sync_row_bytes(opt, s.cols, ctx.opts.delayed_state_sync);
                 whole += s.rows as f64 * per_row;
-                index += (1.0 + distinct(k * g)) * index_width(s.rows) as f64;
+                index += touched_message_bytes(s.rows, distinct(k * g));
                 values += distinct(k * ctx.m as f64 * g) * per_row;
             }
             sparse = index + values;
