@@ -5,7 +5,6 @@ use super::backward::{self, DenseReduce};
 use super::meter::Stage;
 use super::rank::Rank2D;
 use super::sync;
-use super::xfer::Xfer;
 use crate::backend::{Backend, HostDeviceBytes};
 use crate::{Error, Result};
 use ember_transport::ReduceOp;

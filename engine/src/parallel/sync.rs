@@ -99,17 +99,6 @@ fn get_index(msg: &[u8], at: usize, width: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Call `f` with each row set in `bitmap`, ascending.
-fn for_each_bit(bitmap: &[u8], mut f: impl FnMut(u64)) {
-    for (i, &byte) in bitmap.iter().enumerate() {
-        let mut b = byte;
-        while b != 0 {
-            f(i as u64 * 8 + b.trailing_zeros() as u64);
-            b &= b - 1;
-        }
-    }
-}
-
 /// The union, sorted, of the touched rows the replicas sent for each shard (`all`: the replicas'
 /// messages one after another, `counts[p]` bytes from replica p; `shards_rows`: each shard's
 /// local rows). Every replica's message is checked — its length, every row count against the
@@ -159,25 +148,40 @@ pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Re
             return Err(Error::Transport(format!("replica sync from replica {src}: {} bytes left over", end - pos)));
         }
     }
-    // Pass 2: gather, sort, dedup.
-    let mut union: Vec<Vec<u64>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
+    // Pass 2: the union as one bit per shard row (lists and bitmaps OR-ed in), then its rows in
+    // ascending order: no sort, and each row once however many replicas touched it.
+    let mut union: Vec<Vec<u64>> = Vec::with_capacity(shards_rows.len());
+    let mut sets: Vec<Vec<u64>> = shards_rows.iter().map(|&r| vec![0u64; r.div_ceil(64)]).collect();
     let mut pos = 0usize;
     for _ in counts {
-        for ((u, &w), &rows) in union.iter_mut().zip(&widths).zip(shards_rows) {
+        for ((set, &w), &rows) in sets.iter_mut().zip(&widths).zip(shards_rows) {
             let n = get_index(all, pos, w) as usize;
             pos += w;
             let len = rows_bytes(rows, n);
             if touched_as_bitmap(rows as u64, n as u64) {
-                for_each_bit(&all[pos..pos + len], |r| u.push(r));
+                for (i, &b) in all[pos..pos + len].iter().enumerate() {
+                    set[i / 8] |= (b as u64) << (8 * (i % 8));
+                }
             } else {
-                u.extend((0..n).map(|i| get_index(all, pos + i * w, w)));
+                for i in 0..n {
+                    let r = get_index(all, pos + i * w, w);
+                    set[(r / 64) as usize] |= 1 << (r % 64);
+                }
             }
             pos += len;
         }
     }
-    for u in union.iter_mut() {
-        u.sort_unstable();
-        u.dedup();
+    for (set, &k) in sets.iter().zip(&sizes) {
+        // At most `k` rows (the replicas' counts, summed): the union never outgrows it.
+        let mut u = Vec::with_capacity(k.min(set.len() * 64));
+        for (j, &word) in set.iter().enumerate() {
+            let mut x = word;
+            while x != 0 {
+                u.push(j as u64 * 64 + x.trailing_zeros() as u64);
+                x &= x - 1;
+            }
+        }
+        union.push(u);
     }
     Ok(union)
 }
