@@ -10,20 +10,21 @@
 //! | input distribution | all-to-all of ids in the sharding group (N) | input_dist |
 //! | lookup | pooled lookup of the rank's shards (`kernels::forward_bytes`) | lookup |
 //! | output distribution | pooled vectors / partial sums back (N) | output_dist |
-//! | dense forward and backward | MLP, interaction and cross GEMMs (3 × forward FLOPs) | dense |
+//! | dense forward and backward | MLP and cross GEMMs and the dot interaction (3 × forward FLOPs), the non-GEMM passes ([`dense_elementwise_bytes`]) | dense |
 //! | dense all-reduce | the dense gradients over all T ranks | dense |
 //! | embedding backward | gradients to the shards (N) and the fused update (`kernels::backward_bytes`) | backward |
-//! | replica sync | rows touched since the last sync averaged over the replica group (M), every K steps | sync |
+//! | replica sync | rows touched since the last sync averaged over the replica group (M) in chunks of `SYNC_CHUNK` floats, every K steps | sync |
 //! | dense update | the dense optimizer over the replicated parameters | dense |
 //!
 //! Assumptions (each stated in [`Prediction::assumptions`]): compute stages on a node with more
 //! ranks than compute units slow by their ratio (the units are time-shared); the dense GEMMs
-//! reach `gemm_flops` and nothing else in the dense network costs; destinations of a
-//! collective are spread evenly over the group's nodes; on a machine whose links work while the
-//! compute units compute (ranks ≤ units), the input all-to-all overlaps the previous step's
-//! dense stage, the dense all-reduce overlaps the embedding backward and the replica sync
-//! overlaps the dense update; on a time-shared host every transfer is work for the same cores
-//! and nothing overlaps, except the sync with the dense update (the engine runs them together).
+//! reach `gemm_flops`, the dot interaction `interaction_flops`, and the other dense work moves
+//! its bytes at `stream_bw`; destinations of a collective are spread evenly over the group's
+//! nodes; on a machine whose links work while the compute units compute (ranks ≤ units), the
+//! input all-to-all overlaps the previous step's dense stage, the dense all-reduce overlaps the
+//! embedding backward and the replica sync, when the engine runs it beside the dense update,
+//! overlaps that; on a time-shared host every transfer is work for the same cores and nothing
+//! overlaps, the sync included.
 use super::kernels::{backward_bytes, forward_bytes};
 use super::links::{all_reduce, all_to_all, sync_all_reduce, Cost};
 use super::Machine;
