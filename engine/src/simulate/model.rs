@@ -158,7 +158,8 @@ pub fn dense_forward_flops(model: &ModelConfig) -> f64 {
 /// write two) and its bias gradient, plus the final sum of the two input gradients (read two,
 /// write one); the loss (logit, label, gradient).
 pub fn dense_elementwise_bytes(model: &ModelConfig) -> f64 {
-    let layer = |w: usize| 24.0 * w as f64 * F32 / 4.0;
+    // 2 + 3 + 1 = 6 floats of w per layer.
+    let layer = |w: usize| 6.0 * w as f64 * F32;
     let layers: f64 = model.bottom_mlp.iter().chain(&model.top_mlp).map(|&w| layer(w)).sum();
     let d = model.dim() as f64;
     let vecs = (model.num_tables() + 1) as f64;
