@@ -218,7 +218,7 @@ fn curve_sizes(quick: bool) -> Vec<usize> {
 /// sync calls it: `Xfer::all_reduce_mean_f64`) curves.
 fn curves(transport: Transport, peers: usize, world: usize, quick: bool) -> Result<[Vec<CurvePoint>; 3]> {
     let world = world.max(peers);
-    if world % peers != 0 {
+    if !world.is_multiple_of(peers) {
         return Err(Error::Config(format!("calibrate: {peers} peers do not divide the {world} ranks")));
     }
     let groups = world / peers;

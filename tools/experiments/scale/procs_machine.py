@@ -42,7 +42,7 @@ lat = a2a_pts[0][1]
 mem = m["memory_per_rank"] * m["ranks_per_node"] // 2
 head, _, _ = text.partition("\n[inter_node]")
 head = re.sub(r'(?m)^name = .*$', 'name = "this-host-procs"', head, count=1)
-head = re.sub(r'(?m)^description = "(.*)"$', lambda g: f'description = "{g.group(1)}; as 2 processes under ember launch, one per core, each its own node ({transport} transport)"', head, count=1)
+head = re.sub(r'(?m)^description = "(.*)"$', lambda g: f'description = "{g.group(1).split("; ")[0]}; ranks as 2 processes under ember launch, one per core, each its own node ({transport} transport)"', head, count=1)
 head = re.sub(r'(?m)^ranks_per_node = .*$', 'ranks_per_node = 1', head, count=1)
 head = re.sub(r'(?m)^compute_units_per_node = .*$', 'compute_units_per_node = 1', head, count=1)
 head = re.sub(r'(?m)^memory_per_rank = .*$', f'memory_per_rank = {mem}', head, count=1)
