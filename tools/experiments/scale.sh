@@ -2,15 +2,21 @@
 # The scale model's validation tables of docs/scale.md.
 #
 #   cargo build --release -p ember-tools        (or set EMBER to another ember binary)
-#   tools/experiments/scale.sh here     predicted vs measured on this host, live: for each grid one
-#                                       `ember simulate --json` and one measured `ember train --json`
-#                                       (under `flock -x /work/.quiet.lock` when that file exists,
-#                                       one grid per lock take, after the load falls below 1.5)
-#   tools/experiments/scale.sh paper    the paper comparison on the datasheet H100 machine
-#   tools/experiments/scale.sh plot     docs/img/scale-paper.svg
+#   tools/experiments/scale.sh calibrate  this host's machine files from microbenchmarks only:
+#                                         `ember simulate --calibrate` (in-process ranks) and,
+#                                         for ranks as processes, `ember launch -n 2 -- ember bench
+#                                         a2a|allreduce` (scale/procs_machine.py derives the file)
+#   tools/experiments/scale.sh here       predicted vs measured on this host, live: for each grid
+#                                         one `ember simulate --json` and one measured
+#                                         `ember train --json`; RECORD=FILE.json also writes the
+#                                         unit test's fixture (measured stages + calibration)
+#   tools/experiments/scale.sh paper      the paper comparison on the h100-ib preset
+#   tools/experiments/scale.sh plot       docs/img/scale-paper.svg
 #
+# Every measurement runs under /work/quiet when it exists (the machine's measurement lock; one
+# command per lock take), else `flock -x /work/.quiet.lock` when that exists.
 # MACHINE_THREADS / MACHINE_PROCS: the machine files of this host's in-process ranks and of its
-# launched processes (default: the committed fixtures, calibrated by hand from microbenchmarks).
+# launched processes (default: the committed fixtures, written by `scale.sh calibrate`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 E=${EMBER:-$ROOT/target/release/ember}
@@ -18,35 +24,82 @@ FX=$ROOT/engine/tests/fixtures
 MT=${MACHINE_THREADS:-$FX/this-host-threads.toml}
 MP=${MACHINE_PROCS:-$FX/this-host-procs.toml}
 PAPER_MODEL=$ROOT/tools/experiments/scale/paper-1.7tb.toml
-H100=$ROOT/tools/experiments/scale/h100-datasheet.toml
+H100=${MACHINE_PAPER:-h100-ib}
 what=${1:-here}
 
 quiet() {
-  if [ -e /work/.quiet.lock ]; then
+  if [ -x /work/quiet ]; then
+    # Inside the lock: give the watcher a moment to pause the others' compilers, then wait (at
+    # most 20 s) until no more than this shell's own process is runnable.
+    /work/quiet bash -c 'sleep 1.5; for i in $(seq 40); do [ "$(awk "/procs_running/{print \$2}" /proc/stat)" -le 2 ] && break; sleep 0.5; done; exec "$@"' _ "$@"
+  elif [ -e /work/.quiet.lock ]; then
     flock -x /work/.quiet.lock bash -c 'for i in $(seq 60); do awk "BEGIN{exit !($(cut -d" " -f1 /proc/loadavg) < 1.5)}" && break; sleep 5; done; "$@"' _ "$@"
   else
     "$@"
   fi
 }
 
+calibrate() {
+  local cmd="tools/experiments/scale.sh calibrate"
+  quiet "$E" simulate --calibrate "$MT"
+  local tmp
+  tmp=$(mktemp -d)
+  quiet "$E" launch -n 2 -- "$E" bench a2a -b 256 -e 4M -f 4 -n 20 --json > "$tmp/a2a.jsonl"
+  quiet "$E" launch -n 2 -- "$E" bench allreduce -b 1K -e 16M -f 4 -n 20 --json > "$tmp/ar.jsonl"
+  (cd "$ROOT" && python3 tools/experiments/scale/procs_machine.py "$(realpath --relative-to="$ROOT" "$MT")" "$tmp/a2a.jsonl" "$tmp/ar.jsonl" "$cmd") > "$MP"
+  "$E" simulate --preset bench --max-rows 100000 --batch-size 4096 --machine "$MP" --grid 1x2 > /dev/null
+  rm -r "$tmp"
+  echo "wrote $MT and $MP"
+}
+
 here() {
   local model=(--preset bench --max-rows 100000 --batch-size 4096)
-  printf '%-6s %-8s %12s %12s %8s   %s\n' grid ranks "pred ms" "meas ms" "error" "stages pred/meas ms: input_dist lookup output_dist dense backward sync"
-  for spec in 1x8:threads 2x4:threads 4x2:threads 8x1:threads 1x2:procs 2x1:procs; do
+  local rec
+  rec=$(mktemp)
+  printf '%-6s %-8s %12s %12s %8s   %s\n' grid ranks "pred ms" "meas ms" "error" "stages pred/meas ms (error): input_dist lookup output_dist dense backward sync"
+  for spec in ${GRIDS:-1x8:threads 2x4:threads 4x2:threads 8x1:threads 1x2:procs 2x1:procs}; do
     local g=${spec%%:*} kind=${spec##*:} mach=$MT launch=()
     if [ "$kind" = procs ]; then mach=$MP; launch=("$E" launch -n 2 --); fi
     local pred meas
-    pred=$("$E" simulate "${model[@]}" --machine "$mach" --grid "$g" --json)
-    meas=$(quiet "${launch[@]}" "$E" train "${model[@]}" --steps 20 --grid "$g" --json --quiet | grep '^{' | tail -1)
-    python3 - "$g" "$kind" "$pred" "$meas" <<'EOF'
+    pred=$("$E" simulate "${model[@]}" --stats-samples 16384 --machine "$mach" --grid "$g" --json)
+    meas=$(quiet "${launch[@]}" "$E" train "${model[@]}" --steps 20 --grid "$g" --json --quiet | sed 's/^\[[0-9]*\] //' | grep '^{' | tail -1)
+    python3 - "$g" "$kind" "$pred" "$meas" "$rec" "$(basename "$mach")" <<'EOF'
 import json, sys
-g, kind, p, m = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+g, kind, p, m, rec, mach = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5], sys.argv[6]
 keys = ["input_dist", "lookup", "output_dist", "dense", "backward", "sync"]
-st = "  ".join(f"{p['stages'][k]:.1f}/{m['stages'][k]:.1f}" for k in keys)
+def e(a, b):
+    return f"{(a - b) / b * 100:+.0f}%" if b > 0.05 else "-"
+st = "  ".join(f"{p['stages'][k]:.1f}/{m['stages'][k]:.1f} ({e(p['stages'][k], m['stages'][k])})" for k in keys)
 err = (p["step_ms"] - m["step_ms_median"]) / m["step_ms_median"] * 100
-print(f"{g:<6} {kind:<8} {p['step_ms']:12.1f} {m['step_ms_median']:12.1f} {err:+7.0f}%   {st}")
+print(f"{g:<6} {kind:<8} {p['step_ms']:12.1f} {m['step_ms_median']:12.1f} {err:+7.0f}%   {st}", flush=True)
+run = {"grid": g, "ranks": kind, "machine": mach, "step_ms_median": m["step_ms_median"], "samples_per_s": m["samples_per_s"], "stages": m["stages"], "imbalance": m.get("imbalance"), "predicted_step_ms": p["step_ms"]}
+open(rec, "a").write(json.dumps(run) + "\n")
 EOF
   done
+  if [ -n "${RECORD:-}" ]; then
+    python3 - "$rec" "$MT" "$RECORD" <<'EOF'
+import json, sys, tomllib
+rec, mt, out = sys.argv[1:4]
+runs = [json.loads(l) for l in open(rec)]
+m = tomllib.load(open(mt, "rb"))
+fx = {
+    "what": "Measured 2D steps of the bench model on this host (2 cores, no GPU) and the calibration the machine files hold (this-host-threads.toml: `ember simulate --calibrate`; this-host-procs.toml: derived by tools/experiments/scale/procs_machine.py); the scale model is checked against it (engine/src/simulate/measured_here.rs). Written by RECORD=FILE tools/experiments/scale.sh here.",
+    "train_command": "ember train --preset bench --max-rows 100000 --batch-size 4096 --steps 20 --json --grid G   (threads: in-process; procs: ember launch -n 2 -- ember train ...), each under /work/quiet",
+    "calibration": {
+        "stream_bw": m["memory"]["stream_bw"],
+        "gather_bw": m["memory"]["gather_bw"],
+        "gemm_flops": m["compute"]["gemm_flops"],
+        "emb_forward_eff": m["compute"]["emb_forward_eff"],
+        "emb_backward_eff_rowwise": m["compute"]["emb_backward_eff"]["rowwise_adagrad"],
+        "sources": m["sources"],
+    },
+    "runs": runs,
+}
+json.dump(fx, open(out, "w"), indent=1)
+print(f"wrote {out}")
+EOF
+  fi
+  rm -f "$rec"
 }
 
 paper() {
@@ -97,8 +150,9 @@ plot() {
 }
 
 case $what in
+  calibrate) calibrate ;;
   here) here ;;
   paper) paper ;;
   plot) plot ;;
-  *) echo "usage: $0 here|paper|plot" >&2; exit 2 ;;
+  *) echo "usage: $0 calibrate|here|paper|plot" >&2; exit 2 ;;
 esac

@@ -63,7 +63,7 @@ fn cuda(a: &CalibrateArgs, quick: bool, command: &str, log: &mut dyn FnMut(&str)
     let base = a.links.clone().unwrap_or_else(|| if gpu.contains("H200") { "h200-ib".into() } else { "h100-ib".into() });
     let mut m = Machine::preset(&base)?;
     println!("# ember simulate --calibrate --calibrate-device cuda: {gpu}, node shape and links of preset {base}");
-    let o = CalibrateOptions { quick, ranks_per_node: m.ranks_per_node, gemm_batch: if quick { 8 } else { 8192 }, emb_batch: 65536, command: command.into() };
+    let o = CalibrateOptions { quick, ranks_per_node: m.ranks_per_node, gemm_batch: if quick { 8 } else { 8192 }, emb_batch: 65536, emb_rows: 1_000_000, emb_zipf: None, command: command.into() };
     let (copy_bytes, table_mib, reps) = if quick { (1 << 20, 4, 1) } else { (1 << 30, 1024, 5) };
     let copies = (0..reps).map(|_| be.copy_bandwidth(copy_bytes, 10)).collect::<Result<Vec<f64>, _>>()?;
     let copy = bench::median(&copies);

@@ -21,18 +21,29 @@ pub struct CalibrateOptions {
     pub ranks_per_node: usize,
     /// Rows of the dense network's GEMMs (the per-rank batch).
     pub gemm_batch: usize,
-    /// Batch of the embedding kernels' workload (8 tables of 1 M rows, dim 64, 20 ids per bag).
+    /// Batch of the embedding kernels' workload (8 tables of `emb_rows` rows, dim 64, 20 ids
+    /// per bag).
     pub emb_batch: usize,
+    /// Rows of each of the embedding workload's tables: the kernels' efficiency depends on how
+    /// much of a table the caches and the TLB hold, so it is measured at the tables' size of
+    /// the model it will predict.
+    pub emb_rows: u64,
+    /// Zipf exponent of the embedding workload's id popularity (None: uniform): the fused
+    /// backward's work per id (its dedup) does not shrink with the unique rows its bytes count,
+    /// so the efficiency is measured on the id popularity of the data it will predict.
+    pub emb_zipf: Option<f64>,
     /// The command line recorded in `sources`.
     pub command: String,
 }
 
 impl CalibrateOptions {
     /// This host's defaults: 8 in-process ranks, GEMMs at the `bench` model's per-rank batch at
-    /// 8 ranks (4096 / 8 = 512 rows), the embedding kernels on `bench embedding`'s default
-    /// workload (batch 4096).
+    /// 8 ranks (4096 / 8 = 512 rows), the embedding kernels on `bench embedding`'s workload at
+    /// batch 4096 with the tables and ids of the model validated here (`--preset bench
+    /// --max-rows 100000`: 100,000 rows each, the synthetic data's Zipf popularity).
     pub fn host(quick: bool, command: &str) -> Self {
-        CalibrateOptions { quick, ranks_per_node: 8, gemm_batch: if quick { 8 } else { 512 }, emb_batch: 4096, command: command.into() }
+        let zipf = crate::config::SyntheticConfig::default().zipf;
+        CalibrateOptions { quick, ranks_per_node: 8, gemm_batch: if quick { 8 } else { 512 }, emb_batch: 4096, emb_rows: 100_000, emb_zipf: Some(zipf), command: command.into() }
     }
 }
 
@@ -95,17 +106,26 @@ pub fn compute_rates<B: Backend>(be: &B, o: &CalibrateOptions, units: usize, gat
     let g = bench::gemm(be, &model, o.gemm_batch, reps, warm, 1)?;
     log(&format!("gemm: {} GEMMs of the bench model at batch {}: {:.3} ms, {:.1} GFLOP/s", g.rows.len(), g.batch, g.total_ms, g.gflops));
     let mut sources = vec![format!(
-        "compute.gemm_flops: Ember's own measurement: `{}`: bench gemm (the `bench` model's {} MLP GEMMs, forward and both gradients, batch {}, the {} backend's gemm, median of {reps}) {:.1} GFLOP/s on {units} units, / {units}",
+        "compute.gemm_flops: Ember's own measurement: `{}`: bench gemm (the `bench` model's {} MLP GEMMs, forward and both gradients, batch {}, the {} backend's gemm on every unit, median of {reps}) {:.1} GFLOP/s on {units} units, / {units}",
         o.command,
         g.rows.len(),
         g.batch,
         g.backend,
         g.gflops
     )];
+    let inter_flops = interaction_rate(be, &model, o.gemm_batch, reps, warm)? / units as f64;
+    log(&format!("dot interaction at batch {}: {:.1} GFLOP/s per unit", o.gemm_batch, inter_flops / 1e9));
+    sources.push(format!(
+        "compute.interaction_flops: Ember's own measurement: `{}`: the backend's dot_interaction and its backward on the `bench` model's shape ({} vectors of {}, batch {}, median of {reps}) on every unit, 3 x 2 (F+1)^2 d FLOPs per sample / time, / {units}",
+        o.command,
+        model.num_tables() + 1,
+        model.dim(),
+        o.gemm_batch
+    ));
     let base = if o.quick {
         EmbeddingBench { tables: 2, rows: 1000, dim: 8, batch: 32, bag: 2, zipf: None, steps: 1, warmup: 0, seed: 1, optimizer: BENCH_ROWWISE_ADAGRAD }
     } else {
-        EmbeddingBench { batch: o.emb_batch, steps: 10, warmup: 2, ..EmbeddingBench::default() }
+        EmbeddingBench { batch: o.emb_batch, rows: o.emb_rows, zipf: o.emb_zipf, steps: 10, warmup: 2, ..EmbeddingBench::default() }
     };
     let opts = [
         ("sgd", EmbOptimizer::Sgd { lr: 0.01 }),
@@ -123,8 +143,15 @@ pub fn compute_rates<B: Backend>(be: &B, o: &CalibrateOptions, units: usize, gat
         bwd.push((name, b));
     }
     let workload = format!(
-        "bench embedding ({} tables x {} rows x dim {}, batch {}, bag {}, uniform ids, median of {} steps, the {} backend)",
-        base.tables, base.rows, base.dim, base.batch, base.bag, base.steps, be.name()
+        "bench embedding ({} tables x {} rows x dim {}, batch {}, bag {}, {} ids, median of {} steps, the {} backend on every unit)",
+        base.tables,
+        base.rows,
+        base.dim,
+        base.batch,
+        base.bag,
+        base.zipf.map(|z| format!("Zipf {z}")).unwrap_or_else(|| "uniform".into()),
+        base.steps,
+        be.name()
     );
     let emb_forward_eff = bench::median(&fwd);
     sources.push(format!(
@@ -135,17 +162,41 @@ pub fn compute_rates<B: Backend>(be: &B, o: &CalibrateOptions, units: usize, gat
         "compute.emb_backward_eff: Ember's own measurement: `{}`: {workload}, fused backward + each optimizer, bytes U x (2 D + 2 S) x 4 + B F D x 4 + B F L x 8 / time / gather_bw",
         o.command
     ));
-    let eff = |x: f64| x.min(1.0);
+    let eff = |x: f64| x.min(super::machine::MAX_EFF);
     let rates = super::machine::ComputeRates {
         gemm_flops: g.gflops * 1e9 / units as f64,
         emb_forward_eff: eff(emb_forward_eff),
         emb_backward_eff: EmbBackwardEff { sgd: eff(bwd[0].1), rowwise_adagrad: eff(bwd[1].1), adagrad: eff(bwd[2].1) },
         step_overhead_s: 0.0,
+        interaction_flops: Some(inter_flops),
     };
     if [emb_forward_eff, bwd[0].1, bwd[1].1, bwd[2].1].iter().any(|&x| x > 1.0) {
-        sources.push("compute: an efficiency above 1 (the kernel beat the gather reference, e.g. from cache) was written as 1".into());
+        sources.push("compute: an efficiency above 1: the kernel beat the uniform gather reference (its hot rows stay in cache)".into());
     }
     Ok((rates, sources))
+}
+
+/// FLOP/s of the backend's dot interaction, forward and backward (3 × the forward's
+/// 2·(F+1)²·d per sample, the model's count), at `batch` samples of `model`'s shape.
+fn interaction_rate<B: Backend>(be: &B, model: &crate::config::ModelConfig, batch: usize, reps: usize, warm: usize) -> Result<f64> {
+    let (f, d) = (model.num_tables(), model.dim());
+    let width = d + (f + 1) * f / 2;
+    let mut rng = crate::rng::Rng::new(7);
+    let x = be.upload(&(0..batch * (f + 1) * d).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>())?;
+    let dout = be.upload(&(0..batch * width).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>())?;
+    let (mut out, mut dx) = (be.zeros(batch * width)?, be.zeros(batch * (f + 1) * d)?);
+    let mut t = Vec::new();
+    for it in 0..warm + reps.max(1) {
+        let t0 = std::time::Instant::now();
+        be.dot_interaction(&x, batch, f, d, &mut out)?;
+        be.dot_interaction_backward(&x, &dout, batch, f, d, &mut dx)?;
+        be.synchronize()?;
+        if it >= warm {
+            t.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let flops = 3.0 * batch as f64 * super::model::interaction_forward_flops(model);
+    Ok(flops / bench::median(&t))
 }
 
 /// The sizes per rank the collective curves cover.
@@ -158,19 +209,35 @@ fn curve_sizes(quick: bool) -> Vec<usize> {
 }
 
 /// All-to-all and all-reduce curves of `peers` ranks as threads of this process over
-/// `transport`: one point per size per rank ([`curve_sizes`]), `iters` scaled so each size
-/// moves about 32 MiB per rank.
-fn curves(transport: Transport, peers: usize, quick: bool) -> Result<(Vec<CurvePoint>, Vec<CurvePoint>)> {
-    let comms = ember_transport::bootstrap::threads_world(peers, transport, ember_transport::DEFAULT_TIMEOUT)?;
+/// `transport`, with every one of `world` ranks busy: the world is split into `world / peers`
+/// groups of `peers` ranks (as a 2D grid's groups: group g = ranks g, g + world/peers, ...) that
+/// run the same collectives at the same time, as the groups of a training step do on one node;
+/// group 0's slowest rank is recorded. One point per size per rank ([`curve_sizes`]), `iters`
+/// scaled so each size moves about 32 MiB per rank. Returns the all-to-all, the all-reduce and
+/// the replica sync's all-reduce (f32 values averaged in f64 on the host path, as the engine's
+/// sync calls it: `Xfer::all_reduce_mean_f64`) curves.
+fn curves(transport: Transport, peers: usize, world: usize, quick: bool) -> Result<[Vec<CurvePoint>; 3]> {
+    let world = world.max(peers);
+    if !world.is_multiple_of(peers) {
+        return Err(Error::Config(format!("calibrate: {peers} peers do not divide the {world} ranks")));
+    }
+    let groups = world / peers;
+    let comms = ember_transport::bootstrap::threads_world(world, transport, ember_transport::DEFAULT_TIMEOUT)?;
     let sizes = curve_sizes(quick);
     let hs: Vec<_> = comms
         .into_iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(w, c)| {
             let sizes = sizes.clone();
             std::thread::spawn(move || -> std::result::Result<_, String> {
+                let (g, r) = (w % groups, w / groups);
+                let c = if groups > 1 { c.split(g as u32, r as i64).map_err(|e| format!("split: {e}"))? } else { c };
                 let mut out = (Vec::new(), Vec::new());
+                let mut sync = Vec::new();
+                let be = crate::backend::Cpu::new();
                 for &total in &sizes {
                     let iters = if quick { 1 } else { ((32usize << 20) / total).clamp(3, 50) };
+                    sync.push(sync_all_reduce_seconds(&be, &c, total, iters).map_err(|e| format!("sync all-reduce: {e}"))?);
                     for (coll, curve) in [(Collective::AllToAll, &mut out.0), (Collective::AllReduce, &mut out.1)] {
                         // All-to-all sizes are per peer; a point records the rank's whole buffer.
                         let size = if coll == Collective::AllToAll { (total / peers).max(4) } else { total };
@@ -182,53 +249,80 @@ fn curves(transport: Transport, peers: usize, quick: bool) -> Result<(Vec<CurveP
                         }
                     }
                 }
-                Ok(out)
+                Ok((g, out, sync))
             })
         })
         .collect();
     let mut first = None;
+    let mut slowest_sync = vec![0.0f64; sizes.len()];
     for (i, h) in hs.into_iter().enumerate() {
-        let r = h.join().map_err(|_| Error::Transport("calibrate: a rank thread panicked".into()))?.map_err(|e| Error::Transport(format!("calibrate: {transport:?} rank {i}: {e}")))?;
-        first.get_or_insert(r);
+        let (g, r, sync) = h.join().map_err(|_| Error::Transport("calibrate: a rank thread panicked".into()))?.map_err(|e| Error::Transport(format!("calibrate: {transport:?} rank {i}: {e}")))?;
+        if g == 0 {
+            first.get_or_insert(r);
+            slowest_sync.iter_mut().zip(&sync).for_each(|(a, &b)| *a = a.max(b));
+        }
     }
-    first.ok_or_else(|| Error::Transport("calibrate: no ranks".into()))
+    let (a2a, ar) = first.ok_or_else(|| Error::Transport("calibrate: no ranks".into()))?;
+    let sync = sizes.iter().zip(&slowest_sync).map(|(&bytes, &seconds)| CurvePoint { peers, bytes: bytes as u64, seconds }).collect();
+    Ok([a2a, ar, sync])
+}
+
+/// One rank's mean time of the replica sync's all-reduce of a `bytes` buffer on `comm` (one
+/// untimed operation first, then `iters` back to back).
+fn sync_all_reduce_seconds(be: &crate::backend::Cpu, comm: &ember_transport::Comm, bytes: usize, iters: usize) -> Result<f64> {
+    use crate::backend::Buffers;
+    let len = (bytes / 4).max(1);
+    let mut buf = be.upload(&vec![1.0f32; len])?;
+    let xfer = crate::parallel::xfer::Xfer::Host { stage: false };
+    xfer.all_reduce_mean_f64(be, comm, &mut buf, len)?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        xfer.all_reduce_mean_f64(be, comm, &mut buf, len)?;
+    }
+    Ok(t0.elapsed().as_secs_f64() / iters as f64)
 }
 
 /// A link from its curves: `bw` = the largest all-to-all at the most peers, counting the bytes
 /// each rank sends to the others; `latency_s` = the smallest 2-rank all-to-all.
-fn link(all_to_all: Vec<CurvePoint>, all_reduce: Vec<CurvePoint>) -> Result<Link> {
+fn link(all_to_all: Vec<CurvePoint>, all_reduce: Vec<CurvePoint>, sync_all_reduce: Vec<CurvePoint>) -> Result<Link> {
     let most = all_to_all.iter().map(|p| p.peers).max().ok_or_else(|| Error::Config("calibrate: empty all-to-all curve".into()))?;
     let big = all_to_all.iter().filter(|p| p.peers == most).max_by_key(|p| p.bytes).expect("a point of the most peers");
     let bw = big.bytes as f64 * (most - 1) as f64 / most as f64 / big.seconds;
     let small = all_to_all.iter().filter(|p| p.peers == 2).min_by_key(|p| p.bytes);
     let latency_s = small.map(|p| p.seconds).unwrap_or(0.0);
-    Ok(Link { bw, latency_s, all_to_all, all_reduce })
+    Ok(Link { bw, latency_s, all_to_all, all_reduce, sync_all_reduce })
 }
 
 /// In-process links: `intra_node` from `peer_counts` local ranks (threads sharing memory),
 /// `inter_node` from 2 ranks over TCP on loopback.
 pub fn host_links(o: &CalibrateOptions, log: &mut dyn FnMut(&str)) -> Result<(Link, Link, Vec<String>)> {
     let peer_counts: Vec<usize> = if o.quick { vec![2] } else { [2, 4, 8].into_iter().filter(|&p| p <= o.ranks_per_node.max(2)).collect() };
-    let (mut a2a, mut ar) = (Vec::new(), Vec::new());
+    let us = |c: &[CurvePoint]| (c[0].seconds * 1e6, c[c.len() - 1].seconds * 1e6);
+    let (mut a2a, mut ar, mut sy) = (Vec::new(), Vec::new(), Vec::new());
     for &p in &peer_counts {
-        let (x, y) = curves(Transport::Local, p, o.quick)?;
-        log(&format!("local, {p} ranks: all-to-all {:.1} us .. {:.1} us, all-reduce {:.1} us .. {:.1} us", x[0].seconds * 1e6, x[x.len() - 1].seconds * 1e6, y[0].seconds * 1e6, y[y.len() - 1].seconds * 1e6));
+        let [x, y, z] = curves(Transport::Local, p, o.ranks_per_node.max(p), o.quick)?;
+        let ((x0, x1), (y0, y1), (z0, z1)) = (us(&x), us(&y), us(&z));
+        log(&format!("local, {p} ranks: all-to-all {x0:.1} us .. {x1:.1} us, all-reduce {y0:.1} us .. {y1:.1} us, sync all-reduce {z0:.1} us .. {z1:.1} us"));
         a2a.extend(x);
         ar.extend(y);
+        sy.extend(z);
     }
-    let intra = link(a2a, ar)?;
-    let (x, y) = curves(Transport::Tcp, 2, o.quick)?;
-    log(&format!("tcp loopback, 2 ranks: all-to-all {:.1} us .. {:.1} us, all-reduce {:.1} us .. {:.1} us", x[0].seconds * 1e6, x[x.len() - 1].seconds * 1e6, y[0].seconds * 1e6, y[y.len() - 1].seconds * 1e6));
-    let inter = link(x, y)?;
+    let intra = link(a2a, ar, sy)?;
+    let [x, y, z] = curves(Transport::Tcp, 2, 2, o.quick)?;
+    let ((x0, x1), (y0, y1), (z0, z1)) = (us(&x), us(&y), us(&z));
+    log(&format!("tcp loopback, 2 ranks: all-to-all {x0:.1} us .. {x1:.1} us, all-reduce {y0:.1} us .. {y1:.1} us, sync all-reduce {z0:.1} us .. {z1:.1} us"));
+    let inter = link(x, y, z)?;
     let sizes = curve_sizes(o.quick);
     let span = format!("{} B .. {} B per rank", sizes[0], sizes[sizes.len() - 1]);
     let peers = peer_counts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     let cmd = &o.command;
+    let busy = format!("groups of {peers} ranks, all {} ranks busy (the groups run at once, as `bench a2a --ranks {} --split`)", o.ranks_per_node, o.ranks_per_node);
     let sources = vec![
-        format!("intra_node.all_to_all, intra_node.all_reduce: Ember's own measurement: `{cmd}`: bench a2a / bench allreduce --transport local (threads of one process), {peers} ranks, {span}, mean of the timed iterations, slowest rank"),
+        format!("intra_node.all_to_all, intra_node.all_reduce: Ember's own measurement: `{cmd}`: bench a2a / bench allreduce --transport local (threads of one process), {busy}, {span}, mean of the timed iterations, slowest rank of group 0"),
+        format!("intra_node.sync_all_reduce: Ember's own measurement: `{cmd}`: the replica sync's all-reduce (Xfer::all_reduce_mean_f64 on the CPU backend: f32 values averaged in f64) --transport local, {busy}, {span}, mean of back-to-back operations, slowest rank of group 0"),
         format!("intra_node.bw: Ember's own measurement: `{cmd}`: the largest all-to-all of the most ranks above, bytes each rank sends to the others / time"),
         format!("intra_node.latency_s: Ember's own measurement: `{cmd}`: the smallest 2-rank all-to-all above"),
-        format!("inter_node.all_to_all, inter_node.all_reduce: Ember's own measurement: `{cmd}`: bench a2a / bench allreduce --transport tcp on loopback, 2 ranks as threads of one process, {span} (multi-process: `ember launch -n 2 -- ember bench a2a --transport tcp`)"),
+        format!("inter_node.all_to_all, inter_node.all_reduce, inter_node.sync_all_reduce: Ember's own measurement: `{cmd}`: bench a2a / bench allreduce and the sync's all-reduce as above, --transport tcp on loopback, 2 ranks as threads of one process, {span} (multi-process: `ember launch -n 2 -- ember bench a2a --transport tcp`)"),
         format!("inter_node.bw: Ember's own measurement: `{cmd}`: the largest 2-rank TCP all-to-all above, bytes sent to the peer / time"),
         format!("inter_node.latency_s: Ember's own measurement: `{cmd}`: the smallest 2-rank TCP all-to-all above"),
     ];

@@ -9,6 +9,8 @@
 //! - all-reduce in one node, ring: `2(p−1)·α + 2·X·(p−1)/p·β`; across nodes, hierarchical: a
 //!   reduce-scatter and an all-gather in the node (ring) around an all-reduce of X/q between
 //!   the nodes, every rank on its own NIC (ring bandwidth, tree latency `2·log2(nodes)·α`).
+//! - the replica sync's all-reduce: its own measured curve (`sync_all_reduce`: the engine's
+//!   f64-accumulating mean, every rank busy) where the link has one, else the all-reduce above.
 use super::machine::{CurvePoint, Link, Machine};
 
 /// A collective's time and the bytes one rank puts on each link class.
@@ -105,13 +107,28 @@ pub fn all_reduce(m: &Machine, peers: usize, on_node: usize, bytes: f64) -> Cost
     Cost { seconds: rs + inter + ag, intra_bytes: 2.0 * bytes * (qf - 1.0) / qf, inter_bytes: 2.0 * part * (nodes - 1.0) / nodes }
 }
 
+/// The replica sync's all-reduce of a `bytes` buffer over `peers` ranks, `on_node` of them on
+/// each node: read from the link's `sync_all_reduce` curve where it holds `peers` (in one node:
+/// `intra_node`'s; across nodes: `inter_node`'s), else [`all_reduce`].
+pub fn sync_all_reduce(m: &Machine, peers: usize, on_node: usize, bytes: f64) -> Cost {
+    let general = all_reduce(m, peers, on_node, bytes);
+    if peers <= 1 || bytes <= 0.0 {
+        return general;
+    }
+    let link = if on_node.clamp(1, peers) == peers { &m.intra_node } else { &m.inter_node };
+    match from_curve(&link.sync_all_reduce, peers, bytes) {
+        Some(seconds) => Cost { seconds, ..general },
+        None => general,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::simulate::machine::{ComputeRates, EmbBackwardEff, MemoryRates};
 
     fn machine(curve: Vec<CurvePoint>) -> Machine {
-        let link = |bw: f64, lat: f64, c: Vec<CurvePoint>| Link { bw, latency_s: lat, all_to_all: c, all_reduce: vec![] };
+        let link = |bw: f64, lat: f64, c: Vec<CurvePoint>| Link { bw, latency_s: lat, all_to_all: c, all_reduce: vec![], sync_all_reduce: vec![] };
         Machine {
             name: "t".into(),
             description: String::new(),
@@ -119,7 +136,7 @@ mod tests {
             compute_units_per_node: 4,
             memory_per_rank: 1 << 30,
             memory: MemoryRates { stream_bw: 1e10, gather_bw: 1e10 },
-            compute: ComputeRates { gemm_flops: 1e10, emb_forward_eff: 1.0, emb_backward_eff: EmbBackwardEff { sgd: 1.0, rowwise_adagrad: 1.0, adagrad: 1.0 }, step_overhead_s: 0.0 },
+            compute: ComputeRates { gemm_flops: 1e10, emb_forward_eff: 1.0, emb_backward_eff: EmbBackwardEff { sgd: 1.0, rowwise_adagrad: 1.0, adagrad: 1.0 }, step_overhead_s: 0.0, interaction_flops: None },
             intra_node: link(1e9, 1e-6, curve),
             inter_node: link(1e8, 1e-5, vec![]),
             sources: vec![],
@@ -151,6 +168,20 @@ mod tests {
         assert!((c.seconds - (6e-6 + 6e-3)).abs() < 1e-12, "{c:?}");
         // One rank: nothing moves.
         assert_eq!(all_reduce(&m, 1, 1, 4e6), Cost::default());
+    }
+
+    #[test]
+    fn the_sync_reads_its_own_curve_where_it_has_one() {
+        let mut m = machine(vec![]);
+        // No sync curve: the general all-reduce.
+        assert_eq!(sync_all_reduce(&m, 4, 4, 4e6), all_reduce(&m, 4, 4, 4e6));
+        m.intra_node.sync_all_reduce = vec![CurvePoint { peers: 4, bytes: 1 << 20, seconds: 2e-3 }];
+        let c = sync_all_reduce(&m, 4, 4, 4.0 * (1 << 20) as f64);
+        assert!((c.seconds - 8e-3).abs() < 1e-12, "{c:?}");
+        assert_eq!(c.intra_bytes, all_reduce(&m, 4, 4, 4.0 * (1 << 20) as f64).intra_bytes);
+        // Other peer counts, and groups across nodes, fall back.
+        assert_eq!(sync_all_reduce(&m, 2, 2, 4e6), all_reduce(&m, 2, 2, 4e6));
+        assert_eq!(sync_all_reduce(&m, 8, 4, 4e6), all_reduce(&m, 8, 4, 4e6));
     }
 
     #[test]

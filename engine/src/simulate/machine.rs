@@ -30,6 +30,9 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_BYTES: u64 = 1 << 50;
 /// Largest rate (bytes/s or FLOP/s) a file may state: 1e18.
 pub const MAX_RATE: f64 = 1e18;
+/// Largest kernel efficiency a file may state: a kernel whose hot rows stay in cache (skewed
+/// ids) moves its counted bytes faster than the uniform random gather it is a fraction of.
+pub const MAX_EFF: f64 = 8.0;
 /// Largest time (curve seconds, latency, step overhead) a file may state: one hour.
 pub const MAX_SECONDS: f64 = 3600.0;
 /// At most this many `sources` lines, and this many characters in any text field.
@@ -92,6 +95,10 @@ pub struct ComputeRates {
     /// Fixed cost of one step outside the stages above (launches, bookkeeping), seconds.
     #[serde(default)]
     pub step_overhead_s: f64,
+    /// The dot interaction's rate (forward and backward, FLOP/s counting 2·d per pair of
+    /// vectors; it is no GEMM call on every backend); absent: `gemm_flops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interaction_flops: Option<f64>,
 }
 
 /// Efficiency of the fused embedding backward + optimizer, per optimizer.
@@ -117,6 +124,10 @@ pub struct Link {
     /// Measured all-reduce times (empty: derived from `bw` and `latency_s`).
     #[serde(default)]
     pub all_reduce: Vec<CurvePoint>,
+    /// Measured times of the replica sync's all-reduce: f32 values averaged in f64 on the host
+    /// (the engine's sync path), with every rank of the node busy (empty: `all_reduce`).
+    #[serde(default)]
+    pub sync_all_reduce: Vec<CurvePoint>,
 }
 
 /// One measured collective on `peers` ranks: `bytes` per rank — all-to-all: the rank's whole
@@ -154,14 +165,17 @@ pub const FIELD_GROUPS: &[&str] = &[
     "compute.emb_forward_eff",
     "compute.emb_backward_eff",
     "compute.step_overhead_s",
+    "compute.interaction_flops",
     "intra_node.bw",
     "intra_node.latency_s",
     "intra_node.all_to_all",
     "intra_node.all_reduce",
+    "intra_node.sync_all_reduce",
     "inter_node.bw",
     "inter_node.latency_s",
     "inter_node.all_to_all",
     "inter_node.all_reduce",
+    "inter_node.sync_all_reduce",
 ];
 
 impl Machine {
@@ -213,6 +227,9 @@ impl Machine {
             "intra_node.all_reduce" => self.intra_node.all_reduce.is_empty(),
             "inter_node.all_to_all" => self.inter_node.all_to_all.is_empty(),
             "inter_node.all_reduce" => self.inter_node.all_reduce.is_empty(),
+            "compute.interaction_flops" => self.compute.interaction_flops.is_none(),
+            "intra_node.sync_all_reduce" => self.intra_node.sync_all_reduce.is_empty(),
+            "inter_node.sync_all_reduce" => self.inter_node.sync_all_reduce.is_empty(),
             _ => false,
         };
         let named = |g: &str| {
@@ -225,7 +242,7 @@ impl Machine {
     /// round rates (20 GB/s stream, 10 GB/s gather, 100 GFLOP/s, links 10 and 1 GB/s).
     #[cfg(test)]
     pub(crate) fn for_tests(ranks: usize, units: usize, memory: u64) -> Machine {
-        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![], all_reduce: vec![] };
+        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![], all_reduce: vec![], sync_all_reduce: vec![] };
         Machine {
             name: "t".into(),
             description: String::new(),
@@ -233,14 +250,14 @@ impl Machine {
             compute_units_per_node: units,
             memory_per_rank: memory,
             memory: MemoryRates { stream_bw: 2e10, gather_bw: 1e10 },
-            compute: ComputeRates { gemm_flops: 1e11, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.25, rowwise_adagrad: 0.25, adagrad: 0.25 }, step_overhead_s: 0.0 },
+            compute: ComputeRates { gemm_flops: 1e11, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.25, rowwise_adagrad: 0.25, adagrad: 0.25 }, step_overhead_s: 0.0, interaction_flops: None },
             intra_node: link(1e10, 1e-6),
             inter_node: link(1e9, 1e-5),
             sources: vec![],
         }
     }
 
-    /// Every rate finite, positive and below [`MAX_RATE`], every efficiency in (0, 1], every
+    /// Every rate finite, positive and below [`MAX_RATE`], every efficiency in (0, [`MAX_EFF`]], every
     /// time finite, non-negative and below [`MAX_SECONDS`], curves bounded, sorted and sane,
     /// text bounded. The error names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -251,7 +268,7 @@ impl Machine {
                 Err(format!("{what} = {x}: must be finite, > 0 and <= {MAX_RATE:e}"))
             }
         };
-        let eff = |what: &str, x: f64| if x.is_finite() && x > 0.0 && x <= 1.0 { Ok(()) } else { Err(format!("{what} = {x}: must lie in (0, 1]")) };
+        let eff = |what: &str, x: f64| if x.is_finite() && x > 0.0 && x <= MAX_EFF { Ok(()) } else { Err(format!("{what} = {x}: must lie in (0, {MAX_EFF}]")) };
         let secs = |what: &str, x: f64, zero_ok: bool| {
             if x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0)) && x <= MAX_SECONDS {
                 Ok(())
@@ -283,6 +300,9 @@ impl Machine {
         rate("memory.stream_bw", self.memory.stream_bw)?;
         rate("memory.gather_bw", self.memory.gather_bw)?;
         rate("compute.gemm_flops", self.compute.gemm_flops)?;
+        if let Some(x) = self.compute.interaction_flops {
+            rate("compute.interaction_flops", x)?;
+        }
         eff("compute.emb_forward_eff", self.compute.emb_forward_eff)?;
         let b = &self.compute.emb_backward_eff;
         eff("compute.emb_backward_eff.sgd", b.sgd)?;
@@ -292,7 +312,7 @@ impl Machine {
         for (name, l) in [("intra_node", &self.intra_node), ("inter_node", &self.inter_node)] {
             rate(&format!("{name}.bw"), l.bw)?;
             secs(&format!("{name}.latency_s"), l.latency_s, true)?;
-            for (cname, c) in [("all_to_all", &l.all_to_all), ("all_reduce", &l.all_reduce)] {
+            for (cname, c) in [("all_to_all", &l.all_to_all), ("all_reduce", &l.all_reduce), ("sync_all_reduce", &l.sync_all_reduce)] {
                 if c.len() > MAX_CURVE_POINTS {
                     return Err(format!("{name}.{cname}: {} points, at most {MAX_CURVE_POINTS}", c.len()));
                 }
@@ -322,7 +342,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Machine {
-        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![CurvePoint { peers: 2, bytes: 1 << 20, seconds: 1e-3 }], all_reduce: vec![] };
+        let link = |bw: f64, lat: f64| Link { bw, latency_s: lat, all_to_all: vec![CurvePoint { peers: 2, bytes: 1 << 20, seconds: 1e-3 }], all_reduce: vec![], sync_all_reduce: vec![] };
         Machine {
             name: "t".into(),
             description: String::new(),
@@ -330,7 +350,7 @@ mod tests {
             compute_units_per_node: 8,
             memory_per_rank: 80 << 30,
             memory: MemoryRates { stream_bw: 3e12, gather_bw: 1e12 },
-            compute: ComputeRates { gemm_flops: 5e13, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.4, rowwise_adagrad: 0.3, adagrad: 0.3 }, step_overhead_s: 0.0 },
+            compute: ComputeRates { gemm_flops: 5e13, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.4, rowwise_adagrad: 0.3, adagrad: 0.3 }, step_overhead_s: 0.0, interaction_flops: None },
             intra_node: link(4.5e11, 3e-6),
             inter_node: link(5e10, 5e-6),
             sources: vec![],
@@ -425,7 +445,7 @@ mod tests {
             (with(good, "gemm_flops", "inf"), "compute.gemm_flops"),
             (with(good, "gemm_flops", "1e30"), "compute.gemm_flops"),
             (with(good, "emb_forward_eff", "0.0"), "compute.emb_forward_eff"),
-            (with(good, "adagrad", "1.5"), "compute.emb_backward_eff.adagrad"),
+            (with(good, "adagrad", "8.5"), "compute.emb_backward_eff.adagrad"),
             (with(good, "step_overhead_s", "-0.1"), "compute.step_overhead_s"),
             (with(good, "latency_s", "1e9"), "intra_node.latency_s"),
             (with(good, "ranks_per_node", "-8"), "ranks_per_node"),
@@ -483,7 +503,7 @@ mod tests {
     #[test]
     fn rejects_bad_numbers_naming_the_field() {
         let mut m = sample();
-        m.compute.emb_forward_eff = 1.5;
+        m.compute.emb_forward_eff = 9.0;
         let e = Machine::from_toml(&m.to_toml(), "f.toml").unwrap_err().to_string();
         assert!(e.contains("f.toml") && e.contains("emb_forward_eff"), "{e}");
         let mut m = sample();

@@ -10,27 +10,28 @@
 //! | input distribution | all-to-all of ids in the sharding group (N) | input_dist |
 //! | lookup | pooled lookup of the rank's shards (`kernels::forward_bytes`) | lookup |
 //! | output distribution | pooled vectors / partial sums back (N) | output_dist |
-//! | dense forward and backward | MLP, interaction and cross GEMMs (3 × forward FLOPs) | dense |
+//! | dense forward and backward | MLP and cross GEMMs and the dot interaction (3 × forward FLOPs), the non-GEMM passes ([`dense_elementwise_bytes`]) | dense |
 //! | dense all-reduce | the dense gradients over all T ranks | dense |
 //! | embedding backward | gradients to the shards (N) and the fused update (`kernels::backward_bytes`) | backward |
-//! | replica sync | rows touched since the last sync averaged over the replica group (M), every K steps | sync |
+//! | replica sync | rows touched since the last sync averaged over the replica group (M) in chunks of `SYNC_CHUNK` floats, every K steps | sync |
 //! | dense update | the dense optimizer over the replicated parameters | dense |
 //!
 //! Assumptions (each stated in [`Prediction::assumptions`]): compute stages on a node with more
 //! ranks than compute units slow by their ratio (the units are time-shared); the dense GEMMs
-//! reach `gemm_flops` and nothing else in the dense network costs; destinations of a
-//! collective are spread evenly over the group's nodes; on a machine whose links work while the
-//! compute units compute (ranks ≤ units), the input all-to-all overlaps the previous step's
-//! dense stage, the dense all-reduce overlaps the embedding backward and the replica sync
-//! overlaps the dense update; on a time-shared host every transfer is work for the same cores
-//! and nothing overlaps, except the sync with the dense update (the engine runs them together).
+//! reach `gemm_flops`, the dot interaction `interaction_flops`, and the other dense work moves
+//! its bytes at `stream_bw`; destinations of a collective are spread evenly over the group's
+//! nodes; on a machine whose links work while the compute units compute (ranks ≤ units), the
+//! input all-to-all overlaps the previous step's dense stage, the dense all-reduce overlaps the
+//! embedding backward and the replica sync, when the engine runs it beside the dense update,
+//! overlaps that; on a time-shared host every transfer is work for the same cores and nothing
+//! overlaps, the sync included.
 use super::kernels::{backward_bytes, forward_bytes};
-use super::links::{all_reduce, all_to_all, Cost};
+use super::links::{all_reduce, all_to_all, sync_all_reduce, Cost};
 use super::Machine;
 use crate::config::{DenseOptimizer, Interaction, ModelConfig, TrainConfig};
 use crate::grid::Placement;
 use crate::plan::planner::{dense_params, group_ranks_per_node, plan, PlanOptions, PlanReport, TableStats};
-use crate::plan::{Plan, ShardingType};
+use crate::plan::{Plan, ShardingType, SYNC_CHUNK};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -49,11 +50,15 @@ pub struct Scenario {
     pub placement: Placement,
     /// Per-table id statistics (None: the planner's default from the config).
     pub stats: Option<Vec<TableStats>>,
+    /// Whether the replica sync runs beside the dense update on a thread of its own (the
+    /// engine's `--overlap-sync`); None: as the engine's `auto` does, where every rank has a
+    /// compute unit of its own (ranks per node ≤ compute units), not where they time-share.
+    pub overlap_sync: Option<bool>,
 }
 
 impl Scenario {
     pub fn new(m: usize, n: usize, batch_size: usize, sync_every: usize) -> Scenario {
-        Scenario { m, n, batch_size, sync_every, full_sync: false, placement: Placement::ReplicasInNode, stats: None }
+        Scenario { m, n, batch_size, sync_every, full_sync: false, placement: Placement::ReplicasInNode, stats: None, overlap_sync: None }
     }
 }
 
@@ -111,6 +116,18 @@ pub struct Prediction {
 
 const F32: f64 = 4.0;
 
+/// Forward FLOPs per sample of the dot interaction (0 for DCN, whose cross layers are GEMMs):
+/// 2·d per pair of the F + 1 vectors, counted as (F + 1)² pairs.
+pub fn interaction_forward_flops(model: &ModelConfig) -> f64 {
+    match model.interaction {
+        Interaction::Dot => {
+            let vecs = (model.num_tables() + 1) as f64;
+            2.0 * vecs * vecs * model.dim() as f64
+        }
+        Interaction::Dcn { .. } => 0.0,
+    }
+}
+
 /// Forward FLOPs per sample of the dense network: MLP GEMMs, the interaction, the cross layers.
 pub fn dense_forward_flops(model: &ModelConfig) -> f64 {
     let mlp = |input: usize, widths: &[usize]| {
@@ -129,6 +146,35 @@ pub fn dense_forward_flops(model: &ModelConfig) -> f64 {
         Interaction::Dcn { layers, rank } => layers as f64 * 2.0 * 2.0 * vecs * d * rank as f64,
     };
     mlp(model.num_dense, &model.bottom_mlp) + inter + mlp(model.interaction_width(), &model.top_mlp)
+}
+
+/// Bytes the dense network's non-GEMM work reads plus writes per sample (priced at
+/// `memory.stream_bw`): per MLP layer of width w, the bias and activation in place (read and
+/// write: 8w), the activation's gradient (read y and dy, write dy: 12w) and the bias gradient
+/// (read dy: 4w); the bottom MLP's output copied into the interaction's input and its gradient
+/// back out (16d); the dot interaction (read its (F+1)·d inputs, write d + F(F+1)/2 outputs) and
+/// its backward (read the inputs and the outputs' gradients, write the inputs' gradients), or per
+/// cross layer the combine (read three and write one (F+1)·d matrix), its backward (read three,
+/// write two) and its bias gradient, plus the final sum of the two input gradients (read two,
+/// write one); the loss (logit, label, gradient).
+pub fn dense_elementwise_bytes(model: &ModelConfig) -> f64 {
+    // 2 + 3 + 1 = 6 floats of w per layer.
+    let layer = |w: usize| 6.0 * w as f64 * F32;
+    let layers: f64 = model.bottom_mlp.iter().chain(&model.top_mlp).map(|&w| layer(w)).sum();
+    let d = model.dim() as f64;
+    let vecs = (model.num_tables() + 1) as f64;
+    let copy = 4.0 * d * F32;
+    let inter = match model.interaction {
+        Interaction::Dot => {
+            let out = model.interaction_width() as f64;
+            (vecs * d + out) * F32 + (vecs * d + out + vecs * d) * F32
+        }
+        Interaction::Dcn { layers: l, .. } => {
+            let w = vecs * d;
+            l as f64 * (4.0 * w + 5.0 * w + w) * F32 + 3.0 * w * F32
+        }
+    };
+    layers + copy + inter + 3.0 * F32
 }
 
 /// Predicts one step of `cfg`'s model on `machine` for `sc`.
@@ -215,7 +261,12 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
             let gat = all_to_all(mc, n, l, gathered);
             let sync_values = tr.sync_values * k;
             let sync_index = tr.sync_index * k * m as f64;
-            let sv = all_reduce(mc, m, lrep, sync_values);
+            // The engine averages the packed rows in chunks of at most SYNC_CHUNK floats, one
+            // all-reduce each.
+            let chunk = SYNC_CHUNK as f64 * F32;
+            let full = (sync_values / chunk).floor();
+            let (a, b) = (sync_all_reduce(mc, m, lrep, chunk), sync_all_reduce(mc, m, lrep, sync_values - full * chunk));
+            let sv = Cost { seconds: full * a.seconds + b.seconds, intra_bytes: full * a.intra_bytes + b.intra_bytes, inter_bytes: full * a.inter_bytes + b.inter_bytes };
             let si = all_to_all(mc, m, lrep, sync_index);
             R {
                 lookup: fb / (gather * mc.compute.emb_forward_eff) * ts,
@@ -224,8 +275,9 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
                 output: all_to_all(mc, n, l, out_bytes),
                 grads: Cost { seconds: grads.seconds + gat.seconds, intra_bytes: grads.intra_bytes + gat.intra_bytes, inter_bytes: grads.inter_bytes + gat.inter_bytes },
                 sync: Cost { seconds: (sv.seconds + si.seconds) / k, intra_bytes: (sv.intra_bytes + si.intra_bytes) / k, inter_bytes: (sv.inter_bytes + si.inter_bytes) / k },
-                // Packing the touched rows and writing the averages back: two passes over them.
-                sync_pack: if m > 1 { 2.0 * sync_values / gather * ts / k } else { 0.0 },
+                // Packing the touched rows (a gather: read and write each value) and writing the
+                // averages back (the same): 4 bytes moved per byte of values.
+                sync_pack: if m > 1 { 4.0 * sync_values / gather * ts / k } else { 0.0 },
                 bytes: [tr.input_a2a, out_bytes, grad_bytes + tr.grad_all_gather + tr.grad_col_sq, tr.sync_index + tr.sync_values],
             }
         })
@@ -234,7 +286,10 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
         per_rank.iter().enumerate().fold((0, 0.0), |acc, (i, r)| if f(r) > acc.1 { (i, f(r)) } else { acc })
     };
     let p4 = dense_params(model) as f64 * F32 + 8.0;
-    let dense_fb = 3.0 * b * dense_forward_flops(model) / mc.compute.gemm_flops * ts;
+    let inter = interaction_forward_flops(model);
+    let dense_gemm = 3.0 * b * ((dense_forward_flops(model) - inter) / mc.compute.gemm_flops + inter / mc.compute.interaction_flops.unwrap_or(mc.compute.gemm_flops));
+    let dense_elem = b * dense_elementwise_bytes(model) / mc.memory.stream_bw;
+    let dense_fb = (dense_gemm + dense_elem) * ts;
     let ar = all_reduce(mc, world, world_on_node, p4);
     let passes = match cfg.optim.dense {
         DenseOptimizer::Sgd { .. } => 3.0,
@@ -258,10 +313,19 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
     push("dense_all_reduce", "dense", ar.seconds, t_ar_exposed, 0, p4, ar, if overlapping { "the embedding backward" } else { "none (time-shared cores)" });
     push("embedding_backward", "backward", t_bw, t_bw, rb, per_rank[rb].bytes[2], per_rank[rb].grads, "none");
     let (rs, t_sync) = slowest(&|r| r.sync.seconds + r.sync_pack);
-    // The sync and the dense update run together: the longer of the two is what the step sees.
-    let t_sync_exposed = (t_sync - dense_upd).max(0.0);
-    push("replica_sync", "sync", t_sync, t_sync_exposed, rs, per_rank[rs].bytes[3], per_rank[rs].sync, "the dense update (amortized over K steps)");
-    push("dense_update", "dense", dense_upd, dense_upd, 0, 0.0, Cost::default(), "the replica sync");
+    // Beside the dense update on its own thread, the sync hides behind it where the rank's
+    // compute unit has room for both (ranks ≤ units); on time-shared cores both are work for the
+    // same busy cores and add up, overlapped or not.
+    let beside = sc.overlap_sync.unwrap_or(overlapping);
+    let (t_sync_exposed, sync_overlap) = if beside && overlapping {
+        ((t_sync - dense_upd).max(0.0), "the dense update (amortized over K steps)")
+    } else if beside {
+        (t_sync, "none: beside the dense update, but on time-shared cores (amortized over K steps)")
+    } else {
+        (t_sync, "none: after the dense update (amortized over K steps)")
+    };
+    push("replica_sync", "sync", t_sync, t_sync_exposed, rs, per_rank[rs].bytes[3], per_rank[rs].sync, sync_overlap);
+    push("dense_update", "dense", dense_upd, dense_upd, 0, 0.0, Cost::default(), if beside && overlapping { "the replica sync" } else { "none" });
     let step = parts.iter().map(|p| p.ms).sum::<f64>() / 1e3 + mc.compute.step_overhead_s;
     let mut stages: BTreeMap<&'static str, f64> = ["input_dist", "lookup", "output_dist", "dense", "backward", "sync"].into_iter().map(|s| (s, 0.0)).collect();
     for p in &parts {
@@ -275,14 +339,19 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
     };
     let mut assumptions = vec![
         format!("compute stages slowed {ts:.2}x: {} active ranks per node on {} compute units", active, mc.compute_units_per_node),
-        "dense forward and backward: 3 x forward GEMM FLOPs at compute.gemm_flops; activations, bias and loss free".into(),
+        "dense forward and backward: 3 x forward FLOPs at compute.gemm_flops (the dot interaction's at compute.interaction_flops), plus the activations, biases, interaction and loss as bytes read and written at memory.stream_bw".into(),
         "collective destinations spread evenly over the group's nodes; measured curves where they hold the peer count, else alpha-beta".into(),
-        format!("replica sync every {} steps, amortized; it runs beside the dense update (the longer counts)", sc.sync_every),
+        format!(
+            "replica sync every {} steps, amortized, its values all-reduced in chunks of {} floats; {}",
+            sc.sync_every,
+            SYNC_CHUNK,
+            if beside && overlapping { "beside the dense update (the longer counts)" } else { "added to the step (not overlapped, or on time-shared cores)" }
+        ),
     ];
     if overlapping {
         assumptions.push("links work while compute runs: the input all-to-all hides behind the dense stage, the dense all-reduce behind the embedding backward".into());
     } else {
-        assumptions.push("time-shared cores: transfers are CPU work, nothing overlaps but the sync with the dense update".into());
+        assumptions.push("time-shared cores: transfers are CPU work and nothing overlaps; collective curves are measured with every rank of the node busy".into());
     }
     if mc.compute.step_overhead_s > 0.0 {
         assumptions.push(format!("fixed step overhead {:.3} ms", mc.compute.step_overhead_s * 1e3));
@@ -342,7 +411,12 @@ mod tests {
         assert!((part(&p, "embedding_backward").ms - bwd / (1e10 * 0.25) * 1e3).abs() < 1e-6, "{}", part(&p, "embedding_backward").ms);
         // Dense: bottom 13-512-256-64, dot interaction of 9 vectors, top 100-512-256-1.
         let flops = 2.0 * (13.0 * 512.0 + 512.0 * 256.0 + 256.0 * 64.0) + 2.0 * 81.0 * 64.0 + 2.0 * (100.0 * 512.0 + 512.0 * 256.0 + 256.0);
-        assert!((part(&p, "dense_forward_backward").ms - 3.0 * 4096.0 * flops / 1e11 * 1e3).abs() < 1e-9);
+        // Non-GEMM bytes per sample: 24 B per MLP output (1,601 of them), the bottom output's
+        // copies (4 x 64 floats), the dot interaction (9 x 64 inputs, 100 outputs: forward reads
+        // and writes 676 floats, backward 1,252) and the loss (3 floats); at 20 GB/s.
+        let elem = 24.0 * 1601.0 + 4.0 * 64.0 * 4.0 + (676.0 + 1252.0) * 4.0 + 12.0;
+        let dense = 3.0 * 4096.0 * flops / 1e11 + 4096.0 * elem / 2e10;
+        assert!((part(&p, "dense_forward_backward").ms - dense * 1e3).abs() < 1e-9, "{}", part(&p, "dense_forward_backward").ms);
         for s in ["input_distribution", "output_distribution", "dense_all_reduce", "replica_sync"] {
             assert_eq!(part(&p, s).ms, 0.0, "{s}");
         }
@@ -381,6 +455,14 @@ mod tests {
         assert!((s1.ms - (s1.busy_ms - upd).max(0.0)).abs() < 1e-12);
         // Whole shards: 100,000 rows x (64 + 1) floats per table, each rank 4 of 8 tables' halves.
         assert!(s1.bytes > 0.0);
+        // Time-shared cores: the sync is work for the same busy cores, it adds to the step.
+        let shared = predict(&cfg, &machine(8, 2, 1 << 40), &sc(1)).unwrap();
+        let s = part(&shared, "replica_sync");
+        assert!(s.busy_ms > 0.0 && s.ms == s.busy_ms, "{s:?}");
+        // Not beside the dense update (--overlap-sync off): it adds on any machine.
+        let off = predict(&cfg, &mc, &Scenario { overlap_sync: Some(false), ..sc(1) }).unwrap();
+        assert_eq!(part(&off, "replica_sync").ms, part(&off, "replica_sync").busy_ms);
+        assert!(off.step_ms > k1.step_ms);
         // One replica: no sync at all.
         assert_eq!(part(&predict(&cfg, &mc, &Scenario::new(1, 8, 4096, 1)).unwrap(), "replica_sync").busy_ms, 0.0);
     }
