@@ -5,8 +5,10 @@
 //!
 //! Every mesh connection starts with the token proof of `auth` (the mesh is dialled by the
 //! higher rank; incoming handshakes are served concurrently under the job's deadline). Only
-//! this rank's own progress thread writes into a posted buffer, so withdrawing one
-//! (`cancel_recv`) never waits for a peer: the rest of a frame in progress is read into scratch.
+//! a thread of this rank holding the connection's receive state (the progress thread, or a
+//! caller whose write failed and reads what the peer sent first) writes into a posted buffer,
+//! so withdrawing one (`cancel_recv`) never waits for a peer: the rest of a frame in progress
+//! is read into scratch.
 //! Connections use TCP keepalive and `TCP_USER_TIMEOUT` (the job's timeout), so a peer that
 //! vanishes (power loss, partition, paused VM) fails every wait on it.
 //!
@@ -212,7 +214,11 @@ impl Fabric for TcpFabric {
             match job.push(fd) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) => return Err(Error::Io { op: w.op, peer: dst, detail: e.to_string() }),
+                Err(e) => {
+                    // Not the broken pipe: what broke it (see `send_failed`).
+                    drop(q);
+                    return Err(self.sh.send_failed(dst, e).with_op(w.op));
+                }
             }
         }
         q.push_back(job);

@@ -50,17 +50,50 @@ impl Shared {
     pub(super) fn rx(&self, p: usize) -> MutexGuard<'_, Option<Rx>> {
         self.rx[p].lock().unwrap_or_else(|e| e.into_inner())
     }
+    /// End the connection to `p` for `why`: every wait on `p` fails from now on. The reason is
+    /// recorded before the socket is shut down, so that a caller whose write then fails on it
+    /// ([`Self::send_failed`]) reports this first cause, not the broken pipe it left behind.
+    pub(super) fn kill(&self, p: usize, why: Error) {
+        self.mb.peer_failed(why.clone());
+        if let Some(mut r) = self.rx(p).take() {
+            r.abandon(p, &self.mb, &why);
+        }
+        if let Some(s) = &self.streams[p] {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.queue(p).clear();
+    }
+
+    /// A write to `p` failed with `e` (the caller holds no queue lock): returns the first
+    /// cause. A broken pipe is rarely one: either this rank already ended the connection for a
+    /// reason it recorded (its progress thread found a malformed or oversized frame and shut
+    /// the socket between this caller's check and its write), or `p` closed it after sending
+    /// frames this rank has not read yet, which may break the protocol (`p`'s send overflowed
+    /// the buffer posted for it, and `p` failed over that). So what `p` sent is read first, up
+    /// to the end of the stream; a protocol error found there is the cause; else the recorded
+    /// reason; else the lost connection.
+    pub(super) fn send_failed(&self, p: usize, e: std::io::Error) -> Error {
+        let found = match (self.rx(p).as_mut(), &self.streams[p]) {
+            (Some(rx), Some(s)) => rx.drain_to_end(p, s, &self.mb).err(),
+            _ => None,
+        };
+        let lost = Error::PeerFailed { op: "tcp send", peer: p, reason: format!("connection lost while sending ({e})") };
+        self.kill(p, found.unwrap_or_else(|| lost.clone()));
+        self.mb.lock().dead.get(&p).cloned().unwrap_or(lost)
+    }
+
     /// Withdraw the send of `tag` to `p`: once this returns, no byte of its buffer is read. A
-    /// frame already partly on the wire leaves the stream unusable: that connection is closed.
+    /// frame already partly on the wire leaves the stream unusable: that connection is closed
+    /// (and later operations with `p` say why).
     pub(super) fn withdraw(&self, p: usize, tag: Tag) {
         let mut q = self.queue(p);
         if let Some(i) = q.iter().position(|j| j.tag == tag) {
             let started = q[i].hoff > 0;
             q.remove(i);
+            drop(q);
             if started {
-                if let Some(s) = &self.streams[p] {
-                    let _ = s.shutdown(Shutdown::Both);
-                }
+                let why = "this rank closed the connection: a send it withdrew (its operation failed) was partly sent";
+                self.kill(p, Error::Io { op: "tcp send", peer: p, detail: why.into() });
             }
         }
     }
@@ -180,9 +213,21 @@ fn read_some(peer: usize, s: &TcpStream, buf: &mut [u8]) -> Result<Got> {
 }
 
 impl Rx {
-    /// Consume what is readable on `s` now, at most [`READS_PER_PASS`] reads. `Err`: the
-    /// connection is lost (`PeerFailed`) or malformed (`Protocol`).
-    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
+    /// Consume what is readable on `s` now, up to the end of the stream: `Ok` only if the
+    /// socket has nothing more to read now (bounded: a peer whose write failed sends no more).
+    fn drain_to_end(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
+        for _ in 0..1 << 16 {
+            if !self.drain(peer, s, mb)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Consume what is readable on `s` now, at most [`READS_PER_PASS`] reads: `Ok(true)` when
+    /// it stopped at that limit (more may be readable). `Err`: the connection is lost
+    /// (`PeerFailed`) or malformed (`Protocol`).
+    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<bool> {
         const HDR: usize = FRAME_LEN;
         let mut reads = 0u32;
         loop {
@@ -209,7 +254,7 @@ impl Rx {
                     continue;
                 }
                 if reads == READS_PER_PASS {
-                    return Ok(());
+                    return Ok(true);
                 }
                 reads += 1;
                 let rest = b.len - b.got;
@@ -222,13 +267,13 @@ impl Rx {
                 match direct {
                     Some(d) => match read_some(peer, s, d)? {
                         Got::Data(n) => b.got += n,
-                        Got::Later => return Ok(()),
+                        Got::Later => return Ok(false),
                     },
                     None => {
                         (self.lo, self.hi) = (0, 0);
                         match read_some(peer, s, &mut self.st)? {
                             Got::Data(n) => self.hi = n,
-                            Got::Later => return Ok(()),
+                            Got::Later => return Ok(false),
                         }
                     }
                 }
@@ -236,14 +281,14 @@ impl Rx {
             }
             if self.hi - self.lo < HDR {
                 if reads == READS_PER_PASS {
-                    return Ok(());
+                    return Ok(true);
                 }
                 reads += 1;
                 self.st.copy_within(self.lo..self.hi, 0);
                 (self.lo, self.hi) = (0, self.hi - self.lo);
                 match read_some(peer, s, &mut self.st[self.hi..])? {
                     Got::Data(n) => self.hi += n,
-                    Got::Later => return Ok(()),
+                    Got::Later => return Ok(false),
                 }
                 continue;
             }
@@ -290,28 +335,22 @@ pub(super) fn progress(sh: Arc<Shared>) {
     let mut live: Vec<bool> = sh.streams.iter().map(|s| s.is_some()).collect();
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
     let mut who: Vec<usize> = Vec::with_capacity(n);
-    let kill = |p: usize, live: &mut Vec<bool>, why: Error| {
-        live[p] = false;
-        if let Some(mut r) = sh.rx(p).take() {
-            r.abandon(p, &sh.mb, &why);
-        }
-        if let Some(s) = &sh.streams[p] {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        sh.queue(p).clear();
-        sh.mb.peer_failed(why);
-    };
     while !sh.stop.load(Ordering::Acquire) {
         fds.clear();
         who.clear();
         fds.push(libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 });
+        // Tests: a paused rank reads nothing, not even on a hang-up or an error.
         #[cfg(test)]
-        let inn = if sh.pause_rx.load(Ordering::Acquire) { 0 } else { libc::POLLIN };
+        let paused = sh.pause_rx.load(Ordering::Acquire);
         #[cfg(not(test))]
-        let inn = libc::POLLIN;
+        let paused = false;
+        let inn = if paused { 0 } else { libc::POLLIN };
         for p in (0..n).filter(|&p| live[p]) {
             let s = sh.streams[p].as_ref().unwrap();
             let out = if sh.queue(p).is_empty() { 0 } else { libc::POLLOUT };
+            if inn | out == 0 {
+                continue;
+            }
             fds.push(libc::pollfd { fd: s.as_raw_fd(), events: inn | out, revents: 0 });
             who.push(p);
         }
@@ -343,24 +382,30 @@ pub(super) fn progress(sh: Arc<Shared>) {
                         }
                         Ok(false) => break,
                         Err(e) => {
-                            err = Some(Error::PeerFailed { op: "tcp send", peer: p, reason: format!("connection lost while sending ({e})") });
+                            err = Some(e);
                             break;
                         }
                     }
                 }
                 drop(q);
-                if let Some(why) = err {
-                    kill(p, &mut live, why);
+                if let Some(e) = err {
+                    sh.send_failed(p, e);
+                    live[p] = false;
                     continue;
                 }
             }
-            if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            if !paused && ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 let r = match sh.rx(p).as_mut() {
                     Some(rx) => rx.drain(p, s, &sh.mb),
-                    None => Ok(()),
+                    // Ended by a caller whose write failed (`send_failed`).
+                    None => {
+                        live[p] = false;
+                        continue;
+                    }
                 };
                 if let Err(why) = r {
-                    kill(p, &mut live, why);
+                    sh.kill(p, why);
+                    live[p] = false;
                 }
             }
         }
