@@ -7,9 +7,12 @@
 #
 #   cargo build --release -p ember-tools
 #   tools/experiments/transport_vs_mpi.sh [ROUNDS] [OUTDIR]      (default 5, /tmp/ember-vs-mpi)
+#   tools/experiments/transport_vs_mpi.sh 0 OUTDIR --build-only  (only build OUTDIR/mpi_coll)
 #   python3 tools/experiments/transport_vs_mpi_summary.py OUTDIR  (the ratio table)
 #
-# Environment: EMBER (the binary), CASES (subset, e.g. "shm2 tcp2"), COLLS ("a2a allreduce"),
+# Environment: EMBER (the binary), EMBER_BASE (optional: a second ember binary, e.g. a build of
+# the main branch, run as side "base" in every round beside the other two), SIZES (a2a: "MIN MAX",
+# bytes per peer; allreduce: ALLREDUCE_SIZES), FACTOR (default 2), CASES (subset, e.g. "shm2 tcp2"), COLLS ("a2a allreduce"),
 # METHODS ("b2b per-op"), ITERS/WARMUP (default 50/5), QUIET_LOAD (default 1.5: each run waits,
 # at most 10 minutes, for the 1-minute load average to drop below it; the load is recorded).
 # Without Open MPI (mpicc, mpirun) it says so and exits 0.
@@ -24,8 +27,11 @@ fi
 [ -x "$E" ] || { echo "transport_vs_mpi: no ember binary at $E (cargo build --release -p ember-tools)" >&2; exit 1; }
 mkdir -p "$out"
 MPI=$out/mpi_coll
-mpicc -O2 -o "$MPI" "$root/transport/bench/mpi_coll.c" || exit 1
-MPIRUN=(mpirun --oversubscribe --bind-to core)
+# Built once per OUTDIR (build it before a measurement that pauses compilers: `--build-only`).
+[ "$MPI" -nt "$root/transport/bench/mpi_coll.c" ] || mpicc -O2 -o "$MPI" "$root/transport/bench/mpi_coll.c" || exit 1
+[ "${3:-}" = --build-only ] && exit 0
+# overload-allowed: 4 processes on 2 cores (shm4) are refused a core binding without it.
+MPIRUN=(mpirun --oversubscribe --bind-to core:overload-allowed)
 [ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
 iters=${ITERS:-50}; warm=${WARMUP:-5}
 
@@ -38,25 +44,27 @@ quiet() {
 }
 
 # range COLL: "MIN MAX" bytes.
-range() { if [ "$1" = a2a ]; then echo "1024 16777216"; else echo "4 67108864"; fi; }
+range() { if [ "$1" = a2a ]; then echo "${SIZES:-1024 16777216}"; else echo "${ALLREDUCE_SIZES:-4 67108864}"; fi; }
+fac=${FACTOR:-2}
 
 # ember_run CASE COLL METHOD FILE / mpi_run CASE COLL METHOD FILE: one sweep, JSON rows tagged.
 tag() { jq -c --arg side "$1" --arg case "$2" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson round "$3" \
   '. + {side: $side, case: $case, load1: ($load|tonumber), round: $round}'; }
 ember_run() {
-  local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} t=shm r
+  local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} t=shm r bin=${5:-$E} side=${6:-ember}
   [[ $c == tcp* ]] && t=tcp
   read -r lo hi <<<"$(range "$coll")"
   local po=(); [ "$m" = per-op ] && po=(--per-op)
-  "$E" launch -n "$np" --transport "$t" -- "$E" bench "$coll" -b "$lo" -e "$hi" -f 2 -n "$iters" -w "$warm" -c 1 --json "${po[@]}" \
-    | sed -n 's/^\[0\] {/{/p' | tag ember "$c" "$round" >>"$f"
+  "$bin" launch -n "$np" --transport "$t" -- "$bin" bench "$coll" -b "$lo" -e "$hi" -f "$fac" -n "$iters" -w "$warm" -c 1 --json "${po[@]}" \
+    | sed -n 's/^\[0\] {/{/p' | tag "$side" "$c" "$round" >>"$f"
 }
+base_run() { [ -n "${EMBER_BASE:-}" ] && { quiet; ember_run "$@" "$EMBER_BASE" base; }; return 0; }
 mpi_run() {
   local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} btl=()
   [[ $c == tcp* ]] && btl=(--mca btl tcp,self)
   read -r lo hi <<<"$(range "$coll")"
   local po=(); [ "$m" = per-op ] && po=(per-op)
-  "${MPIRUN[@]}" "${btl[@]}" -np "$np" "$MPI" "$coll" "$lo" "$hi" 2 "$iters" "$warm" "${po[@]}" | tag openmpi "$c" "$round" >>"$f"
+  "${MPIRUN[@]}" "${btl[@]}" -np "$np" "$MPI" "$coll" "$lo" "$hi" "$fac" "$iters" "$warm" "${po[@]}" | tag openmpi "$c" "$round" >>"$f"
 }
 
 for round in $(seq "$rounds"); do
@@ -66,8 +74,8 @@ for round in $(seq "$rounds"); do
         f=$out/$c.$coll.$m.jsonl
         [ "$round" = 1 ] && : >"$f"
         # Alternate which side goes first.
-        if [ $((round % 2)) = 1 ]; then quiet; ember_run "$c" "$coll" "$m" "$f"; quiet; mpi_run "$c" "$coll" "$m" "$f"
-        else quiet; mpi_run "$c" "$coll" "$m" "$f"; quiet; ember_run "$c" "$coll" "$m" "$f"; fi
+        if [ $((round % 2)) = 1 ]; then quiet; ember_run "$c" "$coll" "$m" "$f"; base_run "$c" "$coll" "$m" "$f"; quiet; mpi_run "$c" "$coll" "$m" "$f"
+        else quiet; mpi_run "$c" "$coll" "$m" "$f"; base_run "$c" "$coll" "$m" "$f"; quiet; ember_run "$c" "$coll" "$m" "$f"; fi
         echo "round $round $c $coll $m done (load $(cut -d' ' -f1 /proc/loadavg))" >&2
       done
     done

@@ -26,8 +26,10 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     rounds = min(len(v) for v in list(e.values()) + list(m.values()))
     print(f"\n### {case} {coll}, {'per operation after a barrier' if method == 'per-op' else 'back-to-back'} "
           f"({rounds} rounds, load1 {min(loads):.1f}-{max(loads):.1f})\n")
-    print("| size | Ember µs | Open MPI µs | Ember algbw GB/s | Open MPI algbw GB/s | Open MPI min-max | Ember / MPI | met |")
-    print("|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    b = bw.get("base", {})
+    hb = bool(b) and all(s in b for s in sizes)
+    print("| size | Ember µs |" + (" base µs |" if hb else "") + " Open MPI µs | Ember algbw GB/s | Open MPI algbw GB/s | Open MPI min-max | Ember / MPI |" + (" base / MPI |" if hb else "") + " met |")
+    print("|---:|---:|" + ("---:|" if hb else "") + "---:|---:|---:|---:|---:|" + ("---:|" if hb else "") + ":---:|")
     ratios, met = [], 0
     for s in sizes:
         em, mm = statistics.median(e[s]), statistics.median(m[s])
@@ -35,6 +37,8 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
         met += ok
         ratios.append(em / mm)
         eu, mu = statistics.median(us["ember"][s]), statistics.median(us["openmpi"][s])
-        print(f"| {s} | {eu:.1f} | {mu:.1f} | {em:.4g} | {mm:.4g} | {min(m[s]):.4g}-{max(m[s]):.4g} | {em / mm:.2f} | {'yes' if ok else 'no'} |")
+        bu = f" {statistics.median(us['base'][s]):.1f} |" if hb else ""
+        br = f" {statistics.median(b[s]) / mm:.2f} |" if hb else ""
+        print(f"| {s} | {eu:.1f} |{bu} {mu:.1f} | {em:.4g} | {mm:.4g} | {min(m[s]):.4g}-{max(m[s]):.4g} | {em / mm:.2f} |{br} {'yes' if ok else 'no'} |")
     g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"\nmet at {met} of {len(sizes)} sizes; geometric mean of Ember / MPI: {g:.2f}")

@@ -425,8 +425,14 @@ pub(crate) unsafe fn reduce_scatter_v_in<M: Memory>(g: &Group, seq: u64, mem: &M
     unsafe { reduce_scatter_bytes(g, seq, 0, OP, mem, send, &offsets(OP, "send", counts)?, recv) }
 }
 
+/// All-reduces that send at most this many bytes per rank ((n − 1) · buffer) take one round
+/// (every rank gathers every contribution and reduces them itself) instead of reduce-scatter +
+/// all-gather: half the synchronous rounds where latency, not bandwidth, bounds them.
+const SMALL_ALL_REDUCE: usize = 32 << 10;
+
 /// All-reduce in place of `count` elements of `elem` bytes at `buf`, in memory `mem`:
-/// reduce-scatter of even chunks (whole elements), then all-gather.
+/// reduce-scatter of even chunks (whole elements), then all-gather; small ones in one round
+/// ([`SMALL_ALL_REDUCE`]).
 ///
 /// # Safety
 /// `buf` holds `count · elem` bytes of `mem`'s kind, valid and untouched by others until this returns.
@@ -435,6 +441,24 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
     let n = g.n();
     if n == 1 {
         return Ok(()); // Mean over one rank is the identity too.
+    }
+    let bytes = count.checked_mul(elem).ok_or_else(|| Error::usage(OP, format!("{count} elements of {elem} bytes overflow")))?;
+    if (n - 1).saturating_mul(bytes) <= SMALL_ALL_REDUCE {
+        // One round instead of two: every rank gathers every whole contribution and reduces
+        // them in rank order itself (the same reduction as a chunk's owner: bitwise the same
+        // result on every rank and as the two-round form).
+        let o: Vec<usize> = (0..=n).map(|p| p * bytes).collect();
+        let mut all = mem.scratch(o[n])?;
+        let ap = mem.base(&mut all);
+        // SAFETY: `buf` holds `bytes` bytes (this function's contract), this rank's whole
+        // contribution, unchanged while the gather reads it; `all` is scratch of this memory's
+        // kind holding o[n] = n·bytes bytes, disjoint from `buf`, alive until the end of this
+        // block. The reduction reads the n slots of `all` and writes `buf` after the gather
+        // finished: the ranges do not overlap.
+        unsafe {
+            gather_bytes(g, seq, 0, OP, mem, buf, &o, ap)?;
+            return mem.reduce(ap, n, bytes, buf);
+        }
     }
     let o = scaled(OP, &offsets(OP, "chunk", &even_counts(count, n))?, elem)?;
     let mut mine = mem.scratch(o[g.me + 1] - o[g.me])?;

@@ -92,24 +92,27 @@ fn all_reduce_every_backend() {
 #[test]
 fn all_reduce_is_bitwise_identical_on_every_rank() {
     // Non-integer values whose sum depends on order: all ranks must still agree bit for bit,
-    // and equal the rank-order sum.
+    // and equal the rank-order sum. Both forms: one round (small) and reduce-scatter +
+    // all-gather (20 000 f32s from each of 5 ranks).
     let n = 5;
-    let out = run("local", n, move |c| {
-        let r = c.rank();
-        let mut v: Vec<f32> = (0..257).map(|i| 1.0 / (1.0 + (r * 257 + i) as f32) * 1e3f32.powi(r as i32 % 3)).collect();
-        c.all_reduce(&mut v, ReduceOp::Mean).unwrap();
-        v
-    });
-    assert_eq!(out[0].len(), 257);
-    for (i, got) in out[0].iter().enumerate() {
-        let mut s = 0f32;
-        for r in 0..n {
-            s += 1.0 / (1.0 + (r * 257 + i) as f32) * 1e3f32.powi(r as i32 % 3);
+    for len in [257usize, 20_000] {
+        let out = run("local", n, move |c| {
+            let r = c.rank();
+            let mut v: Vec<f32> = (0..len).map(|i| 1.0 / (1.0 + (r * 257 + i) as f32) * 1e3f32.powi(r as i32 % 3)).collect();
+            c.all_reduce(&mut v, ReduceOp::Mean).unwrap();
+            v
+        });
+        assert_eq!(out[0].len(), len);
+        for (i, got) in out[0].iter().enumerate() {
+            let mut s = 0f32;
+            for r in 0..n {
+                s += 1.0 / (1.0 + (r * 257 + i) as f32) * 1e3f32.powi(r as i32 % 3);
+            }
+            assert_eq!(got.to_bits(), (s / n as f32).to_bits());
         }
-        assert_eq!(got.to_bits(), (s / n as f32).to_bits());
-    }
-    for o in &out {
-        assert!(o.iter().zip(&out[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
+        for o in &out {
+            assert!(o.iter().zip(&out[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 //!
 //! Every mesh connection starts with the token proof of `auth` (the mesh is dialled by the
 //! higher rank; incoming handshakes are served concurrently under the job's deadline). Only
-//! this rank's own progress thread writes into a posted buffer, so withdrawing one
-//! (`cancel_recv`) never waits for a peer: the rest of a frame in progress is read into scratch.
+//! a thread of this rank holding the connection's receive state (the progress thread, or a
+//! caller whose write failed and reads what the peer sent first) writes into a posted buffer,
+//! so withdrawing one (`cancel_recv`) never waits for a peer: the rest of a frame in progress
+//! is read into scratch.
 //! Connections use TCP keepalive and `TCP_USER_TIMEOUT` (the job's timeout), so a peer that
 //! vanishes (power loss, partition, paused VM) fails every wait on it.
 //!
@@ -22,10 +24,11 @@ use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use crate::mailbox::{Dir, Mailbox, Slot};
-use progress::{progress, Dst, Job, Rx, Shared};
+use crate::spin::AdaptiveSpin;
+use progress::{progress, Dst, Job, Runner, Rx, Shared};
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wire::{check_mesh_hello, hello};
@@ -108,13 +111,95 @@ impl TcpFabric {
             tx.push(s.as_ref().map(|_| Mutex::new(VecDeque::new())));
             rx.push(Mutex::new(s.as_ref().map(|_| Rx::new())));
         }
-        let sh = Arc::new(Shared { mb, streams, tx, rx, efd, stop: AtomicBool::new(false), #[cfg(test)] pause_rx: AtomicBool::new(false) });
+        let live = streams.iter().map(|s| AtomicBool::new(s.is_some())).collect();
+        let sh = Arc::new(Shared {
+            mb,
+            streams,
+            tx,
+            rx,
+            live,
+            drivers: AtomicUsize::new(0),
+            spin: AdaptiveSpin::new(spin_max()),
+            efd,
+            stop: AtomicBool::new(false),
+            #[cfg(test)]
+            pause_rx: AtomicBool::new(false),
+        });
         let sh2 = sh.clone();
         let progress = std::thread::Builder::new()
             .name(format!("ember-tcp-progress{rank}"))
             .spawn(move || progress(sh2))
             .map_err(|e| Error::Bootstrap(e.to_string()))?;
         Ok(TcpFabric { rank, size, sh, progress: Some(progress) })
+    }
+}
+
+/// How long a wait busy-polls the connections before it yields (`EMBER_TCP_SPIN_US`, default
+/// 50 µs), at most: [`AdaptiveSpin`] stops it where the peer shares this core.
+fn spin_max() -> Duration {
+    static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    Duration::from_micros(*US.get_or_init(|| std::env::var("EMBER_TCP_SPIN_US").ok().and_then(|s| s.parse().ok()).unwrap_or(50)))
+}
+
+/// After the busy-poll, how long a wait yields between looks before it blocks in `poll`.
+const YIELD_FOR: Duration = Duration::from_micros(50);
+/// The longest single block in `poll` (a completion by another thread wakes no `poll`).
+const MAX_BLOCK: Duration = Duration::from_millis(1);
+
+/// Keeps the progress thread parked while a caller drives the connections.
+struct Driving<'a>(&'a Shared);
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.0.drivers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl TcpFabric {
+    /// Wait until `check` has a result, driving every connection from this thread meanwhile
+    /// (as MPI's progress engine does): a frame lands in its posted buffer right when this
+    /// thread reads it, with no hop through the progress thread (a wake-up on each side per
+    /// message). Busy-polls first (adaptive, [`spin_max`]), then yields, then blocks in
+    /// `poll` on the connections (woken by the next byte), at most [`MAX_BLOCK`] at a time.
+    fn wait_driving<T>(&self, peer: usize, w: &Wait, mut check: impl FnMut() -> Option<Result<T>>) -> Result<T> {
+        self.sh.drivers.fetch_add(1, Ordering::AcqRel);
+        let _driving = Driving(&self.sh);
+        let spin_for = self.sh.spin.begin();
+        let mut start = Instant::now();
+        let mut block = Duration::from_micros(20);
+        let mut yielded: Option<Duration> = None;
+        loop {
+            let moved = self.sh.pass(Runner::Caller, Duration::ZERO);
+            let done = check();
+            if let Some(took) = yielded.take() {
+                self.sh.spin.after_yield(took, done.is_some() || moved);
+            }
+            if let Some(r) = done {
+                return r;
+            }
+            if let Some(e) = self.sh.mb.lock().dead.get(&peer) {
+                return Err(e.clone().with_op(w.op));
+            }
+            let now = Instant::now();
+            if now >= w.deadline {
+                return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
+            }
+            if moved {
+                start = now;
+                block = Duration::from_micros(20);
+                continue;
+            }
+            let waited = now - start;
+            if waited < spin_for {
+                std::hint::spin_loop();
+            } else if waited < spin_for + YIELD_FOR {
+                let t0 = Instant::now();
+                std::thread::yield_now();
+                yielded = Some(t0.elapsed());
+            } else {
+                self.sh.pass(Runner::Caller, block.min(w.deadline - now));
+                block = (block * 2).min(MAX_BLOCK);
+            }
+        }
     }
 }
 
@@ -212,7 +297,11 @@ impl Fabric for TcpFabric {
             match job.push(fd) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) => return Err(Error::Io { op: w.op, peer: dst, detail: e.to_string() }),
+                Err(e) => {
+                    // Not the broken pipe: what broke it (see `send_failed`).
+                    drop(q);
+                    return Err(self.sh.send_failed(dst, e).with_op(w.op));
+                }
             }
         }
         q.push_back(job);
@@ -226,7 +315,7 @@ impl Fabric for TcpFabric {
         if !queued(&self.sh.queue(dst)) {
             return Ok(());
         }
-        let r = self.sh.mb.wait_until(dst, w, &|| Ok(false), |_| if queued(&self.sh.queue(dst)) { None } else { Some(Ok(())) });
+        let r = self.wait_driving(dst, w, || if queued(&self.sh.queue(dst)) { None } else { Some(Ok(())) });
         if r.is_err() {
             // The caller may free the buffer now.
             self.sh.withdraw(dst, tag);
@@ -235,7 +324,23 @@ impl Fabric for TcpFabric {
     }
 
     fn wait_recv(&self, src: usize, tag: Tag, w: &Wait) -> Result<usize> {
-        self.sh.mb.wait_done(src, tag, Dir::Recv, w, &|| Ok(false))
+        let key = (src, tag, Dir::Recv);
+        self.wait_driving(src, w, || {
+            let mut t = self.sh.mb.lock();
+            match t.map.get(&key) {
+                Some(Slot::Done(n)) => {
+                    let n = *n;
+                    t.map.remove(&key);
+                    Some(Ok(n))
+                }
+                Some(Slot::Failed(e)) => {
+                    let e = e.clone();
+                    t.map.remove(&key);
+                    Some(Err(e))
+                }
+                _ => None,
+            }
+        })
     }
 
     /// Never waits for the peer: under the receive lock of `src` (held by the progress thread

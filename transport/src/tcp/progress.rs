@@ -9,7 +9,7 @@ use crate::mailbox::{Dir, Mailbox};
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// State shared by the callers and the progress thread.
@@ -23,6 +23,13 @@ pub(super) struct Shared {
     /// Receive state per peer (`None`: self, or the connection is gone). The progress thread
     /// holds it while it reads from that peer; `cancel_recv` takes it to divert a frame.
     pub(super) rx: Vec<Mutex<Option<Rx>>>,
+    /// Whether the connection to each peer is still up (false for self).
+    pub(super) live: Vec<AtomicBool>,
+    /// Callers inside a wait: they drive the connections ([`Shared::pass`]) while it is
+    /// nonzero, and the progress thread keeps out of their way.
+    pub(super) drivers: AtomicUsize,
+    /// The busy-poll phase of the callers' waits.
+    pub(super) spin: crate::spin::AdaptiveSpin,
     /// Wakes the progress thread (a send was queued, or shutdown).
     pub(super) efd: libc::c_int,
     pub(super) stop: AtomicBool,
@@ -50,17 +57,51 @@ impl Shared {
     pub(super) fn rx(&self, p: usize) -> MutexGuard<'_, Option<Rx>> {
         self.rx[p].lock().unwrap_or_else(|e| e.into_inner())
     }
+    /// End the connection to `p` for `why`: every wait on `p` fails from now on. The reason is
+    /// recorded before the socket is shut down, so that a caller whose write then fails on it
+    /// ([`Self::send_failed`]) reports this first cause, not the broken pipe it left behind.
+    pub(super) fn kill(&self, p: usize, why: Error) {
+        self.mb.peer_failed(why.clone());
+        self.live[p].store(false, Ordering::Release);
+        if let Some(mut r) = self.rx(p).take() {
+            r.abandon(p, &self.mb, &why);
+        }
+        if let Some(s) = &self.streams[p] {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.queue(p).clear();
+    }
+
+    /// A write to `p` failed with `e` (the caller holds no queue lock): returns the first
+    /// cause. A broken pipe is rarely one: either this rank already ended the connection for a
+    /// reason it recorded (its progress thread found a malformed or oversized frame and shut
+    /// the socket between this caller's check and its write), or `p` closed it after sending
+    /// frames this rank has not read yet, which may break the protocol (`p`'s send overflowed
+    /// the buffer posted for it, and `p` failed over that). So what `p` sent is read first, up
+    /// to the end of the stream; a protocol error found there is the cause; else the recorded
+    /// reason; else the lost connection.
+    pub(super) fn send_failed(&self, p: usize, e: std::io::Error) -> Error {
+        let found = match (self.rx(p).as_mut(), &self.streams[p]) {
+            (Some(rx), Some(s)) => rx.drain_to_end(p, s, &self.mb).err(),
+            _ => None,
+        };
+        let lost = Error::PeerFailed { op: "tcp send", peer: p, reason: format!("connection lost while sending ({e})") };
+        self.kill(p, found.unwrap_or_else(|| lost.clone()));
+        self.mb.lock().dead.get(&p).cloned().unwrap_or(lost)
+    }
+
     /// Withdraw the send of `tag` to `p`: once this returns, no byte of its buffer is read. A
-    /// frame already partly on the wire leaves the stream unusable: that connection is closed.
+    /// frame already partly on the wire leaves the stream unusable: that connection is closed
+    /// (and later operations with `p` say why).
     pub(super) fn withdraw(&self, p: usize, tag: Tag) {
         let mut q = self.queue(p);
         if let Some(i) = q.iter().position(|j| j.tag == tag) {
             let started = q[i].hoff > 0;
             q.remove(i);
+            drop(q);
             if started {
-                if let Some(s) = &self.streams[p] {
-                    let _ = s.shutdown(Shutdown::Both);
-                }
+                let why = "this rank closed the connection: a send it withdrew (its operation failed) was partly sent";
+                self.kill(p, Error::Io { op: "tcp send", peer: p, detail: why.into() });
             }
         }
     }
@@ -180,9 +221,25 @@ fn read_some(peer: usize, s: &TcpStream, buf: &mut [u8]) -> Result<Got> {
 }
 
 impl Rx {
-    /// Consume what is readable on `s` now, at most [`READS_PER_PASS`] reads. `Err`: the
-    /// connection is lost (`PeerFailed`) or malformed (`Protocol`).
-    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
+    /// Consume what is readable on `s` now, up to the end of the stream: `Ok` only if the
+    /// socket has nothing more to read now (bounded: a peer whose write failed sends no more).
+    fn drain_to_end(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
+        for _ in 0..1 << 16 {
+            if !self.drain(peer, s, mb, false)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Consume what is readable on `s` now, at most [`READS_PER_PASS`] reads: `Ok(true)` when
+    /// it stopped at that limit (more may be readable). `Err`: the connection is lost
+    /// (`PeerFailed`) or malformed (`Protocol`). `first`: no read after the first message that
+    /// landed in its posted buffer (what is already staged is still consumed, since no `poll`
+    /// would report it): a waiting caller returns to its operation, which may post the next
+    /// receive before its frame is read, instead of reading that frame as an early arrival
+    /// (kept in a fresh allocation, copied again at `post`).
+    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox, first: bool) -> Result<bool> {
         const HDR: usize = FRAME_LEN;
         let mut reads = 0u32;
         loop {
@@ -200,7 +257,12 @@ impl Rx {
                 if b.got == b.len {
                     let b = self.body.take().unwrap();
                     match b.dst {
-                        Dst::Posted(_) => mb.complete(peer, b.tag, Dir::Recv, b.len),
+                        Dst::Posted(_) => {
+                            mb.complete(peer, b.tag, Dir::Recv, b.len);
+                            if first {
+                                reads = READS_PER_PASS;
+                            }
+                        }
                         Dst::Early(v) => {
                             let _ = mb.deliver(peer, b.tag, v, true, "tcp receive");
                         }
@@ -209,7 +271,7 @@ impl Rx {
                     continue;
                 }
                 if reads == READS_PER_PASS {
-                    return Ok(());
+                    return Ok(true);
                 }
                 reads += 1;
                 let rest = b.len - b.got;
@@ -222,13 +284,13 @@ impl Rx {
                 match direct {
                     Some(d) => match read_some(peer, s, d)? {
                         Got::Data(n) => b.got += n,
-                        Got::Later => return Ok(()),
+                        Got::Later => return Ok(false),
                     },
                     None => {
                         (self.lo, self.hi) = (0, 0);
                         match read_some(peer, s, &mut self.st)? {
                             Got::Data(n) => self.hi = n,
-                            Got::Later => return Ok(()),
+                            Got::Later => return Ok(false),
                         }
                     }
                 }
@@ -236,14 +298,14 @@ impl Rx {
             }
             if self.hi - self.lo < HDR {
                 if reads == READS_PER_PASS {
-                    return Ok(());
+                    return Ok(true);
                 }
                 reads += 1;
                 self.st.copy_within(self.lo..self.hi, 0);
                 (self.lo, self.hi) = (0, self.hi - self.lo);
                 match read_some(peer, s, &mut self.st[self.hi..])? {
                     Got::Data(n) => self.hi += n,
-                    Got::Later => return Ok(()),
+                    Got::Later => return Ok(false),
                 }
                 continue;
             }
@@ -281,94 +343,150 @@ impl Rx {
     }
 }
 
-/// The progress thread of a rank: one `poll` over every peer connection (and the wake-up
-/// eventfd); reads land frames in posted buffers, writes finish the sends that did not fit
-/// into the socket at once.
-pub(super) fn progress(sh: Arc<Shared>) {
-    use std::os::fd::AsRawFd;
-    let n = sh.streams.len();
-    let mut live: Vec<bool> = sh.streams.iter().map(|s| s.is_some()).collect();
-    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
-    let mut who: Vec<usize> = Vec::with_capacity(n);
-    let kill = |p: usize, live: &mut Vec<bool>, why: Error| {
-        live[p] = false;
-        if let Some(mut r) = sh.rx(p).take() {
-            r.abandon(p, &sh.mb, &why);
+/// Who runs a [`Shared::pass`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Runner {
+    /// The progress thread: also waits on the eventfd, and takes the locks it needs.
+    Progress,
+    /// A waiting caller: skips a connection another thread is reading or writing right now.
+    Caller,
+}
+
+/// Lock `m`, or (`try_only`) give up at once when another thread holds it.
+fn lock_or_skip<T>(m: &Mutex<T>, try_only: bool) -> Option<MutexGuard<'_, T>> {
+    if !try_only {
+        return Some(m.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+impl Shared {
+    /// One `poll` over every live connection (and, for the progress thread, the eventfd) that
+    /// waits at most `timeout` (zero: a look), then reads what is readable and writes what is
+    /// queued and writable. Returns whether any connection was ready (something moved, or a
+    /// connection ended).
+    pub(super) fn pass(&self, runner: Runner, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let n = self.streams.len();
+        // The pollfd of each entry and its peer (`usize::MAX`: the eventfd).
+        let mut list: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
+        let mut who: Vec<usize> = Vec::with_capacity(n + 1);
+        if runner == Runner::Progress {
+            list.push(libc::pollfd { fd: self.efd, events: libc::POLLIN, revents: 0 });
+            who.push(usize::MAX);
         }
-        if let Some(s) = &sh.streams[p] {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        sh.queue(p).clear();
-        sh.mb.peer_failed(why);
-    };
-    while !sh.stop.load(Ordering::Acquire) {
-        fds.clear();
-        who.clear();
-        fds.push(libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 });
+        // Tests: a paused rank reads nothing, not even on a hang-up or an error.
         #[cfg(test)]
-        let inn = if sh.pause_rx.load(Ordering::Acquire) { 0 } else { libc::POLLIN };
+        let paused = self.pause_rx.load(Ordering::Acquire);
         #[cfg(not(test))]
-        let inn = libc::POLLIN;
-        for p in (0..n).filter(|&p| live[p]) {
-            let s = sh.streams[p].as_ref().unwrap();
-            let out = if sh.queue(p).is_empty() { 0 } else { libc::POLLOUT };
-            fds.push(libc::pollfd { fd: s.as_raw_fd(), events: inn | out, revents: 0 });
+        let paused = false;
+        let inn = if paused { 0 } else { libc::POLLIN };
+        for p in (0..n).filter(|&p| self.live[p].load(Ordering::Acquire)) {
+            let s = self.streams[p].as_ref().unwrap();
+            let out = if self.queue(p).is_empty() { 0 } else { libc::POLLOUT };
+            if inn | out == 0 {
+                continue;
+            }
+            list.push(libc::pollfd { fd: s.as_raw_fd(), events: inn | out, revents: 0 });
             who.push(p);
         }
-        // SAFETY: `fds` is a live array of pollfd.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+        // SAFETY: `list` is a live array of pollfd; a null signal mask keeps the thread's own.
+        let r = unsafe { libc::ppoll(list.as_mut_ptr(), list.len() as libc::nfds_t, &ts, std::ptr::null()) };
         if r <= 0 {
-            continue;
+            return false;
         }
-        if fds[0].revents != 0 {
-            let mut v = 0u64;
-            // SAFETY: 8-byte read from our eventfd (non-blocking).
-            unsafe { libc::read(sh.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        if runner == Runner::Progress && self.drivers.load(Ordering::Acquire) > 0 {
+            // A caller began to wait meanwhile and drives the connections: it reads what woke
+            // this thread (were this thread to take it, the caller, asleep in its own `poll`,
+            // would not learn of the completion until its timeout).
+            return false;
         }
+        let try_only = runner == Runner::Caller;
         let mut sent = false;
-        for (i, &p) in who.iter().enumerate() {
-            let ev = fds[i + 1].revents;
+        let mut moved = false;
+        for (pfd, &p) in list.iter().zip(who.iter()) {
+            let ev = pfd.revents;
             if ev == 0 {
                 continue;
             }
-            let s = sh.streams[p].as_ref().unwrap();
+            if p == usize::MAX {
+                let mut v = 0u64;
+                // SAFETY: 8-byte read from our eventfd (non-blocking).
+                unsafe { libc::read(self.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+                continue;
+            }
+            let s = self.streams[p].as_ref().unwrap();
             if ev & libc::POLLOUT != 0 {
-                let mut q = sh.queue(p);
-                let mut err = None;
-                while let Some(j) = q.front_mut() {
-                    match j.push(s.as_raw_fd()) {
-                        Ok(true) => {
-                            q.pop_front();
-                            sent = true;
-                        }
-                        Ok(false) => break,
-                        Err(e) => {
-                            err = Some(Error::PeerFailed { op: "tcp send", peer: p, reason: format!("connection lost while sending ({e})") });
-                            break;
+                if let Some(mut q) = lock_or_skip(self.tx[p].as_ref().expect("never sends to self"), try_only) {
+                    let mut err = None;
+                    while let Some(j) = q.front_mut() {
+                        match j.push(s.as_raw_fd()) {
+                            Ok(true) => {
+                                q.pop_front();
+                                sent = true;
+                            }
+                            Ok(false) => break,
+                            Err(e) => {
+                                err = Some(e);
+                                break;
+                            }
                         }
                     }
-                }
-                drop(q);
-                if let Some(why) = err {
-                    kill(p, &mut live, why);
-                    continue;
+                    moved = true;
+                    drop(q);
+                    if let Some(e) = err {
+                        self.send_failed(p, e);
+                        continue;
+                    }
                 }
             }
-            if ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                let r = match sh.rx(p).as_mut() {
-                    Some(rx) => rx.drain(p, s, &sh.mb),
-                    None => Ok(()),
+            if !paused && ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                let Some(mut g) = lock_or_skip(&self.rx[p], try_only) else { continue };
+                moved = true;
+                let r = match g.as_mut() {
+                    Some(rx) => rx.drain(p, s, &self.mb, runner == Runner::Caller),
+                    // Ended meanwhile (`kill`).
+                    None => continue,
                 };
+                drop(g);
                 if let Err(why) = r {
-                    kill(p, &mut live, why);
+                    self.kill(p, why);
                 }
             }
         }
         if sent {
             // Under the table lock, so a waiter between its check and its sleep is not missed.
-            drop(sh.mb.lock());
-            sh.mb.notify();
+            drop(self.mb.lock());
+            self.mb.notify();
         }
+        moved
+    }
+}
+
+/// The progress thread of a rank: [`Shared::pass`]es over every peer connection and the
+/// wake-up eventfd, landing frames that arrive while no caller waits and finishing sends that
+/// did not fit into the socket at once. While callers wait they drive the connections
+/// themselves (no thread hop between the socket and the waiter); the progress thread then
+/// only sleeps on the eventfd, so that it neither takes a core from them nor wakes with them.
+pub(super) fn progress(sh: Arc<Shared>) {
+    let n = sh.streams.len();
+    while !sh.stop.load(Ordering::Acquire) {
+        if sh.drivers.load(Ordering::Acquire) > 0 {
+            let mut efd = [libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 }];
+            // SAFETY: one live pollfd.
+            if unsafe { libc::poll(efd.as_mut_ptr(), 1, 1) } > 0 {
+                let mut v = 0u64;
+                // SAFETY: 8-byte read from our eventfd (non-blocking).
+                unsafe { libc::read(sh.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+            }
+            continue;
+        }
+        sh.pass(Runner::Progress, std::time::Duration::from_millis(100));
     }
     for p in 0..n {
         if let Some(r) = sh.rx(p).as_mut() {

@@ -193,3 +193,46 @@ fn a_peer_stalled_mid_frame_times_out_and_cancel_returns_at_once() {
     assert_eq!(small, [7, 8, 9]);
     assert!(buf == snapshot, "bytes landed in the withdrawn buffer");
 }
+
+#[test]
+fn a_write_failing_on_a_peer_that_broke_the_protocol_reports_the_protocol_error() {
+    // Rank 0 sends more than rank 1 posted room for, then fails over it and resets the
+    // connection before rank 1 read a byte (rank 1's progress thread paused). Rank 1's next
+    // send fails on the reset connection: it reports the oversized frame rank 0 sent first,
+    // naming rank 0, not the reset; nothing lands in the buffer.
+    let (s, f1) = fake_rank0("tok", Duration::from_secs(5));
+    f1.pause_rx(true);
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
+    let w = Wait::new("test", Duration::from_secs(5));
+    let mut buf = [0u8; 5 + 16];
+    // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
+    unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), 5, &w).unwrap() };
+    let mut s = s;
+    s.write_all(bytemuck::bytes_of(&Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: 8 })).unwrap();
+    s.write_all(&[0xAB; 8]).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt of a linger struct on a socket we own: close sends a reset.
+        let r = unsafe {
+            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &l as *const libc::linger as *const libc::c_void, std::mem::size_of::<libc::linger>() as libc::socklen_t)
+        };
+        assert_eq!(r, 0);
+    }
+    drop(s);
+    // Until the reset has reached rank 1, its sends still succeed.
+    static ONE: [u8; 1] = [1];
+    let e = (1..)
+        .find_map(|seq| {
+            // SAFETY: a static payload outlives every send.
+            let r = unsafe { f1.send(0, Tag { ctx: 1, seq, round: 0 }, ONE.as_ptr(), 1, &w) };
+            assert!(seq < 100_000, "no send failed on the reset connection");
+            std::thread::yield_now();
+            r.err()
+        })
+        .unwrap();
+    assert!(matches!(&e, Error::Protocol { peer: 0, detail, .. } if detail.contains("exceeds")), "{e}");
+    let e = f1.wait_recv(0, tag, &w).unwrap_err();
+    assert!(matches!(&e, Error::Protocol { peer: 0, .. }), "{e}");
+    assert_eq!(buf, [0u8; 21]);
+}
