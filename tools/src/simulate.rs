@@ -7,7 +7,7 @@ use ember_engine::config::TrainConfig;
 use ember_engine::data::synthetic::SyntheticData;
 use ember_engine::grid::Placement;
 use ember_engine::plan::planner::{stats_from_batches, TableStats};
-use ember_engine::parallel::SyncMode;
+use ember_engine::parallel::{OverlapSync, SyncMode};
 use ember_engine::simulate::{predict, Machine, Prediction, Scenario};
 use std::path::PathBuf;
 
@@ -35,6 +35,10 @@ pub struct SimulateArgs {
     /// Rank placement on the grid.
     #[arg(long, default_value = "in-node", value_parser = spelled::<Placement>())]
     pub placement: Placement,
+    /// The replica sync beside the dense update (`on`), after it (`off`), or as `ember train`'s
+    /// `auto` does: beside it where every rank has a compute unit of its own.
+    #[arg(long, default_value = "auto", value_parser = spelled::<OverlapSync>())]
+    pub overlap_sync: OverlapSync,
     /// Sweep these world sizes T (comma-separated) instead of one --grid; prints a table.
     #[arg(long, value_delimiter = ',', value_parser = crate::common::count::<1, { ember_engine::grid::MAX_RANKS }>)]
     pub sweep: Vec<usize>,
@@ -129,7 +133,12 @@ pub fn render(p: &Prediction, model_name: &str) -> String {
 }
 
 fn scenario(a: &SimulateArgs, stats: &Option<Vec<TableStats>>, m: usize, n: usize, batch: usize) -> Scenario {
-    Scenario { full_sync: a.sync == SyncMode::Full, placement: a.placement, stats: stats.clone(), ..Scenario::new(m, n, batch, a.sync_every) }
+    let overlap_sync = match a.overlap_sync {
+        OverlapSync::Auto => None,
+        OverlapSync::On => Some(true),
+        OverlapSync::Off => Some(false),
+    };
+    Scenario { full_sync: a.sync == SyncMode::Full, placement: a.placement, stats: stats.clone(), overlap_sync, ..Scenario::new(m, n, batch, a.sync_every) }
 }
 
 /// `--stats-samples`: id statistics measured on synthetic samples of the config.
