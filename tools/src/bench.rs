@@ -54,6 +54,9 @@ pub struct EmbArgs {
     /// The optimizer fused into the backward.
     #[arg(long, value_enum, default_value_t = EmbOpt::RowwiseAdagrad)]
     pub optimizer: EmbOpt,
+    /// Size of the table the floor's gather rate is measured on, MiB (as `bench mem --table-mib`).
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
+    pub floor_table_mib: usize,
 }
 
 /// `bench embedding --optimizer`.
@@ -113,6 +116,9 @@ pub struct DlrmArgs {
     /// own stream and pool arena).
     #[arg(long)]
     pub grid: Option<String>,
+    /// Size of the table the floor's gather rate is measured on, MiB (as `bench mem --table-mib`).
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
+    pub floor_table_mib: usize,
 }
 
 #[derive(Subcommand)]
@@ -213,12 +219,12 @@ impl<B: Backend> DynBench for B {
 }
 
 /// The floors' gather rate, GB/s (bytes read plus written): `ember bench mem`'s random gather
-/// of 256-byte rows from a 1 GiB table on all threads, median of 5 (on a device, its own
-/// `gather_rows`, as `bench mem --device cuda` prints).
-fn floor_gather_rate(device: Device, be: &dyn DynBench) -> ember_engine::Result<f64> {
+/// of 256-byte rows from a `table_mib` MiB table (1 GiB by default) on all threads, median of 5
+/// (on a device, its own `gather_rows`, as `bench mem --device cuda` prints).
+fn floor_gather_rate(device: Device, be: &dyn DynBench, table_mib: usize) -> ember_engine::Result<f64> {
     match device {
-        Device::Cpu | Device::Emulated => Ok(bench::host_gather_rate(1024, 256, 5)),
-        Device::Cuda => Ok(be.gather(1024, 256, 5)? / 1e9),
+        Device::Cpu | Device::Emulated => Ok(bench::host_gather_rate(table_mib, 256, 5)),
+        Device::Cuda => Ok(be.gather(table_mib, 256, 5)? / 1e9),
     }
 }
 
@@ -252,7 +258,7 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
         optimizer: a.optimizer.optimizer(),
     };
     let r = be.embedding(&cfg)?;
-    let r = r.with_gather_rate(floor_gather_rate(a.dev.device, be)?);
+    let r = r.with_gather_rate(floor_gather_rate(a.dev.device, be, a.floor_table_mib)?);
     let opt = clap::ValueEnum::to_possible_value(&a.optimizer).map(|v| v.get_name().to_string()).unwrap_or_default();
     println!("# ember bench embedding: {} tables x {} rows x dim {}, batch {}, {} ids/bag, {} ids, {opt}, backend {}",
         cfg.tables, cfg.rows, cfg.dim, cfg.batch, cfg.bag, if cfg.zipf.is_some() { "zipf" } else { "uniform" }, r.backend);
@@ -321,7 +327,7 @@ fn dlrm(be: &dyn DynBench, a: &DlrmArgs) -> CliResult {
     let r = be.dlrm(a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?;
     let model = ember_engine::config::preset("bench", None)?.model;
     let g = be.gemm(&model, a.batch_size, 5, 1, a.dev.seed)?;
-    let r = r.with_rates(floor_gather_rate(a.dev.device, be)?, g.gflops);
+    let r = r.with_rates(floor_gather_rate(a.dev.device, be, a.floor_table_mib)?, g.gflops);
     println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);
     println!(
         "# floor = embedding floor (U {:.0}: {:.1} MB at the 2-thread 256-byte gather rate, {:.2} GB/s) + {:.2} GFLOP of MLP GEMMs at {:.1} GFLOP/s (ember bench gemm --batch-size {}, this run)",
