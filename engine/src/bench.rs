@@ -53,8 +53,44 @@ pub struct EmbeddingResult {
     /// ([`crate::simulate::kernels::forward_bytes`], [`crate::simulate::kernels::backward_bytes`]).
     pub forward_bytes: f64,
     pub backward_bytes: f64,
+    /// The fused backward's byte floor, [`embedding_floor_bytes`] at this step's U.
+    pub floor_bytes: f64,
+    /// The gather rate the floor is divided by (bytes read plus written per second, 1e9):
+    /// `ember bench mem`'s 2-thread random gather of 256-byte rows, measured in the same run
+    /// (set by [`EmbeddingResult::with_gather_rate`]; None until then).
+    pub gather_gb_per_s: Option<f64>,
+    /// `floor_bytes` at that rate, ms.
+    pub floor_ms: Option<f64>,
+    /// `backward_ms / floor_ms`.
+    pub backward_over_floor: Option<f64>,
     pub config: EmbeddingBench,
     pub backend: String,
+}
+
+/// The fused backward's byte floor of one step: every unique row's weights read and written
+/// and its row-wise AdaGrad state read and written (`U·(2·D·4 + 2·4)`), the output gradient
+/// read once (`B·F·D·4`) and the ids with their bag numbers (`B·F·L·8`). `unique_rows` is U
+/// summed over the `tables` (F) tables; `bag` is L.
+pub fn embedding_floor_bytes(unique_rows: f64, batch: usize, tables: usize, dim: usize, bag: usize) -> f64 {
+    let (b, f, d, l) = (batch as f64, tables as f64, dim as f64, bag as f64);
+    unique_rows * (2.0 * d * 4.0 + 2.0 * 4.0) + b * f * d * 4.0 + b * f * l * 8.0
+}
+
+/// Milliseconds that `bytes` take at `gb_per_s` (1e9 bytes per second).
+pub fn floor_ms(bytes: f64, gb_per_s: f64) -> f64 {
+    bytes / (gb_per_s * 1e9) * 1e3
+}
+
+impl EmbeddingResult {
+    /// Fill the floor's time and the backward's ratio to it from a gather rate (GB/s, bytes
+    /// read plus written: [`host_gather_rate`] on the host).
+    pub fn with_gather_rate(mut self, gb_per_s: f64) -> Self {
+        let f = floor_ms(self.floor_bytes, gb_per_s);
+        self.gather_gb_per_s = Some(gb_per_s);
+        self.floor_ms = Some(f);
+        self.backward_over_floor = Some(self.backward_ms / f);
+        self
+    }
 }
 
 /// Median of a sample (sorted copy).
@@ -188,6 +224,10 @@ pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingRe
         unique_rows,
         forward_bytes: crate::simulate::kernels::forward_bytes(lookups, outputs, cfg.dim),
         backward_bytes: crate::simulate::kernels::backward_bytes(&cfg.optimizer, lookups, outputs, unique_rows, cfg.dim),
+        floor_bytes: embedding_floor_bytes(unique_rows, cfg.batch, cfg.tables, cfg.dim, cfg.bag),
+        gather_gb_per_s: None,
+        floor_ms: None,
+        backward_over_floor: None,
         config: cfg.clone(),
         backend: be.name().into(),
     })
@@ -197,10 +237,42 @@ pub fn embedding<B: Backend>(be: &B, cfg: &EmbeddingBench) -> Result<EmbeddingRe
 pub struct DlrmResult {
     pub samples_per_s: f64,
     pub ms_per_step: f64,
+    /// Unique rows a step touches, all tables together (mean over the step's batches).
+    pub unique_rows: f64,
+    /// The embedding part of the floor: [`embedding_floor_bytes`] at this U.
+    pub embedding_floor_bytes: f64,
+    /// The dense network's GEMM FLOPs per step ([`dense_gemms`] at this batch).
+    pub dense_flops: f64,
+    /// The rates and the floor, set by [`DlrmResult::with_rates`] (None until then): the gather
+    /// rate (GB/s, as `EmbeddingResult::gather_gb_per_s`), the GEMM rate (GFLOP/s, `ember bench
+    /// gemm` at this batch), the floor (embedding bytes at the gather rate plus dense FLOPs at
+    /// the GEMM rate, ms) and the step's ratio to it.
+    pub gather_gb_per_s: Option<f64>,
+    pub gemm_gflops: Option<f64>,
+    pub floor_ms: Option<f64>,
+    pub step_over_floor: Option<f64>,
     pub batch: usize,
     pub steps: usize,
     pub zipf: Option<f64>,
     pub backend: String,
+}
+
+impl DlrmResult {
+    /// Fill the floor and the step's ratio to it from a gather rate (GB/s) and a GEMM rate (GFLOP/s).
+    pub fn with_rates(mut self, gather_gb_per_s: f64, gemm_gflops: f64) -> Self {
+        let f = dlrm_floor_ms(self.embedding_floor_bytes, gather_gb_per_s, self.dense_flops, gemm_gflops);
+        self.gather_gb_per_s = Some(gather_gb_per_s);
+        self.gemm_gflops = Some(gemm_gflops);
+        self.floor_ms = Some(f);
+        self.step_over_floor = Some(self.ms_per_step / f);
+        self
+    }
+}
+
+/// The DLRM step's floor, ms: the embedding floor's bytes at the gather rate plus the dense
+/// network's GEMM FLOPs at the GEMM rate.
+pub fn dlrm_floor_ms(embedding_bytes: f64, gather_gb_per_s: f64, dense_flops: f64, gemm_gflops: f64) -> f64 {
+    floor_ms(embedding_bytes, gather_gb_per_s) + dense_flops / (gemm_gflops * 1e9) * 1e3
 }
 
 /// Four global batches of `batch` samples for the `bench` model: dense features, 25 % positive
@@ -236,7 +308,25 @@ pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf:
         }
     }
     let ms = median(&times);
-    Ok(DlrmResult { samples_per_s: batch as f64 / (ms * 1e-3), ms_per_step: ms, batch, steps, zipf, backend: be.name().into() })
+    let unique_rows = batches.iter().map(|b| unique_ids(&b.sparse) as f64).sum::<f64>() / batches.len() as f64;
+    let t0 = &cfg.model.tables[0];
+    let embedding_floor_bytes = embedding_floor_bytes(unique_rows, batch, cfg.model.tables.len(), t0.dim, t0.bag_size);
+    let dense_flops = dense_gemms(&cfg.model, batch).iter().map(GemmShape::flops).sum();
+    Ok(DlrmResult {
+        samples_per_s: batch as f64 / (ms * 1e-3),
+        ms_per_step: ms,
+        unique_rows,
+        embedding_floor_bytes,
+        dense_flops,
+        gather_gb_per_s: None,
+        gemm_gflops: None,
+        floor_ms: None,
+        step_over_floor: None,
+        batch,
+        steps,
+        zipf,
+        backend: be.name().into(),
+    })
 }
 
 /// `dlrm` on a 2D grid of in-process ranks (one backend per rank from `new_be(world_rank)`):
@@ -268,7 +358,21 @@ pub fn dlrm_2d<B: Backend>(
     let mut t = rep_steps(&rep, warmup.max(1));
     t.sort_by(f64::total_cmp);
     let ms = t.get(t.len() / 2).copied().unwrap_or(f64::NAN);
-    let r = DlrmResult { samples_per_s: batch as f64 / (ms * 1e-3), ms_per_step: ms, batch, steps, zipf, backend: format!("{name}, grid {m}x{n}") };
+    let r = DlrmResult {
+        samples_per_s: batch as f64 / (ms * 1e-3),
+        ms_per_step: ms,
+        unique_rows: f64::NAN,
+        embedding_floor_bytes: f64::NAN,
+        dense_flops: dense_gemms(&cfg.model, batch).iter().map(GemmShape::flops).sum(),
+        gather_gb_per_s: None,
+        gemm_gflops: None,
+        floor_ms: None,
+        step_over_floor: None,
+        batch,
+        steps,
+        zipf,
+        backend: format!("{name}, grid {m}x{n}"),
+    };
     Ok((r, rep))
 }
 
@@ -343,32 +447,48 @@ pub fn host_mem(copy_mib: usize, table_mib: usize, reps: usize) -> Vec<MemRow> {
     let table: Vec<f32> = if table_len <= n { src[..table_len].to_vec() } else { (0..table_len).map(|i| i as f32).collect() };
     drop(src);
     for row_bytes in [64usize, 128, 256, 512] {
-        let cols = row_bytes / 4;
-        let nrows = table_len / cols;
-        let gathers = (64usize << 20) / row_bytes; // 64 MiB gathered per rep
-        let mut rng = Rng::new(row_bytes as u64);
-        let idx: Vec<u32> = (0..gathers).map(|_| rng.below(nrows as u64) as u32).collect();
-        let mut out = vec![0.0f32; gathers * cols];
         for threads in [1, threads_all] {
-            let mut t = Vec::new();
-            for _ in 0..reps {
-                let t0 = Instant::now();
-                let per = if threads == 1 { gathers } else { gathers.div_ceil(threads) };
-                out.par_chunks_mut(per * cols).zip(idx.par_chunks(per)).for_each(|(o, ix)| {
-                    for (k, &r) in ix.iter().enumerate() {
-                        let r = r as usize * cols;
-                        o[k * cols..(k + 1) * cols].copy_from_slice(&table[r..r + cols]);
-                    }
-                });
-                t.push(t0.elapsed().as_secs_f64());
-            }
-            std::hint::black_box(&out);
-            let s = median(&t);
-            let bytes = 2.0 * (gathers * row_bytes) as f64;
+            let s = gather_secs(&table, row_bytes, threads, reps);
+            let bytes = 2.0 * (((64usize << 20) / row_bytes) * row_bytes) as f64;
             rows.push(MemRow { op: "gather".into(), row_bytes, threads, gb_per_s: bytes / s / 1e9, ms: s * 1e3 });
         }
     }
     rows
+}
+
+/// Median seconds of `reps` random gathers of 64 MiB of `row_bytes`-byte rows from `table`
+/// into a packed buffer, split over `threads` threads (ids uniform, seeded by the row size).
+fn gather_secs(table: &[f32], row_bytes: usize, threads: usize, reps: usize) -> f64 {
+    let cols = row_bytes / 4;
+    let nrows = table.len() / cols;
+    let gathers = (64usize << 20) / row_bytes; // 64 MiB gathered per rep
+    let mut rng = Rng::new(row_bytes as u64);
+    let idx: Vec<u32> = (0..gathers).map(|_| rng.below(nrows as u64) as u32).collect();
+    // Written once before timing (pages faulted in), as a buffer reused between runs would be.
+    let mut out = vec![1.0f32; gathers * cols];
+    let mut t = Vec::new();
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let per = if threads == 1 { gathers } else { gathers.div_ceil(threads) };
+        out.par_chunks_mut(per * cols).zip(idx.par_chunks(per)).for_each(|(o, ix)| {
+            for (k, &r) in ix.iter().enumerate() {
+                let r = r as usize * cols;
+                o[k * cols..(k + 1) * cols].copy_from_slice(&table[r..r + cols]);
+            }
+        });
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&out);
+    median(&t)
+}
+
+/// The host's random-gather rate of `ember bench mem` for one row size on all the pool's
+/// threads: a `table_mib` MiB table, 64 MiB gathered per repetition, median of `reps`; bytes
+/// read plus written per second, 1e9. The embedding floors' denominator (at 256-byte rows).
+pub fn host_gather_rate(table_mib: usize, row_bytes: usize, reps: usize) -> f64 {
+    let table: Vec<f32> = (0..table_mib << 18).map(|i| i as f32).collect();
+    let s = gather_secs(&table, row_bytes, rayon::current_num_threads(), reps);
+    2.0 * (((64usize << 20) / row_bytes) * row_bytes) as f64 / s / 1e9
 }
 
 /// One GEMM of the dense network's training step.
@@ -457,4 +577,55 @@ pub fn gemm<B: Backend>(be: &B, model: &ModelConfig, batch: usize, reps: usize, 
     let total_ms: f64 = rows.iter().map(|r| r.ms).sum();
     let flops: f64 = rows.iter().map(|r| r.shape.flops()).sum();
     Ok(GemmResult { gflops: flops / (total_ms * 1e-3) / 1e9, rows, batch, total_ms, backend: be.name().into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floors against hand-computed values: U = 10 rows of D = 4 (10·(2·16 + 8) = 400
+    /// bytes), B = 2 bags × F = 3 tables of gradient rows (2·3·16 = 96) and of L = 5 ids with
+    /// their bag numbers (2·3·5·8 = 240): 736 bytes; at 1.472e-3 GB/s, 0.5 ms.
+    #[test]
+    fn floors_match_hand_computed_values() {
+        assert_eq!(embedding_floor_bytes(10.0, 2, 3, 4, 5), 736.0);
+        assert!((floor_ms(736.0, 1.472e-3) - 0.5).abs() < 1e-12);
+        // The bench workload: U = 629 000, B 4096, F 8, D 64, L 20:
+        // 629000·520 + 4096·8·256 + 4096·8·160 = 327 080 000 + 8 388 608 + 5 242 880.
+        assert_eq!(embedding_floor_bytes(629_000.0, 4096, 8, 64, 20), 340_711_488.0);
+        // DLRM: 736 bytes at 1.472e-3 GB/s (0.5 ms) plus 3e6 FLOPs at 1.5 GFLOP/s (2 ms).
+        assert!((dlrm_floor_ms(736.0, 1.472e-3, 3e6, 1.5) - 2.5).abs() < 1e-12);
+        let mut r = DlrmResult {
+            samples_per_s: 0.0,
+            ms_per_step: 5.0,
+            unique_rows: 10.0,
+            embedding_floor_bytes: 736.0,
+            dense_flops: 3e6,
+            gather_gb_per_s: None,
+            gemm_gflops: None,
+            floor_ms: None,
+            step_over_floor: None,
+            batch: 2,
+            steps: 1,
+            zipf: None,
+            backend: "cpu".into(),
+        };
+        r = r.with_rates(1.472e-3, 1.5);
+        assert!((r.floor_ms.unwrap() - 2.5).abs() < 1e-12 && (r.step_over_floor.unwrap() - 2.0).abs() < 1e-12);
+    }
+
+    /// The dense network's FLOPs of the bench model at batch 4096, by hand: bottom 13-512-256-64
+    /// (forward and weight gradient of every layer, input gradient of all but the first) and
+    /// top (interaction width)-512-256-1.
+    #[test]
+    fn dense_flops_of_the_bench_model() {
+        let model = preset("bench", None).unwrap().model;
+        let b = 4096.0;
+        let w = model.interaction_width() as f64;
+        let fwd = 13.0 * 512.0 + 512.0 * 256.0 + 256.0 * 64.0 + w * 512.0 + 512.0 * 256.0 + 256.0;
+        let input_grad = fwd - 13.0 * 512.0;
+        let want = 2.0 * b * (2.0 * fwd + input_grad);
+        let got: f64 = dense_gemms(&model, 4096).iter().map(GemmShape::flops).sum();
+        assert_eq!(got, want);
+    }
 }

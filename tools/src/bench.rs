@@ -54,6 +54,9 @@ pub struct EmbArgs {
     /// The optimizer fused into the backward.
     #[arg(long, value_enum, default_value_t = EmbOpt::RowwiseAdagrad)]
     pub optimizer: EmbOpt,
+    /// Size of the table the floor's gather rate is measured on, MiB (as `bench mem --table-mib`).
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
+    pub floor_table_mib: usize,
 }
 
 /// `bench embedding --optimizer`.
@@ -113,6 +116,9 @@ pub struct DlrmArgs {
     /// own stream and pool arena).
     #[arg(long)]
     pub grid: Option<String>,
+    /// Size of the table the floor's gather rate is measured on, MiB (as `bench mem --table-mib`).
+    #[arg(long, default_value_t = 1024, value_parser = crate::common::count::<1, { 1 << 20 }>)]
+    pub floor_table_mib: usize,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +200,7 @@ pub trait DynBench {
     fn embedding(&self, cfg: &EmbeddingBench) -> ember_engine::Result<bench::EmbeddingResult>;
     fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult>;
     fn gemm(&self, model: &ember_engine::config::ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> ember_engine::Result<bench::GemmResult>;
+    fn gather(&self, table_mib: usize, row_bytes: usize, reps: usize) -> ember_engine::Result<f64>;
 }
 
 impl<B: Backend> DynBench for B {
@@ -205,6 +212,19 @@ impl<B: Backend> DynBench for B {
     }
     fn gemm(&self, model: &ember_engine::config::ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> ember_engine::Result<bench::GemmResult> {
         bench::gemm(self, model, batch, reps, warmup, seed)
+    }
+    fn gather(&self, table_mib: usize, row_bytes: usize, reps: usize) -> ember_engine::Result<f64> {
+        bench::backend_gather(self, table_mib, row_bytes, reps)
+    }
+}
+
+/// The floors' gather rate, GB/s (bytes read plus written): `ember bench mem`'s random gather
+/// of 256-byte rows from a `table_mib` MiB table (1 GiB by default) on all threads, median of 5
+/// (on a device, its own `gather_rows`, as `bench mem --device cuda` prints).
+fn floor_gather_rate(device: Device, be: &dyn DynBench, table_mib: usize) -> ember_engine::Result<f64> {
+    match device {
+        Device::Cpu | Device::Emulated => Ok(bench::host_gather_rate(table_mib, 256, 5)),
+        Device::Cuda => Ok(be.gather(table_mib, 256, 5)? / 1e9),
     }
 }
 
@@ -238,12 +258,24 @@ fn embedding(be: &dyn DynBench, a: &EmbArgs) -> CliResult {
         optimizer: a.optimizer.optimizer(),
     };
     let r = be.embedding(&cfg)?;
+    let r = r.with_gather_rate(floor_gather_rate(a.dev.device, be, a.floor_table_mib)?);
     let opt = clap::ValueEnum::to_possible_value(&a.optimizer).map(|v| v.get_name().to_string()).unwrap_or_default();
     println!("# ember bench embedding: {} tables x {} rows x dim {}, batch {}, {} ids/bag, {} ids, {opt}, backend {}",
         cfg.tables, cfg.rows, cfg.dim, cfg.batch, cfg.bag, if cfg.zipf.is_some() { "zipf" } else { "uniform" }, r.backend);
     println!("# median of {} steps after {} warm-up; GB/s = 2 x (B*sumD*4 + B*sumD*L*4) / time: outputs plus rows read, forward and backward (docs/cli.md)", cfg.steps, cfg.warmup);
-    println!("{:>12} {:>12} {:>12} {:>12} {:>10}", "ms/step", "fwd ms", "bwd+opt ms", "steps/s", "GB/s");
-    println!("{:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2}", r.ms_per_step, r.forward_ms, r.backward_ms, r.steps_per_s, r.gb_per_s);
+    println!("# floor = (U*(2*D*4 + 2*4) + B*F*D*4 + B*F*L*8) / the 2-thread random gather of 256-byte rows (ember bench mem, this run: {:.2} GB/s)", r.gather_gb_per_s.unwrap_or(f64::NAN));
+    println!("{:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}", "ms/step", "fwd ms", "bwd+opt ms", "steps/s", "GB/s", "U", "floor ms", "bwd/floor");
+    println!(
+        "{:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>10.2} {:>10.0} {:>10.2} {:>10.2}",
+        r.ms_per_step,
+        r.forward_ms,
+        r.backward_ms,
+        r.steps_per_s,
+        r.gb_per_s,
+        r.unique_rows,
+        r.floor_ms.unwrap_or(f64::NAN),
+        r.backward_over_floor.unwrap_or(f64::NAN)
+    );
     println!("# unique rows U {:.0}; by the scale model's bytes (docs/machine.md): forward {:.1} MB at {:.2} GB/s, backward {:.1} MB at {:.2} GB/s",
         r.unique_rows, r.forward_bytes / 1e6, r.forward_bytes / (r.forward_ms * 1e-3) / 1e9, r.backward_bytes / 1e6, r.backward_bytes / (r.backward_ms * 1e-3) / 1e9);
     if a.dev.json {
@@ -293,9 +325,21 @@ fn cuda_dlrm_2d(_: &DlrmArgs, _: usize, _: usize) -> Result<(bench::DlrmResult, 
 
 fn dlrm(be: &dyn DynBench, a: &DlrmArgs) -> CliResult {
     let r = be.dlrm(a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?;
+    let model = ember_engine::config::preset("bench", None)?.model;
+    let g = be.gemm(&model, a.batch_size, 5, 1, a.dev.seed)?;
+    let r = r.with_rates(floor_gather_rate(a.dev.device, be, a.floor_table_mib)?, g.gflops);
     println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);
-    println!("{:>12} {:>14}", "ms/step", "samples/s");
-    println!("{:>12.2} {:>14.0}", r.ms_per_step, r.samples_per_s);
+    println!(
+        "# floor = embedding floor (U {:.0}: {:.1} MB at the 2-thread 256-byte gather rate, {:.2} GB/s) + {:.2} GFLOP of MLP GEMMs at {:.1} GFLOP/s (ember bench gemm --batch-size {}, this run)",
+        r.unique_rows,
+        r.embedding_floor_bytes / 1e6,
+        r.gather_gb_per_s.unwrap_or(f64::NAN),
+        r.dense_flops / 1e9,
+        g.gflops,
+        r.batch
+    );
+    println!("{:>12} {:>14} {:>10} {:>12}", "ms/step", "samples/s", "floor ms", "step/floor");
+    println!("{:>12.2} {:>14.0} {:>10.2} {:>12.2}", r.ms_per_step, r.samples_per_s, r.floor_ms.unwrap_or(f64::NAN), r.step_over_floor.unwrap_or(f64::NAN));
     if a.dev.json {
         println!("{}", serde_json::to_string(&r)?);
     }

@@ -67,7 +67,7 @@ fn bench_gemm_times_every_gemm_of_the_bench_models_training_step() {
 fn bench_embedding_counts_the_bytes_of_each_optimizer() {
     let (b, t, l, d) = (64.0, 2.0, 3.0, 8.0);
     for (opt, state) in [("sgd", 0.0), ("rowwise-adagrad", 1.0), ("adagrad", d)] {
-        let out = run(&["bench", "embedding", "--tables", "2", "--rows", "50", "--dim", "8", "--batch-size", "64", "--bag-size", "3", "--steps", "1", "-w", "0", "--optimizer", opt, "--json"], &[]);
+        let out = run(&["bench", "embedding", "--tables", "2", "--rows", "50", "--dim", "8", "--batch-size", "64", "--bag-size", "3", "--steps", "1", "-w", "0", "--optimizer", opt, "--floor-table-mib", "8", "--json"], &[]);
         assert!(out.contains(opt), "{out}");
         let v = last_json(&out);
         let u = v["unique_rows"].as_f64().unwrap();
@@ -75,5 +75,14 @@ fn bench_embedding_counts_the_bytes_of_each_optimizer() {
         assert!(u > 80.0 && u <= 100.0, "{u}");
         assert_eq!(v["forward_bytes"].as_f64().unwrap(), (b * t * l + b * t) * d * 4.0);
         assert_eq!(v["backward_bytes"].as_f64().unwrap(), u * (2.0 * d + 2.0 * state) * 4.0 + b * t * d * 4.0 + b * t * l * 8.0);
+        // The floor: U·(2·D·4 + 2·4) + B·F·D·4 + B·F·L·8 bytes at the gather rate measured in
+        // the run, and the backward's ratio to it.
+        let floor_bytes = u * (2.0 * d * 4.0 + 8.0) + b * t * d * 4.0 + b * t * l * 8.0;
+        assert_eq!(v["floor_bytes"].as_f64().unwrap(), floor_bytes);
+        let rate = v["gather_gb_per_s"].as_f64().unwrap();
+        let floor_ms = v["floor_ms"].as_f64().unwrap();
+        assert!(rate > 0.0 && (floor_ms - floor_bytes / (rate * 1e9) * 1e3).abs() <= 1e-9 * floor_ms, "{v}");
+        let ratio = v["backward_over_floor"].as_f64().unwrap();
+        assert!((ratio - v["backward_ms"].as_f64().unwrap() / floor_ms).abs() <= 1e-9 * ratio, "{v}");
     }
 }

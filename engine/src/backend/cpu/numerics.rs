@@ -273,28 +273,15 @@ impl Cpu {
         let scale = bags.scale;
         // One output row per bag; the last row of `out` may be shorter than the stride.
         let body = &mut out[..(n - 1) * layout.stride + layout.col + cols];
-        body.par_chunks_mut(layout.stride).enumerate().with_min_len(32).for_each(|(b, orow)| {
-            let o = &mut orow[layout.col..layout.col + cols];
-            if !accumulate {
-                o.fill(0.0);
-            }
-            let (s, e) = (off[b] as usize, off[b + 1] as usize);
-            let sc = scale.map_or(1.0, |s| s[b]);
-            // Prefetch a few rows ahead: the gather is bound by memory latency.
-            for &id in &ids[s..e.min(s + 4)] {
-                prefetch_row(w, id as usize, cols);
-            }
-            for j in s..e {
-                if j + 4 < ids.len() {
-                    prefetch_row(w, ids[j + 4] as usize, cols);
-                }
-                let r = &w[ids[j] as usize * cols..][..cols];
-                if sc == 1.0 {
-                    o.iter_mut().zip(r).for_each(|(a, &x)| *a += x);
-                } else {
-                    o.iter_mut().zip(r).for_each(|(a, &x)| *a += sc * x);
-                }
-            }
+        // Contiguous runs of bags per task (a few per thread, for balance): each task streams
+        // through its own ids, prefetching rows a fixed number of ids ahead across its bags.
+        let per = n.div_ceil(4 * rayon::current_num_threads()).max(16);
+        body.par_chunks_mut(per * layout.stride).enumerate().for_each(|(c, orows)| {
+            let b0 = c * per;
+            let b1 = (b0 + per).min(n);
+            let base = off[b0] as usize;
+            let run = &ids[base..off[b1] as usize];
+            GatherTask { w, cols, off, run, base, b0, b1, scale, stride: layout.stride, col: layout.col, accumulate, ahead: GATHER_AHEAD }.run(orows);
         });
         Ok(())
     }
@@ -311,9 +298,14 @@ impl Cpu {
         })?;
         let d = dedup(bags.offsets, bags.ids, rows);
         let scale = bags.scale;
-        self.update_rows(shard, &d.rows, upd, |u, g, w| {
+        let prefetch_grads = |u: usize| {
+            let gp = grad.as_ptr().wrapping_add(layout.col);
+            for &bag in &d.bags[d.starts[u]..d.starts[u + 1]] {
+                prefetch_span(gp.wrapping_add(bag as usize * layout.stride), cols);
+            }
+        };
+        self.update_rows(shard, &d.rows, upd, RowSq::FromGrad, prefetch_grads, |u, g, w| {
             row_grad(g, &d.bags[d.starts[u]..d.starts[u + 1]], grad, layout, scale, upd.l2, w);
-            g.iter().map(|x| x * x).sum()
         })
     }
 
@@ -349,9 +341,8 @@ impl Cpu {
         check(shard.state.len() == rows * upd.state_per_row(cols), || "embedding_apply: state size does not match the optimizer".into())?;
         let sq = row_sq.unwrap_or(own_sq);
         check(sq.len() == num_rows, || format!("embedding_apply: {} row sums for {num_rows} rows", sq.len()))?;
-        self.update_rows(shard, rg_rows, upd, |u, g, _w| {
+        self.update_rows(shard, rg_rows, upd, RowSq::Given(sq), |_| {}, |u, g, _w| {
             g.copy_from_slice(&grads[u * cols..(u + 1) * cols]);
-            sq[u]
         })
     }
 }

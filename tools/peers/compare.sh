@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One round of the side-by-side embedding comparison of docs/benchmarks.md: for uniform and
+# Zipf(1.05) ids, `ember bench embedding` (each binary given), PyTorch's EmbeddingBag and
+# FBGEMM's CPU TBE on the same workload, and `ember bench mem`'s 2-thread 256-byte gather rate
+# (the floor's denominator, also handed to the peers). Appends one JSON line per run to OUT;
+# summarize.py prints the medians over rounds.
+#
+#   tools/peers/compare.sh OUT.jsonl [NAME=EMBER_BINARY ...]
+#   (default binary: new=target/release/ember)
+#
+# The peers skip cleanly (a note, no rows) when their venv cannot be made (tools/peers/setup.sh).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:?usage: compare.sh OUT.jsonl [NAME=BINARY ...]}
+shift
+bins=("$@")
+[[ ${#bins[@]} -eq 0 ]] && bins=(new=target/release/ember)
+py=$(bash tools/peers/setup.sh 2>/dev/null | tail -n1) || py=""
+[[ -x "$py" ]] || echo "# peers: skipped (tools/peers/setup.sh could not make the venv)" >&2
+load() { cut -d' ' -f1 /proc/loadavg; }
+tag() { python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); d.update(json.loads(sys.argv[1])); print(json.dumps(d))" "$1"; }
+for ids in uniform zipf; do
+  z=(); [[ $ids == zipf ]] && z=(--zipf)
+  for nb in "${bins[@]}"; do
+    name=${nb%%=*}; bin=${nb#*=}
+    l=$(load)
+    "$bin" bench embedding "${z[@]}" --json | tag "{\"who\":\"ember-$name\",\"ids\":\"$ids\",\"load\":$l}" >> "$out"
+  done
+  # The gather rate of this round's last Ember run that measured one (older builds print none).
+  g=$(python3 -c "
+import json, sys
+g = [d.get('gather_gb_per_s') for d in map(json.loads, open(sys.argv[1])) if d.get('ids') == sys.argv[2]]
+g = [x for x in g if x]
+print(g[-1] if g else '')" "$out" "$ids")
+  if [[ -x "$py" ]]; then
+    for impl in torch fbgemm; do
+      l=$(load)
+      "$py" tools/peers/embedding.py --impl "$impl" "${z[@]}" ${g:+--gather-gb-per-s "$g"} --json \
+        | tag "{\"who\":\"$impl\",\"ids\":\"$ids\",\"load\":$l}" >> "$out"
+    done
+  fi
+done
+tail -n +1 "$out" | wc -l | xargs echo "# $out: lines"

@@ -1,0 +1,35 @@
+"""Medians over rounds of tools/peers/compare.sh's JSON lines, as a Markdown table.
+
+  python3 tools/peers/summarize.py OUT.jsonl
+"""
+import json
+import statistics
+import sys
+
+
+def main():
+    runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+    who_order = []
+    for r in runs:
+        if r["who"] not in who_order:
+            who_order.append(r["who"])
+    print("| ids | who | rounds | steps/s | fwd ms | bwd+opt ms | U | floor ms | bwd / floor | 1-min load at start |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for ids in ("uniform", "zipf"):
+        for who in who_order:
+            rs = [r for r in runs if r["who"] == who and r["ids"] == ids]
+            if not rs:
+                continue
+            med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+            rng = lambda k: f"{min(r[k] for r in rs):.2f}–{max(r[k] for r in rs):.2f}"  # noqa: E731
+            has_floor = all(r.get("floor_ms") for r in rs)
+            floor = f"{med('floor_ms'):.1f}" if has_floor else "—"
+            ratio = f"{med('backward_over_floor'):.2f}" if has_floor else "—"
+            u = f"{med('unique_rows'):.0f}" if all("unique_rows" in r for r in rs) else "—"
+            print(f"| {ids} | {who} | {len(rs)} | {med('steps_per_s'):.2f} | {med('forward_ms'):.2f} ({rng('forward_ms')}) "
+                  f"| {med('backward_ms'):.2f} ({rng('backward_ms')}) | {u} | {floor} | {ratio} "
+                  f"| {min(r['load'] for r in rs):.2f}–{max(r['load'] for r in rs):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
