@@ -81,21 +81,24 @@ fn the_trace_shows_communication_overlapping_compute() {
     let dir = std::env::temp_dir().join(format!("ember-trace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("t.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
-        // `on`: `auto` would run the sync after the dense update wherever 4 ranks and their sync
-        // threads outnumber the cores.
-        .args(["train", "--grid", "2x2", "--steps", "6", "--quiet", "--overlap-sync", "on", "--trace", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let ev = v["traceEvents"].as_array().unwrap();
-    let spans = |name: &str, rank: u64| -> Vec<(f64, f64)> {
-        ev.iter()
-            .filter(|e| e["name"] == name && e["tid"] == rank)
-            .map(|e| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap()))
-            .collect()
+    // A 2x2 run's trace with `--overlap-sync MODE` (explicit: `auto` depends on the cores), as
+    // rank → stage name → spans (start, end) in µs.
+    let trace = |mode: &str| -> Box<dyn Fn(&str, u64) -> Vec<(f64, f64)>> {
+        let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["train", "--grid", "2x2", "--steps", "6", "--quiet", "--overlap-sync", mode, "--trace", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let ev = v["traceEvents"].as_array().unwrap().clone();
+        Box::new(move |name: &str, rank: u64| {
+            ev.iter()
+                .filter(|e| e["name"] == name && e["tid"] == rank)
+                .map(|e| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap()))
+                .collect()
+        })
     };
+    let spans = trace("on");
     let mut overlapping = 0;
     for rank in 0..4 {
         for stage in ["input_dist", "lookup", "output_dist", "dense", "backward", "sync"] {
@@ -108,8 +111,7 @@ fn the_trace_shows_communication_overlapping_compute() {
         assert!(ar.iter().all(|a| bw.iter().any(|b| a.0 <= b.0 && b.1 <= a.1)), "rank {rank}: all-reduce does not cover a backward");
         // The replica sync runs on a thread of its own beside the dense update, and the step
         // then waits for what is left of it (a span of its own).
-        let sync = spans("sync", rank);
-        let dense = spans("dense", rank);
+        let (sync, dense) = (spans("sync", rank), spans("dense", rank));
         assert_eq!(sync.len(), 6);
         overlapping += sync.iter().filter(|s| dense.iter().any(|d| s.0 <= d.0 && d.0 < s.1)).count();
         assert_eq!(spans("sync (wait after the dense update)", rank).len(), 6);
@@ -119,19 +121,7 @@ fn the_trace_shows_communication_overlapping_compute() {
     assert!(overlapping > 0, "no sync span overlaps a dense update");
     // `--overlap-sync off`: the sync runs on the rank's own thread, so no dense work begins while
     // a sync is in flight.
-    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["train", "--grid", "2x2", "--steps", "6", "--quiet", "--overlap-sync", "off", "--trace", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let ev = v["traceEvents"].as_array().unwrap();
-    let spans = |name: &str, rank: u64| -> Vec<(f64, f64)> {
-        ev.iter()
-            .filter(|e| e["name"] == name && e["tid"] == rank)
-            .map(|e| (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap()))
-            .collect()
-    };
+    let spans = trace("off");
     for rank in 0..4 {
         let (sync, dense) = (spans("sync", rank), spans("dense", rank));
         assert_eq!(sync.len(), 6);
