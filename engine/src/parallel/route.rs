@@ -121,6 +121,13 @@ impl Touched {
             self.bits[(r / 64) as usize] |= 1 << (r % 64);
         }
     }
+    /// Mark the rows set in `bitmap` (bit r % 8 of byte r / 8; the caller checked that every set
+    /// bit is a row of this shard).
+    pub fn mark_bitmap(&mut self, bitmap: &[u8]) {
+        for (i, &b) in bitmap.iter().enumerate() {
+            self.bits[i / 8] |= (b as u64) << (8 * (i % 8));
+        }
+    }
     /// Number of touched rows.
     pub fn count(&self) -> usize {
         self.bits.iter().map(|w| w.count_ones() as usize).sum()

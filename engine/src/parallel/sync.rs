@@ -107,12 +107,11 @@ fn get_index(msg: &[u8], at: usize, width: usize) -> u64 {
 /// is an error naming the replica and the shard.
 pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Result<Vec<Vec<u64>>> {
     let widths: Vec<usize> = shards_rows.iter().map(|&r| index_width(r as u64)).collect();
-    // Pass 1: check every replica's message and size the unions.
-    let mut sizes = vec![0usize; shards_rows.len()];
+    // Pass 1: check every replica's message.
     let mut pos = 0usize;
     for (src, &c) in counts.iter().enumerate() {
         let end = pos.checked_add(c).filter(|&e| e <= all.len()).ok_or_else(|| Error::Transport(format!("replica sync from replica {src}: {c} bytes beyond the message")))?;
-        for (s, (size, &w)) in sizes.iter_mut().zip(&widths).enumerate() {
+        for (s, &w) in widths.iter().enumerate() {
             let bad = |m: &str| Error::Transport(format!("replica sync from replica {src}: {m} (shard {s})"));
             let rows = shards_rows[s];
             if end - pos < w {
@@ -141,17 +140,15 @@ pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Re
             } else if (0..n).any(|i| get_index(part, i * w, w) >= rows as u64) {
                 return Err(bad("row out of range"));
             }
-            *size += n;
             pos += len;
         }
         if pos != end {
             return Err(Error::Transport(format!("replica sync from replica {src}: {} bytes left over", end - pos)));
         }
     }
-    // Pass 2: the union as one bit per shard row (lists and bitmaps OR-ed in), then its rows in
+    // Pass 2: the union as one bit per shard row (lists and bitmaps marked in), then its rows in
     // ascending order: no sort, and each row once however many replicas touched it.
-    let mut union: Vec<Vec<u64>> = Vec::with_capacity(shards_rows.len());
-    let mut sets: Vec<Vec<u64>> = shards_rows.iter().map(|&r| vec![0u64; r.div_ceil(64)]).collect();
+    let mut sets: Vec<Touched> = shards_rows.iter().map(|&r| Touched::new(r)).collect();
     let mut pos = 0usize;
     for _ in counts {
         for ((set, &w), &rows) in sets.iter_mut().zip(&widths).zip(shards_rows) {
@@ -159,30 +156,21 @@ pub fn decode_touched(all: &[u8], counts: &[usize], shards_rows: &[usize]) -> Re
             pos += w;
             let len = rows_bytes(rows, n);
             if touched_as_bitmap(rows as u64, n as u64) {
-                for (i, &b) in all[pos..pos + len].iter().enumerate() {
-                    set[i / 8] |= (b as u64) << (8 * (i % 8));
-                }
+                set.mark_bitmap(&all[pos..pos + len]);
             } else {
-                for i in 0..n {
-                    let r = get_index(all, pos + i * w, w);
-                    set[(r / 64) as usize] |= 1 << (r % 64);
-                }
+                set.mark(&(0..n).map(|i| get_index(all, pos + i * w, w)).collect::<Vec<_>>());
             }
             pos += len;
         }
     }
-    for (set, &k) in sets.iter().zip(&sizes) {
-        // At most `k` rows (the replicas' counts, summed): the union never outgrows it.
-        let mut u = Vec::with_capacity(k.min(set.len() * 64));
-        for (j, &word) in set.iter().enumerate() {
-            let mut x = word;
-            while x != 0 {
-                u.push(j as u64 * 64 + x.trailing_zeros() as u64);
-                x &= x - 1;
-            }
-        }
-        union.push(u);
-    }
+    let union = sets
+        .iter()
+        .map(|set| {
+            let mut u = Vec::with_capacity(set.count());
+            set.for_each_row(|r| u.push(r));
+            u
+        })
+        .collect();
     Ok(union)
 }
 
