@@ -208,10 +208,27 @@ fn a_write_failing_on_a_peer_that_broke_the_protocol_reports_the_protocol_error(
     // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag, buf.as_mut_ptr(), 5, &w).unwrap() };
     let mut s = s;
-    s.write_all(bytemuck::bytes_of(&Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: 8 })).unwrap();
-    s.write_all(&[0xAB; 8]).unwrap();
+    // The frame must reach rank 1 before the reset: a reset discards what the closing side has
+    // not sent yet, and Nagle may hold a small write back. So no delay, one write, and the
+    // reset only once rank 1's kernel acknowledged every byte (nothing left in the send queue).
+    s.set_nodelay(true).unwrap();
+    let mut frame = bytemuck::bytes_of(&Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: 8 }).to_vec();
+    frame.extend_from_slice(&[0xAB; 8]);
+    s.write_all(&frame).unwrap();
     {
         use std::os::fd::AsRawFd;
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut unacked: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int: the bytes the peer has not acknowledged.
+            let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut unacked) };
+            assert_eq!(r, 0);
+            if unacked == 0 {
+                break;
+            }
+            assert!(Instant::now() < until, "rank 1 did not acknowledge the frame");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let l = libc::linger { l_onoff: 1, l_linger: 0 };
         // SAFETY: setsockopt of a linger struct on a socket we own: close sends a reset.
         let r = unsafe {
