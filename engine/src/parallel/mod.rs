@@ -9,7 +9,8 @@
 //!    overlapping step 5) (`forward`, `backward`);
 //! 5. embedding backward — the output distribution in reverse and the fused backward+optimizer
 //!    on the local shards (`backward`);
-//! 6. every K steps, replica sync of shard weights and optimizer state (`replicas`, `sync`),
+//! 6. every K steps, replica sync of shard weights and optimizer state (`replicas`, `sync`;
+//!    `shared_rows` where the replicas are threads of one process with host-memory shards),
 //!    started as soon as step 5 has made the shard weights final, on a thread of its own;
 //! 7. dense optimizer step (`backward`), run while the sync is in flight (it needs none of the
 //!    shards, so the order changes nothing in the result); the step ends when both are done.
@@ -32,6 +33,7 @@ pub mod meter;
 mod rank;
 mod replicas;
 pub mod route;
+mod shared_rows;
 pub mod sync;
 pub mod xfer;
 

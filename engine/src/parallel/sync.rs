@@ -4,18 +4,22 @@
 //! Sparse (default): only rows that some replica touched since the last sync are averaged —
 //! exact, since untouched rows are still identical on every replica. Full: every row.
 //!
-//! One path for every backend and buffer transport: the rows to average are gathered from the
+//! One path for every backend and buffer transport but one: the rows to average are gathered from the
 //! shard buffers into packed f32 buffers of at most `SYNC_CHUNK` floats (several shards to a
 //! buffer), all-reduced as the mean summed in f64 (each f32 widened, added in replica order,
 //! divided, rounded once: every replica ends bitwise identical, within 1 ulp of the f64 mean,
 //! and identical values stay identical) by the buffer transport (`Xfer::all_reduce_mean_f64`),
 //! and written back. Only the packed rows move, 4 bytes a value; a device backend gathers and
-//! scatters them with its kernels and never copies a whole shard.
+//! scatters them with its kernels and never copies a whole shard. Where the replicas are
+//! threads of one process with host-memory shards (CPU backend, in-process ranks), there is
+//! nothing to move: each rank averages its slice of the rows in every replica's shards
+//! (`shared_rows`), with the same mean.
 //!
 //! Delayed state sync (BRIEF.md §3): the optimizer state's average starts at one sync, in f64
 //! and non-blocking, and is applied at the next; its snapshot and its application move the
 //! packed state rows only.
 use super::route::Touched;
+use super::shared_rows::{self, HostShard};
 use super::xfer::Xfer;
 use crate::backend::{Backend, Buffers, Cpu, HostDeviceBytes, Shard};
 use crate::plan::{index_width, touched_as_bitmap, SYNC_CHUNK};
@@ -342,6 +346,14 @@ fn average_rows<B: Backend>(
         *pending = Some(PendingState { rows: rows_of.clone(), snapshot, mean });
     }
     let width: Vec<usize> = shards.iter().map(|s| s.spec.num_cols() + if with_state { spr_of(be, s) } else { 0 }).collect();
+    if xfer == (Xfer::Host { stage: false }) && comm.transport() == "local" && shards.iter_mut().all(|s| be.host_mut(&mut s.weights).is_some()) {
+        // Ranks sharing this address space: averaged in place, in every replica's shards.
+        let values: usize = width.iter().zip(&rows_of).map(|(w, r)| w * r.len()).sum();
+        in_place(be, comm, shards, &rows_of, with_state)?;
+        stats.value_bytes += values as u64 * 4;
+        touched.iter_mut().for_each(Touched::clear);
+        return Ok(stats);
+    }
     let chunks = chunks(&width, &rows_of);
     // One packed buffer for every chunk of this sync (fresh memory per chunk would fault its
     // pages in each time).
@@ -351,6 +363,28 @@ fn average_rows<B: Backend>(
     }
     touched.iter_mut().for_each(Touched::clear);
     Ok(stats)
+}
+
+/// [`shared_rows::average`] on host views of `shards` (weights, and state `with_state`). On an
+/// error its shards are leaked, never freed: other replicas may still be writing into them.
+fn in_place<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_of: &[Vec<u64>], with_state: bool) -> Result<()> {
+    let spr: Vec<usize> = shards.iter().map(|s| if with_state { spr_of(be, s) } else { 0 }).collect();
+    let mut views = Vec::with_capacity(shards.len());
+    for ((s, rows), spr) in shards.iter_mut().zip(rows_of).zip(spr) {
+        let (cols, table) = (s.spec.num_cols(), s.spec.table);
+        let (Some(weights), Some(state)) = (be.host_mut(&mut s.weights), be.host_mut(&mut s.state)) else {
+            return Err(Error::Config("replica sync in place: a shard is not in host memory".into()));
+        };
+        views.push(HostShard { weights, state, cols, spr, rows, table });
+    }
+    let r = shared_rows::average(comm, views);
+    if r.is_err() {
+        for s in shards.iter_mut() {
+            std::mem::forget(std::mem::replace(&mut s.weights, be.zeros(0)?));
+            std::mem::forget(std::mem::replace(&mut s.state, be.zeros(0)?));
+        }
+    }
+    r
 }
 
 /// When a replica sync ran (it ran on a thread of its own: see [`replica_sync_beside`]).

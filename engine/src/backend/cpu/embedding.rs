@@ -31,7 +31,10 @@ pub(super) const UPDATE_AHEAD: usize = 8;
 /// Prefetch every cache line of the `len` floats from `p` (a row need not start on a line:
 /// a 64-float row at a 16-byte offset spans five lines). Nothing is dereferenced.
 #[inline(always)]
-pub(super) fn prefetch_span(p: *const f32, len: usize) {
+pub(crate) fn prefetch_span(p: *const f32, len: usize) {
+    if len == 0 {
+        return;
+    }
     let first = p as usize & !63;
     let last = (p as usize).wrapping_add(len * 4 - 1);
     let mut a = first;

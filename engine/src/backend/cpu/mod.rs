@@ -3,7 +3,7 @@
 //! written to be fast: embedding work is bound by random row traffic, so rows are prefetched,
 //! ids are deduplicated with a radix sort, and every unique row is read and written once.
 mod embedding;
-pub(crate) use embedding::BagsRef;
+pub(crate) use embedding::{prefetch_span, BagsRef};
 mod numerics;
 
 use crate::backend::*;
