@@ -42,6 +42,8 @@ quiet() {
 calibrate() {
   local cmd="tools/experiments/scale.sh calibrate"
   quiet "$E" simulate --calibrate "$MT"
+  # The sources name the command as run; the file is the repository's wherever it lives.
+  sed -i "s|$ROOT/||g" "$MT"
   local tmp
   tmp=$(mktemp -d)
   quiet "$E" launch -n 2 -- "$E" bench a2a -b 256 -e 4M -f 4 -n 20 --json > "$tmp/a2a.jsonl"

@@ -345,6 +345,7 @@ pub fn host(o: &CalibrateOptions, log: &mut dyn FnMut(&str)) -> Result<Machine> 
         format!("calibrated: `{cmd}` on {date}{}", if o.quick { " (quick: tiny sizes, not a measurement of the machine)" } else { "" }),
         format!("ranks_per_node: assumption: {} in-process ranks, as this host's 2D runs (`ember train --grid 1x8`, `bench dlrm --grid 2x4`) use", o.ranks_per_node),
         format!("compute_units_per_node: Ember's own measurement: `{cmd}`: the CPUs this process may use (std::thread::available_parallelism) = {units}"),
+        "in_place_sync: assumption: the ranks are in-process ranks of the CPU backend, which average their replica groups' rows in place (engine/src/parallel/shared_rows.rs)".into(),
         format!("memory_per_rank: Ember's own measurement: `{cmd}`: physical memory (sysconf) {memory} B / {} ranks", o.ranks_per_node),
         format!("memory.stream_bw, memory.gather_bw: Ember's own measurement: `{cmd}`: {how}, / {units} units"),
     ];
@@ -356,6 +357,7 @@ pub fn host(o: &CalibrateOptions, log: &mut dyn FnMut(&str)) -> Result<Machine> 
         description: format!("this host: {} CPUs ({}), {:.1} GiB, the CPU backend; in-process ranks share memory, two processes talk TCP on loopback", units, cpu.unwrap_or_else(|| "unknown CPU".into()), memory as f64 / (1u64 << 30) as f64),
         ranks_per_node: o.ranks_per_node,
         compute_units_per_node: units,
+        in_place_sync: true,
         memory_per_rank: memory / o.ranks_per_node.max(1) as u64,
         memory: MemoryRates { stream_bw: copy / units as f64, gather_bw: gather / units as f64 },
         compute,

@@ -134,6 +134,7 @@ mod tests {
             description: String::new(),
             ranks_per_node: 4,
             compute_units_per_node: 4,
+            in_place_sync: false,
             memory_per_rank: 1 << 30,
             memory: MemoryRates { stream_bw: 1e10, gather_bw: 1e10 },
             compute: ComputeRates { gemm_flops: 1e10, emb_forward_eff: 1.0, emb_backward_eff: EmbBackwardEff { sgd: 1.0, rowwise_adagrad: 1.0, adagrad: 1.0 }, step_overhead_s: 0.0, interaction_flops: None },

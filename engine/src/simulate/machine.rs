@@ -54,6 +54,11 @@ pub struct Machine {
     /// time-share one (this host: 8 in-process ranks on 2 cores). The rates in `memory` and
     /// `compute` are one unit's.
     pub compute_units_per_node: usize,
+    /// Whether the node's ranks are threads of one process whose shards are in host memory
+    /// (the CPU backend's in-process ranks): a replica group within the node then averages its
+    /// rows in place, in every replica's shards, instead of packing and all-reducing them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_place_sync: bool,
     /// Memory a rank may use for its tables, state and buffers, bytes (the budget the model
     /// checks a plan's peak against).
     pub memory_per_rank: u64,
@@ -158,6 +163,7 @@ impl EmbBackwardEff {
 pub const FIELD_GROUPS: &[&str] = &[
     "ranks_per_node",
     "compute_units_per_node",
+    "in_place_sync",
     "memory_per_rank",
     "memory.stream_bw",
     "memory.gather_bw",
@@ -230,6 +236,7 @@ impl Machine {
             "compute.interaction_flops" => self.compute.interaction_flops.is_none(),
             "intra_node.sync_all_reduce" => self.intra_node.sync_all_reduce.is_empty(),
             "inter_node.sync_all_reduce" => self.inter_node.sync_all_reduce.is_empty(),
+            "in_place_sync" => !self.in_place_sync,
             _ => false,
         };
         let named = |g: &str| {
@@ -248,6 +255,7 @@ impl Machine {
             description: String::new(),
             ranks_per_node: ranks,
             compute_units_per_node: units,
+            in_place_sync: false,
             memory_per_rank: memory,
             memory: MemoryRates { stream_bw: 2e10, gather_bw: 1e10 },
             compute: ComputeRates { gemm_flops: 1e11, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.25, rowwise_adagrad: 0.25, adagrad: 0.25 }, step_overhead_s: 0.0, interaction_flops: None },
@@ -348,6 +356,7 @@ mod tests {
             description: String::new(),
             ranks_per_node: 8,
             compute_units_per_node: 8,
+            in_place_sync: false,
             memory_per_rank: 80 << 30,
             memory: MemoryRates { stream_bw: 3e12, gather_bw: 1e12 },
             compute: ComputeRates { gemm_flops: 5e13, emb_forward_eff: 0.5, emb_backward_eff: EmbBackwardEff { sgd: 0.4, rowwise_adagrad: 0.3, adagrad: 0.3 }, step_overhead_s: 0.0, interaction_flops: None },

@@ -13,7 +13,7 @@
 //! | dense forward and backward | MLP and cross GEMMs and the dot interaction (3 × forward FLOPs), the non-GEMM passes ([`dense_elementwise_bytes`]) | dense |
 //! | dense all-reduce | the dense gradients over all T ranks | dense |
 //! | embedding backward | gradients to the shards (N) and the fused update (`kernels::backward_bytes`) | backward |
-//! | replica sync | rows touched since the last sync averaged over the replica group (M) in chunks of `SYNC_CHUNK` floats, every K steps | sync |
+//! | replica sync | rows touched since the last sync averaged over the replica group (M) in chunks of `SYNC_CHUNK` floats (in place in the replicas' shards where they are threads of one process: `Machine::in_place_sync`), every K steps | sync |
 //! | dense update | the dense optimizer over the replicated parameters | dense |
 //!
 //! Assumptions (each stated in [`Prediction::assumptions`]): compute stages on a node with more
@@ -247,6 +247,10 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
         bytes: [f64; 4],
     }
     let k = sc.sync_every.max(1) as f64;
+    // Replicas that are threads of one process with host-memory shards average the rows in
+    // place: nothing travels; each rank reads its 1/M of the rows in M replicas and writes them
+    // back, 2 bytes of random-row traffic per byte of its values.
+    let in_place = mc.in_place_sync && lrep >= m;
     let per_rank: Vec<R> = rep
         .ranks
         .iter()
@@ -261,12 +265,16 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
             let gat = all_to_all(mc, n, l, gathered);
             let sync_values = tr.sync_values * k;
             let sync_index = tr.sync_index * k * m as f64;
-            // The engine averages the packed rows in chunks of at most SYNC_CHUNK floats, one
-            // all-reduce each.
+            // Else (not `in_place`) the engine averages the packed rows in chunks of at most SYNC_CHUNK floats,
+            // one all-reduce each.
             let chunk = SYNC_CHUNK as f64 * F32;
             let full = (sync_values / chunk).floor();
             let (a, b) = (sync_all_reduce(mc, m, lrep, chunk), sync_all_reduce(mc, m, lrep, sync_values - full * chunk));
-            let sv = Cost { seconds: full * a.seconds + b.seconds, intra_bytes: full * a.intra_bytes + b.intra_bytes, inter_bytes: full * a.inter_bytes + b.inter_bytes };
+            let sv = if in_place {
+                Cost::default()
+            } else {
+                Cost { seconds: full * a.seconds + b.seconds, intra_bytes: full * a.intra_bytes + b.intra_bytes, inter_bytes: full * a.inter_bytes + b.inter_bytes }
+            };
             let si = all_to_all(mc, m, lrep, sync_index);
             R {
                 lookup: fb / (gather * mc.compute.emb_forward_eff) * ts,
@@ -276,8 +284,8 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
                 grads: Cost { seconds: grads.seconds + gat.seconds, intra_bytes: grads.intra_bytes + gat.intra_bytes, inter_bytes: grads.inter_bytes + gat.inter_bytes },
                 sync: Cost { seconds: (sv.seconds + si.seconds) / k, intra_bytes: (sv.intra_bytes + si.intra_bytes) / k, inter_bytes: (sv.inter_bytes + si.inter_bytes) / k },
                 // Packing the touched rows (a gather: read and write each value) and writing the
-                // averages back (the same): 4 bytes moved per byte of values.
-                sync_pack: if m > 1 { 4.0 * sync_values / gather * ts / k } else { 0.0 },
+                // averages back (the same): 4 bytes moved per byte of values; in place, 2.
+                sync_pack: if m > 1 { (if in_place { 2.0 } else { 4.0 }) * sync_values / gather * ts / k } else { 0.0 },
                 bytes: [tr.input_a2a, out_bytes, grad_bytes + tr.grad_all_gather + tr.grad_col_sq, tr.sync_index + tr.sync_values],
             }
         })
@@ -342,9 +350,13 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
         "dense forward and backward: 3 x forward FLOPs at compute.gemm_flops (the dot interaction's at compute.interaction_flops), plus the activations, biases, interaction and loss as bytes read and written at memory.stream_bw".into(),
         "collective destinations spread evenly over the group's nodes; measured curves where they hold the peer count, else alpha-beta".into(),
         format!(
-            "replica sync every {} steps, amortized, its values all-reduced in chunks of {} floats; {}",
+            "replica sync every {} steps, amortized, {}; {}",
             sc.sync_every,
-            SYNC_CHUNK,
+            if in_place {
+                "its rows averaged in place in the replicas' shards (threads of one process: 2 bytes of random-row traffic per byte of values)".to_string()
+            } else {
+                format!("its values packed and all-reduced in chunks of {SYNC_CHUNK} floats")
+            },
             if beside && overlapping { "beside the dense update (the longer counts)" } else { "added to the step (not overlapped, or on time-shared cores)" }
         ),
     ];

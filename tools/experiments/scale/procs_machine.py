@@ -45,11 +45,12 @@ head = re.sub(r'(?m)^name = .*$', 'name = "this-host-procs"', head, count=1)
 head = re.sub(r'(?m)^description = "(.*)"$', lambda g: f'description = "{g.group(1).split("; ")[0]}; ranks as 2 processes under ember launch, one per core, each its own node ({transport} transport)"', head, count=1)
 head = re.sub(r'(?m)^ranks_per_node = .*$', 'ranks_per_node = 1', head, count=1)
 head = re.sub(r'(?m)^compute_units_per_node = .*$', 'compute_units_per_node = 1', head, count=1)
+head = re.sub(r"(?m)^in_place_sync = .*\n", "", head, count=1)
 head = re.sub(r'(?m)^memory_per_rank = .*$', f'memory_per_rank = {mem}', head, count=1)
 keep = []
 for line in head.split("\n"):
     s = line.strip().lstrip('"')
-    if any(s.startswith(k) for k in ("ranks_per_node:", "compute_units_per_node:", "memory_per_rank:", "inter_node.")):
+    if any(s.startswith(k) for k in ("ranks_per_node:", "compute_units_per_node:", "in_place_sync:", "memory_per_rank:", "inter_node.")):
         continue
     keep.append(line)
 head = "\n".join(keep)
