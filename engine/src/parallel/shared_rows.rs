@@ -15,6 +15,7 @@
 use crate::backend::cpu::prefetch_span;
 use crate::{Error, Result};
 use ember_transport::Comm;
+use std::ops::Range;
 
 /// Rows prefetched ahead of the one being averaged (in every replica).
 const AHEAD: usize = 4;
@@ -37,13 +38,18 @@ pub(super) struct HostShard<'a> {
 const FIELDS: usize = 8;
 
 /// Average `shards` (with their state where `spr > 0`) over the replica group `comm`, whose
-/// ranks are all threads of this process. Every replica passes the same shards and rows.
+/// ranks are all threads of this process. Every replica passes the same shards and rows, each
+/// shard's rows strictly ascending (checked: a row listed twice could fall to two ranks).
 ///
-/// On an error the other replicas may still be writing into these shards (a peer that met
-/// its deadline later than this rank): the caller must then never free them (it leaks them;
-/// the job has failed).
+/// On an error the other replicas may still be writing into these shards (a deadline can pass
+/// on this rank while a slower peer's collective still completes): the caller must then never
+/// free them (it leaks them; the job has failed).
 pub(super) fn average(comm: &Comm, mut shards: Vec<HostShard<'_>>) -> Result<()> {
     let m = comm.size();
+    if shards.iter().all(|s| s.rows.is_empty() || s.cols + s.spr == 0) {
+        // Every replica has the same rows (the union of theirs): none averages anything.
+        return Ok(());
+    }
     let mut msg = Vec::with_capacity(shards.len() * FIELDS);
     for s in shards.iter_mut() {
         msg.extend_from_slice(&[
@@ -57,44 +63,28 @@ pub(super) fn average(comm: &Comm, mut shards: Vec<HostShard<'_>>) -> Result<()>
             digest(s.rows),
         ]);
     }
-    // Whether the rows lie within the shards, and the tables (for errors), while this rank
-    // alone has them.
+    // Whether the rows are ascending and lie within the shards, and the tables (for errors),
+    // while this rank alone has them.
     let within: Vec<bool> = shards.iter().map(|s| rows_fit(s.rows, s.weights.len(), s.cols) && rows_fit(s.rows, s.state.len(), s.spr)).collect();
     let tables: Vec<usize> = shards.iter().map(|s| s.table).collect();
+    let widths: Vec<(usize, usize)> = shards.iter().map(|s| (s.rows.len(), s.cols + s.spr)).collect();
     // From here until the barrier, this replica's shards are reached through the addresses
     // alone, by this rank and by the others.
     let mut all = vec![0u64; msg.len() * m];
     comm.all_gather(&msg, &mut all)?;
-    // Every rank checks the same gathered values (and rows every replica holds alike), so
-    // either all of them go on or none does: no rank writes into a replica that has left.
+    // Every rank that got here checks the same gathered values (and rows every replica holds
+    // alike): it writes only if they agree, and then every other rank that got here does too.
     check(&all, &tables, &within, m)?;
-    let k = shards.len();
-    let mut work = Vec::with_capacity(k);
-    let mut total = 0usize;
-    for s in &shards {
-        // Bounded: the rows are indices of rows this replica holds (checked above).
-        total += s.rows.len() * (s.cols + s.spr);
-        work.push(total);
-    }
     let (me, mut acc) = (comm.rank(), Vec::new());
-    let (lo, hi) = (total / m * me + (total % m).min(me), total / m * (me + 1) + (total % m).min(me + 1));
     let mut weights = vec![std::ptr::null_mut::<f32>(); m];
     let mut state = vec![std::ptr::null_mut::<f32>(); m];
-    for (i, s) in shards.iter().enumerate() {
-        let w = s.cols + s.spr;
-        let start = if i == 0 { 0 } else { work[i - 1] };
-        if w == 0 || work[i] <= lo || start >= hi {
-            continue;
-        }
-        // The rows whose first float (in the order shard after shard, row after row) lies in
-        // [lo, hi): every row is averaged by exactly one rank.
-        let first = lo.saturating_sub(start).div_ceil(w);
-        let end = (hi - start).div_ceil(w).min(s.rows.len());
+    for (i, rows) in slice_of(&widths, m, me) {
+        let s = &shards[i];
         for p in 0..m {
             weights[p] = all[p * msg.len() + i * FIELDS] as *mut f32;
             state[p] = all[p * msg.len() + i * FIELDS + 2] as *mut f32;
         }
-        let mine = &s.rows[first..end];
+        let mine = &s.rows[rows];
         for (j, &r) in mine.iter().enumerate() {
             // The rows are random lines of memory in M buffers: their loads are started
             // `AHEAD` rows before they are summed.
@@ -107,7 +97,8 @@ pub(super) fn average(comm: &Comm, mut shards: Vec<HostShard<'_>>) -> Result<()>
             let r = r as usize;
             // SAFETY: `check` found row r within every replica's buffers (all of the same
             // length as ours), and only this rank touches row r until the barrier: the rows are
-            // split among the ranks, each replica's own rank included, by the same `total`.
+            // distinct (ascending, checked) and `slice_of` gives each to exactly one rank, each
+            // replica's own rank included, from the same widths on every rank.
             unsafe {
                 mean_into_all(&weights, r * s.cols, s.cols, &mut acc);
                 mean_into_all(&state, r * s.spr, s.spr, &mut acc);
@@ -117,6 +108,30 @@ pub(super) fn average(comm: &Comm, mut shards: Vec<HostShard<'_>>) -> Result<()>
     comm.barrier()?;
     drop(shards);
     Ok(())
+}
+
+/// The rows rank `me` of `m` averages, as (shard, range of the shard's rows), for shards of
+/// `(rows, floats a row)`: the shards' floats, shard after shard and row after row, are cut
+/// into `m` even spans, and a row belongs to the span that holds its first float. So every row
+/// of every shard belongs to exactly one rank, its floats (weights and state) together.
+fn slice_of(widths: &[(usize, usize)], m: usize, me: usize) -> Vec<(usize, Range<usize>)> {
+    // Bounded: the rows are rows of shards this replica holds in memory.
+    let total: usize = widths.iter().map(|&(n, w)| n * w).sum();
+    let (lo, hi) = (total / m * me + (total % m).min(me), total / m * (me + 1) + (total % m).min(me + 1));
+    let mut out = Vec::new();
+    let mut start = 0usize;
+    for (i, &(n, w)) in widths.iter().enumerate() {
+        let end_f = start + n * w;
+        if w > 0 && end_f > lo && start < hi {
+            let first = lo.saturating_sub(start).div_ceil(w);
+            let end = (hi - start).div_ceil(w).min(n);
+            if first < end {
+                out.push((i, first..end));
+            }
+        }
+        start = end_f;
+    }
+    out
 }
 
 /// Every replica's fields must equal replica 0's (same shard sizes, same rows), and the rows
@@ -135,15 +150,16 @@ fn check(all: &[u64], tables: &[usize], within: &[bool], m: usize) -> Result<()>
         }
     }
     if let Some(i) = within.iter().position(|&ok| !ok) {
-        return Err(Error::Input(format!("replica sync: shard {i} (table {})'s rows to average reach beyond its buffers", tables[i])));
+        return Err(Error::Input(format!("replica sync: shard {i} (table {})'s rows to average are not ascending or reach beyond its buffers", tables[i])));
     }
     Ok(())
 }
 
-/// Whether rows `rows` of `w` floats each lie within a buffer of `len` floats.
+/// Whether `rows` are strictly ascending and, `w` floats each, lie within a buffer of `len`
+/// floats.
 fn rows_fit(rows: &[u64], len: usize, w: usize) -> bool {
-    let end = rows.iter().max().map_or(0, |&r| r as u128 + 1);
-    end * w as u128 <= len as u128
+    let end = rows.last().map_or(0, |&r| r as u128 + 1);
+    rows.windows(2).all(|p| p[0] < p[1]) && end * w as u128 <= len as u128
 }
 
 /// A digest of the rows (order included): replicas that would average different rows differ
@@ -246,6 +262,39 @@ mod tests {
         for m in [2, 3, 5, 8] {
             check_against_oracle(m, &shards);
         }
+        // Fewer floats in all than ranks; a shard of rows without floats beside one with.
+        check_against_oracle(8, &[(1, 0, 3, vec![2])]);
+        check_against_oracle(5, &[(0, 0, 6, vec![0, 5]), (2, 1, 2, vec![1])]);
+    }
+
+    #[test]
+    fn the_ranks_slices_cover_every_row_exactly_once() {
+        // Shapes as (rows, floats a row); every rank's slice, over every M up to 9.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |k: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % k) as usize
+        };
+        for case in 0..300 {
+            let shards = 1 + next(6);
+            let widths: Vec<(usize, usize)> = (0..shards).map(|_| (next(30), if next(4) == 0 { 0 } else { 1 + next(140) })).collect();
+            for m in 1..=9 {
+                let mut owner: Vec<Vec<Option<usize>>> = widths.iter().map(|&(n, _)| vec![None; n]).collect();
+                for me in 0..m {
+                    for (i, rows) in slice_of(&widths, m, me) {
+                        assert!(widths[i].1 > 0 && !rows.is_empty(), "case {case} m {m}: {widths:?}");
+                        for r in rows {
+                            assert!(owner[i][r].replace(me).is_none(), "case {case} m {m}: row {r} of shard {i} twice ({widths:?})");
+                        }
+                    }
+                }
+                for (i, (o, &(_, w))) in owner.iter().zip(&widths).enumerate() {
+                    assert!(w == 0 || o.iter().all(Option::is_some), "case {case} m {m}: shard {i} not covered ({widths:?})");
+                }
+            }
+        }
     }
 
     #[test]
@@ -275,16 +324,19 @@ mod tests {
                 assert!(w.iter().enumerate().all(|(i, &x)| x == (p * 100 + i) as f32), "{what}: replica {p} was written");
             }
         }
-        // Rows beyond the shard: refused before anything is written.
-        let comms = ember_transport::local_world(2);
-        std::thread::scope(|sc| {
-            for comm in comms {
-                sc.spawn(move || {
-                    let (mut w, mut st) = (vec![1.0f32; 8], vec![0.0f32; 2]);
-                    let e = average(&comm, vec![HostShard { weights: &mut w, state: &mut st, cols: 4, spr: 1, rows: &[0, 2], table: 0 }]).unwrap_err();
-                    assert!(e.to_string().contains("beyond"), "{e}");
-                });
-            }
-        });
+        // Rows beyond the shard, or not ascending: refused before anything is written.
+        for rows in [[0u64, 2], [1, 0], [1, 1]] {
+            let comms = ember_transport::local_world(2);
+            std::thread::scope(|sc| {
+                for (p, comm) in comms.into_iter().enumerate() {
+                    sc.spawn(move || {
+                        let (mut w, mut st) = (vec![p as f32; 8], vec![p as f32; 2]);
+                        let e = average(&comm, vec![HostShard { weights: &mut w, state: &mut st, cols: 4, spr: 1, rows: &rows, table: 0 }]).unwrap_err();
+                        assert!(e.to_string().contains("not ascending or reach beyond"), "{rows:?}: {e}");
+                        assert!(w.iter().chain(&st).all(|&x| x == p as f32), "{rows:?}: replica {p} was written");
+                    });
+                }
+            });
+        }
     }
 }

@@ -37,7 +37,9 @@ pub enum SyncMode {
     Full,
 }
 
-/// Bytes one sync moved (this rank's contribution to each collective).
+/// Bytes one sync moved: this rank's contribution to each collective (in-process replicas that
+/// average in place send none of their values; they are counted the same way, as what this
+/// rank's rows contribute).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct SyncBytes {
     pub index_bytes: u64,
@@ -369,6 +371,12 @@ fn average_rows<B: Backend>(
 /// error its shards are leaked, never freed: other replicas may still be writing into them.
 fn in_place<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_of: &[Vec<u64>], with_state: bool) -> Result<()> {
     let spr: Vec<usize> = shards.iter().map(|s| if with_state { spr_of(be, s) } else { 0 }).collect();
+    // Empty buffers to put in the shards' place should the sync fail, made now: leaking the
+    // shards must not itself be able to fail.
+    let mut spare = Vec::with_capacity(shards.len());
+    for _ in 0..shards.len() {
+        spare.push((be.zeros(0)?, be.zeros(0)?));
+    }
     let mut views = Vec::with_capacity(shards.len());
     for ((s, rows), spr) in shards.iter_mut().zip(rows_of).zip(spr) {
         let (cols, table) = (s.spec.num_cols(), s.spec.table);
@@ -379,9 +387,9 @@ fn in_place<B: Backend>(be: &B, comm: &Comm, shards: &mut [Shard<B>], rows_of: &
     }
     let r = shared_rows::average(comm, views);
     if r.is_err() {
-        for s in shards.iter_mut() {
-            std::mem::forget(std::mem::replace(&mut s.weights, be.zeros(0)?));
-            std::mem::forget(std::mem::replace(&mut s.state, be.zeros(0)?));
+        for (s, (w, st)) in shards.iter_mut().zip(spare) {
+            std::mem::forget(std::mem::replace(&mut s.weights, w));
+            std::mem::forget(std::mem::replace(&mut s.state, st));
         }
     }
     r

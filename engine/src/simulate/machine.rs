@@ -55,8 +55,9 @@ pub struct Machine {
     /// `compute` are one unit's.
     pub compute_units_per_node: usize,
     /// Whether the node's ranks are threads of one process whose shards are in host memory
-    /// (the CPU backend's in-process ranks): a replica group within the node then averages its
-    /// rows in place, in every replica's shards, instead of packing and all-reducing them.
+    /// (the CPU backend's in-process ranks): a job whose ranks all fit on one node then averages
+    /// its replica groups' rows in place, in every replica's shards, instead of packing and
+    /// all-reducing them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub in_place_sync: bool,
     /// Memory a rank may use for its tables, state and buffers, bytes (the budget the model

@@ -247,10 +247,10 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
         bytes: [f64; 4],
     }
     let k = sc.sync_every.max(1) as f64;
-    // Replicas that are threads of one process with host-memory shards average the rows in
-    // place: nothing travels; each rank reads its 1/M of the rows in M replicas and writes them
+    // Replicas that are threads of one process (the whole world on one node) with host-memory
+    // shards average the rows in place: nothing travels; each rank reads its 1/M of the rows in M replicas and writes them
     // back, 2 bytes of random-row traffic per byte of its values.
-    let in_place = mc.in_place_sync && lrep >= m;
+    let in_place = mc.in_place_sync && world <= rpn;
     let per_rank: Vec<R> = rep
         .ranks
         .iter()
@@ -477,6 +477,26 @@ mod tests {
         assert!(off.step_ms > k1.step_ms);
         // One replica: no sync at all.
         assert_eq!(part(&predict(&cfg, &mc, &Scenario::new(1, 8, 4096, 1)).unwrap(), "replica_sync").busy_ms, 0.0);
+    }
+
+    #[test]
+    fn in_process_replicas_average_in_place_at_two_bytes_of_gather_traffic_per_byte() {
+        let cfg = bench();
+        let sc = Scenario { full_sync: true, overlap_sync: Some(false), ..Scenario::new(4, 2, 4096, 1) };
+        let packed = predict(&cfg, &machine(8, 8, 1 << 40), &sc).unwrap();
+        let mc = Machine { in_place_sync: true, ..machine(8, 8, 1 << 40) };
+        let p = predict(&cfg, &mc, &sc).unwrap();
+        // Whole shards (no row lists): each rank reads its quarter of the values in 4 replicas
+        // and writes them back, at the gather rate (10 GB/s); nothing on the links.
+        let (s, sp) = (part(&p, "replica_sync"), part(&packed, "replica_sync"));
+        assert!(s.bytes > 0.0 && s.bytes == sp.bytes);
+        assert!((s.busy_ms - 2.0 * s.bytes / 1e10 * 1e3).abs() < 1e-9, "{s:?}");
+        assert!(sp.busy_ms > 2.0 * s.busy_ms, "packed {sp:?} against in place {s:?}");
+        assert!(p.assumptions.iter().any(|a| a.contains("in place")), "{:?}", p.assumptions);
+        // Ranks beyond one node are processes: the packed sync, whatever the flag says.
+        let sc16 = Scenario { full_sync: true, overlap_sync: Some(false), ..Scenario::new(4, 4, 4096, 1) };
+        let (a, b) = (predict(&cfg, &mc, &sc16).unwrap(), predict(&cfg, &machine(8, 8, 1 << 40), &sc16).unwrap());
+        assert_eq!(part(&a, "replica_sync").busy_ms, part(&b, "replica_sync").busy_ms);
     }
 
     #[test]
