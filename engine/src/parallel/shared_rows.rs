@@ -206,7 +206,7 @@ mod tests {
     /// values whose f32 sum would round differently from the f64 one.
     fn value(p: usize, k: usize, b: usize, i: usize) -> f32 {
         let x = ((p * 7919 + k * 104_729 + b * 31 + i * 2_654_435_761) % 1_000_003) as f32;
-        (x - 500_000.0) * 1.0e-3 + if i % 5 == 0 { 1.0e7 } else { 0.0 }
+        (x - 500_000.0) * 1.0e-3 + if i.is_multiple_of(5) { 1.0e7 } else { 0.0 }
     }
 
     /// Shards (cols, spr, rows held, rows to average) averaged by `m` in-process replicas: every
