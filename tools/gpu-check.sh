@@ -124,6 +124,9 @@ cli 90 simulate --calibrate "$OUT/machine-gpu.toml" --calibrate-device cuda
 cli 120 bench dlrm --device cuda --grid 2x2 --batch-size 4096
 cli 150 bench dlrm --device cuda --grid 2x2 --batch-size 65536
 cli 120 train --device cuda --grid 2x2 --steps 200
+# Replica sync on the device path (peers: the packed rows gathered and scattered by kernels):
+# its milliseconds, bytes and host<->device bytes per step, the model of docs/2d.md's speed table.
+cli 90 train --device cuda --preset bench --max-rows 100000 --batch-size 4096 --steps 20 --grid 2x2
 cli 90 train --device cuda --steps 200
 echo "== GPU tests (ignored without a GPU): pinned staging, dma-buf export, CUDA backend vs CPU, 2D vs the f64 oracle"
 for t in "engine-lib-test staging" "cuda-lib-test dmabuf" "cuda-backend-test ''"; do
