@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One round of the side-by-side embedding comparison of docs/benchmarks.md: for uniform and
-# Zipf(1.05) ids, `ember bench embedding` (each binary given), PyTorch's EmbeddingBag and
-# FBGEMM's CPU TBE on the same workload, and `ember bench mem`'s 2-thread 256-byte gather rate
-# (the floor's denominator, also handed to the peers). Appends one JSON line per run to OUT;
-# summarize.py prints the medians over rounds.
+# One round of the side-by-side comparison of docs/benchmarks.md: for uniform and Zipf(1.05)
+# ids, `ember bench embedding` (each binary given), PyTorch's EmbeddingBag and FBGEMM's CPU TBE
+# on the same workload, and `ember bench mem`'s 2-thread 256-byte gather rate (the floor's
+# denominator, also handed to the peers); then `ember bench dlrm` beside TorchRec's DLRM of the
+# same model (tools/peers/dlrm.py) as 1 rank x 2 threads and 2 ranks x 1 thread. Appends one
+# JSON line per run to OUT; summarize.py prints the medians over rounds.
 #
 #   tools/peers/compare.sh OUT.jsonl [NAME=EMBER_BINARY ...]
 #   (default binary: new=target/release/ember)
@@ -40,4 +41,19 @@ print(g[-1] if g else '')" "$out" "$ids")
     done
   fi
 done
+# DLRM: `ember bench dlrm` (global batch 4096) beside TorchRec's DLRM of the same model
+# (tools/peers/dlrm.py), as 1 rank x 2 threads and as 2 ranks x 1 thread (torch.distributed.run).
+for nb in "${bins[@]}"; do
+  name=${nb%%=*}; bin=${nb#*=}
+  l=$(load)
+  "$bin" bench dlrm --json | tag "{\"who\":\"ember-$name\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+done
+if [[ -x "$py" ]]; then
+  l=$(load)
+  "$py" tools/peers/dlrm.py --threads 2 --json 2>/dev/null \
+    | tag "{\"who\":\"torchrec 1 rank x 2 threads\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+  l=$(load)
+  "$py" -m torch.distributed.run --nproc-per-node 2 --master-port 29533 tools/peers/dlrm.py --threads 1 --json 2>/dev/null \
+    | tag "{\"who\":\"torchrec 2 ranks x 1 thread\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+fi
 tail -n +1 "$out" | wc -l | xargs echo "# $out: lines"

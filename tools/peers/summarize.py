@@ -1,4 +1,5 @@
-"""Medians over rounds of tools/peers/compare.sh's JSON lines, as a Markdown table.
+"""Medians over rounds of tools/peers/compare.sh's JSON lines, as Markdown tables (embedding,
+then DLRM).
 
   python3 tools/peers/summarize.py OUT.jsonl
 """
@@ -9,6 +10,8 @@ import sys
 
 def main():
     runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+    every = runs
+    runs = [r for r in runs if r["ids"] != "dlrm"]
     who_order = []
     for r in runs:
         if r["who"] not in who_order:
@@ -29,6 +32,24 @@ def main():
             print(f"| {ids} | {who} | {len(rs)} | {med('steps_per_s'):.2f} | {med('forward_ms'):.2f} ({rng('forward_ms')}) "
                   f"| {med('backward_ms'):.2f} ({rng('backward_ms')}) | {u} | {floor} | {ratio} "
                   f"| {min(r['load'] for r in rs):.2f}–{max(r['load'] for r in rs):.2f} |")
+    dlrm(every)
+
+
+def dlrm(runs):
+    """The DLRM rows: samples/s medians (min–max) per who, Ember's step over its floor."""
+    rows = [r for r in runs if r["ids"] == "dlrm"]
+    if not rows:
+        return
+    print()
+    print("| DLRM, global batch 4096 | rounds | samples/s | step / floor | 1-min load at start |")
+    print("|---|---|---|---|---|")
+    for who in dict.fromkeys(r["who"] for r in rows):
+        rs = [r for r in rows if r["who"] == who]
+        sps = [r["samples_per_s"] for r in rs]
+        fl = [r["step_over_floor"] for r in rs if r.get("step_over_floor")]
+        ratio = f"{statistics.median(fl):.2f} ({min(fl):.2f}–{max(fl):.2f})" if fl else "—"
+        print(f"| {who} | {len(rs)} | {statistics.median(sps):.0f} ({min(sps):.0f}–{max(sps):.0f}) | {ratio} "
+              f"| {min(r['load'] for r in rs):.2f}–{max(r['load'] for r in rs):.2f} |")
 
 
 if __name__ == "__main__":
