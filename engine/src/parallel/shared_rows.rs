@@ -96,7 +96,8 @@ pub(super) fn average(comm: &Comm, mut shards: Vec<HostShard<'_>>) -> Result<()>
             }
             let r = r as usize;
             // SAFETY: `check` found row r within every replica's buffers (all of the same
-            // length as ours), and only this rank touches row r until the barrier: the rows are
+            // length as ours; each replica's are its own allocations, so no two overlap), and
+            // only this rank touches row r until the barrier: the rows are
             // distinct (ascending, checked) and `slice_of` gives each to exactly one rank, each
             // replica's own rank included, from the same widths on every rank.
             unsafe {
@@ -172,14 +173,15 @@ fn digest(rows: &[u64]) -> u64 {
 /// added in buffer order, divided by the count, rounded once. `acc` is scratch.
 ///
 /// # Safety
-/// Every buffer holds at least `at + len` floats, and no other thread reads or writes those
-/// floats during the call.
+/// The buffers are distinct (each replica's own), every one holds at least `at + len` floats,
+/// and no other thread reads or writes those floats during the call.
 unsafe fn mean_into_all(bufs: &[*mut f32], at: usize, len: usize, acc: &mut Vec<f64>) {
     if len == 0 {
         return;
     }
     acc.clear();
-    // SAFETY: within every buffer and ours alone (the caller's contract).
+    // SAFETY: within every buffer and ours alone, and no two buffers overlap (the caller's
+    // contract), so the rows of different buffers are disjoint.
     let row = |p: usize| unsafe { std::slice::from_raw_parts_mut(bufs[p].add(at), len) };
     acc.extend(row(0).iter().map(|&x| x as f64));
     for p in 1..bufs.len() {
@@ -187,14 +189,12 @@ unsafe fn mean_into_all(bufs: &[*mut f32], at: usize, len: usize, acc: &mut Vec<
             *a += x as f64;
         }
     }
-    let n = bufs.len() as f64;
-    for a in acc.iter_mut() {
-        *a = ((*a / n) as f32) as f64;
+    let (n, first) = (bufs.len() as f64, row(0));
+    for (o, &a) in first.iter_mut().zip(acc.iter()) {
+        *o = (a / n) as f32;
     }
-    for p in 0..bufs.len() {
-        for (o, &a) in row(p).iter_mut().zip(acc.iter()) {
-            *o = a as f32;
-        }
+    for p in 1..bufs.len() {
+        row(p).copy_from_slice(first);
     }
 }
 

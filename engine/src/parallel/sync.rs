@@ -4,9 +4,9 @@
 //! Sparse (default): only rows that some replica touched since the last sync are averaged —
 //! exact, since untouched rows are still identical on every replica. Full: every row.
 //!
-//! One path for every backend and buffer transport but one: the rows to average are gathered from the
-//! shard buffers into packed f32 buffers of at most `SYNC_CHUNK` floats (several shards to a
-//! buffer), all-reduced as the mean summed in f64 (each f32 widened, added in replica order,
+//! One path for every backend and buffer transport but one: the rows to average are gathered
+//! from the shard buffers into packed f32 buffers of at most `SYNC_CHUNK` floats (several shards
+//! to a buffer), all-reduced as the mean summed in f64 (each f32 widened, added in replica order,
 //! divided, rounded once: every replica ends bitwise identical, within 1 ulp of the f64 mean,
 //! and identical values stay identical) by the buffer transport (`Xfer::all_reduce_mean_f64`),
 //! and written back. Only the packed rows move, 4 bytes a value; a device backend gathers and

@@ -248,8 +248,8 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
     }
     let k = sc.sync_every.max(1) as f64;
     // Replicas that are threads of one process (the whole world on one node) with host-memory
-    // shards average the rows in place: nothing travels; each rank reads its 1/M of the rows in M replicas and writes them
-    // back, 2 bytes of random-row traffic per byte of its values.
+    // shards average the rows in place: nothing travels; each rank reads its 1/M of the rows in
+    // M replicas and writes them back, 2 bytes of random-row traffic per byte of its values.
     let in_place = mc.in_place_sync && world <= rpn;
     let per_rank: Vec<R> = rep
         .ranks
@@ -265,14 +265,14 @@ fn price(cfg: &TrainConfig, mc: &Machine, sc: &Scenario, plan: &Plan, rep: &Plan
             let gat = all_to_all(mc, n, l, gathered);
             let sync_values = tr.sync_values * k;
             let sync_index = tr.sync_index * k * m as f64;
-            // Else (not `in_place`) the engine averages the packed rows in chunks of at most SYNC_CHUNK floats,
-            // one all-reduce each.
-            let chunk = SYNC_CHUNK as f64 * F32;
-            let full = (sync_values / chunk).floor();
-            let (a, b) = (sync_all_reduce(mc, m, lrep, chunk), sync_all_reduce(mc, m, lrep, sync_values - full * chunk));
             let sv = if in_place {
                 Cost::default()
             } else {
+                // The engine averages the packed rows in chunks of at most SYNC_CHUNK floats,
+                // one all-reduce each.
+                let chunk = SYNC_CHUNK as f64 * F32;
+                let full = (sync_values / chunk).floor();
+                let (a, b) = (sync_all_reduce(mc, m, lrep, chunk), sync_all_reduce(mc, m, lrep, sync_values - full * chunk));
                 Cost { seconds: full * a.seconds + b.seconds, intra_bytes: full * a.intra_bytes + b.intra_bytes, inter_bytes: full * a.inter_bytes + b.inter_bytes }
             };
             let si = all_to_all(mc, m, lrep, sync_index);
