@@ -53,8 +53,9 @@ impl Numerics for Cpu {
     fn act_backward(&self, y: &Vec<f32>, dy: &mut Vec<f32>, act: Act) -> Result<()> {
         check(y.len() == dy.len(), || format!("act_backward: {} vs {}", y.len(), dy.len()))?;
         if act == Act::Relu {
+            // A select, stored unconditionally: it vectorizes (a conditional store does not).
             dy.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(d, y)| {
-                d.iter_mut().zip(y).for_each(|(d, &y)| if y <= 0.0 { *d = 0.0 })
+                d.iter_mut().zip(y).for_each(|(d, &y)| *d = if y <= 0.0 { 0.0 } else { *d })
             });
         }
         Ok(())
