@@ -291,8 +291,10 @@ fn bench_batches(cfg: &crate::config::TrainConfig, batch: usize, zipf: Option<f6
 }
 
 /// Full training steps of the `bench` preset model (the embedding workload + bottom MLP
-/// 13-512-256-64, dot interaction, top MLP 512-256-1, BCE).
-pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> Result<DlrmResult> {
+/// 13-512-256-64, dot interaction, top MLP 512-256-1, BCE). `between` runs after every timed
+/// step, outside the timing (the floor's rates are sampled there, so that the steps and their
+/// floor see the same state of a shared machine).
+pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64, between: &mut dyn FnMut() -> Result<()>) -> Result<DlrmResult> {
     let mut cfg = preset("bench", None)?;
     cfg.batch_size = batch;
     cfg.seed = seed;
@@ -305,6 +307,7 @@ pub fn dlrm<B: Backend>(be: &B, batch: usize, steps: usize, warmup: usize, zipf:
         be.synchronize()?;
         if it >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
+            between()?;
         }
     }
     let ms = median(&times);
@@ -486,9 +489,24 @@ fn gather_secs(table: &[f32], row_bytes: usize, threads: usize, reps: usize) -> 
 /// threads: a `table_mib` MiB table, 64 MiB gathered per repetition, median of `reps`; bytes
 /// read plus written per second, 1e9. The embedding floors' denominator (at 256-byte rows).
 pub fn host_gather_rate(table_mib: usize, row_bytes: usize, reps: usize) -> f64 {
-    let table: Vec<f32> = (0..table_mib << 18).map(|i| i as f32).collect();
-    let s = gather_secs(&table, row_bytes, rayon::current_num_threads(), reps);
-    2.0 * (((64usize << 20) / row_bytes) * row_bytes) as f64 / s / 1e9
+    GatherTable::new(table_mib).rate(row_bytes, reps)
+}
+
+/// The table [`host_gather_rate`] gathers from, made once so that a benchmark can sample the
+/// rate many times (between its timed steps) without rebuilding it.
+pub struct GatherTable(Vec<f32>);
+
+impl GatherTable {
+    /// A `table_mib` MiB table of distinct values.
+    pub fn new(table_mib: usize) -> Self {
+        GatherTable((0..table_mib << 18).map(|i| i as f32).collect())
+    }
+
+    /// [`host_gather_rate`] on this table: GB/s read plus written, median of `reps`.
+    pub fn rate(&self, row_bytes: usize, reps: usize) -> f64 {
+        let s = gather_secs(&self.0, row_bytes, rayon::current_num_threads(), reps);
+        2.0 * (((64usize << 20) / row_bytes) * row_bytes) as f64 / s / 1e9
+    }
 }
 
 /// One GEMM of the dense network's training step.

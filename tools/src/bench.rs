@@ -198,7 +198,7 @@ fn cuda_backend(f: impl FnOnce(&dyn DynBench) -> CliResult) -> CliResult {
 /// The benchmarks, object-safe so one dispatch serves every backend.
 pub trait DynBench {
     fn embedding(&self, cfg: &EmbeddingBench) -> ember_engine::Result<bench::EmbeddingResult>;
-    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult>;
+    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64, between: &mut dyn FnMut() -> ember_engine::Result<()>) -> ember_engine::Result<bench::DlrmResult>;
     fn gemm(&self, model: &ember_engine::config::ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> ember_engine::Result<bench::GemmResult>;
     fn gather(&self, table_mib: usize, row_bytes: usize, reps: usize) -> ember_engine::Result<f64>;
 }
@@ -207,8 +207,8 @@ impl<B: Backend> DynBench for B {
     fn embedding(&self, cfg: &EmbeddingBench) -> ember_engine::Result<bench::EmbeddingResult> {
         bench::embedding(self, cfg)
     }
-    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64) -> ember_engine::Result<bench::DlrmResult> {
-        bench::dlrm(self, batch, steps, warmup, zipf, seed)
+    fn dlrm(&self, batch: usize, steps: usize, warmup: usize, zipf: Option<f64>, seed: u64, between: &mut dyn FnMut() -> ember_engine::Result<()>) -> ember_engine::Result<bench::DlrmResult> {
+        bench::dlrm(self, batch, steps, warmup, zipf, seed, between)
     }
     fn gemm(&self, model: &ember_engine::config::ModelConfig, batch: usize, reps: usize, warmup: usize, seed: u64) -> ember_engine::Result<bench::GemmResult> {
         bench::gemm(self, model, batch, reps, warmup, seed)
@@ -324,18 +324,34 @@ fn cuda_dlrm_2d(_: &DlrmArgs, _: usize, _: usize) -> Result<(bench::DlrmResult, 
 }
 
 fn dlrm(be: &dyn DynBench, a: &DlrmArgs) -> CliResult {
-    let r = be.dlrm(a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed)?;
     let model = ember_engine::config::preset("bench", None)?.model;
-    let g = be.gemm(&model, a.batch_size, 5, 1, a.dev.seed)?;
-    let r = r.with_rates(floor_gather_rate(a.dev.device, be, a.floor_table_mib)?, g.gflops);
+    // The floor's two rates are sampled after every timed step (a GEMM pass; on the host also
+    // one 64 MiB gather), and their medians taken: on a shared machine both drift by tens of
+    // per cent within seconds, and sampled this way the steps and their floor see the same drift.
+    let host_table = matches!(a.dev.device, Device::Cpu | Device::Emulated).then(|| bench::GatherTable::new(a.floor_table_mib));
+    let (mut gathers, mut gemms) = (Vec::new(), Vec::new());
+    be.gemm(&model, a.batch_size, 1, 1, a.dev.seed)?;
+    let r = be.dlrm(a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed, &mut || {
+        gemms.push(be.gemm(&model, a.batch_size, 1, 1, a.dev.seed)?.gflops);
+        if let Some(t) = &host_table {
+            gathers.push(t.rate(256, 1));
+        }
+        Ok(())
+    })?;
+    let gather = match &host_table {
+        Some(_) => bench::median(&gathers),
+        None => floor_gather_rate(a.dev.device, be, a.floor_table_mib)?,
+    };
+    let gemm_rate = bench::median(&gemms);
+    let r = r.with_rates(gather, gemm_rate);
     println!("# ember bench dlrm: bench model (8 x 1M x 64, L 20; bottom 13-512-256-64, dot, top 512-256-1), batch {}, backend {}", r.batch, r.backend);
     println!(
-        "# floor = embedding floor (U {:.0}: {:.1} MB at the 2-thread 256-byte gather rate, {:.2} GB/s) + {:.2} GFLOP of MLP GEMMs at {:.1} GFLOP/s (ember bench gemm --batch-size {}, this run)",
+        "# floor = embedding floor (U {:.0}: {:.1} MB at the 2-thread 256-byte gather rate, {:.2} GB/s) + {:.2} GFLOP of MLP GEMMs at {:.1} GFLOP/s (ember bench gemm --batch-size {}); both rates medians of samples taken after each timed step",
         r.unique_rows,
         r.embedding_floor_bytes / 1e6,
         r.gather_gb_per_s.unwrap_or(f64::NAN),
         r.dense_flops / 1e9,
-        g.gflops,
+        gemm_rate,
         r.batch
     );
     println!("{:>12} {:>14} {:>10} {:>12}", "ms/step", "samples/s", "floor ms", "step/floor");

@@ -388,7 +388,7 @@ fn measure(a: &DataArgs, grid: Option<Grid>, model: &ModelConfig, dir: &Path) ->
 
 
     // What a training step consumes.
-    let dlrm = ember_engine::bench::dlrm(&ember_engine::backend::Cpu::new(), 4096, 3, 1, None, 1)?;
+    let dlrm = ember_engine::bench::dlrm(&ember_engine::backend::Cpu::new(), 4096, 3, 1, None, 1, &mut || Ok(()))?;
     let gpu = gpu_figure();
 
     println!("# ember bench data: {n} synthetic Criteo samples (13 dense, 26 one-hot; multi-hot: {mh_n} DLRMv2 samples), batch {bsz}, one thread per path, median of {it}");
