@@ -119,14 +119,20 @@ unsafe fn reduce_host<T: Reducible>(parts: *const u8, n: usize, len: usize, out:
 }
 
 impl<T: Pod> Memory for Host<T> {
-    type Scratch = Vec<T>;
+    /// Left uninitialised: the collectives write every scratch byte (a receive or a copy)
+    /// before they read it, so zeroing it first would be a wasted pass over memory.
+    type Scratch = Vec<std::mem::MaybeUninit<T>>;
     fn direct(&self) -> bool {
         false
     }
-    fn scratch(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::zeroed(); len / std::mem::size_of::<T>()])
+    fn scratch(&self, len: usize) -> Result<Self::Scratch> {
+        let mut v = Vec::new();
+        let n = len / std::mem::size_of::<T>();
+        v.try_reserve_exact(n).map_err(|_| Error::usage("collective", format!("no memory for {len} bytes of scratch")))?;
+        v.resize_with(n, std::mem::MaybeUninit::uninit);
+        Ok(v)
     }
-    fn base(&self, s: &mut Vec<T>) -> *mut u8 {
+    fn base(&self, s: &mut Self::Scratch) -> *mut u8 {
         s.as_mut_ptr() as *mut u8
     }
     unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> Result<()> {
@@ -430,15 +436,26 @@ pub(crate) unsafe fn reduce_scatter_v_in<M: Memory>(g: &Group, seq: u64, mem: &M
 /// all-gather: half the synchronous rounds where latency, not bandwidth, bounds them.
 const SMALL_ALL_REDUCE: usize = 32 << 10;
 
+/// The segment of a large all-reduce's reduce-scatter, bytes: each round moves one segment of
+/// every chunk, so the n contributions a rank reduces are still in its cache when it reduces
+/// them, and the next segment travels while it does.
+const SEGMENT: usize = 256 << 10;
+
 /// All-reduce in place of `count` elements of `elem` bytes at `buf`, in memory `mem`:
 /// reduce-scatter of even chunks (whole elements), then all-gather; small ones in one round
 /// ([`SMALL_ALL_REDUCE`]).
+///
+/// The reduce-scatter runs in rounds of one [`SEGMENT`] per chunk (host memory; memory the CPU
+/// must not touch in one round, its hooks being kernel launches), double-buffered: the next
+/// round's receives are posted and its sends started before this round's segment is reduced.
+/// Each chunk's owner reduces its segment straight into its own chunk of `buf`, which the
+/// all-gather then sends from: no chunk-sized scratch, no copy of the result.
 ///
 /// # Safety
 /// `buf` holds `count · elem` bytes of `mem`'s kind, valid and untouched by others until this returns.
 pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf: *mut u8, count: usize, elem: usize) -> Result<()> {
     const OP: &str = "all_reduce";
-    let n = g.n();
+    let (n, me) = (g.n(), g.me);
     if n == 1 {
         return Ok(()); // Mean over one rank is the identity too.
     }
@@ -461,17 +478,74 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
         }
     }
     let o = scaled(OP, &offsets(OP, "chunk", &even_counts(count, n))?, elem)?;
-    let mut mine = mem.scratch(o[g.me + 1] - o[g.me])?;
-    let mp = mem.base(&mut mine);
-    // SAFETY: o is the byte prefix sum of n chunks of `count` elements of `elem` bytes, so
-    // o[n] = count·elem: the bytes the caller guarantees at `buf` (this function's contract),
-    // valid and untouched by others until this returns. `mine` is scratch of this memory's kind
-    // holding this rank's chunk (o[me+1] - o[me] bytes), alive until the end of this function
-    // and disjoint from `buf`; it is unchanged during the gather that reads it.
-    unsafe {
-        reduce_scatter_bytes(g, seq, 0, OP, mem, buf, &o, mp)?;
-        gather_bytes(g, seq, 1, OP, mem, mp, &o, buf)
+    let largest = (0..n).map(|p| o[p + 1] - o[p]).max().unwrap_or(0);
+    // Whole elements per segment; one segment per chunk for memory the CPU must not touch.
+    let seg = if mem.direct() { largest } else { (SEGMENT / elem).max(1) * elem }.max(1);
+    let rounds = largest.div_ceil(seg);
+    // Segment k of chunk q: (offset in `buf`, length).
+    let part = |q: usize, k: usize| {
+        let at = (k * seg).min(o[q + 1] - o[q]);
+        (o[q] + at, (o[q + 1] - o[q] - at).min(seg))
+    };
+    let slots = n.checked_mul(seg).and_then(|x| x.checked_mul(rounds.min(2))).filter(|&t| t <= isize::MAX as usize);
+    let slots = slots.ok_or_else(|| Error::usage(OP, format!("{n} contributions of {seg} bytes overflow")))?;
+    let mut scratch = mem.scratch(slots)?;
+    let sb = mem.base(&mut scratch);
+    // Round k: post this rank's segment k from every peer into slot set k % 2, send every
+    // peer its segment k. Tag rounds 1.. (the all-gather is round 0).
+    let start = |k: usize| -> Result<Round<'_>> {
+        let round = u32::try_from(k + 1).map_err(|_| Error::usage(OP, format!("{rounds} segments exceed the round numbers")))?;
+        let mut r = Round::new(g, seq, round, OP, mem.direct());
+        let (_, len) = part(me, k);
+        let set = (k % 2) * n * seg;
+        // SAFETY: slot p of set k % 2 lies at set + p·len..+len <= (k % 2 + 1)·n·seg, inside
+        // `scratch` (n·seg bytes per set, min(rounds, 2) sets); segment k of chunk p lies
+        // inside chunk p of `buf` (`part`), which holds o[n] bytes (this function's contract).
+        // Both outlive the round, finished or dropped before this function returns.
+        unsafe {
+            if len > 0 {
+                for i in 1..n {
+                    let p = (me + n - i) % n;
+                    r.post(p, sb.add(set + p * len), len)?;
+                }
+            }
+            for i in 1..n {
+                let p = (me + i) % n;
+                let (at, l) = part(p, k);
+                if l > 0 {
+                    r.send(p, buf.add(at), l)?;
+                }
+            }
+        }
+        Ok(r)
+    };
+    let mut cur = if rounds > 0 { Some(start(0)?) } else { None };
+    for k in 0..rounds {
+        let next = if k + 1 < rounds { Some(start(k + 1)?) } else { None };
+        if let Some(r) = cur.take() {
+            r.finish()?;
+        }
+        let (at, len) = part(me, k);
+        if len > 0 {
+            let set = (k % 2) * n * seg;
+            // SAFETY: this rank's own segment (inside its chunk of `buf`) goes to its slot of
+            // set k % 2 (inside `scratch`, as in `start`), whose other n - 1 slots the finished
+            // round filled; the n slots of `len` bytes are then reduced in rank order into the
+            // segment itself, which no peer reads or writes during the reduce-scatter (peers
+            // are sent only their own chunks), and which is disjoint from `scratch`.
+            unsafe {
+                mem.copy(buf.add(at), sb.add(set + me * len), len)?;
+                mem.reduce(sb.add(set), n, len, buf.add(at))?;
+            }
+        }
+        cur = next;
     }
+    drop(scratch);
+    // SAFETY: o is the byte prefix sum of the chunks, o[n] = count·elem: the bytes at `buf`
+    // (this function's contract). This rank's reduced chunk is at o[me] inside it, where the
+    // gather's own block goes (so `gather_bytes` skips that copy), and it is not written while
+    // the peers read it; every other chunk is only written.
+    unsafe { gather_bytes(g, seq, 0, OP, mem, buf.add(o[me]), &o, buf) }
 }
 
 /// Reduce-scatter: `data` holds every rank's chunk (byte offsets `o`); `out` receives this rank's
@@ -516,11 +590,12 @@ unsafe fn reduce_scatter_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_na
 }
 
 /// All-gather of byte blocks: this rank's `o[me+1] - o[me]` bytes at `send` go to offset
-/// `o[p]` of every rank p's `recv`; `mem` copies this rank's block first (it is never posted).
+/// `o[p]` of every rank p's `recv`; `mem` copies this rank's block first (it is never posted),
+/// unless `send` is already that block of `recv` (an in-place gather).
 ///
 /// # Safety
 /// `recv` holds `o[n]` bytes and `send` this rank's block, of `mem`'s kind; both valid (and
-/// `send` unchanged) until this returns.
+/// `send` unchanged) until this returns. `send` either is `recv + o[me]` or does not overlap `recv`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gather_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'static str, mem: &M, send: *const u8, o: &[usize], recv: *mut u8) -> Result<()> {
     let (n, me) = (g.n(), g.me);
@@ -528,10 +603,12 @@ unsafe fn gather_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'st
     let mut r = Round::new(g, seq, round, op_name, mem.direct());
     // SAFETY: the caller guarantees (this function's contract) `recv` holds o[n] bytes, so block p
     // at o[p]..o[p+1] lies inside it, and `send` this rank's `mine` bytes, unchanged while `recv`
-    // is written (so the own-block copy's ranges do not overlap). Both stay valid until this
-    // returns, after `r` is finished or dropped.
+    // is written (so the own-block copy's ranges do not overlap, or the copy is skipped when
+    // `send` is that block). Both stay valid until this returns, after `r` is finished or dropped.
     unsafe {
-        mem.copy(send, recv.add(o[me]), mine)?;
+        if send != recv.add(o[me]) as *const u8 {
+            mem.copy(send, recv.add(o[me]), mine)?;
+        }
         for i in 1..n {
             let p = (me + n - i) % n;
             r.post(p, recv.add(o[p]), o[p + 1] - o[p])?;

@@ -86,17 +86,22 @@ fn all_reduce_every_backend() {
         }
         allreduce_case(b, 3, false, 2); // fewer elements than ranks: empty chunks
         allreduce_case(b, 5, true, 333);
+        // Chunks of several 256 KiB segments: 3 ranks × 131 074 or 131 073 elements (f64: 4
+        // segments, the last short; f32: 2 and a short one); 2 ranks × exactly 2 segments of f32.
+        allreduce_case(b, 3, false, 393_221);
+        allreduce_case(b, 2, true, 2 * 2 * 65_536);
     }
 }
 
 #[test]
 fn all_reduce_is_bitwise_identical_on_every_rank() {
     // Non-integer values whose sum depends on order: all ranks must still agree bit for bit,
-    // and equal the rank-order sum. Both forms: one round (small) and reduce-scatter +
-    // all-gather (20 000 f32s from each of 5 ranks).
+    // and equal the rank-order sum. Every form: one round (small), reduce-scatter + all-gather
+    // in one segment (20 000 f32s from each of 5 ranks), and in several segments (300 007: 5
+    // chunks of 60 002 or 60 001 f32s, each a 256 KiB segment and a short one), on every backend.
     let n = 5;
-    for len in [257usize, 20_000] {
-        let out = run("local", n, move |c| {
+    for (b, len) in [("local", 257usize), ("local", 20_000)].into_iter().chain(BACKENDS.iter().map(|&b| (b, 300_007))) {
+        let out = run(b, n, move |c| {
             let r = c.rank();
             let mut v: Vec<f32> = (0..len).map(|i| 1.0 / (1.0 + (r * 257 + i) as f32) * 1e3f32.powi(r as i32 % 3)).collect();
             c.all_reduce(&mut v, ReduceOp::Mean).unwrap();
