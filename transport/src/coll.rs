@@ -12,7 +12,7 @@
 //! [`Memory`]; a new transport implements `Fabric`; neither touches the algorithms.
 use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
-use crate::reduce::{add_into, mean_f32_in_f64, ReduceOp, Reducible};
+use crate::reduce::{add_into, ReduceOp, Reducible};
 use bytemuck::Pod;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +42,22 @@ pub trait Memory {
     /// # Safety
     /// `parts..+n·len` is readable and `out..+len` writable memory of this kind; they do not overlap.
     unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> Result<()>;
+    /// [`Memory::reduce`] where contribution `own` is not at `parts + own·len` but is `out`
+    /// itself: `out` becomes the reduction of the n contributions, in rank order, in place. The
+    /// default copies `out` into that slot and reduces; a memory whose reduction can read `out`
+    /// element by element before writing it overrides it and saves the copy.
+    ///
+    /// # Safety
+    /// `parts..+n·len` is writable and `out..+len` writable memory of this kind; they do not
+    /// overlap; `own < n`.
+    unsafe fn reduce_in_place(&self, parts: *mut u8, n: usize, len: usize, own: usize, out: *mut u8) -> Result<()> {
+        // SAFETY: slot `own` lies inside `parts..+n·len` (own < n), which does not overlap
+        // `out..+len` (this function's contract): `copy`'s and then `reduce`'s contracts.
+        unsafe {
+            self.copy(out, parts.add(own * len), len)?;
+            self.reduce(parts, n, len, out)
+        }
+    }
 }
 
 /// Host memory holding `T`s: the CPU copies, and reduces (where a reduction was asked for)
@@ -51,8 +67,9 @@ pub struct Host<T> {
     _t: std::marker::PhantomData<T>,
 }
 
-/// A typed host reduction: `(parts, n, len, out, op)` as in [`Memory::reduce`].
-type HostReduce = unsafe fn(*const u8, usize, usize, *mut u8, ReduceOp);
+/// A typed host reduction: `(parts, n, len, own, out, op)` as in [`Memory::reduce`], or, with
+/// `own = Some(q)`, as in [`Memory::reduce_in_place`] (contribution q is `out`).
+type HostReduce = unsafe fn(*const u8, usize, usize, Option<usize>, *mut u8, ReduceOp);
 
 impl<T: Pod> Host<T> {
     /// Host memory that collectives only move.
@@ -83,38 +100,95 @@ impl Host<f32> {
     }
 }
 
-/// [`Memory::reduce`] of host f32s as the f64-summed mean (`op` is `Mean`, set by
-/// [`Host::mean_in_f64`]).
+/// Elements a host reduction combines at a time: the n contributions' tiles and the
+/// accumulator stay in L1.
+const TILE: usize = 1024;
+
+/// The reduction of host `T`s, tile by tile: `acc` starts as contribution 0's tile, `add(acc,
+/// contribution p's tile)` for p = 1..n in rank order, `finish(acc, out tile)`. Contribution
+/// `own` (when given) is read from `out`, each tile before it is written.
 ///
 /// # Safety
-/// As [`Memory::reduce`], the blocks being whole f32s, f32-aligned.
-unsafe fn reduce_f32_mean_in_f64(parts: *const u8, n: usize, len: usize, out: *mut u8, _op: ReduceOp) {
-    let k = len / 4;
-    // SAFETY: this function's contract.
-    let (parts, out) = unsafe { (std::slice::from_raw_parts(parts as *const f32, n * k), std::slice::from_raw_parts_mut(out as *mut f32, k)) };
-    mean_f32_in_f64(parts, n, out);
+/// `parts..+n·len` (but slot `own`) and `out..+len` readable, `out..+len` writable, not
+/// overlapping, holding whole `T`s at `T`-aligned addresses; `own < n`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn reduce_tiles<T: Pod, A: Pod>(
+    parts: *const u8,
+    n: usize,
+    len: usize,
+    own: Option<usize>,
+    out: *mut u8,
+    start: impl Fn(&mut [A], &[T]),
+    add: impl Fn(&mut [A], &[T]),
+    finish: impl Fn(&[A], &mut [T]),
+) {
+    let k = len / std::mem::size_of::<T>();
+    let mut acc = [A::zeroed(); TILE];
+    let part = |p: usize, at: usize| -> *const T {
+        let base = if own == Some(p) { out as *const T } else { (parts as *const T).wrapping_add(p * k) };
+        base.wrapping_add(at)
+    };
+    let mut at = 0;
+    while at < k {
+        let m = (k - at).min(TILE);
+        let acc = &mut acc[..m];
+        // SAFETY: contribution p's elements at..at+m lie inside its k = len / size_of::<T>()
+        // elements (slot p of `parts`, or `out` for `own`), readable whole `T`s (this function's
+        // contract); each shared slice is dropped before `out`'s tile is borrowed mutably, and
+        // `out` does not overlap `parts`.
+        unsafe {
+            start(acc, std::slice::from_raw_parts(part(0, at), m));
+            for p in 1..n {
+                add(acc, std::slice::from_raw_parts(part(p, at), m));
+            }
+            finish(acc, std::slice::from_raw_parts_mut((out as *mut T).add(at), m));
+        }
+        at += m;
+    }
+}
+
+/// [`Memory::reduce`] of host f32s as the f64-summed mean (`op` is `Mean`, set by
+/// [`Host::mean_in_f64`]): bitwise [`mean_f32_in_f64`].
+///
+/// # Safety
+/// As [`reduce_tiles`], with `T = f32`.
+unsafe fn reduce_f32_mean_in_f64(parts: *const u8, n: usize, len: usize, own: Option<usize>, out: *mut u8, _op: ReduceOp) {
+    // SAFETY: this function's contract is `reduce_tiles`'s.
+    unsafe {
+        reduce_tiles::<f32, f64>(
+            parts,
+            n,
+            len,
+            own,
+            out,
+            |a, x| a.iter_mut().zip(x).for_each(|(a, &x)| *a = x as f64),
+            |a, x| a.iter_mut().zip(x).for_each(|(a, &x)| *a += x as f64),
+            |a, o| o.iter_mut().zip(a).for_each(|(o, &a)| *o = (a / n as f64) as f32),
+        )
+    }
 }
 
 /// [`Memory::reduce`] on host `T`s: the first contribution, plus each next one in rank order,
 /// then divided by n for `Mean`.
 ///
 /// # Safety
-/// As [`Memory::reduce`], the blocks being whole `T`s, `T`-aligned.
-unsafe fn reduce_host<T: Reducible>(parts: *const u8, n: usize, len: usize, out: *mut u8, op: ReduceOp) {
-    let k = len / std::mem::size_of::<T>();
-    // SAFETY: the caller guarantees (this function's contract) `parts..+n·len` readable and
-    // `out..+len` writable, not overlapping, holding whole `T`s at `T`-aligned addresses; the
-    // slices cover n·k and k `T`s with k·size_of::<T>() <= len, so they lie inside those ranges,
-    // and any bytes are valid `T`s (`Reducible: Pod`).
-    let (parts, out) = unsafe { (std::slice::from_raw_parts(parts as *const T, n * k), std::slice::from_raw_parts_mut(out as *mut T, k)) };
-    out.copy_from_slice(&parts[..k]);
-    for p in 1..n {
-        add_into(out, &parts[p * k..(p + 1) * k]);
-    }
-    if op == ReduceOp::Mean {
-        for x in out.iter_mut() {
-            *x = x.div_n(n);
-        }
+/// As [`reduce_tiles`].
+unsafe fn reduce_host<T: Reducible>(parts: *const u8, n: usize, len: usize, own: Option<usize>, out: *mut u8, op: ReduceOp) {
+    // SAFETY: this function's contract is `reduce_tiles`'s.
+    unsafe {
+        reduce_tiles::<T, T>(
+            parts,
+            n,
+            len,
+            own,
+            out,
+            |a, x| a.copy_from_slice(x),
+            |a, x| add_into(a, x),
+            |a, o| match op {
+                ReduceOp::Mean => o.iter_mut().zip(a).for_each(|(o, &a)| *o = a.div_n(n)),
+                ReduceOp::Sum => o.copy_from_slice(a),
+            },
+        )
     }
 }
 
@@ -143,11 +217,18 @@ impl<T: Pod> Memory for Host<T> {
     }
     unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> Result<()> {
         let (op, f) = self.reduce.ok_or_else(|| Error::usage("collective", "host memory without a reduction".to_string()))?;
-        // SAFETY: `f` is `reduce_host::<T>` (set by `reducing`, the only constructor with a
-        // reduction); the caller guarantees (`Memory::reduce`'s contract) `parts..+n·len`
-        // readable and `out..+len` writable, not overlapping, of this memory's kind: host memory
-        // holding `T`s, so whole `T`-aligned `T`s, as `reduce_host` requires.
-        unsafe { f(parts, n, len, out, op) };
+        // SAFETY: `f` is `reduce_host::<T>` or, for f32, `reduce_f32_mean_in_f64` (set by the
+        // constructors with a reduction); the caller guarantees (`Memory::reduce`'s contract)
+        // `parts..+n·len` readable and `out..+len` writable, not overlapping, of this memory's
+        // kind: host memory holding `T`s, so whole `T`-aligned `T`s, as `reduce_tiles` requires.
+        unsafe { f(parts, n, len, None, out, op) };
+        Ok(())
+    }
+    unsafe fn reduce_in_place(&self, parts: *mut u8, n: usize, len: usize, own: usize, out: *mut u8) -> Result<()> {
+        let (op, f) = self.reduce.ok_or_else(|| Error::usage("collective", "host memory without a reduction".to_string()))?;
+        // SAFETY: as in `reduce`, with contribution `own` (< n, this function's contract) read
+        // from `out`, readable and writable host `T`s not overlapping `parts`.
+        unsafe { f(parts, n, len, Some(own), out, op) };
         Ok(())
     }
 }
@@ -528,15 +609,12 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
         let (at, len) = part(me, k);
         if len > 0 {
             let set = (k % 2) * n * seg;
-            // SAFETY: this rank's own segment (inside its chunk of `buf`) goes to its slot of
-            // set k % 2 (inside `scratch`, as in `start`), whose other n - 1 slots the finished
-            // round filled; the n slots of `len` bytes are then reduced in rank order into the
-            // segment itself, which no peer reads or writes during the reduce-scatter (peers
-            // are sent only their own chunks), and which is disjoint from `scratch`.
-            unsafe {
-                mem.copy(buf.add(at), sb.add(set + me * len), len)?;
-                mem.reduce(sb.add(set), n, len, buf.add(at))?;
-            }
+            // SAFETY: set k % 2 of `scratch` holds n slots of `len` bytes (as in `start`), the
+            // other n - 1 filled by the finished round; this rank's own contribution is the
+            // segment itself (inside its chunk of `buf`), reduced in place: no peer reads or
+            // writes it during the reduce-scatter (peers are sent only their own chunks), and it
+            // is disjoint from `scratch`.
+            unsafe { mem.reduce_in_place(sb.add(set), n, len, me, buf.add(at))? };
         }
         cur = next;
     }

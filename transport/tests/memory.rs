@@ -185,7 +185,9 @@ fn device_memory_needs_the_ranks_direct_copy_and_its_failure_is_reported() {
 #[test]
 fn host_f32_mean_summed_in_f64_equals_the_f64_mean_rounded_once() {
     for n in 1..=5 {
-        for len in [0usize, 1, 7, 1023, 1025, 5000] {
+        // 5000: one round for 2 ranks, one segment per chunk for more; 200 003: chunks of
+        // several 256 KiB segments, the last one short, reduced in place.
+        for len in [0usize, 1, 7, 1023, 1025, 5000, 200_003] {
             let out = run("local", n, move |c| {
                 let r = c.rank();
                 let v: Vec<f32> = (0..len).map(|i| if i == 3 { -0.0 } else { x(r, i) }).collect();
