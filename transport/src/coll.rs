@@ -560,8 +560,9 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
     }
     let o = scaled(OP, &offsets(OP, "chunk", &even_counts(count, n))?, elem)?;
     let largest = (0..n).map(|p| o[p + 1] - o[p]).max().unwrap_or(0);
-    // Whole elements per segment; one segment per chunk for memory the CPU must not touch.
-    let seg = if mem.direct() { largest } else { (SEGMENT / elem).max(1) * elem }.max(1);
+    // Whole elements per segment, no longer than the largest chunk (the scratch is sized by
+    // it); one segment per chunk for memory the CPU must not touch.
+    let seg = if mem.direct() { largest } else { ((SEGMENT / elem).max(1) * elem).min(largest) }.max(1);
     let rounds = largest.div_ceil(seg);
     // Segment k of chunk q: (offset in `buf`, length).
     let part = |q: usize, k: usize| {
