@@ -123,7 +123,15 @@ unsafe fn reduce_tiles<T: Pod, A: Pod>(
     finish: impl Fn(&[A], &mut [T]),
 ) {
     let k = len / std::mem::size_of::<T>();
-    let mut acc = [A::zeroed(); TILE];
+    // Only the first min(k, TILE) accumulators are ever used: a small reduction does not
+    // clear the whole tile.
+    let mut tile = [std::mem::MaybeUninit::<A>::uninit(); TILE];
+    let used = &mut tile[..k.min(TILE)];
+    used.iter_mut().for_each(|a| {
+        a.write(A::zeroed());
+    });
+    // SAFETY: every element of `used` was just initialised, and `MaybeUninit<A>` has `A`'s layout.
+    let acc: &mut [A] = unsafe { std::slice::from_raw_parts_mut(used.as_mut_ptr() as *mut A, used.len()) };
     let part = |p: usize, at: usize| -> *const T {
         let base = if own == Some(p) { out as *const T } else { (parts as *const T).wrapping_add(p * k) };
         base.wrapping_add(at)

@@ -196,7 +196,7 @@ impl ShmFabric {
             probes,
             rx,
             tx,
-            drain: Mutex::new(Drain { tails: vec![0; n], last_liveness: Instant::now() }),
+            drain: Mutex::new(Drain { tails: vec![0; n], last_liveness: Instant::now(), polls: 0 }),
             pending: Mutex::new(Vec::new()),
             txa,
             adv: Mutex::new(AdvTable::new(n)),

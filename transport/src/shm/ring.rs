@@ -118,6 +118,8 @@ pub(super) struct Producer {
 pub(super) struct Drain {
     pub(super) tails: Vec<u64>,
     pub(super) last_liveness: Instant,
+    /// Polls so far (the liveness check reads the clock every 64th).
+    pub(super) polls: u32,
 }
 
 impl ShmFabric {
