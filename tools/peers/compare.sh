@@ -7,7 +7,7 @@
 # JSON line per run to OUT; summarize.py prints the medians over rounds.
 #
 #   tools/peers/compare.sh OUT.jsonl [NAME=EMBER_BINARY ...]
-#   (default binary: new=target/release/ember)
+#   (default binary: new=target/release/ember; PARTS="embedding dlrm" by default, or one of them)
 #
 # The peers skip cleanly (a note, no rows) when their venv cannot be made (tools/peers/setup.sh).
 set -uo pipefail
@@ -20,7 +20,9 @@ py=$(bash tools/peers/setup.sh 2>/dev/null | tail -n1) || py=""
 [[ -x "$py" ]] || echo "# peers: skipped (tools/peers/setup.sh could not make the venv)" >&2
 load() { cut -d' ' -f1 /proc/loadavg; }
 tag() { python3 -c "import json,sys; d=json.loads(sys.stdin.read().strip().splitlines()[-1]); d.update(json.loads(sys.argv[1])); print(json.dumps(d))" "$1"; }
+parts=${PARTS:-embedding dlrm}
 for ids in uniform zipf; do
+  [[ " $parts " == *" embedding "* ]] || break
   z=(); [[ $ids == zipf ]] && z=(--zipf)
   for nb in "${bins[@]}"; do
     name=${nb%%=*}; bin=${nb#*=}
@@ -43,6 +45,7 @@ print(g[-1] if g else '')" "$out" "$ids")
 done
 # DLRM: `ember bench dlrm` (global batch 4096) beside TorchRec's DLRM of the same model
 # (tools/peers/dlrm.py), as 1 rank x 2 threads and as 2 ranks x 1 thread (torch.distributed.run).
+[[ " $parts " == *" dlrm "* ]] || { tail -n +1 "$out" | wc -l | xargs echo "# $out: lines"; exit 0; }
 for nb in "${bins[@]}"; do
   name=${nb%%=*}; bin=${nb#*=}
   l=$(load)

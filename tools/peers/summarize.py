@@ -36,10 +36,21 @@ def main():
 
 
 def dlrm(runs):
-    """The DLRM rows: samples/s medians (min–max) per who, Ember's step over its floor."""
+    """The DLRM rows: samples/s medians (min–max) per who, and each one's step over the floor
+    (a peer's step over the floor of its round's first Ember run: a round is the Ember runs and
+    then the peers, as compare.sh appends them)."""
     rows = [r for r in runs if r["ids"] == "dlrm"]
     if not rows:
         return
+    floor, peer_seen = None, True
+    for r in rows:
+        if r.get("floor_ms"):
+            if peer_seen:
+                floor, peer_seen = r["floor_ms"], False
+        elif r.get("samples_per_s"):
+            peer_seen = True
+            if floor:
+                r["step_over_floor"] = 4096 / r["samples_per_s"] * 1e3 / floor
     print()
     print("| DLRM, global batch 4096 | rounds | samples/s | step / floor | 1-min load at start |")
     print("|---|---|---|---|---|")

@@ -156,7 +156,7 @@ unsafe fn reduce_tiles<T: Pod, A: Pod>(
 }
 
 /// [`Memory::reduce`] of host f32s as the f64-summed mean (`op` is `Mean`, set by
-/// [`Host::mean_in_f64`]): bitwise [`mean_f32_in_f64`].
+/// [`Host::mean_in_f64`]): bitwise [`mean_f32_in_f64`](crate::reduce::mean_f32_in_f64).
 ///
 /// # Safety
 /// As [`reduce_tiles`], with `T = f32`.
