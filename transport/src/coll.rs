@@ -693,7 +693,7 @@ unsafe fn gather_bytes<M: Memory>(g: &Group, seq: u64, round: u32, op_name: &'st
     // is written (so the own-block copy's ranges do not overlap, or the copy is skipped when
     // `send` is that block). Both stay valid until this returns, after `r` is finished or dropped.
     unsafe {
-        if send != recv.add(o[me]) as *const u8 {
+        if !std::ptr::eq(send, recv.add(o[me])) {
             mem.copy(send, recv.add(o[me]), mine)?;
         }
         for i in 1..n {

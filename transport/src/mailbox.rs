@@ -379,7 +379,7 @@ impl Mailbox {
                 return Err(e.clone().with_op(w.op));
             }
             passes = passes.wrapping_add(1);
-            if spinning && passes % CLOCK_EVERY != 0 && !spin_for.is_zero() {
+            if spinning && !passes.is_multiple_of(CLOCK_EVERY) && !spin_for.is_zero() {
                 drop(t);
                 std::hint::spin_loop();
                 continue;

@@ -35,7 +35,7 @@ impl ShmFabric {
         let mut died = Vec::new();
         // The clock is read every 64th poll only (a poll without news costs about one read).
         d.polls = d.polls.wrapping_add(1);
-        if d.polls % 64 == 0 && d.last_liveness.elapsed() > Duration::from_millis(5) {
+        if d.polls.is_multiple_of(64) && d.last_liveness.elapsed() > Duration::from_millis(5) {
             d.last_liveness = Instant::now();
             for (r, &pid) in self.pids.iter().enumerate() {
                 if r != self.rank && pid != std::process::id() && !alive(pid) {
