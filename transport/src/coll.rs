@@ -530,6 +530,36 @@ const SMALL_ALL_REDUCE: usize = 32 << 10;
 /// them, and the next segment travels while it does.
 const SEGMENT: usize = 256 << 10;
 
+/// A large all-reduce's segment, bytes, when its largest chunk is `largest` bytes of `elem`-byte
+/// elements: whole elements, at most [`SEGMENT`] and at most the chunk (the scratch is sized by
+/// it); the whole chunk for memory the CPU must not touch (`direct`: its copies and sums are
+/// kernel launches).
+fn segment_bytes(largest: usize, elem: usize, direct: bool) -> usize {
+    if direct { largest } else { ((SEGMENT / elem).max(1) * elem).min(largest) }.max(1)
+}
+
+/// The scratch of a segmented all-reduce: two sets (one when there is one round) of n segments.
+fn segmented_scratch(n: usize, seg: usize, rounds: usize) -> Option<usize> {
+    n.checked_mul(seg)?.checked_mul(rounds.min(2)).filter(|&t| t <= isize::MAX as usize)
+}
+
+/// Bytes of scratch [`Comm::all_reduce_in`](crate::Comm::all_reduce_in) (and so
+/// `Comm::all_reduce`) allocates for `count` elements of `elem` bytes over `n` ranks, in host
+/// memory (`direct` false) or in memory the CPU must not touch (`direct` true), besides the
+/// buffer itself: for memory planners. `None` when the sizes overflow.
+pub fn all_reduce_scratch_bytes(count: usize, elem: usize, n: usize, direct: bool) -> Option<usize> {
+    if n <= 1 {
+        return Some(0);
+    }
+    let bytes = count.checked_mul(elem)?;
+    if (n - 1).saturating_mul(bytes) <= SMALL_ALL_REDUCE {
+        return n.checked_mul(bytes);
+    }
+    let largest = count.div_ceil(n).checked_mul(elem)?;
+    let seg = segment_bytes(largest, elem, direct);
+    segmented_scratch(n, seg, largest.div_ceil(seg))
+}
+
 /// All-reduce in place of `count` elements of `elem` bytes at `buf`, in memory `mem`:
 /// reduce-scatter of even chunks (whole elements), then all-gather; small ones in one round
 /// ([`SMALL_ALL_REDUCE`]).
@@ -568,17 +598,14 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
     }
     let o = scaled(OP, &offsets(OP, "chunk", &even_counts(count, n))?, elem)?;
     let largest = (0..n).map(|p| o[p + 1] - o[p]).max().unwrap_or(0);
-    // Whole elements per segment, no longer than the largest chunk (the scratch is sized by
-    // it); one segment per chunk for memory the CPU must not touch.
-    let seg = if mem.direct() { largest } else { ((SEGMENT / elem).max(1) * elem).min(largest) }.max(1);
+    let seg = segment_bytes(largest, elem, mem.direct());
     let rounds = largest.div_ceil(seg);
     // Segment k of chunk q: (offset in `buf`, length).
     let part = |q: usize, k: usize| {
         let at = (k * seg).min(o[q + 1] - o[q]);
         (o[q] + at, (o[q + 1] - o[q] - at).min(seg))
     };
-    let slots = n.checked_mul(seg).and_then(|x| x.checked_mul(rounds.min(2))).filter(|&t| t <= isize::MAX as usize);
-    let slots = slots.ok_or_else(|| Error::usage(OP, format!("{n} contributions of {seg} bytes overflow")))?;
+    let slots = segmented_scratch(n, seg, rounds).ok_or_else(|| Error::usage(OP, format!("{n} contributions of {seg} bytes overflow")))?;
     let mut scratch = mem.scratch(slots)?;
     let sb = mem.base(&mut scratch);
     // Round k: post this rank's segment k from every peer into slot set k % 2, send every

@@ -54,7 +54,7 @@ pub mod wire {
     }
 }
 
-pub use coll::{Host, Memory};
+pub use coll::{all_reduce_scratch_bytes, Host, Memory};
 pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT};
 pub use bootstrap::{JoinConfig, Rendezvous, Transport};
 pub use error::{Error, Result};

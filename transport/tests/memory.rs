@@ -80,7 +80,8 @@ fn peers(n: usize, f: impl Fn(Comm) -> Vec<Vec<f32>> + Send + Sync + 'static) ->
 #[test]
 fn all_reduce_in_device_memory_equals_the_host_collective_and_the_references() {
     for n in 1..=5 {
-        for len in [0usize, 1, 7, 1000, 4099] {
+        // 100 003: host memory in several segments, device memory in one, reduced in place.
+        for len in [0usize, 1, 7, 1000, 4099, 100_003] {
             let out = peers(n, move |c| {
                 let r = c.rank();
                 let v: Vec<f32> = (0..len).map(|i| x(r, i)).collect();
@@ -205,6 +206,69 @@ fn host_f32_mean_summed_in_f64_equals_the_f64_mean_rounded_once() {
             if len > 3 {
                 assert_eq!(out[0][1][3].to_bits(), (-0.0f32).to_bits(), "n={n}: -0.0 averaged must stay -0.0");
             }
+        }
+    }
+}
+
+/// A memory that records the scratch it hands out, around another.
+struct Counted<M>(M, std::sync::Mutex<Vec<usize>>);
+
+impl<M: Memory> Memory for Counted<M> {
+    type Scratch = M::Scratch;
+    fn direct(&self) -> bool {
+        self.0.direct()
+    }
+    fn scratch(&self, len: usize) -> ember_transport::Result<M::Scratch> {
+        self.1.lock().unwrap().push(len);
+        self.0.scratch(len)
+    }
+    fn base(&self, s: &mut M::Scratch) -> *mut u8 {
+        self.0.base(s)
+    }
+    unsafe fn copy(&self, src: *const u8, dst: *mut u8, len: usize) -> ember_transport::Result<()> {
+        // SAFETY: the caller's `Memory::copy` contract, passed on.
+        unsafe { self.0.copy(src, dst, len) }
+    }
+    unsafe fn reduce(&self, parts: *const u8, n: usize, len: usize, out: *mut u8) -> ember_transport::Result<()> {
+        // SAFETY: the caller's `Memory::reduce` contract, passed on.
+        unsafe { self.0.reduce(parts, n, len, out) }
+    }
+    unsafe fn reduce_in_place(&self, parts: *mut u8, n: usize, len: usize, own: usize, out: *mut u8) -> ember_transport::Result<()> {
+        // SAFETY: the caller's `Memory::reduce_in_place` contract, passed on.
+        unsafe { self.0.reduce_in_place(parts, n, len, own, out) }
+    }
+}
+
+/// The scratch figure memory planners read (`all_reduce_scratch_bytes`) is what an all-reduce
+/// allocates, in host memory and in device memory: one round (small), one segment per chunk,
+/// several segments, fewer elements than ranks.
+#[test]
+fn all_reduce_scratch_bytes_is_what_the_all_reduce_allocates() {
+    for n in 1..=5 {
+        for len in [0usize, 1, 3, 2049, 8193, 65_537, 200_003] {
+            let out = peers(n, move |c| {
+                let r = c.rank();
+                let v: Vec<f32> = (0..len).map(|i| x(r, i)).collect();
+                let (mut host, mut dev) = (v.clone(), v);
+                let h = Counted(ember_transport::Host::<f32>::reducing(ReduceOp::Sum), Default::default());
+                let d = Counted(Dev(Acc::F32Sum), Default::default());
+                // SAFETY: each buffer holds `len` f32s, borrowed mutably for the call.
+                unsafe {
+                    c.all_reduce_in(&h, host.as_mut_ptr() as u64, len, 4).unwrap();
+                    c.all_reduce_in(&d, dev.as_mut_ptr() as u64, len, 4).unwrap();
+                }
+                // Byte counts as f32s (exact: below 2^24), to travel with the buffers.
+                let took = |m: &std::sync::Mutex<Vec<usize>>| m.lock().unwrap().iter().map(|&b| b as f32).collect::<Vec<f32>>();
+                vec![took(&h.1), took(&d.1), host, dev]
+            });
+            for (direct, i) in [(false, 0), (true, 1)] {
+                let want = ember_transport::all_reduce_scratch_bytes(len, 4, n, direct).unwrap();
+                let got: Vec<f32> = out[0][i].clone();
+                let total: f32 = got.iter().sum();
+                assert_eq!(total as usize, want, "n={n} len={len} direct={direct}: allocated {got:?}");
+                assert!(got.len() <= 1, "n={n} len={len} direct={direct}: one scratch per call, got {got:?}");
+            }
+            assert_eq!(bits(&out[0][2]), bits(&out[0][3]), "n={n} len={len}: host and device sums");
         }
     }
 }

@@ -21,6 +21,13 @@ pub const STEP_SPREAD: f64 = 1.05;
 const MISC_BYTES: f64 = 64.0 * 1024.0;
 const MISC_PER_SHARD: f64 = 256.0;
 
+/// Host scratch of the transport's all-reduce of `bytes` bytes of f32s over `ranks` ranks (as
+/// the transport computes it for itself).
+fn all_reduce_scratch(bytes: f64, ranks: usize) -> f64 {
+    let count = (bytes / F32).ceil() as usize;
+    ember_transport::all_reduce_scratch_bytes(count, 4, ranks, false).map_or(f64::INFINITY, |s| s as f64)
+}
+
 /// Bytes a matrix product of the dense network may pack its operands into (at most its
 /// largest operand: a layer's weights, or b rows of its widest side).
 fn gemm_packing(model: &ModelConfig, b: f64) -> f64 {
@@ -102,10 +109,9 @@ pub(super) fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], 
     let sums: f64 = trw.iter().map(|t| t.served_by(r).len() as f64 * b * d * F32).sum();
     let part = trw.iter().filter(|t| t.holders.len() > 1).map(|t| t.served_by(r).len() as f64 * b * d * F32).fold(0.0, f64::max);
     let dense_x = b * model.num_dense as f64 * F32;
-    // The dense all-reduce in flight: its buffer, the transport's chunk and scratch.
+    // The dense all-reduce in flight: its buffer and the transport's scratch.
     let p4 = dense_params(model) as f64 * F32;
-    let world = (ctx.m * n) as f64;
-    let ar = if world > 1.0 { p4 * (2.0 + 1.0 / world) } else { p4 };
+    let ar = p4 + all_reduce_scratch(p4, ctx.m * n);
     let scaled = nt * b * d * F32;
     let gmats = outs;
     let send_g = b * pw_tables * d * F32;
@@ -171,7 +177,8 @@ pub(super) fn rank_memory(ctx: &Ctx, plan: &Plan, r: usize, slots: &[SlotInfo], 
         let index = if ctx.opts.full_sync { rows_list } else { (msg + m * msg).max(m * msg + rows_list) };
         // Averaging a chunk: the rows lists, a chunk's row ids on the backend, the packed chunk and
         // the all-reduce's scratch; beside the dense update's buffers (the sync runs while it does).
-        phases.push(("replica sync", sync_base + index.max(2.0 * rows_list + chunk * (2.0 + 1.0 / m)) + 2.0 * p4));
+        let averaging = 2.0 * rows_list + chunk + all_reduce_scratch(chunk, ctx.m);
+        phases.push(("replica sync", sync_base + index.max(averaging) + 2.0 * p4));
     }
     phases.push(("dense update", base + recv_in + 2.0 * p4));
     phases
