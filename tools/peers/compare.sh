@@ -45,18 +45,19 @@ print(g[-1] if g else '')" "$out" "$ids")
 done
 # DLRM: `ember bench dlrm` (global batch 4096) beside TorchRec's DLRM of the same model
 # (tools/peers/dlrm.py), as 1 rank x 2 threads and as 2 ranks x 1 thread (torch.distributed.run).
-[[ " $parts " == *" dlrm "* ]] || { tail -n +1 "$out" | wc -l | xargs echo "# $out: lines"; exit 0; }
-for nb in "${bins[@]}"; do
-  name=${nb%%=*}; bin=${nb#*=}
-  l=$(load)
-  "$bin" bench dlrm --json | tag "{\"who\":\"ember-$name\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
-done
-if [[ -x "$py" ]]; then
-  l=$(load)
-  "$py" tools/peers/dlrm.py --threads 2 --json 2>/dev/null \
-    | tag "{\"who\":\"torchrec 1 rank x 2 threads\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
-  l=$(load)
-  "$py" -m torch.distributed.run --nproc-per-node 2 --master-port 29533 tools/peers/dlrm.py --threads 1 --json 2>/dev/null \
-    | tag "{\"who\":\"torchrec 2 ranks x 1 thread\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+if [[ " $parts " == *" dlrm "* ]]; then
+  for nb in "${bins[@]}"; do
+    name=${nb%%=*}; bin=${nb#*=}
+    l=$(load)
+    "$bin" bench dlrm --json | tag "{\"who\":\"ember-$name\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+  done
+  if [[ -x "$py" ]]; then
+    l=$(load)
+    "$py" tools/peers/dlrm.py --threads 2 --json 2>/dev/null \
+      | tag "{\"who\":\"torchrec 1 rank x 2 threads\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+    l=$(load)
+    "$py" -m torch.distributed.run --nproc-per-node 2 --master-port 29533 tools/peers/dlrm.py --threads 1 --json 2>/dev/null \
+      | tag "{\"who\":\"torchrec 2 ranks x 1 thread\",\"ids\":\"dlrm\",\"load\":$l}" >> "$out"
+  fi
 fi
 tail -n +1 "$out" | wc -l | xargs echo "# $out: lines"

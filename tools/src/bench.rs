@@ -330,7 +330,6 @@ fn dlrm(be: &dyn DynBench, a: &DlrmArgs) -> CliResult {
     // per cent within seconds, and sampled this way the steps and their floor see the same drift.
     let host_table = matches!(a.dev.device, Device::Cpu | Device::Emulated).then(|| bench::GatherTable::new(a.floor_table_mib));
     let (mut gathers, mut gemms) = (Vec::new(), Vec::new());
-    be.gemm(&model, a.batch_size, 1, 1, a.dev.seed)?;
     let r = be.dlrm(a.batch_size, a.steps, a.warmup, a.zipf, a.dev.seed, &mut || {
         gemms.push(be.gemm(&model, a.batch_size, 1, 1, a.dev.seed)?.gflops);
         if let Some(t) = &host_table {
