@@ -31,6 +31,12 @@
 #define EMBER_BENCH_ALL_REDUCE 1
 
 /**
+ * `ember_bench_collective`: ping-pong of `size` bytes between ranks 0 and 1 (the others wait);
+ * time is half the round trip. Needs at least 2 ranks.
+ */
+#define EMBER_BENCH_PING_PONG 2
+
+/**
  * Largest `max_bytes` `ember_bench_collective` accepts (256 MiB).
  */
 #define EMBER_BENCH_MAX_BYTES (256 << 20)
@@ -440,8 +446,8 @@ ember_status ember_load_checkpoint(ember_engine *engine, const char *dir, uint64
 /**
  * Run a transport microbenchmark (nccl-tests style) over the engine's job: every rank of a
  * multi-rank engine (collective: every rank calls it with the same arguments), or a one-rank
- * world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL` or
- * `EMBER_BENCH_ALL_REDUCE`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
+ * world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL`,
+ * `EMBER_BENCH_ALL_REDUCE` or `EMBER_BENCH_PING_PONG`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
  * `factor` (>= 2); a rank's buffers (`max_bytes`, times the number of ranks for all-to-all)
  * may not exceed `EMBER_BENCH_MAX_BYTES` each. Each size runs `warmup` untimed and
  * `iters` (>= 1) timed iterations, then one checked iteration with fresh seeded data compared

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ember's transports against Open MPI, side by side, interleaved rounds (docs/transport.md):
-# all-to-all (1 KiB .. 16 MiB per peer) and all-reduce (f32 sum, 4 B .. 64 MiB), each timed
+# all-to-all (1 KiB .. 16 MiB per peer), all-reduce (f32 sum, 4 B .. 64 MiB) and, with 2
+# processes, a ping-pong between ranks 0 and 1 (8 B .. 16 MiB, half the round trip), each timed
 # back-to-back and per operation after a barrier, on shared memory with 2 and 4 processes
 # (4 on 2 cores: --oversubscribe) and on TCP loopback with 2 (Open MPI restricted to
 # `--mca btl tcp,self`). Both sides pin one process per core and print the same JSON rows.
@@ -12,7 +13,8 @@
 #
 # Environment: EMBER (the binary), EMBER_BASE (optional: a second ember binary, e.g. a build of
 # the main branch, run as side "base" in every round beside the other two), SIZES (a2a: "MIN MAX",
-# bytes per peer; allreduce: ALLREDUCE_SIZES), FACTOR (default 2), CASES (subset, e.g. "shm2 tcp2"), COLLS ("a2a allreduce"),
+# bytes per peer; allreduce: ALLREDUCE_SIZES; pingpong: PINGPONG_SIZES), FACTOR (default 2),
+# CASES (subset, e.g. "shm2 tcp2"), COLLS ("a2a allreduce pingpong"),
 # METHODS ("b2b per-op"), ITERS/WARMUP (default 50/5), QUIET_LOAD (default 1.5: each run waits,
 # at most 10 minutes, for the 1-minute load average to drop below it; the load is recorded).
 # Without Open MPI (mpicc, mpirun) it says so and exits 0.
@@ -44,7 +46,13 @@ quiet() {
 }
 
 # range COLL: "MIN MAX" bytes.
-range() { if [ "$1" = a2a ]; then echo "${SIZES:-1024 16777216}"; else echo "${ALLREDUCE_SIZES:-4 67108864}"; fi; }
+range() {
+  case $1 in
+    a2a) echo "${SIZES:-1024 16777216}" ;;
+    pingpong) echo "${PINGPONG_SIZES:-8 16777216}" ;;
+    *) echo "${ALLREDUCE_SIZES:-4 67108864}" ;;
+  esac
+}
 fac=${FACTOR:-2}
 
 # ember_run CASE COLL METHOD FILE / mpi_run CASE COLL METHOD FILE: one sweep, JSON rows tagged.
@@ -58,7 +66,11 @@ ember_run() {
   "$bin" launch -n "$np" --transport "$t" -- "$bin" bench "$coll" -b "$lo" -e "$hi" -f "$fac" -n "$iters" -w "$warm" -c 1 --json "${po[@]}" \
     | sed -n 's/^\[0\] {/{/p' | tag "$side" "$c" "$round" >>"$f"
 }
-base_run() { [ -n "${EMBER_BASE:-}" ] && { quiet; ember_run "$@" "$EMBER_BASE" base; }; return 0; }
+# (A base binary without the collective, e.g. one from before `bench pingpong`, is skipped.)
+base_run() {
+  [ -n "${EMBER_BASE:-}" ] && "$EMBER_BASE" bench "$2" --help >/dev/null 2>&1 && { quiet; ember_run "$@" "$EMBER_BASE" base; }
+  return 0
+}
 mpi_run() {
   local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} btl=()
   [[ $c == tcp* ]] && btl=(--mca btl tcp,self)
@@ -69,7 +81,9 @@ mpi_run() {
 
 for round in $(seq "$rounds"); do
   for c in ${CASES:-shm2 shm4 tcp2}; do
-    for coll in ${COLLS:-a2a allreduce}; do
+    for coll in ${COLLS:-a2a allreduce pingpong}; do
+      # The ping-pong runs between two processes only.
+      [ "$coll" = pingpong ] && [ "${c: -1}" != 2 ] && continue
       for m in ${METHODS:-b2b per-op}; do
         f=$out/$c.$coll.$m.jsonl
         [ "$round" = 1 ] && : >"$f"

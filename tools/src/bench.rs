@@ -1,4 +1,4 @@
-//! `ember bench embedding|dlrm|mem`, and dispatch of `data` and of the transport benchmarks `a2a|allreduce`.
+//! `ember bench embedding|dlrm|mem`, and dispatch of `data` and of the transport benchmarks `a2a|allreduce|pingpong`.
 use crate::common::{count, count64, zipf, CliResult, Device};
 use clap::{Args, Subcommand};
 use ember_engine::backend::{Backend, Cpu};
@@ -144,6 +144,10 @@ pub enum Which {
     /// All-reduce microbenchmark (nccl-tests columns).
     #[command(after_help = "Example:\n  ember launch -n 4 -- ember bench allreduce -b 1K -e 16M")]
     Allreduce(crate::comm_bench::CommBenchArgs),
+    /// Ping-pong between ranks 0 and 1 (OSU's latency test: time = half the round trip;
+    /// nccl-tests columns; -b 8 for the latency).
+    #[command(after_help = "Example:\n  ember launch -n 2 -- ember bench pingpong -b 8 -e 16M")]
+    Pingpong(crate::comm_bench::CommBenchArgs),
 }
 
 pub fn run(a: BenchArgs) -> CliResult {
@@ -156,10 +160,11 @@ pub fn run(a: BenchArgs) -> CliResult {
         Which::Data(x) => crate::bench_data::run(x),
         Which::A2a(x) => collective("a2a", x),
         Which::Allreduce(x) => collective("allreduce", x),
+        Which::Pingpong(x) => collective("pingpong", x),
     }
 }
 
-/// `ember bench a2a|allreduce`: over a host transport, or (`--transport nccl`) NCCL's own
+/// `ember bench a2a|allreduce|pingpong`: over a host transport, or (`--transport nccl`) NCCL's own
 /// collectives on device buffers.
 fn collective(which: &str, a: crate::comm_bench::CommBenchArgs) -> CliResult {
     if a.transport.eq_ignore_ascii_case("nccl") {

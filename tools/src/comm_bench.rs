@@ -150,7 +150,11 @@ pub(crate) fn print(a: &CommBenchArgs, h: &Heading, rows: &[Row]) {
         }
         return;
     }
-    let what = if h.which == "a2a" { "size = bytes per peer" } else { "size = buffer bytes" };
+    let what = match h.which {
+        "a2a" => "size = bytes per peer",
+        "pingpong" => "size = message bytes, ranks 0 and 1; time = half the round trip",
+        _ => "size = buffer bytes",
+    };
     let grp = h.group.map(|(g, m)| format!(" ({g} group {m:?}, run concurrently with the other group)")).unwrap_or_default();
     let method = if a.per_op { "per operation after a barrier, median of the slowest rank's" } else { "back-to-back mean, the slowest rank's" };
     println!("# ember bench {}: {} ranks{grp}, transport {}{}, -n {} -w {} -c {} ({what}; time: {method})", h.which, h.ranks, h.transport, h.notes, a.iters, a.warmup, a.check);

@@ -40,7 +40,7 @@ enum Cmd {
     /// Train a DLRM (built-in synthetic data by default, or Criteo files with --data).
     #[command(after_help = "Example:\n  ember train --grid 2x2 --steps 300 --checkpoint-dir ckpt --checkpoint-every 100")]
     Train(train_args::TrainArgs),
-    /// Benchmarks: embedding, dlrm, mem, data, a2a, allreduce.
+    /// Benchmarks: embedding, dlrm, mem, data, a2a, allreduce, pingpong.
     #[command(after_help = "Example:\n  ember bench embedding --rows 100000 --steps 5")]
     Bench(bench::BenchArgs),
     /// Print the sharding plan for a model and grid: per-rank memory, lookups, a2a bytes, imbalance.

@@ -73,6 +73,7 @@ impl SizeBuffers for NcclBuffers<'_> {
         match self.which {
             Collective::AllToAll => self.nc.all_to_all(&self.send, &mut self.recv, self.count),
             Collective::AllReduce => self.nc.all_reduce(&self.send, &mut self.recv, NcclOp::Sum),
+            Collective::PingPong => Err("no NCCL ping-pong".into()),
         }
     }
     fn sync(&mut self) -> Result<(), String> {

@@ -16,7 +16,7 @@ fn text(o: &Output) -> (String, String) {
 #[test]
 fn launch_runs_checked_benchmarks_over_shm_and_tcp() {
     for t in ["shm", "tcp"] {
-        for which in ["a2a", "allreduce"] {
+        for which in ["a2a", "allreduce", "pingpong"] {
             let o = ember(&["launch", "-n", "3", "--transport", t, "--", EMBER, "bench", which, "-b", "100", "-e", "200K", "-f", "7", "-n", "3", "-w", "1", "-c", "2"]);
             let (out, err) = text(&o);
             assert!(o.status.success(), "{t} {which}: {out}\n{err}");

@@ -200,7 +200,11 @@ struct Round<'a> {
 
 impl<'a> Round<'a> {
     fn new(g: &'a Group, seq: u64, round: u32, op: &'static str, direct: bool) -> Self {
-        Round { g, tag: Tag { ctx: g.ctx, seq, round }, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new(), direct }
+        Self::tagged(g, Tag { ctx: g.ctx, seq, round }, op, direct)
+    }
+
+    fn tagged(g: &'a Group, tag: Tag, op: &'static str, direct: bool) -> Self {
+        Round { g, tag, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new(), direct }
     }
 
     /// Post the landing buffer for `from`'s message, which must be exactly `buf.len()` bytes.
@@ -688,6 +692,33 @@ pub(crate) fn broadcast<T: Pod>(g: &Group, seq: u64, buf: &mut [T], root: usize)
             r.post(root, buf.as_mut_ptr() as *mut u8, bytes)?;
         }
     }
+    r.finish()
+}
+
+/// Point to point: `data` to member `to` as message `tag`, returning once the buffer may be
+/// reused (a backend may wait until `to` posted the receive).
+pub(crate) fn send_to<T: Pod>(g: &Group, tag: Tag, to: usize, data: &[T]) -> Result<()> {
+    const OP: &str = "send";
+    if to >= g.n() || to == g.me {
+        return Err(Error::usage(OP, format!("destination {to}: need another member of the {} ranks", g.n())));
+    }
+    let mut r = Round::tagged(g, tag, OP, false);
+    // SAFETY: `data` is borrowed for this function, so it outlives `r` (finished or dropped
+    // before this returns).
+    unsafe { r.send(to, data.as_ptr() as *const u8, std::mem::size_of_val(data))? };
+    r.finish()
+}
+
+/// Point to point: message `tag` from member `from` into `buf`, which must be its exact length.
+pub(crate) fn recv_from<T: Pod>(g: &Group, tag: Tag, from: usize, buf: &mut [T]) -> Result<()> {
+    const OP: &str = "recv";
+    if from >= g.n() || from == g.me {
+        return Err(Error::usage(OP, format!("source {from}: need another member of the {} ranks", g.n())));
+    }
+    let mut r = Round::tagged(g, tag, OP, false);
+    // SAFETY: `buf` is borrowed exclusively for this function, so it outlives `r` and nothing
+    // else touches it; all of its bytes are posted.
+    unsafe { r.post(from, buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf))? };
     r.finish()
 }
 

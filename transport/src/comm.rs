@@ -17,7 +17,27 @@ struct Inner {
     g: Group,
     /// Sequence number of the next collective issued on this communicator.
     seq: AtomicU64,
+    /// Point-to-point messages: sent to and received from each member so far (a pair's
+    /// messages are matched in the order sent).
+    sent: Vec<AtomicU64>,
+    received: Vec<AtomicU64>,
 }
+
+impl Inner {
+    fn new(g: Group) -> Inner {
+        let n = g.n();
+        let count = || (0..n).map(|_| AtomicU64::new(0)).collect();
+        Inner { g, seq: AtomicU64::new(0), sent: count(), received: count() }
+    }
+    /// The tag of point-to-point message `k` of a pair: its own context, apart from every
+    /// collective's.
+    fn p2p_tag(&self, k: u64) -> crate::fabric::Tag {
+        crate::fabric::Tag { ctx: mix(self.g.ctx ^ P2P), seq: k, round: 0 }
+    }
+}
+
+/// Salt of the point-to-point context.
+const P2P: u64 = 0x7032_7020_6d73_6773;
 
 /// One rank's communicator. Collectives on one `Comm` must be issued in the same order on every
 /// member (as in MPI); collectives on different communicators are independent and may be in
@@ -82,7 +102,7 @@ impl Comm {
     pub(crate) fn from_fabric(fabric: Arc<dyn Fabric>, timeout: Duration) -> Comm {
         let n = fabric.size();
         let me = fabric.rank();
-        Comm { inner: Arc::new(Inner { g: Group { fabric, members: (0..n).collect(), me, ctx: 1, timeout }, seq: AtomicU64::new(0) }) }
+        Comm { inner: Arc::new(Inner::new(Group { fabric, members: (0..n).collect(), me, ctx: 1, timeout })) }
     }
 
     /// This rank's index in the communicator.
@@ -117,7 +137,7 @@ impl Comm {
         let inner = Arc::try_unwrap(c.inner).map_err(|_| Error::usage("with_timeout", "unexpected sharing"))?;
         let mut g = inner.g;
         g.timeout = timeout;
-        Ok(Comm { inner: Arc::new(Inner { g, seq: AtomicU64::new(0) }) })
+        Ok(Comm { inner: Arc::new(Inner::new(g)) })
     }
 
     fn next_seq(&self) -> u64 {
@@ -140,10 +160,7 @@ impl Comm {
         let members = group.iter().map(|&(_, i)| g.members[i]).collect();
         let ctx = mix(g.ctx ^ mix(seq) ^ mix(mix(color as u64)));
         Ok(Comm {
-            inner: Arc::new(Inner {
-                g: Group { fabric: g.fabric.clone(), members, me, ctx, timeout: g.timeout },
-                seq: AtomicU64::new(0),
-            }),
+            inner: Arc::new(Inner::new(Group { fabric: g.fabric.clone(), members, me, ctx, timeout: g.timeout })),
         })
     }
 
@@ -244,6 +261,26 @@ impl Comm {
 
     pub fn barrier(&self) -> Result<()> {
         coll::barrier(&self.inner.g, self.next_seq())
+    }
+
+    // ------------------------------------------------ point to point
+
+    /// Send `buf` to member `to`; returns once `buf` may be reused. It may wait until `to`
+    /// posted the matching [`Self::recv`] (a synchronous send, as `MPI_Ssend`: two members that
+    /// send to each other first may wait for each other until the timeout). The messages of
+    /// one pair are received in the order sent, apart from the collectives'.
+    pub fn send<T: Pod>(&self, to: usize, buf: &[T]) -> Result<()> {
+        let k = self.inner.sent.get(to).map(|c| c.fetch_add(1, Ordering::Relaxed));
+        let tag = self.inner.p2p_tag(k.unwrap_or(0));
+        coll::send_to(&self.inner.g, tag, to, buf)
+    }
+
+    /// Receive the next message from member `from` into `buf`, which must be the message's
+    /// length: one of another length is an error naming the peer.
+    pub fn recv<T: Pod>(&self, from: usize, buf: &mut [T]) -> Result<()> {
+        let k = self.inner.received.get(from).map(|c| c.fetch_add(1, Ordering::Relaxed));
+        let tag = self.inner.p2p_tag(k.unwrap_or(0));
+        coll::recv_from(&self.inner.g, tag, from, buf)
     }
 
     // ------------------------------------------------ registered regions

@@ -217,3 +217,62 @@ fn many_ranks_on_few_cores_make_progress() {
     assert_eq!(out[0], (3 * 7) as u32);
     assert_eq!(split_evenly(10, 4), vec![3, 3, 2, 2]);
 }
+
+/// Point to point on every backend: a ring where every rank sends several messages of odd
+/// lengths (one empty) to its right neighbour, interleaved with collectives on the same
+/// communicator, and the messages arrive whole and in the order sent; then the errors: a
+/// receive of another length names the sender, and a send to oneself or out of range is refused.
+#[test]
+fn send_and_recv_arrive_in_order_apart_from_the_collectives() {
+    for b in BACKENDS {
+        for n in [2, 3, 5] {
+            let out = run(b, n, move |c| {
+                let (r, n) = (c.rank(), c.size());
+                let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+                let msg = |from: usize, k: usize| -> Vec<u32> { (0..count(from, k, 7) * 37 % 1000).map(|i| (from * 1_000_000 + k * 1000 + i) as u32).collect() };
+                let mut got = Vec::new();
+                for k in 0..4 {
+                    // Even ranks send first, odd ranks receive first: a ring of synchronous
+                    // sends cannot wait on itself (n odd: rank n−1 and rank 0 both send first,
+                    // but rank 0's right neighbour, 1, receives first).
+                    let mut buf = vec![0u32; msg(left, k).len()];
+                    if r % 2 == 0 {
+                        c.send(right, &msg(r, k)).unwrap();
+                        c.recv(left, &mut buf).unwrap();
+                    } else {
+                        c.recv(left, &mut buf).unwrap();
+                        c.send(right, &msg(r, k)).unwrap();
+                    }
+                    got.push(buf);
+                    let mut s = [r as u64];
+                    c.all_reduce(&mut s, ReduceOp::Sum).unwrap();
+                    assert_eq!(s[0] as usize, n * (n - 1) / 2);
+                }
+                // Errors: the length disagrees (8 elements sent, 9 posted), oneself, out of range.
+                let e = if r == 0 {
+                    c.send(1, &[0u32; 8]).unwrap();
+                    None
+                } else if r == 1 {
+                    Some(c.recv(0, &mut [0u32; 9]).unwrap_err().to_string())
+                } else {
+                    None
+                };
+                let me = c.send(r, &[1u8]).unwrap_err().to_string();
+                let far = c.recv(n, &mut [0u8; 1]).unwrap_err().to_string();
+                (r, got, e, me, far)
+            });
+            for (r, got, e, me, far) in out {
+                let left = (r + n - 1) % n;
+                for (k, m) in got.iter().enumerate() {
+                    let want: Vec<u32> = (0..count(left, k, 7) * 37 % 1000).map(|i| (left * 1_000_000 + k * 1000 + i) as u32).collect();
+                    assert_eq!(m, &want, "{b} n={n} rank {r} message {k}");
+                }
+                if r == 1 {
+                    let e = e.unwrap();
+                    assert!(e.contains("rank 0") && e.contains("recv"), "{b}: {e}");
+                }
+                assert!(me.contains("destination") && far.contains("source"), "{b}: {me} / {far}");
+            }
+        }
+    }
+}

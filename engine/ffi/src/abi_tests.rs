@@ -741,7 +741,7 @@ fn bench_rows_through_the_abi() {
     // rows_cap 0; `n` and the `&mut 0`s are local out-parameters, or NULL on purpose.
     let rows = on_threads(&hs, |_, h| unsafe {
         let mut out = Vec::new();
-        for coll in [EMBER_BENCH_ALL_TO_ALL, EMBER_BENCH_ALL_REDUCE] {
+        for coll in [EMBER_BENCH_ALL_TO_ALL, EMBER_BENCH_ALL_REDUCE, EMBER_BENCH_PING_PONG] {
             let mut rows = [EmberBenchRow::default(); 4];
             let mut n = 0;
             // Too small a buffer: the count comes back, nothing runs (on every rank: no hang).
@@ -764,7 +764,7 @@ fn bench_rows_through_the_abi() {
         assert_eq!(n, 1, "{}", last_error()); // only rows_cap was wrong
         out
     });
-    for (k, factor) in [(0usize, 3.0 / 4.0), (1, 2.0 * 3.0 / 4.0)] {
+    for (k, factor) in [(0usize, 3.0 / 4.0), (1, 2.0 * 3.0 / 4.0), (2, 1.0)] {
         for (i, r) in rows[0][k].iter().enumerate() {
             let size = 100 * 4usize.pow(i as u32);
             assert_eq!((r.size, r.count, r.wrong), (size, size / 4, 0));
@@ -784,6 +784,9 @@ fn bench_rows_through_the_abi() {
     // SAFETY: `rows` holds the 2 rows passed as rows_cap; `n` is a local.
     assert_eq!(unsafe { ember_bench_collective(e, EMBER_BENCH_ALL_REDUCE, 1024, 2048, 2, 2, 0, rows.as_mut_ptr(), 2, &mut n) }, EmberStatus::Ok, "{}", last_error());
     assert_eq!((n, rows[1].size, rows[1].wrong, rows[1].busbw), (2, 2048, 0, 0.0));
+    // SAFETY: as above.
+    assert_eq!(unsafe { ember_bench_collective(e, EMBER_BENCH_PING_PONG, 8, 8, 2, 1, 0, rows.as_mut_ptr(), 2, &mut n) }, EmberStatus::ErrInvalidArgument);
+    assert!(last_error().contains("at least 2 ranks"), "{}", last_error());
     // SAFETY: a handle value, looked up and never dereferenced.
     unsafe { ember_engine_destroy(e) };
 }

@@ -12,6 +12,9 @@ use ember_transport::Comm;
 pub const EMBER_BENCH_ALL_TO_ALL: u32 = 0;
 /// `ember_bench_collective`: all-reduce (sum) of a `size`-byte buffer.
 pub const EMBER_BENCH_ALL_REDUCE: u32 = 1;
+/// `ember_bench_collective`: ping-pong of `size` bytes between ranks 0 and 1 (the others wait);
+/// time is half the round trip. Needs at least 2 ranks.
+pub const EMBER_BENCH_PING_PONG: u32 = 2;
 /// Largest `max_bytes` `ember_bench_collective` accepts (256 MiB).
 pub const EMBER_BENCH_MAX_BYTES: usize = 256 << 20;
 
@@ -37,8 +40,8 @@ pub struct EmberBenchRow {
 
 /// Run a transport microbenchmark (nccl-tests style) over the engine's job: every rank of a
 /// multi-rank engine (collective: every rank calls it with the same arguments), or a one-rank
-/// world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL` or
-/// `EMBER_BENCH_ALL_REDUCE`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
+/// world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL`,
+/// `EMBER_BENCH_ALL_REDUCE` or `EMBER_BENCH_PING_PONG`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
 /// `factor` (>= 2); a rank's buffers (`max_bytes`, times the number of ranks for all-to-all)
 /// may not exceed `EMBER_BENCH_MAX_BYTES` each. Each size runs `warmup` untimed and
 /// `iters` (>= 1) timed iterations, then one checked iteration with fresh seeded data compared
@@ -78,7 +81,12 @@ pub unsafe extern "C" fn ember_bench_collective(
                 let which = match collective {
                     EMBER_BENCH_ALL_TO_ALL => Collective::AllToAll,
                     EMBER_BENCH_ALL_REDUCE => Collective::AllReduce,
-                    o => return fail(EmberStatus::ErrInvalidArgument, format!("collective is {o}: expected EMBER_BENCH_ALL_TO_ALL (0) or EMBER_BENCH_ALL_REDUCE (1)")),
+                    EMBER_BENCH_PING_PONG if ranks >= 2 => Collective::PingPong,
+                    EMBER_BENCH_PING_PONG => return fail(EmberStatus::ErrInvalidArgument, "EMBER_BENCH_PING_PONG needs at least 2 ranks"),
+                    o => return fail(
+                        EmberStatus::ErrInvalidArgument,
+                        format!("collective is {o}: expected EMBER_BENCH_ALL_TO_ALL (0), EMBER_BENCH_ALL_REDUCE (1) or EMBER_BENCH_PING_PONG (2)"),
+                    ),
                 };
                 if min_bytes == 0 || min_bytes > max_bytes || max_bytes > EMBER_BENCH_MAX_BYTES || factor < 2 || iters == 0 {
                     return fail(

@@ -44,7 +44,7 @@ mod checkpoint;
 mod bench;
 mod test_hooks;
 
-pub use bench::{ember_bench_collective, EmberBenchRow, EMBER_BENCH_ALL_REDUCE, EMBER_BENCH_ALL_TO_ALL, EMBER_BENCH_MAX_BYTES};
+pub use bench::{ember_bench_collective, EmberBenchRow, EMBER_BENCH_ALL_REDUCE, EMBER_BENCH_ALL_TO_ALL, EMBER_BENCH_MAX_BYTES, EMBER_BENCH_PING_PONG};
 pub use checkpoint::{ember_load_checkpoint, ember_save_checkpoint};
 pub use handle::EmberEngine;
 pub use info::{ember_engine_info, ember_engine_table_rows, EmberInfo};

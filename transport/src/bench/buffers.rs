@@ -52,8 +52,8 @@ impl Drop for Registered<'_> {
     }
 }
 
-/// One size's host buffers and the collective on them (`Comm::all_to_all`, or a copy of the
-/// input then `Comm::all_reduce` in place).
+/// One size's host buffers and the collective on them (`Comm::all_to_all`, a copy of the
+/// input then `Comm::all_reduce` in place, or the ping-pong's `Comm::send` and `Comm::recv`).
 pub struct HostBuffers<'a> {
     // Declared first: dropped (unregistered) before the buffers it covers.
     _registered: Option<Registered<'a>>,
@@ -92,6 +92,11 @@ impl SizeBuffers for HostBuffers<'_> {
                 self.recv.copy_from_slice(&self.send);
                 self.c.all_reduce(&mut self.recv, ReduceOp::Sum)
             }
+            Collective::PingPong => match self.c.rank() {
+                0 => self.c.send(1, &self.send).and_then(|()| self.c.recv(1, &mut self.recv)),
+                1 => self.c.recv(0, &mut self.recv).and_then(|()| self.c.send(0, &self.send)),
+                _ => Ok(()),
+            },
         }
         .map_err(|e| e.to_string())
     }

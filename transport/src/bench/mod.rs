@@ -41,6 +41,9 @@ pub struct CollTable {
     /// Element `i` of rank `me`'s output after checked repetition `rep` on `n` ranks (`count`
     /// floats per block), from the seeds alone.
     pub expected: fn(n: usize, me: usize, rep: usize, count: usize, i: usize) -> f32,
+    /// Operations one run holds: `time_us` is a run's time divided by it (a ping-pong's run
+    /// is a round trip, two one-way messages).
+    pub per_run: f64,
 }
 
 /// `all_to_all`: `count` floats to every peer.
@@ -50,6 +53,7 @@ pub const ALL_TO_ALL: CollTable = CollTable {
     alg_bytes: |size, n| (size * n) as f64,
     bus_factor: |n| (n - 1) as f64 / n as f64,
     expected: |_, me, rep, count, i| seed(i / count, rep, me, i % count),
+    per_run: 1.0,
 };
 
 /// `all_reduce` (sum) of `count` floats.
@@ -59,6 +63,22 @@ pub const ALL_REDUCE: CollTable = CollTable {
     alg_bytes: |size, _| size as f64,
     bus_factor: |n| 2.0 * (n - 1) as f64 / n as f64,
     expected: |n, _, rep, _, i| (0..n).map(|r| seed(r, rep, 0, i)).sum::<f32>(),
+    per_run: 1.0,
+};
+
+/// Ping-pong (OSU's latency test): rank 0 sends `count` floats to rank 1 (`Comm::send`), which
+/// receives them and sends its own `count` back; `time_us` is half the round trip, the one-way
+/// time. Ranks from 2 up take no part (their output stays untouched: NaN).
+pub const PING_PONG: CollTable = CollTable {
+    name: "pingpong",
+    lens: |count, _| (count, count),
+    alg_bytes: |size, _| size as f64,
+    bus_factor: |_| 1.0,
+    expected: |_, me, rep, _, i| match me {
+        0 | 1 => seed(1 - me, rep, 0, i),
+        _ => f32::NAN,
+    },
+    per_run: 2.0,
 };
 
 /// Which collective to measure.
@@ -68,6 +88,8 @@ pub enum Collective {
     AllToAll,
     /// [`ALL_REDUCE`].
     AllReduce,
+    /// [`PING_PONG`].
+    PingPong,
 }
 
 impl Collective {
@@ -76,12 +98,13 @@ impl Collective {
         match self {
             Collective::AllToAll => &ALL_TO_ALL,
             Collective::AllReduce => &ALL_REDUCE,
+            Collective::PingPong => &PING_PONG,
         }
     }
 
-    /// "a2a" or "allreduce" (the CLI's names).
+    /// "a2a", "allreduce" or "pingpong" (the CLI's names).
     pub fn parse(s: &str) -> Option<Collective> {
-        [Collective::AllToAll, Collective::AllReduce].into_iter().find(|c| c.name() == s)
+        [Collective::AllToAll, Collective::AllReduce, Collective::PingPong].into_iter().find(|c| c.name() == s)
     }
 
     pub fn name(self) -> &'static str {
@@ -203,6 +226,9 @@ pub fn sweep<B: SizeBuffers>(which: Collective, c: &Comm, o: &BenchOptions, mut 
     if o.factor < 2 || min == 0 || min > max {
         return Err("need -b >= 1, -b <= -e and -f >= 2".into());
     }
+    if which == Collective::PingPong && n < 2 {
+        return Err("pingpong needs at least 2 ranks".into());
+    }
     let base = o.baseline.as_deref().map(baseline::Baseline::parse).transpose()?;
     let mut rows = Vec::new();
     let mut size = min;
@@ -216,7 +242,8 @@ pub fn sweep<B: SizeBuffers>(which: Collective, c: &Comm, o: &BenchOptions, mut 
             b.run()?;
         }
         b.sync()?;
-        let time_us = if o.per_op { per_op_us(c, &mut b, o.iters)? } else { back_to_back_us(c, &mut b, o.iters)? };
+        let run_us = if o.per_op { per_op_us(c, &mut b, o.iters)? } else { back_to_back_us(c, &mut b, o.iters)? };
+        let time_us = run_us / which.table().per_run;
         // Ceiling measured in the same run.
         let base_us = base.map(|k| k.measure(c, size, send_len, o)).transpose()?;
         // Check: fresh seeds per repetition, poisoned output, expectations from the seeds.
