@@ -96,11 +96,7 @@ impl TcpFabric {
             streams[r] = Some(s);
         }
         let mb = Arc::new(Mailbox::new());
-        // SAFETY: plain eventfd creation; the fd is owned by `Shared` and closed on drop.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(Error::Bootstrap(format!("eventfd: {}", std::io::Error::last_os_error())));
-        }
+        let (efd, cfd) = (event_fd()?, event_fd()?);
         let mut tx = Vec::with_capacity(size);
         let mut rx = Vec::with_capacity(size);
         for s in &streams {
@@ -121,6 +117,7 @@ impl TcpFabric {
             drivers: AtomicUsize::new(0),
             spin: AdaptiveSpin::new(spin_max()),
             efd,
+            cfd,
             stop: AtomicBool::new(false),
             #[cfg(test)]
             pause_rx: AtomicBool::new(false),
@@ -134,6 +131,18 @@ impl TcpFabric {
     }
 }
 
+/// A non-blocking eventfd, closed when dropped.
+fn event_fd() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain eventfd creation; a valid descriptor is owned by the `OwnedFd` alone.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Bootstrap(format!("eventfd: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// How long a wait busy-polls the connections before it yields (`EMBER_TCP_SPIN_US`, default
 /// 50 µs), at most: [`AdaptiveSpin`] stops it where the peer shares this core.
 fn spin_max() -> Duration {
@@ -143,7 +152,7 @@ fn spin_max() -> Duration {
 
 /// After the busy-poll, how long a wait yields between looks before it blocks in `poll`.
 const YIELD_FOR: Duration = Duration::from_micros(50);
-/// The longest single block in `poll` (a completion by another thread wakes no `poll`).
+/// The longest single block in `poll` (another thread's progress wakes it through `cfd`).
 const MAX_BLOCK: Duration = Duration::from_millis(1);
 
 /// Keeps the progress thread parked while a caller drives the connections.

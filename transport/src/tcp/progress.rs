@@ -9,6 +9,7 @@ use crate::mailbox::{Dir, Mailbox};
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -31,25 +32,21 @@ pub(super) struct Shared {
     /// The busy-poll phase of the callers' waits.
     pub(super) spin: crate::spin::AdaptiveSpin,
     /// Wakes the progress thread (a send was queued, or shutdown).
-    pub(super) efd: libc::c_int,
+    pub(super) efd: std::os::fd::OwnedFd,
+    /// Wakes callers blocked in their `poll` ([`Runner::Caller`]): written when another thread
+    /// moved a frame or a send while a caller drives. A caller's `poll` only hears sockets, and
+    /// a frame that thread read (the progress thread, having begun before the caller came, or
+    /// another caller) leaves the socket silent: without this the waiter slept its whole block.
+    pub(super) cfd: std::os::fd::OwnedFd,
     pub(super) stop: AtomicBool,
     /// Tests: the progress thread reads nothing while set (a peer that stopped reading).
     #[cfg(test)]
     pub(super) pause_rx: AtomicBool,
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // SAFETY: our eventfd, closed once.
-        unsafe { libc::close(self.efd) };
-    }
-}
-
 impl Shared {
     pub(super) fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: 8-byte write to our eventfd.
-        unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
+        signal(self.efd.as_raw_fd());
     }
     pub(super) fn queue(&self, p: usize) -> MutexGuard<'_, VecDeque<Job>> {
         self.tx[p].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner())
@@ -364,20 +361,40 @@ fn lock_or_skip<T>(m: &Mutex<T>, try_only: bool) -> Option<MutexGuard<'_, T>> {
     }
 }
 
+/// Add one to eventfd `fd` (wakes whoever polls it).
+pub(super) fn signal(fd: libc::c_int) {
+    let one: u64 = 1;
+    // SAFETY: an 8-byte write to an eventfd we own.
+    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+/// Reset eventfd `fd` (non-blocking).
+fn consume(fd: libc::c_int) {
+    let mut v = 0u64;
+    // SAFETY: an 8-byte read from a non-blocking eventfd we own.
+    unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+}
+
+/// `who` of the eventfds in a pass's poll list.
+const EFD: usize = usize::MAX;
+const CFD: usize = usize::MAX - 1;
+
 impl Shared {
     /// One `poll` over every live connection (and, for the progress thread, the eventfd) that
     /// waits at most `timeout` (zero: a look), then reads what is readable and writes what is
     /// queued and writable. Returns whether any connection was ready (something moved, or a
     /// connection ended).
     pub(super) fn pass(&self, runner: Runner, timeout: std::time::Duration) -> bool {
-        use std::os::fd::AsRawFd;
         let n = self.streams.len();
-        // The pollfd of each entry and its peer (`usize::MAX`: the eventfd).
+        // The pollfd of each entry and its peer (or `EFD`, `CFD`: an eventfd).
         let mut list: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
         let mut who: Vec<usize> = Vec::with_capacity(n + 1);
         if runner == Runner::Progress {
-            list.push(libc::pollfd { fd: self.efd, events: libc::POLLIN, revents: 0 });
-            who.push(usize::MAX);
+            list.push(libc::pollfd { fd: self.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            who.push(EFD);
+        } else if !timeout.is_zero() {
+            list.push(libc::pollfd { fd: self.cfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            who.push(CFD);
         }
         // Tests: a paused rank reads nothing, not even on a hang-up or an error.
         #[cfg(test)]
@@ -414,10 +431,9 @@ impl Shared {
             if ev == 0 {
                 continue;
             }
-            if p == usize::MAX {
-                let mut v = 0u64;
-                // SAFETY: 8-byte read from our eventfd (non-blocking).
-                unsafe { libc::read(self.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+            if p == EFD || p == CFD {
+                consume(if p == EFD { &self.efd } else { &self.cfd }.as_raw_fd());
+                moved |= p == CFD; // another thread moved something: the caller looks again
                 continue;
             }
             let s = self.streams[p].as_ref().unwrap();
@@ -464,6 +480,11 @@ impl Shared {
             drop(self.mb.lock());
             self.mb.notify();
         }
+        // A caller other than this thread may be blocked in its `poll` for what moved here.
+        let others = self.drivers.load(Ordering::Acquire) - usize::from(runner == Runner::Caller);
+        if moved && others > 0 {
+            signal(self.cfd.as_raw_fd());
+        }
         moved
     }
 }
@@ -477,12 +498,10 @@ pub(super) fn progress(sh: Arc<Shared>) {
     let n = sh.streams.len();
     while !sh.stop.load(Ordering::Acquire) {
         if sh.drivers.load(Ordering::Acquire) > 0 {
-            let mut efd = [libc::pollfd { fd: sh.efd, events: libc::POLLIN, revents: 0 }];
+            let mut efd = [libc::pollfd { fd: sh.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
             // SAFETY: one live pollfd.
             if unsafe { libc::poll(efd.as_mut_ptr(), 1, 1) } > 0 {
-                let mut v = 0u64;
-                // SAFETY: 8-byte read from our eventfd (non-blocking).
-                unsafe { libc::read(sh.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+                consume(sh.efd.as_raw_fd());
             }
             continue;
         }

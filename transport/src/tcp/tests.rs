@@ -1,6 +1,7 @@
 use super::wire::{check_mesh_hello, decode_frame, encode_frame, hello, parse_hello, Frame, FrameSink, MAGIC};
 use super::*;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 
 /// Rank 1 as a real fabric, rank 0 a raw socket that completed the mesh handshake.
 fn fake_rank0(token: &'static str, timeout: Duration) -> (TcpStream, TcpFabric) {
@@ -252,4 +253,39 @@ fn a_write_failing_on_a_peer_that_broke_the_protocol_reports_the_protocol_error(
     let e = f1.wait_recv(0, tag, &w).unwrap_err();
     assert!(matches!(&e, Error::Protocol { peer: 0, .. }), "{e}");
     assert_eq!(buf, [0u8; 21]);
+}
+
+/// A caller blocked in its `poll` hears another thread's progress: a pass that moved something
+/// while another caller drives signals `cfd`, and a caller's blocking pass returns on it (its
+/// sockets being silent: the frame was read by that other thread). Without it the caller slept
+/// its whole block (here 20 s, past the 10 s bound).
+#[test]
+fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
+    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
+    let sh = f1.sh.clone();
+    // Another caller drives (this thread's pass below is the one that moves).
+    sh.drivers.fetch_add(2, Ordering::AcqRel);
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
+    s.write_all(&encode_frame(tag, 4)).unwrap();
+    s.write_all(&[1, 2, 3, 4]).unwrap();
+    let t = Instant::now();
+    while !sh.pass(Runner::Caller, Duration::ZERO) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the frame never arrived");
+    }
+    let mut v = 0u64;
+    // SAFETY: an 8-byte read from the fabric's non-blocking eventfd.
+    let n = unsafe { libc::read(sh.cfd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    assert_eq!(n, 8, "the pass that read the frame signalled the other caller");
+    // A caller whose sockets stay silent (reading paused) wakes on the signal alone.
+    f1.pause_rx(true);
+    let sh2 = sh.clone();
+    let blocked = std::thread::spawn(move || {
+        let t = Instant::now();
+        (sh2.pass(Runner::Caller, Duration::from_secs(20)), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    super::progress::signal(sh.cfd.as_raw_fd());
+    let (moved, took) = blocked.join().unwrap();
+    assert!(moved && took < Duration::from_secs(10), "woke after {took:?} (moved {moved})");
+    sh.drivers.fetch_sub(2, Ordering::AcqRel);
 }
