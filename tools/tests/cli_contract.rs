@@ -28,7 +28,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Every subcommand that takes flags, as words after `ember`.
-const SUBCOMMANDS: [&str; 16] = [
+const SUBCOMMANDS: [&str; 17] = [
     "train",
     "convert",
     "plan",
@@ -43,6 +43,7 @@ const SUBCOMMANDS: [&str; 16] = [
     "bench data",
     "bench a2a",
     "bench allreduce",
+    "bench pingpong",
     "checkpoint inspect",
     "checkpoint export",
 ];

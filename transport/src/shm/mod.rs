@@ -181,7 +181,7 @@ impl ShmFabric {
             // SAFETY: our region in d's inbox (the mapping holds HEADER + n * REGION bytes).
             let region = unsafe { m.as_mut_ptr().add(segment::HEADER + rank * segment::REGION) };
             txa.push(Some(Ring(region)));
-            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0 })));
+            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0, tail: 0 })));
             maps.push(Some(m));
             probes.push(probe);
             pidfds.push(if pids[d] != std::process::id() { cma::pidfd(pids[d]) } else { None });

@@ -295,6 +295,34 @@ fn corrupted_length_field_is_rejected() {
     assert!(f1.drain_ring(0, &mut 0).is_err());
 }
 
+/// A consumer that writes a tail inconsistent with the head (beyond it, or more than a ring
+/// behind) is a protocol error naming it, found when the producer next needs the space its last
+/// checked tail does not give; until then records go where that tail allows, inside the ring.
+#[test]
+fn a_corrupted_tail_is_rejected_before_the_producer_overwrites_anything() {
+    for bogus in [u64::MAX, 1 << 40] {
+        let (f0, _f1) = pair("tail");
+        // Rank 1 never drains; it writes a bogus tail into the ring rank 0 produces into.
+        f0.tx[1].as_ref().unwrap().lock().unwrap().ring.ctl().tail.store(bogus, Ordering::Release);
+        let payload = vec![7u8; 4096];
+        let rec = Rec { kind: EAGER, ctx: 9, len: payload.len() as u64, ..Rec::zeroed() };
+        let mut pushed = 0usize;
+        let e = loop {
+            match f0.try_push(1, &rec, &payload) {
+                Ok(true) => pushed += 1,
+                Ok(false) => panic!("a full ring after {pushed} records: the bogus tail was not read"),
+                Err(e) => break e,
+            }
+            assert!(pushed <= segment::RING_CAP / 4096, "{pushed} records of 4 KiB pushed into a ring of {} bytes", segment::RING_CAP);
+        };
+        assert_eq!(e.peer(), Some(1), "{e}");
+        assert!(e.to_string().contains("inconsistent with tail"), "{e}");
+        // Every record before the error fitted the ring behind the last checked tail (0).
+        let head = f0.tx[1].as_ref().unwrap().lock().unwrap().head;
+        assert!(head <= segment::RING_CAP as u64, "head {head} past the ring's first lap");
+    }
+}
+
 /// Run `f0_side` (rank 0) and `f1_side` (rank 1) on two threads; their results.
 fn both<A: Send + 'static, B: Send + 'static>(
     f0: &Arc<ShmFabric>,
