@@ -1,5 +1,5 @@
 //! The collective algorithms, written once over the `Fabric` primitives (post, send, wait) and
-//! over [`Memory`], where the bytes live.
+//! over [`Memory`], where the bytes live; and point-to-point messages, one round of one message.
 //!
 //! All-to-all: post every receive, send to peers in a rank-dependent order (rank r starts with
 //! r+1: no incast), copy the own block, wait. All-reduce = reduce-scatter + all-gather with one

@@ -268,7 +268,9 @@ impl Comm {
     /// Send `buf` to member `to`; returns once `buf` may be reused. It may wait until `to`
     /// posted the matching [`Self::recv`] (a synchronous send, as `MPI_Ssend`: two members that
     /// send to each other first may wait for each other until the timeout). The messages of
-    /// one pair are received in the order sent, apart from the collectives'.
+    /// one pair are received in the order sent, apart from the collectives'. After a failed
+    /// `send` or `recv` the pair's order is lost (as after an MPI error): use collectives, or
+    /// a new communicator.
     pub fn send<T: Pod>(&self, to: usize, buf: &[T]) -> Result<()> {
         let k = self.inner.sent.get(to).map(|c| c.fetch_add(1, Ordering::Relaxed));
         let tag = self.inner.p2p_tag(k.unwrap_or(0));

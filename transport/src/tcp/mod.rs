@@ -115,6 +115,7 @@ impl TcpFabric {
             rx,
             live,
             drivers: AtomicUsize::new(0),
+            blocked: AtomicUsize::new(0),
             spin: AdaptiveSpin::new(spin_max()),
             efd,
             cfd,
@@ -205,7 +206,16 @@ impl TcpFabric {
                 std::thread::yield_now();
                 yielded = Some(t0.elapsed());
             } else {
-                self.sh.pass(Runner::Caller, block.min(w.deadline - now));
+                // Counted as blocked before the last look (see `Shared::blocked`).
+                self.sh.blocked.fetch_add(1, Ordering::SeqCst);
+                let done = check();
+                if done.is_none() {
+                    self.sh.pass(Runner::Caller, block.min(w.deadline - now));
+                }
+                self.sh.blocked.fetch_sub(1, Ordering::SeqCst);
+                if let Some(r) = done {
+                    return r;
+                }
                 block = (block * 2).min(MAX_BLOCK);
             }
         }

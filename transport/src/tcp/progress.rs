@@ -29,14 +29,20 @@ pub(super) struct Shared {
     /// Callers inside a wait: they drive the connections ([`Shared::pass`]) while it is
     /// nonzero, and the progress thread keeps out of their way.
     pub(super) drivers: AtomicUsize,
+    /// Callers blocked (or about to block) in their `poll`, having found their operation not
+    /// done: whoever moves a frame or a send while one is signals `cfd`. Both sides use SeqCst
+    /// (a caller counts itself, then checks; a mover completes, then reads the count), so a
+    /// completion is never missed, and a caller that never blocks costs no signal.
+    pub(super) blocked: AtomicUsize,
     /// The busy-poll phase of the callers' waits.
     pub(super) spin: crate::spin::AdaptiveSpin,
     /// Wakes the progress thread (a send was queued, or shutdown).
     pub(super) efd: std::os::fd::OwnedFd,
     /// Wakes callers blocked in their `poll` ([`Runner::Caller`]): written when another thread
-    /// moved a frame or a send while a caller drives. A caller's `poll` only hears sockets, and
-    /// a frame that thread read (the progress thread, having begun before the caller came, or
-    /// another caller) leaves the socket silent: without this the waiter slept its whole block.
+    /// moved a frame or a send while a caller is blocked. A caller's `poll` only hears sockets,
+    /// and a frame that thread read (the progress thread, having begun before the caller came,
+    /// or another caller) leaves the socket silent: without this the waiter slept its whole
+    /// block.
     pub(super) cfd: std::os::fd::OwnedFd,
     pub(super) stop: AtomicBool,
     /// Tests: the progress thread reads nothing while set (a peer that stopped reading).
@@ -481,9 +487,11 @@ impl Shared {
             self.mb.notify();
         }
         // A caller other than this thread may be blocked in its `poll` for what moved here.
-        let others = self.drivers.load(Ordering::Acquire) - usize::from(runner == Runner::Caller);
-        if moved && others > 0 {
-            signal(self.cfd.as_raw_fd());
+        if moved {
+            let me = usize::from(runner == Runner::Caller && !timeout.is_zero());
+            if self.blocked.load(Ordering::SeqCst) > me {
+                signal(self.cfd.as_raw_fd());
+            }
         }
         moved
     }

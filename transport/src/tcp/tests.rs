@@ -256,15 +256,18 @@ fn a_write_failing_on_a_peer_that_broke_the_protocol_reports_the_protocol_error(
 }
 
 /// A caller blocked in its `poll` hears another thread's progress: a pass that moved something
-/// while another caller drives signals `cfd`, and a caller's blocking pass returns on it (its
-/// sockets being silent: the frame was read by that other thread). Without it the caller slept
-/// its whole block (here 20 s, past the 10 s bound).
+/// while another caller is blocked signals `cfd`, and a caller's blocking pass returns on it
+/// (its sockets being silent: the frame was read by that other thread). Without it the caller
+/// slept its whole block (here 20 s, past the 10 s bound). With no caller blocked, nothing is
+/// signalled (a wait that never blocks costs no system call).
 #[test]
 fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
     let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
     let sh = f1.sh.clone();
-    // Another caller drives (this thread's pass below is the one that moves).
+    // Callers drive (the progress thread keeps out), another one blocked; this thread's pass
+    // below is the one that moves.
     sh.drivers.fetch_add(2, Ordering::AcqRel);
+    sh.blocked.fetch_add(1, Ordering::SeqCst);
     let tag = Tag { ctx: 1, seq: 0, round: 0 };
     s.write_all(&encode_frame(tag, 4)).unwrap();
     s.write_all(&[1, 2, 3, 4]).unwrap();
@@ -287,5 +290,17 @@ fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
     super::progress::signal(sh.cfd.as_raw_fd());
     let (moved, took) = blocked.join().unwrap();
     assert!(moved && took < Duration::from_secs(10), "woke after {took:?} (moved {moved})");
+    sh.blocked.fetch_sub(1, Ordering::SeqCst);
+    // Nobody blocked: a pass that moves signals nothing.
+    s.write_all(&encode_frame(Tag { seq: 1, ..tag }, 4)).unwrap();
+    s.write_all(&[5, 6, 7, 8]).unwrap();
+    f1.pause_rx(false);
+    let t = Instant::now();
+    while !sh.pass(Runner::Caller, Duration::ZERO) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the frame never arrived");
+    }
+    // SAFETY: as above.
+    let n = unsafe { libc::read(sh.cfd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    assert_eq!(n, -1, "no caller was blocked, yet the pass signalled");
     sh.drivers.fetch_sub(2, Ordering::AcqRel);
 }
