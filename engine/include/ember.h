@@ -188,15 +188,17 @@ typedef struct {
  */
 typedef struct {
   /**
-   * Bytes per peer (all-to-all) or buffer bytes (all-reduce).
+   * Bytes per peer (all-to-all), buffer bytes (all-reduce) or the message (ping-pong).
    */
   size_t size;
   /**
-   * f32 elements per peer (all-to-all) or in the buffer (all-reduce): size / 4, at least 1.
+   * f32 elements per peer (all-to-all), in the buffer (all-reduce) or the message (ping-pong):
+   * size / 4, at least 1.
    */
   size_t count;
   /**
-   * Mean time per iteration in microseconds (the slowest rank's).
+   * Mean time per iteration in microseconds (the slowest rank's; ping-pong: half the round
+   * trip).
    */
   double time_us;
   /**
@@ -204,7 +206,8 @@ typedef struct {
    */
   double algbw;
   /**
-   * Bus bandwidth, GB/s: algbw x (n-1)/n (all-to-all) or x 2(n-1)/n (all-reduce).
+   * Bus bandwidth, GB/s: algbw x (n-1)/n (all-to-all), x 2(n-1)/n (all-reduce) or x 1
+   * (ping-pong).
    */
   double busbw;
   /**
@@ -447,7 +450,8 @@ ember_status ember_load_checkpoint(ember_engine *engine, const char *dir, uint64
  * Run a transport microbenchmark (nccl-tests style) over the engine's job: every rank of a
  * multi-rank engine (collective: every rank calls it with the same arguments), or a one-rank
  * world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL`,
- * `EMBER_BENCH_ALL_REDUCE` or `EMBER_BENCH_PING_PONG`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
+ * `EMBER_BENCH_ALL_REDUCE` or `EMBER_BENCH_PING_PONG`. Sizes run from `min_bytes` (>= 1) to
+ * `max_bytes`, multiplied by
  * `factor` (>= 2); a rank's buffers (`max_bytes`, times the number of ranks for all-to-all)
  * may not exceed `EMBER_BENCH_MAX_BYTES` each. Each size runs `warmup` untimed and
  * `iters` (>= 1) timed iterations, then one checked iteration with fresh seeded data compared

@@ -23,15 +23,18 @@ pub const EMBER_BENCH_MAX_BYTES: usize = 256 << 20;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct EmberBenchRow {
-    /// Bytes per peer (all-to-all) or buffer bytes (all-reduce).
+    /// Bytes per peer (all-to-all), buffer bytes (all-reduce) or the message (ping-pong).
     pub size: usize,
-    /// f32 elements per peer (all-to-all) or in the buffer (all-reduce): size / 4, at least 1.
+    /// f32 elements per peer (all-to-all), in the buffer (all-reduce) or the message (ping-pong):
+    /// size / 4, at least 1.
     pub count: usize,
-    /// Mean time per iteration in microseconds (the slowest rank's).
+    /// Mean time per iteration in microseconds (the slowest rank's; ping-pong: half the round
+    /// trip).
     pub time_us: f64,
     /// Algorithm bandwidth, GB/s: bytes moved per rank (all-to-all: size x ranks) / time.
     pub algbw: f64,
-    /// Bus bandwidth, GB/s: algbw x (n-1)/n (all-to-all) or x 2(n-1)/n (all-reduce).
+    /// Bus bandwidth, GB/s: algbw x (n-1)/n (all-to-all), x 2(n-1)/n (all-reduce) or x 1
+    /// (ping-pong).
     pub busbw: f64,
     /// Values that differed from the independently computed expectation, over all ranks (a
     /// correct transport gives 0).
@@ -41,7 +44,8 @@ pub struct EmberBenchRow {
 /// Run a transport microbenchmark (nccl-tests style) over the engine's job: every rank of a
 /// multi-rank engine (collective: every rank calls it with the same arguments), or a one-rank
 /// world for a single-process engine. `collective` is `EMBER_BENCH_ALL_TO_ALL`,
-/// `EMBER_BENCH_ALL_REDUCE` or `EMBER_BENCH_PING_PONG`. Sizes run from `min_bytes` (>= 1) to `max_bytes`, multiplied by
+/// `EMBER_BENCH_ALL_REDUCE` or `EMBER_BENCH_PING_PONG`. Sizes run from `min_bytes` (>= 1) to
+/// `max_bytes`, multiplied by
 /// `factor` (>= 2); a rank's buffers (`max_bytes`, times the number of ranks for all-to-all)
 /// may not exceed `EMBER_BENCH_MAX_BYTES` each. Each size runs `warmup` untimed and
 /// `iters` (>= 1) timed iterations, then one checked iteration with fresh seeded data compared
