@@ -432,6 +432,9 @@ impl Shared {
         let try_only = runner == Runner::Caller;
         let mut sent = false;
         let mut moved = false;
+        // Woken by `cfd`: another thread moved something. Not movement of this pass: passing
+        // it on would bounce one signal between blocked callers forever.
+        let mut woken = false;
         for (pfd, &p) in list.iter().zip(who.iter()) {
             let ev = pfd.revents;
             if ev == 0 {
@@ -439,7 +442,7 @@ impl Shared {
             }
             if p == EFD || p == CFD {
                 consume(if p == EFD { &self.efd } else { &self.cfd }.as_raw_fd());
-                moved |= p == CFD; // another thread moved something: the caller looks again
+                woken |= p == CFD; // the caller looks again
                 continue;
             }
             let s = self.streams[p].as_ref().unwrap();
@@ -493,7 +496,7 @@ impl Shared {
                 signal(self.cfd.as_raw_fd());
             }
         }
-        moved
+        moved || woken
     }
 }
 

@@ -258,8 +258,9 @@ fn a_write_failing_on_a_peer_that_broke_the_protocol_reports_the_protocol_error(
 /// A caller blocked in its `poll` hears another thread's progress: a pass that moved something
 /// while another caller is blocked signals `cfd`, and a caller's blocking pass returns on it
 /// (its sockets being silent: the frame was read by that other thread). Without it the caller
-/// slept its whole block (here 20 s, past the 10 s bound). With no caller blocked, nothing is
-/// signalled (a wait that never blocks costs no system call).
+/// slept its whole block (here 20 s, past the 10 s bound). A caller woken by the signal alone
+/// does not pass it on (two blocked callers would bounce it forever), and with no caller
+/// blocked nothing is signalled (a wait that never blocks costs no system call).
 #[test]
 fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
     let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
@@ -279,8 +280,10 @@ fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
     // SAFETY: an 8-byte read from the fabric's non-blocking eventfd.
     let n = unsafe { libc::read(sh.cfd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
     assert_eq!(n, 8, "the pass that read the frame signalled the other caller");
-    // A caller whose sockets stay silent (reading paused) wakes on the signal alone.
+    // A caller whose sockets stay silent (reading paused) wakes on the signal alone, and does
+    // not pass it on to the other blocked caller (counted: 2 with itself), having moved nothing.
     f1.pause_rx(true);
+    sh.blocked.fetch_add(1, Ordering::SeqCst);
     let sh2 = sh.clone();
     let blocked = std::thread::spawn(move || {
         let t = Instant::now();
@@ -290,7 +293,10 @@ fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
     super::progress::signal(sh.cfd.as_raw_fd());
     let (moved, took) = blocked.join().unwrap();
     assert!(moved && took < Duration::from_secs(10), "woke after {took:?} (moved {moved})");
-    sh.blocked.fetch_sub(1, Ordering::SeqCst);
+    // SAFETY: as above.
+    let n = unsafe { libc::read(sh.cfd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    assert_eq!(n, -1, "a caller woken by the signal alone signalled again");
+    sh.blocked.fetch_sub(2, Ordering::SeqCst);
     // Nobody blocked: a pass that moves signals nothing.
     s.write_all(&encode_frame(Tag { seq: 1, ..tag }, 4)).unwrap();
     s.write_all(&[5, 6, 7, 8]).unwrap();
