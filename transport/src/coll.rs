@@ -695,30 +695,34 @@ pub(crate) fn broadcast<T: Pod>(g: &Group, seq: u64, buf: &mut [T], root: usize)
     r.finish()
 }
 
-/// Point to point: `data` to member `to` as message `tag`, returning once the buffer may be
-/// reused (a backend may wait until `to` posted the receive).
-pub(crate) fn send_to<T: Pod>(g: &Group, tag: Tag, to: usize, data: &[T]) -> Result<()> {
-    const OP: &str = "send";
-    if to >= g.n() || to == g.me {
-        return Err(Error::usage(OP, format!("destination {to}: need another member of the {} ranks", g.n())));
-    }
-    let mut r = Round::tagged(g, tag, OP, false);
-    // SAFETY: `data` is borrowed for this function, so it outlives `r` (finished or dropped
-    // before this returns).
-    unsafe { r.send(to, data.as_ptr() as *const u8, std::mem::size_of_val(data))? };
-    r.finish()
+/// One point-to-point message, as bytes: the data to send, or the buffer to receive into
+/// (exactly the message's length).
+pub(crate) enum Msg<'b> {
+    Send(&'b [u8]),
+    Recv(&'b mut [u8]),
 }
 
-/// Point to point: message `tag` from member `from` into `buf`, which must be its exact length.
-pub(crate) fn recv_from<T: Pod>(g: &Group, tag: Tag, from: usize, buf: &mut [T]) -> Result<()> {
-    const OP: &str = "recv";
-    if from >= g.n() || from == g.me {
-        return Err(Error::usage(OP, format!("source {from}: need another member of the {} ranks", g.n())));
+/// Point to point: message `tag` to or from member `peer`, one round of one message. A send
+/// returns once its bytes may be reused (a backend may wait until `peer` posted the receive),
+/// a receive once they landed.
+pub(crate) fn point_to_point(g: &Group, tag: Tag, peer: usize, msg: Msg<'_>) -> Result<()> {
+    let (op, role) = match msg {
+        Msg::Send(_) => ("send", "destination"),
+        Msg::Recv(_) => ("recv", "source"),
+    };
+    if peer >= g.n() || peer == g.me {
+        return Err(Error::usage(op, format!("{role} {peer}: need another member of the {} ranks", g.n())));
     }
-    let mut r = Round::tagged(g, tag, OP, false);
-    // SAFETY: `buf` is borrowed exclusively for this function, so it outlives `r` and nothing
-    // else touches it; all of its bytes are posted.
-    unsafe { r.post(from, buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf))? };
+    let mut r = Round::tagged(g, tag, op, false);
+    // SAFETY: the message's bytes are borrowed (a receive's exclusively, so nothing else touches
+    // them) for this function, so they outlive `r`, finished or dropped before this returns;
+    // a receive posts all of its buffer.
+    unsafe {
+        match msg {
+            Msg::Send(d) => r.send(peer, d.as_ptr(), d.len())?,
+            Msg::Recv(b) => r.post(peer, b.as_mut_ptr(), b.len())?,
+        }
+    }
     r.finish()
 }
 

@@ -272,17 +272,19 @@ impl Comm {
     /// `send` or `recv` the pair's order is lost (as after an MPI error): use collectives, or
     /// a new communicator.
     pub fn send<T: Pod>(&self, to: usize, buf: &[T]) -> Result<()> {
-        let k = self.inner.sent.get(to).map(|c| c.fetch_add(1, Ordering::Relaxed));
-        let tag = self.inner.p2p_tag(k.unwrap_or(0));
-        coll::send_to(&self.inner.g, tag, to, buf)
+        self.point_to_point(&self.inner.sent, to, coll::Msg::Send(bytemuck::cast_slice(buf)))
     }
 
     /// Receive the next message from member `from` into `buf`, which must be the message's
     /// length: one of another length is an error naming the peer.
     pub fn recv<T: Pod>(&self, from: usize, buf: &mut [T]) -> Result<()> {
-        let k = self.inner.received.get(from).map(|c| c.fetch_add(1, Ordering::Relaxed));
-        let tag = self.inner.p2p_tag(k.unwrap_or(0));
-        coll::recv_from(&self.inner.g, tag, from, buf)
+        self.point_to_point(&self.inner.received, from, coll::Msg::Recv(bytemuck::cast_slice_mut(buf)))
+    }
+
+    /// `msg` as the next message of its direction with `peer` (`count`: each peer's so far).
+    fn point_to_point(&self, count: &[AtomicU64], peer: usize, msg: coll::Msg<'_>) -> Result<()> {
+        let k = count.get(peer).map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        coll::point_to_point(&self.inner.g, self.inner.p2p_tag(k), peer, msg)
     }
 
     // ------------------------------------------------ registered regions
