@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::fabric::{Fabric, Tag, Wait};
 use crate::reduce::{reduce_f32_mean_in_f64, reduce_host, ReduceOp, Reducible};
 use bytemuck::Pod;
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,14 +187,18 @@ impl Group {
     }
 }
 
+/// Per-rank values of one collective (offsets, byte counts, a round's messages): inline up to
+/// 8 ranks (9 offsets), so a collective on a small group allocates nothing for them.
+pub(crate) type PerRank<T> = SmallVec<[T; 9]>;
+
 /// One round of one collective: posted receives and started sends, cancelled on early return.
 struct Round<'a> {
     g: &'a Group,
     tag: Tag,
     w: Wait,
     /// (member, expected bytes, completed)
-    recvs: Vec<(usize, usize, bool)>,
-    sends: Vec<usize>,
+    recvs: PerRank<(usize, usize, bool)>,
+    sends: PerRank<usize>,
     /// The buffers are memory the CPU must not touch (`post_recv_direct`, `send_direct`).
     direct: bool,
 }
@@ -204,7 +209,7 @@ impl<'a> Round<'a> {
     }
 
     fn tagged(g: &'a Group, tag: Tag, op: &'static str, direct: bool) -> Self {
-        Round { g, tag, w: Wait::new(op, g.timeout), recvs: Vec::new(), sends: Vec::new(), direct }
+        Round { g, tag, w: Wait::new(op, g.timeout), recvs: PerRank::new(), sends: PerRank::new(), direct }
     }
 
     /// Post the landing buffer for `from`'s message, which must be exactly `buf.len()` bytes.
@@ -284,39 +289,38 @@ impl Drop for Round<'_> {
 }
 
 /// Prefix offsets of `counts` (n + 1 entries); a usage error when the sum overflows.
-pub(crate) fn offsets(op: &'static str, what: &str, counts: &[usize]) -> Result<Vec<usize>> {
-    let mut o = Vec::with_capacity(counts.len() + 1);
-    let mut at = 0usize;
-    o.push(at);
-    for &c in counts {
-        at = at.checked_add(c).ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))?;
-        o.push(at);
+pub(crate) fn offsets(op: &'static str, what: &str, counts: &[usize]) -> Result<PerRank<usize>> {
+    let mut o: PerRank<usize> = smallvec::smallvec![0; counts.len() + 1];
+    for (i, &c) in counts.iter().enumerate() {
+        o[i + 1] = o[i].checked_add(c).ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))?;
     }
     Ok(o)
 }
 
 /// `counts` scaled by `size` (elements to bytes); a usage error on overflow.
-fn scaled(op: &'static str, counts: &[usize], size: usize) -> Result<Vec<usize>> {
-    counts
-        .iter()
-        .map(|&c| c.checked_mul(size).ok_or_else(|| Error::usage(op, format!("count {c} of {size}-byte elements overflows"))))
-        .collect()
+fn scaled(op: &'static str, counts: &[usize], size: usize) -> Result<PerRank<usize>> {
+    let mut b: PerRank<usize> = smallvec::smallvec![0; counts.len()];
+    for (b, &c) in b.iter_mut().zip(counts) {
+        *b = c.checked_mul(size).ok_or_else(|| Error::usage(op, format!("count {c} of {size}-byte elements overflows")))?;
+    }
+    Ok(b)
 }
 
 /// Split `len` elements into `n` contiguous chunks, the first `len % n` one longer.
-pub(crate) fn even_counts(len: usize, n: usize) -> Vec<usize> {
+pub(crate) fn even_counts(len: usize, n: usize) -> PerRank<usize> {
     (0..n).map(|i| len / n + usize::from(i < len % n)).collect()
 }
 
-fn check_counts(op: &'static str, what: &str, counts: &[usize], n: usize, total: usize) -> Result<Vec<usize>> {
+fn check_counts(op: &'static str, what: &str, counts: &[usize], n: usize, total: usize) -> Result<()> {
     if counts.len() != n {
         return Err(Error::usage(op, format!("{what}: {} counts for {n} ranks", counts.len())));
     }
-    let o = offsets(op, what, counts)?;
-    if o[n] != total {
-        return Err(Error::usage(op, format!("{what}: counts sum to {} but the buffer holds {total}", o[n])));
+    let sum = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
+    let sum = sum.ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))?;
+    if sum != total {
+        return Err(Error::usage(op, format!("{what}: counts sum to {sum} but the buffer holds {total}")));
     }
-    Ok(o)
+    Ok(())
 }
 
 pub(crate) fn all_to_all_v<T: Pod>(
@@ -328,19 +332,14 @@ pub(crate) fn all_to_all_v<T: Pod>(
     recv_counts: &[usize],
 ) -> Result<()> {
     const OP: &str = "all_to_all_v";
-    let (n, me) = (g.n(), g.me);
+    let n = g.n();
     check_counts(OP, "send", send_counts, n, send.len())?;
     check_counts(OP, "receive", recv_counts, n, recv.len())?;
-    if send_counts[me] != recv_counts[me] {
-        return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[me], recv_counts[me])));
-    }
-    let sz = std::mem::size_of::<T>();
-    let (sb, rb) = (scaled(OP, send_counts, sz)?, scaled(OP, recv_counts, sz)?);
-    // SAFETY: `sb`/`rb` are the checked counts in bytes, summing to exactly the byte lengths of
-    // `send` and `recv` (check_counts above), so both hold the counts' sums of bytes; they are
-    // host memory holding `T`s (`Host<T>`'s kind), borrowed (`send` shared, so unchanged;
-    // `recv` exclusively, so untouched by others and not overlapping `send`) for the whole call.
-    unsafe { all_to_all_v_in(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, &sb, recv.as_mut_ptr() as *mut u8, &rb) }
+    // SAFETY: the counts (checked above) sum to exactly the lengths of `send` and `recv`, so
+    // with `T`'s size as the element size both hold the counts' sums of elements; they are host
+    // memory holding `T`s (`Host<T>`'s kind), borrowed (`send` shared, so unchanged; `recv`
+    // exclusively, so untouched by others and not overlapping `send`) for the whole call.
+    unsafe { all_to_all_elems(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, send_counts, recv.as_mut_ptr() as *mut u8, recv_counts, std::mem::size_of::<T>()) }
 }
 
 /// All-to-all-v of byte blocks in memory `mem`: `send_counts[p]` bytes at `send` (in rank
@@ -358,6 +357,27 @@ pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
     recv: *mut u8,
     recv_counts: &[usize],
 ) -> Result<()> {
+    // SAFETY: this function's contract, with 1-byte elements.
+    unsafe { all_to_all_elems(g, seq, mem, send, send_counts, recv, recv_counts, 1) }
+}
+
+/// All-to-all-v of blocks of `counts[p]` elements of `elem` bytes. Each block's offset is a
+/// running sum, so nothing is allocated: a small all-to-all's whole cost is its messages.
+///
+/// # Safety
+/// `send` and `recv` hold the counts' sums of elements of `mem`'s kind and stay valid (and,
+/// for `send`, unchanged) until this returns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn all_to_all_elems<M: Memory>(
+    g: &Group,
+    seq: u64,
+    mem: &M,
+    send: *const u8,
+    send_counts: &[usize],
+    recv: *mut u8,
+    recv_counts: &[usize],
+    elem: usize,
+) -> Result<()> {
     const OP: &str = "all_to_all_v";
     let (n, me) = (g.n(), g.me);
     if send_counts.len() != n || recv_counts.len() != n {
@@ -366,25 +386,46 @@ pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
     if send_counts[me] != recv_counts[me] {
         return Err(Error::usage(OP, format!("send count to self {} != receive count from self {}", send_counts[me], recv_counts[me])));
     }
-    let (so, ro) = (offsets(OP, "send", send_counts)?, offsets(OP, "receive", recv_counts)?);
+    // Checked once here: every partial sum below is at most its total, so none overflows.
+    let bytes = |what: &str, counts: &[usize]| {
+        counts.iter().try_fold(0usize, |a, &c| a.checked_add(c)).and_then(|t| t.checked_mul(elem)).ok_or_else(|| {
+            Error::usage(OP, format!("{what}: counts overflow (their sum of {elem}-byte elements exceeds {} bytes)", usize::MAX))
+        })
+    };
+    let recv_total = bytes("receive", recv_counts)?;
+    bytes("send", send_counts)?;
+    let (own_send, own_recv) = (send_counts[..me].iter().sum::<usize>() * elem, recv_counts[..me].iter().sum::<usize>() * elem);
     let mut r = Round::new(g, seq, 0, OP, mem.direct());
-    // SAFETY: the caller guarantees (this function's contract) that `send` holds so[n] and `recv`
-    // ro[n] bytes of `mem`'s kind, valid until this returns; block p lies at so[p]..so[p+1] /
-    // ro[p]..ro[p+1] (checked prefix sums), inside them. `r` is finished or dropped before this
-    // returns, so the posted and sent blocks outlive the round (`post`, `send`). The own-block
-    // copy's ranges do not overlap: `recv` is written while `send` stays unchanged (contract).
+    // SAFETY: the caller guarantees (this function's contract) that `send` and `recv` hold the
+    // counts' sums of elements of `mem`'s kind, valid until this returns; block p lies at the
+    // sum of the counts before p (times `elem`: the running offsets below, checked sums) and
+    // ends inside them. `r` is finished or dropped before this returns, so the posted and sent
+    // blocks outlive the round (`post`, `send`). The own-block copy's ranges do not overlap:
+    // `recv` is written while `send` stays unchanged (contract).
     unsafe {
+        // From me - 1 down, wrapping to n - 1: each block starts at the next one's start minus
+        // its own length.
+        let mut at = own_recv;
         for i in 1..n {
             let p = (me + n - i) % n;
-            r.post(p, recv.add(ro[p]), recv_counts[p])?;
+            let len = recv_counts[p] * elem;
+            at = (if p == n - 1 { recv_total } else { at }) - len;
+            r.post(p, recv.add(at), len)?;
         }
+        // From me + 1 up, wrapping to 0.
+        let mut at = own_send + send_counts[me] * elem;
         for i in 1..n {
             let p = (me + i) % n;
-            r.send(p, send.add(so[p]), send_counts[p])?;
+            if p == 0 {
+                at = 0;
+            }
+            let len = send_counts[p] * elem;
+            r.send(p, send.add(at), len)?;
+            at += len;
         }
         // The own block last: peers (shm: reading our buffer; tcp: receiving) start at once
         // instead of waiting for this copy.
-        mem.copy(send.add(so[me]), recv.add(ro[me]), send_counts[me])?;
+        mem.copy(send.add(own_send), recv.add(own_recv), send_counts[me] * elem)?;
     }
     r.finish()
 }
@@ -728,6 +769,6 @@ pub(crate) fn point_to_point(g: &Group, tag: Tag, peer: usize, msg: Msg<'_>) -> 
 
 pub(crate) fn barrier(g: &Group, seq: u64) -> Result<()> {
     let n = g.n();
-    let zeros = vec![0usize; n];
+    let zeros: PerRank<usize> = smallvec::smallvec![0; n];
     all_to_all_v::<u8>(g, seq, &[], &zeros, &mut [], &zeros).map_err(|e| e.with_op("barrier"))
 }

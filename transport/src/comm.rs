@@ -179,7 +179,7 @@ impl Comm {
         if !send.len().is_multiple_of(n) || recv.len() != send.len() {
             return Err(Error::usage("all_to_all", format!("buffers of {} and {} elements for {n} ranks", send.len(), recv.len())));
         }
-        let c = vec![send.len() / n; n];
+        let c: coll::PerRank<usize> = smallvec::smallvec![send.len() / n; n];
         self.all_to_all_v(send, &c, recv, &c)
     }
 
@@ -220,7 +220,7 @@ impl Comm {
 
     /// Reduce-scatter with equal chunks: `send.len() == size * recv.len()`.
     pub fn reduce_scatter<T: Reducible>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
-        let c = vec![recv.len(); self.size()];
+        let c: coll::PerRank<usize> = smallvec::smallvec![recv.len(); self.size()];
         self.reduce_scatter_v(send, &c, recv, op)
     }
 
@@ -231,7 +231,7 @@ impl Comm {
 
     /// All-gather with equal contributions: `recv.len() == size * send.len()`.
     pub fn all_gather<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        let c = vec![send.len(); self.size()];
+        let c: coll::PerRank<usize> = smallvec::smallvec![send.len(); self.size()];
         self.all_gather_v(send, recv, &c)
     }
 
@@ -473,5 +473,5 @@ pub fn local_world_with_timeout(n: usize, timeout: Duration) -> Vec<Comm> {
 /// Counts that split `len` elements over `n` ranks as evenly as possible (first ones longer):
 /// the chunking `all_reduce` uses internally, exposed for reduce-scatter callers.
 pub fn split_evenly(len: usize, n: usize) -> Vec<usize> {
-    even_counts(len, n)
+    even_counts(len, n).into_vec()
 }
