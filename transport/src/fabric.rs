@@ -19,16 +19,26 @@ pub struct Tag {
 }
 
 /// Deadline and name of the operation on whose behalf a primitive waits.
-#[derive(Clone, Copy, Debug)]
+///
+/// The deadline is `timeout` after the first look at it: the clock is read when a primitive
+/// first has to wait (or checks the deadline), not when the operation starts, so an operation
+/// whose every message is ready at once never reads it (a clock read costs about as much as
+/// a small message's whole software path).
+#[derive(Clone, Debug)]
 pub struct Wait {
     pub op: &'static str,
-    pub deadline: Instant,
     pub timeout: Duration,
+    start: std::sync::OnceLock<Instant>,
 }
 
 impl Wait {
     pub fn new(op: &'static str, timeout: Duration) -> Self {
-        Wait { op, deadline: Instant::now() + timeout, timeout }
+        Wait { op, timeout, start: std::sync::OnceLock::new() }
+    }
+
+    /// When this operation's waits time out (fixed at the first call).
+    pub fn deadline(&self) -> Instant {
+        *self.start.get_or_init(Instant::now) + self.timeout
     }
 }
 

@@ -198,22 +198,20 @@ impl Mailbox {
 
     /// A writer claims the posted buffer for `len` bytes. `Ok(None)`: not posted yet.
     pub fn claim(t: &mut Table, src: usize, tag: Tag, len: usize, op: &'static str) -> Result<Option<RawBuf>> {
-        let key = (src, tag, Dir::Recv);
-        match t.map.get(&key) {
-            None => Ok(None),
-            Some(Slot::Posted { buf, cap }) => {
-                let (buf, cap) = (*buf, *cap);
+        let Some(slot) = t.map.get_mut(&(src, tag, Dir::Recv)) else { return Ok(None) };
+        match *slot {
+            Slot::Posted { buf, cap } => {
                 if len > cap {
                     let e = too_long(op, src, len, cap);
-                    t.map.insert(key, Slot::Failed(e.clone()));
+                    *slot = Slot::Failed(e.clone());
                     return Err(e);
                 }
-                t.map.insert(key, Slot::Writing);
+                *slot = Slot::Writing;
                 Ok(Some(buf))
             }
-            Some(_) => {
+            _ => {
                 let e = Error::Protocol { op, peer: src, detail: format!("duplicate message for {tag:?}") };
-                if let Some(Slot::Early(v)) = t.map.insert(key, Slot::Failed(e.clone())) {
+                if let Slot::Early(v) = std::mem::replace(slot, Slot::Failed(e.clone())) {
                     t.early_bytes -= v.len();
                 }
                 Err(e)
@@ -252,6 +250,27 @@ impl Mailbox {
     pub fn deliver(&self, src: usize, tag: Tag, data: Vec<u8>, reserved: bool, op: &'static str) -> Result<()> {
         let mut t = self.lock();
         let r = Self::deliver_locked(&mut t, src, tag, data, reserved, op);
+        drop(t);
+        self.notify();
+        r
+    }
+
+    /// Deliver a whole message read in place (a shared-memory ring record): copied straight
+    /// into its posted buffer under one lock and one lookup, or kept (copied out) until `post`.
+    pub fn deliver_slice(&self, src: usize, tag: Tag, data: &[u8], op: &'static str) -> Result<()> {
+        let mut t = self.lock();
+        let r = match t.map.get_mut(&(src, tag, Dir::Recv)) {
+            Some(slot) if matches!(*slot, Slot::Posted { cap, .. } if data.len() <= cap) => {
+                let Slot::Posted { buf, .. } = *slot else { unreachable!("matched above") };
+                // SAFETY: the posted buffer holds `cap >= data.len()` writable bytes until the
+                // receive completes or is cancelled (`Fabric::post_recv`), which cannot happen
+                // while we hold the table lock; `data` is not the receiver's buffer.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.0, data.len()) };
+                *slot = Slot::Done(data.len());
+                Ok(())
+            }
+            _ => Self::deliver_locked(&mut t, src, tag, data.to_vec(), false, op),
+        };
         drop(t);
         self.notify();
         r
@@ -360,8 +379,11 @@ impl Mailbox {
         let mut yielded: Option<Duration> = None;
         let mut passes = 0u32;
         let mut spinning = true;
+        // The first look comes before any progress: what is already complete (a send that went
+        // out eagerly) costs no poll.
+        let mut first = true;
         loop {
-            if poll()? {
+            if !std::mem::take(&mut first) && poll()? {
                 start = None;
                 sleep = Duration::from_micros(20);
                 backoff.reset();
@@ -385,7 +407,7 @@ impl Mailbox {
                 continue;
             }
             let now = Instant::now();
-            if now >= w.deadline {
+            if now >= w.deadline() {
                 return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
             }
             let start = *start.get_or_insert(now);
@@ -404,7 +426,7 @@ impl Mailbox {
                 std::thread::yield_now();
                 yielded = Some(t0.elapsed());
             } else {
-                let d = sleep.min(w.deadline - now);
+                let d = sleep.min(w.deadline() - now);
                 drop(self.sleep(t, d));
                 sleep = (sleep * 2).min(MAX_SLEEP);
             }

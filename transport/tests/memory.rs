@@ -62,7 +62,7 @@ fn memcpy() -> DirectCopy {
 
 /// Values whose f32 sum depends on the order (large and small magnitudes mixed).
 fn x(r: usize, i: usize) -> f32 {
-    let big = if (r + i) % 3 == 0 { 3.0e7 } else { -1.1e7 };
+    let big = if (r + i).is_multiple_of(3) { 3.0e7 } else { -1.1e7 };
     big * (1.0 + r as f32 * 0.37) + val(r, i, 5) as f32 * 0.013
 }
 

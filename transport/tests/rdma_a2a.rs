@@ -363,10 +363,11 @@ fn cancel_while_the_sender_progresses_is_acknowledged() {
         let w = Wait::new("test", Duration::from_secs(5));
         let len = 100_000;
         let f0 = f[0].clone();
+        let wc = w.clone();
         let h = std::thread::spawn(move || {
             let mut last = vec![0u8; 10];
-            unsafe { f0.post_recv(1, tag(9), last.as_mut_ptr(), 10, &w).unwrap() };
-            f0.wait_recv(1, tag(9), &w).unwrap()
+            unsafe { f0.post_recv(1, tag(9), last.as_mut_ptr(), 10, &wc).unwrap() };
+            f0.wait_recv(1, tag(9), &wc).unwrap()
         });
         let mut buf = vec![0u8; len];
         let deregs = stats.deregistrations(1);
@@ -400,12 +401,13 @@ fn cancel_before_the_send_keeps_the_connection() {
         }
         let f0 = f[0].clone();
         let d = data.clone();
+        let wc = w.clone();
         let h = std::thread::spawn(move || unsafe {
             // The cancelled message is still sent (the sender knows nothing yet): dropped unwritten.
-            f0.send(1, tag(1), d.as_ptr(), len, &w).unwrap();
-            f0.send(1, tag(2), d.as_ptr(), len, &w).unwrap();
-            f0.wait_send(1, tag(1), &w).unwrap();
-            f0.wait_send(1, tag(2), &w).unwrap();
+            f0.send(1, tag(1), d.as_ptr(), len, &wc).unwrap();
+            f0.send(1, tag(2), d.as_ptr(), len, &wc).unwrap();
+            f0.wait_send(1, tag(1), &wc).unwrap();
+            f0.wait_send(1, tag(2), &wc).unwrap();
         });
         assert_eq!(f[1].wait_recv(0, tag(2), &w).unwrap(), len);
         h.join().unwrap();
@@ -483,13 +485,14 @@ fn finish_after_the_cancel<V: ember_transport::rdma::verbs::Verbs + 'static>(
     let len = data.len();
     let f0 = f[0].clone();
     let d = data.to_vec();
+    let wc = w.clone();
     let h = std::thread::spawn(move || unsafe {
         if !first_issued {
-            f0.send(1, tag(1), d.as_ptr(), len, &w)?;
+            f0.send(1, tag(1), d.as_ptr(), len, &wc)?;
         }
-        f0.send(1, tag(2), d.as_ptr(), len, &w)?;
-        f0.wait_send(1, tag(1), &w)?;
-        f0.wait_send(1, tag(2), &w)
+        f0.send(1, tag(2), d.as_ptr(), len, &wc)?;
+        f0.wait_send(1, tag(1), &wc)?;
+        f0.wait_send(1, tag(2), &wc)
     });
     let got = f[1].wait_recv(0, tag(2), &w);
     let sent = h.join().unwrap();
@@ -603,16 +606,17 @@ fn many_messages(e: EmuConfig, count: u64, len: usize, send_first: bool) {
     let f = fabrics(2, e, RdmaConfig { slots: 3, chunk: 512 }); // zero-copy from 2 KiB
     let w = Wait::new("test", Duration::from_secs(20));
     let f0 = f[0].clone();
+    let wc = w.clone();
     let h = std::thread::spawn(move || {
         let data: Vec<Vec<u8>> = (0..count).map(|k| (0..len).map(|i| (i as u64 * 7 + k) as u8).collect()).collect();
         if !send_first {
             std::thread::sleep(Duration::from_millis(20));
         }
         for (k, d) in data.iter().enumerate() {
-            unsafe { f0.send(1, tag(k as u64), d.as_ptr(), len, &w).unwrap() };
+            unsafe { f0.send(1, tag(k as u64), d.as_ptr(), len, &wc).unwrap() };
         }
         for k in 0..count {
-            f0.wait_send(1, tag(k), &w).unwrap();
+            f0.wait_send(1, tag(k), &wc).unwrap();
         }
     });
     if send_first {
@@ -652,9 +656,10 @@ fn upper_bound_posts_below_and_above_the_threshold() {
             let t = tag(k as u64);
             let f0 = f[0].clone();
             let d = data.clone();
+            let wc = w.clone();
             let h = std::thread::spawn(move || unsafe {
-                f0.send(1, t, d.as_ptr(), d.len(), &w).unwrap();
-                f0.wait_send(1, t, &w).unwrap();
+                f0.send(1, t, d.as_ptr(), d.len(), &wc).unwrap();
+                f0.wait_send(1, t, &wc).unwrap();
             });
             unsafe { f[1].post_recv(0, t, buf.as_mut_ptr(), buf.len(), &w).unwrap() };
             assert_eq!(f[1].wait_recv(0, t, &w).unwrap(), sent);

@@ -207,7 +207,7 @@ fn a_slot_message_for_a_device_buffer_is_an_error_not_a_cpu_copy() {
         let host = vec![9u8; 100];
         let dev = DeviceMem::new(100).unwrap();
         let sender = {
-            let f0 = f[0].clone();
+            let (f0, w) = (f[0].clone(), w.clone());
             let host = host.clone();
             std::thread::spawn(move || {
                 // SAFETY: `host` outlives wait_send.
@@ -282,7 +282,7 @@ fn a_device_receive_that_cannot_register_fails_fast_on_both_sides() {
         let dst = DeviceMem::new(8192).unwrap();
         let t0 = Instant::now();
         let sender = {
-            let (f0, a) = (f[0].clone(), src.addr());
+            let (f0, a, w) = (f[0].clone(), src.addr(), w.clone());
             std::thread::spawn(move || {
                 // SAFETY: `src` outlives the thread (joined below).
                 unsafe { f0.send_direct(1, tag, a as *const u8, 4000, &w) }.unwrap();

@@ -203,7 +203,8 @@ fn bad_region_calls_are_refused() {
     // SAFETY: `msg` holds len bytes and lives until the send is waited for below.
     unsafe { f[0].send(1, tag(1), msg.as_ptr(), len, &w).unwrap() };
     let f0 = f[0].clone();
-    let h = std::thread::spawn(move || f0.wait_send(1, tag(1), &w));
+    let wc = w.clone();
+    let h = std::thread::spawn(move || f0.wait_send(1, tag(1), &wc));
     assert_eq!(f[1].wait_recv(0, tag(1), &w).unwrap(), len);
     h.join().unwrap().unwrap();
     assert!(arena[4096..4096 + len] == msg[..]);
@@ -244,7 +245,8 @@ fn an_unacknowledged_cancel_in_a_region_cuts_off_that_peer_only() {
     assert!(matches!(err, Error::PeerFailed { peer: 2, .. }), "{err}");
     // Rank 1's message into the same region completes.
     let f1 = f[1].clone();
-    let h = std::thread::spawn(move || f1.wait_send(2, tag(1), &w));
+    let wc = w.clone();
+    let h = std::thread::spawn(move || f1.wait_send(2, tag(1), &wc));
     assert_eq!(f[2].wait_recv(1, tag(1), &w).unwrap(), len);
     h.join().unwrap().unwrap();
     assert!(arena[len..] == data[..], "the other peer's message did not land");
@@ -290,7 +292,8 @@ fn an_abandoned_send_from_a_region_cuts_off_that_peer_only() {
         f[0].send(2, tag(1), arena.as_ptr(), len, &w).unwrap();
     }
     let f0 = f[0].clone();
-    let h = std::thread::spawn(move || f0.wait_send(2, tag(1), &w));
+    let wc = w.clone();
+    let h = std::thread::spawn(move || f0.wait_send(2, tag(1), &wc));
     assert_eq!(f[2].wait_recv(0, tag(1), &w).unwrap(), len);
     h.join().unwrap().unwrap();
     assert!(r2 == arena, "the other peer's message from the region is wrong");

@@ -139,6 +139,9 @@ impl ShmFabric {
         let Some(k) = t.slots[src].iter().position(|a| a.is_none()) else { return false };
         let gen = t.gens[src][k] + 1;
         t.gens[src][k] = gen;
+        // Counted before it is published: a ring drain that finds nothing advertised skips
+        // the advertisement lock (`drain_ring`).
+        self.adv_live.fetch_add(1, Ordering::Release);
         let a = self.rx[src].adv(k);
         a.ctx.store(tag.ctx, Ordering::Relaxed);
         a.seq.store(tag.seq, Ordering::Relaxed);
@@ -148,7 +151,6 @@ impl ShmFabric {
         a.len.store(0, Ordering::Relaxed);
         a.state.store(gen << 2 | A_POSTED, Ordering::Release);
         t.slots[src][k] = Some(LocalAdv { tag, cap, gen, rts_seen: false, buf: buf as usize, got: 0, total: 0 });
-        self.adv_live.fetch_add(1, Ordering::Relaxed);
         true
     }
 

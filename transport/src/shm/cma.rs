@@ -111,7 +111,7 @@ impl ShmFabric {
             if let Some(e) = self.mb.lock().dead.get(&dst) {
                 return Err(e.clone().with_op(w.op));
             }
-            if Instant::now() >= w.deadline {
+            if Instant::now() >= w.deadline() {
                 return Err(Error::Timeout { op: w.op, peer: dst, timeout: w.timeout });
             }
             backoff.snooze();

@@ -19,7 +19,7 @@ impl ShmFabric {
     pub fn poll(&self) -> Result<bool> {
         let Ok(mut d) = self.drain.try_lock() else { return Ok(false) };
         let mut moved = false;
-        {
+        if self.pending_n.load(Ordering::Acquire) > 0 {
             let mut pend = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let mut keep = Vec::new();
             for (dst, rec) in pend.drain(..) {
@@ -28,6 +28,7 @@ impl ShmFabric {
                 }
             }
             *pend = keep;
+            self.pending_n.store(pend.len(), Ordering::Release);
         }
         // Liveness first: whatever a peer wrote before it exited (ring records, direct writes)
         // is drained below, before it is declared dead, so a peer that finished its part of a

@@ -142,6 +142,8 @@ pub(crate) struct ShmFabric {
     drain: Mutex<Drain>,
     /// Control records (FIN, ABORT) that found their ring full; flushed by `poll`.
     pending: Mutex<Vec<(usize, Rec)>>,
+    /// `pending.len()`, read without the lock by `poll` to skip it when empty.
+    pending_n: AtomicUsize,
     /// `txa[d]`: our region in d's inbox (the advertisements d keeps for us, our offers to d).
     txa: Vec<Option<Ring>>,
     /// Our advertisements, per source.
@@ -181,7 +183,7 @@ impl ShmFabric {
             // SAFETY: our region in d's inbox (the mapping holds HEADER + n * REGION bytes).
             let region = unsafe { m.as_mut_ptr().add(segment::HEADER + rank * segment::REGION) };
             txa.push(Some(Ring(region)));
-            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0, tail: 0 })));
+            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0, tail: 0, looked: 0 })));
             maps.push(Some(m));
             probes.push(probe);
             pidfds.push(if pids[d] != std::process::id() { cma::pidfd(pids[d]) } else { None });
@@ -198,6 +200,7 @@ impl ShmFabric {
             tx,
             drain: Mutex::new(Drain { tails: vec![0; n], last_liveness: Instant::now(), polls: 0 }),
             pending: Mutex::new(Vec::new()),
+            pending_n: AtomicUsize::new(0),
             txa,
             adv: Mutex::new(AdvTable::new(n)),
             adv_live: AtomicUsize::new(0),

@@ -13,6 +13,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub const HDR: usize = 64;
+/// The start of the ring that a producer returns to whenever the consumer has drained it
+/// (`try_push`): small messages cycle through these lines instead of the whole megabyte.
+pub const HOT_BYTES: usize = 64 << 10;
 
 pub const PAD: u32 = 1;
 pub const EAGER: u32 = 2;
@@ -117,6 +120,8 @@ pub(super) struct Producer {
     /// and the shared tail, a line the consumer writes after every record, is read again only
     /// when that space does not hold the record (one cross-core transfer less per message).
     pub(super) tail: u64,
+    /// `head` when the shared tail was last read past the hot window.
+    pub(super) looked: u64,
 }
 
 pub(super) struct Drain {
@@ -131,7 +136,24 @@ impl ShmFabric {
     pub(super) fn try_push(&self, dst: usize, rec: &Rec, payload: &[u8]) -> Result<bool> {
         let mut p = self.tx[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
         let len = rec_len(payload.len());
-        let idx = (p.head % RING_CAP as u64) as usize;
+        let mut idx = (p.head % RING_CAP as u64) as usize;
+        if idx >= HOT_BYTES && len <= idx && p.head - p.looked >= (HOT_BYTES / 4) as u64 {
+            // Past the hot window (looking at most once per quarter of it): if the consumer
+            // has drained everything, pad to the end and go on from the ring's start, so that
+            // small messages keep reusing lines still in both cores' caches.
+            p.looked = p.head;
+            let tail = p.ring.ctl().tail.load(Ordering::Acquire);
+            check_ring(p.head, tail).map_err(|e| self.proto(dst, e))?;
+            p.tail = tail;
+            if tail == p.head {
+                let pad = Rec { kind: PAD, len: (RING_CAP - idx) as u64, ..Rec::zeroed() };
+                // SAFETY: idx + HDR <= RING_CAP (idx is 64-aligned); the ring is empty, so the
+                // consumer reads nothing here before we publish the new head.
+                unsafe { std::ptr::copy_nonoverlapping(bytemuck::bytes_of(&pad).as_ptr(), p.ring.data().add(idx), HDR) };
+                p.head += (RING_CAP - idx) as u64;
+                idx = 0;
+            }
+        }
         let to_end = RING_CAP - idx;
         let need = if len <= to_end { len } else { to_end + len };
         if RING_CAP - ((p.head - p.tail) as usize) < need {
@@ -171,7 +193,7 @@ impl ShmFabric {
             if let Some(e) = self.mb.lock().dead.get(&dst) {
                 return Err(e.clone().with_op(w.op));
             }
-            if Instant::now() >= w.deadline {
+            if Instant::now() >= w.deadline() {
                 return Err(Error::Timeout { op: w.op, peer: dst, timeout: w.timeout });
             }
             if backoff.is_completed() {
@@ -185,7 +207,9 @@ impl ShmFabric {
     /// A payload-free control record (FIN, ABORT): pushed now, or queued until it fits.
     pub(super) fn push_control(&self, dst: usize, rec: Rec) -> Result<()> {
         if !self.try_push(dst, &rec, &[])? {
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).push((dst, rec));
+            let mut pend = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pend.push((dst, rec));
+            self.pending_n.store(pend.len(), Ordering::Release);
         }
         Ok(())
     }
@@ -212,29 +236,17 @@ impl ShmFabric {
             match rec.kind {
                 PAD => {}
                 EAGER => {
-                    let len = payload.len();
-                    let claimed = {
-                        // Revoke and claim under the advertisement lock (see `advertise`).
-                        let mut at = self.adv_lock();
-                        if self.revoke_locked(&mut at, s, tag, false).is_err() {
+                    // Revoke and deliver under the advertisement lock (see `advertise`), when
+                    // anything is advertised at all.
+                    let mut at = (self.adv_live.load(Ordering::Acquire) > 0).then(|| self.adv_lock());
+                    if let Some(at) = at.as_mut() {
+                        if self.revoke_locked(at, s, tag, false).is_err() {
                             return Err(self.proto(s, format!("message {tag:?} both sent and written into the advertised buffer")));
                         }
-                        let mut t = self.mb.lock();
-                        crate::mailbox::Mailbox::claim(&mut t, s, tag, len, "shm receive")
-                    };
-                    match claimed {
-                        Ok(Some(buf)) => {
-                            // SAFETY: claim checked len against the posted capacity, and the
-                            // receiver keeps the buffer valid until the message completes; the
-                            // payload is this ring's record, not the receiver's buffer.
-                            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.0, len) };
-                            self.mb.complete(s, tag, Dir::Recv, len);
-                        }
-                        Ok(None) => {
-                            let _ = self.mb.deliver(s, tag, payload.to_vec(), false, "shm receive");
-                        }
-                        Err(_) => self.mb.notify(), // the slot now holds the error
                     }
+                    // A failed delivery leaves the error in the receive's slot.
+                    let _ = self.mb.deliver_slice(s, tag, payload, "shm receive");
+                    drop(at);
                 }
                 RTS => {
                     let announced = {

@@ -710,3 +710,46 @@ fn slots_and_chunks_written_by_a_peer_are_checked() {
     assert!(check_chunk(0, 0, 30, 0, 0).is_err(), "empty");
     assert!(check_chunk(u64::MAX, 1, u64::MAX, usize::MAX, u64::MAX).is_err());
 }
+
+/// Small messages that the consumer drains as they come keep to the ring's first
+/// [`ring::HOT_BYTES`] (plus the quarter between looks): the producer pads to the end and starts
+/// over. A consumer that lags gets the whole ring, and nothing unread is overwritten.
+#[test]
+fn the_producer_returns_to_the_rings_start_only_when_the_consumer_has_drained_it() {
+    use super::ring::HOT_BYTES;
+    let (f0, f1) = pair("hot");
+    let w = Wait::new("test", Duration::from_secs(5));
+    let head = |f: &ShmFabric| f.tx[1].as_ref().unwrap().lock().unwrap().head;
+    let msg = |i: u64| -> Vec<u8> { (0..16).map(|b| (i as u8).wrapping_mul(31).wrapping_add(b)).collect() };
+    let (mut furthest, mut sent) = (0, 0u64);
+    for i in 0..3000 {
+        let (d, mut buf) = (msg(i), [0u8; 16]);
+        // SAFETY: `buf` and `d` outlive the message, waited for below.
+        unsafe { f1.post_recv(0, tag(i), buf.as_mut_ptr(), 16, &w).unwrap() };
+        unsafe { f0.send(1, tag(i), d.as_ptr(), 16, &w).unwrap() };
+        f0.wait_send(1, tag(i), &w).unwrap();
+        assert_eq!(f1.wait_recv(0, tag(i), &w).unwrap(), 16);
+        assert_eq!(buf[..], d[..], "message {i}");
+        furthest = furthest.max(head(&f0) % segment::RING_CAP as u64);
+        sent += 128;
+    }
+    assert!(head(&f0) > sent, "never padded back to the start (head {})", head(&f0));
+    assert!(furthest <= (HOT_BYTES + HOT_BYTES / 4 + 128) as u64, "records reached {furthest} bytes into the ring");
+    // Lagging: 6000 records (768 KB, far past the hot window) sent before any is received.
+    let start = head(&f0);
+    let msgs: Vec<Vec<u8>> = (0..6000).map(|i| msg(i + 7)).collect();
+    for (i, d) in msgs.iter().enumerate() {
+        // SAFETY: `msgs` outlives every message, waited for below.
+        unsafe { f0.send(1, tag(10_000 + i as u64), d.as_ptr(), 16, &w).unwrap() };
+    }
+    assert_eq!(head(&f0) - start, 6000 * 128, "the ring was not used contiguously behind an unread record");
+    for (i, d) in msgs.iter().enumerate() {
+        let t = tag(10_000 + i as u64);
+        f0.wait_send(1, t, &w).unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: `buf` outlives the message, waited for on the next line.
+        unsafe { f1.post_recv(0, t, buf.as_mut_ptr(), 16, &w).unwrap() };
+        assert_eq!(f1.wait_recv(0, t, &w).unwrap(), 16);
+        assert_eq!(buf[..], d[..], "lagging message {i}");
+    }
+}

@@ -190,7 +190,7 @@ impl TcpFabric {
                 return Err(e.clone().with_op(w.op));
             }
             let now = Instant::now();
-            if now >= w.deadline {
+            if now >= w.deadline() {
                 return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
             }
             if moved {
@@ -210,7 +210,7 @@ impl TcpFabric {
                 self.sh.blocked.fetch_add(1, Ordering::SeqCst);
                 let done = check();
                 if done.is_none() {
-                    self.sh.pass(Runner::Caller, block.min(w.deadline - now));
+                    self.sh.pass(Runner::Caller, block.min(w.deadline() - now));
                 }
                 self.sh.blocked.fetch_sub(1, Ordering::SeqCst);
                 if let Some(r) = done {

@@ -91,7 +91,7 @@ impl<V: Verbs> RdmaFabric<V> {
                 continue;
             }
             let now = Instant::now();
-            if now >= w.deadline {
+            if now >= w.deadline() {
                 return Err(Error::Timeout { op: w.op, peer, timeout: w.timeout });
             }
             let idle = now - *idle_since.get_or_insert(now);
