@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
 use crate::spin::AdaptiveSpin;
 use crossbeam_utils::Backoff;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -158,41 +159,45 @@ impl Mailbox {
 
     /// Register a receive buffer, consuming an early arrival if there is one.
     pub fn post(&self, src: usize, tag: Tag, buf: *mut u8, cap: usize, op: &'static str) -> Result<Posted> {
-        let mut t = self.lock();
-        let key = (src, tag, Dir::Recv);
-        match t.map.remove(&key) {
-            None => {
-                t.map.insert(key, Slot::Posted { buf: RawBuf(buf), cap });
-                drop(t);
+        let mut g = self.lock();
+        let t = &mut *g;
+        let mut o = match t.map.entry((src, tag, Dir::Recv)) {
+            Entry::Vacant(v) => {
+                v.insert(Slot::Posted { buf: RawBuf(buf), cap });
+                drop(g);
                 self.notify(); // a sender may be waiting for this buffer (local rendezvous)
-                Ok(Posted::Waiting)
+                return Ok(Posted::Waiting);
             }
-            Some(Slot::Early(v)) => {
-                t.early_bytes -= v.len();
-                if v.len() > cap {
-                    let e = too_long(op, src, v.len(), cap);
-                    t.map.insert(key, Slot::Failed(e.clone()));
+            Entry::Occupied(o) => o,
+        };
+        match o.get() {
+            Slot::Early(v) => {
+                let n = v.len();
+                t.early_bytes -= n;
+                if n > cap {
+                    let e = too_long(op, src, n, cap);
+                    o.insert(Slot::Failed(e.clone()));
                     return Err(e);
                 }
                 // SAFETY: the caller guarantees buf..buf+cap is writable (Fabric::post_recv).
-                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), buf, v.len()) };
-                t.map.insert(key, Slot::Done(v.len()));
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), buf, n) };
+                o.insert(Slot::Done(n));
                 Ok(Posted::Landed)
             }
-            Some(Slot::Remote { addr, len, id }) => {
+            &Slot::Remote { addr, len, id } => {
                 if len > cap {
                     let e = too_long(op, src, len, cap);
-                    t.map.insert(key, Slot::Failed(e.clone()));
+                    o.insert(Slot::Failed(e.clone()));
                     return Err(e);
                 }
-                t.map.insert(key, Slot::Writing);
+                o.insert(Slot::Writing);
                 Ok(Posted::Fetch { addr, len, id })
             }
-            Some(Slot::Failed(e)) => Err(e),
-            Some(other) => {
-                t.map.insert(key, other);
-                Err(Error::usage(op, format!("receive from rank {src} posted twice for {tag:?}")))
-            }
+            Slot::Failed(_) => match o.remove() {
+                Slot::Failed(e) => Err(e),
+                _ => unreachable!("matched above"),
+            },
+            _ => Err(Error::usage(op, format!("receive from rank {src} posted twice for {tag:?}"))),
         }
     }
 
@@ -339,17 +344,12 @@ impl Mailbox {
 
     /// Wait for `(peer, tag, dir)` to be `Done`, calling `poll` between checks (shm progress).
     pub fn wait_done(&self, peer: usize, tag: Tag, dir: Dir, w: &Wait, poll: &dyn Fn() -> Result<bool>) -> Result<usize> {
-        self.wait_until(peer, w, poll, |t| match t.map.get(&(peer, tag, dir)) {
-            Some(Slot::Done(n)) => {
-                let n = *n;
-                t.map.remove(&(peer, tag, dir));
-                Some(Ok(n))
-            }
-            Some(Slot::Failed(e)) => {
-                let e = e.clone();
-                t.map.remove(&(peer, tag, dir));
-                Some(Err(e))
-            }
+        self.wait_until(peer, w, poll, |t| match t.map.entry((peer, tag, dir)) {
+            Entry::Occupied(o) if matches!(o.get(), Slot::Done(_) | Slot::Failed(_)) => match o.remove() {
+                Slot::Done(n) => Some(Ok(n)),
+                Slot::Failed(e) => Some(Err(e)),
+                _ => unreachable!("matched above"),
+            },
             _ => None,
         })
     }

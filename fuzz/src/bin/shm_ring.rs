@@ -12,7 +12,10 @@ use ember_transport::wire::shm::*;
 
 fn rec_bytes(r: &Rec, payload: usize) -> Vec<u8> {
     let mut b = bytemuck::bytes_of(r).to_vec();
-    b.resize(rec_len(payload), 0xab);
+    if payload <= INLINE_MAX && r.kind == EAGER {
+        b[INLINE_AT..INLINE_AT + payload].fill(0xab);
+    }
+    b.resize(rec_len(r.kind, payload), 0xab);
     b
 }
 
@@ -31,6 +34,7 @@ libfuzzer_sys::fuzz_target!(
         let pad = rec_bytes(&Rec { kind: PAD, len: 128, ..Rec::zeroed() }, 0);
         vec![
             ("eager-rts-fin", seed(0, &[eager(100), rts, fin].concat(), 8192)),
+            ("inline-eager", seed(64, &[eager(8), eager(32), eager(33)].concat(), 8192)),
             ("chunks", seed(4096, &[chunk(0, 300, 500), chunk(300, 200, 500)].concat(), 8192)),
             ("pad-at-the-end", seed(RING_CAP as u64 * 3 - 128, &[pad, eager(8)].concat(), 8192)),
         ]
@@ -70,7 +74,7 @@ libfuzzer_sys::fuzz_target!(
             assert_eq!(c.kind, rec.kind);
             assert!(c.used >= HDR && c.used % HDR == 0, "{c:?}");
             assert!(idx + c.used <= RING_CAP && c.used <= avail, "{c:?} at {idx} of {avail}");
-            assert!(HDR + c.payload <= c.used);
+            assert!(c.at + c.payload <= c.used && (c.at == HDR || (c.at == INLINE_AT && rec.kind == EAGER && c.used == HDR)), "{c:?}");
             match rec.kind {
                 PAD => assert_eq!(idx + c.used, RING_CAP),
                 EAGER => assert!(c.payload <= eager_max && c.payload as u64 == rec.len),

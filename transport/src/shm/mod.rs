@@ -57,7 +57,7 @@ pub(crate) use segment::Inbox;
 pub mod wire {
     pub use super::advert::{check_chunk, settled, written, Written};
     pub use super::cma::{offer_slot, usable, AdvRead};
-    pub use super::ring::{check_position, check_record, check_ring, rec_len, slot_id, split_id, Checked, Rec, ABORT, CHUNK, EAGER, FIN, HDR, PAD, RTS};
+    pub use super::ring::{check_position, check_record, check_ring, rec_len, slot_id, split_id, Checked, Rec, ABORT, CHUNK, EAGER, FIN, HDR, INLINE_AT, INLINE_MAX, PAD, RTS};
     pub use super::segment::{ADV_SLOTS, A_CLAIMED, A_FREE, A_LEN_AFTER_RTS, A_LEN_FAILED, A_POSTED, A_WRITTEN, OFFER_SLOTS, RING_CAP};
     pub use super::CHUNK_BYTES;
 }

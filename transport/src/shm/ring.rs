@@ -56,8 +56,24 @@ pub fn split_id(id: u64) -> (usize, u64) {
     ((id & 0xff) as usize, id >> 8)
 }
 
-pub fn rec_len(payload: usize) -> usize {
-    HDR + payload.div_ceil(HDR) * HDR
+/// Where an EAGER record of at most [`INLINE_MAX`] bytes carries its payload: in its own
+/// header's last 32 bytes (the fields an EAGER record does not use), so a small message is
+/// one cache line for the consumer to fetch instead of two.
+pub const INLINE_AT: usize = 32;
+pub const INLINE_MAX: usize = HDR - INLINE_AT;
+
+/// Whether a record of `kind` with `payload` bytes carries them inline (in its header line).
+fn inline(kind: u32, payload: usize) -> bool {
+    kind == EAGER && payload <= INLINE_MAX
+}
+
+/// The ring bytes a record of `kind` with `payload` bytes takes: its header, then the payload
+/// rounded up to whole records (nothing more when inline).
+pub fn rec_len(kind: u32, payload: usize) -> usize {
+    match inline(kind, payload) {
+        true => HDR,
+        false => HDR + payload.div_ceil(HDR) * HDR,
+    }
 }
 
 /// The ring's published `head` against the consumer's `tail` (both count bytes since the
@@ -69,12 +85,14 @@ pub fn check_ring(head: u64, tail: u64) -> std::result::Result<usize, String> {
     }
 }
 
-/// A checked record: its kind, the bytes of payload that follow its header, and the ring
-/// bytes it takes (header, payload rounded up to whole records; a pad, the rest of the ring).
+/// A checked record: its kind, its bytes of payload and where they start (from the record's
+/// start: [`HDR`], or [`INLINE_AT`] inside the header), and the ring bytes it takes (header,
+/// payload rounded up to whole records; a pad, the rest of the ring).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checked {
     pub kind: u32,
     pub payload: usize,
+    pub at: usize,
     pub used: usize,
 }
 
@@ -94,16 +112,19 @@ pub fn check_position(idx: usize, avail: usize) -> std::result::Result<(), Strin
 pub fn check_record(rec: &Rec, idx: usize, avail: usize, eager_max: usize) -> std::result::Result<Checked, String> {
     check_position(idx, avail)?;
     let payload = |max: usize, what: &str| {
-        let fits = |n: u64| n <= max as u64 && rec_len(n as usize) <= (RING_CAP - idx).min(avail);
+        let fits = |n: u64| n <= max as u64 && rec_len(rec.kind, n as usize) <= (RING_CAP - idx).min(avail);
         match fits(rec.len) {
-            true => Ok(Checked { kind: rec.kind, payload: rec.len as usize, used: rec_len(rec.len as usize) }),
+            true => {
+                let (payload, used) = (rec.len as usize, rec_len(rec.kind, rec.len as usize));
+                Ok(Checked { kind: rec.kind, payload, at: if inline(rec.kind, payload) { INLINE_AT } else { HDR }, used })
+            }
             false => Err(format!("{what} record claims {} bytes", rec.len)),
         }
     };
-    let header_only = Ok(Checked { kind: rec.kind, payload: 0, used: HDR });
+    let header_only = Ok(Checked { kind: rec.kind, payload: 0, at: HDR, used: HDR });
     match rec.kind {
         PAD => match rec.len == (RING_CAP - idx) as u64 && rec.len <= avail as u64 {
-            true => Ok(Checked { kind: PAD, payload: 0, used: rec.len as usize }),
+            true => Ok(Checked { kind: PAD, payload: 0, at: HDR, used: rec.len as usize }),
             false => Err(format!("bad padding record of {} bytes", rec.len)),
         },
         EAGER => payload(eager_max, "eager"),
@@ -135,7 +156,7 @@ impl ShmFabric {
     /// Append one record to `dst`'s ring; `Ok(false)` when it does not fit now.
     pub(super) fn try_push(&self, dst: usize, rec: &Rec, payload: &[u8]) -> Result<bool> {
         let mut p = self.tx[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
-        let len = rec_len(payload.len());
+        let len = rec_len(rec.kind, payload.len());
         let mut idx = (p.head % RING_CAP as u64) as usize;
         if idx >= HOT_BYTES && len <= idx && p.head - p.looked >= (HOT_BYTES / 4) as u64 {
             // Past the hot window (looking at most once per quarter of it): if the consumer
@@ -175,8 +196,15 @@ impl ShmFabric {
                 p.head += to_end as u64;
                 at = 0;
             }
-            std::ptr::copy_nonoverlapping(bytemuck::bytes_of(rec).as_ptr(), data.add(at), HDR);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), data.add(at + HDR), payload.len());
+            if inline(rec.kind, payload.len()) {
+                let mut line = [0u8; HDR];
+                line.copy_from_slice(bytemuck::bytes_of(rec));
+                line[INLINE_AT..INLINE_AT + payload.len()].copy_from_slice(payload);
+                std::ptr::copy_nonoverlapping(line.as_ptr(), data.add(at), HDR);
+            } else {
+                std::ptr::copy_nonoverlapping(bytemuck::bytes_of(rec).as_ptr(), data.add(at), HDR);
+                std::ptr::copy_nonoverlapping(payload.as_ptr(), data.add(at + HDR), payload.len());
+            }
         }
         p.head += len as u64;
         p.ring.ctl().head.store(p.head, Ordering::Release);
@@ -232,7 +260,7 @@ impl ShmFabric {
             let tag = Tag { ctx: rec.ctx, seq: rec.seq, round: rec.round };
             let c = check_record(&rec, idx, avail, eager_max()).map_err(|e| self.proto(s, e))?;
             // SAFETY: check_record bounded the payload by the ring and the published bytes.
-            let payload = unsafe { std::slice::from_raw_parts(ring.data().add(idx + HDR), c.payload) };
+            let payload = unsafe { std::slice::from_raw_parts(ring.data().add(idx + c.at), c.payload) };
             match rec.kind {
                 PAD => {}
                 EAGER => {

@@ -673,12 +673,17 @@ fn ring_records_are_checked_before_use() {
     let rec = |kind, len| Rec { kind, len, ..Rec::zeroed() };
     assert_eq!(check_ring(10, 3), Ok(7));
     assert!(check_ring(3, 10).is_err() && check_ring(RING_CAP as u64 + 1, 0).is_err());
-    assert_eq!(check_record(&rec(EAGER, 100), 0, 4096, 8192), Ok(Checked { kind: EAGER, payload: 100, used: 192 }));
+    assert_eq!(check_record(&rec(EAGER, 100), 0, 4096, 8192), Ok(Checked { kind: EAGER, payload: 100, at: HDR, used: 192 }));
+    // Up to 32 bytes travel in the header's line; one more takes a payload line.
+    assert_eq!(check_record(&rec(EAGER, 32), 0, 64, 8192), Ok(Checked { kind: EAGER, payload: 32, at: INLINE_AT, used: 64 }));
+    assert_eq!(check_record(&rec(EAGER, 33), 0, 128, 8192), Ok(Checked { kind: EAGER, payload: 33, at: HDR, used: 128 }));
+    assert!(check_record(&rec(EAGER, 33), 0, 64, 8192).is_err(), "a 33-byte payload is not inline");
+    assert_eq!(check_record(&rec(CHUNK, 8), 0, 128, 8192).map(|c| (c.at, c.used)), Ok((HDR, 128)), "only EAGER is inline");
     assert!(check_record(&rec(EAGER, 8193), 0, 1 << 20, 8192).is_err(), "eager over its maximum");
     assert!(check_record(&rec(EAGER, 100), 0, 128, 8192).is_err(), "payload past the published bytes");
     assert!(check_record(&rec(CHUNK, 128), RING_CAP - 128, 4096, 8192).is_err(), "payload past the ring's end");
     assert!(check_record(&rec(CHUNK, u64::MAX), 0, 4096, 8192).is_err());
-    assert_eq!(check_record(&rec(PAD, 128), RING_CAP - 128, 4096, 0), Ok(Checked { kind: PAD, payload: 0, used: 128 }));
+    assert_eq!(check_record(&rec(PAD, 128), RING_CAP - 128, 4096, 0), Ok(Checked { kind: PAD, payload: 0, at: HDR, used: 128 }));
     assert!(check_record(&rec(PAD, 64), RING_CAP - 128, 4096, 0).is_err(), "a pad must run to the ring's end");
     assert_eq!(check_record(&rec(RTS, u64::MAX), 64, 64, 0).map(|c| c.used), Ok(HDR));
     assert!(check_record(&rec(7, 0), 0, 64, 0).is_err());
@@ -731,18 +736,18 @@ fn the_producer_returns_to_the_rings_start_only_when_the_consumer_has_drained_it
         assert_eq!(f1.wait_recv(0, tag(i), &w).unwrap(), 16);
         assert_eq!(buf[..], d[..], "message {i}");
         furthest = furthest.max(head(&f0) % segment::RING_CAP as u64);
-        sent += 128;
+        sent += 64;
     }
     assert!(head(&f0) > sent, "never padded back to the start (head {})", head(&f0));
     assert!(furthest <= (HOT_BYTES + HOT_BYTES / 4 + 128) as u64, "records reached {furthest} bytes into the ring");
-    // Lagging: 6000 records (768 KB, far past the hot window) sent before any is received.
+    // Lagging: 6000 records (384 KB, far past the hot window) sent before any is received.
     let start = head(&f0);
     let msgs: Vec<Vec<u8>> = (0..6000).map(|i| msg(i + 7)).collect();
     for (i, d) in msgs.iter().enumerate() {
         // SAFETY: `msgs` outlives every message, waited for below.
         unsafe { f0.send(1, tag(10_000 + i as u64), d.as_ptr(), 16, &w).unwrap() };
     }
-    assert_eq!(head(&f0) - start, 6000 * 128, "the ring was not used contiguously behind an unread record");
+    assert_eq!(head(&f0) - start, 6000 * 64, "the ring was not used contiguously behind an unread record");
     for (i, d) in msgs.iter().enumerate() {
         let t = tag(10_000 + i as u64);
         f0.wait_send(1, t, &w).unwrap();
