@@ -528,7 +528,7 @@ pub(crate) unsafe fn all_reduce_in<M: Memory>(g: &Group, seq: u64, mem: &M, buf:
         // One round instead of two: every rank gathers every whole contribution and reduces
         // them in rank order itself (the same reduction as a chunk's owner: bitwise the same
         // result on every rank and as the two-round form).
-        let o: Vec<usize> = (0..=n).map(|p| p * bytes).collect();
+        let o: PerRank<usize> = (0..=n).map(|p| p * bytes).collect();
         let mut all = mem.scratch(o[n])?;
         let ap = mem.base(&mut all);
         // SAFETY: `buf` holds `bytes` bytes (this function's contract), this rank's whole

@@ -2,7 +2,9 @@
 //!
 //! Each rank owns an inbox file in /dev/shm (mode 0600; a peer's is mapped only after checking
 //! that it is a file of this user with that mode) holding one single-producer ring per source
-//! rank. Small messages travel eagerly through the ring (64-byte records: header + payload).
+//! rank. Small messages travel eagerly through the ring (64-byte records: header + payload; up
+//! to 32 bytes inside the header's line), which the producer starts over from its first 64 KiB
+//! whenever the consumer has drained it, so small messages stay on cached lines.
 //! Large ones take one of two paths, chosen once per job at start-up:
 //!
 //! * **Cross-memory attach** (CMA, `process_vm_readv/writev`: one copy), when every rank may

@@ -1,6 +1,7 @@
-//! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN, CHUNK, ABORT), the
-//! producer side (append a record, waiting for space; control records that do not fit are
-//! queued), and the consumer that drains one source's ring, bounds-checking every header
+//! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN, CHUNK, ABORT; a small
+//! EAGER payload inline in its header), the producer side (append a record, waiting for space,
+//! back at the ring's start once it is drained; control records that do not fit are queued),
+//! and the consumer that drains one source's ring, bounds-checking every header
 //! ([`check_ring`], [`check_record`]) and dispatching it.
 use super::segment::{Ring, RING_CAP};
 use super::{eager_max, stat, ShmFabric, CHUNK_BYTES};
