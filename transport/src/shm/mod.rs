@@ -3,8 +3,7 @@
 //! Each rank owns an inbox file in /dev/shm (mode 0600; a peer's is mapped only after checking
 //! that it is a file of this user with that mode) holding one single-producer ring per source
 //! rank. Small messages travel eagerly through the ring (64-byte records: header + payload; up
-//! to 32 bytes inside the header's line), which the producer starts over from its first 64 KiB
-//! whenever the consumer has drained it, so small messages stay on cached lines.
+//! to 32 bytes inside the header's line).
 //! Large ones take one of two paths, chosen once per job at start-up:
 //!
 //! * **Cross-memory attach** (CMA, `process_vm_readv/writev`: one copy), when every rank may
@@ -185,7 +184,7 @@ impl ShmFabric {
             // SAFETY: our region in d's inbox (the mapping holds HEADER + n * REGION bytes).
             let region = unsafe { m.as_mut_ptr().add(segment::HEADER + rank * segment::REGION) };
             txa.push(Some(Ring(region)));
-            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0, tail: 0, looked: 0 })));
+            tx.push(Some(Mutex::new(Producer { ring: Ring(region), head: 0, tail: 0 })));
             maps.push(Some(m));
             probes.push(probe);
             pidfds.push(if pids[d] != std::process::id() { cma::pidfd(pids[d]) } else { None });

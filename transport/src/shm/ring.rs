@@ -1,6 +1,6 @@
 //! The per-peer rings: the 64-byte record format (PAD, EAGER, RTS, FIN, CHUNK, ABORT; a small
-//! EAGER payload inline in its header), the producer side (append a record, waiting for space,
-//! back at the ring's start once it is drained; control records that do not fit are queued),
+//! EAGER payload inline in its header), the producer side (append a record, waiting for space;
+//! control records that do not fit are queued),
 //! and the consumer that drains one source's ring, bounds-checking every header
 //! ([`check_ring`], [`check_record`]) and dispatching it.
 use super::segment::{Ring, RING_CAP};
@@ -14,9 +14,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub const HDR: usize = 64;
-/// The start of the ring that a producer returns to whenever the consumer has drained it
-/// (`try_push`): small messages cycle through these lines instead of the whole megabyte.
-pub const HOT_BYTES: usize = 64 << 10;
 
 pub const PAD: u32 = 1;
 pub const EAGER: u32 = 2;
@@ -142,8 +139,6 @@ pub(super) struct Producer {
     /// and the shared tail, a line the consumer writes after every record, is read again only
     /// when that space does not hold the record (one cross-core transfer less per message).
     pub(super) tail: u64,
-    /// `head` when the shared tail was last read past the hot window.
-    pub(super) looked: u64,
 }
 
 pub(super) struct Drain {
@@ -158,24 +153,7 @@ impl ShmFabric {
     pub(super) fn try_push(&self, dst: usize, rec: &Rec, payload: &[u8]) -> Result<bool> {
         let mut p = self.tx[dst].as_ref().expect("never sends to self").lock().unwrap_or_else(|e| e.into_inner());
         let len = rec_len(rec.kind, payload.len());
-        let mut idx = (p.head % RING_CAP as u64) as usize;
-        if idx >= HOT_BYTES && len <= idx && p.head - p.looked >= (HOT_BYTES / 4) as u64 {
-            // Past the hot window (looking at most once per quarter of it): if the consumer
-            // has drained everything, pad to the end and go on from the ring's start, so that
-            // small messages keep reusing lines still in both cores' caches.
-            p.looked = p.head;
-            let tail = p.ring.ctl().tail.load(Ordering::Acquire);
-            check_ring(p.head, tail).map_err(|e| self.proto(dst, e))?;
-            p.tail = tail;
-            if tail == p.head {
-                let pad = Rec { kind: PAD, len: (RING_CAP - idx) as u64, ..Rec::zeroed() };
-                // SAFETY: idx + HDR <= RING_CAP (idx is 64-aligned); the ring is empty, so the
-                // consumer reads nothing here before we publish the new head.
-                unsafe { std::ptr::copy_nonoverlapping(bytemuck::bytes_of(&pad).as_ptr(), p.ring.data().add(idx), HDR) };
-                p.head += (RING_CAP - idx) as u64;
-                idx = 0;
-            }
-        }
+        let idx = (p.head % RING_CAP as u64) as usize;
         let to_end = RING_CAP - idx;
         let need = if len <= to_end { len } else { to_end + len };
         if RING_CAP - ((p.head - p.tail) as usize) < need {
