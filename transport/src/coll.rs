@@ -339,36 +339,19 @@ pub(crate) fn all_to_all_v<T: Pod>(
     // with `T`'s size as the element size both hold the counts' sums of elements; they are host
     // memory holding `T`s (`Host<T>`'s kind), borrowed (`send` shared, so unchanged; `recv`
     // exclusively, so untouched by others and not overlapping `send`) for the whole call.
-    unsafe { all_to_all_elems(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, send_counts, recv.as_mut_ptr() as *mut u8, recv_counts, std::mem::size_of::<T>()) }
+    unsafe { all_to_all_v_in(g, seq, &Host::<T>::new(), send.as_ptr() as *const u8, send_counts, recv.as_mut_ptr() as *mut u8, recv_counts, std::mem::size_of::<T>()) }
 }
 
-/// All-to-all-v of byte blocks in memory `mem`: `send_counts[p]` bytes at `send` (in rank
-/// order) go to rank p, `recv_counts[p]` bytes from rank p land at `recv` (in rank order).
-///
-/// # Safety
-/// `send` and `recv` hold the counts' sums of bytes of `mem`'s kind and stay valid (and, for
-/// `send`, unchanged) until this returns.
-pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
-    g: &Group,
-    seq: u64,
-    mem: &M,
-    send: *const u8,
-    send_counts: &[usize],
-    recv: *mut u8,
-    recv_counts: &[usize],
-) -> Result<()> {
-    // SAFETY: this function's contract, with 1-byte elements.
-    unsafe { all_to_all_elems(g, seq, mem, send, send_counts, recv, recv_counts, 1) }
-}
-
-/// All-to-all-v of blocks of `counts[p]` elements of `elem` bytes. Each block's offset is a
-/// running sum, so nothing is allocated: a small all-to-all's whole cost is its messages.
+/// All-to-all-v in memory `mem` of blocks of `counts[p]` elements of `elem` bytes (byte blocks
+/// with `elem` 1): `send_counts[p]` elements at `send` (in rank order) go to rank p,
+/// `recv_counts[p]` elements from rank p land at `recv` (in rank order). Each block's offset is
+/// a running sum, so nothing is allocated: a small all-to-all's whole cost is its messages.
 ///
 /// # Safety
 /// `send` and `recv` hold the counts' sums of elements of `mem`'s kind and stay valid (and,
 /// for `send`, unchanged) until this returns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn all_to_all_elems<M: Memory>(
+pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
     g: &Group,
     seq: u64,
     mem: &M,

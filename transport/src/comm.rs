@@ -344,7 +344,7 @@ impl Comm {
     /// until this returns; all device work that writes `send` has finished.
     pub unsafe fn all_to_all_v_in<M: Memory>(&self, mem: &M, send: u64, send_counts: &[usize], recv: u64, recv_counts: &[usize]) -> Result<()> {
         // SAFETY: this function's contract.
-        unsafe { coll::all_to_all_v_in(&self.inner.g, self.next_seq(), mem, send as *const u8, send_counts, recv as *mut u8, recv_counts) }
+        unsafe { coll::all_to_all_v_in(&self.inner.g, self.next_seq(), mem, send as *const u8, send_counts, recv as *mut u8, recv_counts, 1) }
     }
 
     /// All-gather-v of byte blocks in memory `mem`: rank p's `counts[p]` bytes land at offset
