@@ -311,12 +311,17 @@ pub(crate) fn even_counts(len: usize, n: usize) -> PerRank<usize> {
     (0..n).map(|i| len / n + usize::from(i < len % n)).collect()
 }
 
+/// The sum of `counts`; a usage error naming `what` when it overflows.
+fn counts_sum(op: &'static str, what: &str, counts: &[usize]) -> Result<usize> {
+    let sum = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
+    sum.ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))
+}
+
 fn check_counts(op: &'static str, what: &str, counts: &[usize], n: usize, total: usize) -> Result<()> {
     if counts.len() != n {
         return Err(Error::usage(op, format!("{what}: {} counts for {n} ranks", counts.len())));
     }
-    let sum = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
-    let sum = sum.ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))?;
+    let sum = counts_sum(op, what, counts)?;
     if sum != total {
         return Err(Error::usage(op, format!("{what}: counts sum to {sum} but the buffer holds {total}")));
     }
@@ -371,7 +376,7 @@ pub(crate) unsafe fn all_to_all_v_in<M: Memory>(
     }
     // Checked once here: every partial sum below is at most its total, so none overflows.
     let bytes = |what: &str, counts: &[usize]| {
-        counts.iter().try_fold(0usize, |a, &c| a.checked_add(c)).and_then(|t| t.checked_mul(elem)).ok_or_else(|| {
+        counts_sum(OP, what, counts)?.checked_mul(elem).ok_or_else(|| {
             Error::usage(OP, format!("{what}: counts overflow (their sum of {elem}-byte elements exceeds {} bytes)", usize::MAX))
         })
     };
