@@ -95,13 +95,14 @@ impl TcpFabric {
         for (r, s) in accept? {
             streams[r] = Some(s);
         }
+        let cc = parse_congestion(std::env::var_os("EMBER_TCP_CONGESTION"))?;
         let mb = Arc::new(Mailbox::new());
         let (efd, cfd) = (event_fd()?, event_fd()?);
         let mut tx = Vec::with_capacity(size);
         let mut rx = Vec::with_capacity(size);
         for s in &streams {
             if let Some(s) = s {
-                tune(s, timeout);
+                tune(s, timeout, cc.as_deref())?;
                 s.set_nonblocking(true).map_err(|e| Error::Bootstrap(e.to_string()))?;
             }
             tx.push(s.as_ref().map(|_| Mutex::new(VecDeque::new())));
@@ -255,24 +256,60 @@ fn sock_buf() -> libc::c_int {
     *V.get_or_init(|| std::env::var("EMBER_TCP_SOCKBUF").ok().and_then(|s| s.parse().ok()).unwrap_or(4 << 20))
 }
 
-/// Per-connection options: no Nagle, socket buffers (`EMBER_TCP_SOCKBUF`), and the dead-peer
-/// detection: keepalive probes after `timeout / 2` idle (1..=60 s), every `timeout / 6`
-/// (1..=10 s), and `TCP_USER_TIMEOUT` = `timeout` (data unacknowledged that long, or probes
-/// unanswered, end the connection).
-fn tune(s: &TcpStream, timeout: Duration) {
+/// The congestion control asked for by `EMBER_TCP_CONGESTION` (`v`, the variable's value):
+/// `None` when unset (then [`congestion_for`] chooses), `Some("")` for `system` (every
+/// connection keeps the system's), else the name, checked against the kernel's limit
+/// (`TCP_CA_NAME_MAX`, 16 bytes with its NUL).
+fn parse_congestion(v: Option<std::ffi::OsString>) -> Result<Option<String>> {
+    let Some(v) = v else { return Ok(None) };
+    let Ok(v) = v.into_string() else { return Err(Error::Bootstrap("EMBER_TCP_CONGESTION is not valid UTF-8".into())) };
+    match v {
+        v if v == "system" => Ok(Some(String::new())),
+        v if v.is_empty() || v.len() > 15 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => Err(Error::Bootstrap(format!(
+            "EMBER_TCP_CONGESTION={v:?}: not a congestion control name (1 to 15 letters, digits, '_' or '-'; or `system`)"
+        ))),
+        v => Ok(Some(v)),
+    }
+}
+
+/// The congestion control a connection runs, `None` for the system's (`net.ipv4.tcp_congestion_control`):
+/// the one `EMBER_TCP_CONGESTION` names, else Reno for a connection whose two ends are on this
+/// host. A same-host connection crosses no network for congestion control to share fairly, and
+/// a pacing one there hurts: BBR (a common default) paces from a kernel timer without the `fq`
+/// qdisc, so on loopback a message longer than the congestion window leaves partly from the
+/// timer's CPU and partly from the CPU taking the acknowledgements, the two arrive out of
+/// order, and the receiver's reordering and duplicate segments cost a 1 MiB ping-pong on two
+/// cores about twice its time (`ss -ti`: `reord_seen`, `dsack_dups`; `nstat`: `TcpExtTCPOFOQueue`).
+fn congestion_for(s: &TcpStream, env: Option<&str>) -> Option<String> {
+    match env {
+        Some("") => None,
+        Some(v) => Some(v.to_string()),
+        None => {
+            let (a, b) = (s.local_addr().ok()?.ip(), s.peer_addr().ok()?.ip());
+            (b.is_loopback() || a == b).then(|| "reno".to_string())
+        }
+    }
+}
+
+/// Per-connection options: no Nagle, socket buffers (`EMBER_TCP_SOCKBUF`), the congestion
+/// control ([`congestion_for`], `env` as [`parse_congestion`] returned it; a name the kernel
+/// refuses is an error when the user named it, and leaves the system's otherwise), and the dead-peer detection: keepalive probes after
+/// `timeout / 2` idle (1..=60 s), every `timeout / 6` (1..=10 s), and `TCP_USER_TIMEOUT` =
+/// `timeout` (data unacknowledged that long, or probes unanswered, end the connection).
+fn tune(s: &TcpStream, timeout: Duration, env: Option<&str>) -> Result<()> {
     use std::os::fd::AsRawFd;
     s.set_nodelay(true).ok();
-    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
-        // SAFETY: setsockopt with a c_int value on a socket we own.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                level,
-                opt,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
+    let set_bytes = |level: libc::c_int, opt: libc::c_int, v: &[u8]| {
+        // SAFETY: setsockopt reading `v.len()` bytes from a live slice, on a socket we own.
+        let r = unsafe { libc::setsockopt(s.as_raw_fd(), level, opt, v.as_ptr() as *const libc::c_void, v.len() as libc::socklen_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
         }
+    };
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        let _ = set_bytes(level, opt, &v.to_ne_bytes());
     };
     let secs = timeout.as_secs().clamp(1, 3600) as libc::c_int;
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
@@ -285,6 +322,16 @@ fn tune(s: &TcpStream, timeout: Duration) {
         set(libc::SOL_SOCKET, libc::SO_SNDBUF, v);
         set(libc::SOL_SOCKET, libc::SO_RCVBUF, v);
     }
+    if let Some(cc) = congestion_for(s, env) {
+        if let Err(e) = set_bytes(libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes()) {
+            if env.is_some() {
+                let hint = "see net.ipv4.tcp_allowed_congestion_control";
+                return Err(Error::Bootstrap(format!("EMBER_TCP_CONGESTION={cc}: the kernel refused it on the tcp mesh ({e}; {hint})")));
+            }
+            tracing::debug!("tcp: congestion control {cc} refused ({e}); keeping the system's");
+        }
+    }
+    Ok(())
 }
 
 impl Fabric for TcpFabric {

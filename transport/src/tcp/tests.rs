@@ -153,6 +153,50 @@ fn connections_detect_dead_peers_by_keepalive_and_user_timeout() {
     assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 1);
 }
 
+/// The congestion control a socket runs (`TCP_CONGESTION`).
+fn congestion(s: &TcpStream) -> String {
+    let mut v = [0u8; 16];
+    let mut l = v.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `l` bytes into our buffer.
+    assert_eq!(unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, v.as_mut_ptr() as *mut libc::c_void, &mut l) }, 0);
+    String::from_utf8_lossy(&v[..l as usize]).trim_end_matches('\0').to_string()
+}
+
+#[test]
+fn a_same_host_connection_runs_reno_unless_the_user_names_one_or_the_system() {
+    // The mesh's own choice (no EMBER_TCP_CONGESTION in the test environment, or it says so).
+    let (_s, f1) = fake_rank0("tok", Duration::from_secs(5));
+    let s = f1.sh.streams[0].as_ref().unwrap();
+    match std::env::var("EMBER_TCP_CONGESTION") {
+        Err(_) => assert_eq!(congestion(s), "reno"),
+        Ok(v) if v != "system" => assert_eq!(congestion(s), v),
+        Ok(_) => {}
+    }
+    // A fresh loopback pair: `system` leaves the kernel's default, a named one is set, a name
+    // the kernel does not know fails naming the variable.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let system = congestion(&a);
+    tune(&a, Duration::from_secs(5), Some("")).unwrap();
+    assert_eq!(congestion(&a), system);
+    tune(&a, Duration::from_secs(5), Some("reno")).unwrap();
+    assert_eq!(congestion(&a), "reno");
+    let e = tune(&a, Duration::from_secs(5), Some("no_such_cc")).unwrap_err().to_string();
+    assert!(e.contains("EMBER_TCP_CONGESTION=no_such_cc") && e.contains("tcp_allowed_congestion_control"), "{e}");
+    assert_eq!(congestion(&a), "reno", "a refused name changes nothing");
+    // What the variable may say.
+    use std::ffi::OsString;
+    assert_eq!(parse_congestion(None).unwrap(), None);
+    assert_eq!(parse_congestion(Some("system".into())).unwrap(), Some(String::new()));
+    assert_eq!(parse_congestion(Some("cubic".into())).unwrap(), Some("cubic".into()));
+    for bad in ["", "a b", "sixteen_letters_", "reno\0"] {
+        let e = parse_congestion(Some(bad.into())).unwrap_err().to_string();
+        assert!(e.contains("EMBER_TCP_CONGESTION"), "{bad:?}: {e}");
+    }
+    use std::os::unix::ffi::OsStringExt;
+    assert!(parse_congestion(Some(OsString::from_vec(vec![0xff]))).is_err());
+}
+
 #[test]
 fn a_peer_stalled_mid_frame_times_out_and_cancel_returns_at_once() {
     // Rank 0 sends a header and half the payload, then stalls (SIGSTOP, paused VM). The
