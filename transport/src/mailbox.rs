@@ -87,9 +87,6 @@ pub(crate) struct Mailbox {
     cv: Condvar,
     /// Threads asleep on `cv` (or about to be): `notify` skips the futex syscall when zero.
     sleepers: AtomicUsize,
-    /// Yield for a while before sleeping (false: a progress thread of this process notifies every
-    /// completion, so waiters sleep after a short spin and leave it the core).
-    yield_phase: bool,
     /// Busy-poll before backing off (shm: the waiter itself drives progress, and on a loaded
     /// host a yield hands the core to another process for a whole time slice), adapted to
     /// what yields show (`crate::spin`: a core shared with the peer stops it).
@@ -116,24 +113,14 @@ impl Mailbox {
             slots: Mutex::new(Table { map: KeyMap::default(), dead: HashMap::new(), early_bytes: 0 }),
             cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
-            yield_phase: true,
             spin: AdaptiveSpin::new(Duration::ZERO),
         }
     }
 
-    /// For backends whose waiters drive progress themselves (shm): busy-poll for
-    /// `EMBER_SPIN_US` (default 50 µs) before the spin/yield/sleep back-off.
-    pub fn new_polling() -> Self {
-        static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        let us = *US.get_or_init(|| std::env::var("EMBER_SPIN_US").ok().and_then(|s| s.parse().ok()).unwrap_or(50));
-        Mailbox { spin: AdaptiveSpin::new(Duration::from_micros(us)), ..Self::new() }
-    }
-
-    /// For backends whose completions come from a thread of this process: sleep right after
-    /// the short spin. (Tried for tcp: slower on 2 loaded cores, so unused; kept for tuning.)
-    #[allow(dead_code)]
-    pub fn new_blocking() -> Self {
-        Mailbox { yield_phase: false, ..Self::new() }
+    /// For backends whose waiters drive progress themselves (shm): busy-poll for up to
+    /// `spin` before the yield/sleep back-off.
+    pub fn new_polling(spin: Duration) -> Self {
+        Mailbox { spin: AdaptiveSpin::new(spin), ..Self::new() }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Table> {
@@ -420,7 +407,7 @@ impl Mailbox {
                 // below only where the busy-poll adapts).
                 drop(t);
                 backoff.snooze();
-            } else if self.yield_phase && now - start < YIELD_FOR {
+            } else if now - start < YIELD_FOR {
                 drop(t);
                 let t0 = Instant::now(); // after the unlock, which may wake a waiter (a syscall)
                 std::thread::yield_now();

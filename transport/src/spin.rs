@@ -1,5 +1,6 @@
 //! How long a waiting thread busy-polls before it yields its core, adapted to what its yields
-//! show. Shared by the waits that drive progress themselves (the RDMA protocol, shared memory).
+//! show. Shared by the waits that drive progress themselves (the RDMA protocol, shared memory,
+//! TCP).
 //!
 //! * A yield that gave the core away briefly (1–200 µs: it switched to another thread and
 //!   back) and after which the wait moved handed the core to the peer we wait for, sharing our
@@ -24,6 +25,19 @@ const GAVE_CORE: Duration = Duration::from_micros(1);
 const HOG_SLICE: Duration = Duration::from_micros(200);
 /// Waits without a busy-poll before one spins again.
 pub const PROBE_EVERY: u32 = 64;
+
+/// The longest busy-poll `var` may ask for.
+const MAX_SPIN_US: u64 = 1_000_000;
+
+/// The busy-poll maximum the environment variable `var` names in µs (`default_us` when unset),
+/// at most 1 s; another value is an error naming the variable.
+pub fn max_from_env(var: &str, default_us: u64) -> crate::error::Result<Duration> {
+    let Some(v) = std::env::var_os(var) else { return Ok(Duration::from_micros(default_us)) };
+    match v.to_str().and_then(|s| s.parse::<u64>().ok()) {
+        Some(us) if us <= MAX_SPIN_US => Ok(Duration::from_micros(us)),
+        _ => Err(crate::error::Error::Bootstrap(format!("{var}={v:?}: not a whole number of microseconds from 0 to {MAX_SPIN_US}"))),
+    }
+}
 
 /// The busy-poll phase of one endpoint's waits.
 #[derive(Debug)]
@@ -79,6 +93,21 @@ impl AdaptiveSpin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spin_variable_is_checked() {
+        // Variables of this test only (the environment is the process's).
+        let var = "EMBER_TEST_SPIN_US_CHECKED";
+        assert_eq!(max_from_env(var, 7).unwrap(), Duration::from_micros(7));
+        std::env::set_var(var, "1000000");
+        assert_eq!(max_from_env(var, 7).unwrap(), Duration::from_secs(1));
+        for bad in ["1000001", "-1", "5us", ""] {
+            std::env::set_var(var, bad);
+            let e = max_from_env(var, 7).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains("microseconds"), "{bad:?}: {e}");
+        }
+        std::env::remove_var(var);
+    }
 
     #[test]
     fn a_shared_core_stops_spinning_until_a_probe_or_a_hog() {

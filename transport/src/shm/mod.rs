@@ -193,7 +193,7 @@ impl ShmFabric {
         Ok(ShmFabric {
             rank,
             pids,
-            mb: Mailbox::new_polling(),
+            mb: Mailbox::new_polling(crate::spin::max_from_env("EMBER_SPIN_US", 50)?),
             inbox,
             _peer_maps: maps,
             probes,
