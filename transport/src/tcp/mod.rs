@@ -1,6 +1,7 @@
 //! TCP backend for ranks on several hosts: a full mesh of non-blocking connections and one
 //! progress thread per rank that `poll`s all of them, lands each frame straight into the posted
-//! buffer (or keeps it until posted) and finishes sends that did not fit into the socket at
+//! buffer (or, not posted yet, holds a long one in the stream for a moment and keeps it
+//! afterwards, or a short one at once) and finishes sends that did not fit into the socket at
 //! once. Frames are length-checked against the posted buffer before any byte is read into it.
 //!
 //! Every mesh connection starts with the token proof of `auth` (the mesh is dialled by the
@@ -109,12 +110,15 @@ impl TcpFabric {
             rx.push(Mutex::new(s.as_ref().map(|_| Rx::new())));
         }
         let live = streams.iter().map(|s| AtomicBool::new(s.is_some())).collect();
+        let held = streams.iter().map(|_| AtomicBool::new(false)).collect();
         let sh = Arc::new(Shared {
             mb,
             streams,
             tx,
             rx,
             live,
+            held,
+            hold_max_us: (progress::HOLD_MAX.as_micros() as u64).into(),
             drivers: AtomicUsize::new(0),
             blocked: AtomicUsize::new(0),
             spin: AdaptiveSpin::new(crate::spin::max_from_env("EMBER_TCP_SPIN_US", SPIN_US)?),
@@ -348,7 +352,15 @@ impl Fabric for TcpFabric {
     }
 
     unsafe fn post_recv(&self, src: usize, tag: Tag, buf: *mut u8, len: usize, w: &Wait) -> Result<()> {
-        self.sh.mb.post(src, tag, buf, len, w.op).map(|_| ())
+        self.sh.mb.post(src, tag, buf, len, w.op)?;
+        if self.sh.held[src].load(Ordering::Acquire) {
+            // The held frame may be this one, or in front of it: whoever polls looks again.
+            self.sh.wake();
+            if self.sh.blocked.load(Ordering::SeqCst) > 0 {
+                progress::signal(std::os::fd::AsRawFd::as_raw_fd(&self.sh.cfd));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the frame from the caller's thread as far as the socket takes it (header and

@@ -1,8 +1,8 @@
 //! The progress thread of a TCP rank and the state it shares with the callers: one `poll` over
-//! every peer connection lands each frame straight into the posted buffer (or keeps it until
-//! posted, or reads it into scratch once withdrawn) and finishes sends that did not fit into
-//! the socket at once.
-use super::wire::{admit, encode_frame, FRAME_LEN};
+//! every peer connection lands each frame straight into the posted buffer (or holds a long one
+//! in the stream until posted, for a moment, or keeps it until posted, or reads it into scratch
+//! once withdrawn) and finishes sends that did not fit into the socket at once.
+use super::wire::{admit, encode_frame, place, Place, FRAME_LEN};
 use crate::error::{Error, Result};
 use crate::fabric::Tag;
 use crate::mailbox::{Dir, Mailbox};
@@ -26,6 +26,12 @@ pub(super) struct Shared {
     pub(super) rx: Vec<Mutex<Option<Rx>>>,
     /// Whether the connection to each peer is still up (false for self).
     pub(super) live: Vec<AtomicBool>,
+    /// Whether each peer's stream stops at a held frame ([`Dst::Held`]): its socket is polled
+    /// without `POLLIN` (it stays readable, so every `poll` would return at once) and the hold
+    /// is looked at again on every pass.
+    pub(super) held: Vec<AtomicBool>,
+    /// How long a frame is held at most, µs ([`HOLD_MAX`]; tests lengthen it).
+    pub(super) hold_max_us: std::sync::atomic::AtomicU64,
     /// Callers inside a wait: they drive the connections ([`Shared::pass`]) while it is
     /// nonzero, and the progress thread keeps out of their way.
     pub(super) drivers: AtomicUsize,
@@ -164,6 +170,13 @@ impl Job {
 const STAGE: usize = 256 << 10;
 /// Payload remainders at least this long are read straight into their destination.
 const DIRECT: usize = 32 << 10;
+/// Frames at least this long whose receive is not posted yet are held in the stream
+/// ([`Dst::Held`]), at most [`HOLD_MAX`].
+const HOLD_MIN: usize = DIRECT;
+/// The longest a frame is held before it is read into a buffer of its own: a sender whose
+/// send cannot complete until it is read (it outgrew the socket buffers) is held up at most
+/// this long by a receiver that posts late or never.
+pub(super) const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1);
 /// Reads from one peer per progress pass (then the others get their turn, and a `cancel_recv`
 /// waiting for this peer's receive state gets it).
 const READS_PER_PASS: u32 = 32;
@@ -175,6 +188,14 @@ pub(super) enum Dst {
     Early(Vec<u8>),
     /// Withdrawn by `cancel_recv` while arriving: the rest of the frame is read and dropped.
     Discard,
+    /// Not posted yet and long ([`HOLD_MIN`]): left in the socket (and what is already in the
+    /// staging buffer, there) from this instant on, and the stream behind it too, until its
+    /// receive is posted (then read straight into it), another receive from this peer is
+    /// posted (which may be behind it: then kept as `Early`, as is a frame held
+    /// [`HOLD_MAX`]). TCP's flow control holds the sender back meanwhile. Instead of copying
+    /// a message that arrives a moment before its receive twice, through a fresh allocation,
+    /// as Open MPI's rendezvous does for its large messages.
+    Held(std::time::Instant),
 }
 
 pub(super) struct Body {
@@ -228,7 +249,7 @@ impl Rx {
     /// socket has nothing more to read now (bounded: a peer whose write failed sends no more).
     fn drain_to_end(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox) -> Result<()> {
         for _ in 0..1 << 16 {
-            if !self.drain(peer, s, mb, false)? {
+            if !self.drain(peer, s, mb, false, None)? {
                 return Ok(());
             }
         }
@@ -241,19 +262,31 @@ impl Rx {
     /// landed in its posted buffer (what is already staged is still consumed, since no `poll`
     /// would report it): a waiting caller returns to its operation, which may post the next
     /// receive before its frame is read, instead of reading that frame as an early arrival
-    /// (kept in a fresh allocation, copied again at `post`).
-    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox, first: bool) -> Result<bool> {
+    /// (kept in a fresh allocation, copied again at `post`). `hold`: a long frame not posted
+    /// yet stops the reading for up to that long ([`Dst::Held`]; `Ok(false)`, [`Self::held`]
+    /// says so), and a held one is looked at again; `None` (reading to the end of the stream):
+    /// it is kept.
+    fn drain(&mut self, peer: usize, s: &TcpStream, mb: &Mailbox, first: bool, hold: Option<std::time::Duration>) -> Result<bool> {
         const HDR: usize = FRAME_LEN;
         let mut reads = 0u32;
         loop {
             if let Some(b) = &mut self.body {
+                if let Dst::Held(since) = b.dst {
+                    let held = hold.is_some_and(|h| since.elapsed() < h);
+                    b.dst = match place(mb, peer, b.tag, b.len, held).inspect_err(|_| mb.notify())? {
+                        Place::Posted(buf) => Dst::Posted(buf.0),
+                        Place::Early => Dst::Early(vec![0u8; b.len]),
+                        Place::Held => return Ok(false),
+                    };
+                }
                 let take = (self.hi - self.lo).min(b.len - b.got);
                 match &mut b.dst {
                     // SAFETY: claim checked len <= the posted capacity; the slot stays `Writing`
                     // (and `cancel_recv` diverts it only under our lock).
                     Dst::Posted(p) => unsafe { std::ptr::copy_nonoverlapping(self.st.as_ptr().add(self.lo), p.add(b.got), take) },
                     Dst::Early(v) => v[b.got..b.got + take].copy_from_slice(&self.st[self.lo..self.lo + take]),
-                    Dst::Discard => {}
+                    // (Never held here: placed above.)
+                    Dst::Discard | Dst::Held(_) => {}
                 }
                 self.lo += take;
                 b.got += take;
@@ -269,7 +302,7 @@ impl Rx {
                         Dst::Early(v) => {
                             let _ = mb.deliver(peer, b.tag, v, true, "tcp receive");
                         }
-                        Dst::Discard => {}
+                        Dst::Discard | Dst::Held(_) => {}
                     }
                     continue;
                 }
@@ -314,10 +347,11 @@ impl Rx {
             }
             let hdr: &[u8; FRAME_LEN] = self.st[self.lo..self.lo + HDR].try_into().expect("HDR bytes");
             self.lo += HDR;
-            let (tag, len, dst) = match admit(mb, peer, hdr) {
-                Ok((tag, len, Some(buf))) => (tag, len, Dst::Posted(buf.0)),
-                // Not posted yet: kept (its bytes reserved within the limit).
-                Ok((tag, len, None)) => (tag, len, Dst::Early(vec![0u8; len])),
+            let (tag, len, dst) = match admit(mb, peer, hdr, |len| hold.is_some() && len >= HOLD_MIN) {
+                Ok((tag, len, Place::Posted(buf))) => (tag, len, Dst::Posted(buf.0)),
+                // Not posted yet: kept (its bytes reserved within the limit), or held.
+                Ok((tag, len, Place::Early)) => (tag, len, Dst::Early(vec![0u8; len])),
+                Ok((tag, len, Place::Held)) => (tag, len, Dst::Held(std::time::Instant::now())),
                 Err(e) => {
                     // A malformed header, or the slot holds the error (or the limit is
                     // exceeded): the stream can no longer be trusted.
@@ -327,6 +361,11 @@ impl Rx {
             };
             self.body = Some(Body { tag, len, got: 0, dst });
         }
+    }
+
+    /// Whether the stream stops at a held frame.
+    pub(super) fn held(&self) -> bool {
+        matches!(self.body, Some(Body { dst: Dst::Held(_), .. }))
     }
 
     /// The connection ended: a claimed posted buffer is released with an error, a reservation
@@ -392,6 +431,30 @@ impl Shared {
     /// connection ended).
     pub(super) fn pass(&self, runner: Runner, timeout: std::time::Duration) -> bool {
         let n = self.streams.len();
+        let try_only = runner == Runner::Caller;
+        let hold_max = std::time::Duration::from_micros(self.hold_max_us.load(Ordering::Relaxed));
+        // Held streams first: a receive posted since, or the hold's end, lets them go on (what
+        // is already staged would get no `POLLIN`).
+        let mut moved = false;
+        let mut holding = false;
+        for p in (0..n).filter(|&p| self.held[p].load(Ordering::Acquire) && self.live[p].load(Ordering::Acquire)) {
+            let Some(mut g) = lock_or_skip(&self.rx[p], try_only) else {
+                holding = true;
+                continue;
+            };
+            let Some(rx) = g.as_mut() else { continue };
+            let r = rx.drain(p, self.streams[p].as_ref().unwrap(), &self.mb, try_only, Some(hold_max));
+            let still = rx.held();
+            drop(g);
+            self.held[p].store(still, Ordering::Release);
+            holding |= still;
+            moved |= !still;
+            if let Err(why) = r {
+                self.kill(p, why);
+            }
+        }
+        // The progress thread looks at its holds again before they end.
+        let timeout = if holding && runner == Runner::Progress { timeout.min(hold_max) } else { timeout };
         // The pollfd of each entry and its peer (or `EFD`, `CFD`: an eventfd).
         let mut list: Vec<libc::pollfd> = Vec::with_capacity(n + 1);
         let mut who: Vec<usize> = Vec::with_capacity(n + 1);
@@ -411,6 +474,7 @@ impl Shared {
         for p in (0..n).filter(|&p| self.live[p].load(Ordering::Acquire)) {
             let s = self.streams[p].as_ref().unwrap();
             let out = if self.queue(p).is_empty() { 0 } else { libc::POLLOUT };
+            let inn = if self.held[p].load(Ordering::Acquire) { 0 } else { inn };
             if inn | out == 0 {
                 continue;
             }
@@ -421,7 +485,7 @@ impl Shared {
         // SAFETY: `list` is a live array of pollfd; a null signal mask keeps the thread's own.
         let r = unsafe { libc::ppoll(list.as_mut_ptr(), list.len() as libc::nfds_t, &ts, std::ptr::null()) };
         if r <= 0 {
-            return false;
+            return moved;
         }
         if runner == Runner::Progress && self.drivers.load(Ordering::Acquire) > 0 {
             // A caller began to wait meanwhile and drives the connections: it reads what woke
@@ -429,9 +493,7 @@ impl Shared {
             // would not learn of the completion until its timeout).
             return false;
         }
-        let try_only = runner == Runner::Caller;
         let mut sent = false;
-        let mut moved = false;
         // Woken by `cfd`: another thread moved something. Not movement of this pass: passing
         // it on would bounce one signal between blocked callers forever.
         let mut woken = false;
@@ -474,7 +536,11 @@ impl Shared {
                 let Some(mut g) = lock_or_skip(&self.rx[p], try_only) else { continue };
                 moved = true;
                 let r = match g.as_mut() {
-                    Some(rx) => rx.drain(p, s, &self.mb, runner == Runner::Caller),
+                    Some(rx) => {
+                        let r = rx.drain(p, s, &self.mb, runner == Runner::Caller, Some(hold_max));
+                        self.held[p].store(rx.held(), Ordering::Release);
+                        r
+                    }
                     // Ended meanwhile (`kill`).
                     None => continue,
                 };

@@ -4,7 +4,7 @@
 //! posted, within limits) before any payload byte is read.
 use crate::error::{Error, Result};
 use crate::fabric::Tag;
-use crate::mailbox::{Dir, Mailbox, RawBuf};
+use crate::mailbox::{Dir, Mailbox, RawBuf, Slot};
 use bytemuck::{Pod, Zeroable};
 
 pub(super) const MAGIC: u32 = 0x454d_4252; // "EMBR"
@@ -64,21 +64,38 @@ pub fn decode_frame(h: &[u8; FRAME_LEN]) -> std::result::Result<(Tag, usize), St
     Ok((Tag { ctx: f.ctx, seq: f.seq, round: f.round }, len))
 }
 
-/// A frame header from `peer`, decoded and admitted: its payload goes into the buffer posted
-/// for it (`Some`; claimed, its capacity checked) or is kept until posted (`None`; its bytes
-/// reserved within the limit on what peers may make this rank hold). `Err`: a protocol error
+/// Where a frame's payload goes.
+pub(super) enum Place {
+    /// Into the buffer posted for it (claimed, its capacity checked).
+    Posted(RawBuf),
+    /// Kept until posted (its bytes reserved within the limit on what peers may make this rank
+    /// hold).
+    Early,
+    /// Left in the stream until posted ([`place`]'s `hold`).
+    Held,
+}
+
+/// Where the payload of the frame `tag` of `len` bytes from `peer` goes: the buffer posted for
+/// it; else, with `hold` and while no other receive from `peer` is posted (which may be behind
+/// this frame in the stream), nowhere yet; else kept until posted. `Err`: a protocol error
 /// naming the peer (the stream can no longer be trusted).
-pub(super) fn admit(mb: &Mailbox, peer: usize, h: &[u8; FRAME_LEN]) -> Result<(Tag, usize, Option<RawBuf>)> {
-    let (tag, len) = decode_frame(h).map_err(|detail| Error::Protocol { op: "tcp receive", peer, detail })?;
+pub(super) fn place(mb: &Mailbox, peer: usize, tag: Tag, len: usize, hold: bool) -> Result<Place> {
     let mut t = mb.lock();
-    let claimed = match Mailbox::claim(&mut t, peer, tag, len, "tcp receive")? {
-        Some(buf) => Some(buf),
-        None => {
-            Mailbox::reserve_early(&mut t, peer, len, "tcp receive")?;
-            None
-        }
-    };
-    Ok((tag, len, claimed))
+    if let Some(buf) = Mailbox::claim(&mut t, peer, tag, len, "tcp receive")? {
+        return Ok(Place::Posted(buf));
+    }
+    let behind = |t: &crate::mailbox::Table| t.map.iter().any(|(&(s, g, d), slot)| s == peer && d == Dir::Recv && g != tag && matches!(slot, Slot::Posted { .. }));
+    if hold && !behind(&t) {
+        return Ok(Place::Held);
+    }
+    Mailbox::reserve_early(&mut t, peer, len, "tcp receive")?;
+    Ok(Place::Early)
+}
+
+/// A frame header from `peer`, decoded and admitted ([`place`]).
+pub(super) fn admit(mb: &Mailbox, peer: usize, h: &[u8; FRAME_LEN], hold: impl FnOnce(usize) -> bool) -> Result<(Tag, usize, Place)> {
+    let (tag, len) = decode_frame(h).map_err(|detail| Error::Protocol { op: "tcp receive", peer, detail })?;
+    Ok((tag, len, place(mb, peer, tag, len, hold(len))?))
 }
 
 /// A receiving rank's admission of frame headers without a socket (the fuzz target
@@ -107,12 +124,14 @@ impl FrameSink {
     /// One frame header from `peer`: `Ok((tag, len, posted))` once its payload landed in the
     /// posted buffer (`posted`) or was kept until posted.
     pub fn frame(&mut self, peer: usize, h: &[u8; FRAME_LEN]) -> Result<(Tag, usize, bool)> {
-        let (tag, len, dst) = admit(&self.mb, peer, h)?;
-        match dst {
-            Some(_) => self.mb.complete(peer, tag, Dir::Recv, len),
-            None => self.mb.deliver(peer, tag, vec![0u8; len], true, "tcp receive")?,
+        let (tag, len, dst) = admit(&self.mb, peer, h, |_| false)?;
+        let posted = matches!(dst, Place::Posted(_));
+        if posted {
+            self.mb.complete(peer, tag, Dir::Recv, len);
+        } else {
+            self.mb.deliver(peer, tag, vec![0u8; len], true, "tcp receive")?;
         }
-        Ok((tag, len, dst.is_some()))
+        Ok((tag, len, posted))
     }
     /// Bytes held for receives not posted yet.
     pub fn early_bytes(&self) -> usize {
