@@ -120,6 +120,8 @@ impl TcpFabric {
             held,
             hold_max_us: (progress::HOLD_MAX.as_micros() as u64).into(),
             drivers: AtomicUsize::new(0),
+            last_drive_us: 0.into(),
+            epoch: Instant::now(),
             blocked: AtomicUsize::new(0),
             spin: AdaptiveSpin::new(crate::spin::max_from_env("EMBER_TCP_SPIN_US", SPIN_US)?),
             efd,
@@ -163,10 +165,12 @@ const YIELD_FOR: Duration = Duration::from_micros(50);
 /// The longest single block in `poll` (another thread's progress wakes it through `cfd`).
 const MAX_BLOCK: Duration = Duration::from_millis(1);
 
-/// Keeps the progress thread parked while a caller drives the connections.
+/// Keeps the progress thread parked while a caller drives the connections, and for
+/// [`progress::QUIET`] after.
 struct Driving<'a>(&'a Shared);
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
+        self.0.last_drive_us.store(self.0.epoch.elapsed().as_micros() as u64, Ordering::Release);
         self.0.drivers.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -35,6 +35,10 @@ pub(super) struct Shared {
     /// Callers inside a wait: they drive the connections ([`Shared::pass`]) while it is
     /// nonzero, and the progress thread keeps out of their way.
     pub(super) drivers: AtomicUsize,
+    /// When the last wait ended, µs after `epoch`: the progress thread stays out for
+    /// [`QUIET`] after it too (the caller is between two operations of a burst).
+    pub(super) last_drive_us: std::sync::atomic::AtomicU64,
+    pub(super) epoch: std::time::Instant,
     /// Callers blocked (or about to block) in their `poll`, having found their operation not
     /// done: whoever moves a frame or a send while one is signals `cfd`. Both sides use SeqCst
     /// (a caller counts itself, then checks; a mover completes, then reads the count), so a
@@ -177,6 +181,12 @@ const HOLD_MIN: usize = DIRECT;
 /// send cannot complete until it is read (it outgrew the socket buffers) is held up at most
 /// this long by a receiver that posts late or never.
 pub(super) const HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long after a caller's last wait the progress thread keeps out of the connections (unless
+/// a send is queued): between two operations of a burst the caller reads their frames itself.
+/// (Taking the sockets back whenever no caller was inside a wait, the progress thread woke on
+/// the next operation's frames and took the core and the frame from its caller: 8 B–1 KiB
+/// back-to-back all-to-alls took 30–140 µs each for their first few milliseconds.)
+pub(super) const QUIET: std::time::Duration = std::time::Duration::from_millis(1);
 /// Reads from one peer per progress pass (then the others get their turn, and a `cancel_recv`
 /// waiting for this peer's receive state gets it).
 const READS_PER_PASS: u32 = 32;
@@ -574,7 +584,9 @@ impl Shared {
 pub(super) fn progress(sh: Arc<Shared>) {
     let n = sh.streams.len();
     while !sh.stop.load(Ordering::Acquire) {
-        if sh.drivers.load(Ordering::Acquire) > 0 {
+        let since = sh.epoch.elapsed().saturating_sub(std::time::Duration::from_micros(sh.last_drive_us.load(Ordering::Acquire)));
+        let queued = || (0..n).any(|p| sh.tx[p].as_ref().is_some_and(|_| !sh.queue(p).is_empty()));
+        if sh.drivers.load(Ordering::Acquire) > 0 || (since < QUIET && !queued()) {
             let mut efd = [libc::pollfd { fd: sh.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
             // SAFETY: one live pollfd.
             if unsafe { libc::poll(efd.as_mut_ptr(), 1, 1) } > 0 {

@@ -421,3 +421,22 @@ fn a_held_frame_gives_way_to_a_receive_behind_it_and_to_time() {
     assert_eq!(receive(&f1, tag, long.len()), long);
     assert_eq!(receive(&f1, Tag { seq: 1, ..tag }, 8), [9; 8]);
 }
+
+/// Between operations the caller's frames are its own for a moment ([`progress::QUIET`]); after
+/// it, the progress thread alone reads what arrives (here kept until posted).
+#[test]
+fn after_a_wait_the_progress_thread_reads_again() {
+    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
+    s.write_all(&encode_frame(tag, 4)).unwrap();
+    s.write_all(&[1, 2, 3, 4]).unwrap();
+    assert_eq!(receive(&f1, tag, 4), [1, 2, 3, 4]);
+    s.write_all(&encode_frame(Tag { seq: 1, ..tag }, 4)).unwrap();
+    s.write_all(&[5, 6, 7, 8]).unwrap();
+    let t = Instant::now();
+    while f1.sh.mb.lock().early_bytes != 4 {
+        assert!(t.elapsed() < Duration::from_secs(10), "nobody read the frame that came after the wait");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(receive(&f1, Tag { seq: 1, ..tag }, 4), [5, 6, 7, 8]);
+}
