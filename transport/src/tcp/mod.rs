@@ -154,9 +154,9 @@ fn event_fd() -> Result<std::os::fd::OwnedFd> {
 /// How long a wait busy-polls the connections before it yields, at most (`EMBER_TCP_SPIN_US`):
 /// [`AdaptiveSpin`] stops it where the peer shares this core. Short: waits that went on
 /// busy-polling for 50 µs made a back-to-back 8-byte all-to-all between two cores 1.9× slower
-/// (16.5 µs against 8.8) and an 8 KiB one 1.8×, than waits that yield after 5 µs or at once
-/// (each look is a `ppoll` either way; per-operation timings and large messages did not
-/// change). Why the busy-poll costs here was not pinned down: slowing this rank's progress
+/// (16.5 µs against 8.8) and an 8 KiB one 2.1× (25.7 against 12.3), than waits that yield
+/// after 5 µs or at once (each look is a `ppoll` either way; per-operation timings and large
+/// messages did not change). Why the busy-poll costs here was not pinned down: slowing this rank's progress
 /// thread's wake-ups fifty-fold did not change it, and no softirq work moved to ksoftirqd.
 const SPIN_US: u64 = 5;
 

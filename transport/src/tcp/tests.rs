@@ -356,8 +356,14 @@ fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
 }
 
 /// Rank 0 (a raw socket) sends a 256 KiB frame for `tag`, then 8 bytes for the next tag; rank 1
-/// has posted neither. Returns the long payload, once rank 1's stream stops at the long frame.
-fn long_frame_then_short(s: &mut TcpStream, f1: &TcpFabric, tag: Tag) -> Vec<u8> {
+/// (holding a frame at most `hold_max`, or its default) has posted neither. Returns once rank
+/// 1's stream stops at the long frame: the socket, rank 1, the tag and the long payload.
+fn long_frame_then_short(hold_max: Option<Duration>) -> (TcpStream, TcpFabric, Tag, Vec<u8>) {
+    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
+    if let Some(h) = hold_max {
+        f1.sh.hold_max_us.store(h.as_micros() as u64, Ordering::Relaxed);
+    }
+    let tag = Tag { ctx: 1, seq: 0, round: 0 };
     let long: Vec<u8> = (0..256 << 10).map(|i| (i * 7 + 3) as u8).collect();
     s.write_all(&encode_frame(tag, long.len())).unwrap();
     s.write_all(&long).unwrap();
@@ -368,7 +374,7 @@ fn long_frame_then_short(s: &mut TcpStream, f1: &TcpFabric, tag: Tag) -> Vec<u8>
         assert!(t.elapsed() < Duration::from_secs(10), "the long frame was never held");
         std::thread::yield_now();
     }
-    long
+    (s, f1, tag, long)
 }
 
 /// Post a receive of `len` bytes from rank 0 and wait for it: what landed.
@@ -384,11 +390,8 @@ fn receive(f1: &TcpFabric, tag: Tag, len: usize) -> Vec<u8> {
 
 #[test]
 fn a_long_frame_ahead_of_its_receive_waits_in_the_stream_and_lands_in_place() {
-    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
     // Held until posted, however slow this test runs.
-    f1.sh.hold_max_us.store(30_000_000, Ordering::Relaxed);
-    let tag = Tag { ctx: 1, seq: 0, round: 0 };
-    let long = long_frame_then_short(&mut s, &f1, tag);
+    let (_s, f1, tag, long) = long_frame_then_short(Some(Duration::from_secs(30)));
     // Held: nothing kept aside, and the frame behind it not read either.
     assert_eq!(f1.sh.mb.lock().early_bytes, 0);
     assert!(f1.sh.mb.lock().map.keys().all(|k| k.0 != 0 || k.1.seq != 1), "read past the held frame");
@@ -402,17 +405,13 @@ fn a_long_frame_ahead_of_its_receive_waits_in_the_stream_and_lands_in_place() {
 #[test]
 fn a_held_frame_gives_way_to_a_receive_behind_it_and_to_time() {
     // A receive posted for the frame behind: the held one is kept aside, so that one arrives.
-    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
-    f1.sh.hold_max_us.store(30_000_000, Ordering::Relaxed);
-    let tag = Tag { ctx: 1, seq: 0, round: 0 };
-    let long = long_frame_then_short(&mut s, &f1, tag);
+    let (_s, f1, tag, long) = long_frame_then_short(Some(Duration::from_secs(30)));
     assert_eq!(receive(&f1, Tag { seq: 1, ..tag }, 8), [9; 8]);
     assert_eq!(f1.sh.mb.lock().early_bytes, long.len());
     assert_eq!(receive(&f1, tag, long.len()), long);
     assert_eq!(f1.sh.mb.lock().early_bytes, 0);
     // Nobody posts: held at most HOLD_MAX, then kept aside by the progress thread alone.
-    let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
-    let long = long_frame_then_short(&mut s, &f1, tag);
+    let (_s, f1, tag, long) = long_frame_then_short(None);
     let t = Instant::now();
     while f1.sh.held[0].load(Ordering::Acquire) || f1.sh.mb.lock().early_bytes < long.len() + 8 {
         assert!(t.elapsed() < Duration::from_secs(10), "still held after {:?}", t.elapsed());
