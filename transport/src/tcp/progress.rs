@@ -184,8 +184,9 @@ pub(super) const HOLD_MAX: std::time::Duration = std::time::Duration::from_milli
 /// How long after a caller's last wait the progress thread keeps out of the connections (unless
 /// a send is queued): between two operations of a burst the caller reads their frames itself.
 /// (Taking the sockets back whenever no caller was inside a wait, the progress thread woke on
-/// the next operation's frames and took the core and the frame from its caller: 8 B–1 KiB
-/// back-to-back all-to-alls took 30–140 µs each for their first few milliseconds.)
+/// the next operation's frames and took the core and the frame from its caller: the first 50
+/// back-to-back 1 KiB all-to-alls of a run took 30–140 µs each in 11 of 16 runs, against 6 of
+/// 14 with this.)
 pub(super) const QUIET: std::time::Duration = std::time::Duration::from_millis(1);
 /// Reads from one peer per progress pass (then the others get their turn, and a `cancel_recv`
 /// waiting for this peer's receive state gets it).
@@ -202,9 +203,9 @@ pub(super) enum Dst {
     /// staging buffer, there) from this instant on, and the stream behind it too, until its
     /// receive is posted (then read straight into it), another receive from this peer is
     /// posted (which may be behind it: then kept as `Early`, as is a frame held
-    /// [`HOLD_MAX`]). TCP's flow control holds the sender back meanwhile. Instead of copying
-    /// a message that arrives a moment before its receive twice, through a fresh allocation,
-    /// as Open MPI's rendezvous does for its large messages.
+    /// [`HOLD_MAX`]). TCP's flow control holds the sender back meanwhile. Like Open MPI's
+    /// rendezvous for its large messages, this spares a message that arrives a moment before
+    /// its receive a fresh allocation and a second copy.
     Held(std::time::Instant),
 }
 
