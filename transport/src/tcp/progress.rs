@@ -362,7 +362,11 @@ impl Rx {
                 Ok((tag, len, Place::Posted(buf))) => (tag, len, Dst::Posted(buf.0)),
                 // Not posted yet: kept (its bytes reserved within the limit), or held.
                 Ok((tag, len, Place::Early)) => (tag, len, Dst::Early(vec![0u8; len])),
-                Ok((tag, len, Place::Held)) => (tag, len, Dst::Held(std::time::Instant::now())),
+                Ok((tag, len, Place::Held)) => {
+                    // Placed just now: looked at again on the next pass, not here.
+                    self.body = Some(Body { tag, len, got: 0, dst: Dst::Held(std::time::Instant::now()) });
+                    return Ok(false);
+                }
                 Err(e) => {
                     // A malformed header, or the slot holds the error (or the limit is
                     // exceeded): the stream can no longer be trusted.
