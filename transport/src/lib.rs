@@ -19,6 +19,7 @@ mod comm;
 mod conn;
 #[cfg(test)]
 mod conformance;
+mod env;
 mod error;
 pub mod fabric;
 mod limits;

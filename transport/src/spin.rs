@@ -32,11 +32,7 @@ const MAX_SPIN_US: u64 = 1_000_000;
 /// The busy-poll maximum the environment variable `var` names in µs (`default_us` when unset),
 /// at most 1 s; another value is an error naming the variable.
 pub fn max_from_env(var: &str, default_us: u64) -> crate::error::Result<Duration> {
-    let Some(v) = std::env::var_os(var) else { return Ok(Duration::from_micros(default_us)) };
-    match v.to_str().and_then(|s| s.parse::<u64>().ok()) {
-        Some(us) if us <= MAX_SPIN_US => Ok(Duration::from_micros(us)),
-        _ => Err(crate::error::Error::Bootstrap(format!("{var}={v:?}: not a whole number of microseconds from 0 to {MAX_SPIN_US}"))),
-    }
+    crate::env::number(var, std::env::var_os(var), default_us, 0..=MAX_SPIN_US, "microseconds").map(Duration::from_micros)
 }
 
 /// The busy-poll phase of one endpoint's waits.
