@@ -313,8 +313,7 @@ pub(crate) fn even_counts(len: usize, n: usize) -> PerRank<usize> {
 
 /// The sum of `counts`; a usage error naming `what` when it overflows.
 fn counts_sum(op: &'static str, what: &str, counts: &[usize]) -> Result<usize> {
-    let sum = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
-    sum.ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))
+    crate::limits::checked_sum(counts).ok_or_else(|| Error::usage(op, format!("{what}: counts overflow (their sum exceeds {})", usize::MAX)))
 }
 
 fn check_counts(op: &'static str, what: &str, counts: &[usize], n: usize, total: usize) -> Result<()> {

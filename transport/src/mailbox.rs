@@ -214,7 +214,8 @@ impl Mailbox {
     /// Count `len` more bytes held for receives not posted yet: a protocol error naming `peer`
     /// past [`crate::alloc_limit`] (a peer sending far ahead of the receives).
     pub fn reserve_early(t: &mut Table, peer: usize, len: usize, op: &'static str) -> Result<()> {
-        match t.early_bytes.checked_add(len).filter(|&b| b <= crate::limits::alloc_limit()) {
+        let limit = crate::limits::alloc_limit()?;
+        match t.early_bytes.checked_add(len).filter(|&b| b <= limit) {
             Some(b) => {
                 t.early_bytes = b;
                 Ok(())
@@ -222,10 +223,7 @@ impl Mailbox {
             None => Err(Error::Protocol {
                 op,
                 peer,
-                detail: format!(
-                    "{len} more bytes ahead of their receives would exceed the {}-byte limit (EMBER_MAX_ALLOC_BYTES)",
-                    crate::limits::alloc_limit()
-                ),
+                detail: format!("{len} more bytes ahead of their receives would exceed the {limit}-byte limit (EMBER_MAX_ALLOC_BYTES)"),
             }),
         }
     }

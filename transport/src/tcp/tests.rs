@@ -35,7 +35,7 @@ fn frame_headers_round_trip_and_are_admitted_within_their_limits() {
     let t3 = Tag { seq: 6, ..tag };
     assert_eq!(s.frame(0, &encode_frame(t3, 100)).unwrap(), (t3, 100, false));
     assert_eq!(s.early_bytes(), 100);
-    let e = s.frame(1, &encode_frame(Tag { seq: 7, ..tag }, crate::alloc_limit())).unwrap_err();
+    let e = s.frame(1, &encode_frame(Tag { seq: 7, ..tag }, crate::alloc_limit().unwrap())).unwrap_err();
     assert!(matches!(&e, Error::Protocol { peer: 1, detail, .. } if detail.contains("limit")), "{e}");
     assert_eq!(s.early_bytes(), 100);
     // A second frame for the same message is a protocol error.
@@ -74,7 +74,7 @@ fn corrupted_length_field_is_rejected() {
 fn an_unposted_message_beyond_the_allocation_limit_fails_the_peer() {
     // Nothing posted: a frame of more than the limit is refused before any allocation.
     let (mut s, f1) = fake_rank0("tok", Duration::from_secs(2));
-    let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: crate::alloc_limit() as u64 + 1 };
+    let f = Frame { magic: MAGIC, round: 0, ctx: 1, seq: 0, len: crate::alloc_limit().unwrap() as u64 + 1 };
     s.write_all(bytemuck::bytes_of(&f)).unwrap();
     let w = Wait::new("test", Duration::from_secs(2));
     let e = f1.wait_recv(0, Tag { ctx: 1, seq: 9, round: 0 }, &w).unwrap_err();
