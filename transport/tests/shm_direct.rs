@@ -98,6 +98,11 @@ fn child_rank(spec: &str) {
 
 /// Run `n` rank processes (this test binary re-run as test `name`) with `env`; their outputs.
 fn rank_processes(name: &str, n: usize, env: &[(&str, &str)]) -> Vec<std::process::Output> {
+    rank_processes_pids(name, n, env).into_iter().map(|(_, o)| o).collect()
+}
+
+/// [`rank_processes`], with each process's id.
+fn rank_processes_pids(name: &str, n: usize, env: &[(&str, &str)]) -> Vec<(u32, std::process::Output)> {
     let port = free_port().unwrap();
     let token = new_token();
     let exe = std::env::current_exe().unwrap();
@@ -112,7 +117,7 @@ fn rank_processes(name: &str, n: usize, env: &[(&str, &str)]) -> Vec<std::proces
                 .unwrap()
         })
         .collect();
-    kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect()
+    kids.into_iter().map(|k| (k.id(), k.wait_with_output().unwrap())).collect()
 }
 
 #[test]
@@ -145,5 +150,30 @@ fn processes_copy_through_shared_memory_when_told_to() {
         let count = |k: &str| -> u64 { line.split(&format!(" {k} ")).nth(1).and_then(|t| t.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap() };
         assert!(count("staged") > 0, "{line}");
         assert_eq!((count("direct"), count("direct-after-rts"), count("rts-fetch")), (0, 0, 0), "{line}");
+    }
+}
+
+#[test]
+fn a_bad_variable_fails_the_shm_world_naming_it_and_leaves_no_inbox() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        return child_rank(&spec);
+    }
+    // Every rank process reads the same bad value when its shared-memory fabric is built (after
+    // the rendezvous created its inbox): each fails naming the variable, and removes its inbox.
+    let name = "a_bad_variable_fails_the_shm_world_naming_it_and_leaves_no_inbox";
+    for (var, v) in [("EMBER_SHM_EAGER", "262145"), ("EMBER_SHM_DIRECT", "yes"), ("EMBER_SHM_COPY", "stagd"), ("EMBER_SPIN_US", "5us"), ("EMBER_MAX_ALLOC_BYTES", "0")] {
+        let t = Instant::now();
+        for (r, (pid, o)) in rank_processes_pids(name, 2, &[(var, v)]).iter().enumerate() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            // (The child's panic shows the error's Debug form: the value's quotes escaped.)
+            assert!(!o.status.success() && err.contains(&format!("{var}=\\\"{v}\\\"")), "rank {r} with {var}={v:?}: {err}");
+            let left: Vec<_> = std::fs::read_dir("/dev/shm")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|f| f.starts_with("ember-") && f.contains(&format!("-{pid}-{r}-")))
+                .collect();
+            assert!(left.is_empty(), "rank {r} with {var}={v:?} left its inbox: {left:?}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{var}: took {:?}", t.elapsed());
     }
 }

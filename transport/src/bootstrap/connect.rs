@@ -124,11 +124,11 @@ impl Comm {
             // Cross-memory attach: probed once by every rank, used only if every rank may attach
             // to every other (else large messages are copied through shared memory). The
             // agreement is also the barrier after which every inbox is mapped: the names can go.
-            let mine = if crate::shm::staged_forced() { Err("EMBER_SHM_COPY=staged".to_string()) } else { f.probe_cma() };
+            let mine = if f.staged_forced() { Err("EMBER_SHM_COPY=staged".to_string()) } else { f.probe_cma() };
             let verdict = agree(&c, mine)?;
             f.use_cma(verdict.is_ok());
             f.unlink_inbox();
-            let unasked = verdict.is_err() && !crate::shm::staged_forced();
+            let unasked = verdict.is_err() && !f.staged_forced();
             let what = match verdict {
                 Ok(()) => "shm: large messages by cross-memory attach (process_vm_readv/writev, one copy)".to_string(),
                 Err(why) => format!("shm: cross-memory attach not used ({why}): large messages are copied through shared memory"),

@@ -5,7 +5,7 @@
 use super::advert::Deferred;
 use super::cma::alive;
 use super::ring::{Rec, EAGER};
-use super::{direct_enabled, eager_max, stat, stats_on, ShmFabric, STATS};
+use super::{stat, stats_on, ShmFabric, STATS};
 use crate::error::Result;
 use crate::fabric::{Fabric, Tag, Wait};
 use crate::mailbox::{Dir, Posted};
@@ -80,14 +80,14 @@ impl Fabric for ShmFabric {
         match self.mb.post(src, tag, buf, len, w.op)? {
             Posted::Waiting => {
                 // Staged: every large receive is advertised (the sender waits for it).
-                if len > eager_max() && (direct_enabled() || self.is_staged()) {
+                if len > self.opts.eager_max && (self.opts.direct || self.is_staged()) {
                     self.advertise(src, tag, buf, len);
                 }
                 Ok(())
             }
             Posted::Landed => Ok(()),
             Posted::Fetch { addr, len: mlen, id } => {
-                if direct_enabled() {
+                if self.opts.direct {
                     let mut t = self.adv_lock();
                     if self.advertise_in(&mut t, src, tag, buf, len) {
                         if let Some(a) = t.slots[src].iter_mut().flatten().find(|a| a.tag == tag) {
@@ -105,7 +105,7 @@ impl Fabric for ShmFabric {
 
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
         self.check_failed(w.op)?;
-        if len <= eager_max() {
+        if len <= self.opts.eager_max {
             let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
             // SAFETY: `data` holds `len` readable bytes until `wait_send` (the `send` contract).
             self.push_wait(dst, &rec, unsafe { std::slice::from_raw_parts(data, len) }, w)?;

@@ -66,23 +66,41 @@ pub mod wire {
 /// Payload bytes of one streamed chunk (the staged path).
 pub const CHUNK_BYTES: usize = 128 << 10;
 
-/// Messages up to this many bytes go through the ring; larger ones take the CMA or staged path.
-fn eager_max() -> usize {
-    static V: OnceLock<usize> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("EMBER_SHM_EAGER").ok().and_then(|s| s.parse().ok()).unwrap_or(8 << 10).min(segment::RING_CAP / 4))
+/// The largest eager message `EMBER_SHM_EAGER` may ask for: a quarter of a ring.
+pub const MAX_EAGER: usize = segment::RING_CAP / 4;
+
+/// What the environment asks of the shared-memory fabric, read and checked when it is built
+/// ([`Options::from_vars`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Options {
+    /// Messages up to this many bytes go through the ring; larger ones take the CMA or staged
+    /// path (`EMBER_SHM_EAGER`: 0 to [`MAX_EAGER`], default 8 KiB).
+    pub eager_max: usize,
+    /// Advertised receives on the CMA path (`EMBER_SHM_DIRECT`: `1`, the default, or `0`: every
+    /// large message goes through RTS). The staged path always advertises.
+    pub direct: bool,
+    /// Large messages are copied through shared memory (tests, benchmarks), whatever the CMA
+    /// probe finds (`EMBER_SHM_COPY`: `auto`, the default, probes cross-memory attach;
+    /// `staged` forces the copy).
+    pub staged: bool,
 }
 
-/// `EMBER_SHM_DIRECT=0` disables advertised receives on the CMA path (every large message goes
-/// through RTS). The staged path always advertises.
-fn direct_enabled() -> bool {
-    static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("EMBER_SHM_DIRECT").map_or(true, |v| v != "0"))
-}
+impl Options {
+    /// From this process's environment.
+    pub(crate) fn from_env() -> Result<Options> {
+        Self::from_vars(|k| std::env::var_os(k))
+    }
 
-/// `EMBER_SHM_COPY=staged` forces the copy through shared memory (tests, benchmarks); anything
-/// else probes cross-memory attach.
-pub(crate) fn staged_forced() -> bool {
-    std::env::var("EMBER_SHM_COPY").is_ok_and(|v| v.eq_ignore_ascii_case("staged"))
+    /// From the variables `get` returns (`None`: unset): a malformed or out-of-range value is
+    /// an error naming the variable and what it accepts.
+    pub(crate) fn from_vars(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Options> {
+        let eager = crate::env::number("EMBER_SHM_EAGER", get("EMBER_SHM_EAGER"), 8 << 10, 0..=MAX_EAGER as u64, "bytes")?;
+        Ok(Options {
+            eager_max: eager as usize,
+            direct: crate::env::flag("EMBER_SHM_DIRECT", get("EMBER_SHM_DIRECT"), true)?,
+            staged: crate::env::choice("EMBER_SHM_COPY", get("EMBER_SHM_COPY"), false, &[("auto", false), ("staged", true)])?,
+        })
+    }
 }
 
 /// Path counters (`EMBER_SHM_STATS=1` prints them when the fabric is dropped): eager sends,
@@ -130,6 +148,8 @@ pub(super) struct Sends {
 
 pub(crate) struct ShmFabric {
     rank: usize,
+    /// What the environment asked for (eager limit, advertised receives, forced staging).
+    opts: Options,
     pids: Vec<u32>,
     mb: Mailbox,
     inbox: Inbox,
@@ -166,8 +186,12 @@ pub(crate) struct ShmFabric {
 
 impl ShmFabric {
     /// Map every peer's inbox. `paths[r]`/`pids[r]` come from the rendezvous. Large messages
-    /// are staged until [`Self::use_cma`] says otherwise; `timeout` bounds a cancel's wait.
+    /// are staged until [`Self::use_cma`] says otherwise; `timeout` bounds a cancel's wait. The
+    /// environment's settings ([`Options`], `EMBER_SPIN_US`, `EMBER_MAX_ALLOC_BYTES`) are
+    /// checked first: a bad one is an error naming it (and `inbox` is unlinked).
     pub fn new(rank: usize, inbox: Inbox, paths: &[String], pids: Vec<u32>, timeout: Duration) -> Result<ShmFabric> {
+        let settings = (|| -> Result<_> { Ok((Options::from_env()?, crate::spin::max_from_env("EMBER_SPIN_US", 50)?, crate::limits::alloc_limit()?)) })();
+        let (opts, spin, _) = settings.inspect_err(|_| inbox.unlink())?;
         let n = paths.len();
         let mut maps = Vec::with_capacity(n);
         let (mut tx, mut txa, mut probes, mut pidfds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -192,8 +216,9 @@ impl ShmFabric {
         let rx = (0..n).map(|s| inbox.region(s)).collect();
         Ok(ShmFabric {
             rank,
+            opts,
             pids,
-            mb: Mailbox::new_polling(crate::spin::max_from_env("EMBER_SPIN_US", 50)?),
+            mb: Mailbox::new_polling(spin),
             inbox,
             _peer_maps: maps,
             probes,
@@ -230,6 +255,11 @@ impl ShmFabric {
     /// or through shared memory. Set once, before any large message.
     pub fn use_cma(&self, on: bool) {
         self.staged.store(!on, Ordering::Release);
+    }
+
+    /// Whether `EMBER_SHM_COPY=staged` asked for the copy through shared memory.
+    pub fn staged_forced(&self) -> bool {
+        self.opts.staged
     }
 
     fn is_staged(&self) -> bool {

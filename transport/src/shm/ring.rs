@@ -4,7 +4,7 @@
 //! and the consumer that drains one source's ring, bounds-checking every header
 //! ([`check_ring`], [`check_record`]) and dispatching it.
 use super::segment::{Ring, RING_CAP};
-use super::{eager_max, stat, ShmFabric, CHUNK_BYTES};
+use super::{stat, ShmFabric, CHUNK_BYTES};
 use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
 use crate::mailbox::Dir;
@@ -237,7 +237,7 @@ impl ShmFabric {
             // SAFETY: idx + HDR <= RING_CAP (idx is 64-aligned, RING_CAP a multiple of 64).
             unsafe { std::ptr::copy_nonoverlapping(ring.data().add(idx), bytemuck::bytes_of_mut(&mut rec).as_mut_ptr(), HDR) };
             let tag = Tag { ctx: rec.ctx, seq: rec.seq, round: rec.round };
-            let c = check_record(&rec, idx, avail, eager_max()).map_err(|e| self.proto(s, e))?;
+            let c = check_record(&rec, idx, avail, self.opts.eager_max).map_err(|e| self.proto(s, e))?;
             // SAFETY: check_record bounded the payload by the ring and the published bytes.
             let payload = unsafe { std::slice::from_raw_parts(ring.data().add(idx + c.at), c.payload) };
             match rec.kind {

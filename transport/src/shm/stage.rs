@@ -35,7 +35,7 @@ impl ShmFabric {
             JobState::Announced { .. } => {
                 // The receiver advertised meanwhile: write it ourselves (the waiting sender's
                 // core is idle; the receiver would copy only once it polls).
-                if !super::direct_enabled() || !self.try_direct(j.dst, j.tag, j.data as *const u8, j.len, true)? {
+                if !self.opts.direct || !self.try_direct(j.dst, j.tag, j.data as *const u8, j.len, true)? {
                     return Ok(false);
                 }
                 stat(2);

@@ -715,3 +715,33 @@ fn slots_and_chunks_written_by_a_peer_are_checked() {
     assert!(check_chunk(0, 0, 30, 0, 0).is_err(), "empty");
     assert!(check_chunk(u64::MAX, 1, u64::MAX, usize::MAX, u64::MAX).is_err());
 }
+
+#[test]
+fn the_shm_variables_are_checked() {
+    let opts = |pairs: &'static [(&'static str, &'static str)]| Options::from_vars(move |k| pairs.iter().find(|(a, _)| *a == k).map(|(_, v)| v.into()));
+    assert_eq!(opts(&[]).unwrap(), Options { eager_max: 8 << 10, direct: true, staged: false });
+    let set = opts(&[("EMBER_SHM_EAGER", "262144"), ("EMBER_SHM_DIRECT", "0"), ("EMBER_SHM_COPY", "staged")]).unwrap();
+    assert_eq!(set, Options { eager_max: MAX_EAGER, direct: false, staged: true });
+    assert_eq!(MAX_EAGER, 256 << 10);
+    let set = opts(&[("EMBER_SHM_EAGER", "0"), ("EMBER_SHM_DIRECT", "1"), ("EMBER_SHM_COPY", "AUTO")]).unwrap();
+    assert_eq!(set, Options { eager_max: 0, direct: true, staged: false });
+    let bad: [(&'static str, &'static str, &str); 12] = [
+        ("EMBER_SHM_EAGER", "262145", "bytes from 0 to 262144"),
+        ("EMBER_SHM_EAGER", "1048576", "bytes from 0 to 262144"),
+        ("EMBER_SHM_EAGER", "4k", "bytes from 0 to 262144"),
+        ("EMBER_SHM_EAGER", "-1", "bytes from 0 to 262144"),
+        ("EMBER_SHM_EAGER", "", "bytes from 0 to 262144"),
+        ("EMBER_SHM_DIRECT", "off", "`0` or `1`"),
+        ("EMBER_SHM_DIRECT", "2", "`0` or `1`"),
+        ("EMBER_SHM_DIRECT", "", "`0` or `1`"),
+        ("EMBER_SHM_COPY", "stagde", "`auto` or `staged`"),
+        ("EMBER_SHM_COPY", "cma", "`auto` or `staged`"),
+        ("EMBER_SHM_COPY", "1", "`auto` or `staged`"),
+        ("EMBER_SHM_COPY", "", "`auto` or `staged`"),
+    ];
+    for (var, v, accepted) in bad {
+        let pairs: &'static [(&str, &str)] = Box::leak(Box::new([(var, v)]));
+        let e = opts(pairs).unwrap_err().to_string();
+        assert!(e.contains(&format!("{var}={v:?}")) && e.contains(accepted), "{var}={v:?}: {e}");
+    }
+}
