@@ -96,14 +96,19 @@ impl TcpFabric {
         for (r, s) in accept? {
             streams[r] = Some(s);
         }
+        // The environment's settings, checked before the mesh is used (a bad one fails here,
+        // naming the variable; the peers see this rank leave the mesh).
         let cc = parse_congestion(std::env::var_os("EMBER_TCP_CONGESTION"))?;
+        let sockbuf = parse_sockbuf(std::env::var_os("EMBER_TCP_SOCKBUF"))?;
+        let spin = crate::spin::max_from_env("EMBER_TCP_SPIN_US", SPIN_US)?;
+        crate::limits::alloc_limit()?;
         let mb = Arc::new(Mailbox::new());
         let (efd, cfd) = (event_fd()?, event_fd()?);
         let mut tx = Vec::with_capacity(size);
         let mut rx = Vec::with_capacity(size);
         for s in &streams {
             if let Some(s) = s {
-                tune(s, timeout, cc.as_deref())?;
+                tune(s, timeout, cc.as_deref(), sockbuf)?;
                 s.set_nonblocking(true).map_err(|e| Error::Bootstrap(e.to_string()))?;
             }
             tx.push(s.as_ref().map(|_| Mutex::new(VecDeque::new())));
@@ -123,7 +128,7 @@ impl TcpFabric {
             last_drive_us: 0.into(),
             epoch: Instant::now(),
             blocked: AtomicUsize::new(0),
-            spin: AdaptiveSpin::new(crate::spin::max_from_env("EMBER_TCP_SPIN_US", SPIN_US)?),
+            spin: AdaptiveSpin::new(spin),
             efd,
             cfd,
             stop: AtomicBool::new(false),
@@ -259,11 +264,16 @@ fn dial(rank: usize, d: usize, size: usize, a: &str, token: &str, deadline: Inst
     Ok(c.s)
 }
 
-/// Socket buffer size asked for on every mesh connection (loopback and LAN alike):
-/// `EMBER_TCP_SOCKBUF` bytes, 0 = leave it to the kernel's autotuning. Default 4 MiB.
-fn sock_buf() -> libc::c_int {
-    static V: std::sync::OnceLock<libc::c_int> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("EMBER_TCP_SOCKBUF").ok().and_then(|s| s.parse().ok()).unwrap_or(4 << 20))
+/// The largest socket buffer `EMBER_TCP_SOCKBUF` may ask for (the kernel caps it further at
+/// `net.core.wmem_max` / `rmem_max`).
+const MAX_SOCKBUF: u64 = 1 << 30;
+
+/// Socket buffer size asked for on every mesh connection (loopback and LAN alike), from
+/// `EMBER_TCP_SOCKBUF` (`v`, the variable's value): bytes, 0 = leave it to the kernel's
+/// autotuning, at most [`MAX_SOCKBUF`]; default 4 MiB. Another value is an error naming the
+/// variable.
+fn parse_sockbuf(v: Option<std::ffi::OsString>) -> Result<libc::c_int> {
+    Ok(crate::env::number("EMBER_TCP_SOCKBUF", v, 4 << 20, 0..=MAX_SOCKBUF, "bytes")? as libc::c_int)
 }
 
 /// The congestion control asked for by `EMBER_TCP_CONGESTION` (`v`, the variable's value):
@@ -301,12 +311,13 @@ fn congestion_for(s: &TcpStream, env: Option<&str>) -> Option<String> {
     }
 }
 
-/// Per-connection options: no Nagle, socket buffers (`EMBER_TCP_SOCKBUF`), the congestion
+/// Per-connection options: no Nagle, socket buffers (`sockbuf` bytes as [`parse_sockbuf`]
+/// returned it, 0: the kernel's autotuning), the congestion
 /// control ([`congestion_for`], `env` as [`parse_congestion`] returned it; a name the kernel
 /// refuses is an error when the user named it, and leaves the system's otherwise), and the dead-peer detection: keepalive probes after
 /// `timeout / 2` idle (1..=60 s), every `timeout / 6` (1..=10 s), and `TCP_USER_TIMEOUT` =
 /// `timeout` (data unacknowledged that long, or probes unanswered, end the connection).
-fn tune(s: &TcpStream, timeout: Duration, env: Option<&str>) -> Result<()> {
+fn tune(s: &TcpStream, timeout: Duration, env: Option<&str>, sockbuf: libc::c_int) -> Result<()> {
     use std::os::fd::AsRawFd;
     s.set_nodelay(true).ok();
     let set_bytes = |level: libc::c_int, opt: libc::c_int, v: &[u8]| {
@@ -327,10 +338,9 @@ fn tune(s: &TcpStream, timeout: Duration, env: Option<&str>) -> Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, (secs / 6).clamp(1, 10));
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int);
-    let v = sock_buf();
-    if v > 0 {
-        set(libc::SOL_SOCKET, libc::SO_SNDBUF, v);
-        set(libc::SOL_SOCKET, libc::SO_RCVBUF, v);
+    if sockbuf > 0 {
+        set(libc::SOL_SOCKET, libc::SO_SNDBUF, sockbuf);
+        set(libc::SOL_SOCKET, libc::SO_RCVBUF, sockbuf);
     }
     if let Some(cc) = congestion_for(s, env) {
         if let Err(e) = set_bytes(libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes()) {

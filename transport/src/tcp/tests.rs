@@ -177,11 +177,11 @@ fn a_same_host_connection_runs_reno_unless_the_user_names_one_or_the_system() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let system = congestion(&a);
-    tune(&a, Duration::from_secs(5), Some("")).unwrap();
+    tune(&a, Duration::from_secs(5), Some(""), 0).unwrap();
     assert_eq!(congestion(&a), system);
-    tune(&a, Duration::from_secs(5), Some("reno")).unwrap();
+    tune(&a, Duration::from_secs(5), Some("reno"), 0).unwrap();
     assert_eq!(congestion(&a), "reno");
-    let e = tune(&a, Duration::from_secs(5), Some("no_such_cc")).unwrap_err().to_string();
+    let e = tune(&a, Duration::from_secs(5), Some("no_such_cc"), 0).unwrap_err().to_string();
     assert!(e.contains("EMBER_TCP_CONGESTION=no_such_cc") && e.contains("tcp_allowed_congestion_control"), "{e}");
     assert_eq!(congestion(&a), "reno", "a refused name changes nothing");
     // What the variable may say.
@@ -195,6 +195,18 @@ fn a_same_host_connection_runs_reno_unless_the_user_names_one_or_the_system() {
     }
     use std::os::unix::ffi::OsStringExt;
     assert!(parse_congestion(Some(OsString::from_vec(vec![0xff]))).is_err());
+}
+
+#[test]
+fn the_socket_buffer_variable_is_checked() {
+    assert_eq!(parse_sockbuf(None).unwrap(), 4 << 20);
+    assert_eq!(parse_sockbuf(Some("0".into())).unwrap(), 0, "0: the kernel's autotuning");
+    assert_eq!(parse_sockbuf(Some("262144".into())).unwrap(), 256 << 10);
+    assert_eq!(parse_sockbuf(Some("1073741824".into())).unwrap(), 1 << 30);
+    for bad in ["4M", "4k", "-1", "abc", "", "1073741825", "4294967296"] {
+        let e = parse_sockbuf(Some(bad.into())).unwrap_err().to_string();
+        assert!(e.contains("EMBER_TCP_SOCKBUF") && e.contains("bytes from 0 to 1073741824"), "{bad:?}: {e}");
+    }
 }
 
 #[test]
