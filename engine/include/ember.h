@@ -308,14 +308,15 @@ ember_status ember_engine_create_from_preset(const char *name, uint64_t row_cap,
  * `ember_engine_create_from_toml`; its grid must have `n` ranks, default 1 x n), one handle per
  * rank: `out_handles` is a caller-owned array of `n` handle slots; slot w receives world rank
  * w's handle. The ranks talk through this process's memory (collective timeout:
- * EMBER_TIMEOUT_MS, default 60 s). Calls that communicate (`ember_train_step`, `ember_eval`,
+ * EMBER_TIMEOUT_MS, 1 ms to 7 days, default 60 s). Calls that communicate (`ember_train_step`, `ember_eval`,
  * `ember_save_checkpoint`, `ember_load_checkpoint`, `ember_bench_collective`) are collective:
  * drive each handle from its own thread, every rank making the same sequence of calls; they
  * block until all ranks have called. The caller owns every handle and destroys each with
  * `ember_engine_destroy`. On failure no slot is written and no handle exists.
  * Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out_handles` is NULL,
  * `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `n` is 0 or above 4096, `EMBER_STATUS_ERR_CONFIG` if
- * the config is rejected or its grid or batch size does not fit `n` ranks.
+ * the config is rejected, its grid or batch size does not fit `n` ranks, or EMBER_TIMEOUT_MS is
+ * not a whole number of milliseconds in that range.
  *
  * # Safety
  * `toml` is NULL or a NUL-terminated string, valid during the call; `out_handles` is NULL or

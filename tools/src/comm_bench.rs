@@ -72,8 +72,8 @@ pub struct CommBenchArgs {
     /// One JSON object per row.
     #[arg(long)]
     pub json: bool,
-    /// Collective timeout in milliseconds.
-    #[arg(long, value_parser = crate::common::count64::<1, { u32::MAX as u64 }>)]
+    /// Collective timeout in milliseconds (at most 7 days).
+    #[arg(long, value_parser = crate::common::count64::<1, { ember_transport::MAX_TIMEOUT.as_millis() as u64 }>)]
     pub timeout_ms: Option<u64>,
     /// MxN: split the world (M·N ranks) into the 2D grid's sharding groups (N ranks each) and
     /// replica groups (M ranks each), placement "replicas in node" (sharding group g = world

@@ -17,8 +17,8 @@ pub struct LaunchArgs {
     /// Transport the ranks use (sets EMBER_TRANSPORT): auto, shm, tcp, rdma.
     #[arg(long)]
     pub transport: Option<String>,
-    /// Collective timeout in milliseconds (sets EMBER_TIMEOUT_MS).
-    #[arg(long, value_parser = crate::common::count64::<1, { u32::MAX as u64 }>)]
+    /// Collective timeout in milliseconds, at most 7 days (sets EMBER_TIMEOUT_MS).
+    #[arg(long, value_parser = crate::common::count64::<1, { ember_transport::MAX_TIMEOUT.as_millis() as u64 }>)]
     pub timeout_ms: Option<u64>,
     /// After one rank fails, how long the others may run before they are killed (seconds).
     #[arg(long, default_value_t = 70, value_parser = crate::common::count64::<0, { u32::MAX as u64 }>)]

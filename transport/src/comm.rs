@@ -13,6 +13,11 @@ use std::time::Duration;
 /// Default time any collective waits for a peer before failing (60 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest timeout the environment (`EMBER_TIMEOUT_MS`) or the command line may ask for:
+/// 7 days. A longer wait is not a timeout, and the deadlines derived from it (`Instant` +
+/// timeout, TCP's `TCP_USER_TIMEOUT` in milliseconds) stay far from overflowing.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 struct Inner {
     g: Group,
     /// Sequence number of the next collective issued on this communicator.

@@ -56,7 +56,7 @@ pub mod wire {
 }
 
 pub use coll::{all_reduce_scratch_bytes, Host, Memory};
-pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT};
+pub use comm::{local_world, local_world_with_timeout, split_evenly, Comm, Regions, Request, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use bootstrap::{JoinConfig, Rendezvous, Transport};
 pub use error::{Error, Result};
 pub use limits::alloc_limit;

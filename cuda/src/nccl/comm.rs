@@ -36,10 +36,24 @@ impl NcclOp {
     }
 }
 
-/// The job's timeout for waits on NCCL work: `EMBER_TIMEOUT_MS`, else 60 s (the transport's
-/// default).
-pub fn default_timeout() -> Duration {
-    std::env::var("EMBER_TIMEOUT_MS").ok().and_then(|v| v.trim().parse().ok()).map_or(Duration::from_secs(60), Duration::from_millis)
+/// The longest timeout `EMBER_TIMEOUT_MS` may ask for: 7 days (the transport's limit,
+/// `ember_transport::MAX_TIMEOUT`; this crate does not depend on the transport).
+const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The job's timeout for waits on NCCL work: `EMBER_TIMEOUT_MS` (whole milliseconds, 1 to 7
+/// days), else 60 s (the transport's default). Another value is an error naming the variable.
+pub fn default_timeout() -> DevResult<Duration> {
+    timeout_from(std::env::var_os("EMBER_TIMEOUT_MS"))
+}
+
+/// [`default_timeout`] for the value `v` of `EMBER_TIMEOUT_MS` (`None`: unset).
+fn timeout_from(v: Option<std::ffi::OsString>) -> DevResult<Duration> {
+    let Some(v) = v else { return Ok(Duration::from_secs(60)) };
+    let digits = v.to_str().map(str::trim).filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    match digits.and_then(|s| s.parse::<u64>().ok()) {
+        Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("EMBER_TIMEOUT_MS={v:?}: not a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}")),
+    }
 }
 
 /// One rank of an NCCL communicator, bound to a CUDA stream. Every operation is enqueued on that
@@ -67,6 +81,7 @@ impl NcclComm {
     /// One rank per GPU: NCCL refuses two ranks on one device.
     pub fn new(stream: Arc<CudaStream>, rank: usize, size: usize, id: &NcclId) -> DevResult<NcclComm> {
         probe()?;
+        let timeout = default_timeout()?;
         if size == 0 || rank >= size || size > i32::MAX as usize {
             return Err(format!("NCCL communicator: rank {rank} of {size} is not a valid rank"));
         }
@@ -81,13 +96,15 @@ impl NcclComm {
                 std::ptr::null_mut(),
             )
         })?;
-        Ok(NcclComm { comm: Cell::new(comm), stream, rank, size, timeout: default_timeout(), aborted: RefCell::new(None) })
+        Ok(NcclComm { comm: Cell::new(comm), stream, rank, size, timeout, aborted: RefCell::new(None) })
     }
 
     /// Rank 0 creates the id, `broadcast` moves the bytes from rank 0 to every rank (e.g.
     /// `|b| comm.broadcast(b, 0).map_err(|e| e.to_string())` with an `ember_transport::Comm`),
     /// then every rank joins ([`exchange_id`] + [`new`](Self::new)).
     pub fn init_with(stream: Arc<CudaStream>, rank: usize, size: usize, broadcast: impl FnOnce(&mut [u8]) -> Result<(), String>) -> DevResult<NcclComm> {
+        // A bad EMBER_TIMEOUT_MS fails this rank before it takes part in the exchange.
+        default_timeout()?;
         let id = exchange_id(rank, broadcast)?;
         NcclComm::new(stream, rank, size, &id)
     }
@@ -386,5 +403,21 @@ impl Drop for NcclComm {
         let c = self.comm.replace(std::ptr::null_mut());
         // SAFETY: a live communicator, destroyed once, its work finished.
         let _ = catch_unwind(AssertUnwindSafe(|| unsafe { nr::comm_destroy(c) }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeout_variable_is_checked() {
+        assert_eq!(timeout_from(None).unwrap(), Duration::from_secs(60));
+        assert_eq!(timeout_from(Some("1500".into())).unwrap(), Duration::from_millis(1500));
+        assert_eq!(timeout_from(Some("604800000".into())).unwrap(), Duration::from_secs(7 * 24 * 3600));
+        for bad in ["0", "604800001", "18446744073709551615", "-1", "60s", ""] {
+            let e = timeout_from(Some(bad.into())).unwrap_err();
+            assert!(e.contains("EMBER_TIMEOUT_MS") && e.contains("milliseconds from 1 to 604800000"), "{bad:?}: {e}");
+        }
     }
 }

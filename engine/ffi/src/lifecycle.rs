@@ -21,9 +21,10 @@ fn build_rank(ec: &EngineConfig, grid: Grid, p: engine::plan::Plan, world: Comm)
     Ok(State { cfg: ec.train.clone(), be, model: Model::Ranked(Box::new(Ranked { rank, grid, broken: None })), steps_done: 0, samples_seen: 0 })
 }
 
-/// Collective timeout of in-process ranks: EMBER_TIMEOUT_MS, else the transport's default.
-fn local_timeout() -> Duration {
-    std::env::var("EMBER_TIMEOUT_MS").ok().and_then(|v| v.trim().parse().ok()).map(Duration::from_millis).unwrap_or(ember_transport::DEFAULT_TIMEOUT)
+/// Collective timeout of in-process ranks: EMBER_TIMEOUT_MS (1 ms to 7 days), else the
+/// transport's default; another value is a config error naming the variable.
+fn local_timeout() -> R<Duration> {
+    ember_transport::bootstrap::timeout_from_env().or_else(|e| fail(EmberStatus::ErrConfig, e.to_string()))
 }
 
 /// Create one engine: a whole model, or this process's rank when a launcher started the
@@ -151,14 +152,15 @@ pub unsafe extern "C" fn ember_engine_create_from_preset(name: *const c_char, ro
 /// `ember_engine_create_from_toml`; its grid must have `n` ranks, default 1 x n), one handle per
 /// rank: `out_handles` is a caller-owned array of `n` handle slots; slot w receives world rank
 /// w's handle. The ranks talk through this process's memory (collective timeout:
-/// EMBER_TIMEOUT_MS, default 60 s). Calls that communicate (`ember_train_step`, `ember_eval`,
+/// EMBER_TIMEOUT_MS, 1 ms to 7 days, default 60 s). Calls that communicate (`ember_train_step`, `ember_eval`,
 /// `ember_save_checkpoint`, `ember_load_checkpoint`, `ember_bench_collective`) are collective:
 /// drive each handle from its own thread, every rank making the same sequence of calls; they
 /// block until all ranks have called. The caller owns every handle and destroys each with
 /// `ember_engine_destroy`. On failure no slot is written and no handle exists.
 /// Returns `EMBER_STATUS_ERR_NULL_POINTER` if `toml` or `out_handles` is NULL,
 /// `EMBER_STATUS_ERR_INVALID_ARGUMENT` if `n` is 0 or above 4096, `EMBER_STATUS_ERR_CONFIG` if
-/// the config is rejected or its grid or batch size does not fit `n` ranks.
+/// the config is rejected, its grid or batch size does not fit `n` ranks, or EMBER_TIMEOUT_MS is
+/// not a whole number of milliseconds in that range.
 ///
 /// # Safety
 /// `toml` is NULL or a NUL-terminated string, valid during the call; `out_handles` is NULL or
@@ -176,7 +178,7 @@ pub unsafe extern "C" fn ember_engine_create_local_ranks(toml: *const c_char, n:
         let ec = parse_config(text)?;
         let grid = grid_for(&ec, n, "ember_engine_create_local_ranks")?;
         let p = plan_for(&ec, grid, true)?;
-        let comms = ember_transport::local_world_with_timeout(n, local_timeout());
+        let comms = ember_transport::local_world_with_timeout(n, local_timeout()?);
         let built: Vec<R<State>> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
                 .into_iter()

@@ -2,7 +2,7 @@
 //! (Open MPI, Slurm, PMI or torchrun variables), the rendezvous point, the job token, the
 //! transport to use and the collective timeout ([`JoinConfig::from_vars`]), and where per-job
 //! rendezvous files live under a bare `mpirun` ([`job_dir`]).
-use crate::comm::DEFAULT_TIMEOUT;
+use crate::comm::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -67,6 +67,20 @@ pub struct JoinConfig {
     pub transport: Transport,
     /// Collective timeout (also bounds the rendezvous).
     pub timeout: Duration,
+}
+
+/// The collective timeout `EMBER_TIMEOUT_MS` asks for (`v`, the variable's value; `None`: unset,
+/// then [`DEFAULT_TIMEOUT`]): whole milliseconds from 1 to [`MAX_TIMEOUT`] (7 days); another
+/// value is an error naming the variable.
+pub fn timeout_from(v: Option<impl AsRef<std::ffi::OsStr>>) -> Result<Duration> {
+    let max = MAX_TIMEOUT.as_millis() as u64;
+    crate::env::number("EMBER_TIMEOUT_MS", v, DEFAULT_TIMEOUT.as_millis() as u64, 1..=max, "milliseconds").map(Duration::from_millis)
+}
+
+/// [`timeout_from`] this process's `EMBER_TIMEOUT_MS` (the timeout of in-process ranks, which
+/// join no job).
+pub fn timeout_from_env() -> Result<Duration> {
+    timeout_from(std::env::var_os("EMBER_TIMEOUT_MS"))
 }
 
 pub(crate) fn parse<T: FromStr>(name: &str, v: &str) -> Result<T> {
@@ -144,10 +158,7 @@ impl JoinConfig {
             return Err(Error::Refused("EMBER_JOB_TOKEN is not set (ember launch sets it; export the same value to every rank)".into()));
         }
         let transport = get("EMBER_TRANSPORT").map(|t| t.parse()).transpose()?.unwrap_or(Transport::Auto);
-        let timeout = match get("EMBER_TIMEOUT_MS") {
-            Some(v) => Duration::from_millis(parse("EMBER_TIMEOUT_MS", &v)?),
-            None => DEFAULT_TIMEOUT,
-        };
+        let timeout = timeout_from(get("EMBER_TIMEOUT_MS"))?;
         Ok(JoinConfig { rank, size, local_rank, rendezvous, token, transport, timeout })
     }
 }
@@ -190,5 +201,24 @@ mod tests {
         };
         let e = JoinConfig::from_vars(vars).unwrap_err().to_string();
         assert!(e.contains("NCCL is not a host transport"), "{e}");
+    }
+
+    #[test]
+    fn the_timeout_variable_is_checked() {
+        assert_eq!(timeout_from(None::<&str>).unwrap(), DEFAULT_TIMEOUT);
+        assert_eq!(timeout_from(Some("1")).unwrap(), Duration::from_millis(1));
+        assert_eq!(timeout_from(Some(" 1500 ")).unwrap(), Duration::from_millis(1500));
+        assert_eq!(timeout_from(Some("604800000")).unwrap(), MAX_TIMEOUT);
+        for bad in ["0", "604800001", "18446744073709551615", "-1", "60s", "1e3", ""] {
+            let e = timeout_from(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("EMBER_TIMEOUT_MS") && e.contains("milliseconds from 1 to 604800000"), "{bad:?}: {e}");
+        }
+        // Through the launcher variables too.
+        let vars = |k: &str| match k {
+            "EMBER_TIMEOUT_MS" => Some("10s".to_string()),
+            _ => None,
+        };
+        let e = JoinConfig::from_vars(vars).unwrap_err().to_string();
+        assert!(e.contains("EMBER_TIMEOUT_MS=\"10s\""), "{e}");
     }
 }

@@ -20,7 +20,7 @@ pub mod rendezvous;
 pub use crate::auth::new_token;
 pub use crate::rdma::join::{rdma_available, rdma_config_from_vars, rdma_port};
 pub use crate::rdma::wire::{decode_rdma_table, QpInfo, RdmaPeerInfo, RDMA_INFO_LEN};
-pub use config::{slurm_first_host, JoinConfig, Rendezvous, Transport};
+pub use config::{slurm_first_host, timeout_from, timeout_from_env, JoinConfig, Rendezvous, Transport};
 pub use connect::threads_world;
 pub use port::free_port;
 pub use process::{allowed_cores, die_with_parent, pin_to_core};
