@@ -184,10 +184,9 @@ pub fn run(which: &str, a: CommBenchArgs) -> CliResult {
     let comms: Vec<Comm> = match a.ranks {
         // The RDMA protocol over emulated verbs (threads): the protocol's own cost.
         Some(n) if rdma_emu => {
-            use ember_transport::rdma::{emu_world, EmuConfig, RdmaConfig};
-            let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-            let d = RdmaConfig::default();
-            let cfg = RdmaConfig { slots: env("EMBER_RDMA_SLOTS", d.slots), chunk: env("EMBER_RDMA_CHUNK", d.chunk) };
+            use ember_transport::rdma::{emu_world, EmuConfig};
+            // EMBER_RDMA_SLOTS / EMBER_RDMA_CHUNK, checked as the real RDMA transport checks them.
+            let cfg = ember_transport::bootstrap::rdma_config_from_vars(|k| std::env::var(k).ok())?;
             emu_world(n, EmuConfig::fast(), cfg, timeout)?
         }
         None if rdma_emu => return Err("--transport rdma-emu needs --ranks N (in-process emulation)".into()),

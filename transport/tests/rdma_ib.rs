@@ -101,9 +101,22 @@ fn protocol_geometry_from_the_environment() {
     assert_eq!((d.slots, d.chunk), (8, 256 << 10));
     let c = rdma_config_from_vars(get(&[("EMBER_RDMA_SLOTS", "16"), ("EMBER_RDMA_CHUNK", "1048576")])).unwrap();
     assert_eq!((c.slots, c.chunk), (16, 1 << 20));
-    for bad in [[("EMBER_RDMA_SLOTS", "0")], [("EMBER_RDMA_SLOTS", "300")], [("EMBER_RDMA_CHUNK", "x")], [("EMBER_RDMA_CHUNK", "0")]] {
-        let bad: &'static [(&str, &str)] = Box::leak(Box::new(bad));
-        assert!(rdma_config_from_vars(get(bad)).is_err(), "{bad:?}");
+    let c = rdma_config_from_vars(get(&[("EMBER_RDMA_SLOTS", "256"), ("EMBER_RDMA_CHUNK", "1073741824")])).unwrap();
+    assert_eq!((c.slots, c.chunk), (256, 1 << 30));
+    let bad: [(&str, &str, &str); 8] = [
+        ("EMBER_RDMA_SLOTS", "0", "slots from 1 to 256"),
+        ("EMBER_RDMA_SLOTS", "300", "slots from 1 to 256"),
+        ("EMBER_RDMA_SLOTS", "-1", "slots from 1 to 256"),
+        ("EMBER_RDMA_SLOTS", "", "slots from 1 to 256"),
+        ("EMBER_RDMA_CHUNK", "x", "bytes from 1 to 1073741824"),
+        ("EMBER_RDMA_CHUNK", "0", "bytes from 1 to 1073741824"),
+        ("EMBER_RDMA_CHUNK", "256k", "bytes from 1 to 1073741824"),
+        ("EMBER_RDMA_CHUNK", "1073741825", "bytes from 1 to 1073741824"),
+    ];
+    for (var, v, range) in bad {
+        let pairs: &'static [(&str, &str)] = Box::leak(Box::new([(var, v)]));
+        let e = rdma_config_from_vars(get(pairs)).unwrap_err();
+        assert!(e.contains(&format!("{var}={v:?}")) && e.contains(range), "{var}={v:?}: {e}");
     }
 }
 

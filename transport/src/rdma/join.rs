@@ -36,21 +36,17 @@ pub fn rdma_port(local_rank: usize) -> std::result::Result<String, String> {
     }
 }
 
-/// Protocol geometry from `EMBER_RDMA_SLOTS` and `EMBER_RDMA_CHUNK` (bytes), else the defaults.
+/// Protocol geometry from `EMBER_RDMA_SLOTS` (1 to [`MAX_SLOTS`]) and `EMBER_RDMA_CHUNK`
+/// (bytes, 1 to 2^30), else the defaults; another value is an error naming the variable.
 /// Every rank must use the same values (checked when connecting).
 pub fn rdma_config_from_vars(get: impl Fn(&str) -> Option<String>) -> std::result::Result<RdmaConfig, String> {
     let d = RdmaConfig::default();
-    let num = |k: &str, dflt: usize| -> std::result::Result<usize, String> {
-        match get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
-            None => Ok(dflt),
-            Some(v) => v.parse().map_err(|_| format!("{k}={v:?} is not a number")),
-        }
+    let num = |k: &str, dflt: usize, max: usize, unit: &str| match crate::env::number(k, get(k), dflt as u64, 1..=max as u64, unit) {
+        Ok(n) => Ok(n as usize),
+        Err(crate::error::Error::Bootstrap(why)) => Err(why),
+        Err(e) => Err(e.to_string()),
     };
-    let c = RdmaConfig { slots: num("EMBER_RDMA_SLOTS", d.slots)?, chunk: num("EMBER_RDMA_CHUNK", d.chunk)? };
-    if c.slots == 0 || c.slots > MAX_SLOTS || c.chunk == 0 || c.chunk > 1 << 30 {
-        return Err(format!("EMBER_RDMA_SLOTS={} (1..={MAX_SLOTS}), EMBER_RDMA_CHUNK={} (1..=2^30)", c.slots, c.chunk));
-    }
-    Ok(c)
+    Ok(RdmaConfig { slots: num("EMBER_RDMA_SLOTS", d.slots, MAX_SLOTS, "slots")?, chunk: num("EMBER_RDMA_CHUNK", d.chunk, 1 << 30, "bytes")? })
 }
 
 /// Build the RDMA communicator over the shm/TCP one (`Err(why)`: the same on every rank, nothing
