@@ -60,8 +60,35 @@ fn absurd_flag_values_are_refused_naming_the_flag() {
         (vec!["bench", "data", "--samples", "100000000000"], vec!["--samples"]),
         (vec!["bench", "data", "--batch-size", "0"], vec!["--batch-size"]),
         (vec!["bench", "data", "--iters", "0"], vec!["--iters"]),
+        (vec!["bench", "a2a", "--ranks", "2", "--timeout-ms", "604800001"], vec!["--timeout-ms"]),
+        (vec!["launch", "--timeout-ms", "0", "--", "true"], vec!["--timeout-ms"]),
     ] {
         refused(&format!("{args:?}"), &ember(&args), &needles);
+    }
+}
+
+#[test]
+fn bad_transport_variables_are_refused_naming_the_variable() {
+    // Each is read when its transport is built: the benchmark fails at start, before any row.
+    let a2a = |t: &'static str| vec!["bench", "a2a", "--transport", t, "--ranks", "2", "-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-c", "0"];
+    for (t, var, v, accepted) in [
+        ("shm", "EMBER_SHM_EAGER", "300000", "bytes from 0 to 262144"),
+        ("shm", "EMBER_SHM_DIRECT", "yes", "`0` or `1`"),
+        ("shm", "EMBER_SHM_COPY", "cma", "`auto` or `staged`"),
+        ("shm", "EMBER_SPIN_US", "-1", "microseconds from 0 to 1000000"),
+        ("tcp", "EMBER_TCP_SOCKBUF", "4M", "bytes from 0 to 1073741824"),
+        ("tcp", "EMBER_MAX_ALLOC_BYTES", "0", "bytes from 1 to"),
+        ("shm", "EMBER_MAX_ALLOC_BYTES", "1G", "bytes from 1 to"),
+        ("rdma-emu", "EMBER_RDMA_SLOTS", "lots", "slots from 1 to 256"),
+        ("rdma-emu", "EMBER_RDMA_CHUNK", "256k", "bytes from 1 to 1073741824"),
+    ] {
+        let what = format!("{t}: {var}={v}");
+        refused(&what, &ember_env(&a2a(t), &[(var, v)]), &[&format!("{var}=\"{v}\""), accepted]);
+    }
+    // Joining a job from the launcher's variables (one rank, no launcher).
+    let one = ["bench", "a2a", "-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-c", "0"];
+    for v in ["60s", "0", "604800001"] {
+        refused(&format!("EMBER_TIMEOUT_MS={v}"), &ember_env(&one, &[("EMBER_TIMEOUT_MS", v)]), &["EMBER_TIMEOUT_MS", "milliseconds from 1 to 604800000"]);
     }
 }
 
