@@ -56,15 +56,20 @@ range() {
 fac=${FACTOR:-2}
 
 # ember_run CASE COLL METHOD FILE / mpi_run CASE COLL METHOD FILE: one sweep, JSON rows tagged.
-tag() { jq -c --arg side "$1" --arg case "$2" --arg load "$(cut -d' ' -f1 /proc/loadavg)" --argjson round "$3" \
+# A sweep's output goes to a file and is tagged after the run: a filter started beside the
+# ranks (jq, python) takes these cores from them for its first ~100 ms, which made the first
+# sizes of a sweep up to 100x slower (4 processes on 2 cores) when it was piped.
+tag() { jq -c --arg side "$1" --arg case "$2" --arg load "$4" --argjson round "$3" \
   '. + {side: $side, case: $case, load1: ($load|tonumber), round: $round}'; }
+raw=$out/.sweep.raw
 ember_run() {
   local c=$1 coll=$2 m=$3 f=$4 np=${1: -1} t=shm r bin=${5:-$E} side=${6:-ember}
   [[ $c == tcp* ]] && t=tcp
   read -r lo hi <<<"$(range "$coll")"
   local po=(); [ "$m" = per-op ] && po=(--per-op)
-  "$bin" launch -n "$np" --transport "$t" -- "$bin" bench "$coll" -b "$lo" -e "$hi" -f "$fac" -n "$iters" -w "$warm" -c 1 --json "${po[@]}" \
-    | sed -n 's/^\[0\] {/{/p' | tag "$side" "$c" "$round" >>"$f"
+  local load; load=$(cut -d' ' -f1 /proc/loadavg)
+  "$bin" launch -n "$np" --transport "$t" -- "$bin" bench "$coll" -b "$lo" -e "$hi" -f "$fac" -n "$iters" -w "$warm" -c 1 --json "${po[@]}" >"$raw"
+  sed -n 's/^\[0\] {/{/p' "$raw" | tag "$side" "$c" "$round" "$load" >>"$f"
 }
 # (A base binary without the collective, e.g. one from before `bench pingpong`, is skipped.)
 base_run() {
@@ -76,7 +81,9 @@ mpi_run() {
   [[ $c == tcp* ]] && btl=(--mca btl tcp,self)
   read -r lo hi <<<"$(range "$coll")"
   local po=(); [ "$m" = per-op ] && po=(per-op)
-  "${MPIRUN[@]}" "${btl[@]}" -np "$np" "$MPI" "$coll" "$lo" "$hi" "$fac" "$iters" "$warm" "${po[@]}" | tag openmpi "$c" "$round" >>"$f"
+  local load; load=$(cut -d' ' -f1 /proc/loadavg)
+  "${MPIRUN[@]}" "${btl[@]}" -np "$np" "$MPI" "$coll" "$lo" "$hi" "$fac" "$iters" "$warm" "${po[@]}" >"$raw"
+  tag openmpi "$c" "$round" "$load" <"$raw" >>"$f"
 }
 
 for round in $(seq "$rounds"); do
@@ -95,4 +102,5 @@ for round in $(seq "$rounds"); do
     done
   done
 done
+rm -f "$raw"
 python3 "$root/tools/experiments/transport_vs_mpi_summary.py" "$out"
