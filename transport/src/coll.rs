@@ -11,7 +11,7 @@
 //! supplies (a backend's device copy and summation kernel). A new memory kind implements
 //! [`Memory`]; a new transport implements `Fabric`; neither touches the algorithms.
 use crate::error::{Error, Result};
-use crate::fabric::{Fabric, Tag, Wait};
+use crate::fabric::{Fabric, Sent, Tag, Wait};
 use crate::reduce::{reduce_f32_mean_in_f64, reduce_host, ReduceOp, Reducible};
 use bytemuck::Pod;
 use smallvec::SmallVec;
@@ -238,16 +238,20 @@ impl<'a> Round<'a> {
     unsafe fn send(&mut self, to: usize, data: *const u8, len: usize) -> Result<()> {
         let (f, peer) = (&self.g.fabric, self.g.members[to]);
         // SAFETY: the caller keeps `data..+len` alive until `finish` returned (this function's
-        // contract), and `finish` returns only after `wait_send` returned for every started send;
-        // a round left early calls `cancel_send` for each in `drop`, after which the fabric reads
-        // no byte of it. That is `send`'s (and `send_direct`'s) contract.
-        unsafe {
+        // contract), and `finish` returns only after `wait_send` returned for every pending send
+        // (one reported `Sent::Done` is read no more); a round left early calls `cancel_send` for
+        // each pending one in `drop`, after which the fabric reads no byte of it. That is
+        // `send_now`'s (and `send_direct`'s) contract.
+        let sent = unsafe {
             match self.direct {
-                false => f.send(peer, self.tag, data, len, &self.w)?,
-                true => f.send_direct(peer, self.tag, data, len, &self.w)?,
+                false => f.send_now(peer, self.tag, data, len, &self.w)?,
+                true => f.send_direct(peer, self.tag, data, len, &self.w).map(|()| Sent::Pending)?,
             }
+        };
+        // A message already copied out has nothing to wait for or cancel.
+        if sent == Sent::Pending {
+            self.sends.push(to);
         }
-        self.sends.push(to);
         Ok(())
     }
 

@@ -42,6 +42,16 @@ impl Wait {
     }
 }
 
+/// What [`Fabric::send_now`] did with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// The message has left the send buffer (copied out): nothing reads it later, and there
+    /// is no `wait_send` to make for it.
+    Done,
+    /// Sent as by [`Fabric::send`]: `wait_send` follows.
+    Pending,
+}
+
 /// Copies `len` bytes from address `src` to address `dst` of memory the CPU must not touch,
 /// finished when it returns: what an in-process fabric moves device memory with.
 pub type DirectCopy = std::sync::Arc<dyn Fn(u64, u64, usize) -> Result<()> + Send + Sync>;
@@ -71,6 +81,17 @@ pub trait Fabric: Send + Sync {
     /// `data..data+len` must stay valid for reads until `wait_send(dst, tag)` returned
     /// (or until either call returned an error; a backend reading it later only reads).
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()>;
+    /// `send`, saying whether the message already left `data` ([`Sent::Done`]: then no
+    /// `wait_send` may follow) or a `wait_send` must ([`Sent::Pending`]). What the collectives
+    /// call: a backend that copies a small message out at once (shm's eager ring) then skips
+    /// recording a completion that its caller would look up again straight away.
+    ///
+    /// # Safety
+    /// As `send` (with `Sent::Done`, `data` is not read after this returns).
+    unsafe fn send_now(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<Sent> {
+        // SAFETY: the caller holds `send`'s contract (this function's).
+        unsafe { self.send(dst, tag, data, len, w) }.map(|()| Sent::Pending)
+    }
     /// Wait until the send buffer of `(dst, tag)` may be reused.
     fn wait_send(&self, dst: usize, tag: Tag, w: &Wait) -> Result<()>;
     /// Wait until message `(src, tag)` has landed; returns its length in bytes.

@@ -112,6 +112,8 @@ fn rank_processes_pids(name: &str, n: usize, env: &[(&str, &str)]) -> Vec<(u32, 
                 .args(["--exact", name, "--nocapture", "--test-threads=1"])
                 .env(CHILD, format!("{r},{n},{port},{token}"))
                 .envs(env.iter().copied())
+                // Captured: a rank meant to fail would print libtest's FAILED lines among the parent's.
+                .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()

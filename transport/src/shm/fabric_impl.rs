@@ -7,7 +7,7 @@ use super::cma::alive;
 use super::ring::{Rec, EAGER};
 use super::{stat, stats_on, ShmFabric, STATS};
 use crate::error::Result;
-use crate::fabric::{Fabric, Tag, Wait};
+use crate::fabric::{Fabric, Sent, Tag, Wait};
 use crate::mailbox::{Dir, Posted};
 use bytemuck::Zeroable;
 use std::sync::atomic::Ordering;
@@ -103,14 +103,27 @@ impl Fabric for ShmFabric {
         }
     }
 
+    unsafe fn send_now(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<Sent> {
+        if len > self.opts.eager_max {
+            // SAFETY: the caller holds `send`'s contract (this function's).
+            return unsafe { self.send(dst, tag, data, len, w) }.map(|()| Sent::Pending);
+        }
+        self.check_failed(w.op)?;
+        let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
+        // SAFETY: `data` holds `len` readable bytes until this returns (the `send` contract); the
+        // ring holds the copy, so nothing reads `data` afterwards.
+        self.push_wait(dst, &rec, unsafe { std::slice::from_raw_parts(data, len) }, w)?;
+        stat(0);
+        Ok(Sent::Done)
+    }
+
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
         self.check_failed(w.op)?;
         if len <= self.opts.eager_max {
-            let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
-            // SAFETY: `data` holds `len` readable bytes until `wait_send` (the `send` contract).
-            self.push_wait(dst, &rec, unsafe { std::slice::from_raw_parts(data, len) }, w)?;
+            // SAFETY: the caller holds `send`'s contract (`send_now`'s).
+            unsafe { self.send_now(dst, tag, data, len, w) }?;
+            // Recorded for the `wait_send` that follows a plain `send`.
             self.mb.complete(dst, tag, Dir::Send, 0);
-            stat(0);
         } else if self.is_staged() {
             self.stream(dst, tag, data, len)?;
         } else if self.try_direct(dst, tag, data, len, false)? {

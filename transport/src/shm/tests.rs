@@ -41,6 +41,41 @@ fn adv_slot(f0: &ShmFabric, t: Tag) -> &Adv {
         .expect("advertised")
 }
 
+/// An eager message sent by `send_now` is done when it returns: its bytes are in the ring (the
+/// send buffer is overwritten before the receive is posted, and the first bytes arrive), and no
+/// completion is left in the table for a `wait_send` nobody makes. A longer one is pending
+/// until `wait_send`, as after `send`.
+#[test]
+fn an_eager_send_is_done_at_once_and_leaves_nothing_to_wait_for() {
+    use crate::fabric::Sent;
+    let (f0, f1) = pair("send-now");
+    let w = Wait::new("test", Duration::from_secs(5));
+    for (seq, len) in [(1, 0), (2, 8), (3, 32), (4, 8192)] {
+        let mut data = pattern(len, seq as u8);
+        let want = data.clone();
+        // SAFETY: `data` holds `len` bytes and outlives the call (a Done send reads it no more).
+        assert_eq!(unsafe { f0.send_now(1, tag(seq), data.as_ptr(), len, &w) }.unwrap(), Sent::Done, "{len} bytes");
+        data.fill(0xee);
+        assert!(f0.mb.lock().map.is_empty(), "{len} bytes: a completion was recorded");
+        let mut got = vec![0u8; len];
+        // SAFETY: room for the posted length; outlives the message (waited below).
+        unsafe { f1.post_recv(0, tag(seq), got.as_mut_ptr(), len, &w).unwrap() };
+        assert_eq!(f1.wait_recv(0, tag(seq), &w).unwrap(), len);
+        assert_eq!(got, want, "{len} bytes");
+    }
+    let len = 8193;
+    let data = pattern(len, 9);
+    let mut got = vec![0u8; len];
+    // SAFETY: room for the posted length; outlives the message (waited below).
+    unsafe { f1.post_recv(0, tag(9), got.as_mut_ptr(), len, &w).unwrap() };
+    // SAFETY: `data` outlives the send (waited for below).
+    assert_eq!(unsafe { f0.send_now(1, tag(9), data.as_ptr(), len, &w) }.unwrap(), Sent::Pending);
+    let r = both(&f0, &f1, move |f| f.wait_send(1, tag(9), &Wait::new("test", Duration::from_secs(5))), move |f| f.wait_recv(0, tag(9), &Wait::new("test", Duration::from_secs(5))));
+    r.0.unwrap();
+    assert_eq!(r.1.unwrap(), len);
+    assert_eq!(got, data);
+}
+
 #[test]
 fn advertised_receive_is_written_once_by_the_sender() {
     let (f0, f1) = pair("direct");
