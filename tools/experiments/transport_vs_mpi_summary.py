@@ -43,7 +43,13 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
         br = f" {statistics.median(b[s]) / mm:.2f} |" if hb else ""
         print(f"| {s} | {eu:.1f} |{bu} {mu:.1f} | {em:.4g} | {mm:.4g} | {min(m[s]):.4g}-{max(m[s]):.4g} | {em / mm:.2f} |{br} {'yes' if ok else 'no'} |")
     g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    print(f"\nmet at {met} of {len(sizes)} sizes; geometric mean of Ember / MPI: {g:.2f}")
+    line = f"\nmet at {met} of {len(sizes)} sizes; geometric mean of Ember / MPI: {g:.2f}"
+    if hb:
+        bm = [statistics.median(b[s]) for s in sizes]
+        bmet = sum(x >= statistics.median(m[s]) or min(m[s]) <= x <= max(m[s]) for x, s in zip(bm, sizes))
+        gbm = math.exp(sum(math.log(x / statistics.median(m[s])) for x, s in zip(bm, sizes)) / len(sizes))
+        line += f" (base: {bmet}, {gbm:.2f})"
+    print(line)
     best = [max(e[s]) / max(m[s]) for s in sizes]
     gb = math.exp(sum(math.log(r) for r in best) / len(best))
     line = f"best rounds: Ember's at least Open MPI's at {sum(r >= 1 for r in best)} of {len(sizes)} sizes; geometric mean {gb:.2f}"
