@@ -62,6 +62,19 @@ impl ShmFabric {
         }
         Ok(moved)
     }
+
+    /// An eager message of `len` bytes at `data` into `dst`'s ring: copied out, no byte of
+    /// `data` read, once this returns.
+    ///
+    /// # Safety
+    /// `data` holds `len` readable bytes until this returns.
+    unsafe fn push_eager(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
+        let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
+        // SAFETY: `data` holds `len` readable bytes until this returns (this function's contract).
+        self.push_wait(dst, &rec, unsafe { std::slice::from_raw_parts(data, len) }, w)?;
+        stat(0);
+        Ok(())
+    }
 }
 
 impl Fabric for ShmFabric {
@@ -109,19 +122,16 @@ impl Fabric for ShmFabric {
             return unsafe { self.send(dst, tag, data, len, w) }.map(|()| Sent::Pending);
         }
         self.check_failed(w.op)?;
-        let rec = Rec { kind: EAGER, round: tag.round, ctx: tag.ctx, seq: tag.seq, len: len as u64, ..Rec::zeroed() };
-        // SAFETY: `data` holds `len` readable bytes until this returns (the `send` contract); the
-        // ring holds the copy, so nothing reads `data` afterwards.
-        self.push_wait(dst, &rec, unsafe { std::slice::from_raw_parts(data, len) }, w)?;
-        stat(0);
+        // SAFETY: the caller holds `send`'s contract (this function's).
+        unsafe { self.push_eager(dst, tag, data, len, w) }?;
         Ok(Sent::Done)
     }
 
     unsafe fn send(&self, dst: usize, tag: Tag, data: *const u8, len: usize, w: &Wait) -> Result<()> {
         self.check_failed(w.op)?;
         if len <= self.opts.eager_max {
-            // SAFETY: the caller holds `send`'s contract (`send_now`'s).
-            unsafe { self.send_now(dst, tag, data, len, w) }?;
+            // SAFETY: the caller holds `send`'s contract.
+            unsafe { self.push_eager(dst, tag, data, len, w) }?;
             // Recorded for the `wait_send` that follows a plain `send`.
             self.mb.complete(dst, tag, Dir::Send, 0);
         } else if self.is_staged() {
