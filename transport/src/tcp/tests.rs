@@ -422,7 +422,8 @@ fn a_held_frame_gives_way_to_a_receive_behind_it_and_to_time() {
     assert_eq!(f1.sh.mb.lock().early_bytes, long.len());
     assert_eq!(receive(&f1, tag, long.len()), long);
     assert_eq!(f1.sh.mb.lock().early_bytes, 0);
-    // Nobody posts: held at most HOLD_MAX, then kept aside by the progress thread alone.
+    // Nobody posts: held at most HOLD_MAX (the 256 KiB frame's hold), then kept aside by the
+    // progress thread alone.
     let (_s, f1, tag, long) = long_frame_then_short(None);
     let t = Instant::now();
     while f1.sh.held[0].load(Ordering::Acquire) || f1.sh.mb.lock().early_bytes < long.len() + 8 {
@@ -450,4 +451,17 @@ fn after_a_wait_the_progress_thread_reads_again() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(receive(&f1, Tag { seq: 1, ..tag }, 4), [5, 6, 7, 8]);
+}
+
+/// A frame is held its floor (1 ms unless a test sets another), or 1 ns per byte when longer,
+/// up to 100 ms.
+#[test]
+fn a_long_frame_is_held_in_proportion_to_its_length() {
+    use super::progress::{hold_for, HOLD_MAX};
+    assert_eq!(hold_for(256 << 10, HOLD_MAX), Duration::from_millis(1));
+    assert_eq!(hold_for(1_000_000, HOLD_MAX), Duration::from_millis(1));
+    assert_eq!(hold_for(16 << 20, HOLD_MAX), Duration::from_nanos(16 << 20));
+    assert_eq!(hold_for(16 << 20, Duration::from_secs(30)), Duration::from_secs(30));
+    assert_eq!(hold_for(64 << 20, HOLD_MAX), Duration::from_nanos(64 << 20));
+    assert_eq!(hold_for(usize::MAX, HOLD_MAX), Duration::from_millis(100));
 }
