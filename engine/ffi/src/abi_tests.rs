@@ -11,24 +11,8 @@ use engine::plan::planner::{plan, PlanOptions};
 use std::ffi::{CStr, CString};
 use std::ptr;
 
-const TOML: &str = r#"
-batch_size = 8
-seed = 3
-[model]
-num_dense = 2
-bottom_mlp = [4]
-top_mlp = [4, 1]
-interaction = { kind = "dot" }
-[[model.tables]]
-rows = 10
-dim = 4
-[[model.tables]]
-rows = 20
-dim = 4
-[optim]
-embedding = { kind = "sgd", lr = 0.1 }
-dense = { kind = "sgd", lr = 0.1 }
-"#;
+// A two-table model, small enough for every test here (also used by tests/timeout_variable.rs).
+const TOML: &str = include_str!("tiny_model.toml");
 
 fn last_error() -> String {
     // SAFETY: `ember_last_error` never returns NULL, and its NUL-terminated string stays valid

@@ -5,21 +5,8 @@ use ember::{ember_engine_create_local_ranks, ember_engine_destroy, ember_last_er
 use std::ffi::{CStr, CString};
 use std::ptr;
 
-const TOML: &str = r#"
-batch_size = 8
-seed = 3
-[model]
-num_dense = 2
-bottom_mlp = [4]
-top_mlp = [4, 1]
-interaction = { kind = "dot" }
-[[model.tables]]
-rows = 10
-dim = 4
-[optim]
-embedding = { kind = "sgd", lr = 0.1 }
-dense = { kind = "sgd", lr = 0.1 }
-"#;
+// The C ABI unit tests' model.
+const TOML: &str = include_str!("../src/tiny_model.toml");
 
 fn last_error() -> String {
     // SAFETY: `ember_last_error` never returns NULL, and its NUL-terminated string stays valid
