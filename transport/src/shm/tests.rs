@@ -32,6 +32,29 @@ fn tag(seq: u64) -> Tag {
     Tag { ctx: 7, seq, round: 0 }
 }
 
+/// Rank 0 claims rank 1's advertisement of `t` (as `try_direct` does) and is slow to write:
+/// rank 1's `cancel_recv` (on another thread) must wait until the claimed write of `written`
+/// bytes is marked done, and returns then.
+fn cancel_under_a_claim(f0: &ShmFabric, f1: &Arc<ShmFabric>, t: Tag, written: usize) {
+    let a = adv_slot(f0, t);
+    let word = a.state.load(Ordering::Acquire);
+    a.state.compare_exchange(word, (word & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let canceller = {
+        let (f1, done) = (f1.clone(), done.clone());
+        std::thread::spawn(move || {
+            f1.cancel_recv(0, t);
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!done.load(Ordering::SeqCst), "cancel returned while a writer held the buffer");
+    a.len.store(written as u64, Ordering::Relaxed);
+    a.state.store((word & !3) | A_WRITTEN, Ordering::Release);
+    canceller.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+}
+
 /// The slot rank 1 advertised to rank 0 for `t`, seen from rank 0's side.
 fn adv_slot(f0: &ShmFabric, t: Tag) -> &Adv {
     let ring = f0.txa[1].as_ref().unwrap();
@@ -151,22 +174,7 @@ fn receive_posted_after_its_rts_is_written_by_the_idle_sender_or_fetched() {
     f1.poll().unwrap();
     // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(4), buf.as_mut_ptr(), len, &w).unwrap() };
-    let a = adv_slot(&f0, tag(4));
-    let word = a.state.load(Ordering::Acquire);
-    a.state.compare_exchange(word, (word & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let canceller = {
-        let (f1, done) = (f1.clone(), done.clone());
-        std::thread::spawn(move || {
-            f1.cancel_recv(0, tag(4));
-            done.store(true, Ordering::SeqCst);
-        })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!done.load(Ordering::SeqCst), "cancel returned while a writer held the buffer");
-    a.len.store(len as u64, Ordering::Relaxed);
-    a.state.store((word & !3) | A_WRITTEN, Ordering::Release);
-    canceller.join().unwrap();
+    cancel_under_a_claim(&f0, &f1, tag(4), len);
     assert!(f1.adv_lock().deferred.is_empty());
 }
 
@@ -206,23 +214,7 @@ fn cancel_waits_for_a_claimed_advertisement_and_revokes_the_rest() {
     // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(1), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
     // Rank 0 claims the advertisement (as `try_direct` does) and is slow to write.
-    let a = adv_slot(&f0, tag(1));
-    let word = a.state.load(Ordering::Acquire);
-    a.state.compare_exchange(word, (word & !3) | A_CLAIMED, Ordering::AcqRel, Ordering::Relaxed).unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let canceller = {
-        let (f1, done) = (f1.clone(), done.clone());
-        std::thread::spawn(move || {
-            f1.cancel_recv(0, tag(1));
-            done.store(true, Ordering::SeqCst);
-        })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!done.load(Ordering::SeqCst), "cancel returned while a writer held the buffer");
-    a.len.store(10, Ordering::Relaxed);
-    a.state.store((word & !3) | A_WRITTEN, Ordering::Release);
-    canceller.join().unwrap();
-    assert!(done.load(Ordering::SeqCst));
+    cancel_under_a_claim(&f0, &f1, tag(1), 10);
     // A cancelled (unclaimed) advertisement can no longer be claimed.
     // SAFETY: room for the posted length; outlives the message (waited, cancelled or failed below).
     unsafe { f1.post_recv(0, tag(2), buf.as_mut_ptr(), buf.len(), &w).unwrap() };
