@@ -4,7 +4,10 @@ size, Ember's and Open MPI's median algbw over rounds, Open MPI's min-max, the r
 the size is met (Ember's median >= Open MPI's median, or inside Open MPI's min-max range); the
 geometric mean of the ratios per table. Then the same from each side's best round: on a host
 whose runs fall into a fast and a slow phase (a VM sharing memory bandwidth), which side drew
-more slow runs decides a median of 5, while the best rounds compare the two in the same phase."""
+more slow runs decides a median of 5, while the best rounds compare the two in the same phase.
+Last, the paired view: per size, the median over rounds of Ember's algbw over Open MPI's in the
+same round (runs next to each other share more of the host's state than runs of other rounds),
+and at how many sizes Ember is at least Open MPI's in most rounds."""
 import glob, json, math, os, statistics, sys
 from collections import defaultdict
 
@@ -13,6 +16,7 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     case, coll, method = os.path.basename(p)[:-6].split(".")
     bw = defaultdict(lambda: defaultdict(list))  # side -> size -> [algbw]
     us = defaultdict(lambda: defaultdict(list))  # side -> size -> [time_us]
+    by_round = defaultdict(dict)  # (side, size) -> round -> algbw
     loads = []
     for line in open(p):
         d = json.loads(line)
@@ -20,6 +24,7 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
             print(f"WRONG values in {p}: {line.strip()}")
         bw[d["side"]][d["size"]].append(d["algbw"])
         us[d["side"]][d["size"]].append(d["time_us"])
+        by_round[(d["side"], d["size"])][d["round"]] = d["algbw"]
         loads.append(d["load1"])
     e, m = bw["ember"], bw["openmpi"]
     sizes = sorted(set(e) & set(m))
@@ -57,3 +62,24 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
         bb = [max(b[s]) / max(m[s]) for s in sizes]
         line += f" (base: {sum(r >= 1 for r in bb)}, {math.exp(sum(math.log(r) for r in bb) / len(bb)):.2f})"
     print(line)
+
+    def paired(side):
+        """Per size, the rounds' ratios of `side` to Open MPI in the same round."""
+        out = []
+        for s in sizes:
+            a, o = by_round[(side, s)], by_round[("openmpi", s)]
+            out.append([a[k] / o[k] for k in sorted(set(a) & set(o))])
+        return out
+
+    def paired_line(rs):
+        meds = [statistics.median(r) for r in rs if r]
+        most = sum(sum(x >= 1 for x in r) * 2 > len(r) for r in rs if r)
+        return most, math.exp(sum(math.log(x) for x in meds) / len(meds)), meds
+
+    most, gp, meds = paired_line(paired("ember"))
+    line = f"paired rounds: Ember's at least Open MPI's in most rounds at {most} of {len(sizes)} sizes; geometric mean of the per-size medians {gp:.2f}"
+    if hb:
+        bmost, bgp, _ = paired_line(paired("base"))
+        line += f" (base: {bmost}, {bgp:.2f})"
+    print(line)
+    print("paired median Ember / MPI by size: " + ", ".join(f"{s}: {x:.2f}" for s, x in zip(sizes, meds)))
