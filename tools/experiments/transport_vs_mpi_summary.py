@@ -8,7 +8,7 @@ more slow runs decides a median of 5, while the best rounds compare the two in t
 Last, the paired view: per size, the median over rounds of Ember's algbw over Open MPI's in the
 same round (runs next to each other share more of the host's state than runs of other rounds),
 and at how many sizes Ember is at least Open MPI's in most rounds."""
-import glob, json, math, os, statistics, sys
+import glob, json, os, statistics, sys
 from collections import defaultdict
 
 out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/ember-vs-mpi"
@@ -47,20 +47,20 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
         bu = f" {statistics.median(us['base'][s]):.1f} |" if hb else ""
         br = f" {statistics.median(b[s]) / mm:.2f} |" if hb else ""
         print(f"| {s} | {eu:.1f} |{bu} {mu:.1f} | {em:.4g} | {mm:.4g} | {min(m[s]):.4g}-{max(m[s]):.4g} | {em / mm:.2f} |{br} {'yes' if ok else 'no'} |")
-    g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    g = statistics.geometric_mean(ratios)
     line = f"\nmet at {met} of {len(sizes)} sizes; geometric mean of Ember / MPI: {g:.2f}"
     if hb:
         bm = [statistics.median(b[s]) for s in sizes]
         bmet = sum(x >= statistics.median(m[s]) or min(m[s]) <= x <= max(m[s]) for x, s in zip(bm, sizes))
-        gbm = math.exp(sum(math.log(x / statistics.median(m[s])) for x, s in zip(bm, sizes)) / len(sizes))
+        gbm = statistics.geometric_mean(x / statistics.median(m[s]) for x, s in zip(bm, sizes))
         line += f" (base: {bmet}, {gbm:.2f})"
     print(line)
     best = [max(e[s]) / max(m[s]) for s in sizes]
-    gb = math.exp(sum(math.log(r) for r in best) / len(best))
+    gb = statistics.geometric_mean(best)
     line = f"best rounds: Ember's at least Open MPI's at {sum(r >= 1 for r in best)} of {len(sizes)} sizes; geometric mean {gb:.2f}"
     if hb:
         bb = [max(b[s]) / max(m[s]) for s in sizes]
-        line += f" (base: {sum(r >= 1 for r in bb)}, {math.exp(sum(math.log(r) for r in bb) / len(bb)):.2f})"
+        line += f" (base: {sum(r >= 1 for r in bb)}, {statistics.geometric_mean(bb):.2f})"
     print(line)
 
     def paired(side):
@@ -74,7 +74,7 @@ for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
     def paired_line(rs):
         meds = [statistics.median(r) for r in rs if r]
         most = sum(sum(x >= 1 for x in r) * 2 > len(r) for r in rs if r)
-        return most, math.exp(sum(math.log(x) for x in meds) / len(meds)), meds
+        return most, statistics.geometric_mean(meds), meds
 
     most, gp, meds = paired_line(paired("ember"))
     line = f"paired rounds: Ember's at least Open MPI's in most rounds at {most} of {len(sizes)} sizes; geometric mean of the per-size medians {gp:.2f}"

@@ -221,9 +221,9 @@ pub(super) enum Dst {
     /// staging buffer, there) from this instant on, and the stream behind it too, until its
     /// receive is posted (then read straight into it), another receive from this peer is
     /// posted (which may be behind it: then kept as `Early`, as is a frame held
-    /// [`hold_for`] its length). TCP's flow control holds the sender back meanwhile. Like Open MPI's
-    /// rendezvous for its large messages, this spares a message that arrives a moment before
-    /// its receive a fresh allocation and a second copy.
+    /// [`hold_for`] its length). TCP's flow control holds the sender back meanwhile. Like Open
+    /// MPI's rendezvous for its large messages, this spares a message that arrives a moment
+    /// before its receive a fresh allocation and a second copy.
     Held(std::time::Instant),
 }
 
