@@ -12,6 +12,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 mod agree;
 mod auth;
+mod bell;
 pub mod bench;
 pub mod bootstrap;
 mod coll;

@@ -1,5 +1,6 @@
 //! Per-rank matching table shared by the backends: posted buffers, early arrivals, completions,
 //! failed peers, and the one place where threads wait (spin, then yield, then sleep on a condvar).
+use crate::bell::BellRef;
 use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
 use crate::spin::AdaptiveSpin;
@@ -91,6 +92,9 @@ pub(crate) struct Mailbox {
     /// host a yield hands the core to another process for a whole time slice), adapted to
     /// what yields show (`crate::spin`: a core shared with the peer stops it).
     spin: AdaptiveSpin,
+    /// (shm) Waiters sleep on this doorbell instead of `cv`, so a peer process can wake them;
+    /// `notify` rings it.
+    bell: Option<BellRef>,
 }
 
 pub(crate) struct Table {
@@ -114,13 +118,14 @@ impl Mailbox {
             cv: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             spin: AdaptiveSpin::new(Duration::ZERO),
+            bell: None,
         }
     }
 
     /// For backends whose waiters drive progress themselves (shm): busy-poll for up to
-    /// `spin` before the yield/sleep back-off.
-    pub fn new_polling(spin: Duration) -> Self {
-        Mailbox { spin: AdaptiveSpin::new(spin), ..Self::new() }
+    /// `spin` before the yield/sleep back-off, and sleep on `bell` (which peers ring), if any.
+    pub fn new_polling(spin: Duration, bell: Option<BellRef>) -> Self {
+        Mailbox { spin: AdaptiveSpin::new(spin), bell, ..Self::new() }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Table> {
@@ -132,14 +137,32 @@ impl Mailbox {
     /// followed by `notify` is never missed; without sleepers this costs no syscall.
     pub fn notify(&self) {
         if self.sleepers.load(Ordering::SeqCst) > 0 {
-            self.cv.notify_all();
+            self.cv.notify_all(); // `cancel` sleeps on it
+            if let Some(b) = &self.bell {
+                b.get().ring(false); // a sleeper armed it under the lock we held before this
+            }
         }
     }
 
-    /// Sleep on the condvar for at most `d` (the caller holds the table lock `t`).
-    pub fn sleep<'a>(&'a self, t: MutexGuard<'a, Table>, d: Duration) -> MutexGuard<'a, Table> {
+    /// Sleep for at most `d` (the caller holds the table lock `t`): on the condvar, or on the
+    /// doorbell, after one more `poll` (a peer's change made before the bell was armed rang
+    /// nobody), skipped if that poll moved anything.
+    pub fn sleep<'a>(&'a self, t: MutexGuard<'a, Table>, d: Duration, poll: &dyn Fn() -> Result<bool>) -> Result<MutexGuard<'a, Table>> {
         self.sleepers.fetch_add(1, Ordering::SeqCst);
-        let t = self.cv.wait_timeout(t, d).unwrap_or_else(|e| e.into_inner()).0;
+        let t = match &self.bell {
+            None => Ok(self.cv.wait_timeout(t, d).unwrap_or_else(|e| e.into_inner()).0),
+            Some(b) => {
+                let seen = b.get().arm();
+                drop(t);
+                let r = poll().map(|moved| {
+                    if !moved {
+                        b.get().wait(seen, d);
+                    }
+                });
+                b.get().disarm();
+                r.map(|()| self.lock())
+            }
+        };
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
         t
     }
@@ -412,7 +435,7 @@ impl Mailbox {
                 yielded = Some(t0.elapsed());
             } else {
                 let d = sleep.min(w.deadline() - now);
-                drop(self.sleep(t, d));
+                drop(self.sleep(t, d, poll)?);
                 sleep = (sleep * 2).min(MAX_SLEEP);
             }
         }
@@ -423,7 +446,9 @@ impl Mailbox {
         let key = (src, tag, Dir::Recv);
         let mut t = self.lock();
         while matches!(t.map.get(&key), Some(Slot::Writing)) {
-            t = self.sleep(t, Duration::from_millis(1));
+            self.sleepers.fetch_add(1, Ordering::SeqCst);
+            t = self.cv.wait_timeout(t, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+            self.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
         t.map.remove(&key);
     }

@@ -151,6 +151,7 @@ impl ShmFabric {
         a.len.store(0, Ordering::Relaxed);
         a.state.store(gen << 2 | A_POSTED, Ordering::Release);
         t.slots[src][k] = Some(LocalAdv { tag, cap, gen, rts_seen: false, buf: buf as usize, got: 0, total: 0 });
+        self.ring_bell(src, false);
         true
     }
 

@@ -150,6 +150,7 @@ impl ShmFabric {
         let flag = if after_rts { A_LEN_AFTER_RTS } else { 0 };
         a.len.store(if r.is_ok() { len as u64 | flag } else { A_LEN_FAILED }, Ordering::Relaxed);
         a.state.store((w & !3) | A_WRITTEN, Ordering::Release);
+        self.ring_bell(dst, true);
         match r {
             Ok(()) => {
                 self.mb.complete(dst, tag, Dir::Send, 0);

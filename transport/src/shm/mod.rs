@@ -39,6 +39,7 @@ mod stage;
 #[cfg(test)]
 mod tests;
 
+use crate::bell::BellRef;
 use crate::error::{Error, Result};
 use crate::fabric::Tag;
 use crate::mailbox::Mailbox;
@@ -167,6 +168,11 @@ pub(crate) struct ShmFabric {
     pending_n: AtomicUsize,
     /// `txa[d]`: our region in d's inbox (the advertisements d keeps for us, our offers to d).
     txa: Vec<Option<Ring>>,
+    /// `bells[d]`: d's doorbell, rung after we change what its waiters may wait for. Empty, and
+    /// our waiters sleep on the mailbox's condvar instead, when the job's ranks outnumber this
+    /// host's CPUs: a woken waiter would take the core from a rank with work (4 ranks on 2
+    /// cores ran 2–4 MiB all-reduces 1.08 times as long with the bells).
+    bells: Vec<Option<BellRef>>,
     /// Our advertisements, per source.
     adv: Mutex<AdvTable>,
     /// Advertisements outstanding or waiting for a slot (poll skips the scan when zero).
@@ -195,6 +201,7 @@ impl ShmFabric {
         let n = paths.len();
         let mut maps = Vec::with_capacity(n);
         let (mut tx, mut txa, mut probes, mut pidfds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut bells = Vec::with_capacity(n);
         for (d, p) in paths.iter().enumerate() {
             if d == rank {
                 maps.push(None);
@@ -202,9 +209,11 @@ impl ShmFabric {
                 txa.push(None);
                 probes.push((0, 0));
                 pidfds.push(None);
+                bells.push(None);
                 continue;
             }
             let (mut m, probe) = segment::open_peer(std::path::Path::new(p), d, n)?;
+            bells.push(Some(segment::peer_bell(&mut m)));
             // SAFETY: our region in d's inbox (the mapping holds HEADER + n * REGION bytes).
             let region = unsafe { m.as_mut_ptr().add(segment::HEADER + rank * segment::REGION) };
             txa.push(Some(Ring(region)));
@@ -214,11 +223,17 @@ impl ShmFabric {
             pidfds.push(if pids[d] != std::process::id() { cma::pidfd(pids[d]) } else { None });
         }
         let rx = (0..n).map(|s| inbox.region(s)).collect();
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let bell = (cpus >= 1 && n <= cpus as usize).then(|| inbox.bell());
+        if bell.is_none() {
+            bells.clear();
+        }
         Ok(ShmFabric {
             rank,
             opts,
             pids,
-            mb: Mailbox::new_polling(spin),
+            mb: Mailbox::new_polling(spin, bell),
             inbox,
             _peer_maps: maps,
             probes,
@@ -228,6 +243,7 @@ impl ShmFabric {
             pending: Mutex::new(Vec::new()),
             pending_n: AtomicUsize::new(0),
             txa,
+            bells,
             adv: Mutex::new(AdvTable::new(n)),
             adv_live: AtomicUsize::new(0),
             sends: Mutex::new(Sends { jobs: Vec::new(), offers: vec![vec![false; OFFER_SLOTS]; n], offer_gens: vec![vec![0; OFFER_SLOTS]; n] }),
@@ -264,6 +280,14 @@ impl ShmFabric {
 
     fn is_staged(&self) -> bool {
         self.staged.load(Ordering::Acquire)
+    }
+
+    /// Wake rank `d`'s sleeping waiters, if any, after a change they may wait for (`fenced`:
+    /// see `Bell::ring`).
+    fn ring_bell(&self, d: usize, fenced: bool) {
+        if let Some(Some(b)) = self.bells.get(d) {
+            b.get().ring(fenced);
+        }
     }
 
     pub fn unlink_inbox(&self) {

@@ -187,6 +187,8 @@ impl ShmFabric {
         }
         p.head += len as u64;
         p.ring.ctl().head.store(p.head, Ordering::Release);
+        drop(p);
+        self.ring_bell(dst, false);
         Ok(true)
     }
 

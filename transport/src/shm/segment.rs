@@ -1,8 +1,10 @@
-//! The shared segment: the layout of an inbox file (a header, then one region per source rank:
+//! The shared segment: the layout of an inbox file (a header page, which also holds the owner's
+//! doorbell (`crate::bell`), then one region per source rank:
 //! ring control block, advertisement slots, offer slots, ring data), creating this rank's inbox
 //! (mode 0600) and opening a peer's (refused unless it is a regular file of this user with mode
 //! 0600 and the expected size and header), and `Ring`, the typed view of one region that the
 //! ring, advertisement and offer code reads and writes through.
+use crate::bell::BellRef;
 use crate::error::{Error, Result};
 use crossbeam_utils::CachePadded;
 use memmap2::MmapMut;
@@ -22,6 +24,10 @@ const OFFER_BYTES: usize = OFFER_SLOTS * std::mem::size_of::<Offer>();
 pub(super) const REGION: usize = CTL + ADV_BYTES + OFFER_BYTES + RING_CAP;
 /// The inbox header's size (a page: the regions stay page-aligned).
 pub(super) const HEADER: usize = 4096;
+/// Where in the header page the owner's doorbell lies (`crate::bell`: its own cache line,
+/// after the header proper).
+const BELL_AT: usize = 64;
+const _: () = assert!(std::mem::size_of::<Header>() <= BELL_AT && BELL_AT + 64 <= HEADER);
 const MAGIC: u64 = 0x3158_4f42_4e49_4d45; // "EMINBOX1"
 
 #[repr(C)]
@@ -138,11 +144,25 @@ impl Inbox {
         let _ = std::fs::remove_file(&self.path);
     }
 
+    /// The doorbell this rank's waiters sleep on.
+    pub(super) fn bell(&self) -> BellRef {
+        // SAFETY: the mapping is page-aligned and holds HEADER > BELL_AT + 64 bytes; it lives as
+        // long as the fabric that owns this inbox and every holder of the bell (its mailbox).
+        unsafe { BellRef::new((self.map.as_ptr() as *mut u8).add(BELL_AT)) }
+    }
+
     /// The region of source `s`.
     pub(super) fn region(&self, s: usize) -> Ring {
         // SAFETY: the mapping holds HEADER + size * REGION bytes (s < size by the callers).
         Ring(unsafe { (self.map.as_ptr() as *mut u8).add(HEADER + s * REGION) })
     }
+}
+
+/// The doorbell in a peer's inbox mapping `m` (from [`open_peer`]).
+pub(super) fn peer_bell(m: &mut MmapMut) -> BellRef {
+    // SAFETY: `open_peer` checked the mapping holds HEADER + size * REGION bytes, more than
+    // BELL_AT + 64; it is page-aligned, and the fabric keeps it mapped as long as the bell.
+    unsafe { BellRef::new(m.as_mut_ptr().add(BELL_AT)) }
 }
 
 /// Rank `rank`'s inbox in a job of `size`, opened by a peer: refused unless it is a regular file

@@ -369,7 +369,8 @@ fn another_threads_progress_wakes_a_caller_blocked_in_its_poll() {
 
 /// Rank 0 (a raw socket) sends a 256 KiB frame for `tag`, then 8 bytes for the next tag; rank 1
 /// (holding a frame at most `hold_max`, or its default) has posted neither. Returns once rank
-/// 1's stream stops at the long frame: the socket, rank 1, the tag and the long payload.
+/// 1's stream stops at the long frame, or (a hold as short as the default's may end before this
+/// thread looks) once the frame was kept aside: the socket, rank 1, the tag and the long payload.
 fn long_frame_then_short(hold_max: Option<Duration>) -> (TcpStream, TcpFabric, Tag, Vec<u8>) {
     let (mut s, f1) = fake_rank0("tok", Duration::from_secs(30));
     if let Some(h) = hold_max {
@@ -382,7 +383,7 @@ fn long_frame_then_short(hold_max: Option<Duration>) -> (TcpStream, TcpFabric, T
     s.write_all(&encode_frame(Tag { seq: tag.seq + 1, ..tag }, 8)).unwrap();
     s.write_all(&[9; 8]).unwrap();
     let t = Instant::now();
-    while !f1.sh.held[0].load(Ordering::Acquire) {
+    while !f1.sh.held[0].load(Ordering::Acquire) && f1.sh.mb.lock().early_bytes < long.len() {
         assert!(t.elapsed() < Duration::from_secs(10), "the long frame was never held");
         std::thread::yield_now();
     }
