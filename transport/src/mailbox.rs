@@ -1,5 +1,6 @@
 //! Per-rank matching table shared by the backends: posted buffers, early arrivals, completions,
-//! failed peers, and the one place where threads wait (spin, then yield, then sleep on a condvar).
+//! failed peers, and the one place where threads wait (spin, then yield, then sleep on a condvar,
+//! or for shm on the inbox's doorbell, `crate::bell`).
 use crate::bell::BellRef;
 use crate::error::{Error, Result};
 use crate::fabric::{Tag, Wait};
