@@ -168,9 +168,9 @@ pub(crate) struct ShmFabric {
     pending_n: AtomicUsize,
     /// `txa[d]`: our region in d's inbox (the advertisements d keeps for us, our offers to d).
     txa: Vec<Option<Ring>>,
-    /// `bells[d]`: d's doorbell, rung after we change what its waiters may wait for. Empty, and
-    /// our waiters sleep on the mailbox's condvar instead, when the job's ranks outnumber this
-    /// host's CPUs: a woken waiter would take the core from a rank with work (4 ranks on 2
+    /// `bells[d]`: d's doorbell, rung after we change what its waiters may wait for. None for
+    /// every peer, and our waiters sleep on the mailbox's condvar instead, when the job's ranks
+    /// outnumber this host's CPUs: a woken waiter would take the core from a rank with work (4 ranks on 2
     /// cores ran 2–4 MiB all-reduces 1.08 times as long with the bells).
     bells: Vec<Option<BellRef>>,
     /// Our advertisements, per source.
@@ -202,6 +202,9 @@ impl ShmFabric {
         let mut maps = Vec::with_capacity(n);
         let (mut tx, mut txa, mut probes, mut pidfds) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         let mut bells = Vec::with_capacity(n);
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let wake = cpus >= 1 && n <= cpus as usize;
         for (d, p) in paths.iter().enumerate() {
             if d == rank {
                 maps.push(None);
@@ -213,7 +216,7 @@ impl ShmFabric {
                 continue;
             }
             let (mut m, probe) = segment::open_peer(std::path::Path::new(p), d, n)?;
-            bells.push(Some(segment::peer_bell(&mut m)));
+            bells.push(wake.then(|| segment::peer_bell(&mut m)));
             // SAFETY: our region in d's inbox (the mapping holds HEADER + n * REGION bytes).
             let region = unsafe { m.as_mut_ptr().add(segment::HEADER + rank * segment::REGION) };
             txa.push(Some(Ring(region)));
@@ -223,17 +226,11 @@ impl ShmFabric {
             pidfds.push(if pids[d] != std::process::id() { cma::pidfd(pids[d]) } else { None });
         }
         let rx = (0..n).map(|s| inbox.region(s)).collect();
-        // SAFETY: sysconf has no preconditions.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        let bell = (cpus >= 1 && n <= cpus as usize).then(|| inbox.bell());
-        if bell.is_none() {
-            bells.clear();
-        }
         Ok(ShmFabric {
             rank,
             opts,
             pids,
-            mb: Mailbox::new_polling(spin, bell),
+            mb: Mailbox::new_polling(spin, wake.then(|| inbox.bell())),
             inbox,
             _peer_maps: maps,
             probes,
@@ -285,7 +282,7 @@ impl ShmFabric {
     /// Wake rank `d`'s sleeping waiters, if any, after a change they may wait for (`fenced`:
     /// see `Bell::ring`).
     fn ring_bell(&self, d: usize, fenced: bool) {
-        if let Some(Some(b)) = self.bells.get(d) {
+        if let Some(b) = &self.bells[d] {
             b.get().ring(fenced);
         }
     }
